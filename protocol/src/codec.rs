@@ -1,0 +1,133 @@
+//! Framing: `[length: u32 big-endian][version: u8][postcard payload]`.
+//!
+//! The length counts the version byte and the payload. A frame longer than
+//! [`FRAME_BYTES_MAX`] is refused before any of it is buffered, an unknown
+//! version is refused before the payload is decoded, and a payload that does
+//! not decode is an error — never a panic. No I/O here: callers push bytes in
+//! and pull messages out.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::wire::PROTOCOL_VERSION;
+
+/// The largest frame accepted or produced (length field value).
+pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+const HEADER_BYTES: usize = 4;
+
+/// Why a frame could not be produced or read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The peer announced or we tried to build a frame over the limit; close the stream.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    Oversized { len: usize, max: usize },
+    /// The peer speaks another protocol version; close the stream.
+    #[error("unknown protocol version {0} (this side speaks {PROTOCOL_VERSION})")]
+    UnknownVersion(u8),
+    /// An empty frame has no version byte.
+    #[error("empty frame")]
+    Empty,
+    /// The payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame ({0} bytes pending)")]
+    Truncated(usize),
+}
+
+/// Encodes one message as a frame.
+pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; HEADER_BYTES];
+    buf.push(PROTOCOL_VERSION);
+    let mut buf = postcard::to_extend(msg, buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = buf.len() - HEADER_BYTES;
+    if len > FRAME_BYTES_MAX {
+        return Err(FrameError::Oversized {
+            len,
+            max: FRAME_BYTES_MAX,
+        });
+    }
+    // Invariant: len <= FRAME_BYTES_MAX < u32::MAX.
+    buf[..HEADER_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// Decodes frames from a byte stream pushed in pieces.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Set after an error: the stream is unusable.
+    failed: bool,
+}
+
+impl FrameDecoder {
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed. After
+    /// an error every further call fails too: close the stream.
+    pub fn next<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
+        if self.failed {
+            return Err(FrameError::Malformed("stream already failed".into()));
+        }
+        let r = self.next_inner();
+        if r.is_err() {
+            self.failed = true;
+            self.buf.clear();
+        }
+        r
+    }
+
+    fn next_inner<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
+        let Some(header) = self.buf.get(..HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let mut len_bytes = [0u8; HEADER_BYTES];
+        len_bytes.copy_from_slice(header);
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        if len > FRAME_BYTES_MAX {
+            return Err(FrameError::Oversized {
+                len,
+                max: FRAME_BYTES_MAX,
+            });
+        }
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        let version = match self.buf.get(HEADER_BYTES) {
+            Some(v) => *v,
+            None => return Ok(None),
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::UnknownVersion(version));
+        }
+        if self.buf.len() < HEADER_BYTES + len {
+            return Ok(None);
+        }
+        let payload = &self.buf[HEADER_BYTES + 1..HEADER_BYTES + len];
+        let msg = postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        self.buf.drain(..HEADER_BYTES + len);
+        Ok(Some(msg))
+    }
+
+    /// Call at end of stream: an error if a partial frame is left.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated(self.buf.len()))
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! `sundial-protocol`: what agent and coordinator agree on.
+//!
+//! Timestamps and durations ([`time`]), cron ([`cron`]) and schedules with
+//! their occurrence math ([`schedule`]), policies ([`policy`]), tasks and run
+//! records ([`task`]), session messages ([`wire`]) and their framing
+//! ([`codec`]).
+//!
+//! Architecture invariant: this crate does no I/O, reads no clock and depends
+//! on no async runtime; every function that depends on time takes it as input.
+
+pub mod codec;
+pub mod cron;
+pub mod policy;
+pub mod schedule;
+pub mod task;
+pub mod time;
+pub mod wire;
+
+pub use schedule::{Schedule, ScheduleKind};
+pub use task::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec};
+pub use time::{DurationMs, Timestamp};

@@ -1,0 +1,161 @@
+//! Tasks, actions and run records as they travel between coordinator and
+//! agents. Stores keep their own versioned records; these are wire types.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Policies;
+use crate::schedule::Schedule;
+use crate::time::{DurationMs, Timestamp};
+
+macro_rules! short_id {
+    ($name:ident, $prefix:literal, $what:literal) => {
+        #[doc = concat!("The id of ", $what, ", shown as `", $prefix, "N`.")]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub u64);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($prefix, "{}"), self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let digits = s.strip_prefix($prefix).unwrap_or(s);
+                digits.parse().map($name).map_err(|_| {
+                    format!(concat!("`{}` is not ", $what, " id (expected e.g. ", $prefix, "12)"), s)
+                })
+            }
+        }
+    };
+}
+
+short_id!(TaskId, "t", "a task");
+short_id!(AgentId, "a", "an agent");
+
+/// The largest stdout or stderr tail kept per run, by default.
+pub const OUTPUT_TAIL_BYTES_DEFAULT: usize = 64 * 1024;
+
+/// What a task runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    Exec(ExecSpec),
+}
+
+/// A program to run, without a shell.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+}
+
+/// Which agents a task is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    Agent(AgentId),
+    /// Every agent whose labels include all of these pairs.
+    Selector(Vec<(String, String)>),
+}
+
+/// A task as assigned to agents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub id: TaskId,
+    pub name: Option<String>,
+    pub target: Target,
+    pub schedule: Schedule,
+    pub action: Action,
+    pub policies: Policies,
+    /// Increases with every change of any task on the coordinator.
+    pub revision: u64,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    TimedOut,
+    /// The agent's allowlist refused the program, or it could not be started.
+    Rejected,
+    /// Not run: missed while down (misfire policy) or overlap `forbid`.
+    Skipped,
+    /// The agent stopped (crash, power loss) while it ran.
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Rejected => "rejected",
+            Outcome::Skipped => "skipped",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+
+    /// Whether the retry policy applies to a run that ended so.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Outcome::Failed | Outcome::TimedOut | Outcome::Interrupted
+        )
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies one run: an occurrence of a task on an agent, and its attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RunKey {
+    pub task_id: TaskId,
+    pub scheduled_at: Timestamp,
+    pub attempt: u32,
+}
+
+/// The record of one run, as uploaded by the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub task_id: TaskId,
+    pub agent_id: AgentId,
+    pub scheduled_at: Timestamp,
+    pub attempt: u32,
+    pub fired_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    /// No live session with the coordinator when it fired.
+    pub offline: bool,
+    /// Why it was skipped, rejected or interrupted, in words.
+    pub detail: Option<String>,
+    pub stdout_tail: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+}
+
+impl RunRecord {
+    pub fn key(&self) -> RunKey {
+        RunKey {
+            task_id: self.task_id,
+            scheduled_at: self.scheduled_at,
+            attempt: self.attempt,
+        }
+    }
+
+    /// How late the run started, if it started.
+    pub fn lateness(&self) -> Option<DurationMs> {
+        self.fired_at
+            .map(|f| DurationMs(f.millis_since(self.scheduled_at).max(0) as u64))
+    }
+}
