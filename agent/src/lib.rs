@@ -1,1 +1,2 @@
-//! placeholder
+//! `sundial-agent`: keeps a device's tasks and fires them on time, online or not.
+pub mod wheel;
