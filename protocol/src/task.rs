@@ -74,6 +74,9 @@ pub struct TaskSpec {
     pub policies: Policies,
     /// Increases with every change of any task on the coordinator.
     pub revision: u64,
+    /// When the coordinator created the task: occurrences before it are not
+    /// expected, those after it are (even if the agent learns of the task late).
+    pub created_at: Timestamp,
 }
 
 /// How a run ended.
