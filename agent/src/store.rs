@@ -1,0 +1,814 @@
+//! The agent's durable state, in one redb database: tasks with revisions,
+//! per-task schedule state, `started` markers, the run outbox, and metadata
+//! (identity, applied revision, clock state).
+//!
+//! Records are the store's own versioned types (`*V1`), not wire types: a
+//! record is one version byte followed by postcard. A record that does not
+//! decode is reported as [`StoreError::Corrupt`] naming its table and key;
+//! nothing is silently dropped.
+//!
+//! Invariants:
+//! - Every method that changes state does so in one write transaction with
+//!   immediate durability: after it returns `Ok`, the change survives a crash;
+//!   after it returns `Err`, either all of it or none of it is stored.
+//! - A `started` marker is committed before its run is spawned
+//!   ([`AgentStore::apply_step`]), and removed in the same transaction that
+//!   puts the run's record into the outbox ([`AgentStore::finish_run`]).
+//! - The outbox holds at most one record per run key; a record leaves it only
+//!   through [`AgentStore::outbox_ack`], after the coordinator's acknowledgement.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use redb::{
+    ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata, StorageBackend, TableDefinition,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sundial_protocol::policy::{
+    MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy,
+};
+use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::{
+    AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, ScheduleKind, TaskId, TaskSpec,
+    Timestamp,
+};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
+const STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("task_state");
+const STARTED: TableDefinition<(u64, i64, u32), &[u8]> = TableDefinition::new("started");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const OUTBOX_INDEX: TableDefinition<(u64, i64, u32), u64> = TableDefinition::new("outbox_index");
+
+/// Metadata keys.
+pub mod meta {
+    /// The agent id the coordinator assigned (u64).
+    pub const AGENT_ID: &str = "agent_id";
+    /// The last assignment revision applied (u64).
+    pub const LAST_REVISION: &str = "last_revision";
+    /// Estimated offset of the coordinator's clock from ours, ms (i64).
+    pub const CLOCK_OFFSET_MS: &str = "clock_offset_ms";
+    /// The latest wall-clock instant known to be good, Unix ms (i64).
+    pub const LAST_KNOWN_GOOD_MS: &str = "last_known_good_ms";
+    /// The last time a session with the coordinator was up, Unix ms (i64).
+    pub const LAST_SYNC_MS: &str = "last_sync_ms";
+    /// Next outbox sequence number (u64).
+    pub const OUTBOX_SEQ: &str = "outbox_seq";
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened, read or written; nothing of the
+    /// failed operation was stored. The caller may retry or stop.
+    #[error("agent store: {context}: {source}")]
+    Db {
+        context: &'static str,
+        #[source]
+        source: redb::Error,
+    },
+    /// A record does not decode. The store is left as it is for inspection.
+    #[error("agent store: corrupt record in table `{table}` at key {key}: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    /// A write was attempted on a store opened read-only.
+    #[error("agent store: opened read-only")]
+    ReadOnly,
+}
+
+fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Db {
+        context,
+        source: e.into(),
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+const RECORD_V1: u8 = 1;
+
+fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
+    let mut out = vec![RECORD_V1];
+    // Invariant: postcard serialization of these plain structs into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
+    out
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, key: impl ToString, bytes: &[u8]) -> Result<T> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        table,
+        key: key.to_string(),
+        reason,
+    };
+    match bytes.split_first() {
+        Some((&RECORD_V1, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
+        Some((v, _)) => Err(corrupt(format!("unknown record version {v}"))),
+        None => Err(corrupt("empty record".into())),
+    }
+}
+
+// ---- stored record types -------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum ScheduleV1 {
+    At(i64),
+    Every { period_ms: u64, anchor_ms: i64 },
+    Cron { expr: String, tz: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TaskRecordV1 {
+    name: Option<String>,
+    revision: u64,
+    created_at_ms: i64,
+    target_agent: Option<u64>,
+    target_selector: Vec<(String, String)>,
+    schedule: ScheduleV1,
+    window_start_ms: Option<i64>,
+    window_end_ms: Option<i64>,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    /// 0 skip, 1 once, 2 all
+    misfire_mode: u8,
+    misfire_cap: u32,
+    misfire_grace_ms: u64,
+    retries: u32,
+    backoff_initial_ms: u64,
+    backoff_max_ms: u64,
+    overlap_forbid: bool,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateRecordV1 {
+    next_due_ms: Option<i64>,
+}
+
+/// What the store knows of a run that was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartedInfo {
+    pub fired_at: Timestamp,
+    pub offline: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StartedRecordV1 {
+    fired_at_ms: i64,
+    offline: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunRecordV1 {
+    task_id: u64,
+    agent_id: u64,
+    scheduled_at_ms: i64,
+    attempt: u32,
+    fired_at_ms: Option<i64>,
+    finished_at_ms: Option<i64>,
+    /// Outcome::as_str
+    outcome: String,
+    exit_code: Option<i32>,
+    offline: bool,
+    detail: Option<String>,
+    stdout_tail: Vec<u8>,
+    stderr_tail: Vec<u8>,
+}
+
+fn ts(table: &'static str, key: &str, ms: i64) -> Result<Timestamp> {
+    Timestamp::from_millis(ms).map_err(|e| StoreError::Corrupt {
+        table,
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl TaskRecordV1 {
+    fn from_spec(t: &TaskSpec) -> TaskRecordV1 {
+        let (window_start, window_end) = t.schedule.window();
+        let schedule = match t.schedule.kind() {
+            ScheduleKind::At(at) => ScheduleV1::At(at.as_millis()),
+            ScheduleKind::Every { period, anchor } => ScheduleV1::Every {
+                period_ms: period.0,
+                anchor_ms: anchor.as_millis(),
+            },
+            ScheduleKind::Cron { expr, tz } => ScheduleV1::Cron {
+                expr: expr.as_str().to_owned(),
+                tz: tz.name().to_owned(),
+            },
+        };
+        let Action::Exec(exec) = &t.action;
+        let (target_agent, target_selector) = match &t.target {
+            Target::Agent(a) => (Some(a.0), Vec::new()),
+            Target::Selector(s) => (None, s.clone()),
+        };
+        let p = &t.policies;
+        let (misfire_mode, misfire_cap) = match p.misfire.mode {
+            MisfireMode::Skip => (0, 0),
+            MisfireMode::Once => (1, 0),
+            MisfireMode::All { cap } => (2, cap),
+        };
+        TaskRecordV1 {
+            name: t.name.clone(),
+            revision: t.revision,
+            created_at_ms: t.created_at.as_millis(),
+            target_agent,
+            target_selector,
+            schedule,
+            window_start_ms: window_start.map(Timestamp::as_millis),
+            window_end_ms: window_end.map(Timestamp::as_millis),
+            program: exec.program.clone(),
+            args: exec.args.clone(),
+            env: exec.env.clone(),
+            cwd: exec.cwd.clone(),
+            misfire_mode,
+            misfire_cap,
+            misfire_grace_ms: p.misfire.grace.0,
+            retries: p.retry.retries,
+            backoff_initial_ms: p.retry.backoff_initial.0,
+            backoff_max_ms: p.retry.backoff_max.0,
+            overlap_forbid: p.overlap == OverlapPolicy::Forbid,
+            timeout_ms: p.timeout.map(|d| d.0),
+        }
+    }
+
+    fn into_spec(self, id: u64) -> Result<TaskSpec> {
+        let key = id.to_string();
+        let corrupt = |reason: String| StoreError::Corrupt {
+            table: "tasks",
+            key: key.clone(),
+            reason,
+        };
+        let schedule = match self.schedule {
+            ScheduleV1::At(at) => Ok(Schedule::at(ts("tasks", &key, at)?)),
+            ScheduleV1::Every {
+                period_ms,
+                anchor_ms,
+            } => Schedule::every(DurationMs(period_ms), ts("tasks", &key, anchor_ms)?),
+            ScheduleV1::Cron { expr, tz } => Schedule::cron(&expr, &tz),
+        }
+        .map_err(|e| corrupt(e.to_string()))?;
+        let start = self
+            .window_start_ms
+            .map(|v| ts("tasks", &key, v))
+            .transpose()?;
+        let end = self
+            .window_end_ms
+            .map(|v| ts("tasks", &key, v))
+            .transpose()?;
+        let schedule = schedule
+            .with_window(start, end)
+            .map_err(|e| corrupt(e.to_string()))?;
+        let mode = match self.misfire_mode {
+            0 => MisfireMode::Skip,
+            1 => MisfireMode::Once,
+            2 => MisfireMode::All {
+                cap: self.misfire_cap,
+            },
+            m => return Err(corrupt(format!("unknown misfire mode {m}"))),
+        };
+        Ok(TaskSpec {
+            id: TaskId(id),
+            name: self.name,
+            target: match self.target_agent {
+                Some(a) => Target::Agent(AgentId(a)),
+                None => Target::Selector(self.target_selector),
+            },
+            schedule,
+            action: Action::Exec(ExecSpec {
+                program: self.program,
+                args: self.args,
+                env: self.env,
+                cwd: self.cwd,
+            }),
+            policies: Policies {
+                misfire: MisfirePolicy {
+                    mode,
+                    grace: DurationMs(self.misfire_grace_ms),
+                },
+                retry: RetryPolicy {
+                    retries: self.retries,
+                    backoff_initial: DurationMs(self.backoff_initial_ms),
+                    backoff_max: DurationMs(self.backoff_max_ms),
+                },
+                overlap: if self.overlap_forbid {
+                    OverlapPolicy::Forbid
+                } else {
+                    OverlapPolicy::Allow
+                },
+                timeout: self.timeout_ms.map(DurationMs),
+            },
+            revision: self.revision,
+            created_at: ts("tasks", &key, self.created_at_ms)?,
+        })
+    }
+}
+
+impl RunRecordV1 {
+    fn from_run(r: &RunRecord) -> RunRecordV1 {
+        RunRecordV1 {
+            task_id: r.task_id.0,
+            agent_id: r.agent_id.0,
+            scheduled_at_ms: r.scheduled_at.as_millis(),
+            attempt: r.attempt,
+            fired_at_ms: r.fired_at.map(Timestamp::as_millis),
+            finished_at_ms: r.finished_at.map(Timestamp::as_millis),
+            outcome: r.outcome.as_str().to_owned(),
+            exit_code: r.exit_code,
+            offline: r.offline,
+            detail: r.detail.clone(),
+            stdout_tail: r.stdout_tail.clone(),
+            stderr_tail: r.stderr_tail.clone(),
+        }
+    }
+
+    fn into_run(self, seq: u64) -> Result<RunRecord> {
+        let key = seq.to_string();
+        let outcome = match self.outcome.as_str() {
+            "succeeded" => Outcome::Succeeded,
+            "failed" => Outcome::Failed,
+            "timed_out" => Outcome::TimedOut,
+            "rejected" => Outcome::Rejected,
+            "skipped" => Outcome::Skipped,
+            "interrupted" => Outcome::Interrupted,
+            other => {
+                return Err(StoreError::Corrupt {
+                    table: "outbox",
+                    key,
+                    reason: format!("unknown outcome `{other}`"),
+                })
+            }
+        };
+        Ok(RunRecord {
+            task_id: TaskId(self.task_id),
+            agent_id: AgentId(self.agent_id),
+            scheduled_at: ts("outbox", &key, self.scheduled_at_ms)?,
+            attempt: self.attempt,
+            fired_at: self.fired_at_ms.map(|v| ts("outbox", &key, v)).transpose()?,
+            finished_at: self
+                .finished_at_ms
+                .map(|v| ts("outbox", &key, v))
+                .transpose()?,
+            outcome,
+            exit_code: self.exit_code,
+            offline: self.offline,
+            detail: self.detail,
+            stdout_tail: self.stdout_tail,
+            stderr_tail: self.stderr_tail,
+        })
+    }
+}
+
+fn run_key_tuple(k: &RunKey) -> (u64, i64, u32) {
+    (k.task_id.0, k.scheduled_at.as_millis(), k.attempt)
+}
+
+// ---- the store -------------------------------------------------------------
+
+/// What one scheduler step writes, in one transaction.
+#[derive(Debug, Default, Clone)]
+pub struct StepWrite {
+    pub states: Vec<(TaskId, Option<Timestamp>)>,
+    pub started: Vec<(RunKey, StartedInfo)>,
+    pub records: Vec<RunRecord>,
+}
+
+impl StepWrite {
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty() && self.started.is_empty() && self.records.is_empty()
+    }
+}
+
+/// Everything in the store, for tests and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoreDump {
+    pub tasks: BTreeMap<TaskId, TaskSpec>,
+    pub states: BTreeMap<TaskId, Option<Timestamp>>,
+    pub started: BTreeMap<RunKey, StartedInfo>,
+    pub outbox: BTreeMap<RunKey, RunRecord>,
+}
+
+enum Handle {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Handle::ReadWrite(_) => "ReadWrite",
+            Handle::ReadOnly(_) => "ReadOnly",
+        })
+    }
+}
+
+/// The agent's store; see the module doc.
+#[derive(Debug)]
+pub struct AgentStore {
+    db: Handle,
+}
+
+impl AgentStore {
+    /// Opens (creating if needed) the store at `path` for writing. Other
+    /// processes may open it read-only at the same time
+    /// ([`AgentStore::open_read_only`]), as `sundial-agent status` does.
+    ///
+    /// A new store is created under a temporary name and renamed into place,
+    /// so a crash during creation leaves no half-made database behind.
+    pub fn open(path: &Path) -> Result<AgentStore> {
+        if !path.exists() {
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".creating");
+            let tmp = std::path::PathBuf::from(tmp);
+            // A leftover from a crash during an earlier creation holds nothing.
+            let _ = std::fs::remove_file(&tmp);
+            drop(AgentStore::init(Handle::ReadWrite(
+                Database::builder()
+                    .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                    .create(&tmp)
+                    .map_err(db_err("create"))?,
+            ))?);
+            std::fs::rename(&tmp, path).map_err(|e| StoreError::Db {
+                context: "create",
+                source: redb::Error::Io(e),
+            })?;
+            if let Some(dir) = path.parent() {
+                // Make the rename itself durable.
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        let db = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .create(path)
+            .map_err(db_err("open"))?;
+        AgentStore::init(Handle::ReadWrite(db))
+    }
+
+    /// Opens an existing store read-only, beside a running agent.
+    pub fn open_read_only(path: &Path) -> Result<AgentStore> {
+        let db = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(path)
+            .map_err(db_err("open read-only"))?;
+        Ok(AgentStore {
+            db: Handle::ReadOnly(db),
+        })
+    }
+
+    /// Opens a store on any redb backend (tests use one that crashes).
+    pub fn open_with_backend(backend: impl StorageBackend) -> Result<AgentStore> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(db_err("open"))?;
+        AgentStore::init(Handle::ReadWrite(db))
+    }
+
+    fn init(db: Handle) -> Result<AgentStore> {
+        let store = AgentStore { db };
+        let txn = store.begin_write()?;
+        {
+            // Creating every table up front lets readers open them unconditionally.
+            txn.open_table(META).map_err(db_err("create tables"))?;
+            txn.open_table(TASKS).map_err(db_err("create tables"))?;
+            txn.open_table(STATE).map_err(db_err("create tables"))?;
+            txn.open_table(STARTED).map_err(db_err("create tables"))?;
+            txn.open_table(OUTBOX).map_err(db_err("create tables"))?;
+            txn.open_table(OUTBOX_INDEX)
+                .map_err(db_err("create tables"))?;
+        }
+        txn.commit().map_err(db_err("create tables"))?;
+        Ok(store)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        match &self.db {
+            Handle::ReadWrite(db) => db.begin_write().map_err(db_err("begin write")),
+            Handle::ReadOnly(_) => Err(StoreError::ReadOnly),
+        }
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        match &self.db {
+            Handle::ReadWrite(db) => db.begin_read().map_err(db_err("begin read")),
+            Handle::ReadOnly(db) => db.begin_read().map_err(db_err("begin read")),
+        }
+    }
+
+    // ---- metadata
+
+    /// A metadata value, if set.
+    pub fn get_meta<T: DeserializeOwned>(&self, key: &'static str) -> Result<Option<T>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(META).map_err(db_err("read meta"))?;
+        let v = table.get(key).map_err(db_err("read meta"))?;
+        v.map(|v| decode("meta", key, v.value())).transpose()
+    }
+
+    /// Sets metadata values in one transaction.
+    pub fn put_meta<T: Serialize>(&self, entries: &[(&'static str, T)]) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(META).map_err(db_err("write meta"))?;
+            for (k, v) in entries {
+                table
+                    .insert(*k, encode(v).as_slice())
+                    .map_err(db_err("write meta"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit meta"))
+    }
+
+    // ---- tasks
+
+    /// Stores a task (new or changed) and, when given, its state and the new
+    /// applied revision, in one transaction.
+    pub fn put_task(&self, task: &TaskSpec, revision: Option<u64>) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut tasks = txn.open_table(TASKS).map_err(db_err("write task"))?;
+            tasks
+                .insert(task.id.0, encode(&TaskRecordV1::from_spec(task)).as_slice())
+                .map_err(db_err("write task"))?;
+            if let Some(r) = revision {
+                let mut meta = txn.open_table(META).map_err(db_err("write task"))?;
+                meta.insert(meta::LAST_REVISION, encode(&r).as_slice())
+                    .map_err(db_err("write task"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit task"))
+    }
+
+    /// Removes a task and its state; its runs already in the outbox stay.
+    pub fn remove_task(&self, id: TaskId, revision: Option<u64>) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut tasks = txn.open_table(TASKS).map_err(db_err("remove task"))?;
+            tasks.remove(id.0).map_err(db_err("remove task"))?;
+            let mut state = txn.open_table(STATE).map_err(db_err("remove task"))?;
+            state.remove(id.0).map_err(db_err("remove task"))?;
+            if let Some(r) = revision {
+                let mut meta = txn.open_table(META).map_err(db_err("remove task"))?;
+                meta.insert(meta::LAST_REVISION, encode(&r).as_slice())
+                    .map_err(db_err("remove task"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit task removal"))
+    }
+
+    /// Every stored task.
+    pub fn tasks(&self) -> Result<Vec<TaskSpec>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(TASKS).map_err(db_err("read tasks"))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err("read tasks"))? {
+            let (k, v) = item.map_err(db_err("read tasks"))?;
+            let rec: TaskRecordV1 = decode("tasks", k.value(), v.value())?;
+            out.push(rec.into_spec(k.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Number of stored tasks.
+    pub fn task_count(&self) -> Result<u64> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(TASKS).map_err(db_err("read tasks"))?;
+        table.len().map_err(db_err("read tasks"))
+    }
+
+    /// Each task's persisted next due occurrence (absent: never stored).
+    pub fn task_states(&self) -> Result<HashMap<TaskId, Option<Timestamp>>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(STATE).map_err(db_err("read task state"))?;
+        let mut out = HashMap::new();
+        for item in table.iter().map_err(db_err("read task state"))? {
+            let (k, v) = item.map_err(db_err("read task state"))?;
+            let rec: StateRecordV1 = decode("task_state", k.value(), v.value())?;
+            let key = k.value().to_string();
+            let next = rec
+                .next_due_ms
+                .map(|ms| ts("task_state", &key, ms))
+                .transpose()?;
+            out.insert(TaskId(k.value()), next);
+        }
+        Ok(out)
+    }
+
+    // ---- runs
+
+    /// Commits one scheduler step: task states, `started` markers and
+    /// records of runs that never started, all or nothing.
+    pub fn apply_step(&self, step: &StepWrite) -> Result<()> {
+        if step.is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin_write()?;
+        {
+            let mut state = txn.open_table(STATE).map_err(db_err("write step"))?;
+            for (id, next) in &step.states {
+                let rec = StateRecordV1 {
+                    next_due_ms: next.map(Timestamp::as_millis),
+                };
+                state
+                    .insert(id.0, encode(&rec).as_slice())
+                    .map_err(db_err("write step"))?;
+            }
+            let mut started = txn.open_table(STARTED).map_err(db_err("write step"))?;
+            for (key, info) in &step.started {
+                let rec = StartedRecordV1 {
+                    fired_at_ms: info.fired_at.as_millis(),
+                    offline: info.offline,
+                };
+                started
+                    .insert(run_key_tuple(key), encode(&rec).as_slice())
+                    .map_err(db_err("write step"))?;
+            }
+        }
+        Self::outbox_put(&txn, &step.records)?;
+        txn.commit().map_err(db_err("commit step"))
+    }
+
+    fn outbox_put(txn: &redb::WriteTransaction, records: &[RunRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut meta_t = txn.open_table(META).map_err(db_err("write outbox"))?;
+        let mut seq: u64 = match meta_t.get(meta::OUTBOX_SEQ).map_err(db_err("write outbox"))? {
+            Some(v) => decode("meta", meta::OUTBOX_SEQ, v.value())?,
+            None => 0,
+        };
+        let mut outbox = txn.open_table(OUTBOX).map_err(db_err("write outbox"))?;
+        let mut index = txn
+            .open_table(OUTBOX_INDEX)
+            .map_err(db_err("write outbox"))?;
+        for r in records {
+            let k = run_key_tuple(&r.key());
+            // Idempotent by run key: a second record for the same run replaces the first.
+            let old = index.get(k).map_err(db_err("write outbox"))?.map(|v| v.value());
+            if let Some(old_seq) = old {
+                outbox.remove(old_seq).map_err(db_err("write outbox"))?;
+            }
+            seq += 1;
+            outbox
+                .insert(seq, encode(&RunRecordV1::from_run(r)).as_slice())
+                .map_err(db_err("write outbox"))?;
+            index.insert(k, seq).map_err(db_err("write outbox"))?;
+        }
+        meta_t
+            .insert(meta::OUTBOX_SEQ, encode(&seq).as_slice())
+            .map_err(db_err("write outbox"))?;
+        Ok(())
+    }
+
+    /// A run ended: its record enters the outbox and its `started` marker
+    /// goes, in one transaction.
+    pub fn finish_run(&self, record: &RunRecord) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut started = txn.open_table(STARTED).map_err(db_err("finish run"))?;
+            started
+                .remove(run_key_tuple(&record.key()))
+                .map_err(db_err("finish run"))?;
+        }
+        Self::outbox_put(&txn, std::slice::from_ref(record))?;
+        txn.commit().map_err(db_err("commit finished run"))
+    }
+
+    /// Runs marked started and not finished.
+    pub fn started(&self) -> Result<Vec<(RunKey, StartedInfo)>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(STARTED).map_err(db_err("read started"))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err("read started"))? {
+            let (k, v) = item.map_err(db_err("read started"))?;
+            let (task, sched_ms, attempt) = k.value();
+            let key_text = format!("({task}, {sched_ms}, {attempt})");
+            let rec: StartedRecordV1 = decode("started", &key_text, v.value())?;
+            out.push((
+                RunKey {
+                    task_id: TaskId(task),
+                    scheduled_at: ts("started", &key_text, sched_ms)?,
+                    attempt,
+                },
+                StartedInfo {
+                    fired_at: ts("started", &key_text, rec.fired_at_ms)?,
+                    offline: rec.offline,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// After a crash: every run still marked started becomes an
+    /// `interrupted` record in the outbox, in one transaction. Returns them.
+    pub fn recover_interrupted(&self, agent_id: AgentId, now: Timestamp) -> Result<Vec<RunRecord>> {
+        let started = self.started()?;
+        if started.is_empty() {
+            return Ok(Vec::new());
+        }
+        let records: Vec<RunRecord> = started
+            .iter()
+            .map(|(key, info)| RunRecord {
+                task_id: key.task_id,
+                agent_id,
+                scheduled_at: key.scheduled_at,
+                attempt: key.attempt,
+                fired_at: Some(info.fired_at),
+                finished_at: Some(now),
+                outcome: Outcome::Interrupted,
+                exit_code: None,
+                offline: info.offline,
+                detail: Some("the agent stopped while the run was going".into()),
+                stdout_tail: Vec::new(),
+                stderr_tail: Vec::new(),
+            })
+            .collect();
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(STARTED).map_err(db_err("recover"))?;
+            for (key, _) in &started {
+                table
+                    .remove(run_key_tuple(key))
+                    .map_err(db_err("recover"))?;
+            }
+        }
+        Self::outbox_put(&txn, &records)?;
+        txn.commit().map_err(db_err("commit recovery"))?;
+        Ok(records)
+    }
+
+    /// Records waiting for the coordinator.
+    pub fn outbox_len(&self) -> Result<u64> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(OUTBOX).map_err(db_err("read outbox"))?;
+        table.len().map_err(db_err("read outbox"))
+    }
+
+    /// The oldest records of the outbox: at most `runs_max` of them, and no
+    /// more than `bytes_max` of output tails (at least one record).
+    pub fn outbox_batch(&self, runs_max: usize, bytes_max: usize) -> Result<Vec<RunRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(OUTBOX).map_err(db_err("read outbox"))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in table.iter().map_err(db_err("read outbox"))? {
+            if out.len() >= runs_max {
+                break;
+            }
+            let (k, v) = item.map_err(db_err("read outbox"))?;
+            if !out.is_empty() && bytes + v.value().len() > bytes_max {
+                break;
+            }
+            bytes += v.value().len();
+            let rec: RunRecordV1 = decode("outbox", k.value(), v.value())?;
+            out.push(rec.into_run(k.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The coordinator has stored these runs: they leave the outbox.
+    /// Unknown keys are ignored (an ack may arrive twice). Returns how many left.
+    pub fn outbox_ack(&self, keys: &[RunKey]) -> Result<usize> {
+        let txn = self.begin_write()?;
+        let mut removed = 0;
+        {
+            let mut outbox = txn.open_table(OUTBOX).map_err(db_err("ack outbox"))?;
+            let mut index = txn
+                .open_table(OUTBOX_INDEX)
+                .map_err(db_err("ack outbox"))?;
+            for key in keys {
+                let seq = index
+                    .remove(run_key_tuple(key))
+                    .map_err(db_err("ack outbox"))?
+                    .map(|v| v.value());
+                if let Some(seq) = seq {
+                    outbox.remove(seq).map_err(db_err("ack outbox"))?;
+                    removed += 1;
+                }
+            }
+        }
+        txn.commit().map_err(db_err("commit ack"))?;
+        Ok(removed)
+    }
+
+    /// Everything in the store.
+    pub fn dump(&self) -> Result<StoreDump> {
+        let mut d = StoreDump::default();
+        for t in self.tasks()? {
+            d.tasks.insert(t.id, t);
+        }
+        d.states = self.task_states()?.into_iter().collect();
+        d.started = self.started()?.into_iter().collect();
+        for r in self.outbox_batch(usize::MAX, usize::MAX)? {
+            d.outbox.insert(r.key(), r);
+        }
+        Ok(d)
+    }
+}

@@ -1,0 +1,357 @@
+//! Crash safety of the agent store.
+//!
+//! Guards against the bug every durable queue fears: a crash mid-write that
+//! loses an acknowledged change, resurrects an acknowledged run, or leaves
+//! half a transaction. A storage backend that crashes after N operations,
+//! losing everything not yet synced, is placed at every point of a sequence
+//! of writes; the reopened store must equal a model's last committed state
+//! (or, for the write that was cut, the state just after it).
+
+use std::sync::{Arc, Mutex};
+
+use redb::StorageBackend;
+use sundial_agent::store::{AgentStore, StartedInfo, StepWrite, StoreDump};
+use sundial_protocol::policy::Policies;
+use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
+
+#[derive(Debug, Default)]
+struct Disk {
+    /// What survives a crash: the image as of the last sync.
+    durable: Vec<u8>,
+    /// What the running process sees.
+    volatile: Vec<u8>,
+    /// Operations left before the crash; `None` never crashes.
+    ops_left: Option<u64>,
+    ops_done: u64,
+    crashed: bool,
+}
+
+/// A backend that crashes after N writes/syncs and forgets unsynced writes.
+#[derive(Debug, Clone)]
+struct CrashBackend(Arc<Mutex<Disk>>);
+
+impl CrashBackend {
+    fn new(durable: Vec<u8>, ops_left: Option<u64>) -> CrashBackend {
+        CrashBackend(Arc::new(Mutex::new(Disk {
+            volatile: durable.clone(),
+            durable,
+            ops_left,
+            ..Disk::default()
+        })))
+    }
+
+    fn tick(&self) -> std::io::Result<std::sync::MutexGuard<'_, Disk>> {
+        let mut d = self.0.lock().expect("test lock");
+        if d.crashed {
+            return Err(std::io::Error::other("disk gone (injected crash)"));
+        }
+        if let Some(n) = d.ops_left.as_mut() {
+            if *n == 0 {
+                d.crashed = true;
+                return Err(std::io::Error::other("injected crash"));
+            }
+            *n -= 1;
+        }
+        d.ops_done += 1;
+        Ok(d)
+    }
+
+    fn durable_image(&self) -> Vec<u8> {
+        self.0.lock().expect("test lock").durable.clone()
+    }
+
+    fn ops_done(&self) -> u64 {
+        self.0.lock().expect("test lock").ops_done
+    }
+}
+
+impl StorageBackend for CrashBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        let d = self.0.lock().expect("test lock");
+        if d.crashed {
+            return Err(std::io::Error::other("disk gone"));
+        }
+        Ok(d.volatile.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let d = self.0.lock().expect("test lock");
+        if d.crashed {
+            return Err(std::io::Error::other("disk gone"));
+        }
+        let start = offset as usize;
+        let src = d
+            .volatile
+            .get(start..start + out.len())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end"))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let mut d = self.tick()?;
+        d.volatile.resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut d = self.tick()?;
+        d.durable = d.volatile.clone();
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut d = self.tick()?;
+        let start = offset as usize;
+        if d.volatile.len() < start + data.len() {
+            d.volatile.resize(start + data.len(), 0);
+        }
+        d.volatile[start..start + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+fn at(ms: i64) -> Timestamp {
+    Timestamp::from_millis(1_780_000_000_000 + ms).expect("in range")
+}
+
+fn task(id: u64, revision: u64) -> TaskSpec {
+    TaskSpec {
+        id: TaskId(id),
+        name: Some(format!("task-{id}")),
+        target: Target::Agent(AgentId(1)),
+        schedule: Schedule::cron("*/5 * * * * *", "Europe/Berlin").expect("valid"),
+        action: Action::Exec(ExecSpec {
+            program: "/bin/true".into(),
+            args: vec![format!("{revision}")],
+            env: vec![],
+            cwd: None,
+        }),
+        policies: Policies::default(),
+        revision,
+        created_at: at(0),
+    }
+}
+
+fn key(task: u64, n: i64) -> RunKey {
+    RunKey {
+        task_id: TaskId(task),
+        scheduled_at: at(n * 1000),
+        attempt: 1,
+    }
+}
+
+fn record(k: RunKey, outcome: Outcome) -> RunRecord {
+    RunRecord {
+        task_id: k.task_id,
+        agent_id: AgentId(1),
+        scheduled_at: k.scheduled_at,
+        attempt: k.attempt,
+        fired_at: Some(k.scheduled_at),
+        finished_at: Some(k.scheduled_at),
+        outcome,
+        exit_code: Some(0),
+        offline: true,
+        detail: None,
+        stdout_tail: b"out".to_vec(),
+        stderr_tail: vec![],
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    PutTask(TaskSpec),
+    RemoveTask(TaskId),
+    Step(StepWrite),
+    Finish(RunRecord),
+    Ack(Vec<RunKey>),
+}
+
+fn ops() -> Vec<Op> {
+    let mut v = vec![Op::PutTask(task(1, 1)), Op::PutTask(task(2, 2))];
+    for n in 0..6 {
+        let k = key(1 + (n as u64 % 2), n);
+        v.push(Op::Step(StepWrite {
+            states: vec![(k.task_id, Some(at((n + 1) * 1000)))],
+            started: vec![(k, StartedInfo { fired_at: k.scheduled_at, offline: true })],
+            records: vec![record(key(2, 100 + n), Outcome::Skipped)],
+        }));
+        v.push(Op::Finish(record(k, Outcome::Succeeded)));
+        if n % 2 == 1 {
+            v.push(Op::Ack(vec![key(1 + (n as u64 % 2), n), key(2, 100 + n)]));
+        }
+    }
+    v.push(Op::PutTask(task(1, 3)));
+    v.push(Op::RemoveTask(TaskId(2)));
+    v
+}
+
+fn apply_model(m: &mut StoreDump, op: &Op) {
+    match op {
+        Op::PutTask(t) => {
+            m.tasks.insert(t.id, t.clone());
+        }
+        Op::RemoveTask(id) => {
+            m.tasks.remove(id);
+            m.states.remove(id);
+        }
+        Op::Step(s) => {
+            for (id, n) in &s.states {
+                m.states.insert(*id, *n);
+            }
+            for (k, i) in &s.started {
+                m.started.insert(*k, *i);
+            }
+            for r in &s.records {
+                m.outbox.insert(r.key(), r.clone());
+            }
+        }
+        Op::Finish(r) => {
+            m.started.remove(&r.key());
+            m.outbox.insert(r.key(), r.clone());
+        }
+        Op::Ack(keys) => {
+            for k in keys {
+                m.outbox.remove(k);
+            }
+        }
+    }
+}
+
+fn apply_store(s: &AgentStore, op: &Op) -> Result<(), sundial_agent::store::StoreError> {
+    match op {
+        Op::PutTask(t) => s.put_task(t, Some(t.revision)),
+        Op::RemoveTask(id) => s.remove_task(*id, None),
+        Op::Step(w) => s.apply_step(w),
+        Op::Finish(r) => s.finish_run(r),
+        Op::Ack(keys) => s.outbox_ack(keys).map(|_| ()),
+    }
+}
+
+#[test]
+fn reopened_store_equals_the_model_after_a_crash_at_every_point() {
+    let ops = ops();
+    // A clean run counts the backend operations of the whole sequence.
+    let clean = CrashBackend::new(Vec::new(), None);
+    let store = AgentStore::open_with_backend(clean.clone()).expect("open clean");
+    let mut model = StoreDump::default();
+    for op in &ops {
+        apply_store(&store, op).expect("clean run");
+        apply_model(&mut model, op);
+    }
+    assert_eq!(store.dump().expect("dump"), model);
+    drop(store);
+    let total = clean.ops_done();
+    assert!(total > 20, "expected many backend operations, got {total}");
+
+    let mut crashes_mid_op = 0;
+    for crash_at in 0..total {
+        let disk = CrashBackend::new(Vec::new(), Some(crash_at));
+        let mut model = StoreDump::default();
+        let mut cut: Option<StoreDump> = None;
+        match AgentStore::open_with_backend(disk.clone()) {
+            Ok(store) => {
+                for op in &ops {
+                    let before = model.clone();
+                    match apply_store(&store, op) {
+                        Ok(()) => apply_model(&mut model, op),
+                        Err(_) => {
+                            let mut after = before;
+                            apply_model(&mut after, op);
+                            cut = Some(after);
+                            crashes_mid_op += 1;
+                            break;
+                        }
+                    }
+                }
+                drop(store);
+            }
+            // Crashed while creating: `AgentStore::open` creates under a
+            // temporary name and renames, so on a real disk there is no store yet.
+            Err(_) => continue,
+        }
+        let reopened = AgentStore::open_with_backend(CrashBackend::new(disk.durable_image(), None))
+            .unwrap_or_else(|e| panic!("crash at op {crash_at}: store does not reopen: {e}"));
+        let got = reopened.dump().unwrap_or_else(|e| panic!("crash at op {crash_at}: {e}"));
+        assert!(
+            got == model || cut.as_ref() == Some(&got),
+            "crash at backend op {crash_at}: reopened store matches neither the last committed state nor the cut write\n got: {got:?}\nmodel: {model:?}"
+        );
+        // And it keeps working.
+        reopened.put_task(&task(9, 99), None).expect("writable after recovery");
+    }
+    assert!(crashes_mid_op > 10, "the crash points should hit the sequence, hit {crashes_mid_op}");
+}
+
+#[test]
+fn interrupted_runs_become_records_once() {
+    let store = AgentStore::open_with_backend(CrashBackend::new(Vec::new(), None)).expect("open");
+    let k = key(1, 1);
+    store
+        .apply_step(&StepWrite {
+            started: vec![(k, StartedInfo { fired_at: at(1500), offline: false })],
+            ..StepWrite::default()
+        })
+        .expect("step");
+    let recs = store.recover_interrupted(AgentId(4), at(9000)).expect("recover");
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].outcome, Outcome::Interrupted);
+    assert_eq!(recs[0].fired_at, Some(at(1500)));
+    assert!(store.started().expect("read").is_empty());
+    assert!(store.recover_interrupted(AgentId(4), at(9000)).expect("again").is_empty());
+    assert_eq!(store.outbox_len().expect("len"), 1);
+}
+
+#[test]
+fn outbox_is_idempotent_by_run_key_and_acks_twice_harmlessly() {
+    let store = AgentStore::open_with_backend(CrashBackend::new(Vec::new(), None)).expect("open");
+    let k = key(1, 1);
+    store.finish_run(&record(k, Outcome::Failed)).expect("first");
+    store.finish_run(&record(k, Outcome::Succeeded)).expect("second");
+    let batch = store.outbox_batch(100, usize::MAX).expect("batch");
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].outcome, Outcome::Succeeded);
+    assert_eq!(store.outbox_ack(&[k]).expect("ack"), 1);
+    assert_eq!(store.outbox_ack(&[k]).expect("ack again"), 0);
+    assert_eq!(store.outbox_len().expect("len"), 0);
+}
+
+#[test]
+fn a_corrupt_file_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.redb");
+    std::fs::write(&path, vec![0xA5; 64 * 1024]).expect("write garbage");
+    let err = AgentStore::open(&path).expect_err("garbage is not a database");
+    assert!(err.to_string().contains("agent store"), "{err}");
+    // The file is left as it was for inspection.
+    assert_eq!(std::fs::read(&path).expect("read").len(), 64 * 1024);
+}
+
+#[test]
+fn a_record_of_unknown_version_is_reported_with_its_table_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.redb");
+    {
+        let store = AgentStore::open(&path).expect("open");
+        store.put_task(&task(1, 1), None).expect("put");
+    }
+    {
+        let db = redb::Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+            .create(&path)
+            .expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut t = txn
+                .open_table(redb::TableDefinition::<u64, &[u8]>::new("tasks"))
+                .expect("table");
+            t.insert(7, [42u8, 1, 2, 3].as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = AgentStore::open(&path).expect("open");
+    let err = store.tasks().expect_err("bad record");
+    let text = err.to_string();
+    assert!(text.contains("`tasks`") && text.contains("key 7") && text.contains("version 42"), "{text}");
+}
