@@ -1,4 +1,14 @@
 //! `sundial-agent`: keeps a device's tasks and fires them on time, online or not.
+//!
+//! The core is deterministic and I/O-free: [`wheel`] (timer wheel) and
+//! [`scheduler`] (what fires when) take time as input. The shells around it
+//! are [`store`] (redb), [`exec`] (process spawning), [`clock`] (real clocks)
+//! and [`runtime`] (the loop that joins them).
+
+pub mod clock;
+pub mod exec;
+pub mod runtime;
 pub mod scheduler;
+pub mod status;
 pub mod store;
 pub mod wheel;

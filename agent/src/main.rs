@@ -1,1 +1,114 @@
-fn main(){}
+//! `sundial-agent`: the agent binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use sundial_agent::exec::ExecPolicy;
+use sundial_agent::runtime::{self, AgentConfig};
+use sundial_agent::status;
+
+/// Sundial agent: fires this device's scheduled tasks on time, online or not.
+#[derive(Debug, Parser)]
+#[command(name = "sundial-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent: fire tasks from the local store until stopped (SIGTERM/SIGINT).
+    Run {
+        /// Directory holding the agent's store (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Allow programs matching this glob to run (repeatable; `*` matches
+        /// any characters). With none, every run is recorded as rejected.
+        #[arg(long = "allow-exec", value_name = "PATTERN")]
+        allow_exec: Vec<String>,
+    },
+    /// Show the local view: tasks, next fire times, outbox, clock. Works offline.
+    Status {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sundial-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Run {
+            data_dir,
+            allow_exec,
+        } => {
+            init_logging();
+            let config = AgentConfig {
+                data_dir,
+                exec: ExecPolicy {
+                    allow: allow_exec,
+                    ..ExecPolicy::default()
+                },
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            // Nothing pushes control messages yet besides the coordinator session.
+            let (_control_tx, control_rx) = tokio::sync::mpsc::channel(16);
+            rt.block_on(runtime::run(config, control_rx, shutdown_signal()))
+                .context("agent stopped")?;
+            Ok(())
+        }
+        Cmd::Status { data_dir, output } => {
+            let s = status::read(&data_dir)?;
+            match output {
+                Output::Table => print!("{}", status::render(&s)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The `exec` action: runs a program without a shell, in its own process
+//! group, keeps the tails of its output, and kills the whole group when told
+//! to (timeout) or when the program's main process exits (stragglers).
+//!
+//! Only programs matched by the agent's allowlist (`--allow-exec PATTERN`)
+//! run; anything else yields a `rejected` run, never silence. A pattern is a
+//! glob over the program as written in the task: `*` matches any run of
+//! characters (slashes included), `?` one character. A program with a `..`
+//! path component is always refused, so `/usr/bin/*` cannot be escaped.
+//!
+//! Invariants: output kept per stream is at most `tail_bytes_max` (the last
+//! bytes); a run's process group is gone when [`run`] returns (short of a
+//! child that left the group with `setsid`).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use sundial_protocol::task::{ExecSpec, OUTPUT_TAIL_BYTES_DEFAULT};
+use sundial_protocol::Outcome;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::oneshot;
+
+/// How long to keep reading output after the program exits, for data still
+/// in the pipes.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// Read chunk size.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Which programs may run, and how much output to keep.
+#[derive(Debug, Clone)]
+pub struct ExecPolicy {
+    pub allow: Vec<String>,
+    pub tail_bytes_max: usize,
+}
+
+impl Default for ExecPolicy {
+    fn default() -> Self {
+        ExecPolicy {
+            allow: Vec::new(),
+            tail_bytes_max: OUTPUT_TAIL_BYTES_DEFAULT,
+        }
+    }
+}
+
+impl ExecPolicy {
+    /// Why `program` may not run, or `None` if it may.
+    pub fn refusal(&self, program: &str) -> Option<String> {
+        if program.is_empty() {
+            return Some("the program is empty".into());
+        }
+        if program.split('/').any(|c| c == "..") {
+            return Some(format!("program `{program}` has a `..` component"));
+        }
+        if self.allow.iter().any(|p| glob_match(p, program)) {
+            None
+        } else if self.allow.is_empty() {
+            Some(format!(
+                "program `{program}` is not allowed: this agent allows no programs (start it with --allow-exec PATTERN)"
+            ))
+        } else {
+            Some(format!(
+                "program `{program}` is not allowed by --allow-exec ({})",
+                self.allow.join(", ")
+            ))
+        }
+    }
+}
+
+/// Glob match of `text` against `pattern` (`*` any run, `?` one char).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// How a run ended, as the executor saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub detail: Option<String>,
+    pub stdout_tail: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+    /// The process id, if the program started.
+    pub pid: Option<u32>,
+}
+
+impl ExecResult {
+    fn not_started(outcome: Outcome, detail: String) -> ExecResult {
+        ExecResult {
+            outcome,
+            exit_code: None,
+            detail: Some(detail),
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+            pid: None,
+        }
+    }
+}
+
+/// Keeps the last `cap` bytes written to it.
+#[derive(Debug)]
+struct Tail {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        if data.len() >= self.cap {
+            self.buf.clear();
+            self.buf.extend_from_slice(&data[data.len() - self.cap..]);
+            return;
+        }
+        let overflow = (self.buf.len() + data.len()).saturating_sub(self.cap);
+        if overflow > 0 {
+            self.buf.drain(..overflow);
+        }
+        self.buf.extend_from_slice(data);
+    }
+}
+
+async fn read_tail<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> Vec<u8> {
+    let mut tail = Tail {
+        buf: Vec::new(),
+        cap,
+    };
+    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => tail.push(&chunk[..n]),
+        }
+    }
+    tail.buf
+}
+
+fn kill_group(pid: u32) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        // ESRCH (already gone) is the common, harmless case.
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Runs `spec` under `policy`. Resolves when the program has ended; a
+/// message on `kill` (or the sender dropped after sending) kills its
+/// process group and yields `timed_out`.
+pub async fn run(spec: &ExecSpec, policy: &ExecPolicy, kill: oneshot::Receiver<()>) -> ExecResult {
+    if let Some(why) = policy.refusal(&spec.program) {
+        return ExecResult::not_started(Outcome::Rejected, why);
+    }
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return ExecResult::not_started(
+                Outcome::Failed,
+                format!("could not start `{}`: {e}", spec.program),
+            )
+        }
+    };
+    let pid = child.id();
+    let cap = policy.tail_bytes_max;
+    let stdout = child.stdout.take().map(|s| tokio::spawn(read_tail(s, cap)));
+    let stderr = child.stderr.take().map(|s| tokio::spawn(read_tail(s, cap)));
+
+    let mut timed_out = false;
+    let status = tokio::select! {
+        s = child.wait() => s,
+        k = kill => {
+            // A dropped sender without a message means "nobody will ever ask": keep waiting.
+            if k.is_ok() {
+                timed_out = true;
+                if let Some(pid) = pid {
+                    kill_group(pid);
+                }
+            }
+            child.wait().await
+        }
+    };
+    // Stragglers left in the group would hold the pipes open: end them.
+    if let Some(pid) = pid {
+        kill_group(pid);
+    }
+    let collect = |h: Option<tokio::task::JoinHandle<Vec<u8>>>| async move {
+        match h {
+            Some(h) => tokio::time::timeout(DRAIN_AFTER_EXIT, h)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    };
+    let stdout_tail = collect(stdout).await;
+    let stderr_tail = collect(stderr).await;
+
+    let (outcome, exit_code, detail) = match status {
+        Err(e) => (Outcome::Failed, None, Some(format!("waiting for the program failed: {e}"))),
+        Ok(_) if timed_out => (Outcome::TimedOut, None, Some("killed at its timeout".into())),
+        Ok(s) => match s.code() {
+            Some(0) => (Outcome::Succeeded, Some(0), None),
+            Some(c) => (Outcome::Failed, Some(c), None),
+            None => {
+                use std::os::unix::process::ExitStatusExt;
+                (
+                    Outcome::Failed,
+                    None,
+                    Some(format!("killed by signal {}", s.signal().unwrap_or(0))),
+                )
+            }
+        },
+    };
+    ExecResult {
+        outcome,
+        exit_code,
+        detail,
+        stdout_tail,
+        stderr_tail,
+        pid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(program: &str, args: &[&str]) -> ExecSpec {
+        ExecSpec {
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..ExecSpec::default()
+        }
+    }
+
+    fn allow(p: &[&str]) -> ExecPolicy {
+        ExecPolicy {
+            allow: p.iter().map(|s| s.to_string()).collect(),
+            tail_bytes_max: 1024,
+        }
+    }
+
+    #[test]
+    fn globs_match_whole_programs() {
+        assert!(glob_match("/usr/bin/*", "/usr/bin/env"));
+        assert!(glob_match("*", "anything/at/all"));
+        assert!(glob_match("/opt/job-?", "/opt/job-7"));
+        assert!(!glob_match("/usr/bin/*", "/usr/local/bin/x"));
+        assert!(!glob_match("/bin/true", "/bin/true2"));
+        let p = allow(&["/usr/bin/*"]);
+        assert!(p.refusal("/usr/bin/../../bin/sh").is_some());
+        assert!(p.refusal("/usr/bin/env").is_none());
+        assert!(ExecPolicy::default().refusal("/bin/true").is_some());
+    }
+
+    #[test]
+    fn tails_keep_the_last_bytes() {
+        let mut t = Tail { buf: Vec::new(), cap: 4 };
+        t.push(b"ab");
+        t.push(b"cdef");
+        assert_eq!(t.buf, b"cdef");
+        t.push(b"g");
+        assert_eq!(t.buf, b"defg");
+        t.push(b"0123456789");
+        assert_eq!(t.buf, b"6789");
+    }
+
+    #[tokio::test]
+    async fn runs_captures_and_reports_exit_codes() {
+        let (_k, rx) = oneshot::channel();
+        let r = run(&spec("/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]), &allow(&["/bin/sh"]), rx).await;
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.exit_code, Some(3));
+        assert_eq!(r.stdout_tail, b"out\n");
+        assert_eq!(r.stderr_tail, b"err\n");
+    }
+
+    #[tokio::test]
+    async fn refused_programs_are_rejected_not_run() {
+        let (_k, rx) = oneshot::channel();
+        let r = run(&spec("/bin/sh", &["-c", "exit 0"]), &allow(&["/usr/bin/*"]), rx).await;
+        assert_eq!(r.outcome, Outcome::Rejected);
+        assert!(r.detail.unwrap_or_default().contains("not allowed"));
+        assert_eq!(r.pid, None);
+    }
+
+    #[tokio::test]
+    async fn output_is_capped_to_the_tail() {
+        let (_k, rx) = oneshot::channel();
+        let r = run(
+            &spec("/bin/sh", &["-c", "i=0; while [ $i -lt 500 ]; do echo line-$i; i=$((i+1)); done"]),
+            &allow(&["/bin/sh"]),
+            rx,
+        )
+        .await;
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert_eq!(r.stdout_tail.len(), 1024);
+        assert!(r.stdout_tail.ends_with(b"line-499\n"));
+    }
+
+    #[tokio::test]
+    async fn kill_ends_the_whole_process_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("grandchild-alive");
+        let script = format!(
+            "(sleep 3; touch {}) & sleep 30",
+            marker.display()
+        );
+        let (k, rx) = oneshot::channel();
+        let policy = allow(&["/bin/sh"]);
+        let s = spec("/bin/sh", &["-c", &script]);
+        let handle = tokio::spawn(async move { run(&s, &policy, rx).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        k.send(()).expect("executor listening");
+        let r = handle.await.expect("joined");
+        assert_eq!(r.outcome, Outcome::TimedOut);
+        // The backgrounded grandchild was in the group and died with it.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!marker.exists(), "a process of the group survived the kill");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_fails_with_a_reason() {
+        let (_k, rx) = oneshot::channel();
+        let r = run(&spec("/nonexistent/prog", &[]), &allow(&["*"]), rx).await;
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert!(r.detail.unwrap_or_default().contains("could not start"));
+    }
+}

@@ -1,0 +1,181 @@
+//! `sundial-agent status`: the agent's local view, read from its store. It
+//! works offline and beside a running agent (the store allows one writer and
+//! any number of readers).
+
+use std::path::Path;
+
+use serde::Serialize;
+use sundial_protocol::{Schedule, TaskSpec, Timestamp};
+
+use crate::runtime::store_path;
+use crate::store::{meta, AgentStore, StoreError};
+
+/// One task in the status.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskStatus {
+    pub task_id: String,
+    pub name: Option<String>,
+    pub schedule: String,
+    pub program: String,
+    pub revision: u64,
+    /// RFC 3339 UTC, or null when the schedule has no further occurrence.
+    pub next_fire: Option<String>,
+}
+
+/// The agent's status.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub agent_id: Option<String>,
+    pub enrolled: bool,
+    pub clock_offset_ms: i64,
+    pub clock_held: bool,
+    pub last_known_good: Option<String>,
+    pub last_sync: Option<String>,
+    pub last_revision: u64,
+    pub outbox_len: u64,
+    pub runs_in_progress: usize,
+    pub tasks: Vec<TaskStatus>,
+}
+
+fn ts_text(ms: Option<i64>) -> Option<String> {
+    ms.and_then(|m| Timestamp::from_millis(m).ok())
+        .map(|t| t.to_string())
+}
+
+/// Why the status could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("no agent data in {0} (expected {1}); has `sundial-agent join` or `run` used this directory?")]
+    NoData(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Reads the status of the agent whose data lives in `data_dir`.
+pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
+    let path = store_path(data_dir);
+    if !path.exists() {
+        return Err(StatusError::NoData(
+            data_dir.display().to_string(),
+            path.display().to_string(),
+        ));
+    }
+    // Read-only first, so a running agent is not disturbed; a store that
+    // needs recovery after a crash (and no agent running) is opened for writing.
+    let store = match AgentStore::open_read_only(&path) {
+        Ok(s) => s,
+        Err(ro) => AgentStore::open(&path).map_err(|_| ro)?,
+    };
+    let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?;
+    let states = store.task_states()?;
+    let mut tasks: Vec<TaskSpec> = store.tasks()?;
+    tasks.sort_by_key(|t| t.id);
+    let tasks = tasks
+        .into_iter()
+        .map(|t| {
+            let next = match states.get(&t.id) {
+                Some(n) => *n,
+                None => first_occurrence(&t.schedule, t.created_at),
+            };
+            let sundial_protocol::task::Action::Exec(exec) = &t.action;
+            TaskStatus {
+                task_id: t.id.to_string(),
+                name: t.name.clone(),
+                schedule: t.schedule.to_string(),
+                program: exec.program.clone(),
+                revision: t.revision,
+                next_fire: next.map(|n| n.to_string()),
+            }
+        })
+        .collect();
+    Ok(Status {
+        agent_id: agent_id.map(|a| sundial_protocol::AgentId(a).to_string()),
+        enrolled: agent_id.is_some(),
+        clock_offset_ms: store.get_meta(meta::CLOCK_OFFSET_MS)?.unwrap_or(0),
+        clock_held: store.get_meta("clock_held")?.unwrap_or(false),
+        last_known_good: ts_text(store.get_meta(meta::LAST_KNOWN_GOOD_MS)?),
+        last_sync: ts_text(store.get_meta(meta::LAST_SYNC_MS)?),
+        last_revision: store.get_meta(meta::LAST_REVISION)?.unwrap_or(0),
+        outbox_len: store.outbox_len()?,
+        runs_in_progress: store.started()?.len(),
+        tasks,
+    })
+}
+
+fn first_occurrence(s: &Schedule, created_at: Timestamp) -> Option<Timestamp> {
+    s.next_after(created_at.saturating_add_ms(-1))
+}
+
+/// The status as text for people.
+pub fn render(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let none = "never".to_string();
+    let _ = writeln!(
+        out,
+        "agent:          {}",
+        s.agent_id.as_deref().unwrap_or("not enrolled")
+    );
+    let _ = writeln!(
+        out,
+        "clock:          {}, offset {:+} ms, last known good {}",
+        if s.clock_held {
+            "HELD (wall clock is behind the last known-good time; firing paused)"
+        } else {
+            "trusted"
+        },
+        s.clock_offset_ms,
+        s.last_known_good.as_ref().unwrap_or(&none)
+    );
+    let _ = writeln!(out, "last sync:      {}", s.last_sync.as_ref().unwrap_or(&none));
+    let _ = writeln!(out, "revision:       {}", s.last_revision);
+    let _ = writeln!(out, "outbox:         {} run(s) waiting to sync", s.outbox_len);
+    let _ = writeln!(out, "in progress:    {} run(s)", s.runs_in_progress);
+    let _ = writeln!(out, "tasks:          {}", s.tasks.len());
+    if !s.tasks.is_empty() {
+        let rows: Vec<[String; 5]> = s
+            .tasks
+            .iter()
+            .map(|t| {
+                [
+                    t.task_id.clone(),
+                    t.name.clone().unwrap_or_else(|| "-".into()),
+                    t.schedule.clone(),
+                    t.program.clone(),
+                    t.next_fire.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(&["ID", "NAME", "SCHEDULE", "PROGRAM", "NEXT FIRE"], &rows));
+    }
+    out
+}
+
+/// An aligned text table.
+pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == N {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
