@@ -58,6 +58,8 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
 pub enum AgentError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0} is in use by another process: is another sundial-agent running on this data directory?")]
+    Busy(PathBuf),
     #[error("data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -105,7 +107,7 @@ pub async fn run(
         path: config.data_dir.clone(),
         source,
     })?;
-    let store = AgentStore::open(&config.store_path())?;
+    let store = open_store(&config.store_path()).await?;
     let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?.map(AgentId);
     if agent_id.is_none() {
         tracing::warn!(
@@ -182,6 +184,24 @@ pub async fn run(
     Ok(())
 }
 
+/// How long the agent waits for another process (a `status` reading) to
+/// let go of its store before concluding another agent is running.
+const STORE_BUSY_WAIT_MS: u64 = 5_000;
+
+async fn open_store(path: &Path) -> Result<AgentStore, AgentError> {
+    let mut waited = 0;
+    loop {
+        match AgentStore::open(path) {
+            Err(e) if e.is_already_open() && waited < STORE_BUSY_WAIT_MS => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                waited += 100;
+            }
+            Err(e) if e.is_already_open() => return Err(AgentError::Busy(path.to_owned())),
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Agent {
     fn log_notes(&mut self, notes: &[ClockNote]) {
         for n in notes {
@@ -227,7 +247,7 @@ impl Agent {
     fn persist_known_good(&mut self, force: bool) -> Result<(), AgentError> {
         if let Some(g) = self.guard.last_known_good() {
             let ms = g.as_millis();
-            if force || ms - self.last_persisted_good_ms >= KNOWN_GOOD_PERSIST_MS {
+            if force || ms.saturating_sub(self.last_persisted_good_ms) >= KNOWN_GOOD_PERSIST_MS {
                 self.store.put_meta(&[(meta::LAST_KNOWN_GOOD_MS, ms)])?;
                 self.last_persisted_good_ms = ms;
             }

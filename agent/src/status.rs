@@ -10,6 +10,9 @@ use sundial_protocol::{Schedule, TaskSpec, Timestamp};
 use crate::runtime::store_path;
 use crate::store::{meta, AgentStore, StoreError};
 
+/// Tries to open the store (100 ms apart) before reporting an error.
+const OPEN_ATTEMPTS_MAX: u32 = 30;
+
 /// One task in the status.
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskStatus {
@@ -47,6 +50,8 @@ fn ts_text(ms: Option<i64>) -> Option<String> {
 pub enum StatusError {
     #[error("no agent data in {0} (expected {1}); has `sundial-agent join` or `run` used this directory?")]
     NoData(String, String),
+    #[error("{0}\n(if the agent stopped uncleanly, its store needs recovery: start the agent, which repairs it, then ask again)")]
+    Unreadable(StoreError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -62,9 +67,21 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
     }
     // Read-only first, so a running agent is not disturbed; a store that
     // needs recovery after a crash (and no agent running) is opened for writing.
-    let store = match AgentStore::open_read_only(&path) {
-        Ok(s) => s,
-        Err(ro) => AgentStore::open(&path).map_err(|_| ro)?,
+    // Status only ever reads: it must never hold the writer's lock, or an
+    // agent starting at that moment could not open its store. An agent
+    // starting after a crash repairs the store first: retry for a moment.
+    let mut attempts = 0;
+    let store = loop {
+        match AgentStore::open_read_only(&path) {
+            Ok(s) => break s,
+            Err(e) => {
+                attempts += 1;
+                if attempts >= OPEN_ATTEMPTS_MAX {
+                    return Err(StatusError::Unreadable(e));
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     };
     let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?;
     let states = store.task_states()?;

@@ -81,6 +81,19 @@ pub enum StoreError {
     ReadOnly,
 }
 
+impl StoreError {
+    /// Whether another process holds the store open for writing.
+    pub fn is_already_open(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db {
+                source: redb::Error::DatabaseAlreadyOpen,
+                ..
+            }
+        )
+    }
+}
+
 fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::Db {
         context,

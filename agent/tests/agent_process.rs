@@ -1,0 +1,271 @@
+//! The real `sundial-agent` binary: fires from its own store with no
+//! coordinator, and after SIGKILL mid-run reports that run `interrupted`
+//! without running it again (unless its retry policy says so).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sundial_agent::store::AgentStore;
+use sundial_protocol::policy::{Policies, RetryPolicy};
+use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::{AgentId, DurationMs, Outcome, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_sundial-agent");
+/// Generous: these tests use the real clock on a possibly busy machine.
+const WAIT_MAX: Duration = Duration::from_secs(30);
+
+fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64;
+    Timestamp::from_millis(ms).expect("in range")
+}
+
+fn store_path(dir: &Path) -> PathBuf {
+    dir.join("agent.redb")
+}
+
+fn sh_task(id: u64, schedule: Schedule, script: &str, policies: Policies) -> TaskSpec {
+    TaskSpec {
+        id: TaskId(id),
+        name: Some(format!("test-{id}")),
+        target: Target::Agent(AgentId(0)),
+        schedule,
+        action: Action::Exec(ExecSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![],
+            cwd: None,
+        }),
+        policies,
+        revision: id,
+        created_at: now(),
+    }
+}
+
+/// A running agent, killed if the test ends without stopping it.
+struct AgentProc(Option<Child>);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_agent(dir: &Path) -> AgentProc {
+    AgentProc(Some(Command::new(AGENT)
+        .args(["run", "--data-dir"])
+        .arg(dir)
+        .args(["--allow-exec", "/bin/sh"])
+        .env("SUNDIAL_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("agent.log"))
+                .expect("log file"),
+        )
+        .spawn()
+        .expect("agent starts")))
+}
+
+fn stop(mut agent: AgentProc) {
+    let Some(mut child) = agent.0.take() else {
+        return;
+    };
+    let pid = rustix::process::Pid::from_child(&child);
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + WAIT_MAX;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_MAX;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn wait_for_or_show(what: &str, log: &Path, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_MAX;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "timed out waiting for {what}; agent log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+fn status_json(dir: &Path) -> serde_json::Value {
+    let out = Command::new(AGENT)
+        .args(["status", "-o", "json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("status runs");
+    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status prints JSON")
+}
+
+fn outbox(dir: &Path) -> Vec<RunRecord> {
+    AgentStore::open(&store_path(dir))
+        .expect("store opens after the agent stopped")
+        .outbox_batch(usize::MAX, usize::MAX)
+        .expect("outbox reads")
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn fires_on_time_from_its_own_store_without_a_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("fired");
+    let start = now().saturating_add_ms(1_000);
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let sched = Schedule::every(DurationMs(500), start).expect("valid");
+        store
+            .put_task(&sh_task(1, sched, &format!("date +%s%3N >> {}", log.display()), Policies::default()), Some(1))
+            .expect("put task");
+    }
+    let agent = start_agent(dir.path());
+    wait_for("six fires", || lines(&log).len() >= 6);
+    let status = status_json(dir.path());
+    assert_eq!(status["tasks"][0]["task_id"], "t1");
+    assert!(status["tasks"][0]["next_fire"].is_string());
+    stop(agent);
+
+    let runs = outbox(dir.path());
+    assert!(runs.len() >= 6, "{} runs recorded", runs.len());
+    for r in &runs {
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert!(r.offline, "no coordinator: every run is offline");
+        let late = r.fired_at.expect("fired").millis_since(r.scheduled_at);
+        // Behaviour, not a benchmark: on time means not early and not a tick late.
+        assert!((0..1_000).contains(&late), "fired {late} ms after its time");
+    }
+    // The action's own timestamps: none before its occurrence.
+    let first = lines(&log)[0].parse::<i64>().expect("ms timestamp");
+    assert!(first >= start.as_millis(), "first run started before its time");
+}
+
+fn crash_mid_run(retries: u32) -> (Vec<RunRecord>, Vec<String>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("starts");
+    // First start: note our pid and hang; any later start: note it and succeed.
+    let script = format!(
+        "if [ -s {m} ]; then echo again >> {m}; exit 0; fi; echo $$ >> {m}; exec sleep 60",
+        m = marker.display()
+    );
+    let policies = Policies {
+        retry: RetryPolicy {
+            retries,
+            backoff_initial: DurationMs(200),
+            backoff_max: DurationMs(200),
+        },
+        ..Policies::default()
+    };
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let at = Schedule::at(now().saturating_add_ms(500));
+        store.put_task(&sh_task(1, at, &script, policies), Some(1)).expect("put task");
+    }
+    let mut agent = start_agent(dir.path());
+    wait_for("the run to start", || !lines(&marker).is_empty());
+    let mut child = agent.0.take().expect("running");
+    child.kill().expect("SIGKILL the agent");
+    child.wait().expect("reaped");
+    // The orphaned action keeps running (no systemd here to reap the group): end it.
+    let pid: i32 = lines(&marker)[0].parse().expect("pid");
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+
+    let agent = start_agent(dir.path());
+    let want = if retries > 0 { 2 } else { 1 };
+    let log = dir.path().join("agent.log");
+    wait_for_or_show("the interrupted run to be recorded", &log, || {
+        let s = status_json(dir.path());
+        s["outbox_len"].as_u64() == Some(want) && s["runs_in_progress"].as_u64() == Some(0)
+    });
+    // Give a wrongly re-run occurrence the chance to show itself.
+    std::thread::sleep(Duration::from_millis(1_500));
+    stop(agent);
+    (outbox(dir.path()), lines(&marker))
+}
+
+#[test]
+fn sigkill_mid_run_is_reported_interrupted_and_not_run_again() {
+    let (runs, starts) = crash_mid_run(0);
+    assert_eq!(starts.len(), 1, "the occurrence ran again: {starts:?}");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].outcome, Outcome::Interrupted);
+    assert_eq!(runs[0].attempt, 1);
+    assert!(runs[0].fired_at.is_some());
+}
+
+#[test]
+fn sigkill_mid_run_is_retried_when_the_policy_says_so() {
+    let (runs, starts) = crash_mid_run(1);
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let mut outcomes: Vec<(u32, Outcome)> = runs.iter().map(|r| (r.attempt, r.outcome)).collect();
+    outcomes.sort_by_key(|o| o.0);
+    assert_eq!(outcomes, [(1, Outcome::Interrupted), (2, Outcome::Succeeded)]);
+    assert!(runs.iter().all(|r| r.scheduled_at == runs[0].scheduled_at));
+}
+
+#[test]
+fn a_refused_program_yields_a_rejected_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let mut t = sh_task(1, Schedule::at(now().saturating_add_ms(300)), "true", Policies::default());
+        t.action = Action::Exec(ExecSpec { program: "/usr/bin/env".into(), ..ExecSpec::default() });
+        store.put_task(&t, Some(1)).expect("put");
+    }
+    let agent = start_agent(dir.path());
+    wait_for("a record", || status_json(dir.path())["outbox_len"].as_u64() == Some(1));
+    stop(agent);
+    let runs = outbox(dir.path());
+    assert_eq!(runs[0].outcome, Outcome::Rejected);
+    assert!(runs[0].detail.as_deref().unwrap_or("").contains("not allowed"));
+}
+
+#[test]
+fn status_explains_a_missing_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(AGENT)
+        .args(["status", "--data-dir"])
+        .arg(dir.path().join("nope"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no agent data"), "{err}");
+}
