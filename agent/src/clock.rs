@@ -36,7 +36,10 @@ pub enum ClockNote {
     /// The wall clock moved by `by_ms` more than boot time did.
     Jumped { by_ms: i64 },
     /// The clock is behind the last known-good instant: firing is held.
-    Untrusted { now: Timestamp, last_known_good: Timestamp },
+    Untrusted {
+        now: Timestamp,
+        last_known_good: Timestamp,
+    },
     /// The clock is trusted again.
     TrustRestored,
 }
@@ -143,7 +146,9 @@ impl SystemClock {
 /// CLOCK_BOOTTIME in nanoseconds.
 pub fn boot_ns() -> i64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-    t.tv_sec.saturating_mul(1_000_000_000).saturating_add(t.tv_nsec)
+    t.tv_sec
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec)
 }
 
 /// Sleeps until a CLOCK_BOOTTIME deadline with a timerfd, so time spent in
@@ -284,6 +289,10 @@ mod tests {
         let start = boot_ns();
         t.sleep_until(start + 50_000_000).await;
         let woke = boot_ns();
-        assert!(woke >= start + 50_000_000, "woke {} ns early", start + 50_000_000 - woke);
+        assert!(
+            woke >= start + 50_000_000,
+            "woke {} ns early",
+            start + 50_000_000 - woke
+        );
     }
 }

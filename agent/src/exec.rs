@@ -153,7 +153,10 @@ async fn read_tail<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> Vec<u8> {
 }
 
 fn kill_group(pid: u32) {
-    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
         // ESRCH (already gone) is the common, harmless case.
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
@@ -223,8 +226,16 @@ pub async fn run(spec: &ExecSpec, policy: &ExecPolicy, kill: oneshot::Receiver<(
     let stderr_tail = collect(stderr).await;
 
     let (outcome, exit_code, detail) = match status {
-        Err(e) => (Outcome::Failed, None, Some(format!("waiting for the program failed: {e}"))),
-        Ok(_) if timed_out => (Outcome::TimedOut, None, Some("killed at its timeout".into())),
+        Err(e) => (
+            Outcome::Failed,
+            None,
+            Some(format!("waiting for the program failed: {e}")),
+        ),
+        Ok(_) if timed_out => (
+            Outcome::TimedOut,
+            None,
+            Some("killed at its timeout".into()),
+        ),
         Ok(s) => match s.code() {
             Some(0) => (Outcome::Succeeded, Some(0), None),
             Some(c) => (Outcome::Failed, Some(c), None),
@@ -282,7 +293,10 @@ mod tests {
 
     #[test]
     fn tails_keep_the_last_bytes() {
-        let mut t = Tail { buf: Vec::new(), cap: 4 };
+        let mut t = Tail {
+            buf: Vec::new(),
+            cap: 4,
+        };
         t.push(b"ab");
         t.push(b"cdef");
         assert_eq!(t.buf, b"cdef");
@@ -295,7 +309,12 @@ mod tests {
     #[tokio::test]
     async fn runs_captures_and_reports_exit_codes() {
         let (_k, rx) = oneshot::channel();
-        let r = run(&spec("/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]), &allow(&["/bin/sh"]), rx).await;
+        let r = run(
+            &spec("/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]),
+            &allow(&["/bin/sh"]),
+            rx,
+        )
+        .await;
         assert_eq!(r.outcome, Outcome::Failed);
         assert_eq!(r.exit_code, Some(3));
         assert_eq!(r.stdout_tail, b"out\n");
@@ -305,7 +324,12 @@ mod tests {
     #[tokio::test]
     async fn refused_programs_are_rejected_not_run() {
         let (_k, rx) = oneshot::channel();
-        let r = run(&spec("/bin/sh", &["-c", "exit 0"]), &allow(&["/usr/bin/*"]), rx).await;
+        let r = run(
+            &spec("/bin/sh", &["-c", "exit 0"]),
+            &allow(&["/usr/bin/*"]),
+            rx,
+        )
+        .await;
         assert_eq!(r.outcome, Outcome::Rejected);
         assert!(r.detail.unwrap_or_default().contains("not allowed"));
         assert_eq!(r.pid, None);
@@ -315,7 +339,13 @@ mod tests {
     async fn output_is_capped_to_the_tail() {
         let (_k, rx) = oneshot::channel();
         let r = run(
-            &spec("/bin/sh", &["-c", "i=0; while [ $i -lt 500 ]; do echo line-$i; i=$((i+1)); done"]),
+            &spec(
+                "/bin/sh",
+                &[
+                    "-c",
+                    "i=0; while [ $i -lt 500 ]; do echo line-$i; i=$((i+1)); done",
+                ],
+            ),
             &allow(&["/bin/sh"]),
             rx,
         )
@@ -329,10 +359,7 @@ mod tests {
     async fn kill_ends_the_whole_process_group() {
         let dir = tempfile::tempdir().expect("tempdir");
         let marker = dir.path().join("grandchild-alive");
-        let script = format!(
-            "(sleep 3; touch {}) & sleep 30",
-            marker.display()
-        );
+        let script = format!("(sleep 3; touch {}) & sleep 30", marker.display());
         let (k, rx) = oneshot::channel();
         let policy = allow(&["/bin/sh"]);
         let s = spec("/bin/sh", &["-c", &script]);

@@ -72,7 +72,7 @@ pub enum AgentError {
 #[derive(Debug)]
 pub enum Control {
     /// A task was created or changed (revision = the new applied revision).
-    Upsert(TaskSpec),
+    Upsert(Box<TaskSpec>),
     /// A task was cancelled.
     Cancel(TaskId),
 }
@@ -207,9 +207,15 @@ impl Agent {
         for n in notes {
             match n {
                 ClockNote::Jumped { by_ms } => {
-                    tracing::warn!(by_ms, "wall clock jumped; firing follows the new time, nothing fires early")
+                    tracing::warn!(
+                        by_ms,
+                        "wall clock jumped; firing follows the new time, nothing fires early"
+                    )
                 }
-                ClockNote::Untrusted { now, last_known_good } => tracing::error!(
+                ClockNote::Untrusted {
+                    now,
+                    last_known_good,
+                } => tracing::error!(
                     %now, %last_known_good,
                     "clock is behind the last known-good time: firing is held until the clock is trusted again"
                 ),
@@ -378,7 +384,7 @@ impl Agent {
                 self.store.put_task(&task, Some(task.revision))?;
                 let Action::Exec(spec) = &task.action;
                 self.actions.insert(task.id, spec.clone());
-                self.sched.upsert(SchedTask::from(&task), &mut cmds);
+                self.sched.upsert(SchedTask::from(&*task), &mut cmds);
             }
             Control::Cancel(id) => {
                 self.store.remove_task(id, None)?;

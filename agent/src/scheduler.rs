@@ -268,12 +268,7 @@ impl Scheduler {
 
     /// A run ended (or was found interrupted at start-up) at `at`. Applies
     /// the retry policy.
-    pub fn run_finished(
-        &mut self,
-        key: RunKey,
-        outcome: sundial_protocol::Outcome,
-        at: Timestamp,
-    ) {
+    pub fn run_finished(&mut self, key: RunKey, outcome: sundial_protocol::Outcome, at: Timestamp) {
         if let Some(run) = self.running.remove(&key) {
             if let Some((h, token)) = run.timeout {
                 self.wheel.cancel(h);
@@ -441,7 +436,11 @@ impl Scheduler {
     /// Marks a run as going without a `Start` from this scheduler (a run the
     /// caller knows is live, e.g. after reloading tasks).
     pub fn adopt_running(&mut self, key: RunKey) {
-        if self.running.insert(key, RunningRun { timeout: None }).is_none() {
+        if self
+            .running
+            .insert(key, RunningRun { timeout: None })
+            .is_none()
+        {
             if let Some(e) = self.tasks.get_mut(&key.task_id) {
                 e.running += 1;
             }

@@ -144,9 +144,17 @@ pub fn render(s: &Status) -> String {
         s.clock_offset_ms,
         s.last_known_good.as_ref().unwrap_or(&none)
     );
-    let _ = writeln!(out, "last sync:      {}", s.last_sync.as_ref().unwrap_or(&none));
+    let _ = writeln!(
+        out,
+        "last sync:      {}",
+        s.last_sync.as_ref().unwrap_or(&none)
+    );
     let _ = writeln!(out, "revision:       {}", s.last_revision);
-    let _ = writeln!(out, "outbox:         {} run(s) waiting to sync", s.outbox_len);
+    let _ = writeln!(
+        out,
+        "outbox:         {} run(s) waiting to sync",
+        s.outbox_len
+    );
     let _ = writeln!(out, "in progress:    {} run(s)", s.runs_in_progress);
     let _ = writeln!(out, "tasks:          {}", s.tasks.len());
     if !s.tasks.is_empty() {
@@ -164,7 +172,10 @@ pub fn render(s: &Status) -> String {
             })
             .collect();
         out.push('\n');
-        out.push_str(&table(&["ID", "NAME", "SCHEDULE", "PROGRAM", "NEXT FIRE"], &rows));
+        out.push_str(&table(
+            &["ID", "NAME", "SCHEDULE", "PROGRAM", "NEXT FIRE"],
+            &rows,
+        ));
     }
     out
 }

@@ -26,9 +26,7 @@ use redb::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sundial_protocol::policy::{
-    MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy,
-};
+use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
 use sundial_protocol::task::{Action, ExecSpec, Target};
 use sundial_protocol::{
     AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, ScheduleKind, TaskId, TaskSpec,
@@ -363,7 +361,10 @@ impl RunRecordV1 {
             agent_id: AgentId(self.agent_id),
             scheduled_at: ts("outbox", &key, self.scheduled_at_ms)?,
             attempt: self.attempt,
-            fired_at: self.fired_at_ms.map(|v| ts("outbox", &key, v)).transpose()?,
+            fired_at: self
+                .fired_at_ms
+                .map(|v| ts("outbox", &key, v))
+                .transpose()?,
             finished_at: self
                 .finished_at_ms
                 .map(|v| ts("outbox", &key, v))
@@ -653,7 +654,10 @@ impl AgentStore {
             return Ok(());
         }
         let mut meta_t = txn.open_table(META).map_err(db_err("write outbox"))?;
-        let mut seq: u64 = match meta_t.get(meta::OUTBOX_SEQ).map_err(db_err("write outbox"))? {
+        let mut seq: u64 = match meta_t
+            .get(meta::OUTBOX_SEQ)
+            .map_err(db_err("write outbox"))?
+        {
             Some(v) => decode("meta", meta::OUTBOX_SEQ, v.value())?,
             None => 0,
         };
@@ -664,7 +668,10 @@ impl AgentStore {
         for r in records {
             let k = run_key_tuple(&r.key());
             // Idempotent by run key: a second record for the same run replaces the first.
-            let old = index.get(k).map_err(db_err("write outbox"))?.map(|v| v.value());
+            let old = index
+                .get(k)
+                .map_err(db_err("write outbox"))?
+                .map(|v| v.value());
             if let Some(old_seq) = old {
                 outbox.remove(old_seq).map_err(db_err("write outbox"))?;
             }
@@ -793,9 +800,7 @@ impl AgentStore {
         let mut removed = 0;
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(db_err("ack outbox"))?;
-            let mut index = txn
-                .open_table(OUTBOX_INDEX)
-                .map_err(db_err("ack outbox"))?;
+            let mut index = txn.open_table(OUTBOX_INDEX).map_err(db_err("ack outbox"))?;
             for key in keys {
                 let seq = index
                     .remove(run_key_tuple(key))

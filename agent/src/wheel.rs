@@ -124,7 +124,8 @@ impl<T> TimerWheel<T> {
             i
         } else {
             // Invariant: a wheel never holds 2^32 - 1 timers (that is > 100 GiB of slab).
-            let i = u32::try_from(self.entries.len()).expect("timer wheel slab exceeds u32 indices");
+            let i =
+                u32::try_from(self.entries.len()).expect("timer wheel slab exceeds u32 indices");
             self.entries.push(Entry {
                 deadline,
                 prev: NIL,
@@ -350,7 +351,11 @@ mod tests {
                         assert_eq!(w.poll(wake), None, "start {start} delta {d}");
                     }
                     assert_eq!(w.poll(deadline - 1), None, "start {start} delta {d}");
-                    assert_eq!(w.poll(deadline), Some((deadline, 7)), "start {start} delta {d}");
+                    assert_eq!(
+                        w.poll(deadline),
+                        Some((deadline, 7)),
+                        "start {start} delta {d}"
+                    );
                     assert!(w.is_empty());
                 }
             }

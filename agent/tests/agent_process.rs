@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use sundial_agent::store::AgentStore;
 use sundial_protocol::policy::{Policies, RetryPolicy};
 use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::{AgentId, DurationMs, Outcome, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
+use sundial_protocol::{
+    AgentId, DurationMs, Outcome, RunRecord, Schedule, TaskId, TaskSpec, Timestamp,
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_sundial-agent");
 /// Generous: these tests use the real clock on a possibly busy machine.
@@ -58,21 +60,23 @@ impl Drop for AgentProc {
 }
 
 fn start_agent(dir: &Path) -> AgentProc {
-    AgentProc(Some(Command::new(AGENT)
-        .args(["run", "--data-dir"])
-        .arg(dir)
-        .args(["--allow-exec", "/bin/sh"])
-        .env("SUNDIAL_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("agent.log"))
-                .expect("log file"),
-        )
-        .spawn()
-        .expect("agent starts")))
+    AgentProc(Some(
+        Command::new(AGENT)
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .args(["--allow-exec", "/bin/sh"])
+            .env("SUNDIAL_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("agent.log"))
+                    .expect("log file"),
+            )
+            .spawn()
+            .expect("agent starts"),
+    ))
 }
 
 fn stop(mut agent: AgentProc) {
@@ -123,7 +127,11 @@ fn status_json(dir: &Path) -> serde_json::Value {
         .arg(dir)
         .output()
         .expect("status runs");
-    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("status prints JSON")
 }
 
@@ -151,7 +159,15 @@ fn fires_on_time_from_its_own_store_without_a_coordinator() {
         let store = AgentStore::open(&store_path(dir.path())).expect("store");
         let sched = Schedule::every(DurationMs(500), start).expect("valid");
         store
-            .put_task(&sh_task(1, sched, &format!("date +%s%3N >> {}", log.display()), Policies::default()), Some(1))
+            .put_task(
+                &sh_task(
+                    1,
+                    sched,
+                    &format!("date +%s%3N >> {}", log.display()),
+                    Policies::default(),
+                ),
+                Some(1),
+            )
             .expect("put task");
     }
     let agent = start_agent(dir.path());
@@ -172,7 +188,10 @@ fn fires_on_time_from_its_own_store_without_a_coordinator() {
     }
     // The action's own timestamps: none before its occurrence.
     let first = lines(&log)[0].parse::<i64>().expect("ms timestamp");
-    assert!(first >= start.as_millis(), "first run started before its time");
+    assert!(
+        first >= start.as_millis(),
+        "first run started before its time"
+    );
 }
 
 fn crash_mid_run(retries: u32) -> (Vec<RunRecord>, Vec<String>) {
@@ -194,7 +213,9 @@ fn crash_mid_run(retries: u32) -> (Vec<RunRecord>, Vec<String>) {
     {
         let store = AgentStore::open(&store_path(dir.path())).expect("store");
         let at = Schedule::at(now().saturating_add_ms(500));
-        store.put_task(&sh_task(1, at, &script, policies), Some(1)).expect("put task");
+        store
+            .put_task(&sh_task(1, at, &script, policies), Some(1))
+            .expect("put task");
     }
     let mut agent = start_agent(dir.path());
     wait_for("the run to start", || !lines(&marker).is_empty());
@@ -236,7 +257,10 @@ fn sigkill_mid_run_is_retried_when_the_policy_says_so() {
     assert_eq!(starts.len(), 2, "{starts:?}");
     let mut outcomes: Vec<(u32, Outcome)> = runs.iter().map(|r| (r.attempt, r.outcome)).collect();
     outcomes.sort_by_key(|o| o.0);
-    assert_eq!(outcomes, [(1, Outcome::Interrupted), (2, Outcome::Succeeded)]);
+    assert_eq!(
+        outcomes,
+        [(1, Outcome::Interrupted), (2, Outcome::Succeeded)]
+    );
     assert!(runs.iter().all(|r| r.scheduled_at == runs[0].scheduled_at));
 }
 
@@ -245,16 +269,30 @@ fn a_refused_program_yields_a_rejected_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let store = AgentStore::open(&store_path(dir.path())).expect("store");
-        let mut t = sh_task(1, Schedule::at(now().saturating_add_ms(300)), "true", Policies::default());
-        t.action = Action::Exec(ExecSpec { program: "/usr/bin/env".into(), ..ExecSpec::default() });
+        let mut t = sh_task(
+            1,
+            Schedule::at(now().saturating_add_ms(300)),
+            "true",
+            Policies::default(),
+        );
+        t.action = Action::Exec(ExecSpec {
+            program: "/usr/bin/env".into(),
+            ..ExecSpec::default()
+        });
         store.put_task(&t, Some(1)).expect("put");
     }
     let agent = start_agent(dir.path());
-    wait_for("a record", || status_json(dir.path())["outbox_len"].as_u64() == Some(1));
+    wait_for("a record", || {
+        status_json(dir.path())["outbox_len"].as_u64() == Some(1)
+    });
     stop(agent);
     let runs = outbox(dir.path());
     assert_eq!(runs[0].outcome, Outcome::Rejected);
-    assert!(runs[0].detail.as_deref().unwrap_or("").contains("not allowed"));
+    assert!(runs[0]
+        .detail
+        .as_deref()
+        .unwrap_or("")
+        .contains("not allowed"));
 }
 
 #[test]

@@ -157,7 +157,10 @@ fn a_day_of_per_second_cron_fires_86400_times_in_order_on_time() {
     }
     assert!(h.skips().is_empty());
     // Generous: the point is "virtual time is fast", not a benchmark.
-    assert!(elapsed.as_secs_f64() < 5.0, "a virtual day took {elapsed:?}");
+    assert!(
+        elapsed.as_secs_f64() < 5.0,
+        "a virtual day took {elapsed:?}"
+    );
 }
 
 /// Down from 10:00 to 13:00 with a per-minute task: which policy does what.
@@ -422,7 +425,12 @@ fn a_task_created_while_away_catches_up_by_its_misfire_policy() {
         },
         ..Policies::default()
     };
-    h.add(task(1, Schedule::at(ts("2026-06-01T08:05:00Z")), skip, created));
+    h.add(task(
+        1,
+        Schedule::at(ts("2026-06-01T08:05:00Z")),
+        skip,
+        created,
+    ));
     h.run_until(now);
     assert_eq!(h.starts().len(), 0);
     assert_eq!(h.skips().len(), 1);

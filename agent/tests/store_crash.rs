@@ -13,7 +13,9 @@ use redb::StorageBackend;
 use sundial_agent::store::{AgentStore, StartedInfo, StepWrite, StoreDump};
 use sundial_protocol::policy::Policies;
 use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
+use sundial_protocol::{
+    AgentId, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp,
+};
 
 #[derive(Debug, Default)]
 struct Disk {
@@ -81,10 +83,9 @@ impl StorageBackend for CrashBackend {
             return Err(std::io::Error::other("disk gone"));
         }
         let start = offset as usize;
-        let src = d
-            .volatile
-            .get(start..start + out.len())
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end"))?;
+        let src = d.volatile.get(start..start + out.len()).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end")
+        })?;
         out.copy_from_slice(src);
         Ok(())
     }
@@ -160,6 +161,7 @@ fn record(k: RunKey, outcome: Outcome) -> RunRecord {
 }
 
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a short list in a test
 enum Op {
     PutTask(TaskSpec),
     RemoveTask(TaskId),
@@ -174,7 +176,13 @@ fn ops() -> Vec<Op> {
         let k = key(1 + (n as u64 % 2), n);
         v.push(Op::Step(StepWrite {
             states: vec![(k.task_id, Some(at((n + 1) * 1000)))],
-            started: vec![(k, StartedInfo { fired_at: k.scheduled_at, offline: true })],
+            started: vec![(
+                k,
+                StartedInfo {
+                    fired_at: k.scheduled_at,
+                    offline: true,
+                },
+            )],
             records: vec![record(key(2, 100 + n), Outcome::Skipped)],
         }));
         v.push(Op::Finish(record(k, Outcome::Succeeded)));
@@ -273,15 +281,22 @@ fn reopened_store_equals_the_model_after_a_crash_at_every_point() {
         }
         let reopened = AgentStore::open_with_backend(CrashBackend::new(disk.durable_image(), None))
             .unwrap_or_else(|e| panic!("crash at op {crash_at}: store does not reopen: {e}"));
-        let got = reopened.dump().unwrap_or_else(|e| panic!("crash at op {crash_at}: {e}"));
+        let got = reopened
+            .dump()
+            .unwrap_or_else(|e| panic!("crash at op {crash_at}: {e}"));
         assert!(
             got == model || cut.as_ref() == Some(&got),
             "crash at backend op {crash_at}: reopened store matches neither the last committed state nor the cut write\n got: {got:?}\nmodel: {model:?}"
         );
         // And it keeps working.
-        reopened.put_task(&task(9, 99), None).expect("writable after recovery");
+        reopened
+            .put_task(&task(9, 99), None)
+            .expect("writable after recovery");
     }
-    assert!(crashes_mid_op > 10, "the crash points should hit the sequence, hit {crashes_mid_op}");
+    assert!(
+        crashes_mid_op > 10,
+        "the crash points should hit the sequence, hit {crashes_mid_op}"
+    );
 }
 
 #[test]
@@ -290,16 +305,27 @@ fn interrupted_runs_become_records_once() {
     let k = key(1, 1);
     store
         .apply_step(&StepWrite {
-            started: vec![(k, StartedInfo { fired_at: at(1500), offline: false })],
+            started: vec![(
+                k,
+                StartedInfo {
+                    fired_at: at(1500),
+                    offline: false,
+                },
+            )],
             ..StepWrite::default()
         })
         .expect("step");
-    let recs = store.recover_interrupted(AgentId(4), at(9000)).expect("recover");
+    let recs = store
+        .recover_interrupted(AgentId(4), at(9000))
+        .expect("recover");
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].outcome, Outcome::Interrupted);
     assert_eq!(recs[0].fired_at, Some(at(1500)));
     assert!(store.started().expect("read").is_empty());
-    assert!(store.recover_interrupted(AgentId(4), at(9000)).expect("again").is_empty());
+    assert!(store
+        .recover_interrupted(AgentId(4), at(9000))
+        .expect("again")
+        .is_empty());
     assert_eq!(store.outbox_len().expect("len"), 1);
 }
 
@@ -307,8 +333,12 @@ fn interrupted_runs_become_records_once() {
 fn outbox_is_idempotent_by_run_key_and_acks_twice_harmlessly() {
     let store = AgentStore::open_with_backend(CrashBackend::new(Vec::new(), None)).expect("open");
     let k = key(1, 1);
-    store.finish_run(&record(k, Outcome::Failed)).expect("first");
-    store.finish_run(&record(k, Outcome::Succeeded)).expect("second");
+    store
+        .finish_run(&record(k, Outcome::Failed))
+        .expect("first");
+    store
+        .finish_run(&record(k, Outcome::Succeeded))
+        .expect("second");
     let batch = store.outbox_batch(100, usize::MAX).expect("batch");
     assert_eq!(batch.len(), 1);
     assert_eq!(batch[0].outcome, Outcome::Succeeded);
@@ -353,5 +383,8 @@ fn a_record_of_unknown_version_is_reported_with_its_table_and_key() {
     let store = AgentStore::open(&path).expect("open");
     let err = store.tasks().expect_err("bad record");
     let text = err.to_string();
-    assert!(text.contains("`tasks`") && text.contains("key 7") && text.contains("version 42"), "{text}");
+    assert!(
+        text.contains("`tasks`") && text.contains("key 7") && text.contains("version 42"),
+        "{text}"
+    );
 }

@@ -40,7 +40,8 @@ pub enum FrameError {
 pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; HEADER_BYTES];
     buf.push(PROTOCOL_VERSION);
-    let mut buf = postcard::to_extend(msg, buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut buf =
+        postcard::to_extend(msg, buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - HEADER_BYTES;
     if len > FRAME_BYTES_MAX {
         return Err(FrameError::Oversized {
@@ -78,7 +79,7 @@ impl FrameDecoder {
 
     /// The next complete message, `Ok(None)` if more bytes are needed. After
     /// an error every further call fails too: close the stream.
-    pub fn next<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
+    pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
         if self.failed {
             return Err(FrameError::Malformed("stream already failed".into()));
         }
@@ -117,7 +118,8 @@ impl FrameDecoder {
             return Ok(None);
         }
         let payload = &self.buf[HEADER_BYTES + 1..HEADER_BYTES + len];
-        let msg = postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
+        let msg =
+            postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
         self.buf.drain(..HEADER_BYTES + len);
         Ok(Some(msg))
     }

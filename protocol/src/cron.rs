@@ -67,9 +67,13 @@ pub enum CronError {
     },
     #[error("cron expression `{expr}`: unknown macro (use @yearly, @annually, @monthly, @weekly, @daily, @midnight or @hourly)")]
     Macro { expr: String },
-    #[error("cron expression `{expr}` never fires: no month in it has the day of month it asks for")]
+    #[error(
+        "cron expression `{expr}` never fires: no month in it has the day of month it asks for"
+    )]
     Never { expr: String },
-    #[error("unknown time zone `{0}` (expected an IANA name such as Europe/Berlin or America/New_York)")]
+    #[error(
+        "unknown time zone `{0}` (expected an IANA name such as Europe/Berlin or America/New_York)"
+    )]
     TimeZone(String),
 }
 
@@ -131,10 +135,7 @@ impl FieldSpec {
     fn parse_value(&self, text: &str) -> Result<u32, String> {
         if let Ok(v) = text.parse::<u32>() {
             if v < self.min || v > self.max {
-                return Err(format!(
-                    "value {v} out of range {}-{}",
-                    self.min, self.max
-                ));
+                return Err(format!("value {v} out of range {}-{}", self.min, self.max));
             }
             return Ok(v);
         }
@@ -294,7 +295,8 @@ impl CronExpr {
         }
         const MONTH_DAYS: [u32; 13] = [0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
         (1..=12u32).any(|m| {
-            self.months & (1 << m) != 0 && self.days_of_month & bits_range(1, MONTH_DAYS[m as usize]) != 0
+            self.months & (1 << m) != 0
+                && self.days_of_month & bits_range(1, MONTH_DAYS[m as usize]) != 0
         })
     }
 
@@ -380,14 +382,16 @@ impl CronExpr {
             let offset = offset_ms(tz, u + 1);
             // Naive local time of instant `u`, under the offset in force just after it.
             let local_u = naive_from_ms(u + offset)?;
-            let mut candidate = self.next_local_at_or_after(local_u + chrono::Duration::milliseconds(1))?;
+            let mut candidate =
+                self.next_local_at_or_after(local_u + chrono::Duration::milliseconds(1))?;
             if !self.wildcard {
                 // A fixed-time job fires in the first pass of a repeated hour only.
                 while let LocalResult::Ambiguous(_, later) = tz.from_local_datetime(&candidate) {
                     if later.timestamp_millis() != naive_ms(candidate) - offset {
                         break;
                     }
-                    candidate = self.next_local_at_or_after(candidate + chrono::Duration::seconds(1))?;
+                    candidate =
+                        self.next_local_at_or_after(candidate + chrono::Duration::seconds(1))?;
                 }
             }
             let c = naive_ms(candidate) - offset;
@@ -511,7 +515,10 @@ mod tests {
     fn refuses_bad_expressions_naming_the_field() {
         let cases = [
             ("* * * *", "4 fields"),
-            ("61 * * * *", "minute field `61`: value 61 out of range 0-59"),
+            (
+                "61 * * * *",
+                "minute field `61`: value 61 out of range 0-59",
+            ),
             ("* 24 * * *", "hour field"),
             ("* * 0 * *", "day-of-month field"),
             ("* * * 13 *", "month field"),

@@ -32,7 +32,10 @@ pub enum ScheduleKind {
     /// Once, at an instant.
     At(Timestamp),
     /// Every `period`, at `anchor + k * period` for k >= 0.
-    Every { period: DurationMs, anchor: Timestamp },
+    Every {
+        period: DurationMs,
+        anchor: Timestamp,
+    },
     /// A cron expression in a time zone.
     Cron { expr: CronExpr, tz: Tz },
 }
@@ -121,8 +124,7 @@ impl Schedule {
                     Some(*anchor)
                 } else {
                     let k = from.millis_since(*anchor) / p + 1;
-                    k.checked_mul(p)
-                        .and_then(|d| anchor.checked_add_ms(d))
+                    k.checked_mul(p).and_then(|d| anchor.checked_add_ms(d))
                 }
             }
             ScheduleKind::Cron { expr, tz } => expr.next_after(*tz, from),
@@ -268,7 +270,10 @@ mod tests {
             s.next_after(ts("2026-01-01T00:00:01.500Z")),
             Some(ts("2026-01-01T00:00:03.000Z"))
         );
-        assert_eq!(Schedule::every(DurationMs(0), ts("2026-01-01T00:00:00Z")), Err(ScheduleError::ZeroPeriod));
+        assert_eq!(
+            Schedule::every(DurationMs(0), ts("2026-01-01T00:00:00Z")),
+            Err(ScheduleError::ZeroPeriod)
+        );
     }
 
     #[test]
@@ -282,10 +287,18 @@ mod tests {
             })
             .expect("valid");
         let got: Vec<Timestamp> = s.occurrences_after(Timestamp::EPOCH).collect();
-        assert_eq!(got, [ts("2026-01-01T00:10:00Z"), ts("2026-01-01T00:11:00Z")]);
-        let reversed = Schedule::at(ts("2026-01-01T00:00:00Z"))
-            .with_window(Some(ts("2026-01-02T00:00:00Z")), Some(ts("2026-01-01T00:00:00Z")));
-        assert!(reversed.expect_err("reversed").to_string().contains("window"));
+        assert_eq!(
+            got,
+            [ts("2026-01-01T00:10:00Z"), ts("2026-01-01T00:11:00Z")]
+        );
+        let reversed = Schedule::at(ts("2026-01-01T00:00:00Z")).with_window(
+            Some(ts("2026-01-02T00:00:00Z")),
+            Some(ts("2026-01-01T00:00:00Z")),
+        );
+        assert!(reversed
+            .expect_err("reversed")
+            .to_string()
+            .contains("window"));
     }
 
     #[test]

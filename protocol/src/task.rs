@@ -13,7 +13,9 @@ use crate::time::{DurationMs, Timestamp};
 macro_rules! short_id {
     ($name:ident, $prefix:literal, $what:literal) => {
         #[doc = concat!("The id of ", $what, ", shown as `", $prefix, "N`.")]
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+        )]
         pub struct $name(pub u64);
 
         impl fmt::Display for $name {
@@ -27,7 +29,10 @@ macro_rules! short_id {
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 let digits = s.strip_prefix($prefix).unwrap_or(s);
                 digits.parse().map($name).map_err(|_| {
-                    format!(concat!("`{}` is not ", $what, " id (expected e.g. ", $prefix, "12)"), s)
+                    format!(
+                        concat!("`{}` is not ", $what, " id (expected e.g. ", $prefix, "12)"),
+                        s
+                    )
                 })
             }
         }

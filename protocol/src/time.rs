@@ -23,7 +23,9 @@ pub struct Timestamp(i64);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimestampError {
     /// The text is not RFC 3339; the caller should show the expected form.
-    #[error("`{text}` is not an RFC 3339 instant (expected e.g. 2026-11-26T08:00:00.000Z): {reason}")]
+    #[error(
+        "`{text}` is not an RFC 3339 instant (expected e.g. 2026-11-26T08:00:00.000Z): {reason}"
+    )]
     Syntax { text: String, reason: String },
     /// The instant lies outside years 1..=9999.
     #[error("instant {0} ms is outside the supported range (years 0001 to 9999)")]
@@ -93,6 +95,13 @@ impl Timestamp {
     /// Parses RFC 3339 (any offset; converted to UTC). Digits below the
     /// millisecond are truncated.
     pub fn parse(text: &str) -> Result<Timestamp, TimestampError> {
+        let year_digits = text.trim().bytes().take_while(u8::is_ascii_digit).count();
+        if year_digits > 4 {
+            return Err(TimestampError::Syntax {
+                text: text.to_owned(),
+                reason: "years past 9999 are not supported".into(),
+            });
+        }
         let dt = DateTime::parse_from_rfc3339(text.trim()).map_err(|e| TimestampError::Syntax {
             text: text.to_owned(),
             reason: e.to_string(),

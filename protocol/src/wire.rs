@@ -69,6 +69,6 @@ pub enum CoordMsg {
 /// One change to an agent's assignments.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AssignmentChange {
-    Upsert(TaskSpec),
+    Upsert(Box<TaskSpec>),
     Cancel { task_id: TaskId, revision: u64 },
 }

@@ -27,9 +27,18 @@ fn sample_run(i: u64) -> RunRecord {
 #[test]
 fn messages_round_trip_in_pieces() {
     let msgs = vec![
-        AgentMsg::Hello { last_revision: 42, outbox_len: 3, agent_version: "0.1.0".into() },
-        AgentMsg::Results { batch_id: 9, runs: (0..10).map(sample_run).collect() },
-        AgentMsg::ClockProbe { t1: Timestamp::EPOCH },
+        AgentMsg::Hello {
+            last_revision: 42,
+            outbox_len: 3,
+            agent_version: "0.1.0".into(),
+        },
+        AgentMsg::Results {
+            batch_id: 9,
+            runs: (0..10).map(sample_run).collect(),
+        },
+        AgentMsg::ClockProbe {
+            t1: Timestamp::EPOCH,
+        },
     ];
     let mut bytes = Vec::new();
     for m in &msgs {
@@ -40,7 +49,7 @@ fn messages_round_trip_in_pieces() {
     // Feed one byte at a time: frames may arrive split anywhere.
     for b in &bytes {
         dec.push(std::slice::from_ref(b));
-        while let Some(m) = dec.next::<AgentMsg>().expect("valid stream") {
+        while let Some(m) = dec.next_message::<AgentMsg>().expect("valid stream") {
             got.push(m);
         }
     }
@@ -53,7 +62,7 @@ fn truncated_frame_is_reported_at_end_of_stream() {
     let bytes = encode(&CoordMsg::Refused { reason: "x".into() }).expect("encodes");
     let mut dec = FrameDecoder::new();
     dec.push(&bytes[..bytes.len() - 1]);
-    assert_eq!(dec.next::<CoordMsg>(), Ok(None));
+    assert_eq!(dec.next_message::<CoordMsg>(), Ok(None));
     assert!(matches!(dec.finish(), Err(FrameError::Truncated(_))));
 }
 
@@ -61,20 +70,32 @@ fn truncated_frame_is_reported_at_end_of_stream() {
 fn oversized_frame_is_refused_from_its_header() {
     let mut dec = FrameDecoder::new();
     dec.push(&((FRAME_BYTES_MAX as u32) + 1).to_be_bytes());
-    assert!(matches!(dec.next::<CoordMsg>(), Err(FrameError::Oversized { .. })));
+    assert!(matches!(
+        dec.next_message::<CoordMsg>(),
+        Err(FrameError::Oversized { .. })
+    ));
     // The stream stays failed.
-    assert!(dec.next::<CoordMsg>().is_err());
-    let huge = AgentMsg::Results { batch_id: 1, runs: vec![RunRecord { stdout_tail: vec![0; FRAME_BYTES_MAX], ..sample_run(1) }] };
+    assert!(dec.next_message::<CoordMsg>().is_err());
+    let huge = AgentMsg::Results {
+        batch_id: 1,
+        runs: vec![RunRecord {
+            stdout_tail: vec![0; FRAME_BYTES_MAX],
+            ..sample_run(1)
+        }],
+    };
     assert!(matches!(encode(&huge), Err(FrameError::Oversized { .. })));
 }
 
 #[test]
 fn unknown_version_is_refused() {
-    let mut bytes = encode(&AgentMsg::ClockProbe { t1: Timestamp::EPOCH }).expect("encodes");
+    let mut bytes = encode(&AgentMsg::ClockProbe {
+        t1: Timestamp::EPOCH,
+    })
+    .expect("encodes");
     bytes[4] = 99;
     let mut dec = FrameDecoder::new();
     dec.push(&bytes);
-    assert_eq!(dec.next::<AgentMsg>(), Err(FrameError::UnknownVersion(99)));
+    assert_eq!(dec.next_message::<AgentMsg>(), Err(FrameError::UnknownVersion(99)));
 }
 
 proptest! {
@@ -84,7 +105,7 @@ proptest! {
         let mut dec = FrameDecoder::new();
         dec.push(&bytes);
         for _ in 0..64 {
-            match dec.next::<AgentMsg>() {
+            match dec.next_message::<AgentMsg>() {
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => break,
             }
@@ -99,6 +120,6 @@ proptest! {
         bytes.extend(&payload);
         let mut dec = FrameDecoder::new();
         dec.push(&bytes);
-        let _ = dec.next::<CoordMsg>();
+        let _ = dec.next_message::<CoordMsg>();
     }
 }

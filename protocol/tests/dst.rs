@@ -27,20 +27,42 @@ fn new_york_spring_forward() {
     // 2026-03-08 02:00 EST (07:00Z) jumps to 03:00 EDT.
     assert_eq!(
         next_n("30 2 * * *", "America/New_York", "2026-03-07T00:00:00Z", 3),
-        ["2026-03-07T07:30:00.000Z", "2026-03-08T07:00:00.000Z", "2026-03-09T06:30:00.000Z"]
+        [
+            "2026-03-07T07:30:00.000Z",
+            "2026-03-08T07:00:00.000Z",
+            "2026-03-09T06:30:00.000Z"
+        ]
     );
     assert_eq!(
         next_n("30 1 * * *", "America/New_York", "2026-03-07T00:00:00Z", 3),
-        ["2026-03-07T06:30:00.000Z", "2026-03-08T06:30:00.000Z", "2026-03-09T05:30:00.000Z"]
+        [
+            "2026-03-07T06:30:00.000Z",
+            "2026-03-08T06:30:00.000Z",
+            "2026-03-09T05:30:00.000Z"
+        ]
     );
     // Wildcard job: no occurrences in the gap, none doubled after it.
     assert_eq!(
-        next_n("*/15 * * * *", "America/New_York", "2026-03-08T06:40:00Z", 3),
-        ["2026-03-08T06:45:00.000Z", "2026-03-08T07:00:00.000Z", "2026-03-08T07:15:00.000Z"]
+        next_n(
+            "*/15 * * * *",
+            "America/New_York",
+            "2026-03-08T06:40:00Z",
+            3
+        ),
+        [
+            "2026-03-08T06:45:00.000Z",
+            "2026-03-08T07:00:00.000Z",
+            "2026-03-08T07:15:00.000Z"
+        ]
     );
     // Two fixed times in the gap still fire once, at its end.
     assert_eq!(
-        next_n("0,30 2 * * *", "America/New_York", "2026-03-08T06:00:00Z", 2),
+        next_n(
+            "0,30 2 * * *",
+            "America/New_York",
+            "2026-03-08T06:00:00Z",
+            2
+        ),
         ["2026-03-08T07:00:00.000Z", "2026-03-09T06:00:00.000Z"]
     );
 }
@@ -50,16 +72,29 @@ fn new_york_fall_back() {
     // 2026-11-01 02:00 EDT (06:00Z) falls back to 01:00 EST.
     assert_eq!(
         next_n("30 2 * * *", "America/New_York", "2026-10-31T00:00:00Z", 3),
-        ["2026-10-31T06:30:00.000Z", "2026-11-01T07:30:00.000Z", "2026-11-02T07:30:00.000Z"]
+        [
+            "2026-10-31T06:30:00.000Z",
+            "2026-11-01T07:30:00.000Z",
+            "2026-11-02T07:30:00.000Z"
+        ]
     );
     // Fixed time in the repeated hour: first pass only.
     assert_eq!(
         next_n("30 1 * * *", "America/New_York", "2026-10-31T00:00:00Z", 3),
-        ["2026-10-31T05:30:00.000Z", "2026-11-01T05:30:00.000Z", "2026-11-02T06:30:00.000Z"]
+        [
+            "2026-10-31T05:30:00.000Z",
+            "2026-11-01T05:30:00.000Z",
+            "2026-11-02T06:30:00.000Z"
+        ]
     );
     // Wildcard hour: both passes.
     assert_eq!(
-        next_n("*/15 * * * *", "America/New_York", "2026-11-01T05:40:00Z", 6),
+        next_n(
+            "*/15 * * * *",
+            "America/New_York",
+            "2026-11-01T05:40:00Z",
+            6
+        ),
         [
             "2026-11-01T05:45:00.000Z",
             "2026-11-01T06:00:00.000Z",
@@ -71,7 +106,12 @@ fn new_york_fall_back() {
     );
     // Vixie counts a `*` minute as wildcard too (MIN_STAR): both passes of 01:xx.
     assert_eq!(
-        next_n("*/30 1 * * *", "America/New_York", "2026-11-01T04:59:00Z", 5),
+        next_n(
+            "*/30 1 * * *",
+            "America/New_York",
+            "2026-11-01T04:59:00Z",
+            5
+        ),
         [
             "2026-11-01T05:00:00.000Z",
             "2026-11-01T05:30:00.000Z",
@@ -87,27 +127,51 @@ fn berlin_spring_forward_and_fall_back() {
     // 2026-03-29 02:00 CET (01:00Z) -> 03:00 CEST; 2026-10-25 03:00 CEST (01:00Z) -> 02:00 CET.
     assert_eq!(
         next_n("30 2 * * *", "Europe/Berlin", "2026-03-28T00:00:00Z", 3),
-        ["2026-03-28T01:30:00.000Z", "2026-03-29T01:00:00.000Z", "2026-03-30T00:30:00.000Z"]
+        [
+            "2026-03-28T01:30:00.000Z",
+            "2026-03-29T01:00:00.000Z",
+            "2026-03-30T00:30:00.000Z"
+        ]
     );
     assert_eq!(
         next_n("30 1 * * *", "Europe/Berlin", "2026-03-28T00:00:00Z", 3),
-        ["2026-03-28T00:30:00.000Z", "2026-03-29T00:30:00.000Z", "2026-03-29T23:30:00.000Z"]
+        [
+            "2026-03-28T00:30:00.000Z",
+            "2026-03-29T00:30:00.000Z",
+            "2026-03-29T23:30:00.000Z"
+        ]
     );
     assert_eq!(
         next_n("30 2 * * *", "Europe/Berlin", "2026-10-24T00:00:00Z", 3),
-        ["2026-10-24T00:30:00.000Z", "2026-10-25T00:30:00.000Z", "2026-10-26T01:30:00.000Z"]
+        [
+            "2026-10-24T00:30:00.000Z",
+            "2026-10-25T00:30:00.000Z",
+            "2026-10-26T01:30:00.000Z"
+        ]
     );
     assert_eq!(
         next_n("30 1 * * *", "Europe/Berlin", "2026-10-24T00:00:00Z", 3),
-        ["2026-10-24T23:30:00.000Z", "2026-10-26T00:30:00.000Z", "2026-10-27T00:30:00.000Z"]
+        [
+            "2026-10-24T23:30:00.000Z",
+            "2026-10-26T00:30:00.000Z",
+            "2026-10-27T00:30:00.000Z"
+        ]
     );
     assert_eq!(
         next_n("*/15 * * * *", "Europe/Berlin", "2026-10-25T00:40:00Z", 3),
-        ["2026-10-25T00:45:00.000Z", "2026-10-25T01:00:00.000Z", "2026-10-25T01:15:00.000Z"]
+        [
+            "2026-10-25T00:45:00.000Z",
+            "2026-10-25T01:00:00.000Z",
+            "2026-10-25T01:15:00.000Z"
+        ]
     );
     assert_eq!(
         next_n("*/15 * * * *", "Europe/Berlin", "2026-03-29T00:40:00Z", 3),
-        ["2026-03-29T00:45:00.000Z", "2026-03-29T01:00:00.000Z", "2026-03-29T01:15:00.000Z"]
+        [
+            "2026-03-29T00:45:00.000Z",
+            "2026-03-29T01:00:00.000Z",
+            "2026-03-29T01:15:00.000Z"
+        ]
     );
 }
 
@@ -116,15 +180,38 @@ fn lord_howe_half_hour_shifts() {
     // 2026-04-05 02:00 +11 (04-04T15:00Z) -> 01:30 +10:30;
     // 2026-10-04 02:00 +10:30 (10-03T15:30Z) -> 02:30 +11.
     assert_eq!(
-        next_n("30 1 * * *", "Australia/Lord_Howe", "2026-04-03T00:00:00Z", 3),
-        ["2026-04-03T14:30:00.000Z", "2026-04-04T14:30:00.000Z", "2026-04-05T15:00:00.000Z"]
+        next_n(
+            "30 1 * * *",
+            "Australia/Lord_Howe",
+            "2026-04-03T00:00:00Z",
+            3
+        ),
+        [
+            "2026-04-03T14:30:00.000Z",
+            "2026-04-04T14:30:00.000Z",
+            "2026-04-05T15:00:00.000Z"
+        ]
     );
     assert_eq!(
-        next_n("30 2 * * *", "Australia/Lord_Howe", "2026-04-03T00:00:00Z", 3),
-        ["2026-04-03T15:30:00.000Z", "2026-04-04T16:00:00.000Z", "2026-04-05T16:00:00.000Z"]
+        next_n(
+            "30 2 * * *",
+            "Australia/Lord_Howe",
+            "2026-04-03T00:00:00Z",
+            3
+        ),
+        [
+            "2026-04-03T15:30:00.000Z",
+            "2026-04-04T16:00:00.000Z",
+            "2026-04-05T16:00:00.000Z"
+        ]
     );
     assert_eq!(
-        next_n("*/15 * * * *", "Australia/Lord_Howe", "2026-04-04T14:20:00Z", 5),
+        next_n(
+            "*/15 * * * *",
+            "Australia/Lord_Howe",
+            "2026-04-04T14:20:00Z",
+            5
+        ),
         [
             "2026-04-04T14:30:00.000Z",
             "2026-04-04T14:45:00.000Z",
@@ -135,20 +222,52 @@ fn lord_howe_half_hour_shifts() {
     );
     // Spring: 02:00..02:30 does not exist; 02:30 itself does.
     assert_eq!(
-        next_n("30 2 * * *", "Australia/Lord_Howe", "2026-10-02T00:00:00Z", 3),
-        ["2026-10-02T16:00:00.000Z", "2026-10-03T15:30:00.000Z", "2026-10-04T15:30:00.000Z"]
+        next_n(
+            "30 2 * * *",
+            "Australia/Lord_Howe",
+            "2026-10-02T00:00:00Z",
+            3
+        ),
+        [
+            "2026-10-02T16:00:00.000Z",
+            "2026-10-03T15:30:00.000Z",
+            "2026-10-04T15:30:00.000Z"
+        ]
     );
     assert_eq!(
-        next_n("30 1 * * *", "Australia/Lord_Howe", "2026-10-02T00:00:00Z", 3),
-        ["2026-10-02T15:00:00.000Z", "2026-10-03T15:00:00.000Z", "2026-10-04T14:30:00.000Z"]
+        next_n(
+            "30 1 * * *",
+            "Australia/Lord_Howe",
+            "2026-10-02T00:00:00Z",
+            3
+        ),
+        [
+            "2026-10-02T15:00:00.000Z",
+            "2026-10-03T15:00:00.000Z",
+            "2026-10-04T14:30:00.000Z"
+        ]
     );
     assert_eq!(
-        next_n("15 2 * * *", "Australia/Lord_Howe", "2026-10-03T00:00:00Z", 2),
+        next_n(
+            "15 2 * * *",
+            "Australia/Lord_Howe",
+            "2026-10-03T00:00:00Z",
+            2
+        ),
         ["2026-10-03T15:30:00.000Z", "2026-10-04T15:15:00.000Z"]
     );
     assert_eq!(
-        next_n("*/15 * * * *", "Australia/Lord_Howe", "2026-10-03T15:10:00Z", 3),
-        ["2026-10-03T15:15:00.000Z", "2026-10-03T15:30:00.000Z", "2026-10-03T15:45:00.000Z"]
+        next_n(
+            "*/15 * * * *",
+            "Australia/Lord_Howe",
+            "2026-10-03T15:10:00Z",
+            3
+        ),
+        [
+            "2026-10-03T15:15:00.000Z",
+            "2026-10-03T15:30:00.000Z",
+            "2026-10-03T15:45:00.000Z"
+        ]
     );
 }
 
@@ -160,11 +279,15 @@ fn lord_howe_half_hour_shifts() {
 fn oracle(expr: &CronExpr, tz: chrono_tz::Tz, from_min: i64, to_min: i64) -> Vec<Timestamp> {
     let mut out = Vec::new();
     let off = |m: i64| -> i64 {
-        let utc = chrono::DateTime::from_timestamp(m * 60, 0).expect("in range").naive_utc();
+        let utc = chrono::DateTime::from_timestamp(m * 60, 0)
+            .expect("in range")
+            .naive_utc();
         i64::from(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc()) / 60
     };
     let matches = |local_min: i64| -> bool {
-        let n = chrono::DateTime::from_timestamp(local_min * 60, 0).expect("in range").naive_utc();
+        let n = chrono::DateTime::from_timestamp(local_min * 60, 0)
+            .expect("in range")
+            .naive_utc();
         expr.next_local_at_or_after(n) == Some(n)
     };
     for m in from_min..to_min {
@@ -179,7 +302,9 @@ fn oracle(expr: &CronExpr, tz: chrono_tz::Tz, from_min: i64, to_min: i64) -> Vec
             if expr.is_wildcard_job() {
                 fire = true;
             } else {
-                let n = chrono::DateTime::from_timestamp(local * 60, 0).expect("in range").naive_utc();
+                let n = chrono::DateTime::from_timestamp(local * 60, 0)
+                    .expect("in range")
+                    .naive_utc();
                 let second_pass = matches!(tz.from_local_datetime(&n), LocalResult::Ambiguous(_, later) if later.timestamp() == m * 60);
                 fire |= !second_pass;
             }
