@@ -18,7 +18,11 @@ const ROUNDS: usize = 7;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -62,23 +66,32 @@ fn main() {
     println!("timer wheel, {PENDING} pending, {OPS} ops x {ROUNDS} rounds:");
     println!("  insert: median {im:.1} ns (min {ilo:.1}, max {ihi:.1})");
     println!("  cancel: median {cm:.1} ns (min {clo:.1}, max {chi:.1})");
-    println!("  slab bytes per pending timer: {}", TimerWheel::<u64>::ENTRY_BYTES);
+    println!(
+        "  slab bytes per pending timer: {}",
+        TimerWheel::<u64>::ENTRY_BYTES
+    );
 
     let now = Timestamp::parse("2026-11-26T00:00:00Z").expect("valid");
-    for (label, make) in [
-        ("cron '*/5 * * * *' Europe/Berlin", 0),
-        ("every 1m", 1),
-    ] {
+    for (label, make) in [("cron '*/5 * * * *' Europe/Berlin", 0), ("every 1m", 1)] {
         let before = rss_bytes();
         let mut s = Scheduler::new(now);
         for i in 0..PENDING as u64 {
             let schedule = if make == 0 {
                 Schedule::cron("*/5 * * * *", "Europe/Berlin").expect("valid")
             } else {
-                Schedule::every(DurationMs(60_000), now.saturating_add_ms(spread(i) as i64 % 60_000)).expect("valid")
+                Schedule::every(
+                    DurationMs(60_000),
+                    now.saturating_add_ms(spread(i) as i64 % 60_000),
+                )
+                .expect("valid")
             };
             s.restore(
-                SchedTask { id: TaskId(i), schedule, policies: Policies::default(), created_at: now },
+                SchedTask {
+                    id: TaskId(i),
+                    schedule,
+                    policies: Policies::default(),
+                    created_at: now,
+                },
                 None,
             );
         }

@@ -95,7 +95,10 @@ fn unknown_version_is_refused() {
     bytes[4] = 99;
     let mut dec = FrameDecoder::new();
     dec.push(&bytes);
-    assert_eq!(dec.next_message::<AgentMsg>(), Err(FrameError::UnknownVersion(99)));
+    assert_eq!(
+        dec.next_message::<AgentMsg>(),
+        Err(FrameError::UnknownVersion(99))
+    );
 }
 
 proptest! {
