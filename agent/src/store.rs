@@ -26,12 +26,20 @@ use redb::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
-use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::{
-    AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, ScheduleKind, TaskId, TaskSpec,
-    Timestamp,
-};
+use sundial_protocol::records::{self, RecordError, RunRecordV1, TaskRecordV1};
+use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
+
+fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
+    records::encode(rec)
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, key: impl ToString, bytes: &[u8]) -> Result<T> {
+    Ok(records::decode(table, key, bytes)?)
+}
+
+fn ts(table: &'static str, key: &str, ms: i64) -> Result<Timestamp> {
+    Ok(records::ts(table, key, ms)?)
+}
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
@@ -92,6 +100,16 @@ impl StoreError {
     }
 }
 
+impl From<RecordError> for StoreError {
+    fn from(e: RecordError) -> Self {
+        StoreError::Corrupt {
+            table: e.table,
+            key: e.key,
+            reason: e.reason,
+        }
+    }
+}
+
 fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::Db {
         context,
@@ -100,62 +118,6 @@ fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> Stor
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-const RECORD_V1: u8 = 1;
-
-fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_V1];
-    // Invariant: postcard serialization of these plain structs into a Vec cannot fail.
-    out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
-    out
-}
-
-fn decode<T: DeserializeOwned>(table: &'static str, key: impl ToString, bytes: &[u8]) -> Result<T> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        table,
-        key: key.to_string(),
-        reason,
-    };
-    match bytes.split_first() {
-        Some((&RECORD_V1, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
-        Some((v, _)) => Err(corrupt(format!("unknown record version {v}"))),
-        None => Err(corrupt("empty record".into())),
-    }
-}
-
-// ---- stored record types -------------------------------------------------
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum ScheduleV1 {
-    At(i64),
-    Every { period_ms: u64, anchor_ms: i64 },
-    Cron { expr: String, tz: String },
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TaskRecordV1 {
-    name: Option<String>,
-    revision: u64,
-    created_at_ms: i64,
-    target_agent: Option<u64>,
-    target_selector: Vec<(String, String)>,
-    schedule: ScheduleV1,
-    window_start_ms: Option<i64>,
-    window_end_ms: Option<i64>,
-    program: String,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    cwd: Option<String>,
-    /// 0 skip, 1 once, 2 all
-    misfire_mode: u8,
-    misfire_cap: u32,
-    misfire_grace_ms: u64,
-    retries: u32,
-    backoff_initial_ms: u64,
-    backoff_max_ms: u64,
-    overlap_forbid: bool,
-    timeout_ms: Option<u64>,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StateRecordV1 {
@@ -173,210 +135,6 @@ pub struct StartedInfo {
 struct StartedRecordV1 {
     fired_at_ms: i64,
     offline: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RunRecordV1 {
-    task_id: u64,
-    agent_id: u64,
-    scheduled_at_ms: i64,
-    attempt: u32,
-    fired_at_ms: Option<i64>,
-    finished_at_ms: Option<i64>,
-    /// Outcome::as_str
-    outcome: String,
-    exit_code: Option<i32>,
-    offline: bool,
-    detail: Option<String>,
-    stdout_tail: Vec<u8>,
-    stderr_tail: Vec<u8>,
-}
-
-fn ts(table: &'static str, key: &str, ms: i64) -> Result<Timestamp> {
-    Timestamp::from_millis(ms).map_err(|e| StoreError::Corrupt {
-        table,
-        key: key.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
-impl TaskRecordV1 {
-    fn from_spec(t: &TaskSpec) -> TaskRecordV1 {
-        let (window_start, window_end) = t.schedule.window();
-        let schedule = match t.schedule.kind() {
-            ScheduleKind::At(at) => ScheduleV1::At(at.as_millis()),
-            ScheduleKind::Every { period, anchor } => ScheduleV1::Every {
-                period_ms: period.0,
-                anchor_ms: anchor.as_millis(),
-            },
-            ScheduleKind::Cron { expr, tz } => ScheduleV1::Cron {
-                expr: expr.as_str().to_owned(),
-                tz: tz.name().to_owned(),
-            },
-        };
-        let Action::Exec(exec) = &t.action;
-        let (target_agent, target_selector) = match &t.target {
-            Target::Agent(a) => (Some(a.0), Vec::new()),
-            Target::Selector(s) => (None, s.clone()),
-        };
-        let p = &t.policies;
-        let (misfire_mode, misfire_cap) = match p.misfire.mode {
-            MisfireMode::Skip => (0, 0),
-            MisfireMode::Once => (1, 0),
-            MisfireMode::All { cap } => (2, cap),
-        };
-        TaskRecordV1 {
-            name: t.name.clone(),
-            revision: t.revision,
-            created_at_ms: t.created_at.as_millis(),
-            target_agent,
-            target_selector,
-            schedule,
-            window_start_ms: window_start.map(Timestamp::as_millis),
-            window_end_ms: window_end.map(Timestamp::as_millis),
-            program: exec.program.clone(),
-            args: exec.args.clone(),
-            env: exec.env.clone(),
-            cwd: exec.cwd.clone(),
-            misfire_mode,
-            misfire_cap,
-            misfire_grace_ms: p.misfire.grace.0,
-            retries: p.retry.retries,
-            backoff_initial_ms: p.retry.backoff_initial.0,
-            backoff_max_ms: p.retry.backoff_max.0,
-            overlap_forbid: p.overlap == OverlapPolicy::Forbid,
-            timeout_ms: p.timeout.map(|d| d.0),
-        }
-    }
-
-    fn into_spec(self, id: u64) -> Result<TaskSpec> {
-        let key = id.to_string();
-        let corrupt = |reason: String| StoreError::Corrupt {
-            table: "tasks",
-            key: key.clone(),
-            reason,
-        };
-        let schedule = match self.schedule {
-            ScheduleV1::At(at) => Ok(Schedule::at(ts("tasks", &key, at)?)),
-            ScheduleV1::Every {
-                period_ms,
-                anchor_ms,
-            } => Schedule::every(DurationMs(period_ms), ts("tasks", &key, anchor_ms)?),
-            ScheduleV1::Cron { expr, tz } => Schedule::cron(&expr, &tz),
-        }
-        .map_err(|e| corrupt(e.to_string()))?;
-        let start = self
-            .window_start_ms
-            .map(|v| ts("tasks", &key, v))
-            .transpose()?;
-        let end = self
-            .window_end_ms
-            .map(|v| ts("tasks", &key, v))
-            .transpose()?;
-        let schedule = schedule
-            .with_window(start, end)
-            .map_err(|e| corrupt(e.to_string()))?;
-        let mode = match self.misfire_mode {
-            0 => MisfireMode::Skip,
-            1 => MisfireMode::Once,
-            2 => MisfireMode::All {
-                cap: self.misfire_cap,
-            },
-            m => return Err(corrupt(format!("unknown misfire mode {m}"))),
-        };
-        Ok(TaskSpec {
-            id: TaskId(id),
-            name: self.name,
-            target: match self.target_agent {
-                Some(a) => Target::Agent(AgentId(a)),
-                None => Target::Selector(self.target_selector),
-            },
-            schedule,
-            action: Action::Exec(ExecSpec {
-                program: self.program,
-                args: self.args,
-                env: self.env,
-                cwd: self.cwd,
-            }),
-            policies: Policies {
-                misfire: MisfirePolicy {
-                    mode,
-                    grace: DurationMs(self.misfire_grace_ms),
-                },
-                retry: RetryPolicy {
-                    retries: self.retries,
-                    backoff_initial: DurationMs(self.backoff_initial_ms),
-                    backoff_max: DurationMs(self.backoff_max_ms),
-                },
-                overlap: if self.overlap_forbid {
-                    OverlapPolicy::Forbid
-                } else {
-                    OverlapPolicy::Allow
-                },
-                timeout: self.timeout_ms.map(DurationMs),
-            },
-            revision: self.revision,
-            created_at: ts("tasks", &key, self.created_at_ms)?,
-        })
-    }
-}
-
-impl RunRecordV1 {
-    fn from_run(r: &RunRecord) -> RunRecordV1 {
-        RunRecordV1 {
-            task_id: r.task_id.0,
-            agent_id: r.agent_id.0,
-            scheduled_at_ms: r.scheduled_at.as_millis(),
-            attempt: r.attempt,
-            fired_at_ms: r.fired_at.map(Timestamp::as_millis),
-            finished_at_ms: r.finished_at.map(Timestamp::as_millis),
-            outcome: r.outcome.as_str().to_owned(),
-            exit_code: r.exit_code,
-            offline: r.offline,
-            detail: r.detail.clone(),
-            stdout_tail: r.stdout_tail.clone(),
-            stderr_tail: r.stderr_tail.clone(),
-        }
-    }
-
-    fn into_run(self, seq: u64) -> Result<RunRecord> {
-        let key = seq.to_string();
-        let outcome = match self.outcome.as_str() {
-            "succeeded" => Outcome::Succeeded,
-            "failed" => Outcome::Failed,
-            "timed_out" => Outcome::TimedOut,
-            "rejected" => Outcome::Rejected,
-            "skipped" => Outcome::Skipped,
-            "interrupted" => Outcome::Interrupted,
-            other => {
-                return Err(StoreError::Corrupt {
-                    table: "outbox",
-                    key,
-                    reason: format!("unknown outcome `{other}`"),
-                })
-            }
-        };
-        Ok(RunRecord {
-            task_id: TaskId(self.task_id),
-            agent_id: AgentId(self.agent_id),
-            scheduled_at: ts("outbox", &key, self.scheduled_at_ms)?,
-            attempt: self.attempt,
-            fired_at: self
-                .fired_at_ms
-                .map(|v| ts("outbox", &key, v))
-                .transpose()?,
-            finished_at: self
-                .finished_at_ms
-                .map(|v| ts("outbox", &key, v))
-                .transpose()?,
-            outcome,
-            exit_code: self.exit_code,
-            offline: self.offline,
-            detail: self.detail,
-            stdout_tail: self.stdout_tail,
-            stderr_tail: self.stderr_tail,
-        })
-    }
 }
 
 fn run_key_tuple(k: &RunKey) -> (u64, i64, u32) {

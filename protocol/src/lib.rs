@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod cron;
 pub mod policy;
+pub mod records;
 pub mod schedule;
 pub mod task;
 pub mod time;
