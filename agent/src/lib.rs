@@ -6,9 +6,11 @@
 //! and [`runtime`] (the loop that joins them).
 
 pub mod clock;
+pub mod enroll;
 pub mod exec;
 pub mod runtime;
 pub mod scheduler;
+pub mod session;
 pub mod status;
 pub mod store;
 pub mod wheel;

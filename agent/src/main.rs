@@ -25,6 +25,27 @@ enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Enroll with a coordinator using a join token (from `sundialctl token create`).
+    Join {
+        /// The coordinator's HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        coordinator: String,
+        /// The join token.
+        #[arg(long, value_name = "TOKEN")]
+        token: String,
+        /// Directory for the agent's key, certificate and store (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A name for this agent, shown to operators.
+        #[arg(long)]
+        name: Option<String>,
+        /// A label for task selectors (repeatable).
+        #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Allow programs matching this glob (repeatable); kept for `run`.
+        #[arg(long = "allow-exec", value_name = "PATTERN")]
+        allow_exec: Vec<String>,
+    },
     /// Run the agent: fire tasks from the local store until stopped (SIGTERM/SIGINT).
     Run {
         /// Directory holding the agent's store (created if missing).
@@ -43,6 +64,13 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not a label (expected key=value)")),
+    }
 }
 
 fn init_logging() {
@@ -100,10 +128,33 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            // Nothing pushes control messages yet besides the coordinator session.
-            let (_control_tx, control_rx) = tokio::sync::mpsc::channel(16);
-            rt.block_on(runtime::run(config, control_rx, shutdown_signal()))
+            rt.block_on(runtime::run(config, shutdown_signal()))
                 .context("agent stopped")?;
+            Ok(())
+        }
+        Cmd::Join {
+            coordinator,
+            token,
+            data_dir,
+            name,
+            labels,
+            allow_exec,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let req = sundial_agent::enroll::JoinRequest {
+                coordinator,
+                token,
+                name,
+                labels,
+                allow_exec,
+            };
+            let id = rt
+                .block_on(sundial_agent::enroll::join(&data_dir, req))
+                .map_err(anyhow::Error::msg)?;
+            println!("{id}");
             Ok(())
         }
         Cmd::Status { data_dir, output } => {

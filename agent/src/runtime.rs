@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::{boot_ns, BootTimer, ClockGuard, ClockNote, SystemClock};
 use crate::exec::{self, ExecPolicy, ExecResult};
 use crate::scheduler::{Command, SchedTask, Scheduler};
+use crate::session::{self, SessionConfig, SessionShared};
 use crate::store::{meta, AgentStore, StartedInfo, StepWrite, StoreError};
 
 /// The store's file name inside the data directory.
@@ -68,14 +69,21 @@ pub enum AgentError {
     },
 }
 
-/// Changes pushed into a running agent.
+/// Changes pushed into a running agent by its coordinator session.
 #[derive(Debug)]
 pub enum Control {
-    /// A task was created or changed (revision = the new applied revision).
+    /// A task was created or changed; its revision becomes the applied one.
     Upsert(Box<TaskSpec>),
-    /// A task was cancelled.
-    Cancel(TaskId),
+    /// A task was cancelled at `revision`.
+    Cancel { task_id: TaskId, revision: u64 },
+    /// Every change up to this revision has been sent.
+    Revision(u64),
+    /// A clock exchange measured the coordinator's clock against ours.
+    Clock { offset_ms: i64, rtt_ms: i64 },
 }
+
+/// Bound of the control queue from the session.
+pub const CONTROL_QUEUE_MAX: usize = 256;
 
 struct Running {
     fired_at: Timestamp,
@@ -84,7 +92,8 @@ struct Running {
 }
 
 struct Agent {
-    store: AgentStore,
+    store: Arc<AgentStore>,
+    shared: Arc<SessionShared>,
     agent_id: AgentId,
     sched: Scheduler,
     guard: ClockGuard,
@@ -100,14 +109,13 @@ struct Agent {
 /// Runs the agent until `shutdown` resolves or the store fails.
 pub async fn run(
     config: AgentConfig,
-    mut control: mpsc::Receiver<Control>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
         path: config.data_dir.clone(),
         source,
     })?;
-    let store = open_store(&config.store_path()).await?;
+    let store = Arc::new(open_store(&config.store_path()).await?);
     let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?.map(AgentId);
     if agent_id.is_none() {
         tracing::warn!(
@@ -145,15 +153,45 @@ pub async fn run(
     tracing::info!(agent = %agent_id, tasks = actions.len(), outbox = store.outbox_len()?, "agent running");
 
     let (done_tx, mut done_rx) = mpsc::channel(RUN_COMPLETIONS_QUEUE_MAX);
+    let (control_tx, mut control) = mpsc::channel(CONTROL_QUEUE_MAX);
+    let shared = Arc::new(SessionShared::default());
+    let mut exec_policy = config.exec.clone();
+    for p in store
+        .get_meta::<Vec<String>>(meta::ALLOW_EXEC)?
+        .unwrap_or_default()
+    {
+        if !exec_policy.allow.contains(&p) {
+            exec_policy.allow.push(p);
+        }
+    }
+    match SessionConfig::load(&config.data_dir, &store) {
+        Ok(Some(cfg)) => {
+            tokio::spawn(session::run(
+                cfg,
+                store.clone(),
+                control_tx.clone(),
+                shared.clone(),
+            ));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "enrollment files unreadable; running without a coordinator")
+        }
+    }
+    drop(control_tx);
+    if !interrupted.is_empty() {
+        shared.outbox.notify_one();
+    }
     let mut agent = Agent {
         store,
+        shared,
         agent_id,
         sched,
         guard,
         clock,
         actions,
         running: HashMap::new(),
-        exec: Arc::new(config.exec),
+        exec: Arc::new(exec_policy),
         done_tx,
         last_persisted_good_ms: i64::MIN,
         held_reported: false,
@@ -233,13 +271,13 @@ impl Agent {
         let Some(now) = now else {
             if !self.held_reported {
                 self.held_reported = true;
-                self.store.put_meta(&[("clock_held", true)])?;
+                self.store.put_meta(&[(meta::CLOCK_HELD, true)])?;
             }
             return Ok(None);
         };
         if self.held_reported {
             self.held_reported = false;
-            self.store.put_meta(&[("clock_held", false)])?;
+            self.store.put_meta(&[(meta::CLOCK_HELD, false)])?;
         }
         let mut cmds = Vec::new();
         self.sched.advance(now, &mut cmds);
@@ -262,7 +300,7 @@ impl Agent {
     }
 
     fn apply(&mut self, now: Timestamp, cmds: Vec<Command>) {
-        let offline = true;
+        let offline = !self.shared.online.load(std::sync::atomic::Ordering::SeqCst);
         let mut step = StepWrite::default();
         let mut starts = Vec::new();
         let mut kills = Vec::new();
@@ -303,6 +341,9 @@ impl Agent {
                 self.sched.run_finished(key, Outcome::Rejected, now);
             }
         } else {
+            if !step.records.is_empty() {
+                self.shared.outbox.notify_one();
+            }
             for key in starts {
                 self.spawn(key, now, offline);
             }
@@ -369,9 +410,12 @@ impl Agent {
             stderr_tail: result.stderr_tail,
         };
         tracing::info!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, outcome = %record.outcome, "run finished");
-        if let Err(e) = self.store.finish_run(&record) {
+        match self.store.finish_run(&record) {
+            Ok(()) => self.shared.outbox.notify_one(),
             // The started marker stays: the run will be reported interrupted after a restart.
-            tracing::error!(error = %e, task = %key.task_id, "could not store a finished run");
+            Err(e) => {
+                tracing::error!(error = %e, task = %key.task_id, "could not store a finished run")
+            }
         }
         self.sched.run_finished(key, result.outcome, now);
         Ok(())
@@ -384,12 +428,35 @@ impl Agent {
                 self.store.put_task(&task, Some(task.revision))?;
                 let Action::Exec(spec) = &task.action;
                 self.actions.insert(task.id, spec.clone());
+                tracing::info!(task = %task.id, revision = task.revision, schedule = %task.schedule, "task assigned");
                 self.sched.upsert(SchedTask::from(&*task), &mut cmds);
             }
-            Control::Cancel(id) => {
-                self.store.remove_task(id, None)?;
-                self.actions.remove(&id);
-                self.sched.remove(id);
+            Control::Cancel { task_id, revision } => {
+                self.store.remove_task(task_id, Some(revision))?;
+                self.actions.remove(&task_id);
+                self.sched.remove(task_id);
+                tracing::info!(task = %task_id, revision, "task cancelled");
+            }
+            Control::Revision(revision) => {
+                let current = self
+                    .store
+                    .get_meta::<u64>(meta::LAST_REVISION)?
+                    .unwrap_or(0);
+                if revision > current {
+                    self.store.put_meta(&[(meta::LAST_REVISION, revision)])?;
+                }
+            }
+            Control::Clock { offset_ms, rtt_ms } => {
+                let now = self.guard.set_offset(offset_ms, self.clock.read());
+                self.store.put_meta(&[
+                    (meta::CLOCK_OFFSET_MS, offset_ms),
+                    (meta::LAST_KNOWN_GOOD_MS, now.as_millis()),
+                ])?;
+                tracing::debug!(
+                    offset_ms,
+                    rtt_ms,
+                    "clock offset to the coordinator measured"
+                );
             }
         }
         if !cmds.is_empty() {

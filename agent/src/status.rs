@@ -109,7 +109,7 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         agent_id: agent_id.map(|a| sundial_protocol::AgentId(a).to_string()),
         enrolled: agent_id.is_some(),
         clock_offset_ms: store.get_meta(meta::CLOCK_OFFSET_MS)?.unwrap_or(0),
-        clock_held: store.get_meta("clock_held")?.unwrap_or(false),
+        clock_held: store.get_meta(meta::CLOCK_HELD)?.unwrap_or(false),
         last_known_good: ts_text(store.get_meta(meta::LAST_KNOWN_GOOD_MS)?),
         last_sync: ts_text(store.get_meta(meta::LAST_SYNC_MS)?),
         last_revision: store.get_meta(meta::LAST_REVISION)?.unwrap_or(0),

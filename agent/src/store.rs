@@ -62,6 +62,14 @@ pub mod meta {
     pub const LAST_SYNC_MS: &str = "last_sync_ms";
     /// Next outbox sequence number (u64).
     pub const OUTBOX_SEQ: &str = "outbox_seq";
+    /// The coordinator's HOST:PORT (String).
+    pub const COORDINATOR: &str = "coordinator";
+    /// The name in the coordinator's certificate (String).
+    pub const SERVER_NAME: &str = "server_name";
+    /// `--allow-exec` patterns given at join (`Vec<String>`).
+    pub const ALLOW_EXEC: &str = "allow_exec";
+    /// Whether firing is held because the clock is untrusted (bool).
+    pub const CLOCK_HELD: &str = "clock_held";
 }
 
 /// Why a store operation failed.
@@ -547,6 +555,37 @@ impl AgentStore {
             bytes += v.value().len();
             let rec: RunRecordV1 = decode("outbox", k.value(), v.value())?;
             out.push(rec.into_run(k.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `runs_max` records with a sequence number after `after_seq`
+    /// (and at most `bytes_max` of them, at least one), oldest first, with
+    /// their sequence numbers: what a session sends next.
+    pub fn outbox_after(
+        &self,
+        after_seq: u64,
+        runs_max: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(u64, RunRecord)>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(OUTBOX).map_err(db_err("read outbox"))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in table
+            .range(after_seq.saturating_add(1)..)
+            .map_err(db_err("read outbox"))?
+        {
+            if out.len() >= runs_max {
+                break;
+            }
+            let (k, v) = item.map_err(db_err("read outbox"))?;
+            if !out.is_empty() && bytes + v.value().len() > bytes_max {
+                break;
+            }
+            bytes += v.value().len();
+            let rec: RunRecordV1 = decode("outbox", k.value(), v.value())?;
+            out.push((k.value(), rec.into_run(k.value())?));
         }
         Ok(out)
     }

@@ -88,3 +88,61 @@ pub fn now() -> Timestamp {
 pub fn next_occurrences(schedule: &Schedule, from: Timestamp, count: usize) -> Vec<Timestamp> {
     schedule.occurrences_after(from).take(count).collect()
 }
+
+/// Parses `k=v`.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not a label (expected key=value)")),
+    }
+}
+
+/// Label pairs an agent must all have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector(pub Vec<(String, String)>);
+
+/// Parses `k=v[,k=v]...`.
+pub fn parse_selector(s: &str) -> Result<Selector, String> {
+    s.split(',')
+        .map(parse_label)
+        .collect::<Result<_, _>>()
+        .map(Selector)
+}
+
+/// An aligned text table; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header);
+    for r in rows {
+        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        line(&cells);
+    }
+    out
+}
+
+/// Labels as `k=v,k=v`.
+pub fn labels_text(labels: &[(String, String)]) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

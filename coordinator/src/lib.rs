@@ -1,6 +1,12 @@
 //! `sundial-coordinator`: the coordinator and its admin CLI, `sundialctl`.
 //!
-//! So far this crate holds the pieces of `sundialctl` that need no
-//! coordinator ([`cli`]).
+//! [`server`] serves enrollment, agent sessions and the admin API over QUIC;
+//! [`store`] keeps agents, tokens, tasks and runs in redb; [`pki`] is the CA;
+//! [`client`] and [`cli`] are what `sundialctl` is made of.
 
 pub mod cli;
+pub mod client;
+pub mod net;
+pub mod pki;
+pub mod server;
+pub mod store;

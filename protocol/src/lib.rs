@@ -5,6 +5,9 @@
 //! records ([`task`]), session messages ([`wire`]) and their framing
 //! ([`codec`]).
 //!
+//! Join tokens ([`token`]) and the TLS trust rules ([`tls`]) live here too, so
+//! agent, coordinator and CLI check the coordinator the same way.
+//!
 //! Architecture invariant: this crate does no I/O, reads no clock and depends
 //! on no async runtime; every function that depends on time takes it as input.
 
@@ -15,6 +18,8 @@ pub mod records;
 pub mod schedule;
 pub mod task;
 pub mod time;
+pub mod tls;
+pub mod token;
 pub mod wire;
 
 pub use schedule::{Schedule, ScheduleKind};

@@ -9,14 +9,34 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::task::{RunKey, RunRecord, TaskId, TaskSpec};
+use crate::task::{AgentId, RunKey, RunRecord, TaskId, TaskSpec};
 use crate::time::Timestamp;
 
 /// The version of this message set; a peer with another is refused.
 pub const PROTOCOL_VERSION: u8 = 1;
 
-/// The QUIC ALPN of the session.
+/// The QUIC ALPN of the agent session (mutual TLS).
 pub const ALPN: &[u8] = b"sundial/1";
+/// The ALPN of enrollment: the agent has no certificate yet.
+pub const ALPN_ENROLL: &[u8] = b"sundial-enroll/1";
+/// The ALPN of the admin API (`sundialctl`, admin certificate).
+pub const ALPN_ADMIN: &[u8] = b"sundial-admin/1";
+
+/// QUIC application close codes.
+pub mod close {
+    /// Normal end.
+    pub const DONE: u32 = 0;
+    /// The ALPN needs a client certificate and none (or an unknown one) was shown.
+    pub const CERT_REQUIRED: u32 = 1;
+    /// A frame did not decode, was too large or of an unknown version.
+    pub const BAD_FRAME: u32 = 2;
+    /// A message broke the session protocol.
+    pub const PROTOCOL: u32 = 3;
+    /// The coordinator could not store what it received.
+    pub const STORE: u32 = 4;
+    /// The agent was revoked.
+    pub const REVOKED: u32 = 5;
+}
 
 /// The most run records in one result batch.
 pub const RESULT_BATCH_RUNS_MAX: usize = 512;
@@ -38,6 +58,11 @@ pub enum AgentMsg {
     ClockProbe {
         /// Agent's clock when sent (NTP t1).
         t1: Timestamp,
+    },
+    /// The agent's estimate after a clock exchange, for operators.
+    ClockReport {
+        offset_ms: i64,
+        rtt_ms: i64,
     },
 }
 
@@ -71,4 +96,98 @@ pub enum CoordMsg {
 pub enum AssignmentChange {
     Upsert(Box<TaskSpec>),
     Cancel { task_id: TaskId, revision: u64 },
+}
+
+/// Agent → coordinator on the enrollment ALPN.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The secret part of the join token.
+    pub token_secret: Vec<u8>,
+    /// A PKCS#10 request for the agent's own key (DER).
+    pub csr_der: Vec<u8>,
+    pub name: Option<String>,
+    pub labels: Vec<(String, String)>,
+}
+
+/// Coordinator → agent on the enrollment ALPN.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    Enrolled {
+        agent_id: AgentId,
+        /// The agent's certificate (DER), signed by the CA.
+        cert_der: Vec<u8>,
+        /// The CA certificate (DER).
+        ca_der: Vec<u8>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// A task as the admin creates it; the coordinator assigns id and revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskDraft {
+    pub name: Option<String>,
+    pub target: crate::task::Target,
+    pub schedule: crate::Schedule,
+    pub action: crate::task::Action,
+    pub policies: crate::policy::Policies,
+}
+
+/// Admin → coordinator, one per stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    TokenCreate {
+        ttl_ms: u64,
+        uses: u32,
+        labels: Vec<(String, String)>,
+    },
+    AgentList,
+    AgentGet(AgentId),
+    AgentRevoke(AgentId),
+    TaskCreate(Box<TaskDraft>),
+    TaskList,
+    TaskGet(TaskId),
+    TaskCancel(TaskId),
+    RunList {
+        task: Option<TaskId>,
+        agent: Option<AgentId>,
+        since: Option<Timestamp>,
+        limit: u32,
+    },
+}
+
+/// What the coordinator knows of an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub agent_id: AgentId,
+    pub name: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub online: bool,
+    pub revoked: bool,
+    pub enrolled_at: Timestamp,
+    pub last_seen: Option<Timestamp>,
+    pub clock_offset_ms: Option<i64>,
+    pub rtt_ms: Option<i64>,
+}
+
+/// A task and whether it was cancelled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub spec: TaskSpec,
+    pub cancelled: bool,
+}
+
+/// Coordinator → admin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Token(String),
+    Agents(Vec<AgentInfo>),
+    Agent(Box<AgentInfo>),
+    TaskCreated(TaskId),
+    Tasks(Vec<TaskInfo>),
+    Task(Box<TaskInfo>),
+    Runs(Vec<RunRecord>),
+    Done,
+    Error(String),
 }

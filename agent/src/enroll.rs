@@ -1,0 +1,151 @@
+//! `sundial-agent join`: enrollment with a join token.
+//!
+//! The agent pins the coordinator by the CA fingerprint in the token before
+//! it sends anything, and verifies the coordinator's certificate by the name
+//! in the token (not by the address dialed). It generates its key here and
+//! sends only a CSR: the private key never leaves the device.
+
+use std::path::Path;
+
+use rcgen::{CertificateParams, KeyPair};
+use sundial_protocol::tls::ServerTrust;
+use sundial_protocol::token::{sha256, JoinToken};
+use sundial_protocol::wire::{EnrollRequest, EnrollResponse, ALPN_ENROLL};
+use sundial_protocol::AgentId;
+
+use crate::runtime::store_path;
+use crate::session::{self, FramedRecv, CA_FILE, CERT_FILE, KEY_FILE};
+use crate::store::{meta, AgentStore};
+
+/// What `join` needs.
+#[derive(Debug, Clone)]
+pub struct JoinRequest {
+    pub coordinator: String,
+    pub token: String,
+    pub name: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub allow_exec: Vec<String>,
+}
+
+fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Enrolls the agent whose data lives in `data_dir`.
+pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> {
+    let token = JoinToken::decode(&req.token).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let store = AgentStore::open(&store_path(data_dir)).map_err(|e| e.to_string())?;
+    if let Some(id) = store
+        .get_meta::<u64>(meta::AGENT_ID)
+        .map_err(|e| e.to_string())?
+    {
+        return Err(format!(
+            "{} is already enrolled as {}; use another --data-dir for a new agent",
+            data_dir.display(),
+            AgentId(id)
+        ));
+    }
+    let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
+    let csr = CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(|e| format!("making a CSR: {e}"))?;
+
+    let (endpoint, conn) = session::connect(
+        &req.coordinator,
+        &token.server_name,
+        ServerTrust::Pinned(token.ca_sha256),
+        None,
+        ALPN_ENROLL,
+    )
+    .await
+    .map_err(|e| format!("cannot reach the coordinator at {}: {e}", req.coordinator))?;
+    let exchange = async {
+        let (mut tx, rx) = conn.open_bi().await?;
+        session::send(
+            &mut tx,
+            &EnrollRequest {
+                token_secret: token.secret.clone(),
+                csr_der: csr.der().to_vec(),
+                name: req.name.clone(),
+                labels: req.labels.clone(),
+            },
+        )
+        .await?;
+        let _ = tx.finish();
+        FramedRecv::new(rx).next::<EnrollResponse>().await
+    };
+    let resp = tokio::time::timeout(session::CONNECT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "the coordinator did not answer the enrollment in time".to_string())?
+        .map_err(|e| format!("enrollment failed: {e}"));
+    conn.close(0u32.into(), b"enrolled");
+    endpoint.wait_idle().await;
+    let (agent_id, cert_der, ca_der) = match resp? {
+        EnrollResponse::Enrolled {
+            agent_id,
+            cert_der,
+            ca_der,
+        } => (agent_id, cert_der, ca_der),
+        EnrollResponse::Refused { reason } => {
+            return Err(format!("the coordinator refused: {reason}"))
+        }
+    };
+    if sha256(&ca_der) != token.ca_sha256 {
+        return Err("the CA the coordinator sent does not match the token".into());
+    }
+    let pem = |label: &str, der: &[u8]| {
+        use base64_pem::encode;
+        encode(label, der)
+    };
+    write_file(
+        &data_dir.join(KEY_FILE),
+        key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_file(
+        &data_dir.join(CERT_FILE),
+        pem("CERTIFICATE", &cert_der).as_bytes(),
+        false,
+    )?;
+    write_file(
+        &data_dir.join(CA_FILE),
+        pem("CERTIFICATE", &ca_der).as_bytes(),
+        false,
+    )?;
+    store
+        .put_meta(&[
+            (meta::COORDINATOR, req.coordinator.clone()),
+            (meta::SERVER_NAME, token.server_name.clone()),
+        ])
+        .and_then(|()| store.put_meta(&[(meta::ALLOW_EXEC, req.allow_exec.clone())]))
+        .and_then(|()| store.put_meta(&[(meta::AGENT_ID, agent_id.0)]))
+        .map_err(|e| e.to_string())?;
+    Ok(agent_id)
+}
+
+/// Minimal PEM writing (RFC 7468), so no extra crate is needed.
+mod base64_pem {
+    pub fn encode(label: &str, der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+        out
+    }
+}

@@ -1,0 +1,386 @@
+//! The agent's side of the coordinator session, over QUIC with mutual TLS.
+//!
+//! While connected it: says Hello (last applied revision, outbox size),
+//! applies assignment changes in revision order (through the runtime, which
+//! owns the scheduler), streams its outbox up in batches and deletes records
+//! only when the coordinator acknowledges them after its commit, and
+//! exchanges clock samples every [`CLOCK_PROBE_INTERVAL`]. When the link
+//! dies (noticed within the QUIC idle timeout), it reconnects with
+//! exponential backoff and full jitter, capped at [`RECONNECT_DELAY_MAX`], so
+//! a healed partition of thousands of agents does not stampede.
+//!
+//! Invariant: a record leaves the outbox only in [`AgentStore::outbox_ack`],
+//! on an acknowledgement; after a reconnect everything not acknowledged is
+//! sent again (the coordinator stores by run key, so nothing doubles).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sundial_protocol::codec::{encode, FrameDecoder, FrameError};
+use sundial_protocol::tls::{client_config, Identity, ServerTrust};
+use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg, ALPN, RESULT_BATCH_RUNS_MAX};
+use sundial_protocol::{RunKey, Timestamp};
+use tokio::sync::{mpsc, Notify};
+
+use crate::clock::SystemClock;
+use crate::runtime::Control;
+use crate::store::{meta, AgentStore};
+
+/// How often clock samples are exchanged.
+pub const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// The longest wait between reconnect attempts.
+pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
+/// The first wait after a failed connection.
+pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
+/// A connection attempt is abandoned after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A silent peer is declared gone after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alives reveal a dead link.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Result batches sent and not yet acknowledged.
+pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
+/// Bytes of records in one batch (the frame limit is larger).
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// How often the outbox is looked at even without a notification.
+const OUTBOX_POLL: Duration = Duration::from_millis(500);
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Files of an enrolled agent, beside its store.
+pub const KEY_FILE: &str = "agent.key";
+pub const CERT_FILE: &str = "agent.pem";
+pub const CA_FILE: &str = "ca.pem";
+
+/// State shared between the runtime and the session.
+#[derive(Debug, Default)]
+pub struct SessionShared {
+    /// A session is up: runs fired now are not `offline`.
+    pub online: AtomicBool,
+    /// New records are in the outbox.
+    pub outbox: Notify,
+}
+
+/// Where and how to reach the coordinator.
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub coordinator: String,
+    pub server_name: String,
+    pub ca: CertificateDer<'static>,
+    pub cert: CertificateDer<'static>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl SessionConfig {
+    /// Loads an enrolled agent's session settings; `None` if not enrolled.
+    pub fn load(data_dir: &Path, store: &AgentStore) -> Result<Option<SessionConfig>, String> {
+        let (Some(coordinator), Some(server_name)) = (
+            store
+                .get_meta::<String>(meta::COORDINATOR)
+                .map_err(|e| e.to_string())?,
+            store
+                .get_meta::<String>(meta::SERVER_NAME)
+                .map_err(|e| e.to_string())?,
+        ) else {
+            return Ok(None);
+        };
+        let read = |name: &str| {
+            std::fs::read(data_dir.join(name))
+                .map_err(|e| format!("{}: {e}", data_dir.join(name).display()))
+        };
+        let ca = CertificateDer::from_pem_slice(&read(CA_FILE)?)
+            .map_err(|e| format!("{CA_FILE}: {e}"))?;
+        let cert = CertificateDer::from_pem_slice(&read(CERT_FILE)?)
+            .map_err(|e| format!("{CERT_FILE}: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&read(KEY_FILE)?)
+            .map_err(|e| format!("{KEY_FILE}: {e}"))?;
+        Ok(Some(SessionConfig {
+            coordinator,
+            server_name,
+            ca,
+            cert,
+            key,
+        }))
+    }
+}
+
+/// QUIC transport settings of the session.
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Invariant: 10 s fits QUIC's idle timeout range.
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("10 s is a valid idle timeout"),
+    ));
+    Arc::new(t)
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("the coordinator closed the stream")]
+    Eof,
+    #[error("the coordinator refused the session: {0}")]
+    Refused(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+/// Reads framed messages from a QUIC stream (cancel-safe).
+#[derive(Debug)]
+pub struct FramedRecv {
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+}
+
+impl FramedRecv {
+    pub fn new(recv: quinn::RecvStream) -> FramedRecv {
+        FramedRecv {
+            recv,
+            dec: FrameDecoder::new(),
+        }
+    }
+
+    pub async fn next<M: DeserializeOwned>(&mut self) -> Result<M, SessionError> {
+        loop {
+            if let Some(m) = self.dec.next_message()? {
+                return Ok(m);
+            }
+            match self.recv.read_chunk(READ_CHUNK_BYTES, true).await? {
+                Some(chunk) => self.dec.push(&chunk.bytes),
+                None => {
+                    self.dec.finish()?;
+                    return Err(SessionError::Eof);
+                }
+            }
+        }
+    }
+}
+
+/// Writes one framed message.
+pub async fn send<M: Serialize>(s: &mut quinn::SendStream, msg: &M) -> Result<(), SessionError> {
+    s.write_all(&encode(msg)?).await?;
+    Ok(())
+}
+
+/// Opens a client endpoint and connects to `addr` (HOST:PORT), trusting as told.
+pub async fn connect(
+    addr: &str,
+    server_name: &str,
+    trust: ServerTrust,
+    identity: Option<Identity>,
+    alpn: &[u8],
+) -> Result<(quinn::Endpoint, quinn::Connection), SessionError> {
+    let peer = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| SessionError::Setup(format!("cannot resolve `{addr}`: {e}")))?
+        .next()
+        .ok_or_else(|| SessionError::Setup(format!("`{addr}` resolves to no address")))?;
+    let tls =
+        client_config(trust, identity, alpn).map_err(|e| SessionError::Setup(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport());
+    let bind: std::net::SocketAddr = if peer.ip().is_loopback() {
+        if peer.is_ipv4() {
+            ([127, 0, 0, 1], 0).into()
+        } else {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        }
+    } else if peer.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|e| SessionError::Setup(format!("cannot open a UDP socket: {e}")))?;
+    endpoint.set_default_client_config(config);
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(peer, server_name)?)
+        .await
+        .map_err(|_| SessionError::Timeout)??;
+    Ok((endpoint, conn))
+}
+
+/// A cheap, well-spread random number for jitter (no cryptographic use).
+fn jitter_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+/// Backoff before reconnect attempt `failures` (1-based): full jitter over
+/// `min(max, min * 2^failures)`.
+pub fn reconnect_delay(failures: u32, random: u64) -> Duration {
+    let cap = RECONNECT_DELAY_MAX.as_millis() as u64;
+    let base = (RECONNECT_DELAY_MIN.as_millis() as u64).saturating_mul(1u64 << failures.min(20));
+    let ceiling = base.min(cap).max(1);
+    Duration::from_millis(ceiling / 2 + random % (ceiling / 2 + 1))
+}
+
+/// Runs sessions until `stop` is set, reconnecting as needed.
+pub async fn run(
+    cfg: SessionConfig,
+    store: Arc<AgentStore>,
+    control: mpsc::Sender<Control>,
+    shared: Arc<SessionShared>,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let started = Instant::now();
+        let identity = Identity {
+            chain: vec![cfg.cert.clone()],
+            key: cfg.key.clone_key(),
+        };
+        match connect(
+            &cfg.coordinator,
+            &cfg.server_name,
+            ServerTrust::Ca(cfg.ca.clone()),
+            Some(identity),
+            ALPN,
+        )
+        .await
+        {
+            Ok((_endpoint, conn)) => {
+                shared.online.store(true, Ordering::SeqCst);
+                tracing::info!(coordinator = %cfg.coordinator, "session up");
+                let result = session(&conn, &store, &control, &shared).await;
+                shared.online.store(false, Ordering::SeqCst);
+                match result {
+                    Err(SessionError::Stopping) => return,
+                    Err(e) => tracing::warn!(error = %e, "session down"),
+                    Ok(()) => tracing::info!("session closed"),
+                }
+                conn.close(0u32.into(), b"bye");
+                if started.elapsed() > IDLE_TIMEOUT {
+                    failures = 0;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator")
+            }
+        }
+        if control.is_closed() {
+            return;
+        }
+        failures = failures.saturating_add(1);
+        let delay = reconnect_delay(failures, jitter_seed());
+        tracing::debug!(?delay, failures, "reconnecting after a pause");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session(
+    conn: &quinn::Connection,
+    store: &AgentStore,
+    control: &mpsc::Sender<Control>,
+    shared: &SessionShared,
+) -> Result<(), SessionError> {
+    let (mut tx, rx) = conn.open_bi().await?;
+    let mut rx = FramedRecv::new(rx);
+    let last_revision = store.get_meta::<u64>(meta::LAST_REVISION)?.unwrap_or(0);
+    send(
+        &mut tx,
+        &AgentMsg::Hello {
+            last_revision,
+            outbox_len: store.outbox_len()?,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        },
+    )
+    .await?;
+    let clock = SystemClock;
+    let mut in_flight: HashMap<u64, Vec<RunKey>> = HashMap::new();
+    let mut cursor: u64 = 0;
+    let mut next_batch: u64 = 1;
+    let mut probe = tokio::time::interval(CLOCK_PROBE_INTERVAL);
+    let mut poll = tokio::time::interval(OUTBOX_POLL);
+    let mut synced_at = Instant::now() - Duration::from_secs(3600);
+    loop {
+        // Fill the window with the oldest records not yet sent on this connection.
+        while in_flight.len() < BATCHES_IN_FLIGHT_MAX {
+            let batch = store.outbox_after(cursor, RESULT_BATCH_RUNS_MAX, BATCH_BYTES_MAX)?;
+            let Some((last, _)) = batch.last() else { break };
+            cursor = *last;
+            let keys = batch.iter().map(|(_, r)| r.key()).collect();
+            let runs = batch.into_iter().map(|(_, r)| r).collect();
+            send(
+                &mut tx,
+                &AgentMsg::Results {
+                    batch_id: next_batch,
+                    runs,
+                },
+            )
+            .await?;
+            in_flight.insert(next_batch, keys);
+            next_batch += 1;
+        }
+        if synced_at.elapsed() > Duration::from_secs(10) {
+            synced_at = Instant::now();
+            store.put_meta(&[(meta::LAST_SYNC_MS, clock.read().wall_ms)])?;
+        }
+        tokio::select! {
+            msg = rx.next::<CoordMsg>() => match msg? {
+                CoordMsg::Assignments { changes, upto_revision, .. } => {
+                    for change in changes {
+                        let c = match change {
+                            AssignmentChange::Upsert(spec) => Control::Upsert(spec),
+                            AssignmentChange::Cancel { task_id, revision } => Control::Cancel { task_id, revision },
+                        };
+                        control.send(c).await.map_err(|_| SessionError::Stopping)?;
+                    }
+                    control.send(Control::Revision(upto_revision)).await.map_err(|_| SessionError::Stopping)?;
+                }
+                CoordMsg::ResultsAck { batch_id, keys } => {
+                    let removed = store.outbox_ack(&keys)?;
+                    in_flight.remove(&batch_id);
+                    tracing::debug!(batch_id, removed, "results acknowledged");
+                }
+                CoordMsg::ClockReply { t1, t2, t3 } => {
+                    let t4 = clock.read().wall_ms;
+                    let (t1, t2, t3) = (t1.as_millis(), t2.as_millis(), t3.as_millis());
+                    let offset_ms = ((t2 - t1) + (t3 - t4)) / 2;
+                    let rtt_ms = (t4 - t1) - (t3 - t2);
+                    control.send(Control::Clock { offset_ms, rtt_ms }).await.map_err(|_| SessionError::Stopping)?;
+                    send(&mut tx, &AgentMsg::ClockReport { offset_ms, rtt_ms }).await?;
+                }
+                CoordMsg::Refused { reason } => return Err(SessionError::Refused(reason)),
+            },
+            _ = shared.outbox.notified() => {}
+            _ = poll.tick() => {}
+            _ = probe.tick() => {
+                let t1 = Timestamp::from_millis_saturating(clock.read().wall_ms);
+                send(&mut tx, &AgentMsg::ClockProbe { t1 }).await?;
+            }
+        }
+    }
+}

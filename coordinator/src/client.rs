@@ -1,0 +1,83 @@
+//! The admin client behind `sundialctl`: one QUIC connection with the admin
+//! certificate, one stream per request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sundial_protocol::tls::{client_config, ServerTrust};
+use sundial_protocol::wire::{AdminRequest, AdminResponse, ALPN_ADMIN};
+
+use crate::net::{self, FramedRecv};
+use crate::pki::AdminCreds;
+
+/// An unreachable coordinator is reported after this long, not a hang.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest wait for one answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to the coordinator's admin API.
+#[derive(Debug)]
+pub struct AdminClient {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl AdminClient {
+    /// Connects with the credentials written by `sundial-coordinator init`.
+    pub async fn connect(creds: &AdminCreds) -> Result<AdminClient, String> {
+        let addr = net::resolve(&creds.coordinator).await?;
+        let tls = client_config(
+            ServerTrust::Ca(creds.ca_der()?),
+            Some(creds.identity()?),
+            ALPN_ADMIN,
+        )
+        .map_err(|e| format!("TLS setup: {e}"))?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| format!("TLS setup: {e}"))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(net::transport());
+        let mut endpoint = quinn::Endpoint::client(net::client_bind_addr(addr))
+            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint
+            .connect(addr, &creds.server_name)
+            .map_err(|e| format!("cannot connect to {}: {e}", creds.coordinator))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(format!("cannot connect to the coordinator at {}: {e}", creds.coordinator)),
+            Err(_) => {
+                return Err(format!(
+                    "no answer from the coordinator at {} within {} s (is `sundial-coordinator serve` running there?)",
+                    creds.coordinator,
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            }
+        };
+        Ok(AdminClient {
+            conn,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// Sends one request and waits for its answer.
+    pub async fn request(&self, req: &AdminRequest) -> Result<AdminResponse, String> {
+        let exchange = async {
+            let (mut send, recv) = self.conn.open_bi().await.map_err(|e| e.to_string())?;
+            net::send(&mut send, req).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            FramedRecv::new(recv)
+                .next::<AdminResponse>()
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(Ok(AdminResponse::Error(e))) => Err(e),
+            Ok(r) => r.map_err(|e| format!("coordinator: {e}")),
+            Err(_) => Err("the coordinator did not answer in time".into()),
+        }
+    }
+
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"done");
+    }
+}

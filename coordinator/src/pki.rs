@@ -1,0 +1,264 @@
+//! The coordinator's certificate authority: created by `init`, it signs the
+//! coordinator's server certificate, the admin's client certificate and
+//! every agent's certificate at enrollment.
+//!
+//! Certificates are valid from 1970 to 4000: devices with bad clocks must
+//! still connect, and revocation (refusal at the handshake) ends an agent's
+//! access instead of expiry. An agent certificate is made from the public key
+//! of its CSR alone; whatever else the CSR asks for is ignored.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use sundial_protocol::tls::Identity;
+use sundial_protocol::AgentId;
+
+/// Files in the coordinator's data directory.
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca.key";
+pub const SERVER_CERT: &str = "server.pem";
+pub const SERVER_KEY: &str = "server.key";
+pub const ADMIN_CREDS: &str = "admin.creds";
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Cert {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("{path}: not a valid PEM {what}")]
+    Pem { path: PathBuf, what: &'static str },
+}
+
+fn cert_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
+    move |source| PkiError::Cert { what, source }
+}
+
+fn validity(p: &mut CertificateParams) {
+    p.not_before = rcgen::date_time_ymd(1970, 1, 1);
+    p.not_after = rcgen::date_time_ymd(4000, 1, 1);
+}
+
+fn write_private(path: &Path, data: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(data.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The loaded CA and server identity.
+#[derive(Debug)]
+pub struct Pki {
+    ca_cert_pem: String,
+    ca_key: KeyPair,
+    pub ca_der: CertificateDer<'static>,
+    server_cert_pem: String,
+    server_key_pem: String,
+}
+
+/// What `sundialctl` needs to reach the coordinator as admin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminCreds {
+    /// Where the coordinator listens, as HOST:PORT.
+    pub coordinator: String,
+    /// The name in the coordinator's certificate.
+    pub server_name: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl AdminCreds {
+    pub fn load(path: &Path) -> Result<AdminCreds, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read credentials {}: {e}", path.display()))?;
+        serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a Sundial credentials file: {e}", path.display()))
+    }
+
+    pub fn ca_der(&self) -> Result<CertificateDer<'static>, String> {
+        CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .map_err(|e| format!("credentials: bad CA certificate: {e}"))
+    }
+
+    pub fn identity(&self) -> Result<Identity, String> {
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| format!("credentials: bad certificate: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| format!("credentials: bad key: {e}"))?;
+        Ok(Identity {
+            chain: vec![cert],
+            key,
+        })
+    }
+}
+
+impl Pki {
+    /// Creates the CA, the server certificate (for `server_name` and the
+    /// advertised host) and admin credentials in `dir`. Returns the PKI and
+    /// the admin certificate's DER.
+    pub fn init(
+        dir: &Path,
+        server_name: &str,
+        advertise: &str,
+    ) -> Result<(Pki, CertificateDer<'static>), PkiError> {
+        let ca_key = KeyPair::generate().map_err(cert_err("CA key"))?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA"))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "Sundial CA");
+        ca_params.distinguished_name = dn;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut ca_params);
+        let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err("CA"))?;
+        let issuer = Issuer::new(ca_params, &ca_key);
+
+        let host = advertise
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']))
+            .unwrap_or(advertise);
+        let mut names = vec![server_name.to_owned()];
+        if !host.is_empty() && host != server_name {
+            names.push(host.to_owned());
+        }
+        let server_key = KeyPair::generate().map_err(cert_err("server key"))?;
+        let mut sp = CertificateParams::new(names).map_err(cert_err("server certificate"))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, server_name);
+        sp.distinguished_name = dn;
+        sp.is_ca = IsCa::ExplicitNoCa;
+        sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        sp.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut sp);
+        let server_cert = sp
+            .signed_by(&server_key, &issuer)
+            .map_err(cert_err("server certificate"))?;
+
+        let admin_key = KeyPair::generate().map_err(cert_err("admin key"))?;
+        let admin_cert = client_params("sundial-admin")?
+            .signed_by(&admin_key, &issuer)
+            .map_err(cert_err("admin certificate"))?;
+
+        let io = |path: PathBuf| move |source| PkiError::Io { path, source };
+        std::fs::create_dir_all(dir).map_err(io(dir.to_owned()))?;
+        std::fs::write(dir.join(CA_CERT), ca_cert.pem()).map_err(io(dir.join(CA_CERT)))?;
+        write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
+        std::fs::write(dir.join(SERVER_CERT), server_cert.pem())
+            .map_err(io(dir.join(SERVER_CERT)))?;
+        write_private(&dir.join(SERVER_KEY), &server_key.serialize_pem())?;
+        let creds = AdminCreds {
+            coordinator: advertise.to_owned(),
+            server_name: server_name.to_owned(),
+            ca_pem: ca_cert.pem(),
+            cert_pem: admin_cert.pem(),
+            key_pem: admin_key.serialize_pem(),
+        };
+        let creds_text = serde_json::to_string_pretty(&creds).unwrap_or_default();
+        write_private(&dir.join(ADMIN_CREDS), &creds_text)?;
+        let admin_der = admin_cert.der().clone();
+        Ok((Pki::load(dir)?, admin_der))
+    }
+
+    /// Loads the CA and server identity from `dir`.
+    pub fn load(dir: &Path) -> Result<Pki, PkiError> {
+        let ca_cert_pem = read(&dir.join(CA_CERT))?;
+        let ca_key = KeyPair::from_pem(&read(&dir.join(CA_KEY))?).map_err(cert_err("CA key"))?;
+        let ca_der =
+            CertificateDer::from_pem_slice(ca_cert_pem.as_bytes()).map_err(|_| PkiError::Pem {
+                path: dir.join(CA_CERT),
+                what: "certificate",
+            })?;
+        Ok(Pki {
+            ca_cert_pem,
+            ca_key,
+            ca_der,
+            server_cert_pem: read(&dir.join(SERVER_CERT))?,
+            server_key_pem: read(&dir.join(SERVER_KEY))?,
+        })
+    }
+
+    /// The server's chain (its certificate, then the CA's) and key.
+    pub fn server_identity(&self) -> Result<Identity, PkiError> {
+        let cert =
+            CertificateDer::from_pem_slice(self.server_cert_pem.as_bytes()).map_err(|_| {
+                PkiError::Pem {
+                    path: SERVER_CERT.into(),
+                    what: "certificate",
+                }
+            })?;
+        let key = PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes()).map_err(|_| {
+            PkiError::Pem {
+                path: SERVER_KEY.into(),
+                what: "key",
+            }
+        })?;
+        Ok(Identity {
+            chain: vec![cert, self.ca_der.clone()],
+            key,
+        })
+    }
+
+    /// Signs an agent certificate for the public key in `csr_der`. The subject,
+    /// usage and constraints are ours: a plain client certificate for `agent`.
+    pub fn sign_agent_csr(&self, csr_der: &[u8], agent: AgentId) -> Result<Vec<u8>, String> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| format!("bad certificate signing request: {e}"))?;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_cert_pem, &self.ca_key)
+            .map_err(|e| format!("CA: {e}"))?;
+        let params = client_params(&format!("sundial-agent {agent}")).map_err(|e| e.to_string())?;
+        let cert = params
+            .signed_by(&csr.public_key, &issuer)
+            .map_err(|e| format!("signing: {e}"))?;
+        Ok(cert.der().to_vec())
+    }
+}
+
+fn client_params(common_name: &str) -> Result<CertificateParams, PkiError> {
+    let mut p =
+        CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client certificate"))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    validity(&mut p);
+    Ok(p)
+}

@@ -1,0 +1,514 @@
+//! The coordinator's durable state, in one redb database: agents and their
+//! certificate fingerprints, hashed join tokens, tasks with revisions, and
+//! run records.
+//!
+//! Invariants:
+//! - Every change is one write transaction with immediate durability; a
+//!   result batch is acknowledged only after [`CoordinatorStore::put_runs`]
+//!   returned `Ok`.
+//! - Runs are keyed by (task, agent, scheduled_at, attempt): storing the same
+//!   run twice leaves one record (uploads are idempotent).
+//! - Every task change takes the next global revision; cancelled tasks stay
+//!   as tombstones, so "changes since revision R" is always answerable.
+//! - Tokens are stored as SHA-256 of their secret, never in clear.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sundial_protocol::records::{self, RecordError, RunRecordV1, TaskRecordV1};
+use sundial_protocol::task::Target;
+use sundial_protocol::wire::TaskDraft;
+use sundial_protocol::{AgentId, RunRecord, TaskId, TaskSpec, Timestamp};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const AGENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("agents");
+const CERTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("certs");
+const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
+const RUNS: TableDefinition<(u64, u64, i64, u32), &[u8]> = TableDefinition::new("runs");
+
+const NEXT_AGENT: &str = "next_agent_id";
+const NEXT_TASK: &str = "next_task_id";
+const REVISION: &str = "revision";
+
+/// Why a coordinator store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Nothing of the failed operation was stored.
+    #[error("coordinator store: {context}: {source}")]
+    Db {
+        context: &'static str,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("coordinator store: {0}")]
+    Corrupt(#[from] RecordError),
+    /// The request names something that does not exist or may not be done.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Db {
+        context,
+        source: e.into(),
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Who a client certificate belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CertRole {
+    Admin,
+    Agent(AgentId),
+}
+
+/// A stored agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecordV1 {
+    pub name: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub cert_sha256: Vec<u8>,
+    pub revoked: bool,
+    pub enrolled_at_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    pub clock_offset_ms: Option<i64>,
+    pub rtt_ms: Option<i64>,
+}
+
+/// A stored join token (by hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecordV1 {
+    pub expires_at_ms: i64,
+    pub uses_left: u32,
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CoordTaskV1 {
+    task: TaskRecordV1,
+    cancelled: bool,
+}
+
+/// Why a token was refused; the agent shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("join token expired at {0}")]
+    Expired(Timestamp),
+    #[error("join token already used up")]
+    UsedUp,
+}
+
+/// The coordinator's store; see the module doc.
+#[derive(Debug)]
+pub struct CoordinatorStore {
+    db: Database,
+}
+
+impl CoordinatorStore {
+    pub fn open(path: &Path) -> Result<CoordinatorStore> {
+        let db = Database::create(path).map_err(db_err("open"))?;
+        let store = CoordinatorStore { db };
+        let txn = store.db.begin_write().map_err(db_err("create tables"))?;
+        {
+            txn.open_table(META).map_err(db_err("create tables"))?;
+            txn.open_table(AGENTS).map_err(db_err("create tables"))?;
+            txn.open_table(CERTS).map_err(db_err("create tables"))?;
+            txn.open_table(TOKENS).map_err(db_err("create tables"))?;
+            txn.open_table(TASKS).map_err(db_err("create tables"))?;
+            txn.open_table(RUNS).map_err(db_err("create tables"))?;
+        }
+        txn.commit().map_err(db_err("create tables"))?;
+        Ok(store)
+    }
+
+    fn meta_u64(
+        table: &impl ReadableTable<&'static str, &'static [u8]>,
+        key: &'static str,
+    ) -> Result<u64> {
+        match table.get(key).map_err(db_err("read meta"))? {
+            Some(v) => Ok(records::decode("meta", key, v.value())?),
+            None => Ok(0),
+        }
+    }
+
+    /// A metadata string.
+    pub fn get_meta_str(&self, key: &'static str) -> Result<Option<String>> {
+        let txn = self.db.begin_read().map_err(db_err("read meta"))?;
+        let t = txn.open_table(META).map_err(db_err("read meta"))?;
+        let v = t.get(key).map_err(db_err("read meta"))?;
+        Ok(v.map(|v| records::decode("meta", key, v.value()))
+            .transpose()?)
+    }
+
+    pub fn put_meta_str(&self, key: &'static str, value: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("write meta"))?;
+        {
+            let mut t = txn.open_table(META).map_err(db_err("write meta"))?;
+            t.insert(key, records::encode(&value.to_owned()).as_slice())
+                .map_err(db_err("write meta"))?;
+        }
+        txn.commit().map_err(db_err("commit meta"))
+    }
+
+    /// The current global revision.
+    pub fn revision(&self) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(db_err("read revision"))?;
+        let t = txn.open_table(META).map_err(db_err("read revision"))?;
+        Self::meta_u64(&t, REVISION)
+    }
+
+    // ---- certificates and agents
+
+    /// Every known certificate fingerprint and whose it is (revoked agents excluded).
+    pub fn known_certs(&self) -> Result<Vec<([u8; 32], CertRole)>> {
+        let txn = self.db.begin_read().map_err(db_err("read certs"))?;
+        let t = txn.open_table(CERTS).map_err(db_err("read certs"))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err("read certs"))? {
+            let (k, v) = item.map_err(db_err("read certs"))?;
+            let role: CertRole = records::decode("certs", records_hex(k.value()), v.value())?;
+            if let Ok(fp) = <[u8; 32]>::try_from(k.value()) {
+                out.push((fp, role));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn add_admin_cert(&self, fingerprint: [u8; 32]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("add admin"))?;
+        {
+            let mut t = txn.open_table(CERTS).map_err(db_err("add admin"))?;
+            t.insert(
+                fingerprint.as_slice(),
+                records::encode(&CertRole::Admin).as_slice(),
+            )
+            .map_err(db_err("add admin"))?;
+        }
+        txn.commit().map_err(db_err("commit admin"))
+    }
+
+    /// Stores a join token's hash.
+    pub fn put_token(&self, secret_sha256: [u8; 32], rec: &TokenRecordV1) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("create token"))?;
+        {
+            let mut t = txn.open_table(TOKENS).map_err(db_err("create token"))?;
+            t.insert(secret_sha256.as_slice(), records::encode(rec).as_slice())
+                .map_err(db_err("create token"))?;
+        }
+        txn.commit().map_err(db_err("commit token"))
+    }
+
+    /// Enrolls an agent: uses the token once, assigns the next id and records
+    /// the certificate that `issue` makes for it — all in one transaction.
+    pub fn enroll(
+        &self,
+        secret_sha256: [u8; 32],
+        now: Timestamp,
+        name: Option<String>,
+        mut labels: Vec<(String, String)>,
+        issue: impl FnOnce(AgentId) -> std::result::Result<Vec<u8>, String>,
+    ) -> Result<std::result::Result<(AgentId, Vec<u8>), TokenRefusal>> {
+        let txn = self.db.begin_write().map_err(db_err("enroll"))?;
+        let out = {
+            let mut tokens = txn.open_table(TOKENS).map_err(db_err("enroll"))?;
+            let rec: Option<TokenRecordV1> = tokens
+                .get(secret_sha256.as_slice())
+                .map_err(db_err("enroll"))?
+                .map(|v| records::decode("tokens", "token", v.value()))
+                .transpose()?;
+            let Some(mut rec) = rec else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            if now.as_millis() >= rec.expires_at_ms {
+                return Ok(Err(TokenRefusal::Expired(
+                    Timestamp::from_millis_saturating(rec.expires_at_ms),
+                )));
+            }
+            if rec.uses_left == 0 {
+                return Ok(Err(TokenRefusal::UsedUp));
+            }
+            rec.uses_left -= 1;
+            tokens
+                .insert(secret_sha256.as_slice(), records::encode(&rec).as_slice())
+                .map_err(db_err("enroll"))?;
+            let mut meta = txn.open_table(META).map_err(db_err("enroll"))?;
+            let id = Self::meta_u64(&meta, NEXT_AGENT)?.max(1);
+            meta.insert(NEXT_AGENT, records::encode(&(id + 1)).as_slice())
+                .map_err(db_err("enroll"))?;
+            let agent_id = AgentId(id);
+            let cert = issue(agent_id).map_err(StoreError::Refused)?;
+            let fp = sundial_protocol::token::sha256(&cert);
+            // Token labels first, then the agent's own (which win on conflict).
+            let mut all = rec.labels.clone();
+            all.retain(|(k, _)| !labels.iter().any(|(k2, _)| k2 == k));
+            all.append(&mut labels);
+            let agent = AgentRecordV1 {
+                name,
+                labels: all,
+                cert_sha256: fp.to_vec(),
+                revoked: false,
+                enrolled_at_ms: now.as_millis(),
+                last_seen_ms: None,
+                clock_offset_ms: None,
+                rtt_ms: None,
+            };
+            let mut agents = txn.open_table(AGENTS).map_err(db_err("enroll"))?;
+            agents
+                .insert(id, records::encode(&agent).as_slice())
+                .map_err(db_err("enroll"))?;
+            let mut certs = txn.open_table(CERTS).map_err(db_err("enroll"))?;
+            certs
+                .insert(
+                    fp.as_slice(),
+                    records::encode(&CertRole::Agent(agent_id)).as_slice(),
+                )
+                .map_err(db_err("enroll"))?;
+            (agent_id, cert)
+        };
+        txn.commit().map_err(db_err("commit enrollment"))?;
+        Ok(Ok(out))
+    }
+
+    pub fn agents(&self) -> Result<BTreeMap<AgentId, AgentRecordV1>> {
+        let txn = self.db.begin_read().map_err(db_err("read agents"))?;
+        let t = txn.open_table(AGENTS).map_err(db_err("read agents"))?;
+        let mut out = BTreeMap::new();
+        for item in t.iter().map_err(db_err("read agents"))? {
+            let (k, v) = item.map_err(db_err("read agents"))?;
+            out.insert(
+                AgentId(k.value()),
+                records::decode("agents", k.value(), v.value())?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn agent(&self, id: AgentId) -> Result<Option<AgentRecordV1>> {
+        let txn = self.db.begin_read().map_err(db_err("read agent"))?;
+        let t = txn.open_table(AGENTS).map_err(db_err("read agent"))?;
+        let v = t.get(id.0).map_err(db_err("read agent"))?;
+        Ok(v.map(|v| records::decode("agents", id.0, v.value()))
+            .transpose()?)
+    }
+
+    /// Updates an agent's record in place.
+    pub fn update_agent(&self, id: AgentId, f: impl FnOnce(&mut AgentRecordV1)) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("update agent"))?;
+        {
+            let mut t = txn.open_table(AGENTS).map_err(db_err("update agent"))?;
+            let rec: Option<AgentRecordV1> = t
+                .get(id.0)
+                .map_err(db_err("update agent"))?
+                .map(|v| records::decode("agents", id.0, v.value()))
+                .transpose()?;
+            let Some(mut rec) = rec else {
+                return Err(StoreError::Refused(format!("no agent {id}")));
+            };
+            f(&mut rec);
+            if rec.revoked {
+                let mut certs = txn.open_table(CERTS).map_err(db_err("update agent"))?;
+                certs
+                    .remove(rec.cert_sha256.as_slice())
+                    .map_err(db_err("update agent"))?;
+            }
+            t.insert(id.0, records::encode(&rec).as_slice())
+                .map_err(db_err("update agent"))?;
+        }
+        txn.commit().map_err(db_err("commit agent"))
+    }
+
+    // ---- tasks
+
+    /// Creates a task with the next id and revision.
+    pub fn create_task(&self, draft: TaskDraft, now: Timestamp) -> Result<TaskSpec> {
+        if let Some(name) = &draft.name {
+            let taken = self
+                .tasks()?
+                .into_iter()
+                .any(|(t, cancelled)| !cancelled && t.name.as_deref() == Some(name));
+            if taken {
+                return Err(StoreError::Refused(format!(
+                    "a task named `{name}` exists already"
+                )));
+            }
+        }
+        let txn = self.db.begin_write().map_err(db_err("create task"))?;
+        let spec = {
+            let mut meta = txn.open_table(META).map_err(db_err("create task"))?;
+            let id = Self::meta_u64(&meta, NEXT_TASK)?.max(1);
+            let revision = Self::meta_u64(&meta, REVISION)? + 1;
+            meta.insert(NEXT_TASK, records::encode(&(id + 1)).as_slice())
+                .map_err(db_err("create task"))?;
+            meta.insert(REVISION, records::encode(&revision).as_slice())
+                .map_err(db_err("create task"))?;
+            let spec = TaskSpec {
+                id: TaskId(id),
+                name: draft.name,
+                target: draft.target,
+                schedule: draft.schedule,
+                action: draft.action,
+                policies: draft.policies,
+                revision,
+                created_at: now,
+            };
+            let rec = CoordTaskV1 {
+                task: TaskRecordV1::from_spec(&spec),
+                cancelled: false,
+            };
+            let mut tasks = txn.open_table(TASKS).map_err(db_err("create task"))?;
+            tasks
+                .insert(id, records::encode(&rec).as_slice())
+                .map_err(db_err("create task"))?;
+            spec
+        };
+        txn.commit().map_err(db_err("commit task"))?;
+        Ok(spec)
+    }
+
+    /// Cancels a task: it becomes a tombstone with a new revision.
+    pub fn cancel_task(&self, id: TaskId) -> Result<u64> {
+        let txn = self.db.begin_write().map_err(db_err("cancel task"))?;
+        let revision = {
+            let mut tasks = txn.open_table(TASKS).map_err(db_err("cancel task"))?;
+            let rec: Option<CoordTaskV1> = tasks
+                .get(id.0)
+                .map_err(db_err("cancel task"))?
+                .map(|v| records::decode("tasks", id.0, v.value()))
+                .transpose()?;
+            let Some(mut rec) = rec else {
+                return Err(StoreError::Refused(format!("no task {id}")));
+            };
+            if rec.cancelled {
+                return Err(StoreError::Refused(format!(
+                    "task {id} is already cancelled"
+                )));
+            }
+            let mut meta = txn.open_table(META).map_err(db_err("cancel task"))?;
+            let revision = Self::meta_u64(&meta, REVISION)? + 1;
+            meta.insert(REVISION, records::encode(&revision).as_slice())
+                .map_err(db_err("cancel task"))?;
+            rec.cancelled = true;
+            rec.task.revision = revision;
+            tasks
+                .insert(id.0, records::encode(&rec).as_slice())
+                .map_err(db_err("cancel task"))?;
+            revision
+        };
+        txn.commit().map_err(db_err("commit cancel"))?;
+        Ok(revision)
+    }
+
+    /// Every task with its cancelled flag.
+    pub fn tasks(&self) -> Result<Vec<(TaskSpec, bool)>> {
+        let txn = self.db.begin_read().map_err(db_err("read tasks"))?;
+        let t = txn.open_table(TASKS).map_err(db_err("read tasks"))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err("read tasks"))? {
+            let (k, v) = item.map_err(db_err("read tasks"))?;
+            let rec: CoordTaskV1 = records::decode("tasks", k.value(), v.value())?;
+            out.push((rec.task.into_spec(k.value())?, rec.cancelled));
+        }
+        Ok(out)
+    }
+
+    /// Changes for an agent with `labels` since `revision`, in revision order:
+    /// `(spec, cancelled)`. A first sync (`revision == 0`) skips tombstones.
+    pub fn changes_for(
+        &self,
+        agent: AgentId,
+        labels: &[(String, String)],
+        revision: u64,
+    ) -> Result<Vec<(TaskSpec, bool)>> {
+        let mut out: Vec<(TaskSpec, bool)> = self
+            .tasks()?
+            .into_iter()
+            .filter(|(t, cancelled)| {
+                t.revision > revision
+                    && !(revision == 0 && *cancelled)
+                    && targets(&t.target, agent, labels)
+            })
+            .collect();
+        out.sort_by_key(|(t, _)| t.revision);
+        Ok(out)
+    }
+
+    // ---- runs
+
+    /// Stores run records (idempotent by run key) in one transaction.
+    pub fn put_runs(&self, runs: &[RunRecord]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("store runs"))?;
+        {
+            let mut t = txn.open_table(RUNS).map_err(db_err("store runs"))?;
+            for r in runs {
+                let key = (
+                    r.task_id.0,
+                    r.agent_id.0,
+                    r.scheduled_at.as_millis(),
+                    r.attempt,
+                );
+                t.insert(key, records::encode(&RunRecordV1::from_run(r)).as_slice())
+                    .map_err(db_err("store runs"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit runs"))
+    }
+
+    /// Runs matching the filters, oldest first by scheduled time, at most `limit`
+    /// (the most recent `limit` when more match).
+    pub fn runs(
+        &self,
+        task: Option<TaskId>,
+        agent: Option<AgentId>,
+        since: Option<Timestamp>,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>> {
+        let txn = self.db.begin_read().map_err(db_err("read runs"))?;
+        let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
+        let range = match task {
+            Some(id) => t.range((id.0, 0, i64::MIN, 0)..=(id.0, u64::MAX, i64::MAX, u32::MAX)),
+            None => t.range::<(u64, u64, i64, u32)>(..),
+        }
+        .map_err(db_err("read runs"))?;
+        let mut out = Vec::new();
+        for item in range {
+            let (k, v) = item.map_err(db_err("read runs"))?;
+            let (_, a, sched, _) = k.value();
+            if agent.is_some_and(|x| x.0 != a) || since.is_some_and(|s| sched < s.as_millis()) {
+                continue;
+            }
+            let rec: RunRecordV1 = records::decode("runs", format!("{:?}", k.value()), v.value())?;
+            out.push(rec.into_run(0)?);
+        }
+        out.sort_by_key(|r| (r.scheduled_at, r.task_id, r.agent_id, r.attempt));
+        if out.len() > limit {
+            out.drain(..out.len() - limit);
+        }
+        Ok(out)
+    }
+
+    /// Number of stored runs.
+    pub fn run_count(&self) -> Result<u64> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read().map_err(db_err("read runs"))?;
+        let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
+        t.len().map_err(db_err("read runs"))
+    }
+}
+
+/// Whether a task's target includes an agent.
+pub fn targets(target: &Target, agent: AgentId, labels: &[(String, String)]) -> bool {
+    match target {
+        Target::Agent(a) => *a == agent,
+        Target::Selector(sel) => sel.iter().all(|pair| labels.contains(pair)),
+    }
+}
+
+fn records_hex(b: &[u8]) -> String {
+    sundial_protocol::token::hex(b)
+}
