@@ -1,0 +1,318 @@
+//! The fleet over real QUIC on loopback: enrollment, assignment, offline
+//! firing across a partition, changes made while an agent is away, a
+//! coordinator killed with SIGKILL, and acknowledgements lost after commit.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{join, sched_ms, wait_for, Agent, Coordinator, Link, Relay};
+
+#[test]
+fn join_assign_fire_record_and_a_selector_reaches_a_later_agent() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let addr = coord.addr.to_string();
+    let a_id = join(
+        &addr,
+        &coord.token(&["--label", "site=lab"]),
+        &root.path().join("a"),
+        "a",
+        &[],
+    )
+    .expect("a joins");
+    let mut a = Agent::start(&root.path().join("a"));
+    let sel = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "lab-echo",
+        "--selector",
+        "site=lab",
+        "--every",
+        "1s",
+        "--",
+        "/bin/echo",
+        "hi",
+    ]);
+    let only_a = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &a_id,
+        "--every",
+        "1s",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("runs from a", || coord.runs(&["--task", &sel]).len() >= 2);
+
+    // b joins later with a matching label (its own, not the token's).
+    let b_id = join(
+        &addr,
+        &coord.token(&[]),
+        &root.path().join("b"),
+        "b",
+        &[("site", "lab")],
+    )
+    .expect("b joins");
+    let mut b = Agent::start(&root.path().join("b"));
+    wait_for("runs from b", || {
+        !coord.runs(&["--task", &sel, "--agent", &b_id]).is_empty()
+    });
+    let runs = coord.runs(&["--task", &sel, "--agent", &b_id]);
+    assert_eq!(runs[0]["outcome"], "succeeded");
+    assert_eq!(runs[0]["stdout"], "hi\n");
+    assert_eq!(runs[0]["offline"], false);
+    // The agent-targeted task never reaches b.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(coord
+        .runs(&["--task", &only_a, "--agent", &b_id])
+        .is_empty());
+    assert!(!coord
+        .runs(&["--task", &only_a, "--agent", &a_id])
+        .is_empty());
+    assert!(b.status().tasks.iter().all(|t| t.task_id != only_a));
+
+    let agents = coord.json(&["agent", "list"]);
+    let list = agents.as_array().expect("array");
+    assert_eq!(list.len(), 2);
+    for ag in list {
+        for field in [
+            "agent_id",
+            "name",
+            "labels",
+            "online",
+            "last_seen",
+            "clock_offset_ms",
+            "rtt_ms",
+        ] {
+            assert!(ag.get(field).is_some(), "agent list lacks {field}: {ag}");
+        }
+        assert_eq!(ag["online"], true);
+    }
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn a_partitioned_agent_keeps_firing_and_every_run_arrives_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let relay = Relay::start(coord.addr);
+    let dir = root.path().join("a");
+    let id = join(&relay.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    let task = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--every",
+        "500ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("online runs", || coord.runs(&["--task", &task]).len() >= 3);
+
+    relay.set(Link::DropBoth);
+    // Longer than the idle timeout, so the agent knows it is offline.
+    std::thread::sleep(Duration::from_secs(14));
+    let during = agent.status().outbox_len;
+    assert!(during > 0, "nothing buffered while cut off");
+    relay.set(Link::Pass);
+    wait_for("the outbox to drain", || agent.status().outbox_len == 0);
+    agent.stop();
+
+    let runs = coord.runs(&["--task", &task]);
+    let times: Vec<i64> = runs.iter().map(sched_ms).collect();
+    let distinct: HashSet<i64> = times.iter().copied().collect();
+    assert_eq!(distinct.len(), times.len(), "a run was stored twice");
+    // No gap: every 500 ms occurrence from the first to the last is there.
+    let (first, last) = (
+        times.iter().min().copied().unwrap_or(0),
+        times.iter().max().copied().unwrap_or(0),
+    );
+    assert_eq!(
+        ((last - first) / 500 + 1) as usize,
+        times.len(),
+        "an occurrence is missing"
+    );
+    let offline = runs.iter().filter(|r| r["offline"] == true).count();
+    assert!(offline >= 4, "only {offline} runs marked offline");
+    for r in &runs {
+        assert_eq!(r["outcome"], "succeeded");
+        let late = r["lateness_ms"].as_i64().unwrap_or(i64::MAX);
+        assert!(late < 1_000, "a run started {late} ms late");
+    }
+}
+
+#[test]
+fn changes_made_while_an_agent_is_away_arrive_in_order() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let id = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    let t1 = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--every",
+        "1s",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("t1 runs", || !coord.runs(&["--task", &t1]).is_empty());
+    agent.stop();
+
+    let t2 = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--every",
+        "1s",
+        "--",
+        "/bin/echo",
+        "two",
+    ]);
+    coord.ctl_ok(&["task", "cancel", &t1]);
+    let t3 = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--at",
+        "2099-01-01T00:00:00Z",
+        "--",
+        "/bin/true",
+    ]);
+    let back = sundial_coordinator::cli::now().as_millis();
+    let mut agent = Agent::start(&dir);
+    wait_for("t2 runs", || !coord.runs(&["--task", &t2]).is_empty());
+    wait_for("the agent to drop t1", || {
+        let ids: Vec<String> = agent
+            .status()
+            .tasks
+            .iter()
+            .map(|t| t.task_id.clone())
+            .collect();
+        ids == [t2.clone(), t3.clone()]
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    agent.stop();
+    let late_t1 = coord
+        .runs(&["--task", &t1])
+        .iter()
+        .filter(|r| sched_ms(r) > back + 1_000)
+        .count();
+    assert_eq!(late_t1, 0, "a cancelled task kept running");
+    assert!(agent.status().last_revision >= 4);
+}
+
+#[test]
+fn a_coordinator_killed_and_restarted_loses_nothing_and_agents_come_back() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let id = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    let task = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--every",
+        "300ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("runs", || coord.runs(&["--task", &task]).len() >= 5);
+    let before: HashSet<i64> = coord
+        .runs(&["--task", &task])
+        .iter()
+        .map(sched_ms)
+        .collect();
+    coord.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    coord.restart();
+    // The agent reconnects by itself and delivers what it fired meanwhile.
+    wait_for("the agent back online", || {
+        coord.json(&["agent", "list"])[0]["online"] == true
+    });
+    wait_for("the outbox to drain", || agent.status().outbox_len == 0);
+    agent.stop();
+    let after: Vec<i64> = coord
+        .runs(&["--task", &task])
+        .iter()
+        .map(sched_ms)
+        .collect();
+    let after_set: HashSet<i64> = after.iter().copied().collect();
+    assert!(before.is_subset(&after_set), "an acknowledged run was lost");
+    assert_eq!(after_set.len(), after.len());
+    let (first, last) = (
+        after.iter().min().copied().unwrap_or(0),
+        after.iter().max().copied().unwrap_or(0),
+    );
+    assert_eq!(
+        ((last - first) / 300 + 1) as usize,
+        after.len(),
+        "an occurrence is missing"
+    );
+    assert!(after.len() >= before.len() + 5);
+}
+
+#[test]
+fn acks_lost_after_commit_are_resent_without_duplicates() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let relay = Relay::start(coord.addr);
+    let dir = root.path().join("a");
+    let id = join(&relay.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    let task = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--every",
+        "250ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("runs", || coord.runs(&["--task", &task]).len() >= 3);
+
+    // The coordinator keeps receiving and committing; its acks are lost.
+    relay.set(Link::DropDown);
+    let stored_before = coord.runs(&["--task", &task]).len();
+    wait_for("commits whose acks are lost", || {
+        coord.runs(&["--task", &task]).len() >= stored_before + 4
+    });
+    let committed_unacked = agent.status().outbox_len;
+    assert!(
+        committed_unacked > 0,
+        "the agent deleted records without an ack"
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    relay.set(Link::Pass);
+    wait_for("the outbox to drain", || agent.status().outbox_len == 0);
+    agent.stop();
+    let runs = coord.runs(&["--task", &task]);
+    let times: Vec<i64> = runs.iter().map(sched_ms).collect();
+    let distinct: HashSet<i64> = times.iter().copied().collect();
+    assert_eq!(distinct.len(), times.len(), "duplicate run records");
+    let (first, last) = (
+        times.iter().min().copied().unwrap_or(0),
+        times.iter().max().copied().unwrap_or(0),
+    );
+    assert_eq!(
+        ((last - first) / 250 + 1) as usize,
+        times.len(),
+        "an occurrence is missing"
+    );
+    // The resend happened: the coordinator saw the same batch keys twice.
+    assert!(coord.log().contains("agent session up"), "{}", coord.log());
+}
