@@ -14,7 +14,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sundial_agent::session::{self, FramedRecv, SessionError};
 use sundial_protocol::codec::FRAME_BYTES_MAX;
 use sundial_protocol::tls::{Identity, ServerTrust};
-use sundial_protocol::wire::{close, AgentMsg, CoordMsg, EnrollRequest, EnrollResponse, ALPN, ALPN_ADMIN, ALPN_ENROLL};
+use sundial_protocol::wire::{
+    close, AgentMsg, CoordMsg, EnrollRequest, EnrollResponse, ALPN, ALPN_ADMIN, ALPN_ENROLL,
+};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, Timestamp};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -48,11 +50,30 @@ fn self_signed() -> Identity {
 }
 
 /// Connects on `alpn` and tries one exchange; returns how it ended.
-fn try_session(coord: &Coordinator, identity: Option<Identity>, alpn: &[u8]) -> Result<(), SessionError> {
+fn try_session(
+    coord: &Coordinator,
+    identity: Option<Identity>,
+    alpn: &[u8],
+) -> Result<(), SessionError> {
     rt().block_on(async {
-        let (_ep, conn) = session::connect(&coord.addr.to_string(), "sundial-coordinator", ServerTrust::Ca(ca(coord)), identity, alpn).await?;
+        let (_ep, conn) = session::connect(
+            &coord.addr.to_string(),
+            "sundial-coordinator",
+            ServerTrust::Ca(ca(coord)),
+            identity,
+            alpn,
+        )
+        .await?;
         let (mut tx, rx) = conn.open_bi().await?;
-        session::send(&mut tx, &AgentMsg::Hello { last_revision: 0, outbox_len: 0, agent_version: "test".into() }).await?;
+        session::send(
+            &mut tx,
+            &AgentMsg::Hello {
+                last_revision: 0,
+                outbox_len: 0,
+                agent_version: "test".into(),
+            },
+        )
+        .await?;
         let mut rx = FramedRecv::new(rx);
         let _: CoordMsg = rx.next().await?;
         Ok(())
@@ -80,13 +101,22 @@ fn certificates_that_are_missing_foreign_or_revoked_are_refused() {
     let coord = Coordinator::start(root.path());
     let dir = root.path().join("a");
     let id = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
-    assert!(try_session(&coord, Some(agent_identity(&dir)), ALPN).is_ok(), "a good agent is served");
+    assert!(
+        try_session(&coord, Some(agent_identity(&dir)), ALPN).is_ok(),
+        "a good agent is served"
+    );
 
     // No certificate: TLS completes only for enrollment; the session is closed at once.
     let r = try_session(&coord, None, ALPN);
-    assert!(closed_with(&r, close::CERT_REQUIRED), "no certificate: {r:?}");
+    assert!(
+        closed_with(&r, close::CERT_REQUIRED),
+        "no certificate: {r:?}"
+    );
     let r = try_session(&coord, None, ALPN_ADMIN);
-    assert!(closed_with(&r, close::CERT_REQUIRED), "no certificate on admin: {r:?}");
+    assert!(
+        closed_with(&r, close::CERT_REQUIRED),
+        "no certificate on admin: {r:?}"
+    );
 
     // Self-signed and another CA's: refused in the handshake.
     let r = try_session(&coord, Some(self_signed()), ALPN);
@@ -94,9 +124,19 @@ fn certificates_that_are_missing_foreign_or_revoked_are_refused() {
     let other_root = tempfile::tempdir().expect("tempdir");
     let other = Coordinator::start(other_root.path());
     let other_dir = other_root.path().join("x");
-    join(&other.addr.to_string(), &other.token(&[]), &other_dir, "x", &[]).expect("joins other");
+    join(
+        &other.addr.to_string(),
+        &other.token(&[]),
+        &other_dir,
+        "x",
+        &[],
+    )
+    .expect("joins other");
     let r = try_session(&coord, Some(agent_identity(&other_dir)), ALPN);
-    assert!(refused_by_tls(&r, "invalid peer certificate"), "other CA: {r:?}");
+    assert!(
+        refused_by_tls(&r, "invalid peer certificate"),
+        "other CA: {r:?}"
+    );
     // An agent certificate is not an admin certificate.
     let r = try_session(&coord, Some(agent_identity(&dir)), ALPN_ADMIN);
     assert!(r.is_err(), "agent cert on the admin API: {r:?}");
@@ -132,9 +172,11 @@ fn reused_expired_and_unknown_tokens_get_a_clear_error() {
     assert!(err.contains("unknown join token"), "{err}");
 
     // A token pinning another CA: the agent refuses the coordinator before sending anything.
-    let mut wrong_pin = sundial_protocol::token::JoinToken::decode(&coord.token(&[])).expect("decodes");
+    let mut wrong_pin =
+        sundial_protocol::token::JoinToken::decode(&coord.token(&[])).expect("decodes");
     wrong_pin.ca_sha256 = [0; 32];
-    let err = join(&addr, &wrong_pin.encode(), &root.path().join("e"), "e", &[]).expect_err("wrong pin");
+    let err =
+        join(&addr, &wrong_pin.encode(), &root.path().join("e"), "e", &[]).expect_err("wrong pin");
     assert!(err.contains("cannot reach the coordinator"), "{err}");
 
     let err = join(&addr, "not-a-token", &root.path().join("f"), "f", &[]).expect_err("garbage");
@@ -144,7 +186,12 @@ fn reused_expired_and_unknown_tokens_get_a_clear_error() {
     join(&addr, &many, &root.path().join("g"), "g", &[]).expect("use 1");
     join(&addr, &many, &root.path().join("h"), "h", &[]).expect("use 2");
     let agents = coord.json(&["agent", "list"]);
-    let labelled = agents.as_array().expect("array").iter().filter(|a| a["labels"]["zone"] == "x").count();
+    let labelled = agents
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|a| a["labels"]["zone"] == "x")
+        .count();
     assert_eq!(labelled, 2);
 }
 
@@ -157,13 +204,39 @@ fn identity_comes_from_the_certificate_only() {
     let b_dir = root.path().join("b");
     let a = join(&addr, &coord.token(&[]), &a_dir, "a", &[]).expect("a");
     let b = join(&addr, &coord.token(&[]), &b_dir, "b", &[]).expect("b");
-    let b_task = coord.ctl_ok(&["task", "create", "--agent", &b, "--at", "2099-01-01T00:00:00Z", "--", "/bin/true"]);
+    let b_task = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &b,
+        "--at",
+        "2099-01-01T00:00:00Z",
+        "--",
+        "/bin/true",
+    ]);
 
     // A's session receives no task of B's.
     let got = rt().block_on(async {
-        let (_ep, conn) = session::connect(&addr, "sundial-coordinator", ServerTrust::Ca(ca(&coord)), Some(agent_identity(&a_dir)), ALPN).await.expect("connects");
+        let (_ep, conn) = session::connect(
+            &addr,
+            "sundial-coordinator",
+            ServerTrust::Ca(ca(&coord)),
+            Some(agent_identity(&a_dir)),
+            ALPN,
+        )
+        .await
+        .expect("connects");
         let (mut tx, rx) = conn.open_bi().await.expect("stream");
-        session::send(&mut tx, &AgentMsg::Hello { last_revision: 0, outbox_len: 0, agent_version: "t".into() }).await.expect("hello");
+        session::send(
+            &mut tx,
+            &AgentMsg::Hello {
+                last_revision: 0,
+                outbox_len: 0,
+                agent_version: "t".into(),
+            },
+        )
+        .await
+        .expect("hello");
         let mut rx = FramedRecv::new(rx);
         let first: CoordMsg = rx.next().await.expect("assignments");
         // A forged record claiming to be B's.
@@ -181,17 +254,34 @@ fn identity_comes_from_the_certificate_only() {
             stdout_tail: vec![],
             stderr_tail: vec![],
         };
-        session::send(&mut tx, &AgentMsg::Results { batch_id: 1, runs: vec![forged] }).await.expect("send");
+        session::send(
+            &mut tx,
+            &AgentMsg::Results {
+                batch_id: 1,
+                runs: vec![forged],
+            },
+        )
+        .await
+        .expect("send");
         let ack: CoordMsg = rx.next().await.expect("ack");
         (first, ack)
     });
     match got.0 {
-        CoordMsg::Assignments { changes, .. } => assert!(changes.is_empty(), "A saw B's tasks: {changes:?}"),
+        CoordMsg::Assignments { changes, .. } => {
+            assert!(changes.is_empty(), "A saw B's tasks: {changes:?}")
+        }
         other => panic!("expected assignments, got {other:?}"),
     }
     assert!(matches!(got.1, CoordMsg::ResultsAck { .. }));
-    assert!(coord.runs(&["--agent", &b]).is_empty(), "A wrote a run as B");
-    assert_eq!(coord.runs(&["--agent", &a]).len(), 1, "the record is stored under A's identity");
+    assert!(
+        coord.runs(&["--agent", &b]).is_empty(),
+        "A wrote a run as B"
+    );
+    assert_eq!(
+        coord.runs(&["--agent", &a]).len(),
+        1,
+        "the record is stored under A's identity"
+    );
 }
 
 #[test]
@@ -200,35 +290,71 @@ fn a_csr_asking_for_more_yields_a_plain_client_certificate() {
     let coord = Coordinator::start(root.path());
     let token = sundial_protocol::token::JoinToken::decode(&coord.token(&[])).expect("token");
     let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_string(), "sundial-coordinator".to_string()]).expect("params");
+    let mut params = rcgen::CertificateParams::new(vec![
+        "evil.example".to_string(),
+        "sundial-coordinator".to_string(),
+    ])
+    .expect("params");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let csr = params.serialize_request(&key).expect("csr");
     let resp = rt().block_on(async {
-        let (_ep, conn) = session::connect(&coord.addr.to_string(), &token.server_name, ServerTrust::Pinned(token.ca_sha256), None, ALPN_ENROLL)
-            .await
-            .expect("connects");
+        let (_ep, conn) = session::connect(
+            &coord.addr.to_string(),
+            &token.server_name,
+            ServerTrust::Pinned(token.ca_sha256),
+            None,
+            ALPN_ENROLL,
+        )
+        .await
+        .expect("connects");
         let (mut tx, rx) = conn.open_bi().await.expect("stream");
-        session::send(&mut tx, &EnrollRequest { token_secret: token.secret.clone(), csr_der: csr.der().to_vec(), name: None, labels: vec![] })
-            .await
-            .expect("send");
+        session::send(
+            &mut tx,
+            &EnrollRequest {
+                token_secret: token.secret.clone(),
+                csr_der: csr.der().to_vec(),
+                name: None,
+                labels: vec![],
+            },
+        )
+        .await
+        .expect("send");
         let _ = tx.finish();
-        FramedRecv::new(rx).next::<EnrollResponse>().await.expect("answer")
+        FramedRecv::new(rx)
+            .next::<EnrollResponse>()
+            .await
+            .expect("answer")
     });
     let EnrollResponse::Enrolled { cert_der, .. } = resp else {
         panic!("refused: {resp:?}");
     };
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(&cert_der).expect("parses");
-    let bc = cert.basic_constraints().expect("ext").map(|b| b.value.ca).unwrap_or(false);
+    let bc = cert
+        .basic_constraints()
+        .expect("ext")
+        .map(|b| b.value.ca)
+        .unwrap_or(false);
     assert!(!bc, "the agent got a CA certificate");
-    assert!(cert.subject_alternative_name().expect("ext").is_none(), "the agent got the names it asked for");
-    let eku = cert.extended_key_usage().expect("ext").expect("eku present").value;
+    assert!(
+        cert.subject_alternative_name().expect("ext").is_none(),
+        "the agent got the names it asked for"
+    );
+    let eku = cert
+        .extended_key_usage()
+        .expect("ext")
+        .expect("eku present")
+        .value;
     assert!(eku.client_auth && !eku.server_auth, "usage: {eku:?}");
     let ku = cert.key_usage().expect("ext").expect("ku present").value;
     assert!(!ku.key_cert_sign(), "the agent may sign certificates");
-    assert!(cert.subject().to_string().contains("sundial-agent a1"), "{}", cert.subject());
+    assert!(
+        cert.subject().to_string().contains("sundial-agent a1"),
+        "{}",
+        cert.subject()
+    );
 }
 
 #[test]
@@ -241,7 +367,16 @@ fn garbage_and_oversized_frames_close_that_connection_only() {
     join(&addr, &coord.token(&[]), &a_dir, "a", &[]).expect("a");
     let b = join(&addr, &coord.token(&[]), &b_dir, "b", &[]).expect("b");
     let mut good = Agent::start(&b_dir);
-    let task = coord.ctl_ok(&["task", "create", "--agent", &b, "--every", "300ms", "--", "/bin/true"]);
+    let task = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &b,
+        "--every",
+        "300ms",
+        "--",
+        "/bin/true",
+    ]);
     wait_for("b runs", || !coord.runs(&["--task", &task]).is_empty());
 
     for bytes in [
@@ -250,7 +385,14 @@ fn garbage_and_oversized_frames_close_that_connection_only() {
         b"\x00\x00\x00\x03\x63ab".to_vec(),
     ] {
         let r: Result<(), SessionError> = rt().block_on(async {
-            let (_ep, conn) = session::connect(&addr, "sundial-coordinator", ServerTrust::Ca(ca(&coord)), Some(agent_identity(&a_dir)), ALPN).await?;
+            let (_ep, conn) = session::connect(
+                &addr,
+                "sundial-coordinator",
+                ServerTrust::Ca(ca(&coord)),
+                Some(agent_identity(&a_dir)),
+                ALPN,
+            )
+            .await?;
             let (mut tx, rx) = conn.open_bi().await?;
             tx.write_all(&bytes).await?;
             let mut rx = FramedRecv::new(rx);
@@ -262,6 +404,8 @@ fn garbage_and_oversized_frames_close_that_connection_only() {
     }
     // The good agent is still served.
     let n = coord.runs(&["--task", &task]).len();
-    wait_for("b keeps syncing", || coord.runs(&["--task", &task]).len() > n + 2);
+    wait_for("b keeps syncing", || {
+        coord.runs(&["--task", &task]).len() > n + 2
+    });
     good.stop();
 }

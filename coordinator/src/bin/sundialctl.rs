@@ -445,7 +445,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             |r: AdminResponse| anyhow::anyhow!("unexpected answer from the coordinator: {r:?}");
         match cli.command {
             Cmd::Token(TokenCmd::Create { ttl, uses, labels }) => {
-                let ttl = if ttl.0 == 0 { TOKEN_TTL_DEFAULT } else { ttl };
+                if ttl.0 == 0 {
+                    bail!("--ttl must be longer than 0 (default {TOKEN_TTL_DEFAULT})");
+                }
                 match ask(AdminRequest::TokenCreate {
                     ttl_ms: ttl.0,
                     uses,

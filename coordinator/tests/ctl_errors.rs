@@ -1,0 +1,76 @@
+//! `sundialctl` fails clearly and quickly: no credentials, a bad credentials
+//! file, an unreachable coordinator (within about 5 s, not a hang).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CTL: &str = env!("CARGO_BIN_EXE_sundialctl");
+
+#[test]
+fn missing_and_bad_credentials_are_explained() {
+    let out = Command::new(CTL)
+        .args(["agent", "list"])
+        .env_remove("SUNDIAL_CREDS")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SUNDIAL_CREDS"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("creds");
+    std::fs::write(&bad, "{ not json").expect("write");
+    let out = Command::new(CTL)
+        .args(["agent", "list", "--creds"])
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a Sundial credentials file"));
+}
+
+#[test]
+fn an_unreachable_coordinator_is_reported_within_seconds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = dir.path().join("coord");
+    // A real coordinator's credentials, but nothing serves on its port.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let init = Command::new(env!("CARGO_BIN_EXE_sundial-coordinator"))
+        .args(["init", "--data-dir"])
+        .arg(&coord)
+        .args(["--advertise", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("init");
+    assert!(init.status.success());
+    let start = Instant::now();
+    let out = Command::new(CTL)
+        .args(["agent", "list"])
+        .env("SUNDIAL_CREDS", coord.join("admin.creds"))
+        .output()
+        .expect("runs");
+    let took = start.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("coordinator"), "{err}");
+    // Generous bound: the client gives up after 5 s; this only catches a hang.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+#[test]
+fn init_refuses_to_overwrite_a_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_sundial-coordinator"))
+            .args(["init", "--data-dir"])
+            .arg(dir.path())
+            .args(["--advertise", "127.0.0.1:7447"])
+            .output()
+            .expect("init")
+    };
+    assert!(run().status.success());
+    let again = run();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a coordinator"));
+}
