@@ -5,6 +5,7 @@
 //! are [`store`] (redb), [`exec`] (process spawning), [`clock`] (real clocks)
 //! and [`runtime`] (the loop that joins them).
 
+pub mod cli;
 pub mod clock;
 pub mod enroll;
 pub mod exec;

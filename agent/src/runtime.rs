@@ -368,7 +368,20 @@ impl Agent {
                 kill: Some(kill_tx),
             },
         );
-        let spec = self.actions.get(&key.task_id).cloned();
+        let spec = self.actions.get(&key.task_id).cloned().map(|mut spec| {
+            // The action knows which occurrence it is.
+            spec.env.extend([
+                ("SUNDIAL_TASK_ID".to_owned(), key.task_id.to_string()),
+                ("SUNDIAL_AGENT_ID".to_owned(), self.agent_id.to_string()),
+                ("SUNDIAL_SCHEDULED_AT".to_owned(), key.scheduled_at.to_string()),
+                (
+                    "SUNDIAL_SCHEDULED_AT_MS".to_owned(),
+                    key.scheduled_at.as_millis().to_string(),
+                ),
+                ("SUNDIAL_ATTEMPT".to_owned(), key.attempt.to_string()),
+            ]);
+            spec
+        });
         let policy = Arc::clone(&self.exec);
         let done = self.done_tx.clone();
         tracing::debug!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, "starting run");

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod coordinator_cli;
 pub mod net;
 pub mod pki;
 pub mod server;

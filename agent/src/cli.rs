@@ -1,0 +1,185 @@
+//! The `sundial-agent` command line, as a library function so that other
+//! binaries (the simulator) can run the very same entry points.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use crate::exec::ExecPolicy;
+use crate::runtime::{self, AgentConfig};
+use crate::status;
+
+/// Sundial agent: fires this device's scheduled tasks on time, online or not.
+#[derive(Debug, Parser)]
+#[command(name = "sundial-agent", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Enroll with a coordinator using a join token (from `sundialctl token create`).
+    Join {
+        /// The coordinator's HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        coordinator: String,
+        /// The join token.
+        #[arg(long, value_name = "TOKEN")]
+        token: String,
+        /// Directory for the agent's key, certificate and store (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// A name for this agent, shown to operators.
+        #[arg(long)]
+        name: Option<String>,
+        /// A label for task selectors (repeatable).
+        #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Allow programs matching this glob (repeatable); kept for `run`.
+        #[arg(long = "allow-exec", value_name = "PATTERN")]
+        allow_exec: Vec<String>,
+    },
+    /// Run the agent: fire tasks from the local store until stopped (SIGTERM/SIGINT).
+    Run {
+        /// Directory holding the agent's store (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Allow programs matching this glob to run (repeatable; `*` matches
+        /// any characters). With none, every run is recorded as rejected.
+        #[arg(long = "allow-exec", value_name = "PATTERN")]
+        allow_exec: Vec<String>,
+    },
+    /// Show the local view: tasks, next fire times, outbox, clock. Works offline.
+    Status {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not a label (expected key=value)")),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+/// Runs `sundial-agent` with these arguments (the first is the program name).
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sundial-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Run {
+            data_dir,
+            allow_exec,
+        } => {
+            init_logging();
+            let config = AgentConfig {
+                data_dir,
+                exec: ExecPolicy {
+                    allow: allow_exec,
+                    ..ExecPolicy::default()
+                },
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(runtime::run(config, shutdown_signal()))
+                .context("agent stopped")?;
+            Ok(())
+        }
+        Cmd::Join {
+            coordinator,
+            token,
+            data_dir,
+            name,
+            labels,
+            allow_exec,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let req = crate::enroll::JoinRequest {
+                coordinator,
+                token,
+                name,
+                labels,
+                allow_exec,
+            };
+            let id = rt
+                .block_on(crate::enroll::join(&data_dir, req))
+                .map_err(anyhow::Error::msg)?;
+            println!("{id}");
+            Ok(())
+        }
+        Cmd::Status { data_dir, output } => {
+            let s = status::read(&data_dir)?;
+            match output {
+                Output::Table => print!("{}", status::render(&s)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+            }
+            Ok(())
+        }
+    }
+}
