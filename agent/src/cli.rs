@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
 use crate::exec::ExecPolicy;
 use crate::runtime::{self, AgentConfig};
 use crate::status;
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Sundial agent: fires this device's scheduled tasks on time, online or not.
 #[derive(Debug, Parser)]

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod enroll;
 pub mod exec;
+pub mod fault;
 pub mod runtime;
 pub mod scheduler;
 pub mod session;

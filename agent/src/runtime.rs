@@ -373,7 +373,10 @@ impl Agent {
             spec.env.extend([
                 ("SUNDIAL_TASK_ID".to_owned(), key.task_id.to_string()),
                 ("SUNDIAL_AGENT_ID".to_owned(), self.agent_id.to_string()),
-                ("SUNDIAL_SCHEDULED_AT".to_owned(), key.scheduled_at.to_string()),
+                (
+                    "SUNDIAL_SCHEDULED_AT".to_owned(),
+                    key.scheduled_at.to_string(),
+                ),
                 (
                     "SUNDIAL_SCHEDULED_AT_MS".to_owned(),
                     key.scheduled_at.as_millis().to_string(),
@@ -385,6 +388,15 @@ impl Agent {
         let policy = Arc::clone(&self.exec);
         let done = self.done_tx.clone();
         tracing::debug!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, "starting run");
+        if crate::fault::active("double-fire") {
+            if let Some(spec) = spec.clone() {
+                let policy = Arc::clone(&policy);
+                tokio::spawn(async move {
+                    let (_keep, never) = oneshot::channel();
+                    let _ = exec::run(&spec, &policy, never).await;
+                });
+            }
+        }
         tokio::spawn(async move {
             let result = match spec {
                 Some(spec) => exec::run(&spec, &policy, kill_rx).await,

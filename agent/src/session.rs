@@ -331,7 +331,7 @@ async fn session(
             let batch = store.outbox_after(cursor, RESULT_BATCH_RUNS_MAX, BATCH_BYTES_MAX)?;
             let Some((last, _)) = batch.last() else { break };
             cursor = *last;
-            let keys = batch.iter().map(|(_, r)| r.key()).collect();
+            let keys: Vec<RunKey> = batch.iter().map(|(_, r)| r.key()).collect();
             let runs = batch.into_iter().map(|(_, r)| r).collect();
             send(
                 &mut tx,
@@ -341,6 +341,9 @@ async fn session(
                 },
             )
             .await?;
+            if crate::fault::active("ack-early") {
+                store.outbox_ack(&keys)?;
+            }
             in_flight.insert(next_batch, keys);
             next_batch += 1;
         }

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::server::{self, Server, PORT_DEFAULT};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use crate::server::{self, Server, PORT_DEFAULT};
 
 /// Sundial coordinator: assigns tasks to agents and stores their runs.
 #[derive(Debug, Parser)]

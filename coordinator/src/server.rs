@@ -500,7 +500,9 @@ async fn session_loop(
                     return Ok(());
                 }
                 let (changes, upto) = changes_since(state, agent, &record.labels, sent).map_err(store_failed)?;
-                if upto > sent {
+                // Changes for other agents are not news here; the revision
+                // catches up with the next change that is.
+                if !changes.is_empty() {
                     net::send(send, &CoordMsg::Assignments { snapshot: false, changes, upto_revision: upto }).await?;
                     sent = upto;
                 }

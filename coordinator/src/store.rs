@@ -28,6 +28,10 @@ const CERTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("certs");
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 const RUNS: TableDefinition<(u64, u64, i64, u32), &[u8]> = TableDefinition::new("runs");
+/// Each task's current revision → its id: "changes since R" is a range scan.
+const TASK_REVS: TableDefinition<u64, u64> = TableDefinition::new("task_revisions");
+/// Names of live (not cancelled) tasks → id.
+const TASK_NAMES: TableDefinition<&str, u64> = TableDefinition::new("task_names");
 
 const NEXT_AGENT: &str = "next_agent_id";
 const NEXT_TASK: &str = "next_task_id";
@@ -122,6 +126,9 @@ impl CoordinatorStore {
             txn.open_table(TOKENS).map_err(db_err("create tables"))?;
             txn.open_table(TASKS).map_err(db_err("create tables"))?;
             txn.open_table(RUNS).map_err(db_err("create tables"))?;
+            txn.open_table(TASK_REVS).map_err(db_err("create tables"))?;
+            txn.open_table(TASK_NAMES)
+                .map_err(db_err("create tables"))?;
         }
         txn.commit().map_err(db_err("create tables"))?;
         Ok(store)
@@ -327,19 +334,20 @@ impl CoordinatorStore {
 
     /// Creates a task with the next id and revision.
     pub fn create_task(&self, draft: TaskDraft, now: Timestamp) -> Result<TaskSpec> {
-        if let Some(name) = &draft.name {
-            let taken = self
-                .tasks()?
-                .into_iter()
-                .any(|(t, cancelled)| !cancelled && t.name.as_deref() == Some(name));
-            if taken {
-                return Err(StoreError::Refused(format!(
-                    "a task named `{name}` exists already"
-                )));
-            }
-        }
         let txn = self.db.begin_write().map_err(db_err("create task"))?;
         let spec = {
+            let mut names = txn.open_table(TASK_NAMES).map_err(db_err("create task"))?;
+            if let Some(name) = &draft.name {
+                if names
+                    .get(name.as_str())
+                    .map_err(db_err("create task"))?
+                    .is_some()
+                {
+                    return Err(StoreError::Refused(format!(
+                        "a task named `{name}` exists already"
+                    )));
+                }
+            }
             let mut meta = txn.open_table(META).map_err(db_err("create task"))?;
             let id = Self::meta_u64(&meta, NEXT_TASK)?.max(1);
             let revision = Self::meta_u64(&meta, REVISION)? + 1;
@@ -365,6 +373,13 @@ impl CoordinatorStore {
             tasks
                 .insert(id, records::encode(&rec).as_slice())
                 .map_err(db_err("create task"))?;
+            let mut revs = txn.open_table(TASK_REVS).map_err(db_err("create task"))?;
+            revs.insert(revision, id).map_err(db_err("create task"))?;
+            if let Some(name) = &spec.name {
+                names
+                    .insert(name.as_str(), id)
+                    .map_err(db_err("create task"))?;
+            }
             spec
         };
         txn.commit().map_err(db_err("commit task"))?;
@@ -393,6 +408,14 @@ impl CoordinatorStore {
             let revision = Self::meta_u64(&meta, REVISION)? + 1;
             meta.insert(REVISION, records::encode(&revision).as_slice())
                 .map_err(db_err("cancel task"))?;
+            let mut revs = txn.open_table(TASK_REVS).map_err(db_err("cancel task"))?;
+            revs.remove(rec.task.revision)
+                .map_err(db_err("cancel task"))?;
+            revs.insert(revision, id.0).map_err(db_err("cancel task"))?;
+            if let Some(name) = &rec.task.name {
+                let mut names = txn.open_table(TASK_NAMES).map_err(db_err("cancel task"))?;
+                names.remove(name.as_str()).map_err(db_err("cancel task"))?;
+            }
             rec.cancelled = true;
             rec.task.revision = revision;
             tasks
@@ -425,16 +448,28 @@ impl CoordinatorStore {
         labels: &[(String, String)],
         revision: u64,
     ) -> Result<Vec<(TaskSpec, bool)>> {
-        let mut out: Vec<(TaskSpec, bool)> = self
-            .tasks()?
-            .into_iter()
-            .filter(|(t, cancelled)| {
-                t.revision > revision
-                    && !(revision == 0 && *cancelled)
-                    && targets(&t.target, agent, labels)
-            })
-            .collect();
-        out.sort_by_key(|(t, _)| t.revision);
+        let txn = self.db.begin_read().map_err(db_err("read changes"))?;
+        let revs = txn.open_table(TASK_REVS).map_err(db_err("read changes"))?;
+        let tasks = txn.open_table(TASKS).map_err(db_err("read changes"))?;
+        let mut out = Vec::new();
+        for item in revs
+            .range(revision.saturating_add(1)..)
+            .map_err(db_err("read changes"))?
+        {
+            let (_, id) = item.map_err(db_err("read changes"))?;
+            let id = id.value();
+            let Some(v) = tasks.get(id).map_err(db_err("read changes"))? else {
+                continue;
+            };
+            let rec: CoordTaskV1 = records::decode("tasks", id, v.value())?;
+            if revision == 0 && rec.cancelled {
+                continue;
+            }
+            let spec = rec.task.into_spec(id)?;
+            if targets(&spec.target, agent, labels) {
+                out.push((spec, rec.cancelled));
+            }
+        }
         Ok(out)
     }
 

@@ -1,7 +1,20 @@
-//! `sundial-tests`: the fleet harness — fault-injecting UDP relay, process
-//! harness, invariant checker, partition and crash scenarios, and the
-//! `sundial-sim` binary.
+//! `sundial-tests`: the whole fleet on one machine.
 //!
-//! Not built yet: it needs the coordinator and the QUIC session first (see
-//! ARCHITECTURE.md, "Status"). The crate exists so the workspace has its
-//! final shape.
+//! - [`relay`]: a fault-injecting UDP relay per agent (cut, one-way loss,
+//!   delay with jitter, loss, duplication, reordering);
+//! - [`harness`]: a coordinator and agents as real processes of the
+//!   simulator's own binary (or lightweight in-process agents), started,
+//!   stopped and `kill -9`ed;
+//! - [`checker`]: derives the expected occurrences from the schedules and
+//!   checks the actions' own start records and the coordinator's records
+//!   against them;
+//! - [`scenario`]: seeded fault timelines; `sundial-sim` runs them.
+//!
+//! Invariant: everything listens on 127.0.0.1 and writes under one
+//! temporary directory per run; every random choice comes from the seed.
+
+pub mod checker;
+pub mod harness;
+pub mod relay;
+pub mod rng;
+pub mod scenario;

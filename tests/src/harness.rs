@@ -1,0 +1,458 @@
+//! A fleet on this machine: a coordinator process and agents — real
+//! processes of the simulator's own binary, entering the same library entry
+//! points as `sundial-coordinator` and `sundial-agent` — or, for large
+//! fleets, lightweight in-process agents. Each agent dials its own relay.
+//! Everything lives in one temporary directory and listens on 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use sundial_coordinator::client::AdminClient;
+use sundial_coordinator::pki::AdminCreds;
+use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::wire::{AdminRequest, AdminResponse, TaskDraft};
+use sundial_protocol::{AgentId, Schedule, TaskId};
+
+use crate::relay::{LinkConfig, Relay};
+use crate::rng::Rng;
+
+/// The hidden subcommands the simulator's binary answers to.
+pub const SUB_COORDINATOR: &str = "__coordinator";
+pub const SUB_AGENT: &str = "__agent";
+pub const SUB_PROBE: &str = "__probe";
+/// Enrollments in flight at once while a fleet starts.
+pub const ENROLL_CONCURRENCY_MAX: usize = 16;
+/// How long start-up steps may take before the harness gives up.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How an agent runs.
+#[derive(Debug)]
+enum AgentRun {
+    Stopped,
+    Process(Child),
+    InProcess {
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+/// One agent of the fleet.
+#[derive(Debug)]
+pub struct AgentNode {
+    pub name: String,
+    pub id: AgentId,
+    pub dir: PathBuf,
+    pub relay: Relay,
+    /// Where its probe actions write what they saw.
+    pub probe_log: PathBuf,
+    run: AgentRun,
+    in_process: bool,
+}
+
+/// The fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    pub root: tempfile::TempDir,
+    exe: PathBuf,
+    pub coord_dir: PathBuf,
+    pub coord_addr: SocketAddr,
+    coord: Option<Child>,
+    pub agents: Vec<AgentNode>,
+    creds: AdminCreds,
+    /// One admin connection, reused until it fails.
+    client: tokio::sync::Mutex<Option<AdminClient>>,
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+impl Fleet {
+    /// Starts a coordinator and `n` enrolled, running agents. `exe` is the
+    /// simulator binary (it serves the hidden subcommands).
+    pub async fn start(
+        exe: &Path,
+        n: usize,
+        in_process: bool,
+        rng: &mut Rng,
+    ) -> anyhow::Result<Fleet> {
+        let root = tempfile::Builder::new().prefix("sundial-sim-").tempdir()?;
+        let coord_dir = root.path().join("coordinator");
+        let coord_addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()?).into();
+        let creds_path = sundial_coordinator::server::init(
+            &coord_dir,
+            &coord_addr.to_string(),
+            "sundial-coordinator",
+        )?;
+        let creds = AdminCreds::load(&creds_path).map_err(anyhow::Error::msg)?;
+        let mut fleet = Fleet {
+            root,
+            exe: exe.to_owned(),
+            coord_dir,
+            coord_addr,
+            coord: None,
+            agents: Vec::new(),
+            creds,
+            client: tokio::sync::Mutex::new(None),
+        };
+        fleet.start_coordinator().await?;
+        let token = match fleet
+            .admin(&AdminRequest::TokenCreate {
+                ttl_ms: 3_600_000,
+                uses: n.max(1) as u32,
+                labels: vec![("fleet".into(), "sim".into())],
+            })
+            .await?
+        {
+            AdminResponse::Token(t) => t,
+            r => bail!("token: unexpected {r:?}"),
+        };
+        // Enroll concurrently (bounded), then start in order.
+        let mut relays = Vec::with_capacity(n);
+        for _ in 0..n {
+            relays.push(Relay::start(coord_addr, rng.fork()).await?);
+        }
+        let mut joined: Vec<Option<AgentId>> = vec![None; n];
+        let mut set = tokio::task::JoinSet::new();
+        for (i, relay) in relays.iter().enumerate() {
+            let name = format!("agent-{}", i + 1);
+            let dir = fleet.root.path().join(&name);
+            let req = sundial_agent::enroll::JoinRequest {
+                coordinator: relay.addr().to_string(),
+                token: token.clone(),
+                name: Some(name.clone()),
+                labels: vec![],
+                allow_exec: vec![exe.display().to_string()],
+            };
+            set.spawn(async move {
+                let r = sundial_agent::enroll::join(&dir, req).await;
+                (i, name, r)
+            });
+            if set.len() >= ENROLL_CONCURRENCY_MAX {
+                if let Some(done) = set.join_next().await {
+                    let (i, name, r) = done?;
+                    joined[i] = Some(r.map_err(|e| anyhow!("{name} cannot join: {e}"))?);
+                }
+            }
+        }
+        while let Some(done) = set.join_next().await {
+            let (i, name, r) = done?;
+            joined[i] = Some(r.map_err(|e| anyhow!("{name} cannot join: {e}"))?);
+        }
+        for (i, relay) in relays.into_iter().enumerate() {
+            let name = format!("agent-{}", i + 1);
+            let dir = fleet.root.path().join(&name);
+            let id = joined[i].ok_or_else(|| anyhow!("{name} did not join"))?;
+            let probe_log = dir.join("probe.log");
+            let mut node = AgentNode {
+                name,
+                id,
+                dir,
+                relay,
+                probe_log,
+                run: AgentRun::Stopped,
+                in_process,
+            };
+            node.start(&fleet.exe)?;
+            fleet.agents.push(node);
+        }
+        Ok(fleet)
+    }
+
+    /// Starts (or restarts) the coordinator process on the same data and port.
+    pub async fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(&self.exe)
+            .arg(SUB_COORDINATOR)
+            .args(["serve", "--data-dir"])
+            .arg(&self.coord_dir)
+            .args(["--listen", &self.coord_addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.coord_dir.join("coordinator.log"))?)
+            .spawn()
+            .context("starting the coordinator")?;
+        self.coord = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if AdminClient::connect(&self.creds).await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the coordinator did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `kill -9` the coordinator.
+    pub fn kill_coordinator(&mut self) {
+        if let Ok(mut c) = self.client.try_lock() {
+            *c = None;
+        }
+        if let Some(mut c) = self.coord.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn coordinator_running(&self) -> bool {
+        self.coord.is_some()
+    }
+
+    /// One admin request, on the cached connection or a new one.
+    pub async fn admin(&self, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
+        let mut cached = self.client.lock().await;
+        if let Some(c) = cached.as_ref() {
+            match c.request(req).await {
+                Ok(r) => return Ok(r),
+                Err(_) => *cached = None,
+            }
+        }
+        let client = AdminClient::connect(&self.creds)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let r = client.request(req).await.map_err(anyhow::Error::msg);
+        if r.is_ok() {
+            *cached = Some(client);
+        }
+        r
+    }
+
+    /// Creates a probe task on one agent; returns its id.
+    pub async fn add_task(
+        &self,
+        agent: usize,
+        name: &str,
+        schedule: Schedule,
+        sleep_ms: u64,
+        policies: sundial_protocol::policy::Policies,
+    ) -> anyhow::Result<TaskId> {
+        let node = &self.agents[agent];
+        let mut args = vec![SUB_PROBE.to_string(), node.probe_log.display().to_string()];
+        if sleep_ms > 0 {
+            args.push(sleep_ms.to_string());
+        }
+        let draft = TaskDraft {
+            name: Some(format!("{}-{name}", node.name)),
+            target: Target::Agent(node.id),
+            schedule,
+            action: Action::Exec(ExecSpec {
+                program: self.exe.display().to_string(),
+                args,
+                env: vec![],
+                cwd: None,
+            }),
+            policies,
+        };
+        match self
+            .admin(&AdminRequest::TaskCreate(Box::new(draft)))
+            .await?
+        {
+            AdminResponse::TaskCreated(id) => Ok(id),
+            r => bail!("task create: unexpected {r:?}"),
+        }
+    }
+
+    /// Runs stored at the coordinator so far (by asking it).
+    pub async fn synced_count(&self) -> Option<usize> {
+        match self
+            .admin(&AdminRequest::RunList {
+                task: None,
+                agent: None,
+                since: None,
+                limit: u32::MAX,
+            })
+            .await
+        {
+            Ok(AdminResponse::Runs(r)) => Some(r.len()),
+            _ => None,
+        }
+    }
+
+    /// Records waiting in every agent's outbox, and runs in progress.
+    pub fn backlog(&self) -> (u64, usize) {
+        let mut outbox = 0;
+        let mut running = 0;
+        for a in &self.agents {
+            if let Ok(s) = sundial_agent::status::read(&a.dir) {
+                outbox += s.outbox_len;
+                running += s.runs_in_progress;
+            } else {
+                outbox += 1; // unreadable yet: not drained
+            }
+        }
+        (outbox, running)
+    }
+
+    /// Heals every link and restarts whatever is down.
+    pub async fn heal_all(&mut self) -> anyhow::Result<()> {
+        for a in &self.agents {
+            a.relay.set(LinkConfig::pass());
+        }
+        if !self.coordinator_running() {
+            self.start_coordinator().await?;
+        }
+        let exe = self.exe.clone();
+        for a in &mut self.agents {
+            if !a.is_running() {
+                a.start(&exe)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn exe(&self) -> &Path {
+        &self.exe
+    }
+
+    /// Stops everything (agents first).
+    pub async fn stop(&mut self) {
+        for a in &mut self.agents {
+            a.stop().await;
+        }
+        self.kill_coordinator();
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            if let AgentRun::Process(c) = &mut a.run {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.kill_coordinator();
+    }
+}
+
+impl AgentNode {
+    pub fn is_running(&self) -> bool {
+        !matches!(self.run, AgentRun::Stopped)
+    }
+
+    /// Starts the agent.
+    pub fn start(&mut self, exe: &Path) -> anyhow::Result<()> {
+        if self.in_process {
+            let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+            let cfg = sundial_agent::runtime::AgentConfig {
+                data_dir: self.dir.clone(),
+                exec: Default::default(),
+            };
+            let name = self.name.clone();
+            let task = tokio::spawn(async move {
+                let r = sundial_agent::runtime::run(cfg, async {
+                    let _ = rx.await;
+                })
+                .await;
+                if let Err(e) = r {
+                    eprintln!("{name} stopped: {e}");
+                }
+            });
+            self.run = AgentRun::InProcess { stop, task };
+        } else {
+            let child = Command::new(exe)
+                .arg(SUB_AGENT)
+                .args(["run", "--data-dir"])
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(log_file(&self.dir.join("agent.log"))?)
+                .spawn()
+                .with_context(|| format!("starting {}", self.name))?;
+            self.run = AgentRun::Process(child);
+        }
+        Ok(())
+    }
+
+    /// `kill -9` (a process) or drop (in-process: the nearest equivalent).
+    pub async fn kill9(&mut self) {
+        match std::mem::replace(&mut self.run, AgentRun::Stopped) {
+            AgentRun::Process(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            AgentRun::InProcess { task, .. } => {
+                task.abort();
+                let _ = task.await;
+            }
+            AgentRun::Stopped => {}
+        }
+    }
+
+    /// A clean stop.
+    pub async fn stop(&mut self) {
+        match std::mem::replace(&mut self.run, AgentRun::Stopped) {
+            AgentRun::Process(mut c) => {
+                if let Some(pid) = i32::try_from(c.id())
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            AgentRun::InProcess { stop, task } => {
+                let _ = stop.send(());
+                let _ = task.await;
+            }
+            AgentRun::Stopped => {}
+        }
+    }
+}
+
+/// `__probe LOG [SLEEP_MS]`: the action of simulated tasks. Appends
+/// `AGENT TASK SCHEDULED_MS ATTEMPT STARTED_MS` to LOG (one write, so lines
+/// from concurrent runs never interleave), then sleeps if asked.
+pub fn probe(args: &[String]) -> std::process::ExitCode {
+    use std::io::Write;
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let Some(log) = args.first() else {
+        eprintln!("usage: {SUB_PROBE} LOG [SLEEP_MS]");
+        return std::process::ExitCode::from(2);
+    };
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "-".into());
+    let line = format!(
+        "{} {} {} {} {}\n",
+        var("SUNDIAL_AGENT_ID"),
+        var("SUNDIAL_TASK_ID"),
+        var("SUNDIAL_SCHEDULED_AT_MS"),
+        var("SUNDIAL_ATTEMPT"),
+        started_ms
+    );
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("probe: {log}: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    if let Some(ms) = args.get(1).and_then(|s| s.parse::<u64>().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    std::process::ExitCode::SUCCESS
+}
