@@ -2,7 +2,6 @@
 //! scenario and checks that every occurrence fired on time and was recorded
 //! exactly once. Exits non-zero when an invariant fails.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -77,7 +76,7 @@ fn main() -> ExitCode {
             .map(|d| Duration::from_millis(d.0))
             .unwrap_or_else(|| cli.scenario.duration_default()),
         seed,
-        exe: PathBuf::from(exe),
+        exe,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
