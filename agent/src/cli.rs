@@ -49,9 +49,12 @@ enum Cmd {
     },
     /// Run the agent: fire tasks from the local store until stopped (SIGTERM/SIGINT).
     Run {
+        /// A TOML configuration file (see deploy/agent.toml); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Directory holding the agent's store (created if missing).
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "config")]
+        data_dir: Option<PathBuf>,
         /// Allow programs matching this glob to run (repeatable; `*` matches
         /// any characters). With none, every run is recorded as rejected.
         #[arg(long = "allow-exec", value_name = "PATTERN")]
@@ -74,9 +77,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -129,17 +132,32 @@ where
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run {
+            config,
             data_dir,
             allow_exec,
         } => {
-            init_logging();
-            let config = AgentConfig {
-                data_dir,
-                exec: ExecPolicy {
-                    allow: allow_exec,
-                    ..ExecPolicy::default()
-                },
+            let file = match &config {
+                Some(path) => crate::config::load(path).map_err(anyhow::Error::msg)?,
+                None => crate::config::AgentFile::default(),
             };
+            init_logging(file.log.as_deref().unwrap_or("info"));
+            let Some(data_dir) = data_dir.or(file.data_dir) else {
+                anyhow::bail!(
+                    "no data directory: pass --data-dir or set data_dir in the config file"
+                );
+            };
+            let mut exec = ExecPolicy {
+                allow: if allow_exec.is_empty() {
+                    file.allow_exec
+                } else {
+                    allow_exec
+                },
+                ..ExecPolicy::default()
+            };
+            if let Some(b) = file.output_tail_bytes {
+                exec.tail_bytes_max = b;
+            }
+            let config = AgentConfig { data_dir, exec };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

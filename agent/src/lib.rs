@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod enroll;
 pub mod exec;
 pub mod fault;

@@ -35,11 +35,14 @@ enum Cmd {
     },
     /// Serve agents and admins until SIGTERM/SIGINT.
     Serve {
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
-        /// UDP address to listen on.
-        #[arg(long, value_name = "ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], PORT_DEFAULT)))]
-        listen: SocketAddr,
+        /// A TOML configuration file (see deploy/coordinator.toml); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long, value_name = "DIR", required_unless_present = "config")]
+        data_dir: Option<PathBuf>,
+        /// UDP address to listen on [default: 0.0.0.0:7447].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
     },
 }
 
@@ -59,6 +62,21 @@ async fn shutdown_signal() {
     }
 }
 
+/// `coordinator.toml`: every key optional; flags override.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorFile {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub log: Option<String>,
+}
+
+/// Reads and checks a coordinator configuration file.
+pub fn load_config(path: &std::path::Path) -> Result<CoordinatorFile, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Runs `sundial-coordinator` with these arguments (the first is the program name).
 pub fn main_with<I, T>(args: I) -> ExitCode
 where
@@ -76,14 +94,27 @@ where
             };
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let file = match &cli.command {
+        Cmd::Serve {
+            config: Some(path), ..
+        } => match load_config(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("sundial-coordinator: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => CoordinatorFile::default(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(file.log.as_deref().unwrap_or("info"))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    match run(cli) {
+    match run(cli, file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sundial-coordinator: {e:#}");
@@ -92,7 +123,7 @@ where
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Init {
             data_dir,
@@ -108,7 +139,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", creds.display());
             Ok(())
         }
-        Cmd::Serve { data_dir, listen } => {
+        Cmd::Serve {
+            data_dir, listen, ..
+        } => {
+            let Some(data_dir) = data_dir.or(file.data_dir) else {
+                anyhow::bail!(
+                    "no data directory: pass --data-dir or set data_dir in the config file"
+                );
+            };
+            let listen = listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], PORT_DEFAULT)));
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -1,0 +1,47 @@
+//! The agent's configuration file (TOML), for `sundial-agent run --config FILE`.
+//!
+//! Every key is optional; flags on the command line override the file. An
+//! unknown key or a bad value is an error naming the key and its line.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `agent.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// Where the agent keeps its key, certificate and store.
+    pub data_dir: Option<PathBuf>,
+    /// Programs tasks may run (globs with `*` and `?`).
+    #[serde(default)]
+    pub allow_exec: Vec<String>,
+    /// Log filter: error, warn, info, debug, trace (SUNDIAL_LOG overrides).
+    pub log: Option<String>,
+    /// Bytes of stdout and of stderr kept per run.
+    pub output_tail_bytes: Option<usize>,
+}
+
+/// Reads and checks a configuration file.
+pub fn load(path: &Path) -> Result<AgentFile, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = toml::from_str::<AgentFile>("data_dir = \"/x\"\nallow_exe = [\"a\"]\n")
+            .expect_err("typo");
+        assert!(e.to_string().contains("allow_exe"), "{e}");
+        let e =
+            toml::from_str::<AgentFile>("output_tail_bytes = \"big\"\n").expect_err("bad value");
+        assert!(e.to_string().contains("output_tail_bytes"), "{e}");
+        let ok: AgentFile =
+            toml::from_str("allow_exec = [\"/usr/bin/*\"]\nlog = \"debug\"\n").expect("valid");
+        assert_eq!(ok.allow_exec, ["/usr/bin/*"]);
+    }
+}
