@@ -164,20 +164,20 @@ pub async fn run(
             exec_policy.allow.push(p);
         }
     }
-    match SessionConfig::load(&config.data_dir, &store) {
-        Ok(Some(cfg)) => {
-            tokio::spawn(session::run(
-                cfg,
-                store.clone(),
-                control_tx.clone(),
-                shared.clone(),
-            ));
-        }
-        Ok(None) => {}
+    // Aborted when the agent stops, so nothing holds the store afterwards.
+    let session_task = match SessionConfig::load(&config.data_dir, &store) {
+        Ok(Some(cfg)) => Some(tokio::spawn(session::run(
+            cfg,
+            store.clone(),
+            control_tx.clone(),
+            shared.clone(),
+        ))),
+        Ok(None) => None,
         Err(e) => {
-            tracing::error!(error = %e, "enrollment files unreadable; running without a coordinator")
+            tracing::error!(error = %e, "enrollment files unreadable; running without a coordinator");
+            None
         }
-    }
+    };
     drop(control_tx);
     if !interrupted.is_empty() {
         shared.outbox.notify_one();
@@ -218,6 +218,10 @@ pub async fn run(
         }
     }
     tracing::info!("agent stopping; runs still going will be reported as interrupted");
+    if let Some(t) = session_task {
+        t.abort();
+        let _ = t.await;
+    }
     agent.persist_known_good(true)?;
     Ok(())
 }

@@ -326,6 +326,25 @@ impl AgentStore {
         txn.commit().map_err(db_err("commit task"))
     }
 
+    /// Stores many tasks in one transaction (bulk assignment, benchmarks).
+    pub fn put_tasks(&self, tasks: &[TaskSpec], revision: Option<u64>) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut table = txn.open_table(TASKS).map_err(db_err("write tasks"))?;
+            for task in tasks {
+                table
+                    .insert(task.id.0, encode(&TaskRecordV1::from_spec(task)).as_slice())
+                    .map_err(db_err("write tasks"))?;
+            }
+            if let Some(r) = revision {
+                let mut meta = txn.open_table(META).map_err(db_err("write tasks"))?;
+                meta.insert(meta::LAST_REVISION, encode(&r).as_slice())
+                    .map_err(db_err("write tasks"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit tasks"))
+    }
+
     /// Removes a task and its state; its runs already in the outbox stay.
     pub fn remove_task(&self, id: TaskId, revision: Option<u64>) -> Result<()> {
         let txn = self.begin_write()?;

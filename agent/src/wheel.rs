@@ -113,6 +113,11 @@ impl<T> TimerWheel<T> {
     /// Bytes of slab per pending timer (excluding a payload's heap data).
     pub const ENTRY_BYTES: usize = std::mem::size_of::<Entry<T>>();
 
+    /// Bytes the wheel holds: its slab (as allocated) and its levels.
+    pub fn memory_bytes(&self) -> usize {
+        self.entries.capacity() * Self::ENTRY_BYTES + std::mem::size_of::<Self>()
+    }
+
     /// Adds a timer; a deadline at or before the current tick expires on the next poll.
     pub fn insert(&mut self, deadline: u64, value: T) -> TimerHandle {
         let index = if self.free_head != NIL {

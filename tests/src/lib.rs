@@ -13,6 +13,7 @@
 //! Invariant: everything listens on 127.0.0.1 and writes under one
 //! temporary directory per run; every random choice comes from the seed.
 
+pub mod bench;
 pub mod checker;
 pub mod harness;
 pub mod relay;
