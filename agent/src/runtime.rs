@@ -31,8 +31,10 @@ use crate::store::{meta, AgentStore, StartedInfo, StepWrite, StoreError};
 pub const STORE_FILE: &str = "agent.redb";
 /// The longest sleep between two readings of the clocks.
 pub const WAKE_INTERVAL_MAX_MS: i64 = 1_000;
-/// How often the known-good instant is persisted.
-pub const KNOWN_GOOD_PERSIST_MS: i64 = 60_000;
+/// How often the known-good instant is persisted (a clock found behind it by
+/// more than [`crate::clock::UNTRUSTED_SLACK_MS`] is held; minutes of
+/// staleness do not matter, a write per minute per device would).
+pub const KNOWN_GOOD_PERSIST_MS: i64 = 600_000;
 /// Runs that may end before the driver collects them, without blocking executors.
 pub const RUN_COMPLETIONS_QUEUE_MAX: usize = 1_024;
 

@@ -49,6 +49,9 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
 /// Bytes of records in one batch (the frame limit is larger).
 pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// How often a live session records its time as the last sync (a durable
+/// write: kept rare so a large in-process fleet does not drown in fsyncs).
+const LAST_SYNC_PERSIST: Duration = Duration::from_secs(300);
 /// How often the outbox is looked at even without a notification.
 const OUTBOX_POLL: Duration = Duration::from_millis(500);
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -347,7 +350,7 @@ async fn session(
             in_flight.insert(next_batch, keys);
             next_batch += 1;
         }
-        if synced_at.elapsed() > Duration::from_secs(10) {
+        if synced_at.elapsed() > LAST_SYNC_PERSIST {
             synced_at = Instant::now();
             store.put_meta(&[(meta::LAST_SYNC_MS, clock.read().wall_ms)])?;
         }

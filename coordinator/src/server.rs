@@ -504,8 +504,10 @@ async fn session_loop(
                 // catches up with the next change that is.
                 if !changes.is_empty() {
                     net::send(send, &CoordMsg::Assignments { snapshot: false, changes, upto_revision: upto }).await?;
-                    sent = upto;
                 }
+                // Seen, whether or not any of it was ours: the next look
+                // starts here (a reconnect starts from the agent's own revision).
+                sent = upto;
             }
         }
     }
