@@ -144,7 +144,8 @@ fn a_partitioned_agent_keeps_firing_and_every_run_arrives_once() {
     for r in &runs {
         assert_eq!(r["outcome"], "succeeded");
         let late = r["lateness_ms"].as_i64().unwrap_or(i64::MAX);
-        assert!(late < 1_000, "a run started {late} ms late");
+        // Generous: on time is measured by the benchmarks; this catches a stall.
+        assert!(late < 2_000, "a run started {late} ms late");
     }
 }
 

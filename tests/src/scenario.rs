@@ -80,6 +80,9 @@ impl Scenario {
     }
 }
 
+/// Pause between the end of the fault phase and the drain check.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -537,6 +540,9 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let end = now();
+    // Let occurrences due just before the end fire and be recorded before the
+    // drain check looks at the outboxes (later ones are not counted).
+    tokio::time::sleep(SETTLE).await;
     let (outbox, _) = fleet.backlog();
     buffered_max = buffered_max.max(outbox);
     say!(out, clock, "fault phase over; healing everything and waiting for outboxes to drain ({outbox} buffered)");
