@@ -184,7 +184,7 @@ fn fires_on_time_from_its_own_store_without_a_coordinator() {
         assert!(r.offline, "no coordinator: every run is offline");
         let late = r.fired_at.expect("fired").millis_since(r.scheduled_at);
         // Behaviour, not a benchmark: on time means not early and not a tick late.
-        assert!((0..1_000).contains(&late), "fired {late} ms after its time");
+        assert!((0..2_000).contains(&late), "fired {late} ms after its time");
     }
     // The action's own timestamps: none before its occurrence.
     let first = lines(&log)[0].parse::<i64>().expect("ms timestamp");
