@@ -420,6 +420,22 @@ impl AgentNode {
     }
 }
 
+/// When this process was started as one of the fleet's parts (the first
+/// argument is a hidden subcommand), runs that part and returns its exit code.
+pub fn run_as_part(args: &[String]) -> Option<std::process::ExitCode> {
+    let rest = || args.iter().skip(2).cloned();
+    match args.get(1).map(String::as_str) {
+        Some(SUB_COORDINATOR) => Some(sundial_coordinator::coordinator_cli::main_with(
+            std::iter::once("sundial-coordinator".to_string()).chain(rest()),
+        )),
+        Some(SUB_AGENT) => Some(sundial_agent::cli::main_with(
+            std::iter::once("sundial-agent".to_string()).chain(rest()),
+        )),
+        Some(SUB_PROBE) => Some(probe(&args[2..])),
+        _ => None,
+    }
+}
+
 /// `__probe LOG [SLEEP_MS]`: the action of simulated tasks. Appends
 /// `AGENT TASK SCHEDULED_MS ATTEMPT STARTED_MS` to LOG (one write, so lines
 /// from concurrent runs never interleave), then sleeps if asked.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sundial_tests::bench::{self, Table};
-use sundial_tests::harness::{self, SUB_AGENT, SUB_COORDINATOR, SUB_PROBE};
+use sundial_tests::harness;
 
 /// Measure Sundial: the timer wheel, firing lateness, store ingest, backlog
 /// drain, fleet scale and footprint. Numbers are medians with min–max over
@@ -28,19 +28,8 @@ const SUITES: [&str; 6] = ["wheel", "lateness", "ingest", "drain", "fleet", "foo
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some(SUB_COORDINATOR) => {
-            return sundial_coordinator::coordinator_cli::main_with(
-                std::iter::once("sundial-coordinator".to_string()).chain(args[2..].iter().cloned()),
-            )
-        }
-        Some(SUB_AGENT) => {
-            return sundial_agent::cli::main_with(
-                std::iter::once("sundial-agent".to_string()).chain(args[2..].iter().cloned()),
-            )
-        }
-        Some(SUB_PROBE) => return harness::probe(&args[2..]),
-        _ => {}
+    if let Some(code) = harness::run_as_part(&args) {
+        return code;
     }
     let cli = Cli::parse();
     let suites: Vec<String> = if cli.suites.is_empty() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sundial_protocol::DurationMs;
-use sundial_tests::harness::{self, SUB_AGENT, SUB_COORDINATOR, SUB_PROBE};
+use sundial_tests::harness;
 use sundial_tests::scenario::{self, Options, Scenario};
 
 /// Run a Sundial fleet (a coordinator and agents as real processes, each
@@ -37,19 +37,8 @@ fn parse_duration(s: &str) -> Result<DurationMs, String> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // Re-executions of this binary as the fleet's parts.
-    match args.get(1).map(String::as_str) {
-        Some(SUB_COORDINATOR) => {
-            return sundial_coordinator::coordinator_cli::main_with(
-                std::iter::once("sundial-coordinator".to_string()).chain(args[2..].iter().cloned()),
-            )
-        }
-        Some(SUB_AGENT) => {
-            return sundial_agent::cli::main_with(
-                std::iter::once("sundial-agent".to_string()).chain(args[2..].iter().cloned()),
-            )
-        }
-        Some(SUB_PROBE) => return harness::probe(&args[2..]),
-        _ => {}
+    if let Some(code) = harness::run_as_part(&args) {
+        return code;
     }
     let cli = Cli::parse();
     let seed = cli.seed.unwrap_or_else(|| {
