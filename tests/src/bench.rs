@@ -1125,7 +1125,7 @@ pub fn footprint(quick: bool, exe: &Path) -> Table {
     }
     notes.push("The agent runs as a process of this benchmark's binary (same entry point as `sundial-agent run`), \
         unenrolled, its tasks every hour so nothing fires; RSS is read from /proc 3 s after it reports it is running. \
-        Start-up is from spawn to that report. The scheduler keeps every task in memory (about 550 B each in the scheduler; more in RSS)."
+        Start-up is from spawn to that report. The scheduler keeps every task in memory."
         .into());
     Table {
         suite: "footprint",
