@@ -138,10 +138,6 @@ impl Coordinator {
         a.extend_from_slice(extra);
         self.json(&a).as_array().cloned().unwrap_or_default()
     }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
-    }
 }
 
 impl Drop for Coordinator {
