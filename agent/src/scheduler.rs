@@ -177,7 +177,7 @@ impl Scheduler {
     pub fn restore(&mut self, task: SchedTask, next_due: Option<Option<Timestamp>>) {
         let next_due = match next_due {
             Some(stored) => stored,
-            None => first_occurrence(&task),
+            None => first_occurrence(&task.schedule, task.created_at),
         };
         self.insert_entry(task, next_due);
     }
@@ -204,7 +204,7 @@ impl Scheduler {
                 next_due
             }
             None => {
-                let next_due = first_occurrence(&task);
+                let next_due = first_occurrence(&task.schedule, task.created_at);
                 self.insert_entry(task.clone(), next_due);
                 next_due
             }
@@ -448,7 +448,7 @@ impl Scheduler {
     }
 }
 
-fn first_occurrence(task: &SchedTask) -> Option<Timestamp> {
-    task.schedule
-        .next_after(task.created_at.saturating_add_ms(-1))
+/// A task's first occurrence: the first at or after its creation.
+pub fn first_occurrence(schedule: &Schedule, created_at: Timestamp) -> Option<Timestamp> {
+    schedule.next_after(created_at.saturating_add_ms(-1))
 }

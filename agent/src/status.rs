@@ -5,9 +5,10 @@
 use std::path::Path;
 
 use serde::Serialize;
-use sundial_protocol::{Schedule, TaskSpec, Timestamp};
+use sundial_protocol::{TaskSpec, Timestamp};
 
 use crate::runtime::store_path;
+use crate::scheduler::first_occurrence;
 use crate::store::{meta, AgentStore, StoreError};
 
 /// Tries to open the store (100 ms apart) before reporting an error.
@@ -117,10 +118,6 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         runs_in_progress: store.started()?.len(),
         tasks,
     })
-}
-
-fn first_occurrence(s: &Schedule, created_at: Timestamp) -> Option<Timestamp> {
-    s.next_after(created_at.saturating_add_ms(-1))
 }
 
 /// The status as text for people.

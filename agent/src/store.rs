@@ -308,22 +308,10 @@ impl AgentStore {
 
     // ---- tasks
 
-    /// Stores a task (new or changed) and, when given, its state and the new
-    /// applied revision, in one transaction.
+    /// Stores a task (new or changed) and, when given, the new applied
+    /// revision, in one transaction.
     pub fn put_task(&self, task: &TaskSpec, revision: Option<u64>) -> Result<()> {
-        let txn = self.begin_write()?;
-        {
-            let mut tasks = txn.open_table(TASKS).map_err(db_err("write task"))?;
-            tasks
-                .insert(task.id.0, encode(&TaskRecordV1::from_spec(task)).as_slice())
-                .map_err(db_err("write task"))?;
-            if let Some(r) = revision {
-                let mut meta = txn.open_table(META).map_err(db_err("write task"))?;
-                meta.insert(meta::LAST_REVISION, encode(&r).as_slice())
-                    .map_err(db_err("write task"))?;
-            }
-        }
-        txn.commit().map_err(db_err("commit task"))
+        self.put_tasks(std::slice::from_ref(task), revision)
     }
 
     /// Stores many tasks in one transaction (bulk assignment, benchmarks).

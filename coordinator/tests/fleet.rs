@@ -9,6 +9,28 @@ use std::time::Duration;
 
 use common::{join, sched_ms, wait_for, Agent, Coordinator, Link, Relay};
 
+/// A coordinator, one agent dialling it through a relay, and a task running
+/// `/bin/true` on that agent every `period`.
+fn relayed_agent_with_task(period: &str) -> (tempfile::TempDir, Coordinator, Relay, Agent, String) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let relay = Relay::start(coord.addr);
+    let dir = root.path().join("a");
+    let id = join(&relay.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let agent = Agent::start(&dir);
+    let task = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--every",
+        period,
+        "--",
+        "/bin/true",
+    ]);
+    (root, coord, relay, agent, task)
+}
+
 /// Every occurrence of an every-`period_ms` task between the first and the
 /// last recorded one is there, and none twice.
 fn each_once_without_gaps(times: &[i64], period_ms: i64) {
@@ -112,22 +134,7 @@ fn join_assign_fire_record_and_a_selector_reaches_a_later_agent() {
 
 #[test]
 fn a_partitioned_agent_keeps_firing_and_every_run_arrives_once() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let coord = Coordinator::start(root.path());
-    let relay = Relay::start(coord.addr);
-    let dir = root.path().join("a");
-    let id = join(&relay.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
-    let mut agent = Agent::start(&dir);
-    let task = coord.ctl_ok(&[
-        "task",
-        "create",
-        "--agent",
-        &id,
-        "--every",
-        "500ms",
-        "--",
-        "/bin/true",
-    ]);
+    let (_root, coord, relay, mut agent, task) = relayed_agent_with_task("500ms");
     wait_for("online runs", || coord.runs(&["--task", &task]).len() >= 3);
 
     relay.set(Link::DropBoth);
@@ -262,22 +269,7 @@ fn a_coordinator_killed_and_restarted_loses_nothing_and_agents_come_back() {
 
 #[test]
 fn acks_lost_after_commit_are_resent_without_duplicates() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let coord = Coordinator::start(root.path());
-    let relay = Relay::start(coord.addr);
-    let dir = root.path().join("a");
-    let id = join(&relay.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
-    let mut agent = Agent::start(&dir);
-    let task = coord.ctl_ok(&[
-        "task",
-        "create",
-        "--agent",
-        &id,
-        "--every",
-        "250ms",
-        "--",
-        "/bin/true",
-    ]);
+    let (_root, coord, relay, mut agent, task) = relayed_agent_with_task("250ms");
     wait_for("runs", || coord.runs(&["--task", &task]).len() >= 3);
 
     // The coordinator keeps receiving and committing; its acks are lost.
