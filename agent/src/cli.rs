@@ -9,6 +9,7 @@ use crate::runtime::{self, AgentConfig};
 use crate::status;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use sundial_protocol::task::OUTPUT_TAIL_BYTES_MAX;
 
 /// Sundial agent: fires this device's scheduled tasks on time, online or not.
 #[derive(Debug, Parser)]
@@ -31,9 +32,17 @@ enum Cmd {
         /// The coordinator's HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
         coordinator: String,
-        /// The join token.
-        #[arg(long, value_name = "TOKEN")]
-        token: String,
+        /// The join token. It shows in `ps` while joining: prefer --token-file.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// Read the join token from this file (`-` for standard input).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// Directory for the agent's key, certificate and store (created if missing).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
@@ -46,6 +55,10 @@ enum Cmd {
         /// Allow programs matching this glob (repeatable); kept for `run`.
         #[arg(long = "allow-exec", value_name = "PATTERN")]
         allow_exec: Vec<String>,
+        /// Allow tasks to set this refused environment variable (glob,
+        /// repeatable; see `run --help`); kept for `run`.
+        #[arg(long = "allow-env", value_name = "NAME")]
+        allow_env: Vec<String>,
     },
     /// Run the agent: fire tasks from the local store until stopped (SIGTERM/SIGINT).
     Run {
@@ -59,6 +72,15 @@ enum Cmd {
         /// any characters). With none, every run is recorded as rejected.
         #[arg(long = "allow-exec", value_name = "PATTERN")]
         allow_exec: Vec<String>,
+        /// Let tasks set an environment variable that is refused by default
+        /// because it can make an allowed program run other code (LD_*,
+        /// PATH, BASH_ENV, PYTHON*, NODE_OPTIONS, ...). Glob, repeatable.
+        #[arg(long = "allow-env", value_name = "NAME")]
+        allow_env: Vec<String>,
+        /// Runs going at once; an occurrence due while this many run is
+        /// recorded as skipped [default: 64].
+        #[arg(long, value_name = "N")]
+        max_concurrent_runs: Option<usize>,
     },
     /// Show the local view: tasks, next fire times, outbox, clock. Works offline.
     Status {
@@ -75,6 +97,24 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("`{s}` is not a label (expected key=value)")),
     }
+}
+
+/// Reads a join token from a file or, for `-`, standard input.
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut s)
+            .context("reading the join token from standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the join token from {}", path.display()))?
+    };
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("{}: no join token in it", path.display());
+    }
+    Ok(token.to_owned())
 }
 
 fn init_logging(default: &str) {
@@ -135,6 +175,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             config,
             data_dir,
             allow_exec,
+            allow_env,
+            max_concurrent_runs,
         } => {
             let file = match &config {
                 Some(path) => crate::config::load(path).map_err(anyhow::Error::msg)?,
@@ -152,12 +194,34 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     allow_exec
                 },
+                allow_env: if allow_env.is_empty() {
+                    file.allow_env
+                } else {
+                    allow_env
+                },
                 ..ExecPolicy::default()
             };
             if let Some(b) = file.output_tail_bytes {
-                exec.tail_bytes_max = b;
+                if b > OUTPUT_TAIL_BYTES_MAX {
+                    tracing::warn!(
+                        configured = b,
+                        max = OUTPUT_TAIL_BYTES_MAX,
+                        "output_tail_bytes is above the most any agent keeps; using the maximum"
+                    );
+                }
+                exec.tail_bytes_max = b.min(OUTPUT_TAIL_BYTES_MAX);
             }
-            let config = AgentConfig { data_dir, exec };
+            let runs_concurrent_max = max_concurrent_runs
+                .or(file.max_concurrent_runs)
+                .unwrap_or(runtime::RUNS_CONCURRENT_MAX_DEFAULT);
+            if runs_concurrent_max == 0 {
+                anyhow::bail!("--max-concurrent-runs must be at least 1");
+            }
+            let config = AgentConfig {
+                data_dir,
+                exec,
+                runs_concurrent_max,
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -169,11 +233,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Join {
             coordinator,
             token,
+            token_file,
             data_dir,
             name,
             labels,
             allow_exec,
+            allow_env,
         } => {
+            let token = match (token, token_file) {
+                (Some(t), _) => t,
+                (None, Some(path)) => read_token(&path)?,
+                (None, None) => anyhow::bail!("pass --token-file FILE (or - for stdin) or --token"),
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -184,6 +255,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 name,
                 labels,
                 allow_exec,
+                allow_env,
             };
             let id = rt
                 .block_on(crate::enroll::join(&data_dir, req))

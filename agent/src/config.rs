@@ -18,8 +18,13 @@ pub struct AgentFile {
     pub allow_exec: Vec<String>,
     /// Log filter: error, warn, info, debug, trace (SUNDIAL_LOG overrides).
     pub log: Option<String>,
-    /// Bytes of stdout and of stderr kept per run.
+    /// Bytes of stdout and of stderr kept per run (at most 1 MiB).
     pub output_tail_bytes: Option<usize>,
+    /// Refused environment variables tasks may set anyway (globs).
+    #[serde(default)]
+    pub allow_env: Vec<String>,
+    /// Runs going at once (default 64).
+    pub max_concurrent_runs: Option<usize>,
 }
 
 /// Reads and checks a configuration file.

@@ -25,6 +25,8 @@ pub struct JoinRequest {
     pub name: Option<String>,
     pub labels: Vec<(String, String)>,
     pub allow_exec: Vec<String>,
+    /// `--allow-env` names, kept for `run`.
+    pub allow_env: Vec<String>,
 }
 
 fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
@@ -45,8 +47,16 @@ fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
 /// Enrolls the agent whose data lives in `data_dir`.
 pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> {
     let token = JoinToken::decode(&req.token).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    if !data_dir.is_dir() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    }
     let store = AgentStore::open(&store_path(data_dir)).map_err(|e| e.to_string())?;
+    crate::runtime::restrict_file(&store_path(data_dir));
     if let Some(id) = store
         .get_meta::<u64>(meta::AGENT_ID)
         .map_err(|e| e.to_string())?
@@ -130,6 +140,7 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
             (meta::SERVER_NAME, token.server_name.clone()),
         ])
         .and_then(|()| store.put_meta(&[(meta::ALLOW_EXEC, req.allow_exec.clone())]))
+        .and_then(|()| store.put_meta(&[(meta::ALLOW_ENV, req.allow_env.clone())]))
         .and_then(|()| store.put_meta(&[(meta::AGENT_ID, agent_id.0)]))
         .map_err(|e| e.to_string())?;
     Ok(agent_id)

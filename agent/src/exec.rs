@@ -15,7 +15,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use sundial_protocol::task::{ExecSpec, OUTPUT_TAIL_BYTES_DEFAULT};
+use sundial_protocol::task::{ExecSpec, OUTPUT_TAIL_BYTES_DEFAULT, OUTPUT_TAIL_BYTES_MAX};
 use sundial_protocol::Outcome;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::oneshot;
@@ -26,10 +26,50 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Read chunk size.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-/// Which programs may run, and how much output to keep.
+/// Environment variables a task may not set unless the agent allows them
+/// with `--allow-env`: they make the loader, the C library, a shell or an
+/// interpreter run code other than the allowed program (`LD_PRELOAD`,
+/// `BASH_ENV`, `PYTHONPATH`, ...), or make it find other programs (`PATH`).
+/// Globs, as for programs.
+pub const ENV_REFUSED: &[&str] = &[
+    "LD_*",
+    "GCONV_PATH",
+    "GETCONF_DIR",
+    "GLIBC_TUNABLES",
+    "HOSTALIASES",
+    "LOCALDOMAIN",
+    "LOCPATH",
+    "MALLOC_*",
+    "NIS_PATH",
+    "NLSPATH",
+    "RESOLV_HOST_CONF",
+    "RES_OPTIONS",
+    "PATH",
+    "IFS",
+    "BASH_ENV",
+    "ENV",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "PYTHON*",
+    "PERL5*",
+    "PERLLIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "JAVA_TOOL_OPTIONS",
+    "_JAVA_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+];
+
+/// Which programs may run, with what environment, and how much output to keep.
 #[derive(Debug, Clone)]
 pub struct ExecPolicy {
     pub allow: Vec<String>,
+    /// Names (globs) of [`ENV_REFUSED`] variables that tasks may set anyway.
+    pub allow_env: Vec<String>,
+    /// Kept per stream; at most [`OUTPUT_TAIL_BYTES_MAX`].
     pub tail_bytes_max: usize,
 }
 
@@ -37,12 +77,30 @@ impl Default for ExecPolicy {
     fn default() -> Self {
         ExecPolicy {
             allow: Vec::new(),
+            allow_env: Vec::new(),
             tail_bytes_max: OUTPUT_TAIL_BYTES_DEFAULT,
         }
     }
 }
 
 impl ExecPolicy {
+    /// Why `spec` may not run, or `None` if it may: its program (see
+    /// [`ExecPolicy::refusal`]) and its environment.
+    pub fn spec_refusal(&self, spec: &ExecSpec) -> Option<String> {
+        if let Some(why) = self.refusal(&spec.program) {
+            return Some(why);
+        }
+        for (name, _) in &spec.env {
+            let refused = ENV_REFUSED.iter().any(|p| glob_match(p, name));
+            if refused && !self.allow_env.iter().any(|p| glob_match(p, name)) {
+                return Some(format!(
+                    "environment variable `{name}` is not allowed: it can make the program load or run other code (start the agent with --allow-env {name} to allow it)"
+                ));
+            }
+        }
+        None
+    }
+
     /// Why `program` may not run, or `None` if it may.
     pub fn refusal(&self, program: &str) -> Option<String> {
         if program.is_empty() {
@@ -166,8 +224,27 @@ fn kill_group(pid: u32) {
 /// message on `kill` (or the sender dropped after sending) kills its
 /// process group and yields `timed_out`.
 pub async fn run(spec: &ExecSpec, policy: &ExecPolicy, kill: oneshot::Receiver<()>) -> ExecResult {
-    if let Some(why) = policy.refusal(&spec.program) {
+    run_with(spec, policy, kill, |_| {}).await
+}
+
+/// [`run`], calling `spawned` with the program's pid (also its process
+/// group) as soon as it has started.
+pub async fn run_with(
+    spec: &ExecSpec,
+    policy: &ExecPolicy,
+    kill: oneshot::Receiver<()>,
+    spawned: impl FnOnce(u32),
+) -> ExecResult {
+    if let Some(why) = policy.spec_refusal(spec) {
         return ExecResult::not_started(Outcome::Rejected, why);
+    }
+    if let Some(cwd) = &spec.cwd {
+        if !std::path::Path::new(cwd).is_dir() {
+            return ExecResult::not_started(
+                Outcome::Failed,
+                format!("working directory `{cwd}` does not exist or is not a directory"),
+            );
+        }
     }
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
@@ -190,7 +267,10 @@ pub async fn run(spec: &ExecSpec, policy: &ExecPolicy, kill: oneshot::Receiver<(
         }
     };
     let pid = child.id();
-    let cap = policy.tail_bytes_max;
+    if let Some(pid) = pid {
+        spawned(pid);
+    }
+    let cap = policy.tail_bytes_max.min(OUTPUT_TAIL_BYTES_MAX);
     let stdout = child.stdout.take().map(|s| tokio::spawn(read_tail(s, cap)));
     let stderr = child.stderr.take().map(|s| tokio::spawn(read_tail(s, cap)));
 
@@ -274,8 +354,55 @@ mod tests {
     fn allow(p: &[&str]) -> ExecPolicy {
         ExecPolicy {
             allow: p.iter().map(|s| s.to_string()).collect(),
+            allow_env: Vec::new(),
             tail_bytes_max: 1024,
         }
+    }
+
+    #[tokio::test]
+    async fn loader_variables_are_refused_unless_allowed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("ran");
+        let mut s = spec("/bin/sh", &["-c", &format!("touch {}", marker.display())]);
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "BASH_ENV",
+            "PATH",
+            "PYTHONPATH",
+        ] {
+            s.env = vec![(name.into(), "/tmp/evil".into())];
+            let (_k, rx) = oneshot::channel();
+            let r = run(&s, &allow(&["/bin/sh"]), rx).await;
+            assert_eq!(r.outcome, Outcome::Rejected, "{name}");
+            assert!(r.detail.unwrap_or_default().contains(name));
+            assert!(!marker.exists(), "{name}: the program ran");
+        }
+        // Ordinary variables pass; an owner may allow a refused one.
+        s.env = vec![("GREETING".into(), "hi".into())];
+        let (_k, rx) = oneshot::channel();
+        assert_eq!(
+            run(&s, &allow(&["/bin/sh"]), rx).await.outcome,
+            Outcome::Succeeded
+        );
+        let mut p = allow(&["/bin/sh"]);
+        p.allow_env = vec!["LD_LIBRARY_PATH".into()];
+        s.env = vec![("LD_LIBRARY_PATH".into(), "/opt/lib".into())];
+        let (_k, rx) = oneshot::channel();
+        assert_eq!(run(&s, &p, rx).await.outcome, Outcome::Succeeded);
+        s.env = vec![("LD_PRELOAD".into(), "/opt/lib/x.so".into())];
+        let (_k, rx) = oneshot::channel();
+        assert_eq!(run(&s, &p, rx).await.outcome, Outcome::Rejected);
+    }
+
+    #[tokio::test]
+    async fn a_missing_working_directory_is_named() {
+        let mut s = spec("/bin/true", &[]);
+        s.cwd = Some("/nonexistent/dir".into());
+        let (_k, rx) = oneshot::channel();
+        let r = run(&s, &allow(&["/bin/true"]), rx).await;
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert!(r.detail.unwrap_or_default().contains("/nonexistent/dir"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::{boot_ns, BootTimer, ClockGuard, ClockNote, SystemClock};
 use crate::exec::{self, ExecPolicy, ExecResult};
-use crate::scheduler::{Command, SchedTask, Scheduler};
+use crate::scheduler::{Command, SchedTask, Scheduler, SkipReason};
 use crate::session::{self, SessionConfig, SessionShared};
 use crate::store::{meta, AgentStore, StartedInfo, StepWrite, StoreError};
 
@@ -38,14 +38,36 @@ pub const KNOWN_GOOD_PERSIST_MS: i64 = 600_000;
 /// Runs that may end before the driver collects them, without blocking executors.
 pub const RUN_COMPLETIONS_QUEUE_MAX: usize = 1_024;
 
+/// The default of `--max-concurrent-runs`.
+pub const RUNS_CONCURRENT_MAX_DEFAULT: usize = 64;
+/// The folder of the data directory where running actions leave their pid,
+/// so that an agent restarted after a crash finds what is still running.
+pub const RUNNING_DIR: &str = "running";
+/// How long a restarted agent waits for a leftover process group to die.
+const LEFTOVER_KILL_WAIT_MS: u64 = 5_000;
+/// How often the agent checks that its store file is still the one it opened.
+const STORE_CHECK_INTERVAL_MS: i64 = 5_000;
+
 /// How the agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub exec: ExecPolicy,
+    /// Runs going at once; an occurrence due while this many run is
+    /// recorded `skipped` (reason: concurrency).
+    pub runs_concurrent_max: usize,
 }
 
 impl AgentConfig {
+    /// A configuration with the defaults for everything but the data directory.
+    pub fn new(data_dir: PathBuf) -> AgentConfig {
+        AgentConfig {
+            data_dir,
+            exec: ExecPolicy::default(),
+            runs_concurrent_max: RUNS_CONCURRENT_MAX_DEFAULT,
+        }
+    }
+
     pub fn store_path(&self) -> PathBuf {
         store_path(&self.data_dir)
     }
@@ -68,6 +90,14 @@ pub enum AgentError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// The store is gone (or empty) while the agent's certificate says it
+    /// was enrolled: its tasks and unsynced run records are lost.
+    #[error("{store} is {what}, but {dir} holds this agent's certificate: its tasks and the run records not yet synced are gone. Restore {store} from a backup and start again; to enroll this device afresh, move {dir} away and run `sundial-agent join` with a new token")]
+    StoreLost {
+        store: PathBuf,
+        dir: PathBuf,
+        what: &'static str,
     },
 }
 
@@ -106,6 +136,9 @@ struct Agent {
     done_tx: mpsc::Sender<(RunKey, ExecResult)>,
     last_persisted_good_ms: i64,
     held_reported: bool,
+    runs_concurrent_max: usize,
+    cap_reported: bool,
+    running_dir: PathBuf,
 }
 
 /// Runs the agent until `shutdown` resolves or the store fails.
@@ -113,11 +146,13 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    create_private_dir(&config.data_dir)?;
+    check_store_present(&config.data_dir)?;
     let store = Arc::new(open_store(&config.store_path()).await?);
+    restrict_file(&config.store_path());
+    let store_identity = file_identity(&config.store_path());
+    let running_dir = config.data_dir.join(RUNNING_DIR);
+    create_private_dir(&running_dir)?;
     let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?.map(AgentId);
     if agent_id.is_none() {
         tracing::warn!(
@@ -137,9 +172,12 @@ pub async fn run(
         .observe(reading, &mut notes)
         .unwrap_or_else(|| Timestamp::from_millis_saturating(reading.wall_ms));
 
-    let interrupted = store.recover_interrupted(agent_id, start)?;
+    // Before anything is recorded: actions a crashed agent left running are
+    // ended, so a retry never runs beside its predecessor.
+    let leftovers = end_leftovers(&running_dir).await;
+    let interrupted = store.recover_interrupted(agent_id, start, &leftovers)?;
     for r in &interrupted {
-        tracing::warn!(task = %r.task_id, scheduled_at = %r.scheduled_at, attempt = r.attempt, "run interrupted by the agent's stop; recorded as interrupted");
+        tracing::warn!(task = %r.task_id, scheduled_at = %r.scheduled_at, attempt = r.attempt, detail = ?r.detail, "run interrupted by the agent's stop; recorded as interrupted");
     }
     let mut sched = Scheduler::new(start);
     let states = store.task_states()?;
@@ -166,8 +204,21 @@ pub async fn run(
             exec_policy.allow.push(p);
         }
     }
+    for p in store
+        .get_meta::<Vec<String>>(meta::ALLOW_ENV)?
+        .unwrap_or_default()
+    {
+        if !exec_policy.allow_env.contains(&p) {
+            exec_policy.allow_env.push(p);
+        }
+    }
+    let revoked = store.get_meta::<bool>(meta::REVOKED)?.unwrap_or(false);
+    if revoked {
+        tracing::error!("this agent was revoked by its coordinator: it makes no session (its local tasks still fire); to use this device again, move its data directory away and join with a new token");
+    }
     // Aborted when the agent stops, so nothing holds the store afterwards.
     let session_task = match SessionConfig::load(&config.data_dir, &store) {
+        Ok(Some(_)) if revoked => None,
         Ok(Some(cfg)) => Some(tokio::spawn(session::run(
             cfg,
             store.clone(),
@@ -197,12 +248,38 @@ pub async fn run(
         done_tx,
         last_persisted_good_ms: i64::MIN,
         held_reported: false,
+        runs_concurrent_max: config.runs_concurrent_max.max(1),
+        cap_reported: false,
+        running_dir,
     };
     agent.log_notes(&notes);
     let mut timer = BootTimer::new();
     tokio::pin!(shutdown);
     let mut control_open = true;
+    let mut store_checked_ms = boot_ns() / 1_000_000;
     loop {
+        let boot_ms = boot_ns() / 1_000_000;
+        if boot_ms - store_checked_ms >= STORE_CHECK_INTERVAL_MS {
+            store_checked_ms = boot_ms;
+            let now_identity = file_identity(&config.store_path());
+            if now_identity != store_identity {
+                let what = if now_identity.is_none() {
+                    "gone"
+                } else {
+                    "a different file"
+                };
+                tracing::error!(store = %config.store_path().display(), what, "the agent's store was deleted or replaced while it ran; stopping so that nothing more is lost");
+                return Err(AgentError::StoreLost {
+                    store: config.store_path(),
+                    dir: config.data_dir.clone(),
+                    what: if now_identity.is_none() {
+                        "missing"
+                    } else {
+                        "replaced"
+                    },
+                });
+            }
+        }
         let now = agent.turn()?;
         let sleep_ms = match (now, agent.sched.next_wake()) {
             (Some(now), Some(wake)) => wake.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS),
@@ -228,6 +305,148 @@ pub async fn run(
     Ok(())
 }
 
+/// Creates `dir` (and its parents) readable by the agent's user only, as it
+/// holds the agent's key and the tasks' environments. An existing directory
+/// keeps the mode its owner gave it.
+fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| AgentError::DataDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Makes a file readable by its owner only (best effort: a read-only
+/// filesystem or another owner leaves it as it is).
+pub fn restrict_file(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
+/// The (device, inode) of a file, to notice it being deleted or replaced.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Refuses to start on a missing or empty store when the agent's
+/// certificate says it was enrolled (a fresh store would silently drop its
+/// tasks and unsynced records).
+fn check_store_present(dir: &Path) -> Result<(), AgentError> {
+    if !dir.join(session::CERT_FILE).exists() {
+        return Ok(());
+    }
+    let store = store_path(dir);
+    let what = match std::fs::metadata(&store) {
+        Ok(m) if m.len() == 0 => "empty",
+        Ok(_) => return Ok(()),
+        Err(_) => "missing",
+    };
+    Err(AgentError::StoreLost {
+        store,
+        dir: dir.to_owned(),
+        what,
+    })
+}
+
+/// The pid file of a running action.
+fn pid_file(dir: &Path, key: RunKey) -> PathBuf {
+    dir.join(format!(
+        "{}-{}-{}",
+        key.task_id.0,
+        key.scheduled_at.as_millis(),
+        key.attempt
+    ))
+}
+
+/// A process's start time (clock ticks since boot, field 22 of
+/// `/proc/PID/stat`): with the pid it names one process, even after the
+/// pid is reused.
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // after it start past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn group_alive(pgid: u32) -> bool {
+    i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|p| rustix::process::test_kill_process_group(p).is_ok())
+}
+
+/// Ends the process groups that runs of a previous (crashed) agent left
+/// behind, and says for each run key what was found. Pid files are written
+/// as a run's program starts and removed when its record is stored; they
+/// need no fsync: a power loss ends the processes too.
+async fn end_leftovers(dir: &Path) -> HashMap<(u64, i64, u32), String> {
+    let mut found = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mut parts = name.splitn(3, '-');
+        let key = match (parts.next(), parts.next(), parts.next()) {
+            (Some(t), Some(s), Some(a)) => match (t.parse(), s.parse(), a.parse()) {
+                (Ok(t), Ok(s), Ok(a)) => Some((t, s, a)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        let Some(key) = key else { continue };
+        let mut fields = text.split_whitespace();
+        let (Some(Ok(pid)), Some(Ok(ticks))) = (
+            fields.next().map(str::parse::<u32>),
+            fields.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        // The leader may have exited while others of its group live on;
+        // the start time guards against a reused pid when it is there.
+        let same = process_start_ticks(pid).is_none_or(|t| t == ticks);
+        if !(same && group_alive(pid)) {
+            continue;
+        }
+        tracing::warn!(
+            pid,
+            "a run of the previous agent process is still going; killing its process group"
+        );
+        if let Some(p) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+        }
+        let mut waited = 0;
+        while group_alive(pid) && waited < LEFTOVER_KILL_WAIT_MS {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            waited += 50;
+        }
+        found.insert(
+            key,
+            format!("the agent stopped while this run was going; its processes (group {pid}) were still running when the agent restarted and were killed"),
+        );
+    }
+    found
+}
+
 /// How long the agent waits for another process (a `status` reading) to
 /// let go of its store before concluding another agent is running.
 const STORE_BUSY_WAIT_MS: u64 = 5_000;
@@ -243,6 +462,24 @@ async fn open_store(path: &Path) -> Result<AgentStore, AgentError> {
             Err(e) if e.is_already_open() => return Err(AgentError::Busy(path.to_owned())),
             other => return Ok(other?),
         }
+    }
+}
+
+/// The record of an occurrence that did not run.
+fn skipped_record(key: RunKey, agent_id: AgentId, offline: bool, reason: SkipReason) -> RunRecord {
+    RunRecord {
+        task_id: key.task_id,
+        agent_id,
+        scheduled_at: key.scheduled_at,
+        attempt: key.attempt,
+        fired_at: None,
+        finished_at: None,
+        outcome: Outcome::Skipped,
+        exit_code: None,
+        offline,
+        detail: Some(reason.as_str().to_owned()),
+        stdout_tail: Vec::new(),
+        stderr_tail: Vec::new(),
     }
 }
 
@@ -310,9 +547,28 @@ impl Agent {
         let mut step = StepWrite::default();
         let mut starts = Vec::new();
         let mut kills = Vec::new();
+        let mut capped = Vec::new();
+        if self.running.len() < self.runs_concurrent_max {
+            self.cap_reported = false;
+        }
         for c in cmds {
             match c {
                 Command::SaveState { task_id, next_due } => step.states.push((task_id, next_due)),
+                Command::Start { key, .. }
+                    if self.running.len() + starts.len() >= self.runs_concurrent_max =>
+                {
+                    if !self.cap_reported {
+                        self.cap_reported = true;
+                        tracing::warn!(max = self.runs_concurrent_max, task = %key.task_id, "at the cap of concurrent runs; occurrences due now are recorded as skipped");
+                    }
+                    capped.push(key);
+                    step.records.push(skipped_record(
+                        key,
+                        self.agent_id,
+                        offline,
+                        SkipReason::ConcurrencyCap,
+                    ));
+                }
                 Command::Start { key, .. } => {
                     step.started.push((
                         key,
@@ -323,20 +579,10 @@ impl Agent {
                     ));
                     starts.push(key);
                 }
-                Command::Skip { key, reason } => step.records.push(RunRecord {
-                    task_id: key.task_id,
-                    agent_id: self.agent_id,
-                    scheduled_at: key.scheduled_at,
-                    attempt: key.attempt,
-                    fired_at: None,
-                    finished_at: None,
-                    outcome: Outcome::Skipped,
-                    exit_code: None,
-                    offline,
-                    detail: Some(reason.as_str().to_owned()),
-                    stdout_tail: Vec::new(),
-                    stderr_tail: Vec::new(),
-                }),
+                Command::Skip { key, reason } => {
+                    step.records
+                        .push(skipped_record(key, self.agent_id, offline, reason))
+                }
                 Command::Kill { key } => kills.push(key),
             }
         }
@@ -346,7 +592,13 @@ impl Agent {
             for key in starts {
                 self.sched.run_finished(key, Outcome::Rejected, now);
             }
+            for key in capped {
+                self.sched.run_finished(key, Outcome::Skipped, now);
+            }
         } else {
+            for key in capped {
+                self.sched.run_finished(key, Outcome::Skipped, now);
+            }
             if !step.records.is_empty() {
                 self.shared.outbox.notify_one();
             }
@@ -393,6 +645,7 @@ impl Agent {
         });
         let policy = Arc::clone(&self.exec);
         let done = self.done_tx.clone();
+        let pid_path = pid_file(&self.running_dir, key);
         tracing::debug!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, "starting run");
         if crate::fault::active("double-fire") {
             if let Some(spec) = spec.clone() {
@@ -405,7 +658,15 @@ impl Agent {
         }
         tokio::spawn(async move {
             let result = match spec {
-                Some(spec) => exec::run(&spec, &policy, kill_rx).await,
+                Some(spec) => {
+                    exec::run_with(&spec, &policy, kill_rx, |pid| {
+                        let ticks = process_start_ticks(pid).unwrap_or(0);
+                        if let Err(e) = std::fs::write(&pid_path, format!("{pid} {ticks}\n")) {
+                            tracing::warn!(error = %e, path = %pid_path.display(), "could not note a run's pid; after a crash it could not be found");
+                        }
+                    })
+                    .await
+                }
                 None => ExecResult {
                     outcome: Outcome::Rejected,
                     exit_code: None,
@@ -442,7 +703,10 @@ impl Agent {
         };
         tracing::info!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, outcome = %record.outcome, "run finished");
         match self.store.finish_run(&record) {
-            Ok(()) => self.shared.outbox.notify_one(),
+            Ok(()) => {
+                let _ = std::fs::remove_file(pid_file(&self.running_dir, key));
+                self.shared.outbox.notify_one()
+            }
             // The started marker stays: the run will be reported interrupted after a restart.
             Err(e) => {
                 tracing::error!(error = %e, task = %key.task_id, "could not store a finished run")

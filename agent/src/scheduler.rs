@@ -63,6 +63,9 @@ pub enum SkipReason {
     Misfire,
     /// A run of the same task was still going and overlap is `forbid`.
     Overlap,
+    /// The agent already ran its maximum of runs at once (decided by the
+    /// runtime, which knows the cap).
+    ConcurrencyCap,
 }
 
 impl SkipReason {
@@ -70,6 +73,9 @@ impl SkipReason {
         match self {
             SkipReason::Misfire => "misfire: missed while the agent was down",
             SkipReason::Overlap => "overlap: a previous run was still going",
+            SkipReason::ConcurrencyCap => {
+                "concurrency: the agent was already running its maximum of runs at once (--max-concurrent-runs)"
+            }
         }
     }
 }

@@ -37,6 +37,10 @@ use crate::store::{meta, AgentStore};
 pub const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// The longest wait between reconnect attempts.
 pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
+/// The wait between attempts while the coordinator refuses our certificate:
+/// retrying harder cannot help, and a fleet of revoked devices must not
+/// load the coordinator.
+pub const RECONNECT_DELAY_REFUSED: Duration = Duration::from_secs(600);
 /// The first wait after a failed connection.
 pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
 /// A connection attempt is abandoned after this long.
@@ -229,6 +233,25 @@ pub async fn connect(
     Ok((endpoint, conn))
 }
 
+/// Whether TLS refused the connection (an alert in the handshake: our
+/// certificate is revoked or unknown there, or theirs is not our CA's).
+fn refused_by_tls(e: &SessionError) -> bool {
+    format!("{e:?}").contains("Code::crypto")
+}
+
+/// Whether the coordinator ended the session because this agent is revoked.
+fn revoked(conn: &quinn::Connection, result: &Result<(), SessionError>) -> bool {
+    let code = sundial_protocol::wire::close::REVOKED;
+    let by_code = |e: &quinn::ConnectionError| matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(code));
+    let from_result = match result {
+        Err(SessionError::Connection(e)) => by_code(e),
+        Err(SessionError::Read(quinn::ReadError::ConnectionLost(e)))
+        | Err(SessionError::Write(quinn::WriteError::ConnectionLost(e))) => by_code(e),
+        _ => false,
+    };
+    from_result || conn.close_reason().as_ref().is_some_and(by_code)
+}
+
 /// A cheap, well-spread random number for jitter (no cryptographic use).
 fn jitter_seed() -> u64 {
     let t = std::time::SystemTime::now()
@@ -259,8 +282,12 @@ pub async fn run(
     shared: Arc<SessionShared>,
 ) {
     let mut failures: u32 = 0;
+    // What the log last said about reaching the coordinator, so that a
+    // device offline for a week says so once, not every 30 s.
+    let mut reported: Option<&'static str> = None;
     loop {
         let started = Instant::now();
+        let mut refused = false;
         let identity = Identity {
             chain: vec![cfg.cert.clone()],
             key: cfg.key.clone_key(),
@@ -279,8 +306,21 @@ pub async fn run(
                 tracing::info!(coordinator = %cfg.coordinator, "session up");
                 let result = session(&conn, &store, &control, &shared).await;
                 shared.online.store(false, Ordering::SeqCst);
+                if revoked(&conn, &result) {
+                    tracing::error!(coordinator = %cfg.coordinator, "this agent was revoked by its coordinator: no more sessions (local tasks still fire); to use this device again, move its data directory away and join with a new token");
+                    if let Err(e) = store.put_meta(&[(meta::REVOKED, true)]) {
+                        tracing::error!(error = %e, "could not record the revocation");
+                    }
+                    return;
+                }
+                reported = None;
                 match result {
                     Err(SessionError::Stopping) => return,
+                    Err(e) if refused_by_tls(&e) => {
+                        refused = true;
+                        tracing::error!(error = %e, coordinator = %cfg.coordinator, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely");
+                        reported = Some("refused");
+                    }
                     Err(e) => tracing::warn!(error = %e, "session down"),
                     Ok(()) => tracing::info!("session closed"),
                 }
@@ -289,15 +329,31 @@ pub async fn run(
                     failures = 0;
                 }
             }
+            Err(e) if refused_by_tls(&e) => {
+                refused = true;
+                if reported != Some("refused") {
+                    tracing::error!(error = %e, coordinator = %cfg.coordinator, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely");
+                    reported = Some("refused");
+                }
+            }
             Err(e) => {
-                tracing::debug!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator")
+                if reported != Some("unreachable") {
+                    tracing::info!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator; tasks keep firing and runs wait in the outbox");
+                    reported = Some("unreachable");
+                } else {
+                    tracing::debug!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator");
+                }
             }
         }
         if control.is_closed() {
             return;
         }
         failures = failures.saturating_add(1);
-        let delay = reconnect_delay(failures, jitter_seed());
+        let delay = if refused {
+            RECONNECT_DELAY_REFUSED
+        } else {
+            reconnect_delay(failures, jitter_seed())
+        };
         tracing::debug!(?delay, failures, "reconnecting after a pause");
         tokio::time::sleep(delay).await;
     }

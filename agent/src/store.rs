@@ -68,8 +68,12 @@ pub mod meta {
     pub const SERVER_NAME: &str = "server_name";
     /// `--allow-exec` patterns given at join (`Vec<String>`).
     pub const ALLOW_EXEC: &str = "allow_exec";
+    /// `--allow-env` names given at join (`Vec<String>`).
+    pub const ALLOW_ENV: &str = "allow_env";
     /// Whether firing is held because the clock is untrusted (bool).
     pub const CLOCK_HELD: &str = "clock_held";
+    /// bool: the coordinator said this agent is revoked; no session is tried.
+    pub const REVOKED: &str = "revoked";
 }
 
 /// Why a store operation failed.
@@ -501,7 +505,16 @@ impl AgentStore {
 
     /// After a crash: every run still marked started becomes an
     /// `interrupted` record in the outbox, in one transaction. Returns them.
-    pub fn recover_interrupted(&self, agent_id: AgentId, now: Timestamp) -> Result<Vec<RunRecord>> {
+    ///
+    /// `leftovers` names, by (task, scheduled_at ms, attempt), runs whose
+    /// processes outlived the agent and were killed, with what was done. An
+    /// interrupted run has no `finished_at`: when it really ended is unknown.
+    pub fn recover_interrupted(
+        &self,
+        agent_id: AgentId,
+        _now: Timestamp,
+        leftovers: &std::collections::HashMap<(u64, i64, u32), String>,
+    ) -> Result<Vec<RunRecord>> {
         let started = self.started()?;
         if started.is_empty() {
             return Ok(Vec::new());
@@ -514,11 +527,16 @@ impl AgentStore {
                 scheduled_at: key.scheduled_at,
                 attempt: key.attempt,
                 fired_at: Some(info.fired_at),
-                finished_at: Some(now),
+                finished_at: None,
                 outcome: Outcome::Interrupted,
                 exit_code: None,
                 offline: info.offline,
-                detail: Some("the agent stopped while the run was going".into()),
+                detail: Some(
+                    leftovers
+                        .get(&(key.task_id.0, key.scheduled_at.as_millis(), key.attempt))
+                        .cloned()
+                        .unwrap_or_else(|| "the agent stopped while the run was going".into()),
+                ),
                 stdout_tail: Vec::new(),
                 stderr_tail: Vec::new(),
             })

@@ -62,12 +62,36 @@ impl ScheduleArgs {
     }
 }
 
-/// Parses an RFC 3339 instant, or `now`.
+/// Parses an instant as people write it: RFC 3339
+/// (`2026-11-26T08:00:00Z`), a date (`2026-11-26`, midnight UTC), `now`, or
+/// `now` plus a duration (`+20s`, `+1h30m`).
 pub fn parse_instant(s: &str) -> Result<Timestamp, String> {
+    let s = s.trim();
     if s == "now" {
         return Ok(now());
     }
-    Timestamp::parse(s).map_err(|e| e.to_string())
+    if let Some(d) = s.strip_prefix('+') {
+        let d = DurationMs::parse(d).map_err(|e| format!("`{s}`: {e}"))?;
+        return now()
+            .checked_add_ms(d.as_millis_i64())
+            .ok_or_else(|| format!("`{s}` lies past year 9999"));
+    }
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let dt = date.and_time(chrono::NaiveTime::MIN).and_utc();
+        return Timestamp::from_datetime(dt).map_err(|e| e.to_string());
+    }
+    Timestamp::parse(s).map_err(|_| {
+        format!("`{s}` is not an instant (expected RFC 3339 like 2026-11-26T08:00:00Z, a date like 2026-11-26, `now`, or `+DUR` like +20s)")
+    })
+}
+
+/// Parses `--since`: an instant as [`parse_instant`] takes it, or a duration
+/// meaning that long ago (`1h`, `7d`).
+pub fn parse_since(s: &str) -> Result<Timestamp, String> {
+    if let Ok(d) = DurationMs::parse(s.trim()) {
+        return Ok(now().saturating_add_ms(-d.as_millis_i64()));
+    }
+    parse_instant(s).map_err(|e| format!("{e}, or a duration such as 1h meaning that long ago"))
 }
 
 /// Parses a duration such as `1h30m`.
@@ -83,6 +107,9 @@ pub fn now() -> Timestamp {
         .unwrap_or(0);
     Timestamp::from_millis_saturating(ms)
 }
+
+/// The most occurrences `schedule next` prints.
+pub const SCHEDULE_COUNT_MAX: usize = 100_000;
 
 /// The next `count` occurrences after `from`.
 pub fn next_occurrences(schedule: &Schedule, from: Timestamp, count: usize) -> Vec<Timestamp> {

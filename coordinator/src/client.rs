@@ -7,7 +7,9 @@ use std::time::Duration;
 use sundial_protocol::tls::{client_config, ServerTrust};
 use sundial_protocol::wire::{AdminRequest, AdminResponse, ALPN_ADMIN};
 
-use crate::net::{self, FramedRecv};
+use sundial_protocol::RunRecord;
+
+use crate::net::{self, FramedRecv, NetError};
 use crate::pki::AdminCreds;
 
 /// An unreachable coordinator is reported after this long, not a hang.
@@ -59,20 +61,77 @@ impl AdminClient {
         })
     }
 
-    /// Sends one request and waits for its answer.
+    /// Sends one request and waits for its whole answer: one message, or
+    /// the pages of a list (merged here), up to the end of the stream.
     pub async fn request(&self, req: &AdminRequest) -> Result<AdminResponse, String> {
+        let mut answers = self.request_all(req).await?.into_iter();
+        let Some(first) = answers.next() else {
+            return Err("coordinator: empty answer".into());
+        };
+        Ok(match first {
+            AdminResponse::Tasks(mut all) => {
+                for a in answers {
+                    if let AdminResponse::Tasks(more) = a {
+                        all.extend(more);
+                    }
+                }
+                AdminResponse::Tasks(all)
+            }
+            AdminResponse::Runs(mut all) => {
+                for a in answers {
+                    if let AdminResponse::Runs(more) = a {
+                        all.extend(more);
+                    }
+                }
+                AdminResponse::Runs(all)
+            }
+            other => other,
+        })
+    }
+
+    /// A run list: the runs, how many matched in all, and how many stored
+    /// records the coordinator could not read.
+    pub async fn run_list(&self, req: &AdminRequest) -> Result<(Vec<RunRecord>, u64, u64), String> {
+        let mut runs = Vec::new();
+        let mut summary = None;
+        for a in self.request_all(req).await? {
+            match a {
+                AdminResponse::Runs(more) => runs.extend(more),
+                AdminResponse::RunsSummary {
+                    matched,
+                    unreadable,
+                } => summary = Some((matched, unreadable)),
+                other => return Err(format!("unexpected answer from the coordinator: {other:?}")),
+            }
+        }
+        let (matched, unreadable) = summary.unwrap_or((runs.len() as u64, 0));
+        Ok((runs, matched, unreadable))
+    }
+
+    /// Sends one request and reads every message of its answer.
+    pub async fn request_all(&self, req: &AdminRequest) -> Result<Vec<AdminResponse>, String> {
         let exchange = async {
             let (mut send, recv) = self.conn.open_bi().await.map_err(|e| e.to_string())?;
             net::send(&mut send, req).await.map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
-            FramedRecv::new(recv)
-                .next::<AdminResponse>()
-                .await
-                .map_err(|e| e.to_string())
+            let mut recv = FramedRecv::new(recv);
+            let mut answers = Vec::new();
+            loop {
+                match recv.next::<AdminResponse>().await {
+                    Ok(a) => answers.push(a),
+                    Err(NetError::Eof) if !answers.is_empty() => return Ok(answers),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-            Ok(Ok(AdminResponse::Error(e))) => Err(e),
-            Ok(r) => r.map_err(|e| format!("coordinator: {e}")),
+            Ok(Ok(answers)) => {
+                if let Some(AdminResponse::Error(e)) = answers.first() {
+                    return Err(e.clone());
+                }
+                Ok(answers)
+            }
+            Ok(Err(e)) => Err(format!("coordinator: {e}")),
             Err(_) => Err("the coordinator did not answer in time".into()),
         }
     }

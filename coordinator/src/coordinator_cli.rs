@@ -5,9 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::server::{self, Server, PORT_DEFAULT};
+use crate::server::{self, Limits, Server, PORT_DEFAULT};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sundial_protocol::DurationMs;
 
 /// Sundial coordinator: assigns tasks to agents and stores their runs.
 #[derive(Debug, Parser)]
@@ -32,6 +33,10 @@ enum Cmd {
         /// agents verify the coordinator by it, whatever address they dial.
         #[arg(long, value_name = "NAME", default_value = sundial_protocol::tls::SERVER_NAME_DEFAULT)]
         server_name: String,
+        /// Replace a CA already in DIR (and delete its store). Every agent
+        /// enrolled with the old CA is locked out and must join again.
+        #[arg(long)]
+        force: bool,
     },
     /// Serve agents and admins until SIGTERM/SIGINT.
     Serve {
@@ -43,6 +48,8 @@ enum Cmd {
         /// UDP address to listen on [default: 0.0.0.0:7447].
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
 }
 
@@ -62,6 +69,28 @@ async fn shutdown_signal() {
     }
 }
 
+/// The coordinator's limits as flags (each also a key of the config file).
+#[derive(Debug, Default, clap::Args)]
+struct LimitArgs {
+    /// Run records one agent may upload per second; faster uploads are
+    /// slowed down, never lost [default: 2000].
+    #[arg(long, value_name = "N")]
+    upload_runs_per_sec: Option<u32>,
+    /// The shortest --every period a task may have [default: 100ms].
+    #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
+    period_min: Option<DurationMs>,
+    /// The shortest first retry delay (--backoff) a task may have [default: 100ms].
+    #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
+    backoff_min: Option<DurationMs>,
+    /// Delete runs scheduled longer ago than this (e.g. 30d), checked every
+    /// minute [default: keep every run].
+    #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
+    run_retention: Option<DurationMs>,
+    /// Agent sessions served at once; more are refused until some end [default: 10000].
+    #[arg(long, value_name = "N")]
+    sessions_max: Option<usize>,
+}
+
 /// `coordinator.toml`: every key optional; flags override.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +98,53 @@ pub struct CoordinatorFile {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub log: Option<String>,
+    pub upload_runs_per_sec: Option<u32>,
+    pub period_min: Option<String>,
+    pub backoff_min: Option<String>,
+    pub run_retention: Option<String>,
+    pub sessions_max: Option<usize>,
+}
+
+/// The limits from flags over the file over the defaults.
+fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
+    let dur = |key: &str, v: &Option<String>| -> anyhow::Result<Option<DurationMs>> {
+        v.as_deref()
+            .map(|t| DurationMs::parse(t).map_err(|e| anyhow::anyhow!("config `{key}`: {e}")))
+            .transpose()
+    };
+    let d = Limits::default();
+    let limits = Limits {
+        upload_runs_per_sec: flags
+            .upload_runs_per_sec
+            .or(file.upload_runs_per_sec)
+            .unwrap_or(d.upload_runs_per_sec),
+        period_min: flags
+            .period_min
+            .or(dur("period_min", &file.period_min)?)
+            .unwrap_or(d.period_min),
+        backoff_min: flags
+            .backoff_min
+            .or(dur("backoff_min", &file.backoff_min)?)
+            .unwrap_or(d.backoff_min),
+        run_retention: flags
+            .run_retention
+            .or(dur("run_retention", &file.run_retention)?),
+        sessions_max: flags
+            .sessions_max
+            .or(file.sessions_max)
+            .unwrap_or(d.sessions_max),
+        ..d
+    };
+    if limits.upload_runs_per_sec == 0 {
+        anyhow::bail!("--upload-runs-per-sec must be at least 1");
+    }
+    if limits.period_min.0 == 0 {
+        anyhow::bail!("--period-min must be at least 1ms");
+    }
+    if limits.run_retention.is_some_and(|r| r.0 < 60_000) {
+        anyhow::bail!("--run-retention must be at least 1m");
+    }
+    Ok(limits)
 }
 
 /// Reads and checks a coordinator configuration file.
@@ -129,19 +205,24 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             data_dir,
             advertise,
             server_name,
+            force,
         } => {
             if !advertise.contains(':') {
                 anyhow::bail!(
                     "--advertise `{advertise}`: expected HOST:PORT, e.g. 127.0.0.1:{PORT_DEFAULT}"
                 );
             }
-            let creds = server::init(&data_dir, &advertise, &server_name)?;
+            let creds = server::init_with(&data_dir, &advertise, &server_name, force)?;
             println!("{}", creds.display());
             Ok(())
         }
         Cmd::Serve {
-            data_dir, listen, ..
+            data_dir,
+            listen,
+            limits: limit_flags,
+            ..
         } => {
+            let limits = limits(&limit_flags, &file)?;
             let Some(data_dir) = data_dir.or(file.data_dir) else {
                 anyhow::bail!(
                     "no data directory: pass --data-dir or set data_dir in the config file"
@@ -156,7 +237,7 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async {
-                let server = Server::bind(&data_dir, listen)?;
+                let server = Server::bind_with(&data_dir, listen, limits)?;
                 server.run(shutdown_signal()).await;
                 Ok::<_, anyhow::Error>(())
             })

@@ -61,6 +61,19 @@ impl FramedRecv {
         }
     }
 
+    /// A reader that refuses frames over `frame_bytes_max` before buffering them.
+    pub fn with_limit(recv: quinn::RecvStream, frame_bytes_max: usize) -> FramedRecv {
+        FramedRecv {
+            recv,
+            dec: FrameDecoder::with_limit(frame_bytes_max),
+        }
+    }
+
+    /// Changes the frame limit for what follows.
+    pub fn set_limit(&mut self, frame_bytes_max: usize) {
+        self.dec.set_limit(frame_bytes_max);
+    }
+
     /// The next message; `Err(Eof)` at a clean end of stream. Cancel-safe:
     /// bytes read are kept in the decoder.
     pub async fn next<M: DeserializeOwned>(&mut self) -> Result<M, NetError> {

@@ -14,20 +14,24 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
-use sundial_protocol::task::Target;
+use sundial_protocol::codec::FRAME_BYTES_MAX;
+use sundial_protocol::policy::RETRIES_MAX;
+use sundial_protocol::task::{Action, Target};
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
-    close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, AssignmentChange, CoordMsg,
-    EnrollRequest, EnrollResponse, TaskInfo, ALPN, ALPN_ADMIN, ALPN_ENROLL, RESULT_BATCH_RUNS_MAX,
+    chunk_by_size, close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, AssignmentChange,
+    CoordMsg, EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, ADMIN_REQUEST_BYTES_MAX, ALPN,
+    ALPN_ADMIN, ALPN_ENROLL, ENROLL_FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, LIST_CHUNK_BYTES_MAX,
+    RESULT_BATCH_RUNS_MAX, TASK_SPEC_BYTES_MAX,
 };
-use sundial_protocol::{AgentId, DurationMs, RunKey, Timestamp};
-use tokio::sync::watch;
+use sundial_protocol::{AgentId, DurationMs, RunKey, RunRecord, ScheduleKind, TaskId, Timestamp};
+use tokio::sync::{watch, Semaphore};
 
 use crate::cli::now;
 use crate::net::{self, FramedRecv, NetError};
@@ -40,8 +44,18 @@ pub const STORE_FILE: &str = "coordinator.redb";
 pub const PORT_DEFAULT: u16 = 7447;
 /// Most runs listed by one `run list`.
 pub const RUN_LIST_MAX: u32 = 10_000;
-/// How long an enrollment or admin exchange may take.
+/// How long an enrollment or admin exchange may take, and how long a new
+/// agent connection may take to say Hello.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How far in the past an `at` instant or a window's end may lie when a task
+/// is created (clock differences between admin and coordinator).
+const PAST_SLACK_MS: i64 = 10_000;
+/// Run records deleted per transaction by retention.
+const PURGE_BATCH_RUNS_MAX: usize = 10_000;
+/// How often retention looks for old runs.
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Tasks whose assignment to a session's agent is remembered (a cache; cleared when full).
+const ASSIGNED_CACHE_MAX: usize = 100_000;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +74,55 @@ pub enum ServeError {
     },
     #[error("{0} holds no coordinator (run `sundial-coordinator init` first)")]
     NotInitialized(PathBuf),
+    /// The CA exists but the store does not (or is empty): the coordinator's
+    /// agents, tasks and runs are gone. Serving an empty store would refuse
+    /// every agent and admin; restore the file from a backup instead.
+    #[error("{store} is {what}, but {dir} holds this coordinator's CA: its agents, tasks and runs would be lost. Restore {store} from a backup and start again; to start over with a new CA (every agent must then join again), move {dir} away and run `sundial-coordinator init`")]
+    StoreLost {
+        store: PathBuf,
+        dir: PathBuf,
+        what: &'static str,
+    },
+}
+
+/// The coordinator's limits; each is documented in the README and set by
+/// `serve` flags or the configuration file.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Run records one agent may upload per second (sustained; a burst of
+    /// one second's worth is allowed). Above it, the coordinator reads the
+    /// agent's uploads more slowly: back-pressure, nothing is lost.
+    pub upload_runs_per_sec: u32,
+    /// Bytes of run records one agent may upload per second (as above).
+    pub upload_bytes_per_sec: u64,
+    /// The shortest `every` period a task may have.
+    pub period_min: DurationMs,
+    /// The shortest first retry delay a task with retries may have.
+    pub backoff_min: DurationMs,
+    /// Runs scheduled longer ago than this are deleted; `None` keeps all.
+    pub run_retention: Option<DurationMs>,
+    /// Agent sessions served at once.
+    pub sessions_max: usize,
+    /// Connections without a client certificate (enrollment) served at once.
+    pub unauthenticated_max: usize,
+    /// Admin requests served at once (each on the blocking pool, never on
+    /// the workers that serve agent sessions).
+    pub admin_concurrent_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            upload_runs_per_sec: 2_000,
+            upload_bytes_per_sec: 8 * 1024 * 1024,
+            period_min: DurationMs(100),
+            backoff_min: DurationMs(100),
+            run_retention: None,
+            sessions_max: 10_000,
+            unauthenticated_max: 64,
+            admin_concurrent_max: 4,
+        }
+    }
 }
 
 type KnownCerts = Arc<RwLock<HashMap<[u8; 32], CertRole>>>;
@@ -130,10 +193,10 @@ impl ClientCertVerifier for KnownCertVerifier {
     }
 }
 
-/// Agent telemetry kept in memory between persists.
-#[derive(Debug, Default, Clone, Copy)]
+/// The live sessions of one agent (a reconnecting agent may briefly have two).
+#[derive(Debug, Default)]
 struct Live {
-    sessions: u32,
+    conns: Vec<quinn::Connection>,
 }
 
 /// Shared state of a running coordinator.
@@ -144,6 +207,31 @@ struct State {
     known: KnownCerts,
     live: Mutex<HashMap<AgentId, Live>>,
     revision: watch::Sender<u64>,
+    limits: Limits,
+    unauthenticated: Arc<Semaphore>,
+    admin_slots: Arc<Semaphore>,
+}
+
+impl State {
+    fn live_sessions(&self) -> usize {
+        self.live
+            .lock()
+            .map(|l| l.values().map(|v| v.conns.len()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Closes every live session of `agent` with `code`.
+    fn close_sessions(&self, agent: AgentId, code: u32, reason: &[u8]) -> usize {
+        let conns = self
+            .live
+            .lock()
+            .map(|mut l| l.remove(&agent).map(|v| v.conns).unwrap_or_default())
+            .unwrap_or_default();
+        for c in &conns {
+            c.close(code.into(), reason);
+        }
+        conns.len()
+    }
 }
 
 /// A bound, ready coordinator.
@@ -151,6 +239,24 @@ struct State {
 pub struct Server {
     endpoint: quinn::Endpoint,
     state: Arc<State>,
+}
+
+/// Refuses to serve a store that is gone while the CA says one existed.
+fn check_store_present(dir: &Path) -> Result<(), ServeError> {
+    if !dir.join(crate::pki::CA_CERT).exists() {
+        return Ok(());
+    }
+    let store = dir.join(STORE_FILE);
+    let what = match std::fs::metadata(&store) {
+        Ok(m) if m.len() == 0 => "empty",
+        Ok(_) => return Ok(()),
+        Err(_) => "missing",
+    };
+    Err(ServeError::StoreLost {
+        store,
+        dir: dir.to_owned(),
+        what,
+    })
 }
 
 /// Whether `dir` holds an initialized coordinator.
@@ -161,11 +267,30 @@ pub fn is_initialized(dir: &Path) -> bool {
 /// `sundial-coordinator init`: creates CA, server certificate, admin
 /// credentials and the store. Returns the credentials' path.
 pub fn init(dir: &Path, advertise: &str, server_name: &str) -> Result<PathBuf, ServeError> {
-    if is_initialized(dir) {
+    init_with(dir, advertise, server_name, false)
+}
+
+/// `init`; with `force`, a CA already in `dir` is replaced (every agent
+/// enrolled with it is locked out and must join again).
+pub fn init_with(
+    dir: &Path,
+    advertise: &str,
+    server_name: &str,
+    force: bool,
+) -> Result<PathBuf, ServeError> {
+    if dir.join(crate::pki::CA_CERT).exists() && !force {
+        let store = if dir.join(STORE_FILE).exists() {
+            "its store is there too"
+        } else {
+            "its store is missing: restore it from a backup rather than starting over"
+        };
         return Err(ServeError::Tls(format!(
-            "{} already holds a coordinator; refusing to overwrite its CA",
+            "{} already holds a coordinator's CA ({store}); refusing to replace it, which would lock out every enrolled agent. Pass --force to start over with a new CA",
             dir.display()
         )));
+    }
+    if force {
+        let _ = std::fs::remove_file(dir.join(STORE_FILE));
     }
     let (_pki, admin_der) = Pki::init(dir, server_name, advertise)?;
     let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
@@ -178,6 +303,12 @@ pub fn init(dir: &Path, advertise: &str, server_name: &str) -> Result<PathBuf, S
 impl Server {
     /// Opens the data directory and binds the UDP socket.
     pub fn bind(dir: &Path, listen: SocketAddr) -> Result<Server, ServeError> {
+        Server::bind_with(dir, listen, Limits::default())
+    }
+
+    /// Opens the data directory and binds, with these limits.
+    pub fn bind_with(dir: &Path, listen: SocketAddr, limits: Limits) -> Result<Server, ServeError> {
+        check_store_present(dir)?;
         if !is_initialized(dir) {
             return Err(ServeError::NotInitialized(dir.to_owned()));
         }
@@ -223,6 +354,9 @@ impl Server {
                 known,
                 live: Mutex::new(HashMap::new()),
                 revision,
+                unauthenticated: Arc::new(Semaphore::new(limits.unauthenticated_max)),
+                admin_slots: Arc::new(Semaphore::new(limits.admin_concurrent_max)),
+                limits,
             }),
         })
     }
@@ -235,7 +369,12 @@ impl Server {
     /// Serves until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        tracing::info!(addr = ?self.local_addr(), "coordinator serving");
+        tracing::info!(addr = ?self.local_addr(), limits = ?self.state.limits, "coordinator serving");
+        let retention = self
+            .state
+            .limits
+            .run_retention
+            .map(|keep| tokio::spawn(retain_runs(self.state.clone(), keep)));
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
@@ -250,9 +389,54 @@ impl Server {
                 _ = &mut shutdown => break,
             }
         }
+        if let Some(r) = retention {
+            r.abort();
+        }
         self.endpoint
             .close(close::DONE.into(), b"coordinator stopping");
         self.endpoint.wait_idle().await;
+    }
+}
+
+/// Runs blocking store work on the blocking pool, never on the async
+/// workers that serve sessions.
+async fn blocking<T: Send + 'static>(
+    state: &Arc<State>,
+    f: impl FnOnce(&State) -> T + Send + 'static,
+) -> Option<T> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state)).await.ok()
+}
+
+/// Deletes runs older than the retention, in bounded batches.
+async fn retain_runs(state: Arc<State>, keep: DurationMs) {
+    let mut tick = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let before = now().saturating_add_ms(-keep.as_millis_i64());
+        let mut total = 0usize;
+        loop {
+            match blocking(&state, move |s| {
+                s.store.purge_runs_before(before, PURGE_BATCH_RUNS_MAX)
+            })
+            .await
+            {
+                Some(Ok(n)) => {
+                    total += n;
+                    if n < PURGE_BATCH_RUNS_MAX {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "run retention: could not delete old runs");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if total > 0 {
+            tracing::info!(deleted = total, %before, "run retention: deleted runs scheduled before the retention");
+        }
     }
 }
 
@@ -270,7 +454,19 @@ async fn handle(state: Arc<State>, incoming: quinn::Incoming) -> Result<(), NetE
         .and_then(|chain| chain.first().map(|c| sha256(c.as_ref())))
         .and_then(|fp| state.known.read().ok().and_then(|k| k.get(&fp).copied()));
     match (alpn.as_slice(), role) {
-        (a, _) if a == ALPN_ENROLL => handle_enroll(&state, conn).await,
+        (a, _) if a == ALPN_ENROLL => {
+            // Peers without a certificate are bounded: a few at a time, small
+            // frames, short deadlines.
+            let Ok(_slot) = state.unauthenticated.clone().try_acquire_owned() else {
+                tracing::warn!(%remote, max = state.limits.unauthenticated_max, "enrollment refused: too many unauthenticated connections at once");
+                conn.close(
+                    close::BUSY.into(),
+                    b"too many enrollments at once; try again",
+                );
+                return Ok(());
+            };
+            handle_enroll(&state, conn).await
+        }
         (a, Some(CertRole::Agent(id))) if a == ALPN => handle_session(&state, conn, id).await,
         (a, Some(CertRole::Admin)) if a == ALPN_ADMIN => handle_admin(&state, conn).await,
         _ => {
@@ -284,16 +480,24 @@ async fn handle(state: Arc<State>, incoming: quinn::Incoming) -> Result<(), NetE
     }
 }
 
-async fn handle_enroll(state: &State, conn: quinn::Connection) -> Result<(), NetError> {
+async fn handle_enroll(state: &Arc<State>, conn: quinn::Connection) -> Result<(), NetError> {
     let (mut send, recv) = tokio::time::timeout(EXCHANGE_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| NetError::Eof)??;
-    let mut recv = FramedRecv::new(recv);
+    let mut recv = FramedRecv::with_limit(recv, ENROLL_FRAME_BYTES_MAX);
     let req: EnrollRequest = match tokio::time::timeout(EXCHANGE_TIMEOUT, recv.next()).await {
-        Ok(r) => r?,
-        Err(_) => return Err(NetError::Eof),
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(close_for(&conn, e)),
+        Err(_) => {
+            conn.close(close::PROTOCOL.into(), b"no enrollment request in time");
+            return Err(NetError::Eof);
+        }
     };
-    let resp = enroll(state, req);
+    let resp = blocking(state, move |s| enroll(s, req))
+        .await
+        .unwrap_or_else(|| EnrollResponse::Refused {
+            reason: "the coordinator could not process the enrollment".into(),
+        });
     net::send(&mut send, &resp).await?;
     send.finish()?;
     // Let the agent read the answer and close.
@@ -337,14 +541,17 @@ fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
 
 // ---- sessions -------------------------------------------------------------
 
-fn changes_since(
+/// The assignment changes for `agent` since `since`, as messages each under
+/// [`LIST_CHUNK_BYTES_MAX`]. Every message but the last carries the revision
+/// of its own last change, so an agent cut off midway resumes after it.
+fn assignment_messages(
     state: &State,
     agent: AgentId,
     labels: &[(String, String)],
     since: u64,
-) -> Result<(Vec<AssignmentChange>, u64), StoreError> {
+) -> Result<(Vec<CoordMsg>, u64), StoreError> {
     let upto = state.store.revision()?;
-    let changes = state
+    let changes: Vec<AssignmentChange> = state
         .store
         .changes_for(agent, labels, since)?
         .into_iter()
@@ -359,20 +566,62 @@ fn changes_since(
             }
         })
         .collect();
-    Ok((changes, upto))
+    if changes.is_empty() {
+        return Ok((Vec::new(), upto));
+    }
+    let pages = chunk_by_size(changes, LIST_CHUNK_BYTES_MAX);
+    let last = pages.len() - 1;
+    let msgs = pages
+        .into_iter()
+        .enumerate()
+        .map(|(i, changes)| {
+            let upto_revision = if i == last {
+                upto
+            } else {
+                changes.last().map_or(since, change_revision)
+            };
+            CoordMsg::Assignments {
+                snapshot: false,
+                changes,
+                upto_revision,
+            }
+        })
+        .collect();
+    Ok((msgs, upto))
+}
+
+fn change_revision(c: &AssignmentChange) -> u64 {
+    match c {
+        AssignmentChange::Upsert(spec) => spec.revision,
+        AssignmentChange::Cancel { revision, .. } => *revision,
+    }
 }
 
 async fn handle_session(
-    state: &State,
+    state: &Arc<State>,
     conn: quinn::Connection,
     agent: AgentId,
 ) -> Result<(), NetError> {
-    let (mut send, recv) = conn.accept_bi().await?;
-    let mut recv = FramedRecv::new(recv);
-    let hello: AgentMsg = match recv.next().await {
-        Ok(m) => m,
-        Err(e) => return Err(close_for(&conn, e)),
+    let remote = conn.remote_address();
+    // A connection that says nothing is not kept: Hello comes within the
+    // exchange deadline, and is small.
+    let opened = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        let (send, recv) = conn.accept_bi().await?;
+        let mut recv = FramedRecv::with_limit(recv, HELLO_FRAME_BYTES_MAX);
+        let hello: AgentMsg = recv.next().await?;
+        Ok::<_, NetError>((send, recv, hello))
+    })
+    .await;
+    let (mut send, mut recv, hello) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return Err(close_for(&conn, e)),
+        Err(_) => {
+            tracing::warn!(%agent, %remote, "no Hello within the deadline; closing");
+            conn.close(close::PROTOCOL.into(), b"no Hello in time");
+            return Ok(());
+        }
     };
+    recv.set_limit(FRAME_BYTES_MAX);
     let AgentMsg::Hello {
         last_revision,
         outbox_len,
@@ -382,20 +631,36 @@ async fn handle_session(
         conn.close(close::PROTOCOL.into(), b"expected Hello");
         return Ok(());
     };
-    let record = match state.store.agent(agent) {
-        Ok(Some(r)) if !r.revoked => r,
-        _ => {
+    let record = match blocking(state, move |s| s.store.agent(agent)).await {
+        Some(Ok(Some(r))) if !r.revoked => r,
+        Some(Ok(_)) => {
             conn.close(close::REVOKED.into(), b"agent revoked");
             return Ok(());
         }
+        _ => {
+            conn.close(close::STORE.into(), b"coordinator store failed");
+            return Ok(());
+        }
     };
-    tracing::info!(%agent, last_revision, outbox_len, remote = %conn.remote_address(), "agent session up");
-    if let Ok(mut live) = state.live.lock() {
-        live.entry(agent).or_default().sessions += 1;
+    {
+        let Ok(mut live) = state.live.lock() else {
+            return Ok(());
+        };
+        let open: usize = live.values().map(|v| v.conns.len()).sum();
+        if open >= state.limits.sessions_max {
+            drop(live);
+            tracing::warn!(%agent, max = state.limits.sessions_max, "session refused: the coordinator serves its maximum of sessions");
+            conn.close(close::BUSY.into(), b"too many sessions; try again");
+            return Ok(());
+        }
+        live.entry(agent).or_default().conns.push(conn.clone());
     }
-    let _ = state
-        .store
-        .update_agent(agent, |r| r.last_seen_ms = Some(now().as_millis()));
+    tracing::info!(%agent, last_revision, outbox_len, %remote, sessions = state.live_sessions(), "agent session up");
+    let seen = now().as_millis();
+    let _ = blocking(state, move |s| {
+        s.store.update_agent(agent, |r| r.last_seen_ms = Some(seen))
+    })
+    .await;
     let result = session_loop(
         state,
         &conn,
@@ -408,15 +673,17 @@ async fn handle_session(
     .await;
     if let Ok(mut live) = state.live.lock() {
         if let Some(l) = live.get_mut(&agent) {
-            l.sessions = l.sessions.saturating_sub(1);
-            if l.sessions == 0 {
+            l.conns.retain(|c| c.stable_id() != conn.stable_id());
+            if l.conns.is_empty() {
                 live.remove(&agent);
             }
         }
     }
-    let _ = state
-        .store
-        .update_agent(agent, |r| r.last_seen_ms = Some(now().as_millis()));
+    let seen = now().as_millis();
+    let _ = blocking(state, move |s| {
+        s.store.update_agent(agent, |r| r.last_seen_ms = Some(seen))
+    })
+    .await;
     tracing::info!(%agent, "agent session down");
     result.map_err(|e| close_for(&conn, e))
 }
@@ -433,8 +700,81 @@ fn close_for(conn: &quinn::Connection, e: NetError) -> NetError {
     e
 }
 
-async fn session_loop(
+/// A token bucket: `rate` units a second, up to one second's worth saved.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Bucket {
+        Bucket {
+            rate: rate.max(1.0),
+            level: rate.max(1.0),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes `n` units; returns how long to wait before going on.
+    fn take(&mut self, n: f64) -> Duration {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.level = (self.level + elapsed * self.rate).min(self.rate) - n;
+        if self.level >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.level / self.rate)
+        }
+    }
+}
+
+/// Why an agent's result batch is refused, if it is.
+fn check_results(
     state: &State,
+    agent: AgentId,
+    labels: &[(String, String)],
+    assigned: &mut HashMap<TaskId, bool>,
+    runs: &[RunRecord],
+) -> Result<Option<String>, StoreError> {
+    if runs.len() > RESULT_BATCH_RUNS_MAX {
+        return Ok(Some(format!(
+            "result batch of {} runs exceeds {RESULT_BATCH_RUNS_MAX}",
+            runs.len()
+        )));
+    }
+    for r in runs {
+        if let Some(why) = r.implausibility() {
+            return Ok(Some(why));
+        }
+        if assigned.len() > ASSIGNED_CACHE_MAX {
+            assigned.clear();
+        }
+        let ok = match assigned.get(&r.task_id) {
+            Some(ok) => *ok,
+            None => {
+                let ok = state
+                    .store
+                    .task(r.task_id)?
+                    .is_some_and(|(spec, _)| crate::store::targets(&spec.target, agent, labels));
+                assigned.insert(r.task_id, ok);
+                ok
+            }
+        };
+        if !ok {
+            return Ok(Some(format!(
+                "run of task {} which is not assigned to this agent",
+                r.task_id
+            )));
+        }
+    }
+    Ok(None)
+}
+
+async fn session_loop(
+    state: &Arc<State>,
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     recv: &mut FramedRecv,
@@ -449,32 +789,83 @@ async fn session_loop(
         conn.close(close::STORE.into(), b"coordinator store failed");
         NetError::Eof
     };
-    let (changes, upto) =
-        changes_since(state, agent, &record.labels, sent).map_err(store_failed)?;
-    net::send(
-        send,
-        &CoordMsg::Assignments {
-            snapshot: false,
-            changes,
-            upto_revision: upto,
-        },
-    )
-    .await?;
+    let labels = Arc::new(record.labels.clone());
+    let mut assigned: HashMap<TaskId, bool> = HashMap::new();
+    let mut runs_bucket = Bucket::new(f64::from(state.limits.upload_runs_per_sec));
+    let mut bytes_bucket = Bucket::new(state.limits.upload_bytes_per_sec as f64);
+    let mut throttled_logged = false;
+    let fetch = |since: u64| {
+        let labels = labels.clone();
+        async move {
+            blocking(state, move |s| {
+                assignment_messages(s, agent, &labels, since)
+            })
+            .await
+            .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
+        }
+    };
+    let (msgs, upto) = fetch(sent).await.map_err(store_failed)?;
+    if msgs.is_empty() {
+        net::send(
+            send,
+            &CoordMsg::Assignments {
+                snapshot: false,
+                changes: Vec::new(),
+                upto_revision: upto,
+            },
+        )
+        .await?;
+    }
+    for m in &msgs {
+        net::send(send, m).await?;
+    }
     sent = upto;
     loop {
         tokio::select! {
             msg = recv.next::<AgentMsg>() => {
                 match msg? {
                     AgentMsg::Results { batch_id, mut runs } => {
-                        if runs.len() > RESULT_BATCH_RUNS_MAX {
-                            conn.close(close::PROTOCOL.into(), b"result batch too large");
-                            return Ok(());
-                        }
                         // Identity comes from the certificate, never from the record.
                         for r in &mut runs {
                             r.agent_id = agent;
                         }
-                        state.store.put_runs(&runs).map_err(store_failed)?;
+                        let bytes = postcard::experimental::serialized_size(&runs).unwrap_or(0);
+                        let wait = runs_bucket
+                            .take(runs.len() as f64)
+                            .max(bytes_bucket.take(bytes as f64));
+                        if !wait.is_zero() {
+                            if !throttled_logged {
+                                throttled_logged = true;
+                                tracing::warn!(%agent, runs_per_sec = state.limits.upload_runs_per_sec, "agent uploads faster than its limit; slowing it down");
+                            }
+                            tokio::time::sleep(wait).await;
+                        }
+                        let labels = labels.clone();
+                        let mut cache = std::mem::take(&mut assigned);
+                        let checked = blocking(state, move |s| {
+                            let verdict = check_results(s, agent, &labels, &mut cache, &runs);
+                            let stored = match &verdict {
+                                Ok(None) => Some(s.store.put_runs(&runs)),
+                                _ => None,
+                            };
+                            (verdict, stored, cache, runs)
+                        })
+                        .await;
+                        let Some((verdict, stored, cache, runs)) = checked else {
+                            return Err(store_failed(StoreError::Refused("store worker failed".into())));
+                        };
+                        assigned = cache;
+                        if let Some(why) = verdict.map_err(store_failed)? {
+                            tracing::warn!(%agent, batch_id, reason = %why, "refused a result batch; closing the session");
+                            conn.close(close::PROTOCOL.into(), format!("refused: {why}").as_bytes());
+                            return Ok(());
+                        }
+                        if let Some(stored) = stored {
+                            let conflicts = stored.map_err(store_failed)?;
+                            for (task, _, sched, attempt) in conflicts {
+                                tracing::warn!(%agent, task = %TaskId(task), scheduled_at = %Timestamp::from_millis_saturating(sched), attempt, "a different record for a run already stored was refused; the first record stands");
+                            }
+                        }
                         let keys: Vec<RunKey> = runs.iter().map(|r| r.key()).collect();
                         net::send(send, &CoordMsg::ResultsAck { batch_id, keys }).await?;
                     }
@@ -483,11 +874,12 @@ async fn session_loop(
                         net::send(send, &CoordMsg::ClockReply { t1, t2, t3: now() }).await?;
                     }
                     AgentMsg::ClockReport { offset_ms, rtt_ms } => {
-                        let _ = state.store.update_agent(agent, |r| {
+                        let seen = now().as_millis();
+                        let _ = blocking(state, move |s| s.store.update_agent(agent, |r| {
                             r.clock_offset_ms = Some(offset_ms);
                             r.rtt_ms = Some(rtt_ms);
-                            r.last_seen_ms = Some(now().as_millis());
-                        });
+                            r.last_seen_ms = Some(seen);
+                        })).await;
                     }
                     AgentMsg::Hello { .. } => {
                         conn.close(close::PROTOCOL.into(), b"Hello twice");
@@ -499,11 +891,11 @@ async fn session_loop(
                 if changed.is_err() {
                     return Ok(());
                 }
-                let (changes, upto) = changes_since(state, agent, &record.labels, sent).map_err(store_failed)?;
+                let (msgs, upto) = fetch(sent).await.map_err(store_failed)?;
                 // Changes for other agents are not news here; the revision
                 // catches up with the next change that is.
-                if !changes.is_empty() {
-                    net::send(send, &CoordMsg::Assignments { snapshot: false, changes, upto_revision: upto }).await?;
+                for m in &msgs {
+                    net::send(send, m).await?;
                 }
                 // Seen, whether or not any of it was ours: the next look
                 // starts here (a reconnect starts from the agent's own revision).
@@ -515,20 +907,32 @@ async fn session_loop(
 
 // ---- admin ----------------------------------------------------------------
 
-async fn handle_admin(state: &State, conn: quinn::Connection) -> Result<(), NetError> {
+async fn handle_admin(state: &Arc<State>, conn: quinn::Connection) -> Result<(), NetError> {
     loop {
         let (mut send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(_) => return Ok(()),
         };
-        let mut recv = FramedRecv::new(recv);
+        let mut recv = FramedRecv::with_limit(recv, ADMIN_REQUEST_BYTES_MAX);
         let req: AdminRequest = match tokio::time::timeout(EXCHANGE_TIMEOUT, recv.next()).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(close_for(&conn, e)),
             Err(_) => return Ok(()),
         };
-        let resp = admin(state, req).unwrap_or_else(|e| AdminResponse::Error(e.to_string()));
-        net::send(&mut send, &resp).await?;
+        // Admin work is bounded and runs on the blocking pool: four large
+        // `run list`s cannot starve the sessions.
+        let Ok(_slot) = state.admin_slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let answers = blocking(state, move |s| match admin(s, req) {
+            Ok(a) => a,
+            Err(e) => vec![AdminResponse::Error(e.to_string())],
+        })
+        .await
+        .unwrap_or_else(|| vec![AdminResponse::Error("the request failed".into())]);
+        for a in &answers {
+            net::send(&mut send, a).await?;
+        }
         send.finish()?;
     }
 }
@@ -552,8 +956,67 @@ fn agent_info(state: &State, id: AgentId, r: AgentRecordV1) -> AgentInfo {
     }
 }
 
-fn admin(state: &State, req: AdminRequest) -> Result<AdminResponse, StoreError> {
-    Ok(match req {
+/// Why a task may not be created as drafted: the coordinator's own checks,
+/// whatever client sent it.
+fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Option<String> {
+    let Action::Exec(exec) = &draft.action;
+    if exec.program.trim().is_empty() {
+        return Some("the program is empty".into());
+    }
+    let p = &draft.policies;
+    if p.timeout.is_some_and(|t| t.0 == 0) {
+        return Some("--timeout must be longer than 0s".into());
+    }
+    if p.retry.retries > RETRIES_MAX {
+        return Some(format!(
+            "--retries {} exceeds the most allowed, {RETRIES_MAX}",
+            p.retry.retries
+        ));
+    }
+    if p.retry.retries > 0 && p.retry.backoff_initial < limits.backoff_min {
+        return Some(format!(
+            "--backoff {} is shorter than this coordinator's minimum of {} (serve --backoff-min)",
+            p.retry.backoff_initial, limits.backoff_min
+        ));
+    }
+    if p.retry.backoff_max < p.retry.backoff_initial {
+        return Some(format!(
+            "--backoff-max {} is shorter than --backoff {}",
+            p.retry.backoff_max, p.retry.backoff_initial
+        ));
+    }
+    match draft.schedule.kind() {
+        ScheduleKind::Every { period, .. } if *period < limits.period_min => {
+            return Some(format!(
+                "--every {period} is shorter than this coordinator's minimum period of {} (serve --period-min)",
+                limits.period_min
+            ));
+        }
+        ScheduleKind::At(at) if at.millis_since(now) < -PAST_SLACK_MS => {
+            return Some(format!(
+                "--at {at} is in the past (now is {now}); use --at now to run at once"
+            ));
+        }
+        _ => {}
+    }
+    if let (_, Some(end)) = draft.schedule.window() {
+        if end.millis_since(now) < -PAST_SLACK_MS {
+            return Some(format!("--end {end} is in the past (now is {now})"));
+        }
+    }
+    let size = postcard::experimental::serialized_size(draft).unwrap_or(usize::MAX);
+    if size > TASK_SPEC_BYTES_MAX {
+        return Some(format!(
+            "the task is {size} bytes (program, arguments, environment); the most allowed is {TASK_SPEC_BYTES_MAX}: pass large data in a file on the device instead"
+        ));
+    }
+    None
+}
+
+/// Answers one admin request: one message, or several for a long list.
+fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreError> {
+    let one = |r: AdminResponse| Ok(vec![r]);
+    match req {
         AdminRequest::TokenCreate {
             ttl_ms,
             uses,
@@ -584,19 +1047,19 @@ fn admin(state: &State, req: AdminRequest) -> Result<AdminResponse, StoreError> 
                 ca_sha256: sha256(state.pki.ca_der.as_ref()),
                 server_name,
             };
-            AdminResponse::Token(token.encode())
+            one(AdminResponse::Token(token.encode()))
         }
-        AdminRequest::AgentList => AdminResponse::Agents(
+        AdminRequest::AgentList => one(AdminResponse::Agents(
             state
                 .store
                 .agents()?
                 .into_iter()
                 .map(|(id, r)| agent_info(state, id, r))
                 .collect(),
-        ),
+        )),
         AdminRequest::AgentGet(id) => match state.store.agent(id)? {
-            Some(r) => AdminResponse::Agent(Box::new(agent_info(state, id, r))),
-            None => AdminResponse::Error(format!("no agent {id}")),
+            Some(r) => one(AdminResponse::Agent(Box::new(agent_info(state, id, r)))),
+            None => one(AdminResponse::Error(format!("no agent {id}"))),
         },
         AdminRequest::AgentRevoke(id) => {
             let rec = state
@@ -609,41 +1072,85 @@ fn admin(state: &State, req: AdminRequest) -> Result<AdminResponse, StoreError> 
                     k.remove(&fp);
                 }
             }
-            tracing::warn!(agent = %id, "agent revoked");
-            AdminResponse::Done
+            // Cut off at once: live sessions end now, not at the next reconnect.
+            let closed = state.close_sessions(id, close::REVOKED, b"agent revoked");
+            tracing::warn!(agent = %id, sessions_closed = closed, "agent revoked");
+            one(AdminResponse::Done)
         }
         AdminRequest::TaskCreate(draft) => {
-            if let Target::Agent(a) = &draft.target {
-                if state.store.agent(*a)?.is_none() {
-                    return Err(StoreError::Refused(format!("no agent {a}")));
+            let mut draft = *draft;
+            let now = now();
+            if let Some(why) = draft_refusal(&state.limits, &draft, now) {
+                return Err(StoreError::Refused(why));
+            }
+            let mut warnings = Vec::new();
+            match &draft.target {
+                Target::Agent(a) => match state.store.agent(*a)? {
+                    None => return Err(StoreError::Refused(format!("no agent {a}"))),
+                    Some(r) if r.revoked => {
+                        return Err(StoreError::Refused(format!(
+                            "agent {a} is revoked; it receives no tasks"
+                        )))
+                    }
+                    Some(_) => {}
+                },
+                Target::Selector(sel) => {
+                    let agents = state.store.agents()?;
+                    let reached = agents
+                        .values()
+                        .filter(|r| !r.revoked && sel.iter().all(|p| r.labels.contains(p)))
+                        .count();
+                    if reached == 0 {
+                        warnings.push(format!(
+                            "the selector {} matches no agent yet; agents that join with these labels will receive the task",
+                            crate::cli::labels_text(sel)
+                        ));
+                    }
                 }
             }
-            let spec = state.store.create_task(*draft, now())?;
+            if draft.anchor_at_creation {
+                if let ScheduleKind::Every { period, .. } = draft.schedule.kind() {
+                    let (start, end) = draft.schedule.window();
+                    draft.schedule = sundial_protocol::Schedule::every(*period, now)
+                        .and_then(|s| s.with_window(start, end))
+                        .map_err(|e| StoreError::Refused(e.to_string()))?;
+                }
+            }
+            let spec = state.store.create_task(draft, now)?;
             tracing::info!(task = %spec.id, revision = spec.revision, "task created");
             state.revision.send_replace(spec.revision);
-            AdminResponse::TaskCreated(spec.id)
+            if warnings.is_empty() {
+                one(AdminResponse::TaskCreated(spec.id))
+            } else {
+                one(AdminResponse::TaskCreatedWarn {
+                    id: spec.id,
+                    warnings,
+                })
+            }
         }
-        AdminRequest::TaskList => AdminResponse::Tasks(
-            state
+        AdminRequest::TaskList => {
+            let tasks: Vec<TaskInfo> = state
                 .store
                 .tasks()?
                 .into_iter()
                 .map(|(spec, cancelled)| TaskInfo { spec, cancelled })
-                .collect(),
-        ),
-        AdminRequest::TaskGet(id) => {
-            match state.store.tasks()?.into_iter().find(|(t, _)| t.id == id) {
-                Some((spec, cancelled)) => {
-                    AdminResponse::Task(Box::new(TaskInfo { spec, cancelled }))
-                }
-                None => AdminResponse::Error(format!("no task {id}")),
-            }
+                .collect();
+            Ok(chunk_by_size(tasks, LIST_CHUNK_BYTES_MAX)
+                .into_iter()
+                .map(AdminResponse::Tasks)
+                .collect())
         }
+        AdminRequest::TaskGet(id) => match state.store.task(id)? {
+            Some((spec, cancelled)) => {
+                one(AdminResponse::Task(Box::new(TaskInfo { spec, cancelled })))
+            }
+            None => one(AdminResponse::Error(format!("no task {id}"))),
+        },
         AdminRequest::TaskCancel(id) => {
             let revision = state.store.cancel_task(id)?;
             tracing::info!(task = %id, revision, "task cancelled");
             state.revision.send_replace(revision);
-            AdminResponse::Done
+            one(AdminResponse::Done)
         }
         AdminRequest::RunList {
             task,
@@ -651,10 +1158,28 @@ fn admin(state: &State, req: AdminRequest) -> Result<AdminResponse, StoreError> 
             since,
             limit,
         } => {
-            let limit = limit.clamp(1, RUN_LIST_MAX) as usize;
-            AdminResponse::Runs(state.store.runs(task, agent, since, limit)?)
+            if limit == 0 {
+                return Err(StoreError::Refused("--limit must be at least 1".into()));
+            }
+            let limit = limit.min(RUN_LIST_MAX) as usize;
+            let page = state.store.runs(task, agent, since, limit)?;
+            if page.unreadable > 0 {
+                tracing::warn!(
+                    unreadable = page.unreadable,
+                    "run list skipped stored records that could not be read"
+                );
+            }
+            let mut out: Vec<AdminResponse> = chunk_by_size(page.runs, LIST_CHUNK_BYTES_MAX)
+                .into_iter()
+                .map(AdminResponse::Runs)
+                .collect();
+            out.push(AdminResponse::RunsSummary {
+                matched: page.matched,
+                unreadable: page.unreadable,
+            });
+            Ok(out)
         }
-    })
+    }
 }
 
 /// A default TTL for tokens: one hour.

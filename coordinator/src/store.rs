@@ -475,9 +475,13 @@ impl CoordinatorStore {
 
     // ---- runs
 
-    /// Stores run records (idempotent by run key) in one transaction.
-    pub fn put_runs(&self, runs: &[RunRecord]) -> Result<()> {
+    /// Stores run records in one transaction. The first record of a run key
+    /// wins: a resend of the same record is a no-op, a *different* record
+    /// for a key already stored is not written and is returned, so the
+    /// caller can log it (an agent cannot rewrite its history).
+    pub fn put_runs(&self, runs: &[RunRecord]) -> Result<Vec<RunKeyOf>> {
         let txn = self.db.begin_write().map_err(db_err("store runs"))?;
+        let mut conflicts = Vec::new();
         {
             let mut t = txn.open_table(RUNS).map_err(db_err("store runs"))?;
             for r in runs {
@@ -487,22 +491,35 @@ impl CoordinatorStore {
                     r.scheduled_at.as_millis(),
                     r.attempt,
                 );
-                t.insert(key, records::encode(&RunRecordV1::from_run(r)).as_slice())
-                    .map_err(db_err("store runs"))?;
+                let bytes = records::encode(&RunRecordV1::from_run(r));
+                let existing = t
+                    .get(key)
+                    .map_err(db_err("store runs"))?
+                    .map(|v| v.value().to_vec());
+                match existing {
+                    Some(old) if old == bytes => {}
+                    Some(_) => conflicts.push(key),
+                    None => {
+                        t.insert(key, bytes.as_slice())
+                            .map_err(db_err("store runs"))?;
+                    }
+                }
             }
         }
-        txn.commit().map_err(db_err("commit runs"))
+        txn.commit().map_err(db_err("commit runs"))?;
+        Ok(conflicts)
     }
 
     /// Runs matching the filters, oldest first by scheduled time, at most `limit`
-    /// (the most recent `limit` when more match).
+    /// (the most recent `limit` when more match). A stored record that does
+    /// not decode is skipped and counted, never fatal to the listing.
     pub fn runs(
         &self,
         task: Option<TaskId>,
         agent: Option<AgentId>,
         since: Option<Timestamp>,
         limit: usize,
-    ) -> Result<Vec<RunRecord>> {
+    ) -> Result<RunPage> {
         let txn = self.db.begin_read().map_err(db_err("read runs"))?;
         let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
         let range = match task {
@@ -510,21 +527,78 @@ impl CoordinatorStore {
             None => t.range::<(u64, u64, i64, u32)>(..),
         }
         .map_err(db_err("read runs"))?;
-        let mut out = Vec::new();
+        // Keys first (cheap), records decoded only for the page.
+        let mut keys = Vec::new();
         for item in range {
-            let (k, v) = item.map_err(db_err("read runs"))?;
+            let (k, _) = item.map_err(db_err("read runs"))?;
             let (_, a, sched, _) = k.value();
             if agent.is_some_and(|x| x.0 != a) || since.is_some_and(|s| sched < s.as_millis()) {
                 continue;
             }
-            let rec: RunRecordV1 = records::decode("runs", format!("{:?}", k.value()), v.value())?;
-            out.push(rec.into_run(0)?);
+            keys.push(k.value());
         }
-        out.sort_by_key(|r| (r.scheduled_at, r.task_id, r.agent_id, r.attempt));
-        if out.len() > limit {
-            out.drain(..out.len() - limit);
+        keys.sort_by_key(|&(task, agent, sched, attempt)| (sched, task, agent, attempt));
+        let matched = keys.len() as u64;
+        if keys.len() > limit {
+            keys.drain(..keys.len() - limit);
         }
-        Ok(out)
+        let mut runs = Vec::with_capacity(keys.len());
+        let mut unreadable = 0u64;
+        for key in keys {
+            let Some(v) = t.get(key).map_err(db_err("read runs"))? else {
+                continue;
+            };
+            match records::decode::<RunRecordV1>("runs", format!("{key:?}"), v.value())
+                .and_then(|rec| rec.into_run(0))
+            {
+                Ok(r) => runs.push(r),
+                Err(e) => {
+                    unreadable += 1;
+                    tracing::warn!(error = %e, "skipped an unreadable run record");
+                }
+            }
+        }
+        Ok(RunPage {
+            runs,
+            matched,
+            unreadable,
+        })
+    }
+
+    /// Deletes runs scheduled before `before`, at most `max` in one
+    /// transaction; returns how many went (call again while it is `max`).
+    pub fn purge_runs_before(&self, before: Timestamp, max: usize) -> Result<usize> {
+        let txn = self.db.begin_write().map_err(db_err("purge runs"))?;
+        let n = {
+            let mut t = txn.open_table(RUNS).map_err(db_err("purge runs"))?;
+            let mut doomed = Vec::new();
+            for item in t.iter().map_err(db_err("purge runs"))? {
+                let (k, _) = item.map_err(db_err("purge runs"))?;
+                if k.value().2 < before.as_millis() {
+                    doomed.push(k.value());
+                    if doomed.len() >= max {
+                        break;
+                    }
+                }
+            }
+            for k in &doomed {
+                t.remove(*k).map_err(db_err("purge runs"))?;
+            }
+            doomed.len()
+        };
+        txn.commit().map_err(db_err("commit purge"))?;
+        Ok(n)
+    }
+
+    /// One task with its cancelled flag.
+    pub fn task(&self, id: TaskId) -> Result<Option<(TaskSpec, bool)>> {
+        let txn = self.db.begin_read().map_err(db_err("read task"))?;
+        let t = txn.open_table(TASKS).map_err(db_err("read task"))?;
+        let Some(v) = t.get(id.0).map_err(db_err("read task"))? else {
+            return Ok(None);
+        };
+        let rec: CoordTaskV1 = records::decode("tasks", id.0, v.value())?;
+        Ok(Some((rec.task.into_spec(id.0)?, rec.cancelled)))
     }
 
     /// Number of stored runs.
@@ -534,6 +608,19 @@ impl CoordinatorStore {
         let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
         t.len().map_err(db_err("read runs"))
     }
+}
+
+/// The stored key of a run: (task, agent, scheduled_at ms, attempt).
+pub type RunKeyOf = (u64, u64, i64, u32);
+
+/// One answer of [`CoordinatorStore::runs`].
+#[derive(Debug, Clone)]
+pub struct RunPage {
+    pub runs: Vec<RunRecord>,
+    /// Runs that matched the filters, before the limit.
+    pub matched: u64,
+    /// Stored records that matched but could not be decoded.
+    pub unreadable: u64,
 }
 
 /// Whether a task's target includes an agent.

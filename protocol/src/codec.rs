@@ -55,16 +55,40 @@ pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, FrameError> {
 }
 
 /// Decodes frames from a byte stream pushed in pieces.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     /// Set after an error: the stream is unusable.
     failed: bool,
+    /// The largest frame this stream may carry (at most [`FRAME_BYTES_MAX`]).
+    frame_bytes_max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        FrameDecoder::new()
+    }
 }
 
 impl FrameDecoder {
     pub fn new() -> FrameDecoder {
-        FrameDecoder::default()
+        FrameDecoder::with_limit(FRAME_BYTES_MAX)
+    }
+
+    /// A decoder that refuses frames larger than `frame_bytes_max` (capped
+    /// at [`FRAME_BYTES_MAX`]) before buffering them: peers that are not yet
+    /// authenticated, or streams whose messages are small, get a small limit.
+    pub fn with_limit(frame_bytes_max: usize) -> FrameDecoder {
+        FrameDecoder {
+            buf: Vec::new(),
+            failed: false,
+            frame_bytes_max: frame_bytes_max.min(FRAME_BYTES_MAX),
+        }
+    }
+
+    /// Changes the limit for the frames still to come (e.g. after a Hello).
+    pub fn set_limit(&mut self, frame_bytes_max: usize) {
+        self.frame_bytes_max = frame_bytes_max.min(FRAME_BYTES_MAX);
     }
 
     /// Appends received bytes.
@@ -98,10 +122,10 @@ impl FrameDecoder {
         let mut len_bytes = [0u8; HEADER_BYTES];
         len_bytes.copy_from_slice(header);
         let len = u32::from_be_bytes(len_bytes) as usize;
-        if len > FRAME_BYTES_MAX {
+        if len > self.frame_bytes_max {
             return Err(FrameError::Oversized {
                 len,
-                max: FRAME_BYTES_MAX,
+                max: self.frame_bytes_max,
             });
         }
         if len == 0 {

@@ -72,6 +72,9 @@ impl FromStr for MisfireMode {
     }
 }
 
+/// The most retries a task may ask for.
+pub const RETRIES_MAX: u32 = 100;
+
 /// Retries of a failed, timed-out or interrupted run of one occurrence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {

@@ -44,6 +44,14 @@ short_id!(AgentId, "a", "an agent");
 
 /// The largest stdout or stderr tail kept per run, by default.
 pub const OUTPUT_TAIL_BYTES_DEFAULT: usize = 64 * 1024;
+/// The largest stdout or stderr tail any agent may keep or send: an agent
+/// configured for more is clamped to this, and a record with more is refused
+/// by the coordinator. Two such tails and a record fit well under the frame cap.
+pub const OUTPUT_TAIL_BYTES_MAX: usize = 1024 * 1024;
+/// The longest `detail` text of a run record.
+pub const DETAIL_BYTES_MAX: usize = 4 * 1024;
+/// The most attempts of one occurrence (the first run and its retries).
+pub const ATTEMPTS_MAX: u32 = crate::policy::RETRIES_MAX + 1;
 
 /// What a task runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +167,41 @@ impl RunRecord {
             scheduled_at: self.scheduled_at,
             attempt: self.attempt,
         }
+    }
+
+    /// Why this record, as received from a peer, cannot be true; `None` if
+    /// every field is within its bounds. Instants are range-checked when
+    /// they are decoded (see [`Timestamp`]).
+    pub fn implausibility(&self) -> Option<String> {
+        let key = format!("{}@{}#{}", self.task_id, self.scheduled_at, self.attempt);
+        if self.attempt == 0 || self.attempt > ATTEMPTS_MAX {
+            return Some(format!(
+                "run {key}: attempt {} is outside 1..={ATTEMPTS_MAX}",
+                self.attempt
+            ));
+        }
+        if self.stdout_tail.len() > OUTPUT_TAIL_BYTES_MAX
+            || self.stderr_tail.len() > OUTPUT_TAIL_BYTES_MAX
+        {
+            return Some(format!(
+                "run {key}: an output tail exceeds {OUTPUT_TAIL_BYTES_MAX} bytes"
+            ));
+        }
+        if self
+            .detail
+            .as_ref()
+            .is_some_and(|d| d.len() > DETAIL_BYTES_MAX)
+        {
+            return Some(format!(
+                "run {key}: detail exceeds {DETAIL_BYTES_MAX} bytes"
+            ));
+        }
+        if let (Some(f), Some(e)) = (self.fired_at, self.finished_at) {
+            if e < f {
+                return Some(format!("run {key}: finished before it fired"));
+            }
+        }
+        None
     }
 
     /// How late the run started, if it started.

@@ -16,8 +16,25 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 /// An absolute UTC instant, in milliseconds since the Unix epoch.
+///
+/// Deserialization checks the range, so an instant that arrives from the
+/// network or a file is refused there, not stored and choked on later.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
 pub struct Timestamp(i64);
+
+impl TryFrom<i64> for Timestamp {
+    type Error = TimestampError;
+    fn try_from(ms: i64) -> Result<Self, Self::Error> {
+        Timestamp::from_millis(ms)
+    }
+}
+
+impl From<Timestamp> for i64 {
+    fn from(t: Timestamp) -> i64 {
+        t.0
+    }
+}
 
 /// Why a text or number is not a valid instant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -244,6 +261,17 @@ mod tests {
         assert_eq!(t.to_string(), "2026-11-26T08:00:00.123Z");
         let offset = Timestamp::parse("2026-11-26T09:00:00+01:00").expect("valid");
         assert_eq!(offset.to_string(), "2026-11-26T08:00:00.000Z");
+    }
+
+    #[test]
+    fn out_of_range_instants_do_not_deserialize() {
+        let bytes = postcard::to_allocvec(&i64::MAX).expect("encode");
+        assert!(postcard::from_bytes::<Timestamp>(&bytes).is_err());
+        let ok = postcard::to_allocvec(&Timestamp::MAX).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<Timestamp>(&ok).expect("decode"),
+            Timestamp::MAX
+        );
     }
 
     #[test]

@@ -36,10 +36,26 @@ pub mod close {
     pub const STORE: u32 = 4;
     /// The agent was revoked.
     pub const REVOKED: u32 = 5;
+    /// The coordinator is at a limit (sessions, unauthenticated connections);
+    /// try again later.
+    pub const BUSY: u32 = 6;
 }
 
 /// The most run records in one result batch.
 pub const RESULT_BATCH_RUNS_MAX: usize = 512;
+/// The largest encoded task (program, arguments, environment, schedule and
+/// policies): a bigger one is refused when it is created, so no single task
+/// can fill a frame.
+pub const TASK_SPEC_BYTES_MAX: usize = 64 * 1024;
+/// Bytes of changes in one `Assignments` message, and of tasks or runs in one
+/// page of an admin answer: lists are sent as several messages under this.
+pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
+/// The largest frame a peer without a certificate (enrollment) may send.
+pub const ENROLL_FRAME_BYTES_MAX: usize = 64 * 1024;
+/// The largest frame an agent may send before its Hello was accepted.
+pub const HELLO_FRAME_BYTES_MAX: usize = 4 * 1024;
+/// The largest admin request.
+pub const ADMIN_REQUEST_BYTES_MAX: usize = 256 * 1024;
 
 /// Agent → coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,6 +148,10 @@ pub struct TaskDraft {
     pub schedule: crate::Schedule,
     pub action: crate::task::Action,
     pub policies: crate::policy::Policies,
+    /// An `every` schedule counts from the coordinator's creation time of the
+    /// task (its anchor is replaced by it), so the first occurrence does not
+    /// depend on the difference between the admin's clock and the coordinator's.
+    pub anchor_at_creation: bool,
 }
 
 /// Admin → coordinator, one per stream.
@@ -178,7 +198,9 @@ pub struct TaskInfo {
     pub cancelled: bool,
 }
 
-/// Coordinator → admin.
+/// Coordinator → admin. Lists (`Tasks`, `Runs`) may come as several
+/// messages on one stream, each under [`LIST_CHUNK_BYTES_MAX`]; the stream's
+/// end ends the list. [`AdminResponse::RunsSummary`] follows a run list.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AdminResponse {
     Token(String),
@@ -190,4 +212,56 @@ pub enum AdminResponse {
     Runs(Vec<RunRecord>),
     Done,
     Error(String),
+    /// After the pages of a run list: how many runs matched in all, and how
+    /// many stored records could not be read (skipped, and logged).
+    RunsSummary {
+        matched: u64,
+        unreadable: u64,
+    },
+    /// A task was created; with warnings for the operator (e.g. a selector
+    /// that matches no agent yet).
+    TaskCreatedWarn {
+        id: TaskId,
+        warnings: Vec<String>,
+    },
+}
+
+/// Splits `items` into pages whose encoded size stays under `bytes_max`
+/// (one item per page at least, so an item larger than that is sent alone).
+pub fn chunk_by_size<T: Serialize>(items: Vec<T>, bytes_max: usize) -> Vec<Vec<T>> {
+    let mut pages = Vec::new();
+    let mut page = Vec::new();
+    let mut bytes = 0usize;
+    for item in items {
+        let size = postcard::experimental::serialized_size(&item).unwrap_or(bytes_max);
+        if !page.is_empty() && bytes.saturating_add(size) > bytes_max {
+            pages.push(std::mem::take(&mut page));
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(size);
+        page.push(item);
+    }
+    if !page.is_empty() || pages.is_empty() {
+        pages.push(page);
+    }
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_stay_under_the_byte_bound_and_keep_order() {
+        let items: Vec<String> = (0..1000).map(|i| format!("{i:0>100}")).collect();
+        let pages = chunk_by_size(items.clone(), 10_000);
+        assert!(pages.len() > 5);
+        for p in &pages {
+            let size = postcard::to_allocvec(p).expect("encode").len();
+            assert!(size <= 10_000 + 16, "page of {size} bytes");
+        }
+        let flat: Vec<String> = pages.into_iter().flatten().collect();
+        assert_eq!(flat, items);
+        assert_eq!(chunk_by_size(Vec::<u8>::new(), 10).len(), 1);
+    }
 }

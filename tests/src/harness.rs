@@ -136,6 +136,7 @@ impl Fleet {
                 name: Some(name.clone()),
                 labels: vec![],
                 allow_exec: vec![exe.display().to_string()],
+                allow_env: vec![],
             };
             set.spawn(async move {
                 let r = sundial_agent::enroll::join(&dir, req).await;
@@ -255,6 +256,7 @@ impl Fleet {
                 cwd: None,
             }),
             policies,
+            anchor_at_creation: false,
         };
         match self
             .admin(&AdminRequest::TaskCreate(Box::new(draft)))
@@ -347,10 +349,7 @@ impl AgentNode {
     pub fn start(&mut self, exe: &Path) -> anyhow::Result<()> {
         if self.in_process {
             let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-            let cfg = sundial_agent::runtime::AgentConfig {
-                data_dir: self.dir.clone(),
-                exec: Default::default(),
-            };
+            let cfg = sundial_agent::runtime::AgentConfig::new(self.dir.clone());
             let name = self.name.clone();
             let task = tokio::spawn(async move {
                 let r = sundial_agent::runtime::run(cfg, async {

@@ -589,7 +589,7 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
             _ => None,
         })
         .collect();
-    let records = store.runs(None, None, None, usize::MAX)?;
+    let records = store.runs(None, None, None, usize::MAX)?.runs;
     let mut starts = Vec::new();
     let mut malformed = 0;
     for a in &fleet.agents {

@@ -16,6 +16,35 @@ use sundial_protocol::task::{Action, ExecSpec, Target};
 use sundial_protocol::wire::{AdminRequest, AdminResponse, AgentInfo, TaskDraft, TaskInfo};
 use sundial_protocol::{AgentId, DurationMs, RunRecord, TaskId, Timestamp};
 
+/// Prints to stdout; a closed pipe (`sundialctl … | head`) ends the
+/// program quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_out(&format!($($arg)*))
+    };
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_out(&format!("{}\n", format!($($arg)*)))
+    };
+}
+
+fn write_out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("sundialctl: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Sundial admin CLI. Reads the coordinator's address and admin credentials
 /// from --creds FILE or SUNDIAL_CREDS (the file `sundial-coordinator init` wrote).
 #[derive(Debug, Parser)]
@@ -132,9 +161,10 @@ struct CreateArgs {
     /// once (one catch-up run), all or all:CAP.
     #[arg(long, value_name = "POLICY", default_value = "once")]
     misfire: MisfireMode,
-    /// An occurrence at most this late still runs normally.
-    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "1m")]
-    grace: DurationMs,
+    /// An occurrence at most this late still runs normally [default: 1m,
+    /// or the period of the schedule if that is shorter].
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    grace: Option<DurationMs>,
     /// Retries after a failed, timed-out or interrupted run.
     #[arg(long, value_name = "N", default_value_t = 0)]
     retries: u32,
@@ -171,14 +201,18 @@ struct CreateArgs {
 enum RunCmd {
     /// List runs, oldest first (the most recent N when more match).
     List {
+        /// Only runs of this task.
         #[arg(long, value_name = "ID")]
         task: Option<TaskId>,
+        /// Only runs of this agent.
         #[arg(long, value_name = "ID")]
         agent: Option<AgentId>,
-        /// Only runs scheduled at or after this instant.
-        #[arg(long, value_name = "T", value_parser = cli::parse_instant)]
+        /// Only runs scheduled at or after this instant: RFC 3339, a date
+        /// (2026-11-26), or a duration meaning that long ago (1h, 7d).
+        #[arg(long, value_name = "T", value_parser = cli::parse_since)]
         since: Option<Timestamp>,
-        #[arg(long, value_name = "N", default_value_t = 100)]
+        /// Show at most N runs, the most recent (1 to 10000).
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
         #[command(flatten)]
         out: OutputArg,
@@ -196,7 +230,7 @@ enum ScheduleCmd {
         /// List occurrences strictly after this instant (RFC 3339 or `now`).
         #[arg(long, value_name = "T", value_parser = cli::parse_instant)]
         from: Option<Timestamp>,
-        /// How many occurrences to print.
+        /// How many occurrences to print (at most 100000).
         #[arg(long, value_name = "N", default_value_t = 5)]
         count: usize,
         /// Output format: table (with local times for cron) or json (an array of strings).
@@ -296,7 +330,7 @@ fn or_dash<T: ToString>(v: Option<T>) -> String {
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -324,7 +358,7 @@ fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table(
             &[
@@ -367,7 +401,7 @@ fn tasks_out(tasks: &[TaskInfo], out: Output) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table(
             &["ID", "NAME", "TARGET", "SCHEDULE", "STATE", "COMMAND"],
@@ -396,7 +430,7 @@ fn runs_out(runs: &[RunRecord], out: Output) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table(
             &[
@@ -455,7 +489,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?
                 {
-                    AdminResponse::Token(t) => println!("{t}"),
+                    AdminResponse::Token(t) => outln!("{t}"),
                     r => return Err(unexpected(r)),
                 }
             }
@@ -475,12 +509,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             Cmd::Agent(AgentCmd::Revoke { id }) => {
                 ask(AdminRequest::AgentRevoke(id)).await?;
-                println!("revoked {id}");
+                outln!("revoked {id}");
             }
             Cmd::Task(TaskCmd::Create(args)) => {
                 let draft = draft(*args)?;
                 match ask(AdminRequest::TaskCreate(Box::new(draft))).await? {
-                    AdminResponse::TaskCreated(id) => println!("{id}"),
+                    AdminResponse::TaskCreated(id) => outln!("{id}"),
+                    AdminResponse::TaskCreatedWarn { id, warnings } => {
+                        for w in warnings {
+                            eprintln!("sundialctl: warning: {w}");
+                        }
+                        outln!("{id}");
+                    }
                     r => return Err(unexpected(r)),
                 }
             }
@@ -500,7 +540,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             Cmd::Task(TaskCmd::Cancel { id }) => {
                 ask(AdminRequest::TaskCancel(id)).await?;
-                println!("cancelled {id}");
+                outln!("cancelled {id}");
             }
             Cmd::Run(RunCmd::List {
                 task,
@@ -509,16 +549,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 limit,
                 out,
             }) => {
-                match ask(AdminRequest::RunList {
-                    task,
-                    agent,
-                    since,
-                    limit,
-                })
-                .await?
-                {
-                    AdminResponse::Runs(r) => runs_out(&r, out.output)?,
-                    r => return Err(unexpected(r)),
+                let (runs, matched, unreadable) = client
+                    .run_list(&AdminRequest::RunList {
+                        task,
+                        agent,
+                        since,
+                        limit,
+                    })
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                runs_out(&runs, out.output)?;
+                if unreadable > 0 {
+                    eprintln!("sundialctl: warning: {unreadable} stored run records could not be read and were skipped (the coordinator's log names them)");
+                }
+                if matched > runs.len() as u64 && out.output == Output::Table {
+                    eprintln!(
+                        "showing the latest {} of {matched} runs; narrow with --since/--task/--agent or raise --limit",
+                        runs.len()
+                    );
                 }
             }
             Cmd::Schedule(_) => {}
@@ -528,13 +576,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
+/// How far in the past `--at` or `--end` may be (`--at now` is parsed a
+/// moment before it is checked).
+const PAST_SLACK_MS: i64 = 1_000;
+/// The grace when none is given and the schedule's period is longer.
+const GRACE_DEFAULT: DurationMs = DurationMs(60_000);
+
 fn draft(a: CreateArgs) -> anyhow::Result<TaskDraft> {
+    let now = cli::now();
+    if let Some(at) = a.schedule.at {
+        if at.millis_since(now) < -PAST_SLACK_MS {
+            bail!("--at {at} is in the past (now is {now}); use --at now to run at once, or --at +DUR");
+        }
+    }
+    if let Some(end) = a.end {
+        if end.millis_since(now) < -PAST_SLACK_MS {
+            bail!("--end {end} is in the past (now is {now})");
+        }
+    }
+    if a.timeout.is_some_and(|t| t.0 == 0) {
+        bail!("--timeout must be longer than 0s");
+    }
+    let anchor_at_creation = a.schedule.every.is_some() && a.schedule.anchor.is_none();
     let schedule = a
         .schedule
-        .to_schedule(cli::now())
+        .to_schedule(now)
         .map_err(anyhow::Error::msg)?
         .with_window(a.start, a.end)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A catch-up within the grace runs as if on time: the default grace is
+    // no longer than the schedule's period, so a short outage does not
+    // replay a burst of a frequent task.
+    let grace = a.grace.unwrap_or_else(|| {
+        let mut next = schedule.occurrences_after(now).take(2);
+        match (next.next(), next.next()) {
+            (Some(x), Some(y)) => DurationMs(
+                u64::try_from(y.millis_since(x))
+                    .unwrap_or(u64::MAX)
+                    .min(GRACE_DEFAULT.0),
+            ),
+            _ => GRACE_DEFAULT,
+        }
+    });
     let target = match (a.agent, a.selector) {
         (Some(id), _) => Target::Agent(id),
         (None, Some(sel)) => Target::Selector(sel.0),
@@ -557,7 +640,7 @@ fn draft(a: CreateArgs) -> anyhow::Result<TaskDraft> {
         policies: Policies {
             misfire: MisfirePolicy {
                 mode: a.misfire,
-                grace: a.grace,
+                grace,
             },
             retry: RetryPolicy {
                 retries: a.retries,
@@ -567,6 +650,7 @@ fn draft(a: CreateArgs) -> anyhow::Result<TaskDraft> {
             overlap: a.overlap,
             timeout: a.timeout,
         },
+        anchor_at_creation,
     })
 }
 
@@ -576,6 +660,12 @@ fn schedule_next(
     count: usize,
     output: Output,
 ) -> anyhow::Result<()> {
+    if count > cli::SCHEDULE_COUNT_MAX {
+        bail!(
+            "--count {count} is more than the {} occurrences this command prints",
+            cli::SCHEDULE_COUNT_MAX
+        );
+    }
     let now = cli::now();
     let sched = schedule.to_schedule(now).map_err(anyhow::Error::msg)?;
     let from = from.unwrap_or(now);
@@ -583,20 +673,20 @@ fn schedule_next(
     match output {
         Output::Json => {
             let texts: Vec<String> = next.iter().map(ToString::to_string).collect();
-            println!("{}", serde_json::to_string(&texts)?);
+            outln!("{}", serde_json::to_string(&texts)?);
         }
         Output::Table => {
             if next.is_empty() {
-                println!("no occurrences after {from}");
+                outln!("no occurrences after {from}");
             }
             let zone = schedule.zone();
             for t in next {
                 match zone {
                     Some(tz) if tz != chrono_tz::UTC => {
                         let local = tz.from_utc_datetime(&t.to_naive_utc());
-                        println!("{t}  {}", local.format("%Y-%m-%d %H:%M:%S %Z"));
+                        outln!("{t}  {}", local.format("%Y-%m-%d %H:%M:%S %Z"));
                     }
-                    _ => println!("{t}"),
+                    _ => outln!("{t}"),
                 }
             }
         }

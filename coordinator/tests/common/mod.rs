@@ -169,6 +169,7 @@ pub fn join(
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             allow_exec: vec!["/bin/sh".into(), "/bin/echo".into(), "/bin/true".into()],
+            allow_env: vec![],
         },
     ))
     .map(|id| id.to_string())
@@ -190,10 +191,7 @@ impl Agent {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            let cfg = sundial_agent::runtime::AgentConfig {
-                data_dir: d,
-                exec: sundial_agent::exec::ExecPolicy::default(),
-            };
+            let cfg = sundial_agent::runtime::AgentConfig::new(d);
             let r = rt.block_on(sundial_agent::runtime::run(cfg, async {
                 let _ = rx.await;
             }));
