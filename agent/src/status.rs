@@ -31,6 +31,8 @@ pub struct TaskStatus {
 pub struct Status {
     pub agent_id: Option<String>,
     pub enrolled: bool,
+    /// The coordinator revoked this agent: it makes no more sessions.
+    pub revoked: bool,
     pub clock_offset_ms: i64,
     pub clock_held: bool,
     pub last_known_good: Option<String>,
@@ -111,6 +113,7 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         enrolled: agent_id.is_some(),
         clock_offset_ms: store.get_meta(meta::CLOCK_OFFSET_MS)?.unwrap_or(0),
         clock_held: store.get_meta(meta::CLOCK_HELD)?.unwrap_or(false),
+        revoked: store.get_meta(meta::REVOKED)?.unwrap_or(false),
         last_known_good: ts_text(store.get_meta(meta::LAST_KNOWN_GOOD_MS)?),
         last_sync: ts_text(store.get_meta(meta::LAST_SYNC_MS)?),
         last_revision: store.get_meta(meta::LAST_REVISION)?.unwrap_or(0),
@@ -130,6 +133,12 @@ pub fn render(s: &Status) -> String {
         "agent:          {}",
         s.agent_id.as_deref().unwrap_or("not enrolled")
     );
+    if s.revoked {
+        let _ = writeln!(
+            out,
+            "coordinator:    REVOKED (no sessions; local tasks still fire; join again with a new data directory to return)"
+        );
+    }
     let _ = writeln!(
         out,
         "clock:          {}, offset {:+} ms, last known good {}",

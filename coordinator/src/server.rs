@@ -54,6 +54,9 @@ const PAST_SLACK_MS: i64 = 10_000;
 const PURGE_BATCH_RUNS_MAX: usize = 10_000;
 /// How often retention looks for old runs.
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Messages read from an agent and not yet handled: more than the result
+/// batches an agent keeps in flight, so its writes never wait on ours.
+const SESSION_INBOX_MAX: usize = 16;
 /// Tasks whose assignment to a session's agent is remembered (a cache; cleared when full).
 const ASSIGNED_CACHE_MAX: usize = 100_000;
 
@@ -544,10 +547,15 @@ fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
 /// The assignment changes for `agent` since `since`, as messages each under
 /// [`LIST_CHUNK_BYTES_MAX`]. Every message but the last carries the revision
 /// of its own last change, so an agent cut off midway resumes after it.
+///
+/// A task created before the agent enrolled counts for it from its
+/// enrollment: occurrences before that were never its to run (so a newly
+/// joined agent neither replays nor records them).
 fn assignment_messages(
     state: &State,
     agent: AgentId,
     labels: &[(String, String)],
+    enrolled_at: Timestamp,
     since: u64,
 ) -> Result<(Vec<CoordMsg>, u64), StoreError> {
     let upto = state.store.revision()?;
@@ -555,13 +563,14 @@ fn assignment_messages(
         .store
         .changes_for(agent, labels, since)?
         .into_iter()
-        .map(|(spec, cancelled)| {
+        .map(|(mut spec, cancelled)| {
             if cancelled {
                 AssignmentChange::Cancel {
                     task_id: spec.id,
                     revision: spec.revision,
                 }
             } else {
+                spec.created_at = spec.created_at.max(enrolled_at);
                 AssignmentChange::Upsert(Box::new(spec))
             }
         })
@@ -661,16 +670,31 @@ async fn handle_session(
         s.store.update_agent(agent, |r| r.last_seen_ms = Some(seen))
     })
     .await;
+    // Reading runs on its own, so the coordinator never stops reading while
+    // it writes a long assignment: an agent blocked writing its result
+    // batches (at most BATCHES_IN_FLIGHT_MAX unacknowledged) always gets
+    // them through, goes back to reading, and the writes here complete.
+    let (msg_tx, msg_rx) = tokio::sync::mpsc::channel(SESSION_INBOX_MAX);
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = recv.next::<AgentMsg>().await;
+            let end = m.is_err();
+            if msg_tx.send(m).await.is_err() || end {
+                return;
+            }
+        }
+    });
     let result = session_loop(
         state,
         &conn,
         &mut send,
-        &mut recv,
+        msg_rx,
         agent,
         &record,
         last_revision,
     )
     .await;
+    reader.abort();
     if let Ok(mut live) = state.live.lock() {
         if let Some(l) = live.get_mut(&agent) {
             l.conns.retain(|c| c.stable_id() != conn.stable_id());
@@ -777,7 +801,7 @@ async fn session_loop(
     state: &Arc<State>,
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    recv: &mut FramedRecv,
+    mut inbox: tokio::sync::mpsc::Receiver<Result<AgentMsg, NetError>>,
     agent: AgentId,
     record: &AgentRecordV1,
     last_revision: u64,
@@ -790,6 +814,7 @@ async fn session_loop(
         NetError::Eof
     };
     let labels = Arc::new(record.labels.clone());
+    let enrolled_at = Timestamp::from_millis_saturating(record.enrolled_at_ms);
     let mut assigned: HashMap<TaskId, bool> = HashMap::new();
     let mut runs_bucket = Bucket::new(f64::from(state.limits.upload_runs_per_sec));
     let mut bytes_bucket = Bucket::new(state.limits.upload_bytes_per_sec as f64);
@@ -798,7 +823,7 @@ async fn session_loop(
         let labels = labels.clone();
         async move {
             blocking(state, move |s| {
-                assignment_messages(s, agent, &labels, since)
+                assignment_messages(s, agent, &labels, enrolled_at, since)
             })
             .await
             .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
@@ -822,7 +847,8 @@ async fn session_loop(
     sent = upto;
     loop {
         tokio::select! {
-            msg = recv.next::<AgentMsg>() => {
+            msg = inbox.recv() => {
+                let Some(msg) = msg else { return Err(NetError::Eof) };
                 match msg? {
                     AgentMsg::Results { batch_id, mut runs } => {
                         // Identity comes from the certificate, never from the record.

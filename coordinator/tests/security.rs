@@ -263,8 +263,9 @@ fn identity_comes_from_the_certificate_only() {
         )
         .await
         .expect("send");
-        let ack: CoordMsg = rx.next().await.expect("ack");
-        (first, ack)
+        // It is refused: B's task is not assigned to A, whoever A claims to be.
+        let refused = rx.next::<CoordMsg>().await;
+        (first, refused)
     });
     match got.0 {
         CoordMsg::Assignments { changes, .. } => {
@@ -272,15 +273,17 @@ fn identity_comes_from_the_certificate_only() {
         }
         other => panic!("expected assignments, got {other:?}"),
     }
-    assert!(matches!(got.1, CoordMsg::ResultsAck { .. }));
+    assert!(
+        closed_with(&got.1.map(|_| ()), close::PROTOCOL),
+        "a record for another agent's task must close the session"
+    );
     assert!(
         coord.runs(&["--agent", &b]).is_empty(),
         "A wrote a run as B"
     );
-    assert_eq!(
-        coord.runs(&["--agent", &a]).len(),
-        1,
-        "the record is stored under A's identity"
+    assert!(
+        coord.runs(&["--agent", &a]).is_empty(),
+        "A wrote a run of B's task"
     );
 }
 

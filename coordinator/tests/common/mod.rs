@@ -39,11 +39,17 @@ pub struct Coordinator {
     pub dir: PathBuf,
     pub addr: SocketAddr,
     child: Option<Child>,
+    serve_args: Vec<String>,
 }
 
 impl Coordinator {
     /// `init` + `serve` on a free loopback port.
     pub fn start(root: &Path) -> Coordinator {
+        Coordinator::start_with(root, &[])
+    }
+
+    /// `init` + `serve` with extra `serve` flags.
+    pub fn start_with(root: &Path, serve_args: &[&str]) -> Coordinator {
         let port = free_udp_port();
         let dir = root.join("coord");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -62,6 +68,7 @@ impl Coordinator {
             dir,
             addr,
             child: None,
+            serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
         };
         c.restart();
         c
@@ -82,6 +89,7 @@ impl Coordinator {
             .args(["serve", "--data-dir"])
             .arg(&self.dir)
             .args(["--listen", &self.addr.to_string()])
+            .args(&self.serve_args)
             .env("SUNDIAL_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,534 @@
+//! What the coordinator does when a peer lies, floods or stalls, and when
+//! its store is lost: revocation ends live sessions, every field from the
+//! network is range-checked, agents write only their own runs and the first
+//! record of a run key wins, uploads are rate-bound, every list is chunked
+//! under the frame cap, unauthenticated peers are bounded, and a lost store
+//! or CA is never silently replaced.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{join, wait_for, Agent, Coordinator, COORDINATOR};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Serialize;
+use sundial_agent::session::{self, FramedRecv, SessionError};
+use sundial_protocol::codec::encode;
+use sundial_protocol::tls::{Identity, ServerTrust};
+use sundial_protocol::wire::{close, AgentMsg, CoordMsg, ALPN, ALPN_ENROLL};
+use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, Timestamp};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn ca(coord: &Coordinator) -> CertificateDer<'static> {
+    CertificateDer::from_pem_file(coord.dir.join("ca.pem")).expect("ca.pem")
+}
+
+fn agent_identity(dir: &Path) -> Identity {
+    Identity {
+        chain: vec![CertificateDer::from_pem_file(dir.join("agent.pem")).expect("agent.pem")],
+        key: PrivateKeyDer::from_pem_file(dir.join("agent.key")).expect("agent.key"),
+    }
+}
+
+fn closed_with(r: &Result<(), SessionError>, code: u32) -> bool {
+    let text = format!("{r:?}");
+    matches!(r, Err(SessionError::Connection(quinn::ConnectionError::ApplicationClosed(c))) if c.error_code == quinn::VarInt::from_u32(code))
+        || matches!(r, Err(SessionError::Read(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(c)))) if c.error_code == quinn::VarInt::from_u32(code))
+        || text.contains(&format!("error_code: {code}"))
+}
+
+fn record(task: TaskId, at_ms: i64, outcome: Outcome) -> RunRecord {
+    RunRecord {
+        task_id: task,
+        agent_id: AgentId(999),
+        scheduled_at: Timestamp::from_millis(at_ms).expect("in range"),
+        attempt: 1,
+        fired_at: Some(Timestamp::from_millis(at_ms).expect("in range")),
+        finished_at: Some(Timestamp::from_millis(at_ms + 5).expect("in range")),
+        outcome,
+        exit_code: Some(0),
+        offline: false,
+        detail: None,
+        stdout_tail: vec![],
+        stderr_tail: vec![],
+    }
+}
+
+/// An agent's session driven by hand: Hello, then whatever frames the test
+/// sends; returns the acknowledgements read, or how the session ended.
+fn raw_session(
+    coord: &Coordinator,
+    dir: &Path,
+    frames: Vec<Vec<u8>>,
+) -> (Vec<CoordMsg>, Result<(), SessionError>) {
+    rt().block_on(async {
+        let mut got = Vec::new();
+        let r = async {
+            let (_ep, conn) = session::connect(
+                &coord.addr.to_string(),
+                "sundial-coordinator",
+                ServerTrust::Ca(ca(coord)),
+                Some(agent_identity(dir)),
+                ALPN,
+            )
+            .await?;
+            let (mut tx, rx) = conn.open_bi().await?;
+            session::send(
+                &mut tx,
+                &AgentMsg::Hello {
+                    last_revision: 0,
+                    outbox_len: 0,
+                    agent_version: "test".into(),
+                },
+            )
+            .await?;
+            // Read on the side, as an agent does, so long assignment lists
+            // never wait on our writes.
+            let mut rx = FramedRecv::new(rx);
+            let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+            let reader = tokio::spawn(async move {
+                loop {
+                    match rx.next::<CoordMsg>().await {
+                        Ok(m @ CoordMsg::ResultsAck { .. }) => {
+                            let _ = acks_tx.send(Ok(m));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = acks_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+            });
+            let n = frames.len();
+            for f in frames {
+                tx.write_all(&f).await?;
+            }
+            while got.len() < n {
+                match acks.recv().await {
+                    Some(Ok(m)) => got.push(m),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(SessionError::Eof),
+                }
+            }
+            reader.abort();
+            Ok::<(), SessionError>(())
+        }
+        .await;
+        (got, r)
+    })
+}
+
+fn results_frame(batch_id: u64, runs: Vec<RunRecord>) -> Vec<u8> {
+    encode(&AgentMsg::Results { batch_id, runs }).expect("encodes")
+}
+
+fn future_task(coord: &Coordinator, agent: &str) -> String {
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        agent,
+        "--at",
+        "2099-01-01T00:00:00Z",
+        "--",
+        "/bin/true",
+    ])
+}
+
+#[test]
+fn revocation_ends_a_live_session_and_refuses_new_tasks() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let addr = coord.addr.to_string();
+    let dir = root.path().join("a");
+    let id = join(&addr, &coord.token(&[]), &dir, "a", &[("site", "lab")]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    let task = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--every",
+        "300ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("runs from a", || coord.runs(&["--task", &task]).len() >= 2);
+    wait_for("a online", || {
+        coord.json(&["agent", "get", &id])["online"] == true
+    });
+
+    coord.ctl_ok(&["agent", "revoke", &id]);
+    // The live session ends at once, not at the next reconnect.
+    assert_eq!(coord.json(&["agent", "get", &id])["online"], false);
+    // The agent learns it, records it, and says so in its status.
+    wait_for("the agent to know it is revoked", || agent.status().revoked);
+    // Tasks aimed at it are refused; runs stop arriving.
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--agent",
+        &id,
+        "--at",
+        "2099-01-01T00:00:00Z",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(!ok && err.contains("revoked"), "{err}");
+    let n1 = coord.runs(&["--task", &task]).len();
+    std::thread::sleep(Duration::from_secs(3));
+    let n2 = coord.runs(&["--task", &task]).len();
+    assert_eq!(n1, n2, "runs of a revoked agent were still stored");
+    agent.stop();
+
+    // A restarted revoked agent makes no session at all.
+    let mut again = Agent::start(&dir);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(again.status().revoked);
+    assert_eq!(coord.json(&["agent", "get", &id])["online"], false);
+    again.stop();
+}
+
+/// A run record as a lying agent might encode it: instants as raw i64.
+#[derive(Serialize)]
+struct RawRun {
+    task_id: u64,
+    agent_id: u64,
+    scheduled_at: i64,
+    attempt: u32,
+    fired_at: Option<i64>,
+    finished_at: Option<i64>,
+    outcome: u32,
+    exit_code: Option<i32>,
+    offline: bool,
+    detail: Option<String>,
+    stdout_tail: Vec<u8>,
+    stderr_tail: Vec<u8>,
+}
+
+#[derive(Serialize)]
+#[allow(dead_code)]
+enum RawAgentMsg {
+    Hello,
+    Results { batch_id: u64, runs: Vec<RawRun> },
+}
+
+#[test]
+fn out_of_range_fields_are_refused_and_unreadable_records_do_not_break_listings() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let id = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let task: TaskId = future_task(&coord, &id).parse().expect("id");
+
+    let raw = |scheduled_at: i64, attempt: u32| RawRun {
+        task_id: task.0,
+        agent_id: 0,
+        scheduled_at,
+        attempt,
+        fired_at: None,
+        finished_at: None,
+        outcome: 0,
+        exit_code: None,
+        offline: false,
+        detail: None,
+        stdout_tail: vec![],
+        stderr_tail: vec![],
+    };
+    // i64::MAX is no instant: the frame is refused, nothing is stored.
+    let bad = encode(&RawAgentMsg::Results {
+        batch_id: 1,
+        runs: vec![raw(i64::MAX, 1)],
+    })
+    .expect("encodes");
+    let (_, r) = raw_session(&coord, &dir, vec![bad]);
+    assert!(closed_with(&r, close::BAD_FRAME), "{r:?}");
+    // Attempt 0 and a detail of 1 MB are out of bounds: refused with a reason.
+    for rec in [
+        RunRecord {
+            attempt: 0,
+            ..record(task, 1_000, Outcome::Succeeded)
+        },
+        RunRecord {
+            detail: Some("x".repeat(1_000_000)),
+            ..record(task, 1_000, Outcome::Succeeded)
+        },
+    ] {
+        let (_, r) = raw_session(&coord, &dir, vec![results_frame(1, vec![rec])]);
+        assert!(closed_with(&r, close::PROTOCOL), "{r:?}");
+    }
+    assert!(coord.runs(&[]).is_empty());
+
+    // A good record, then an unreadable one written into the store behind
+    // the coordinator's back: the listing skips it and says so.
+    let (acks, r) = raw_session(
+        &coord,
+        &dir,
+        vec![results_frame(
+            1,
+            vec![record(task, 1_000, Outcome::Succeeded)],
+        )],
+    );
+    assert!(r.is_ok() && acks.len() == 1, "{r:?}");
+    coord.kill9();
+    {
+        let db = redb::Database::create(coord.dir.join("coordinator.redb")).expect("open");
+        let runs: redb::TableDefinition<(u64, u64, i64, u32), &[u8]> =
+            redb::TableDefinition::new("runs");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut t = txn.open_table(runs).expect("table");
+            t.insert((task.0, 1, 2_000, 1), [1u8, 0xff, 0xff, 0xff].as_slice())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    coord.restart();
+    let (ok, out, err) = coord.ctl(&["run", "list", "-o", "json"]);
+    assert!(ok, "run list failed: {err}");
+    let runs: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{out}");
+    assert!(err.contains("could not be read"), "{err}");
+}
+
+#[test]
+fn agents_write_only_their_own_runs_and_the_first_record_wins() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let addr = coord.addr.to_string();
+    let a_dir = root.path().join("a");
+    let b_dir = root.path().join("b");
+    let a = join(&addr, &coord.token(&[]), &a_dir, "a", &[]).expect("a");
+    let b = join(&addr, &coord.token(&[]), &b_dir, "b", &[]).expect("b");
+    let a_task: TaskId = future_task(&coord, &a).parse().expect("id");
+    let b_task: TaskId = future_task(&coord, &b).parse().expect("id");
+
+    // B's task, and a task that does not exist: refused, nothing stored.
+    for t in [b_task, TaskId(4242)] {
+        let (_, r) = raw_session(
+            &coord,
+            &a_dir,
+            vec![results_frame(1, vec![record(t, 1_000, Outcome::Succeeded)])],
+        );
+        assert!(closed_with(&r, close::PROTOCOL), "task {t}: {r:?}");
+    }
+    assert!(coord.runs(&[]).is_empty());
+
+    // Its own task: stored under its certificate's identity. A different
+    // record for the same run key later does not replace it.
+    let (acks, r) = raw_session(
+        &coord,
+        &a_dir,
+        vec![results_frame(
+            1,
+            vec![record(a_task, 1_000, Outcome::Failed)],
+        )],
+    );
+    assert!(r.is_ok() && acks.len() == 1, "{r:?}");
+    let (acks, r) = raw_session(
+        &coord,
+        &a_dir,
+        vec![results_frame(
+            2,
+            vec![record(a_task, 1_000, Outcome::Succeeded)],
+        )],
+    );
+    assert!(
+        r.is_ok() && acks.len() == 1,
+        "a resend is acknowledged: {r:?}"
+    );
+    let runs = coord.runs(&[]);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["outcome"], "failed", "the first record must stand");
+    assert_eq!(runs[0]["agent_id"], a.as_str());
+}
+
+#[test]
+fn uploads_beyond_the_rate_limit_are_slowed_not_lost() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start_with(root.path(), &["--upload-runs-per-sec", "200"]);
+    let dir = root.path().join("a");
+    let a = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let task: TaskId = future_task(&coord, &a).parse().expect("id");
+    let frames: Vec<Vec<u8>> = (0..4)
+        .map(|b| {
+            results_frame(
+                b + 1,
+                (0..250)
+                    .map(|i| record(task, 1_000 + (b as i64) * 1_000 + i, Outcome::Succeeded))
+                    .collect(),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let (acks, r) = raw_session(&coord, &dir, frames);
+    let took = started.elapsed();
+    assert!(r.is_ok() && acks.len() == 4, "{r:?}");
+    // 1,000 records at 200 a second, with one second's worth of burst: at
+    // least 4 s. A lower bound, so a busy machine cannot make it flake.
+    assert!(
+        took >= Duration::from_secs(3),
+        "1,000 records took {took:?}"
+    );
+    assert_eq!(coord.runs(&[]).len(), 1_000);
+    coord.kill9();
+}
+
+#[test]
+fn large_tasks_are_refused_and_long_lists_are_chunked_under_the_frame_cap() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let a = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+
+    // One task over the size limit: a clear error at create time.
+    let huge = "x".repeat(70_000);
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--agent",
+        &a,
+        "--at",
+        "2099-01-01T00:00:00Z",
+        "--",
+        "/bin/echo",
+        &huge,
+    ]);
+    assert!(!ok && err.contains("bytes"), "{err}");
+
+    // 80 tasks of 60 KB: 4.8 MB of assignments, more than one frame holds.
+    let big = "y".repeat(60_000);
+    for i in 0..80 {
+        coord.ctl_ok(&[
+            "task",
+            "create",
+            "--name",
+            &format!("big-{i}"),
+            "--agent",
+            &a,
+            "--at",
+            "2099-01-01T00:00:00Z",
+            "--",
+            "/bin/echo",
+            &big,
+        ]);
+    }
+    let mut agent = Agent::start(&dir);
+    wait_for("all 80 tasks on the agent", || {
+        agent.status().tasks.len() == 80
+    });
+    let tasks = coord.json(&["task", "list"]);
+    assert_eq!(tasks.as_array().map(Vec::len), Some(80));
+    agent.stop();
+
+    // Runs with 1 MiB tails: a run list of them is far over one frame.
+    let task: TaskId = future_task(&coord, &a).parse().expect("id");
+    let frames: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            let mut r = record(task, 10_000 + i, Outcome::Succeeded);
+            r.stdout_tail = vec![b'o'; 1024 * 1024];
+            r.stderr_tail = vec![b'e'; 1024 * 1024];
+            results_frame(i as u64 + 1, vec![r])
+        })
+        .collect();
+    let (acks, r) = raw_session(&coord, &dir, frames);
+    assert!(r.is_ok() && acks.len() == 6, "{r:?}");
+    let runs = coord.runs(&["--task", &task.to_string()]);
+    assert_eq!(runs.len(), 6);
+    assert_eq!(runs[0]["stdout"].as_str().map(str::len), Some(1024 * 1024));
+}
+
+#[test]
+fn unauthenticated_and_silent_peers_hold_little_and_not_for_long() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let trust = || ServerTrust::Pinned(sundial_protocol::token::sha256(ca(&coord).as_ref()));
+    // An enrollment that announces a 4 MiB frame is refused at the header.
+    let r: Result<(), SessionError> = rt().block_on(async {
+        let (_ep, conn) = session::connect(
+            &coord.addr.to_string(),
+            "sundial-coordinator",
+            trust(),
+            None,
+            ALPN_ENROLL,
+        )
+        .await?;
+        let (mut tx, rx) = conn.open_bi().await?;
+        tx.write_all(&(4u32 * 1024 * 1024).to_be_bytes()).await?;
+        let _: CoordMsg = FramedRecv::new(rx).next().await?;
+        Ok(())
+    });
+    assert!(closed_with(&r, close::BAD_FRAME), "{r:?}");
+
+    // An agent connection that never says Hello is closed by the coordinator.
+    let started = Instant::now();
+    let r: Result<(), SessionError> = rt().block_on(async {
+        let (_ep, conn) = session::connect(
+            &coord.addr.to_string(),
+            "sundial-coordinator",
+            ServerTrust::Ca(ca(&coord)),
+            Some(agent_identity(&dir)),
+            ALPN,
+        )
+        .await?;
+        let (_tx, rx) = conn.open_bi().await?;
+        let _: CoordMsg = FramedRecv::new(rx).next().await?;
+        Ok(())
+    });
+    assert!(closed_with(&r, close::PROTOCOL), "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn a_lost_store_or_ca_is_never_replaced_silently() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start(root.path());
+    coord.kill9();
+    let store = coord.dir.join("coordinator.redb");
+    let serve = |dir: &Path| {
+        std::process::Command::new(COORDINATOR)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .output()
+            .expect("serve runs")
+    };
+    // An empty store beside the CA: refused with what to do.
+    let saved = std::fs::read(&store).expect("store");
+    std::fs::write(&store, b"").expect("truncate");
+    let out = serve(&coord.dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("empty") && err.contains("backup"), "{err}");
+    // A deleted one: the same, and `init` will not replace the CA.
+    std::fs::remove_file(&store).expect("delete");
+    let out = serve(&coord.dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("missing"), "{err}");
+    let ca_before = std::fs::read(coord.dir.join("ca.pem")).expect("ca");
+    let out = std::process::Command::new(COORDINATOR)
+        .args(["init", "--advertise", "127.0.0.1:7447", "--data-dir"])
+        .arg(&coord.dir)
+        .output()
+        .expect("init runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(coord.dir.join("ca.pem")).expect("ca"),
+        ca_before
+    );
+    // Restored from the backup, it serves again.
+    std::fs::write(&store, saved).expect("restore");
+    coord.restart();
+    assert!(coord.ctl(&["agent", "list"]).0);
+}
