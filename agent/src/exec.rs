@@ -396,6 +396,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tails_never_exceed_the_hard_maximum() {
+        let mut p = allow(&["/bin/sh"]);
+        p.tail_bytes_max = 5_000_000;
+        let (_k, rx) = oneshot::channel();
+        let r = run(
+            &spec("/bin/sh", &["-c", "head -c 3000000 /dev/zero"]),
+            &p,
+            rx,
+        )
+        .await;
+        assert_eq!(r.outcome, Outcome::Succeeded);
+        assert_eq!(r.stdout_tail.len(), OUTPUT_TAIL_BYTES_MAX);
+    }
+
+    #[tokio::test]
     async fn a_missing_working_directory_is_named() {
         let mut s = spec("/bin/true", &[]);
         s.cwd = Some("/nonexistent/dir".into());

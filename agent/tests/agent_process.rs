@@ -60,18 +60,23 @@ impl Drop for AgentProc {
 }
 
 fn start_agent(dir: &Path) -> AgentProc {
+    start_agent_with(dir, &[])
+}
+
+fn start_agent_with(dir: &Path, extra: &[&str]) -> AgentProc {
     AgentProc(Some(
         Command::new(AGENT)
             .args(["run", "--data-dir"])
             .arg(dir)
             .args(["--allow-exec", "/bin/sh"])
+            .args(extra)
             .env("SUNDIAL_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(dir.join("agent.log"))
+                    .open(dir.with_extension("log"))
                     .expect("log file"),
             )
             .spawn()
@@ -230,7 +235,7 @@ fn crash_mid_run(retries: u32) -> (Vec<RunRecord>, Vec<String>) {
 
     let agent = start_agent(dir.path());
     let want = if retries > 0 { 2 } else { 1 };
-    let log = dir.path().join("agent.log");
+    let log = dir.path().with_extension("log");
     wait_for_or_show("the interrupted run to be recorded", &log, || {
         let s = status_json(dir.path());
         s["outbox_len"].as_u64() == Some(want) && s["runs_in_progress"].as_u64() == Some(0)
@@ -306,4 +311,140 @@ fn status_explains_a_missing_data_dir() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no agent data"), "{err}");
+}
+
+#[test]
+fn a_run_left_running_by_a_crash_is_ended_before_its_retry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("starts");
+    // First start: note our pid and hang. The retry notes whether the
+    // first is still alive: two runs of one occurrence must never overlap.
+    let script = format!(
+        "if [ -s {m} ]; then p=$(head -n1 {m}); if kill -0 $p 2>/dev/null; then echo alive >> {m}; else echo dead >> {m}; fi; exit 0; fi; echo $$ >> {m}; exec sleep 60",
+        m = marker.display()
+    );
+    let policies = Policies {
+        retry: RetryPolicy {
+            retries: 1,
+            backoff_initial: DurationMs(200),
+            backoff_max: DurationMs(200),
+        },
+        ..Policies::default()
+    };
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let at = Schedule::at(now().saturating_add_ms(500));
+        store
+            .put_task(&sh_task(1, at, &script, policies), Some(1))
+            .expect("put task");
+    }
+    let mut agent = start_agent(dir.path());
+    wait_for("the run to start", || !lines(&marker).is_empty());
+    let first: i32 = lines(&marker)[0].parse().expect("pid");
+    let mut child = agent.0.take().expect("running");
+    child.kill().expect("SIGKILL the agent");
+    child.wait().expect("reaped");
+    let alive = |pid: i32| {
+        rustix::process::Pid::from_raw(pid)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+    };
+    assert!(alive(first), "the action outlives a bare agent's SIGKILL");
+
+    let agent = start_agent(dir.path());
+    wait_for("the retry", || lines(&marker).len() >= 2);
+    stop(agent);
+    assert_eq!(
+        lines(&marker)[1],
+        "dead",
+        "the retry ran beside the first run"
+    );
+    assert!(!alive(first));
+    let runs = outbox(dir.path());
+    let first_run = runs.iter().find(|r| r.attempt == 1).expect("attempt 1");
+    assert_eq!(first_run.outcome, Outcome::Interrupted);
+    assert_eq!(first_run.finished_at, None, "no invented finish time");
+    assert!(
+        first_run.detail.as_deref().unwrap_or("").contains("killed"),
+        "{:?}",
+        first_run.detail
+    );
+}
+
+#[test]
+fn runs_beyond_the_concurrency_cap_are_recorded_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("spans");
+    // Each run logs +1 at its start and -1 at its end and takes 1 s; one
+    // starts every 100 ms.
+    let script = format!("echo +1 >> {l}; sleep 1; echo -1 >> {l}", l = log.display());
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let sched = Schedule::every(DurationMs(100), now().saturating_add_ms(300)).expect("valid");
+        store
+            .put_task(&sh_task(1, sched, &script, Policies::default()), Some(1))
+            .expect("put task");
+    }
+    let agent = start_agent_with(dir.path(), &["--max-concurrent-runs", "2"]);
+    wait_for("a few runs", || {
+        lines(&log).iter().filter(|l| *l == "-1").count() >= 4
+    });
+    stop(agent);
+    let mut going = 0;
+    let mut most = 0;
+    for l in lines(&log) {
+        going += l.parse::<i32>().expect("+1 or -1");
+        most = most.max(going);
+    }
+    assert!(most <= 2, "{most} runs went at once with a cap of 2");
+    let runs = outbox(dir.path());
+    assert!(runs.iter().any(|r| r.outcome == Outcome::Skipped
+        && r.detail.as_deref().unwrap_or("").contains("concurrency")));
+}
+
+#[test]
+fn a_lost_store_is_refused_and_a_store_deleted_while_running_stops_the_agent() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("data");
+    // A fresh data directory is private to the agent's user.
+    let agent = start_agent(&dir);
+    wait_for("the store", || store_path(&dir).exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    wait_for("the store's mode", || mode(&store_path(&dir)) == 0o600);
+
+    // Deleted while it runs: the agent stops with a clear error.
+    std::fs::remove_file(store_path(&dir)).expect("delete");
+    let mut child = agent;
+    let mut proc_ = child.0.take().expect("running");
+    let deadline = Instant::now() + WAIT_MAX;
+    let status = loop {
+        if let Some(s) = proc_.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept running without its store"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    assert!(log.contains("deleted or replaced"), "{log}");
+
+    // An enrolled agent's store gone (or empty): refused, with what to do.
+    std::fs::write(dir.join("agent.pem"), b"certificate").expect("cert");
+    for empty in [false, true] {
+        if empty {
+            std::fs::write(store_path(&dir), b"").expect("empty store");
+        }
+        let out = Command::new(AGENT)
+            .args(["run", "--data-dir"])
+            .arg(&dir)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started on a lost store");
+        assert!(err.contains("backup"), "{err}");
+    }
 }
