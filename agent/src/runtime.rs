@@ -525,7 +525,7 @@ impl Agent {
         let mut cmds = Vec::new();
         self.sched.advance(now, &mut cmds);
         if !cmds.is_empty() {
-            self.apply(now, cmds);
+            self.apply(now, cmds)?;
         }
         self.persist_known_good(false)?;
         Ok(Some(now))
@@ -542,7 +542,7 @@ impl Agent {
         Ok(())
     }
 
-    fn apply(&mut self, now: Timestamp, cmds: Vec<Command>) {
+    fn apply(&mut self, now: Timestamp, cmds: Vec<Command>) -> Result<(), AgentError> {
         let offline = !self.shared.online.load(std::sync::atomic::Ordering::SeqCst);
         let mut step = StepWrite::default();
         let mut starts = Vec::new();
@@ -589,6 +589,13 @@ impl Agent {
         if let Err(e) = self.store.apply_step(&step) {
             // Not durable, so not started: at most once wins over on time.
             tracing::error!(error = %e, runs = starts.len(), "could not record runs as started; they are not run");
+            if e.is_io() {
+                // redb refuses every write after an I/O error until the
+                // database is reopened: stop, so the supervisor restarts the
+                // agent with its store reopened (and repaired). Everything
+                // committed is kept; firing resumes once the disk has room.
+                return Err(AgentError::Store(e));
+            }
             for key in starts {
                 self.sched.run_finished(key, Outcome::Rejected, now);
             }
@@ -614,6 +621,7 @@ impl Agent {
                 }
             }
         }
+        Ok(())
     }
 
     fn spawn(&mut self, key: RunKey, now: Timestamp, offline: bool) {
@@ -709,7 +717,10 @@ impl Agent {
             }
             // The started marker stays: the run will be reported interrupted after a restart.
             Err(e) => {
-                tracing::error!(error = %e, task = %key.task_id, "could not store a finished run")
+                tracing::error!(error = %e, task = %key.task_id, "could not store a finished run");
+                if e.is_io() {
+                    return Err(AgentError::Store(e));
+                }
             }
         }
         self.sched.run_finished(key, result.outcome, now);
@@ -755,7 +766,7 @@ impl Agent {
             }
         }
         if !cmds.is_empty() {
-            self.apply(self.sched.now(), cmds);
+            self.apply(self.sched.now(), cmds)?;
         }
         Ok(())
     }

@@ -100,6 +100,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the disk failed (full, read-only, I/O error): redb then
+    /// refuses every write until the database is reopened.
+    pub fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db {
+                source: redb::Error::Io(_) | redb::Error::PreviousIo,
+                ..
+            }
+        )
+    }
+
     /// Whether another process holds the store open for writing.
     pub fn is_already_open(&self) -> bool {
         matches!(

@@ -238,7 +238,7 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async {
                 let server = Server::bind_with(&data_dir, listen, limits)?;
-                server.run(shutdown_signal()).await;
+                server.run(shutdown_signal()).await?;
                 Ok::<_, anyhow::Error>(())
             })
         }

@@ -77,6 +77,11 @@ pub enum ServeError {
     },
     #[error("{0} holds no coordinator (run `sundial-coordinator init` first)")]
     NotInitialized(PathBuf),
+    /// The store could not write (see the log); restart to reopen it.
+    #[error(
+        "the store failed to write (disk full or failing?); stopped so that a restart reopens it"
+    )]
+    StoreBroken,
     /// The CA exists but the store does not (or is empty): the coordinator's
     /// agents, tasks and runs are gone. Serving an empty store would refuse
     /// every agent and admin; restore the file from a backup instead.
@@ -213,9 +218,26 @@ struct State {
     limits: Limits,
     unauthenticated: Arc<Semaphore>,
     admin_slots: Arc<Semaphore>,
+    /// Set when the store hit an I/O error: redb refuses every write from
+    /// then on, so the coordinator stops and its supervisor restarts it.
+    store_broken: std::sync::atomic::AtomicBool,
+    store_broken_notify: tokio::sync::Notify,
 }
 
 impl State {
+    /// Notes a store error; an I/O error (disk full, read-only, failing)
+    /// stops the server, which exits so that a restart reopens the store.
+    fn note_store_error(&self, e: &StoreError) {
+        if e.is_io()
+            && !self
+                .store_broken
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::error!(error = %e, "the store failed to write (disk full or failing?); stopping so the supervisor restarts the coordinator with the store reopened. Nothing committed is lost; agents keep their records until then");
+            self.store_broken_notify.notify_one();
+        }
+    }
+
     fn live_sessions(&self) -> usize {
         self.live
             .lock()
@@ -360,6 +382,8 @@ impl Server {
                 unauthenticated: Arc::new(Semaphore::new(limits.unauthenticated_max)),
                 admin_slots: Arc::new(Semaphore::new(limits.admin_concurrent_max)),
                 limits,
+                store_broken: std::sync::atomic::AtomicBool::new(false),
+                store_broken_notify: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -369,8 +393,13 @@ impl Server {
         self.endpoint.local_addr().ok()
     }
 
-    /// Serves until `shutdown` resolves.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Serves until `shutdown` resolves, or until the store fails to write
+    /// (then the error says so and the process should exit non-zero).
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let mut failed = false;
         tokio::pin!(shutdown);
         tracing::info!(addr = ?self.local_addr(), limits = ?self.state.limits, "coordinator serving");
         let retention = self
@@ -390,6 +419,10 @@ impl Server {
                     });
                 }
                 _ = &mut shutdown => break,
+                _ = self.state.store_broken_notify.notified() => {
+                    failed = true;
+                    break;
+                }
             }
         }
         if let Some(r) = retention {
@@ -398,6 +431,10 @@ impl Server {
         self.endpoint
             .close(close::DONE.into(), b"coordinator stopping");
         self.endpoint.wait_idle().await;
+        if failed {
+            return Err(ServeError::StoreBroken);
+        }
+        Ok(())
     }
 }
 
@@ -432,6 +469,7 @@ async fn retain_runs(state: Arc<State>, keep: DurationMs) {
                 }
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "run retention: could not delete old runs");
+                    state.note_store_error(&e);
                     break;
                 }
                 None => break,
@@ -537,6 +575,7 @@ fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
         Err(StoreError::Refused(why)) => refused(why),
         Err(e) => {
             tracing::error!(error = %e, "enrollment failed");
+            state.note_store_error(&e);
             refused("the coordinator could not store the enrollment".into())
         }
     }
@@ -810,6 +849,7 @@ async fn session_loop(
     let mut sent = last_revision;
     let store_failed = |e: StoreError| {
         tracing::error!(error = %e, %agent, "store failed during a session");
+        state.note_store_error(&e);
         conn.close(close::STORE.into(), b"coordinator store failed");
         NetError::Eof
     };
@@ -952,7 +992,10 @@ async fn handle_admin(state: &Arc<State>, conn: quinn::Connection) -> Result<(),
         };
         let answers = blocking(state, move |s| match admin(s, req) {
             Ok(a) => a,
-            Err(e) => vec![AdminResponse::Error(e.to_string())],
+            Err(e) => {
+                s.note_store_error(&e);
+                vec![AdminResponse::Error(e.to_string())]
+            }
         })
         .await
         .unwrap_or_else(|| vec![AdminResponse::Error("the request failed".into())]);

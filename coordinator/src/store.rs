@@ -54,6 +54,20 @@ pub enum StoreError {
     Refused(String),
 }
 
+impl StoreError {
+    /// Whether the disk failed (full, read-only, I/O error): redb then
+    /// refuses every write until the database is reopened.
+    pub fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db {
+                source: redb::Error::Io(_) | redb::Error::PreviousIo,
+                ..
+            }
+        )
+    }
+}
+
 fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::Db {
         context,

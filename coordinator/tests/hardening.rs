@@ -532,3 +532,34 @@ fn a_lost_store_or_ca_is_never_replaced_silently() {
     coord.restart();
     assert!(coord.ctl(&["agent", "list"]).0);
 }
+
+#[test]
+fn run_retention_bounds_the_store() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let a = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let task: TaskId = future_task(&coord, &a).parse().expect("id");
+    let recent = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let (acks, r) = raw_session(
+        &coord,
+        &dir,
+        vec![results_frame(
+            1,
+            vec![
+                record(task, 1_000, Outcome::Succeeded),
+                record(task, recent, Outcome::Succeeded),
+            ],
+        )],
+    );
+    assert!(r.is_ok() && acks.len() == 1, "{r:?}");
+    assert_eq!(coord.runs(&[]).len(), 2);
+    coord.kill9();
+    coord.serve_args = vec!["--run-retention".into(), "1h".into()];
+    coord.restart();
+    wait_for("the old run to go", || coord.runs(&[]).len() == 1);
+    assert_eq!(common::sched_ms(&coord.runs(&[])[0]), recent);
+}

@@ -39,7 +39,9 @@ pub struct Coordinator {
     pub dir: PathBuf,
     pub addr: SocketAddr,
     child: Option<Child>,
-    serve_args: Vec<String>,
+    pub serve_args: Vec<String>,
+    /// Where `serve` logs (appended across restarts).
+    pub log: PathBuf,
 }
 
 impl Coordinator {
@@ -50,6 +52,11 @@ impl Coordinator {
 
     /// `init` + `serve` with extra `serve` flags.
     pub fn start_with(root: &Path, serve_args: &[&str]) -> Coordinator {
+        Coordinator::start_logged(root, serve_args, None)
+    }
+
+    /// As [`Coordinator::start_with`], logging to `log` (default: in its data dir).
+    pub fn start_logged(root: &Path, serve_args: &[&str], log: Option<PathBuf>) -> Coordinator {
         let port = free_udp_port();
         let dir = root.join("coord");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -69,6 +76,7 @@ impl Coordinator {
             addr,
             child: None,
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
+            log: log.unwrap_or_else(|| root.join("coord").join("serve.log")),
         };
         c.restart();
         c
@@ -83,7 +91,7 @@ impl Coordinator {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("serve.log"))
+            .open(&self.log)
             .expect("log");
         let child = Command::new(COORDINATOR)
             .args(["serve", "--data-dir"])
@@ -99,6 +107,20 @@ impl Coordinator {
         wait_for("the coordinator to answer", || {
             self.ctl(&["agent", "list"]).0
         });
+    }
+
+    /// Waits up to `max` for `serve` to exit by itself; its status, if it did.
+    pub fn wait_exit(&mut self, max: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + max;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
     }
 
     pub fn kill9(&mut self) {
