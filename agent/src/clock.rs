@@ -7,9 +7,24 @@
 //! [`SystemClock`] reads the real clocks and [`BootTimer`] sleeps on
 //! CLOCK_BOOTTIME, so a suspended device wakes on time.
 //!
+//! The guard keeps an *anchor*: a trusted instant at a boot-clock reading.
+//! Between readings, trusted time advances with the boot clock. When the
+//! wall clock disagrees with it, the earlier of the two is taken, because
+//! firing late can be made good and firing early cannot:
+//! - the wall clock steps *back*: the new, earlier wall time is taken (the
+//!   scheduler never goes back, so nothing fires again);
+//! - the wall clock steps *forward* (or an agent restarted in the same boot
+//!   finds it ahead of where its boot clock says it should be): firing goes
+//!   on by the boot clock from the anchor, and the wall clock is believed
+//!   again only when the coordinator vouches for it (a clock exchange) or
+//!   it comes back in line. A device whose clock was *behind* and was
+//!   stepped forward by NTP thus fires late until its coordinator is
+//!   reached; never early.
+//!
 //! Invariants: a corrected time earlier than the last known-good instant
 //! (less [`UNTRUSTED_SLACK_MS`]) is never handed out for firing; the
-//! known-good instant only moves forward.
+//! known-good instant only moves forward and is only taken from the time
+//! handed out (never from a wall clock found ahead).
 
 use std::os::fd::OwnedFd;
 
@@ -30,11 +45,24 @@ pub struct Reading {
     pub boot_ms: i64,
 }
 
+/// A trusted instant at a boot-clock reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    pub boot_ms: i64,
+    pub time_ms: i64,
+}
+
 /// What an observation found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClockNote {
-    /// The wall clock moved by `by_ms` more than boot time did.
+    /// The wall clock moved back by `by_ms` (negative) against boot time;
+    /// the earlier time is taken.
     Jumped { by_ms: i64 },
+    /// The wall clock is `by_ms` ahead of trusted time (a forward step, or
+    /// found so at start in the same boot): firing follows the boot clock.
+    Ahead { by_ms: i64 },
+    /// The wall clock agrees with trusted time again.
+    BackInLine,
     /// The clock is behind the last known-good instant: firing is held.
     Untrusted {
         now: Timestamp,
@@ -49,7 +77,9 @@ pub enum ClockNote {
 pub struct ClockGuard {
     offset_ms: i64,
     last_known_good: Option<Timestamp>,
-    last: Option<Reading>,
+    anchor: Option<Anchor>,
+    /// The wall clock is ahead of the anchor's time by this much.
+    ahead_ms: Option<i64>,
     trusted: bool,
 }
 
@@ -59,9 +89,17 @@ impl ClockGuard {
         ClockGuard {
             offset_ms,
             last_known_good,
-            last: None,
+            anchor: None,
+            ahead_ms: None,
             trusted: true,
         }
+    }
+
+    /// Resumes from an anchor persisted earlier *in the same boot*, so a
+    /// wall clock stepped while the agent was stopped is noticed.
+    pub fn with_anchor(mut self, anchor: Anchor) -> ClockGuard {
+        self.anchor = Some(anchor);
+        self
     }
 
     pub fn offset_ms(&self) -> i64 {
@@ -72,22 +110,65 @@ impl ClockGuard {
         self.last_known_good
     }
 
+    /// The latest trusted instant and its boot-clock reading.
+    pub fn anchor(&self) -> Option<Anchor> {
+        self.anchor
+    }
+
     pub fn is_trusted(&self) -> bool {
         self.trusted
     }
 
-    /// Takes a reading. Returns the corrected time when firing may use it
-    /// (`None`: held), and anything worth logging.
+    /// How far the wall clock is ahead of trusted time, while it is.
+    pub fn ahead_ms(&self) -> Option<i64> {
+        self.ahead_ms
+    }
+
+    /// The best time for a reading, without changing anything: for
+    /// stamping records between observations.
+    pub fn time_of(&self, r: Reading) -> Timestamp {
+        let candidate = r.wall_ms.saturating_add(self.offset_ms);
+        let ms = match self.anchor {
+            Some(a) => candidate.min(a.time_ms.saturating_add(r.boot_ms - a.boot_ms)),
+            None => candidate,
+        };
+        Timestamp::from_millis_saturating(ms)
+    }
+
+    /// Takes a reading. Returns the time firing may use (`None`: held), and
+    /// anything worth logging.
     pub fn observe(&mut self, r: Reading, notes: &mut Vec<ClockNote>) -> Option<Timestamp> {
-        if let Some(prev) = self.last {
-            let expected = prev.wall_ms + (r.boot_ms - prev.boot_ms);
-            let by_ms = r.wall_ms - expected;
-            if by_ms.abs() > JUMP_THRESHOLD_MS {
-                notes.push(ClockNote::Jumped { by_ms });
+        let candidate = r.wall_ms.saturating_add(self.offset_ms);
+        let now_ms = match self.anchor {
+            None => candidate,
+            Some(a) => {
+                let expected = a.time_ms.saturating_add(r.boot_ms - a.boot_ms);
+                let diff = candidate.saturating_sub(expected);
+                if diff > JUMP_THRESHOLD_MS && self.trusted {
+                    // Ahead of trusted time: follow the boot clock.
+                    if self.ahead_ms.is_none() {
+                        notes.push(ClockNote::Ahead { by_ms: diff });
+                    }
+                    self.ahead_ms = Some(diff);
+                    expected
+                } else {
+                    if diff < -JUMP_THRESHOLD_MS {
+                        notes.push(ClockNote::Jumped { by_ms: diff });
+                    }
+                    if self.ahead_ms.take().is_some() {
+                        notes.push(ClockNote::BackInLine);
+                    }
+                    candidate
+                }
             }
+        };
+        let now = Timestamp::from_millis_saturating(now_ms);
+        if self.ahead_ms.is_none() {
+            self.anchor = Some(Anchor {
+                boot_ms: r.boot_ms,
+                time_ms: now_ms,
+            });
         }
-        self.last = Some(r);
-        let now = Timestamp::from_millis_saturating(r.wall_ms.saturating_add(self.offset_ms));
         let behind = self
             .last_known_good
             .is_some_and(|g| now.millis_since(g) < -UNTRUSTED_SLACK_MS);
@@ -117,11 +198,16 @@ impl ClockGuard {
     /// time is trusted from here on.
     pub fn set_offset(&mut self, offset_ms: i64, r: Reading) -> Timestamp {
         self.offset_ms = offset_ms;
-        let now = Timestamp::from_millis_saturating(r.wall_ms.saturating_add(offset_ms));
+        let now_ms = r.wall_ms.saturating_add(offset_ms);
+        let now = Timestamp::from_millis_saturating(now_ms);
         // The coordinator vouches for this instant, even if it is earlier.
         self.last_known_good = Some(now);
         self.trusted = true;
-        self.last = Some(r);
+        self.ahead_ms = None;
+        self.anchor = Some(Anchor {
+            boot_ms: r.boot_ms,
+            time_ms: now_ms,
+        });
         now
     }
 }
@@ -141,6 +227,14 @@ impl SystemClock {
             boot_ms: boot_ns() / 1_000_000,
         }
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), if the kernel says.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 /// CLOCK_BOOTTIME in nanoseconds.
@@ -239,14 +333,120 @@ mod tests {
     const GOOD: i64 = 1_780_000_000_000;
 
     #[test]
-    fn steps_are_detected_against_boot_time() {
+    fn a_step_back_takes_the_earlier_time_and_fires_nothing_again() {
         let mut g = ClockGuard::new(0, None);
         let mut notes = Vec::new();
         g.observe(r(GOOD, 10_000), &mut notes);
-        g.observe(r(GOOD + 5_000, 15_000), &mut notes);
+        assert_eq!(
+            g.observe(r(GOOD + 5_000, 15_000), &mut notes)
+                .map(Timestamp::as_millis),
+            Some(GOOD + 5_000)
+        );
         assert!(notes.is_empty(), "steady clock flagged: {notes:?}");
-        g.observe(r(GOOD + 3_605_000, 16_000), &mut notes);
-        assert_eq!(notes, [ClockNote::Jumped { by_ms: 3_599_000 }]);
+        // Stepped back 2 s: the earlier time is taken (late, never early).
+        let now = g.observe(r(GOOD + 4_000, 16_000), &mut notes);
+        assert_eq!(notes, [ClockNote::Jumped { by_ms: -2_000 }]);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 4_000));
+        // Stepped back an hour: far behind the known-good instant, so firing
+        // is held until the clock is past it again.
+        notes.clear();
+        assert_eq!(g.observe(r(GOOD - 3_594_000, 17_000), &mut notes), None);
+        assert!(matches!(
+            notes[..],
+            [ClockNote::Jumped { .. }, ClockNote::Untrusted { .. }]
+        ));
+    }
+
+    #[test]
+    fn a_step_forward_while_running_never_fires_the_future() {
+        let mut g = ClockGuard::new(0, None);
+        let mut notes = Vec::new();
+        g.observe(r(GOOD, 10_000), &mut notes);
+        // +1 h: time goes on by the boot clock, not the wall.
+        let now = g.observe(r(GOOD + 3_601_000, 11_000), &mut notes);
+        assert_eq!(notes, [ClockNote::Ahead { by_ms: 3_600_000 }]);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 1_000));
+        let now = g.observe(r(GOOD + 3_611_000, 21_000), &mut notes);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 11_000));
+        assert_eq!(notes.len(), 1, "said once: {notes:?}");
+        // The known-good instant never took the wall's future.
+        assert_eq!(
+            g.last_known_good().map(Timestamp::as_millis),
+            Some(GOOD + 11_000)
+        );
+        // The coordinator measures the offset: its time is the truth.
+        let now = g.set_offset(-3_600_000, r(GOOD + 3_612_000, 22_000));
+        assert_eq!(now.as_millis(), GOOD + 12_000);
+        let now = g.observe(r(GOOD + 3_613_000, 23_000), &mut notes);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 13_000));
+        assert!(g.ahead_ms().is_none());
+    }
+
+    #[test]
+    fn a_wall_clock_ahead_at_restart_in_the_same_boot_is_caught() {
+        // The anchor an earlier run persisted, 60 s of boot time ago.
+        let anchor = Anchor {
+            boot_ms: 100_000,
+            time_ms: GOOD,
+        };
+        let mut g = ClockGuard::new(0, Some(Timestamp::from_millis(GOOD).expect("in range")))
+            .with_anchor(anchor);
+        let mut notes = Vec::new();
+        let now = g.observe(r(GOOD + 60_000 + 3_600_000, 160_000), &mut notes);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 60_000));
+        assert_eq!(notes, [ClockNote::Ahead { by_ms: 3_600_000 }]);
+        // The wall clock is set right again: in line, no jump back noted.
+        notes.clear();
+        let now = g.observe(r(GOOD + 61_000, 161_000), &mut notes);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 61_000));
+        assert_eq!(notes, [ClockNote::BackInLine]);
+    }
+
+    #[test]
+    fn every_time_handed_out_is_the_earliest_of_the_clocks() {
+        // Random steps both ways, at any moment: time never runs ahead of
+        // either the wall clock or the boot clock since the last trusted
+        // instant, and the known-good instant never exceeds what was handed out.
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for _ in 0..200 {
+            let mut g = ClockGuard::new(0, None);
+            let mut notes = Vec::new();
+            let (mut wall, mut boot) = (GOOD, 0i64);
+            let mut handed_max = i64::MIN;
+            for _ in 0..200 {
+                let step = (next() % 2_000) as i64;
+                boot += step;
+                wall += step;
+                match next() % 10 {
+                    0 => wall += (next() % 7_200_000) as i64,
+                    1 => wall -= (next() % 7_200_000) as i64,
+                    _ => {}
+                }
+                let prev = g.anchor().filter(|_| g.is_trusted());
+                if let Some(now) = g.observe(r(wall, boot), &mut notes) {
+                    let now = now.as_millis();
+                    assert!(now <= wall, "ahead of the wall clock");
+                    // While trusted, time is also bounded by the boot clock
+                    // (a held guard accepts the step that ends the hold).
+                    if let Some(a) = prev {
+                        assert!(
+                            now <= a.time_ms + (boot - a.boot_ms),
+                            "ahead of the boot clock"
+                        );
+                    }
+                    handed_max = handed_max.max(now);
+                }
+                assert!(g
+                    .last_known_good()
+                    .is_none_or(|k| k.as_millis() <= handed_max));
+            }
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use sundial_protocol::task::{Action, ExecSpec};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::{boot_ns, BootTimer, ClockGuard, ClockNote, SystemClock};
+use crate::clock::{boot_ns, Anchor, BootTimer, ClockGuard, ClockNote, SystemClock};
 use crate::exec::{self, ExecPolicy, ExecResult};
 use crate::scheduler::{Command, SchedTask, Scheduler, SkipReason};
 use crate::session::{self, SessionConfig, SessionShared};
@@ -165,12 +165,23 @@ pub async fn run(
         .get_meta::<i64>(meta::LAST_KNOWN_GOOD_MS)?
         .and_then(|ms| Timestamp::from_millis(ms).ok());
     let mut guard = ClockGuard::new(offset, known_good);
+    // An anchor from an earlier run in this same boot: a wall clock stepped
+    // while the agent was stopped shows against the boot clock.
+    let boot = crate::clock::boot_id();
+    if let (Some(boot), Some((b, boot_ms, time_ms))) = (
+        boot.as_ref(),
+        store.get_meta::<(String, i64, i64)>(meta::BOOT_ANCHOR)?,
+    ) {
+        if *boot == b {
+            guard = guard.with_anchor(Anchor { boot_ms, time_ms });
+        }
+    }
     let clock = SystemClock;
     let reading = clock.read();
     let mut notes = Vec::new();
     let start = guard
         .observe(reading, &mut notes)
-        .unwrap_or_else(|| Timestamp::from_millis_saturating(reading.wall_ms));
+        .unwrap_or_else(|| guard.time_of(reading));
 
     // Before anything is recorded: actions a crashed agent left running are
     // ended, so a retry never runs beside its predecessor.
@@ -253,6 +264,7 @@ pub async fn run(
         running_dir,
     };
     agent.log_notes(&notes);
+    agent.persist_anchor()?;
     let mut timer = BootTimer::new();
     tokio::pin!(shutdown);
     let mut control_open = true;
@@ -490,8 +502,17 @@ impl Agent {
                 ClockNote::Jumped { by_ms } => {
                     tracing::warn!(
                         by_ms,
-                        "wall clock jumped; firing follows the new time, nothing fires early"
+                        "wall clock stepped back against the boot clock; firing follows the earlier time (occurrences already fired do not fire again)"
                     )
+                }
+                ClockNote::Ahead { by_ms } => tracing::warn!(
+                    by_ms,
+                    offset_ms = self.guard.offset_ms(),
+                    trusted_time = %self.guard.time_of(self.clock.read()),
+                    "wall clock is ahead of trusted time (stepped forward, or found so at start): firing follows the boot clock until the coordinator vouches for the time or the wall clock is back in line; nothing fires early"
+                ),
+                ClockNote::BackInLine => {
+                    tracing::info!("wall clock agrees with trusted time again")
                 }
                 ClockNote::Untrusted {
                     now,
@@ -536,7 +557,20 @@ impl Agent {
             let ms = g.as_millis();
             if force || ms.saturating_sub(self.last_persisted_good_ms) >= KNOWN_GOOD_PERSIST_MS {
                 self.store.put_meta(&[(meta::LAST_KNOWN_GOOD_MS, ms)])?;
+                self.persist_anchor()?;
                 self.last_persisted_good_ms = ms;
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists the guard's anchor with this boot's id (a trusted instant
+    /// at a boot-clock reading), for a restart in the same boot.
+    fn persist_anchor(&mut self) -> Result<(), AgentError> {
+        if let (Some(boot), Some(a)) = (crate::clock::boot_id(), self.guard.anchor()) {
+            if self.guard.ahead_ms().is_none() && self.guard.is_trusted() {
+                self.store
+                    .put_meta(&[(meta::BOOT_ANCHOR, (boot, a.boot_ms, a.time_ms))])?;
             }
         }
         Ok(())
@@ -690,8 +724,7 @@ impl Agent {
     }
 
     fn finished(&mut self, key: RunKey, result: ExecResult) -> Result<(), AgentError> {
-        let reading = self.clock.read();
-        let now = Timestamp::from_millis_saturating(reading.wall_ms + self.guard.offset_ms());
+        let now = self.guard.time_of(self.clock.read());
         let Some(run) = self.running.remove(&key) else {
             return Ok(());
         };
@@ -753,11 +786,16 @@ impl Agent {
                 }
             }
             Control::Clock { offset_ms, rtt_ms } => {
+                let was_ahead = self.guard.ahead_ms();
                 let now = self.guard.set_offset(offset_ms, self.clock.read());
+                if let Some(by_ms) = was_ahead {
+                    tracing::info!(by_ms, offset_ms, %now, "the coordinator vouched for the time: the wall clock's lead is now corrected by the offset");
+                }
                 self.store.put_meta(&[
                     (meta::CLOCK_OFFSET_MS, offset_ms),
                     (meta::LAST_KNOWN_GOOD_MS, now.as_millis()),
                 ])?;
+                self.persist_anchor()?;
                 tracing::debug!(
                     offset_ms,
                     rtt_ms,

@@ -72,6 +72,9 @@ pub mod meta {
     pub const ALLOW_ENV: &str = "allow_env";
     /// Whether firing is held because the clock is untrusted (bool).
     pub const CLOCK_HELD: &str = "clock_held";
+    /// (boot id, CLOCK_BOOTTIME ms, trusted Unix ms): the clock guard's
+    /// anchor, for a restart within the same boot.
+    pub const BOOT_ANCHOR: &str = "boot_anchor";
     /// bool: the coordinator said this agent is revoked; no session is tried.
     pub const REVOKED: &str = "revoked";
 }

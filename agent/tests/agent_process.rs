@@ -448,3 +448,141 @@ fn a_lost_store_is_refused_and_a_store_deleted_while_running_stops_the_agent() {
         assert!(err.contains("backup"), "{err}");
     }
 }
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Whether libfaketime is here; under CI its absence is a failure.
+fn faketime_available() -> bool {
+    if Path::new(LIBFAKETIME).exists() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI must install libfaketime (Debian package faketime) for the clock tests");
+    }
+    eprintln!("SKIPPED: libfaketime is not installed (apt-get install faketime)");
+    false
+}
+
+/// The agent with its wall clock offset by what `offset_file` says (read on
+/// every call, so the test can step it while the agent runs). The boot
+/// clock is not faked.
+fn start_agent_faked(dir: &Path, offset_file: &Path) -> AgentProc {
+    AgentProc(Some(
+        Command::new(AGENT)
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .args(["--allow-exec", "/bin/sh"])
+            .env("SUNDIAL_LOG", "debug")
+            .env("LD_PRELOAD", LIBFAKETIME)
+            .env("FAKETIME_TIMESTAMP_FILE", offset_file)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.with_extension("log"))
+                    .expect("log file"),
+            )
+            .spawn()
+            .expect("agent starts"),
+    ))
+}
+
+/// Puts a one-shot task in 30 minutes and a per-second task logging its
+/// occurrence into the agent's store.
+fn clock_tasks(dir: &Path, soon: &Path, every: &Path) {
+    let store = AgentStore::open(&store_path(dir)).expect("store");
+    let later = Schedule::at(now().saturating_add_ms(30 * 60_000));
+    store
+        .put_task(
+            &sh_task(
+                1,
+                later,
+                &format!("touch {}", soon.display()),
+                Policies::default(),
+            ),
+            Some(1),
+        )
+        .expect("put");
+    let sched = Schedule::every(DurationMs(1_000), now()).expect("valid");
+    store
+        .put_task(
+            &sh_task(
+                2,
+                sched,
+                &format!("echo $SUNDIAL_SCHEDULED_AT_MS >> {}", every.display()),
+                Policies::default(),
+            ),
+            Some(2),
+        )
+        .expect("put");
+}
+
+/// Every occurrence logged so far was due by now (on the real clock), and
+/// none ran twice.
+fn assert_none_early_none_twice(every: &Path) {
+    let real_now = now().as_millis();
+    let seen = lines(every);
+    let mut uniq = std::collections::HashSet::new();
+    for l in &seen {
+        let at: i64 = l.parse().expect("ms");
+        assert!(
+            at <= real_now,
+            "an occurrence {} ms in the future fired",
+            at - real_now
+        );
+        assert!(uniq.insert(at), "occurrence {at} ran twice");
+    }
+}
+
+#[test]
+fn a_wall_clock_ahead_at_start_or_stepped_while_running_never_fires_early() {
+    if !faketime_available() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("data");
+    let offset = root.path().join("faketime");
+    let soon = root.path().join("one-shot-ran");
+    let every = root.path().join("every");
+    // A first run in this boot: the agent notes trusted time on its boot clock.
+    std::fs::write(&offset, "+0s").expect("offset");
+    let agent = start_agent_faked(&dir, &offset);
+    wait_for("the store", || store_path(&dir).exists());
+    std::thread::sleep(Duration::from_millis(1_500));
+    stop(agent);
+    clock_tasks(&dir, &soon, &every);
+
+    // Restarted an hour ahead: nothing of the coming hour fires.
+    std::fs::write(&offset, "+3600s").expect("offset");
+    let agent = start_agent_faked(&dir, &offset);
+    wait_for("three per-second runs", || lines(&every).len() >= 3);
+    assert_none_early_none_twice(&every);
+    assert!(!soon.exists(), "a task due in 30 minutes fired at once");
+
+    // Stepped back to the right time while running, then an hour ahead again.
+    std::fs::write(&offset, "+0s").expect("offset");
+    let n = lines(&every).len();
+    wait_for("runs after the step back", || lines(&every).len() >= n + 2);
+    std::fs::write(&offset, "+3600s").expect("offset");
+    let n = lines(&every).len();
+    wait_for("runs after the step forward", || {
+        lines(&every).len() >= n + 3
+    });
+    assert_none_early_none_twice(&every);
+    stop(agent);
+    assert!(!soon.exists(), "a task due in 30 minutes fired");
+    let runs = outbox(&dir);
+    let real_now = now().as_millis();
+    assert!(
+        runs.iter().all(|r| r.scheduled_at.as_millis() <= real_now),
+        "records of future occurrences"
+    );
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    assert!(
+        log.contains("ahead of trusted time"),
+        "the lead was not logged"
+    );
+}
