@@ -376,22 +376,33 @@ impl Scheduler {
         }
         .min(missed.len());
         let split = missed.len() - run_missed;
-        for (i, t) in missed.iter().enumerate() {
-            let key = RunKey {
-                task_id: id,
-                scheduled_at: *t,
-                attempt: 1,
-            };
-            if i < split {
-                out.push(Command::Skip {
-                    key,
-                    reason: SkipReason::Misfire,
-                });
-            } else {
-                self.start(key, out);
-            }
+        let mut to_skip: Vec<Timestamp> = missed.iter().take(split).copied().collect();
+        let mut to_run: Vec<Timestamp> = missed
+            .iter()
+            .skip(split)
+            .copied()
+            .chain(on_time.iter().copied())
+            .collect();
+        // With overlap `forbid`, one run at a time: of a batch due together
+        // (a catch-up after downtime, within the grace or not), only the
+        // latest runs; the older ones were missed, and are recorded so, not
+        // as overlapping a run that only started a moment ago.
+        if entry.task.policies.overlap == OverlapPolicy::Forbid && to_run.len() > 1 {
+            let latest = to_run.pop();
+            to_skip.append(&mut to_run);
+            to_run.extend(latest);
         }
-        for t in on_time {
+        for t in to_skip {
+            out.push(Command::Skip {
+                key: RunKey {
+                    task_id: id,
+                    scheduled_at: t,
+                    attempt: 1,
+                },
+                reason: SkipReason::Misfire,
+            });
+        }
+        for t in to_run {
             self.start(
                 RunKey {
                     task_id: id,

@@ -452,3 +452,47 @@ fn a_clock_stepped_back_fires_nothing_again() {
     h.sched.advance(t0.saturating_add_ms(1_000), &mut out);
     assert!(out.is_empty(), "a step back decided {out:?}");
 }
+
+/// Down 40 s with a per-second task: a catch-up is one run, never a burst.
+fn forty_seconds_down(grace_ms: u64, overlap: OverlapPolicy) -> Harness {
+    let created = ts("2026-06-01T09:00:00Z");
+    let policies = Policies {
+        misfire: MisfirePolicy {
+            mode: MisfireMode::Once,
+            grace: DurationMs(grace_ms),
+        },
+        overlap,
+        ..Policies::default()
+    };
+    let every_second = Schedule::every(DurationMs(1_000), created).expect("valid");
+    let back = ts("2026-06-01T09:00:40.500Z");
+    let mut h = Harness::new(back, |_| (300, Outcome::Succeeded));
+    h.sched.restore(
+        task(1, every_second, policies, created),
+        Some(Some(ts("2026-06-01T09:00:00Z"))),
+    );
+    h.run_until(back);
+    h
+}
+
+#[test]
+fn a_short_outage_within_the_grace_replays_no_burst_under_overlap_forbid() {
+    // Grace of a minute (explicit), overlap forbid: the 41 occurrences are
+    // all "within the grace", but one run at a time means the latest runs
+    // and the others are recorded missed, not as overlapping it.
+    let h = forty_seconds_down(60_000, OverlapPolicy::Forbid);
+    let starts = h.starts();
+    assert_eq!(starts.len(), 1, "{starts:?}");
+    assert_eq!(starts[0].0.scheduled_at, ts("2026-06-01T09:00:40Z"));
+    let skips = h.skips();
+    assert_eq!(skips.len(), 40);
+    assert!(skips.iter().all(|(_, r)| *r == SkipReason::Misfire));
+}
+
+#[test]
+fn the_default_grace_of_a_frequent_task_turns_an_outage_into_one_catch_up() {
+    // sundialctl's default grace for a per-second task is its period: 1 s.
+    let h = forty_seconds_down(1_000, OverlapPolicy::Allow);
+    assert_eq!(h.starts().len(), 1);
+    assert_eq!(h.skips().len(), 40);
+}

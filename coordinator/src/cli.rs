@@ -80,8 +80,8 @@ pub fn parse_instant(s: &str) -> Result<Timestamp, String> {
         let dt = date.and_time(chrono::NaiveTime::MIN).and_utc();
         return Timestamp::from_datetime(dt).map_err(|e| e.to_string());
     }
-    Timestamp::parse(s).map_err(|_| {
-        format!("`{s}` is not an instant (expected RFC 3339 like 2026-11-26T08:00:00Z, a date like 2026-11-26, `now`, or `+DUR` like +20s)")
+    Timestamp::parse(s).map_err(|e| {
+        format!("{e}; also accepted: a date like 2026-11-26, `now`, or `+DUR` like +20s")
     })
 }
 
