@@ -563,3 +563,71 @@ fn run_retention_bounds_the_store() {
     wait_for("the old run to go", || coord.runs(&[]).len() == 1);
     assert_eq!(common::sched_ms(&coord.runs(&[])[0]), recent);
 }
+
+#[test]
+fn heavy_run_listings_do_not_starve_agent_sessions() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let a = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let task: TaskId = future_task(&coord, &a).parse().expect("id");
+    // 200,000 stored runs, written straight into the store.
+    coord.kill9();
+    {
+        let store =
+            sundial_coordinator::store::CoordinatorStore::open(&coord.dir.join("coordinator.redb"))
+                .expect("store");
+        let agent: AgentId = a.parse().expect("id");
+        for chunk in 0..20 {
+            let runs: Vec<RunRecord> = (0..10_000)
+                .map(|i| RunRecord {
+                    agent_id: agent,
+                    ..record(task, 1_000_000 + chunk * 10_000 + i, Outcome::Succeeded)
+                })
+                .collect();
+            store.put_runs(&runs).expect("stored");
+        }
+    }
+    coord.restart();
+    let mut agent = Agent::start(&dir);
+    wait_for("a online", || {
+        coord.json(&["agent", "get", &a])["online"] == true
+    });
+    // Four listings at once, twice each, while the session is watched.
+    let listers: Vec<_> = (0..4)
+        .map(|_| {
+            let creds = coord.creds();
+            std::thread::spawn(move || {
+                for _ in 0..2 {
+                    let out = std::process::Command::new(common::CTL)
+                        .args(["run", "list", "--limit", "10000", "-o", "json"])
+                        .env("SUNDIAL_CREDS", &creds)
+                        .output()
+                        .expect("runs");
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            })
+        })
+        .collect();
+    let mut samples = 0;
+    while listers.iter().any(|l| !l.is_finished()) {
+        let (ok, out, err) = coord.ctl(&["agent", "get", &a, "-o", "json"]);
+        assert!(ok, "agent get failed during listings: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(
+            v["online"], true,
+            "the agent's session dropped during listings"
+        );
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for l in listers {
+        l.join().expect("lister");
+    }
+    assert!(samples > 0);
+    agent.stop();
+}
