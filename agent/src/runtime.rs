@@ -205,7 +205,6 @@ pub async fn run(
 
     let (done_tx, mut done_rx) = mpsc::channel(RUN_COMPLETIONS_QUEUE_MAX);
     let (control_tx, mut control) = mpsc::channel(CONTROL_QUEUE_MAX);
-    let shared = Arc::new(SessionShared::default());
     let mut exec_policy = config.exec.clone();
     for p in store
         .get_meta::<Vec<String>>(meta::ALLOW_EXEC)?
@@ -223,6 +222,10 @@ pub async fn run(
             exec_policy.allow_env.push(p);
         }
     }
+    let shared = Arc::new(SessionShared {
+        allow_exec: exec_policy.allow.clone(),
+        ..SessionShared::default()
+    });
     let revoked = store.get_meta::<bool>(meta::REVOKED)?.unwrap_or(false);
     if revoked {
         tracing::error!("this agent was revoked by its coordinator: it makes no session (its local tasks still fire); to use this device again, move its data directory away and join with a new token");

@@ -65,9 +65,23 @@ pub const KEY_FILE: &str = "agent.key";
 pub const CERT_FILE: &str = "agent.pem";
 pub const CA_FILE: &str = "ca.pem";
 
+/// The allowlist as told in Hello: cut to fit the small frame a Hello may
+/// be (it is for operators' eyes; the agent enforces the whole list).
+fn hello_allowlist(allow: &[String]) -> Vec<String> {
+    const PATTERN_CHARS_MAX: usize = 200;
+    const PATTERNS_MAX: usize = 32;
+    allow
+        .iter()
+        .take(PATTERNS_MAX)
+        .map(|p| p.chars().take(PATTERN_CHARS_MAX).collect())
+        .collect()
+}
+
 /// State shared between the runtime and the session.
 #[derive(Debug, Default)]
 pub struct SessionShared {
+    /// The programs this agent allows, told to the coordinator in Hello.
+    pub allow_exec: Vec<String>,
     /// A session is up: runs fired now are not `offline`.
     pub online: AtomicBool,
     /// New records are in the outbox.
@@ -374,6 +388,7 @@ async fn session(
             last_revision,
             outbox_len: store.outbox_len()?,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            allow_exec: hello_allowlist(&shared.allow_exec),
         },
     )
     .await?;

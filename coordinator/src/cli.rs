@@ -9,6 +9,8 @@ use sundial_protocol::{DurationMs, Schedule, Timestamp};
 pub enum Output {
     /// An aligned table for people.
     Table,
+    /// The table with nothing shortened.
+    Wide,
     /// JSON for scripts (snake_case fields, RFC 3339 UTC timestamps).
     Json,
 }

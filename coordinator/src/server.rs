@@ -26,11 +26,13 @@ use sundial_protocol::task::{Action, Target};
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
     chunk_by_size, close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, AssignmentChange,
-    CoordMsg, EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, ADMIN_REQUEST_BYTES_MAX, ALPN,
-    ALPN_ADMIN, ALPN_ENROLL, ENROLL_FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, LIST_CHUNK_BYTES_MAX,
-    RESULT_BATCH_RUNS_MAX, TASK_SPEC_BYTES_MAX,
+    CoordMsg, EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, TokenInfo,
+    ADMIN_REQUEST_BYTES_MAX, ALPN, ALPN_ADMIN, ALPN_ENROLL, ENROLL_FRAME_BYTES_MAX,
+    HELLO_FRAME_BYTES_MAX, LIST_CHUNK_BYTES_MAX, RESULT_BATCH_RUNS_MAX, TASK_SPEC_BYTES_MAX,
 };
-use sundial_protocol::{AgentId, DurationMs, RunKey, RunRecord, ScheduleKind, TaskId, Timestamp};
+use sundial_protocol::{
+    AgentId, DurationMs, RunKey, RunRecord, ScheduleKind, TaskId, TaskSpec, Timestamp,
+};
 use tokio::sync::{watch, Semaphore};
 
 use crate::cli::now;
@@ -207,6 +209,16 @@ struct Live {
     conns: Vec<quinn::Connection>,
 }
 
+/// What the last session of an agent said, kept in memory for `agent list`.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    version: Option<String>,
+    allow_exec: Vec<String>,
+    outbox_len: Option<u64>,
+    /// The last message received, Unix ms.
+    last_contact_ms: Option<i64>,
+}
+
 /// Shared state of a running coordinator.
 #[derive(Debug)]
 struct State {
@@ -214,6 +226,7 @@ struct State {
     pki: Pki,
     known: KnownCerts,
     live: Mutex<HashMap<AgentId, Live>>,
+    seen: Mutex<HashMap<AgentId, Seen>>,
     revision: watch::Sender<u64>,
     limits: Limits,
     unauthenticated: Arc<Semaphore>,
@@ -378,6 +391,7 @@ impl Server {
                 pki,
                 known,
                 live: Mutex::new(HashMap::new()),
+                seen: Mutex::new(HashMap::new()),
                 revision,
                 unauthenticated: Arc::new(Semaphore::new(limits.unauthenticated_max)),
                 admin_slots: Arc::new(Semaphore::new(limits.admin_concurrent_max)),
@@ -673,7 +687,8 @@ async fn handle_session(
     let AgentMsg::Hello {
         last_revision,
         outbox_len,
-        ..
+        agent_version,
+        allow_exec,
     } = hello
     else {
         conn.close(close::PROTOCOL.into(), b"expected Hello");
@@ -702,6 +717,17 @@ async fn handle_session(
             return Ok(());
         }
         live.entry(agent).or_default().conns.push(conn.clone());
+    }
+    if let Ok(mut seen) = state.seen.lock() {
+        seen.insert(
+            agent,
+            Seen {
+                version: Some(agent_version),
+                allow_exec,
+                outbox_len: Some(outbox_len),
+                last_contact_ms: Some(now().as_millis()),
+            },
+        );
     }
     tracing::info!(%agent, last_revision, outbox_len, %remote, sessions = state.live_sessions(), "agent session up");
     let seen = now().as_millis();
@@ -889,7 +915,11 @@ async fn session_loop(
         tokio::select! {
             msg = inbox.recv() => {
                 let Some(msg) = msg else { return Err(NetError::Eof) };
-                match msg? {
+                let msg = msg?;
+                if let Ok(mut seen) = state.seen.lock() {
+                    seen.entry(agent).or_default().last_contact_ms = Some(now().as_millis());
+                }
+                match msg {
                     AgentMsg::Results { batch_id, mut runs } => {
                         // Identity comes from the certificate, never from the record.
                         for r in &mut runs {
@@ -1012,6 +1042,16 @@ fn agent_info(state: &State, id: AgentId, r: AgentRecordV1) -> AgentInfo {
         .lock()
         .map(|l| l.contains_key(&id))
         .unwrap_or(false);
+    let seen = state
+        .seen
+        .lock()
+        .ok()
+        .and_then(|s| s.get(&id).cloned())
+        .unwrap_or_default();
+    let last_seen = match (seen.last_contact_ms, r.last_seen_ms) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     AgentInfo {
         agent_id: id,
         name: r.name,
@@ -1019,10 +1059,61 @@ fn agent_info(state: &State, id: AgentId, r: AgentRecordV1) -> AgentInfo {
         online,
         revoked: r.revoked,
         enrolled_at: Timestamp::from_millis_saturating(r.enrolled_at_ms),
-        last_seen: r.last_seen_ms.map(Timestamp::from_millis_saturating),
+        last_seen: last_seen.map(Timestamp::from_millis_saturating),
         clock_offset_ms: r.clock_offset_ms,
         rtt_ms: r.rtt_ms,
+        version: seen.version,
+        allow_exec: seen.allow_exec,
+        outbox_len: seen.outbox_len,
     }
+}
+
+/// A task as the admin sees it: state, next occurrence, latest runs, reach.
+fn task_info(
+    state: &State,
+    spec: TaskSpec,
+    cancelled: bool,
+    agents: &std::collections::BTreeMap<AgentId, AgentRecordV1>,
+    detailed: bool,
+    now: Timestamp,
+) -> Result<TaskInfo, StoreError> {
+    let paused = !cancelled && state.store.is_paused(spec.id)?;
+    let mut last_runs = state.store.last_runs(spec.id)?;
+    let reached: Vec<AgentId> = agents
+        .iter()
+        .filter(|(id, r)| !r.revoked && crate::store::targets(&spec.target, **id, &r.labels))
+        .map(|(id, _)| *id)
+        .collect();
+    // Done: a one-shot whose run is recorded, finally, on every agent it reaches.
+    let done = match spec.schedule.kind() {
+        ScheduleKind::At(at) if !cancelled && !reached.is_empty() => reached.iter().all(|a| {
+            last_runs.iter().any(|l| {
+                l.agent_id == *a
+                    && l.scheduled_at == *at
+                    && (!l.outcome.is_retryable() || l.attempt > spec.policies.retry.retries)
+            })
+        }),
+        _ => false,
+    };
+    let next = if cancelled || paused || done {
+        None
+    } else {
+        spec.schedule.next_after(now)
+    };
+    if !detailed {
+        last_runs.sort_by_key(|l| (l.scheduled_at, l.attempt));
+        let latest = last_runs.pop();
+        last_runs = latest.into_iter().collect();
+    }
+    Ok(TaskInfo {
+        spec,
+        cancelled,
+        paused,
+        done,
+        next,
+        last_runs,
+        reached: if detailed { reached } else { Vec::new() },
+    })
 }
 
 /// Why a task may not be created as drafted: the coordinator's own checks,
@@ -1118,14 +1209,18 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             };
             one(AdminResponse::Token(token.encode()))
         }
-        AdminRequest::AgentList => one(AdminResponse::Agents(
-            state
-                .store
-                .agents()?
-                .into_iter()
-                .map(|(id, r)| agent_info(state, id, r))
-                .collect(),
-        )),
+        AdminRequest::AgentList => {
+            let forgotten = state.store.forgotten()?;
+            one(AdminResponse::Agents(
+                state
+                    .store
+                    .agents()?
+                    .into_iter()
+                    .filter(|(id, _)| !forgotten.contains(id))
+                    .map(|(id, r)| agent_info(state, id, r))
+                    .collect(),
+            ))
+        }
         AdminRequest::AgentGet(id) => match state.store.agent(id)? {
             Some(r) => one(AdminResponse::Agent(Box::new(agent_info(state, id, r)))),
             None => one(AdminResponse::Error(format!("no agent {id}"))),
@@ -1198,12 +1293,14 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             }
         }
         AdminRequest::TaskList => {
+            let agents = state.store.agents()?;
+            let now = now();
             let tasks: Vec<TaskInfo> = state
                 .store
                 .tasks()?
                 .into_iter()
-                .map(|(spec, cancelled)| TaskInfo { spec, cancelled })
-                .collect();
+                .map(|(spec, cancelled)| task_info(state, spec, cancelled, &agents, false, now))
+                .collect::<Result<_, _>>()?;
             Ok(chunk_by_size(tasks, LIST_CHUNK_BYTES_MAX)
                 .into_iter()
                 .map(AdminResponse::Tasks)
@@ -1211,7 +1308,15 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
         }
         AdminRequest::TaskGet(id) => match state.store.task(id)? {
             Some((spec, cancelled)) => {
-                one(AdminResponse::Task(Box::new(TaskInfo { spec, cancelled })))
+                let agents = state.store.agents()?;
+                one(AdminResponse::Task(Box::new(task_info(
+                    state,
+                    spec,
+                    cancelled,
+                    &agents,
+                    true,
+                    now(),
+                )?)))
             }
             None => one(AdminResponse::Error(format!("no task {id}"))),
         },
@@ -1220,6 +1325,57 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             tracing::info!(task = %id, revision, "task cancelled");
             state.revision.send_replace(revision);
             one(AdminResponse::Done)
+        }
+        AdminRequest::TaskPause(id) | AdminRequest::TaskResume(id) => {
+            let pause = matches!(req, AdminRequest::TaskPause(_));
+            let revision = state.store.set_paused(id, pause, now())?;
+            tracing::info!(task = %id, revision, paused = pause, "task pause state changed");
+            state.revision.send_replace(revision);
+            one(AdminResponse::Done)
+        }
+        AdminRequest::AgentForget(id) => {
+            state.store.forget_agent(id)?;
+            tracing::info!(agent = %id, "revoked agent forgotten; its runs stay");
+            one(AdminResponse::Done)
+        }
+        AdminRequest::TokenList => {
+            let now = now().as_millis();
+            let tokens = state
+                .store
+                .tokens()?
+                .into_iter()
+                .filter(|(_, t)| t.expires_at_ms > now && t.uses_left > 0)
+                .map(|(hash, t)| TokenInfo {
+                    id: sundial_protocol::token::hex(&hash[..4]),
+                    expires_at: Timestamp::from_millis_saturating(t.expires_at_ms),
+                    uses_left: t.uses_left,
+                    labels: t.labels,
+                })
+                .collect();
+            one(AdminResponse::Tokens(tokens))
+        }
+        AdminRequest::TokenRevoke(id) => {
+            let id = id.to_ascii_lowercase();
+            let matching: Vec<[u8; 32]> = state
+                .store
+                .tokens()?
+                .into_iter()
+                .map(|(h, _)| h)
+                .filter(|h| sundial_protocol::token::hex(&h[..4]) == id)
+                .collect();
+            match matching.as_slice() {
+                [h] => {
+                    state.store.delete_token(*h)?;
+                    tracing::info!(token = %id, "join token revoked");
+                    one(AdminResponse::Done)
+                }
+                [] => Err(StoreError::Refused(format!(
+                    "no token {id} (see sundialctl token list)"
+                ))),
+                _ => Err(StoreError::Refused(format!(
+                    "{id} names several tokens; wait for them to expire or use them up"
+                ))),
+            }
         }
         AdminRequest::RunList {
             task,

@@ -19,8 +19,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sundial_protocol::records::{self, RecordError, RunRecordV1, TaskRecordV1};
 use sundial_protocol::task::Target;
-use sundial_protocol::wire::TaskDraft;
-use sundial_protocol::{AgentId, RunRecord, TaskId, TaskSpec, Timestamp};
+use sundial_protocol::wire::{LastRun, TaskDraft};
+use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const AGENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("agents");
@@ -32,6 +32,22 @@ const RUNS: TableDefinition<(u64, u64, i64, u32), &[u8]> = TableDefinition::new(
 const TASK_REVS: TableDefinition<u64, u64> = TableDefinition::new("task_revisions");
 /// Names of live (not cancelled) tasks → id.
 const TASK_NAMES: TableDefinition<&str, u64> = TableDefinition::new("task_names");
+/// (task, agent) → its latest run ([`LastRunV1`]): `task list`, `task get`.
+const LAST_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("last_runs");
+/// Paused tasks (their records are unchanged otherwise).
+const PAUSED: TableDefinition<u64, u8> = TableDefinition::new("paused_tasks");
+/// Revoked agents an operator removed from the lists (their runs stay).
+const FORGOTTEN: TableDefinition<u64, u8> = TableDefinition::new("forgotten_agents");
+
+/// The latest run of a task on an agent, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LastRunV1 {
+    scheduled_at_ms: i64,
+    attempt: u32,
+    outcome: String,
+    finished_at_ms: Option<i64>,
+    detail: Option<String>,
+}
 
 const NEXT_AGENT: &str = "next_agent_id";
 const NEXT_TASK: &str = "next_task_id";
@@ -143,6 +159,9 @@ impl CoordinatorStore {
             txn.open_table(TASK_REVS).map_err(db_err("create tables"))?;
             txn.open_table(TASK_NAMES)
                 .map_err(db_err("create tables"))?;
+            txn.open_table(LAST_RUNS).map_err(db_err("create tables"))?;
+            txn.open_table(PAUSED).map_err(db_err("create tables"))?;
+            txn.open_table(FORGOTTEN).map_err(db_err("create tables"))?;
         }
         txn.commit().map_err(db_err("create tables"))?;
         Ok(store)
@@ -455,7 +474,8 @@ impl CoordinatorStore {
     }
 
     /// Changes for an agent with `labels` since `revision`, in revision order:
-    /// `(spec, cancelled)`. A first sync (`revision == 0`) skips tombstones.
+    /// `(spec, removed)` (removed: cancelled or paused). A first sync
+    /// (`revision == 0`) skips removed tasks.
     pub fn changes_for(
         &self,
         agent: AgentId,
@@ -465,6 +485,7 @@ impl CoordinatorStore {
         let txn = self.db.begin_read().map_err(db_err("read changes"))?;
         let revs = txn.open_table(TASK_REVS).map_err(db_err("read changes"))?;
         let tasks = txn.open_table(TASKS).map_err(db_err("read changes"))?;
+        let paused = txn.open_table(PAUSED).map_err(db_err("read changes"))?;
         let mut out = Vec::new();
         for item in revs
             .range(revision.saturating_add(1)..)
@@ -476,12 +497,15 @@ impl CoordinatorStore {
                 continue;
             };
             let rec: CoordTaskV1 = records::decode("tasks", id, v.value())?;
-            if revision == 0 && rec.cancelled {
+            // A paused task is, for agents, removed until it is resumed.
+            let removed =
+                rec.cancelled || paused.get(id).map_err(db_err("read changes"))?.is_some();
+            if revision == 0 && removed {
                 continue;
             }
             let spec = rec.task.into_spec(id)?;
             if targets(&spec.target, agent, labels) {
-                out.push((spec, rec.cancelled));
+                out.push((spec, removed));
             }
         }
         Ok(out)
@@ -498,6 +522,7 @@ impl CoordinatorStore {
         let mut conflicts = Vec::new();
         {
             let mut t = txn.open_table(RUNS).map_err(db_err("store runs"))?;
+            let mut last = txn.open_table(LAST_RUNS).map_err(db_err("store runs"))?;
             for r in runs {
                 let key = (
                     r.task_id.0,
@@ -516,6 +541,23 @@ impl CoordinatorStore {
                     None => {
                         t.insert(key, bytes.as_slice())
                             .map_err(db_err("store runs"))?;
+                        let newer = match last.get((key.0, key.1)).map_err(db_err("store runs"))? {
+                            Some(v) => records::decode::<LastRunV1>("last_runs", key.0, v.value())
+                                .map(|l| (l.scheduled_at_ms, l.attempt) <= (key.2, key.3))
+                                .unwrap_or(true),
+                            None => true,
+                        };
+                        if newer {
+                            let l = LastRunV1 {
+                                scheduled_at_ms: key.2,
+                                attempt: key.3,
+                                outcome: r.outcome.as_str().to_owned(),
+                                finished_at_ms: r.finished_at.map(Timestamp::as_millis),
+                                detail: r.why(),
+                            };
+                            last.insert((key.0, key.1), records::encode(&l).as_slice())
+                                .map_err(db_err("store runs"))?;
+                        }
                     }
                 }
             }
@@ -602,6 +644,152 @@ impl CoordinatorStore {
         };
         txn.commit().map_err(db_err("commit purge"))?;
         Ok(n)
+    }
+
+    /// The latest run of `task` on each agent.
+    pub fn last_runs(&self, task: TaskId) -> Result<Vec<LastRun>> {
+        let txn = self.db.begin_read().map_err(db_err("read last runs"))?;
+        let t = txn
+            .open_table(LAST_RUNS)
+            .map_err(db_err("read last runs"))?;
+        let mut out = Vec::new();
+        for item in t
+            .range((task.0, 0)..=(task.0, u64::MAX))
+            .map_err(db_err("read last runs"))?
+        {
+            let (k, v) = item.map_err(db_err("read last runs"))?;
+            let Ok(l) = records::decode::<LastRunV1>("last_runs", task.0, v.value()) else {
+                continue;
+            };
+            let Some(outcome) = Outcome::parse(&l.outcome) else {
+                continue;
+            };
+            out.push(LastRun {
+                agent_id: AgentId(k.value().1),
+                scheduled_at: Timestamp::from_millis_saturating(l.scheduled_at_ms),
+                attempt: l.attempt,
+                outcome,
+                finished_at: l.finished_at_ms.map(Timestamp::from_millis_saturating),
+                detail: l.detail,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether a task is paused.
+    pub fn is_paused(&self, id: TaskId) -> Result<bool> {
+        let txn = self.db.begin_read().map_err(db_err("read paused"))?;
+        let t = txn.open_table(PAUSED).map_err(db_err("read paused"))?;
+        Ok(t.get(id.0).map_err(db_err("read paused"))?.is_some())
+    }
+
+    /// Pauses (`true`) or resumes a task: a new revision, so agents drop it
+    /// (paused) or take it again, counting from `now` (resumed).
+    pub fn set_paused(&self, id: TaskId, paused: bool, now: Timestamp) -> Result<u64> {
+        let txn = self.db.begin_write().map_err(db_err("pause task"))?;
+        let revision = {
+            let mut tasks = txn.open_table(TASKS).map_err(db_err("pause task"))?;
+            let rec: Option<CoordTaskV1> = tasks
+                .get(id.0)
+                .map_err(db_err("pause task"))?
+                .map(|v| records::decode("tasks", id.0, v.value()))
+                .transpose()?;
+            let Some(mut rec) = rec else {
+                return Err(StoreError::Refused(format!("no task {id}")));
+            };
+            if rec.cancelled {
+                return Err(StoreError::Refused(format!("task {id} is cancelled")));
+            }
+            let mut p = txn.open_table(PAUSED).map_err(db_err("pause task"))?;
+            let was = p.get(id.0).map_err(db_err("pause task"))?.is_some();
+            if was == paused {
+                return Err(StoreError::Refused(format!(
+                    "task {id} is {} already",
+                    if paused { "paused" } else { "running" }
+                )));
+            }
+            if paused {
+                p.insert(id.0, 1).map_err(db_err("pause task"))?;
+            } else {
+                p.remove(id.0).map_err(db_err("pause task"))?;
+                // Occurrences while paused are not expected of anyone.
+                rec.task.created_at_ms = rec.task.created_at_ms.max(now.as_millis());
+            }
+            let mut meta = txn.open_table(META).map_err(db_err("pause task"))?;
+            let revision = Self::meta_u64(&meta, REVISION)? + 1;
+            meta.insert(REVISION, records::encode(&revision).as_slice())
+                .map_err(db_err("pause task"))?;
+            let mut revs = txn.open_table(TASK_REVS).map_err(db_err("pause task"))?;
+            revs.remove(rec.task.revision)
+                .map_err(db_err("pause task"))?;
+            revs.insert(revision, id.0).map_err(db_err("pause task"))?;
+            rec.task.revision = revision;
+            tasks
+                .insert(id.0, records::encode(&rec).as_slice())
+                .map_err(db_err("pause task"))?;
+            revision
+        };
+        txn.commit().map_err(db_err("commit pause"))?;
+        Ok(revision)
+    }
+
+    /// Removes a revoked agent from the lists; its runs stay.
+    pub fn forget_agent(&self, id: AgentId) -> Result<()> {
+        let rec = self
+            .agent(id)?
+            .ok_or_else(|| StoreError::Refused(format!("no agent {id}")))?;
+        if !rec.revoked {
+            return Err(StoreError::Refused(format!(
+                "agent {id} is not revoked; revoke it first (sundialctl agent revoke {id})"
+            )));
+        }
+        let txn = self.db.begin_write().map_err(db_err("forget agent"))?;
+        {
+            let mut t = txn.open_table(FORGOTTEN).map_err(db_err("forget agent"))?;
+            t.insert(id.0, 1).map_err(db_err("forget agent"))?;
+        }
+        txn.commit().map_err(db_err("commit forget"))
+    }
+
+    /// Agents removed from the lists.
+    pub fn forgotten(&self) -> Result<std::collections::HashSet<AgentId>> {
+        let txn = self.db.begin_read().map_err(db_err("read forgotten"))?;
+        let t = txn
+            .open_table(FORGOTTEN)
+            .map_err(db_err("read forgotten"))?;
+        let mut out = std::collections::HashSet::new();
+        for item in t.iter().map_err(db_err("read forgotten"))? {
+            let (k, _) = item.map_err(db_err("read forgotten"))?;
+            out.insert(AgentId(k.value()));
+        }
+        Ok(out)
+    }
+
+    /// Every stored join token: (hash of its secret, record).
+    pub fn tokens(&self) -> Result<Vec<([u8; 32], TokenRecordV1)>> {
+        let txn = self.db.begin_read().map_err(db_err("read tokens"))?;
+        let t = txn.open_table(TOKENS).map_err(db_err("read tokens"))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err("read tokens"))? {
+            let (k, v) = item.map_err(db_err("read tokens"))?;
+            let Ok(hash) = <[u8; 32]>::try_from(k.value()) else {
+                continue;
+            };
+            if let Ok(rec) = records::decode::<TokenRecordV1>("tokens", "token", v.value()) {
+                out.push((hash, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the token whose hash is `hash`.
+    pub fn delete_token(&self, hash: [u8; 32]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("revoke token"))?;
+        {
+            let mut t = txn.open_table(TOKENS).map_err(db_err("revoke token"))?;
+            t.remove(hash.as_slice()).map_err(db_err("revoke token"))?;
+        }
+        txn.commit().map_err(db_err("commit token"))
     }
 
     /// One task with its cancelled flag.

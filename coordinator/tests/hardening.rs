@@ -87,6 +87,7 @@ fn raw_session(
                     last_revision: 0,
                     outbox_len: 0,
                     agent_version: "test".into(),
+                    allow_exec: vec![],
                 },
             )
             .await?;

@@ -71,6 +71,7 @@ fn try_session(
                 last_revision: 0,
                 outbox_len: 0,
                 agent_version: "test".into(),
+                allow_exec: vec![],
             },
         )
         .await?;
@@ -233,6 +234,7 @@ fn identity_comes_from_the_certificate_only() {
                 last_revision: 0,
                 outbox_len: 0,
                 agent_version: "t".into(),
+                allow_exec: vec![],
             },
         )
         .await

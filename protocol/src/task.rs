@@ -118,6 +118,19 @@ impl Outcome {
         }
     }
 
+    /// The outcome named by [`Outcome::as_str`].
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Some(match s {
+            "succeeded" => Outcome::Succeeded,
+            "failed" => Outcome::Failed,
+            "timed_out" => Outcome::TimedOut,
+            "rejected" => Outcome::Rejected,
+            "skipped" => Outcome::Skipped,
+            "interrupted" => Outcome::Interrupted,
+            _ => return None,
+        })
+    }
+
     /// Whether the retry policy applies to a run that ended so.
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -202,6 +215,31 @@ impl RunRecord {
             }
         }
         None
+    }
+
+    /// Why the run ended as it did, in a few words: its detail, or for a run
+    /// that did not succeed, its exit code and the last line it wrote to
+    /// stderr (or stdout). `None` for a plain success.
+    pub fn why(&self) -> Option<String> {
+        if let Some(d) = &self.detail {
+            return Some(d.clone());
+        }
+        if self.outcome == Outcome::Succeeded {
+            return None;
+        }
+        let last_line = |tail: &[u8]| {
+            String::from_utf8_lossy(tail)
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.trim().chars().take(200).collect::<String>())
+        };
+        let said = last_line(&self.stderr_tail).or_else(|| last_line(&self.stdout_tail));
+        match (self.exit_code, said) {
+            (Some(c), Some(s)) => Some(format!("exit {c}: {s}")),
+            (Some(c), None) => Some(format!("exit {c}")),
+            (None, said) => said,
+        }
     }
 
     /// How late the run started, if it started.

@@ -53,7 +53,7 @@ pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
 /// The largest frame a peer without a certificate (enrollment) may send.
 pub const ENROLL_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// The largest frame an agent may send before its Hello was accepted.
-pub const HELLO_FRAME_BYTES_MAX: usize = 4 * 1024;
+pub const HELLO_FRAME_BYTES_MAX: usize = 16 * 1024;
 /// The largest admin request.
 pub const ADMIN_REQUEST_BYTES_MAX: usize = 256 * 1024;
 
@@ -66,6 +66,8 @@ pub enum AgentMsg {
         /// Run records waiting in its outbox.
         outbox_len: u64,
         agent_version: String,
+        /// The programs it allows, for operators (`agent list`).
+        allow_exec: Vec<String>,
     },
     Results {
         batch_id: u64,
@@ -169,6 +171,15 @@ pub enum AdminRequest {
     TaskList,
     TaskGet(TaskId),
     TaskCancel(TaskId),
+    /// Agents hold no occurrences of a paused task; none is recorded.
+    TaskPause(TaskId),
+    /// Occurrences count again from the resume.
+    TaskResume(TaskId),
+    /// Removes a revoked agent from the lists; its runs stay.
+    AgentForget(AgentId),
+    TokenList,
+    /// Revokes the token whose id (see [`TokenInfo::id`]) is given.
+    TokenRevoke(String),
     RunList {
         task: Option<TaskId>,
         agent: Option<AgentId>,
@@ -186,16 +197,54 @@ pub struct AgentInfo {
     pub online: bool,
     pub revoked: bool,
     pub enrolled_at: Timestamp,
+    /// The last message from the agent (while online: its latest one).
     pub last_seen: Option<Timestamp>,
     pub clock_offset_ms: Option<i64>,
     pub rtt_ms: Option<i64>,
+    /// As the agent said in its last Hello.
+    pub version: Option<String>,
+    /// Programs the agent allows (`--allow-exec`), as its last Hello said.
+    pub allow_exec: Vec<String>,
+    /// Run records in its outbox at its last Hello.
+    pub outbox_len: Option<u64>,
 }
 
-/// A task and whether it was cancelled.
+/// A task, its state, and what its runs say.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskInfo {
     pub spec: TaskSpec,
     pub cancelled: bool,
+    /// Paused: agents hold no occurrences of it until it is resumed.
+    pub paused: bool,
+    /// A one-shot task whose run is recorded, finally, on every agent it reaches.
+    pub done: bool,
+    /// Its next occurrence after now (the coordinator's clock).
+    pub next: Option<Timestamp>,
+    /// The latest run on each agent (in a list: only the latest of all).
+    pub last_runs: Vec<LastRun>,
+    /// The agents it reaches now (filled by `task get`; empty in a list).
+    pub reached: Vec<AgentId>,
+}
+
+/// The latest run of a task on one agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastRun {
+    pub agent_id: AgentId,
+    pub scheduled_at: Timestamp,
+    pub attempt: u32,
+    pub outcome: crate::task::Outcome,
+    pub finished_at: Option<Timestamp>,
+    pub detail: Option<String>,
+}
+
+/// A join token as listed (never its secret).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The first 8 hex digits of the secret's SHA-256: names it for `token revoke`.
+    pub id: String,
+    pub expires_at: Timestamp,
+    pub uses_left: u32,
+    pub labels: Vec<(String, String)>,
 }
 
 /// Coordinator → admin. Lists (`Tasks`, `Runs`) may come as several
@@ -210,6 +259,7 @@ pub enum AdminResponse {
     Tasks(Vec<TaskInfo>),
     Task(Box<TaskInfo>),
     Runs(Vec<RunRecord>),
+    Tokens(Vec<TokenInfo>),
     Done,
     Error(String),
     /// After the pages of a run list: how many runs matched in all, and how

@@ -31,6 +31,7 @@ fn messages_round_trip_in_pieces() {
             last_revision: 42,
             outbox_len: 3,
             agent_version: "0.1.0".into(),
+            allow_exec: vec![],
         },
         AgentMsg::Results {
             batch_id: 9,

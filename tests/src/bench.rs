@@ -950,6 +950,7 @@ async fn idle_agents(exe: &Path, n: usize) -> anyhow::Result<(usize, f64, f64)> 
                     last_revision: 0,
                     outbox_len: 0,
                     agent_version: "bench".into(),
+                    allow_exec: vec![],
                 };
                 if sundial_agent::session::send(&mut tx, &hello).await.is_err() {
                     continue;

@@ -7,13 +7,17 @@ use anyhow::{bail, Context};
 use chrono::TimeZone;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use sundial_coordinator::cli::{self, labels_text, table, Output, ScheduleArgs};
 use sundial_coordinator::client::AdminClient;
 use sundial_coordinator::pki::AdminCreds;
 use sundial_coordinator::server::TOKEN_TTL_DEFAULT;
 use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
 use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::wire::{AdminRequest, AdminResponse, AgentInfo, TaskDraft, TaskInfo};
+
+use sundial_protocol::wire::{
+    AdminRequest, AdminResponse, AgentInfo, LastRun, TaskDraft, TaskInfo, TokenInfo,
+};
 use sundial_protocol::{AgentId, DurationMs, RunRecord, TaskId, Timestamp};
 
 /// Prints to stdout; a closed pipe (`sundialctl … | head`) ends the
@@ -59,7 +63,8 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct OutputArg {
-    /// Output format: an aligned table, or JSON (snake_case, RFC 3339 UTC).
+    /// Output format: an aligned table, a wide table (nothing shortened), or
+    /// JSON (snake_case, RFC 3339 UTC; the scripting interface).
     #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
     output: Output,
 }
@@ -97,23 +102,36 @@ enum TokenCmd {
         #[arg(long = "label", value_name = "K=V", value_parser = cli::parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// List tokens that can still be used (never their secrets).
+    List(OutputArg),
+    /// Revoke a token by the ID `token list` shows.
+    Revoke {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum AgentCmd {
     /// List agents.
     List(OutputArg),
-    /// Show one agent.
+    /// Show one agent (by id or name).
     Get {
-        #[arg(value_name = "ID")]
-        id: AgentId,
+        #[arg(value_name = "AGENT")]
+        id: String,
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Revoke an agent: its certificate is refused from now on.
+    /// Revoke an agent: its live session ends now and its certificate is
+    /// refused from now on.
     Revoke {
-        #[arg(value_name = "ID")]
-        id: AgentId,
+        #[arg(value_name = "AGENT")]
+        id: String,
+    },
+    /// Remove a revoked agent from the lists; its runs stay.
+    Forget {
+        #[arg(value_name = "AGENT")]
+        id: String,
     },
 }
 
@@ -123,19 +141,32 @@ enum TaskCmd {
     ///
     /// Example: sundialctl task create --name backup --selector site=lab --cron '30 2 * * *' --tz Europe/Berlin -- /usr/local/bin/backup --fast
     Create(Box<CreateArgs>),
-    /// List tasks.
+    /// List tasks, with their next occurrence and latest run.
     List(OutputArg),
-    /// Show one task.
+    /// Describe a task (by id or name): every field, the agents it reaches,
+    /// its next occurrence and the latest run on each agent.
     Get {
-        #[arg(value_name = "ID")]
-        id: TaskId,
+        #[arg(value_name = "TASK")]
+        id: String,
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Cancel a task; agents drop it, also those offline now, when they reconnect.
+    /// Cancel tasks (by id or name); agents drop them, also those offline
+    /// now, when they reconnect. A run already going finishes.
     Cancel {
-        #[arg(value_name = "ID")]
-        id: TaskId,
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
+    },
+    /// Pause tasks: agents drop their occurrences until resumed; none is
+    /// run or recorded meanwhile. A run already going finishes.
+    Pause {
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
+    },
+    /// Resume paused tasks: occurrences count again from now.
+    Resume {
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -144,14 +175,14 @@ struct CreateArgs {
     /// A unique name.
     #[arg(long)]
     name: Option<String>,
-    /// Run on this agent.
+    /// Run on this agent (id or name).
     #[arg(
         long,
-        value_name = "ID",
+        value_name = "AGENT",
         conflicts_with = "selector",
         required_unless_present = "selector"
     )]
-    agent: Option<AgentId>,
+    agent: Option<String>,
     /// Run on every agent with these labels, including agents that join later.
     #[arg(long, value_name = "K=V[,K=V]", value_parser = cli::parse_selector)]
     selector: Option<cli::Selector>,
@@ -201,12 +232,12 @@ struct CreateArgs {
 enum RunCmd {
     /// List runs, oldest first (the most recent N when more match).
     List {
-        /// Only runs of this task.
-        #[arg(long, value_name = "ID")]
-        task: Option<TaskId>,
-        /// Only runs of this agent.
-        #[arg(long, value_name = "ID")]
-        agent: Option<AgentId>,
+        /// Only runs of this task (id or name).
+        #[arg(long, value_name = "TASK")]
+        task: Option<String>,
+        /// Only runs of this agent (id or name).
+        #[arg(long, value_name = "AGENT")]
+        agent: Option<String>,
         /// Only runs scheduled at or after this instant: RFC 3339, a date
         /// (2026-11-26), or a duration meaning that long ago (1h, 7d).
         #[arg(long, value_name = "T", value_parser = cli::parse_since)]
@@ -273,19 +304,39 @@ fn agent_json(a: &AgentInfo) -> Value {
         "last_seen": opt_ts(a.last_seen),
         "clock_offset_ms": a.clock_offset_ms,
         "rtt_ms": a.rtt_ms,
+        "version": a.version,
+        "allow_exec": a.allow_exec,
+        "outbox_len": a.outbox_len,
     })
 }
 
-fn target_text(t: &Target) -> String {
-    match t {
-        Target::Agent(a) => a.to_string(),
-        Target::Selector(s) => labels_text(s),
+fn task_state(t: &TaskInfo) -> &'static str {
+    if t.cancelled {
+        "cancelled"
+    } else if t.paused {
+        "paused"
+    } else if t.done {
+        "done"
+    } else {
+        "active"
     }
+}
+
+fn last_run_json(l: &LastRun) -> Value {
+    json!({
+        "agent_id": l.agent_id.to_string(),
+        "scheduled_at": l.scheduled_at.to_string(),
+        "attempt": l.attempt,
+        "outcome": l.outcome.as_str(),
+        "finished_at": opt_ts(l.finished_at),
+        "detail": l.detail,
+    })
 }
 
 fn task_json(t: &TaskInfo) -> Value {
     let Action::Exec(exec) = &t.spec.action;
     let p = &t.spec.policies;
+    let (start, end) = t.spec.schedule.window();
     json!({
         "task_id": t.spec.id.to_string(),
         "name": t.spec.name,
@@ -296,30 +347,76 @@ fn task_json(t: &TaskInfo) -> Value {
         "schedule": t.spec.schedule.to_string(),
         "program": exec.program,
         "args": exec.args,
+        "env": exec.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        "cwd": exec.cwd,
         "revision": t.spec.revision,
         "created_at": t.spec.created_at.to_string(),
+        "state": task_state(t),
         "cancelled": t.cancelled,
+        "paused": t.paused,
+        "done": t.done,
+        "next": opt_ts(t.next),
         "misfire": p.misfire.mode.to_string(),
         "grace_ms": p.misfire.grace.0,
         "retries": p.retry.retries,
+        "backoff_ms": p.retry.backoff_initial.0,
+        "backoff_max_ms": p.retry.backoff_max.0,
         "overlap": p.overlap.to_string(),
         "timeout_ms": p.timeout.map(|d| d.0),
+        "window_start": opt_ts(start),
+        "window_end": opt_ts(end),
+        "reached": t.reached.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "last_runs": t.last_runs.iter().map(last_run_json).collect::<Vec<_>>(),
     })
 }
 
-fn run_json(r: &RunRecord) -> Value {
+/// Names of agents and tasks, to show beside their ids.
+#[derive(Default)]
+struct Names {
+    agents: HashMap<AgentId, String>,
+    tasks: HashMap<TaskId, String>,
+}
+
+impl Names {
+    fn agent(&self, id: AgentId) -> String {
+        match self.agents.get(&id) {
+            Some(n) => format!("{id} ({n})"),
+            None => id.to_string(),
+        }
+    }
+
+    fn task(&self, id: TaskId) -> String {
+        match self.tasks.get(&id) {
+            Some(n) => format!("{id} ({n})"),
+            None => id.to_string(),
+        }
+    }
+}
+
+fn duration_ms(r: &RunRecord) -> Option<i64> {
+    match (r.fired_at, r.finished_at) {
+        (Some(f), Some(e)) => Some(e.millis_since(f)),
+        _ => None,
+    }
+}
+
+fn run_json(r: &RunRecord, names: &Names) -> Value {
     json!({
         "task_id": r.task_id.to_string(),
+        "task_name": names.tasks.get(&r.task_id),
         "agent_id": r.agent_id.to_string(),
+        "agent_name": names.agents.get(&r.agent_id),
         "scheduled_at": r.scheduled_at.to_string(),
         "fired_at": opt_ts(r.fired_at),
         "finished_at": opt_ts(r.finished_at),
+        "duration_ms": duration_ms(r),
         "attempt": r.attempt,
         "outcome": r.outcome.as_str(),
         "exit_code": r.exit_code,
         "offline": r.offline,
         "lateness_ms": r.lateness().map(|d| d.0),
         "detail": r.detail,
+        "why": why(r),
         "stdout": String::from_utf8_lossy(&r.stdout_tail),
         "stderr": String::from_utf8_lossy(&r.stderr_tail),
     })
@@ -334,10 +431,61 @@ fn print_json(v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `text` cut to `max` characters with an ellipsis (tables), or whole (wide).
+fn cut(text: &str, max: usize, out: Output) -> String {
+    let one_line = text.replace('\n', " ");
+    if out == Output::Wide || one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut s: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    s.push('…');
+    s
+}
+
+/// A word as a POSIX shell would need it quoted.
+fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+fn command_text(exec: &sundial_protocol::task::ExecSpec) -> String {
+    std::iter::once(exec.program.as_str())
+        .chain(exec.args.iter().map(String::as_str))
+        .map(shell_quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn ago(t: Timestamp, now: Timestamp) -> String {
+    let ms = now.millis_since(t);
+    if ms < 0 {
+        format!("in {}", human_secs((-ms + 999) / 1000))
+    } else {
+        format!("{} ago", human_secs(ms / 1000))
+    }
+}
+
+fn human_secs(s: i64) -> String {
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
 fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
         return print_json(&Value::Array(agents.iter().map(agent_json).collect()));
     }
+    let now = cli::now();
     let rows: Vec<Vec<String>> = agents
         .iter()
         .map(|a| {
@@ -351,10 +499,14 @@ fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()> {
                 } else {
                     "offline".into()
                 },
-                or_dash(a.last_seen),
+                a.last_seen
+                    .map_or_else(|| "never".into(), |t| format!("{t} ({})", ago(t, now))),
+                or_dash(a.version.clone()),
+                or_dash(a.outbox_len),
                 or_dash(a.clock_offset_ms.map(|o| format!("{o:+}"))),
                 or_dash(a.rtt_ms),
-                labels_text(&a.labels),
+                cut(&labels_text(&a.labels), 30, out),
+                cut(&a.allow_exec.join(","), 30, out),
             ]
         })
         .collect();
@@ -366,9 +518,12 @@ fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()> {
                 "NAME",
                 "STATE",
                 "LAST SEEN",
+                "VERSION",
+                "OUTBOX",
                 "OFFSET MS",
                 "RTT MS",
-                "LABELS"
+                "LABELS",
+                "ALLOW EXEC"
             ],
             &rows
         )
@@ -376,10 +531,20 @@ fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tasks_out(tasks: &[TaskInfo], out: Output) -> anyhow::Result<()> {
+fn last_text(l: &LastRun, names: &Names, now: Timestamp) -> String {
+    format!(
+        "{} on {} {}",
+        l.outcome,
+        names.agent(l.agent_id),
+        ago(l.finished_at.unwrap_or(l.scheduled_at), now)
+    )
+}
+
+fn tasks_out(tasks: &[TaskInfo], names: &Names, out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
         return print_json(&Value::Array(tasks.iter().map(task_json).collect()));
     }
+    let now = cli::now();
     let rows: Vec<Vec<String>> = tasks
         .iter()
         .map(|t| {
@@ -387,46 +552,156 @@ fn tasks_out(tasks: &[TaskInfo], out: Output) -> anyhow::Result<()> {
             vec![
                 t.spec.id.to_string(),
                 or_dash(t.spec.name.clone()),
-                target_text(&t.spec.target),
-                t.spec.schedule.to_string(),
-                if t.cancelled {
-                    "cancelled".into()
-                } else {
-                    "active".into()
+                match &t.spec.target {
+                    Target::Agent(a) => names.agent(*a),
+                    Target::Selector(s) => labels_text(s),
                 },
-                std::iter::once(exec.program.clone())
-                    .chain(exec.args.iter().cloned())
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                t.spec.schedule.to_string(),
+                task_state(t).into(),
+                or_dash(t.next),
+                t.last_runs
+                    .last()
+                    .map_or_else(|| "-".into(), |l| last_text(l, names, now)),
+                cut(&command_text(exec), 40, out),
             ]
         })
         .collect();
     out!(
         "{}",
         table(
-            &["ID", "NAME", "TARGET", "SCHEDULE", "STATE", "COMMAND"],
+            &["ID", "NAME", "TARGET", "SCHEDULE", "STATE", "NEXT", "LAST", "COMMAND"],
             &rows
         )
     );
     Ok(())
 }
 
-fn runs_out(runs: &[RunRecord], out: Output) -> anyhow::Result<()> {
+/// `task get` for people, as `kubectl describe` does it.
+fn describe_task(t: &TaskInfo, names: &Names) -> String {
+    use std::fmt::Write;
+    let Action::Exec(exec) = &t.spec.action;
+    let p = &t.spec.policies;
+    let now = cli::now();
+    let mut o = String::new();
+    let mut field = |k: &str, v: String| {
+        let _ = writeln!(o, "{:<14}{v}", format!("{k}:"));
+    };
+    field("Task", t.spec.id.to_string());
+    field("Name", or_dash(t.spec.name.clone()));
+    field("State", task_state(t).into());
+    field("Revision", t.spec.revision.to_string());
+    field("Created", t.spec.created_at.to_string());
+    field(
+        "Target",
+        match &t.spec.target {
+            Target::Agent(a) => names.agent(*a),
+            Target::Selector(s) => format!("selector {}", labels_text(s)),
+        },
+    );
+    field("Schedule", t.spec.schedule.to_string());
+    let (start, end) = t.spec.schedule.window();
+    if start.is_some() || end.is_some() {
+        field("Window", format!("[{}, {})", or_dash(start), or_dash(end)));
+    }
+    field(
+        "Next",
+        t.next
+            .map_or_else(|| "-".into(), |n| format!("{n} ({})", ago(n, now))),
+    );
+    field("Command", command_text(exec));
+    field(
+        "Environment",
+        if exec.env.is_empty() {
+            "-".into()
+        } else {
+            exec.env
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
+    field("Working dir", or_dash(exec.cwd.clone()));
+    field(
+        "Misfire",
+        format!("{} (grace {})", p.misfire.mode, p.misfire.grace),
+    );
+    field(
+        "Retries",
+        if p.retry.retries == 0 {
+            "none".into()
+        } else {
+            format!(
+                "{} (backoff {}, doubling up to {})",
+                p.retry.retries, p.retry.backoff_initial, p.retry.backoff_max
+            )
+        },
+    );
+    field("Timeout", or_dash(p.timeout));
+    field("Overlap", p.overlap.to_string());
+    let mut reached: Vec<String> = t.reached.iter().map(|a| names.agent(*a)).collect();
+    if reached.is_empty() {
+        reached.push("none (no agent matches; agents that join with matching labels will)".into());
+    }
+    field("Agents", reached.join(", "));
+    let _ = writeln!(o, "Last runs:");
+    if t.last_runs.is_empty() {
+        let _ = writeln!(o, "  none yet");
+    } else {
+        let rows: Vec<Vec<String>> = t
+            .last_runs
+            .iter()
+            .map(|l| {
+                vec![
+                    format!("  {}", names.agent(l.agent_id)),
+                    l.scheduled_at.to_string(),
+                    l.attempt.to_string(),
+                    l.outcome.to_string(),
+                    ago(l.finished_at.unwrap_or(l.scheduled_at), now),
+                    cut(l.detail.as_deref().unwrap_or("-"), 60, Output::Table),
+                ]
+            })
+            .collect();
+        o.push_str(&table(
+            &[
+                "  AGENT",
+                "SCHEDULED AT",
+                "ATTEMPT",
+                "OUTCOME",
+                "WHEN",
+                "DETAIL",
+            ],
+            &rows,
+        ));
+    }
+    o
+}
+
+/// Why a run ended as it did, in a few words.
+fn why(r: &RunRecord) -> String {
+    r.why().unwrap_or_else(|| "-".into())
+}
+
+fn runs_out(runs: &[RunRecord], names: &Names, out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
-        return print_json(&Value::Array(runs.iter().map(run_json).collect()));
+        return print_json(&Value::Array(
+            runs.iter().map(|r| run_json(r, names)).collect(),
+        ));
     }
     let rows: Vec<Vec<String>> = runs
         .iter()
         .map(|r| {
             vec![
-                r.task_id.to_string(),
-                r.agent_id.to_string(),
+                names.task(r.task_id),
+                names.agent(r.agent_id),
                 r.scheduled_at.to_string(),
                 r.attempt.to_string(),
                 r.outcome.to_string(),
                 or_dash(r.exit_code),
+                or_dash(duration_ms(r)),
                 or_dash(r.lateness().map(|d| d.0)),
                 if r.offline { "yes".into() } else { "no".into() },
+                cut(&why(r), 50, out),
             ]
         })
         .collect();
@@ -440,13 +715,140 @@ fn runs_out(runs: &[RunRecord], out: Output) -> anyhow::Result<()> {
                 "ATTEMPT",
                 "OUTCOME",
                 "EXIT",
+                "TOOK MS",
                 "LATE MS",
-                "OFFLINE"
+                "OFFLINE",
+                "DETAIL"
             ],
             &rows
         )
     );
     Ok(())
+}
+
+fn tokens_out(tokens: &[TokenInfo], out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return print_json(&Value::Array(
+            tokens
+                .iter()
+                .map(|t| {
+                    json!({
+                        "id": t.id,
+                        "expires_at": t.expires_at.to_string(),
+                        "uses_left": t.uses_left,
+                        "labels": labels_json(&t.labels),
+                    })
+                })
+                .collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.expires_at.to_string(),
+                t.uses_left.to_string(),
+                labels_text(&t.labels),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        table(&["ID", "EXPIRES AT", "USES LEFT", "LABELS"], &rows)
+    );
+    Ok(())
+}
+
+/// Talks to the coordinator for one command, resolving names to ids.
+struct Ctl {
+    client: AdminClient,
+}
+
+impl Ctl {
+    async fn ask(&self, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+        self.client.request(&req).await.map_err(anyhow::Error::msg)
+    }
+
+    async fn agents(&self) -> anyhow::Result<Vec<AgentInfo>> {
+        match self.ask(AdminRequest::AgentList).await? {
+            AdminResponse::Agents(a) => Ok(a),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    async fn tasks(&self) -> anyhow::Result<Vec<TaskInfo>> {
+        match self.ask(AdminRequest::TaskList).await? {
+            AdminResponse::Tasks(t) => Ok(t),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Names for display; a failure to get them only costs the names.
+    async fn names(&self, tasks: bool) -> Names {
+        let mut n = Names::default();
+        if let Ok(agents) = self.agents().await {
+            n.agents = agents
+                .into_iter()
+                .filter_map(|a| a.name.map(|name| (a.agent_id, name)))
+                .collect();
+        }
+        if tasks {
+            if let Ok(ts) = self.tasks().await {
+                n.tasks = ts
+                    .into_iter()
+                    .filter_map(|t| t.spec.name.map(|name| (t.spec.id, name)))
+                    .collect();
+            }
+        }
+        n
+    }
+
+    /// An agent by id (`a3`, `3`) or unique name.
+    async fn agent_id(&self, text: &str) -> anyhow::Result<AgentId> {
+        if let Ok(id) = text.parse::<AgentId>() {
+            return Ok(id);
+        }
+        let matches: Vec<AgentId> = self
+            .agents()
+            .await?
+            .into_iter()
+            .filter(|a| a.name.as_deref() == Some(text))
+            .map(|a| a.agent_id)
+            .collect();
+        match matches.as_slice() {
+            [id] => Ok(*id),
+            [] => bail!("no agent with id or name `{text}` (see sundialctl agent list)"),
+            _ => bail!(
+                "several agents are named `{text}`: use an id ({})",
+                matches
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// A task by id (`t3`, `3`) or name (names are unique among live tasks).
+    async fn task_id(&self, text: &str) -> anyhow::Result<TaskId> {
+        if let Ok(id) = text.parse::<TaskId>() {
+            return Ok(id);
+        }
+        let tasks = self.tasks().await?;
+        let live = tasks
+            .iter()
+            .find(|t| !t.cancelled && t.spec.name.as_deref() == Some(text));
+        let any = tasks.iter().find(|t| t.spec.name.as_deref() == Some(text));
+        match live.or(any) {
+            Some(t) => Ok(t.spec.id),
+            None => bail!("no task with id or name `{text}` (see sundialctl task list)"),
+        }
+    }
+}
+
+fn unexpected(r: AdminResponse) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the coordinator: {r:?}")
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -471,33 +873,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let client = AdminClient::connect(&creds)
             .await
             .map_err(anyhow::Error::msg)?;
-        let ask = |req: AdminRequest| {
-            let client = &client;
-            async move { client.request(&req).await.map_err(anyhow::Error::msg) }
-        };
-        let unexpected =
-            |r: AdminResponse| anyhow::anyhow!("unexpected answer from the coordinator: {r:?}");
-        match cli.command {
-            Cmd::Token(TokenCmd::Create { ttl, uses, labels }) => {
-                if ttl.0 == 0 {
-                    bail!("--ttl must be longer than 0 (default {TOKEN_TTL_DEFAULT})");
-                }
-                match ask(AdminRequest::TokenCreate {
+        let ctl = Ctl { client };
+        let result = command(&ctl, cli.command).await;
+        ctl.client.close();
+        result
+    })
+}
+
+async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Token(TokenCmd::Create { ttl, uses, labels }) => {
+            if ttl.0 == 0 {
+                bail!("--ttl must be longer than 0 (default {TOKEN_TTL_DEFAULT})");
+            }
+            match ctl
+                .ask(AdminRequest::TokenCreate {
                     ttl_ms: ttl.0,
                     uses,
                     labels,
                 })
                 .await?
-                {
-                    AdminResponse::Token(t) => outln!("{t}"),
-                    r => return Err(unexpected(r)),
-                }
-            }
-            Cmd::Agent(AgentCmd::List(o)) => match ask(AdminRequest::AgentList).await? {
-                AdminResponse::Agents(a) => agents_out(&a, o.output)?,
+            {
+                AdminResponse::Token(t) => outln!("{t}"),
                 r => return Err(unexpected(r)),
-            },
-            Cmd::Agent(AgentCmd::Get { id, out }) => match ask(AdminRequest::AgentGet(id)).await? {
+            }
+        }
+        Cmd::Token(TokenCmd::List(o)) => match ctl.ask(AdminRequest::TokenList).await? {
+            AdminResponse::Tokens(t) => tokens_out(&t, o.output)?,
+            r => return Err(unexpected(r)),
+        },
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            ctl.ask(AdminRequest::TokenRevoke(id.clone())).await?;
+            outln!("revoked token {id}");
+        }
+        Cmd::Agent(AgentCmd::List(o)) => agents_out(&ctl.agents().await?, o.output)?,
+        Cmd::Agent(AgentCmd::Get { id, out }) => {
+            let id = ctl.agent_id(&id).await?;
+            match ctl.ask(AdminRequest::AgentGet(id)).await? {
                 AdminResponse::Agent(a) => {
                     if out.output == Output::Json {
                         print_json(&agent_json(&a))?;
@@ -506,74 +918,120 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 r => return Err(unexpected(r)),
-            },
-            Cmd::Agent(AgentCmd::Revoke { id }) => {
-                ask(AdminRequest::AgentRevoke(id)).await?;
-                outln!("revoked {id}");
             }
-            Cmd::Task(TaskCmd::Create(args)) => {
-                let draft = draft(*args)?;
-                match ask(AdminRequest::TaskCreate(Box::new(draft))).await? {
-                    AdminResponse::TaskCreated(id) => outln!("{id}"),
-                    AdminResponse::TaskCreatedWarn { id, warnings } => {
-                        for w in warnings {
-                            eprintln!("sundialctl: warning: {w}");
-                        }
-                        outln!("{id}");
+        }
+        Cmd::Agent(AgentCmd::Revoke { id }) => {
+            let id = ctl.agent_id(&id).await?;
+            ctl.ask(AdminRequest::AgentRevoke(id)).await?;
+            outln!("revoked {id}");
+        }
+        Cmd::Agent(AgentCmd::Forget { id }) => {
+            let id = ctl.agent_id(&id).await?;
+            ctl.ask(AdminRequest::AgentForget(id)).await?;
+            outln!("forgot {id}; its runs stay");
+        }
+        Cmd::Task(TaskCmd::Create(args)) => {
+            let mut args = *args;
+            let agent = match args.agent.take() {
+                Some(a) => Some(ctl.agent_id(&a).await?),
+                None => None,
+            };
+            let draft = draft(args, agent)?;
+            match ctl.ask(AdminRequest::TaskCreate(Box::new(draft))).await? {
+                AdminResponse::TaskCreated(id) => outln!("{id}"),
+                AdminResponse::TaskCreatedWarn { id, warnings } => {
+                    for w in warnings {
+                        eprintln!("sundialctl: warning: {w}");
                     }
-                    r => return Err(unexpected(r)),
+                    outln!("{id}");
                 }
-            }
-            Cmd::Task(TaskCmd::List(o)) => match ask(AdminRequest::TaskList).await? {
-                AdminResponse::Tasks(t) => tasks_out(&t, o.output)?,
                 r => return Err(unexpected(r)),
-            },
-            Cmd::Task(TaskCmd::Get { id, out }) => match ask(AdminRequest::TaskGet(id)).await? {
+            }
+        }
+        Cmd::Task(TaskCmd::List(o)) => {
+            let tasks = ctl.tasks().await?;
+            let names = if o.output == Output::Json {
+                Names::default()
+            } else {
+                ctl.names(false).await
+            };
+            tasks_out(&tasks, &names, o.output)?
+        }
+        Cmd::Task(TaskCmd::Get { id, out }) => {
+            let id = ctl.task_id(&id).await?;
+            match ctl.ask(AdminRequest::TaskGet(id)).await? {
                 AdminResponse::Task(t) => {
                     if out.output == Output::Json {
                         print_json(&task_json(&t))?;
                     } else {
-                        tasks_out(&[*t], out.output)?;
+                        let names = ctl.names(false).await;
+                        out!("{}", describe_task(&t, &names));
                     }
                 }
                 r => return Err(unexpected(r)),
-            },
-            Cmd::Task(TaskCmd::Cancel { id }) => {
-                ask(AdminRequest::TaskCancel(id)).await?;
+            }
+        }
+        Cmd::Task(TaskCmd::Cancel { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                ctl.ask(AdminRequest::TaskCancel(id)).await?;
                 outln!("cancelled {id}");
             }
-            Cmd::Run(RunCmd::List {
-                task,
-                agent,
-                since,
-                limit,
-                out,
-            }) => {
-                let (runs, matched, unreadable) = client
-                    .run_list(&AdminRequest::RunList {
-                        task,
-                        agent,
-                        since,
-                        limit,
-                    })
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-                runs_out(&runs, out.output)?;
-                if unreadable > 0 {
-                    eprintln!("sundialctl: warning: {unreadable} stored run records could not be read and were skipped (the coordinator's log names them)");
-                }
-                if matched > runs.len() as u64 && out.output == Output::Table {
-                    eprintln!(
-                        "showing the latest {} of {matched} runs; narrow with --since/--task/--agent or raise --limit",
-                        runs.len()
-                    );
-                }
-            }
-            Cmd::Schedule(_) => {}
         }
-        client.close();
-        Ok(())
-    })
+        Cmd::Task(TaskCmd::Pause { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                ctl.ask(AdminRequest::TaskPause(id)).await?;
+                outln!("paused {id}");
+            }
+        }
+        Cmd::Task(TaskCmd::Resume { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                ctl.ask(AdminRequest::TaskResume(id)).await?;
+                outln!("resumed {id}");
+            }
+        }
+        Cmd::Run(RunCmd::List {
+            task,
+            agent,
+            since,
+            limit,
+            out,
+        }) => {
+            let task = match task {
+                Some(t) => Some(ctl.task_id(&t).await?),
+                None => None,
+            };
+            let agent = match agent {
+                Some(a) => Some(ctl.agent_id(&a).await?),
+                None => None,
+            };
+            let (runs, matched, unreadable) = ctl
+                .client
+                .run_list(&AdminRequest::RunList {
+                    task,
+                    agent,
+                    since,
+                    limit,
+                })
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let names = ctl.names(true).await;
+            runs_out(&runs, &names, out.output)?;
+            if unreadable > 0 {
+                eprintln!("sundialctl: warning: {unreadable} stored run records could not be read and were skipped (the coordinator's log names them)");
+            }
+            if matched > runs.len() as u64 && out.output != Output::Json {
+                eprintln!(
+                    "showing the latest {} of {matched} runs; narrow with --since/--task/--agent or raise --limit",
+                    runs.len()
+                );
+            }
+        }
+        Cmd::Schedule(_) => {}
+    }
+    Ok(())
 }
 
 /// How far in the past `--at` or `--end` may be (`--at now` is parsed a
@@ -582,7 +1040,7 @@ const PAST_SLACK_MS: i64 = 1_000;
 /// The grace when none is given and the schedule's period is longer.
 const GRACE_DEFAULT: DurationMs = DurationMs(60_000);
 
-fn draft(a: CreateArgs) -> anyhow::Result<TaskDraft> {
+fn draft(a: CreateArgs, agent: Option<AgentId>) -> anyhow::Result<TaskDraft> {
     let now = cli::now();
     if let Some(at) = a.schedule.at {
         if at.millis_since(now) < -PAST_SLACK_MS {
@@ -618,7 +1076,7 @@ fn draft(a: CreateArgs) -> anyhow::Result<TaskDraft> {
             _ => GRACE_DEFAULT,
         }
     });
-    let target = match (a.agent, a.selector) {
+    let target = match (agent, a.selector) {
         (Some(id), _) => Target::Agent(id),
         (None, Some(sel)) => Target::Selector(sel.0),
         (None, None) => bail!("one of --agent or --selector is required"),
@@ -675,7 +1133,7 @@ fn schedule_next(
             let texts: Vec<String> = next.iter().map(ToString::to_string).collect();
             outln!("{}", serde_json::to_string(&texts)?);
         }
-        Output::Table => {
+        Output::Table | Output::Wide => {
             if next.is_empty() {
                 outln!("no occurrences after {from}");
             }

@@ -1,0 +1,260 @@
+//! The operator's day, through `sundialctl` as a person types it: names
+//! wherever ids go, tasks described and listed with their next and last
+//! runs, runs that say why they failed, pause and resume, tokens listed and
+//! revoked, revoked agents forgotten, and the fleet shown with versions,
+//! backlogs and allowlists.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{join, sched_ms, wait_for, Agent, Coordinator};
+
+#[test]
+fn tasks_are_described_listed_and_named_and_failed_runs_say_why() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(
+        &coord.addr.to_string(),
+        &coord.token(&[]),
+        &dir,
+        "edge-1",
+        &[("site", "lab")],
+    )
+    .expect("joins");
+    let mut agent = Agent::start(&dir);
+    // Named wherever an id goes: the agent by its name.
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "nightly-backup",
+        "--agent",
+        "edge-1",
+        "--every",
+        "1s",
+        "--env",
+        "SECRET=hunter2",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo working; echo 'disk full' >&2; exit 3",
+    ]);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "hello",
+        "--selector",
+        "site=lab",
+        "--at",
+        "+1s",
+        "--",
+        "/bin/echo",
+        "hello world",
+    ]);
+    wait_for("failed runs", || {
+        coord
+            .runs(&["--task", "nightly-backup"])
+            .iter()
+            .any(|r| r["outcome"] == "failed")
+    });
+    wait_for("the one-shot to be done", || {
+        coord.json(&["task", "get", "hello"])["state"] == "done"
+    });
+
+    // `task get` describes: quoted command, environment names (not values),
+    // retries, the agents reached, the next occurrence, the last run and why.
+    let text = coord.ctl_ok(&["task", "get", "nightly-backup"]);
+    for want in [
+        "nightly-backup",
+        "/bin/sh -c 'echo working; echo '\\''disk full'\\'' >&2; exit 3'",
+        "Environment:  SECRET",
+        "Agents:",
+        "edge-1",
+        "Next:",
+        "exit 3: disk full",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from:\n{text}");
+    }
+    assert!(!text.contains("hunter2"), "an environment value was shown");
+    let json = coord.json(&["task", "get", "nightly-backup"]);
+    assert_eq!(json["state"], "active");
+    assert!(json["next"].is_string());
+    assert_eq!(json["last_runs"][0]["outcome"], "failed");
+
+    // `task list` shows NEXT and LAST; a one-shot run everywhere is done.
+    let list = coord.ctl_ok(&["task", "list"]);
+    assert!(list.contains("NEXT") && list.contains("LAST"), "{list}");
+    let hello_line = list
+        .lines()
+        .find(|l| l.contains("hello"))
+        .expect("hello listed");
+    assert!(hello_line.contains("done"), "{hello_line}");
+    assert!(hello_line.contains("succeeded"), "{hello_line}");
+
+    // `run list` says why in the table, by names; wide shows it whole.
+    let runs = coord.ctl_ok(&[
+        "run",
+        "list",
+        "--agent",
+        "edge-1",
+        "--task",
+        "nightly-backup",
+    ]);
+    assert!(
+        runs.contains("DETAIL") && runs.contains("TOOK MS"),
+        "{runs}"
+    );
+    assert!(runs.contains("exit 3: disk full"), "{runs}");
+    assert!(
+        runs.contains("(nightly-backup)") && runs.contains("(edge-1)"),
+        "{runs}"
+    );
+    assert!(coord
+        .ctl_ok(&["run", "list", "-o", "wide"])
+        .contains("exit 3: disk full"));
+    let (ok, _, err) = coord.ctl(&["task", "get", "no-such-task"]);
+    assert!(!ok && err.contains("no task with id or name"), "{err}");
+
+    // Several cancelled at once, by name and id.
+    let extra = coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        "edge-1",
+        "--at",
+        "+1h",
+        "--",
+        "/bin/true",
+    ]);
+    let out = coord.ctl_ok(&["task", "cancel", "nightly-backup", &extra]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(coord.json(&["task", "get", &extra])["state"], "cancelled");
+    agent.stop();
+}
+
+#[test]
+fn a_paused_task_runs_nothing_and_records_nothing_until_resumed() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "tick",
+        "--agent",
+        "a",
+        "--every",
+        "300ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("runs", || coord.runs(&["--task", "tick"]).len() >= 3);
+    coord.ctl_ok(&["task", "pause", "tick"]);
+    let paused_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    assert_eq!(coord.json(&["task", "get", "tick"])["state"], "paused");
+    // Let the pause reach the agent, then watch a quiet stretch.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = coord.runs(&["--task", "tick"]).len();
+    std::thread::sleep(Duration::from_secs(2));
+    let during = coord.runs(&["--task", "tick"]).len();
+    assert_eq!(before, during, "a paused task ran or recorded runs");
+    coord.ctl_ok(&["task", "resume", "tick"]);
+    let resumed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    wait_for("runs again", || {
+        coord.runs(&["--task", "tick"]).len() >= during + 2
+    });
+    // Nothing recorded for the paused stretch (skipped or otherwise).
+    let gap: Vec<_> = coord
+        .runs(&["--task", "tick"])
+        .into_iter()
+        .filter(|r| sched_ms(r) > paused_at + 1_000 && sched_ms(r) < resumed - 1_000)
+        .collect();
+    assert!(gap.is_empty(), "runs recorded while paused: {gap:?}");
+    agent.stop();
+}
+
+#[test]
+fn tokens_are_listed_and_revoked_and_revoked_agents_forgotten() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let keep = coord.token(&["--label", "site=lab"]);
+    let _other = coord.token(&[]);
+    let tokens = coord.json(&["token", "list"]);
+    let tokens = tokens.as_array().expect("array");
+    assert_eq!(tokens.len(), 2);
+    assert!(!serde_json::to_string(tokens).expect("json").contains(&keep));
+    let lab = tokens
+        .iter()
+        .find(|t| t["labels"]["site"] == "lab")
+        .expect("the labelled token");
+    coord.ctl_ok(&["token", "revoke", lab["id"].as_str().expect("id")]);
+    let err = join(
+        &coord.addr.to_string(),
+        &keep,
+        &root.path().join("x"),
+        "x",
+        &[],
+    )
+    .expect_err("a revoked token is refused");
+    assert!(err.contains("unknown join token"), "{err}");
+    assert_eq!(
+        coord.json(&["token", "list"]).as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // The fleet view: version, backlog, allowlist; then revoke and forget.
+    let dir = root.path().join("a");
+    let id = join(
+        &coord.addr.to_string(),
+        &coord.token(&[]),
+        &dir,
+        "edge-9",
+        &[],
+    )
+    .expect("joins");
+    let mut agent = Agent::start(&dir);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--agent",
+        "edge-9",
+        "--every",
+        "500ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("a run", || !coord.runs(&["--agent", "edge-9"]).is_empty());
+    let a = coord.json(&["agent", "get", "edge-9"]);
+    assert_eq!(a["version"], env!("CARGO_PKG_VERSION"));
+    assert!(a["allow_exec"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|p| p == "/bin/true")));
+    assert!(a["outbox_len"].is_u64());
+    let table = coord.ctl_ok(&["agent", "list"]);
+    assert!(
+        table.contains("VERSION") && table.contains("ALLOW EXEC"),
+        "{table}"
+    );
+    let (ok, _, err) = coord.ctl(&["agent", "forget", "edge-9"]);
+    assert!(!ok && err.contains("revoke it first"), "{err}");
+    coord.ctl_ok(&["agent", "revoke", "edge-9"]);
+    agent.stop();
+    coord.ctl_ok(&["agent", "forget", &id]);
+    assert!(coord
+        .json(&["agent", "list"])
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    assert!(!coord.runs(&["--agent", &id]).is_empty(), "its runs stay");
+}
