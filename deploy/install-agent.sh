@@ -43,7 +43,7 @@ while [ $# -gt 0 ]; do
         --root) [ $# -ge 2 ] || die "--root needs a directory"; root=$2; shift 2 ;;
         --uninstall) uninstall=1; shift ;;
         --purge) purge=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
 done
@@ -145,7 +145,8 @@ cleanup_failed_join() {
     fi
 }
 
-join_cmd="$(quote "$tmp_bin") join --coordinator $(quote "$coordinator") --token $(quote "$token") --data-dir $(quote "$state")"
+# The token goes in on standard input, so it never shows in `ps`.
+join_cmd="$(quote "$tmp_bin") join --coordinator $(quote "$coordinator") --token-file - --data-dir $(quote "$state")"
 [ -n "$name" ] && join_cmd="$join_cmd --name $(quote "$name")"
 join_cmd="$join_cmd$labels"
 if [ -n "$allows" ]; then
@@ -155,9 +156,9 @@ fi
 
 say "enrolling with $coordinator"
 if [ -z "$root" ]; then
-    run_join() { runuser -u "$user" -- sh -c "$join_cmd"; }
+    run_join() { printf '%s\n' "$token" | runuser -u "$user" -- sh -c "$join_cmd"; }
 else
-    run_join() { sh -c "$join_cmd"; }
+    run_join() { printf '%s\n' "$token" | sh -c "$join_cmd"; }
 fi
 if ! agent_id=$(run_join); then
     cleanup_failed_join

@@ -82,6 +82,13 @@ enum Cmd {
         #[arg(long, value_name = "N")]
         max_concurrent_runs: Option<usize>,
     },
+    /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `sundial-agent manpage | man -l -`.
+    Manpage,
     /// Show the local view: tasks, next fire times, outbox, clock. Works offline.
     Status {
         #[arg(long, value_name = "DIR")]
@@ -127,6 +134,16 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn print_quietly(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
@@ -163,7 +180,10 @@ where
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sundial-agent: {e:#}");
+            eprintln!(
+                "sundial-agent: {}",
+                sundial_protocol::error_text(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -171,6 +191,21 @@ where
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "sundial-agent",
+                &mut out,
+            );
+            print_quietly(&out)
+        }
+        Cmd::Manpage => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+            print_quietly(&out)
+        }
         Cmd::Run {
             config,
             data_dir,

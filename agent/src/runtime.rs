@@ -471,6 +471,9 @@ async fn open_store(path: &Path) -> Result<AgentStore, AgentError> {
     loop {
         match AgentStore::open(path) {
             Err(e) if e.is_already_open() && waited < STORE_BUSY_WAIT_MS => {
+                if waited == 0 {
+                    tracing::warn!(store = %path.display(), "the store is in use by another process (another sundial-agent on this data directory, or a `status` reading); waiting up to {} s", STORE_BUSY_WAIT_MS / 1000);
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 waited += 100;
             }

@@ -31,8 +31,7 @@ pub struct ScheduleArgs {
     /// or 6 (seconds first), with Debian cron semantics.
     #[arg(long, value_name = "EXPR")]
     pub cron: Option<String>,
-    /// The IANA time zone a --cron schedule runs in.
-    /// The IANA time zone a --cron schedule runs in [default: UTC].
+    /// The IANA time zone a --cron schedule runs in, e.g. Europe/Berlin [default: UTC].
     #[arg(long, value_name = "ZONE", requires = "cron")]
     pub tz: Option<String>,
 }

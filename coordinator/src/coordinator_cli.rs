@@ -51,6 +51,23 @@ enum Cmd {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `sundial-coordinator manpage | man -l -`.
+    Manpage,
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn print_quietly(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 async fn shutdown_signal() {
@@ -193,7 +210,10 @@ where
     match run(cli, file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sundial-coordinator: {e:#}");
+            eprintln!(
+                "sundial-coordinator: {}",
+                sundial_protocol::error_text(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -201,6 +221,21 @@ where
 
 fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
     match cli.command {
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "sundial-coordinator",
+                &mut out,
+            );
+            print_quietly(&out)
+        }
+        Cmd::Manpage => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+            print_quietly(&out)
+        }
         Cmd::Init {
             data_dir,
             advertise,

@@ -79,6 +79,9 @@ pub enum ServeError {
     },
     #[error("{0} holds no coordinator (run `sundial-coordinator init` first)")]
     NotInitialized(PathBuf),
+    /// Another process holds the store.
+    #[error("{0} is in use by another process: is another sundial-coordinator serving this data directory?")]
+    Busy(PathBuf),
     /// The store could not write (see the log); restart to reopen it.
     #[error(
         "the store failed to write (disk full or failing?); stopped so that a restart reopens it"
@@ -351,7 +354,13 @@ impl Server {
             return Err(ServeError::NotInitialized(dir.to_owned()));
         }
         let pki = Pki::load(dir)?;
-        let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
+        let store = CoordinatorStore::open(&dir.join(STORE_FILE)).map_err(|e| {
+            if e.is_already_open() {
+                ServeError::Busy(dir.join(STORE_FILE))
+            } else {
+                ServeError::Store(e)
+            }
+        })?;
         let known: KnownCerts = Arc::new(RwLock::new(store.known_certs()?.into_iter().collect()));
         let provider = sundial_protocol::tls::provider();
         let mut roots = RootCertStore::empty();

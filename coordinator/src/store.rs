@@ -71,6 +71,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether another process holds the database open.
+    pub fn is_already_open(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db {
+                source: redb::Error::DatabaseAlreadyOpen,
+                ..
+            }
+        )
+    }
+
     /// Whether the disk failed (full, read-only, I/O error): redb then
     /// refuses every write until the database is reopened.
     pub fn is_io(&self) -> bool {

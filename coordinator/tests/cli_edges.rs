@@ -208,3 +208,70 @@ fn join_takes_its_token_from_a_file_or_stdin() {
         Some(2)
     );
 }
+
+#[test]
+fn every_binary_prints_completions_and_a_man_page_and_every_flag_has_help() {
+    let coordinator = env!("CARGO_BIN_EXE_sundial-coordinator");
+    let agent = agent_bin();
+    let bins = [
+        std::path::PathBuf::from(CTL),
+        std::path::PathBuf::from(coordinator),
+        agent,
+    ];
+    for bin in &bins {
+        for shell in ["bash", "zsh", "fish"] {
+            let out = Command::new(bin)
+                .args(["completions", shell])
+                .output()
+                .expect("runs");
+            assert!(out.status.success(), "{bin:?} completions {shell}");
+            assert!(out.stdout.len() > 500, "{bin:?} {shell}: too short");
+        }
+        let man = Command::new(bin).arg("manpage").output().expect("runs");
+        assert!(man.status.success());
+        assert!(String::from_utf8_lossy(&man.stdout).contains(".TH"));
+    }
+    // Every flag of the commands operators use most says what it does.
+    for args in [
+        &["run", "list", "--help"][..],
+        &["task", "create", "--help"],
+        &["task", "get", "--help"],
+    ] {
+        let out = Command::new(CTL).args(args).output().expect("runs");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let mut lines = help.lines().peekable();
+        while let Some(l) = lines.next() {
+            let t = l.trim_start();
+            let is_flag = t.starts_with("--")
+                || (t.starts_with('-')
+                    && t.chars().nth(1).is_some_and(|c| c.is_ascii_alphanumeric()));
+            if is_flag {
+                // clap puts a flag's help on its line, or on the next ones.
+                let own = t.split("  ").filter(|s| !s.trim().is_empty()).count() > 1;
+                let next = lines.peek().is_some_and(|n| {
+                    let n = n.trim_start();
+                    !n.is_empty() && !n.starts_with("--")
+                });
+                assert!(own || next, "{args:?}: `{t}` has no help line:\n{help}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_install_script_help_is_only_help() {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/install-agent.sh");
+    let out = Command::new("sh")
+        .arg(&script)
+        .arg("--help")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("--coordinator"), "{text}");
+    assert!(
+        !text.contains("set -eu") && !text.contains("prog="),
+        "{text}"
+    );
+}

@@ -313,6 +313,15 @@ fn debian_packages_have_the_right_contents_and_modes() {
     assert!(entry("./lib/systemd/system/sundial-agent.service").starts_with("-rw-r--r-- root/root"));
     assert!(entry("./etc/sundial/agent.toml").starts_with("-rw-r--r-- root/root"));
     assert!(entry("./usr/share/doc/sundial-agent/README.md").starts_with("-rw-r--r--"));
+    // A man page and completions for bash, zsh and fish, made by the binary.
+    for path in [
+        "./usr/share/man/man1/sundial-agent.1.gz",
+        "./usr/share/bash-completion/completions/sundial-agent",
+        "./usr/share/zsh/vendor-completions/_sundial-agent",
+        "./usr/share/fish/vendor_completions.d/sundial-agent.fish",
+    ] {
+        assert!(entry(path).starts_with("-rw-r--r-- root/root"), "{path}");
+    }
     let field = |f: &str| {
         let o = Command::new("dpkg-deb")
             .args(["-f"])

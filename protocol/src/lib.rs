@@ -23,5 +23,22 @@ pub mod token;
 pub mod wire;
 
 pub use schedule::{Schedule, ScheduleKind};
+
+/// An error and its causes as one line for people: each cause is added only
+/// when the text so far does not already say it (error types that print
+/// their source, and also return it as their source, would repeat it).
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
+}
 pub use task::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec};
 pub use time::{DurationMs, Timestamp};

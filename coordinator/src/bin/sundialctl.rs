@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use chrono::TimeZone;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use sundial_coordinator::cli::{self, labels_text, table, Output, ScheduleArgs};
@@ -52,7 +52,11 @@ fn write_out(text: &str) {
 /// Sundial admin CLI. Reads the coordinator's address and admin credentials
 /// from --creds FILE or SUNDIAL_CREDS (the file `sundial-coordinator init` wrote).
 #[derive(Debug, Parser)]
-#[command(name = "sundialctl", version, about)]
+#[command(
+    name = "sundialctl",
+    version,
+    about = "Sundial's admin CLI: join tokens, agents, tasks, runs and schedules"
+)]
 struct Cli {
     /// Admin credentials file.
     #[arg(long, value_name = "FILE", env = "SUNDIAL_CREDS", global = true)]
@@ -86,6 +90,13 @@ enum Cmd {
     /// Work with schedules (no coordinator needed).
     #[command(subcommand)]
     Schedule(ScheduleCmd),
+    /// Print a shell completion script: `sundialctl completions bash > /etc/bash_completion.d/sundialctl`.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `sundialctl manpage | man -l -`.
+    Manpage,
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,7 +285,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sundialctl: {e:#}");
+            eprintln!("sundialctl: {}", sundial_protocol::error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -852,6 +863,21 @@ fn unexpected(r: AdminResponse) -> anyhow::Error {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "sundialctl", &mut out);
+            out!("{}", String::from_utf8_lossy(&out));
+            return Ok(());
+        }
+        Cmd::Manpage => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            out!("{}", String::from_utf8_lossy(&out));
+            return Ok(());
+        }
+        _ => {}
+    }
     if let Cmd::Schedule(ScheduleCmd::Next {
         schedule,
         from,
@@ -1029,7 +1055,7 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Schedule(_) => {}
+        Cmd::Schedule(_) | Cmd::Completions { .. } | Cmd::Manpage => {}
     }
     Ok(())
 }
