@@ -45,10 +45,13 @@ pub const RECONNECT_DELAY_REFUSED: Duration = Duration::from_secs(600);
 pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
 /// A connection attempt is abandoned after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A silent peer is declared gone after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keep-alives reveal a dead link.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A silent peer is declared gone after this long (the connection closes).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alives reveal a dead link; both ends send them.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Nothing heard from the coordinator for this long: runs fired from now on
+/// are marked `offline`, before the idle timeout closes the connection.
+pub const LINK_SILENT_MAX: Duration = Duration::from_millis(2_500);
 /// Result batches sent and not yet acknowledged.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
 /// Bytes of records in one batch (the frame limit is larger).
@@ -135,11 +138,11 @@ impl SessionConfig {
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    // Invariant: 10 s fits QUIC's idle timeout range.
+    // Invariant: 5 s fits QUIC's idle timeout range.
     t.max_idle_timeout(Some(
         IDLE_TIMEOUT
             .try_into()
-            .expect("10 s is a valid idle timeout"),
+            .expect("5 s is a valid idle timeout"),
     ));
     Arc::new(t)
 }
@@ -398,6 +401,8 @@ async fn session(
     let mut next_batch: u64 = 1;
     let mut probe = tokio::time::interval(CLOCK_PROBE_INTERVAL);
     let mut poll = tokio::time::interval(OUTBOX_POLL);
+    let mut last_rx = conn.stats().udp_rx.datagrams;
+    let mut heard_at = Instant::now();
     let mut synced_at = Instant::now() - Duration::from_secs(3600);
     loop {
         // Fill the window with the oldest records not yet sent on this connection.
@@ -453,7 +458,23 @@ async fn session(
                 CoordMsg::Refused { reason } => return Err(SessionError::Refused(reason)),
             },
             _ = shared.outbox.notified() => {}
-            _ = poll.tick() => {}
+            _ = poll.tick() => {
+                // The keep-alives of both ends keep packets coming on a live
+                // link: a silence says the link is cut well before the idle
+                // timeout does, so runs fired meanwhile are marked offline.
+                let rx = conn.stats().udp_rx.datagrams;
+                if rx != last_rx {
+                    last_rx = rx;
+                    heard_at = Instant::now();
+                    if !shared.online.swap(true, Ordering::SeqCst) {
+                        tracing::info!("the coordinator is heard again");
+                    }
+                } else if heard_at.elapsed() > LINK_SILENT_MAX
+                    && shared.online.swap(false, Ordering::SeqCst)
+                {
+                    tracing::info!(silent_ms = heard_at.elapsed().as_millis() as u64, "nothing heard from the coordinator; runs fired now are marked offline");
+                }
+            }
             _ = probe.tick() => {
                 let t1 = Timestamp::from_millis_saturating(clock.read().wall_ms);
                 send(&mut tx, &AgentMsg::ClockProbe { t1 }).await?;

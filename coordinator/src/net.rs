@@ -9,10 +9,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sundial_protocol::codec::{encode, FrameDecoder, FrameError};
 
-/// A silent peer is declared gone after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A silent peer is declared gone after this long: an agent killed with
+/// `kill -9` is shown offline within about this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alives keep a quiet session open and reveal a dead link.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// Bytes read from a stream at once.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -20,11 +21,11 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    // Invariant: 10 s fits QUIC's idle timeout range.
+    // Invariant: 5 s fits QUIC's idle timeout range.
     t.max_idle_timeout(Some(
         IDLE_TIMEOUT
             .try_into()
-            .expect("10 s is a valid idle timeout"),
+            .expect("5 s is a valid idle timeout"),
     ));
     Arc::new(t)
 }

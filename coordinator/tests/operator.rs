@@ -258,3 +258,99 @@ fn tokens_are_listed_and_revoked_and_revoked_agents_forgotten() {
         .is_some_and(Vec::is_empty));
     assert!(!coord.runs(&["--agent", &id]).is_empty(), "its runs stay");
 }
+
+#[test]
+fn a_cut_is_known_within_seconds_on_both_sides() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let relay = common::Relay::start(coord.addr);
+    let dir = root.path().join("a");
+    join(&relay.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "t",
+        "--agent",
+        "a",
+        "--every",
+        "300ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("runs", || coord.runs(&["--task", "t"]).len() >= 3);
+    relay.set(common::Link::DropBoth);
+    let cut = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    // The coordinator shows it offline after its idle timeout (5 s), not 12.
+    let started = std::time::Instant::now();
+    wait_for("the agent shown offline", || {
+        coord.json(&["agent", "get", "a"])["online"] == false
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shown offline only after {:?}",
+        started.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    relay.set(common::Link::Pass);
+    wait_for("runs from the cut synced", || {
+        coord
+            .runs(&["--task", "t"])
+            .iter()
+            .any(|r| sched_ms(r) > cut + 6_000)
+    });
+    // Runs fired 3 s into the cut (past the 2.5 s of silence) say offline.
+    let runs = coord.runs(&["--task", "t"]);
+    let in_cut: Vec<_> = runs
+        .iter()
+        .filter(|r| sched_ms(r) > cut + 3_500 && sched_ms(r) < cut + 6_000)
+        .collect();
+    assert!(!in_cut.is_empty());
+    for r in in_cut {
+        assert_eq!(r["offline"], true, "{r}");
+    }
+    agent.stop();
+}
+
+#[test]
+fn a_retry_is_late_only_against_its_own_due_time() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "flaky",
+        "--agent",
+        "a",
+        "--at",
+        "+1s",
+        "--retries",
+        "1",
+        "--backoff",
+        "2s",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exit 1",
+    ]);
+    wait_for("the retry", || coord.runs(&["--task", "flaky"]).len() == 2);
+    let runs = coord.runs(&["--task", "flaky"]);
+    let retry = runs.iter().find(|r| r["attempt"] == 2).expect("attempt 2");
+    // Measured from the occurrence it would be over 2 s: the backoff.
+    let late = retry["lateness_ms"].as_i64().expect("lateness");
+    assert!(
+        late < 1_500,
+        "a retry {late} ms late against its own due time"
+    );
+    let table = coord.ctl_ok(&["run", "list", "--task", "flaky"]);
+    assert!(table.contains("ATTEMPT"), "{table}");
+    agent.stop();
+}

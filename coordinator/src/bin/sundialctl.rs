@@ -386,6 +386,8 @@ fn task_json(t: &TaskInfo) -> Value {
 struct Names {
     agents: HashMap<AgentId, String>,
     tasks: HashMap<TaskId, String>,
+    /// Each task's retry policy: a retry's lateness counts from its own due time.
+    retry: HashMap<TaskId, RetryPolicy>,
 }
 
 impl Names {
@@ -411,7 +413,26 @@ fn duration_ms(r: &RunRecord) -> Option<i64> {
     }
 }
 
-fn run_json(r: &RunRecord, names: &Names) -> Value {
+/// How late a run started: the first attempt from its occurrence, a retry
+/// from its own due time (the previous attempt's end plus the backoff),
+/// when the previous attempt is in `runs`.
+fn lateness_ms(r: &RunRecord, runs: &[RunRecord], names: &Names) -> Option<i64> {
+    let fired = r.fired_at?;
+    if r.attempt <= 1 {
+        return Some(fired.millis_since(r.scheduled_at).max(0));
+    }
+    let prev = runs.iter().find(|p| {
+        p.task_id == r.task_id
+            && p.agent_id == r.agent_id
+            && p.scheduled_at == r.scheduled_at
+            && p.attempt + 1 == r.attempt
+    })?;
+    let backoff = names.retry.get(&r.task_id)?.backoff_after(prev.attempt);
+    let due = prev.finished_at?.saturating_add_ms(backoff.as_millis_i64());
+    Some(fired.millis_since(due).max(0))
+}
+
+fn run_json(r: &RunRecord, runs: &[RunRecord], names: &Names) -> Value {
     json!({
         "task_id": r.task_id.to_string(),
         "task_name": names.tasks.get(&r.task_id),
@@ -425,7 +446,7 @@ fn run_json(r: &RunRecord, names: &Names) -> Value {
         "outcome": r.outcome.as_str(),
         "exit_code": r.exit_code,
         "offline": r.offline,
-        "lateness_ms": r.lateness().map(|d| d.0),
+        "lateness_ms": lateness_ms(r, runs, names),
         "detail": r.detail,
         "why": why(r),
         "stdout": String::from_utf8_lossy(&r.stdout_tail),
@@ -696,7 +717,7 @@ fn why(r: &RunRecord) -> String {
 fn runs_out(runs: &[RunRecord], names: &Names, out: Output) -> anyhow::Result<()> {
     if out == Output::Json {
         return print_json(&Value::Array(
-            runs.iter().map(|r| run_json(r, names)).collect(),
+            runs.iter().map(|r| run_json(r, runs, names)).collect(),
         ));
     }
     let rows: Vec<Vec<String>> = runs
@@ -710,7 +731,7 @@ fn runs_out(runs: &[RunRecord], names: &Names, out: Output) -> anyhow::Result<()
                 r.outcome.to_string(),
                 or_dash(r.exit_code),
                 or_dash(duration_ms(r)),
-                or_dash(r.lateness().map(|d| d.0)),
+                or_dash(lateness_ms(r, runs, names)),
                 if r.offline { "yes".into() } else { "no".into() },
                 cut(&why(r), 50, out),
             ]
@@ -806,6 +827,10 @@ impl Ctl {
         }
         if tasks {
             if let Ok(ts) = self.tasks().await {
+                n.retry = ts
+                    .iter()
+                    .map(|t| (t.spec.id, t.spec.policies.retry))
+                    .collect();
                 n.tasks = ts
                     .into_iter()
                     .filter_map(|t| t.spec.name.map(|name| (t.spec.id, name)))
