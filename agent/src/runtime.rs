@@ -27,6 +27,8 @@ use crate::scheduler::{Command, SchedTask, Scheduler, SkipReason};
 use crate::session::{self, SessionConfig, SessionShared};
 use crate::store::{meta, AgentStore, StartedInfo, StepWrite, StoreError};
 
+/// The detail of a run an operator asked for (`sundialctl task run-now`).
+pub const MANUAL_DETAIL: &str = "run now, as an operator asked";
 /// The store's file name inside the data directory.
 pub const STORE_FILE: &str = "agent.redb";
 /// The longest sleep between two readings of the clocks.
@@ -112,6 +114,8 @@ pub enum Control {
     Revision(u64),
     /// A clock exchange measured the coordinator's clock against ours.
     Clock { offset_ms: i64, rtt_ms: i64 },
+    /// An operator asked for one extra occurrence now, keyed at `at`.
+    RunNow { task_id: TaskId, at: Timestamp },
 }
 
 /// Bound of the control queue from the session.
@@ -139,6 +143,8 @@ struct Agent {
     runs_concurrent_max: usize,
     cap_reported: bool,
     running_dir: PathBuf,
+    /// Runs an operator asked for (`task run-now`): their records say so.
+    manual: std::collections::HashSet<RunKey>,
 }
 
 /// Runs the agent until `shutdown` resolves or the store fails.
@@ -265,6 +271,7 @@ pub async fn run(
         runs_concurrent_max: config.runs_concurrent_max.max(1),
         cap_reported: false,
         running_dir,
+        manual: std::collections::HashSet::new(),
     };
     agent.log_notes(&notes);
     agent.persist_anchor()?;
@@ -734,7 +741,7 @@ impl Agent {
         let Some(run) = self.running.remove(&key) else {
             return Ok(());
         };
-        let record = RunRecord {
+        let mut record = RunRecord {
             task_id: key.task_id,
             agent_id: self.agent_id,
             scheduled_at: key.scheduled_at,
@@ -748,6 +755,12 @@ impl Agent {
             stdout_tail: result.stdout_tail,
             stderr_tail: result.stderr_tail,
         };
+        if self.manual.remove(&key) {
+            record.detail = Some(match record.why() {
+                Some(why) => format!("{MANUAL_DETAIL}; {why}"),
+                None => MANUAL_DETAIL.to_owned(),
+            });
+        }
         tracing::info!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, outcome = %record.outcome, "run finished");
         match self.store.finish_run(&record) {
             Ok(()) => {
@@ -791,6 +804,20 @@ impl Agent {
                     self.store.put_meta(&[(meta::LAST_REVISION, revision)])?;
                 }
             }
+            Control::RunNow { task_id, at } => {
+                if self.actions.contains_key(&task_id) {
+                    let key = RunKey {
+                        task_id,
+                        scheduled_at: at,
+                        attempt: 1,
+                    };
+                    tracing::info!(task = %task_id, %at, "run now, as an operator asked");
+                    self.manual.insert(key);
+                    self.sched.run_now(key, &mut cmds);
+                } else {
+                    tracing::warn!(task = %task_id, "asked to run a task this agent does not have");
+                }
+            }
             Control::Clock { offset_ms, rtt_ms } => {
                 let was_ahead = self.guard.ahead_ms();
                 let now = self.guard.set_offset(offset_ms, self.clock.read());
@@ -810,7 +837,10 @@ impl Agent {
             }
         }
         if !cmds.is_empty() {
-            self.apply(self.sched.now(), cmds)?;
+            // Runs start now: stamp them with the time now, not the
+            // scheduler's last turn (up to a wake interval ago).
+            let now = self.guard.time_of(self.clock.read()).max(self.sched.now());
+            self.apply(now, cmds)?;
         }
         Ok(())
     }

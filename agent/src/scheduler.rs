@@ -450,6 +450,12 @@ impl Scheduler {
         out.push(Command::Start { key, timeout_at });
     }
 
+    /// Starts one extra occurrence now (an operator's `run-now`), under the
+    /// task's overlap policy; retries and timeouts apply as to any run.
+    pub fn run_now(&mut self, key: RunKey, out: &mut Vec<Command>) {
+        self.start(key, out);
+    }
+
     /// Marks a run as going without a `Start` from this scheduler (a run the
     /// caller knows is live, e.g. after reloading tasks).
     pub fn adopt_running(&mut self, key: RunKey) {

@@ -456,6 +456,9 @@ async fn session(
                     send(&mut tx, &AgentMsg::ClockReport { offset_ms, rtt_ms }).await?;
                 }
                 CoordMsg::Refused { reason } => return Err(SessionError::Refused(reason)),
+                CoordMsg::RunNow { task_id, at } => {
+                    control.send(Control::RunNow { task_id, at }).await.map_err(|_| SessionError::Stopping)?;
+                }
             },
             _ = shared.outbox.notified() => {}
             _ = poll.tick() => {

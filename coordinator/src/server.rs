@@ -26,7 +26,7 @@ use sundial_protocol::task::{Action, Target};
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
     chunk_by_size, close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, AssignmentChange,
-    CoordMsg, EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, TokenInfo,
+    CoordMsg, EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
     ADMIN_REQUEST_BYTES_MAX, ALPN, ALPN_ADMIN, ALPN_ENROLL, ENROLL_FRAME_BYTES_MAX,
     HELLO_FRAME_BYTES_MAX, LIST_CHUNK_BYTES_MAX, RESULT_BATCH_RUNS_MAX, TASK_SPEC_BYTES_MAX,
 };
@@ -59,6 +59,8 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// Messages read from an agent and not yet handled: more than the result
 /// batches an agent keeps in flight, so its writes never wait on ours.
 const SESSION_INBOX_MAX: usize = 16;
+/// Messages from admin work waiting for one session to send (run-now).
+const SESSION_OUTBOX_MAX: usize = 64;
 /// Tasks whose assignment to a session's agent is remembered (a cache; cleared when full).
 const ASSIGNED_CACHE_MAX: usize = 100_000;
 
@@ -210,6 +212,8 @@ impl ClientCertVerifier for KnownCertVerifier {
 #[derive(Debug, Default)]
 struct Live {
     conns: Vec<quinn::Connection>,
+    /// Messages for each session to send (same order as `conns`).
+    outs: Vec<tokio::sync::mpsc::Sender<CoordMsg>>,
 }
 
 /// What the last session of an agent said, kept in memory for `agent list`.
@@ -714,6 +718,7 @@ async fn handle_session(
             return Ok(());
         }
     };
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(SESSION_OUTBOX_MAX);
     {
         let Ok(mut live) = state.live.lock() else {
             return Ok(());
@@ -725,7 +730,9 @@ async fn handle_session(
             conn.close(close::BUSY.into(), b"too many sessions; try again");
             return Ok(());
         }
-        live.entry(agent).or_default().conns.push(conn.clone());
+        let l = live.entry(agent).or_default();
+        l.conns.push(conn.clone());
+        l.outs.push(out_tx);
     }
     if let Ok(mut seen) = state.seen.lock() {
         seen.insert(
@@ -763,6 +770,7 @@ async fn handle_session(
         &conn,
         &mut send,
         msg_rx,
+        out_rx,
         agent,
         &record,
         last_revision,
@@ -771,7 +779,14 @@ async fn handle_session(
     reader.abort();
     if let Ok(mut live) = state.live.lock() {
         if let Some(l) = live.get_mut(&agent) {
-            l.conns.retain(|c| c.stable_id() != conn.stable_id());
+            if let Some(i) = l
+                .conns
+                .iter()
+                .position(|c| c.stable_id() == conn.stable_id())
+            {
+                l.conns.remove(i);
+                l.outs.remove(i);
+            }
             if l.conns.is_empty() {
                 live.remove(&agent);
             }
@@ -876,6 +891,7 @@ async fn session_loop(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     mut inbox: tokio::sync::mpsc::Receiver<Result<AgentMsg, NetError>>,
+    mut outbox: tokio::sync::mpsc::Receiver<CoordMsg>,
     agent: AgentId,
     record: &AgentRecordV1,
     last_revision: u64,
@@ -991,6 +1007,9 @@ async fn session_loop(
                         return Ok(());
                     }
                 }
+            }
+            Some(m) = outbox.recv() => {
+                net::send(send, &m).await?;
             }
             changed = revisions.changed() => {
                 if changed.is_err() {
@@ -1182,6 +1201,47 @@ fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Option<S
     None
 }
 
+/// Applies `task update`'s changes to a task.
+fn apply_patch(spec: &mut TaskSpec, p: TaskPatch) -> Result<(), StoreError> {
+    if let Some(s) = p.schedule {
+        spec.schedule = s;
+    }
+    let Action::Exec(exec) = &mut spec.action;
+    if let Some(Action::Exec(new)) = p.action {
+        exec.program = new.program;
+        exec.args = new.args;
+    }
+    if let Some(env) = p.env {
+        exec.env = env;
+    }
+    if let Some(cwd) = p.cwd {
+        exec.cwd = cwd;
+    }
+    let pol = &mut spec.policies;
+    if let Some(m) = p.misfire {
+        pol.misfire.mode = m;
+    }
+    if let Some(g) = p.grace {
+        pol.misfire.grace = g;
+    }
+    if let Some(r) = p.retries {
+        pol.retry.retries = r;
+    }
+    if let Some(b) = p.backoff {
+        pol.retry.backoff_initial = b;
+    }
+    if let Some(b) = p.backoff_max {
+        pol.retry.backoff_max = b;
+    }
+    if let Some(t) = p.timeout {
+        pol.timeout = t;
+    }
+    if let Some(o) = p.overlap {
+        pol.overlap = o;
+    }
+    Ok(())
+}
+
 /// Answers one admin request: one message, or several for a long list.
 fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreError> {
     let one = |r: AdminResponse| Ok(vec![r]);
@@ -1334,6 +1394,67 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             tracing::info!(task = %id, revision, "task cancelled");
             state.revision.send_replace(revision);
             one(AdminResponse::Done)
+        }
+        AdminRequest::TaskUpdate { id, patch } => {
+            let Some((mut spec, cancelled)) = state.store.task(id)? else {
+                return Err(StoreError::Refused(format!("no task {id}")));
+            };
+            if cancelled {
+                return Err(StoreError::Refused(format!("task {id} is cancelled")));
+            }
+            apply_patch(&mut spec, *patch)?;
+            let draft = TaskDraft {
+                name: spec.name.clone(),
+                target: spec.target.clone(),
+                schedule: spec.schedule.clone(),
+                action: spec.action.clone(),
+                policies: spec.policies,
+                anchor_at_creation: false,
+            };
+            if let Some(why) = draft_refusal(&state.limits, &draft, now()) {
+                return Err(StoreError::Refused(why));
+            }
+            let revision = state.store.update_task(&spec)?;
+            tracing::info!(task = %id, revision, "task updated");
+            state.revision.send_replace(revision);
+            one(AdminResponse::Updated { revision })
+        }
+        AdminRequest::TaskRunNow(id) => {
+            let Some((spec, cancelled)) = state.store.task(id)? else {
+                return Err(StoreError::Refused(format!("no task {id}")));
+            };
+            if cancelled || state.store.is_paused(id)? {
+                return Err(StoreError::Refused(format!(
+                    "task {id} is {}; resume it first",
+                    if cancelled { "cancelled" } else { "paused" }
+                )));
+            }
+            let at = now();
+            let mut sent = Vec::new();
+            let mut offline = Vec::new();
+            let live = state.live.lock().map(|l| {
+                l.iter()
+                    .map(|(a, v)| (*a, v.outs.clone()))
+                    .collect::<HashMap<_, _>>()
+            });
+            let live = live.unwrap_or_default();
+            for (agent, r) in state.store.agents()? {
+                if r.revoked || !crate::store::targets(&spec.target, agent, &r.labels) {
+                    continue;
+                }
+                // One session is enough: the run is keyed, the agent runs it once.
+                let delivered = live.get(&agent).is_some_and(|outs| {
+                    outs.iter()
+                        .any(|o| o.try_send(CoordMsg::RunNow { task_id: id, at }).is_ok())
+                });
+                if delivered {
+                    sent.push(agent);
+                } else {
+                    offline.push(agent);
+                }
+            }
+            tracing::info!(task = %id, %at, sent = sent.len(), offline = offline.len(), "run now");
+            one(AdminResponse::RunNowSent { at, sent, offline })
         }
         AdminRequest::TaskPause(id) | AdminRequest::TaskResume(id) => {
             let pause = matches!(req, AdminRequest::TaskPause(_));

@@ -430,6 +430,46 @@ impl CoordinatorStore {
         Ok(spec)
     }
 
+    /// Replaces a live task's spec (same id and target) under a new revision.
+    pub fn update_task(&self, spec: &TaskSpec) -> Result<u64> {
+        let id = spec.id;
+        let txn = self.db.begin_write().map_err(db_err("update task"))?;
+        let revision = {
+            let mut tasks = txn.open_table(TASKS).map_err(db_err("update task"))?;
+            let rec: Option<CoordTaskV1> = tasks
+                .get(id.0)
+                .map_err(db_err("update task"))?
+                .map(|v| records::decode("tasks", id.0, v.value()))
+                .transpose()?;
+            let Some(old) = rec else {
+                return Err(StoreError::Refused(format!("no task {id}")));
+            };
+            if old.cancelled {
+                return Err(StoreError::Refused(format!("task {id} is cancelled")));
+            }
+            let mut meta = txn.open_table(META).map_err(db_err("update task"))?;
+            let revision = Self::meta_u64(&meta, REVISION)? + 1;
+            meta.insert(REVISION, records::encode(&revision).as_slice())
+                .map_err(db_err("update task"))?;
+            let mut revs = txn.open_table(TASK_REVS).map_err(db_err("update task"))?;
+            revs.remove(old.task.revision)
+                .map_err(db_err("update task"))?;
+            revs.insert(revision, id.0).map_err(db_err("update task"))?;
+            let mut new = spec.clone();
+            new.revision = revision;
+            let rec = CoordTaskV1 {
+                task: TaskRecordV1::from_spec(&new),
+                cancelled: false,
+            };
+            tasks
+                .insert(id.0, records::encode(&rec).as_slice())
+                .map_err(db_err("update task"))?;
+            revision
+        };
+        txn.commit().map_err(db_err("commit task update"))?;
+        Ok(revision)
+    }
+
     /// Cancels a task: it becomes a tombstone with a new revision.
     pub fn cancel_task(&self, id: TaskId) -> Result<u64> {
         let txn = self.db.begin_write().map_err(db_err("cancel task"))?;

@@ -354,3 +354,82 @@ fn a_retry_is_late_only_against_its_own_due_time() {
     assert!(table.contains("ATTEMPT"), "{table}");
     agent.stop();
 }
+
+#[test]
+fn a_task_is_updated_in_place_and_run_now_on_demand() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "say",
+        "--agent",
+        "a",
+        "--every",
+        "500ms",
+        "--",
+        "/bin/echo",
+        "before",
+    ]);
+    wait_for("a run", || !coord.runs(&["--task", "say"]).is_empty());
+    let out = coord.ctl_ok(&[
+        "task",
+        "update",
+        "say",
+        "--retries",
+        "2",
+        "--",
+        "/bin/echo",
+        "after",
+    ]);
+    assert!(out.contains("revision"), "{out}");
+    let t = coord.json(&["task", "get", "say"]);
+    assert_eq!(t["args"][0], "after");
+    assert_eq!(t["retries"], 2);
+    assert_eq!(
+        t["schedule"].as_str().map(|s| s.starts_with("every 500ms")),
+        Some(true)
+    );
+    wait_for("runs of the new revision", || {
+        coord
+            .runs(&["--task", "say"])
+            .iter()
+            .any(|r| r["stdout"] == "after\n")
+    });
+    let (ok, _, err) = coord.ctl(&["task", "update", "say"]);
+    assert!(!ok && err.contains("nothing to change"), "{err}");
+
+    // Run now: a one-shot far in the future runs at once, marked as asked.
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "later",
+        "--agent",
+        "a",
+        "--at",
+        "2099-01-01",
+        "--",
+        "/bin/echo",
+        "now",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = coord.ctl_ok(&["task", "run-now", "later"]);
+    assert!(out.contains("1 agent"), "{out}");
+    wait_for("the run-now run", || {
+        !coord.runs(&["--task", "later"]).is_empty()
+    });
+    let runs = coord.runs(&["--task", "later"]);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["outcome"], "succeeded");
+    assert!(runs[0]["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("run now")));
+    // Still due in 2099: the extra run did not use up the occurrence.
+    assert_eq!(coord.json(&["task", "get", "later"])["state"], "active");
+    agent.stop();
+}

@@ -107,6 +107,10 @@ pub enum CoordMsg {
     },
     /// The session is closed for the reason given.
     Refused { reason: String },
+    /// Run one extra occurrence of a task now (`sundialctl task run-now`):
+    /// its run key has `scheduled_at = at`. Sent only to agents online at
+    /// that moment; an agent that does not know the task ignores it.
+    RunNow { task_id: TaskId, at: Timestamp },
 }
 
 /// One change to an agent's assignments.
@@ -156,6 +160,23 @@ pub struct TaskDraft {
     pub anchor_at_creation: bool,
 }
 
+/// The parts of a task `task update` changes; `None` keeps a part as it is.
+/// Its target cannot change (create a new task for other agents).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskPatch {
+    pub schedule: Option<crate::Schedule>,
+    pub action: Option<crate::task::Action>,
+    pub env: Option<Vec<(String, String)>>,
+    pub cwd: Option<Option<String>>,
+    pub misfire: Option<crate::policy::MisfireMode>,
+    pub grace: Option<crate::time::DurationMs>,
+    pub retries: Option<u32>,
+    pub backoff: Option<crate::time::DurationMs>,
+    pub backoff_max: Option<crate::time::DurationMs>,
+    pub timeout: Option<Option<crate::time::DurationMs>>,
+    pub overlap: Option<crate::policy::OverlapPolicy>,
+}
+
 /// Admin → coordinator, one per stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AdminRequest {
@@ -171,6 +192,13 @@ pub enum AdminRequest {
     TaskList,
     TaskGet(TaskId),
     TaskCancel(TaskId),
+    /// Changes a task: a new revision; runs going finish as they were.
+    TaskUpdate {
+        id: TaskId,
+        patch: Box<TaskPatch>,
+    },
+    /// One extra occurrence now, on every online agent the task reaches.
+    TaskRunNow(TaskId),
     /// Agents hold no occurrences of a paused task; none is recorded.
     TaskPause(TaskId),
     /// Occurrences count again from the resume.
@@ -260,6 +288,17 @@ pub enum AdminResponse {
     Task(Box<TaskInfo>),
     Runs(Vec<RunRecord>),
     Tokens(Vec<TokenInfo>),
+    /// `task run-now`: the instant used, the agents it was sent to, and
+    /// those it reaches that were offline (they do not run it).
+    RunNowSent {
+        at: Timestamp,
+        sent: Vec<AgentId>,
+        offline: Vec<AgentId>,
+    },
+    /// `task update`: the task's new revision.
+    Updated {
+        revision: u64,
+    },
     Done,
     Error(String),
     /// After the pages of a run list: how many runs matched in all, and how

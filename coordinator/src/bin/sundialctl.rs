@@ -16,7 +16,7 @@ use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Polici
 use sundial_protocol::task::{Action, ExecSpec, Target};
 
 use sundial_protocol::wire::{
-    AdminRequest, AdminResponse, AgentInfo, LastRun, TaskDraft, TaskInfo, TokenInfo,
+    AdminRequest, AdminResponse, AgentInfo, LastRun, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
 };
 use sundial_protocol::{AgentId, DurationMs, RunRecord, TaskId, Timestamp};
 
@@ -168,6 +168,19 @@ enum TaskCmd {
         #[arg(value_name = "TASK", required = true)]
         ids: Vec<String>,
     },
+    /// Change a task: a new revision reaches its agents (offline ones when
+    /// they reconnect). A run going finishes as it started; later runs use
+    /// the change. A new schedule counts from now. The target cannot change.
+    ///
+    /// Example: sundialctl task update nightly-backup --cron '0 3 * * *' --retries 2
+    Update(Box<UpdateArgs>),
+    /// Run one extra occurrence now on every online agent the task reaches;
+    /// its run is recorded with "run now" in its detail. Offline agents do
+    /// not run it (they are named).
+    RunNow {
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
+    },
     /// Pause tasks: agents drop their occurrences until resumed; none is
     /// run or recorded meanwhile. A run already going finishes.
     Pause {
@@ -179,6 +192,52 @@ enum TaskCmd {
         #[arg(value_name = "TASK", required = true)]
         ids: Vec<String>,
     },
+}
+
+#[derive(Debug, Args)]
+struct UpdateArgs {
+    /// The task (id or name).
+    #[arg(value_name = "TASK")]
+    id: String,
+    /// A new schedule: --at, --every [--anchor] or --cron [--tz].
+    #[command(flatten)]
+    schedule: ScheduleArgs,
+    /// skip, once, all or all:CAP.
+    #[arg(long, value_name = "POLICY")]
+    misfire: Option<MisfireMode>,
+    /// An occurrence at most this late still runs normally.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    grace: Option<DurationMs>,
+    /// Retries after a failed, timed-out or interrupted run.
+    #[arg(long, value_name = "N")]
+    retries: Option<u32>,
+    /// Delay before the first retry; doubles for each further one.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    backoff: Option<DurationMs>,
+    /// The longest delay between retries.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    backoff_max: Option<DurationMs>,
+    /// Kill a run still going after this long.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, conflicts_with = "no_timeout")]
+    timeout: Option<DurationMs>,
+    /// Remove the timeout.
+    #[arg(long)]
+    no_timeout: bool,
+    /// allow or forbid.
+    #[arg(long, value_name = "POLICY")]
+    overlap: Option<OverlapPolicy>,
+    /// Replace the environment (repeatable; all of it is replaced).
+    #[arg(long = "env", value_name = "K=V", value_parser = cli::parse_label)]
+    env: Vec<(String, String)>,
+    /// Remove every environment variable.
+    #[arg(long, conflicts_with = "env")]
+    clear_env: bool,
+    /// A new working directory.
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// A new program and arguments, after `--`.
+    #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -1029,6 +1088,53 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
                 outln!("cancelled {id}");
             }
         }
+        Cmd::Task(TaskCmd::Update(args)) => {
+            let id = ctl.task_id(&args.id).await?;
+            let patch = patch(*args)?;
+            match ctl
+                .ask(AdminRequest::TaskUpdate {
+                    id,
+                    patch: Box::new(patch),
+                })
+                .await?
+            {
+                AdminResponse::Updated { revision } => {
+                    outln!("updated {id} (revision {revision})")
+                }
+                r => return Err(unexpected(r)),
+            }
+        }
+        Cmd::Task(TaskCmd::RunNow { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                match ctl.ask(AdminRequest::TaskRunNow(id)).await? {
+                    AdminResponse::RunNowSent { at, sent, offline } => {
+                        let list = |v: &[AgentId]| {
+                            v.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        };
+                        outln!(
+                            "{id}: run at {at} on {} agent(s){}",
+                            sent.len(),
+                            if sent.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", list(&sent))
+                            }
+                        );
+                        if !offline.is_empty() {
+                            eprintln!(
+                                "sundialctl: warning: {id}: not run on offline agent(s) {}",
+                                list(&offline)
+                            );
+                        }
+                    }
+                    r => return Err(unexpected(r)),
+                }
+            }
+        }
         Cmd::Task(TaskCmd::Pause { ids }) => {
             for id in ids {
                 let id = ctl.task_id(&id).await?;
@@ -1083,6 +1189,57 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Schedule(_) | Cmd::Completions { .. } | Cmd::Manpage => {}
     }
     Ok(())
+}
+
+/// What `task update` changes.
+fn patch(a: UpdateArgs) -> anyhow::Result<TaskPatch> {
+    let schedule =
+        if a.schedule.at.is_some() || a.schedule.every.is_some() || a.schedule.cron.is_some() {
+            Some(
+                a.schedule
+                    .to_schedule(cli::now())
+                    .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            None
+        };
+    let mut command = a.command.into_iter();
+    let action = command.next().map(|program| {
+        Action::Exec(ExecSpec {
+            program,
+            args: command.collect(),
+            ..ExecSpec::default()
+        })
+    });
+    let p = TaskPatch {
+        schedule,
+        action,
+        env: if a.clear_env {
+            Some(Vec::new())
+        } else if a.env.is_empty() {
+            None
+        } else {
+            Some(a.env)
+        },
+        cwd: a.cwd.map(Some),
+        misfire: a.misfire,
+        grace: a.grace,
+        retries: a.retries,
+        backoff: a.backoff,
+        backoff_max: a.backoff_max,
+        timeout: if a.no_timeout {
+            Some(None)
+        } else {
+            a.timeout.map(Some)
+        },
+        overlap: a.overlap,
+    };
+    if p == TaskPatch::default() {
+        bail!(
+            "nothing to change: give a schedule, a policy flag, --env, --cwd, or `-- PROGRAM ARGS`"
+        );
+    }
+    Ok(p)
 }
 
 /// How far in the past `--at` or `--end` may be (`--at now` is parsed a
