@@ -769,8 +769,10 @@ async fn handle_session(
         state,
         &conn,
         &mut send,
-        msg_rx,
-        out_rx,
+        SessionQueues {
+            inbox: msg_rx,
+            outbox: out_rx,
+        },
         agent,
         &record,
         last_revision,
@@ -886,16 +888,26 @@ fn check_results(
     Ok(None)
 }
 
+/// What a session loop reads besides its stream: the agent's messages (read
+/// on their own task) and messages from admin work to send.
+struct SessionQueues {
+    inbox: tokio::sync::mpsc::Receiver<Result<AgentMsg, NetError>>,
+    outbox: tokio::sync::mpsc::Receiver<CoordMsg>,
+}
+
 async fn session_loop(
     state: &Arc<State>,
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    mut inbox: tokio::sync::mpsc::Receiver<Result<AgentMsg, NetError>>,
-    mut outbox: tokio::sync::mpsc::Receiver<CoordMsg>,
+    queues: SessionQueues,
     agent: AgentId,
     record: &AgentRecordV1,
     last_revision: u64,
 ) -> Result<(), NetError> {
+    let SessionQueues {
+        mut inbox,
+        mut outbox,
+    } = queues;
     let mut revisions = state.revision.subscribe();
     let mut sent = last_revision;
     let store_failed = |e: StoreError| {
