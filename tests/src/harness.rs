@@ -298,6 +298,45 @@ impl Fleet {
         (outbox, running)
     }
 
+    /// One line for the live timeline: runs started so far (from the
+    /// actions' own logs) and, per agent that is cut, down or buffering, its
+    /// state and outbox: `fired 180; agent-3 cut, 41 buffered`.
+    pub fn activity(&self) -> String {
+        let mut fired = 0usize;
+        let mut parts = Vec::new();
+        for a in &self.agents {
+            fired += std::fs::read(&a.probe_log)
+                .map(|b| b.iter().filter(|c| **c == b'\n').count())
+                .unwrap_or(0);
+            let link = a.relay.config();
+            let state = if !a.is_running() {
+                Some("down")
+            } else if link.up.cut && link.down.cut {
+                Some("cut")
+            } else if link.up.cut || link.down.cut {
+                Some("cut one way")
+            } else if link != LinkConfig::pass() {
+                Some("lossy")
+            } else {
+                None
+            };
+            let outbox = sundial_agent::status::read(&a.dir).map_or(0, |s| s.outbox_len);
+            if state.is_some() || outbox > 0 {
+                parts.push(format!(
+                    "{} {}{} buffered",
+                    a.name,
+                    state.map_or(String::new(), |s| format!("{s}, ")),
+                    outbox
+                ));
+            }
+        }
+        if parts.is_empty() {
+            format!("fired {fired}")
+        } else {
+            format!("fired {fired}; {}", parts.join("; "))
+        }
+    }
+
     /// Heals every link and restarts whatever is down.
     pub async fn heal_all(&mut self) -> anyhow::Result<()> {
         for a in &self.agents {

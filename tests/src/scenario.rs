@@ -531,10 +531,16 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
                     }
                 },
             );
+            // Many agents: the totals only; a few: which one is cut and buffering.
+            let detail = if fleet.agents.len() <= 20 {
+                fleet.activity()
+            } else {
+                format!("running {running}")
+            };
             say!(
                 out,
                 clock,
-                "synced {synced}, buffered in outboxes {outbox}, running {running}"
+                "synced {synced}, buffered in outboxes {outbox}; {detail}"
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

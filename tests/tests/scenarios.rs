@@ -15,6 +15,10 @@ const SIM: &str = env!("CARGO_BIN_EXE_sundial-sim");
 const SEED: u64 = 20_261_126;
 
 fn run(scenario: Scenario, agents: usize, secs: u64) -> scenario::Report {
+    run_with_timeline(scenario, agents, secs).0
+}
+
+fn run_with_timeline(scenario: Scenario, agents: usize, secs: u64) -> (scenario::Report, String) {
     let opts = Options {
         scenario,
         agents,
@@ -43,14 +47,32 @@ fn run(scenario: Scenario, agents: usize, secs: u64) -> scenario::Report {
         "{}: {v}",
         scenario.name()
     );
-    report
+    let timeline = timeline.into_owned();
+    (report, timeline)
 }
 
 #[test]
 fn partition() {
-    let r = run(Scenario::Partition, 3, 30);
+    let (r, timeline) = run_with_timeline(Scenario::Partition, 3, 30);
     // Cut for longer than the idle timeout: runs were made offline and synced later.
     assert!(r.verdict.fired_offline > 0, "{}", r.verdict);
+    // The live timeline names the agent that is cut and what it buffers,
+    // and counts the runs fired as they go.
+    assert!(
+        timeline
+            .lines()
+            .any(|l| l.contains(" cut, ") && l.contains("buffered")),
+        "{timeline}"
+    );
+    let fired: Vec<u64> = timeline
+        .lines()
+        .filter_map(|l| l.split("fired ").nth(1))
+        .filter_map(|rest| rest.split([';', ' ']).next()?.parse().ok())
+        .collect();
+    assert!(
+        fired.windows(2).any(|w| w[1] > w[0]),
+        "the fired count never moved: {timeline}"
+    );
 }
 
 #[test]
