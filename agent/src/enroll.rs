@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use rcgen::{CertificateParams, KeyPair};
-use sundial_protocol::tls::ServerTrust;
+use sundial_net::tls::ServerTrust;
 use sundial_protocol::token::{sha256, JoinToken};
 use sundial_protocol::wire::{EnrollRequest, EnrollResponse, ALPN_ENROLL};
 use sundial_protocol::AgentId;

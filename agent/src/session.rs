@@ -23,8 +23,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sundial_protocol::codec::{encode, FrameDecoder, FrameError};
-use sundial_protocol::tls::{client_config, Identity, ServerTrust};
+use sundial_net::tls::{Identity, ServerTrust};
+use sundial_net::NetError;
+use sundial_protocol::codec::FrameError;
 use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg, ALPN, RESULT_BATCH_RUNS_MAX};
 use sundial_protocol::{RunKey, Timestamp};
 use tokio::sync::{mpsc, Notify};
@@ -43,12 +44,7 @@ pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
 pub const RECONNECT_DELAY_REFUSED: Duration = Duration::from_secs(600);
 /// The first wait after a failed connection.
 pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
-/// A connection attempt is abandoned after this long.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A silent peer is declared gone after this long (the connection closes).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Keep-alives reveal a dead link; both ends send them.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub use sundial_net::{CONNECT_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE};
 /// Nothing heard from the coordinator for this long: runs fired from now on
 /// are marked `offline`, before the idle timeout closes the connection.
 pub const LINK_SILENT_MAX: Duration = Duration::from_millis(2_500);
@@ -61,7 +57,6 @@ pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
 const LAST_SYNC_PERSIST: Duration = Duration::from_secs(300);
 /// How often the outbox is looked at even without a notification.
 const OUTBOX_POLL: Duration = Duration::from_millis(500);
-const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Files of an enrolled agent, beside its store.
 pub const KEY_FILE: &str = "agent.key";
@@ -134,19 +129,6 @@ impl SessionConfig {
     }
 }
 
-/// QUIC transport settings of the session.
-pub fn transport() -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEP_ALIVE));
-    // Invariant: 5 s fits QUIC's idle timeout range.
-    t.max_idle_timeout(Some(
-        IDLE_TIMEOUT
-            .try_into()
-            .expect("5 s is a valid idle timeout"),
-    ));
-    Arc::new(t)
-}
-
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -174,44 +156,43 @@ pub enum SessionError {
     Stopping,
 }
 
-/// Reads framed messages from a QUIC stream (cancel-safe).
-#[derive(Debug)]
-pub struct FramedRecv {
-    recv: quinn::RecvStream,
-    dec: FrameDecoder,
+impl From<NetError> for SessionError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Connection(e) => SessionError::Connection(e),
+            NetError::Read(e) => SessionError::Read(e),
+            NetError::Write(e) => SessionError::Write(e),
+            NetError::Closed(e) => SessionError::Setup(e.to_string()),
+            NetError::Frame(e) => SessionError::Frame(e),
+            NetError::Eof => SessionError::Eof,
+            NetError::Connect(e) => SessionError::Connect(e),
+            NetError::Setup(s) => SessionError::Setup(s),
+            NetError::Timeout => SessionError::Timeout,
+        }
+    }
 }
+
+/// Reads framed messages from a QUIC stream (cancel-safe), with the
+/// agent's errors.
+#[derive(Debug)]
+pub struct FramedRecv(sundial_net::FramedRecv);
 
 impl FramedRecv {
     pub fn new(recv: quinn::RecvStream) -> FramedRecv {
-        FramedRecv {
-            recv,
-            dec: FrameDecoder::new(),
-        }
+        FramedRecv(sundial_net::FramedRecv::new(recv))
     }
 
     pub async fn next<M: DeserializeOwned>(&mut self) -> Result<M, SessionError> {
-        loop {
-            if let Some(m) = self.dec.next_message()? {
-                return Ok(m);
-            }
-            match self.recv.read_chunk(READ_CHUNK_BYTES, true).await? {
-                Some(chunk) => self.dec.push(&chunk.bytes),
-                None => {
-                    self.dec.finish()?;
-                    return Err(SessionError::Eof);
-                }
-            }
-        }
+        Ok(self.0.next().await?)
     }
 }
 
 /// Writes one framed message.
 pub async fn send<M: Serialize>(s: &mut quinn::SendStream, msg: &M) -> Result<(), SessionError> {
-    s.write_all(&encode(msg)?).await?;
-    Ok(())
+    Ok(sundial_net::send(s, msg).await?)
 }
 
-/// Opens a client endpoint and connects to `addr` (HOST:PORT), trusting as told.
+/// Connects to the coordinator at `addr` (see [`sundial_net::connect`]).
 pub async fn connect(
     addr: &str,
     server_name: &str,
@@ -219,35 +200,7 @@ pub async fn connect(
     identity: Option<Identity>,
     alpn: &[u8],
 ) -> Result<(quinn::Endpoint, quinn::Connection), SessionError> {
-    let peer = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| SessionError::Setup(format!("cannot resolve `{addr}`: {e}")))?
-        .next()
-        .ok_or_else(|| SessionError::Setup(format!("`{addr}` resolves to no address")))?;
-    let tls =
-        client_config(trust, identity, alpn).map_err(|e| SessionError::Setup(e.to_string()))?;
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| SessionError::Setup(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
-    let bind: std::net::SocketAddr = if peer.ip().is_loopback() {
-        if peer.is_ipv4() {
-            ([127, 0, 0, 1], 0).into()
-        } else {
-            (std::net::Ipv6Addr::LOCALHOST, 0).into()
-        }
-    } else if peer.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let mut endpoint = quinn::Endpoint::client(bind)
-        .map_err(|e| SessionError::Setup(format!("cannot open a UDP socket: {e}")))?;
-    endpoint.set_default_client_config(config);
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(peer, server_name)?)
-        .await
-        .map_err(|_| SessionError::Timeout)??;
-    Ok((endpoint, conn))
+    Ok(sundial_net::connect(addr, server_name, trust, identity, alpn).await?)
 }
 
 /// Whether TLS refused the connection (an alert in the handshake: our

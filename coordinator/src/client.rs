@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sundial_protocol::tls::{client_config, ServerTrust};
+use sundial_net::tls::{client_config, ServerTrust};
 use sundial_protocol::wire::{AdminRequest, AdminResponse, ALPN_ADMIN};
 
 use sundial_protocol::RunRecord;

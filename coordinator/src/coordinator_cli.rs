@@ -31,7 +31,7 @@ enum Cmd {
         advertise: String,
         /// The name in the coordinator's certificate, carried in join tokens;
         /// agents verify the coordinator by it, whatever address they dial.
-        #[arg(long, value_name = "NAME", default_value = sundial_protocol::tls::SERVER_NAME_DEFAULT)]
+        #[arg(long, value_name = "NAME", default_value = sundial_net::tls::SERVER_NAME_DEFAULT)]
         server_name: String,
         /// Replace a CA already in DIR (and delete its store). Every agent
         /// enrolled with the old CA is locked out and must join again.

@@ -16,7 +16,7 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use sundial_protocol::tls::Identity;
+use sundial_net::tls::Identity;
 use sundial_protocol::AgentId;
 
 /// Files in the coordinator's data directory.

@@ -366,7 +366,7 @@ impl Server {
             }
         })?;
         let known: KnownCerts = Arc::new(RwLock::new(store.known_certs()?.into_iter().collect()));
-        let provider = sundial_protocol::tls::provider();
+        let provider = sundial_net::tls::provider();
         let mut roots = RootCertStore::empty();
         roots
             .add(pki.ca_der.clone())
@@ -1282,7 +1282,7 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             let server_name = state
                 .store
                 .get_meta_str("server_name")?
-                .unwrap_or_else(|| sundial_protocol::tls::SERVER_NAME_DEFAULT.into());
+                .unwrap_or_else(|| sundial_net::tls::SERVER_NAME_DEFAULT.into());
             let token = sundial_protocol::token::JoinToken {
                 secret,
                 ca_sha256: sha256(state.pki.ca_der.as_ref()),

@@ -12,8 +12,8 @@ use common::{join, wait_for, Agent, Coordinator};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sundial_agent::session::{self, FramedRecv, SessionError};
+use sundial_net::tls::{Identity, ServerTrust};
 use sundial_protocol::codec::FRAME_BYTES_MAX;
-use sundial_protocol::tls::{Identity, ServerTrust};
 use sundial_protocol::wire::{
     close, AgentMsg, CoordMsg, EnrollRequest, EnrollResponse, ALPN, ALPN_ADMIN, ALPN_ENROLL,
 };

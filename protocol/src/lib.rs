@@ -5,8 +5,8 @@
 //! records ([`task`]), session messages ([`wire`]) and their framing
 //! ([`codec`]).
 //!
-//! Join tokens ([`token`]) and the TLS trust rules ([`tls`]) live here too, so
-//! agent, coordinator and CLI check the coordinator the same way.
+//! Join tokens ([`token`]) live here too; the TLS trust rules are in
+//! `sundial-net`, beside the QUIC plumbing.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and depends
 //! on no async runtime; every function that depends on time takes it as input.
@@ -18,7 +18,6 @@ pub mod records;
 pub mod schedule;
 pub mod task;
 pub mod time;
-pub mod tls;
 pub mod token;
 pub mod wire;
 

@@ -856,7 +856,7 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
 
 async fn idle_agents(exe: &Path, n: usize) -> anyhow::Result<(usize, f64, f64)> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use sundial_protocol::tls::{client_config, Identity, ServerTrust};
+    use sundial_net::tls::{client_config, Identity, ServerTrust};
     use sundial_protocol::wire::{AgentMsg, ALPN};
     let root = tempfile::tempdir()?;
     let dir = root.path().join("coordinator");
@@ -933,7 +933,7 @@ async fn idle_agents(exe: &Path, n: usize) -> anyhow::Result<(usize, f64, f64)> 
         let mut cfg = quinn::ClientConfig::new(std::sync::Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
         ));
-        cfg.transport_config(sundial_agent::session::transport());
+        cfg.transport_config(sundial_net::transport());
         let ep = endpoint.clone();
         set.spawn(async move {
             // A real agent retries a failed connection; so does this one, a few times.

@@ -16,7 +16,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::token::sha256;
+use sundial_protocol::token::sha256;
 
 /// The name in the coordinator's certificate unless `init` is told otherwise.
 pub const SERVER_NAME_DEFAULT: &str = "sundial-coordinator";

@@ -1,0 +1,13 @@
+//! `sundial-core`: the deterministic heart of Sundial.
+//!
+//! The timer wheel ([`wheel`]), the scheduler ([`scheduler`]) and the clock
+//! guard ([`clock`]) decide *when*; they take time as input and own no
+//! thread, so days of schedules and bad clocks are tested in virtual time.
+//!
+//! Architecture invariant: this crate does no I/O, reads no clock and
+//! depends on no async runtime, network or database — `tests/deps.rs`
+//! fails if `tokio`, `quinn`, `rustls` or `redb` enters its dependency tree.
+
+pub mod clock;
+pub mod scheduler;
+pub mod wheel;

@@ -1,0 +1,160 @@
+//! `sundial-net`: the QUIC plumbing the agent, the coordinator and the admin
+//! client share, written once: the TLS trust rules ([`tls`]), transport
+//! settings, framed messages on streams, and connecting.
+
+pub mod tls;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sundial_protocol::codec::{encode, FrameDecoder, FrameError};
+
+/// A silent peer is declared gone after this long: an agent killed with
+/// `kill -9` is shown offline within about this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alives keep a quiet session open and reveal a dead link.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// A connection attempt is abandoned after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from a stream at once.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Transport settings for both ends.
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Invariant: 5 s fits QUIC's idle timeout range.
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("5 s is a valid idle timeout"),
+    ));
+    Arc::new(t)
+}
+
+/// Why a framed exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the peer closed the stream")]
+    Eof,
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// Reads framed messages from a receive stream.
+#[derive(Debug)]
+pub struct FramedRecv {
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+}
+
+impl FramedRecv {
+    pub fn new(recv: quinn::RecvStream) -> FramedRecv {
+        FramedRecv {
+            recv,
+            dec: FrameDecoder::new(),
+        }
+    }
+
+    /// A reader that refuses frames over `frame_bytes_max` before buffering them.
+    pub fn with_limit(recv: quinn::RecvStream, frame_bytes_max: usize) -> FramedRecv {
+        FramedRecv {
+            recv,
+            dec: FrameDecoder::with_limit(frame_bytes_max),
+        }
+    }
+
+    /// Changes the frame limit for what follows.
+    pub fn set_limit(&mut self, frame_bytes_max: usize) {
+        self.dec.set_limit(frame_bytes_max);
+    }
+
+    /// The next message; `Err(Eof)` at a clean end of stream. Cancel-safe:
+    /// bytes read are kept in the decoder.
+    pub async fn next<M: DeserializeOwned>(&mut self) -> Result<M, NetError> {
+        loop {
+            if let Some(m) = self.dec.next_message()? {
+                return Ok(m);
+            }
+            match self.recv.read_chunk(READ_CHUNK_BYTES, true).await? {
+                Some(chunk) => self.dec.push(&chunk.bytes),
+                None => {
+                    self.dec.finish()?;
+                    return Err(NetError::Eof);
+                }
+            }
+        }
+    }
+}
+
+/// Writes one framed message.
+pub async fn send<M: Serialize>(send: &mut quinn::SendStream, msg: &M) -> Result<(), NetError> {
+    send.write_all(&encode(msg)?).await?;
+    Ok(())
+}
+
+/// A local address to send from towards `peer`: loopback for loopback peers
+/// (tests never listen beyond 127.0.0.0/8), any address otherwise.
+pub fn client_bind_addr(peer: SocketAddr) -> SocketAddr {
+    match peer.ip() {
+        IpAddr::V4(ip) if ip.is_loopback() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        IpAddr::V6(ip) if ip.is_loopback() => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    }
+}
+
+/// Resolves HOST:PORT to its first address.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve `{addr}` (expected HOST:PORT): {e}"))?;
+    it.next()
+        .ok_or_else(|| format!("`{addr}` resolves to no address"))
+}
+
+/// Opens a client endpoint and connects to `addr` (HOST:PORT), trusting the
+/// server as told, presenting `identity` if given, speaking `alpn`.
+pub async fn connect(
+    addr: &str,
+    server_name: &str,
+    trust: tls::ServerTrust,
+    identity: Option<tls::Identity>,
+    alpn: &[u8],
+) -> Result<(quinn::Endpoint, quinn::Connection), NetError> {
+    let peer = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| NetError::Setup(format!("cannot resolve `{addr}`: {e}")))?
+        .next()
+        .ok_or_else(|| NetError::Setup(format!("`{addr}` resolves to no address")))?;
+    let tls =
+        tls::client_config(trust, identity, alpn).map_err(|e| NetError::Setup(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| NetError::Setup(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport());
+    let mut endpoint = quinn::Endpoint::client(client_bind_addr(peer))
+        .map_err(|e| NetError::Setup(format!("cannot open a UDP socket: {e}")))?;
+    endpoint.set_default_client_config(config);
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(peer, server_name)?)
+        .await
+        .map_err(|_| NetError::Timeout)??;
+    Ok((endpoint, conn))
+}
