@@ -17,6 +17,22 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait for one answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One page of `run list`.
+#[derive(Debug, Default, Clone)]
+pub struct RunListAnswer {
+    /// Oldest first.
+    pub runs: Vec<RunRecord>,
+    /// Runs stored in all, when no filter applied.
+    pub matched: Option<u64>,
+    /// Stored records the coordinator could not read (skipped).
+    pub unreadable: u64,
+    /// More runs match beyond this page.
+    pub more: bool,
+    /// Cursors of the first and last run of the page.
+    pub first: Option<String>,
+    pub last: Option<String>,
+}
+
 /// A connection to the coordinator's admin API.
 #[derive(Debug)]
 pub struct AdminClient {
@@ -89,23 +105,29 @@ impl AdminClient {
         })
     }
 
-    /// A run list: the runs, how many matched in all, and how many stored
-    /// records the coordinator could not read.
-    pub async fn run_list(&self, req: &AdminRequest) -> Result<(Vec<RunRecord>, u64, u64), String> {
-        let mut runs = Vec::new();
-        let mut summary = None;
+    /// A run list: one page of runs and what the coordinator says of it.
+    pub async fn run_list(&self, req: &AdminRequest) -> Result<RunListAnswer, String> {
+        let mut answer = RunListAnswer::default();
         for a in self.request_all(req).await? {
             match a {
-                AdminResponse::Runs(more) => runs.extend(more),
+                AdminResponse::Runs(more) => answer.runs.extend(more),
                 AdminResponse::RunsSummary {
                     matched,
                     unreadable,
-                } => summary = Some((matched, unreadable)),
+                    more,
+                    first,
+                    last,
+                } => {
+                    answer.matched = matched;
+                    answer.unreadable = unreadable;
+                    answer.more = more;
+                    answer.first = first;
+                    answer.last = last;
+                }
                 other => return Err(format!("unexpected answer from the coordinator: {other:?}")),
             }
         }
-        let (matched, unreadable) = summary.unwrap_or((runs.len() as u64, 0));
-        Ok((runs, matched, unreadable))
+        Ok(answer)
     }
 
     /// Sends one request and reads every message of its answer.

@@ -38,7 +38,9 @@ use tokio::sync::{watch, Semaphore};
 use crate::cli::now;
 use crate::net::{self, FramedRecv, NetError};
 use crate::pki::Pki;
-use crate::store::{AgentRecordV1, CertRole, CoordinatorStore, StoreError, TokenRecordV1};
+use crate::store::{
+    AgentRecordV1, CertRole, CoordinatorStore, Page, RunCursor, RunQuery, StoreError, TokenRecordV1,
+};
 
 /// The store's file name in the data directory.
 pub const STORE_FILE: &str = "coordinator.redb";
@@ -1524,12 +1526,35 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             agent,
             since,
             limit,
+            after,
+            before,
         } => {
             if limit == 0 {
                 return Err(StoreError::Refused("--limit must be at least 1".into()));
             }
             let limit = limit.min(RUN_LIST_MAX) as usize;
-            let page = state.store.runs(task, agent, since, limit)?;
+            let cursor = |s: Option<String>| {
+                s.map(|s| s.parse::<RunCursor>().map_err(StoreError::Refused))
+                    .transpose()
+            };
+            let page = match (cursor(after)?, cursor(before)?) {
+                (Some(_), Some(_)) => {
+                    return Err(StoreError::Refused(
+                        "--after and --before do not go together".into(),
+                    ))
+                }
+                (Some(a), None) => Page::After(a),
+                (None, Some(b)) => Page::Before(b),
+                (None, None) => Page::Latest,
+            };
+            let page = state.store.runs(&RunQuery {
+                task,
+                agent,
+                since,
+                limit,
+                page,
+                forward_from_since: false,
+            })?;
             if page.unreadable > 0 {
                 tracing::warn!(
                     unreadable = page.unreadable,
@@ -1543,6 +1568,9 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             out.push(AdminResponse::RunsSummary {
                 matched: page.matched,
                 unreadable: page.unreadable,
+                more: page.more,
+                first: page.first.map(|c| c.to_string()),
+                last: page.last.map(|c| c.to_string()),
             });
             Ok(out)
         }

@@ -36,6 +36,19 @@ const TASK_NAMES: TableDefinition<&str, u64> = TableDefinition::new("task_names"
 const LAST_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("last_runs");
 /// Paused tasks (their records are unchanged otherwise).
 const PAUSED: TableDefinition<u64, u8> = TableDefinition::new("paused_tasks");
+/// Runs by time: (scheduled_at, task, agent, attempt). With the two below,
+/// `run list` reads one page of an index, never the whole table.
+const RUNS_BY_TIME: TableDefinition<(i64, u64, u64, u32), u8> =
+    TableDefinition::new("runs_by_time");
+/// Runs of a task by time: (task, scheduled_at, agent, attempt).
+const RUNS_BY_TASK: TableDefinition<(u64, i64, u64, u32), u8> =
+    TableDefinition::new("runs_by_task");
+/// Runs of an agent by time: (agent, scheduled_at, task, attempt).
+const RUNS_BY_AGENT: TableDefinition<(u64, i64, u64, u32), u8> =
+    TableDefinition::new("runs_by_agent");
+/// Set once the run indexes cover every stored run (stores written before
+/// the indexes existed are indexed when first opened).
+const RUNS_INDEXED: &str = "runs_indexed";
 /// Revoked agents an operator removed from the lists (their runs stay).
 const FORGOTTEN: TableDefinition<u64, u8> = TableDefinition::new("forgotten_agents");
 
@@ -172,10 +185,55 @@ impl CoordinatorStore {
                 .map_err(db_err("create tables"))?;
             txn.open_table(LAST_RUNS).map_err(db_err("create tables"))?;
             txn.open_table(PAUSED).map_err(db_err("create tables"))?;
+            txn.open_table(RUNS_BY_TIME)
+                .map_err(db_err("create tables"))?;
+            txn.open_table(RUNS_BY_TASK)
+                .map_err(db_err("create tables"))?;
+            txn.open_table(RUNS_BY_AGENT)
+                .map_err(db_err("create tables"))?;
             txn.open_table(FORGOTTEN).map_err(db_err("create tables"))?;
         }
         txn.commit().map_err(db_err("create tables"))?;
+        store.index_runs()?;
         Ok(store)
+    }
+
+    /// Builds the run indexes of a store written before they existed.
+    fn index_runs(&self) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("index runs"))?;
+        {
+            let mut meta = txn.open_table(META).map_err(db_err("index runs"))?;
+            if Self::meta_u64(&meta, RUNS_INDEXED)? == 1 {
+                return Ok(());
+            }
+            let runs = txn.open_table(RUNS).map_err(db_err("index runs"))?;
+            let mut by_time = txn.open_table(RUNS_BY_TIME).map_err(db_err("index runs"))?;
+            let mut by_task = txn.open_table(RUNS_BY_TASK).map_err(db_err("index runs"))?;
+            let mut by_agent = txn
+                .open_table(RUNS_BY_AGENT)
+                .map_err(db_err("index runs"))?;
+            let mut n = 0u64;
+            for item in runs.iter().map_err(db_err("index runs"))? {
+                let (k, _) = item.map_err(db_err("index runs"))?;
+                let (task, agent, sched, attempt) = k.value();
+                by_time
+                    .insert((sched, task, agent, attempt), 1)
+                    .map_err(db_err("index runs"))?;
+                by_task
+                    .insert((task, sched, agent, attempt), 1)
+                    .map_err(db_err("index runs"))?;
+                by_agent
+                    .insert((agent, sched, task, attempt), 1)
+                    .map_err(db_err("index runs"))?;
+                n += 1;
+            }
+            if n > 0 {
+                tracing::info!(runs = n, "indexed the stored runs by time, task and agent");
+            }
+            meta.insert(RUNS_INDEXED, records::encode(&1u64).as_slice())
+                .map_err(db_err("index runs"))?;
+        }
+        txn.commit().map_err(db_err("commit run index"))
     }
 
     fn meta_u64(
@@ -574,6 +632,11 @@ impl CoordinatorStore {
         {
             let mut t = txn.open_table(RUNS).map_err(db_err("store runs"))?;
             let mut last = txn.open_table(LAST_RUNS).map_err(db_err("store runs"))?;
+            let mut by_time = txn.open_table(RUNS_BY_TIME).map_err(db_err("store runs"))?;
+            let mut by_task = txn.open_table(RUNS_BY_TASK).map_err(db_err("store runs"))?;
+            let mut by_agent = txn
+                .open_table(RUNS_BY_AGENT)
+                .map_err(db_err("store runs"))?;
             for r in runs {
                 let key = (
                     r.task_id.0,
@@ -591,6 +654,16 @@ impl CoordinatorStore {
                     Some(_) => conflicts.push(key),
                     None => {
                         t.insert(key, bytes.as_slice())
+                            .map_err(db_err("store runs"))?;
+                        let (task, agent, sched, attempt) = key;
+                        by_time
+                            .insert((sched, task, agent, attempt), 1)
+                            .map_err(db_err("store runs"))?;
+                        by_task
+                            .insert((task, sched, agent, attempt), 1)
+                            .map_err(db_err("store runs"))?;
+                        by_agent
+                            .insert((agent, sched, task, attempt), 1)
                             .map_err(db_err("store runs"))?;
                         let newer = match last.get((key.0, key.1)).map_err(db_err("store runs"))? {
                             Some(v) => records::decode::<LastRunV1>("last_runs", key.0, v.value())
@@ -617,41 +690,135 @@ impl CoordinatorStore {
         Ok(conflicts)
     }
 
-    /// Runs matching the filters, oldest first by scheduled time, at most `limit`
-    /// (the most recent `limit` when more match). A stored record that does
-    /// not decode is skipped and counted, never fatal to the listing.
-    pub fn runs(
-        &self,
-        task: Option<TaskId>,
-        agent: Option<AgentId>,
-        since: Option<Timestamp>,
-        limit: usize,
-    ) -> Result<RunPage> {
+    /// One page of runs matching `q`, oldest first, read from an index by
+    /// time (of all runs, of a task, or of an agent): O(page), whatever the
+    /// number stored. A stored record that does not decode is skipped and
+    /// counted, never fatal to the listing.
+    pub fn runs(&self, q: &RunQuery) -> Result<RunPage> {
         let txn = self.db.begin_read().map_err(db_err("read runs"))?;
         let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
-        let range = match task {
-            Some(id) => t.range((id.0, 0, i64::MIN, 0)..=(id.0, u64::MAX, i64::MAX, u32::MAX)),
-            None => t.range::<(u64, u64, i64, u32)>(..),
+        let limit = q.limit.max(1);
+        let since = q.since.map(Timestamp::as_millis);
+        // Keys in time order, up to limit + 1 (to know whether more match).
+        let mut keys: Vec<RunCursor> = Vec::with_capacity(limit + 1);
+        let forward = matches!(q.page, Page::After(_))
+            || (q.since.is_some() && q.page == Page::Latest && q.forward_from_since);
+        macro_rules! scan {
+            ($table:expr, $prefix:expr, $lo:expr, $hi:expr, $to_cursor:expr) => {{
+                let table = txn.open_table($table).map_err(db_err("read runs"))?;
+                let range = table.range($lo..=$hi).map_err(db_err("read runs"))?;
+                let mut push = |k: (u64, i64, u64, u32)| -> bool {
+                    let c: RunCursor = $to_cursor(k);
+                    if q.task.is_some_and(|x| x.0 != c.task)
+                        || q.agent.is_some_and(|x| x.0 != c.agent)
+                        || since.is_some_and(|s| c.scheduled_at_ms < s)
+                    {
+                        return true;
+                    }
+                    match q.page {
+                        Page::After(a) if c <= a => return true,
+                        Page::Before(b) if c >= b => return true,
+                        _ => {}
+                    }
+                    keys.push(c);
+                    keys.len() <= limit
+                };
+                let _ = $prefix;
+                if forward {
+                    for item in range {
+                        let (k, _) = item.map_err(db_err("read runs"))?;
+                        if !push(k.value()) {
+                            break;
+                        }
+                    }
+                } else {
+                    for item in range.rev() {
+                        let (k, _) = item.map_err(db_err("read runs"))?;
+                        if !push(k.value()) {
+                            break;
+                        }
+                    }
+                }
+            }};
         }
-        .map_err(db_err("read runs"))?;
-        // Keys first (cheap), records decoded only for the page.
-        let mut keys = Vec::new();
-        for item in range {
-            let (k, _) = item.map_err(db_err("read runs"))?;
-            let (_, a, sched, _) = k.value();
-            if agent.is_some_and(|x| x.0 != a) || since.is_some_and(|s| sched < s.as_millis()) {
-                continue;
+        let lo_ms = since.unwrap_or(i64::MIN);
+        match (q.task, q.agent) {
+            (Some(task), _) => scan!(
+                RUNS_BY_TASK,
+                task,
+                (task.0, lo_ms, 0, 0),
+                (task.0, i64::MAX, u64::MAX, u32::MAX),
+                |(task, sched, agent, attempt): (u64, i64, u64, u32)| RunCursor {
+                    scheduled_at_ms: sched,
+                    task,
+                    agent,
+                    attempt
+                }
+            ),
+            (None, Some(agent)) => scan!(
+                RUNS_BY_AGENT,
+                agent,
+                (agent.0, lo_ms, 0, 0),
+                (agent.0, i64::MAX, u64::MAX, u32::MAX),
+                |(agent, sched, task, attempt): (u64, i64, u64, u32)| RunCursor {
+                    scheduled_at_ms: sched,
+                    task,
+                    agent,
+                    attempt
+                }
+            ),
+            (None, None) => {
+                let table = txn.open_table(RUNS_BY_TIME).map_err(db_err("read runs"))?;
+                let range = table
+                    .range((lo_ms, 0, 0, 0)..=(i64::MAX, u64::MAX, u64::MAX, u32::MAX))
+                    .map_err(db_err("read runs"))?;
+                let mut push = |(sched, task, agent, attempt): (i64, u64, u64, u32)| -> bool {
+                    let c = RunCursor {
+                        scheduled_at_ms: sched,
+                        task,
+                        agent,
+                        attempt,
+                    };
+                    match q.page {
+                        Page::After(a) if c <= a => return true,
+                        Page::Before(b) if c >= b => return true,
+                        _ => {}
+                    }
+                    keys.push(c);
+                    keys.len() <= limit
+                };
+                if forward {
+                    for item in range {
+                        let (k, _) = item.map_err(db_err("read runs"))?;
+                        if !push(k.value()) {
+                            break;
+                        }
+                    }
+                } else {
+                    for item in range.rev() {
+                        let (k, _) = item.map_err(db_err("read runs"))?;
+                        if !push(k.value()) {
+                            break;
+                        }
+                    }
+                }
             }
-            keys.push(k.value());
         }
-        keys.sort_by_key(|&(task, agent, sched, attempt)| (sched, task, agent, attempt));
-        let matched = keys.len() as u64;
-        if keys.len() > limit {
-            keys.drain(..keys.len() - limit);
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        if !forward {
+            keys.reverse();
         }
+        let matched = if q.task.is_none() && q.agent.is_none() && q.since.is_none() {
+            use redb::ReadableTableMetadata;
+            Some(t.len().map_err(db_err("read runs"))?)
+        } else {
+            None
+        };
         let mut runs = Vec::with_capacity(keys.len());
         let mut unreadable = 0u64;
-        for key in keys {
+        for c in &keys {
+            let key = (c.task, c.agent, c.scheduled_at_ms, c.attempt);
             let Some(v) = t.get(key).map_err(db_err("read runs"))? else {
                 continue;
             };
@@ -667,29 +834,62 @@ impl CoordinatorStore {
         }
         Ok(RunPage {
             runs,
+            first: keys.first().copied(),
+            last: keys.last().copied(),
+            more,
             matched,
             unreadable,
         })
     }
 
+    /// Every stored run, in key order (for checkers and tests; O(runs)).
+    pub fn all_runs(&self) -> Result<Vec<RunRecord>> {
+        let txn = self.db.begin_read().map_err(db_err("read runs"))?;
+        let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err("read runs"))? {
+            let (k, v) = item.map_err(db_err("read runs"))?;
+            let rec: RunRecordV1 = records::decode("runs", format!("{:?}", k.value()), v.value())?;
+            out.push(rec.into_run(0)?);
+        }
+        Ok(out)
+    }
+
     /// Deletes runs scheduled before `before`, at most `max` in one
-    /// transaction; returns how many went (call again while it is `max`).
+    /// transaction, oldest first by the time index; returns how many went
+    /// (call again while it is `max`).
     pub fn purge_runs_before(&self, before: Timestamp, max: usize) -> Result<usize> {
         let txn = self.db.begin_write().map_err(db_err("purge runs"))?;
         let n = {
-            let mut t = txn.open_table(RUNS).map_err(db_err("purge runs"))?;
+            let mut runs = txn.open_table(RUNS).map_err(db_err("purge runs"))?;
+            let mut by_time = txn.open_table(RUNS_BY_TIME).map_err(db_err("purge runs"))?;
+            let mut by_task = txn.open_table(RUNS_BY_TASK).map_err(db_err("purge runs"))?;
+            let mut by_agent = txn
+                .open_table(RUNS_BY_AGENT)
+                .map_err(db_err("purge runs"))?;
             let mut doomed = Vec::new();
-            for item in t.iter().map_err(db_err("purge runs"))? {
+            for item in by_time
+                .range((i64::MIN, 0, 0, 0)..(before.as_millis(), 0, 0, 0))
+                .map_err(db_err("purge runs"))?
+            {
                 let (k, _) = item.map_err(db_err("purge runs"))?;
-                if k.value().2 < before.as_millis() {
-                    doomed.push(k.value());
-                    if doomed.len() >= max {
-                        break;
-                    }
+                doomed.push(k.value());
+                if doomed.len() >= max {
+                    break;
                 }
             }
-            for k in &doomed {
-                t.remove(*k).map_err(db_err("purge runs"))?;
+            for &(sched, task, agent, attempt) in &doomed {
+                runs.remove((task, agent, sched, attempt))
+                    .map_err(db_err("purge runs"))?;
+                by_time
+                    .remove((sched, task, agent, attempt))
+                    .map_err(db_err("purge runs"))?;
+                by_task
+                    .remove((task, sched, agent, attempt))
+                    .map_err(db_err("purge runs"))?;
+                by_agent
+                    .remove((agent, sched, task, attempt))
+                    .map_err(db_err("purge runs"))?;
             }
             doomed.len()
         };
@@ -866,12 +1066,79 @@ impl CoordinatorStore {
 /// The stored key of a run: (task, agent, scheduled_at ms, attempt).
 pub type RunKeyOf = (u64, u64, i64, u32);
 
+/// A position in time order: a run's (scheduled_at, task, agent, attempt).
+/// Written `SCHEDULED_MS.TASK.AGENT.ATTEMPT` for `--after`/`--before`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RunCursor {
+    pub scheduled_at_ms: i64,
+    pub task: u64,
+    pub agent: u64,
+    pub attempt: u32,
+}
+
+impl std::fmt::Display for RunCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}.{}",
+            self.scheduled_at_ms, self.task, self.agent, self.attempt
+        )
+    }
+}
+
+impl std::str::FromStr for RunCursor {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not a run cursor (as printed after a page of `run list`)");
+        let mut it = s.split('.');
+        let c = RunCursor {
+            scheduled_at_ms: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+            task: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+            agent: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+            attempt: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+        };
+        if it.next().is_some() {
+            return Err(bad());
+        }
+        Ok(c)
+    }
+}
+
+/// Which page of runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// The latest runs (or, with `since` and `forward_from_since`, the first ones from `since`).
+    Latest,
+    /// Runs after this position, oldest first.
+    After(RunCursor),
+    /// Runs before this position (the latest of them).
+    Before(RunCursor),
+}
+
+/// A `run list` query.
+#[derive(Debug, Clone, Copy)]
+pub struct RunQuery {
+    pub task: Option<TaskId>,
+    pub agent: Option<AgentId>,
+    pub since: Option<Timestamp>,
+    pub limit: usize,
+    pub page: Page,
+    /// With `since`: page forward from it rather than show the latest.
+    pub forward_from_since: bool,
+}
+
 /// One answer of [`CoordinatorStore::runs`].
 #[derive(Debug, Clone)]
 pub struct RunPage {
+    /// Oldest first.
     pub runs: Vec<RunRecord>,
-    /// Runs that matched the filters, before the limit.
-    pub matched: u64,
+    /// The positions of the first and last run of the page.
+    pub first: Option<RunCursor>,
+    pub last: Option<RunCursor>,
+    /// More runs match beyond this page, in the direction it was read.
+    pub more: bool,
+    /// How many runs are stored, when no filter applies (O(1)); else unknown.
+    pub matched: Option<u64>,
     /// Stored records that matched but could not be decoded.
     pub unreadable: u64,
 }

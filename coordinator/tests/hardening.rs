@@ -285,11 +285,16 @@ fn out_of_range_fields_are_refused_and_unreadable_records_do_not_break_listings(
         let db = redb::Database::create(coord.dir.join("coordinator.redb")).expect("open");
         let runs: redb::TableDefinition<(u64, u64, i64, u32), &[u8]> =
             redb::TableDefinition::new("runs");
+        // A record whose bytes went bad on disk (its index entry is fine).
+        let by_time: redb::TableDefinition<(i64, u64, u64, u32), u8> =
+            redb::TableDefinition::new("runs_by_time");
         let txn = db.begin_write().expect("txn");
         {
             let mut t = txn.open_table(runs).expect("table");
             t.insert((task.0, 1, 2_000, 1), [1u8, 0xff, 0xff, 0xff].as_slice())
                 .expect("insert");
+            let mut i = txn.open_table(by_time).expect("table");
+            i.insert((2_000, task.0, 1, 1), 1).expect("insert");
         }
         txn.commit().expect("commit");
     }
@@ -631,4 +636,103 @@ fn heavy_run_listings_do_not_starve_agent_sessions() {
     }
     assert!(samples > 0);
     agent.stop();
+}
+
+#[test]
+fn run_list_pages_with_cursors_both_ways_and_says_so() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let a = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let task: TaskId = future_task(&coord, &a).parse().expect("id");
+    let runs: Vec<RunRecord> = (0..250)
+        .map(|i| record(task, 1_000_000 + i * 1_000, Outcome::Succeeded))
+        .collect();
+    let (acks, r) = raw_session(&coord, &dir, vec![results_frame(1, runs)]);
+    assert!(r.is_ok() && acks.len() == 1, "{r:?}");
+
+    let page = |args: &[&str]| -> (Vec<i64>, String) {
+        let mut a = vec!["run", "list", "--limit", "100"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = coord.ctl(&a);
+        assert!(ok, "{err}");
+        let mut j = a.clone();
+        j.extend(["-o", "json"]);
+        let json: serde_json::Value = serde_json::from_str(&coord.ctl_ok(&j)).expect("json");
+        let _ = out;
+        (
+            json.as_array()
+                .expect("array")
+                .iter()
+                .map(common::sched_ms)
+                .collect(),
+            err,
+        )
+    };
+    let cursor = |hint: &str, flag: &str| -> Option<String> {
+        hint.split(flag)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    // The latest 100, then older pages by --before until none is left.
+    let (mut seen, hint) = page(&[]);
+    assert_eq!(seen.len(), 100);
+    assert!(hint.contains("showing 100 of 250"), "{hint}");
+    let mut hint = hint;
+    while let Some(c) = cursor(&hint, "--before ") {
+        let (older, h) = page(&["--before", &c]);
+        assert!(older.last() < seen.first(), "pages overlap");
+        seen.splice(0..0, older);
+        hint = h;
+    }
+    assert_eq!(seen.len(), 250);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "out of order");
+    // Forward from a cursor: the runs after it, oldest first.
+    let first = format!("{}.{}.{}.1", seen[0], task.0, a.trim_start_matches('a'));
+    let (fwd, hint) = page(&["--after", &first]);
+    assert_eq!(fwd, seen[1..101]);
+    assert!(cursor(&hint, "--after ").is_some(), "{hint}");
+    let (ok, _, err) = coord.ctl(&["run", "list", "--after", "garbage"]);
+    assert!(!ok && err.contains("cursor"), "{err}");
+}
+
+#[test]
+fn a_store_from_before_the_run_indexes_is_indexed_when_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("coordinator.redb");
+    {
+        // Runs as an older coordinator stored them: the table alone.
+        let db = redb::Database::create(&path).expect("create");
+        let runs: redb::TableDefinition<(u64, u64, i64, u32), &[u8]> =
+            redb::TableDefinition::new("runs");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut t = txn.open_table(runs).expect("table");
+            for i in 0..5i64 {
+                let r = RunRecord {
+                    agent_id: AgentId(1),
+                    ..record(TaskId(7), 1_000 + i, Outcome::Succeeded)
+                };
+                let bytes = sundial_protocol::records::encode(
+                    &sundial_protocol::records::RunRecordV1::from_run(&r),
+                );
+                t.insert((7, 1, 1_000 + i, 1), bytes.as_slice())
+                    .expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let store = sundial_coordinator::store::CoordinatorStore::open(&path).expect("opens");
+    let page = store
+        .runs(&sundial_coordinator::store::RunQuery {
+            task: Some(TaskId(7)),
+            agent: None,
+            since: None,
+            limit: 100,
+            page: sundial_coordinator::store::Page::Latest,
+            forward_from_since: false,
+        })
+        .expect("lists");
+    assert_eq!(page.runs.len(), 5);
 }

@@ -213,6 +213,10 @@ pub enum AdminRequest {
         agent: Option<AgentId>,
         since: Option<Timestamp>,
         limit: u32,
+        /// A cursor from an earlier page: the runs after it, oldest first.
+        after: Option<String>,
+        /// A cursor from an earlier page: the latest runs before it.
+        before: Option<String>,
     },
 }
 
@@ -304,8 +308,14 @@ pub enum AdminResponse {
     /// After the pages of a run list: how many runs matched in all, and how
     /// many stored records could not be read (skipped, and logged).
     RunsSummary {
-        matched: u64,
+        /// Runs stored in all, when no filter applies.
+        matched: Option<u64>,
         unreadable: u64,
+        /// More runs match beyond the page, in the direction it was read.
+        more: bool,
+        /// Cursors of the page's first and last run (`--before`, `--after`).
+        first: Option<String>,
+        last: Option<String>,
     },
     /// A task was created; with warnings for the operator (e.g. a selector
     /// that matches no agent yet).

@@ -595,7 +595,7 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
             _ => None,
         })
         .collect();
-    let records = store.runs(None, None, None, usize::MAX)?.runs;
+    let records = store.all_runs()?;
     let mut starts = Vec::new();
     let mut malformed = 0;
     for a in &fleet.agents {

@@ -315,6 +315,12 @@ enum RunCmd {
         /// Show at most N runs, the most recent (1 to 10000).
         #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         limit: u32,
+        /// The page after this cursor (printed after a page), oldest first.
+        #[arg(long, value_name = "CURSOR", conflicts_with = "before")]
+        after: Option<String>,
+        /// The page before this cursor (printed after a page): older runs.
+        #[arg(long, value_name = "CURSOR")]
+        before: Option<String>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -1154,6 +1160,8 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
             agent,
             since,
             limit,
+            after,
+            before,
             out,
         }) => {
             let task = match task {
@@ -1164,26 +1172,44 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
                 Some(a) => Some(ctl.agent_id(&a).await?),
                 None => None,
             };
-            let (runs, matched, unreadable) = ctl
+            let answer = ctl
                 .client
                 .run_list(&AdminRequest::RunList {
                     task,
                     agent,
                     since,
                     limit,
+                    after: after.clone(),
+                    before,
                 })
                 .await
                 .map_err(anyhow::Error::msg)?;
             let names = ctl.names(true).await;
-            runs_out(&runs, &names, out.output)?;
-            if unreadable > 0 {
-                eprintln!("sundialctl: warning: {unreadable} stored run records could not be read and were skipped (the coordinator's log names them)");
-            }
-            if matched > runs.len() as u64 && out.output != Output::Json {
+            runs_out(&answer.runs, &names, out.output)?;
+            if answer.unreadable > 0 {
                 eprintln!(
-                    "showing the latest {} of {matched} runs; narrow with --since/--task/--agent or raise --limit",
-                    runs.len()
+                    "sundialctl: warning: {} stored run records could not be read and were skipped (the coordinator's log names them)",
+                    answer.unreadable
                 );
+            }
+            if answer.more && out.output != Output::Json {
+                let shown = answer.runs.len();
+                let of = answer
+                    .matched
+                    .map_or_else(String::new, |m| format!(" of {m}"));
+                // Forward pages continue forward; the latest pages go back.
+                let hint = if after.is_some() {
+                    answer
+                        .last
+                        .map(|c| format!("newer: --after {c}"))
+                        .unwrap_or_default()
+                } else {
+                    answer
+                        .first
+                        .map(|c| format!("older: --before {c}"))
+                        .unwrap_or_default()
+                };
+                eprintln!("showing {shown}{of} runs; {hint} (or --limit, --since)");
             }
         }
         Cmd::Schedule(_) | Cmd::Completions { .. } | Cmd::Manpage => {}
