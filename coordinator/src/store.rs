@@ -706,7 +706,9 @@ impl CoordinatorStore {
         macro_rules! scan {
             ($table:expr, $prefix:expr, $lo:expr, $hi:expr, $to_cursor:expr) => {{
                 let table = txn.open_table($table).map_err(db_err("read runs"))?;
-                let range = table.range($lo..=$hi).map_err(db_err("read runs"))?;
+                let (lo, hi): ((u64, i64, u64, u32), (u64, i64, u64, u32)) = ($lo, $hi);
+                // A cursor past the other bound: an empty page.
+                let range = table.range(lo..=hi.max(lo)).map_err(db_err("read runs"))?;
                 let mut push = |k: (u64, i64, u64, u32)| -> bool {
                     let c: RunCursor = $to_cursor(k);
                     if q.task.is_some_and(|x| x.0 != c.task)
@@ -742,12 +744,32 @@ impl CoordinatorStore {
             }};
         }
         let lo_ms = since.unwrap_or(i64::MIN);
+        // The range starts (or ends) at the cursor: a page costs its own
+        // size however deep it is. Items equal to the cursor are skipped.
+        let after = match q.page {
+            Page::After(a) if a.scheduled_at_ms >= lo_ms => Some(a),
+            _ => None,
+        };
+        let before = match q.page {
+            Page::Before(b) => Some(b),
+            _ => None,
+        };
         match (q.task, q.agent) {
             (Some(task), _) => scan!(
                 RUNS_BY_TASK,
                 task,
-                (task.0, lo_ms, 0, 0),
-                (task.0, i64::MAX, u64::MAX, u32::MAX),
+                after.map_or((task.0, lo_ms, 0, 0), |a| (
+                    task.0,
+                    a.scheduled_at_ms,
+                    a.agent,
+                    a.attempt
+                )),
+                before.map_or((task.0, i64::MAX, u64::MAX, u32::MAX), |b| (
+                    task.0,
+                    b.scheduled_at_ms,
+                    b.agent,
+                    b.attempt
+                )),
                 |(task, sched, agent, attempt): (u64, i64, u64, u32)| RunCursor {
                     scheduled_at_ms: sched,
                     task,
@@ -758,8 +780,18 @@ impl CoordinatorStore {
             (None, Some(agent)) => scan!(
                 RUNS_BY_AGENT,
                 agent,
-                (agent.0, lo_ms, 0, 0),
-                (agent.0, i64::MAX, u64::MAX, u32::MAX),
+                after.map_or((agent.0, lo_ms, 0, 0), |a| (
+                    agent.0,
+                    a.scheduled_at_ms,
+                    a.task,
+                    a.attempt
+                )),
+                before.map_or((agent.0, i64::MAX, u64::MAX, u32::MAX), |b| (
+                    agent.0,
+                    b.scheduled_at_ms,
+                    b.task,
+                    b.attempt
+                )),
                 |(agent, sched, task, attempt): (u64, i64, u64, u32)| RunCursor {
                     scheduled_at_ms: sched,
                     task,
@@ -769,9 +801,23 @@ impl CoordinatorStore {
             ),
             (None, None) => {
                 let table = txn.open_table(RUNS_BY_TIME).map_err(db_err("read runs"))?;
-                let range = table
-                    .range((lo_ms, 0, 0, 0)..=(i64::MAX, u64::MAX, u64::MAX, u32::MAX))
-                    .map_err(db_err("read runs"))?;
+                let lo = after.map_or((lo_ms, 0, 0, 0), |a| {
+                    (a.scheduled_at_ms, a.task, a.agent, a.attempt)
+                });
+                let hi = before.map_or((i64::MAX, u64::MAX, u64::MAX, u32::MAX), |b| {
+                    (b.scheduled_at_ms, b.task, b.agent, b.attempt)
+                });
+                if lo > hi {
+                    return Ok(RunPage {
+                        runs: Vec::new(),
+                        first: None,
+                        last: None,
+                        more: false,
+                        matched: None,
+                        unreadable: 0,
+                    });
+                }
+                let range = table.range(lo..=hi).map_err(db_err("read runs"))?;
                 let mut push = |(sched, task, agent, attempt): (i64, u64, u64, u32)| -> bool {
                     let c = RunCursor {
                         scheduled_at_ms: sched,

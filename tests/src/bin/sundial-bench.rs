@@ -14,7 +14,7 @@ use sundial_tests::harness;
 #[derive(Debug, Parser)]
 #[command(name = "sundial-bench", version, about)]
 struct Cli {
-    /// Suites to run: wheel, lateness, ingest, drain, fleet, footprint [default: all].
+    /// Suites to run: wheel, lateness, ingest, runlist, drain, fleet, footprint [default: all].
     suites: Vec<String>,
     /// A smoke run: small sizes, few rounds (what CI runs).
     #[arg(long)]
@@ -24,7 +24,15 @@ struct Cli {
     out: Option<std::path::PathBuf>,
 }
 
-const SUITES: [&str; 6] = ["wheel", "lateness", "ingest", "drain", "fleet", "footprint"];
+const SUITES: [&str; 7] = [
+    "wheel",
+    "lateness",
+    "ingest",
+    "runlist",
+    "drain",
+    "fleet",
+    "footprint",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -77,6 +85,7 @@ fn main() -> ExitCode {
             "wheel" => bench::wheel(cli.quick),
             "lateness" => bench::lateness(cli.quick, &exe),
             "ingest" => bench::ingest(cli.quick),
+            "runlist" => bench::runlist(cli.quick),
             "drain" => rt.block_on(bench::drain(cli.quick, &exe)),
             "fleet" => rt.block_on(bench::fleet(cli.quick, &exe)),
             _ => bench::footprint(cli.quick, &exe),
