@@ -81,6 +81,11 @@ enum Cmd {
         /// recorded as skipped [default: 64].
         #[arg(long, value_name = "N")]
         max_concurrent_runs: Option<usize>,
+        /// On SIGTERM, how long running actions may take to finish (their
+        /// runs recorded as they end) before they are killed and recorded
+        /// interrupted; keep it below systemd's TimeoutStopSec [default: 10s].
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        stop_grace: Option<sundial_protocol::DurationMs>,
     },
     /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
     Completions {
@@ -97,6 +102,10 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+fn parse_duration(s: &str) -> Result<sundial_protocol::DurationMs, String> {
+    sundial_protocol::DurationMs::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -212,6 +221,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             allow_exec,
             allow_env,
             max_concurrent_runs,
+            stop_grace,
         } => {
             let file = match &config {
                 Some(path) => crate::config::load(path).map_err(anyhow::Error::msg)?,
@@ -252,10 +262,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if runs_concurrent_max == 0 {
                 anyhow::bail!("--max-concurrent-runs must be at least 1");
             }
+            let stop_grace = match stop_grace {
+                Some(d) => d,
+                None => match &file.stop_grace {
+                    Some(t) => sundial_protocol::DurationMs::parse(t)
+                        .map_err(|e| anyhow::anyhow!("config `stop_grace`: {e}"))?,
+                    None => {
+                        sundial_protocol::DurationMs(runtime::STOP_GRACE_DEFAULT.as_millis() as u64)
+                    }
+                },
+            };
             let config = AgentConfig {
                 data_dir,
                 exec,
                 runs_concurrent_max,
+                stop_grace: std::time::Duration::from_millis(stop_grace.as_millis()),
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -25,6 +25,8 @@ pub struct AgentFile {
     pub allow_env: Vec<String>,
     /// Runs going at once (default 64).
     pub max_concurrent_runs: Option<usize>,
+    /// On SIGTERM, how long running actions may take to finish (default 10s).
+    pub stop_grace: Option<String>,
 }
 
 /// Reads and checks a configuration file.

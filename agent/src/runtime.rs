@@ -47,6 +47,13 @@ pub const RUNS_CONCURRENT_MAX_DEFAULT: usize = 64;
 pub const RUNNING_DIR: &str = "running";
 /// How long a restarted agent waits for a leftover process group to die.
 const LEFTOVER_KILL_WAIT_MS: u64 = 5_000;
+/// The default of `--stop-grace`: less than the unit's `TimeoutStopSec`.
+pub const STOP_GRACE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long to wait for killed actions to be reaped and recorded at stop.
+const STOP_KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// The detail of a run killed because the agent stopped.
+pub const STOPPED_DETAIL: &str =
+    "the agent was stopped and the run did not finish within the stop grace; killed";
 /// How often the agent checks that its store file is still the one it opened.
 const STORE_CHECK_INTERVAL_MS: i64 = 5_000;
 
@@ -58,6 +65,8 @@ pub struct AgentConfig {
     /// Runs going at once; an occurrence due while this many run is
     /// recorded `skipped` (reason: concurrency).
     pub runs_concurrent_max: usize,
+    /// At stop (SIGTERM), how long running actions may take to finish.
+    pub stop_grace: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -67,6 +76,7 @@ impl AgentConfig {
             data_dir,
             exec: ExecPolicy::default(),
             runs_concurrent_max: RUNS_CONCURRENT_MAX_DEFAULT,
+            stop_grace: STOP_GRACE_DEFAULT,
         }
     }
 
@@ -145,6 +155,8 @@ struct Agent {
     running_dir: PathBuf,
     /// Runs an operator asked for (`task run-now`): their records say so.
     manual: std::collections::HashSet<RunKey>,
+    /// Runs killed because the agent is stopping.
+    stopping: std::collections::HashSet<RunKey>,
 }
 
 /// Runs the agent until `shutdown` resolves or the store fails.
@@ -272,6 +284,7 @@ pub async fn run(
         cap_reported: false,
         running_dir,
         manual: std::collections::HashSet::new(),
+        stopping: std::collections::HashSet::new(),
     };
     agent.log_notes(&notes);
     agent.persist_anchor()?;
@@ -318,7 +331,38 @@ pub async fn run(
             _ = &mut shutdown => break,
         }
     }
-    tracing::info!("agent stopping; runs still going will be reported as interrupted");
+    // Stopping (SIGTERM): fire nothing new; give running actions the stop
+    // grace to finish and record them as they end; then kill what is left
+    // and record it `interrupted`, truthfully, before exiting.
+    if !agent.running.is_empty() {
+        tracing::info!(
+            running = agent.running.len(),
+            grace_ms = config.stop_grace.as_millis() as u64,
+            "agent stopping: firing nothing new, letting running actions finish"
+        );
+        let deadline = tokio::time::Instant::now() + config.stop_grace;
+        while !agent.running.is_empty() {
+            tokio::select! {
+                Some((key, result)) = done_rx.recv() => agent.finished(key, result)?,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !agent.running.is_empty() {
+            tracing::warn!(
+                running = agent.running.len(),
+                "stop grace over: killing the actions still running"
+            );
+            agent.kill_all_for_stop();
+            let killed_by = tokio::time::Instant::now() + STOP_KILL_WAIT;
+            while !agent.running.is_empty() {
+                tokio::select! {
+                    Some((key, result)) = done_rx.recv() => agent.finished(key, result)?,
+                    _ = tokio::time::sleep_until(killed_by) => break,
+                }
+            }
+        }
+    }
+    tracing::info!("agent stopped");
     if let Some(t) = session_task {
         t.abort();
         let _ = t.await;
@@ -509,6 +553,16 @@ fn skipped_record(key: RunKey, agent_id: AgentId, offline: bool, reason: SkipRea
 }
 
 impl Agent {
+    /// Kills every running action's process group (the agent is stopping).
+    fn kill_all_for_stop(&mut self) {
+        for (key, run) in self.running.iter_mut() {
+            if let Some(k) = run.kill.take() {
+                self.stopping.insert(*key);
+                let _ = k.send(());
+            }
+        }
+    }
+
     fn log_notes(&mut self, notes: &[ClockNote]) {
         for n in notes {
             match n {
@@ -755,6 +809,11 @@ impl Agent {
             stdout_tail: result.stdout_tail,
             stderr_tail: result.stderr_tail,
         };
+        if self.stopping.remove(&key) {
+            record.outcome = Outcome::Interrupted;
+            record.exit_code = None;
+            record.detail = Some(STOPPED_DETAIL.to_owned());
+        }
         if self.manual.remove(&key) {
             record.detail = Some(match record.why() {
                 Some(why) => format!("{MANUAL_DETAIL}; {why}"),

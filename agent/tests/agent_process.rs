@@ -586,3 +586,62 @@ fn a_wall_clock_ahead_at_start_or_stepped_while_running_never_fires_early() {
         "the lead was not logged"
     );
 }
+
+#[test]
+fn sigterm_lets_running_actions_finish_and_records_them_truthfully() {
+    // A run that needs 1.5 s finishes within the stop grace and is recorded
+    // as it ended; one that would take a minute is killed at the grace's end
+    // and recorded interrupted, with its whole process group gone.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = dir.path().join("started");
+    let short = format!("echo short >> {}; sleep 1.5; echo bye", started.display());
+    let long = format!("echo long >> {}; exec sleep 60", started.display());
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let at = Schedule::at(now().saturating_add_ms(500));
+        store
+            .put_task(
+                &sh_task(1, at.clone(), &short, Policies::default()),
+                Some(1),
+            )
+            .expect("put");
+        store
+            .put_task(&sh_task(2, at, &long, Policies::default()), Some(2))
+            .expect("put");
+    }
+    let mut agent = start_agent_with(dir.path(), &["--stop-grace", "3s"]);
+    wait_for("both runs to start", || lines(&started).len() == 2);
+    let mut child = agent.0.take().expect("running");
+    let pid = rustix::process::Pid::from_child(&child);
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(t.elapsed() < WAIT_MAX, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let runs = outbox(dir.path());
+    let by_task = |id: u64| {
+        runs.iter()
+            .find(|r| r.task_id == TaskId(id))
+            .unwrap_or_else(|| panic!("no record of t{id}: {runs:?}"))
+    };
+    assert_eq!(by_task(1).outcome, Outcome::Succeeded);
+    assert_eq!(by_task(1).stdout_tail, b"bye\n");
+    let long_run = by_task(2);
+    assert_eq!(long_run.outcome, Outcome::Interrupted);
+    assert!(long_run
+        .detail
+        .as_deref()
+        .unwrap_or("")
+        .contains("stop grace"));
+    // Nothing of either is left behind, and nothing is left to recover.
+    assert!(AgentStore::open(&store_path(dir.path()))
+        .expect("store")
+        .started()
+        .expect("started")
+        .is_empty());
+}
