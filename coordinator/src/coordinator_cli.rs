@@ -108,6 +108,40 @@ struct LimitArgs {
     sessions_max: Option<usize>,
 }
 
+/// `init` run as root on a data directory that belongs to another user (the
+/// packaged layout: /var/lib/sundial-coordinator, owned by `sundial`)
+/// would leave root-owned keys the service cannot read: refuse, and say
+/// the exact command to run instead.
+fn refuse_root_for_others_dir(dir: &std::path::Path, advertise: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    let user = user_name(meta.uid()).unwrap_or_else(|| format!("#{}", meta.uid()));
+    anyhow::bail!(
+        "{} belongs to user {user}, who runs the service; as root, init would leave keys that user cannot read. Run it as that user:\n  runuser -u {user} -- sundial-coordinator init --data-dir {} --advertise {advertise}",
+        dir.display(),
+        dir.display()
+    )
+}
+
+/// The name of the user with this uid, from /etc/passwd.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _ = f.next();
+        (f.next()?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
+}
+
 /// `coordinator.toml`: every key optional; flags override.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,6 +281,7 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                     "--advertise `{advertise}`: expected HOST:PORT, e.g. 127.0.0.1:{PORT_DEFAULT}"
                 );
             }
+            refuse_root_for_others_dir(&data_dir, &advertise)?;
             let creds = server::init_with(&data_dir, &advertise, &server_name, force)?;
             println!("{}", creds.display());
             Ok(())

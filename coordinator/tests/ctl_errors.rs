@@ -74,3 +74,35 @@ fn init_refuses_to_overwrite_a_coordinator() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a coordinator"));
 }
+
+#[test]
+fn init_as_root_on_a_service_users_directory_says_the_command_to_run() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root (init refuses only when run as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("coordinator");
+    std::fs::create_dir(&data).expect("mkdir");
+    // Owned by `nobody`, as the packaged directory is owned by `sundial`.
+    rustix::fs::chown(
+        &data,
+        Some(rustix::fs::Uid::from_raw(65_534)),
+        Some(rustix::fs::Gid::from_raw(65_534)),
+    )
+    .expect("chown");
+    let out = Command::new(env!("CARGO_BIN_EXE_sundial-coordinator"))
+        .args(["init", "--data-dir"])
+        .arg(&data)
+        .args(["--advertise", "127.0.0.1:7447"])
+        .output()
+        .expect("init");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runuser -u "), "{err}");
+    assert!(
+        err.contains("-- sundial-coordinator init --data-dir"),
+        "{err}"
+    );
+    assert!(!data.join("ca.pem").exists(), "init wrote keys as root");
+}
