@@ -64,6 +64,8 @@ pub struct Fleet {
     creds: AdminCreds,
     /// One admin connection, reused until it fails.
     client: tokio::sync::Mutex<Option<AdminClient>>,
+    /// Extra `serve` flags, kept for restarts.
+    coordinator_args: Vec<String>,
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
@@ -89,6 +91,17 @@ impl Fleet {
         in_process: bool,
         rng: &mut Rng,
     ) -> anyhow::Result<Fleet> {
+        Fleet::start_with(exe, n, in_process, rng, &[]).await
+    }
+
+    /// As [`Fleet::start`], with extra `serve` flags for the coordinator.
+    pub async fn start_with(
+        exe: &Path,
+        n: usize,
+        in_process: bool,
+        rng: &mut Rng,
+        coordinator_args: &[&str],
+    ) -> anyhow::Result<Fleet> {
         let root = tempfile::Builder::new().prefix("sundial-sim-").tempdir()?;
         let coord_dir = root.path().join("coordinator");
         let coord_addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()?).into();
@@ -107,6 +120,7 @@ impl Fleet {
             agents: Vec::new(),
             creds,
             client: tokio::sync::Mutex::new(None),
+            coordinator_args: coordinator_args.iter().map(|s| s.to_string()).collect(),
         };
         fleet.start_coordinator().await?;
         let token = match fleet
@@ -180,6 +194,7 @@ impl Fleet {
             .args(["serve", "--data-dir"])
             .arg(&self.coord_dir)
             .args(["--listen", &self.coord_addr.to_string()])
+            .args(&self.coordinator_args)
             .stdout(Stdio::null())
             .stderr(log_file(&self.coord_dir.join("coordinator.log"))?)
             .spawn()
