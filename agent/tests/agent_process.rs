@@ -645,3 +645,24 @@ fn sigterm_lets_running_actions_finish_and_records_them_truthfully() {
         .expect("started")
         .is_empty());
 }
+
+#[test]
+fn a_second_agent_on_the_same_data_dir_says_so_and_stops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = start_agent(dir.path());
+    wait_for("the store", || store_path(dir.path()).exists());
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new(AGENT)
+        .args(["run", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "a second agent ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+    assert!(
+        err.matches("in use by another process").count() <= 2,
+        "said more than once and once more at the end:\n{err}"
+    );
+    stop(first);
+}

@@ -106,3 +106,43 @@ fn init_as_root_on_a_service_users_directory_says_the_command_to_run() {
     );
     assert!(!data.join("ca.pem").exists(), "init wrote keys as root");
 }
+
+#[test]
+fn a_second_coordinator_on_the_same_data_dir_says_so_at_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = common_start(root.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_sundial-coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(root.path().join("coord"))
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is another sundial-coordinator serving this data directory"),
+        "{err}"
+    );
+    let _ = coord.kill();
+    let _ = coord.wait();
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// A serving coordinator (kept alive by the returned child).
+fn common_start(root: &std::path::Path) -> std::process::Child {
+    let dir = root.join("coord");
+    let init = Command::new(env!("CARGO_BIN_EXE_sundial-coordinator"))
+        .args(["init", "--advertise", "127.0.0.1:7447", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("init");
+    assert!(init.status.success());
+    let child = Command::new(env!("CARGO_BIN_EXE_sundial-coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    // Serving once its store is open (a lock file exists while it runs).
+    std::thread::sleep(Duration::from_millis(1_500));
+    child
+}

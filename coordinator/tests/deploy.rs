@@ -405,3 +405,39 @@ fn units_are_clean_under_systemd_analyze_verify() {
         .collect();
     assert!(findings.is_empty(), "systemd-analyze verify: {findings:#?}");
 }
+
+#[test]
+fn units_expose_little_under_systemd_analyze_security() {
+    for (unit, max) in [
+        ("deploy/sundial-coordinator.service", 2.0),
+        ("deploy/sundial-agent.service", 2.0),
+    ] {
+        let Ok(out) = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(repo().join(unit))
+            .output()
+        else {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI must have systemd-analyze");
+            }
+            eprintln!("SKIPPED: systemd-analyze is not installed here");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let level: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.split("Overall exposure level for ")
+                    .nth(1)?
+                    .split(": ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no exposure level for {unit}:\n{text}"));
+        assert!(level <= max, "{unit}: exposure {level} (at most {max})");
+    }
+}
