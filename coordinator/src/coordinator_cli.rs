@@ -106,6 +106,11 @@ struct LimitArgs {
     /// Agent sessions served at once; more are refused until some end [default: 10000].
     #[arg(long, value_name = "N")]
     sessions_max: Option<usize>,
+    /// Connections one address may have handshaking or enrolling at once;
+    /// more are refused until some finish [default: 32]. Raise it when many
+    /// agents reach the coordinator through one address at the same moment.
+    #[arg(long, value_name = "N")]
+    pending_per_address: Option<usize>,
 }
 
 /// `init` run as root on a data directory that belongs to another user (the
@@ -154,6 +159,7 @@ pub struct CoordinatorFile {
     pub backoff_min: Option<String>,
     pub run_retention: Option<String>,
     pub sessions_max: Option<usize>,
+    pub pending_per_address: Option<usize>,
 }
 
 /// The limits from flags over the file over the defaults.
@@ -184,6 +190,10 @@ fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
             .sessions_max
             .or(file.sessions_max)
             .unwrap_or(d.sessions_max),
+        pending_per_address_max: flags
+            .pending_per_address
+            .or(file.pending_per_address)
+            .unwrap_or(d.pending_per_address_max),
         ..d
     };
     if limits.upload_runs_per_sec == 0 {

@@ -61,6 +61,12 @@ const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// Messages read from an agent and not yet handled: more than the result
 /// batches an agent keeps in flight, so its writes never wait on ours.
 const SESSION_INBOX_MAX: usize = 16;
+/// Connections from one address still handshaking or enrolling, by default:
+/// an address cannot hold more of the coordinator than this before it is
+/// known (`serve --pending-per-address`).
+pub const PENDING_PER_ADDRESS_MAX: usize = 32;
+/// The refusals at [`PENDING_PER_ADDRESS_MAX`] are logged at most this often.
+const PENDING_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Messages from admin work waiting for one session to send (run-now).
 const SESSION_OUTBOX_MAX: usize = 64;
 /// Tasks whose assignment to a session's agent is remembered (a cache; cleared when full).
@@ -125,6 +131,8 @@ pub struct Limits {
     /// Admin requests served at once (each on the blocking pool, never on
     /// the workers that serve agent sessions).
     pub admin_concurrent_max: usize,
+    /// Connections from one address still handshaking or enrolling.
+    pub pending_per_address_max: usize,
 }
 
 impl Default for Limits {
@@ -138,6 +146,7 @@ impl Default for Limits {
             sessions_max: 10_000,
             unauthenticated_max: 64,
             admin_concurrent_max: 4,
+            pending_per_address_max: PENDING_PER_ADDRESS_MAX,
         }
     }
 }
@@ -244,9 +253,23 @@ struct State {
     /// then on, so the coordinator stops and its supervisor restarts it.
     store_broken: std::sync::atomic::AtomicBool,
     store_broken_notify: tokio::sync::Notify,
+    /// Connections per address not yet known ([`Pending`]).
+    pending: Mutex<HashMap<std::net::IpAddr, usize>>,
+    pending_warned: Mutex<Option<Instant>>,
 }
 
 impl State {
+    /// Says (at most every [`PENDING_WARN_INTERVAL`]) that an address hit
+    /// [`PENDING_PER_ADDRESS_MAX`].
+    fn warn_pending_cap(&self, ip: std::net::IpAddr) {
+        if let Ok(mut last) = self.pending_warned.lock() {
+            if last.is_none_or(|t| t.elapsed() >= PENDING_WARN_INTERVAL) {
+                *last = Some(Instant::now());
+                tracing::warn!(%ip, max = self.limits.pending_per_address_max, "refusing connections from an address with too many unauthenticated ones (handshaking or enrolling)");
+            }
+        }
+    }
+
     /// Notes a store error; an I/O error (disk full, read-only, failing)
     /// stops the server, which exits so that a restart reopens the store.
     fn note_store_error(&self, e: &StoreError) {
@@ -413,6 +436,8 @@ impl Server {
                 limits,
                 store_broken: std::sync::atomic::AtomicBool::new(false),
                 store_broken_notify: tokio::sync::Notify::new(),
+                pending: Mutex::new(HashMap::new()),
+                pending_warned: Mutex::new(None),
             }),
         })
     }
@@ -440,9 +465,15 @@ impl Server {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    let ip = incoming.remote_address().ip();
+                    let Some(pending) = Pending::take(&self.state, ip) else {
+                        self.state.warn_pending_cap(ip);
+                        incoming.refuse();
+                        continue;
+                    };
                     let state = self.state.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(state, incoming).await {
+                        if let Err(e) = handle(state, incoming, pending).await {
                             tracing::debug!(error = %e, "connection ended");
                         }
                     });
@@ -510,7 +541,53 @@ async fn retain_runs(state: Arc<State>, keep: DurationMs) {
     }
 }
 
-async fn handle(state: Arc<State>, incoming: quinn::Incoming) -> Result<(), NetError> {
+/// A connection from `ip` not yet known to be an enrolled agent or the
+/// admin (handshaking, or enrolling); counted per address while it lives.
+struct Pending {
+    state: Arc<State>,
+    ip: std::net::IpAddr,
+}
+
+impl Pending {
+    /// Counts one more, unless the address already has its maximum.
+    fn take(state: &Arc<State>, ip: std::net::IpAddr) -> Option<Pending> {
+        let mut p = state.pending.lock().ok()?;
+        let n = p.entry(ip).or_insert(0);
+        if *n >= state.limits.pending_per_address_max {
+            return None;
+        }
+        *n += 1;
+        Some(Pending {
+            state: state.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.state.pending.lock() {
+            if let Some(n) = p.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    p.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pending({})", self.ip)
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    incoming: quinn::Incoming,
+    pending: Pending,
+) -> Result<(), NetError> {
     let remote = incoming.remote_address();
     let conn = incoming.await?;
     let alpn = conn
@@ -537,8 +614,16 @@ async fn handle(state: Arc<State>, incoming: quinn::Incoming) -> Result<(), NetE
             };
             handle_enroll(&state, conn).await
         }
-        (a, Some(CertRole::Agent(id))) if a == ALPN => handle_session(&state, conn, id).await,
-        (a, Some(CertRole::Admin)) if a == ALPN_ADMIN => handle_admin(&state, conn).await,
+        (a, Some(CertRole::Agent(id))) if a == ALPN => {
+            // Known by its certificate: no longer counted against its address
+            // (many agents may share one behind a NAT).
+            drop(pending);
+            handle_session(&state, conn, id).await
+        }
+        (a, Some(CertRole::Admin)) if a == ALPN_ADMIN => {
+            drop(pending);
+            handle_admin(&state, conn).await
+        }
         _ => {
             tracing::warn!(%remote, "refused a connection without the certificate its ALPN requires");
             conn.close(

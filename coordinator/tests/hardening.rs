@@ -736,3 +736,63 @@ fn a_store_from_before_the_run_indexes_is_indexed_when_opened() {
         .expect("lists");
     assert_eq!(page.runs.len(), 5);
 }
+
+#[test]
+fn one_address_cannot_hold_many_unauthenticated_connections() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let trust = ServerTrust::Pinned(sundial_protocol::token::sha256(ca(&coord).as_ref()));
+    let (held, refused, agent_ok) = rt().block_on(async {
+        // Enrollments that connect and then say nothing, from one address.
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..sundial_coordinator::server::PENDING_PER_ADDRESS_MAX + 8 {
+            match session::connect(
+                &coord.addr.to_string(),
+                "sundial-coordinator",
+                trust.clone(),
+                None,
+                ALPN_ENROLL,
+            )
+            .await
+            {
+                Ok(c) => held.push(c),
+                Err(_) => refused += 1,
+            }
+        }
+        let n = held.len();
+        // Before the handshake nothing tells an agent from the flood, so
+        // the address is refused while the flood holds; once it lets go,
+        // an enrolled agent from it is served again at once.
+        for (ep, c) in held.drain(..) {
+            c.close(0u32.into(), b"bye");
+            ep.wait_idle().await;
+        }
+        let mut agent_ok = false;
+        for _ in 0..50 {
+            if session::connect(
+                &coord.addr.to_string(),
+                "sundial-coordinator",
+                ServerTrust::Ca(ca(&coord)),
+                Some(agent_identity(&dir)),
+                ALPN,
+            )
+            .await
+            .is_ok()
+            {
+                agent_ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (n, refused, agent_ok)
+    });
+    assert!(
+        held <= sundial_coordinator::server::PENDING_PER_ADDRESS_MAX,
+        "{held} unauthenticated connections held from one address"
+    );
+    assert!(refused >= 8, "{refused} refused");
+    assert!(agent_ok, "the address stayed refused after the flood ended");
+}

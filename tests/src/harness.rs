@@ -194,6 +194,9 @@ impl Fleet {
             .args(["serve", "--data-dir"])
             .arg(&self.coord_dir)
             .args(["--listen", &self.coord_addr.to_string()])
+            // Every simulated agent dials from 127.0.0.1 (through its relay):
+            // a reconnect storm must not look like one address's flood.
+            .args(["--pending-per-address", "100000"])
             .args(&self.coordinator_args)
             .stdout(Stdio::null())
             .stderr(log_file(&self.coord_dir.join("coordinator.log"))?)
