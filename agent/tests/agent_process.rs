@@ -609,7 +609,7 @@ fn sigterm_lets_running_actions_finish_and_records_them_truthfully() {
             .put_task(&sh_task(2, at, &long, Policies::default()), Some(2))
             .expect("put");
     }
-    let mut agent = start_agent_with(dir.path(), &["--stop-grace", "3s"]);
+    let mut agent = start_agent_with(dir.path(), &["--stop-grace", "6s"]);
     wait_for("both runs to start", || lines(&started).len() == 2);
     let mut child = agent.0.take().expect("running");
     let pid = rustix::process::Pid::from_child(&child);
