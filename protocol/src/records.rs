@@ -248,20 +248,12 @@ impl RunRecordV1 {
 
     pub fn into_run(self, seq: u64) -> Result<RunRecord, RecordError> {
         let key = seq.to_string();
-        let outcome = match self.outcome.as_str() {
-            "succeeded" => Outcome::Succeeded,
-            "failed" => Outcome::Failed,
-            "timed_out" => Outcome::TimedOut,
-            "rejected" => Outcome::Rejected,
-            "skipped" => Outcome::Skipped,
-            "interrupted" => Outcome::Interrupted,
-            other => {
-                return Err(RecordError {
-                    table: "outbox",
-                    key,
-                    reason: format!("unknown outcome `{other}`"),
-                })
-            }
+        let Some(outcome) = Outcome::parse(&self.outcome) else {
+            return Err(RecordError {
+                table: "outbox",
+                key,
+                reason: format!("unknown outcome `{}`", self.outcome),
+            });
         };
         Ok(RunRecord {
             task_id: TaskId(self.task_id),
