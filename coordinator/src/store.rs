@@ -488,6 +488,24 @@ impl CoordinatorStore {
         Ok(spec)
     }
 
+    /// Gives task `id` the next global revision: the revision index moves
+    /// from its `old` revision to the new one, so "changes since R" sees it.
+    fn next_task_revision(
+        txn: &redb::WriteTransaction,
+        id: TaskId,
+        old: u64,
+        context: &'static str,
+    ) -> Result<u64> {
+        let mut meta = txn.open_table(META).map_err(db_err(context))?;
+        let revision = Self::meta_u64(&meta, REVISION)? + 1;
+        meta.insert(REVISION, records::encode(&revision).as_slice())
+            .map_err(db_err(context))?;
+        let mut revs = txn.open_table(TASK_REVS).map_err(db_err(context))?;
+        revs.remove(old).map_err(db_err(context))?;
+        revs.insert(revision, id.0).map_err(db_err(context))?;
+        Ok(revision)
+    }
+
     /// Replaces a live task's spec (same id and target) under a new revision.
     pub fn update_task(&self, spec: &TaskSpec) -> Result<u64> {
         let id = spec.id;
@@ -505,14 +523,7 @@ impl CoordinatorStore {
             if old.cancelled {
                 return Err(StoreError::Refused(format!("task {id} is cancelled")));
             }
-            let mut meta = txn.open_table(META).map_err(db_err("update task"))?;
-            let revision = Self::meta_u64(&meta, REVISION)? + 1;
-            meta.insert(REVISION, records::encode(&revision).as_slice())
-                .map_err(db_err("update task"))?;
-            let mut revs = txn.open_table(TASK_REVS).map_err(db_err("update task"))?;
-            revs.remove(old.task.revision)
-                .map_err(db_err("update task"))?;
-            revs.insert(revision, id.0).map_err(db_err("update task"))?;
+            let revision = Self::next_task_revision(&txn, id, old.task.revision, "update task")?;
             let mut new = spec.clone();
             new.revision = revision;
             let rec = CoordTaskV1 {
@@ -546,14 +557,7 @@ impl CoordinatorStore {
                     "task {id} is already cancelled"
                 )));
             }
-            let mut meta = txn.open_table(META).map_err(db_err("cancel task"))?;
-            let revision = Self::meta_u64(&meta, REVISION)? + 1;
-            meta.insert(REVISION, records::encode(&revision).as_slice())
-                .map_err(db_err("cancel task"))?;
-            let mut revs = txn.open_table(TASK_REVS).map_err(db_err("cancel task"))?;
-            revs.remove(rec.task.revision)
-                .map_err(db_err("cancel task"))?;
-            revs.insert(revision, id.0).map_err(db_err("cancel task"))?;
+            let revision = Self::next_task_revision(&txn, id, rec.task.revision, "cancel task")?;
             if let Some(name) = &rec.task.name {
                 let mut names = txn.open_table(TASK_NAMES).map_err(db_err("cancel task"))?;
                 names.remove(name.as_str()).map_err(db_err("cancel task"))?;
@@ -703,14 +707,15 @@ impl CoordinatorStore {
         let mut keys: Vec<RunCursor> = Vec::with_capacity(limit + 1);
         let forward = matches!(q.page, Page::After(_))
             || (q.since.is_some() && q.page == Page::Latest && q.forward_from_since);
+        // Reads one index in time order from `lo` to `hi` (backwards for the
+        // latest page), keeping what matches until the page is full.
         macro_rules! scan {
-            ($table:expr, $prefix:expr, $lo:expr, $hi:expr, $to_cursor:expr) => {{
+            ($table:expr, $lo:expr, $hi:expr, $to_cursor:expr) => {{
                 let table = txn.open_table($table).map_err(db_err("read runs"))?;
-                let (lo, hi): ((u64, i64, u64, u32), (u64, i64, u64, u32)) = ($lo, $hi);
+                let (lo, hi) = ($lo, $hi);
                 // A cursor past the other bound: an empty page.
                 let range = table.range(lo..=hi.max(lo)).map_err(db_err("read runs"))?;
-                let mut push = |k: (u64, i64, u64, u32)| -> bool {
-                    let c: RunCursor = $to_cursor(k);
+                let mut push = |c: RunCursor| -> bool {
                     if q.task.is_some_and(|x| x.0 != c.task)
                         || q.agent.is_some_and(|x| x.0 != c.agent)
                         || since.is_some_and(|s| c.scheduled_at_ms < s)
@@ -725,18 +730,17 @@ impl CoordinatorStore {
                     keys.push(c);
                     keys.len() <= limit
                 };
-                let _ = $prefix;
                 if forward {
                     for item in range {
                         let (k, _) = item.map_err(db_err("read runs"))?;
-                        if !push(k.value()) {
+                        if !push($to_cursor(k.value())) {
                             break;
                         }
                     }
                 } else {
                     for item in range.rev() {
                         let (k, _) = item.map_err(db_err("read runs"))?;
-                        if !push(k.value()) {
+                        if !push($to_cursor(k.value())) {
                             break;
                         }
                     }
@@ -754,101 +758,43 @@ impl CoordinatorStore {
             Page::Before(b) => Some(b),
             _ => None,
         };
+        let cursor = |scheduled_at_ms, task, agent, attempt| RunCursor {
+            scheduled_at_ms,
+            task,
+            agent,
+            attempt,
+        };
         match (q.task, q.agent) {
             (Some(task), _) => scan!(
                 RUNS_BY_TASK,
-                task,
-                after.map_or((task.0, lo_ms, 0, 0), |a| (
-                    task.0,
-                    a.scheduled_at_ms,
-                    a.agent,
-                    a.attempt
-                )),
-                before.map_or((task.0, i64::MAX, u64::MAX, u32::MAX), |b| (
-                    task.0,
-                    b.scheduled_at_ms,
-                    b.agent,
-                    b.attempt
-                )),
-                |(task, sched, agent, attempt): (u64, i64, u64, u32)| RunCursor {
-                    scheduled_at_ms: sched,
-                    task,
-                    agent,
-                    attempt
-                }
+                after.map_or((task.0, lo_ms, 0, 0), |a| {
+                    (task.0, a.scheduled_at_ms, a.agent, a.attempt)
+                }),
+                before.map_or((task.0, i64::MAX, u64::MAX, u32::MAX), |b| {
+                    (task.0, b.scheduled_at_ms, b.agent, b.attempt)
+                }),
+                |(task, sched, agent, attempt)| cursor(sched, task, agent, attempt)
             ),
             (None, Some(agent)) => scan!(
                 RUNS_BY_AGENT,
-                agent,
-                after.map_or((agent.0, lo_ms, 0, 0), |a| (
-                    agent.0,
-                    a.scheduled_at_ms,
-                    a.task,
-                    a.attempt
-                )),
-                before.map_or((agent.0, i64::MAX, u64::MAX, u32::MAX), |b| (
-                    agent.0,
-                    b.scheduled_at_ms,
-                    b.task,
-                    b.attempt
-                )),
-                |(agent, sched, task, attempt): (u64, i64, u64, u32)| RunCursor {
-                    scheduled_at_ms: sched,
-                    task,
-                    agent,
-                    attempt
-                }
+                after.map_or((agent.0, lo_ms, 0, 0), |a| {
+                    (agent.0, a.scheduled_at_ms, a.task, a.attempt)
+                }),
+                before.map_or((agent.0, i64::MAX, u64::MAX, u32::MAX), |b| {
+                    (agent.0, b.scheduled_at_ms, b.task, b.attempt)
+                }),
+                |(agent, sched, task, attempt)| cursor(sched, task, agent, attempt)
             ),
-            (None, None) => {
-                let table = txn.open_table(RUNS_BY_TIME).map_err(db_err("read runs"))?;
-                let lo = after.map_or((lo_ms, 0, 0, 0), |a| {
+            (None, None) => scan!(
+                RUNS_BY_TIME,
+                after.map_or((lo_ms, 0, 0, 0), |a| {
                     (a.scheduled_at_ms, a.task, a.agent, a.attempt)
-                });
-                let hi = before.map_or((i64::MAX, u64::MAX, u64::MAX, u32::MAX), |b| {
+                }),
+                before.map_or((i64::MAX, u64::MAX, u64::MAX, u32::MAX), |b| {
                     (b.scheduled_at_ms, b.task, b.agent, b.attempt)
-                });
-                if lo > hi {
-                    return Ok(RunPage {
-                        runs: Vec::new(),
-                        first: None,
-                        last: None,
-                        more: false,
-                        matched: None,
-                        unreadable: 0,
-                    });
-                }
-                let range = table.range(lo..=hi).map_err(db_err("read runs"))?;
-                let mut push = |(sched, task, agent, attempt): (i64, u64, u64, u32)| -> bool {
-                    let c = RunCursor {
-                        scheduled_at_ms: sched,
-                        task,
-                        agent,
-                        attempt,
-                    };
-                    match q.page {
-                        Page::After(a) if c <= a => return true,
-                        Page::Before(b) if c >= b => return true,
-                        _ => {}
-                    }
-                    keys.push(c);
-                    keys.len() <= limit
-                };
-                if forward {
-                    for item in range {
-                        let (k, _) = item.map_err(db_err("read runs"))?;
-                        if !push(k.value()) {
-                            break;
-                        }
-                    }
-                } else {
-                    for item in range.rev() {
-                        let (k, _) = item.map_err(db_err("read runs"))?;
-                        if !push(k.value()) {
-                            break;
-                        }
-                    }
-                }
-            }
+                }),
+                |(sched, task, agent, attempt)| cursor(sched, task, agent, attempt)
+            ),
         }
         let more = keys.len() > limit;
         keys.truncate(limit);
@@ -1012,14 +958,7 @@ impl CoordinatorStore {
                 // Occurrences while paused are not expected of anyone.
                 rec.task.created_at_ms = rec.task.created_at_ms.max(now.as_millis());
             }
-            let mut meta = txn.open_table(META).map_err(db_err("pause task"))?;
-            let revision = Self::meta_u64(&meta, REVISION)? + 1;
-            meta.insert(REVISION, records::encode(&revision).as_slice())
-                .map_err(db_err("pause task"))?;
-            let mut revs = txn.open_table(TASK_REVS).map_err(db_err("pause task"))?;
-            revs.remove(rec.task.revision)
-                .map_err(db_err("pause task"))?;
-            revs.insert(revision, id.0).map_err(db_err("pause task"))?;
+            let revision = Self::next_task_revision(&txn, id, rec.task.revision, "pause task")?;
             rec.task.revision = revision;
             tasks
                 .insert(id.0, records::encode(&rec).as_slice())
