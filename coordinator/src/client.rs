@@ -84,23 +84,23 @@ impl AdminClient {
         let Some(first) = answers.next() else {
             return Err("coordinator: empty answer".into());
         };
+        // The pages of a list, in order, make one answer.
+        macro_rules! merged {
+            ($variant:ident, $first:expr) => {{
+                let mut all = $first;
+                for a in answers {
+                    if let AdminResponse::$variant(more) = a {
+                        all.extend(more);
+                    }
+                }
+                AdminResponse::$variant(all)
+            }};
+        }
         Ok(match first {
-            AdminResponse::Tasks(mut all) => {
-                for a in answers {
-                    if let AdminResponse::Tasks(more) = a {
-                        all.extend(more);
-                    }
-                }
-                AdminResponse::Tasks(all)
-            }
-            AdminResponse::Runs(mut all) => {
-                for a in answers {
-                    if let AdminResponse::Runs(more) = a {
-                        all.extend(more);
-                    }
-                }
-                AdminResponse::Runs(all)
-            }
+            AdminResponse::Tokens(all) => merged!(Tokens, all),
+            AdminResponse::Agents(all) => merged!(Agents, all),
+            AdminResponse::Tasks(all) => merged!(Tasks, all),
+            AdminResponse::Runs(all) => merged!(Runs, all),
             other => other,
         })
     }

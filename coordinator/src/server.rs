@@ -1379,15 +1379,18 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
         }
         AdminRequest::AgentList => {
             let forgotten = state.store.forgotten()?;
-            one(AdminResponse::Agents(
-                state
-                    .store
-                    .agents()?
-                    .into_iter()
-                    .filter(|(id, _)| !forgotten.contains(id))
-                    .map(|(id, r)| agent_info(state, id, r))
-                    .collect(),
-            ))
+            let agents: Vec<AgentInfo> = state
+                .store
+                .agents()?
+                .into_iter()
+                .filter(|(id, _)| !forgotten.contains(id))
+                .map(|(id, r)| agent_info(state, id, r))
+                .collect();
+            // A fleet of agents with long allowlists is megabytes: in pages.
+            Ok(chunk_by_size(agents, LIST_CHUNK_BYTES_MAX)
+                .into_iter()
+                .map(AdminResponse::Agents)
+                .collect())
         }
         AdminRequest::AgentGet(id) => match state.store.agent(id)? {
             Some(r) => one(AdminResponse::Agent(Box::new(agent_info(state, id, r)))),
@@ -1569,7 +1572,7 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
         }
         AdminRequest::TokenList => {
             let now = now().as_millis();
-            let tokens = state
+            let tokens: Vec<TokenInfo> = state
                 .store
                 .tokens()?
                 .into_iter()
@@ -1581,7 +1584,10 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
                     labels: t.labels,
                 })
                 .collect();
-            one(AdminResponse::Tokens(tokens))
+            Ok(chunk_by_size(tokens, LIST_CHUNK_BYTES_MAX)
+                .into_iter()
+                .map(AdminResponse::Tokens)
+                .collect())
         }
         AdminRequest::TokenRevoke(id) => {
             let id = id.to_ascii_lowercase();

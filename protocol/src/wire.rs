@@ -279,7 +279,7 @@ pub struct TokenInfo {
     pub labels: Vec<(String, String)>,
 }
 
-/// Coordinator → admin. Lists (`Tasks`, `Runs`) may come as several
+/// Coordinator → admin. Lists (`Agents`, `Tasks`, `Runs`) may come as several
 /// messages on one stream, each under [`LIST_CHUNK_BYTES_MAX`]; the stream's
 /// end ends the list. [`AdminResponse::RunsSummary`] follows a run list.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
