@@ -1,19 +1,14 @@
-//! The agent's side of the coordinator session, over QUIC with mutual TLS.
+//! The agent's session shell: QUIC with mutual TLS around the core's
+//! [`AgentSession`] machine, which decides everything (Hello, the outbox
+//! window, acknowledgements, clock probes, link silence, backoff). This
+//! file dials, reads and writes frames, reads and acknowledges the outbox
+//! in the store, hands assignments to the runtime and logs the machine's
+//! events.
 //!
-//! While connected it: says Hello (last applied revision, outbox size),
-//! applies assignment changes in revision order (through the runtime, which
-//! owns the scheduler), streams its outbox up in batches and deletes records
-//! only when the coordinator acknowledges them after its commit, and
-//! exchanges clock samples every [`CLOCK_PROBE_INTERVAL`]. When the link
-//! dies (noticed within the QUIC idle timeout), it reconnects with
-//! exponential backoff and full jitter, capped at [`RECONNECT_DELAY_MAX`], so
-//! a healed partition of thousands of agents does not stampede.
-//!
-//! Invariant: a record leaves the outbox only in [`AgentStore::outbox_ack`],
-//! on an acknowledgement; after a reconnect everything not acknowledged is
-//! sent again (the coordinator stores by run key, so nothing doubles).
+//! Invariant (the machine's): a record leaves the outbox only on an
+//! acknowledgement; after a reconnect everything not acknowledged is sent
+//! again (the coordinator stores by run key, so nothing doubles).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,57 +18,31 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use sundial_core::session::agent::{AgentEffect, AgentSession, Closed, HelloInfo};
+use sundial_core::session::{Event, Now};
 use sundial_net::tls::{Identity, ServerTrust};
 use sundial_net::NetError;
 use sundial_protocol::codec::FrameError;
-use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg, ALPN, RESULT_BATCH_RUNS_MAX};
-use sundial_protocol::{RunKey, Timestamp};
+use sundial_protocol::wire::{AssignmentChange, CoordMsg, ALPN};
+use sundial_protocol::Timestamp;
 use tokio::sync::{mpsc, Notify};
 
 use crate::clock::SystemClock;
 use crate::runtime::Control;
 use crate::store::{meta, AgentStore};
 
-/// How often clock samples are exchanged.
-pub const CLOCK_PROBE_INTERVAL: Duration = Duration::from_secs(30);
-/// The longest wait between reconnect attempts.
-pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
-/// The wait between attempts while the coordinator refuses our certificate:
-/// retrying harder cannot help, and a fleet of revoked devices must not
-/// load the coordinator.
-pub const RECONNECT_DELAY_REFUSED: Duration = Duration::from_secs(600);
-/// The first wait after a failed connection.
-pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
+pub use sundial_core::session::agent::{
+    BATCHES_IN_FLIGHT_MAX, BATCH_BYTES_MAX, CLOCK_PROBE_INTERVAL_MS, LINK_SILENT_MAX_MS,
+    RECONNECT_DELAY_MAX_MS, RECONNECT_DELAY_MIN_MS, RECONNECT_DELAY_REFUSED_MS,
+};
 pub use sundial_net::{CONNECT_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE};
-/// Nothing heard from the coordinator for this long: runs fired from now on
-/// are marked `offline`, before the idle timeout closes the connection.
-pub const LINK_SILENT_MAX: Duration = Duration::from_millis(2_500);
-/// Result batches sent and not yet acknowledged.
-pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
-/// Bytes of records in one batch (the frame limit is larger).
-pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
-/// How often a live session records its time as the last sync (a durable
-/// write: kept rare so a large in-process fleet does not drown in fsyncs).
-const LAST_SYNC_PERSIST: Duration = Duration::from_secs(300);
-/// How often the outbox is looked at even without a notification.
-const OUTBOX_POLL: Duration = Duration::from_millis(500);
+/// How often a live connection's packet count is looked at, for link silence.
+const HEARD_POLL: Duration = Duration::from_millis(500);
 
 /// Files of an enrolled agent, beside its store.
 pub const KEY_FILE: &str = "agent.key";
 pub const CERT_FILE: &str = "agent.pem";
 pub const CA_FILE: &str = "ca.pem";
-
-/// The allowlist as told in Hello: cut to fit the small frame a Hello may
-/// be (it is for operators' eyes; the agent enforces the whole list).
-fn hello_allowlist(allow: &[String]) -> Vec<String> {
-    const PATTERN_CHARS_MAX: usize = 200;
-    const PATTERNS_MAX: usize = 32;
-    allow
-        .iter()
-        .take(PATTERNS_MAX)
-        .map(|p| p.chars().take(PATTERN_CHARS_MAX).collect())
-        .collect()
-}
 
 /// State shared between the runtime and the session.
 #[derive(Debug, Default)]
@@ -210,7 +179,7 @@ fn refused_by_tls(e: &SessionError) -> bool {
 }
 
 /// Whether the coordinator ended the session because this agent is revoked.
-fn revoked(conn: &quinn::Connection, result: &Result<(), SessionError>) -> bool {
+fn revoked(conn: Option<&quinn::Connection>, result: &Result<(), SessionError>) -> bool {
     let code = sundial_protocol::wire::close::REVOKED;
     let by_code = |e: &quinn::ConnectionError| matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(code));
     let from_result = match result {
@@ -219,222 +188,367 @@ fn revoked(conn: &quinn::Connection, result: &Result<(), SessionError>) -> bool 
         | Err(SessionError::Write(quinn::WriteError::ConnectionLost(e))) => by_code(e),
         _ => false,
     };
-    from_result || conn.close_reason().as_ref().is_some_and(by_code)
+    from_result
+        || conn
+            .and_then(quinn::Connection::close_reason)
+            .as_ref()
+            .is_some_and(by_code)
 }
 
-/// A cheap, well-spread random number for jitter (no cryptographic use).
+/// A cheap, well-spread seed for the jitter (no cryptographic use).
 fn jitter_seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x
+    t ^ (u64::from(std::process::id()) << 32)
 }
 
-/// Backoff before reconnect attempt `failures` (1-based): full jitter over
-/// `min(max, min * 2^failures)`.
+/// Backoff before reconnect attempt `failures` (1-based); see the core.
 pub fn reconnect_delay(failures: u32, random: u64) -> Duration {
-    let cap = RECONNECT_DELAY_MAX.as_millis() as u64;
-    let base = (RECONNECT_DELAY_MIN.as_millis() as u64).saturating_mul(1u64 << failures.min(20));
-    let ceiling = base.min(cap).max(1);
-    Duration::from_millis(ceiling / 2 + random % (ceiling / 2 + 1))
+    Duration::from_millis(sundial_core::session::agent::reconnect_delay_ms(
+        failures, random,
+    ))
 }
 
-/// Runs sessions until `stop` is set, reconnecting as needed.
+/// A live connection.
+struct Live {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    tx: quinn::SendStream,
+    rx: FramedRecv,
+    rx_datagrams: u64,
+}
+
+/// How a connection or an attempt ended, for the machine.
+fn closed_kind(conn: Option<&quinn::Connection>, result: &Result<(), SessionError>) -> Closed {
+    if revoked(conn, result) {
+        Closed::Revoked
+    } else if matches!(result, Err(e) if refused_by_tls(e)) {
+        Closed::RefusedByTls
+    } else {
+        Closed::Lost
+    }
+}
+
+/// Runs sessions until the runtime stops or the agent is revoked.
 pub async fn run(
     cfg: SessionConfig,
     store: Arc<AgentStore>,
     control: mpsc::Sender<Control>,
     shared: Arc<SessionShared>,
 ) {
-    let mut failures: u32 = 0;
+    let origin = Instant::now();
+    let now = || Now {
+        mono_ms: origin.elapsed().as_millis() as u64,
+        wall: Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
+    };
+    let mut sm = AgentSession::new(jitter_seed());
+    let mut live: Option<Live> = None;
     // What the log last said about reaching the coordinator, so that a
     // device offline for a week says so once, not every 30 s.
     let mut reported: Option<&'static str> = None;
+    let mut heard_poll = Instant::now() + HEARD_POLL;
     loop {
-        let started = Instant::now();
-        let mut refused = false;
-        let identity = Identity {
-            chain: vec![cfg.cert.clone()],
-            key: cfg.key.clone_key(),
-        };
-        match connect(
-            &cfg.coordinator,
-            &cfg.server_name,
-            ServerTrust::Ca(cfg.ca.clone()),
-            Some(identity),
-            ALPN,
-        )
-        .await
-        {
-            Ok((_endpoint, conn)) => {
-                shared.online.store(true, Ordering::SeqCst);
-                tracing::info!(coordinator = %cfg.coordinator, "session up");
-                let result = session(&conn, &store, &control, &shared).await;
-                shared.online.store(false, Ordering::SeqCst);
-                if revoked(&conn, &result) {
-                    tracing::error!(coordinator = %cfg.coordinator, "this agent was revoked by its coordinator: no more sessions (local tasks still fire); to use this device again, move its data directory away and join with a new token");
-                    if let Err(e) = store.put_meta(&[(meta::REVOKED, true)]) {
-                        tracing::error!(error = %e, "could not record the revocation");
-                    }
+        // Drive the machine until it has nothing more to say.
+        loop {
+            let mut busy = false;
+            while let Some(effect) = sm.poll_effect() {
+                busy = true;
+                if !perform(
+                    effect,
+                    &cfg,
+                    &store,
+                    &control,
+                    &shared,
+                    &mut sm,
+                    &mut live,
+                    &mut reported,
+                    now,
+                )
+                .await
+                {
                     return;
                 }
-                reported = None;
-                match result {
-                    Err(SessionError::Stopping) => return,
-                    Err(e) if refused_by_tls(&e) => {
-                        refused = true;
-                        tracing::error!(error = %e, coordinator = %cfg.coordinator, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely");
-                        reported = Some("refused");
-                    }
-                    Err(e) => tracing::warn!(error = %e, "session down"),
-                    Ok(()) => tracing::info!("session closed"),
+            }
+            while let Some(msg) = sm.poll_transmit() {
+                busy = true;
+                let Some(l) = live.as_mut() else { continue };
+                if let (true, sundial_protocol::wire::AgentMsg::Results { runs, .. }) =
+                    (crate::fault::active("ack-early"), &msg)
+                {
+                    // A seeded bug for the simulator's checker: records
+                    // deleted before the coordinator stored them.
+                    let keys: Vec<_> = runs.iter().map(|r| r.key()).collect();
+                    let _ = store.outbox_ack(&keys);
                 }
-                conn.close(0u32.into(), b"bye");
-                if started.elapsed() > IDLE_TIMEOUT {
-                    failures = 0;
+                if let Err(e) = send(&mut l.tx, &msg).await {
+                    let result = Err(e);
+                    let kind = closed_kind(Some(&l.conn), &result);
+                    end_connection(&mut live, &result);
+                    sm.handle_closed(now(), kind);
                 }
             }
-            Err(e) if refused_by_tls(&e) => {
-                refused = true;
-                if reported != Some("refused") {
-                    tracing::error!(error = %e, coordinator = %cfg.coordinator, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely");
-                    reported = Some("refused");
-                }
+            while let Some(event) = sm.poll_event() {
+                log_event(&event);
             }
-            Err(e) => {
-                if reported != Some("unreachable") {
-                    tracing::info!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator; tasks keep firing and runs wait in the outbox");
-                    reported = Some("unreachable");
-                } else {
-                    tracing::debug!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator");
-                }
+            if !busy {
+                break;
             }
         }
-        if control.is_closed() {
+        if sm.is_ended() || control.is_closed() {
+            if let Some(l) = live.take() {
+                l.conn.close(0u32.into(), b"bye");
+            }
             return;
         }
-        failures = failures.saturating_add(1);
-        let delay = if refused {
-            RECONNECT_DELAY_REFUSED
-        } else {
-            reconnect_delay(failures, jitter_seed())
+        let mut wake = sm
+            .poll_timeout()
+            .map(|ms| origin + Duration::from_millis(ms));
+        if live.is_some() {
+            wake = Some(wake.map_or(heard_poll, |w| w.min(heard_poll)));
+        }
+        let sleep = async {
+            match wake {
+                Some(w) => tokio::time::sleep_until(w.into()).await,
+                None => std::future::pending().await,
+            }
         };
-        tracing::debug!(?delay, failures, "reconnecting after a pause");
-        tokio::time::sleep(delay).await;
+        let recv = async {
+            match live.as_mut() {
+                Some(l) => Some(l.rx.next::<CoordMsg>().await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = recv => match msg {
+                Some(Ok(m)) => sm.handle_message(now(), m),
+                Some(Err(e)) => {
+                    let result = Err(e);
+                    let kind = closed_kind(live.as_ref().map(|l| &l.conn), &result);
+                    end_connection(&mut live, &result);
+                    sm.handle_closed(now(), kind);
+                }
+                None => {}
+            },
+            _ = shared.outbox.notified() => sm.outbox_changed(now()),
+            _ = sleep => {}
+        }
+        // Whatever woke us, timers that are due run now (a busy outbox
+        // must not starve them).
+        if Instant::now() >= heard_poll {
+            heard_poll = Instant::now() + HEARD_POLL;
+            if let Some(l) = live.as_mut() {
+                // The keep-alives of both ends keep packets coming on a
+                // live link: a silence says it is cut well before the
+                // idle timeout does.
+                let rx = l.conn.stats().udp_rx.datagrams;
+                if rx != l.rx_datagrams {
+                    l.rx_datagrams = rx;
+                    sm.handle_heard(now());
+                }
+                if let Some(reason) = l.conn.close_reason() {
+                    let result = Err(SessionError::Connection(reason));
+                    let kind = closed_kind(Some(&l.conn), &result);
+                    end_connection(&mut live, &result);
+                    sm.handle_closed(now(), kind);
+                }
+            }
+        }
+        let t = now();
+        if sm.poll_timeout().is_some_and(|due| t.mono_ms >= due) {
+            sm.handle_timeout(t);
+        }
     }
 }
 
-async fn session(
-    conn: &quinn::Connection,
+fn end_connection(live: &mut Option<Live>, result: &Result<(), SessionError>) {
+    if let Some(l) = live.take() {
+        match result {
+            Err(e) if refused_by_tls(e) => {
+                tracing::error!(error = %e, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely")
+            }
+            Err(e) => tracing::warn!(error = %e, "session down"),
+            Ok(()) => tracing::info!("session closed"),
+        }
+        l.conn.close(0u32.into(), b"bye");
+    }
+}
+
+fn log_event(event: &Event) {
+    match event {
+        Event::SessionUp {
+            last_revision,
+            outbox_len,
+        } => tracing::info!(last_revision, outbox_len, "session up"),
+        Event::LinkSilent { silent_ms } => tracing::info!(
+            silent_ms,
+            "nothing heard from the coordinator; runs fired now are marked offline"
+        ),
+        Event::LinkHeard => tracing::info!("the coordinator is heard again"),
+        Event::Revoked => tracing::error!("this agent was revoked by its coordinator: no more sessions (local tasks still fire); to use this device again, move its data directory away and join with a new token"),
+        Event::HandshakeRefused { why } => tracing::warn!(reason = %why, "the coordinator refused the session"),
+        Event::ResultsAcked { batch_id, runs } => tracing::debug!(batch_id, runs, "results acknowledged"),
+        other => tracing::trace!(event = ?other, "session"),
+    }
+}
+
+/// Carries out one effect of the machine; false when the agent stops.
+#[allow(clippy::too_many_arguments)]
+async fn perform(
+    effect: AgentEffect,
+    cfg: &SessionConfig,
     store: &AgentStore,
     control: &mpsc::Sender<Control>,
     shared: &SessionShared,
-) -> Result<(), SessionError> {
-    let (mut tx, rx) = conn.open_bi().await?;
-    let mut rx = FramedRecv::new(rx);
-    let last_revision = store.get_meta::<u64>(meta::LAST_REVISION)?.unwrap_or(0);
-    send(
-        &mut tx,
-        &AgentMsg::Hello {
-            last_revision,
-            outbox_len: store.outbox_len()?,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            allow_exec: hello_allowlist(&shared.allow_exec),
+    sm: &mut AgentSession,
+    live: &mut Option<Live>,
+    reported: &mut Option<&'static str>,
+    now: impl Fn() -> Now,
+) -> bool {
+    let to_runtime = |c: Control| async move { control.send(c).await.is_ok() };
+    match effect {
+        AgentEffect::Connect => match dial(cfg, store, shared).await {
+            Ok((l, hello)) => {
+                *reported = None;
+                tracing::info!(coordinator = %cfg.coordinator, "connected");
+                *live = Some(l);
+                sm.handle_connected(now(), hello);
+            }
+            Err(e) => {
+                let result = Err(e);
+                let kind = closed_kind(None, &result);
+                if let Err(e) = &result {
+                    if kind == Closed::RefusedByTls {
+                        if *reported != Some("refused") {
+                            tracing::error!(error = %e, coordinator = %cfg.coordinator, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely");
+                            *reported = Some("refused");
+                        }
+                    } else if *reported != Some("unreachable") {
+                        tracing::info!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator; tasks keep firing and runs wait in the outbox");
+                        *reported = Some("unreachable");
+                    } else {
+                        tracing::debug!(error = %e, coordinator = %cfg.coordinator, "cannot reach the coordinator");
+                    }
+                }
+                sm.handle_connect_failed(now(), kind);
+            }
         },
-    )
-    .await?;
-    let clock = SystemClock;
-    let mut in_flight: HashMap<u64, Vec<RunKey>> = HashMap::new();
-    let mut cursor: u64 = 0;
-    let mut next_batch: u64 = 1;
-    let mut probe = tokio::time::interval(CLOCK_PROBE_INTERVAL);
-    let mut poll = tokio::time::interval(OUTBOX_POLL);
-    let mut last_rx = conn.stats().udp_rx.datagrams;
-    let mut heard_at = Instant::now();
-    let mut synced_at = Instant::now() - Duration::from_secs(3600);
-    loop {
-        // Fill the window with the oldest records not yet sent on this connection.
-        while in_flight.len() < BATCHES_IN_FLIGHT_MAX {
-            let batch = store.outbox_after(cursor, RESULT_BATCH_RUNS_MAX, BATCH_BYTES_MAX)?;
-            let Some((last, _)) = batch.last() else { break };
-            cursor = *last;
-            let keys: Vec<RunKey> = batch.iter().map(|(_, r)| r.key()).collect();
-            let runs = batch.into_iter().map(|(_, r)| r).collect();
-            send(
-                &mut tx,
-                &AgentMsg::Results {
-                    batch_id: next_batch,
-                    runs,
-                },
-            )
-            .await?;
-            if crate::fault::active("ack-early") {
-                store.outbox_ack(&keys)?;
+        AgentEffect::ReadOutbox {
+            after,
+            runs_max,
+            bytes_max,
+        } => match store.outbox_after(after, runs_max, bytes_max) {
+            Ok(batch) => sm.handle_outbox(now(), batch),
+            Err(e) => {
+                tracing::error!(error = %e, "could not read the outbox; closing the session");
+                end_connection(live, &Err(SessionError::Store(e)));
+                sm.handle_closed(now(), Closed::Lost);
             }
-            in_flight.insert(next_batch, keys);
-            next_batch += 1;
-        }
-        if synced_at.elapsed() > LAST_SYNC_PERSIST {
-            synced_at = Instant::now();
-            store.put_meta(&[(meta::LAST_SYNC_MS, clock.read().wall_ms)])?;
-        }
-        tokio::select! {
-            msg = rx.next::<CoordMsg>() => match msg? {
-                CoordMsg::Assignments { changes, upto_revision, .. } => {
-                    for change in changes {
-                        let c = match change {
-                            AssignmentChange::Upsert(spec) => Control::Upsert(spec),
-                            AssignmentChange::Cancel { task_id, revision } => Control::Cancel { task_id, revision },
-                        };
-                        control.send(c).await.map_err(|_| SessionError::Stopping)?;
+        },
+        AgentEffect::Apply {
+            changes,
+            upto_revision,
+        } => {
+            for change in changes {
+                let c = match change {
+                    AssignmentChange::Upsert(spec) => Control::Upsert(spec),
+                    AssignmentChange::Cancel { task_id, revision } => {
+                        Control::Cancel { task_id, revision }
                     }
-                    control.send(Control::Revision(upto_revision)).await.map_err(|_| SessionError::Stopping)?;
-                }
-                CoordMsg::ResultsAck { batch_id, keys } => {
-                    let removed = store.outbox_ack(&keys)?;
-                    in_flight.remove(&batch_id);
-                    tracing::debug!(batch_id, removed, "results acknowledged");
-                }
-                CoordMsg::ClockReply { t1, t2, t3 } => {
-                    let t4 = clock.read().wall_ms;
-                    let (t1, t2, t3) = (t1.as_millis(), t2.as_millis(), t3.as_millis());
-                    let offset_ms = ((t2 - t1) + (t3 - t4)) / 2;
-                    let rtt_ms = (t4 - t1) - (t3 - t2);
-                    control.send(Control::Clock { offset_ms, rtt_ms }).await.map_err(|_| SessionError::Stopping)?;
-                    send(&mut tx, &AgentMsg::ClockReport { offset_ms, rtt_ms }).await?;
-                }
-                CoordMsg::Refused { reason } => return Err(SessionError::Refused(reason)),
-                CoordMsg::RunNow { task_id, at } => {
-                    control.send(Control::RunNow { task_id, at }).await.map_err(|_| SessionError::Stopping)?;
-                }
-            },
-            _ = shared.outbox.notified() => {}
-            _ = poll.tick() => {
-                // The keep-alives of both ends keep packets coming on a live
-                // link: a silence says the link is cut well before the idle
-                // timeout does, so runs fired meanwhile are marked offline.
-                let rx = conn.stats().udp_rx.datagrams;
-                if rx != last_rx {
-                    last_rx = rx;
-                    heard_at = Instant::now();
-                    if !shared.online.swap(true, Ordering::SeqCst) {
-                        tracing::info!("the coordinator is heard again");
-                    }
-                } else if heard_at.elapsed() > LINK_SILENT_MAX
-                    && shared.online.swap(false, Ordering::SeqCst)
-                {
-                    tracing::info!(silent_ms = heard_at.elapsed().as_millis() as u64, "nothing heard from the coordinator; runs fired now are marked offline");
+                };
+                if !to_runtime(c).await {
+                    return false;
                 }
             }
-            _ = probe.tick() => {
-                let t1 = Timestamp::from_millis_saturating(clock.read().wall_ms);
-                send(&mut tx, &AgentMsg::ClockProbe { t1 }).await?;
+            if !to_runtime(Control::Revision(upto_revision)).await {
+                return false;
             }
+        }
+        AgentEffect::Ack { keys } => {
+            if let Err(e) = store.outbox_ack(&keys) {
+                tracing::error!(error = %e, "could not delete acknowledged records; closing the session (they are sent again)");
+                end_connection(live, &Err(SessionError::Store(e)));
+                sm.handle_closed(now(), Closed::Lost);
+            }
+        }
+        AgentEffect::Clock { offset_ms, rtt_ms } => {
+            if !to_runtime(Control::Clock { offset_ms, rtt_ms }).await {
+                return false;
+            }
+        }
+        AgentEffect::RunNow { task_id, at } => {
+            if !to_runtime(Control::RunNow { task_id, at }).await {
+                return false;
+            }
+        }
+        AgentEffect::Online(online) => shared.online.store(online, Ordering::SeqCst),
+        AgentEffect::PersistLastSync { wall } => {
+            if let Err(e) = store.put_meta(&[(meta::LAST_SYNC_MS, wall.as_millis())]) {
+                tracing::warn!(error = %e, "could not record the last sync");
+            }
+        }
+        AgentEffect::Revoked => {
+            if let Err(e) = store.put_meta(&[(meta::REVOKED, true)]) {
+                tracing::error!(error = %e, "could not record the revocation");
+            }
+        }
+        AgentEffect::Disconnect => {
+            end_connection(live, &Ok(()));
+            sm.handle_closed(now(), Closed::Lost);
         }
     }
+    true
+}
+
+/// Dials the coordinator and opens the session stream; what Hello says.
+async fn dial(
+    cfg: &SessionConfig,
+    store: &AgentStore,
+    shared: &SessionShared,
+) -> Result<(Live, HelloInfo), SessionError> {
+    let identity = Identity {
+        chain: vec![cfg.cert.clone()],
+        key: cfg.key.clone_key(),
+    };
+    let (endpoint, conn) = connect(
+        &cfg.coordinator,
+        &cfg.server_name,
+        ServerTrust::Ca(cfg.ca.clone()),
+        Some(identity),
+        ALPN,
+    )
+    .await?;
+    let opened = async {
+        let (tx, rx) = conn.open_bi().await?;
+        Ok::<_, SessionError>((tx, rx))
+    }
+    .await;
+    let (tx, rx) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            // Revoked shows here: the coordinator closes with its code.
+            if let Some(reason) = conn.close_reason() {
+                return Err(SessionError::Connection(reason));
+            }
+            return Err(e);
+        }
+    };
+    let hello = HelloInfo {
+        last_revision: store.get_meta::<u64>(meta::LAST_REVISION)?.unwrap_or(0),
+        outbox_len: store.outbox_len()?,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        allow_exec: shared.allow_exec.clone(),
+    };
+    let rx_datagrams = conn.stats().udp_rx.datagrams;
+    Ok((
+        Live {
+            _endpoint: endpoint,
+            conn,
+            tx,
+            rx: FramedRecv::new(rx),
+            rx_datagrams,
+        },
+        hello,
+    ))
 }

@@ -25,15 +25,18 @@ use sundial_protocol::policy::RETRIES_MAX;
 use sundial_protocol::task::{Action, Target};
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
-    chunk_by_size, close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, AssignmentChange,
-    CoordMsg, EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
+    chunk_by_size, close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, CoordMsg,
+    EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
     ADMIN_REQUEST_BYTES_MAX, ALPN, ALPN_ADMIN, ALPN_ENROLL, ENROLL_FRAME_BYTES_MAX,
-    HELLO_FRAME_BYTES_MAX, LIST_CHUNK_BYTES_MAX, RESULT_BATCH_RUNS_MAX, TASK_SPEC_BYTES_MAX,
+    HELLO_FRAME_BYTES_MAX, LIST_CHUNK_BYTES_MAX, TASK_SPEC_BYTES_MAX,
 };
 use sundial_protocol::{
     AgentId, DurationMs, RunKey, RunRecord, ScheduleKind, TaskId, TaskSpec, Timestamp,
 };
 use tokio::sync::{watch, Semaphore};
+
+use sundial_core::session::coordinator::{CoordEffect, CoordSession, UploadLimits};
+use sundial_core::session::{Event, Now};
 
 use crate::cli::now;
 use crate::net::{self, FramedRecv, NetError};
@@ -697,68 +700,6 @@ fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
 
 // ---- sessions -------------------------------------------------------------
 
-/// The assignment changes for `agent` since `since`, as messages each under
-/// [`LIST_CHUNK_BYTES_MAX`]. Every message but the last carries the revision
-/// of its own last change, so an agent cut off midway resumes after it.
-///
-/// A task created before the agent enrolled counts for it from its
-/// enrollment: occurrences before that were never its to run (so a newly
-/// joined agent neither replays nor records them).
-fn assignment_messages(
-    state: &State,
-    agent: AgentId,
-    labels: &[(String, String)],
-    enrolled_at: Timestamp,
-    since: u64,
-) -> Result<(Vec<CoordMsg>, u64), StoreError> {
-    let upto = state.store.revision()?;
-    let changes: Vec<AssignmentChange> = state
-        .store
-        .changes_for(agent, labels, since)?
-        .into_iter()
-        .map(|(mut spec, cancelled)| {
-            if cancelled {
-                AssignmentChange::Cancel {
-                    task_id: spec.id,
-                    revision: spec.revision,
-                }
-            } else {
-                spec.created_at = spec.created_at.max(enrolled_at);
-                AssignmentChange::Upsert(Box::new(spec))
-            }
-        })
-        .collect();
-    if changes.is_empty() {
-        return Ok((Vec::new(), upto));
-    }
-    let pages = chunk_by_size(changes, LIST_CHUNK_BYTES_MAX);
-    let last = pages.len() - 1;
-    let msgs = pages
-        .into_iter()
-        .enumerate()
-        .map(|(i, changes)| {
-            let upto_revision = if i == last {
-                upto
-            } else {
-                changes.last().map_or(since, change_revision)
-            };
-            CoordMsg::Assignments {
-                snapshot: false,
-                changes,
-                upto_revision,
-            }
-        })
-        .collect();
-    Ok((msgs, upto))
-}
-
-fn change_revision(c: &AssignmentChange) -> u64 {
-    match c {
-        AssignmentChange::Upsert(spec) => spec.revision,
-        AssignmentChange::Cancel { revision, .. } => *revision,
-    }
-}
-
 async fn handle_session(
     state: &Arc<State>,
     conn: quinn::Connection,
@@ -862,7 +803,7 @@ async fn handle_session(
         },
         agent,
         &record,
-        last_revision,
+        (last_revision, outbox_len),
     )
     .await;
     reader.abort();
@@ -902,37 +843,6 @@ fn close_for(conn: &quinn::Connection, e: NetError) -> NetError {
     e
 }
 
-/// A token bucket: `rate` units a second, up to one second's worth saved.
-#[derive(Debug)]
-struct Bucket {
-    rate: f64,
-    level: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(rate: f64) -> Bucket {
-        Bucket {
-            rate: rate.max(1.0),
-            level: rate.max(1.0),
-            at: Instant::now(),
-        }
-    }
-
-    /// Takes `n` units; returns how long to wait before going on.
-    fn take(&mut self, n: f64) -> Duration {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.level = (self.level + elapsed * self.rate).min(self.rate) - n;
-        if self.level >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.level / self.rate)
-        }
-    }
-}
-
 /// Why an agent's result batch is refused, if it is.
 fn check_results(
     state: &State,
@@ -941,16 +851,12 @@ fn check_results(
     assigned: &mut HashMap<TaskId, bool>,
     runs: &[RunRecord],
 ) -> Result<Option<String>, StoreError> {
-    if runs.len() > RESULT_BATCH_RUNS_MAX {
-        return Ok(Some(format!(
-            "result batch of {} runs exceeds {RESULT_BATCH_RUNS_MAX}",
-            runs.len()
-        )));
+    // Size and plausibility are the core's (`refusal`), checked again here
+    // because this is what stands before the store.
+    if let Some(why) = sundial_core::session::coordinator::refusal(runs) {
+        return Ok(Some(why));
     }
     for r in runs {
-        if let Some(why) = r.implausibility() {
-            return Ok(Some(why));
-        }
         if assigned.len() > ASSIGNED_CACHE_MAX {
             assigned.clear();
         }
@@ -989,14 +895,18 @@ async fn session_loop(
     queues: SessionQueues,
     agent: AgentId,
     record: &AgentRecordV1,
-    last_revision: u64,
+    hello: (u64, u64),
 ) -> Result<(), NetError> {
     let SessionQueues {
         mut inbox,
         mut outbox,
     } = queues;
+    let origin = Instant::now();
+    let clock = || Now {
+        mono_ms: origin.elapsed().as_millis() as u64,
+        wall: now(),
+    };
     let mut revisions = state.revision.subscribe();
-    let mut sent = last_revision;
     let store_failed = |e: StoreError| {
         tracing::error!(error = %e, %agent, "store failed during a session");
         state.note_store_error(&e);
@@ -1006,36 +916,111 @@ async fn session_loop(
     let labels = Arc::new(record.labels.clone());
     let enrolled_at = Timestamp::from_millis_saturating(record.enrolled_at_ms);
     let mut assigned: HashMap<TaskId, bool> = HashMap::new();
-    let mut runs_bucket = Bucket::new(f64::from(state.limits.upload_runs_per_sec));
-    let mut bytes_bucket = Bucket::new(state.limits.upload_bytes_per_sec as f64);
-    let mut throttled_logged = false;
-    let fetch = |since: u64| {
-        let labels = labels.clone();
-        async move {
-            blocking(state, move |s| {
-                assignment_messages(s, agent, &labels, enrolled_at, since)
-            })
-            .await
-            .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
-        }
-    };
-    let (msgs, upto) = fetch(sent).await.map_err(store_failed)?;
-    if msgs.is_empty() {
-        net::send(
-            send,
-            &CoordMsg::Assignments {
-                snapshot: false,
-                changes: Vec::new(),
-                upto_revision: upto,
-            },
-        )
-        .await?;
-    }
-    for m in &msgs {
-        net::send(send, m).await?;
-    }
-    sent = upto;
+    let mut sm = CoordSession::new(
+        clock(),
+        agent,
+        enrolled_at,
+        hello.0,
+        hello.1,
+        UploadLimits {
+            runs_per_sec: state.limits.upload_runs_per_sec,
+            bytes_per_sec: state.limits.upload_bytes_per_sec,
+        },
+    );
     loop {
+        // Drive the machine until it has nothing more to say.
+        loop {
+            let mut busy = false;
+            while let Some(effect) = sm.poll_effect() {
+                busy = true;
+                match effect {
+                    CoordEffect::LoadChanges { since } => {
+                        let labels = labels.clone();
+                        let (changes, upto) = blocking(state, move |s| {
+                            let upto = s.store.revision()?;
+                            Ok((s.store.changes_for(agent, &labels, since)?, upto))
+                        })
+                        .await
+                        .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
+                        .map_err(store_failed)?;
+                        sm.handle_changes(changes, upto);
+                    }
+                    CoordEffect::StoreRuns { batch_id, runs } => {
+                        let labels = labels.clone();
+                        let cache = std::mem::take(&mut assigned);
+                        let checked = blocking(state, move |s| {
+                            let mut cache = cache;
+                            let verdict = check_results(s, agent, &labels, &mut cache, &runs);
+                            let stored = match &verdict {
+                                Ok(None) => Some(s.store.put_runs(&runs)),
+                                _ => None,
+                            };
+                            let keys: Vec<RunKey> = runs.iter().map(RunRecord::key).collect();
+                            (verdict, stored, cache, keys)
+                        })
+                        .await;
+                        let Some((verdict, stored, cache, keys)) = checked else {
+                            return Err(store_failed(StoreError::Refused(
+                                "store worker failed".into(),
+                            )));
+                        };
+                        assigned = cache;
+                        let verdict = match verdict.map_err(store_failed)? {
+                            Some(why) => Err(why),
+                            None => Ok(keys),
+                        };
+                        if let Some(stored) = stored {
+                            let conflicts = stored.map_err(store_failed)?;
+                            for (task, _, sched, attempt) in conflicts {
+                                tracing::warn!(%agent, task = %TaskId(task), scheduled_at = %Timestamp::from_millis_saturating(sched), attempt, "a different record for a run already stored was refused; the first record stands");
+                            }
+                        }
+                        sm.handle_stored(clock(), batch_id, verdict);
+                    }
+                    CoordEffect::ClockReport { offset_ms, rtt_ms } => {
+                        let seen = now().as_millis();
+                        let _ = blocking(state, move |s| {
+                            s.store.update_agent(agent, |r| {
+                                r.clock_offset_ms = Some(offset_ms);
+                                r.rtt_ms = Some(rtt_ms);
+                                r.last_seen_ms = Some(seen);
+                            })
+                        })
+                        .await;
+                    }
+                    CoordEffect::Close { code, reason } => {
+                        // What was answered before the close still goes out.
+                        while let Some(m) = sm.poll_transmit() {
+                            let _ = net::send(send, &m).await;
+                        }
+                        while let Some(event) = sm.poll_event() {
+                            log_session_event(&event);
+                        }
+                        conn.close(code.into(), reason.as_bytes());
+                        return Ok(());
+                    }
+                }
+            }
+            while let Some(m) = sm.poll_transmit() {
+                busy = true;
+                net::send(send, &m).await?;
+            }
+            while let Some(event) = sm.poll_event() {
+                log_session_event(&event);
+            }
+            if !busy {
+                break;
+            }
+        }
+        let wake = sm
+            .poll_timeout()
+            .map(|ms| origin + Duration::from_millis(ms));
+        let sleep = async {
+            match wake {
+                Some(w) => tokio::time::sleep_until(w.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             msg = inbox.recv() => {
                 let Some(msg) = msg else { return Err(NetError::Eof) };
@@ -1043,88 +1028,44 @@ async fn session_loop(
                 if let Ok(mut seen) = state.seen.lock() {
                     seen.entry(agent).or_default().last_contact_ms = Some(now().as_millis());
                 }
-                match msg {
-                    AgentMsg::Results { batch_id, mut runs } => {
-                        // Identity comes from the certificate, never from the record.
-                        for r in &mut runs {
-                            r.agent_id = agent;
-                        }
-                        let bytes = postcard::experimental::serialized_size(&runs).unwrap_or(0);
-                        let wait = runs_bucket
-                            .take(runs.len() as f64)
-                            .max(bytes_bucket.take(bytes as f64));
-                        if !wait.is_zero() {
-                            if !throttled_logged {
-                                throttled_logged = true;
-                                tracing::warn!(%agent, runs_per_sec = state.limits.upload_runs_per_sec, "agent uploads faster than its limit; slowing it down");
-                            }
-                            tokio::time::sleep(wait).await;
-                        }
-                        let labels = labels.clone();
-                        let mut cache = std::mem::take(&mut assigned);
-                        let checked = blocking(state, move |s| {
-                            let verdict = check_results(s, agent, &labels, &mut cache, &runs);
-                            let stored = match &verdict {
-                                Ok(None) => Some(s.store.put_runs(&runs)),
-                                _ => None,
-                            };
-                            (verdict, stored, cache, runs)
-                        })
-                        .await;
-                        let Some((verdict, stored, cache, runs)) = checked else {
-                            return Err(store_failed(StoreError::Refused("store worker failed".into())));
-                        };
-                        assigned = cache;
-                        if let Some(why) = verdict.map_err(store_failed)? {
-                            tracing::warn!(%agent, batch_id, reason = %why, "refused a result batch; closing the session");
-                            conn.close(close::PROTOCOL.into(), format!("refused: {why}").as_bytes());
-                            return Ok(());
-                        }
-                        if let Some(stored) = stored {
-                            let conflicts = stored.map_err(store_failed)?;
-                            for (task, _, sched, attempt) in conflicts {
-                                tracing::warn!(%agent, task = %TaskId(task), scheduled_at = %Timestamp::from_millis_saturating(sched), attempt, "a different record for a run already stored was refused; the first record stands");
-                            }
-                        }
-                        let keys: Vec<RunKey> = runs.iter().map(|r| r.key()).collect();
-                        net::send(send, &CoordMsg::ResultsAck { batch_id, keys }).await?;
-                    }
-                    AgentMsg::ClockProbe { t1 } => {
-                        let t2 = now();
-                        net::send(send, &CoordMsg::ClockReply { t1, t2, t3: now() }).await?;
-                    }
-                    AgentMsg::ClockReport { offset_ms, rtt_ms } => {
-                        let seen = now().as_millis();
-                        let _ = blocking(state, move |s| s.store.update_agent(agent, |r| {
-                            r.clock_offset_ms = Some(offset_ms);
-                            r.rtt_ms = Some(rtt_ms);
-                            r.last_seen_ms = Some(seen);
-                        })).await;
-                    }
-                    AgentMsg::Hello { .. } => {
-                        conn.close(close::PROTOCOL.into(), b"Hello twice");
-                        return Ok(());
-                    }
-                }
+                sm.handle_message(clock(), msg);
             }
-            Some(m) = outbox.recv() => {
-                net::send(send, &m).await?;
-            }
+            Some(m) = outbox.recv() => sm.handle_push(m),
             changed = revisions.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                let (msgs, upto) = fetch(sent).await.map_err(store_failed)?;
-                // Changes for other agents are not news here; the revision
-                // catches up with the next change that is.
-                for m in &msgs {
-                    net::send(send, m).await?;
-                }
-                // Seen, whether or not any of it was ours: the next look
-                // starts here (a reconnect starts from the agent's own revision).
-                sent = upto;
+                let revision = *revisions.borrow_and_update();
+                sm.handle_revision(revision);
             }
+            _ = sleep => {}
         }
+        let t = clock();
+        if sm.poll_timeout().is_some_and(|due| t.mono_ms >= due) {
+            sm.handle_timeout(t);
+        }
+    }
+}
+
+fn log_session_event(event: &Event) {
+    match event {
+        Event::ResultsRefused {
+            agent,
+            batch_id,
+            why,
+        } => {
+            tracing::warn!(%agent, batch_id, reason = %why, "refused a result batch; closing the session")
+        }
+        Event::UploadThrottled { agent, wait_ms } => {
+            tracing::warn!(%agent, wait_ms, "agent uploads faster than its limit; slowing it down")
+        }
+        Event::AssignmentsSent {
+            agent,
+            changes,
+            messages,
+            upto_revision,
+        } => tracing::debug!(%agent, changes, messages, upto_revision, "assignments sent"),
+        other => tracing::trace!(event = ?other, "session"),
     }
 }
 

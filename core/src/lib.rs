@@ -10,4 +10,5 @@
 
 pub mod clock;
 pub mod scheduler;
+pub mod session;
 pub mod wheel;

@@ -1,0 +1,662 @@
+//! The agent's side of the coordinator session, as a state machine.
+//!
+//! Inputs are `handle_*` calls with the time; outputs are drained with
+//! `poll_transmit` (messages for the coordinator), `poll_effect` (what the
+//! shell must do: dial, read the outbox, apply assignments, delete
+//! acknowledged records…), `poll_event` (what happened, for logs and
+//! metrics) and `poll_timeout` (when to call `handle_timeout` next).
+//!
+//! Invariant: a record leaves the outbox only by [`AgentEffect::Ack`], on
+//! an acknowledgement from the coordinator (sent after its commit); after a
+//! reconnect everything not acknowledged is sent again (the coordinator
+//! stores by run key, so nothing doubles).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg, RESULT_BATCH_RUNS_MAX};
+use sundial_protocol::{RunKey, RunRecord, TaskId, Timestamp};
+
+use super::{Event, Now, Rng};
+
+/// How often clock samples are exchanged, in ms.
+pub const CLOCK_PROBE_INTERVAL_MS: u64 = 30_000;
+/// The first wait after a failed connection, in ms.
+pub const RECONNECT_DELAY_MIN_MS: u64 = 250;
+/// The longest wait between reconnect attempts, in ms.
+pub const RECONNECT_DELAY_MAX_MS: u64 = 30_000;
+/// The wait between attempts while the coordinator refuses our certificate,
+/// in ms: retrying harder cannot help, and a fleet of revoked devices must
+/// not load the coordinator.
+pub const RECONNECT_DELAY_REFUSED_MS: u64 = 600_000;
+/// A session that lasted this long resets the backoff, in ms.
+pub const SESSION_STABLE_MS: u64 = 5_000;
+/// Nothing heard from the coordinator for this long: runs fired from now on
+/// are marked `offline`, before the idle timeout closes the connection, in ms.
+pub const LINK_SILENT_MAX_MS: u64 = 2_500;
+/// Result batches sent and not yet acknowledged.
+pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
+/// Bytes of records in one batch (the frame limit is larger).
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+/// Runs in one batch.
+pub const BATCH_RUNS_MAX: usize = RESULT_BATCH_RUNS_MAX;
+/// How often the outbox is looked at even without a notification, in ms.
+pub const OUTBOX_POLL_MS: u64 = 500;
+/// How often a live session records its time as the last sync, in ms (a
+/// durable write: kept rare so a large fleet does not drown in fsyncs).
+pub const LAST_SYNC_PERSIST_MS: u64 = 300_000;
+/// Patterns of the allowlist told in Hello, and characters of each (the
+/// Hello frame is small; the agent enforces its whole list).
+pub const HELLO_PATTERNS_MAX: usize = 32;
+pub const HELLO_PATTERN_CHARS_MAX: usize = 200;
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentEffect {
+    /// Dial the coordinator; answer with `handle_connected` or `handle_connect_failed`.
+    Connect,
+    /// Read up to this much of the outbox after sequence `after`; answer
+    /// with `handle_outbox`.
+    ReadOutbox {
+        after: u64,
+        runs_max: usize,
+        bytes_max: usize,
+    },
+    /// Apply these changes in order, then persist `upto_revision` as applied.
+    Apply {
+        changes: Vec<AssignmentChange>,
+        upto_revision: u64,
+    },
+    /// The coordinator stored these runs: delete them from the outbox.
+    Ack { keys: Vec<RunKey> },
+    /// The coordinator's clock, measured.
+    Clock { offset_ms: i64, rtt_ms: i64 },
+    /// An operator's extra run.
+    RunNow { task_id: TaskId, at: Timestamp },
+    /// Whether runs fired from now on are online (the link is heard).
+    Online(bool),
+    /// Persist this instant as the last sync.
+    PersistLastSync { wall: Timestamp },
+    /// The coordinator revoked this agent: persist it; no more sessions.
+    Revoked,
+    /// End the connection (the coordinator refused the session).
+    Disconnect,
+}
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// Lost, timed out, or closed without a reason that changes anything.
+    Lost,
+    /// TLS refused our certificate (revoked or another coordinator).
+    RefusedByTls,
+    /// The coordinator closed it with the REVOKED code.
+    Revoked,
+}
+
+/// What the agent tells in Hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelloInfo {
+    pub last_revision: u64,
+    pub outbox_len: u64,
+    pub agent_version: String,
+    pub allow_exec: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Up {
+    since_ms: u64,
+    in_flight: BTreeMap<u64, Vec<RunKey>>,
+    cursor: u64,
+    next_batch: u64,
+    reading: bool,
+    /// The last read found nothing new; wait for a notification or the poll.
+    drained: bool,
+    next_poll_ms: u64,
+    heard_ms: u64,
+    online: bool,
+    next_probe_ms: u64,
+}
+
+#[derive(Debug)]
+enum Link {
+    /// Waiting to dial at `retry_ms` (`None`: dial at the next timeout).
+    Down {
+        retry_ms: Option<u64>,
+    },
+    Connecting,
+    Up(Up),
+    /// Revoked: no more sessions.
+    Ended,
+}
+
+/// The agent's session state machine.
+#[derive(Debug)]
+pub struct AgentSession {
+    link: Link,
+    failures: u32,
+    refused: bool,
+    rng: Rng,
+    last_sync_ms: Option<u64>,
+    transmit: VecDeque<AgentMsg>,
+    effects: VecDeque<AgentEffect>,
+    events: VecDeque<Event>,
+}
+
+/// Backoff before reconnect attempt `failures` (1-based): full jitter over
+/// the upper half of `min(max, min × 2^failures)`.
+pub fn reconnect_delay_ms(failures: u32, random: u64) -> u64 {
+    let base = RECONNECT_DELAY_MIN_MS.saturating_mul(1u64 << failures.min(20));
+    let ceiling = base.clamp(1, RECONNECT_DELAY_MAX_MS);
+    ceiling / 2 + random % (ceiling / 2 + 1)
+}
+
+impl AgentSession {
+    /// A session that dials at once; `seed` drives the jitter.
+    pub fn new(seed: u64) -> AgentSession {
+        AgentSession {
+            link: Link::Down { retry_ms: None },
+            failures: 0,
+            refused: false,
+            rng: Rng::new(seed),
+            last_sync_ms: None,
+            transmit: VecDeque::new(),
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        matches!(self.link, Link::Up(_))
+    }
+
+    /// Revoked: this agent makes no more sessions.
+    pub fn is_ended(&self) -> bool {
+        matches!(self.link, Link::Ended)
+    }
+
+    /// Batches sent and not acknowledged on this connection.
+    pub fn in_flight(&self) -> usize {
+        match &self.link {
+            Link::Up(up) => up.in_flight.len(),
+            _ => 0,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<AgentMsg> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_effect(&mut self) -> Option<AgentEffect> {
+        self.effects.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` is due next (monotonic ms).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match &self.link {
+            Link::Down { retry_ms } => Some(retry_ms.unwrap_or(0)),
+            Link::Connecting | Link::Ended => None,
+            Link::Up(up) => {
+                let mut t = up.next_probe_ms;
+                if up.online {
+                    t = t.min(up.heard_ms + LINK_SILENT_MAX_MS + 1);
+                }
+                if up.drained && !up.reading {
+                    t = t.min(up.next_poll_ms);
+                }
+                if let Some(s) = self.last_sync_ms {
+                    t = t.min(s + LAST_SYNC_PERSIST_MS);
+                }
+                Some(t)
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Now) {
+        match &mut self.link {
+            Link::Down { retry_ms } => {
+                if retry_ms.is_none_or(|r| now.mono_ms >= r) {
+                    self.link = Link::Connecting;
+                    self.effects.push_back(AgentEffect::Connect);
+                }
+            }
+            Link::Connecting | Link::Ended => {}
+            Link::Up(up) => {
+                if now.mono_ms >= up.next_probe_ms {
+                    up.next_probe_ms = now.mono_ms + CLOCK_PROBE_INTERVAL_MS;
+                    self.transmit
+                        .push_back(AgentMsg::ClockProbe { t1: now.wall });
+                }
+                if up.online && now.mono_ms > up.heard_ms + LINK_SILENT_MAX_MS {
+                    up.online = false;
+                    self.effects.push_back(AgentEffect::Online(false));
+                    self.events.push_back(Event::LinkSilent {
+                        silent_ms: now.mono_ms - up.heard_ms,
+                    });
+                }
+                if up.drained && !up.reading && now.mono_ms >= up.next_poll_ms {
+                    up.drained = false;
+                }
+                if self
+                    .last_sync_ms
+                    .is_some_and(|s| now.mono_ms >= s + LAST_SYNC_PERSIST_MS)
+                {
+                    self.last_sync_ms = Some(now.mono_ms);
+                    self.effects
+                        .push_back(AgentEffect::PersistLastSync { wall: now.wall });
+                }
+                self.fill_window(now);
+            }
+        }
+    }
+
+    /// The connection is up: say Hello, start sending the outbox.
+    pub fn handle_connected(&mut self, now: Now, hello: HelloInfo) {
+        if !matches!(self.link, Link::Connecting) {
+            return;
+        }
+        self.refused = false;
+        self.transmit.push_back(AgentMsg::Hello {
+            last_revision: hello.last_revision,
+            outbox_len: hello.outbox_len,
+            agent_version: hello.agent_version,
+            allow_exec: hello
+                .allow_exec
+                .iter()
+                .take(HELLO_PATTERNS_MAX)
+                .map(|p| p.chars().take(HELLO_PATTERN_CHARS_MAX).collect())
+                .collect(),
+        });
+        self.link = Link::Up(Up {
+            since_ms: now.mono_ms,
+            in_flight: BTreeMap::new(),
+            cursor: 0,
+            next_batch: 1,
+            reading: false,
+            drained: false,
+            next_poll_ms: now.mono_ms,
+            heard_ms: now.mono_ms,
+            online: true,
+            next_probe_ms: now.mono_ms,
+        });
+        self.effects.push_back(AgentEffect::Online(true));
+        self.events.push_back(Event::SessionUp {
+            last_revision: hello.last_revision,
+            outbox_len: hello.outbox_len,
+        });
+        // The first sync of a session is persisted at once.
+        self.last_sync_ms = Some(now.mono_ms);
+        self.effects
+            .push_back(AgentEffect::PersistLastSync { wall: now.wall });
+        self.handle_timeout(now);
+    }
+
+    pub fn handle_connect_failed(&mut self, now: Now, closed: Closed) {
+        if matches!(self.link, Link::Connecting) {
+            self.schedule_retry(now, closed);
+        }
+    }
+
+    /// The connection ended (after `handle_connected`).
+    pub fn handle_closed(&mut self, now: Now, closed: Closed) {
+        let Link::Up(up) = &self.link else {
+            if matches!(self.link, Link::Connecting) {
+                self.schedule_retry(now, closed);
+            }
+            return;
+        };
+        if now.mono_ms.saturating_sub(up.since_ms) > SESSION_STABLE_MS {
+            self.failures = 0;
+        }
+        let was_online = up.online;
+        self.events.push_back(Event::SessionDown { closed });
+        if was_online {
+            self.effects.push_back(AgentEffect::Online(false));
+        }
+        self.last_sync_ms = None;
+        self.schedule_retry(now, closed);
+    }
+
+    fn schedule_retry(&mut self, now: Now, closed: Closed) {
+        if closed == Closed::Revoked {
+            self.link = Link::Ended;
+            self.effects.push_back(AgentEffect::Revoked);
+            self.events.push_back(Event::Revoked);
+            return;
+        }
+        self.failures = self.failures.saturating_add(1);
+        let refused = closed == Closed::RefusedByTls;
+        if refused && !self.refused {
+            self.events.push_back(Event::HandshakeRefused {
+                why: "the coordinator refused this agent's certificate".into(),
+            });
+        }
+        self.refused = refused;
+        let delay = if refused {
+            RECONNECT_DELAY_REFUSED_MS
+        } else {
+            reconnect_delay_ms(self.failures, self.rng.next_u64())
+        };
+        self.link = Link::Down {
+            retry_ms: Some(now.mono_ms + delay),
+        };
+    }
+
+    /// Packets arrived from the coordinator (keep-alives included).
+    pub fn handle_heard(&mut self, now: Now) {
+        if let Link::Up(up) = &mut self.link {
+            up.heard_ms = now.mono_ms;
+            if !up.online {
+                up.online = true;
+                self.effects.push_back(AgentEffect::Online(true));
+                self.events.push_back(Event::LinkHeard);
+            }
+        }
+    }
+
+    /// New records are in the outbox.
+    pub fn outbox_changed(&mut self, now: Now) {
+        if let Link::Up(up) = &mut self.link {
+            up.drained = false;
+        }
+        self.fill_window(now);
+    }
+
+    /// The answer to [`AgentEffect::ReadOutbox`]: `(sequence, record)` in order.
+    pub fn handle_outbox(&mut self, now: Now, batch: Vec<(u64, RunRecord)>) {
+        let Link::Up(up) = &mut self.link else { return };
+        if !up.reading {
+            // Not asked for (a read from a session that has ended).
+            return;
+        }
+        up.reading = false;
+        let Some((last, _)) = batch.last() else {
+            up.drained = true;
+            up.next_poll_ms = now.mono_ms + OUTBOX_POLL_MS;
+            return;
+        };
+        up.cursor = up.cursor.max(*last);
+        let batch_id = up.next_batch;
+        up.next_batch += 1;
+        let keys: Vec<RunKey> = batch.iter().map(|(_, r)| r.key()).collect();
+        self.events.push_back(Event::ResultsSent {
+            batch_id,
+            runs: keys.len(),
+        });
+        up.in_flight.insert(batch_id, keys);
+        self.transmit.push_back(AgentMsg::Results {
+            batch_id,
+            runs: batch.into_iter().map(|(_, r)| r).collect(),
+        });
+        self.fill_window(now);
+    }
+
+    fn fill_window(&mut self, _now: Now) {
+        let Link::Up(up) = &mut self.link else { return };
+        if !up.reading && !up.drained && up.in_flight.len() < BATCHES_IN_FLIGHT_MAX {
+            up.reading = true;
+            self.effects.push_back(AgentEffect::ReadOutbox {
+                after: up.cursor,
+                runs_max: BATCH_RUNS_MAX,
+                bytes_max: BATCH_BYTES_MAX,
+            });
+        }
+    }
+
+    pub fn handle_message(&mut self, now: Now, msg: CoordMsg) {
+        self.handle_heard(now);
+        let Link::Up(up) = &mut self.link else { return };
+        match msg {
+            CoordMsg::Assignments {
+                changes,
+                upto_revision,
+                ..
+            } => {
+                self.events.push_back(Event::AssignmentsApplied {
+                    changes: changes.len(),
+                    upto_revision,
+                });
+                self.effects.push_back(AgentEffect::Apply {
+                    changes,
+                    upto_revision,
+                });
+            }
+            CoordMsg::ResultsAck { batch_id, keys } => {
+                // Only what the coordinator says it stored is deleted; an
+                // acknowledgement for an unknown batch deletes by its keys
+                // too (they are stored), but frees no window slot.
+                up.in_flight.remove(&batch_id);
+                self.events.push_back(Event::ResultsAcked {
+                    batch_id,
+                    runs: keys.len(),
+                });
+                self.effects.push_back(AgentEffect::Ack { keys });
+                self.fill_window(now);
+            }
+            CoordMsg::ClockReply { t1, t2, t3 } => {
+                let t4 = now.wall.as_millis();
+                let (t1, t2, t3) = (t1.as_millis(), t2.as_millis(), t3.as_millis());
+                let offset_ms = ((t2 - t1) + (t3 - t4)) / 2;
+                let rtt_ms = (t4 - t1) - (t3 - t2);
+                self.effects
+                    .push_back(AgentEffect::Clock { offset_ms, rtt_ms });
+                self.transmit
+                    .push_back(AgentMsg::ClockReport { offset_ms, rtt_ms });
+            }
+            CoordMsg::Refused { reason } => {
+                self.events
+                    .push_back(Event::HandshakeRefused { why: reason });
+                self.effects.push_back(AgentEffect::Disconnect);
+            }
+            CoordMsg::RunNow { task_id, at } => {
+                self.effects.push_back(AgentEffect::RunNow { task_id, at });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundial_protocol::{AgentId, Outcome};
+
+    fn at(ms: u64) -> Now {
+        Now {
+            mono_ms: ms,
+            wall: Timestamp::from_millis_saturating(1_800_000_000_000 + ms as i64),
+        }
+    }
+
+    fn record(n: i64) -> RunRecord {
+        RunRecord {
+            task_id: TaskId(1),
+            agent_id: AgentId(1),
+            scheduled_at: Timestamp::from_millis_saturating(n),
+            attempt: 1,
+            fired_at: None,
+            finished_at: None,
+            outcome: Outcome::Skipped,
+            exit_code: None,
+            offline: false,
+            detail: None,
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+        }
+    }
+
+    fn drain(s: &mut AgentSession) -> (Vec<AgentMsg>, Vec<AgentEffect>) {
+        let mut m = Vec::new();
+        let mut e = Vec::new();
+        while let Some(x) = s.poll_transmit() {
+            m.push(x);
+        }
+        while let Some(x) = s.poll_effect() {
+            e.push(x);
+        }
+        (m, e)
+    }
+
+    fn hello() -> HelloInfo {
+        HelloInfo {
+            last_revision: 7,
+            outbox_len: 2,
+            agent_version: "t".into(),
+            allow_exec: vec!["x".repeat(1000); 100],
+        }
+    }
+
+    #[test]
+    fn dials_says_hello_and_sends_the_outbox_only_acked_records_leave() {
+        let mut s = AgentSession::new(1);
+        assert_eq!(s.poll_timeout(), Some(0));
+        s.handle_timeout(at(0));
+        assert_eq!(drain(&mut s).1, vec![AgentEffect::Connect]);
+        s.handle_connected(at(10), hello());
+        let (msgs, effects) = drain(&mut s);
+        let AgentMsg::Hello { allow_exec, .. } = &msgs[0] else {
+            panic!("Hello first: {msgs:?}")
+        };
+        assert_eq!(allow_exec.len(), HELLO_PATTERNS_MAX);
+        assert!(allow_exec
+            .iter()
+            .all(|p| p.chars().count() == HELLO_PATTERN_CHARS_MAX));
+        assert!(matches!(msgs[1], AgentMsg::ClockProbe { .. }));
+        assert!(effects.contains(&AgentEffect::ReadOutbox {
+            after: 0,
+            runs_max: BATCH_RUNS_MAX,
+            bytes_max: BATCH_BYTES_MAX
+        }));
+        s.handle_outbox(at(11), vec![(3, record(1)), (4, record(2))]);
+        let (msgs, effects) = drain(&mut s);
+        assert!(matches!(&msgs[0], AgentMsg::Results { batch_id: 1, runs } if runs.len() == 2));
+        assert_eq!(
+            effects,
+            vec![AgentEffect::ReadOutbox {
+                after: 4,
+                runs_max: BATCH_RUNS_MAX,
+                bytes_max: BATCH_BYTES_MAX
+            }]
+        );
+        s.handle_outbox(at(12), vec![]);
+        assert_eq!(s.in_flight(), 1);
+        // Lost before the ack: nothing deleted; the next session resends from 0.
+        s.handle_closed(at(13), Closed::Lost);
+        let (_, effects) = drain(&mut s);
+        assert!(!effects.iter().any(|e| matches!(e, AgentEffect::Ack { .. })));
+        let retry = s.poll_timeout().expect("a retry");
+        assert!((13 + RECONNECT_DELAY_MIN_MS..=13 + 2 * RECONNECT_DELAY_MIN_MS).contains(&retry));
+        s.handle_timeout(at(retry));
+        s.handle_connected(at(retry + 1), hello());
+        let (_, effects) = drain(&mut s);
+        assert!(effects.contains(&AgentEffect::ReadOutbox {
+            after: 0,
+            runs_max: BATCH_RUNS_MAX,
+            bytes_max: BATCH_BYTES_MAX
+        }));
+        s.handle_outbox(at(retry + 2), vec![(3, record(1))]);
+        drain(&mut s);
+        s.handle_message(
+            at(retry + 3),
+            CoordMsg::ResultsAck {
+                batch_id: 1,
+                keys: vec![record(1).key()],
+            },
+        );
+        let (_, effects) = drain(&mut s);
+        assert_eq!(
+            effects[0],
+            AgentEffect::Ack {
+                keys: vec![record(1).key()]
+            }
+        );
+    }
+
+    #[test]
+    fn the_window_bounds_unacknowledged_batches() {
+        let mut s = AgentSession::new(2);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(0), hello());
+        let mut reads = 0;
+        let mut seq = 0;
+        // An outbox that never runs dry: every read asked for is answered.
+        loop {
+            let (_, effects) = drain(&mut s);
+            let asked = effects
+                .iter()
+                .filter(|e| matches!(e, AgentEffect::ReadOutbox { .. }))
+                .count();
+            if asked == 0 {
+                break;
+            }
+            reads += asked;
+            seq += 1;
+            s.handle_outbox(at(1), vec![(seq, record(seq as i64))]);
+        }
+        assert_eq!(s.in_flight(), BATCHES_IN_FLIGHT_MAX);
+        assert_eq!(reads, BATCHES_IN_FLIGHT_MAX, "no read beyond the window");
+        s.handle_message(
+            at(2),
+            CoordMsg::ResultsAck {
+                batch_id: 1,
+                keys: vec![record(1).key()],
+            },
+        );
+        let (_, effects) = drain(&mut s);
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, AgentEffect::ReadOutbox { .. })),
+            "an acknowledgement opens the window again"
+        );
+    }
+
+    #[test]
+    fn silence_marks_offline_and_a_packet_online_again() {
+        let mut s = AgentSession::new(3);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(0), hello());
+        s.handle_outbox(at(0), vec![]);
+        drain(&mut s);
+        let t = s.poll_timeout().expect("a timeout");
+        assert!(t <= LINK_SILENT_MAX_MS + 1);
+        s.handle_timeout(at(LINK_SILENT_MAX_MS + 1));
+        assert!(drain(&mut s).1.contains(&AgentEffect::Online(false)));
+        s.handle_heard(at(LINK_SILENT_MAX_MS + 2));
+        assert!(drain(&mut s).1.contains(&AgentEffect::Online(true)));
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_resets_after_a_stable_session_and_revocation_ends_it() {
+        let mut s = AgentSession::new(4);
+        let mut t = 0;
+        let mut last = 0;
+        for _ in 0..12 {
+            s.handle_timeout(at(t));
+            s.handle_connect_failed(at(t), Closed::Lost);
+            let next = s.poll_timeout().expect("retry");
+            last = next - t;
+            assert!(last <= RECONNECT_DELAY_MAX_MS);
+            t = next;
+        }
+        assert!(last >= RECONNECT_DELAY_MAX_MS / 2);
+        s.handle_timeout(at(t));
+        s.handle_connect_failed(at(t), Closed::RefusedByTls);
+        assert_eq!(s.poll_timeout(), Some(t + RECONNECT_DELAY_REFUSED_MS));
+        t += RECONNECT_DELAY_REFUSED_MS;
+        s.handle_timeout(at(t));
+        s.handle_connected(at(t), hello());
+        s.handle_closed(at(t + SESSION_STABLE_MS + 1), Closed::Lost);
+        let next = s.poll_timeout().expect("retry");
+        assert!(next - (t + SESSION_STABLE_MS + 1) <= 2 * RECONNECT_DELAY_MIN_MS);
+        s.handle_timeout(at(next));
+        s.handle_connected(at(next), hello());
+        drain(&mut s);
+        s.handle_closed(at(next + 1), Closed::Revoked);
+        assert!(drain(&mut s).1.contains(&AgentEffect::Revoked));
+        assert!(s.is_ended());
+        assert_eq!(s.poll_timeout(), None);
+    }
+}

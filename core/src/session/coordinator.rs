@@ -1,0 +1,627 @@
+//! The coordinator's side of one agent's session, as a state machine.
+//!
+//! It starts after the shell accepted the agent's Hello (certificate,
+//! revocation and session caps are the shell's, before any state exists).
+//! It sends the assignment changes since the agent's revision in pages
+//! under [`LIST_CHUNK_BYTES_MAX`], follows the revision feed, takes result
+//! batches (identity from the certificate, plausibility, size, upload rate)
+//! and acknowledges each only after the shell reports it stored.
+
+use std::collections::VecDeque;
+
+use sundial_protocol::wire::{
+    chunk_by_size, close, AgentMsg, AssignmentChange, CoordMsg, LIST_CHUNK_BYTES_MAX,
+    RESULT_BATCH_RUNS_MAX,
+};
+use sundial_protocol::{AgentId, RunKey, RunRecord, TaskSpec, Timestamp};
+
+use super::agent::BATCHES_IN_FLIGHT_MAX;
+use super::{Event, Now};
+
+/// Result batches received and not yet acknowledged; an honest agent keeps
+/// at most [`BATCHES_IN_FLIGHT_MAX`] in flight.
+pub const RESULT_QUEUE_MAX: usize = 2 * BATCHES_IN_FLIGHT_MAX;
+
+/// The upload limits of one agent.
+#[derive(Clone, Copy, Debug)]
+pub struct UploadLimits {
+    pub runs_per_sec: u32,
+    pub bytes_per_sec: u64,
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CoordEffect {
+    /// Read the changes for this agent after revision `since`; answer with
+    /// `handle_changes`.
+    LoadChanges { since: u64 },
+    /// Check that every run's task is assigned to this agent and store the
+    /// batch (the first record of a run key wins); answer with `handle_stored`.
+    StoreRuns { batch_id: u64, runs: Vec<RunRecord> },
+    /// The agent's clock estimate, for operators.
+    ClockReport { offset_ms: i64, rtt_ms: i64 },
+    /// Close the connection with this code.
+    Close { code: u32, reason: String },
+}
+
+/// A token bucket: `rate` units a second, up to one second's worth saved.
+#[derive(Clone, Debug)]
+struct Bucket {
+    rate: f64,
+    level: f64,
+    at_ms: u64,
+}
+
+impl Bucket {
+    fn new(rate: f64, now_ms: u64) -> Bucket {
+        Bucket {
+            rate: rate.max(1.0),
+            level: rate.max(1.0),
+            at_ms: now_ms,
+        }
+    }
+
+    /// Takes `n` units; how many ms to wait before going on.
+    fn take(&mut self, n: f64, now_ms: u64) -> u64 {
+        let elapsed = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
+        self.at_ms = self.at_ms.max(now_ms);
+        self.level = (self.level + elapsed * self.rate).min(self.rate) - n;
+        if self.level >= 0.0 {
+            0
+        } else {
+            (-self.level / self.rate * 1000.0).ceil() as u64
+        }
+    }
+}
+
+/// The coordinator's session state machine for one agent.
+#[derive(Debug)]
+pub struct CoordSession {
+    agent: AgentId,
+    enrolled_at: Timestamp,
+    /// Changes up to this revision were looked at for this agent.
+    sent: u64,
+    /// The newest revision the feed announced.
+    latest: u64,
+    loading: bool,
+    first: bool,
+    queue: VecDeque<(u64, Vec<RunRecord>)>,
+    storing: bool,
+    hold_until_ms: Option<u64>,
+    front_paid: bool,
+    runs: Bucket,
+    bytes: Bucket,
+    throttled_told: bool,
+    closed: bool,
+    transmit: VecDeque<CoordMsg>,
+    effects: VecDeque<CoordEffect>,
+    events: VecDeque<Event>,
+}
+
+impl CoordSession {
+    /// A session for `agent` after its Hello: loads what it lacks at once.
+    pub fn new(
+        now: Now,
+        agent: AgentId,
+        enrolled_at: Timestamp,
+        last_revision: u64,
+        outbox_len: u64,
+        limits: UploadLimits,
+    ) -> CoordSession {
+        let mut s = CoordSession {
+            agent,
+            enrolled_at,
+            sent: last_revision,
+            latest: last_revision,
+            loading: false,
+            first: true,
+            queue: VecDeque::new(),
+            storing: false,
+            hold_until_ms: None,
+            front_paid: false,
+            runs: Bucket::new(f64::from(limits.runs_per_sec), now.mono_ms),
+            bytes: Bucket::new(limits.bytes_per_sec as f64, now.mono_ms),
+            throttled_told: false,
+            closed: false,
+            transmit: VecDeque::new(),
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        s.events.push_back(Event::AgentSessionUp {
+            agent,
+            last_revision,
+            outbox_len,
+        });
+        s.load();
+        s
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<CoordMsg> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_effect(&mut self) -> Option<CoordEffect> {
+        self.effects.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.hold_until_ms
+    }
+
+    fn load(&mut self) {
+        if !self.loading && !self.closed {
+            self.loading = true;
+            self.effects
+                .push_back(CoordEffect::LoadChanges { since: self.sent });
+        }
+    }
+
+    fn close(&mut self, code: u32, reason: String) {
+        if !self.closed {
+            self.closed = true;
+            self.queue.clear();
+            self.effects.push_back(CoordEffect::Close { code, reason });
+        }
+    }
+
+    /// The revision feed moved to `revision`.
+    pub fn handle_revision(&mut self, revision: u64) {
+        self.latest = self.latest.max(revision);
+        if self.latest > self.sent {
+            self.load();
+        }
+    }
+
+    /// The answer to [`CoordEffect::LoadChanges`]: `(task, cancelled)` in
+    /// revision order, and the store's revision when read.
+    pub fn handle_changes(&mut self, changes: Vec<(TaskSpec, bool)>, upto: u64) {
+        self.loading = false;
+        if self.closed {
+            return;
+        }
+        let since = self.sent;
+        let enrolled_at = self.enrolled_at;
+        let changes: Vec<AssignmentChange> = changes
+            .into_iter()
+            .map(|(mut spec, cancelled)| {
+                if cancelled {
+                    AssignmentChange::Cancel {
+                        task_id: spec.id,
+                        revision: spec.revision,
+                    }
+                } else {
+                    // A task counts for an agent from its enrollment:
+                    // occurrences before that were never its to run.
+                    spec.created_at = spec.created_at.max(enrolled_at);
+                    AssignmentChange::Upsert(Box::new(spec))
+                }
+            })
+            .collect();
+        let count = changes.len();
+        let msgs = assignment_pages(changes, since, upto);
+        if msgs.is_empty() && self.first {
+            // The first answer always comes: the agent learns the revision.
+            self.transmit.push_back(CoordMsg::Assignments {
+                snapshot: false,
+                changes: Vec::new(),
+                upto_revision: upto,
+            });
+        }
+        if !msgs.is_empty() || self.first {
+            self.events.push_back(Event::AssignmentsSent {
+                agent: self.agent,
+                changes: count,
+                messages: msgs.len().max(1),
+                upto_revision: upto,
+            });
+        }
+        self.first = false;
+        self.transmit.extend(msgs);
+        // Seen, whether or not any of it was ours: the next look starts here
+        // (a reconnect starts from the agent's own revision).
+        self.sent = self.sent.max(upto);
+        self.latest = self.latest.max(upto);
+        if self.latest > self.sent {
+            self.load();
+        }
+    }
+
+    /// A message from admin work to pass on (an operator's run-now).
+    pub fn handle_push(&mut self, msg: CoordMsg) {
+        if !self.closed {
+            self.transmit.push_back(msg);
+        }
+    }
+
+    pub fn handle_message(&mut self, now: Now, msg: AgentMsg) {
+        if self.closed {
+            return;
+        }
+        match msg {
+            AgentMsg::Results { batch_id, mut runs } => {
+                if let Some(why) = refusal(&runs) {
+                    self.events.push_back(Event::ResultsRefused {
+                        agent: self.agent,
+                        batch_id,
+                        why: why.clone(),
+                    });
+                    self.close(close::PROTOCOL, format!("refused: {why}"));
+                    return;
+                }
+                if self.queue.len() >= RESULT_QUEUE_MAX {
+                    self.close(
+                        close::PROTOCOL,
+                        format!("more than {RESULT_QUEUE_MAX} result batches unacknowledged"),
+                    );
+                    return;
+                }
+                // Identity comes from the certificate, never from the record.
+                for r in &mut runs {
+                    r.agent_id = self.agent;
+                }
+                self.queue.push_back((batch_id, runs));
+                self.next_batch(now);
+            }
+            AgentMsg::ClockProbe { t1 } => {
+                self.transmit.push_back(CoordMsg::ClockReply {
+                    t1,
+                    t2: now.wall,
+                    t3: now.wall,
+                });
+            }
+            AgentMsg::ClockReport { offset_ms, rtt_ms } => {
+                self.effects
+                    .push_back(CoordEffect::ClockReport { offset_ms, rtt_ms });
+            }
+            AgentMsg::Hello { .. } => self.close(close::PROTOCOL, "Hello twice".into()),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Now) {
+        if self.hold_until_ms.is_some_and(|t| now.mono_ms >= t) {
+            self.hold_until_ms = None;
+            self.next_batch(now);
+        }
+    }
+
+    /// Hands the next queued batch to the store, unless one is being
+    /// stored or the upload limit holds it.
+    fn next_batch(&mut self, now: Now) {
+        if self.storing || self.hold_until_ms.is_some() || self.closed {
+            return;
+        }
+        let Some((batch_id, runs)) = self.queue.pop_front() else {
+            return;
+        };
+        if !self.front_paid {
+            let size = postcard::experimental::serialized_size(&runs).unwrap_or(0);
+            let wait = self
+                .runs
+                .take(runs.len() as f64, now.mono_ms)
+                .max(self.bytes.take(size as f64, now.mono_ms));
+            if wait > 0 {
+                // Paid for already: stored when the wait is over.
+                self.front_paid = true;
+                self.queue.push_front((batch_id, runs));
+                self.hold_until_ms = Some(now.mono_ms + wait);
+                if !self.throttled_told {
+                    self.throttled_told = true;
+                    self.events.push_back(Event::UploadThrottled {
+                        agent: self.agent,
+                        wait_ms: wait,
+                    });
+                }
+                return;
+            }
+        }
+        self.front_paid = false;
+        self.storing = true;
+        self.effects
+            .push_back(CoordEffect::StoreRuns { batch_id, runs });
+    }
+
+    /// The answer to [`CoordEffect::StoreRuns`]: stored (the keys of the
+    /// batch), or refused with a reason (a run of a task not assigned to
+    /// this agent), which closes the session.
+    pub fn handle_stored(&mut self, now: Now, batch_id: u64, verdict: Result<Vec<RunKey>, String>) {
+        self.storing = false;
+        match verdict {
+            Ok(keys) => {
+                self.events.push_back(Event::ResultsStored {
+                    agent: self.agent,
+                    batch_id,
+                    runs: keys.len(),
+                });
+                self.transmit
+                    .push_back(CoordMsg::ResultsAck { batch_id, keys });
+                self.next_batch(now);
+            }
+            Err(why) => {
+                self.events.push_back(Event::ResultsRefused {
+                    agent: self.agent,
+                    batch_id,
+                    why: why.clone(),
+                });
+                self.close(close::PROTOCOL, format!("refused: {why}"));
+            }
+        }
+    }
+}
+
+/// Why a result batch is refused before it reaches the store, if it is.
+pub fn refusal(runs: &[RunRecord]) -> Option<String> {
+    if runs.len() > RESULT_BATCH_RUNS_MAX {
+        return Some(format!(
+            "result batch of {} runs exceeds {RESULT_BATCH_RUNS_MAX}",
+            runs.len()
+        ));
+    }
+    runs.iter().find_map(RunRecord::implausibility)
+}
+
+/// Assignment changes as messages each under [`LIST_CHUNK_BYTES_MAX`].
+/// Every message but the last carries the revision of its own last change,
+/// so an agent cut off midway resumes after it; the last carries `upto`.
+pub fn assignment_pages(changes: Vec<AssignmentChange>, since: u64, upto: u64) -> Vec<CoordMsg> {
+    if changes.is_empty() {
+        return Vec::new();
+    }
+    let pages = chunk_by_size(changes, LIST_CHUNK_BYTES_MAX);
+    let last = pages.len() - 1;
+    pages
+        .into_iter()
+        .enumerate()
+        .map(|(i, changes)| {
+            let upto_revision = if i == last {
+                upto
+            } else {
+                changes.last().map_or(since, change_revision)
+            };
+            CoordMsg::Assignments {
+                snapshot: false,
+                changes,
+                upto_revision,
+            }
+        })
+        .collect()
+}
+
+fn change_revision(c: &AssignmentChange) -> u64 {
+    match c {
+        AssignmentChange::Upsert(spec) => spec.revision,
+        AssignmentChange::Cancel { revision, .. } => *revision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundial_protocol::codec::{encode, FRAME_BYTES_MAX};
+    use sundial_protocol::task::{Action, ExecSpec, Target};
+    use sundial_protocol::{Outcome, Schedule, TaskId};
+
+    fn at(ms: u64) -> Now {
+        Now {
+            mono_ms: ms,
+            wall: Timestamp::from_millis_saturating(1_800_000_000_000 + ms as i64),
+        }
+    }
+
+    fn spec(id: u64) -> TaskSpec {
+        TaskSpec {
+            id: TaskId(id),
+            name: Some(format!("task-{id}")),
+            target: Target::Agent(AgentId(1)),
+            schedule: Schedule::at(Timestamp::from_millis_saturating(1_900_000_000_000)),
+            action: Action::Exec(ExecSpec {
+                program: "/bin/true".into(),
+                args: vec!["--flag".into()],
+                env: Vec::new(),
+                cwd: None,
+            }),
+            policies: Default::default(),
+            revision: id,
+            created_at: Timestamp::from_millis_saturating(1_700_000_000_000),
+        }
+    }
+
+    fn record(task: u64, agent: u64) -> RunRecord {
+        RunRecord {
+            task_id: TaskId(task),
+            agent_id: AgentId(agent),
+            scheduled_at: Timestamp::from_millis_saturating(1_800_000_000_000),
+            attempt: 1,
+            fired_at: None,
+            finished_at: None,
+            outcome: Outcome::Skipped,
+            exit_code: None,
+            offline: false,
+            detail: None,
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+        }
+    }
+
+    fn limits() -> UploadLimits {
+        UploadLimits {
+            runs_per_sec: 1_000,
+            bytes_per_sec: 1 << 30,
+        }
+    }
+
+    fn session() -> CoordSession {
+        CoordSession::new(
+            at(0),
+            AgentId(1),
+            Timestamp::from_millis_saturating(1_750_000_000_000),
+            0,
+            0,
+            limits(),
+        )
+    }
+
+    #[test]
+    fn two_hundred_thousand_tasks_go_in_pages_under_the_frame_cap_and_resume_midway() {
+        let mut s = session();
+        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
+        let n = 200_000u64;
+        s.handle_changes((1..=n).map(|i| (spec(i), false)).collect(), n + 5);
+        let mut seen = 0usize;
+        let mut last_upto = 0;
+        let mut pages = 0;
+        while let Some(m) = s.poll_transmit() {
+            let bytes = encode(&m).expect("encodes").len();
+            assert!(bytes <= FRAME_BYTES_MAX, "a page of {bytes} bytes");
+            assert!(
+                bytes <= LIST_CHUNK_BYTES_MAX + 1024,
+                "a page of {bytes} bytes"
+            );
+            let CoordMsg::Assignments {
+                changes,
+                upto_revision,
+                ..
+            } = m
+            else {
+                panic!("only assignments")
+            };
+            // Every page but the last says how far it got: a cut agent
+            // resumes after it, never skips a change.
+            let last_rev = match changes.last() {
+                Some(AssignmentChange::Upsert(t)) => t.revision,
+                other => panic!("{other:?}"),
+            };
+            assert!(upto_revision >= last_rev && upto_revision > last_upto);
+            for c in &changes {
+                let AssignmentChange::Upsert(t) = c else {
+                    panic!()
+                };
+                // Counted from the agent's enrollment, not the task's creation.
+                assert_eq!(t.created_at.as_millis(), 1_750_000_000_000);
+            }
+            last_upto = upto_revision;
+            seen += changes.len();
+            pages += 1;
+        }
+        assert_eq!(seen, n as usize);
+        assert_eq!(last_upto, n + 5);
+        assert!(pages > 1, "{pages} page(s)");
+    }
+
+    #[test]
+    fn the_first_answer_always_comes_and_the_feed_loads_once_at_a_time() {
+        let mut s = session();
+        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
+        s.handle_revision(3);
+        assert_eq!(s.poll_effect(), None, "one load at a time");
+        s.handle_changes(Vec::new(), 2);
+        assert!(matches!(
+            s.poll_transmit(),
+            Some(CoordMsg::Assignments { upto_revision: 2, ref changes, .. }) if changes.is_empty()
+        ));
+        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 2 }));
+        s.handle_changes(Vec::new(), 3);
+        assert_eq!(s.poll_transmit(), None, "nothing new is not news");
+        s.handle_revision(3);
+        assert_eq!(s.poll_effect(), None);
+    }
+
+    #[test]
+    fn results_are_acknowledged_only_once_stored_and_identity_comes_from_the_session() {
+        let mut s = session();
+        let _ = s.poll_effect();
+        s.handle_changes(Vec::new(), 0);
+        let _ = s.poll_transmit();
+        s.handle_message(
+            at(1),
+            AgentMsg::Results {
+                batch_id: 9,
+                runs: vec![record(5, 77)],
+            },
+        );
+        let Some(CoordEffect::StoreRuns { batch_id: 9, runs }) = s.poll_effect() else {
+            panic!("a store first")
+        };
+        assert_eq!(
+            runs[0].agent_id,
+            AgentId(1),
+            "the record's own agent id is ignored"
+        );
+        assert_eq!(s.poll_transmit(), None, "no ack before the store");
+        s.handle_stored(at(2), 9, Ok(vec![runs[0].key()]));
+        assert!(matches!(
+            s.poll_transmit(),
+            Some(CoordMsg::ResultsAck { batch_id: 9, .. })
+        ));
+        // A refusal by the store closes the session.
+        s.handle_message(
+            at(3),
+            AgentMsg::Results {
+                batch_id: 10,
+                runs: vec![record(6, 1)],
+            },
+        );
+        let _ = s.poll_effect();
+        s.handle_stored(at(4), 10, Err("not assigned".into()));
+        assert!(matches!(
+            s.poll_effect(),
+            Some(CoordEffect::Close {
+                code: close::PROTOCOL,
+                ..
+            })
+        ));
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn uploads_beyond_the_limit_wait_and_too_many_batches_close() {
+        let mut s = CoordSession::new(
+            at(0),
+            AgentId(1),
+            Timestamp::from_millis_saturating(0),
+            0,
+            0,
+            UploadLimits {
+                runs_per_sec: 10,
+                bytes_per_sec: 1 << 30,
+            },
+        );
+        let _ = s.poll_effect();
+        let batch = |id| AgentMsg::Results {
+            batch_id: id,
+            runs: (0..10).map(|t| record(t, 1)).collect(),
+        };
+        s.handle_message(at(0), batch(1));
+        let Some(CoordEffect::StoreRuns { batch_id: 1, runs }) = s.poll_effect() else {
+            panic!("the first second's worth goes at once")
+        };
+        s.handle_stored(at(0), 1, Ok(runs.iter().map(RunRecord::key).collect()));
+        s.handle_message(at(0), batch(2));
+        assert_eq!(s.poll_effect(), None, "the second waits");
+        let due = s.poll_timeout().expect("a wait");
+        assert!((900..=1_100).contains(&due), "{due}");
+        s.handle_timeout(at(due));
+        assert!(matches!(
+            s.poll_effect(),
+            Some(CoordEffect::StoreRuns { batch_id: 2, .. })
+        ));
+        // One being stored, RESULT_QUEUE_MAX queued: one more is too many.
+        for id in 3..(4 + RESULT_QUEUE_MAX as u64) {
+            s.handle_message(at(due), batch(id));
+        }
+        assert!(matches!(
+            s.poll_effect(),
+            Some(CoordEffect::Close {
+                code: close::PROTOCOL,
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,118 @@
+//! The session protocols of both ends as state machines, in quinn-proto's
+//! shape: `handle_*(now, …)` in; `poll_transmit` (messages),
+//! `poll_effect` (what the shell must do), `poll_event` (what happened, for
+//! logs, metrics and dashboards) and `poll_timeout` out. No I/O, no clock:
+//! the same machines run under QUIC in the binaries and on virtual time in
+//! the simulator.
+
+pub mod agent;
+pub mod coordinator;
+
+use sundial_protocol::{AgentId, RunKey, Timestamp};
+
+/// The time, as the machines take it: a monotonic reading in ms (for
+/// timers) and the wall clock (for clock samples and records).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ms: u64,
+    pub wall: Timestamp,
+}
+
+/// A small deterministic random source (SplitMix64) for jitter; never for
+/// secrets.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// True with probability `p` (0.0–1.0).
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+}
+
+/// What the core decided, for observers (logs, metrics, a dashboard).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    // ---- the agent's session
+    SessionUp {
+        last_revision: u64,
+        outbox_len: u64,
+    },
+    SessionDown {
+        closed: agent::Closed,
+    },
+    /// Nothing heard for a while: runs fired now are marked offline.
+    LinkSilent {
+        silent_ms: u64,
+    },
+    LinkHeard,
+    HandshakeRefused {
+        why: String,
+    },
+    Revoked,
+    AssignmentsApplied {
+        changes: usize,
+        upto_revision: u64,
+    },
+    ResultsSent {
+        batch_id: u64,
+        runs: usize,
+    },
+    ResultsAcked {
+        batch_id: u64,
+        runs: usize,
+    },
+    // ---- the coordinator's session
+    AgentSessionUp {
+        agent: AgentId,
+        last_revision: u64,
+        outbox_len: u64,
+    },
+    AssignmentsSent {
+        agent: AgentId,
+        changes: usize,
+        messages: usize,
+        upto_revision: u64,
+    },
+    ResultsStored {
+        agent: AgentId,
+        batch_id: u64,
+        runs: usize,
+    },
+    ResultsRefused {
+        agent: AgentId,
+        batch_id: u64,
+        why: String,
+    },
+    /// An agent uploads faster than its limit: its next batch waits.
+    UploadThrottled {
+        agent: AgentId,
+        wait_ms: u64,
+    },
+    // ---- an agent node
+    RunFired {
+        key: RunKey,
+        offline: bool,
+    },
+    RunRecorded {
+        key: RunKey,
+        outcome: sundial_protocol::Outcome,
+    },
+}
