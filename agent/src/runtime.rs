@@ -178,7 +178,22 @@ pub async fn run(
         );
     }
     let agent_id = agent_id.unwrap_or(AgentId(0));
-    let offset = store.get_meta::<i64>(meta::CLOCK_OFFSET_MS)?.unwrap_or(0);
+    // The offset is of this boot's wall clock: after a reboot it is not
+    // applied (the clock may have been set anew; an offset measured when it
+    // read 2001 would put the agent years ahead). Until the coordinator
+    // measures again, the wall clock is trusted as at a first start, and
+    // one behind the last known-good instant holds firing.
+    let offset_boot = store.get_meta::<String>(meta::CLOCK_OFFSET_BOOT)?;
+    let offset = match (offset_boot, crate::clock::boot_id()) {
+        (Some(b), Some(now)) if b == now => {
+            store.get_meta::<i64>(meta::CLOCK_OFFSET_MS)?.unwrap_or(0)
+        }
+        (None, _) => store
+            .get_meta::<i64>(meta::CLOCK_OFFSET_MS)?
+            .unwrap_or(0)
+            .min(0),
+        _ => 0,
+    };
     let known_good = store
         .get_meta::<i64>(meta::LAST_KNOWN_GOOD_MS)?
         .and_then(|ms| Timestamp::from_millis(ms).ok());
@@ -887,6 +902,11 @@ impl Agent {
                     (meta::CLOCK_OFFSET_MS, offset_ms),
                     (meta::LAST_KNOWN_GOOD_MS, now.as_millis()),
                 ])?;
+                // After the offset: a crash between the two leaves an older
+                // boot's id, and the offset is then not applied (safe).
+                if let Some(boot) = crate::clock::boot_id() {
+                    self.store.put_meta(&[(meta::CLOCK_OFFSET_BOOT, boot)])?;
+                }
                 self.persist_anchor()?;
                 tracing::debug!(
                     offset_ms,

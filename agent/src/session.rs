@@ -398,7 +398,7 @@ fn log_event(event: &Event) {
 async fn perform(
     effect: AgentEffect,
     cfg: &SessionConfig,
-    store: &AgentStore,
+    store: &Arc<AgentStore>,
     control: &mpsc::Sender<Control>,
     shared: &SessionShared,
     sm: &mut AgentSession,
@@ -438,7 +438,7 @@ async fn perform(
             after,
             runs_max,
             bytes_max,
-        } => match store.outbox_after(after, runs_max, bytes_max) {
+        } => match off_thread(store, move |s| s.outbox_after(after, runs_max, bytes_max)).await {
             Ok(batch) => sm.handle_outbox(now(), batch),
             Err(e) => {
                 tracing::error!(error = %e, "could not read the outbox; closing the session");
@@ -466,7 +466,7 @@ async fn perform(
             }
         }
         AgentEffect::Ack { keys } => {
-            if let Err(e) = store.outbox_ack(&keys) {
+            if let Err(e) = off_thread(store, move |s| s.outbox_ack(&keys)).await {
                 tracing::error!(error = %e, "could not delete acknowledged records; closing the session (they are sent again)");
                 end_connection(live, &Err(SessionError::Store(e)));
                 sm.handle_closed(now(), Closed::Lost);
@@ -484,7 +484,10 @@ async fn perform(
         }
         AgentEffect::Online(online) => shared.online.store(online, Ordering::SeqCst),
         AgentEffect::PersistLastSync { wall } => {
-            if let Err(e) = store.put_meta(&[(meta::LAST_SYNC_MS, wall.as_millis())]) {
+            let ms = wall.as_millis();
+            if let Err(e) =
+                off_thread(store, move |s| s.put_meta(&[(meta::LAST_SYNC_MS, ms)])).await
+            {
                 tracing::warn!(error = %e, "could not record the last sync");
             }
         }
@@ -499,6 +502,22 @@ async fn perform(
         }
     }
     true
+}
+
+/// Runs a store transaction on the blocking pool: the agent's one async
+/// thread also runs its firing loop, which must not wait for an fsync of
+/// the session's.
+async fn off_thread<T: Send + 'static>(
+    store: &Arc<AgentStore>,
+    f: impl FnOnce(&AgentStore) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(r) => r,
+        Err(e) => Err(crate::store::StoreError::Worker(format!(
+            "store worker failed: {e}"
+        ))),
+    }
 }
 
 /// Dials the coordinator and opens the session stream; what Hello says.

@@ -75,6 +75,10 @@ pub mod meta {
     /// (boot id, CLOCK_BOOTTIME ms, trusted Unix ms): the clock guard's
     /// anchor, for a restart within the same boot.
     pub const BOOT_ANCHOR: &str = "boot_anchor";
+    /// The boot id the clock offset was measured in (String): after a reboot
+    /// the wall clock may have been reset (an RTC, NTP, or none: 2001), so an
+    /// offset from another boot is not applied.
+    pub const CLOCK_OFFSET_BOOT: &str = "clock_offset_boot";
     /// bool: the coordinator said this agent is revoked; no session is tried.
     pub const REVOKED: &str = "revoked";
 }
@@ -100,6 +104,10 @@ pub enum StoreError {
     /// A write was attempted on a store opened read-only.
     #[error("agent store: opened read-only")]
     ReadOnly,
+    /// The thread that ran a store operation failed (it panicked or the
+    /// runtime is stopping); nothing is known to be stored.
+    #[error("agent store: {0}")]
+    Worker(String),
 }
 
 impl StoreError {

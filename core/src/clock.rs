@@ -142,8 +142,11 @@ impl ClockGuard {
             Some(a) => {
                 let expected = a.time_ms.saturating_add(r.boot_ms - a.boot_ms);
                 let diff = candidate.saturating_sub(expected);
-                if diff > JUMP_THRESHOLD_MS && self.trusted {
-                    // Ahead of trusted time: follow the boot clock.
+                if diff > JUMP_THRESHOLD_MS {
+                    // Ahead of trusted time: follow the boot clock. Also
+                    // while held: the anchor is the last trusted instant,
+                    // so a clock corrected past it (an overshoot) is not
+                    // followed either.
                     if self.ahead_ms.is_none() {
                         notes.push(ClockNote::Ahead { by_ms: diff });
                     }
@@ -161,15 +164,17 @@ impl ClockGuard {
             }
         };
         let now = Timestamp::from_millis_saturating(now_ms);
-        if self.ahead_ms.is_none() {
+        let behind = self
+            .last_known_good
+            .is_some_and(|g| now.millis_since(g) < -UNTRUSTED_SLACK_MS);
+        // The anchor moves only with trusted time: a held clock is no
+        // reference for the next reading.
+        if self.ahead_ms.is_none() && !behind {
             self.anchor = Some(Anchor {
                 boot_ms: r.boot_ms,
                 time_ms: now_ms,
             });
         }
-        let behind = self
-            .last_known_good
-            .is_some_and(|g| now.millis_since(g) < -UNTRUSTED_SLACK_MS);
         if behind {
             if self.trusted {
                 self.trusted = false;

@@ -9,6 +9,7 @@
 //! fails if `tokio`, `quinn`, `rustls` or `redb` enters its dependency tree.
 
 pub mod clock;
+pub mod node;
 pub mod scheduler;
 pub mod session;
 pub mod wheel;

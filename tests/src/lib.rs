@@ -8,7 +8,9 @@
 //! - [`checker`]: derives the expected occurrences from the schedules and
 //!   checks the actions' own start records and the coordinator's records
 //!   against them;
-//! - [`scenario`]: seeded fault timelines; `sundial-sim` runs them.
+//! - [`scenario`]: seeded fault timelines; `sundial-sim` runs them;
+//! - [`virt`]: the deterministic simulator (`sundial-sim virtual`): fleets of
+//!   the core's agent nodes and coordinator sessions on virtual time.
 //!
 //! Invariant: everything listens on 127.0.0.1 and writes under one
 //! temporary directory per run; every random choice comes from the seed.
@@ -19,3 +21,4 @@ pub mod harness;
 pub mod relay;
 pub mod rng;
 pub mod scenario;
+pub mod virt;

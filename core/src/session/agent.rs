@@ -44,6 +44,9 @@ pub const OUTBOX_POLL_MS: u64 = 500;
 /// How often a live session records its time as the last sync, in ms (a
 /// durable write: kept rare so a large fleet does not drown in fsyncs).
 pub const LAST_SYNC_PERSIST_MS: u64 = 300_000;
+/// A clock sample whose round trip took longer than this is not used, in
+/// ms: its error (up to half the round trip) is too large.
+pub const CLOCK_SAMPLE_RTT_MAX_MS: i64 = 1_000;
 /// Patterns of the allowlist told in Hello, and characters of each (the
 /// Hello frame is small; the agent enforces its whole list).
 pub const HELLO_PATTERNS_MAX: usize = 32;
@@ -441,10 +444,18 @@ impl AgentSession {
                 let (t1, t2, t3) = (t1.as_millis(), t2.as_millis(), t3.as_millis());
                 let offset_ms = ((t2 - t1) + (t3 - t4)) / 2;
                 let rtt_ms = (t4 - t1) - (t3 - t2);
-                self.effects
-                    .push_back(AgentEffect::Clock { offset_ms, rtt_ms });
                 self.transmit
                     .push_back(AgentMsg::ClockReport { offset_ms, rtt_ms });
+                // The true offset lies within half the round trip of the
+                // estimate; the lower end never makes the agent early (it
+                // is late by at most the round trip). A sample that sat in
+                // a stalled link is not used at all.
+                if (0..=CLOCK_SAMPLE_RTT_MAX_MS).contains(&rtt_ms) {
+                    self.effects.push_back(AgentEffect::Clock {
+                        offset_ms: offset_ms - (rtt_ms + 1) / 2,
+                        rtt_ms,
+                    });
+                }
             }
             CoordMsg::Refused { reason } => {
                 self.events

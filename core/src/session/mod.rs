@@ -107,6 +107,10 @@ pub enum Event {
         wait_ms: u64,
     },
     // ---- an agent node
+    /// A cancel reached the agent: the task is gone from its store.
+    TaskRemoved {
+        task_id: sundial_protocol::TaskId,
+    },
     RunFired {
         key: RunKey,
         offline: bool,

@@ -1,0 +1,578 @@
+//! A whole agent as a value: the clock guard, the scheduler and the session
+//! machine composed over a [`NodeStore`], stepped by the caller with clock
+//! readings. What the agent must do outside (spawn or kill an action, dial,
+//! send a message) comes out of [`AgentNode::poll_effect`].
+//!
+//! The deterministic simulator (`sundial-sim virtual`) runs fleets of these
+//! on virtual time. The agent binary still composes the same core parts in
+//! its own async runtime (`agent/src/runtime.rs`); moving it onto this node
+//! is the next step of the core/shell split.
+//!
+//! Invariants kept here, as in the binary: a run is durably marked started
+//! before it is spawned (at most once); its record enters the outbox in the
+//! same transaction that clears the mark; a record leaves the outbox only
+//! when the coordinator acknowledged it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use sundial_protocol::task::{Action, ExecSpec};
+use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg};
+use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
+
+use crate::clock::{Anchor, ClockGuard, Reading};
+use crate::scheduler::{Command, SchedTask, Scheduler, SkipReason};
+use crate::session::agent::{AgentEffect, AgentSession, Closed, HelloInfo};
+use crate::session::{Event, Now};
+
+/// The longest the node sleeps without looking at its clocks, in ms.
+pub const WAKE_INTERVAL_MAX_MS: i64 = 1_000;
+/// How often the last known-good instant is persisted, in ms of it.
+pub const KNOWN_GOOD_PERSIST_MS: i64 = 10_000;
+
+/// A store operation failed; the node must stop (its shell restarts it
+/// with the store reopened, as the binary does on an I/O error).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreFault(pub String);
+
+pub type StoreResult<T> = Result<T, StoreFault>;
+
+/// A run marked started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Started {
+    pub fired_at: Timestamp,
+    pub offline: bool,
+}
+
+/// One atomic write of a scheduler step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    pub states: Vec<(TaskId, Option<Timestamp>)>,
+    pub started: Vec<(RunKey, Started)>,
+    pub records: Vec<RunRecord>,
+}
+
+/// The clock state that outlives a restart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockState {
+    pub offset_ms: i64,
+    /// The boot the offset was measured in: not applied in another.
+    pub offset_boot: u64,
+    pub last_known_good: Option<Timestamp>,
+    /// A trusted instant at a boot-clock reading, and the boot it is of.
+    pub anchor: Option<(u64, Anchor)>,
+}
+
+/// What the node needs of its store. Every method is one transaction:
+/// done entirely or not at all.
+pub trait NodeStore {
+    fn tasks(&self) -> StoreResult<Vec<TaskSpec>>;
+    fn task_states(&self) -> StoreResult<HashMap<TaskId, Option<Timestamp>>>;
+    fn put_task(&mut self, task: &TaskSpec) -> StoreResult<()>;
+    fn remove_task(&mut self, id: TaskId) -> StoreResult<()>;
+    fn apply_step(&mut self, step: &Step) -> StoreResult<()>;
+    /// Clears the run's started mark and puts its record in the outbox.
+    fn finish_run(&mut self, record: &RunRecord) -> StoreResult<()>;
+    /// Every run still marked started becomes an `interrupted` record in
+    /// the outbox; returns them.
+    fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>>;
+    fn outbox_after(
+        &self,
+        after: u64,
+        runs_max: usize,
+        bytes_max: usize,
+    ) -> StoreResult<Vec<(u64, RunRecord)>>;
+    fn outbox_ack(&mut self, keys: &[RunKey]) -> StoreResult<usize>;
+    fn outbox_len(&self) -> StoreResult<u64>;
+    fn last_revision(&self) -> StoreResult<u64>;
+    fn set_last_revision(&mut self, revision: u64) -> StoreResult<()>;
+    fn clock_state(&self) -> StoreResult<ClockState>;
+    fn set_clock_state(&mut self, state: &ClockState) -> StoreResult<()>;
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeEffect {
+    /// Start the action; report its end with `handle_finished`.
+    Spawn { key: RunKey, spec: ExecSpec },
+    /// Kill the action (its timeout passed); its end is still reported.
+    Kill { key: RunKey },
+    /// Dial the coordinator; report with `handle_connected` / `handle_connect_failed`.
+    Connect,
+    /// Send on the session.
+    Transmit(AgentMsg),
+    /// End the connection.
+    Disconnect,
+}
+
+/// Bugs to switch on, to show that the simulator's checks catch them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeededBugs {
+    /// Every run is spawned twice.
+    pub double_fire: bool,
+    /// Records leave the outbox when sent, before the coordinator stored them.
+    pub early_ack: bool,
+}
+
+/// The node's settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub agent_id: AgentId,
+    pub agent_version: String,
+    pub runs_concurrent_max: usize,
+    /// The boot this node starts in (an anchor of another boot is ignored).
+    pub boot_id: u64,
+    /// Drives the session's jitter.
+    pub seed: u64,
+    pub bugs: SeededBugs,
+}
+
+/// A whole agent, stepped by its caller.
+#[derive(Debug)]
+pub struct AgentNode<S: NodeStore> {
+    store: S,
+    cfg: NodeConfig,
+    guard: ClockGuard,
+    sched: Scheduler,
+    session: AgentSession,
+    actions: HashMap<TaskId, ExecSpec>,
+    running: HashMap<RunKey, Started>,
+    manual: HashSet<RunKey>,
+    online: bool,
+    last_persisted_good_ms: i64,
+    effects: VecDeque<NodeEffect>,
+    events: VecDeque<Event>,
+}
+
+/// The session's time: the boot clock, and the raw wall clock (clock
+/// samples measure the offset of the wall clock, not of trusted time).
+fn now_of(r: Reading, _trusted: Timestamp) -> Now {
+    Now {
+        mono_ms: r.boot_ms.max(0) as u64,
+        wall: Timestamp::from_millis_saturating(r.wall_ms),
+    }
+}
+
+impl<S: NodeStore> AgentNode<S> {
+    /// Starts an agent on `store` (a restart after a crash included):
+    /// runs left marked started are recorded `interrupted`.
+    pub fn start(mut store: S, cfg: NodeConfig, r: Reading) -> StoreResult<AgentNode<S>> {
+        let cs = store.clock_state()?;
+        // The offset is of one boot's wall clock (a reboot may set it anew).
+        let offset = if cs.offset_boot == cfg.boot_id {
+            cs.offset_ms
+        } else {
+            0
+        };
+        let mut guard = ClockGuard::new(offset, cs.last_known_good);
+        if let Some((boot, anchor)) = cs.anchor {
+            if boot == cfg.boot_id {
+                guard = guard.with_anchor(anchor);
+            }
+        }
+        let mut notes = Vec::new();
+        let start = guard
+            .observe(r, &mut notes)
+            .unwrap_or_else(|| guard.time_of(r));
+        let interrupted = store.recover_interrupted(cfg.agent_id)?;
+        let mut sched = Scheduler::new(start);
+        let states = store.task_states()?;
+        let mut actions = HashMap::new();
+        for task in store.tasks()? {
+            sched.restore(SchedTask::from(&task), states.get(&task.id).copied());
+            let Action::Exec(spec) = task.action;
+            actions.insert(task.id, spec);
+        }
+        for rec in &interrupted {
+            sched.run_finished(rec.key(), Outcome::Interrupted, start);
+        }
+        let session = AgentSession::new(cfg.seed);
+        let mut node = AgentNode {
+            store,
+            cfg,
+            guard,
+            sched,
+            session,
+            actions,
+            running: HashMap::new(),
+            manual: HashSet::new(),
+            online: false,
+            last_persisted_good_ms: i64::MIN,
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        node.persist_clock(true)?;
+        node.pump(r)?;
+        Ok(node)
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Gives the store back (the node stops, or crashes).
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    pub fn poll_effect(&mut self) -> Option<NodeEffect> {
+        self.effects.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn task_ids(&self) -> Vec<TaskId> {
+        let mut ids: Vec<TaskId> = self.actions.keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    /// The trusted time at reading `r`.
+    pub fn time_of(&self, r: Reading) -> Timestamp {
+        self.guard.time_of(r)
+    }
+
+    /// When to call [`handle_wake`](Self::handle_wake) next, on the boot clock (ms).
+    pub fn next_wake(&self, r: Reading) -> i64 {
+        let now = self.guard.time_of(r);
+        let sched = self.sched.next_wake().map_or(WAKE_INTERVAL_MAX_MS, |w| {
+            w.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS)
+        });
+        let mut wake = r.boot_ms + sched;
+        if let Some(t) = self.session.poll_timeout() {
+            wake = wake.min(t as i64);
+        }
+        wake.max(r.boot_ms)
+    }
+
+    /// One turn: read the clocks, fire what is due, run the session's timers.
+    pub fn handle_wake(&mut self, r: Reading) -> StoreResult<()> {
+        let mut notes = Vec::new();
+        if let Some(now) = self.guard.observe(r, &mut notes) {
+            let mut cmds = Vec::new();
+            self.sched.advance(now, &mut cmds);
+            self.apply(r, now, cmds)?;
+            self.persist_clock(false)?;
+        }
+        self.session
+            .handle_timeout(now_of(r, self.guard.time_of(r)));
+        self.pump(r)
+    }
+
+    /// An action ended.
+    pub fn handle_finished(
+        &mut self,
+        r: Reading,
+        key: RunKey,
+        outcome: Outcome,
+        exit_code: Option<i32>,
+    ) -> StoreResult<()> {
+        let Some(run) = self.running.remove(&key) else {
+            return Ok(());
+        };
+        let now = self.guard.time_of(r).max(run.fired_at);
+        let record = RunRecord {
+            task_id: key.task_id,
+            agent_id: self.cfg.agent_id,
+            scheduled_at: key.scheduled_at,
+            attempt: key.attempt,
+            fired_at: Some(run.fired_at),
+            finished_at: Some(now),
+            outcome,
+            exit_code,
+            offline: run.offline,
+            detail: self.manual.remove(&key).then(|| "run now".to_owned()),
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+        };
+        self.store.finish_run(&record)?;
+        self.events.push_back(Event::RunRecorded { key, outcome });
+        self.sched.run_finished(key, outcome, now);
+        self.session.outbox_changed(now_of(r, now));
+        self.pump(r)
+    }
+
+    pub fn handle_connected(&mut self, r: Reading) -> StoreResult<()> {
+        let hello = HelloInfo {
+            last_revision: self.store.last_revision()?,
+            outbox_len: self.store.outbox_len()?,
+            agent_version: self.cfg.agent_version.clone(),
+            allow_exec: Vec::new(),
+        };
+        self.session
+            .handle_connected(now_of(r, self.guard.time_of(r)), hello);
+        self.pump(r)
+    }
+
+    pub fn handle_connect_failed(&mut self, r: Reading, closed: Closed) -> StoreResult<()> {
+        self.session
+            .handle_connect_failed(now_of(r, self.guard.time_of(r)), closed);
+        self.pump(r)
+    }
+
+    pub fn handle_closed(&mut self, r: Reading, closed: Closed) -> StoreResult<()> {
+        self.session
+            .handle_closed(now_of(r, self.guard.time_of(r)), closed);
+        self.pump(r)
+    }
+
+    /// Packets arrived on the connection.
+    pub fn handle_heard(&mut self, r: Reading) -> StoreResult<()> {
+        self.session.handle_heard(now_of(r, self.guard.time_of(r)));
+        self.pump(r)
+    }
+
+    pub fn handle_message(&mut self, r: Reading, msg: CoordMsg) -> StoreResult<()> {
+        // Clock samples use the raw wall clock, as the coordinator's offset
+        // is to it.
+        let raw = Now {
+            mono_ms: r.boot_ms.max(0) as u64,
+            wall: Timestamp::from_millis_saturating(r.wall_ms),
+        };
+        self.session.handle_message(raw, msg);
+        self.pump(r)
+    }
+
+    fn persist_clock(&mut self, force: bool) -> StoreResult<()> {
+        let Some(good) = self.guard.last_known_good() else {
+            return Ok(());
+        };
+        let ms = good.as_millis();
+        if !force && ms.saturating_sub(self.last_persisted_good_ms) < KNOWN_GOOD_PERSIST_MS {
+            return Ok(());
+        }
+        let anchor = match (
+            self.guard.anchor(),
+            self.guard.ahead_ms(),
+            self.guard.is_trusted(),
+        ) {
+            (Some(a), None, true) => Some((self.cfg.boot_id, a)),
+            _ => self.store.clock_state()?.anchor,
+        };
+        let offset_boot = if self.guard.offset_ms() == 0 {
+            self.store.clock_state()?.offset_boot
+        } else {
+            self.cfg.boot_id
+        };
+        self.store.set_clock_state(&ClockState {
+            offset_ms: self.guard.offset_ms(),
+            offset_boot,
+            last_known_good: Some(good),
+            anchor,
+        })?;
+        self.last_persisted_good_ms = ms;
+        Ok(())
+    }
+
+    /// Carries out what the session asks, until it has nothing more.
+    fn pump(&mut self, r: Reading) -> StoreResult<()> {
+        loop {
+            let mut busy = false;
+            while let Some(effect) = self.session.poll_effect() {
+                busy = true;
+                self.session_effect(r, effect)?;
+            }
+            while let Some(msg) = self.session.poll_transmit() {
+                busy = true;
+                if self.cfg.bugs.early_ack {
+                    if let AgentMsg::Results { runs, .. } = &msg {
+                        let keys: Vec<RunKey> = runs.iter().map(RunRecord::key).collect();
+                        self.store.outbox_ack(&keys)?;
+                    }
+                }
+                self.effects.push_back(NodeEffect::Transmit(msg));
+            }
+            while let Some(e) = self.session.poll_event() {
+                self.events.push_back(e);
+            }
+            if !busy {
+                return Ok(());
+            }
+        }
+    }
+
+    fn session_effect(&mut self, r: Reading, effect: AgentEffect) -> StoreResult<()> {
+        let now = self.guard.time_of(r).max(self.sched.now());
+        match effect {
+            AgentEffect::Connect => self.effects.push_back(NodeEffect::Connect),
+            AgentEffect::Disconnect => {
+                self.effects.push_back(NodeEffect::Disconnect);
+                self.session.handle_closed(now_of(r, now), Closed::Lost);
+            }
+            AgentEffect::ReadOutbox {
+                after,
+                runs_max,
+                bytes_max,
+            } => {
+                let batch = self.store.outbox_after(after, runs_max, bytes_max)?;
+                self.session.handle_outbox(now_of(r, now), batch);
+            }
+            AgentEffect::Apply {
+                changes,
+                upto_revision,
+            } => {
+                let mut cmds = Vec::new();
+                for change in changes {
+                    match change {
+                        AssignmentChange::Upsert(task) => {
+                            self.store.put_task(&task)?;
+                            let Action::Exec(spec) = &task.action;
+                            self.actions.insert(task.id, spec.clone());
+                            self.sched.upsert(SchedTask::from(&*task), &mut cmds);
+                        }
+                        AssignmentChange::Cancel { task_id, .. } => {
+                            self.store.remove_task(task_id)?;
+                            self.actions.remove(&task_id);
+                            self.sched.remove(task_id);
+                            self.events.push_back(Event::TaskRemoved { task_id });
+                        }
+                    }
+                }
+                if upto_revision > self.store.last_revision()? {
+                    self.store.set_last_revision(upto_revision)?;
+                }
+                self.apply(r, now, cmds)?;
+            }
+            AgentEffect::Ack { keys } => {
+                if !self.cfg.bugs.early_ack {
+                    self.store.outbox_ack(&keys)?;
+                }
+            }
+            AgentEffect::Clock { offset_ms, .. } => {
+                self.guard.set_offset(offset_ms, r);
+                self.persist_clock(true)?;
+            }
+            AgentEffect::RunNow { task_id, at } => {
+                if self.actions.contains_key(&task_id) {
+                    let key = RunKey {
+                        task_id,
+                        scheduled_at: at,
+                        attempt: 1,
+                    };
+                    self.manual.insert(key);
+                    let mut cmds = Vec::new();
+                    self.sched.run_now(key, &mut cmds);
+                    self.apply(r, now, cmds)?;
+                }
+            }
+            AgentEffect::Online(online) => self.online = online,
+            AgentEffect::PersistLastSync { .. } | AgentEffect::Revoked => {}
+        }
+        Ok(())
+    }
+
+    /// Carries out the scheduler's commands: one atomic write, then spawns.
+    fn apply(&mut self, r: Reading, now: Timestamp, cmds: Vec<Command>) -> StoreResult<()> {
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let offline = !self.online;
+        let mut step = Step::default();
+        let mut starts = Vec::new();
+        let mut capped = Vec::new();
+        let mut kills = Vec::new();
+        for c in cmds {
+            match c {
+                Command::SaveState { task_id, next_due } => step.states.push((task_id, next_due)),
+                Command::Start { key, .. }
+                    if self.running.len() + starts.len() >= self.cfg.runs_concurrent_max =>
+                {
+                    capped.push(key);
+                    step.records.push(skipped(
+                        key,
+                        self.cfg.agent_id,
+                        offline,
+                        SkipReason::ConcurrencyCap,
+                    ));
+                }
+                Command::Start { key, .. } => {
+                    step.started.push((
+                        key,
+                        Started {
+                            fired_at: now,
+                            offline,
+                        },
+                    ));
+                    starts.push(key);
+                }
+                Command::Skip { key, reason } => {
+                    step.records
+                        .push(skipped(key, self.cfg.agent_id, offline, reason))
+                }
+                Command::Kill { key } => kills.push(key),
+            }
+        }
+        // Not durable, so not started: at most once wins over on time.
+        self.store.apply_step(&step)?;
+        for key in capped {
+            self.sched.run_finished(key, Outcome::Skipped, now);
+        }
+        let recorded = !step.records.is_empty();
+        for key in starts {
+            let spec = self.actions.get(&key.task_id).cloned();
+            self.running.insert(
+                key,
+                Started {
+                    fired_at: now,
+                    offline,
+                },
+            );
+            match spec {
+                Some(spec) => {
+                    self.events.push_back(Event::RunFired { key, offline });
+                    if self.cfg.bugs.double_fire {
+                        self.effects.push_back(NodeEffect::Spawn {
+                            key,
+                            spec: spec.clone(),
+                        });
+                    }
+                    self.effects.push_back(NodeEffect::Spawn { key, spec });
+                }
+                None => {
+                    // Unknown action: recorded rejected at once.
+                    self.running.remove(&key);
+                    let rec = RunRecord {
+                        outcome: Outcome::Rejected,
+                        fired_at: Some(now),
+                        finished_at: Some(now),
+                        detail: Some("the task's action is unknown to this agent".into()),
+                        ..skipped(key, self.cfg.agent_id, offline, SkipReason::Overlap)
+                    };
+                    self.store.finish_run(&rec)?;
+                    self.sched.run_finished(key, Outcome::Rejected, now);
+                }
+            }
+        }
+        for key in kills {
+            if self.running.contains_key(&key) {
+                self.effects.push_back(NodeEffect::Kill { key });
+            }
+        }
+        if recorded {
+            self.session.outbox_changed(now_of(r, now));
+        }
+        Ok(())
+    }
+}
+
+fn skipped(key: RunKey, agent_id: AgentId, offline: bool, reason: SkipReason) -> RunRecord {
+    RunRecord {
+        task_id: key.task_id,
+        agent_id,
+        scheduled_at: key.scheduled_at,
+        attempt: key.attempt,
+        fired_at: None,
+        finished_at: None,
+        outcome: Outcome::Skipped,
+        exit_code: None,
+        offline,
+        detail: Some(reason.as_str().to_owned()),
+        stdout_tail: Vec::new(),
+        stderr_tail: Vec::new(),
+    }
+}

@@ -1,0 +1,1351 @@
+//! `sundial-sim virtual`: a coordinator and a fleet of agent nodes in one
+//! thread on virtual time, deterministic from a seed.
+//!
+//! The agents are `sundial-core`'s [`AgentNode`] (clock guard, scheduler,
+//! session machine) over an in-memory store whose every write is one atomic
+//! commit, as redb's are; the coordinator side is the core's
+//! [`CoordSession`] per connection over an in-memory store. The network is
+//! modelled as the session sees it through QUIC: each connection is two
+//! reliable, ordered directions with jittered delay (loss shows as
+//! retransmission delay, reordering and duplicate datagrams are absorbed by
+//! the transport); a partition, both ways or one way, stalls a direction,
+//! and a side that hears nothing for the idle timeout closes. Device clocks
+//! have an offset, a drift, steps forward and back, and may boot at 2001.
+//! Agents crash (running actions die with them; a restart may be a reboot)
+//! and so does the coordinator.
+//!
+//! Checked: nothing fired twice; nothing fired early (beyond the clock
+//! sampling error); nothing fired for a task after its cancel reached the
+//! agent; after the last fault every record the agents wrote is stored at
+//! the coordinator, outboxes are empty, and every agent holds exactly the
+//! tasks the coordinator assigns it, at its revision.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use sundial_core::clock::Reading;
+use sundial_core::node::{
+    AgentNode, ClockState, NodeConfig, NodeEffect, NodeStore, SeededBugs, Started, Step,
+    StoreResult,
+};
+use sundial_core::session::agent::Closed;
+use sundial_core::session::coordinator::{CoordEffect, CoordSession, UploadLimits};
+use sundial_core::session::{Event, Now, Rng};
+use sundial_protocol::policy::{MisfireMode, MisfirePolicy, Policies, RetryPolicy};
+use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::wire::{AgentMsg, CoordMsg};
+use sundial_protocol::{
+    AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp,
+};
+
+/// True time at the start of every run (2027-01-15).
+const T0: i64 = 1_800_000_000_000;
+/// 2001-01-01: where a device without a real-time clock boots.
+const Y2001: i64 = 978_307_200_000;
+/// One way delay on a link, ms.
+const DELAY_MIN_MS: i64 = 1;
+const DELAY_MAX_MS: i64 = 40;
+/// QUIC's keep-alive and idle timeout, as configured in `sundial-net`.
+const KEEP_ALIVE_MS: i64 = 1_000;
+const IDLE_MS: i64 = 5_000;
+/// A dial to an unreachable coordinator gives up after this long.
+const CONNECT_TIMEOUT_MS: i64 = 10_000;
+/// A stalled direction is retried this often (retransmission).
+const RETRANSMIT_MS: i64 = 200;
+/// How early a run may fire against true time: the clock sampling error
+/// (half a round trip at most) and rounding.
+const EARLY_TOLERANCE_MS: i64 = 2 * DELAY_MAX_MS + 10;
+/// Quiet time after the last fault, before the final checks.
+const SETTLE_MS: i64 = 90_000;
+/// The last stretch: every task cancelled, the records drain.
+const DRAIN_MS: i64 = 20_000;
+/// Tasks alive at once in one run.
+const TASKS_MAX: usize = 24;
+
+/// Options of a virtual run.
+#[derive(Clone, Debug)]
+pub struct VirtOptions {
+    /// Agents per run (0: 2–5, chosen by the seed).
+    pub agents: usize,
+    /// Simulated length of each run, ms.
+    pub duration_ms: i64,
+    pub bugs: SeededBugs,
+}
+
+impl Default for VirtOptions {
+    fn default() -> Self {
+        VirtOptions {
+            agents: 0,
+            duration_ms: 5 * 60_000,
+            bugs: SeededBugs::default(),
+        }
+    }
+}
+
+/// What one seed did.
+#[derive(Clone, Debug)]
+pub struct SeedReport {
+    pub seed: u64,
+    pub failures: Vec<String>,
+    pub simulated_ms: i64,
+    pub digest: u64,
+    pub fires: u64,
+    pub stored: u64,
+    pub events: u64,
+}
+
+// ---- the store ---------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct MemStore {
+    tasks: BTreeMap<TaskId, TaskSpec>,
+    states: HashMap<TaskId, Option<Timestamp>>,
+    started: BTreeMap<RunKey, Started>,
+    outbox: BTreeMap<u64, RunRecord>,
+    outbox_keys: HashMap<RunKey, u64>,
+    next_seq: u64,
+    last_revision: u64,
+    clock: ClockState,
+    /// Every record ever committed to the outbox (for the checks).
+    ledger: Vec<RunRecord>,
+}
+
+impl MemStore {
+    fn outbox_put(&mut self, r: &RunRecord) {
+        let key = r.key();
+        if self.outbox_keys.contains_key(&key) {
+            return;
+        }
+        self.next_seq += 1;
+        self.outbox.insert(self.next_seq, r.clone());
+        self.outbox_keys.insert(key, self.next_seq);
+        self.ledger.push(r.clone());
+    }
+}
+
+impl NodeStore for MemStore {
+    fn tasks(&self) -> StoreResult<Vec<TaskSpec>> {
+        Ok(self.tasks.values().cloned().collect())
+    }
+    fn task_states(&self) -> StoreResult<HashMap<TaskId, Option<Timestamp>>> {
+        Ok(self.states.clone())
+    }
+    fn put_task(&mut self, task: &TaskSpec) -> StoreResult<()> {
+        self.tasks.insert(task.id, task.clone());
+        Ok(())
+    }
+    fn remove_task(&mut self, id: TaskId) -> StoreResult<()> {
+        self.tasks.remove(&id);
+        self.states.remove(&id);
+        Ok(())
+    }
+    fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
+        for (id, due) in &step.states {
+            if self.tasks.contains_key(id) {
+                self.states.insert(*id, *due);
+            }
+        }
+        for (key, s) in &step.started {
+            self.started.insert(*key, *s);
+        }
+        for r in &step.records {
+            self.outbox_put(r);
+        }
+        Ok(())
+    }
+    fn finish_run(&mut self, record: &RunRecord) -> StoreResult<()> {
+        self.started.remove(&record.key());
+        self.outbox_put(record);
+        Ok(())
+    }
+    fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>> {
+        let started = std::mem::take(&mut self.started);
+        let records: Vec<RunRecord> = started
+            .into_iter()
+            .map(|(key, s)| RunRecord {
+                task_id: key.task_id,
+                agent_id: agent,
+                scheduled_at: key.scheduled_at,
+                attempt: key.attempt,
+                fired_at: Some(s.fired_at),
+                finished_at: None,
+                outcome: Outcome::Interrupted,
+                exit_code: None,
+                offline: s.offline,
+                detail: Some("the agent stopped while the run was going".into()),
+                stdout_tail: Vec::new(),
+                stderr_tail: Vec::new(),
+            })
+            .collect();
+        for r in &records {
+            self.outbox_put(r);
+        }
+        Ok(records)
+    }
+    fn outbox_after(
+        &self,
+        after: u64,
+        runs_max: usize,
+        _bytes_max: usize,
+    ) -> StoreResult<Vec<(u64, RunRecord)>> {
+        Ok(self
+            .outbox
+            .range(after + 1..)
+            .take(runs_max)
+            .map(|(s, r)| (*s, r.clone()))
+            .collect())
+    }
+    fn outbox_ack(&mut self, keys: &[RunKey]) -> StoreResult<usize> {
+        let mut n = 0;
+        for k in keys {
+            if let Some(seq) = self.outbox_keys.remove(k) {
+                self.outbox.remove(&seq);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+    fn outbox_len(&self) -> StoreResult<u64> {
+        Ok(self.outbox.len() as u64)
+    }
+    fn last_revision(&self) -> StoreResult<u64> {
+        Ok(self.last_revision)
+    }
+    fn set_last_revision(&mut self, revision: u64) -> StoreResult<()> {
+        self.last_revision = revision;
+        Ok(())
+    }
+    fn clock_state(&self) -> StoreResult<ClockState> {
+        Ok(self.clock)
+    }
+    fn set_clock_state(&mut self, state: &ClockState) -> StoreResult<()> {
+        self.clock = *state;
+        Ok(())
+    }
+}
+
+// ---- the world ---------------------------------------------------------------
+
+/// A message on a connection, either way.
+#[derive(Debug)]
+enum Msg {
+    Up(AgentMsg),
+    Down(CoordMsg),
+}
+
+/// Directions: agent → coordinator, coordinator → agent.
+const UP: usize = 0;
+const DOWN: usize = 1;
+
+#[derive(Debug)]
+struct Conn {
+    agent: usize,
+    queue: [std::collections::VecDeque<(i64, Msg)>; 2],
+    pumping: [bool; 2],
+    agent_open: bool,
+    coord_open: bool,
+    heard: [i64; 2],
+    session: Option<CoordSession>,
+    coord_wake: Option<i64>,
+}
+
+#[derive(Debug)]
+struct Agent {
+    id: AgentId,
+    node: Option<AgentNode<MemStore>>,
+    /// The store while the agent is down.
+    parked: Option<MemStore>,
+    boot_id: u64,
+    /// True time at boot: the boot clock reads `now - boot_at`.
+    boot_at: i64,
+    /// The wall clock reads `now + wall_offset + drift`.
+    wall_offset: i64,
+    drift_ppm: i64,
+    incarnation: u64,
+    conn: Option<u64>,
+    wake_gen: u64,
+    /// When a cancel reached this agent, by task.
+    removed_at: HashMap<TaskId, i64>,
+    /// Runs fired, by key: when (true time).
+    fired: HashMap<RunKey, i64>,
+    /// Until when each direction of its link is cut.
+    cut_until: [i64; 2],
+    crashes: u32,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Wake(usize, u64),
+    ActionDone(usize, u64, RunKey, Outcome),
+    ConnectDone(usize, u64, bool),
+    Deliver(u64, usize),
+    KeepAlive(u64),
+    CoordWake(u64),
+    Crash(usize),
+    Restart(usize, bool),
+    CoordCrash,
+    CoordRestart,
+    Cut(usize, [bool; 2], i64),
+    /// The fleet should have converged: check, then cancel every task so
+    /// that the last records drain.
+    Quiesce,
+    ClockStep(usize, i64),
+    Operator,
+}
+
+struct World {
+    now: i64,
+    rng: Rng,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(i64, u64)>>,
+    events: HashMap<u64, Ev>,
+    agents: Vec<Agent>,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    coord_up: bool,
+    tasks: BTreeMap<TaskId, (TaskSpec, bool)>,
+    revision: u64,
+    next_task: u64,
+    runs: HashMap<(AgentId, RunKey), RunRecord>,
+    bugs: SeededBugs,
+    failures: Vec<String>,
+    digest: u64,
+    fires: u64,
+    processed: u64,
+    faults_end: i64,
+    /// Prints faults and clock decisions (`SUNDIAL_SIM_VERBOSE=1`).
+    verbose: bool,
+}
+
+fn mix(h: u64, x: u64) -> u64 {
+    let mut z = (h ^ x).wrapping_mul(0x100_0000_01B3);
+    z ^= z >> 29;
+    z.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
+impl World {
+    fn at(&mut self, t: i64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse((t.max(self.now), self.seq)));
+        self.events.insert(self.seq, ev);
+    }
+
+    fn trace(&mut self, code: u64, a: u64, b: u64) {
+        self.digest = mix(mix(mix(mix(self.digest, self.now as u64), code), a), b);
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.failures.len() < 20 {
+            self.failures.push(format!("t+{}ms: {what}", self.now - T0));
+        }
+    }
+
+    fn delay(&mut self) -> i64 {
+        DELAY_MIN_MS + self.rng.below((DELAY_MAX_MS - DELAY_MIN_MS) as u64 + 1) as i64
+    }
+
+    fn reading(&self, i: usize) -> Reading {
+        let a = &self.agents[i];
+        let drift = (self.now - T0) * a.drift_ppm / 1_000_000;
+        Reading {
+            wall_ms: self.now + a.wall_offset + drift,
+            boot_ms: self.now - a.boot_at,
+        }
+    }
+
+    fn cut(&self, i: usize, dir: usize) -> bool {
+        self.agents[i].cut_until[dir] > self.now
+    }
+
+    fn coord_now(&self, origin: i64) -> Now {
+        Now {
+            mono_ms: (self.now - origin).max(0) as u64,
+            wall: Timestamp::from_millis_saturating(self.now),
+        }
+    }
+
+    // ---- agents
+
+    fn node_call(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut AgentNode<MemStore>, Reading) -> StoreResult<()>,
+    ) {
+        let r = self.reading(i);
+        let Some(node) = self.agents[i].node.as_mut() else {
+            return;
+        };
+        if let Err(e) = f(node, r) {
+            self.fail(format!("agent {i}: store fault {e:?}"));
+        }
+        self.drain_node(i);
+    }
+
+    fn drain_node(&mut self, i: usize) {
+        loop {
+            let Some(node) = self.agents[i].node.as_mut() else {
+                return;
+            };
+            let effect = node.poll_effect();
+            let event = node.poll_event();
+            if effect.is_none() && event.is_none() {
+                break;
+            }
+            if let Some(e) = event {
+                self.node_event(i, e);
+            }
+            if let Some(e) = effect {
+                self.node_effect(i, e);
+            }
+        }
+        // The next wake.
+        let r = self.reading(i);
+        let Some(node) = self.agents[i].node.as_ref() else {
+            return;
+        };
+        let wake_boot = node.next_wake(r);
+        let t = self.agents[i].boot_at + wake_boot;
+        self.agents[i].wake_gen += 1;
+        let g = self.agents[i].wake_gen;
+        self.at(t.max(self.now + 1), Ev::Wake(i, g));
+    }
+
+    fn node_event(&mut self, i: usize, e: Event) {
+        if self.verbose
+            && !matches!(
+                e,
+                Event::RunRecorded { .. }
+                    | Event::RunFired { .. }
+                    | Event::ResultsSent { .. }
+                    | Event::ResultsAcked { .. }
+            )
+        {
+            let r = self.reading(i);
+            eprintln!(
+                "t+{}ms agent {i} (wall {} boot {}): {e:?}",
+                self.now - T0,
+                r.wall_ms - T0,
+                r.boot_ms
+            );
+        }
+        match e {
+            Event::TaskRemoved { task_id } => {
+                self.trace(10, i as u64, task_id.0);
+                self.agents[i].removed_at.insert(task_id, self.now);
+            }
+            Event::RunRecorded { key, .. } => {
+                self.trace(11, i as u64, key.scheduled_at.as_millis() as u64)
+            }
+            Event::SessionUp { last_revision, .. } => self.trace(12, i as u64, last_revision),
+            Event::SessionDown { .. } => self.trace(13, i as u64, 0),
+            _ => self.trace(14, i as u64, 0),
+        }
+    }
+
+    fn node_effect(&mut self, i: usize, e: NodeEffect) {
+        match e {
+            NodeEffect::Spawn { key, spec } => {
+                self.fires += 1;
+                self.trace(
+                    20,
+                    i as u64,
+                    key.scheduled_at.as_millis() as u64 ^ key.task_id.0,
+                );
+                let a = &mut self.agents[i];
+                if let Some(first) = a.fired.insert(key, self.now) {
+                    self.fail(format!(
+                        "agent {i} fired {key:?} twice (first at t+{}ms)",
+                        first - T0
+                    ));
+                }
+                if self.verbose {
+                    let r = self.reading(i);
+                    let t = self.agents[i]
+                        .node
+                        .as_ref()
+                        .map(|n| n.time_of(r).as_millis() - T0);
+                    eprintln!(
+                        "t+{}ms agent {i} fires {}@{} wall {} boot {} trusted {t:?}",
+                        self.now - T0,
+                        key.task_id,
+                        key.scheduled_at.as_millis() - T0,
+                        r.wall_ms - T0,
+                        r.boot_ms
+                    );
+                }
+                if self.now < key.scheduled_at.as_millis() - EARLY_TOLERANCE_MS {
+                    self.fail(format!(
+                        "agent {i} fired {key:?} {} ms early",
+                        key.scheduled_at.as_millis() - self.now
+                    ));
+                }
+                if let Some(gone) = self.agents[i].removed_at.get(&key.task_id) {
+                    self.fail(format!(
+                        "agent {i} fired {key:?} after the cancel reached it (t+{}ms)",
+                        gone - T0
+                    ));
+                }
+                // The program says how long it runs and how it ends.
+                let ms: i64 = spec.args.first().and_then(|a| a.parse().ok()).unwrap_or(50);
+                let fails = spec.args.get(1).is_some_and(|a| a == "flaky") && self.rng.chance(0.3);
+                let took = 1 + self.rng.below(ms.max(1) as u64) as i64;
+                let inc = self.agents[i].incarnation;
+                let outcome = if fails {
+                    Outcome::Failed
+                } else {
+                    Outcome::Succeeded
+                };
+                self.at(self.now + took, Ev::ActionDone(i, inc, key, outcome));
+            }
+            NodeEffect::Kill { key } => {
+                let inc = self.agents[i].incarnation;
+                self.at(self.now + 1, Ev::ActionDone(i, inc, key, Outcome::TimedOut));
+            }
+            NodeEffect::Connect => {
+                let inc = self.agents[i].incarnation;
+                let reachable = self.coord_up && !self.cut(i, UP) && !self.cut(i, DOWN);
+                let t = if reachable {
+                    self.now + 2 * self.delay()
+                } else {
+                    self.now + CONNECT_TIMEOUT_MS
+                };
+                self.at(t, Ev::ConnectDone(i, inc, reachable));
+            }
+            NodeEffect::Transmit(msg) => {
+                if let Some(c) = self.agents[i].conn {
+                    self.send(c, UP, Msg::Up(msg));
+                }
+            }
+            NodeEffect::Disconnect => {
+                if let Some(c) = self.agents[i].conn.take() {
+                    self.close_agent_side(c, true);
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, c: u64, dir: usize, msg: Msg) {
+        let d = self.delay();
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let open = if dir == UP {
+            conn.agent_open
+        } else {
+            conn.coord_open
+        };
+        if !open {
+            return;
+        }
+        let ready = conn.queue[dir]
+            .back()
+            .map_or(now + d, |(t, _)| (*t).max(now + d));
+        conn.queue[dir].push_back((ready, msg));
+        if !conn.pumping[dir] {
+            conn.pumping[dir] = true;
+            self.at(ready, Ev::Deliver(c, dir));
+        }
+    }
+
+    /// The agent's end closes; the coordinator hears of it unless told
+    /// nothing (a crash) or the way up is cut.
+    fn close_agent_side(&mut self, c: u64, tell: bool) {
+        let told = tell && self.conns.get(&c).is_some_and(|k| !self.cut(k.agent, UP));
+        if let Some(conn) = self.conns.get_mut(&c) {
+            conn.agent_open = false;
+            if told {
+                conn.coord_open = false;
+                conn.session = None;
+            }
+        }
+        self.gc_conn(c);
+    }
+
+    fn close_coord_side(&mut self, c: u64, tell: bool) {
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        conn.coord_open = false;
+        conn.session = None;
+        let agent = conn.agent;
+        let told = tell && conn.agent_open && self.agents[agent].cut_until[DOWN] <= self.now;
+        if told {
+            if let Some(conn) = self.conns.get_mut(&c) {
+                conn.agent_open = false;
+            }
+            if self.agents[agent].conn == Some(c) {
+                self.agents[agent].conn = None;
+                self.node_call(agent, |n, r| n.handle_closed(r, Closed::Lost));
+            }
+        }
+        self.gc_conn(c);
+    }
+
+    fn gc_conn(&mut self, c: u64) {
+        if self
+            .conns
+            .get(&c)
+            .is_some_and(|k| !k.agent_open && !k.coord_open)
+        {
+            self.conns.remove(&c);
+        }
+    }
+
+    // ---- the coordinator
+
+    fn targets(&self, spec: &TaskSpec, agent: AgentId) -> bool {
+        matches!(&spec.target, Target::Agent(a) if *a == agent)
+    }
+
+    fn drain_coord(&mut self, c: u64) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&c) else {
+                return;
+            };
+            let agent = self.agents[conn.agent].id;
+            let Some(s) = conn.session.as_mut() else {
+                return;
+            };
+            let mut busy = false;
+            let mut out = Vec::new();
+            while let Some(m) = s.poll_transmit() {
+                out.push(m);
+            }
+            let effect = s.poll_effect();
+            while s.poll_event().is_some() {}
+            let wake = s.poll_timeout();
+            for m in out {
+                busy = true;
+                self.send(c, DOWN, Msg::Down(m));
+            }
+            if let Some(w) = wake {
+                let origin = T0;
+                let t = origin + w as i64;
+                let conn = self.conns.get_mut(&c).expect("present");
+                if conn.coord_wake != Some(t) {
+                    conn.coord_wake = Some(t);
+                    self.at(t, Ev::CoordWake(c));
+                }
+            }
+            let Some(effect) = effect else {
+                if busy {
+                    continue;
+                }
+                return;
+            };
+            match effect {
+                CoordEffect::LoadChanges { since } => {
+                    let mut changes: Vec<(TaskSpec, bool)> = self
+                        .tasks
+                        .values()
+                        .filter(|(t, _)| t.revision > since && self.targets(t, agent))
+                        .cloned()
+                        .collect();
+                    changes.sort_by_key(|(t, _)| t.revision);
+                    let upto = self.revision;
+                    if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
+                        s.handle_changes(changes, upto);
+                    }
+                }
+                CoordEffect::StoreRuns { batch_id, runs } => {
+                    let owned = runs.iter().all(|r| {
+                        self.tasks
+                            .get(&r.task_id)
+                            .is_some_and(|(t, _)| self.targets(t, agent))
+                    });
+                    let verdict = if owned {
+                        for r in &runs {
+                            self.runs
+                                .entry((agent, r.key()))
+                                .or_insert_with(|| r.clone());
+                        }
+                        self.trace(30, agent.0, runs.len() as u64);
+                        Ok(runs.iter().map(RunRecord::key).collect())
+                    } else {
+                        Err("a run of a task not assigned to this agent".to_string())
+                    };
+                    let now = self.coord_now(T0);
+                    if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
+                        s.handle_stored(now, batch_id, verdict);
+                    }
+                }
+                CoordEffect::ClockReport { .. } => {}
+                CoordEffect::Close { reason, .. } => {
+                    self.fail(format!(
+                        "the coordinator closed agent {agent}'s session: {reason}"
+                    ));
+                    self.close_coord_side(c, true);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn bump_revision(&mut self) {
+        let rev = self.revision;
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for c in ids {
+            if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
+                s.handle_revision(rev);
+            }
+            self.drain_coord(c);
+        }
+    }
+
+    fn operator(&mut self) {
+        let live: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, (_, cancelled))| !cancelled)
+            .map(|(id, _)| *id)
+            .collect();
+        let roll = self.rng.below(10);
+        if live.len() < TASKS_MAX && (roll < 6 || live.is_empty()) {
+            self.next_task += 1;
+            self.revision += 1;
+            let id = TaskId(self.next_task);
+            let agent = self.agents[self.rng.below(self.agents.len() as u64) as usize].id;
+            let now = Timestamp::from_millis_saturating(self.now);
+            let schedule = if self.rng.chance(0.2) {
+                Schedule::at(Timestamp::from_millis_saturating(
+                    self.now + 500 + self.rng.below(30_000) as i64,
+                ))
+            } else {
+                let period = [200u64, 500, 1_000, 2_000, 5_000][self.rng.below(5) as usize];
+                match Schedule::every(DurationMs(period), now) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                }
+            };
+            let runs_ms = [5u64, 50, 300, 1_500][self.rng.below(4) as usize];
+            let flaky = self.rng.chance(0.3);
+            let policies = Policies {
+                misfire: MisfirePolicy {
+                    mode: [
+                        MisfireMode::Skip,
+                        MisfireMode::Once,
+                        MisfireMode::All { cap: 3 },
+                    ][self.rng.below(3) as usize],
+                    grace: DurationMs(1_000),
+                },
+                retry: RetryPolicy {
+                    retries: if flaky { 2 } else { 0 },
+                    backoff_initial: DurationMs(100),
+                    backoff_max: DurationMs(1_000),
+                },
+                overlap: if self.rng.chance(0.5) {
+                    sundial_protocol::policy::OverlapPolicy::Forbid
+                } else {
+                    sundial_protocol::policy::OverlapPolicy::Allow
+                },
+                timeout: self.rng.chance(0.3).then_some(DurationMs(1_000)),
+            };
+            let spec = TaskSpec {
+                id,
+                name: None,
+                target: Target::Agent(agent),
+                schedule,
+                action: Action::Exec(ExecSpec {
+                    program: "/bin/sim".into(),
+                    args: vec![
+                        runs_ms.to_string(),
+                        if flaky { "flaky" } else { "steady" }.into(),
+                    ],
+                    env: Vec::new(),
+                    cwd: None,
+                }),
+                policies,
+                revision: self.revision,
+                created_at: now,
+            };
+            self.trace(40, id.0, agent.0);
+            self.tasks.insert(id, (spec, false));
+        } else if !live.is_empty() {
+            let id = live[self.rng.below(live.len() as u64) as usize];
+            self.revision += 1;
+            let rev = self.revision;
+            let cancel = roll < 8;
+            if let Some((spec, cancelled)) = self.tasks.get_mut(&id) {
+                spec.revision = rev;
+                if cancel {
+                    *cancelled = true;
+                } else {
+                    // An update: a new revision of the same task.
+                    let Action::Exec(e) = &mut spec.action;
+                    e.args[0] = "20".into();
+                }
+            }
+            self.trace(41, id.0, u64::from(cancel));
+        } else {
+            return;
+        }
+        self.bump_revision();
+    }
+
+    // ---- the event loop
+
+    fn step(&mut self, ev: Ev) {
+        if self.verbose
+            && !matches!(
+                ev,
+                Ev::Wake(..)
+                    | Ev::Deliver(..)
+                    | Ev::KeepAlive(..)
+                    | Ev::ActionDone(..)
+                    | Ev::CoordWake(..)
+            )
+        {
+            eprintln!("t+{}ms {ev:?}", self.now - T0);
+        }
+        match ev {
+            Ev::Wake(i, g) => {
+                if self.agents[i].wake_gen == g {
+                    self.node_call(i, |n, r| n.handle_wake(r));
+                }
+            }
+            Ev::ActionDone(i, inc, key, outcome) => {
+                if self.agents[i].incarnation == inc {
+                    let code = (outcome == Outcome::Failed).then_some(1);
+                    self.node_call(i, |n, r| n.handle_finished(r, key, outcome, code));
+                }
+            }
+            Ev::ConnectDone(i, inc, reachable) => {
+                if self.agents[i].incarnation != inc || self.agents[i].node.is_none() {
+                    return;
+                }
+                if reachable && self.coord_up {
+                    self.next_conn += 1;
+                    let c = self.next_conn;
+                    self.conns.insert(
+                        c,
+                        Conn {
+                            agent: i,
+                            queue: Default::default(),
+                            pumping: [false; 2],
+                            agent_open: true,
+                            coord_open: true,
+                            heard: [self.now; 2],
+                            session: None,
+                            coord_wake: None,
+                        },
+                    );
+                    self.agents[i].conn = Some(c);
+                    self.at(self.now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
+                    self.node_call(i, |n, r| n.handle_connected(r));
+                } else {
+                    self.node_call(i, |n, r| n.handle_connect_failed(r, Closed::Lost));
+                }
+            }
+            Ev::Deliver(c, dir) => self.deliver(c, dir),
+            Ev::KeepAlive(c) => self.keep_alive(c),
+            Ev::CoordWake(c) => {
+                let now = self.coord_now(T0);
+                if let Some(conn) = self.conns.get_mut(&c) {
+                    conn.coord_wake = None;
+                    if let Some(s) = conn.session.as_mut() {
+                        s.handle_timeout(now);
+                    }
+                }
+                self.drain_coord(c);
+            }
+            Ev::Crash(i) => {
+                let Some(node) = self.agents[i].node.take() else {
+                    return;
+                };
+                self.trace(50, i as u64, 0);
+                self.agents[i].parked = Some(node.into_store());
+                self.agents[i].incarnation += 1;
+                self.agents[i].crashes += 1;
+                if let Some(c) = self.agents[i].conn.take() {
+                    // A crash says nothing: the coordinator finds out by
+                    // its idle timeout.
+                    self.close_agent_side(c, false);
+                }
+                let reboot = self.rng.chance(0.5);
+                let down = 200 + self.rng.below(20_000) as i64;
+                self.at(self.now + down, Ev::Restart(i, reboot));
+            }
+            Ev::Restart(i, reboot) => {
+                let Some(store) = self.agents[i].parked.take() else {
+                    return;
+                };
+                self.trace(51, i as u64, u64::from(reboot));
+                if reboot {
+                    let a = &mut self.agents[i];
+                    a.boot_id += 1;
+                    a.boot_at = self.now;
+                    // A reboot resets the wall clock: from a good RTC, or
+                    // to 2001 on a device without one.
+                    a.wall_offset = if self.rng.chance(0.3) {
+                        Y2001 - self.now
+                    } else {
+                        0
+                    };
+                }
+                self.start_agent(i, store);
+            }
+            Ev::CoordCrash => {
+                if !self.coord_up {
+                    return;
+                }
+                self.trace(52, 0, 0);
+                self.coord_up = false;
+                let ids: Vec<u64> = self.conns.keys().copied().collect();
+                for c in ids {
+                    self.close_coord_side(c, false);
+                }
+                let down = 500 + self.rng.below(15_000) as i64;
+                self.at(self.now + down, Ev::CoordRestart);
+            }
+            Ev::CoordRestart => {
+                self.trace(53, 0, 0);
+                self.coord_up = true;
+            }
+            Ev::Cut(i, dirs, ms) => {
+                self.trace(54, i as u64, ms as u64);
+                for (d, on) in dirs.iter().enumerate() {
+                    if *on {
+                        let until = self.now + ms;
+                        let a = &mut self.agents[i];
+                        a.cut_until[d] = a.cut_until[d].max(until);
+                    }
+                }
+            }
+            Ev::ClockStep(i, by) => {
+                // Steps while the agent runs (a step while it is down and
+                // then a reboot is undetectable; a reboot resets the clock).
+                self.trace(55, i as u64, by as u64);
+                self.agents[i].wall_offset += by;
+                self.node_call(i, |n, r| n.handle_wake(r));
+            }
+            Ev::Quiesce => {
+                self.check_converged();
+                let live: Vec<TaskId> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, (_, c))| !c)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in live {
+                    self.revision += 1;
+                    let rev = self.revision;
+                    if let Some((spec, cancelled)) = self.tasks.get_mut(&id) {
+                        spec.revision = rev;
+                        *cancelled = true;
+                    }
+                }
+                self.bump_revision();
+            }
+            Ev::Operator => {
+                self.operator();
+                if self.now < self.faults_end {
+                    let next = self.now + 1_000 + self.rng.below(15_000) as i64;
+                    self.at(next, Ev::Operator);
+                }
+            }
+        }
+    }
+
+    fn start_agent(&mut self, i: usize, store: MemStore) {
+        let cfg = NodeConfig {
+            agent_id: self.agents[i].id,
+            agent_version: "sim".into(),
+            runs_concurrent_max: 64,
+            boot_id: self.agents[i].boot_id,
+            seed: self.rng.next_u64(),
+            bugs: self.bugs,
+        };
+        let r = self.reading(i);
+        match AgentNode::start(store, cfg, r) {
+            Ok(node) => self.agents[i].node = Some(node),
+            Err(e) => self.fail(format!("agent {i} did not start: {e:?}")),
+        }
+        self.drain_node(i);
+    }
+
+    fn deliver(&mut self, c: u64, dir: usize) {
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let i = conn.agent;
+        let receiver_open = if dir == UP {
+            conn.coord_open
+        } else {
+            conn.agent_open
+        };
+        if !receiver_open {
+            conn.queue[dir].clear();
+            conn.pumping[dir] = false;
+            return;
+        }
+        if self.agents[i].cut_until[dir] > self.now {
+            // Stalled: the transport retransmits.
+            self.at(self.now + RETRANSMIT_MS, Ev::Deliver(c, dir));
+            return;
+        }
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let Some((ready, _)) = conn.queue[dir].front() else {
+            conn.pumping[dir] = false;
+            return;
+        };
+        if *ready > now {
+            let t = *ready;
+            self.at(t, Ev::Deliver(c, dir));
+            return;
+        }
+        let Some((_, msg)) = conn.queue[dir].pop_front() else {
+            return;
+        };
+        conn.heard[dir] = now;
+        match conn.queue[dir].front() {
+            Some((t, _)) => {
+                let t = *t;
+                self.at(t, Ev::Deliver(c, dir));
+            }
+            None => conn.pumping[dir] = false,
+        }
+        match msg {
+            Msg::Up(m) => self.deliver_up(c, i, m),
+            Msg::Down(m) => {
+                if self.agents[i].conn == Some(c) {
+                    self.node_call(i, |n, r| n.handle_message(r, m));
+                }
+            }
+        }
+    }
+
+    fn deliver_up(&mut self, c: u64, i: usize, m: AgentMsg) {
+        let now = self.coord_now(T0);
+        let agent = self.agents[i].id;
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        match (&mut conn.session, m) {
+            (
+                None,
+                AgentMsg::Hello {
+                    last_revision,
+                    outbox_len,
+                    ..
+                },
+            ) => {
+                conn.session = Some(CoordSession::new(
+                    now,
+                    agent,
+                    Timestamp::from_millis_saturating(T0),
+                    last_revision,
+                    outbox_len,
+                    UploadLimits {
+                        runs_per_sec: 2_000,
+                        bytes_per_sec: 8 << 20,
+                    },
+                ));
+                let rev = self.revision;
+                if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
+                    s.handle_revision(rev);
+                }
+            }
+            (None, _) => {
+                self.fail(format!("agent {i} spoke before Hello"));
+                return;
+            }
+            (Some(s), m) => s.handle_message(now, m),
+        }
+        self.drain_coord(c);
+    }
+
+    fn keep_alive(&mut self, c: u64) {
+        let now = self.now;
+        let Some(conn) = self.conns.get(&c) else {
+            return;
+        };
+        let i = conn.agent;
+        let (agent_open, coord_open) = (conn.agent_open, conn.coord_open);
+        let up_ok = agent_open && !self.cut(i, UP);
+        let down_ok = coord_open && !self.cut(i, DOWN);
+        if let Some(conn) = self.conns.get_mut(&c) {
+            if up_ok {
+                conn.heard[UP] = now;
+            }
+            if down_ok {
+                conn.heard[DOWN] = now;
+            }
+        }
+        if down_ok && agent_open && self.agents[i].conn == Some(c) {
+            self.node_call(i, |n, r| n.handle_heard(r));
+        }
+        let Some(conn) = self.conns.get(&c) else {
+            return;
+        };
+        let heard = conn.heard;
+        if conn.agent_open && now - heard[DOWN] > IDLE_MS {
+            if self.agents[i].conn == Some(c) {
+                self.agents[i].conn = None;
+                self.node_call(i, |n, r| n.handle_closed(r, Closed::Lost));
+            }
+            self.close_agent_side(c, true);
+        }
+        if self.conns.get(&c).is_some_and(|k| k.coord_open) && now - heard[UP] > IDLE_MS {
+            self.close_coord_side(c, true);
+        }
+        if self.conns.contains_key(&c) {
+            self.at(now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
+        }
+    }
+
+    fn run(&mut self, end: i64) {
+        while let Some(Reverse((t, seq))) = self.queue.pop() {
+            if t > end {
+                break;
+            }
+            self.now = t;
+            self.processed += 1;
+            let Some(ev) = self.events.remove(&seq) else {
+                continue;
+            };
+            self.step(ev);
+        }
+        self.now = end;
+    }
+
+    /// After the settle time: every agent holds exactly the tasks the
+    /// coordinator assigns it, at a revision covering every change for it.
+    fn check_converged(&mut self) {
+        let mut found = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let id = agent.id;
+            let Some(node) = agent.node.as_ref() else {
+                found.push(format!("agent {i} is down after the settle time"));
+                continue;
+            };
+            let want: Vec<TaskId> = self
+                .tasks
+                .values()
+                .filter(|(t, cancelled)| !cancelled && self.targets(t, id))
+                .map(|(t, _)| t.id)
+                .collect();
+            let have = node.task_ids();
+            if have != want {
+                found.push(format!(
+                    "agent {i} holds tasks {have:?}, the coordinator assigns {want:?}"
+                ));
+            }
+            // Changes for other agents are not news to it.
+            let latest = self
+                .tasks
+                .values()
+                .filter(|(t, _)| self.targets(t, id))
+                .map(|(t, _)| t.revision)
+                .max()
+                .unwrap_or(0);
+            let at = node.store().last_revision;
+            if at < latest || at > self.revision {
+                found.push(format!(
+                    "agent {i} is at revision {at}, its latest change is {latest}, the coordinator at {}",
+                    self.revision
+                ));
+            }
+        }
+        for f in found {
+            self.fail(f);
+        }
+    }
+
+    /// At the end, every task cancelled a while ago: every record any
+    /// agent wrote is stored at the coordinator and no outbox holds any.
+    fn check_drained(&mut self) {
+        let mut found = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let Some(node) = agent.node.as_ref() else {
+                found.push(format!("agent {i} is down at the end"));
+                continue;
+            };
+            let store = node.store();
+            let lost: Vec<RunKey> = store
+                .ledger
+                .iter()
+                .map(RunRecord::key)
+                .filter(|k| {
+                    !self.runs.contains_key(&(agent.id, *k)) && !store.outbox_keys.contains_key(k)
+                })
+                .collect();
+            if let Some(first) = lost.first() {
+                found.push(format!(
+                    "agent {i}: {} records lost, e.g. {first:?}",
+                    lost.len()
+                ));
+            }
+            if !store.outbox.is_empty() {
+                found.push(format!(
+                    "agent {i}: {} records not synced by the end",
+                    store.outbox.len()
+                ));
+            }
+            if node.running() > 0 {
+                found.push(format!(
+                    "agent {i}: {} runs still going after every task was cancelled",
+                    node.running()
+                ));
+            }
+        }
+        for f in found {
+            self.fail(f);
+        }
+    }
+}
+
+/// Runs one seed.
+pub fn run_seed(seed: u64, opts: &VirtOptions) -> SeedReport {
+    let mut rng = Rng::new(seed ^ 0x5EED_0000_0000_0000);
+    let n = if opts.agents == 0 {
+        2 + rng.below(4) as usize
+    } else {
+        opts.agents
+    };
+    let duration = opts.duration_ms.max(SETTLE_MS + 10_000);
+    let mut w = World {
+        now: T0,
+        rng,
+        seq: 0,
+        queue: BinaryHeap::new(),
+        events: HashMap::new(),
+        agents: Vec::new(),
+        conns: BTreeMap::new(),
+        next_conn: 0,
+        coord_up: true,
+        tasks: BTreeMap::new(),
+        revision: 0,
+        next_task: 0,
+        runs: HashMap::new(),
+        bugs: opts.bugs,
+        failures: Vec::new(),
+        digest: seed,
+        fires: 0,
+        processed: 0,
+        faults_end: T0 + duration - SETTLE_MS,
+        verbose: std::env::var_os("SUNDIAL_SIM_VERBOSE").is_some(),
+    };
+    for i in 0..n {
+        let boots_2001 = w.rng.chance(0.2);
+        let drift = w.rng.below(101) as i64 - 50;
+        let offset = if boots_2001 {
+            Y2001 - T0
+        } else {
+            // A device clock a little behind (never ahead at its very
+            // first start: nothing could tell).
+            -(w.rng.below(2_000) as i64)
+        };
+        w.agents.push(Agent {
+            id: AgentId(i as u64 + 1),
+            node: None,
+            parked: None,
+            boot_id: 1,
+            boot_at: T0 - 60_000,
+            wall_offset: offset,
+            drift_ppm: drift,
+            incarnation: 0,
+            conn: None,
+            wake_gen: 0,
+            removed_at: HashMap::new(),
+            fired: HashMap::new(),
+            cut_until: [i64::MIN; 2],
+            crashes: 0,
+        });
+        w.start_agent(i, MemStore::default());
+    }
+    // The fault plan, all before the settle time.
+    let faults = 5 + w.rng.below(20);
+    let span = (w.faults_end - T0).max(1) as u64;
+    for _ in 0..faults {
+        let t = T0 + w.rng.below(span) as i64;
+        let i = w.rng.below(n as u64) as usize;
+        let ev = match w.rng.below(10) {
+            0..=3 => {
+                let dirs = match w.rng.below(3) {
+                    0 => [true, true],
+                    1 => [true, false],
+                    _ => [false, true],
+                };
+                Ev::Cut(i, dirs, 500 + w.rng.below(30_000) as i64)
+            }
+            4 | 5 => Ev::Crash(i),
+            6 => Ev::CoordCrash,
+            _ => {
+                // A step: 1.5 s to an hour, either way. (Steps under the
+                // guard's 1 s jump threshold are taken as corrections, by
+                // design; drift and offsets model the small errors.)
+                let size = 1_500 + w.rng.below(3_600_000) as i64;
+                let by = if w.rng.chance(0.5) { size } else { -size };
+                Ev::ClockStep(i, by)
+            }
+        };
+        w.at(t.min(w.faults_end), ev);
+    }
+    w.at(T0 + 100, Ev::Operator);
+    w.at(T0 + duration - DRAIN_MS, Ev::Quiesce);
+    w.run(T0 + duration);
+    w.check_drained();
+    SeedReport {
+        seed,
+        failures: w.failures,
+        simulated_ms: duration,
+        digest: w.digest,
+        fires: w.fires,
+        stored: w.runs.len() as u64,
+        events: w.processed,
+    }
+}
+
+/// The seeds `A..B` (end exclusive) or `A..=B`, or one number.
+pub fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
+    let num = |x: &str| {
+        x.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("'{x}' is not a seed: {e}"))
+    };
+    if let Some((a, b)) = s.split_once("..=") {
+        let (a, b) = (num(a)?, num(b)?);
+        return (a <= b)
+            .then(|| a..b + 1)
+            .ok_or_else(|| format!("empty range {s}"));
+    }
+    if let Some((a, b)) = s.split_once("..") {
+        let (a, b) = (num(a)?, num(b)?);
+        return (a < b)
+            .then_some(a..b)
+            .ok_or_else(|| format!("empty range {s}"));
+    }
+    let a = num(s)?;
+    Ok(a..a + 1)
+}
+
+/// Runs `seeds` on `threads` threads; reports in seed order.
+pub fn run_seeds(
+    seeds: std::ops::Range<u64>,
+    opts: &VirtOptions,
+    threads: usize,
+) -> Vec<SeedReport> {
+    let next = std::sync::atomic::AtomicU64::new(seeds.start);
+    let out = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seed >= seeds.end {
+                    return;
+                }
+                let r = run_seed(seed, opts);
+                if let Ok(mut o) = out.lock() {
+                    o.push(r);
+                }
+            });
+        }
+    });
+    let mut v = out.into_inner().unwrap_or_default();
+    v.sort_by_key(|r| r.seed);
+    v
+}
