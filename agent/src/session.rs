@@ -36,6 +36,8 @@ pub use sundial_core::session::agent::{
     RECONNECT_DELAY_MAX_MS, RECONNECT_DELAY_MIN_MS, RECONNECT_DELAY_REFUSED_MS,
 };
 pub use sundial_net::{CONNECT_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE};
+/// How long a connection whose stream ended is given to say why it closed.
+const CLOSE_REASON_WAIT: Duration = Duration::from_millis(500);
 /// How often a live connection's packet count is looked at, for link silence.
 const HEARD_POLL: Duration = Duration::from_millis(500);
 
@@ -221,6 +223,16 @@ struct Live {
 }
 
 /// How a connection or an attempt ended, for the machine.
+/// How a live connection ended. A stream can end a moment before the
+/// connection's close (with its code) is processed: wait briefly for it, so
+/// a revocation is not taken for a lost link.
+async fn ended_kind(conn: &quinn::Connection, result: &Result<(), SessionError>) -> Closed {
+    if conn.close_reason().is_none() {
+        let _ = tokio::time::timeout(CLOSE_REASON_WAIT, conn.closed()).await;
+    }
+    closed_kind(Some(conn), result)
+}
+
 fn closed_kind(conn: Option<&quinn::Connection>, result: &Result<(), SessionError>) -> Closed {
     if revoked(conn, result) {
         Closed::Revoked
@@ -284,7 +296,7 @@ pub async fn run(
                 }
                 if let Err(e) = send(&mut l.tx, &msg).await {
                     let result = Err(e);
-                    let kind = closed_kind(Some(&l.conn), &result);
+                    let kind = ended_kind(&l.conn, &result).await;
                     end_connection(&mut live, &result);
                     sm.handle_closed(now(), kind);
                 }
@@ -325,7 +337,10 @@ pub async fn run(
                 Some(Ok(m)) => sm.handle_message(now(), m),
                 Some(Err(e)) => {
                     let result = Err(e);
-                    let kind = closed_kind(live.as_ref().map(|l| &l.conn), &result);
+                    let kind = match live.as_ref() {
+                        Some(l) => ended_kind(&l.conn, &result).await,
+                        None => closed_kind(None, &result),
+                    };
                     end_connection(&mut live, &result);
                     sm.handle_closed(now(), kind);
                 }

@@ -251,6 +251,22 @@ mod tests {
     }
 
     #[test]
+    fn a_held_clock_corrected_past_the_truth_is_not_followed() {
+        // Found by the virtual simulator: stepped back an hour (held), then
+        // "corrected" 20 s past the true time. The anchor is the last
+        // trusted instant, so the overshoot is followed on the boot clock.
+        let mut g = ClockGuard::new(0, None);
+        let mut notes = Vec::new();
+        g.observe(r(GOOD, 10_000), &mut notes);
+        assert_eq!(g.observe(r(GOOD - 3_590_000, 20_000), &mut notes), None);
+        let now = g.observe(r(GOOD + 50_000, 30_000), &mut notes);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 20_000));
+        // Corrected exactly: followed again, nothing held.
+        let now = g.observe(r(GOOD + 21_000, 31_000), &mut notes);
+        assert_eq!(now.map(Timestamp::as_millis), Some(GOOD + 21_000));
+    }
+
+    #[test]
     fn a_step_forward_while_running_never_fires_the_future() {
         let mut g = ClockGuard::new(0, None);
         let mut notes = Vec::new();

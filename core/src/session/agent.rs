@@ -625,6 +625,51 @@ mod tests {
     }
 
     #[test]
+    fn clock_samples_count_at_their_low_end_and_slow_ones_not_at_all() {
+        let mut s = AgentSession::new(5);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(0), hello());
+        drain(&mut s);
+        let ts = |ms: i64| Timestamp::from_millis_saturating(ms);
+        // Sent at agent wall 1000, the coordinator read 6000 and replied at
+        // once, received at agent wall 1100: offset 4950 ± 50.
+        let reply = |t4: i64| Now {
+            mono_ms: 1,
+            wall: ts(t4),
+        };
+        s.handle_message(
+            reply(1_100),
+            CoordMsg::ClockReply {
+                t1: ts(1_000),
+                t2: ts(6_000),
+                t3: ts(6_000),
+            },
+        );
+        let (msgs, effects) = drain(&mut s);
+        assert!(effects.contains(&AgentEffect::Clock {
+            offset_ms: 4_900,
+            rtt_ms: 100
+        }));
+        assert!(msgs.contains(&AgentMsg::ClockReport {
+            offset_ms: 4_950,
+            rtt_ms: 100
+        }));
+        // A reply that sat 5 s in a stalled link is reported, not used.
+        s.handle_message(
+            reply(6_000),
+            CoordMsg::ClockReply {
+                t1: ts(1_000),
+                t2: ts(6_000),
+                t3: ts(6_000),
+            },
+        );
+        let (_, effects) = drain(&mut s);
+        assert!(!effects
+            .iter()
+            .any(|e| matches!(e, AgentEffect::Clock { .. })));
+    }
+
+    #[test]
     fn silence_marks_offline_and_a_packet_online_again() {
         let mut s = AgentSession::new(3);
         s.handle_timeout(at(0));

@@ -1,0 +1,300 @@
+//! The command line: every command, flag and its help.
+
+use super::*;
+
+/// Sundial admin CLI. Reads the coordinator's address and admin credentials
+/// from --creds FILE or SUNDIAL_CREDS (the file `sundial-coordinator init` wrote).
+#[derive(Debug, Parser)]
+#[command(
+    name = "sundialctl",
+    version,
+    about = "Sundial's admin CLI: join tokens, agents, tasks, runs and schedules"
+)]
+pub(crate) struct Cli {
+    /// Admin credentials file.
+    #[arg(long, value_name = "FILE", env = "SUNDIAL_CREDS", global = true)]
+    pub(crate) creds: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Cmd,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct OutputArg {
+    /// Output format: an aligned table, a wide table (nothing shortened), or
+    /// JSON (snake_case, RFC 3339 UTC; the scripting interface).
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    pub(crate) output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Cmd {
+    /// Join tokens for enrolling agents.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agent(AgentCmd),
+    /// Tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Run records stored by the coordinator.
+    #[command(subcommand)]
+    Run(RunCmd),
+    /// Work with schedules (no coordinator needed).
+    #[command(subcommand)]
+    Schedule(ScheduleCmd),
+    /// Print a shell completion script: `sundialctl completions bash > /etc/bash_completion.d/sundialctl`.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `sundialctl manpage | man -l -`.
+    Manpage,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCmd {
+    /// Create a join token; prints the token alone.
+    Create {
+        /// How long the token is valid.
+        #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "1h")]
+        ttl: DurationMs,
+        /// How many agents may join with it.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        uses: u32,
+        /// A label given to agents joining with it (repeatable).
+        #[arg(long = "label", value_name = "K=V", value_parser = cli::parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List tokens that can still be used (never their secrets).
+    List(OutputArg),
+    /// Revoke a token by the ID `token list` shows.
+    Revoke {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCmd {
+    /// List agents.
+    List(OutputArg),
+    /// Show one agent (by id or name).
+    Get {
+        #[arg(value_name = "AGENT")]
+        id: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Revoke an agent: its live session ends now and its certificate is
+    /// refused from now on.
+    Revoke {
+        #[arg(value_name = "AGENT")]
+        id: String,
+    },
+    /// Remove a revoked agent from the lists; its runs stay.
+    Forget {
+        #[arg(value_name = "AGENT")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TaskCmd {
+    /// Create a task; prints its id.
+    ///
+    /// Example: sundialctl task create --name backup --selector site=lab --cron '30 2 * * *' --tz Europe/Berlin -- /usr/local/bin/backup --fast
+    Create(Box<CreateArgs>),
+    /// List tasks, with their next occurrence and latest run.
+    List(OutputArg),
+    /// Describe a task (by id or name): every field, the agents it reaches,
+    /// its next occurrence and the latest run on each agent.
+    Get {
+        #[arg(value_name = "TASK")]
+        id: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Cancel tasks (by id or name); agents drop them, also those offline
+    /// now, when they reconnect. A run already going finishes.
+    Cancel {
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
+    },
+    /// Change a task: a new revision reaches its agents (offline ones when
+    /// they reconnect). A run going finishes as it started; later runs use
+    /// the change. A new schedule counts from now. The target cannot change.
+    ///
+    /// Example: sundialctl task update nightly-backup --cron '0 3 * * *' --retries 2
+    Update(Box<UpdateArgs>),
+    /// Run one extra occurrence now on every online agent the task reaches;
+    /// its run is recorded with "run now" in its detail. Offline agents do
+    /// not run it (they are named).
+    RunNow {
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
+    },
+    /// Pause tasks: agents drop their occurrences until resumed; none is
+    /// run or recorded meanwhile. A run already going finishes.
+    Pause {
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
+    },
+    /// Resume paused tasks: occurrences count again from now.
+    Resume {
+        #[arg(value_name = "TASK", required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpdateArgs {
+    /// The task (id or name).
+    #[arg(value_name = "TASK")]
+    pub(crate) id: String,
+    /// A new schedule: --at, --every [--anchor] or --cron [--tz].
+    #[command(flatten)]
+    pub(crate) schedule: ScheduleArgs,
+    /// skip, once, all or all:CAP.
+    #[arg(long, value_name = "POLICY")]
+    pub(crate) misfire: Option<MisfireMode>,
+    /// An occurrence at most this late still runs normally.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    pub(crate) grace: Option<DurationMs>,
+    /// Retries after a failed, timed-out or interrupted run.
+    #[arg(long, value_name = "N")]
+    pub(crate) retries: Option<u32>,
+    /// Delay before the first retry; doubles for each further one.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    pub(crate) backoff: Option<DurationMs>,
+    /// The longest delay between retries.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    pub(crate) backoff_max: Option<DurationMs>,
+    /// Kill a run still going after this long.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, conflicts_with = "no_timeout")]
+    pub(crate) timeout: Option<DurationMs>,
+    /// Remove the timeout.
+    #[arg(long)]
+    pub(crate) no_timeout: bool,
+    /// allow or forbid.
+    #[arg(long, value_name = "POLICY")]
+    pub(crate) overlap: Option<OverlapPolicy>,
+    /// Replace the environment (repeatable; all of it is replaced).
+    #[arg(long = "env", value_name = "K=V", value_parser = cli::parse_label)]
+    pub(crate) env: Vec<(String, String)>,
+    /// Remove every environment variable.
+    #[arg(long, conflicts_with = "env")]
+    pub(crate) clear_env: bool,
+    /// A new working directory.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) cwd: Option<String>,
+    /// A new program and arguments, after `--`.
+    #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
+    pub(crate) command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CreateArgs {
+    /// A unique name.
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Run on this agent (id or name).
+    #[arg(
+        long,
+        value_name = "AGENT",
+        conflicts_with = "selector",
+        required_unless_present = "selector"
+    )]
+    pub(crate) agent: Option<String>,
+    /// Run on every agent with these labels, including agents that join later.
+    #[arg(long, value_name = "K=V[,K=V]", value_parser = cli::parse_selector)]
+    pub(crate) selector: Option<cli::Selector>,
+    #[command(flatten)]
+    pub(crate) schedule: ScheduleArgs,
+    /// What to do with occurrences missed while the agent was down: skip,
+    /// once (one catch-up run), all or all:CAP.
+    #[arg(long, value_name = "POLICY", default_value = "once")]
+    pub(crate) misfire: MisfireMode,
+    /// An occurrence at most this late still runs normally [default: 1m,
+    /// or the period of the schedule if that is shorter].
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    pub(crate) grace: Option<DurationMs>,
+    /// Retries after a failed, timed-out or interrupted run.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub(crate) retries: u32,
+    /// Delay before the first retry; doubles for each further one.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "1s")]
+    pub(crate) backoff: DurationMs,
+    /// The longest delay between retries.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "5m")]
+    pub(crate) backoff_max: DurationMs,
+    /// Kill a run still going after this long (timed_out).
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
+    pub(crate) timeout: Option<DurationMs>,
+    /// allow: occurrences may run side by side; forbid: record as skipped.
+    #[arg(long, value_name = "POLICY", default_value = "allow")]
+    pub(crate) overlap: OverlapPolicy,
+    /// Start of the window in which occurrences count (RFC 3339).
+    #[arg(long, value_name = "T", value_parser = cli::parse_instant)]
+    pub(crate) start: Option<Timestamp>,
+    /// End of the window (exclusive).
+    #[arg(long, value_name = "T", value_parser = cli::parse_instant)]
+    pub(crate) end: Option<Timestamp>,
+    /// Environment for the program (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = cli::parse_label)]
+    pub(crate) env: Vec<(String, String)>,
+    /// Working directory for the program.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) cwd: Option<String>,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
+    pub(crate) command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RunCmd {
+    /// List runs, oldest first (the most recent N when more match).
+    List {
+        /// Only runs of this task (id or name).
+        #[arg(long, value_name = "TASK")]
+        task: Option<String>,
+        /// Only runs of this agent (id or name).
+        #[arg(long, value_name = "AGENT")]
+        agent: Option<String>,
+        /// Only runs scheduled at or after this instant: RFC 3339, a date
+        /// (2026-11-26), or a duration meaning that long ago (1h, 7d).
+        #[arg(long, value_name = "T", value_parser = cli::parse_since)]
+        since: Option<Timestamp>,
+        /// Show at most N runs, the most recent (1 to 10000).
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        /// The page after this cursor (printed after a page), oldest first.
+        #[arg(long, value_name = "CURSOR", conflicts_with = "before")]
+        after: Option<String>,
+        /// The page before this cursor (printed after a page): older runs.
+        #[arg(long, value_name = "CURSOR")]
+        before: Option<String>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ScheduleCmd {
+    /// Print the next occurrences of a schedule, as the agents will fire them.
+    ///
+    /// Example: sundialctl schedule next --cron '30 2 * * *' --tz America/New_York --count 3
+    Next {
+        #[command(flatten)]
+        schedule: ScheduleArgs,
+        /// List occurrences strictly after this instant (RFC 3339 or `now`).
+        #[arg(long, value_name = "T", value_parser = cli::parse_instant)]
+        from: Option<Timestamp>,
+        /// How many occurrences to print (at most 100000).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        count: usize,
+        /// Output format: table (with local times for cron) or json (an array of strings).
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: Output,
+    },
+}

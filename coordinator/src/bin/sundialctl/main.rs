@@ -1,0 +1,428 @@
+//! `sundialctl`: Sundial's admin CLI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use chrono::TimeZone;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use sundial_coordinator::cli::{self, labels_text, table, Output, ScheduleArgs};
+use sundial_coordinator::client::AdminClient;
+use sundial_coordinator::pki::AdminCreds;
+use sundial_coordinator::server::TOKEN_TTL_DEFAULT;
+use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
+use sundial_protocol::task::{Action, ExecSpec, Target};
+
+use sundial_protocol::wire::{
+    AdminRequest, AdminResponse, AgentInfo, LastRun, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
+};
+use sundial_protocol::{AgentId, DurationMs, RunRecord, TaskId, Timestamp};
+
+/// Prints to stdout; a closed pipe (`sundialctl … | head`) ends the
+/// program quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_out(&format!($($arg)*))
+    };
+}
+
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        write_out(&format!("{}\n", format!($($arg)*)))
+    };
+}
+
+fn write_out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("sundialctl: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+mod args;
+mod render;
+mod request;
+
+use args::*;
+use render::*;
+use request::*;
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sundialctl: {}", sundial_protocol::error_text(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Talks to the coordinator for one command, resolving names to ids.
+struct Ctl {
+    client: AdminClient,
+}
+
+impl Ctl {
+    async fn ask(&self, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+        self.client.request(&req).await.map_err(anyhow::Error::msg)
+    }
+
+    async fn agents(&self) -> anyhow::Result<Vec<AgentInfo>> {
+        match self.ask(AdminRequest::AgentList).await? {
+            AdminResponse::Agents(a) => Ok(a),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    async fn tasks(&self) -> anyhow::Result<Vec<TaskInfo>> {
+        match self.ask(AdminRequest::TaskList).await? {
+            AdminResponse::Tasks(t) => Ok(t),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Names for display; a failure to get them only costs the names.
+    async fn names(&self, tasks: bool) -> Names {
+        let mut n = Names::default();
+        if let Ok(agents) = self.agents().await {
+            n.agents = agents
+                .into_iter()
+                .filter_map(|a| a.name.map(|name| (a.agent_id, name)))
+                .collect();
+        }
+        if tasks {
+            if let Ok(ts) = self.tasks().await {
+                n.retry = ts
+                    .iter()
+                    .map(|t| (t.spec.id, t.spec.policies.retry))
+                    .collect();
+                n.tasks = ts
+                    .into_iter()
+                    .filter_map(|t| t.spec.name.map(|name| (t.spec.id, name)))
+                    .collect();
+            }
+        }
+        n
+    }
+
+    /// An agent by id (`a3`, `3`) or unique name.
+    async fn agent_id(&self, text: &str) -> anyhow::Result<AgentId> {
+        if let Ok(id) = text.parse::<AgentId>() {
+            return Ok(id);
+        }
+        let matches: Vec<AgentId> = self
+            .agents()
+            .await?
+            .into_iter()
+            .filter(|a| a.name.as_deref() == Some(text))
+            .map(|a| a.agent_id)
+            .collect();
+        match matches.as_slice() {
+            [id] => Ok(*id),
+            [] => bail!("no agent with id or name `{text}` (see sundialctl agent list)"),
+            _ => bail!(
+                "several agents are named `{text}`: use an id ({})",
+                matches
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// A task by id (`t3`, `3`) or name (names are unique among live tasks).
+    async fn task_id(&self, text: &str) -> anyhow::Result<TaskId> {
+        if let Ok(id) = text.parse::<TaskId>() {
+            return Ok(id);
+        }
+        let tasks = self.tasks().await?;
+        let live = tasks
+            .iter()
+            .find(|t| !t.cancelled && t.spec.name.as_deref() == Some(text));
+        let any = tasks.iter().find(|t| t.spec.name.as_deref() == Some(text));
+        match live.or(any) {
+            Some(t) => Ok(t.spec.id),
+            None => bail!("no task with id or name `{text}` (see sundialctl task list)"),
+        }
+    }
+}
+
+fn unexpected(r: AdminResponse) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the coordinator: {r:?}")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Cmd::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "sundialctl", &mut out);
+            out!("{}", String::from_utf8_lossy(&out));
+            return Ok(());
+        }
+        Cmd::Manpage => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            out!("{}", String::from_utf8_lossy(&out));
+            return Ok(());
+        }
+        _ => {}
+    }
+    if let Cmd::Schedule(ScheduleCmd::Next {
+        schedule,
+        from,
+        count,
+        output,
+    }) = &cli.command
+    {
+        return schedule_next(schedule, *from, *count, *output);
+    }
+    let Some(creds_path) = cli.creds.clone() else {
+        bail!("no credentials: pass --creds FILE or set SUNDIAL_CREDS (the admin.creds that `sundial-coordinator init` printed)");
+    };
+    let creds = AdminCreds::load(&creds_path).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let client = AdminClient::connect(&creds)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let ctl = Ctl { client };
+        let result = command(&ctl, cli.command).await;
+        ctl.client.close();
+        result
+    })
+}
+
+async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Token(TokenCmd::Create { ttl, uses, labels }) => {
+            if ttl.0 == 0 {
+                bail!("--ttl must be longer than 0 (default {TOKEN_TTL_DEFAULT})");
+            }
+            match ctl
+                .ask(AdminRequest::TokenCreate {
+                    ttl_ms: ttl.0,
+                    uses,
+                    labels,
+                })
+                .await?
+            {
+                AdminResponse::Token(t) => outln!("{t}"),
+                r => return Err(unexpected(r)),
+            }
+        }
+        Cmd::Token(TokenCmd::List(o)) => match ctl.ask(AdminRequest::TokenList).await? {
+            AdminResponse::Tokens(t) => tokens_out(&t, o.output)?,
+            r => return Err(unexpected(r)),
+        },
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            ctl.ask(AdminRequest::TokenRevoke(id.clone())).await?;
+            outln!("revoked token {id}");
+        }
+        Cmd::Agent(AgentCmd::List(o)) => agents_out(&ctl.agents().await?, o.output)?,
+        Cmd::Agent(AgentCmd::Get { id, out }) => {
+            let id = ctl.agent_id(&id).await?;
+            match ctl.ask(AdminRequest::AgentGet(id)).await? {
+                AdminResponse::Agent(a) => {
+                    if out.output == Output::Json {
+                        print_json(&agent_json(&a))?;
+                    } else {
+                        agents_out(&[*a], out.output)?;
+                    }
+                }
+                r => return Err(unexpected(r)),
+            }
+        }
+        Cmd::Agent(AgentCmd::Revoke { id }) => {
+            let id = ctl.agent_id(&id).await?;
+            ctl.ask(AdminRequest::AgentRevoke(id)).await?;
+            outln!("revoked {id}");
+        }
+        Cmd::Agent(AgentCmd::Forget { id }) => {
+            let id = ctl.agent_id(&id).await?;
+            ctl.ask(AdminRequest::AgentForget(id)).await?;
+            outln!("forgot {id}; its runs stay");
+        }
+        Cmd::Task(TaskCmd::Create(args)) => {
+            let mut args = *args;
+            let agent = match args.agent.take() {
+                Some(a) => Some(ctl.agent_id(&a).await?),
+                None => None,
+            };
+            let draft = draft(args, agent)?;
+            match ctl.ask(AdminRequest::TaskCreate(Box::new(draft))).await? {
+                AdminResponse::TaskCreated(id) => outln!("{id}"),
+                AdminResponse::TaskCreatedWarn { id, warnings } => {
+                    for w in warnings {
+                        eprintln!("sundialctl: warning: {w}");
+                    }
+                    outln!("{id}");
+                }
+                r => return Err(unexpected(r)),
+            }
+        }
+        Cmd::Task(TaskCmd::List(o)) => {
+            let tasks = ctl.tasks().await?;
+            let names = if o.output == Output::Json {
+                Names::default()
+            } else {
+                ctl.names(false).await
+            };
+            tasks_out(&tasks, &names, o.output)?
+        }
+        Cmd::Task(TaskCmd::Get { id, out }) => {
+            let id = ctl.task_id(&id).await?;
+            match ctl.ask(AdminRequest::TaskGet(id)).await? {
+                AdminResponse::Task(t) => {
+                    if out.output == Output::Json {
+                        print_json(&task_json(&t))?;
+                    } else {
+                        let names = ctl.names(false).await;
+                        out!("{}", describe_task(&t, &names));
+                    }
+                }
+                r => return Err(unexpected(r)),
+            }
+        }
+        Cmd::Task(TaskCmd::Cancel { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                ctl.ask(AdminRequest::TaskCancel(id)).await?;
+                outln!("cancelled {id}");
+            }
+        }
+        Cmd::Task(TaskCmd::Update(args)) => {
+            let id = ctl.task_id(&args.id).await?;
+            let patch = patch(*args)?;
+            match ctl
+                .ask(AdminRequest::TaskUpdate {
+                    id,
+                    patch: Box::new(patch),
+                })
+                .await?
+            {
+                AdminResponse::Updated { revision } => {
+                    outln!("updated {id} (revision {revision})")
+                }
+                r => return Err(unexpected(r)),
+            }
+        }
+        Cmd::Task(TaskCmd::RunNow { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                match ctl.ask(AdminRequest::TaskRunNow(id)).await? {
+                    AdminResponse::RunNowSent { at, sent, offline } => {
+                        let list = |v: &[AgentId]| {
+                            v.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        };
+                        outln!(
+                            "{id}: run at {at} on {} agent(s){}",
+                            sent.len(),
+                            if sent.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", list(&sent))
+                            }
+                        );
+                        if !offline.is_empty() {
+                            eprintln!(
+                                "sundialctl: warning: {id}: not run on offline agent(s) {}",
+                                list(&offline)
+                            );
+                        }
+                    }
+                    r => return Err(unexpected(r)),
+                }
+            }
+        }
+        Cmd::Task(TaskCmd::Pause { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                ctl.ask(AdminRequest::TaskPause(id)).await?;
+                outln!("paused {id}");
+            }
+        }
+        Cmd::Task(TaskCmd::Resume { ids }) => {
+            for id in ids {
+                let id = ctl.task_id(&id).await?;
+                ctl.ask(AdminRequest::TaskResume(id)).await?;
+                outln!("resumed {id}");
+            }
+        }
+        Cmd::Run(RunCmd::List {
+            task,
+            agent,
+            since,
+            limit,
+            after,
+            before,
+            out,
+        }) => {
+            let task = match task {
+                Some(t) => Some(ctl.task_id(&t).await?),
+                None => None,
+            };
+            let agent = match agent {
+                Some(a) => Some(ctl.agent_id(&a).await?),
+                None => None,
+            };
+            let answer = ctl
+                .client
+                .run_list(&AdminRequest::RunList {
+                    task,
+                    agent,
+                    since,
+                    limit,
+                    after: after.clone(),
+                    before,
+                })
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let names = ctl.names(true).await;
+            runs_out(&answer.runs, &names, out.output)?;
+            if answer.unreadable > 0 {
+                eprintln!(
+                    "sundialctl: warning: {} stored run records could not be read and were skipped (the coordinator's log names them)",
+                    answer.unreadable
+                );
+            }
+            if answer.more && out.output != Output::Json {
+                let shown = answer.runs.len();
+                let of = answer
+                    .matched
+                    .map_or_else(String::new, |m| format!(" of {m}"));
+                // Forward pages continue forward; the latest pages go back.
+                let hint = if after.is_some() {
+                    answer
+                        .last
+                        .map(|c| format!("newer: --after {c}"))
+                        .unwrap_or_default()
+                } else {
+                    answer
+                        .first
+                        .map(|c| format!("older: --before {c}"))
+                        .unwrap_or_default()
+                };
+                eprintln!("showing {shown}{of} runs; {hint} (or --limit, --since)");
+            }
+        }
+        Cmd::Schedule(_) | Cmd::Completions { .. } | Cmd::Manpage => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,504 @@
+//! Output: tables for people, JSON for scripts.
+
+use super::*;
+
+pub(crate) fn opt_ts(t: Option<Timestamp>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(t.to_string()))
+}
+
+pub(crate) fn labels_json(labels: &[(String, String)]) -> Value {
+    Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+pub(crate) fn agent_json(a: &AgentInfo) -> Value {
+    json!({
+        "agent_id": a.agent_id.to_string(),
+        "name": a.name,
+        "labels": labels_json(&a.labels),
+        "online": a.online,
+        "revoked": a.revoked,
+        "enrolled_at": a.enrolled_at.to_string(),
+        "last_seen": opt_ts(a.last_seen),
+        "clock_offset_ms": a.clock_offset_ms,
+        "rtt_ms": a.rtt_ms,
+        "version": a.version,
+        "allow_exec": a.allow_exec,
+        "outbox_len": a.outbox_len,
+    })
+}
+
+pub(crate) fn task_state(t: &TaskInfo) -> &'static str {
+    if t.cancelled {
+        "cancelled"
+    } else if t.paused {
+        "paused"
+    } else if t.done {
+        "done"
+    } else {
+        "active"
+    }
+}
+
+pub(crate) fn last_run_json(l: &LastRun) -> Value {
+    json!({
+        "agent_id": l.agent_id.to_string(),
+        "scheduled_at": l.scheduled_at.to_string(),
+        "attempt": l.attempt,
+        "outcome": l.outcome.as_str(),
+        "finished_at": opt_ts(l.finished_at),
+        "detail": l.detail,
+    })
+}
+
+pub(crate) fn task_json(t: &TaskInfo) -> Value {
+    let Action::Exec(exec) = &t.spec.action;
+    let p = &t.spec.policies;
+    let (start, end) = t.spec.schedule.window();
+    json!({
+        "task_id": t.spec.id.to_string(),
+        "name": t.spec.name,
+        "target": match &t.spec.target {
+            Target::Agent(a) => json!({"agent": a.to_string()}),
+            Target::Selector(s) => json!({"selector": labels_json(s)}),
+        },
+        "schedule": t.spec.schedule.to_string(),
+        "program": exec.program,
+        "args": exec.args,
+        "env": exec.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        "cwd": exec.cwd,
+        "revision": t.spec.revision,
+        "created_at": t.spec.created_at.to_string(),
+        "state": task_state(t),
+        "cancelled": t.cancelled,
+        "paused": t.paused,
+        "done": t.done,
+        "next": opt_ts(t.next),
+        "misfire": p.misfire.mode.to_string(),
+        "grace_ms": p.misfire.grace.0,
+        "retries": p.retry.retries,
+        "backoff_ms": p.retry.backoff_initial.0,
+        "backoff_max_ms": p.retry.backoff_max.0,
+        "overlap": p.overlap.to_string(),
+        "timeout_ms": p.timeout.map(|d| d.0),
+        "window_start": opt_ts(start),
+        "window_end": opt_ts(end),
+        "reached": t.reached.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "last_runs": t.last_runs.iter().map(last_run_json).collect::<Vec<_>>(),
+    })
+}
+
+/// Names of agents and tasks, to show beside their ids.
+#[derive(Default)]
+pub(crate) struct Names {
+    pub(crate) agents: HashMap<AgentId, String>,
+    pub(crate) tasks: HashMap<TaskId, String>,
+    /// Each task's retry policy: a retry's lateness counts from its own due time.
+    pub(crate) retry: HashMap<TaskId, RetryPolicy>,
+}
+
+impl Names {
+    fn agent(&self, id: AgentId) -> String {
+        match self.agents.get(&id) {
+            Some(n) => format!("{id} ({n})"),
+            None => id.to_string(),
+        }
+    }
+
+    fn task(&self, id: TaskId) -> String {
+        match self.tasks.get(&id) {
+            Some(n) => format!("{id} ({n})"),
+            None => id.to_string(),
+        }
+    }
+}
+
+pub(crate) fn duration_ms(r: &RunRecord) -> Option<i64> {
+    match (r.fired_at, r.finished_at) {
+        (Some(f), Some(e)) => Some(e.millis_since(f)),
+        _ => None,
+    }
+}
+
+/// How late a run started: the first attempt from its occurrence, a retry
+/// from its own due time (the previous attempt's end plus the backoff),
+/// when the previous attempt is in `runs`.
+pub(crate) fn lateness_ms(r: &RunRecord, runs: &[RunRecord], names: &Names) -> Option<i64> {
+    let fired = r.fired_at?;
+    if r.attempt <= 1 {
+        return Some(fired.millis_since(r.scheduled_at).max(0));
+    }
+    let prev = runs.iter().find(|p| {
+        p.task_id == r.task_id
+            && p.agent_id == r.agent_id
+            && p.scheduled_at == r.scheduled_at
+            && p.attempt + 1 == r.attempt
+    })?;
+    let backoff = names.retry.get(&r.task_id)?.backoff_after(prev.attempt);
+    let due = prev.finished_at?.saturating_add_ms(backoff.as_millis_i64());
+    Some(fired.millis_since(due).max(0))
+}
+
+pub(crate) fn run_json(r: &RunRecord, runs: &[RunRecord], names: &Names) -> Value {
+    json!({
+        "task_id": r.task_id.to_string(),
+        "task_name": names.tasks.get(&r.task_id),
+        "agent_id": r.agent_id.to_string(),
+        "agent_name": names.agents.get(&r.agent_id),
+        "scheduled_at": r.scheduled_at.to_string(),
+        "fired_at": opt_ts(r.fired_at),
+        "finished_at": opt_ts(r.finished_at),
+        "duration_ms": duration_ms(r),
+        "attempt": r.attempt,
+        "outcome": r.outcome.as_str(),
+        "exit_code": r.exit_code,
+        "offline": r.offline,
+        "lateness_ms": lateness_ms(r, runs, names),
+        "detail": r.detail,
+        "why": why(r),
+        "stdout": String::from_utf8_lossy(&r.stdout_tail),
+        "stderr": String::from_utf8_lossy(&r.stderr_tail),
+    })
+}
+
+pub(crate) fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+pub(crate) fn print_json(v: &Value) -> anyhow::Result<()> {
+    outln!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `text` cut to `max` characters with an ellipsis (tables), or whole (wide).
+pub(crate) fn cut(text: &str, max: usize, out: Output) -> String {
+    let one_line = text.replace('\n', " ");
+    if out == Output::Wide || one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut s: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    s.push('…');
+    s
+}
+
+/// A word as a POSIX shell would need it quoted.
+pub(crate) fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+pub(crate) fn command_text(exec: &sundial_protocol::task::ExecSpec) -> String {
+    std::iter::once(exec.program.as_str())
+        .chain(exec.args.iter().map(String::as_str))
+        .map(shell_quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub(crate) fn ago(t: Timestamp, now: Timestamp) -> String {
+    let ms = now.millis_since(t);
+    if ms < 0 {
+        format!("in {}", human_secs((-ms + 999) / 1000))
+    } else {
+        format!("{} ago", human_secs(ms / 1000))
+    }
+}
+
+pub(crate) fn human_secs(s: i64) -> String {
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+pub(crate) fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return print_json(&Value::Array(agents.iter().map(agent_json).collect()));
+    }
+    let now = cli::now();
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.agent_id.to_string(),
+                or_dash(a.name.clone()),
+                if a.revoked {
+                    "revoked".into()
+                } else if a.online {
+                    "online".into()
+                } else {
+                    "offline".into()
+                },
+                a.last_seen
+                    .map_or_else(|| "never".into(), |t| format!("{t} ({})", ago(t, now))),
+                or_dash(a.version.clone()),
+                or_dash(a.outbox_len),
+                or_dash(a.clock_offset_ms.map(|o| format!("{o:+}"))),
+                or_dash(a.rtt_ms),
+                cut(&labels_text(&a.labels), 30, out),
+                cut(&a.allow_exec.join(","), 30, out),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        table(
+            &[
+                "ID",
+                "NAME",
+                "STATE",
+                "LAST SEEN",
+                "VERSION",
+                "OUTBOX",
+                "OFFSET MS",
+                "RTT MS",
+                "LABELS",
+                "ALLOW EXEC"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+pub(crate) fn last_text(l: &LastRun, names: &Names, now: Timestamp) -> String {
+    format!(
+        "{} on {} {}",
+        l.outcome,
+        names.agent(l.agent_id),
+        ago(l.finished_at.unwrap_or(l.scheduled_at), now)
+    )
+}
+
+pub(crate) fn tasks_out(tasks: &[TaskInfo], names: &Names, out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return print_json(&Value::Array(tasks.iter().map(task_json).collect()));
+    }
+    let now = cli::now();
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            let Action::Exec(exec) = &t.spec.action;
+            vec![
+                t.spec.id.to_string(),
+                or_dash(t.spec.name.clone()),
+                match &t.spec.target {
+                    Target::Agent(a) => names.agent(*a),
+                    Target::Selector(s) => labels_text(s),
+                },
+                t.spec.schedule.to_string(),
+                task_state(t).into(),
+                or_dash(t.next),
+                t.last_runs
+                    .last()
+                    .map_or_else(|| "-".into(), |l| last_text(l, names, now)),
+                cut(&command_text(exec), 40, out),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        table(
+            &["ID", "NAME", "TARGET", "SCHEDULE", "STATE", "NEXT", "LAST", "COMMAND"],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+/// `task get` for people, as `kubectl describe` does it.
+pub(crate) fn describe_task(t: &TaskInfo, names: &Names) -> String {
+    use std::fmt::Write;
+    let Action::Exec(exec) = &t.spec.action;
+    let p = &t.spec.policies;
+    let now = cli::now();
+    let mut o = String::new();
+    let mut field = |k: &str, v: String| {
+        let _ = writeln!(o, "{:<14}{v}", format!("{k}:"));
+    };
+    field("Task", t.spec.id.to_string());
+    field("Name", or_dash(t.spec.name.clone()));
+    field("State", task_state(t).into());
+    field("Revision", t.spec.revision.to_string());
+    field("Created", t.spec.created_at.to_string());
+    field(
+        "Target",
+        match &t.spec.target {
+            Target::Agent(a) => names.agent(*a),
+            Target::Selector(s) => format!("selector {}", labels_text(s)),
+        },
+    );
+    field("Schedule", t.spec.schedule.to_string());
+    let (start, end) = t.spec.schedule.window();
+    if start.is_some() || end.is_some() {
+        field("Window", format!("[{}, {})", or_dash(start), or_dash(end)));
+    }
+    field(
+        "Next",
+        t.next
+            .map_or_else(|| "-".into(), |n| format!("{n} ({})", ago(n, now))),
+    );
+    field("Command", command_text(exec));
+    field(
+        "Environment",
+        if exec.env.is_empty() {
+            "-".into()
+        } else {
+            exec.env
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
+    field("Working dir", or_dash(exec.cwd.clone()));
+    field(
+        "Misfire",
+        format!("{} (grace {})", p.misfire.mode, p.misfire.grace),
+    );
+    field(
+        "Retries",
+        if p.retry.retries == 0 {
+            "none".into()
+        } else {
+            format!(
+                "{} (backoff {}, doubling up to {})",
+                p.retry.retries, p.retry.backoff_initial, p.retry.backoff_max
+            )
+        },
+    );
+    field("Timeout", or_dash(p.timeout));
+    field("Overlap", p.overlap.to_string());
+    let mut reached: Vec<String> = t.reached.iter().map(|a| names.agent(*a)).collect();
+    if reached.is_empty() {
+        reached.push("none (no agent matches; agents that join with matching labels will)".into());
+    }
+    field("Agents", reached.join(", "));
+    let _ = writeln!(o, "Last runs:");
+    if t.last_runs.is_empty() {
+        let _ = writeln!(o, "  none yet");
+    } else {
+        let rows: Vec<Vec<String>> = t
+            .last_runs
+            .iter()
+            .map(|l| {
+                vec![
+                    format!("  {}", names.agent(l.agent_id)),
+                    l.scheduled_at.to_string(),
+                    l.attempt.to_string(),
+                    l.outcome.to_string(),
+                    ago(l.finished_at.unwrap_or(l.scheduled_at), now),
+                    cut(l.detail.as_deref().unwrap_or("-"), 60, Output::Table),
+                ]
+            })
+            .collect();
+        o.push_str(&table(
+            &[
+                "  AGENT",
+                "SCHEDULED AT",
+                "ATTEMPT",
+                "OUTCOME",
+                "WHEN",
+                "DETAIL",
+            ],
+            &rows,
+        ));
+    }
+    o
+}
+
+/// Why a run ended as it did, in a few words.
+pub(crate) fn why(r: &RunRecord) -> String {
+    r.why().unwrap_or_else(|| "-".into())
+}
+
+pub(crate) fn runs_out(runs: &[RunRecord], names: &Names, out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return print_json(&Value::Array(
+            runs.iter().map(|r| run_json(r, runs, names)).collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                names.task(r.task_id),
+                names.agent(r.agent_id),
+                r.scheduled_at.to_string(),
+                r.attempt.to_string(),
+                r.outcome.to_string(),
+                or_dash(r.exit_code),
+                or_dash(duration_ms(r)),
+                or_dash(lateness_ms(r, runs, names)),
+                if r.offline { "yes".into() } else { "no".into() },
+                cut(&why(r), 50, out),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        table(
+            &[
+                "TASK",
+                "AGENT",
+                "SCHEDULED AT",
+                "ATTEMPT",
+                "OUTCOME",
+                "EXIT",
+                "TOOK MS",
+                "LATE MS",
+                "OFFLINE",
+                "DETAIL"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+pub(crate) fn tokens_out(tokens: &[TokenInfo], out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return print_json(&Value::Array(
+            tokens
+                .iter()
+                .map(|t| {
+                    json!({
+                        "id": t.id,
+                        "expires_at": t.expires_at.to_string(),
+                        "uses_left": t.uses_left,
+                        "labels": labels_json(&t.labels),
+                    })
+                })
+                .collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.expires_at.to_string(),
+                t.uses_left.to_string(),
+                labels_text(&t.labels),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        table(&["ID", "EXPIRES AT", "USES LEFT", "LABELS"], &rows)
+    );
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! Turning flags into requests: task drafts, patches, schedule previews.
+
+use super::*;
+
+/// What `task update` changes.
+pub(crate) fn patch(a: UpdateArgs) -> anyhow::Result<TaskPatch> {
+    let schedule =
+        if a.schedule.at.is_some() || a.schedule.every.is_some() || a.schedule.cron.is_some() {
+            Some(
+                a.schedule
+                    .to_schedule(cli::now())
+                    .map_err(anyhow::Error::msg)?,
+            )
+        } else {
+            None
+        };
+    let mut command = a.command.into_iter();
+    let action = command.next().map(|program| {
+        Action::Exec(ExecSpec {
+            program,
+            args: command.collect(),
+            ..ExecSpec::default()
+        })
+    });
+    let p = TaskPatch {
+        schedule,
+        action,
+        env: if a.clear_env {
+            Some(Vec::new())
+        } else if a.env.is_empty() {
+            None
+        } else {
+            Some(a.env)
+        },
+        cwd: a.cwd.map(Some),
+        misfire: a.misfire,
+        grace: a.grace,
+        retries: a.retries,
+        backoff: a.backoff,
+        backoff_max: a.backoff_max,
+        timeout: if a.no_timeout {
+            Some(None)
+        } else {
+            a.timeout.map(Some)
+        },
+        overlap: a.overlap,
+    };
+    if p == TaskPatch::default() {
+        bail!(
+            "nothing to change: give a schedule, a policy flag, --env, --cwd, or `-- PROGRAM ARGS`"
+        );
+    }
+    Ok(p)
+}
+
+/// How far in the past `--at` or `--end` may be (`--at now` is parsed a
+/// moment before it is checked).
+pub(crate) const PAST_SLACK_MS: i64 = 1_000;
+/// The grace when none is given and the schedule's period is longer.
+pub(crate) const GRACE_DEFAULT: DurationMs = DurationMs(60_000);
+
+pub(crate) fn draft(a: CreateArgs, agent: Option<AgentId>) -> anyhow::Result<TaskDraft> {
+    let now = cli::now();
+    if let Some(at) = a.schedule.at {
+        if at.millis_since(now) < -PAST_SLACK_MS {
+            bail!("--at {at} is in the past (now is {now}); use --at now to run at once, or --at +DUR");
+        }
+    }
+    if let Some(end) = a.end {
+        if end.millis_since(now) < -PAST_SLACK_MS {
+            bail!("--end {end} is in the past (now is {now})");
+        }
+    }
+    if a.timeout.is_some_and(|t| t.0 == 0) {
+        bail!("--timeout must be longer than 0s");
+    }
+    let anchor_at_creation = a.schedule.every.is_some() && a.schedule.anchor.is_none();
+    let schedule = a
+        .schedule
+        .to_schedule(now)
+        .map_err(anyhow::Error::msg)?
+        .with_window(a.start, a.end)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A catch-up within the grace runs as if on time: the default grace is
+    // no longer than the schedule's period, so a short outage does not
+    // replay a burst of a frequent task.
+    let grace = a.grace.unwrap_or_else(|| {
+        let mut next = schedule.occurrences_after(now).take(2);
+        match (next.next(), next.next()) {
+            (Some(x), Some(y)) => DurationMs(
+                u64::try_from(y.millis_since(x))
+                    .unwrap_or(u64::MAX)
+                    .min(GRACE_DEFAULT.0),
+            ),
+            _ => GRACE_DEFAULT,
+        }
+    });
+    let target = match (agent, a.selector) {
+        (Some(id), _) => Target::Agent(id),
+        (None, Some(sel)) => Target::Selector(sel.0),
+        (None, None) => bail!("one of --agent or --selector is required"),
+    };
+    let mut command = a.command.into_iter();
+    let Some(program) = command.next() else {
+        bail!("no program given after `--`");
+    };
+    Ok(TaskDraft {
+        name: a.name,
+        target,
+        schedule,
+        action: Action::Exec(ExecSpec {
+            program,
+            args: command.collect(),
+            env: a.env,
+            cwd: a.cwd,
+        }),
+        policies: Policies {
+            misfire: MisfirePolicy {
+                mode: a.misfire,
+                grace,
+            },
+            retry: RetryPolicy {
+                retries: a.retries,
+                backoff_initial: a.backoff,
+                backoff_max: a.backoff_max,
+            },
+            overlap: a.overlap,
+            timeout: a.timeout,
+        },
+        anchor_at_creation,
+    })
+}
+
+pub(crate) fn schedule_next(
+    schedule: &ScheduleArgs,
+    from: Option<Timestamp>,
+    count: usize,
+    output: Output,
+) -> anyhow::Result<()> {
+    if count > cli::SCHEDULE_COUNT_MAX {
+        bail!(
+            "--count {count} is more than the {} occurrences this command prints",
+            cli::SCHEDULE_COUNT_MAX
+        );
+    }
+    let now = cli::now();
+    let sched = schedule.to_schedule(now).map_err(anyhow::Error::msg)?;
+    let from = from.unwrap_or(now);
+    let next = cli::next_occurrences(&sched, from, count);
+    match output {
+        Output::Json => {
+            let texts: Vec<String> = next.iter().map(ToString::to_string).collect();
+            outln!("{}", serde_json::to_string(&texts)?);
+        }
+        Output::Table | Output::Wide => {
+            if next.is_empty() {
+                outln!("no occurrences after {from}");
+            }
+            let zone = schedule.zone();
+            for t in next {
+                match zone {
+                    Some(tz) if tz != chrono_tz::UTC => {
+                        let local = tz.from_utc_datetime(&t.to_naive_utc());
+                        outln!("{t}  {}", local.format("%Y-%m-%d %H:%M:%S %Z"));
+                    }
+                    _ => outln!("{t}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

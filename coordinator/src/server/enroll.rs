@@ -1,0 +1,66 @@
+//! The enrollment ALPN: a join token and a CSR in, a certificate out.
+
+use super::*;
+
+pub(super) async fn handle_enroll(
+    state: &Arc<State>,
+    conn: quinn::Connection,
+) -> Result<(), NetError> {
+    let (mut send, recv) = tokio::time::timeout(EXCHANGE_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| NetError::Eof)??;
+    let mut recv = FramedRecv::with_limit(recv, ENROLL_FRAME_BYTES_MAX);
+    let req: EnrollRequest = match tokio::time::timeout(EXCHANGE_TIMEOUT, recv.next()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(close_for(&conn, e)),
+        Err(_) => {
+            conn.close(close::PROTOCOL.into(), b"no enrollment request in time");
+            return Err(NetError::Eof);
+        }
+    };
+    let resp = blocking(state, move |s| enroll(s, req))
+        .await
+        .unwrap_or_else(|| EnrollResponse::Refused {
+            reason: "the coordinator could not process the enrollment".into(),
+        });
+    net::send(&mut send, &resp).await?;
+    send.finish()?;
+    // Let the agent read the answer and close.
+    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, conn.closed()).await;
+    Ok(())
+}
+
+fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
+    let refused = |reason: String| EnrollResponse::Refused { reason };
+    let secret_hash = sha256(&req.token_secret);
+    let outcome = state.store.enroll(
+        secret_hash,
+        now(),
+        req.name.clone(),
+        req.labels.clone(),
+        |id| state.pki.sign_agent_csr(&req.csr_der, id),
+    );
+    match outcome {
+        Ok(Ok((agent_id, cert_der))) => {
+            if let Ok(mut k) = state.known.write() {
+                k.insert(sha256(&cert_der), CertRole::Agent(agent_id));
+            }
+            tracing::info!(agent = %agent_id, name = ?req.name, "agent enrolled");
+            EnrollResponse::Enrolled {
+                agent_id,
+                cert_der,
+                ca_der: state.pki.ca_der.to_vec(),
+            }
+        }
+        Ok(Err(refusal)) => {
+            tracing::warn!(reason = %refusal, "enrollment refused");
+            refused(refusal.to_string())
+        }
+        Err(StoreError::Refused(why)) => refused(why),
+        Err(e) => {
+            tracing::error!(error = %e, "enrollment failed");
+            state.note_store_error(&e);
+            refused("the coordinator could not store the enrollment".into())
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! The agent session ALPN: Hello checked here, then a driver of the core's
+//! `CoordSession` (the store work it asks for runs on the blocking pool).
+
+use super::*;
+
+pub(super) async fn handle_session(
+    state: &Arc<State>,
+    conn: quinn::Connection,
+    agent: AgentId,
+) -> Result<(), NetError> {
+    let remote = conn.remote_address();
+    // A connection that says nothing is not kept: Hello comes within the
+    // exchange deadline, and is small.
+    let opened = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        let (send, recv) = conn.accept_bi().await?;
+        let mut recv = FramedRecv::with_limit(recv, HELLO_FRAME_BYTES_MAX);
+        let hello: AgentMsg = recv.next().await?;
+        Ok::<_, NetError>((send, recv, hello))
+    })
+    .await;
+    let (mut send, mut recv, hello) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return Err(close_for(&conn, e)),
+        Err(_) => {
+            tracing::warn!(%agent, %remote, "no Hello within the deadline; closing");
+            conn.close(close::PROTOCOL.into(), b"no Hello in time");
+            return Ok(());
+        }
+    };
+    recv.set_limit(FRAME_BYTES_MAX);
+    let AgentMsg::Hello {
+        last_revision,
+        outbox_len,
+        agent_version,
+        allow_exec,
+    } = hello
+    else {
+        conn.close(close::PROTOCOL.into(), b"expected Hello");
+        return Ok(());
+    };
+    let record = match blocking(state, move |s| s.store.agent(agent)).await {
+        Some(Ok(Some(r))) if !r.revoked => r,
+        Some(Ok(_)) => {
+            conn.close(close::REVOKED.into(), b"agent revoked");
+            return Ok(());
+        }
+        _ => {
+            conn.close(close::STORE.into(), b"coordinator store failed");
+            return Ok(());
+        }
+    };
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(SESSION_OUTBOX_MAX);
+    let (kick_tx, kick_rx) = watch::channel(0u64);
+    {
+        let Ok(mut live) = state.live.lock() else {
+            return Ok(());
+        };
+        let open: usize = live.values().map(|v| v.conns.len()).sum();
+        if open >= state.limits.sessions_max {
+            drop(live);
+            tracing::warn!(%agent, max = state.limits.sessions_max, "session refused: the coordinator serves its maximum of sessions");
+            conn.close(close::BUSY.into(), b"too many sessions; try again");
+            return Ok(());
+        }
+        let l = live.entry(agent).or_default();
+        l.conns.push(conn.clone());
+        l.outs.push(out_tx);
+        l.kicks.push(kick_tx);
+        l.labels = record.labels.clone();
+    }
+    if let Ok(mut seen) = state.seen.lock() {
+        seen.insert(
+            agent,
+            Seen {
+                version: Some(agent_version),
+                allow_exec,
+                outbox_len: Some(outbox_len),
+                last_contact_ms: Some(now().as_millis()),
+            },
+        );
+    }
+    tracing::info!(%agent, last_revision, outbox_len, %remote, sessions = state.live_sessions(), "agent session up");
+    let seen = now().as_millis();
+    let _ = blocking(state, move |s| {
+        s.store.update_agent(agent, |r| r.last_seen_ms = Some(seen))
+    })
+    .await;
+    // Reading runs on its own, so the coordinator never stops reading while
+    // it writes a long assignment: an agent blocked writing its result
+    // batches (at most BATCHES_IN_FLIGHT_MAX unacknowledged) always gets
+    // them through, goes back to reading, and the writes here complete.
+    let (msg_tx, msg_rx) = tokio::sync::mpsc::channel(SESSION_INBOX_MAX);
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = recv.next::<AgentMsg>().await;
+            let end = m.is_err();
+            if msg_tx.send(m).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let result = session_loop(
+        state,
+        &conn,
+        &mut send,
+        SessionQueues {
+            inbox: msg_rx,
+            outbox: out_rx,
+            kicks: kick_rx,
+        },
+        agent,
+        &record,
+        (last_revision, outbox_len),
+    )
+    .await;
+    reader.abort();
+    if let Ok(mut live) = state.live.lock() {
+        if let Some(l) = live.get_mut(&agent) {
+            if let Some(i) = l
+                .conns
+                .iter()
+                .position(|c| c.stable_id() == conn.stable_id())
+            {
+                l.conns.remove(i);
+                l.outs.remove(i);
+                l.kicks.remove(i);
+            }
+            if l.conns.is_empty() {
+                live.remove(&agent);
+            }
+        }
+    }
+    let seen = now().as_millis();
+    let _ = blocking(state, move |s| {
+        s.store.update_agent(agent, |r| r.last_seen_ms = Some(seen))
+    })
+    .await;
+    tracing::info!(%agent, "agent session down");
+    result.map_err(|e| close_for(&conn, e))
+}
+/// Why an agent's result batch is refused, if it is.
+fn check_results(
+    state: &State,
+    agent: AgentId,
+    labels: &[(String, String)],
+    assigned: &mut HashMap<TaskId, bool>,
+    runs: &[RunRecord],
+) -> Result<Option<String>, StoreError> {
+    // Size and plausibility are the core's (`refusal`), checked again here
+    // because this is what stands before the store.
+    if let Some(why) = sundial_core::session::coordinator::refusal(runs) {
+        return Ok(Some(why));
+    }
+    for r in runs {
+        if assigned.len() > ASSIGNED_CACHE_MAX {
+            assigned.clear();
+        }
+        let ok = match assigned.get(&r.task_id) {
+            Some(ok) => *ok,
+            None => {
+                let ok = state
+                    .store
+                    .task(r.task_id)?
+                    .is_some_and(|(spec, _)| crate::store::targets(&spec.target, agent, labels));
+                assigned.insert(r.task_id, ok);
+                ok
+            }
+        };
+        if !ok {
+            return Ok(Some(format!(
+                "run of task {} which is not assigned to this agent",
+                r.task_id
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// What a session loop reads besides its stream: the agent's messages (read
+/// on their own task) and messages from admin work to send.
+struct SessionQueues {
+    inbox: tokio::sync::mpsc::Receiver<Result<AgentMsg, NetError>>,
+    outbox: tokio::sync::mpsc::Receiver<CoordMsg>,
+    /// Revisions of changes that concern this agent.
+    kicks: watch::Receiver<u64>,
+}
+
+async fn session_loop(
+    state: &Arc<State>,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    queues: SessionQueues,
+    agent: AgentId,
+    record: &AgentRecordV1,
+    hello: (u64, u64),
+) -> Result<(), NetError> {
+    let SessionQueues {
+        mut inbox,
+        mut outbox,
+        kicks: mut revisions,
+    } = queues;
+    let origin = Instant::now();
+    let clock = || Now {
+        mono_ms: origin.elapsed().as_millis() as u64,
+        wall: now(),
+    };
+    let store_failed = |e: StoreError| {
+        tracing::error!(error = %e, %agent, "store failed during a session");
+        state.note_store_error(&e);
+        conn.close(close::STORE.into(), b"coordinator store failed");
+        NetError::Eof
+    };
+    let labels = Arc::new(record.labels.clone());
+    let enrolled_at = Timestamp::from_millis_saturating(record.enrolled_at_ms);
+    let mut assigned: HashMap<TaskId, bool> = HashMap::new();
+    let mut sm = CoordSession::new(
+        clock(),
+        agent,
+        enrolled_at,
+        hello.0,
+        hello.1,
+        UploadLimits {
+            runs_per_sec: state.limits.upload_runs_per_sec,
+            bytes_per_sec: state.limits.upload_bytes_per_sec,
+        },
+    );
+    loop {
+        // Drive the machine until it has nothing more to say.
+        loop {
+            let mut busy = false;
+            while let Some(effect) = sm.poll_effect() {
+                busy = true;
+                match effect {
+                    CoordEffect::LoadChanges { since } => {
+                        let labels = labels.clone();
+                        let (changes, upto) = blocking(state, move |s| {
+                            let upto = s.store.revision()?;
+                            Ok((s.store.changes_for(agent, &labels, since)?, upto))
+                        })
+                        .await
+                        .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
+                        .map_err(store_failed)?;
+                        sm.handle_changes(changes, upto);
+                    }
+                    CoordEffect::StoreRuns { batch_id, runs } => {
+                        let labels = labels.clone();
+                        let cache = std::mem::take(&mut assigned);
+                        let checked = blocking(state, move |s| {
+                            let mut cache = cache;
+                            let verdict = check_results(s, agent, &labels, &mut cache, &runs);
+                            let stored = match &verdict {
+                                Ok(None) => Some(s.store.put_runs(&runs)),
+                                _ => None,
+                            };
+                            let keys: Vec<RunKey> = runs.iter().map(RunRecord::key).collect();
+                            (verdict, stored, cache, keys)
+                        })
+                        .await;
+                        let Some((verdict, stored, cache, keys)) = checked else {
+                            return Err(store_failed(StoreError::Refused(
+                                "store worker failed".into(),
+                            )));
+                        };
+                        assigned = cache;
+                        let verdict = match verdict.map_err(store_failed)? {
+                            Some(why) => Err(why),
+                            None => Ok(keys),
+                        };
+                        if let Some(stored) = stored {
+                            let conflicts = stored.map_err(store_failed)?;
+                            for (task, _, sched, attempt) in conflicts {
+                                tracing::warn!(%agent, task = %TaskId(task), scheduled_at = %Timestamp::from_millis_saturating(sched), attempt, "a different record for a run already stored was refused; the first record stands");
+                            }
+                        }
+                        sm.handle_stored(clock(), batch_id, verdict);
+                    }
+                    CoordEffect::ClockReport { offset_ms, rtt_ms } => {
+                        let seen = now().as_millis();
+                        let _ = blocking(state, move |s| {
+                            s.store.update_agent(agent, |r| {
+                                r.clock_offset_ms = Some(offset_ms);
+                                r.rtt_ms = Some(rtt_ms);
+                                r.last_seen_ms = Some(seen);
+                            })
+                        })
+                        .await;
+                    }
+                    CoordEffect::Close { code, reason } => {
+                        // What was answered before the close still goes out.
+                        while let Some(m) = sm.poll_transmit() {
+                            let _ = net::send(send, &m).await;
+                        }
+                        while let Some(event) = sm.poll_event() {
+                            log_session_event(&event);
+                        }
+                        conn.close(code.into(), reason.as_bytes());
+                        return Ok(());
+                    }
+                }
+            }
+            while let Some(m) = sm.poll_transmit() {
+                busy = true;
+                net::send(send, &m).await?;
+            }
+            while let Some(event) = sm.poll_event() {
+                log_session_event(&event);
+            }
+            if !busy {
+                break;
+            }
+        }
+        let wake = sm
+            .poll_timeout()
+            .map(|ms| origin + Duration::from_millis(ms));
+        let sleep = async {
+            match wake {
+                Some(w) => tokio::time::sleep_until(w.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = inbox.recv() => {
+                let Some(msg) = msg else { return Err(NetError::Eof) };
+                let msg = msg?;
+                if let Ok(mut seen) = state.seen.lock() {
+                    seen.entry(agent).or_default().last_contact_ms = Some(now().as_millis());
+                }
+                sm.handle_message(clock(), msg);
+            }
+            Some(m) = outbox.recv() => sm.handle_push(m),
+            changed = revisions.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let revision = *revisions.borrow_and_update();
+                sm.handle_revision(revision);
+            }
+            _ = sleep => {}
+        }
+        let t = clock();
+        if sm.poll_timeout().is_some_and(|due| t.mono_ms >= due) {
+            sm.handle_timeout(t);
+        }
+    }
+}
+
+fn log_session_event(event: &Event) {
+    match event {
+        Event::ResultsRefused {
+            agent,
+            batch_id,
+            why,
+        } => {
+            tracing::warn!(%agent, batch_id, reason = %why, "refused a result batch; closing the session")
+        }
+        Event::UploadThrottled { agent, wait_ms } => {
+            tracing::warn!(%agent, wait_ms, "agent uploads faster than its limit; slowing it down")
+        }
+        Event::AssignmentsSent {
+            agent,
+            changes,
+            messages,
+            upto_revision,
+        } => tracing::debug!(%agent, changes, messages, upto_revision, "assignments sent"),
+        other => tracing::trace!(event = ?other, "session"),
+    }
+}
