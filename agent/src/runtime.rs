@@ -1,42 +1,43 @@
-//! The agent's real-time driver: the thin shell that joins the scheduler to
-//! the real clock, the store and the executor.
+//! The agent's shell: the core's [`AgentNode`] (clock guard, scheduler and
+//! session machine) driven by the real clocks, the redb store, the
+//! executor and QUIC.
 //!
-//! Each turn: read the clocks, let [`ClockGuard`] correct and vet the time,
-//! advance the [`Scheduler`], commit its decisions in one store transaction,
-//! and only then spawn the runs; then sleep on CLOCK_BOOTTIME until the next
-//! wake (at most [`WAKE_INTERVAL_MAX_MS`], so wall-clock steps are seen
-//! promptly), a run's end, a control message, or shutdown.
+//! Each turn: hand the node the clocks, a run's end, a frame or a dial
+//! result; carry out what it asks (spawn or kill an action, dial, send a
+//! frame); then sleep on CLOCK_BOOTTIME until its next wake. Everything
+//! that decides — what fires, what time it is, what to send, when to
+//! retry — is the node's.
 //!
-//! Invariants: a run is spawned only after its `started` marker is durable;
-//! a run's record enters the outbox in the same transaction that clears its
-//! marker; at start-up, markers left by a crash become `interrupted` records
-//! before anything new starts.
+//! Invariants (the node's): a run is spawned only after its `started`
+//! marker is durable; a run's record enters the outbox in the same
+//! transaction that clears its marker; at start-up, markers left by a crash
+//! become `interrupted` records before anything new starts.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use sundial_protocol::task::{Action, ExecSpec};
-use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
+use sundial_core::node::{
+    AgentNode, ClockState, Finished, NodeConfig, NodeEffect, NodeStore, SeededBugs, Step,
+    StoreFault, StoreResult,
+};
+use sundial_core::session::agent::Closed;
+use sundial_core::session::Event;
+use sundial_protocol::task::ExecSpec;
+use sundial_protocol::wire::{AgentMsg, CoordMsg};
+use sundial_protocol::{AgentId, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::{boot_ns, Anchor, BootTimer, ClockGuard, ClockNote, SystemClock};
+use crate::clock::{boot_ns, Anchor, BootTimer, ClockNote, SystemClock};
 use crate::exec::{self, ExecPolicy, ExecResult};
-use crate::scheduler::{Command, SchedTask, Scheduler, SkipReason};
-use crate::session::{self, SessionConfig, SessionShared};
+use crate::session::{self, SessionConfig, SessionError};
 use crate::store::{meta, AgentStore, StartedInfo, StepWrite, StoreError};
 
-/// The detail of a run an operator asked for (`sundialctl task run-now`).
-pub const MANUAL_DETAIL: &str = "run now, as an operator asked";
+pub use sundial_core::node::{MANUAL_DETAIL, STOPPED_DETAIL};
 /// The store's file name inside the data directory.
 pub const STORE_FILE: &str = "agent.redb";
-/// The longest sleep between two readings of the clocks.
-pub const WAKE_INTERVAL_MAX_MS: i64 = 1_000;
-/// How often the known-good instant is persisted (a clock found behind it by
-/// more than [`crate::clock::UNTRUSTED_SLACK_MS`] is held; minutes of
-/// staleness do not matter, a write per minute per device would).
-pub const KNOWN_GOOD_PERSIST_MS: i64 = 600_000;
+pub use sundial_core::node::{KNOWN_GOOD_PERSIST_MS, WAKE_INTERVAL_MAX_MS};
 /// Runs that may end before the driver collects them, without blocking executors.
 pub const RUN_COMPLETIONS_QUEUE_MAX: usize = 1_024;
 
@@ -51,9 +52,6 @@ const LEFTOVER_KILL_WAIT_MS: u64 = 5_000;
 pub const STOP_GRACE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long to wait for killed actions to be reaped and recorded at stop.
 const STOP_KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
-/// The detail of a run killed because the agent stopped.
-pub const STOPPED_DETAIL: &str =
-    "the agent was stopped and the run did not finish within the stop grace; killed";
 /// How often the agent checks that its store file is still the one it opened.
 const STORE_CHECK_INTERVAL_MS: i64 = 5_000;
 
@@ -105,6 +103,10 @@ pub enum AgentError {
     },
     /// The store is gone (or empty) while the agent's certificate says it
     /// was enrolled: its tasks and unsynced run records are lost.
+    /// The store failed in a way that is not one of redb's errors (a worker
+    /// thread, say).
+    #[error("agent store: {0}")]
+    StoreFault(String),
     #[error("{store} is {what}, but {dir} holds this agent's certificate: its tasks and the run records not yet synced are gone. Restore {store} from a backup and start again; to enroll this device afresh, move {dir} away and run `sundial-agent join` with a new token")]
     StoreLost {
         store: PathBuf,
@@ -113,50 +115,590 @@ pub enum AgentError {
     },
 }
 
-/// Changes pushed into a running agent by its coordinator session.
-#[derive(Debug)]
-pub enum Control {
-    /// A task was created or changed; its revision becomes the applied one.
-    Upsert(Box<TaskSpec>),
-    /// A task was cancelled at `revision`.
-    Cancel { task_id: TaskId, revision: u64 },
-    /// Every change up to this revision has been sent.
-    Revision(u64),
-    /// A clock exchange measured the coordinator's clock against ours.
-    Clock { offset_ms: i64, rtt_ms: i64 },
-    /// An operator asked for one extra occurrence now, keyed at `at`.
-    RunNow { task_id: TaskId, at: Timestamp },
+/// Bound of the frames waiting to be written on the live connection (the
+/// session's window keeps far fewer in flight).
+pub const WRITE_QUEUE_MAX: usize = 256;
+/// Bound of the connection events (frames read, ends, dial results).
+const CONN_EVENTS_MAX: usize = 64;
+/// How often a live connection's packet count is looked at, for link silence.
+const HEARD_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Writes that may lag: deleting acknowledged records (a record deleted
+/// late is at worst sent again, and the coordinator keeps the first) and
+/// the last sync. They run on their own thread, so their fsyncs never
+/// delay a firing.
+enum LazyWrite {
+    Ack(Vec<RunKey>),
+    LastSync(i64),
 }
 
-/// Bound of the control queue from the session.
-pub const CONTROL_QUEUE_MAX: usize = 256;
+/// Bound of the lazy writes waiting; beyond it they are done in place.
+const LAZY_WRITES_MAX: usize = 1_024;
 
-struct Running {
-    fired_at: Timestamp,
-    offline: bool,
-    kill: Option<oneshot::Sender<()>>,
+fn lazy_writer(store: Arc<AgentStore>) -> Option<std::sync::mpsc::SyncSender<LazyWrite>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<LazyWrite>(LAZY_WRITES_MAX);
+    let spawned = std::thread::Builder::new()
+        .name("store-lazy".into())
+        .spawn(move || {
+            while let Ok(w) = rx.recv() {
+                let r = match w {
+                    LazyWrite::Ack(keys) => store.outbox_ack(&keys).map(drop),
+                    LazyWrite::LastSync(ms) => store.put_meta(&[(meta::LAST_SYNC_MS, ms)]),
+                };
+                if let Err(e) = r {
+                    // The records stay and are sent again; the firing path
+                    // meets a broken disk on its own next write.
+                    tracing::warn!(error = %e, "a lazy store write failed");
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no thread for lazy store writes; doing them in place");
+            None
+        }
+    }
 }
 
-struct Agent {
+/// The node's view of the redb store. Each method is one transaction; a
+/// failure is kept (so the agent exits with it) and reported to the node.
+struct RedbNode {
     store: Arc<AgentStore>,
-    shared: Arc<SessionShared>,
+    lazy: Option<std::sync::mpsc::SyncSender<LazyWrite>>,
+    /// What the previous agent process left running, by run key.
+    leftovers: HashMap<(u64, i64, u32), String>,
+    /// This boot's id (the kernel's), and its hash as the node knows it.
+    boot: Option<String>,
+    boot_hash: u64,
+    error: Mutex<Option<StoreError>>,
+}
+
+fn boot_hash(boot: Option<&str>) -> u64 {
+    // FNV-1a: stable across runs (std's hasher is seeded per process).
+    boot.map_or(0, |b| {
+        b.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+        })
+    })
+}
+
+impl RedbNode {
+    fn keep<T>(&self, r: Result<T, StoreError>) -> StoreResult<T> {
+        r.map_err(|e| {
+            let fault = StoreFault(e.to_string());
+            if let Ok(mut slot) = self.error.lock() {
+                slot.get_or_insert(e);
+            }
+            fault
+        })
+    }
+
+    fn take_error(&self) -> Option<StoreError> {
+        self.error.lock().ok().and_then(|mut e| e.take())
+    }
+}
+
+impl NodeStore for RedbNode {
+    fn tasks(&self) -> StoreResult<Vec<TaskSpec>> {
+        self.keep(self.store.tasks())
+    }
+    fn task_states(&self) -> StoreResult<HashMap<TaskId, Option<Timestamp>>> {
+        self.keep(self.store.task_states())
+    }
+    fn put_task(&mut self, task: &TaskSpec) -> StoreResult<()> {
+        self.keep(self.store.put_task(task, None))
+    }
+    fn remove_task(&mut self, id: TaskId) -> StoreResult<()> {
+        self.keep(self.store.remove_task(id, None))
+    }
+    fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
+        let w = StepWrite {
+            states: step.states.clone(),
+            started: step
+                .started
+                .iter()
+                .map(|(k, s)| {
+                    (
+                        *k,
+                        StartedInfo {
+                            fired_at: s.fired_at,
+                            offline: s.offline,
+                        },
+                    )
+                })
+                .collect(),
+            records: step.records.clone(),
+        };
+        self.keep(self.store.apply_step(&w))
+    }
+    fn finish_run(&mut self, record: &RunRecord) -> StoreResult<()> {
+        self.keep(self.store.finish_run(record))
+    }
+    fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>> {
+        let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
+        let r = self.store.recover_interrupted(agent, now, &self.leftovers);
+        self.keep(r)
+    }
+    fn outbox_after(
+        &self,
+        after: u64,
+        runs_max: usize,
+        bytes_max: usize,
+    ) -> StoreResult<Vec<(u64, RunRecord)>> {
+        self.keep(self.store.outbox_after(after, runs_max, bytes_max))
+    }
+    fn outbox_ack(&mut self, keys: &[RunKey]) -> StoreResult<usize> {
+        if let Some(lazy) = &self.lazy {
+            if lazy.try_send(LazyWrite::Ack(keys.to_vec())).is_ok() {
+                return Ok(keys.len());
+            }
+        }
+        self.keep(self.store.outbox_ack(keys))
+    }
+    fn outbox_len(&self) -> StoreResult<u64> {
+        self.keep(self.store.outbox_len())
+    }
+    fn last_revision(&self) -> StoreResult<u64> {
+        self.keep(self.store.get_meta::<u64>(meta::LAST_REVISION))
+            .map(Option::unwrap_or_default)
+    }
+    fn set_last_revision(&mut self, revision: u64) -> StoreResult<()> {
+        self.keep(self.store.put_meta(&[(meta::LAST_REVISION, revision)]))
+    }
+    fn clock_state(&self) -> StoreResult<ClockState> {
+        let offset_ms = self
+            .keep(self.store.get_meta::<i64>(meta::CLOCK_OFFSET_MS))?
+            .unwrap_or(0);
+        let offset_boot = self
+            .keep(self.store.get_meta::<String>(meta::CLOCK_OFFSET_BOOT))?
+            .map_or(u64::MAX, |b| boot_hash(Some(&b)));
+        let last_known_good = self
+            .keep(self.store.get_meta::<i64>(meta::LAST_KNOWN_GOOD_MS))?
+            .and_then(|ms| Timestamp::from_millis(ms).ok());
+        let anchor = self
+            .keep(self.store.get_meta::<(String, i64, i64)>(meta::BOOT_ANCHOR))?
+            .map(|(b, boot_ms, time_ms)| (boot_hash(Some(&b)), Anchor { boot_ms, time_ms }));
+        Ok(ClockState {
+            offset_ms,
+            offset_boot,
+            last_known_good,
+            anchor,
+        })
+    }
+    fn set_clock_state(&mut self, cs: &ClockState) -> StoreResult<()> {
+        let mut ints = vec![(meta::CLOCK_OFFSET_MS, cs.offset_ms)];
+        if let Some(g) = cs.last_known_good {
+            ints.push((meta::LAST_KNOWN_GOOD_MS, g.as_millis()));
+        }
+        self.keep(self.store.put_meta(&ints))?;
+        // After the offset: a crash between the two leaves an older boot's
+        // id, and the offset is then not applied (safe).
+        if let Some(boot) = self.boot.clone() {
+            if cs.offset_boot == self.boot_hash {
+                self.keep(
+                    self.store
+                        .put_meta(&[(meta::CLOCK_OFFSET_BOOT, boot.clone())]),
+                )?;
+            }
+            if let Some((b, a)) = cs.anchor {
+                if b == self.boot_hash {
+                    self.keep(
+                        self.store
+                            .put_meta(&[(meta::BOOT_ANCHOR, (boot, a.boot_ms, a.time_ms))]),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn set_clock_held(&mut self, held: bool) -> StoreResult<()> {
+        self.keep(self.store.put_meta(&[(meta::CLOCK_HELD, held)]))
+    }
+    fn set_last_sync(&mut self, wall: Timestamp) -> StoreResult<()> {
+        if let Some(lazy) = &self.lazy {
+            if lazy.try_send(LazyWrite::LastSync(wall.as_millis())).is_ok() {
+                return Ok(());
+            }
+        }
+        self.keep(
+            self.store
+                .put_meta(&[(meta::LAST_SYNC_MS, wall.as_millis())]),
+        )
+    }
+    fn set_revoked(&mut self) -> StoreResult<()> {
+        self.keep(self.store.put_meta(&[(meta::REVOKED, true)]))
+    }
+}
+
+/// What the connection's tasks report.
+enum ConnEvent {
+    Dialed(Result<session::Live, (Closed, String)>),
+    Frame(u64, CoordMsg),
+    Ended(u64, Closed, String),
+}
+
+/// A QUIC connection and the endpoint it lives on.
+struct LiveConn {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+/// The live connection: its id, and the queue of its writer task.
+struct Conn {
+    id: u64,
+    live: Arc<LiveConn>,
+    writer: mpsc::Sender<AgentMsg>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+    rx_datagrams: u64,
+}
+
+impl Conn {
+    fn close(self) {
+        self.live.conn.close(0u32.into(), b"bye");
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Driver {
+    node: AgentNode<RedbNode>,
+    store: Arc<AgentStore>,
     agent_id: AgentId,
-    sched: Scheduler,
-    guard: ClockGuard,
-    clock: SystemClock,
-    actions: HashMap<TaskId, ExecSpec>,
-    running: HashMap<RunKey, Running>,
     exec: Arc<ExecPolicy>,
+    /// Running actions: how to kill each.
+    running: HashMap<RunKey, oneshot::Sender<()>>,
     done_tx: mpsc::Sender<(RunKey, ExecResult)>,
-    last_persisted_good_ms: i64,
-    held_reported: bool,
-    runs_concurrent_max: usize,
-    cap_reported: bool,
     running_dir: PathBuf,
-    /// Runs an operator asked for (`task run-now`): their records say so.
-    manual: std::collections::HashSet<RunKey>,
-    /// Runs killed because the agent is stopping.
-    stopping: std::collections::HashSet<RunKey>,
+    session: Option<Arc<SessionConfig>>,
+    conn: Option<Conn>,
+    next_conn: u64,
+    events_tx: mpsc::Sender<ConnEvent>,
+    /// What the log last said about reaching the coordinator, so that a
+    /// device offline for a week says so once, not every 30 s.
+    reported: Option<&'static str>,
+}
+
+fn reading() -> crate::clock::Reading {
+    SystemClock.read()
+}
+
+impl Driver {
+    fn fault(&self, f: StoreFault) -> AgentError {
+        match self.node.store().take_error() {
+            Some(e) => AgentError::Store(e),
+            None => AgentError::StoreFault(f.0),
+        }
+    }
+
+    /// Carries out what the node asks and logs what it says, until it has
+    /// nothing more.
+    fn pump(&mut self) -> Result<(), AgentError> {
+        loop {
+            let effect = self.node.poll_effect();
+            let event = self.node.poll_event();
+            if effect.is_none() && event.is_none() {
+                return Ok(());
+            }
+            if let Some(e) = event {
+                log_event(&e);
+            }
+            if let Some(e) = effect {
+                self.effect(e)?;
+            }
+        }
+    }
+
+    fn effect(&mut self, effect: NodeEffect) -> Result<(), AgentError> {
+        match effect {
+            NodeEffect::Spawn { key, spec } => self.spawn(key, spec),
+            NodeEffect::Kill { key } => {
+                if let Some(k) = self.running.remove(&key) {
+                    tracing::warn!(task = %key.task_id, scheduled_at = %key.scheduled_at, "killing a run's process group (timed out, or the agent stops)");
+                    let _ = k.send(());
+                }
+            }
+            NodeEffect::Connect => {
+                let Some(cfg) = self.session.clone() else {
+                    // Not enrolled, or revoked: no coordinator to dial.
+                    return Ok(());
+                };
+                let tx = self.events_tx.clone();
+                tokio::spawn(async move {
+                    let r = session::dial(&cfg).await.map_err(|e| {
+                        let kind = session::closed_kind(None, &Err(e));
+                        (kind, String::new())
+                    });
+                    let _ = tx.send(ConnEvent::Dialed(r)).await;
+                });
+            }
+            NodeEffect::Transmit(msg) => {
+                let Some(c) = self.conn.as_ref() else {
+                    return Ok(());
+                };
+                if let (true, AgentMsg::Results { runs, .. }) =
+                    (crate::fault::active("ack-early"), &msg)
+                {
+                    // A seeded bug for the process simulator's checker:
+                    // records deleted before the coordinator stored them.
+                    let keys: Vec<RunKey> = runs.iter().map(RunRecord::key).collect();
+                    let _ = self.store.outbox_ack(&keys);
+                }
+                if c.writer.try_send(msg).is_err() {
+                    tracing::warn!("the link does not take frames fast enough; reconnecting");
+                    self.end_conn(Closed::Lost)?;
+                }
+            }
+            NodeEffect::Disconnect => {
+                if let Some(c) = self.conn.take() {
+                    c.close();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_conn(&mut self, kind: Closed) -> Result<(), AgentError> {
+        if let Some(c) = self.conn.take() {
+            c.close();
+            self.node
+                .handle_closed(reading(), kind)
+                .map_err(|f| self.fault(f))?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, key: RunKey, mut spec: ExecSpec) {
+        let (kill_tx, kill_rx) = oneshot::channel();
+        self.running.insert(key, kill_tx);
+        // The action knows which occurrence it is.
+        spec.env.extend([
+            ("SUNDIAL_TASK_ID".to_owned(), key.task_id.to_string()),
+            ("SUNDIAL_AGENT_ID".to_owned(), self.agent_id.to_string()),
+            (
+                "SUNDIAL_SCHEDULED_AT".to_owned(),
+                key.scheduled_at.to_string(),
+            ),
+            (
+                "SUNDIAL_SCHEDULED_AT_MS".to_owned(),
+                key.scheduled_at.as_millis().to_string(),
+            ),
+            ("SUNDIAL_ATTEMPT".to_owned(), key.attempt.to_string()),
+        ]);
+        let policy = Arc::clone(&self.exec);
+        let done = self.done_tx.clone();
+        let pid_path = pid_file(&self.running_dir, key);
+        tracing::debug!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, "starting run");
+        if crate::fault::active("double-fire") {
+            let spec = spec.clone();
+            let policy = Arc::clone(&policy);
+            tokio::spawn(async move {
+                let (_keep, never) = oneshot::channel();
+                let _ = exec::run(&spec, &policy, never).await;
+            });
+        }
+        tokio::spawn(async move {
+            let result = exec::run_with(&spec, &policy, kill_rx, |pid| {
+                let ticks = process_start_ticks(pid).unwrap_or(0);
+                if let Err(e) = std::fs::write(&pid_path, format!("{pid} {ticks}\n")) {
+                    tracing::warn!(error = %e, path = %pid_path.display(), "could not note a run's pid; after a crash it could not be found");
+                }
+            })
+            .await;
+            // The driver outlives every executor unless it is stopping.
+            let _ = done.send((key, result)).await;
+        });
+    }
+
+    fn finished(&mut self, key: RunKey, result: ExecResult) -> Result<(), AgentError> {
+        self.running.remove(&key);
+        let end = Finished {
+            outcome: result.outcome,
+            exit_code: result.exit_code,
+            detail: result.detail,
+            stdout_tail: result.stdout_tail,
+            stderr_tail: result.stderr_tail,
+        };
+        self.node
+            .handle_finished(reading(), key, end)
+            .map_err(|f| self.fault(f))?;
+        let _ = std::fs::remove_file(pid_file(&self.running_dir, key));
+        Ok(())
+    }
+
+    fn conn_event(&mut self, ev: ConnEvent) -> Result<(), AgentError> {
+        match ev {
+            ConnEvent::Dialed(Ok(live)) => {
+                self.reported = None;
+                if let Some(c) = self.conn.take() {
+                    c.close();
+                }
+                self.next_conn += 1;
+                let id = self.next_conn;
+                let session::Live {
+                    endpoint,
+                    conn,
+                    tx: mut send,
+                    rx: mut recv,
+                } = live;
+                let live = Arc::new(LiveConn {
+                    _endpoint: endpoint,
+                    conn,
+                });
+                let (writer, mut queue) = mpsc::channel::<AgentMsg>(WRITE_QUEUE_MAX);
+                let tx = self.events_tx.clone();
+                let w_live = Arc::clone(&live);
+                let write_task = tokio::spawn(async move {
+                    while let Some(msg) = queue.recv().await {
+                        if let Err(e) = session::send(&mut send, &msg).await {
+                            let result = Err(e);
+                            let kind = session::ended_kind(&w_live.conn, &result).await;
+                            let why = result.err().map(|e| e.to_string()).unwrap_or_default();
+                            let _ = tx.send(ConnEvent::Ended(id, kind, why)).await;
+                            return;
+                        }
+                    }
+                });
+                let tx = self.events_tx.clone();
+                let r_live = Arc::clone(&live);
+                let read_task = tokio::spawn(async move {
+                    loop {
+                        match recv.next::<CoordMsg>().await {
+                            Ok(m) => {
+                                if tx.send(ConnEvent::Frame(id, m)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                let result: Result<(), SessionError> = Err(e);
+                                let kind = session::ended_kind(&r_live.conn, &result).await;
+                                let why = result.err().map(|e| e.to_string()).unwrap_or_default();
+                                let _ = tx.send(ConnEvent::Ended(id, kind, why)).await;
+                                return;
+                            }
+                        }
+                    }
+                });
+                let rx_datagrams = live.conn.stats().udp_rx.datagrams;
+                tracing::info!("connected to the coordinator");
+                self.conn = Some(Conn {
+                    id,
+                    live,
+                    writer,
+                    tasks: [write_task, read_task],
+                    rx_datagrams,
+                });
+                self.node
+                    .handle_connected(reading())
+                    .map_err(|f| self.fault(f))?;
+            }
+            ConnEvent::Dialed(Err((kind, _))) => {
+                let coordinator = self.session.as_ref().map(|c| c.coordinator.clone());
+                let coordinator = coordinator.unwrap_or_default();
+                if kind == Closed::RefusedByTls {
+                    if self.reported != Some("refused") {
+                        tracing::error!(%coordinator, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely");
+                        self.reported = Some("refused");
+                    }
+                } else if self.reported != Some("unreachable") {
+                    tracing::info!(%coordinator, "cannot reach the coordinator; tasks keep firing and runs wait in the outbox");
+                    self.reported = Some("unreachable");
+                }
+                self.node
+                    .handle_connect_failed(reading(), kind)
+                    .map_err(|f| self.fault(f))?;
+            }
+            ConnEvent::Frame(id, m) => {
+                if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                    self.node
+                        .handle_message(reading(), m)
+                        .map_err(|f| self.fault(f))?;
+                }
+            }
+            ConnEvent::Ended(id, kind, why) => {
+                if self.conn.as_ref().is_some_and(|c| c.id == id) {
+                    if kind == Closed::RefusedByTls {
+                        tracing::error!(error = %why, "the coordinator refused this agent's certificate (revoked, or another coordinator?); retrying rarely");
+                    } else if kind != Closed::Revoked {
+                        tracing::warn!(error = %why, "session down");
+                    }
+                    self.end_conn(kind)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The keep-alives of both ends keep packets coming on a live link: a
+    /// silence says it is cut well before the idle timeout does.
+    fn heard_poll(&mut self) -> Result<(), AgentError> {
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let rx = c.live.conn.stats().udp_rx.datagrams;
+        if rx != c.rx_datagrams {
+            c.rx_datagrams = rx;
+            self.node
+                .handle_heard(reading())
+                .map_err(|f| self.fault(f))?;
+        }
+        Ok(())
+    }
+}
+
+fn log_event(event: &Event) {
+    match event {
+        Event::Clock(n) => log_clock_note(n),
+        Event::ClockVouched {
+            offset_ms,
+            rtt_ms,
+            was_ahead_ms,
+            at,
+        } => {
+            if let Some(by_ms) = was_ahead_ms {
+                tracing::info!(by_ms, offset_ms, %at, "the coordinator vouched for the time: the wall clock's lead is now corrected by the offset");
+            }
+            tracing::debug!(
+                offset_ms,
+                rtt_ms,
+                "clock offset to the coordinator measured"
+            );
+        }
+        Event::TaskAssigned { task_id, revision } => {
+            tracing::info!(task = %task_id, revision, "task assigned")
+        }
+        Event::TaskRemoved { task_id } => tracing::info!(task = %task_id, "task cancelled"),
+        Event::ConcurrencyCap { max, task_id } => {
+            tracing::warn!(max, task = %task_id, "at the cap of concurrent runs; occurrences due now are recorded as skipped")
+        }
+        Event::RunRecorded { key, outcome } => {
+            tracing::info!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, %outcome, "run recorded")
+        }
+        other => session::log_event(other),
+    }
+}
+
+fn log_clock_note(n: &ClockNote) {
+    match n {
+        ClockNote::Jumped { by_ms } => tracing::warn!(
+            by_ms,
+            "wall clock stepped back against the boot clock; firing follows the earlier time (occurrences already fired do not fire again)"
+        ),
+        ClockNote::Ahead { by_ms } => tracing::warn!(
+            by_ms,
+            "wall clock is ahead of trusted time (stepped forward, or found so at start): firing follows the boot clock until the coordinator vouches for the time or the wall clock is back in line; nothing fires early"
+        ),
+        ClockNote::BackInLine => tracing::info!("wall clock agrees with trusted time again"),
+        ClockNote::Untrusted {
+            now,
+            last_known_good,
+        } => tracing::error!(
+            %now, %last_known_good,
+            "clock is behind the last known-good time: firing is held until the clock is trusted again"
+        ),
+        ClockNote::TrustRestored => tracing::info!("clock trusted again; firing resumes"),
+    }
 }
 
 /// Runs the agent until `shutdown` resolves or the store fails.
@@ -178,66 +720,6 @@ pub async fn run(
         );
     }
     let agent_id = agent_id.unwrap_or(AgentId(0));
-    // The offset is of this boot's wall clock: after a reboot it is not
-    // applied (the clock may have been set anew; an offset measured when it
-    // read 2001 would put the agent years ahead). Until the coordinator
-    // measures again, the wall clock is trusted as at a first start, and
-    // one behind the last known-good instant holds firing.
-    let offset_boot = store.get_meta::<String>(meta::CLOCK_OFFSET_BOOT)?;
-    let offset = match (offset_boot, crate::clock::boot_id()) {
-        (Some(b), Some(now)) if b == now => {
-            store.get_meta::<i64>(meta::CLOCK_OFFSET_MS)?.unwrap_or(0)
-        }
-        (None, _) => store
-            .get_meta::<i64>(meta::CLOCK_OFFSET_MS)?
-            .unwrap_or(0)
-            .min(0),
-        _ => 0,
-    };
-    let known_good = store
-        .get_meta::<i64>(meta::LAST_KNOWN_GOOD_MS)?
-        .and_then(|ms| Timestamp::from_millis(ms).ok());
-    let mut guard = ClockGuard::new(offset, known_good);
-    // An anchor from an earlier run in this same boot: a wall clock stepped
-    // while the agent was stopped shows against the boot clock.
-    let boot = crate::clock::boot_id();
-    if let (Some(boot), Some((b, boot_ms, time_ms))) = (
-        boot.as_ref(),
-        store.get_meta::<(String, i64, i64)>(meta::BOOT_ANCHOR)?,
-    ) {
-        if *boot == b {
-            guard = guard.with_anchor(Anchor { boot_ms, time_ms });
-        }
-    }
-    let clock = SystemClock;
-    let reading = clock.read();
-    let mut notes = Vec::new();
-    let start = guard
-        .observe(reading, &mut notes)
-        .unwrap_or_else(|| guard.time_of(reading));
-
-    // Before anything is recorded: actions a crashed agent left running are
-    // ended, so a retry never runs beside its predecessor.
-    let leftovers = end_leftovers(&running_dir).await;
-    let interrupted = store.recover_interrupted(agent_id, start, &leftovers)?;
-    for r in &interrupted {
-        tracing::warn!(task = %r.task_id, scheduled_at = %r.scheduled_at, attempt = r.attempt, detail = ?r.detail, "run interrupted by the agent's stop; recorded as interrupted");
-    }
-    let mut sched = Scheduler::new(start);
-    let states = store.task_states()?;
-    let mut actions = HashMap::new();
-    for task in store.tasks()? {
-        sched.restore(SchedTask::from(&task), states.get(&task.id).copied());
-        let Action::Exec(spec) = task.action;
-        actions.insert(task.id, spec);
-    }
-    for r in &interrupted {
-        sched.run_finished(r.key(), Outcome::Interrupted, start);
-    }
-    tracing::info!(agent = %agent_id, tasks = actions.len(), outbox = store.outbox_len()?, "agent running");
-
-    let (done_tx, mut done_rx) = mpsc::channel(RUN_COMPLETIONS_QUEUE_MAX);
-    let (control_tx, mut control) = mpsc::channel(CONTROL_QUEUE_MAX);
     let mut exec_policy = config.exec.clone();
     for p in store
         .get_meta::<Vec<String>>(meta::ALLOW_EXEC)?
@@ -255,134 +737,140 @@ pub async fn run(
             exec_policy.allow_env.push(p);
         }
     }
-    let shared = Arc::new(SessionShared {
-        allow_exec: exec_policy.allow.clone(),
-        ..SessionShared::default()
-    });
     let revoked = store.get_meta::<bool>(meta::REVOKED)?.unwrap_or(false);
     if revoked {
         tracing::error!("this agent was revoked by its coordinator: it makes no session (its local tasks still fire); to use this device again, move its data directory away and join with a new token");
     }
-    // Aborted when the agent stops, so nothing holds the store afterwards.
-    let session_task = match SessionConfig::load(&config.data_dir, &store) {
+    let session = match SessionConfig::load(&config.data_dir, &store) {
         Ok(Some(_)) if revoked => None,
-        Ok(Some(cfg)) => Some(tokio::spawn(session::run(
-            cfg,
-            store.clone(),
-            control_tx.clone(),
-            shared.clone(),
-        ))),
+        Ok(Some(cfg)) => Some(Arc::new(cfg)),
         Ok(None) => None,
         Err(e) => {
             tracing::error!(error = %e, "enrollment files unreadable; running without a coordinator");
             None
         }
     };
-    drop(control_tx);
-    if !interrupted.is_empty() {
-        shared.outbox.notify_one();
-    }
-    let mut agent = Agent {
-        store,
-        shared,
-        agent_id,
-        sched,
-        guard,
-        clock,
-        actions,
-        running: HashMap::new(),
-        exec: Arc::new(exec_policy),
-        done_tx,
-        last_persisted_good_ms: i64::MIN,
-        held_reported: false,
-        runs_concurrent_max: config.runs_concurrent_max.max(1),
-        cap_reported: false,
-        running_dir,
-        manual: std::collections::HashSet::new(),
-        stopping: std::collections::HashSet::new(),
+
+    // Before anything is recorded: actions a crashed agent left running are
+    // ended, so a retry never runs beside its predecessor.
+    let leftovers = end_leftovers(&running_dir).await;
+    let boot = crate::clock::boot_id();
+    let node_store = RedbNode {
+        lazy: lazy_writer(Arc::clone(&store)),
+        store: Arc::clone(&store),
+        leftovers,
+        boot_hash: boot_hash(boot.as_deref()),
+        boot,
+        error: Mutex::new(None),
     };
-    agent.log_notes(&notes);
-    agent.persist_anchor()?;
+    let cfg = NodeConfig {
+        agent_id,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        allow_exec: exec_policy.allow.clone(),
+        runs_concurrent_max: config.runs_concurrent_max.max(1),
+        boot_id: node_store.boot_hash,
+        seed: session::jitter_seed(),
+        bugs: SeededBugs::default(),
+    };
+    let node = match AgentNode::start(node_store, cfg, reading()) {
+        Ok(n) => n,
+        Err(f) => return Err(AgentError::StoreFault(f.0)),
+    };
+    tracing::info!(agent = %agent_id, tasks = node.task_ids().len(), outbox = store.outbox_len()?, "agent running");
+
+    let (done_tx, mut done_rx) = mpsc::channel(RUN_COMPLETIONS_QUEUE_MAX);
+    let (events_tx, mut events_rx) = mpsc::channel(CONN_EVENTS_MAX);
+    let mut d = Driver {
+        node,
+        store,
+        agent_id,
+        exec: Arc::new(exec_policy),
+        running: HashMap::new(),
+        done_tx,
+        running_dir,
+        session,
+        conn: None,
+        next_conn: 0,
+        events_tx,
+        reported: None,
+    };
     let mut timer = BootTimer::new();
     tokio::pin!(shutdown);
-    let mut control_open = true;
     let mut store_checked_ms = boot_ns() / 1_000_000;
+    let mut heard = tokio::time::interval(HEARD_POLL);
+    heard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        d.pump()?;
         let boot_ms = boot_ns() / 1_000_000;
         if boot_ms - store_checked_ms >= STORE_CHECK_INTERVAL_MS {
             store_checked_ms = boot_ms;
             let now_identity = file_identity(&config.store_path());
             if now_identity != store_identity {
                 let what = if now_identity.is_none() {
-                    "gone"
+                    "missing"
                 } else {
-                    "a different file"
+                    "replaced"
                 };
                 tracing::error!(store = %config.store_path().display(), what, "the agent's store was deleted or replaced while it ran; stopping so that nothing more is lost");
                 return Err(AgentError::StoreLost {
                     store: config.store_path(),
                     dir: config.data_dir.clone(),
-                    what: if now_identity.is_none() {
-                        "missing"
-                    } else {
-                        "replaced"
-                    },
+                    what,
                 });
             }
         }
-        let now = agent.turn()?;
-        let sleep_ms = match (now, agent.sched.next_wake()) {
-            (Some(now), Some(wake)) => wake.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS),
-            _ => WAKE_INTERVAL_MAX_MS,
-        };
-        let deadline = boot_ns() + sleep_ms * 1_000_000;
+        let r = reading();
+        let wake_ms = d.node.next_wake(r);
+        let deadline = boot_ns() + (wake_ms - r.boot_ms).max(0) * 1_000_000;
         tokio::select! {
-            _ = timer.sleep_until(deadline) => {}
-            Some((key, result)) = done_rx.recv() => agent.finished(key, result)?,
-            msg = control.recv(), if control_open => match msg {
-                Some(msg) => agent.control(msg)?,
-                None => control_open = false,
-            },
+            _ = timer.sleep_until(deadline) => {
+                d.node.handle_wake(reading()).map_err(|f| d.fault(f))?;
+            }
+            Some((key, result)) = done_rx.recv() => d.finished(key, result)?,
+            Some(ev) = events_rx.recv() => d.conn_event(ev)?,
+            _ = heard.tick() => d.heard_poll()?,
             _ = &mut shutdown => break,
         }
     }
     // Stopping (SIGTERM): fire nothing new; give running actions the stop
     // grace to finish and record them as they end; then kill what is left
     // and record it `interrupted`, truthfully, before exiting.
-    if !agent.running.is_empty() {
+    d.node.begin_stop();
+    if d.node.running() > 0 {
         tracing::info!(
-            running = agent.running.len(),
+            running = d.node.running(),
             grace_ms = config.stop_grace.as_millis() as u64,
             "agent stopping: firing nothing new, letting running actions finish"
         );
         let deadline = tokio::time::Instant::now() + config.stop_grace;
-        while !agent.running.is_empty() {
+        while d.node.running() > 0 {
             tokio::select! {
-                Some((key, result)) = done_rx.recv() => agent.finished(key, result)?,
+                Some((key, result)) = done_rx.recv() => d.finished(key, result)?,
                 _ = tokio::time::sleep_until(deadline) => break,
             }
+            d.pump()?;
         }
-        if !agent.running.is_empty() {
+        if d.node.running() > 0 {
             tracing::warn!(
-                running = agent.running.len(),
+                running = d.node.running(),
                 "stop grace over: killing the actions still running"
             );
-            agent.kill_all_for_stop();
+            d.node.kill_all_for_stop();
+            d.pump()?;
             let killed_by = tokio::time::Instant::now() + STOP_KILL_WAIT;
-            while !agent.running.is_empty() {
+            while d.node.running() > 0 {
                 tokio::select! {
-                    Some((key, result)) = done_rx.recv() => agent.finished(key, result)?,
+                    Some((key, result)) = done_rx.recv() => d.finished(key, result)?,
                     _ = tokio::time::sleep_until(killed_by) => break,
                 }
             }
         }
     }
     tracing::info!("agent stopped");
-    if let Some(t) = session_task {
-        t.abort();
-        let _ = t.await;
+    if let Some(c) = d.conn.take() {
+        c.close();
     }
-    agent.persist_known_good(true)?;
+    d.node.persist_clock_now().map_err(|f| d.fault(f))?;
     Ok(())
 }
 
@@ -546,381 +1034,5 @@ async fn open_store(path: &Path) -> Result<AgentStore, AgentError> {
             Err(e) if e.is_already_open() => return Err(AgentError::Busy(path.to_owned())),
             other => return Ok(other?),
         }
-    }
-}
-
-/// The record of an occurrence that did not run.
-fn skipped_record(key: RunKey, agent_id: AgentId, offline: bool, reason: SkipReason) -> RunRecord {
-    RunRecord {
-        task_id: key.task_id,
-        agent_id,
-        scheduled_at: key.scheduled_at,
-        attempt: key.attempt,
-        fired_at: None,
-        finished_at: None,
-        outcome: Outcome::Skipped,
-        exit_code: None,
-        offline,
-        detail: Some(reason.as_str().to_owned()),
-        stdout_tail: Vec::new(),
-        stderr_tail: Vec::new(),
-    }
-}
-
-impl Agent {
-    /// Kills every running action's process group (the agent is stopping).
-    fn kill_all_for_stop(&mut self) {
-        for (key, run) in self.running.iter_mut() {
-            if let Some(k) = run.kill.take() {
-                self.stopping.insert(*key);
-                let _ = k.send(());
-            }
-        }
-    }
-
-    fn log_notes(&mut self, notes: &[ClockNote]) {
-        for n in notes {
-            match n {
-                ClockNote::Jumped { by_ms } => {
-                    tracing::warn!(
-                        by_ms,
-                        "wall clock stepped back against the boot clock; firing follows the earlier time (occurrences already fired do not fire again)"
-                    )
-                }
-                ClockNote::Ahead { by_ms } => tracing::warn!(
-                    by_ms,
-                    offset_ms = self.guard.offset_ms(),
-                    trusted_time = %self.guard.time_of(self.clock.read()),
-                    "wall clock is ahead of trusted time (stepped forward, or found so at start): firing follows the boot clock until the coordinator vouches for the time or the wall clock is back in line; nothing fires early"
-                ),
-                ClockNote::BackInLine => {
-                    tracing::info!("wall clock agrees with trusted time again")
-                }
-                ClockNote::Untrusted {
-                    now,
-                    last_known_good,
-                } => tracing::error!(
-                    %now, %last_known_good,
-                    "clock is behind the last known-good time: firing is held until the clock is trusted again"
-                ),
-                ClockNote::TrustRestored => tracing::info!("clock trusted again; firing resumes"),
-            }
-        }
-    }
-
-    /// One turn: read the clock, decide, commit, spawn. Returns the corrected
-    /// time, or `None` while firing is held.
-    fn turn(&mut self) -> Result<Option<Timestamp>, AgentError> {
-        let mut notes = Vec::new();
-        let now = self.guard.observe(self.clock.read(), &mut notes);
-        self.log_notes(&notes);
-        let Some(now) = now else {
-            if !self.held_reported {
-                self.held_reported = true;
-                self.store.put_meta(&[(meta::CLOCK_HELD, true)])?;
-            }
-            return Ok(None);
-        };
-        if self.held_reported {
-            self.held_reported = false;
-            self.store.put_meta(&[(meta::CLOCK_HELD, false)])?;
-        }
-        let mut cmds = Vec::new();
-        self.sched.advance(now, &mut cmds);
-        if !cmds.is_empty() {
-            self.apply(now, cmds)?;
-        }
-        self.persist_known_good(false)?;
-        Ok(Some(now))
-    }
-
-    fn persist_known_good(&mut self, force: bool) -> Result<(), AgentError> {
-        if let Some(g) = self.guard.last_known_good() {
-            let ms = g.as_millis();
-            if force || ms.saturating_sub(self.last_persisted_good_ms) >= KNOWN_GOOD_PERSIST_MS {
-                self.store.put_meta(&[(meta::LAST_KNOWN_GOOD_MS, ms)])?;
-                self.persist_anchor()?;
-                self.last_persisted_good_ms = ms;
-            }
-        }
-        Ok(())
-    }
-
-    /// Persists the guard's anchor with this boot's id (a trusted instant
-    /// at a boot-clock reading), for a restart in the same boot.
-    fn persist_anchor(&mut self) -> Result<(), AgentError> {
-        if let (Some(boot), Some(a)) = (crate::clock::boot_id(), self.guard.anchor()) {
-            if self.guard.ahead_ms().is_none() && self.guard.is_trusted() {
-                self.store
-                    .put_meta(&[(meta::BOOT_ANCHOR, (boot, a.boot_ms, a.time_ms))])?;
-            }
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, now: Timestamp, cmds: Vec<Command>) -> Result<(), AgentError> {
-        let offline = !self.shared.online.load(std::sync::atomic::Ordering::SeqCst);
-        let mut step = StepWrite::default();
-        let mut starts = Vec::new();
-        let mut kills = Vec::new();
-        let mut capped = Vec::new();
-        if self.running.len() < self.runs_concurrent_max {
-            self.cap_reported = false;
-        }
-        for c in cmds {
-            match c {
-                Command::SaveState { task_id, next_due } => step.states.push((task_id, next_due)),
-                Command::Start { key, .. }
-                    if self.running.len() + starts.len() >= self.runs_concurrent_max =>
-                {
-                    if !self.cap_reported {
-                        self.cap_reported = true;
-                        tracing::warn!(max = self.runs_concurrent_max, task = %key.task_id, "at the cap of concurrent runs; occurrences due now are recorded as skipped");
-                    }
-                    capped.push(key);
-                    step.records.push(skipped_record(
-                        key,
-                        self.agent_id,
-                        offline,
-                        SkipReason::ConcurrencyCap,
-                    ));
-                }
-                Command::Start { key, .. } => {
-                    step.started.push((
-                        key,
-                        StartedInfo {
-                            fired_at: now,
-                            offline,
-                        },
-                    ));
-                    starts.push(key);
-                }
-                Command::Skip { key, reason } => {
-                    step.records
-                        .push(skipped_record(key, self.agent_id, offline, reason))
-                }
-                Command::Kill { key } => kills.push(key),
-            }
-        }
-        if let Err(e) = self.store.apply_step(&step) {
-            // Not durable, so not started: at most once wins over on time.
-            tracing::error!(error = %e, runs = starts.len(), "could not record runs as started; they are not run");
-            if e.is_io() {
-                // redb refuses every write after an I/O error until the
-                // database is reopened: stop, so the supervisor restarts the
-                // agent with its store reopened (and repaired). Everything
-                // committed is kept; firing resumes once the disk has room.
-                return Err(AgentError::Store(e));
-            }
-            for key in starts {
-                self.sched.run_finished(key, Outcome::Rejected, now);
-            }
-            for key in capped {
-                self.sched.run_finished(key, Outcome::Skipped, now);
-            }
-        } else {
-            for key in capped {
-                self.sched.run_finished(key, Outcome::Skipped, now);
-            }
-            if !step.records.is_empty() {
-                self.shared.outbox.notify_one();
-            }
-            for key in starts {
-                self.spawn(key, now, offline);
-            }
-        }
-        for key in kills {
-            if let Some(r) = self.running.get_mut(&key) {
-                if let Some(k) = r.kill.take() {
-                    tracing::warn!(task = %key.task_id, scheduled_at = %key.scheduled_at, "run timed out; killing its process group");
-                    let _ = k.send(());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn spawn(&mut self, key: RunKey, now: Timestamp, offline: bool) {
-        let (kill_tx, kill_rx) = oneshot::channel();
-        self.running.insert(
-            key,
-            Running {
-                fired_at: now,
-                offline,
-                kill: Some(kill_tx),
-            },
-        );
-        let spec = self.actions.get(&key.task_id).cloned().map(|mut spec| {
-            // The action knows which occurrence it is.
-            spec.env.extend([
-                ("SUNDIAL_TASK_ID".to_owned(), key.task_id.to_string()),
-                ("SUNDIAL_AGENT_ID".to_owned(), self.agent_id.to_string()),
-                (
-                    "SUNDIAL_SCHEDULED_AT".to_owned(),
-                    key.scheduled_at.to_string(),
-                ),
-                (
-                    "SUNDIAL_SCHEDULED_AT_MS".to_owned(),
-                    key.scheduled_at.as_millis().to_string(),
-                ),
-                ("SUNDIAL_ATTEMPT".to_owned(), key.attempt.to_string()),
-            ]);
-            spec
-        });
-        let policy = Arc::clone(&self.exec);
-        let done = self.done_tx.clone();
-        let pid_path = pid_file(&self.running_dir, key);
-        tracing::debug!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, "starting run");
-        if crate::fault::active("double-fire") {
-            if let Some(spec) = spec.clone() {
-                let policy = Arc::clone(&policy);
-                tokio::spawn(async move {
-                    let (_keep, never) = oneshot::channel();
-                    let _ = exec::run(&spec, &policy, never).await;
-                });
-            }
-        }
-        tokio::spawn(async move {
-            let result = match spec {
-                Some(spec) => {
-                    exec::run_with(&spec, &policy, kill_rx, |pid| {
-                        let ticks = process_start_ticks(pid).unwrap_or(0);
-                        if let Err(e) = std::fs::write(&pid_path, format!("{pid} {ticks}\n")) {
-                            tracing::warn!(error = %e, path = %pid_path.display(), "could not note a run's pid; after a crash it could not be found");
-                        }
-                    })
-                    .await
-                }
-                None => ExecResult {
-                    outcome: Outcome::Rejected,
-                    exit_code: None,
-                    detail: Some("the task's action is unknown to this agent".into()),
-                    stdout_tail: Vec::new(),
-                    stderr_tail: Vec::new(),
-                    pid: None,
-                },
-            };
-            // The driver outlives every executor unless it is stopping.
-            let _ = done.send((key, result)).await;
-        });
-    }
-
-    fn finished(&mut self, key: RunKey, result: ExecResult) -> Result<(), AgentError> {
-        let now = self.guard.time_of(self.clock.read());
-        let Some(run) = self.running.remove(&key) else {
-            return Ok(());
-        };
-        let mut record = RunRecord {
-            task_id: key.task_id,
-            agent_id: self.agent_id,
-            scheduled_at: key.scheduled_at,
-            attempt: key.attempt,
-            fired_at: Some(run.fired_at),
-            finished_at: Some(now),
-            outcome: result.outcome,
-            exit_code: result.exit_code,
-            offline: run.offline,
-            detail: result.detail,
-            stdout_tail: result.stdout_tail,
-            stderr_tail: result.stderr_tail,
-        };
-        if self.stopping.remove(&key) {
-            record.outcome = Outcome::Interrupted;
-            record.exit_code = None;
-            record.detail = Some(STOPPED_DETAIL.to_owned());
-        }
-        if self.manual.remove(&key) {
-            record.detail = Some(match record.why() {
-                Some(why) => format!("{MANUAL_DETAIL}; {why}"),
-                None => MANUAL_DETAIL.to_owned(),
-            });
-        }
-        tracing::info!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, outcome = %record.outcome, "run finished");
-        match self.store.finish_run(&record) {
-            Ok(()) => {
-                let _ = std::fs::remove_file(pid_file(&self.running_dir, key));
-                self.shared.outbox.notify_one()
-            }
-            // The started marker stays: the run will be reported interrupted after a restart.
-            Err(e) => {
-                tracing::error!(error = %e, task = %key.task_id, "could not store a finished run");
-                if e.is_io() {
-                    return Err(AgentError::Store(e));
-                }
-            }
-        }
-        self.sched.run_finished(key, result.outcome, now);
-        Ok(())
-    }
-
-    fn control(&mut self, msg: Control) -> Result<(), AgentError> {
-        let mut cmds = Vec::new();
-        match msg {
-            Control::Upsert(task) => {
-                self.store.put_task(&task, Some(task.revision))?;
-                let Action::Exec(spec) = &task.action;
-                self.actions.insert(task.id, spec.clone());
-                tracing::info!(task = %task.id, revision = task.revision, schedule = %task.schedule, "task assigned");
-                self.sched.upsert(SchedTask::from(&*task), &mut cmds);
-            }
-            Control::Cancel { task_id, revision } => {
-                self.store.remove_task(task_id, Some(revision))?;
-                self.actions.remove(&task_id);
-                self.sched.remove(task_id);
-                tracing::info!(task = %task_id, revision, "task cancelled");
-            }
-            Control::Revision(revision) => {
-                let current = self
-                    .store
-                    .get_meta::<u64>(meta::LAST_REVISION)?
-                    .unwrap_or(0);
-                if revision > current {
-                    self.store.put_meta(&[(meta::LAST_REVISION, revision)])?;
-                }
-            }
-            Control::RunNow { task_id, at } => {
-                if self.actions.contains_key(&task_id) {
-                    let key = RunKey {
-                        task_id,
-                        scheduled_at: at,
-                        attempt: 1,
-                    };
-                    tracing::info!(task = %task_id, %at, "run now, as an operator asked");
-                    self.manual.insert(key);
-                    self.sched.run_now(key, &mut cmds);
-                } else {
-                    tracing::warn!(task = %task_id, "asked to run a task this agent does not have");
-                }
-            }
-            Control::Clock { offset_ms, rtt_ms } => {
-                let was_ahead = self.guard.ahead_ms();
-                let now = self.guard.set_offset(offset_ms, self.clock.read());
-                if let Some(by_ms) = was_ahead {
-                    tracing::info!(by_ms, offset_ms, %now, "the coordinator vouched for the time: the wall clock's lead is now corrected by the offset");
-                }
-                self.store.put_meta(&[
-                    (meta::CLOCK_OFFSET_MS, offset_ms),
-                    (meta::LAST_KNOWN_GOOD_MS, now.as_millis()),
-                ])?;
-                // After the offset: a crash between the two leaves an older
-                // boot's id, and the offset is then not applied (safe).
-                if let Some(boot) = crate::clock::boot_id() {
-                    self.store.put_meta(&[(meta::CLOCK_OFFSET_BOOT, boot)])?;
-                }
-                self.persist_anchor()?;
-                tracing::debug!(
-                    offset_ms,
-                    rtt_ms,
-                    "clock offset to the coordinator measured"
-                );
-            }
-        }
-        if !cmds.is_empty() {
-            // Runs start now: stamp them with the time now, not the
-            // scheduler's last turn (up to a wake interval ago).
-            let now = self.guard.time_of(self.clock.read()).max(self.sched.now());
-            self.apply(now, cmds)?;
-        }
-        Ok(())
     }
 }

@@ -26,8 +26,15 @@ use crate::session::{Event, Now};
 
 /// The longest the node sleeps without looking at its clocks, in ms.
 pub const WAKE_INTERVAL_MAX_MS: i64 = 1_000;
-/// How often the last known-good instant is persisted, in ms of it.
-pub const KNOWN_GOOD_PERSIST_MS: i64 = 10_000;
+/// How often the last known-good instant is persisted, in ms of it (a clock
+/// found behind it by more than the guard's slack is held; minutes of
+/// staleness do not matter, a write per minute per device would).
+pub const KNOWN_GOOD_PERSIST_MS: i64 = 600_000;
+/// The detail of a run an operator asked for (`sundialctl task run-now`).
+pub const MANUAL_DETAIL: &str = "run now, as an operator asked";
+/// The detail of a run killed because the agent stopped.
+pub const STOPPED_DETAIL: &str =
+    "the agent was stopped and the run did not finish within the stop grace; killed";
 
 /// A store operation failed; the node must stop (its shell restarts it
 /// with the store reopened, as the binary does on an I/O error).
@@ -87,6 +94,41 @@ pub trait NodeStore {
     fn set_last_revision(&mut self, revision: u64) -> StoreResult<()>;
     fn clock_state(&self) -> StoreResult<ClockState>;
     fn set_clock_state(&mut self, state: &ClockState) -> StoreResult<()>;
+    /// Firing is held (the clock is behind the last known-good instant), for
+    /// `status`.
+    fn set_clock_held(&mut self, _held: bool) -> StoreResult<()> {
+        Ok(())
+    }
+    /// The session's last sync, for `status`.
+    fn set_last_sync(&mut self, _wall: Timestamp) -> StoreResult<()> {
+        Ok(())
+    }
+    /// The coordinator revoked this agent.
+    fn set_revoked(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+/// How an action ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub detail: Option<String>,
+    pub stdout_tail: Vec<u8>,
+    pub stderr_tail: Vec<u8>,
+}
+
+impl Finished {
+    pub fn of(outcome: Outcome, exit_code: Option<i32>) -> Finished {
+        Finished {
+            outcome,
+            exit_code,
+            detail: None,
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+        }
+    }
 }
 
 /// What the shell must do.
@@ -118,6 +160,8 @@ pub struct SeededBugs {
 pub struct NodeConfig {
     pub agent_id: AgentId,
     pub agent_version: String,
+    /// The programs this agent allows, told in Hello (for operators).
+    pub allow_exec: Vec<String>,
     pub runs_concurrent_max: usize,
     /// The boot this node starts in (an anchor of another boot is ignored).
     pub boot_id: u64,
@@ -138,6 +182,12 @@ pub struct AgentNode<S: NodeStore> {
     running: HashMap<RunKey, Started>,
     manual: HashSet<RunKey>,
     online: bool,
+    held: bool,
+    cap_told: bool,
+    /// Stopping: nothing new fires.
+    stopping: bool,
+    /// Runs killed because the agent stops.
+    killed_for_stop: HashSet<RunKey>,
     last_persisted_good_ms: i64,
     effects: VecDeque<NodeEffect>,
     events: VecDeque<Event>,
@@ -196,10 +246,23 @@ impl<S: NodeStore> AgentNode<S> {
             running: HashMap::new(),
             manual: HashSet::new(),
             online: false,
+            held: false,
+            cap_told: false,
+            stopping: false,
+            killed_for_stop: HashSet::new(),
             last_persisted_good_ms: i64::MIN,
             effects: VecDeque::new(),
             events: VecDeque::new(),
         };
+        for n in notes {
+            node.events.push_back(Event::Clock(n));
+        }
+        for rec in interrupted {
+            node.events.push_back(Event::RunRecorded {
+                key: rec.key(),
+                outcome: Outcome::Interrupted,
+            });
+        }
         node.persist_clock(true)?;
         node.pump(r)?;
         Ok(node)
@@ -253,10 +316,20 @@ impl<S: NodeStore> AgentNode<S> {
     /// One turn: read the clocks, fire what is due, run the session's timers.
     pub fn handle_wake(&mut self, r: Reading) -> StoreResult<()> {
         let mut notes = Vec::new();
-        if let Some(now) = self.guard.observe(r, &mut notes) {
-            let mut cmds = Vec::new();
-            self.sched.advance(now, &mut cmds);
-            self.apply(r, now, cmds)?;
+        let now = self.guard.observe(r, &mut notes);
+        for n in notes {
+            self.events.push_back(Event::Clock(n));
+        }
+        if now.is_none() != self.held {
+            self.held = now.is_none();
+            self.store.set_clock_held(self.held)?;
+        }
+        if let Some(now) = now {
+            if !self.stopping {
+                let mut cmds = Vec::new();
+                self.sched.advance(now, &mut cmds);
+                self.apply(r, now, cmds)?;
+            }
             self.persist_clock(false)?;
         }
         self.session
@@ -265,31 +338,37 @@ impl<S: NodeStore> AgentNode<S> {
     }
 
     /// An action ended.
-    pub fn handle_finished(
-        &mut self,
-        r: Reading,
-        key: RunKey,
-        outcome: Outcome,
-        exit_code: Option<i32>,
-    ) -> StoreResult<()> {
+    pub fn handle_finished(&mut self, r: Reading, key: RunKey, end: Finished) -> StoreResult<()> {
         let Some(run) = self.running.remove(&key) else {
             return Ok(());
         };
         let now = self.guard.time_of(r).max(run.fired_at);
-        let record = RunRecord {
+        let mut record = RunRecord {
             task_id: key.task_id,
             agent_id: self.cfg.agent_id,
             scheduled_at: key.scheduled_at,
             attempt: key.attempt,
             fired_at: Some(run.fired_at),
             finished_at: Some(now),
-            outcome,
-            exit_code,
+            outcome: end.outcome,
+            exit_code: end.exit_code,
             offline: run.offline,
-            detail: self.manual.remove(&key).then(|| "run now".to_owned()),
-            stdout_tail: Vec::new(),
-            stderr_tail: Vec::new(),
+            detail: end.detail,
+            stdout_tail: end.stdout_tail,
+            stderr_tail: end.stderr_tail,
         };
+        if self.killed_for_stop.remove(&key) {
+            record.outcome = Outcome::Interrupted;
+            record.exit_code = None;
+            record.detail = Some(STOPPED_DETAIL.to_owned());
+        }
+        if self.manual.remove(&key) {
+            record.detail = Some(match record.why() {
+                Some(why) => format!("{MANUAL_DETAIL}; {why}"),
+                None => MANUAL_DETAIL.to_owned(),
+            });
+        }
+        let outcome = record.outcome;
         self.store.finish_run(&record)?;
         self.events.push_back(Event::RunRecorded { key, outcome });
         self.sched.run_finished(key, outcome, now);
@@ -297,12 +376,33 @@ impl<S: NodeStore> AgentNode<S> {
         self.pump(r)
     }
 
+    /// Persists the clock state now (the agent stops).
+    pub fn persist_clock_now(&mut self) -> StoreResult<()> {
+        self.persist_clock(true)
+    }
+
+    /// The agent is stopping: nothing new fires; running actions may finish.
+    pub fn begin_stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// The stop grace is over: kills every running action; their records
+    /// say `interrupted`, as they end.
+    pub fn kill_all_for_stop(&mut self) {
+        let keys: Vec<RunKey> = self.running.keys().copied().collect();
+        for key in keys {
+            if self.killed_for_stop.insert(key) {
+                self.effects.push_back(NodeEffect::Kill { key });
+            }
+        }
+    }
+
     pub fn handle_connected(&mut self, r: Reading) -> StoreResult<()> {
         let hello = HelloInfo {
             last_revision: self.store.last_revision()?,
             outbox_len: self.store.outbox_len()?,
             agent_version: self.cfg.agent_version.clone(),
-            allow_exec: Vec::new(),
+            allow_exec: self.cfg.allow_exec.clone(),
         };
         self.session
             .handle_connected(now_of(r, self.guard.time_of(r)), hello);
@@ -421,6 +521,10 @@ impl<S: NodeStore> AgentNode<S> {
                     match change {
                         AssignmentChange::Upsert(task) => {
                             self.store.put_task(&task)?;
+                            self.events.push_back(Event::TaskAssigned {
+                                task_id: task.id,
+                                revision: task.revision,
+                            });
                             let Action::Exec(spec) = &task.action;
                             self.actions.insert(task.id, spec.clone());
                             self.sched.upsert(SchedTask::from(&*task), &mut cmds);
@@ -443,8 +547,15 @@ impl<S: NodeStore> AgentNode<S> {
                     self.store.outbox_ack(&keys)?;
                 }
             }
-            AgentEffect::Clock { offset_ms, .. } => {
-                self.guard.set_offset(offset_ms, r);
+            AgentEffect::Clock { offset_ms, rtt_ms } => {
+                let was_ahead = self.guard.ahead_ms();
+                let at = self.guard.set_offset(offset_ms, r);
+                self.events.push_back(Event::ClockVouched {
+                    offset_ms,
+                    rtt_ms,
+                    was_ahead_ms: was_ahead,
+                    at,
+                });
                 self.persist_clock(true)?;
             }
             AgentEffect::RunNow { task_id, at } => {
@@ -461,7 +572,8 @@ impl<S: NodeStore> AgentNode<S> {
                 }
             }
             AgentEffect::Online(online) => self.online = online,
-            AgentEffect::PersistLastSync { .. } | AgentEffect::Revoked => {}
+            AgentEffect::PersistLastSync { wall } => self.store.set_last_sync(wall)?,
+            AgentEffect::Revoked => self.store.set_revoked()?,
         }
         Ok(())
     }
@@ -472,6 +584,9 @@ impl<S: NodeStore> AgentNode<S> {
             return Ok(());
         }
         let offline = !self.online;
+        if self.running.len() < self.cfg.runs_concurrent_max {
+            self.cap_told = false;
+        }
         let mut step = Step::default();
         let mut starts = Vec::new();
         let mut capped = Vec::new();
@@ -482,6 +597,13 @@ impl<S: NodeStore> AgentNode<S> {
                 Command::Start { key, .. }
                     if self.running.len() + starts.len() >= self.cfg.runs_concurrent_max =>
                 {
+                    if !self.cap_told {
+                        self.cap_told = true;
+                        self.events.push_back(Event::ConcurrencyCap {
+                            max: self.cfg.runs_concurrent_max,
+                            task_id: key.task_id,
+                        });
+                    }
                     capped.push(key);
                     step.records.push(skipped(
                         key,

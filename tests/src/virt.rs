@@ -807,7 +807,9 @@ impl World {
             Ev::ActionDone(i, inc, key, outcome) => {
                 if self.agents[i].incarnation == inc {
                     let code = (outcome == Outcome::Failed).then_some(1);
-                    self.node_call(i, |n, r| n.handle_finished(r, key, outcome, code));
+                    self.node_call(i, |n, r| {
+                        n.handle_finished(r, key, sundial_core::node::Finished::of(outcome, code))
+                    });
                 }
             }
             Ev::ConnectDone(i, inc, reachable) => {
@@ -951,6 +953,7 @@ impl World {
         let cfg = NodeConfig {
             agent_id: self.agents[i].id,
             agent_version: "sim".into(),
+            allow_exec: Vec::new(),
             runs_concurrent_max: 64,
             boot_id: self.agents[i].boot_id,
             seed: self.rng.next_u64(),

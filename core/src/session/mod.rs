@@ -107,6 +107,25 @@ pub enum Event {
         wait_ms: u64,
     },
     // ---- an agent node
+    /// What the clock guard noticed.
+    Clock(crate::clock::ClockNote),
+    /// The coordinator measured the clock: time is trusted from here.
+    ClockVouched {
+        offset_ms: i64,
+        rtt_ms: i64,
+        /// The wall clock had been ahead of trusted time by this much.
+        was_ahead_ms: Option<i64>,
+        at: Timestamp,
+    },
+    TaskAssigned {
+        task_id: sundial_protocol::TaskId,
+        revision: u64,
+    },
+    /// At the cap of concurrent runs: occurrences due now are skipped.
+    ConcurrencyCap {
+        max: usize,
+        task_id: sundial_protocol::TaskId,
+    },
     /// A cancel reached the agent: the task is gone from its store.
     TaskRemoved {
         task_id: sundial_protocol::TaskId,
