@@ -135,7 +135,12 @@ enum LazyWrite {
 /// Bound of the lazy writes waiting; beyond it they are done in place.
 const LAZY_WRITES_MAX: usize = 1_024;
 
-fn lazy_writer(store: Arc<AgentStore>) -> Option<std::sync::mpsc::SyncSender<LazyWrite>> {
+type LazyWriter = (
+    std::sync::mpsc::SyncSender<LazyWrite>,
+    std::thread::JoinHandle<()>,
+);
+
+fn lazy_writer(store: Arc<AgentStore>) -> Option<LazyWriter> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<LazyWrite>(LAZY_WRITES_MAX);
     let spawned = std::thread::Builder::new()
         .name("store-lazy".into())
@@ -153,7 +158,7 @@ fn lazy_writer(store: Arc<AgentStore>) -> Option<std::sync::mpsc::SyncSender<Laz
             }
         });
     match spawned {
-        Ok(_) => Some(tx),
+        Ok(handle) => Some((tx, handle)),
         Err(e) => {
             tracing::warn!(error = %e, "no thread for lazy store writes; doing them in place");
             None
@@ -166,6 +171,7 @@ fn lazy_writer(store: Arc<AgentStore>) -> Option<std::sync::mpsc::SyncSender<Laz
 struct RedbNode {
     store: Arc<AgentStore>,
     lazy: Option<std::sync::mpsc::SyncSender<LazyWrite>>,
+    lazy_thread: Option<std::thread::JoinHandle<()>>,
     /// What the previous agent process left running, by run key.
     leftovers: HashMap<(u64, i64, u32), String>,
     /// This boot's id (the kernel's), and its hash as the node knows it.
@@ -181,6 +187,17 @@ fn boot_hash(boot: Option<&str>) -> u64 {
             (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
         })
     })
+}
+
+impl Drop for RedbNode {
+    /// Lets the lazy writes finish and the store close cleanly (a store
+    /// still open in another thread at exit would need a repair).
+    fn drop(&mut self) {
+        self.lazy.take();
+        if let Some(h) = self.lazy_thread.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl RedbNode {
@@ -755,8 +772,10 @@ pub async fn run(
     // ended, so a retry never runs beside its predecessor.
     let leftovers = end_leftovers(&running_dir).await;
     let boot = crate::clock::boot_id();
+    let (lazy, lazy_thread) = lazy_writer(Arc::clone(&store)).unzip();
     let node_store = RedbNode {
-        lazy: lazy_writer(Arc::clone(&store)),
+        lazy,
+        lazy_thread,
         store: Arc::clone(&store),
         leftovers,
         boot_hash: boot_hash(boot.as_deref()),
@@ -871,6 +890,8 @@ pub async fn run(
         c.close();
     }
     d.node.persist_clock_now().map_err(|f| d.fault(f))?;
+    // The lazy writes end before the store is let go.
+    drop(d);
     Ok(())
 }
 

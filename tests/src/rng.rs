@@ -1,21 +1,19 @@
 //! A small seeded generator (SplitMix64): every random choice of a scenario
 //! comes from its seed, so a failing run can be replayed.
 
-/// SplitMix64.
+/// The core's SplitMix64, with what scenarios need besides.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(sundial_core::session::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1A4_F87D)
+        Rng(sundial_core::session::Rng::new(
+            seed ^ 0x5DEE_CE66_D1A4_F87D,
+        ))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `[0, n)` (0 when n is 0).

@@ -48,6 +48,7 @@ fn a_seeded_double_fire_is_caught_within_a_hundred_seeds() {
         ..SeededBugs::default()
     });
     let (seed, why) = caught.expect("a double fire goes unnoticed for 100 seeds");
+    eprintln!("double fire caught at seed {seed}: {why}");
     assert!(why.contains("twice"), "seed {seed}: {why}");
 }
 
@@ -58,5 +59,6 @@ fn a_seeded_early_ack_is_caught_within_a_hundred_seeds() {
         ..SeededBugs::default()
     });
     let (seed, why) = caught.expect("an early ack goes unnoticed for 100 seeds");
+    eprintln!("early ack caught at seed {seed}: {why}");
     assert!(why.contains("lost"), "seed {seed}: {why}");
 }
