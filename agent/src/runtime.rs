@@ -229,6 +229,23 @@ impl NodeStore for RedbNode {
     fn remove_task(&mut self, id: TaskId) -> StoreResult<()> {
         self.keep(self.store.remove_task(id, None))
     }
+    fn apply_changes(
+        &mut self,
+        upserts: &[TaskSpec],
+        removed: &[TaskId],
+        revision: Option<u64>,
+    ) -> StoreResult<()> {
+        for id in removed {
+            self.keep(self.store.remove_task(*id, None))?;
+        }
+        if upserts.is_empty() {
+            if let Some(r) = revision {
+                return self.set_last_revision(r);
+            }
+            return Ok(());
+        }
+        self.keep(self.store.put_tasks(upserts, revision))
+    }
     fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
         let w = StepWrite {
             states: step.states.clone(),

@@ -94,6 +94,26 @@ pub trait NodeStore {
     fn set_last_revision(&mut self, revision: u64) -> StoreResult<()>;
     fn clock_state(&self) -> StoreResult<ClockState>;
     fn set_clock_state(&mut self, state: &ClockState) -> StoreResult<()>;
+    /// One page of assignment changes: `removed` gone, `upserts` stored,
+    /// then `revision` (if any) recorded as applied — the upserts and the
+    /// revision in one transaction where the store can.
+    fn apply_changes(
+        &mut self,
+        upserts: &[TaskSpec],
+        removed: &[TaskId],
+        revision: Option<u64>,
+    ) -> StoreResult<()> {
+        for id in removed {
+            self.remove_task(*id)?;
+        }
+        for t in upserts {
+            self.put_task(t)?;
+        }
+        match revision {
+            Some(r) => self.set_last_revision(r),
+            None => Ok(()),
+        }
+    }
     /// Firing is held (the clock is behind the last known-good instant), for
     /// `status`.
     fn set_clock_held(&mut self, _held: bool) -> StoreResult<()> {
@@ -516,29 +536,34 @@ impl<S: NodeStore> AgentNode<S> {
                 changes,
                 upto_revision,
             } => {
-                let mut cmds = Vec::new();
+                // One page of changes: removals, then every upsert with the
+                // revision in one transaction (a crash in between leaves
+                // the old revision, and the page is sent again).
+                let mut upserts = Vec::new();
+                let mut removed = Vec::new();
                 for change in changes {
                     match change {
-                        AssignmentChange::Upsert(task) => {
-                            self.store.put_task(&task)?;
-                            self.events.push_back(Event::TaskAssigned {
-                                task_id: task.id,
-                                revision: task.revision,
-                            });
-                            let Action::Exec(spec) = &task.action;
-                            self.actions.insert(task.id, spec.clone());
-                            self.sched.upsert(SchedTask::from(&*task), &mut cmds);
-                        }
-                        AssignmentChange::Cancel { task_id, .. } => {
-                            self.store.remove_task(task_id)?;
-                            self.actions.remove(&task_id);
-                            self.sched.remove(task_id);
-                            self.events.push_back(Event::TaskRemoved { task_id });
-                        }
+                        AssignmentChange::Upsert(task) => upserts.push(*task),
+                        AssignmentChange::Cancel { task_id, .. } => removed.push(task_id),
                     }
                 }
-                if upto_revision > self.store.last_revision()? {
-                    self.store.set_last_revision(upto_revision)?;
+                let revision =
+                    (upto_revision > self.store.last_revision()?).then_some(upto_revision);
+                self.store.apply_changes(&upserts, &removed, revision)?;
+                let mut cmds = Vec::new();
+                for task_id in removed {
+                    self.actions.remove(&task_id);
+                    self.sched.remove(task_id);
+                    self.events.push_back(Event::TaskRemoved { task_id });
+                }
+                for task in &upserts {
+                    self.events.push_back(Event::TaskAssigned {
+                        task_id: task.id,
+                        revision: task.revision,
+                    });
+                    let Action::Exec(spec) = &task.action;
+                    self.actions.insert(task.id, spec.clone());
+                    self.sched.upsert(SchedTask::from(task), &mut cmds);
                 }
                 self.apply(r, now, cmds)?;
             }

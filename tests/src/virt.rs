@@ -57,6 +57,8 @@ const RETRANSMIT_MS: i64 = 200;
 const EARLY_TOLERANCE_MS: i64 = 2 * DELAY_MAX_MS + 10;
 /// Quiet time after the last fault, before the final checks.
 const SETTLE_MS: i64 = 90_000;
+/// Link time of one assignment change, µs.
+const LINK_US_PER_CHANGE: i64 = 10;
 /// The last stretch: every task cancelled, the records drain.
 const DRAIN_MS: i64 = 20_000;
 /// Tasks alive at once in one run.
@@ -315,6 +317,9 @@ struct World {
     faults_end: i64,
     /// Prints faults and clock decisions (`SUNDIAL_SIM_VERBOSE=1`).
     verbose: bool,
+    /// Sessions that came up, in all, and the revision the latest began at.
+    session_ups: u64,
+    last_hello_revision: u64,
 }
 
 fn mix(h: u64, x: u64) -> u64 {
@@ -436,7 +441,11 @@ impl World {
             Event::RunRecorded { key, .. } => {
                 self.trace(11, i as u64, key.scheduled_at.as_millis() as u64)
             }
-            Event::SessionUp { last_revision, .. } => self.trace(12, i as u64, last_revision),
+            Event::SessionUp { last_revision, .. } => {
+                self.session_ups += 1;
+                self.last_hello_revision = last_revision;
+                self.trace(12, i as u64, last_revision)
+            }
             Event::SessionDown { .. } => self.trace(13, i as u64, 0),
             _ => self.trace(14, i as u64, 0),
         }
@@ -538,9 +547,18 @@ impl World {
         if !open {
             return;
         }
+        // The link's bandwidth, roughly: a page of assignments takes time
+        // to cross (about 100 bytes a change at 10 MB/s).
+        let cost = match &msg {
+            Msg::Down(CoordMsg::Assignments { changes, .. }) => {
+                (changes.len() as i64 * LINK_US_PER_CHANGE) / 1_000
+            }
+            _ => 0,
+        };
         let ready = conn.queue[dir]
             .back()
-            .map_or(now + d, |(t, _)| (*t).max(now + d));
+            .map_or(now + d, |(t, _)| (*t).max(now + d))
+            + cost;
         conn.queue[dir].push_back((ready, msg));
         if !conn.pumping[dir] {
             conn.pumping[dir] = true;
@@ -1210,28 +1228,41 @@ pub fn run_seed(seed: u64, opts: &VirtOptions) -> SeedReport {
         opts.agents
     };
     let duration = opts.duration_ms.max(SETTLE_MS + 10_000);
-    let mut w = World {
-        now: T0,
-        rng,
-        seq: 0,
-        queue: BinaryHeap::new(),
-        events: HashMap::new(),
-        agents: Vec::new(),
-        conns: BTreeMap::new(),
-        next_conn: 0,
-        coord_up: true,
-        tasks: BTreeMap::new(),
-        revision: 0,
-        next_task: 0,
-        runs: HashMap::new(),
-        bugs: opts.bugs,
-        failures: Vec::new(),
-        digest: seed,
-        fires: 0,
-        processed: 0,
-        faults_end: T0 + duration - SETTLE_MS,
-        verbose: std::env::var_os("SUNDIAL_SIM_VERBOSE").is_some(),
-    };
+    let mut w = World::new(seed, rng, opts.bugs, T0 + duration - SETTLE_MS);
+    add_agents(&mut w, n);
+    run_plan(w, seed, n, duration)
+}
+
+impl World {
+    fn new(seed: u64, rng: Rng, bugs: SeededBugs, faults_end: i64) -> World {
+        World {
+            now: T0,
+            rng,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            agents: Vec::new(),
+            conns: BTreeMap::new(),
+            next_conn: 0,
+            coord_up: true,
+            tasks: BTreeMap::new(),
+            revision: 0,
+            next_task: 0,
+            runs: HashMap::new(),
+            bugs,
+            failures: Vec::new(),
+            digest: seed,
+            fires: 0,
+            processed: 0,
+            faults_end,
+            verbose: std::env::var_os("SUNDIAL_SIM_VERBOSE").is_some(),
+            session_ups: 0,
+            last_hello_revision: 0,
+        }
+    }
+}
+
+fn add_agents(w: &mut World, n: usize) {
     for i in 0..n {
         let boots_2001 = w.rng.chance(0.2);
         let drift = w.rng.below(101) as i64 - 50;
@@ -1260,6 +1291,9 @@ pub fn run_seed(seed: u64, opts: &VirtOptions) -> SeedReport {
         });
         w.start_agent(i, MemStore::default());
     }
+}
+
+fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
     // The fault plan, all before the settle time.
     let faults = 5 + w.rng.below(20);
     let span = (w.faults_end - T0).max(1) as u64;
@@ -1300,6 +1334,64 @@ pub fn run_seed(seed: u64, opts: &VirtOptions) -> SeedReport {
         fires: w.fires,
         stored: w.runs.len() as u64,
         events: w.processed,
+    }
+}
+
+/// What a large assignment came to.
+#[derive(Debug)]
+pub struct BulkReport {
+    pub tasks_held: usize,
+    pub agent_revision: u64,
+    pub coordinator_revision: u64,
+    /// Sessions it took (more than one: the cut one was resumed).
+    pub sessions: u64,
+    /// The revision the last session began at (between 0 and the
+    /// coordinator's: it resumed after the pages the cut one delivered).
+    pub resumed_from: u64,
+    pub failures: Vec<String>,
+}
+
+/// One agent with `n` tasks assigned before it first connects; both ways
+/// of its link are cut for 8 s while the pages are crossing it. The agent
+/// must end with every task at the coordinator's revision, the cut
+/// session's pages resumed after the last one it applied.
+pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
+    let mut w = World::new(seed, Rng::new(seed), SeededBugs::default(), T0);
+    let far = Timestamp::from_millis_saturating(T0 + 10 * 86_400_000);
+    for i in 1..=n {
+        let spec = TaskSpec {
+            id: TaskId(i),
+            name: Some(format!("bulk-{i}")),
+            target: Target::Agent(AgentId(1)),
+            schedule: Schedule::at(far),
+            action: Action::Exec(ExecSpec {
+                program: "/bin/sim".into(),
+                args: vec!["5".into(), "steady".into()],
+                env: Vec::new(),
+                cwd: None,
+            }),
+            policies: Policies::default(),
+            revision: i,
+            created_at: Timestamp::from_millis_saturating(T0),
+        };
+        w.tasks.insert(TaskId(i), (spec, false));
+    }
+    w.revision = n;
+    w.next_task = n;
+    add_agents(&mut w, 1);
+    let link_ms = (n as i64 * LINK_US_PER_CHANGE) / 1_000;
+    w.at(T0 + 100 + link_ms * 2 / 5, Ev::Cut(0, [true, true], 8_000));
+    w.run(T0 + 60_000 + 2 * link_ms);
+    let (tasks_held, agent_revision) = w.agents[0].node.as_ref().map_or((0, 0), |node| {
+        (node.task_ids().len(), node.store().last_revision)
+    });
+    BulkReport {
+        tasks_held,
+        agent_revision,
+        coordinator_revision: w.revision,
+        sessions: w.session_ups,
+        resumed_from: w.last_hello_revision,
+        failures: w.failures,
     }
 }
 

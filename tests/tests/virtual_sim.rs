@@ -2,7 +2,20 @@
 //! seeded bugs are caught.
 
 use sundial_core::node::SeededBugs;
-use sundial_tests::virt::{run_seed, run_seeds, VirtOptions};
+use sundial_tests::virt::{bulk_assignment, run_seed, run_seeds, VirtOptions};
+
+#[test]
+fn two_hundred_thousand_tasks_sync_through_a_cut_in_the_middle_of_the_pages() {
+    let n = 200_000;
+    let r = bulk_assignment(n, 11);
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert!(
+        r.sessions >= 2,
+        "the cut did not end the first session: {r:?}"
+    );
+    assert_eq!(r.tasks_held, n as usize, "{r:?}");
+    assert_eq!(r.agent_revision, r.coordinator_revision, "{r:?}");
+}
 
 #[test]
 fn two_hundred_seeds_keep_every_invariant() {
