@@ -1395,27 +1395,25 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
     }
 }
 
-/// The seeds `A..B` (end exclusive) or `A..=B`, or one number.
+/// The seeds `A..B` — A to B, both included, as in "seeds 1 to 1000"
+/// (`A..=B` means the same) — or one number.
 pub fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
     let num = |x: &str| {
         x.trim()
             .parse::<u64>()
             .map_err(|e| format!("'{x}' is not a seed: {e}"))
     };
-    if let Some((a, b)) = s.split_once("..=") {
+    let bounds = s.split_once("..=").or_else(|| s.split_once(".."));
+    if let Some((a, b)) = bounds {
         let (a, b) = (num(a)?, num(b)?);
-        return (a <= b)
+        return (a <= b && b < u64::MAX)
             .then(|| a..b + 1)
             .ok_or_else(|| format!("empty range {s}"));
     }
-    if let Some((a, b)) = s.split_once("..") {
-        let (a, b) = (num(a)?, num(b)?);
-        return (a < b)
-            .then_some(a..b)
-            .ok_or_else(|| format!("empty range {s}"));
-    }
     let a = num(s)?;
-    Ok(a..a + 1)
+    (a < u64::MAX)
+        .then(|| a..a + 1)
+        .ok_or_else(|| format!("seed {a} is too large"))
 }
 
 /// Runs `seeds` on `threads` threads; reports in seed order.

@@ -32,6 +32,17 @@ fn two_hundred_seeds_keep_every_invariant() {
 }
 
 #[test]
+fn seed_ranges_include_both_ends() {
+    use sundial_tests::virt::parse_seeds;
+    assert_eq!(parse_seeds("1..1000"), Ok(1..1001));
+    assert_eq!(parse_seeds("1..=1000"), Ok(1..1001));
+    assert_eq!(parse_seeds("7"), Ok(7..8));
+    assert!(parse_seeds("5..2").is_err());
+    assert!(parse_seeds("x..2").is_err());
+    assert!(parse_seeds("18446744073709551615").is_err());
+}
+
+#[test]
 fn a_seed_replays_bit_for_bit() {
     let opts = VirtOptions::default();
     for seed in [3, 77, 1234] {

@@ -49,8 +49,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct VirtualArgs {
-    /// Seeds to run: N, A..B (B excluded) or A..=B.
-    #[arg(long, default_value = "1..101", conflicts_with = "seed")]
+    /// Seeds to run: N, or A..B (A to B, both included).
+    #[arg(long, default_value = "1..100", conflicts_with = "seed")]
     seeds: String,
     /// One seed (to replay a failure).
     #[arg(long)]
