@@ -238,12 +238,10 @@ impl NodeStore for RedbNode {
         for id in removed {
             self.keep(self.store.remove_task(*id, None))?;
         }
-        if upserts.is_empty() {
-            if let Some(r) = revision {
-                return self.set_last_revision(r);
-            }
+        if upserts.is_empty() && revision.is_none() {
             return Ok(());
         }
+        // The upserts and the revision in one transaction.
         self.keep(self.store.put_tasks(upserts, revision))
     }
     fn apply_step(&mut self, step: &Step) -> StoreResult<()> {

@@ -24,10 +24,6 @@ use sundial_protocol::wire::ALPN;
 
 use crate::store::{meta, AgentStore};
 
-pub use sundial_core::session::agent::{
-    BATCHES_IN_FLIGHT_MAX, BATCH_BYTES_MAX, CLOCK_PROBE_INTERVAL_MS, LINK_SILENT_MAX_MS,
-    RECONNECT_DELAY_MAX_MS, RECONNECT_DELAY_MIN_MS, RECONNECT_DELAY_REFUSED_MS,
-};
 pub use sundial_net::{CONNECT_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE};
 /// How long a connection whose stream ended is given to say why it closed.
 const CLOSE_REASON_WAIT: Duration = Duration::from_millis(500);
@@ -184,13 +180,6 @@ pub fn jitter_seed() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     t ^ (u64::from(std::process::id()) << 32)
-}
-
-/// Backoff before reconnect attempt `failures` (1-based); see the core.
-pub fn reconnect_delay(failures: u32, random: u64) -> Duration {
-    Duration::from_millis(sundial_core::session::agent::reconnect_delay_ms(
-        failures, random,
-    ))
 }
 
 /// A connection with its session stream open.

@@ -215,7 +215,7 @@ pub struct AgentNode<S: NodeStore> {
 
 /// The session's time: the boot clock, and the raw wall clock (clock
 /// samples measure the offset of the wall clock, not of trusted time).
-fn now_of(r: Reading, _trusted: Timestamp) -> Now {
+fn now_of(r: Reading) -> Now {
     Now {
         mono_ms: r.boot_ms.max(0) as u64,
         wall: Timestamp::from_millis_saturating(r.wall_ms),
@@ -348,12 +348,11 @@ impl<S: NodeStore> AgentNode<S> {
             if !self.stopping {
                 let mut cmds = Vec::new();
                 self.sched.advance(now, &mut cmds);
-                self.apply(r, now, cmds)?;
+                self.apply(now, cmds)?;
             }
             self.persist_clock(false)?;
         }
-        self.session
-            .handle_timeout(now_of(r, self.guard.time_of(r)));
+        self.session.handle_timeout(now_of(r));
         self.pump(r)
     }
 
@@ -392,7 +391,7 @@ impl<S: NodeStore> AgentNode<S> {
         self.store.finish_run(&record)?;
         self.events.push_back(Event::RunRecorded { key, outcome });
         self.sched.run_finished(key, outcome, now);
-        self.session.outbox_changed(now_of(r, now));
+        self.session.outbox_changed();
         self.pump(r)
     }
 
@@ -424,26 +423,23 @@ impl<S: NodeStore> AgentNode<S> {
             agent_version: self.cfg.agent_version.clone(),
             allow_exec: self.cfg.allow_exec.clone(),
         };
-        self.session
-            .handle_connected(now_of(r, self.guard.time_of(r)), hello);
+        self.session.handle_connected(now_of(r), hello);
         self.pump(r)
     }
 
     pub fn handle_connect_failed(&mut self, r: Reading, closed: Closed) -> StoreResult<()> {
-        self.session
-            .handle_connect_failed(now_of(r, self.guard.time_of(r)), closed);
+        self.session.handle_connect_failed(now_of(r), closed);
         self.pump(r)
     }
 
     pub fn handle_closed(&mut self, r: Reading, closed: Closed) -> StoreResult<()> {
-        self.session
-            .handle_closed(now_of(r, self.guard.time_of(r)), closed);
+        self.session.handle_closed(now_of(r), closed);
         self.pump(r)
     }
 
     /// Packets arrived on the connection.
     pub fn handle_heard(&mut self, r: Reading) -> StoreResult<()> {
-        self.session.handle_heard(now_of(r, self.guard.time_of(r)));
+        self.session.handle_heard(now_of(r));
         self.pump(r)
     }
 
@@ -522,7 +518,7 @@ impl<S: NodeStore> AgentNode<S> {
             AgentEffect::Connect => self.effects.push_back(NodeEffect::Connect),
             AgentEffect::Disconnect => {
                 self.effects.push_back(NodeEffect::Disconnect);
-                self.session.handle_closed(now_of(r, now), Closed::Lost);
+                self.session.handle_closed(now_of(r), Closed::Lost);
             }
             AgentEffect::ReadOutbox {
                 after,
@@ -530,7 +526,7 @@ impl<S: NodeStore> AgentNode<S> {
                 bytes_max,
             } => {
                 let batch = self.store.outbox_after(after, runs_max, bytes_max)?;
-                self.session.handle_outbox(now_of(r, now), batch);
+                self.session.handle_outbox(now_of(r), batch);
             }
             AgentEffect::Apply {
                 changes,
@@ -565,7 +561,7 @@ impl<S: NodeStore> AgentNode<S> {
                     self.actions.insert(task.id, spec.clone());
                     self.sched.upsert(SchedTask::from(task), &mut cmds);
                 }
-                self.apply(r, now, cmds)?;
+                self.apply(now, cmds)?;
             }
             AgentEffect::Ack { keys } => {
                 if !self.cfg.bugs.early_ack {
@@ -593,7 +589,7 @@ impl<S: NodeStore> AgentNode<S> {
                     self.manual.insert(key);
                     let mut cmds = Vec::new();
                     self.sched.run_now(key, &mut cmds);
-                    self.apply(r, now, cmds)?;
+                    self.apply(now, cmds)?;
                 }
             }
             AgentEffect::Online(online) => self.online = online,
@@ -604,7 +600,7 @@ impl<S: NodeStore> AgentNode<S> {
     }
 
     /// Carries out the scheduler's commands: one atomic write, then spawns.
-    fn apply(&mut self, r: Reading, now: Timestamp, cmds: Vec<Command>) -> StoreResult<()> {
+    fn apply(&mut self, now: Timestamp, cmds: Vec<Command>) -> StoreResult<()> {
         if cmds.is_empty() {
             return Ok(());
         }
@@ -701,7 +697,7 @@ impl<S: NodeStore> AgentNode<S> {
             }
         }
         if recorded {
-            self.session.outbox_changed(now_of(r, now));
+            self.session.outbox_changed();
         }
         Ok(())
     }

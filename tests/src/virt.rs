@@ -272,7 +272,6 @@ struct Agent {
     fired: HashMap<RunKey, i64>,
     /// Until when each direction of its link is cut.
     cut_until: [i64; 2],
-    crashes: u32,
 }
 
 #[derive(Debug)]
@@ -876,7 +875,6 @@ impl World {
                 self.trace(50, i as u64, 0);
                 self.agents[i].parked = Some(node.into_store());
                 self.agents[i].incarnation += 1;
-                self.agents[i].crashes += 1;
                 if let Some(c) = self.agents[i].conn.take() {
                     // A crash says nothing: the coordinator finds out by
                     // its idle timeout.
@@ -1287,7 +1285,6 @@ fn add_agents(w: &mut World, n: usize) {
             removed_at: HashMap::new(),
             fired: HashMap::new(),
             cut_until: [i64::MIN; 2],
-            crashes: 0,
         });
         w.start_agent(i, MemStore::default());
     }

@@ -138,6 +138,7 @@ pub(super) async fn handle_session(
     tracing::info!(%agent, "agent session down");
     result.map_err(|e| close_for(&conn, e))
 }
+
 /// Why an agent's result batch is refused, if it is.
 fn check_results(
     state: &State,
@@ -146,11 +147,8 @@ fn check_results(
     assigned: &mut HashMap<TaskId, bool>,
     runs: &[RunRecord],
 ) -> Result<Option<String>, StoreError> {
-    // Size and plausibility are the core's (`refusal`), checked again here
-    // because this is what stands before the store.
-    if let Some(why) = sundial_core::session::coordinator::refusal(runs) {
-        return Ok(Some(why));
-    }
+    // Size and plausibility were checked by the session machine before it
+    // asked for this store (`refusal`); ownership needs the store.
     for r in runs {
         if assigned.len() > ASSIGNED_CACHE_MAX {
             assigned.clear();

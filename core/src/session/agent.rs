@@ -251,7 +251,7 @@ impl AgentSession {
                     self.effects
                         .push_back(AgentEffect::PersistLastSync { wall: now.wall });
                 }
-                self.fill_window(now);
+                self.fill_window();
             }
         }
     }
@@ -361,11 +361,11 @@ impl AgentSession {
     }
 
     /// New records are in the outbox.
-    pub fn outbox_changed(&mut self, now: Now) {
+    pub fn outbox_changed(&mut self) {
         if let Link::Up(up) = &mut self.link {
             up.drained = false;
         }
-        self.fill_window(now);
+        self.fill_window();
     }
 
     /// The answer to [`AgentEffect::ReadOutbox`]: `(sequence, record)` in order.
@@ -394,10 +394,10 @@ impl AgentSession {
             batch_id,
             runs: batch.into_iter().map(|(_, r)| r).collect(),
         });
-        self.fill_window(now);
+        self.fill_window();
     }
 
-    fn fill_window(&mut self, _now: Now) {
+    fn fill_window(&mut self) {
         let Link::Up(up) = &mut self.link else { return };
         if !up.reading && !up.drained && up.in_flight.len() < BATCHES_IN_FLIGHT_MAX {
             up.reading = true;
@@ -437,7 +437,7 @@ impl AgentSession {
                     runs: keys.len(),
                 });
                 self.effects.push_back(AgentEffect::Ack { keys });
-                self.fill_window(now);
+                self.fill_window();
             }
             CoordMsg::ClockReply { t1, t2, t3 } => {
                 let t4 = now.wall.as_millis();
@@ -472,30 +472,10 @@ impl AgentSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sundial_protocol::{AgentId, Outcome};
-
-    fn at(ms: u64) -> Now {
-        Now {
-            mono_ms: ms,
-            wall: Timestamp::from_millis_saturating(1_800_000_000_000 + ms as i64),
-        }
-    }
+    use crate::session::fixtures::at;
 
     fn record(n: i64) -> RunRecord {
-        RunRecord {
-            task_id: TaskId(1),
-            agent_id: AgentId(1),
-            scheduled_at: Timestamp::from_millis_saturating(n),
-            attempt: 1,
-            fired_at: None,
-            finished_at: None,
-            outcome: Outcome::Skipped,
-            exit_code: None,
-            offline: false,
-            detail: None,
-            stdout_tail: Vec::new(),
-            stderr_tail: Vec::new(),
-        }
+        crate::session::fixtures::record(1, 1, n)
     }
 
     fn drain(s: &mut AgentSession) -> (Vec<AgentMsg>, Vec<AgentEffect>) {

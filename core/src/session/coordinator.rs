@@ -404,16 +404,14 @@ fn change_revision(c: &AssignmentChange) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::fixtures::at;
+
+    fn record(task: u64, agent: u64) -> RunRecord {
+        crate::session::fixtures::record(task, agent, 1_800_000_000_000)
+    }
     use sundial_protocol::codec::{encode, FRAME_BYTES_MAX};
     use sundial_protocol::task::{Action, ExecSpec, Target};
-    use sundial_protocol::{Outcome, Schedule, TaskId};
-
-    fn at(ms: u64) -> Now {
-        Now {
-            mono_ms: ms,
-            wall: Timestamp::from_millis_saturating(1_800_000_000_000 + ms as i64),
-        }
-    }
+    use sundial_protocol::{Schedule, TaskId};
 
     fn spec(id: u64) -> TaskSpec {
         TaskSpec {
@@ -430,23 +428,6 @@ mod tests {
             policies: Default::default(),
             revision: id,
             created_at: Timestamp::from_millis_saturating(1_700_000_000_000),
-        }
-    }
-
-    fn record(task: u64, agent: u64) -> RunRecord {
-        RunRecord {
-            task_id: TaskId(task),
-            agent_id: AgentId(agent),
-            scheduled_at: Timestamp::from_millis_saturating(1_800_000_000_000),
-            attempt: 1,
-            fired_at: None,
-            finished_at: None,
-            outcome: Outcome::Skipped,
-            exit_code: None,
-            offline: false,
-            detail: None,
-            stdout_tail: Vec::new(),
-            stderr_tail: Vec::new(),
         }
     }
 

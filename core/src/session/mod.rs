@@ -8,6 +8,39 @@
 pub mod agent;
 pub mod coordinator;
 
+/// Fixtures of both machines' tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::Now;
+    use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, Timestamp};
+
+    /// The time `ms` after an origin, on both clocks.
+    pub fn at(ms: u64) -> Now {
+        Now {
+            mono_ms: ms,
+            wall: Timestamp::from_millis_saturating(1_800_000_000_000 + ms as i64),
+        }
+    }
+
+    /// A skipped run's record.
+    pub fn record(task: u64, agent: u64, scheduled_ms: i64) -> RunRecord {
+        RunRecord {
+            task_id: TaskId(task),
+            agent_id: AgentId(agent),
+            scheduled_at: Timestamp::from_millis_saturating(scheduled_ms),
+            attempt: 1,
+            fired_at: None,
+            finished_at: None,
+            outcome: Outcome::Skipped,
+            exit_code: None,
+            offline: false,
+            detail: None,
+            stdout_tail: Vec::new(),
+            stderr_tail: Vec::new(),
+        }
+    }
+}
+
 use sundial_protocol::{AgentId, RunKey, Timestamp};
 
 /// The time, as the machines take it: a monotonic reading in ms (for
