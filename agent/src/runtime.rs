@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use sundial_core::node::{
-    AgentNode, ClockState, Finished, NodeConfig, NodeEffect, NodeStore, SeededBugs, Step,
-    StoreFault, StoreResult,
+    AgentNode, ClockState, Finished, Horizon, NodeConfig, NodeEffect, NodeStore, SeededBugs, Step,
+    StoreFault, StoreResult, StoredTask,
 };
+use sundial_core::scheduler::DueKey;
 use sundial_core::session::agent::Closed;
 use sundial_core::session::Event;
 use sundial_protocol::task::ExecSpec;
@@ -217,32 +218,25 @@ impl RedbNode {
 }
 
 impl NodeStore for RedbNode {
-    fn tasks(&self) -> StoreResult<Vec<TaskSpec>> {
-        self.keep(self.store.tasks())
+    fn due_tasks(
+        &self,
+        after: Option<DueKey>,
+        until: Timestamp,
+        max: usize,
+    ) -> StoreResult<Vec<(TaskSpec, Timestamp)>> {
+        self.keep(self.store.due_tasks(after, until, max))
     }
-    fn task_states(&self) -> StoreResult<HashMap<TaskId, Option<Timestamp>>> {
-        self.keep(self.store.task_states())
-    }
-    fn put_task(&mut self, task: &TaskSpec) -> StoreResult<()> {
-        self.keep(self.store.put_task(task, None))
-    }
-    fn remove_task(&mut self, id: TaskId) -> StoreResult<()> {
-        self.keep(self.store.remove_task(id, None))
+    fn tasks_by_id(&self, ids: &[TaskId]) -> StoreResult<Vec<Option<StoredTask>>> {
+        self.keep(self.store.tasks_by_id(ids))
     }
     fn apply_changes(
         &mut self,
         upserts: &[TaskSpec],
         removed: &[TaskId],
+        states: &[(TaskId, Option<Timestamp>)],
         revision: Option<u64>,
     ) -> StoreResult<()> {
-        for id in removed {
-            self.keep(self.store.remove_task(*id, None))?;
-        }
-        if upserts.is_empty() && revision.is_none() {
-            return Ok(());
-        }
-        // The upserts and the revision in one transaction.
-        self.keep(self.store.put_tasks(upserts, revision))
+        self.keep(self.store.apply_changes(upserts, removed, states, revision))
     }
     fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
         let w = StepWrite {
@@ -805,12 +799,13 @@ pub async fn run(
         boot_id: node_store.boot_hash,
         seed: session::jitter_seed(),
         bugs: SeededBugs::default(),
+        horizon: Horizon::default(),
     };
     let node = match AgentNode::start(node_store, cfg, reading()) {
         Ok(n) => n,
         Err(f) => return Err(AgentError::StoreFault(f.0)),
     };
-    tracing::info!(agent = %agent_id, tasks = node.task_ids().len(), outbox = store.outbox_len()?, "agent running");
+    tracing::info!(agent = %agent_id, tasks_held = node.tasks_held(), outbox = store.outbox_len()?, "agent running");
 
     let (done_tx, mut done_rx) = mpsc::channel(RUN_COMPLETIONS_QUEUE_MAX);
     let (events_tx, mut events_rx) = mpsc::channel(CONN_EVENTS_MAX);
@@ -835,6 +830,8 @@ pub async fn run(
     heard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         d.pump()?;
+        // After the starts are handed out: their next occurrences.
+        d.node.precompute();
         let boot_ms = boot_ns() / 1_000_000;
         if boot_ms - store_checked_ms >= STORE_CHECK_INTERVAL_MS {
             store_checked_ms = boot_ms;

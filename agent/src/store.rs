@@ -14,6 +14,10 @@
 //! - A `started` marker is committed before its run is spawned
 //!   ([`AgentStore::apply_step`]), and removed in the same transaction that
 //!   puts the run's record into the outbox ([`AgentStore::finish_run`]).
+//! - Every stored task has a state (its next due occurrence, or none), and
+//!   the `due` index holds `(next due, id)` of every task with one: the
+//!   agent loads only the tasks due soon, in that order. Both change in the
+//!   transaction that changes the state.
 //! - The outbox holds at most one record per run key; a record leaves it only
 //!   through [`AgentStore::outbox_ack`], after the coordinator's acknowledgement.
 
@@ -26,6 +30,8 @@ use redb::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sundial_core::node::StoredTask;
+use sundial_core::scheduler::first_occurrence;
 use sundial_protocol::records::{self, RecordError, RunRecordV1, TaskRecordV1};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
@@ -47,6 +53,8 @@ const STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("task_state");
 const STARTED: TableDefinition<(u64, i64, u32), &[u8]> = TableDefinition::new("started");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const OUTBOX_INDEX: TableDefinition<(u64, i64, u32), u64> = TableDefinition::new("outbox_index");
+/// (next due ms, task id) of every task with a next occurrence.
+const DUE: TableDefinition<(i64, u64), ()> = TableDefinition::new("due");
 
 /// Metadata keys.
 pub mod meta {
@@ -81,6 +89,9 @@ pub mod meta {
     pub const CLOCK_OFFSET_BOOT: &str = "clock_offset_boot";
     /// bool: the coordinator said this agent is revoked; no session is tried.
     pub const REVOKED: &str = "revoked";
+    /// u32: the version of the `due` index (absent in stores made before
+    /// it: the index is built from the tasks when such a store is opened).
+    pub const DUE_INDEX: &str = "due_index";
 }
 
 /// Why a store operation failed.
@@ -290,9 +301,88 @@ impl AgentStore {
             txn.open_table(OUTBOX).map_err(db_err("create tables"))?;
             txn.open_table(OUTBOX_INDEX)
                 .map_err(db_err("create tables"))?;
+            txn.open_table(DUE).map_err(db_err("create tables"))?;
+            let mut meta_t = txn.open_table(META).map_err(db_err("create tables"))?;
+            if meta_t
+                .get(meta::DUE_INDEX)
+                .map_err(db_err("create tables"))?
+                .is_none()
+            {
+                Self::build_due_index(&txn)?;
+                meta_t
+                    .insert(meta::DUE_INDEX, encode(&1u32).as_slice())
+                    .map_err(db_err("create tables"))?;
+            }
         }
         txn.commit().map_err(db_err("create tables"))?;
         Ok(store)
+    }
+
+    /// Gives every task a state (its first occurrence when it had none) and
+    /// indexes it by next due: a store from before the index, opened once.
+    fn build_due_index(txn: &redb::WriteTransaction) -> Result<()> {
+        let tasks = txn.open_table(TASKS).map_err(db_err("build due index"))?;
+        let mut state = txn.open_table(STATE).map_err(db_err("build due index"))?;
+        let mut due = txn.open_table(DUE).map_err(db_err("build due index"))?;
+        for item in tasks.iter().map_err(db_err("build due index"))? {
+            let (k, v) = item.map_err(db_err("build due index"))?;
+            let id = k.value();
+            let stored = match state.get(id).map_err(db_err("build due index"))? {
+                Some(s) => Some(decode::<StateRecordV1>("task_state", id, s.value())?.next_due_ms),
+                None => None,
+            };
+            let next_ms = match stored {
+                Some(next) => next,
+                None => {
+                    let rec: TaskRecordV1 = decode("tasks", id, v.value())?;
+                    let spec = rec.into_spec(id)?;
+                    let next =
+                        first_occurrence(&spec.schedule, spec.created_at).map(Timestamp::as_millis);
+                    state
+                        .insert(id, encode(&StateRecordV1 { next_due_ms: next }).as_slice())
+                        .map_err(db_err("build due index"))?;
+                    next
+                }
+            };
+            if let Some(ms) = next_ms {
+                due.insert((ms, id), ())
+                    .map_err(db_err("build due index"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets tasks' states and moves them in the due index.
+    fn put_states(
+        txn: &redb::WriteTransaction,
+        states: &[(TaskId, Option<Timestamp>)],
+    ) -> Result<()> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let mut state = txn.open_table(STATE).map_err(db_err("write task state"))?;
+        let mut due = txn.open_table(DUE).map_err(db_err("write task state"))?;
+        for (id, next) in states {
+            let old = state
+                .get(id.0)
+                .map_err(db_err("write task state"))?
+                .map(|v| decode::<StateRecordV1>("task_state", id.0, v.value()))
+                .transpose()?;
+            if let Some(ms) = old.and_then(|o| o.next_due_ms) {
+                due.remove((ms, id.0)).map_err(db_err("write task state"))?;
+            }
+            let rec = StateRecordV1 {
+                next_due_ms: next.map(Timestamp::as_millis),
+            };
+            state
+                .insert(id.0, encode(&rec).as_slice())
+                .map_err(db_err("write task state"))?;
+            if let Some(t) = next {
+                due.insert((t.as_millis(), id.0), ())
+                    .map_err(db_err("write task state"))?;
+            }
+        }
+        Ok(())
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction> {
@@ -342,14 +432,62 @@ impl AgentStore {
     }
 
     /// Stores many tasks in one transaction (bulk assignment, benchmarks).
+    /// A task stored for the first time is due at its first occurrence; a
+    /// stored one keeps its state.
     pub fn put_tasks(&self, tasks: &[TaskSpec], revision: Option<u64>) -> Result<()> {
+        self.apply_changes(tasks, &[], &[], revision)
+    }
+
+    /// Removes a task and its state; its runs already in the outbox stay.
+    pub fn remove_task(&self, id: TaskId, revision: Option<u64>) -> Result<()> {
+        self.apply_changes(&[], &[id], &[], revision)
+    }
+
+    /// One page of assignment changes in one transaction: `removed` go
+    /// (with their state), `upserts` are stored with their `states` (a task
+    /// without one keeps its stored state, or is due at its first
+    /// occurrence when new), and `revision` is recorded as applied.
+    pub fn apply_changes(
+        &self,
+        upserts: &[TaskSpec],
+        removed: &[TaskId],
+        states: &[(TaskId, Option<Timestamp>)],
+        revision: Option<u64>,
+    ) -> Result<()> {
+        if upserts.is_empty() && removed.is_empty() && states.is_empty() && revision.is_none() {
+            return Ok(());
+        }
         let txn = self.begin_write()?;
+        let mut new_states: Vec<(TaskId, Option<Timestamp>)> = Vec::new();
         {
             let mut table = txn.open_table(TASKS).map_err(db_err("write tasks"))?;
-            for task in tasks {
+            let mut state = txn.open_table(STATE).map_err(db_err("write tasks"))?;
+            let mut due = txn.open_table(DUE).map_err(db_err("write tasks"))?;
+            for id in removed {
+                table.remove(id.0).map_err(db_err("remove task"))?;
+                let old = state
+                    .remove(id.0)
+                    .map_err(db_err("remove task"))?
+                    .map(|v| decode::<StateRecordV1>("task_state", id.0, v.value()))
+                    .transpose()?;
+                if let Some(ms) = old.and_then(|o| o.next_due_ms) {
+                    due.remove((ms, id.0)).map_err(db_err("remove task"))?;
+                }
+            }
+            let given: std::collections::HashSet<TaskId> =
+                states.iter().map(|(id, _)| *id).collect();
+            for task in upserts {
                 table
                     .insert(task.id.0, encode(&TaskRecordV1::from_spec(task)).as_slice())
                     .map_err(db_err("write tasks"))?;
+                if !given.contains(&task.id)
+                    && state
+                        .get(task.id.0)
+                        .map_err(db_err("write tasks"))?
+                        .is_none()
+                {
+                    new_states.push((task.id, first_occurrence(&task.schedule, task.created_at)));
+                }
             }
             if let Some(r) = revision {
                 let mut meta = txn.open_table(META).map_err(db_err("write tasks"))?;
@@ -357,24 +495,78 @@ impl AgentStore {
                     .map_err(db_err("write tasks"))?;
             }
         }
+        new_states.extend_from_slice(states);
+        Self::put_states(&txn, &new_states)?;
         txn.commit().map_err(db_err("commit tasks"))
     }
 
-    /// Removes a task and its state; its runs already in the outbox stay.
-    pub fn remove_task(&self, id: TaskId, revision: Option<u64>) -> Result<()> {
-        let txn = self.begin_write()?;
-        {
-            let mut tasks = txn.open_table(TASKS).map_err(db_err("remove task"))?;
-            tasks.remove(id.0).map_err(db_err("remove task"))?;
-            let mut state = txn.open_table(STATE).map_err(db_err("remove task"))?;
-            state.remove(id.0).map_err(db_err("remove task"))?;
-            if let Some(r) = revision {
-                let mut meta = txn.open_table(META).map_err(db_err("remove task"))?;
-                meta.insert(meta::LAST_REVISION, encode(&r).as_slice())
-                    .map_err(db_err("remove task"))?;
+    /// Up to `max` tasks with their next due, in (next due, id) order, after
+    /// `after` (from the first when `None`) and due at or before `until`.
+    pub fn due_tasks(
+        &self,
+        after: Option<(Timestamp, TaskId)>,
+        until: Timestamp,
+        max: usize,
+    ) -> Result<Vec<(TaskSpec, Timestamp)>> {
+        let txn = self.begin_read()?;
+        let due = txn.open_table(DUE).map_err(db_err("read due index"))?;
+        let tasks = txn.open_table(TASKS).map_err(db_err("read due index"))?;
+        let end = (until.as_millis(), u64::MAX);
+        let range = match after {
+            Some((t, id)) => due.range((
+                std::ops::Bound::Excluded((t.as_millis(), id.0)),
+                std::ops::Bound::Included(end),
+            )),
+            None => due.range(..=end),
+        };
+        let mut out = Vec::new();
+        for item in range.map_err(db_err("read due index"))? {
+            if out.len() >= max {
+                break;
             }
+            let (k, _) = item.map_err(db_err("read due index"))?;
+            let (ms, id) = k.value();
+            let key = format!("({ms}, {id})");
+            let at = ts("due", &key, ms)?;
+            let Some(v) = tasks.get(id).map_err(db_err("read due index"))? else {
+                return Err(StoreError::Corrupt {
+                    table: "due",
+                    key,
+                    reason: "indexes a task that is not stored".into(),
+                });
+            };
+            let rec: TaskRecordV1 = decode("tasks", id, v.value())?;
+            out.push((rec.into_spec(id)?, at));
         }
-        txn.commit().map_err(db_err("commit task removal"))
+        Ok(out)
+    }
+
+    /// Tasks by id with their stored next due (`None`: not stored).
+    pub fn tasks_by_id(&self, ids: &[TaskId]) -> Result<Vec<Option<StoredTask>>> {
+        let txn = self.begin_read()?;
+        let tasks = txn.open_table(TASKS).map_err(db_err("read tasks"))?;
+        let state = txn.open_table(STATE).map_err(db_err("read tasks"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(v) = tasks.get(id.0).map_err(db_err("read tasks"))? else {
+                out.push(None);
+                continue;
+            };
+            let rec: TaskRecordV1 = decode("tasks", id.0, v.value())?;
+            let spec = rec.into_spec(id.0)?;
+            let next = match state.get(id.0).map_err(db_err("read task state"))? {
+                Some(s) => {
+                    let rec: StateRecordV1 = decode("task_state", id.0, s.value())?;
+                    let key = id.0.to_string();
+                    rec.next_due_ms
+                        .map(|ms| ts("task_state", &key, ms))
+                        .transpose()?
+                }
+                None => first_occurrence(&spec.schedule, spec.created_at),
+            };
+            out.push(Some((spec, next)));
+        }
+        Ok(out)
     }
 
     /// Every stored task.
@@ -425,15 +617,15 @@ impl AgentStore {
         }
         let txn = self.begin_write()?;
         {
-            let mut state = txn.open_table(STATE).map_err(db_err("write step"))?;
+            // A task removed meanwhile gets no state back.
+            let tasks = txn.open_table(TASKS).map_err(db_err("write step"))?;
+            let mut states = Vec::with_capacity(step.states.len());
             for (id, next) in &step.states {
-                let rec = StateRecordV1 {
-                    next_due_ms: next.map(Timestamp::as_millis),
-                };
-                state
-                    .insert(id.0, encode(&rec).as_slice())
-                    .map_err(db_err("write step"))?;
+                if tasks.get(id.0).map_err(db_err("write step"))?.is_some() {
+                    states.push((*id, *next));
+                }
             }
+            Self::put_states(&txn, &states)?;
             let mut started = txn.open_table(STARTED).map_err(db_err("write step"))?;
             for (key, info) in &step.started {
                 let rec = StartedRecordV1 {
@@ -661,6 +853,29 @@ impl AgentStore {
         Ok(removed)
     }
 
+    /// The due index holds exactly the tasks' next due occurrences.
+    fn check_due_index(&self, states: &BTreeMap<TaskId, Option<Timestamp>>) -> Result<()> {
+        let txn = self.begin_read()?;
+        let due = txn.open_table(DUE).map_err(db_err("read due index"))?;
+        let mut indexed = std::collections::BTreeSet::new();
+        for item in due.iter().map_err(db_err("read due index"))? {
+            let (k, _) = item.map_err(db_err("read due index"))?;
+            indexed.insert(k.value());
+        }
+        let want: std::collections::BTreeSet<(i64, u64)> = states
+            .iter()
+            .filter_map(|(id, next)| next.map(|t| (t.as_millis(), id.0)))
+            .collect();
+        if indexed != want {
+            return Err(StoreError::Corrupt {
+                table: "due",
+                key: format!("{:?}", indexed.symmetric_difference(&want).next()),
+                reason: "the due index disagrees with the tasks' states".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Everything in the store.
     pub fn dump(&self) -> Result<StoreDump> {
         let mut d = StoreDump::default();
@@ -668,6 +883,7 @@ impl AgentStore {
             d.tasks.insert(t.id, t);
         }
         d.states = self.task_states()?.into_iter().collect();
+        self.check_due_index(&d.states)?;
         d.started = self.started()?.into_iter().collect();
         for r in self.outbox_batch(usize::MAX, usize::MAX)? {
             d.outbox.insert(r.key(), r);

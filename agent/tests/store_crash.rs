@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use redb::StorageBackend;
+use sundial_agent::scheduler::first_occurrence;
 use sundial_agent::store::{AgentStore, StartedInfo, StepWrite, StoreDump};
 use sundial_protocol::policy::Policies;
 use sundial_protocol::task::{Action, ExecSpec, Target};
@@ -199,6 +200,10 @@ fn apply_model(m: &mut StoreDump, op: &Op) {
     match op {
         Op::PutTask(t) => {
             m.tasks.insert(t.id, t.clone());
+            // A new task is due at its first occurrence.
+            m.states
+                .entry(t.id)
+                .or_insert_with(|| first_occurrence(&t.schedule, t.created_at));
         }
         Op::RemoveTask(id) => {
             m.tasks.remove(id);

@@ -4,9 +4,14 @@
 //! send a message) comes out of [`AgentNode::poll_effect`].
 //!
 //! The deterministic simulator (`sundial-sim virtual`) runs fleets of these
-//! on virtual time. The agent binary still composes the same core parts in
-//! its own async runtime (`agent/src/runtime.rs`); moving it onto this node
-//! is the next step of the core/shell split.
+//! on virtual time; the agent binary runs the same node in its async shell
+//! (`agent/src/runtime.rs`).
+//!
+//! Near horizon: the node holds in memory only the tasks due within
+//! [`HORIZON_MS`] (at most [`HELD_MAX`] of them), loading them from the
+//! store's due index in `(next due, id)` order as time moves on; a task's
+//! action is read from the store when it fires. Memory and start-up do not
+//! grow with the number of tasks stored.
 //!
 //! Invariants kept here, as in the binary: a run is durably marked started
 //! before it is spawned (at most once); its record enters the outbox in the
@@ -20,7 +25,7 @@ use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
 use crate::clock::{Anchor, ClockGuard, Reading};
-use crate::scheduler::{Command, SchedTask, Scheduler, SkipReason};
+use crate::scheduler::{Command, DueKey, SchedTask, Scheduler, SkipReason};
 use crate::session::agent::{AgentEffect, AgentSession, Closed, HelloInfo};
 use crate::session::{Event, Now};
 
@@ -30,6 +35,14 @@ pub const WAKE_INTERVAL_MAX_MS: i64 = 1_000;
 /// found behind it by more than the guard's slack is held; minutes of
 /// staleness do not matter, a write per minute per device would).
 pub const KNOWN_GOOD_PERSIST_MS: i64 = 600_000;
+/// Tasks due within this much of now are held in memory, ms.
+pub const HORIZON_MS: i64 = 60_000;
+/// The most tasks held in memory for the horizon (runs and retries in
+/// progress hold theirs besides); with more due within it, the horizon
+/// shortens to what fits.
+pub const HELD_MAX: usize = 16_384;
+/// Tasks loaded from the store per read.
+pub const LOAD_BATCH: usize = 1_024;
 /// The detail of a run an operator asked for (`sundialctl task run-now`).
 pub const MANUAL_DETAIL: &str = "run now, as an operator asked";
 /// The detail of a run killed because the agent stopped.
@@ -42,6 +55,9 @@ pub const STOPPED_DETAIL: &str =
 pub struct StoreFault(pub String);
 
 pub type StoreResult<T> = Result<T, StoreFault>;
+
+/// A stored task with its stored next due.
+pub type StoredTask = (TaskSpec, Option<Timestamp>);
 
 /// A run marked started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,11 +87,21 @@ pub struct ClockState {
 
 /// What the node needs of its store. Every method is one transaction:
 /// done entirely or not at all.
+///
+/// The store keeps an index of tasks by `(next due, id)`: every task it
+/// holds has a state (its next due, or none), written with the task in
+/// [`apply_changes`](Self::apply_changes) and moved by [`apply_step`](Self::apply_step).
 pub trait NodeStore {
-    fn tasks(&self) -> StoreResult<Vec<TaskSpec>>;
-    fn task_states(&self) -> StoreResult<HashMap<TaskId, Option<Timestamp>>>;
-    fn put_task(&mut self, task: &TaskSpec) -> StoreResult<()>;
-    fn remove_task(&mut self, id: TaskId) -> StoreResult<()>;
+    /// Up to `max` tasks with their next due, in `(next due, id)` order,
+    /// after `after` (from the first when `None`) and due at or before `until`.
+    fn due_tasks(
+        &self,
+        after: Option<DueKey>,
+        until: Timestamp,
+        max: usize,
+    ) -> StoreResult<Vec<(TaskSpec, Timestamp)>>;
+    /// Tasks by id, each with its stored next due (`None`: unknown task).
+    fn tasks_by_id(&self, ids: &[TaskId]) -> StoreResult<Vec<Option<StoredTask>>>;
     fn apply_step(&mut self, step: &Step) -> StoreResult<()>;
     /// Clears the run's started mark and puts its record in the outbox.
     fn finish_run(&mut self, record: &RunRecord) -> StoreResult<()>;
@@ -94,26 +120,16 @@ pub trait NodeStore {
     fn set_last_revision(&mut self, revision: u64) -> StoreResult<()>;
     fn clock_state(&self) -> StoreResult<ClockState>;
     fn set_clock_state(&mut self, state: &ClockState) -> StoreResult<()>;
-    /// One page of assignment changes: `removed` gone, `upserts` stored,
-    /// then `revision` (if any) recorded as applied — the upserts and the
-    /// revision in one transaction where the store can.
+    /// One page of assignment changes, in one transaction: `removed` gone
+    /// (with their state), `upserts` stored with their `states`, and
+    /// `revision` (if any) recorded as applied.
     fn apply_changes(
         &mut self,
         upserts: &[TaskSpec],
         removed: &[TaskId],
+        states: &[(TaskId, Option<Timestamp>)],
         revision: Option<u64>,
-    ) -> StoreResult<()> {
-        for id in removed {
-            self.remove_task(*id)?;
-        }
-        for t in upserts {
-            self.put_task(t)?;
-        }
-        match revision {
-            Some(r) => self.set_last_revision(r),
-            None => Ok(()),
-        }
-    }
+    ) -> StoreResult<()>;
     /// Firing is held (the clock is behind the last known-good instant), for
     /// `status`.
     fn set_clock_held(&mut self, _held: bool) -> StoreResult<()> {
@@ -173,6 +189,9 @@ pub struct SeededBugs {
     pub double_fire: bool,
     /// Records leave the outbox when sent, before the coordinator stored them.
     pub early_ack: bool,
+    /// The first task of every load from the store is not held (so it never
+    /// fires again).
+    pub lose_loaded: bool,
 }
 
 /// The node's settings.
@@ -188,6 +207,28 @@ pub struct NodeConfig {
     /// Drives the session's jitter.
     pub seed: u64,
     pub bugs: SeededBugs,
+    pub horizon: Horizon,
+}
+
+/// How much of the schedule the node holds in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Horizon {
+    /// Tasks due within this much of now are held, ms.
+    pub ms: i64,
+    /// At most this many (with more due within `ms`, the horizon shortens).
+    pub held_max: usize,
+    /// Tasks loaded per store read.
+    pub batch: usize,
+}
+
+impl Default for Horizon {
+    fn default() -> Self {
+        Horizon {
+            ms: HORIZON_MS,
+            held_max: HELD_MAX,
+            batch: LOAD_BATCH,
+        }
+    }
 }
 
 /// A whole agent, stepped by its caller.
@@ -197,8 +238,9 @@ pub struct AgentNode<S: NodeStore> {
     cfg: NodeConfig,
     guard: ClockGuard,
     sched: Scheduler,
+    /// Every stored task due at or before this is held by the scheduler.
+    loaded: DueKey,
     session: AgentSession,
-    actions: HashMap<TaskId, ExecSpec>,
     running: HashMap<RunKey, Started>,
     manual: HashSet<RunKey>,
     online: bool,
@@ -245,12 +287,13 @@ impl<S: NodeStore> AgentNode<S> {
             .unwrap_or_else(|| guard.time_of(r));
         let interrupted = store.recover_interrupted(cfg.agent_id)?;
         let mut sched = Scheduler::new(start);
-        let states = store.task_states()?;
-        let mut actions = HashMap::new();
-        for task in store.tasks()? {
-            sched.restore(SchedTask::from(&task), states.get(&task.id).copied());
-            let Action::Exec(spec) = task.action;
-            actions.insert(task.id, spec);
+        // Nothing held yet: the first wake loads the horizon.
+        let loaded = (Timestamp::MIN, TaskId(0));
+        sched.set_horizon(loaded);
+        // An interrupted run may be retried: its task is held for that.
+        let ids: Vec<TaskId> = interrupted.iter().map(|r| r.task_id).collect();
+        for found in store.tasks_by_id(&ids)?.into_iter().flatten() {
+            sched.restore(SchedTask::from(&found.0), Some(found.1));
         }
         for rec in &interrupted {
             sched.run_finished(rec.key(), Outcome::Interrupted, start);
@@ -261,8 +304,8 @@ impl<S: NodeStore> AgentNode<S> {
             cfg,
             guard,
             sched,
+            loaded,
             session,
-            actions,
             running: HashMap::new(),
             manual: HashSet::new(),
             online: false,
@@ -309,10 +352,52 @@ impl<S: NodeStore> AgentNode<S> {
         self.running.len()
     }
 
-    pub fn task_ids(&self) -> Vec<TaskId> {
-        let mut ids: Vec<TaskId> = self.actions.keys().copied().collect();
-        ids.sort();
-        ids
+    /// The time up to which every occurrence has been decided (started,
+    /// skipped or refused): the scheduler's now.
+    pub fn decided_until(&self) -> Timestamp {
+        self.sched.now()
+    }
+
+    /// Tasks held in memory (those due within the horizon, and those with
+    /// a run or a retry in progress).
+    pub fn tasks_held(&self) -> usize {
+        self.sched.task_count()
+    }
+
+    /// Computes the following occurrences of the tasks just started; call
+    /// it after carrying out the effects of a wake (it only saves time at
+    /// the next start, so it may be skipped).
+    pub fn precompute(&mut self) {
+        self.sched.precompute();
+    }
+
+    /// Loads the tasks due within the horizon that are not held yet.
+    fn refill(&mut self, now: Timestamp) -> StoreResult<()> {
+        let h = self.cfg.horizon;
+        let until = now.saturating_add_ms(h.ms.max(1));
+        while self.loaded.0 < now.saturating_add_ms(h.ms / 2) {
+            let room = h.held_max.saturating_sub(self.sched.task_count());
+            // Full: wait for held tasks to fire, unless some are due by now.
+            if room == 0 && self.loaded.0 > now {
+                return Ok(());
+            }
+            let want = room.clamp(1, h.batch.max(1));
+            let batch = self.store.due_tasks(Some(self.loaded), until, want)?;
+            let full = batch.len() == want;
+            self.loaded = match batch.last() {
+                Some((t, due)) if full => (*due, t.id),
+                _ => (until, TaskId(u64::MAX)),
+            };
+            self.sched.set_horizon(self.loaded);
+            let lost = usize::from(self.cfg.bugs.lose_loaded);
+            for (task, due) in batch.iter().skip(lost) {
+                self.sched.restore(SchedTask::from(task), Some(Some(*due)));
+            }
+            if !full || room <= want {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// The trusted time at reading `r`.
@@ -323,9 +408,12 @@ impl<S: NodeStore> AgentNode<S> {
     /// When to call [`handle_wake`](Self::handle_wake) next, on the boot clock (ms).
     pub fn next_wake(&self, r: Reading) -> i64 {
         let now = self.guard.time_of(r);
-        let sched = self.sched.next_wake().map_or(WAKE_INTERVAL_MAX_MS, |w| {
-            w.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS)
-        });
+        // The horizon's end, when it is short (many tasks due soon).
+        let due = match self.sched.next_wake() {
+            Some(w) => w.min(self.loaded.0),
+            None => self.loaded.0,
+        };
+        let sched = due.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS);
         let mut wake = r.boot_ms + sched;
         if let Some(t) = self.session.poll_timeout() {
             wake = wake.min(t as i64);
@@ -346,9 +434,17 @@ impl<S: NodeStore> AgentNode<S> {
         }
         if let Some(now) = now {
             if !self.stopping {
-                let mut cmds = Vec::new();
-                self.sched.advance(now, &mut cmds);
-                self.apply(now, cmds)?;
+                // Load and fire until every task due by now was held (more
+                // than the horizon holds may be due after a long stop).
+                loop {
+                    self.refill(now)?;
+                    let mut cmds = Vec::new();
+                    self.sched.advance(now, &mut cmds);
+                    self.apply(now, cmds)?;
+                    if self.loaded.0 > now {
+                        break;
+                    }
+                }
             }
             self.persist_clock(false)?;
         }
@@ -545,10 +641,32 @@ impl<S: NodeStore> AgentNode<S> {
                 }
                 let revision =
                     (upto_revision > self.store.last_revision()?).then_some(upto_revision);
-                self.store.apply_changes(&upserts, &removed, revision)?;
+                // A changed task keeps its place unless its schedule
+                // changed: the old one is loaded if it is not held.
+                let absent: Vec<TaskId> = upserts
+                    .iter()
+                    .map(|t| t.id)
+                    .filter(|id| !self.sched.contains(*id))
+                    .collect();
+                if !absent.is_empty() {
+                    for (old, due) in self.store.tasks_by_id(&absent)?.into_iter().flatten() {
+                        self.sched.restore(SchedTask::from(&old), Some(due));
+                    }
+                }
                 let mut cmds = Vec::new();
+                for task in &upserts {
+                    self.sched.upsert(SchedTask::from(task), &mut cmds);
+                }
+                let states: Vec<(TaskId, Option<Timestamp>)> = cmds
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        Command::SaveState { task_id, next_due } => Some((task_id, next_due)),
+                        _ => None,
+                    })
+                    .collect();
+                self.store
+                    .apply_changes(&upserts, &removed, &states, revision)?;
                 for task_id in removed {
-                    self.actions.remove(&task_id);
                     self.sched.remove(task_id);
                     self.events.push_back(Event::TaskRemoved { task_id });
                 }
@@ -557,11 +675,7 @@ impl<S: NodeStore> AgentNode<S> {
                         task_id: task.id,
                         revision: task.revision,
                     });
-                    let Action::Exec(spec) = &task.action;
-                    self.actions.insert(task.id, spec.clone());
-                    self.sched.upsert(SchedTask::from(task), &mut cmds);
                 }
-                self.apply(now, cmds)?;
             }
             AgentEffect::Ack { keys } => {
                 if !self.cfg.bugs.early_ack {
@@ -580,7 +694,14 @@ impl<S: NodeStore> AgentNode<S> {
                 self.persist_clock(true)?;
             }
             AgentEffect::RunNow { task_id, at } => {
-                if self.actions.contains_key(&task_id) {
+                if !self.sched.contains(task_id) {
+                    if let Some(Some((task, due))) =
+                        self.store.tasks_by_id(&[task_id])?.into_iter().next()
+                    {
+                        self.sched.restore(SchedTask::from(&task), Some(due));
+                    }
+                }
+                if self.sched.contains(task_id) {
                     let key = RunKey {
                         task_id,
                         scheduled_at: at,
@@ -656,8 +777,18 @@ impl<S: NodeStore> AgentNode<S> {
             self.sched.run_finished(key, Outcome::Skipped, now);
         }
         let recorded = !step.records.is_empty();
-        for key in starts {
-            let spec = self.actions.get(&key.task_id).cloned();
+        // Each action is read from the store as it fires.
+        let ids: Vec<TaskId> = starts.iter().map(|k| k.task_id).collect();
+        let specs = if ids.is_empty() {
+            Vec::new()
+        } else {
+            self.store.tasks_by_id(&ids)?
+        };
+        for (i, key) in starts.into_iter().enumerate() {
+            let spec = specs.get(i).cloned().flatten().map(|(task, _)| {
+                let Action::Exec(spec) = task.action;
+                spec
+            });
             self.running.insert(
                 key,
                 Started {

@@ -21,6 +21,20 @@
 //! - Work per step is bounded: at most [`MISFIRE_SCAN_MAX`] occurrences are
 //!   enumerated per task and at most [`MISFIRE_RECORDS_MAX`] skipped records
 //!   emitted, so no length of downtime stalls a schedule.
+//!
+//! Two things keep it small and quick with very many tasks:
+//! - **The horizon.** With [`Scheduler::set_horizon`], only tasks due at or
+//!   before the horizon (a `(due, task)` key: the caller loads tasks from its
+//!   store in that order) are held; a task whose next occurrence moves past
+//!   it is dropped from memory (unless a run or a retry of it is pending) and
+//!   loaded again by the caller when the horizon reaches it.
+//! - **Hand-out first.** Each held task caches the occurrence after its next
+//!   one. When a task is due on time and that following occurrence is known
+//!   to be in the future, `advance` starts it without computing anything: its
+//!   `next_due` moves to the cached occurrence (in the same commands, so the
+//!   same transaction, as the start). The following occurrences of the tasks
+//!   just started are computed by [`Scheduler::precompute`], which the driver
+//!   calls after it has handed the batch out.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -106,12 +120,19 @@ enum Timer {
     Timeout(u64),
 }
 
+/// A place in due order: tasks are loaded from a store by (next due, id).
+pub type DueKey = (Timestamp, TaskId);
+
 #[derive(Debug)]
 struct TaskEntry {
     task: SchedTask,
     next_due: Option<Timestamp>,
+    /// The occurrence after `next_due`, when computed (`Some(None)`: none).
+    after_next: Option<Option<Timestamp>>,
     timer: Option<TimerHandle>,
     running: u32,
+    /// Retries of this task waiting for their time.
+    retries: u32,
 }
 
 #[derive(Debug)]
@@ -129,6 +150,10 @@ pub struct Scheduler {
     retries: HashMap<u64, RunKey>,
     timeouts: HashMap<u64, RunKey>,
     next_token: u64,
+    /// Tasks due after this are not held (`None`: every task is held).
+    horizon: Option<DueKey>,
+    /// Tasks whose following occurrence is to be computed.
+    pending_after: Vec<TaskId>,
 }
 
 fn tick(t: Timestamp) -> u64 {
@@ -151,6 +176,69 @@ impl Scheduler {
             retries: HashMap::new(),
             timeouts: HashMap::new(),
             next_token: 0,
+            horizon: None,
+            pending_after: Vec::new(),
+        }
+    }
+
+    /// Holds only tasks due at or before `horizon` (and those with a run or
+    /// a retry pending); the caller promises every other task it stores is
+    /// due after it, and loads them with [`restore`](Self::restore) as it
+    /// moves the horizon on. Tasks already held beyond it are dropped.
+    pub fn set_horizon(&mut self, horizon: DueKey) {
+        let forward = self.horizon.is_some_and(|h| h <= horizon);
+        self.horizon = Some(horizon);
+        if forward {
+            return;
+        }
+        let beyond: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(id, e)| !self.within(**id, e))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in beyond {
+            self.remove(id);
+        }
+    }
+
+    /// The horizon, if one is set.
+    pub fn horizon(&self) -> Option<DueKey> {
+        self.horizon
+    }
+
+    /// Whether a task is held in memory.
+    pub fn contains(&self, id: TaskId) -> bool {
+        self.tasks.contains_key(&id)
+    }
+
+    fn within(&self, id: TaskId, e: &TaskEntry) -> bool {
+        let Some(h) = self.horizon else {
+            return true;
+        };
+        e.running > 0 || e.retries > 0 || e.next_due.is_some_and(|t| (t, id) <= h)
+    }
+
+    /// Drops a task from memory if it is now beyond the horizon.
+    fn settle(&mut self, id: TaskId) {
+        if let Some(e) = self.tasks.get(&id) {
+            if !self.within(id, e) {
+                self.remove(id);
+            }
+        }
+    }
+
+    /// Computes the occurrence after the next one of every task started by
+    /// the last [`advance`](Self::advance) (and of tasks just loaded), so
+    /// that their next start needs no computation. Call it after handing a
+    /// batch out; skipping it costs only speed.
+    pub fn precompute(&mut self) {
+        for id in std::mem::take(&mut self.pending_after) {
+            if let Some(e) = self.tasks.get_mut(&id) {
+                if e.after_next.is_none() {
+                    e.after_next = Some(e.next_due.and_then(|t| e.task.schedule.next_after(t)));
+                }
+            }
         }
     }
 
@@ -180,7 +268,13 @@ impl Scheduler {
 
     /// Loads a task with its persisted state at start-up. `next_due` is the
     /// stored state; `None` (never stored) starts from the task's creation.
+    /// A task already held is left as it is. A task loaded beyond the
+    /// horizon (to finish or run one of its runs, or to change it) is held
+    /// until the next step that concerns it.
     pub fn restore(&mut self, task: SchedTask, next_due: Option<Option<Timestamp>>) {
+        if self.tasks.contains_key(&task.id) {
+            return;
+        }
         let next_due = match next_due {
             Some(stored) => stored,
             None => first_occurrence(&task.schedule, task.created_at),
@@ -197,7 +291,6 @@ impl Scheduler {
                 if let Some(h) = old.timer {
                     self.wheel.cancel(h);
                 }
-                let running = old.running;
                 let next_due = if old.task.schedule == task.schedule {
                     old.next_due
                 } else {
@@ -205,7 +298,8 @@ impl Scheduler {
                 };
                 self.insert_entry(task.clone(), next_due);
                 if let Some(e) = self.tasks.get_mut(&task.id) {
-                    e.running = running;
+                    e.running = old.running;
+                    e.retries = old.retries;
                 }
                 next_due
             }
@@ -219,6 +313,7 @@ impl Scheduler {
             task_id: task.id,
             next_due,
         });
+        self.settle(task.id);
     }
 
     /// Forgets a task. Its running runs finish and are reported as usual;
@@ -233,13 +328,16 @@ impl Scheduler {
 
     fn insert_entry(&mut self, task: SchedTask, next_due: Option<Timestamp>) {
         let timer = next_due.map(|t| self.wheel.insert(tick(t), Timer::Due(task.id)));
+        self.pending_after.push(task.id);
         self.tasks.insert(
             task.id,
             TaskEntry {
                 task,
                 next_due,
+                after_next: None,
                 timer,
                 running: 0,
+                retries: 0,
             },
         );
     }
@@ -249,14 +347,20 @@ impl Scheduler {
         if now < self.now {
             return;
         }
+        if self.pending_after.len() > self.tasks.len() + 1024 {
+            // A driver that never calls `precompute`: keep the list bounded.
+            self.precompute();
+        }
         self.now = now;
         while let Some((_, timer)) = self.wheel.poll(tick(now)) {
             match timer {
                 Timer::Due(id) => self.on_due(id, out),
                 Timer::Retry(token) => {
                     if let Some(key) = self.retries.remove(&token) {
-                        if self.tasks.contains_key(&key.task_id) {
+                        if let Some(e) = self.tasks.get_mut(&key.task_id) {
+                            e.retries = e.retries.saturating_sub(1);
                             self.start(key, out);
+                            self.settle(key.task_id);
                         }
                     }
                 }
@@ -284,20 +388,24 @@ impl Scheduler {
                 e.running = e.running.saturating_sub(1);
             }
         }
-        if !outcome.is_retryable() {
-            return;
-        }
-        let Some(e) = self.tasks.get(&key.task_id) else {
-            return;
+        let retry = match self.tasks.get(&key.task_id) {
+            Some(e)
+                if outcome.is_retryable() && e.task.policies.retry.allows_after(key.attempt) =>
+            {
+                e.task.policies.retry
+            }
+            _ => {
+                self.settle(key.task_id);
+                return;
+            }
         };
-        let retry = e.task.policies.retry;
-        if !retry.allows_after(key.attempt) {
-            return;
-        }
         let when = at
             .max(self.now)
             .saturating_add_ms(retry.backoff_after(key.attempt).as_millis_i64());
         let token = self.token();
+        if let Some(e) = self.tasks.get_mut(&key.task_id) {
+            e.retries += 1;
+        }
         self.wheel.insert(tick(when), Timer::Retry(token));
         self.retries.insert(
             token,
@@ -322,9 +430,33 @@ impl Scheduler {
         let Some(first) = entry.next_due else {
             return;
         };
+        let grace_ms = entry.task.policies.misfire.grace.as_millis_i64();
+        if let Some(after) = entry.after_next {
+            if after.is_none_or(|a| a > now) && now.millis_since(first) <= grace_ms {
+                // On time, and the only occurrence due: hand it out now; the
+                // one after is computed by `precompute`.
+                entry.next_due = after;
+                entry.after_next = None;
+                entry.timer = after.map(|t| self.wheel.insert(tick(t), Timer::Due(id)));
+                self.pending_after.push(id);
+                self.start(
+                    RunKey {
+                        task_id: id,
+                        scheduled_at: first,
+                        attempt: 1,
+                    },
+                    out,
+                );
+                out.push(Command::SaveState {
+                    task_id: id,
+                    next_due: after,
+                });
+                self.settle(id);
+                return;
+            }
+        }
         let schedule = &entry.task.schedule;
         let misfire = entry.task.policies.misfire;
-        let grace_ms = misfire.grace.as_millis_i64();
 
         // Sort what is due into missed (older than grace) and on time.
         let mut missed: VecDeque<Timestamp> = VecDeque::new();
@@ -357,7 +489,9 @@ impl Scheduler {
             };
         }
         entry.next_due = cursor;
+        entry.after_next = None;
         entry.timer = cursor.map(|t| self.wheel.insert(tick(t), Timer::Due(id)));
+        self.pending_after.push(id);
         if jumped || missed_count > missed.len() as u64 {
             tracing::warn!(
                 task = %id,
@@ -416,6 +550,7 @@ impl Scheduler {
             task_id: id,
             next_due: cursor,
         });
+        self.settle(id);
     }
 
     fn start(&mut self, key: RunKey, out: &mut Vec<Command>) {
@@ -454,6 +589,7 @@ impl Scheduler {
     /// task's overlap policy; retries and timeouts apply as to any run.
     pub fn run_now(&mut self, key: RunKey, out: &mut Vec<Command>) {
         self.start(key, out);
+        self.settle(key.task_id);
     }
 
     /// Marks a run as going without a `Start` from this scheduler (a run the

@@ -21,13 +21,15 @@
 //! tasks the coordinator assigns it, at its revision.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::ops::Bound;
 
 use sundial_core::clock::Reading;
 use sundial_core::node::{
-    AgentNode, ClockState, NodeConfig, NodeEffect, NodeStore, SeededBugs, Started, Step,
-    StoreResult,
+    AgentNode, ClockState, Horizon, NodeConfig, NodeEffect, NodeStore, SeededBugs, Started, Step,
+    StoreResult, StoredTask,
 };
+use sundial_core::scheduler::{first_occurrence, DueKey};
 use sundial_core::session::agent::Closed;
 use sundial_core::session::coordinator::{CoordEffect, CoordSession, UploadLimits};
 use sundial_core::session::{Event, Now, Rng};
@@ -102,6 +104,8 @@ pub struct SeedReport {
 struct MemStore {
     tasks: BTreeMap<TaskId, TaskSpec>,
     states: HashMap<TaskId, Option<Timestamp>>,
+    /// (next due, id) of every task with one.
+    due: BTreeSet<DueKey>,
     started: BTreeMap<RunKey, Started>,
     outbox: BTreeMap<u64, RunRecord>,
     outbox_keys: HashMap<RunKey, u64>,
@@ -113,6 +117,20 @@ struct MemStore {
 }
 
 impl MemStore {
+    fn set_state(&mut self, id: TaskId, next: Option<Timestamp>) {
+        if let Some(Some(old)) = self.states.insert(id, next) {
+            self.due.remove(&(old, id));
+        }
+        if let Some(t) = next {
+            self.due.insert((t, id));
+        }
+    }
+
+    /// The tasks stored, by id.
+    fn task_ids(&self) -> Vec<TaskId> {
+        self.tasks.keys().copied().collect()
+    }
+
     fn outbox_put(&mut self, r: &RunRecord) {
         let key = r.key();
         if self.outbox_keys.contains_key(&key) {
@@ -126,25 +144,67 @@ impl MemStore {
 }
 
 impl NodeStore for MemStore {
-    fn tasks(&self) -> StoreResult<Vec<TaskSpec>> {
-        Ok(self.tasks.values().cloned().collect())
+    fn due_tasks(
+        &self,
+        after: Option<DueKey>,
+        until: Timestamp,
+        max: usize,
+    ) -> StoreResult<Vec<(TaskSpec, Timestamp)>> {
+        let end = Bound::Included((until, TaskId(u64::MAX)));
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(self
+            .due
+            .range((start, end))
+            .take(max)
+            .filter_map(|(t, id)| self.tasks.get(id).map(|task| (task.clone(), *t)))
+            .collect())
     }
-    fn task_states(&self) -> StoreResult<HashMap<TaskId, Option<Timestamp>>> {
-        Ok(self.states.clone())
+    fn tasks_by_id(&self, ids: &[TaskId]) -> StoreResult<Vec<Option<StoredTask>>> {
+        Ok(ids
+            .iter()
+            .map(|id| {
+                self.tasks.get(id).map(|t| {
+                    let due = self
+                        .states
+                        .get(id)
+                        .copied()
+                        .unwrap_or_else(|| first_occurrence(&t.schedule, t.created_at));
+                    (t.clone(), due)
+                })
+            })
+            .collect())
     }
-    fn put_task(&mut self, task: &TaskSpec) -> StoreResult<()> {
-        self.tasks.insert(task.id, task.clone());
-        Ok(())
-    }
-    fn remove_task(&mut self, id: TaskId) -> StoreResult<()> {
-        self.tasks.remove(&id);
-        self.states.remove(&id);
+    fn apply_changes(
+        &mut self,
+        upserts: &[TaskSpec],
+        removed: &[TaskId],
+        states: &[(TaskId, Option<Timestamp>)],
+        revision: Option<u64>,
+    ) -> StoreResult<()> {
+        for id in removed {
+            self.tasks.remove(id);
+            if let Some(Some(t)) = self.states.remove(id) {
+                self.due.remove(&(t, *id));
+            }
+        }
+        for t in upserts {
+            self.tasks.insert(t.id, t.clone());
+            if !self.states.contains_key(&t.id) && !states.iter().any(|(id, _)| *id == t.id) {
+                self.set_state(t.id, first_occurrence(&t.schedule, t.created_at));
+            }
+        }
+        for (id, due) in states {
+            self.set_state(*id, *due);
+        }
+        if let Some(r) = revision {
+            self.last_revision = r;
+        }
         Ok(())
     }
     fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
         for (id, due) in &step.states {
             if self.tasks.contains_key(id) {
-                self.states.insert(*id, *due);
+                self.set_state(*id, *due);
             }
         }
         for (key, s) in &step.started {
@@ -268,6 +328,9 @@ struct Agent {
     wake_gen: u64,
     /// When a cancel reached this agent, by task.
     removed_at: HashMap<TaskId, i64>,
+    /// Tasks this agent was assigned, and for those it gave up, the time up
+    /// to which it had decided their occurrences (its scheduler's now).
+    decided: HashMap<TaskId, Option<Timestamp>>,
     /// Runs fired, by key: when (true time).
     fired: HashMap<RunKey, i64>,
     /// Until when each direction of its link is cut.
@@ -309,6 +372,9 @@ struct World {
     next_task: u64,
     runs: HashMap<(AgentId, RunKey), RunRecord>,
     bugs: SeededBugs,
+    /// The agents' near horizon: per seed, often tiny, so that loading
+    /// tasks from the store as time moves on is exercised hard.
+    horizon: Horizon,
     failures: Vec<String>,
     digest: u64,
     fires: u64,
@@ -404,6 +470,10 @@ impl World {
         }
         // The next wake.
         let r = self.reading(i);
+        let Some(node) = self.agents[i].node.as_mut() else {
+            return;
+        };
+        node.precompute();
         let Some(node) = self.agents[i].node.as_ref() else {
             return;
         };
@@ -436,6 +506,14 @@ impl World {
             Event::TaskRemoved { task_id } => {
                 self.trace(10, i as u64, task_id.0);
                 self.agents[i].removed_at.insert(task_id, self.now);
+                let until = self.agents[i].node.as_ref().map(|n| n.decided_until());
+                if let Some(d) = self.agents[i].decided.get_mut(&task_id) {
+                    *d = until;
+                }
+            }
+            Event::TaskAssigned { task_id, .. } => {
+                self.trace(14, i as u64, 0);
+                self.agents[i].decided.entry(task_id).or_insert(None);
             }
             Event::RunRecorded { key, .. } => {
                 self.trace(11, i as u64, key.scheduled_at.as_millis() as u64)
@@ -974,6 +1052,7 @@ impl World {
             boot_id: self.agents[i].boot_id,
             seed: self.rng.next_u64(),
             bugs: self.bugs,
+            horizon: self.horizon,
         };
         let r = self.reading(i);
         match AgentNode::start(store, cfg, r) {
@@ -1147,7 +1226,7 @@ impl World {
                 .filter(|(t, cancelled)| !cancelled && self.targets(t, id))
                 .map(|(t, _)| t.id)
                 .collect();
-            let have = node.task_ids();
+            let have = node.store().task_ids();
             if have != want {
                 found.push(format!(
                     "agent {i} holds tasks {have:?}, the coordinator assigns {want:?}"
@@ -1176,6 +1255,39 @@ impl World {
 
     /// At the end, every task cancelled a while ago: every record any
     /// agent wrote is stored at the coordinator and no outbox holds any.
+    /// Every occurrence of a task, from its creation up to where its agent
+    /// had decided when the task was cancelled, has a record at the
+    /// coordinator: run, skipped or refused — none silently dropped.
+    fn check_every_occurrence_decided(&mut self) {
+        let mut found = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            for (task_id, until) in &agent.decided {
+                let (Some(until), Some((spec, _))) = (until, self.tasks.get(task_id)) else {
+                    continue;
+                };
+                let mut next = first_occurrence(&spec.schedule, spec.created_at);
+                while let Some(t) = next.filter(|t| t <= until) {
+                    let key = RunKey {
+                        task_id: *task_id,
+                        scheduled_at: t,
+                        attempt: 1,
+                    };
+                    if !self.runs.contains_key(&(agent.id, key)) {
+                        found.push(format!(
+                            "agent {i}: occurrence {key:?} has no record (decided up to {})",
+                            until.as_millis() - T0
+                        ));
+                        break;
+                    }
+                    next = spec.schedule.next_after(t);
+                }
+            }
+        }
+        for f in found {
+            self.fail(f);
+        }
+    }
+
     fn check_drained(&mut self) {
         let mut found = Vec::new();
         for (i, agent) in self.agents.iter().enumerate() {
@@ -1248,6 +1360,7 @@ impl World {
             next_task: 0,
             runs: HashMap::new(),
             bugs,
+            horizon: horizon_of(seed),
             failures: Vec::new(),
             digest: seed,
             fires: 0,
@@ -1257,6 +1370,21 @@ impl World {
             session_ups: 0,
             last_hello_revision: 0,
         }
+    }
+}
+
+/// The agents' horizon for a seed (from its own stream, so the seed's other
+/// choices do not move): the default for a third of the seeds, else short
+/// horizons holding a few tasks, loaded a few at a time.
+fn horizon_of(seed: u64) -> Horizon {
+    let mut r = Rng::new(seed ^ 0x4802_1205_0000_0000);
+    if r.below(3) == 0 {
+        return Horizon::default();
+    }
+    Horizon {
+        ms: [500, 5_000, 30_000][r.below(3) as usize],
+        held_max: [1, 3, 8][r.below(3) as usize],
+        batch: [1, 2, 5][r.below(3) as usize],
     }
 }
 
@@ -1283,6 +1411,7 @@ fn add_agents(w: &mut World, n: usize) {
             conn: None,
             wake_gen: 0,
             removed_at: HashMap::new(),
+            decided: HashMap::new(),
             fired: HashMap::new(),
             cut_until: [i64::MIN; 2],
         });
@@ -1323,6 +1452,7 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
     w.at(T0 + duration - DRAIN_MS, Ev::Quiesce);
     w.run(T0 + duration);
     w.check_drained();
+    w.check_every_occurrence_decided();
     SeedReport {
         seed,
         failures: w.failures,
@@ -1380,7 +1510,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
     w.at(T0 + 100 + link_ms * 2 / 5, Ev::Cut(0, [true, true], 8_000));
     w.run(T0 + 60_000 + 2 * link_ms);
     let (tasks_held, agent_revision) = w.agents[0].node.as_ref().map_or((0, 0), |node| {
-        (node.task_ids().len(), node.store().last_revision)
+        (node.store().task_ids().len(), node.store().last_revision)
     });
     BulkReport {
         tasks_held,

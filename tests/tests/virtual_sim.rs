@@ -77,6 +77,17 @@ fn a_seeded_double_fire_is_caught_within_a_hundred_seeds() {
 }
 
 #[test]
+fn a_seeded_lost_load_is_caught_within_a_hundred_seeds() {
+    let caught = first_caught(SeededBugs {
+        lose_loaded: true,
+        ..SeededBugs::default()
+    });
+    let (seed, why) = caught.expect("tasks lost from the horizon go unnoticed for 100 seeds");
+    eprintln!("lost load caught at seed {seed}: {why}");
+    assert!(why.contains("has no record"), "seed {seed}: {why}");
+}
+
+#[test]
 fn a_seeded_early_ack_is_caught_within_a_hundred_seeds() {
     let caught = first_caught(SeededBugs {
         early_ack: true,
