@@ -438,6 +438,44 @@ impl AgentStore {
         self.apply_changes(tasks, &[], &[], revision)
     }
 
+    /// Stores a large set of new tasks (each due at its first occurrence)
+    /// in transactions of `batch` tasks; a crash keeps a prefix of them.
+    /// For building big stores (benchmarks, imports); returns how many.
+    pub fn import_tasks(
+        &self,
+        tasks: impl IntoIterator<Item = TaskSpec>,
+        batch: usize,
+    ) -> Result<u64> {
+        let mut buf = Vec::with_capacity(batch.max(1));
+        let mut n = 0u64;
+        let flush = |buf: &mut Vec<TaskSpec>| -> Result<()> {
+            let txn = self.begin_write()?;
+            let mut table = txn.open_table(TASKS).map_err(db_err("import tasks"))?;
+            let mut states = Vec::with_capacity(buf.len());
+            for task in buf.drain(..) {
+                table
+                    .insert(
+                        task.id.0,
+                        encode(&TaskRecordV1::from_spec(&task)).as_slice(),
+                    )
+                    .map_err(db_err("import tasks"))?;
+                states.push((task.id, first_occurrence(&task.schedule, task.created_at)));
+            }
+            drop(table);
+            Self::put_states(&txn, &states)?;
+            txn.commit().map_err(db_err("commit import"))
+        };
+        for t in tasks {
+            buf.push(t);
+            n += 1;
+            if buf.len() >= batch.max(1) {
+                flush(&mut buf)?;
+            }
+        }
+        flush(&mut buf)?;
+        Ok(n)
+    }
+
     /// Removes a task and its state; its runs already in the outbox stay.
     pub fn remove_task(&self, id: TaskId, revision: Option<u64>) -> Result<()> {
         self.apply_changes(&[], &[id], &[], revision)

@@ -327,6 +327,8 @@ impl<S: NodeStore> AgentNode<S> {
             });
         }
         node.persist_clock(true)?;
+        // The tasks due soon are loaded as part of starting.
+        node.refill(start)?;
         node.pump(r)?;
         Ok(node)
     }
