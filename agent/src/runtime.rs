@@ -445,14 +445,15 @@ impl Driver {
                     let _ = k.send(());
                 }
             }
-            NodeEffect::Connect => {
+            NodeEffect::Connect { timeout_ms } => {
                 let Some(cfg) = self.session.clone() else {
                     // Not enrolled, or revoked: no coordinator to dial.
                     return Ok(());
                 };
                 let tx = self.events_tx.clone();
+                let timeout = std::time::Duration::from_millis(timeout_ms);
                 tokio::spawn(async move {
-                    let r = session::dial(&cfg).await.map_err(|e| {
+                    let r = session::dial(&cfg, timeout).await.map_err(|e| {
                         let kind = session::closed_kind(None, &Err(e));
                         (kind, String::new())
                     });

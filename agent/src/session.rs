@@ -207,9 +207,45 @@ pub fn closed_kind(conn: Option<&quinn::Connection>, result: &Result<(), Session
         Closed::Revoked
     } else if matches!(result, Err(e) if refused_by_tls(e)) {
         Closed::RefusedByTls
+    } else if let Some(retry_after_ms) = busy(conn, result) {
+        Closed::Busy { retry_after_ms }
     } else {
         Closed::Lost
     }
+}
+
+/// Whether the coordinator is at a limit: it refused the handshake
+/// (CONNECTION_REFUSED, before any cryptography) or closed with BUSY; with
+/// the retry-after it gave, if any.
+fn busy(
+    conn: Option<&quinn::Connection>,
+    result: &Result<(), SessionError>,
+) -> Option<Option<u64>> {
+    let code = sundial_protocol::wire::close::BUSY;
+    let of = |e: &quinn::ConnectionError| match e {
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Some(None)
+        }
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == quinn::VarInt::from_u32(code) =>
+        {
+            Some(sundial_protocol::wire::busy_retry_after_ms(&c.reason))
+        }
+        _ => None,
+    };
+    let from_result = match result {
+        Err(SessionError::Connection(e)) => of(e),
+        Err(SessionError::Read(quinn::ReadError::ConnectionLost(e)))
+        | Err(SessionError::Write(quinn::WriteError::ConnectionLost(e))) => of(e),
+        _ => None,
+    };
+    from_result.or_else(|| {
+        conn.and_then(quinn::Connection::close_reason)
+            .as_ref()
+            .and_then(of)
+    })
 }
 
 /// Logs what the session machine says.
@@ -225,6 +261,14 @@ pub fn log_event(event: &Event) {
             "nothing heard from the coordinator; runs fired now are marked offline"
         ),
         Event::LinkHeard => tracing::info!("the coordinator is heard again"),
+        Event::ReconnectPolicy(p) => tracing::debug!(
+            attempt_timeout_ms = p.attempt_timeout_ms,
+            backoff_floor_ms = p.backoff_floor_ms,
+            backoff_cap_ms = p.backoff_cap_ms,
+            busy_spread_ms = p.busy_spread_ms,
+            handshakes_per_sec = p.handshakes_per_sec,
+            "the coordinator's reconnect policy"
+        ),
         Event::Revoked => tracing::error!("this agent was revoked by its coordinator: no more sessions (local tasks still fire); to use this device again, move its data directory away and join with a new token"),
         Event::HandshakeRefused { why } => tracing::warn!(reason = %why, "the coordinator refused the session"),
         Event::ResultsAcked { batch_id, runs } => tracing::debug!(batch_id, runs, "results acknowledged"),
@@ -233,17 +277,18 @@ pub fn log_event(event: &Event) {
 }
 
 /// Dials the coordinator and opens the session stream.
-pub async fn dial(cfg: &SessionConfig) -> Result<Live, SessionError> {
+pub async fn dial(cfg: &SessionConfig, timeout: Duration) -> Result<Live, SessionError> {
     let identity = Identity {
         chain: vec![cfg.cert.clone()],
         key: cfg.key.clone_key(),
     };
-    let (endpoint, conn) = connect(
+    let (endpoint, conn) = sundial_net::connect_within(
         &cfg.coordinator,
         &cfg.server_name,
         ServerTrust::Ca(cfg.ca.clone()),
         Some(identity),
         ALPN,
+        timeout,
     )
     .await?;
     match conn.open_bi().await {

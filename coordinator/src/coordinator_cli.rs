@@ -111,6 +111,11 @@ struct LimitArgs {
     /// agents reach the coordinator through one address at the same moment.
     #[arg(long, value_name = "N")]
     pending_per_address: Option<usize>,
+    /// New connections (TLS handshakes) accepted per second; more are
+    /// refused at once and agents come back spread out, as the reconnect
+    /// policy the coordinator gives them says [default: 250 per core].
+    #[arg(long, value_name = "N")]
+    handshakes_per_sec: Option<u32>,
 }
 
 /// `init` run as root on a data directory that belongs to another user (the
@@ -160,6 +165,7 @@ pub struct CoordinatorFile {
     pub run_retention: Option<String>,
     pub sessions_max: Option<usize>,
     pub pending_per_address: Option<usize>,
+    pub handshakes_per_sec: Option<u32>,
 }
 
 /// The limits from flags over the file over the defaults.
@@ -194,8 +200,15 @@ fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
             .pending_per_address
             .or(file.pending_per_address)
             .unwrap_or(d.pending_per_address_max),
+        handshakes_per_sec: flags
+            .handshakes_per_sec
+            .or(file.handshakes_per_sec)
+            .unwrap_or(d.handshakes_per_sec),
         ..d
     };
+    if limits.handshakes_per_sec == 0 {
+        anyhow::bail!("--handshakes-per-sec must be at least 1");
+    }
     if limits.upload_runs_per_sec == 0 {
         anyhow::bail!("--upload-runs-per-sec must be at least 1");
     }

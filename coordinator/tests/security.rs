@@ -240,6 +240,9 @@ fn identity_comes_from_the_certificate_only() {
         .await
         .expect("hello");
         let mut rx = FramedRecv::new(rx);
+        // The session opens with the reconnect policy, then the assignments.
+        let policy: CoordMsg = rx.next().await.expect("policy");
+        assert!(matches!(policy, CoordMsg::Policy(_)), "{policy:?}");
         let first: CoordMsg = rx.next().await.expect("assignments");
         // A forged record claiming to be B's.
         let forged = RunRecord {

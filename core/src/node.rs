@@ -174,8 +174,9 @@ pub enum NodeEffect {
     Spawn { key: RunKey, spec: ExecSpec },
     /// Kill the action (its timeout passed); its end is still reported.
     Kill { key: RunKey },
-    /// Dial the coordinator; report with `handle_connected` / `handle_connect_failed`.
-    Connect,
+    /// Dial the coordinator, giving up after `timeout_ms`; report with
+    /// `handle_connected` / `handle_connect_failed`.
+    Connect { timeout_ms: u64 },
     /// Send on the session.
     Transmit(AgentMsg),
     /// End the connection.
@@ -613,7 +614,9 @@ impl<S: NodeStore> AgentNode<S> {
     fn session_effect(&mut self, r: Reading, effect: AgentEffect) -> StoreResult<()> {
         let now = self.guard.time_of(r).max(self.sched.now());
         match effect {
-            AgentEffect::Connect => self.effects.push_back(NodeEffect::Connect),
+            AgentEffect::Connect { timeout_ms } => {
+                self.effects.push_back(NodeEffect::Connect { timeout_ms })
+            }
             AgentEffect::Disconnect => {
                 self.effects.push_back(NodeEffect::Disconnect);
                 self.session.handle_closed(now_of(r), Closed::Lost);

@@ -22,7 +22,23 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a stream at once.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Transport settings for both ends.
+/// Transport settings of the coordinator: the same timeouts, and no
+/// keep-alives of its own — each agent sends one a second and hears the
+/// acknowledgement, which is what both ends need; a coordinator pinging
+/// every agent too would double the packets of a large idle fleet.
+pub fn server_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(None);
+    // Invariant: 5 s fits QUIC's idle timeout range.
+    t.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("5 s is a valid idle timeout"),
+    ));
+    Arc::new(t)
+}
+
+/// Transport settings of clients (agents, the admin client).
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
@@ -139,6 +155,18 @@ pub async fn connect(
     identity: Option<tls::Identity>,
     alpn: &[u8],
 ) -> Result<(quinn::Endpoint, quinn::Connection), NetError> {
+    connect_within(addr, server_name, trust, identity, alpn, CONNECT_TIMEOUT).await
+}
+
+/// [`connect`], giving up after `timeout`.
+pub async fn connect_within(
+    addr: &str,
+    server_name: &str,
+    trust: tls::ServerTrust,
+    identity: Option<tls::Identity>,
+    alpn: &[u8],
+    timeout: Duration,
+) -> Result<(quinn::Endpoint, quinn::Connection), NetError> {
     let peer = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| NetError::Setup(format!("cannot resolve `{addr}`: {e}")))?
@@ -153,7 +181,7 @@ pub async fn connect(
     let mut endpoint = quinn::Endpoint::client(client_bind_addr(peer))
         .map_err(|e| NetError::Setup(format!("cannot open a UDP socket: {e}")))?;
     endpoint.set_default_client_config(config);
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect(peer, server_name)?)
+    let conn = tokio::time::timeout(timeout, endpoint.connect(peer, server_name)?)
         .await
         .map_err(|_| NetError::Timeout)??;
     Ok((endpoint, conn))

@@ -37,8 +37,66 @@ pub mod close {
     /// The agent was revoked.
     pub const REVOKED: u32 = 5;
     /// The coordinator is at a limit (sessions, unauthenticated connections);
-    /// try again later.
+    /// try again later. The reason may say when: [`super::busy_reason`].
     pub const BUSY: u32 = 6;
+}
+
+/// The reason of a BUSY close that says when to try again.
+pub fn busy_reason(retry_after_ms: u64, why: &str) -> String {
+    format!("retry-after-ms={retry_after_ms}; {why}")
+}
+
+/// The retry-after of a BUSY close's reason, if it says one (at most an hour).
+pub fn busy_retry_after_ms(reason: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(reason).ok()?;
+    let rest = text.strip_prefix("retry-after-ms=")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse::<u64>().ok().map(|ms| ms.min(3_600_000))
+}
+
+/// How agents reconnect, as the coordinator asks: sent at the start of
+/// every session, followed until the next. An agent that never heard one
+/// uses [`ReconnectPolicy::default`]. Every field is clamped on receipt
+/// ([`ReconnectPolicy::sanitized`]): a coordinator cannot make agents dial
+/// in a tight loop or never again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconnectPolicy {
+    /// How long one connection attempt may last, ms.
+    pub attempt_timeout_ms: u32,
+    /// The first wait after a failed attempt, ms; it doubles per failure.
+    pub backoff_floor_ms: u32,
+    /// The longest wait between attempts, ms.
+    pub backoff_cap_ms: u32,
+    /// Refused for load without a retry-after: wait a random time up to this, ms.
+    pub busy_spread_ms: u32,
+    /// New sessions the coordinator accepts per second (it refuses the rest).
+    pub handshakes_per_sec: u32,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            attempt_timeout_ms: 3_000,
+            backoff_floor_ms: 250,
+            backoff_cap_ms: 30_000,
+            busy_spread_ms: 10_000,
+            handshakes_per_sec: 0,
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// Every field within sane bounds.
+    pub fn sanitized(self) -> ReconnectPolicy {
+        let floor = self.backoff_floor_ms.clamp(100, 60_000);
+        ReconnectPolicy {
+            attempt_timeout_ms: self.attempt_timeout_ms.clamp(1_000, 60_000),
+            backoff_floor_ms: floor,
+            backoff_cap_ms: self.backoff_cap_ms.clamp(floor.max(1_000), 600_000),
+            busy_spread_ms: self.busy_spread_ms.clamp(1_000, 600_000),
+            handshakes_per_sec: self.handshakes_per_sec,
+        }
+    }
 }
 
 /// The most run records in one result batch.
@@ -111,6 +169,8 @@ pub enum CoordMsg {
     /// its run key has `scheduled_at = at`. Sent only to agents online at
     /// that moment; an agent that does not know the task ignores it.
     RunNow { task_id: TaskId, at: Timestamp },
+    /// How to reconnect when this session ends (sent first in a session).
+    Policy(ReconnectPolicy),
 }
 
 /// One change to an agent's assignments.
@@ -349,6 +409,23 @@ pub fn chunk_by_size<T: Serialize>(items: Vec<T>, bytes_max: usize) -> Vec<Vec<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_busy_reason_carries_its_retry_after_and_a_forged_one_is_bounded() {
+        let r = busy_reason(1_234, "too many sessions");
+        assert_eq!(busy_retry_after_ms(r.as_bytes()), Some(1_234));
+        assert_eq!(busy_retry_after_ms(b"too many sessions; try again"), None);
+        assert_eq!(busy_retry_after_ms(b"retry-after-ms=; x"), None);
+        assert_eq!(busy_retry_after_ms(&[0xff, 0xfe]), None);
+        assert_eq!(
+            busy_retry_after_ms(b"retry-after-ms=99999999999999999999"),
+            None
+        );
+        assert_eq!(
+            busy_retry_after_ms(b"retry-after-ms=86400000"),
+            Some(3_600_000)
+        );
+    }
 
     #[test]
     fn chunks_stay_under_the_byte_bound_and_keep_order() {

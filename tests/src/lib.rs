@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod checker;
 pub mod harness;
+pub mod light;
 pub mod relay;
 pub mod rng;
 pub mod scenario;

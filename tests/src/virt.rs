@@ -35,7 +35,7 @@ use sundial_core::session::coordinator::{CoordEffect, CoordSession, UploadLimits
 use sundial_core::session::{Event, Now, Rng};
 use sundial_protocol::policy::{MisfireMode, MisfirePolicy, Policies, RetryPolicy};
 use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::wire::{AgentMsg, CoordMsg};
+use sundial_protocol::wire::{AgentMsg, CoordMsg, ReconnectPolicy};
 use sundial_protocol::{
     AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp,
 };
@@ -587,13 +587,13 @@ impl World {
                 let inc = self.agents[i].incarnation;
                 self.at(self.now + 1, Ev::ActionDone(i, inc, key, Outcome::TimedOut));
             }
-            NodeEffect::Connect => {
+            NodeEffect::Connect { timeout_ms } => {
                 let inc = self.agents[i].incarnation;
                 let reachable = self.coord_up && !self.cut(i, UP) && !self.cut(i, DOWN);
                 let t = if reachable {
                     self.now + 2 * self.delay()
                 } else {
-                    self.now + CONNECT_TIMEOUT_MS
+                    self.now + (timeout_ms as i64).min(CONNECT_TIMEOUT_MS)
                 };
                 self.at(t, Ev::ConnectDone(i, inc, reachable));
             }
@@ -1141,6 +1141,13 @@ impl World {
                         runs_per_sec: 2_000,
                         bytes_per_sec: 8 << 20,
                     },
+                    Some(ReconnectPolicy {
+                        attempt_timeout_ms: 3_000,
+                        backoff_floor_ms: 250,
+                        backoff_cap_ms: 2_000,
+                        busy_spread_ms: 1_000,
+                        handshakes_per_sec: 1_000,
+                    }),
                 ));
                 let rev = self.revision;
                 if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -25,8 +26,8 @@ use sundial_protocol::policy::RETRIES_MAX;
 use sundial_protocol::task::{Action, Target};
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
-    chunk_by_size, close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, CoordMsg,
-    EnrollRequest, EnrollResponse, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
+    busy_reason, chunk_by_size, close, AdminRequest, AdminResponse, AgentInfo, AgentMsg, CoordMsg,
+    EnrollRequest, EnrollResponse, ReconnectPolicy, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
     ADMIN_REQUEST_BYTES_MAX, ALPN, ALPN_ADMIN, ALPN_ENROLL, ENROLL_FRAME_BYTES_MAX,
     HELLO_FRAME_BYTES_MAX, LIST_CHUNK_BYTES_MAX, TASK_SPEC_BYTES_MAX,
 };
@@ -147,7 +148,30 @@ pub struct Limits {
     pub admin_concurrent_max: usize,
     /// Connections from one address still handshaking or enrolling.
     pub pending_per_address_max: usize,
+    /// New connections accepted per second (handshakes are the costly part
+    /// of a reconnect storm); the rest are refused at once, before any
+    /// cryptography, and agents come back spread over the time the
+    /// coordinator's reconnect policy says the fleet needs.
+    pub handshakes_per_sec: u32,
 }
+
+/// The default handshake budget: per core, what one core does with room
+/// to spare for the sessions themselves.
+pub fn handshakes_per_sec_default() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (HANDSHAKES_PER_SEC_PER_CORE * cores as u32).max(HANDSHAKES_PER_SEC_PER_CORE)
+}
+
+/// See [`handshakes_per_sec_default`].
+pub const HANDSHAKES_PER_SEC_PER_CORE: u32 = 250;
+/// How long agents are asked to let one connection attempt last, ms.
+pub const ATTEMPT_TIMEOUT_MS: u32 = 3_000;
+/// The first backoff agents are asked to use, ms.
+pub const BACKOFF_FLOOR_MS: u32 = 250;
+/// The backoff cap agents are asked to use at least / at most, ms: between,
+/// the time the whole fleet needs to reconnect at the handshake budget.
+pub const BACKOFF_CAP_MIN_MS: u32 = 2_000;
+pub const BACKOFF_CAP_MAX_MS: u32 = 60_000;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -161,6 +185,7 @@ impl Default for Limits {
             unauthenticated_max: 64,
             admin_concurrent_max: 4,
             pending_per_address_max: PENDING_PER_ADDRESS_MAX,
+            handshakes_per_sec: handshakes_per_sec_default(),
         }
     }
 }
@@ -275,9 +300,71 @@ struct State {
     /// Connections per address not yet known ([`Pending`]).
     pending: Mutex<HashMap<std::net::IpAddr, usize>>,
     pending_warned: Mutex<Option<Instant>>,
+    /// Agent sessions open (the sum over `live`, kept as it changes).
+    sessions_open: std::sync::atomic::AtomicUsize,
+    /// Handshake tokens: (tokens, when last refilled).
+    handshakes: Mutex<(f64, Instant)>,
+    /// Handshakes refused for the budget since the last warning, and when it was.
+    shed: Mutex<(u64, Option<Instant>)>,
 }
 
 impl State {
+    /// Takes a handshake token; `false`: over the budget.
+    fn take_handshake(&self) -> bool {
+        let rate = f64::from(self.limits.handshakes_per_sec.max(1));
+        // A tenth of a second's worth at once: over any second, at most
+        // 1.1 × the budget.
+        let burst = (rate / 10.0).max(1.0);
+        let Ok(mut b) = self.handshakes.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        let (tokens, at) = *b;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate).min(burst);
+        if tokens >= 1.0 {
+            *b = (tokens - 1.0, now);
+            true
+        } else {
+            *b = (tokens, now);
+            false
+        }
+    }
+
+    /// A handshake was refused for the budget: says so at most every few seconds.
+    fn note_shed(&self) {
+        if let Ok(mut s) = self.shed.lock() {
+            s.0 += 1;
+            if s.1.is_none_or(|t| t.elapsed() >= PENDING_WARN_INTERVAL) {
+                tracing::warn!(
+                    refused = s.0,
+                    budget_per_sec = self.limits.handshakes_per_sec,
+                    sessions = self.sessions_open.load(std::sync::atomic::Ordering::Relaxed),
+                    "reconnect storm: refusing handshakes over the budget; agents come back spread out"
+                );
+                *s = (0, Some(Instant::now()));
+            }
+        }
+    }
+
+    /// What agents are asked to follow when reconnecting: the time the
+    /// fleet needs to come back at the handshake budget sets the backoff
+    /// cap and the spread of refused agents.
+    fn reconnect_policy(&self) -> ReconnectPolicy {
+        let budget = u64::from(self.limits.handshakes_per_sec.max(1));
+        let fleet = self
+            .sessions_open
+            .load(std::sync::atomic::Ordering::Relaxed) as u64
+            + 1;
+        let need_ms = (fleet * 1_000 / budget).min(u64::from(u32::MAX)) as u32;
+        ReconnectPolicy {
+            attempt_timeout_ms: ATTEMPT_TIMEOUT_MS,
+            backoff_floor_ms: BACKOFF_FLOOR_MS,
+            backoff_cap_ms: need_ms.clamp(BACKOFF_CAP_MIN_MS, BACKOFF_CAP_MAX_MS),
+            busy_spread_ms: need_ms.clamp(1_000, BACKOFF_CAP_MAX_MS),
+            handshakes_per_sec: self.limits.handshakes_per_sec,
+        }
+    }
+
     /// Says (at most every [`PENDING_WARN_INTERVAL`]) that an address hit
     /// [`PENDING_PER_ADDRESS_MAX`].
     fn warn_pending_cap(&self, ip: std::net::IpAddr) {
@@ -324,10 +411,8 @@ impl State {
     }
 
     fn live_sessions(&self) -> usize {
-        self.live
-            .lock()
-            .map(|l| l.values().map(|v| v.conns.len()).sum())
-            .unwrap_or(0)
+        self.sessions_open
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Closes every live session of `agent` with `code`.
@@ -455,7 +540,7 @@ impl Server {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ServeError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(net::transport());
+        config.transport_config(net::server_transport());
         let endpoint =
             quinn::Endpoint::server(config, listen).map_err(|source| ServeError::Bind {
                 addr: listen,
@@ -478,6 +563,9 @@ impl Server {
                 store_broken_notify: tokio::sync::Notify::new(),
                 pending: Mutex::new(HashMap::new()),
                 pending_warned: Mutex::new(None),
+                sessions_open: std::sync::atomic::AtomicUsize::new(0),
+                handshakes: Mutex::new((0.0, Instant::now())),
+                shed: Mutex::new((0, None)),
             }),
         })
     }
@@ -511,6 +599,11 @@ impl Server {
                         incoming.refuse();
                         continue;
                     };
+                    if !self.state.take_handshake() {
+                        self.state.note_shed();
+                        incoming.refuse();
+                        continue;
+                    }
                     let state = self.state.clone();
                     tokio::spawn(async move {
                         if let Err(e) = handle(state, incoming, pending).await {

@@ -55,13 +55,18 @@ pub(super) async fn handle_session(
         let Ok(mut live) = state.live.lock() else {
             return Ok(());
         };
-        let open: usize = live.values().map(|v| v.conns.len()).sum();
+        let open = state.sessions_open.load(Ordering::Relaxed);
         if open >= state.limits.sessions_max {
             drop(live);
             tracing::warn!(%agent, max = state.limits.sessions_max, "session refused: the coordinator serves its maximum of sessions");
-            conn.close(close::BUSY.into(), b"too many sessions; try again");
+            let after = state.reconnect_policy().busy_spread_ms;
+            conn.close(
+                close::BUSY.into(),
+                busy_reason(u64::from(after), "too many sessions").as_bytes(),
+            );
             return Ok(());
         }
+        state.sessions_open.fetch_add(1, Ordering::Relaxed);
         let l = live.entry(agent).or_default();
         l.conns.push(conn.clone());
         l.outs.push(out_tx);
@@ -124,6 +129,7 @@ pub(super) async fn handle_session(
                 l.conns.remove(i);
                 l.outs.remove(i);
                 l.kicks.remove(i);
+                state.sessions_open.fetch_sub(1, Ordering::Relaxed);
             }
             if l.conns.is_empty() {
                 live.remove(&agent);
@@ -221,6 +227,7 @@ async fn session_loop(
             runs_per_sec: state.limits.upload_runs_per_sec,
             bytes_per_sec: state.limits.upload_bytes_per_sec,
         },
+        Some(state.reconnect_policy()),
     );
     loop {
         // Drive the machine until it has nothing more to say.

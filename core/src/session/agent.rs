@@ -13,16 +13,19 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg, RESULT_BATCH_RUNS_MAX};
+use sundial_protocol::wire::{
+    AgentMsg, AssignmentChange, CoordMsg, ReconnectPolicy, RESULT_BATCH_RUNS_MAX,
+};
 use sundial_protocol::{RunKey, RunRecord, TaskId, Timestamp};
 
 use super::{Event, Now, Rng};
 
 /// How often clock samples are exchanged, in ms.
 pub const CLOCK_PROBE_INTERVAL_MS: u64 = 30_000;
-/// The first wait after a failed connection, in ms.
+/// The first wait after a failed connection, in ms, until the coordinator
+/// states its own ([`ReconnectPolicy`]).
 pub const RECONNECT_DELAY_MIN_MS: u64 = 250;
-/// The longest wait between reconnect attempts, in ms.
+/// The longest wait between reconnect attempts, in ms (as above).
 pub const RECONNECT_DELAY_MAX_MS: u64 = 30_000;
 /// The wait between attempts while the coordinator refuses our certificate,
 /// in ms: retrying harder cannot help, and a fleet of revoked devices must
@@ -55,8 +58,9 @@ pub const HELLO_PATTERN_CHARS_MAX: usize = 200;
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AgentEffect {
-    /// Dial the coordinator; answer with `handle_connected` or `handle_connect_failed`.
-    Connect,
+    /// Dial the coordinator, giving up after `timeout_ms`; answer with
+    /// `handle_connected` or `handle_connect_failed`.
+    Connect { timeout_ms: u64 },
     /// Read up to this much of the outbox after sequence `after`; answer
     /// with `handle_outbox`.
     ReadOutbox {
@@ -94,6 +98,9 @@ pub enum Closed {
     RefusedByTls,
     /// The coordinator closed it with the REVOKED code.
     Revoked,
+    /// The coordinator is at a limit: it refused the handshake, or closed
+    /// with the BUSY code, saying when to come back or not.
+    Busy { retry_after_ms: Option<u64> },
 }
 
 /// What the agent tells in Hello.
@@ -136,6 +143,8 @@ enum Link {
 #[derive(Debug)]
 pub struct AgentSession {
     link: Link,
+    /// How to reconnect, as the coordinator last said.
+    policy: ReconnectPolicy,
     failures: u32,
     refused: bool,
     rng: Rng,
@@ -146,11 +155,21 @@ pub struct AgentSession {
 }
 
 /// Backoff before reconnect attempt `failures` (1-based): full jitter over
-/// the upper half of `min(max, min × 2^failures)`.
-pub fn reconnect_delay_ms(failures: u32, random: u64) -> u64 {
-    let base = RECONNECT_DELAY_MIN_MS.saturating_mul(1u64 << failures.min(20));
-    let ceiling = base.clamp(1, RECONNECT_DELAY_MAX_MS);
+/// the upper half of `min(cap, floor × 2^failures)`.
+pub fn reconnect_delay_ms(failures: u32, random: u64, policy: &ReconnectPolicy) -> u64 {
+    let floor = u64::from(policy.backoff_floor_ms);
+    let base = floor.saturating_mul(1u64 << failures.min(20));
+    let ceiling = base.clamp(1, u64::from(policy.backoff_cap_ms).max(1));
     ceiling / 2 + random % (ceiling / 2 + 1)
+}
+
+/// The policy an agent follows before its coordinator stated one.
+pub fn default_policy() -> ReconnectPolicy {
+    ReconnectPolicy {
+        backoff_floor_ms: RECONNECT_DELAY_MIN_MS as u32,
+        backoff_cap_ms: RECONNECT_DELAY_MAX_MS as u32,
+        ..ReconnectPolicy::default()
+    }
 }
 
 impl AgentSession {
@@ -158,6 +177,7 @@ impl AgentSession {
     pub fn new(seed: u64) -> AgentSession {
         AgentSession {
             link: Link::Down { retry_ms: None },
+            policy: default_policy(),
             failures: 0,
             refused: false,
             rng: Rng::new(seed),
@@ -166,6 +186,11 @@ impl AgentSession {
             effects: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// The reconnect policy in force.
+    pub fn policy(&self) -> ReconnectPolicy {
+        self.policy
     }
 
     pub fn is_up(&self) -> bool {
@@ -223,7 +248,9 @@ impl AgentSession {
             Link::Down { retry_ms } => {
                 if retry_ms.is_none_or(|r| now.mono_ms >= r) {
                     self.link = Link::Connecting;
-                    self.effects.push_back(AgentEffect::Connect);
+                    self.effects.push_back(AgentEffect::Connect {
+                        timeout_ms: u64::from(self.policy.attempt_timeout_ms),
+                    });
                 }
             }
             Link::Connecting | Link::Ended => {}
@@ -338,10 +365,25 @@ impl AgentSession {
             });
         }
         self.refused = refused;
-        let delay = if refused {
-            RECONNECT_DELAY_REFUSED_MS
-        } else {
-            reconnect_delay_ms(self.failures, self.rng.next_u64())
+        let floor = u64::from(self.policy.backoff_floor_ms);
+        let delay = match closed {
+            _ if refused => RECONNECT_DELAY_REFUSED_MS,
+            // Told when: come back then, spread over its second half.
+            Closed::Busy {
+                retry_after_ms: Some(after),
+            } => {
+                let after = after.max(floor);
+                after / 2 + self.rng.next_u64() % (after / 2 + 1)
+            }
+            // Refused for load without a time: spread over what the
+            // coordinator said its whole fleet needs to come back.
+            Closed::Busy {
+                retry_after_ms: None,
+            } => {
+                let spread = u64::from(self.policy.busy_spread_ms).max(floor);
+                floor + self.rng.next_u64() % (spread - floor + 1)
+            }
+            _ => reconnect_delay_ms(self.failures, self.rng.next_u64(), &self.policy),
         };
         self.link = Link::Down {
             retry_ms: Some(now.mono_ms + delay),
@@ -465,6 +507,10 @@ impl AgentSession {
             CoordMsg::RunNow { task_id, at } => {
                 self.effects.push_back(AgentEffect::RunNow { task_id, at });
             }
+            CoordMsg::Policy(p) => {
+                self.policy = p.sanitized();
+                self.events.push_back(Event::ReconnectPolicy(self.policy));
+            }
         }
     }
 }
@@ -504,7 +550,12 @@ mod tests {
         let mut s = AgentSession::new(1);
         assert_eq!(s.poll_timeout(), Some(0));
         s.handle_timeout(at(0));
-        assert_eq!(drain(&mut s).1, vec![AgentEffect::Connect]);
+        assert_eq!(
+            drain(&mut s).1,
+            vec![AgentEffect::Connect {
+                timeout_ms: u64::from(default_policy().attempt_timeout_ms)
+            }]
+        );
         s.handle_connected(at(10), hello());
         let (msgs, effects) = drain(&mut s);
         let AgentMsg::Hello { allow_exec, .. } = &msgs[0] else {
@@ -694,5 +745,91 @@ mod tests {
         assert!(drain(&mut s).1.contains(&AgentEffect::Revoked));
         assert!(s.is_ended());
         assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_coordinators_policy_sets_attempts_backoff_and_busy_waits_clamped() {
+        let mut s = AgentSession::new(9);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(0), hello());
+        drain(&mut s);
+        let policy = ReconnectPolicy {
+            attempt_timeout_ms: 2_000,
+            backoff_floor_ms: 300,
+            backoff_cap_ms: 4_000,
+            busy_spread_ms: 20_000,
+            handshakes_per_sec: 500,
+        };
+        s.handle_message(at(1), CoordMsg::Policy(policy));
+        assert_eq!(s.policy(), policy);
+        // Lost: backoff under the stated cap; each attempt with its timeout.
+        let mut t = 10;
+        s.handle_closed(at(t), Closed::Lost);
+        drain(&mut s);
+        for _ in 0..10 {
+            let next = s.poll_timeout().expect("retry");
+            assert!(next - t <= 4_000, "{} over the cap", next - t);
+            t = next;
+            s.handle_timeout(at(t));
+            assert_eq!(
+                drain(&mut s).1,
+                vec![AgentEffect::Connect { timeout_ms: 2_000 }]
+            );
+            s.handle_connect_failed(at(t), Closed::Lost);
+        }
+        // Busy with a retry-after: back in its second half.
+        t = s.poll_timeout().expect("retry");
+        let mut waits = Vec::new();
+        for _ in 0..50 {
+            s.handle_timeout(at(t));
+            s.handle_connect_failed(
+                at(t),
+                Closed::Busy {
+                    retry_after_ms: Some(8_000),
+                },
+            );
+            let next = s.poll_timeout().expect("retry");
+            waits.push(next - t);
+            t = next;
+        }
+        assert!(
+            waits.iter().all(|w| (4_000..=8_000).contains(w)),
+            "{waits:?}"
+        );
+        // Busy without one: spread from the floor over the stated span.
+        let mut waits = Vec::new();
+        for _ in 0..200 {
+            s.handle_timeout(at(t));
+            s.handle_connect_failed(
+                at(t),
+                Closed::Busy {
+                    retry_after_ms: None,
+                },
+            );
+            let next = s.poll_timeout().expect("retry");
+            waits.push(next - t);
+            t = next;
+        }
+        assert!(
+            waits.iter().all(|w| (300..=20_000).contains(w)),
+            "{waits:?}"
+        );
+        assert!(waits.iter().any(|w| *w < 5_000) && waits.iter().any(|w| *w > 15_000));
+        // A hostile policy is clamped: no tight loop, no endless wait.
+        s.handle_timeout(at(t));
+        s.handle_connected(at(t), hello());
+        s.handle_message(
+            at(t),
+            CoordMsg::Policy(ReconnectPolicy {
+                attempt_timeout_ms: 0,
+                backoff_floor_ms: 0,
+                backoff_cap_ms: u32::MAX,
+                busy_spread_ms: 0,
+                handshakes_per_sec: 0,
+            }),
+        );
+        let p = s.policy();
+        assert!(p.attempt_timeout_ms >= 1_000 && p.backoff_floor_ms >= 100);
+        assert!(p.backoff_cap_ms <= 600_000 && p.busy_spread_ms >= 1_000);
     }
 }

@@ -10,8 +10,8 @@
 use std::collections::VecDeque;
 
 use sundial_protocol::wire::{
-    chunk_by_size, close, AgentMsg, AssignmentChange, CoordMsg, LIST_CHUNK_BYTES_MAX,
-    RESULT_BATCH_RUNS_MAX,
+    chunk_by_size, close, AgentMsg, AssignmentChange, CoordMsg, ReconnectPolicy,
+    LIST_CHUNK_BYTES_MAX, RESULT_BATCH_RUNS_MAX,
 };
 use sundial_protocol::{AgentId, RunKey, RunRecord, TaskSpec, Timestamp};
 
@@ -107,6 +107,7 @@ impl CoordSession {
         last_revision: u64,
         outbox_len: u64,
         limits: UploadLimits,
+        policy: Option<ReconnectPolicy>,
     ) -> CoordSession {
         let mut s = CoordSession {
             agent,
@@ -132,6 +133,9 @@ impl CoordSession {
             last_revision,
             outbox_len,
         });
+        if let Some(p) = policy {
+            s.transmit.push_back(CoordMsg::Policy(p));
+        }
         s.load();
         s
     }
@@ -446,6 +450,7 @@ mod tests {
             0,
             0,
             limits(),
+            None,
         )
     }
 
@@ -573,6 +578,7 @@ mod tests {
                 runs_per_sec: 10,
                 bytes_per_sec: 1 << 30,
             },
+            None,
         );
         let _ = s.poll_effect();
         let batch = |id| AgentMsg::Results {

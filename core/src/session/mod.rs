@@ -84,6 +84,8 @@ impl Rng {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     // ---- the agent's session
+    /// The coordinator stated how to reconnect (as clamped by the agent).
+    ReconnectPolicy(sundial_protocol::wire::ReconnectPolicy),
     SessionUp {
         last_revision: u64,
         outbox_len: u64,

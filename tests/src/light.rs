@@ -1,0 +1,531 @@
+//! Lightweight agents for fleet benchmarks: each is the core's
+//! [`AgentSession`] (the machine every agent runs: reconnect policy, backoff,
+//! Hello, outbox window) over a QUIC connection of a shared client endpoint,
+//! without a store or a scheduler, so that thousands fit in one process.
+//!
+//! [`storm`] measures a whole fleet reconnecting at once: the coordinator is
+//! killed, stays away for the cut, and comes back on the same address and
+//! store; every agent is back and synced when it has its assignments again.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sundial_agent::clock::SystemClock;
+use sundial_agent::session::{closed_kind, FramedRecv, SessionError};
+use sundial_core::session::agent::{AgentEffect, AgentSession, HelloInfo};
+use sundial_core::session::Now;
+use sundial_net::tls::{client_config, Identity, ServerTrust};
+use sundial_protocol::wire::{CoordMsg, ALPN};
+use sundial_protocol::Timestamp;
+use tokio::sync::mpsc;
+
+/// A coordinator process with `n` agents enrolled directly in its store.
+#[derive(Debug)]
+pub struct BenchCoordinator {
+    _root: tempfile::TempDir,
+    dir: PathBuf,
+    pub addr: SocketAddr,
+    pub ca: CertificateDer<'static>,
+    pub identities: Vec<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    child: Option<Child>,
+}
+
+impl BenchCoordinator {
+    /// Makes the coordinator's data directory and enrolls `n` agents (setup,
+    /// not measured).
+    pub fn setup(n: usize) -> anyhow::Result<BenchCoordinator> {
+        let root = tempfile::tempdir()?;
+        let dir = root.path().join("coordinator");
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        sundial_coordinator::server::init(&dir, &addr.to_string(), "sundial-coordinator")?;
+        let pki = sundial_coordinator::pki::Pki::load(&dir)?;
+        let store = sundial_coordinator::store::CoordinatorStore::open(
+            &dir.join(sundial_coordinator::server::STORE_FILE),
+        )?;
+        let secret = vec![7u8; 32];
+        let hash = sundial_protocol::token::sha256(&secret);
+        store.put_token(
+            hash,
+            &sundial_coordinator::store::TokenRecordV1 {
+                expires_at_ms: i64::MAX,
+                uses_left: n as u32,
+                labels: vec![],
+            },
+        )?;
+        let mut identities = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = rcgen::KeyPair::generate()?;
+            let csr =
+                rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
+            let enrolled = store.enroll(
+                hash,
+                Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
+                None,
+                vec![],
+                |id| pki.sign_agent_csr(csr.der(), id),
+            )?;
+            let (_, cert) = enrolled.map_err(|e| anyhow::anyhow!("{e}"))?;
+            identities.push((
+                CertificateDer::from(cert),
+                PrivateKeyDer::try_from(key.serialize_der()).map_err(anyhow::Error::msg)?,
+            ));
+        }
+        Ok(BenchCoordinator {
+            _root: root,
+            dir,
+            addr,
+            ca: pki.ca_der.clone(),
+            identities,
+            child: None,
+        })
+    }
+
+    /// Starts (or restarts) the coordinator process on the same address and store.
+    pub fn spawn(&mut self, exe: &Path, extra: &[&str]) -> anyhow::Result<()> {
+        let child = Command::new(exe)
+            .arg(crate::harness::SUB_COORDINATOR)
+            .args(["serve", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen", &self.addr.to_string()])
+            .args(extra)
+            .env("SUNDIAL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the coordinator at once (SIGKILL), as a crash or a cut would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for BenchCoordinator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a light agent reports.
+#[derive(Clone, Copy, Debug)]
+pub enum LightEvent {
+    /// A handshake with the coordinator completed.
+    Handshake(Instant),
+    /// Assignments arrived in a session (the agent is synced).
+    Synced(Instant),
+    /// An attempt was refused for load (no TLS work done).
+    Busy,
+    /// A session ended.
+    Closed,
+}
+
+/// Runs one light agent until `stop`: the session machine decides when to
+/// dial and for how long; this carries its effects out on `endpoint`.
+pub async fn light_agent(
+    i: usize,
+    endpoint: quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    seed: u64,
+    events: mpsc::UnboundedSender<(usize, LightEvent)>,
+) {
+    let origin = Instant::now();
+    let now = || Now {
+        mono_ms: origin.elapsed().as_millis() as u64,
+        wall: Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
+    };
+    let mut s = AgentSession::new(seed);
+    loop {
+        let mut dial = None;
+        while let Some(e) = s.poll_effect() {
+            if let AgentEffect::Connect { timeout_ms } = e {
+                dial = Some(timeout_ms);
+            }
+        }
+        let Some(timeout_ms) = dial else {
+            let wake = s.poll_timeout().unwrap_or(now().mono_ms + 1_000);
+            let wait = wake.saturating_sub(now().mono_ms);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            s.handle_timeout(now());
+            continue;
+        };
+        let attempt = async {
+            let conn = endpoint
+                .connect_with(cfg.clone(), addr, "sundial-coordinator")
+                .map_err(SessionError::from)?
+                .await?;
+            let (tx, rx) = conn.open_bi().await?;
+            Ok::<_, SessionError>((conn, tx, rx))
+        };
+        let (conn, mut tx, rx) =
+            match tokio::time::timeout(Duration::from_millis(timeout_ms), attempt).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    let kind = closed_kind(None, &Err(e));
+                    if matches!(kind, sundial_core::session::agent::Closed::Busy { .. }) {
+                        let _ = events.send((i, LightEvent::Busy));
+                    }
+                    s.handle_connect_failed(now(), kind);
+                    continue;
+                }
+                Err(_) => {
+                    s.handle_connect_failed(now(), sundial_core::session::agent::Closed::Lost);
+                    continue;
+                }
+            };
+        let _ = events.send((i, LightEvent::Handshake(Instant::now())));
+        s.handle_connected(
+            now(),
+            HelloInfo {
+                last_revision: 0,
+                outbox_len: 0,
+                agent_version: "bench".into(),
+                allow_exec: vec![],
+            },
+        );
+        let mut rx = FramedRecv::new(rx);
+        let ended: Result<(), SessionError> = async {
+            loop {
+                while let Some(e) = s.poll_effect() {
+                    if let AgentEffect::ReadOutbox { .. } = e {
+                        s.handle_outbox(now(), Vec::new());
+                    }
+                }
+                while let Some(m) = s.poll_transmit() {
+                    sundial_agent::session::send(&mut tx, &m).await?;
+                }
+                let wait = s
+                    .poll_timeout()
+                    .map_or(1_000, |t| t.saturating_sub(now().mono_ms));
+                tokio::select! {
+                    m = rx.next::<CoordMsg>() => {
+                        let m = m?;
+                        if matches!(m, CoordMsg::Assignments { .. }) {
+                            let _ = events.send((i, LightEvent::Synced(Instant::now())));
+                        }
+                        s.handle_message(now(), m);
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {
+                        s.handle_heard(now());
+                        s.handle_timeout(now());
+                    }
+                }
+            }
+        }
+        .await;
+        let kind = closed_kind(Some(&conn), &ended);
+        let _ = events.send((i, LightEvent::Closed));
+        s.handle_closed(now(), kind);
+    }
+}
+
+/// Client configurations for the enrolled identities, `n` of them (an
+/// identity serves several agents when `n` is larger than the enrolled set).
+fn client_configs(coord: &BenchCoordinator, n: usize) -> anyhow::Result<Vec<quinn::ClientConfig>> {
+    let mut per_identity = Vec::with_capacity(coord.identities.len());
+    for (cert, key) in &coord.identities {
+        let tls = client_config(
+            ServerTrust::Ca(coord.ca.clone()),
+            Some(Identity {
+                chain: vec![cert.clone()],
+                key: key.clone_key(),
+            }),
+            ALPN,
+        )?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+        ));
+        cfg.transport_config(sundial_net::transport());
+        per_identity.push(cfg);
+    }
+    anyhow::ensure!(!per_identity.is_empty(), "no identities");
+    Ok((0..n)
+        .map(|i| per_identity[i % per_identity.len()].clone())
+        .collect())
+}
+
+/// Idle agents held by one coordinator.
+#[derive(Debug)]
+pub struct IdleReport {
+    pub agents: usize,
+    pub identities: usize,
+    pub sockets: usize,
+    pub held: usize,
+    pub connect: Duration,
+    pub rss_kib_per_agent: f64,
+    /// The coordinator's CPU while the fleet idles, % of one core.
+    pub idle_cpu_pct: f64,
+}
+
+/// The coordinator's CPU time (user + system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the whole line.
+    field(11) + field(12)
+}
+
+/// `n` light agents (over `n / per_socket` client sockets, `identities`
+/// enrolled agents shared round-robin) connect and idle; the coordinator's
+/// memory per agent and its CPU while idle are read from /proc.
+pub async fn idle(
+    exe: &Path,
+    n: usize,
+    identities: usize,
+    per_socket: usize,
+    deadline: Duration,
+) -> anyhow::Result<IdleReport> {
+    let mut coord = BenchCoordinator::setup(identities.min(n))?;
+    let sessions_arg = (n + 1_000).to_string();
+    let budget_arg = crate::bench::handshakes_for_bench().to_string();
+    coord.spawn(
+        exe,
+        &[
+            "--sessions-max",
+            sessions_arg.as_str(),
+            "--handshakes-per-sec",
+            budget_arg.as_str(),
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = coord
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("no coordinator"))?;
+    let base_kib = crate::bench::rss_kib(pid);
+    let sockets = n.div_ceil(per_socket.max(1)).max(1);
+    let endpoints = (0..sockets)
+        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse()?).map_err(anyhow::Error::from))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, cfg) in client_configs(&coord, n)?.into_iter().enumerate() {
+        tasks.spawn(light_agent(
+            i,
+            endpoints[i % sockets].clone(),
+            cfg,
+            coord.addr,
+            0x1D1E ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            tx.clone(),
+        ));
+    }
+    drop(tx);
+    let mut up = vec![false; n];
+    let mut count = 0usize;
+    let mut last_report = Instant::now();
+    while count < n && started.elapsed() < deadline {
+        let Ok(Some((i, ev))) =
+            tokio::time::timeout(deadline.saturating_sub(started.elapsed()), rx.recv()).await
+        else {
+            break;
+        };
+        match ev {
+            LightEvent::Synced(_) if !up[i] => {
+                up[i] = true;
+                count += 1;
+            }
+            LightEvent::Closed if up[i] => {
+                up[i] = false;
+                count -= 1;
+            }
+            _ => {}
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "  idle: {count} of {n} agents in session after {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let connect = started.elapsed();
+    // Idle: sessions stay up on keep-alives alone.
+    let t0 = cpu_ticks(pid);
+    let w = Instant::now();
+    let settle = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(settle);
+    loop {
+        tokio::select! {
+            _ = &mut settle => break,
+            m = rx.recv() => match m {
+                Some((i, LightEvent::Synced(_))) if !up[i] => { up[i] = true; count += 1; }
+                Some((i, LightEvent::Closed)) if up[i] => { up[i] = false; count -= 1; }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+    let ticks = cpu_ticks(pid).saturating_sub(t0) as f64;
+    let hz = 100.0;
+    let idle_cpu_pct = ticks / hz / w.elapsed().as_secs_f64() * 100.0;
+    let rss = crate::bench::rss_kib(pid).saturating_sub(base_kib) as f64;
+    tasks.abort_all();
+    for e in &endpoints {
+        e.close(0u32.into(), b"");
+    }
+    Ok(IdleReport {
+        agents: n,
+        identities: identities.min(n),
+        sockets,
+        held: count,
+        connect,
+        rss_kib_per_agent: rss / count.max(1) as f64,
+        idle_cpu_pct,
+    })
+}
+
+/// A fleet of light agents against a coordinator killed and brought back.
+#[derive(Debug)]
+pub struct StormReport {
+    pub agents: usize,
+    /// From start to every agent synced once.
+    pub first_sync: Duration,
+    /// From the coordinator's return to every agent synced again.
+    pub healed: Duration,
+    /// Agents synced again by the end (all, or the deadline passed).
+    pub synced_again: usize,
+    /// The most handshakes completed within any one second after the return.
+    pub handshakes_max_per_sec: usize,
+    /// Attempts refused for load after the return.
+    pub refused: usize,
+    pub budget: u32,
+}
+
+/// `n` light agents connect; the coordinator is killed, stays away `cut`,
+/// and comes back with a handshake budget of `budget` per second.
+pub async fn storm(
+    exe: &Path,
+    n: usize,
+    cut: Duration,
+    budget: u32,
+    deadline: Duration,
+) -> anyhow::Result<StormReport> {
+    let mut coord = BenchCoordinator::setup(n)?;
+    let budget_arg = budget.to_string();
+    let sessions_arg = (n * 2).max(10_000).to_string();
+    let args = [
+        "--handshakes-per-sec",
+        budget_arg.as_str(),
+        "--sessions-max",
+        sessions_arg.as_str(),
+    ];
+    coord.spawn(exe, &args)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (cert, key)) in std::mem::take(&mut coord.identities)
+        .into_iter()
+        .enumerate()
+    {
+        let tls = client_config(
+            ServerTrust::Ca(coord.ca.clone()),
+            Some(Identity {
+                chain: vec![cert],
+                key,
+            }),
+            ALPN,
+        )?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+        ));
+        cfg.transport_config(sundial_net::transport());
+        tasks.spawn(light_agent(
+            i,
+            endpoint.clone(),
+            cfg,
+            coord.addr,
+            0x5EED ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            tx.clone(),
+        ));
+    }
+    drop(tx);
+    // Everyone synced once.
+    let mut synced = vec![false; n];
+    let mut count = 0;
+    while count < n {
+        let Ok(Some((i, ev))) =
+            tokio::time::timeout(deadline.saturating_sub(started.elapsed()), rx.recv()).await
+        else {
+            anyhow::bail!("only {count} of {n} agents synced before the cut");
+        };
+        if let LightEvent::Synced(_) = ev {
+            if !synced[i] {
+                synced[i] = true;
+                count += 1;
+            }
+        }
+    }
+    let first_sync = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    coord.kill();
+    tokio::time::sleep(cut).await;
+    while rx.try_recv().is_ok() {}
+    coord.spawn(exe, &args)?;
+    let back = Instant::now();
+    let mut synced = vec![false; n];
+    let mut count = 0;
+    let mut handshakes = Vec::new();
+    let mut refused = 0;
+    while count < n && back.elapsed() < deadline {
+        let Ok(Some((i, ev))) =
+            tokio::time::timeout(deadline.saturating_sub(back.elapsed()), rx.recv()).await
+        else {
+            break;
+        };
+        match ev {
+            LightEvent::Synced(at) if at >= back && !synced[i] => {
+                synced[i] = true;
+                count += 1;
+            }
+            LightEvent::Handshake(at) if at >= back => handshakes.push(at),
+            LightEvent::Busy => refused += 1,
+            _ => {}
+        }
+    }
+    let healed = back.elapsed();
+    tasks.abort_all();
+    endpoint.close(0u32.into(), b"");
+    // The most handshakes within any second (windows start at each one).
+    handshakes.sort();
+    let mut most = 0;
+    let mut j = 0;
+    for k in 0..handshakes.len() {
+        while handshakes[k].duration_since(handshakes[j]) >= Duration::from_secs(1) {
+            j += 1;
+        }
+        most = most.max(k - j + 1);
+    }
+    Ok(StormReport {
+        agents: n,
+        first_sync,
+        healed,
+        synced_again: count,
+        handshakes_max_per_sec: most,
+        refused,
+        budget,
+    })
+}
