@@ -877,9 +877,23 @@ pub async fn drain(quick: bool, exe: &Path) -> Table {
 pub async fn fleet(quick: bool, exe: &Path) -> Table {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    let idle_sizes: &[usize] = if quick { &[300] } else { &[10_000, 100_000] };
-    for &n in idle_sizes {
-        let deadline = Duration::from_secs(if quick { 60 } else { 300 });
+    // SUNDIAL_BENCH_FLEET_ROWS=idle,heal,storm picks rows (all by default);
+    // SUNDIAL_BENCH_IDLE_SIZES=N,M the idle fleets.
+    let rows_env = std::env::var("SUNDIAL_BENCH_FLEET_ROWS").unwrap_or_default();
+    let want = |r: &str| rows_env.is_empty() || rows_env.split(',').any(|x| x.trim() == r);
+    let idle_sizes: Vec<usize> = match std::env::var("SUNDIAL_BENCH_IDLE_SIZES") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) if quick => vec![300],
+        Err(_) => vec![10_000, 100_000],
+    };
+    for &n in idle_sizes.iter().filter(|_| want("idle")) {
+        let deadline = Duration::from_secs(if quick {
+            60
+        } else if n >= 100_000 {
+            240
+        } else {
+            120
+        });
         match crate::light::idle(
             exe,
             n,
@@ -911,14 +925,19 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
                 notes.push(format!("{n} idle agents: light agents (see the storm row) over {} client sockets, {} enrolled \
                     identities shared round-robin (a coordinator serves several sessions of one agent as it would many \
                     agents); every one in session took {:.1} s at a handshake budget of {}/s; RSS (from /proc, less the \
-                    coordinator's before any agent) and CPU (utime + stime over 5 s) of the coordinator process.",
+                    coordinator's before any agent) and CPU (utime + stime over 10 s) of the coordinator process.",
                     r.sockets, r.identities, r.connect.as_secs_f64(), handshakes_for_bench()));
             }
             Err(e) => notes.push(format!("idle agents ({n}): failed: {e:#}")),
         }
     }
     let heal_n = if quick { 50 } else { 1_000 };
-    match heal(exe, heal_n).await {
+    match if want("heal") {
+        heal(exe, heal_n).await
+    } else {
+        Ok(Vec::new())
+    } {
+        Ok(v) if v.is_empty() => {}
         Ok(v) => {
             let (m, _, _) = stats(&v);
             rows.push(Row {
@@ -942,8 +961,14 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
         )
     };
     let deadline = Duration::from_secs(if quick { 60 } else { 120 });
-    match crate::light::storm(exe, storm_n, Duration::from_secs(16), budget, deadline).await {
-        Ok(r) => {
+    let storm = if want("storm") {
+        Some(crate::light::storm(exe, storm_n, Duration::from_secs(16), budget, deadline).await)
+    } else {
+        None
+    };
+    match storm {
+        None => {}
+        Some(Ok(r)) => {
             let secs = r.healed.as_secs_f64();
             let all = r.synced_again == r.agents;
             let under = r.handshakes_max_per_sec as f64 <= f64::from(r.budget) * 1.1;
@@ -975,7 +1000,7 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
                 Synced = assignments received in a new session. Handshakes are counted by the agents as they complete.",
                 n = r.agents, first = r.first_sync.as_secs_f64(), b = r.budget));
         }
-        Err(e) => notes.push(format!("storm: failed: {e:#}")),
+        Some(Err(e)) => notes.push(format!("storm: failed: {e:#}")),
     }
     Table {
         suite: "fleet",
@@ -985,7 +1010,7 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
 }
 
 /// Enrolled identities of the idle fleet (more agents share them).
-const IDLE_IDENTITIES_MAX: usize = 10_000;
+const IDLE_IDENTITIES_MAX: usize = 2_000;
 /// Light agents per client UDP socket.
 const IDLE_AGENTS_PER_SOCKET: usize = 10_000;
 

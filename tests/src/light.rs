@@ -97,7 +97,15 @@ impl BenchCoordinator {
             .args(extra)
             .env("SUNDIAL_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match std::env::var_os("SUNDIAL_BENCH_COORD_LOG") {
+                // Where the coordinator's warnings go, to look into a run.
+                Some(p) => std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_or(Stdio::null(), Stdio::from),
+                None => Stdio::null(),
+            })
             .spawn()?;
         self.child = Some(child);
         Ok(())
@@ -307,6 +315,9 @@ pub async fn idle(
             sessions_arg.as_str(),
             "--handshakes-per-sec",
             budget_arg.as_str(),
+            // Every light agent comes from 127.0.0.1.
+            "--pending-per-address",
+            sessions_arg.as_str(),
         ],
     )?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -321,6 +332,13 @@ pub async fn idle(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    // Devices come up over time, not all in one instant (that is the storm
+    // row): agents start at the pace the coordinator accepts them, so the
+    // clients, all on this machine, do not spend it on refused attempts.
+    let pace = Duration::from_secs_f64(1.0 / f64::from(crate::bench::handshakes_for_bench()) * 2.0);
+    let mut next_start = Instant::now();
+    let mut up = vec![false; n];
+    let mut count = 0usize;
     for (i, cfg) in client_configs(&coord, n)?.into_iter().enumerate() {
         tasks.spawn(light_agent(
             i,
@@ -330,10 +348,25 @@ pub async fn idle(
             0x1D1E ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             tx.clone(),
         ));
+        next_start += pace;
+        if i % 100 == 99 {
+            tokio::time::sleep_until(next_start.into()).await;
+            while let Ok((k, ev)) = rx.try_recv() {
+                match ev {
+                    LightEvent::Synced(_) if !up[k] => {
+                        up[k] = true;
+                        count += 1;
+                    }
+                    LightEvent::Closed if up[k] => {
+                        up[k] = false;
+                        count -= 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
     drop(tx);
-    let mut up = vec![false; n];
-    let mut count = 0usize;
     let mut last_report = Instant::now();
     while count < n && started.elapsed() < deadline {
         let Ok(Some((i, ev))) =
@@ -364,7 +397,8 @@ pub async fn idle(
     // Idle: sessions stay up on keep-alives alone.
     let t0 = cpu_ticks(pid);
     let w = Instant::now();
-    let settle = tokio::time::sleep(Duration::from_secs(5));
+    eprintln!("  idle: {count} of {n} in session; measuring the idle coordinator for 10 s");
+    let settle = tokio::time::sleep(Duration::from_secs(10));
     tokio::pin!(settle);
     loop {
         tokio::select! {
@@ -429,6 +463,9 @@ pub async fn storm(
         "--handshakes-per-sec",
         budget_arg.as_str(),
         "--sessions-max",
+        sessions_arg.as_str(),
+        // Every light agent comes from 127.0.0.1.
+        "--pending-per-address",
         sessions_arg.as_str(),
     ];
     coord.spawn(exe, &args)?;
