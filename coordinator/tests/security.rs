@@ -233,7 +233,7 @@ fn identity_comes_from_the_certificate_only() {
             &AgentMsg::Hello {
                 last_revision: 0,
                 outbox_len: 0,
-                agent_version: "t".into(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
                 allow_exec: vec![],
             },
         )

@@ -54,6 +54,18 @@ pub fn busy_retry_after_ms(reason: &[u8]) -> Option<u64> {
     digits.parse::<u64>().ok().map(|ms| ms.min(3_600_000))
 }
 
+/// Whether an agent of this version (its Hello's `agent_version`, `X.Y.Z`)
+/// understands [`CoordMsg::Policy`], new in 0.2: an older agent would take
+/// the unknown message for a bad frame and never finish its session, so a
+/// coordinator upgraded before its fleet does not send it to them.
+pub fn agent_knows_policy(agent_version: &str) -> bool {
+    let mut parts = agent_version.split('.').map(|p| p.parse::<u64>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (0, 2),
+        _ => false,
+    }
+}
+
 /// How agents reconnect, as the coordinator asks: sent at the start of
 /// every session, followed until the next. An agent that never heard one
 /// uses [`ReconnectPolicy::default`]. Every field is clamped on receipt
@@ -409,6 +421,15 @@ pub fn chunk_by_size<T: Serialize>(items: Vec<T>, bytes_max: usize) -> Vec<Vec<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_agents_from_0_2_are_sent_the_policy() {
+        assert!(!agent_knows_policy("0.1.0"));
+        assert!(agent_knows_policy("0.2.0"));
+        assert!(agent_knows_policy("1.0.3"));
+        assert!(!agent_knows_policy("bench"));
+        assert!(!agent_knows_policy(""));
+    }
 
     #[test]
     fn a_busy_reason_carries_its_retry_after_and_a_forged_one_is_bounded() {

@@ -203,7 +203,7 @@ pub async fn light_agent(
             HelloInfo {
                 last_revision: 0,
                 outbox_len: 0,
-                agent_version: "bench".into(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
                 allow_exec: vec![],
             },
         );
@@ -266,6 +266,35 @@ fn client_configs(coord: &BenchCoordinator, n: usize) -> anyhow::Result<Vec<quin
     Ok((0..n)
         .map(|i| per_identity[i % per_identity.len()].clone())
         .collect())
+}
+
+/// Which light agents are in session.
+struct Held {
+    up: Vec<bool>,
+    count: usize,
+}
+
+impl Held {
+    fn new(n: usize) -> Held {
+        Held {
+            up: vec![false; n],
+            count: 0,
+        }
+    }
+
+    fn note(&mut self, i: usize, ev: LightEvent) {
+        match ev {
+            LightEvent::Synced(_) if !self.up[i] => {
+                self.up[i] = true;
+                self.count += 1;
+            }
+            LightEvent::Closed if self.up[i] => {
+                self.up[i] = false;
+                self.count -= 1;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Idle agents held by one coordinator.
@@ -337,8 +366,7 @@ pub async fn idle(
     // clients, all on this machine, do not spend it on refused attempts.
     let pace = Duration::from_secs_f64(1.0 / f64::from(crate::bench::handshakes_for_bench()) * 2.0);
     let mut next_start = Instant::now();
-    let mut up = vec![false; n];
-    let mut count = 0usize;
+    let mut held = Held::new(n);
     for (i, cfg) in client_configs(&coord, n)?.into_iter().enumerate() {
         tasks.spawn(light_agent(
             i,
@@ -352,43 +380,24 @@ pub async fn idle(
         if i % 100 == 99 {
             tokio::time::sleep_until(next_start.into()).await;
             while let Ok((k, ev)) = rx.try_recv() {
-                match ev {
-                    LightEvent::Synced(_) if !up[k] => {
-                        up[k] = true;
-                        count += 1;
-                    }
-                    LightEvent::Closed if up[k] => {
-                        up[k] = false;
-                        count -= 1;
-                    }
-                    _ => {}
-                }
+                held.note(k, ev);
             }
         }
     }
     drop(tx);
     let mut last_report = Instant::now();
-    while count < n && started.elapsed() < deadline {
+    while held.count < n && started.elapsed() < deadline {
         let Ok(Some((i, ev))) =
             tokio::time::timeout(deadline.saturating_sub(started.elapsed()), rx.recv()).await
         else {
             break;
         };
-        match ev {
-            LightEvent::Synced(_) if !up[i] => {
-                up[i] = true;
-                count += 1;
-            }
-            LightEvent::Closed if up[i] => {
-                up[i] = false;
-                count -= 1;
-            }
-            _ => {}
-        }
+        held.note(i, ev);
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
             eprintln!(
-                "  idle: {count} of {n} agents in session after {:.0} s",
+                "  idle: {} of {n} agents in session after {:.0} s",
+                held.count,
                 started.elapsed().as_secs_f64()
             );
         }
@@ -397,16 +406,17 @@ pub async fn idle(
     // Idle: sessions stay up on keep-alives alone.
     let t0 = cpu_ticks(pid);
     let w = Instant::now();
-    eprintln!("  idle: {count} of {n} in session; measuring the idle coordinator for 10 s");
+    eprintln!(
+        "  idle: {} of {n} in session; measuring the idle coordinator for 10 s",
+        held.count
+    );
     let settle = tokio::time::sleep(Duration::from_secs(10));
     tokio::pin!(settle);
     loop {
         tokio::select! {
             _ = &mut settle => break,
             m = rx.recv() => match m {
-                Some((i, LightEvent::Synced(_))) if !up[i] => { up[i] = true; count += 1; }
-                Some((i, LightEvent::Closed)) if up[i] => { up[i] = false; count -= 1; }
-                Some(_) => {}
+                Some((i, ev)) => held.note(i, ev),
                 None => break,
             }
         }
@@ -423,9 +433,9 @@ pub async fn idle(
         agents: n,
         identities: identities.min(n),
         sockets,
-        held: count,
+        held: held.count,
         connect,
-        rss_kib_per_agent: rss / count.max(1) as f64,
+        rss_kib_per_agent: rss / held.count.max(1) as f64,
         idle_cpu_pct,
     })
 }

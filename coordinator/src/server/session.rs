@@ -73,6 +73,7 @@ pub(super) async fn handle_session(
         l.kicks.push(kick_tx);
         l.labels = record.labels.clone();
     }
+    let knows_policy = sundial_protocol::wire::agent_knows_policy(&agent_version);
     if let Ok(mut seen) = state.seen.lock() {
         seen.insert(
             agent,
@@ -115,7 +116,7 @@ pub(super) async fn handle_session(
         },
         agent,
         &record,
-        (last_revision, outbox_len),
+        (last_revision, outbox_len, knows_policy),
     )
     .await;
     reader.abort();
@@ -196,7 +197,7 @@ async fn session_loop(
     queues: SessionQueues,
     agent: AgentId,
     record: &AgentRecordV1,
-    hello: (u64, u64),
+    hello: (u64, u64, bool),
 ) -> Result<(), NetError> {
     let SessionQueues {
         mut inbox,
@@ -227,7 +228,7 @@ async fn session_loop(
             runs_per_sec: state.limits.upload_runs_per_sec,
             bytes_per_sec: state.limits.upload_bytes_per_sec,
         },
-        Some(state.reconnect_policy()),
+        hello.2.then(|| state.reconnect_policy()),
     );
     loop {
         // Drive the machine until it has nothing more to say.
