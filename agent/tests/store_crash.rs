@@ -395,3 +395,77 @@ fn a_record_of_unknown_version_is_reported_with_its_table_and_key() {
         "{text}"
     );
 }
+
+#[test]
+fn a_store_from_before_the_due_index_is_indexed_when_opened() {
+    use redb::{ReadableDatabase, TableDefinition};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.redb");
+    let every_minute = |id: u64| TaskSpec {
+        schedule: Schedule::every(sundial_protocol::DurationMs(60_000), at(id as i64 * 1_000))
+            .expect("schedule"),
+        ..task(id, id)
+    };
+    {
+        let store = AgentStore::open(&path).expect("open");
+        store
+            .put_tasks(
+                &[every_minute(1), every_minute(2), every_minute(3)],
+                Some(3),
+            )
+            .expect("put");
+        // Task 2 has fired: its state moved on.
+        store
+            .apply_step(&StepWrite {
+                states: vec![(TaskId(2), Some(at(62_000)))],
+                ..StepWrite::default()
+            })
+            .expect("step");
+    }
+    // Made old: no index, no marker, and task 3 never got a state (as an
+    // older agent could leave it).
+    {
+        let db = redb::Database::create(&path).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        txn.delete_table(TableDefinition::<(i64, u64), ()>::new("due"))
+            .expect("drop index");
+        {
+            let mut meta = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new("meta"))
+                .expect("meta");
+            meta.remove("due_index").expect("unmark");
+            let mut state = txn
+                .open_table(TableDefinition::<u64, &[u8]>::new("task_state"))
+                .expect("state");
+            state.remove(3u64).expect("forget");
+        }
+        txn.commit().expect("commit");
+        let r = db.begin_read().expect("read");
+        assert!(r
+            .open_table(TableDefinition::<(i64, u64), ()>::new("due"))
+            .is_err());
+    }
+    let store = AgentStore::open(&path).expect("reopen builds the index");
+    let due: Vec<(TaskId, Timestamp)> = store
+        .due_tasks(None, at(10_000_000), 100)
+        .expect("due")
+        .into_iter()
+        .map(|(t, d)| (t.id, d))
+        .collect();
+    assert_eq!(
+        due,
+        vec![
+            (TaskId(1), at(1_000)),
+            (TaskId(3), at(3_000)),
+            (TaskId(2), at(62_000)),
+        ]
+    );
+    // The dump checks the index against every state.
+    store.dump().expect("consistent");
+    // And it pages in (due, id) order from a cursor.
+    let next = store
+        .due_tasks(Some((at(1_000), TaskId(1))), at(10_000_000), 1)
+        .expect("page");
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].0.id, TaskId(3));
+}
