@@ -170,6 +170,14 @@ struct StateRecordV1 {
     next_due_ms: Option<i64>,
 }
 
+/// The next due (ms) of a stored state record, if it has one.
+fn stored_due_ms(id: TaskId, rec: Option<redb::AccessGuard<'_, &[u8]>>) -> Result<Option<i64>> {
+    Ok(match rec {
+        Some(v) => decode::<StateRecordV1>("task_state", id.0, v.value())?.next_due_ms,
+        None => None,
+    })
+}
+
 /// What the store knows of a run that was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartedInfo {
@@ -363,12 +371,8 @@ impl AgentStore {
         let mut state = txn.open_table(STATE).map_err(db_err("write task state"))?;
         let mut due = txn.open_table(DUE).map_err(db_err("write task state"))?;
         for (id, next) in states {
-            let old = state
-                .get(id.0)
-                .map_err(db_err("write task state"))?
-                .map(|v| decode::<StateRecordV1>("task_state", id.0, v.value()))
-                .transpose()?;
-            if let Some(ms) = old.and_then(|o| o.next_due_ms) {
+            let old = state.get(id.0).map_err(db_err("write task state"))?;
+            if let Some(ms) = stored_due_ms(*id, old)? {
                 due.remove((ms, id.0)).map_err(db_err("write task state"))?;
             }
             let rec = StateRecordV1 {
@@ -503,12 +507,8 @@ impl AgentStore {
             let mut due = txn.open_table(DUE).map_err(db_err("write tasks"))?;
             for id in removed {
                 table.remove(id.0).map_err(db_err("remove task"))?;
-                let old = state
-                    .remove(id.0)
-                    .map_err(db_err("remove task"))?
-                    .map(|v| decode::<StateRecordV1>("task_state", id.0, v.value()))
-                    .transpose()?;
-                if let Some(ms) = old.and_then(|o| o.next_due_ms) {
+                let old = state.remove(id.0).map_err(db_err("remove task"))?;
+                if let Some(ms) = stored_due_ms(*id, old)? {
                     due.remove((ms, id.0)).map_err(db_err("remove task"))?;
                 }
             }
