@@ -469,3 +469,30 @@ fn a_store_from_before_the_due_index_is_indexed_when_opened() {
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].0.id, TaskId(3));
 }
+
+#[test]
+fn a_due_entry_naming_no_task_is_skipped_and_the_rest_still_load() {
+    use redb::TableDefinition;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.redb");
+    {
+        let store = AgentStore::open(&path).expect("open");
+        store.put_tasks(&[task(1, 1)], Some(1)).expect("put");
+    }
+    {
+        let db = redb::Database::create(&path).expect("raw open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut due = txn
+                .open_table(TableDefinition::<(i64, u64), ()>::new("due"))
+                .expect("due");
+            due.insert((at(0).as_millis(), 99u64), ())
+                .expect("dangling");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = AgentStore::open(&path).expect("reopen");
+    let due = store.due_tasks(None, at(60_000), 10).expect("due");
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].0.id, TaskId(1));
+}
