@@ -255,11 +255,19 @@ impl NodeStore for RedbNode {
                 })
                 .collect(),
             records: step.records.clone(),
+            retries: step.retries.clone(),
         };
         self.keep(self.store.apply_step(&w))
     }
-    fn finish_run(&mut self, record: &RunRecord) -> StoreResult<()> {
-        self.keep(self.store.finish_run(record))
+    fn finish_run(
+        &mut self,
+        record: &RunRecord,
+        retry: Option<(RunKey, Timestamp)>,
+    ) -> StoreResult<()> {
+        self.keep(self.store.finish_run(record, retry))
+    }
+    fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>> {
+        self.keep(self.store.pending_retries())
     }
     fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>> {
         let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
@@ -681,16 +689,37 @@ fn log_event(event: &Event) {
             offset_ms,
             rtt_ms,
             was_ahead_ms,
+            moved_ms,
+            confirmed,
+            rewound_from,
             at,
         } => {
             if let Some(by_ms) = was_ahead_ms {
                 tracing::info!(by_ms, offset_ms, %at, "the coordinator vouched for the time: the wall clock's lead is now corrected by the offset");
+            }
+            if *confirmed {
+                tracing::warn!(moved_ms, offset_ms, %at, "a lasting disagreement with the coordinator's clock was confirmed by several samples: trusted time moved to the coordinator's");
+            }
+            if let Some(from) = rewound_from {
+                tracing::warn!(moved_ms, %at, decided_until = %from, "trusted time went back: the clock had been ahead; what was decided up to the old time stays decided, the rest fires at its time");
+            } else if moved_ms.abs() > 1_000 {
+                tracing::info!(moved_ms, offset_ms, %at, "the coordinator's first clock sample of this boot corrected trusted time");
             }
             tracing::debug!(
                 offset_ms,
                 rtt_ms,
                 "clock offset to the coordinator measured"
             );
+        }
+        Event::ClockUnvouched {
+            waited_ms,
+            unreachable,
+        } => {
+            if *unreachable {
+                tracing::warn!(waited_ms, "the coordinator is unreachable at boot: firing goes on by this device's wall clock, unvouched (were it wrong, runs would be early or late)");
+            } else {
+                tracing::warn!(waited_ms, "no clock sample from the coordinator in time: firing goes on by this device's wall clock, unvouched");
+            }
         }
         Event::TaskAssigned { task_id, revision } => {
             tracing::info!(task = %task_id, revision, "task assigned")
@@ -725,6 +754,11 @@ fn log_clock_note(n: &ClockNote) {
             "clock is behind the last known-good time: firing is held until the clock is trusted again"
         ),
         ClockNote::TrustRestored => tracing::info!("clock trusted again; firing resumes"),
+        ClockNote::Disputed { by_ms, samples } => tracing::error!(
+            by_ms,
+            samples,
+            "the coordinator's clock disagrees with this agent's trusted time by more than a second: not followed until several samples over a span confirm it (is the coordinator's clock wrong?)"
+        ),
     }
 }
 
@@ -801,6 +835,12 @@ pub async fn run(
         seed: session::jitter_seed(),
         bugs: SeededBugs::default(),
         horizon: Horizon::default(),
+        // Without a coordinator nothing will vouch: fire on the wall clock.
+        vouch_wait_ms: if session.is_some() {
+            sundial_core::node::VOUCH_WAIT_MS
+        } else {
+            0
+        },
     };
     let node = match AgentNode::start(node_store, cfg, reading()) {
         Ok(n) => n,

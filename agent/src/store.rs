@@ -55,6 +55,9 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const OUTBOX_INDEX: TableDefinition<(u64, i64, u32), u64> = TableDefinition::new("outbox_index");
 /// (next due ms, task id) of every task with a next occurrence.
 const DUE: TableDefinition<(i64, u64), ()> = TableDefinition::new("due");
+/// Pending retries: run key → when it is due (ms). Durable, so a restart of
+/// any kind (SIGTERM drain, kill -9, reboot) keeps them.
+const RETRIES: TableDefinition<(u64, i64, u32), i64> = TableDefinition::new("retries");
 
 /// Metadata keys.
 pub mod meta {
@@ -203,11 +206,16 @@ pub struct StepWrite {
     pub states: Vec<(TaskId, Option<Timestamp>)>,
     pub started: Vec<(RunKey, StartedInfo)>,
     pub records: Vec<RunRecord>,
+    /// Retries now pending, with their time.
+    pub retries: Vec<(RunKey, Timestamp)>,
 }
 
 impl StepWrite {
     pub fn is_empty(&self) -> bool {
-        self.states.is_empty() && self.started.is_empty() && self.records.is_empty()
+        self.states.is_empty()
+            && self.started.is_empty()
+            && self.records.is_empty()
+            && self.retries.is_empty()
     }
 }
 
@@ -218,6 +226,7 @@ pub struct StoreDump {
     pub states: BTreeMap<TaskId, Option<Timestamp>>,
     pub started: BTreeMap<RunKey, StartedInfo>,
     pub outbox: BTreeMap<RunKey, RunRecord>,
+    pub retries: BTreeMap<RunKey, Timestamp>,
 }
 
 enum Handle {
@@ -310,6 +319,7 @@ impl AgentStore {
             txn.open_table(OUTBOX_INDEX)
                 .map_err(db_err("create tables"))?;
             txn.open_table(DUE).map_err(db_err("create tables"))?;
+            txn.open_table(RETRIES).map_err(db_err("create tables"))?;
             let mut meta_t = txn.open_table(META).map_err(db_err("create tables"))?;
             if meta_t
                 .get(meta::DUE_INDEX)
@@ -505,7 +515,14 @@ impl AgentStore {
             let mut table = txn.open_table(TASKS).map_err(db_err("write tasks"))?;
             let mut state = txn.open_table(STATE).map_err(db_err("write tasks"))?;
             let mut due = txn.open_table(DUE).map_err(db_err("write tasks"))?;
+            let mut retries = txn.open_table(RETRIES).map_err(db_err("write tasks"))?;
             for id in removed {
+                // Its pending retries go with it.
+                retries
+                    .retain_in((id.0, i64::MIN, 0)..=(id.0, i64::MAX, u32::MAX), |_, _| {
+                        false
+                    })
+                    .map_err(db_err("remove task"))?;
                 table.remove(id.0).map_err(db_err("remove task"))?;
                 let old = state.remove(id.0).map_err(db_err("remove task"))?;
                 if let Some(ms) = stored_due_ms(*id, old)? {
@@ -664,6 +681,7 @@ impl AgentStore {
             }
             Self::put_states(&txn, &states)?;
             let mut started = txn.open_table(STARTED).map_err(db_err("write step"))?;
+            let mut retries = txn.open_table(RETRIES).map_err(db_err("write step"))?;
             for (key, info) in &step.started {
                 let rec = StartedRecordV1 {
                     fired_at_ms: info.fired_at.as_millis(),
@@ -672,6 +690,25 @@ impl AgentStore {
                 started
                     .insert(run_key_tuple(key), encode(&rec).as_slice())
                     .map_err(db_err("write step"))?;
+                retries
+                    .remove(run_key_tuple(key))
+                    .map_err(db_err("write step"))?;
+            }
+            for r in &step.records {
+                retries
+                    .remove(run_key_tuple(&r.key()))
+                    .map_err(db_err("write step"))?;
+            }
+            for (key, when) in &step.retries {
+                if tasks
+                    .get(key.task_id.0)
+                    .map_err(db_err("write step"))?
+                    .is_some()
+                {
+                    retries
+                        .insert(run_key_tuple(key), when.as_millis())
+                        .map_err(db_err("write step"))?;
+                }
             }
         }
         Self::outbox_put(&txn, &step.records)?;
@@ -717,17 +754,59 @@ impl AgentStore {
     }
 
     /// A run ended: its record enters the outbox and its `started` marker
-    /// goes, in one transaction.
-    pub fn finish_run(&self, record: &RunRecord) -> Result<()> {
+    /// goes, with the retry it leads to (if any), in one transaction.
+    pub fn finish_run(&self, record: &RunRecord, retry: Option<(RunKey, Timestamp)>) -> Result<()> {
         let txn = self.begin_write()?;
         {
             let mut started = txn.open_table(STARTED).map_err(db_err("finish run"))?;
             started
                 .remove(run_key_tuple(&record.key()))
                 .map_err(db_err("finish run"))?;
+            let mut retries = txn.open_table(RETRIES).map_err(db_err("finish run"))?;
+            retries
+                .remove(run_key_tuple(&record.key()))
+                .map_err(db_err("finish run"))?;
+            if let Some((key, when)) = retry {
+                let tasks = txn.open_table(TASKS).map_err(db_err("finish run"))?;
+                if tasks
+                    .get(key.task_id.0)
+                    .map_err(db_err("finish run"))?
+                    .is_some()
+                {
+                    retries
+                        .insert(run_key_tuple(&key), when.as_millis())
+                        .map_err(db_err("finish run"))?;
+                }
+            }
         }
         Self::outbox_put(&txn, std::slice::from_ref(record))?;
         txn.commit().map_err(db_err("commit finished run"))
+    }
+
+    /// Pending retries, with their time.
+    pub fn pending_retries(&self) -> Result<Vec<(RunKey, Timestamp)>> {
+        let txn = self.begin_read()?;
+        let table = match txn.open_table(RETRIES) {
+            Ok(t) => t,
+            // A store from before durable retries, opened read-only.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err("read retries")(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err("read retries"))? {
+            let (k, v) = item.map_err(db_err("read retries"))?;
+            let (task, sched_ms, attempt) = k.value();
+            let key_text = format!("({task}, {sched_ms}, {attempt})");
+            out.push((
+                RunKey {
+                    task_id: TaskId(task),
+                    scheduled_at: ts("retries", &key_text, sched_ms)?,
+                    attempt,
+                },
+                ts("retries", &key_text, v.value())?,
+            ));
+        }
+        Ok(out)
     }
 
     /// Runs marked started and not finished.
@@ -922,6 +1001,7 @@ impl AgentStore {
         d.states = self.task_states()?.into_iter().collect();
         self.check_due_index(&d.states)?;
         d.started = self.started()?.into_iter().collect();
+        d.retries = self.pending_retries()?.into_iter().collect();
         for r in self.outbox_batch(usize::MAX, usize::MAX)? {
             d.outbox.insert(r.key(), r);
         }

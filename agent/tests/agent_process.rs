@@ -666,3 +666,118 @@ fn a_second_agent_on_the_same_data_dir_says_so_and_stops() {
     );
     stop(first);
 }
+
+/// A run that fails once, then a stop (SIGTERM, or SIGKILL) inside its
+/// retry's backoff, then a restart: the retry runs.
+fn retry_across_a_stop(kill: bool) -> Vec<RunRecord> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("attempts");
+    // The first attempt fails; any later one succeeds.
+    let script = format!(
+        "if [ -s {m} ]; then echo again >> {m}; exit 0; fi; echo first >> {m}; exit 3",
+        m = marker.display()
+    );
+    let policies = Policies {
+        retry: RetryPolicy {
+            retries: 2,
+            backoff_initial: DurationMs(3_000),
+            backoff_max: DurationMs(3_000),
+        },
+        ..Policies::default()
+    };
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let at = Schedule::at(now().saturating_add_ms(300));
+        store
+            .put_task(&sh_task(1, at, &script, policies), Some(1))
+            .expect("put task");
+    }
+    let log = dir.path().with_extension("log");
+    let mut agent = start_agent(dir.path());
+    wait_for_or_show("the first attempt's failure", &log, || {
+        status_json(dir.path())["outbox_len"].as_u64() == Some(1)
+    });
+    if kill {
+        let mut child = agent.0.take().expect("running");
+        child.kill().expect("SIGKILL the agent");
+        child.wait().expect("reaped");
+    } else {
+        stop(agent);
+    }
+    assert_eq!(lines(&marker), ["first"], "the retry ran before the stop");
+    let agent = start_agent(dir.path());
+    wait_for_or_show("the retry after the restart", &log, || {
+        lines(&marker).len() >= 2
+    });
+    wait_for("its record", || {
+        status_json(dir.path())["outbox_len"].as_u64() == Some(2)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop(agent);
+    assert_eq!(lines(&marker), ["first", "again"]);
+    outbox(dir.path())
+}
+
+#[test]
+fn a_pending_retry_survives_a_graceful_stop() {
+    let runs = retry_across_a_stop(false);
+    let mut got: Vec<(u32, Outcome)> = runs.iter().map(|r| (r.attempt, r.outcome)).collect();
+    got.sort_by_key(|g| g.0);
+    assert_eq!(got, [(1, Outcome::Failed), (2, Outcome::Succeeded)]);
+}
+
+#[test]
+fn a_pending_retry_survives_a_kill() {
+    let runs = retry_across_a_stop(true);
+    let mut got: Vec<(u32, Outcome)> = runs.iter().map(|r| (r.attempt, r.outcome)).collect();
+    got.sort_by_key(|g| g.0);
+    assert_eq!(got, [(1, Outcome::Failed), (2, Outcome::Succeeded)]);
+}
+
+#[test]
+fn a_run_cut_short_by_the_stop_is_retried_after_the_restart() {
+    // SIGTERM while the first attempt runs longer than the stop grace: it is
+    // killed and recorded interrupted, and its retry runs after the restart.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("attempts");
+    let script = format!(
+        "if [ -s {m} ]; then echo again >> {m}; exit 0; fi; echo first >> {m}; exec sleep 60",
+        m = marker.display()
+    );
+    let policies = Policies {
+        retry: RetryPolicy {
+            retries: 1,
+            backoff_initial: DurationMs(200),
+            backoff_max: DurationMs(200),
+        },
+        ..Policies::default()
+    };
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let at = Schedule::at(now().saturating_add_ms(300));
+        store
+            .put_task(&sh_task(1, at, &script, policies), Some(1))
+            .expect("put task");
+    }
+    let log = dir.path().with_extension("log");
+    let agent = start_agent_with(dir.path(), &["--stop-grace", "1s"]);
+    wait_for("the first attempt", || !lines(&marker).is_empty());
+    stop(agent);
+    let runs = outbox(dir.path());
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].outcome, Outcome::Interrupted);
+    let agent = start_agent(dir.path());
+    wait_for_or_show("the retry after the restart", &log, || {
+        lines(&marker).len() >= 2
+    });
+    wait_for("its record", || {
+        status_json(dir.path())["outbox_len"].as_u64() == Some(2)
+    });
+    stop(agent);
+    let mut got: Vec<(u32, Outcome)> = outbox(dir.path())
+        .iter()
+        .map(|r| (r.attempt, r.outcome))
+        .collect();
+    got.sort_by_key(|g| g.0);
+    assert_eq!(got, [(1, Outcome::Interrupted), (2, Outcome::Succeeded)]);
+}

@@ -167,7 +167,7 @@ enum Op {
     PutTask(TaskSpec),
     RemoveTask(TaskId),
     Step(StepWrite),
-    Finish(RunRecord),
+    Finish(RunRecord, Option<(RunKey, Timestamp)>),
     Ack(Vec<RunKey>),
 }
 
@@ -185,8 +185,25 @@ fn ops() -> Vec<Op> {
                 },
             )],
             records: vec![record(key(2, 100 + n), Outcome::Skipped)],
+            // The retry the previous round's failure left is started.
+            retries: Vec::new(),
         }));
-        v.push(Op::Finish(record(k, Outcome::Succeeded)));
+        // Every other run fails and leaves a retry pending.
+        let retry = (n % 2 == 0).then(|| {
+            (
+                RunKey {
+                    attempt: k.attempt + 1,
+                    ..k
+                },
+                at(n * 1000 + 500),
+            )
+        });
+        let outcome = if retry.is_some() {
+            Outcome::Failed
+        } else {
+            Outcome::Succeeded
+        };
+        v.push(Op::Finish(record(k, outcome), retry));
         if n % 2 == 1 {
             v.push(Op::Ack(vec![key(1 + (n as u64 % 2), n), key(2, 100 + n)]));
         }
@@ -208,6 +225,8 @@ fn apply_model(m: &mut StoreDump, op: &Op) {
         Op::RemoveTask(id) => {
             m.tasks.remove(id);
             m.states.remove(id);
+            // Pending retries go with their task.
+            m.retries.retain(|k, _| k.task_id != *id);
         }
         Op::Step(s) => {
             for (id, n) in &s.states {
@@ -215,14 +234,27 @@ fn apply_model(m: &mut StoreDump, op: &Op) {
             }
             for (k, i) in &s.started {
                 m.started.insert(*k, *i);
+                m.retries.remove(k);
             }
             for r in &s.records {
                 m.outbox.insert(r.key(), r.clone());
+                m.retries.remove(&r.key());
+            }
+            for (k, t) in &s.retries {
+                if m.tasks.contains_key(&k.task_id) {
+                    m.retries.insert(*k, *t);
+                }
             }
         }
-        Op::Finish(r) => {
+        Op::Finish(r, retry) => {
             m.started.remove(&r.key());
+            m.retries.remove(&r.key());
             m.outbox.insert(r.key(), r.clone());
+            if let Some((k, t)) = retry {
+                if m.tasks.contains_key(&k.task_id) {
+                    m.retries.insert(*k, *t);
+                }
+            }
         }
         Op::Ack(keys) => {
             for k in keys {
@@ -237,7 +269,7 @@ fn apply_store(s: &AgentStore, op: &Op) -> Result<(), sundial_agent::store::Stor
         Op::PutTask(t) => s.put_task(t, Some(t.revision)),
         Op::RemoveTask(id) => s.remove_task(*id, None),
         Op::Step(w) => s.apply_step(w),
-        Op::Finish(r) => s.finish_run(r),
+        Op::Finish(r, retry) => s.finish_run(r, *retry),
         Op::Ack(keys) => s.outbox_ack(keys).map(|_| ()),
     }
 }
@@ -341,10 +373,10 @@ fn outbox_is_idempotent_by_run_key_and_acks_twice_harmlessly() {
     let store = AgentStore::open_with_backend(CrashBackend::new(Vec::new(), None)).expect("open");
     let k = key(1, 1);
     store
-        .finish_run(&record(k, Outcome::Failed))
+        .finish_run(&record(k, Outcome::Failed), None)
         .expect("first");
     store
-        .finish_run(&record(k, Outcome::Succeeded))
+        .finish_run(&record(k, Outcome::Succeeded), None)
         .expect("second");
     let batch = store.outbox_batch(100, usize::MAX).expect("batch");
     assert_eq!(batch.len(), 1);

@@ -24,7 +24,7 @@ use sundial_protocol::task::{Action, ExecSpec};
 use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
-use crate::clock::{Anchor, ClockGuard, Reading};
+use crate::clock::{Anchor, ClockGuard, ClockNote, Reading, Vouch, JUMP_THRESHOLD_MS};
 use crate::scheduler::{Command, DueKey, SchedTask, Scheduler, SkipReason};
 use crate::session::agent::{AgentEffect, AgentSession, Closed, HelloInfo};
 use crate::session::{Event, Now};
@@ -43,6 +43,12 @@ pub const HORIZON_MS: i64 = 60_000;
 pub const HELD_MAX: usize = 16_384;
 /// Tasks loaded from the store per read.
 pub const LOAD_BATCH: usize = 1_024;
+/// In a boot whose time no coordinator has vouched for yet, firing waits
+/// this long (ms of boot time) for the first clock sample, unless the
+/// coordinator is found unreachable first: a fresh boot's wall clock may be
+/// hours off (an RTC keeping local time), and occurrences fired on it could
+/// not be taken back. Late by at most this, once per boot.
+pub const VOUCH_WAIT_MS: i64 = 10_000;
 /// The detail of a run an operator asked for (`sundialctl task run-now`).
 pub const MANUAL_DETAIL: &str = "run now, as an operator asked";
 /// The detail of a run killed because the agent stopped.
@@ -66,22 +72,28 @@ pub struct Started {
     pub offline: bool,
 }
 
-/// One atomic write of a scheduler step.
+/// One atomic write of a scheduler step. A run key that is started or
+/// recorded here is no longer a pending retry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Step {
     pub states: Vec<(TaskId, Option<Timestamp>)>,
     pub started: Vec<(RunKey, Started)>,
     pub records: Vec<RunRecord>,
+    /// Retries now pending, each with its time.
+    pub retries: Vec<(RunKey, Timestamp)>,
 }
 
 /// The clock state that outlives a restart.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClockState {
     pub offset_ms: i64,
-    /// The boot the offset was measured in: not applied in another.
+    /// The boot the offset was measured in: not applied in another. Time
+    /// was vouched for by the coordinator in this boot iff it is the
+    /// current one.
     pub offset_boot: u64,
     pub last_known_good: Option<Timestamp>,
-    /// A trusted instant at a boot-clock reading, and the boot it is of.
+    /// The clock guard's base (a trusted instant at a boot-clock reading),
+    /// and the boot it is of.
     pub anchor: Option<(u64, Anchor)>,
 }
 
@@ -103,8 +115,16 @@ pub trait NodeStore {
     /// Tasks by id, each with its stored next due (`None`: unknown task).
     fn tasks_by_id(&self, ids: &[TaskId]) -> StoreResult<Vec<Option<StoredTask>>>;
     fn apply_step(&mut self, step: &Step) -> StoreResult<()>;
-    /// Clears the run's started mark and puts its record in the outbox.
-    fn finish_run(&mut self, record: &RunRecord) -> StoreResult<()>;
+    /// Clears the run's started mark and puts its record in the outbox,
+    /// with the retry it leads to (pending until started or recorded, and
+    /// dropped with its task).
+    fn finish_run(
+        &mut self,
+        record: &RunRecord,
+        retry: Option<(RunKey, Timestamp)>,
+    ) -> StoreResult<()>;
+    /// Every pending retry, with its time.
+    fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>>;
     /// Every run still marked started becomes an `interrupted` record in
     /// the outbox; returns them.
     fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>>;
@@ -193,6 +213,14 @@ pub struct SeededBugs {
     /// The first task of every load from the store is not held (so it never
     /// fires again).
     pub lose_loaded: bool,
+    /// A new boot fires at once on its wall clock, without waiting for the
+    /// coordinator to vouch for it (and a vouched correction back does not
+    /// rewind the scheduler).
+    pub no_vouch_wait: bool,
+    /// Every clock sample is applied as it comes, however far it moves time.
+    pub trust_every_sample: bool,
+    /// Pending retries are kept in memory only.
+    pub volatile_retries: bool,
 }
 
 /// The node's settings.
@@ -209,6 +237,9 @@ pub struct NodeConfig {
     pub seed: u64,
     pub bugs: SeededBugs,
     pub horizon: Horizon,
+    /// How long firing waits for the coordinator to vouch for the time in
+    /// a new boot, ms ([`VOUCH_WAIT_MS`]; 0: not at all).
+    pub vouch_wait_ms: i64,
 }
 
 /// How much of the schedule the node holds in memory.
@@ -252,6 +283,10 @@ pub struct AgentNode<S: NodeStore> {
     /// Runs killed because the agent stops.
     killed_for_stop: HashSet<RunKey>,
     last_persisted_good_ms: i64,
+    /// Firing waits for a first vouching until this boot-clock reading.
+    vouch_wait_until: Option<i64>,
+    /// Every occurrence up to this was decided by this node.
+    decided_until: Timestamp,
     effects: VecDeque<NodeEffect>,
     events: VecDeque<Event>,
 }
@@ -271,17 +306,19 @@ impl<S: NodeStore> AgentNode<S> {
     pub fn start(mut store: S, cfg: NodeConfig, r: Reading) -> StoreResult<AgentNode<S>> {
         let cs = store.clock_state()?;
         // The offset is of one boot's wall clock (a reboot may set it anew).
-        let offset = if cs.offset_boot == cfg.boot_id {
-            cs.offset_ms
-        } else {
-            0
-        };
+        let vouched = cs.offset_boot == cfg.boot_id;
+        let offset = if vouched { cs.offset_ms } else { 0 };
         let mut guard = ClockGuard::new(offset, cs.last_known_good);
         if let Some((boot, anchor)) = cs.anchor {
             if boot == cfg.boot_id {
-                guard = guard.with_anchor(anchor);
+                guard = guard.with_base(anchor, vouched);
             }
         }
+        if cfg.bugs.trust_every_sample {
+            guard = guard.trusting_every_sample();
+        }
+        let vouch_wait_until = (!vouched && cfg.vouch_wait_ms > 0 && !cfg.bugs.no_vouch_wait)
+            .then(|| r.boot_ms.saturating_add(cfg.vouch_wait_ms));
         let mut notes = Vec::new();
         let start = guard
             .observe(r, &mut notes)
@@ -291,13 +328,42 @@ impl<S: NodeStore> AgentNode<S> {
         // Nothing held yet: the first wake loads the horizon.
         let loaded = (Timestamp::MIN, TaskId(0));
         sched.set_horizon(loaded);
-        // An interrupted run may be retried: its task is held for that.
-        let ids: Vec<TaskId> = interrupted.iter().map(|r| r.task_id).collect();
-        for found in store.tasks_by_id(&ids)?.into_iter().flatten() {
-            sched.restore(SchedTask::from(&found.0), Some(found.1));
+        // Pending retries are durable, and an interrupted run may be
+        // retried: their tasks are held for that.
+        let pending = if cfg.bugs.volatile_retries {
+            Vec::new()
+        } else {
+            store.pending_retries()?
+        };
+        let mut ids: Vec<TaskId> = interrupted.iter().map(|r| r.task_id).collect();
+        ids.extend(pending.iter().map(|(k, _)| k.task_id));
+        ids.sort_unstable();
+        ids.dedup();
+        let found: std::collections::BTreeMap<TaskId, (SchedTask, Option<Timestamp>)> = store
+            .tasks_by_id(&ids)?
+            .into_iter()
+            .flatten()
+            .map(|(t, due)| (t.id, (SchedTask::from(&t), due)))
+            .collect();
+        for (task, due) in found.values() {
+            sched.restore(task.clone(), Some(*due));
         }
+        for (key, when) in pending {
+            sched.restore_retry(key, when);
+        }
+        let mut retries = Step::default();
         for rec in &interrupted {
-            sched.run_finished(rec.key(), Outcome::Interrupted, start);
+            // A run that is not retried lets its task go from memory if it
+            // is beyond the horizon: hold it again for the next one.
+            if let Some((task, due)) = found.get(&rec.task_id) {
+                sched.restore(task.clone(), Some(*due));
+            }
+            retries
+                .retries
+                .extend(sched.run_finished(rec.key(), Outcome::Interrupted, start));
+        }
+        if !retries.retries.is_empty() {
+            store.apply_step(&retries)?;
         }
         let session = AgentSession::new(cfg.seed);
         let mut node = AgentNode {
@@ -315,6 +381,8 @@ impl<S: NodeStore> AgentNode<S> {
             stopping: false,
             killed_for_stop: HashSet::new(),
             last_persisted_good_ms: i64::MIN,
+            vouch_wait_until,
+            decided_until: Timestamp::MIN,
             effects: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -355,10 +423,10 @@ impl<S: NodeStore> AgentNode<S> {
         self.running.len()
     }
 
-    /// The time up to which every occurrence has been decided (started,
-    /// skipped or refused): the scheduler's now.
+    /// The time up to which this node has decided every occurrence
+    /// (started, skipped or refused); before its first step, the start of time.
     pub fn decided_until(&self) -> Timestamp {
-        self.sched.now()
+        self.decided_until
     }
 
     /// Tasks held in memory (those due within the horizon, and those with
@@ -418,6 +486,9 @@ impl<S: NodeStore> AgentNode<S> {
         };
         let sched = due.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS);
         let mut wake = r.boot_ms + sched;
+        if let Some(t) = self.vouch_wait_until {
+            wake = wake.min(t);
+        }
         if let Some(t) = self.session.poll_timeout() {
             wake = wake.min(t as i64);
         }
@@ -435,14 +506,18 @@ impl<S: NodeStore> AgentNode<S> {
             self.held = now.is_none();
             self.store.set_clock_held(self.held)?;
         }
+        if self.vouch_wait_until.is_some_and(|t| r.boot_ms >= t) {
+            self.end_vouch_wait(r, false);
+        }
         if let Some(now) = now {
-            if !self.stopping {
+            if !self.stopping && self.vouch_wait_until.is_none() {
                 // Load and fire until every task due by now was held (more
                 // than the horizon holds may be due after a long stop).
                 loop {
                     self.refill(now)?;
                     let mut cmds = Vec::new();
                     self.sched.advance(now, &mut cmds);
+                    self.decided_until = self.sched.now();
                     self.apply(now, cmds)?;
                     if self.loaded.0 > now {
                         break;
@@ -487,9 +562,12 @@ impl<S: NodeStore> AgentNode<S> {
             });
         }
         let outcome = record.outcome;
-        self.store.finish_run(&record)?;
+        // The retry waits from now on trusted time (a run that started
+        // before a correction back must not wait for its old clock).
+        let retry = self.sched.run_finished(key, outcome, self.guard.time_of(r));
+        let retry = retry.filter(|_| !self.cfg.bugs.volatile_retries);
+        self.store.finish_run(&record, retry)?;
         self.events.push_back(Event::RunRecorded { key, outcome });
-        self.sched.run_finished(key, outcome, now);
         self.session.outbox_changed();
         self.pump(r)
     }
@@ -507,7 +585,8 @@ impl<S: NodeStore> AgentNode<S> {
     /// The stop grace is over: kills every running action; their records
     /// say `interrupted`, as they end.
     pub fn kill_all_for_stop(&mut self) {
-        let keys: Vec<RunKey> = self.running.keys().copied().collect();
+        let mut keys: Vec<RunKey> = self.running.keys().copied().collect();
+        keys.sort_unstable();
         for key in keys {
             if self.killed_for_stop.insert(key) {
                 self.effects.push_back(NodeEffect::Kill { key });
@@ -523,17 +602,49 @@ impl<S: NodeStore> AgentNode<S> {
             allow_exec: self.cfg.allow_exec.clone(),
         };
         self.session.handle_connected(now_of(r), hello);
+        // A boot whose time was never vouched for: hold firing until the
+        // session's first clock sample (moments away) says what time it is.
+        if !self.guard.is_vouched()
+            && self.vouch_wait_until.is_none()
+            && self.cfg.vouch_wait_ms > 0
+            && !self.cfg.bugs.no_vouch_wait
+        {
+            self.vouch_wait_until = Some(r.boot_ms.saturating_add(self.cfg.vouch_wait_ms));
+        }
         self.pump(r)
     }
 
     pub fn handle_connect_failed(&mut self, r: Reading, closed: Closed) -> StoreResult<()> {
+        self.end_vouch_wait(r, true);
         self.session.handle_connect_failed(now_of(r), closed);
         self.pump(r)
     }
 
     pub fn handle_closed(&mut self, r: Reading, closed: Closed) -> StoreResult<()> {
+        self.end_vouch_wait(r, true);
         self.session.handle_closed(now_of(r), closed);
         self.pump(r)
+    }
+
+    /// Whether firing waits for the coordinator to vouch for the time (a
+    /// new boot, not vouched yet).
+    pub fn awaits_vouching(&self) -> bool {
+        self.vouch_wait_until.is_some()
+    }
+
+    /// Firing stops waiting for a vouching that has not come: it goes on by
+    /// the wall clock, the best clock this boot has.
+    fn end_vouch_wait(&mut self, r: Reading, unreachable: bool) {
+        if let Some(until) = self.vouch_wait_until.take() {
+            if self.guard.is_vouched() {
+                return;
+            }
+            let waited_ms = r.boot_ms - (until - self.cfg.vouch_wait_ms);
+            self.events.push_back(Event::ClockUnvouched {
+                waited_ms,
+                unreachable,
+            });
+        }
     }
 
     /// Packets arrived on the connection.
@@ -561,18 +672,14 @@ impl<S: NodeStore> AgentNode<S> {
         if !force && ms.saturating_sub(self.last_persisted_good_ms) < KNOWN_GOOD_PERSIST_MS {
             return Ok(());
         }
-        let anchor = match (
-            self.guard.anchor(),
-            self.guard.ahead_ms(),
-            self.guard.is_trusted(),
-        ) {
-            (Some(a), None, true) => Some((self.cfg.boot_id, a)),
-            _ => self.store.clock_state()?.anchor,
+        let anchor = match self.guard.base() {
+            Some(a) => Some((self.cfg.boot_id, a)),
+            None => self.store.clock_state()?.anchor,
         };
-        let offset_boot = if self.guard.offset_ms() == 0 {
-            self.store.clock_state()?.offset_boot
-        } else {
+        let offset_boot = if self.guard.is_vouched() {
             self.cfg.boot_id
+        } else {
+            self.store.clock_state()?.offset_boot
         };
         self.store.set_clock_state(&ClockState {
             offset_ms: self.guard.offset_ms(),
@@ -689,14 +796,39 @@ impl<S: NodeStore> AgentNode<S> {
             }
             AgentEffect::Clock { offset_ms, rtt_ms } => {
                 let was_ahead = self.guard.ahead_ms();
-                let at = self.guard.set_offset(offset_ms, r);
-                self.events.push_back(Event::ClockVouched {
-                    offset_ms,
-                    rtt_ms,
-                    was_ahead_ms: was_ahead,
-                    at,
-                });
-                self.persist_clock(true)?;
+                match self.guard.vouch(offset_ms, r) {
+                    Vouch::Applied {
+                        at,
+                        moved_ms,
+                        confirmed,
+                    } => {
+                        self.vouch_wait_until = None;
+                        // Time went back: the scheduler goes back with it,
+                        // so what was not decided yet fires at its time
+                        // instead of when the wrong time comes round again.
+                        let decided_until = self.sched.now();
+                        let rewound = at.millis_since(decided_until) < -JUMP_THRESHOLD_MS
+                            && !self.cfg.bugs.no_vouch_wait;
+                        if rewound {
+                            self.sched.rewind(at);
+                            self.decided_until = self.decided_until.min(at);
+                        }
+                        self.events.push_back(Event::ClockVouched {
+                            offset_ms,
+                            rtt_ms,
+                            was_ahead_ms: was_ahead,
+                            moved_ms,
+                            confirmed,
+                            rewound_from: rewound.then_some(decided_until),
+                            at,
+                        });
+                        self.persist_clock(true)?;
+                    }
+                    Vouch::Disputed { by_ms, samples } => {
+                        self.events
+                            .push_back(Event::Clock(ClockNote::Disputed { by_ms, samples }));
+                    }
+                }
             }
             AgentEffect::RunNow { task_id, at } => {
                 if !self.sched.contains(task_id) {
@@ -822,8 +954,8 @@ impl<S: NodeStore> AgentNode<S> {
                         detail: Some("the task's action is unknown to this agent".into()),
                         ..skipped(key, self.cfg.agent_id, offline, SkipReason::Overlap)
                     };
-                    self.store.finish_run(&rec)?;
-                    self.sched.run_finished(key, Outcome::Rejected, now);
+                    let retry = self.sched.run_finished(key, Outcome::Rejected, now);
+                    self.store.finish_run(&rec, retry)?;
                 }
             }
         }

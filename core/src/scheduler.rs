@@ -16,8 +16,10 @@
 //! - An occurrence is started at most once per attempt: a task's `next_due`
 //!   moves past every occurrence it has decided on, in the same step whose
 //!   commands carry the decision.
-//! - Time never goes backwards here: an `advance` with an earlier `now` than
-//!   seen before decides nothing (a wall clock stepped back fires nothing early).
+//! - Time never goes backwards here on its own: an `advance` with an earlier
+//!   `now` than seen before decides nothing (a wall clock stepped back fires
+//!   nothing early). Only [`Scheduler::rewind`] moves it back (a vouched
+//!   correction), and it never moves a task's `next_due` back.
 //! - Work per step is bounded: at most [`MISFIRE_SCAN_MAX`] occurrences are
 //!   enumerated per task and at most [`MISFIRE_RECORDS_MAX`] skipped records
 //!   emitted, so no length of downtime stalls a schedule.
@@ -147,7 +149,7 @@ pub struct Scheduler {
     wheel: TimerWheel<Timer>,
     tasks: HashMap<TaskId, TaskEntry>,
     running: HashMap<RunKey, RunningRun>,
-    retries: HashMap<u64, RunKey>,
+    retries: HashMap<u64, (RunKey, TimerHandle)>,
     timeouts: HashMap<u64, RunKey>,
     next_token: u64,
     /// Tasks due after this are not held (`None`: every task is held).
@@ -342,6 +344,58 @@ impl Scheduler {
         );
     }
 
+    /// Trusted time was corrected back to `now` (the clock had been ahead,
+    /// and the coordinator vouched for an earlier time): the scheduler's
+    /// time goes back with it, so nothing waits for the old time to come
+    /// round again. What was decided stays decided (each task's `next_due`
+    /// never moves back, so no occurrence runs twice); the waits that were
+    /// measured from the wrong time (retry backoffs, timeouts) move back by
+    /// the correction. A `now` not earlier than the scheduler's changes nothing.
+    pub fn rewind(&mut self, now: Timestamp) {
+        if now >= self.now {
+            return;
+        }
+        let by = now.millis_since(self.now);
+        let shifted = |wheel: &TimerWheel<Timer>, h: TimerHandle| {
+            let at = wheel.deadline(h).map_or(now, untick);
+            at.saturating_add_ms(by).max(now)
+        };
+        // Re-inserted in a fixed order (ids, tokens), so that timers due at
+        // the same tick keep a deterministic order.
+        let mut wheel = TimerWheel::new(tick(now));
+        let mut ids: Vec<TaskId> = self.tasks.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(e) = self.tasks.get_mut(&id) {
+                e.timer = e.next_due.map(|t| wheel.insert(tick(t), Timer::Due(id)));
+            }
+        }
+        let mut tokens: Vec<u64> = self.retries.keys().copied().collect();
+        tokens.sort_unstable();
+        for token in tokens {
+            if let Some((_, h)) = self.retries.get_mut(&token) {
+                let at = shifted(&self.wheel, *h);
+                *h = wheel.insert(tick(at), Timer::Retry(token));
+            }
+        }
+        let mut runs: Vec<(u64, RunKey)> = self
+            .running
+            .iter()
+            .filter_map(|(k, r)| r.timeout.map(|(_, token)| (token, *k)))
+            .collect();
+        runs.sort_unstable();
+        for (token, key) in runs {
+            if let Some(run) = self.running.get_mut(&key) {
+                if let Some((h, _)) = run.timeout {
+                    let at = shifted(&self.wheel, h);
+                    run.timeout = Some((wheel.insert(tick(at), Timer::Timeout(token)), token));
+                }
+            }
+        }
+        self.wheel = wheel;
+        self.now = now;
+    }
+
     /// Time has reached `now`: decides everything due by then.
     pub fn advance(&mut self, now: Timestamp, out: &mut Vec<Command>) {
         if now < self.now {
@@ -356,7 +410,7 @@ impl Scheduler {
             match timer {
                 Timer::Due(id) => self.on_due(id, out),
                 Timer::Retry(token) => {
-                    if let Some(key) = self.retries.remove(&token) {
+                    if let Some((key, _)) = self.retries.remove(&token) {
                         if let Some(e) = self.tasks.get_mut(&key.task_id) {
                             e.retries = e.retries.saturating_sub(1);
                             self.start(key, out);
@@ -377,8 +431,15 @@ impl Scheduler {
     }
 
     /// A run ended (or was found interrupted at start-up) at `at`. Applies
-    /// the retry policy.
-    pub fn run_finished(&mut self, key: RunKey, outcome: sundial_protocol::Outcome, at: Timestamp) {
+    /// the retry policy: returns the retry it scheduled, with its time, for
+    /// the caller to store with the run's record (a pending retry is
+    /// durable state: [`restore_retry`](Self::restore_retry) brings it back).
+    pub fn run_finished(
+        &mut self,
+        key: RunKey,
+        outcome: sundial_protocol::Outcome,
+        at: Timestamp,
+    ) -> Option<(RunKey, Timestamp)> {
         if let Some(run) = self.running.remove(&key) {
             if let Some((h, token)) = run.timeout {
                 self.wheel.cancel(h);
@@ -396,24 +457,33 @@ impl Scheduler {
             }
             _ => {
                 self.settle(key.task_id);
-                return;
+                return None;
             }
         };
         let when = at
             .max(self.now)
             .saturating_add_ms(retry.backoff_after(key.attempt).as_millis_i64());
+        let next = RunKey {
+            attempt: key.attempt + 1,
+            ..key
+        };
+        self.restore_retry(next, when);
+        Some((next, when))
+    }
+
+    /// Holds a pending retry (of a held task) for its time: one scheduled
+    /// by [`run_finished`](Self::run_finished), or one stored before a
+    /// restart. A retry already pending for the key is left as it is.
+    pub fn restore_retry(&mut self, key: RunKey, when: Timestamp) {
+        if !self.tasks.contains_key(&key.task_id) || self.retries.values().any(|(k, _)| *k == key) {
+            return;
+        }
         let token = self.token();
         if let Some(e) = self.tasks.get_mut(&key.task_id) {
             e.retries += 1;
         }
-        self.wheel.insert(tick(when), Timer::Retry(token));
-        self.retries.insert(
-            token,
-            RunKey {
-                attempt: key.attempt + 1,
-                ..key
-            },
-        );
+        let handle = self.wheel.insert(tick(when), Timer::Retry(token));
+        self.retries.insert(token, (key, handle));
     }
 
     fn token(&mut self) -> u64 {

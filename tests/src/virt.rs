@@ -112,6 +112,7 @@ struct MemStore {
     next_seq: u64,
     last_revision: u64,
     clock: ClockState,
+    retries: BTreeMap<RunKey, Timestamp>,
     /// Every record ever committed to the outbox (for the checks).
     ledger: Vec<RunRecord>,
 }
@@ -183,6 +184,7 @@ impl NodeStore for MemStore {
     ) -> StoreResult<()> {
         for id in removed {
             self.tasks.remove(id);
+            self.retries.retain(|k, _| k.task_id != *id);
             if let Some(Some(t)) = self.states.remove(id) {
                 self.due.remove(&(t, *id));
             }
@@ -209,16 +211,34 @@ impl NodeStore for MemStore {
         }
         for (key, s) in &step.started {
             self.started.insert(*key, *s);
+            self.retries.remove(key);
         }
         for r in &step.records {
+            self.retries.remove(&r.key());
             self.outbox_put(r);
+        }
+        for (key, when) in &step.retries {
+            if self.tasks.contains_key(&key.task_id) {
+                self.retries.insert(*key, *when);
+            }
         }
         Ok(())
     }
-    fn finish_run(&mut self, record: &RunRecord) -> StoreResult<()> {
+    fn finish_run(
+        &mut self,
+        record: &RunRecord,
+        retry: Option<(RunKey, Timestamp)>,
+    ) -> StoreResult<()> {
         self.started.remove(&record.key());
+        self.retries.remove(&record.key());
+        if let Some((key, when)) = retry.filter(|(k, _)| self.tasks.contains_key(&k.task_id)) {
+            self.retries.insert(key, when);
+        }
         self.outbox_put(record);
         Ok(())
+    }
+    fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>> {
+        Ok(self.retries.iter().map(|(k, t)| (*k, *t)).collect())
     }
     fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>> {
         let started = std::mem::take(&mut self.started);
@@ -335,6 +355,23 @@ struct Agent {
     fired: HashMap<RunKey, i64>,
     /// Until when each direction of its link is cut.
     cut_until: [i64; 2],
+    /// The coordinator vouched for its time in this boot.
+    vouched_boot: bool,
+    /// Fires by a clock nothing could correct (a boot with no coordinator
+    /// reachable, or a first sample from a coordinator whose clock was
+    /// wrong): early fires are counted, not failed, until a good vouching.
+    excused: bool,
+    /// Its wall clock took small forward steps (each under the jump
+    /// threshold): it may fire up to the guard's bound early.
+    small_steps: bool,
+    /// When each retryable run's retry is due at the latest, in its time.
+    retry_due: HashMap<RunKey, i64>,
+    /// Tasks it held while its excused clock had decided into the future:
+    /// their occurrences up to that future were decided (early, or skipped)
+    /// and are not run again, so they stall until true time gets there.
+    excused_tasks: BTreeSet<TaskId>,
+    /// Its decided-until when each task first reached it.
+    assigned_at: HashMap<TaskId, Timestamp>,
 }
 
 #[derive(Debug)]
@@ -354,6 +391,15 @@ enum Ev {
     /// that the last records drain.
     Quiesce,
     ClockStep(usize, i64),
+    /// The wall clock steps 0.9 s forward; this many more times, 2 s apart.
+    SmallSteps(usize, u32),
+    /// An agent joins the fleet (its first start) with this wall offset.
+    Join(usize, i64),
+    /// The coordinator's clock is off by this much for this long.
+    CoordClock(i64, i64),
+    /// A graceful stop (SIGTERM): running actions are killed and recorded
+    /// interrupted, then the agent is down.
+    Stop(usize),
     Operator,
 }
 
@@ -385,6 +431,12 @@ struct World {
     /// Sessions that came up, in all, and the revision the latest began at.
     session_ups: u64,
     last_hello_revision: u64,
+    /// The coordinator's wall clock reads true time plus this.
+    coord_clock_off: i64,
+    /// Stops and crashes aimed into retry backoffs, so far.
+    backoff_restarts: u32,
+    /// Early fires by a clock nothing could correct (see `Agent::excused`).
+    pub excused_early: u64,
 }
 
 fn mix(h: u64, x: u64) -> u64 {
@@ -430,7 +482,7 @@ impl World {
     fn coord_now(&self, origin: i64) -> Now {
         Now {
             mono_ms: (self.now - origin).max(0) as u64,
-            wall: Timestamp::from_millis_saturating(self.now),
+            wall: Timestamp::from_millis_saturating(self.now + self.coord_clock_off),
         }
     }
 
@@ -473,6 +525,14 @@ impl World {
         let Some(node) = self.agents[i].node.as_mut() else {
             return;
         };
+        let ahead = node.decided_until().as_millis() > self.now + EARLY_TOLERANCE_MS;
+        if self.agents[i].excused && ahead {
+            let held: Vec<TaskId> = self.agents[i].decided.keys().copied().collect();
+            self.agents[i].excused_tasks.extend(held);
+        }
+        let Some(node) = self.agents[i].node.as_mut() else {
+            return;
+        };
         node.precompute();
         let Some(node) = self.agents[i].node.as_ref() else {
             return;
@@ -506,7 +566,18 @@ impl World {
             Event::TaskRemoved { task_id } => {
                 self.trace(10, i as u64, task_id.0);
                 self.agents[i].removed_at.insert(task_id, self.now);
-                let until = self.agents[i].node.as_ref().map(|n| n.decided_until());
+                // Decided only if the node stepped since the task came: a
+                // task that arrives while firing is held has nothing decided.
+                let until = self.agents[i]
+                    .node
+                    .as_ref()
+                    .map(|n| n.decided_until())
+                    .filter(|u| {
+                        self.agents[i]
+                            .assigned_at
+                            .get(&task_id)
+                            .is_none_or(|a| u > a)
+                    });
                 if let Some(d) = self.agents[i].decided.get_mut(&task_id) {
                     *d = until;
                 }
@@ -514,9 +585,43 @@ impl World {
             Event::TaskAssigned { task_id, .. } => {
                 self.trace(14, i as u64, 0);
                 self.agents[i].decided.entry(task_id).or_insert(None);
+                let at = self.agents[i].node.as_ref().map(|n| n.decided_until());
+                if let Some(at) = at {
+                    self.agents[i].assigned_at.entry(task_id).or_insert(at);
+                }
             }
-            Event::RunRecorded { key, .. } => {
-                self.trace(11, i as u64, key.scheduled_at.as_millis() as u64)
+            Event::RunRecorded { key, outcome } => {
+                self.trace(11, i as u64, key.scheduled_at.as_millis() as u64);
+                if self.verbose {
+                    eprintln!(
+                        "t+{}ms agent {i} recorded {}@{}#{} {outcome:?}",
+                        self.now - T0,
+                        key.task_id,
+                        key.scheduled_at.as_millis() - T0,
+                        key.attempt
+                    );
+                }
+                let retryable = matches!(
+                    outcome,
+                    Outcome::Failed | Outcome::TimedOut | Outcome::Interrupted
+                );
+                let r = self.reading(i);
+                let backoff = self
+                    .tasks
+                    .get(&key.task_id)
+                    .filter(|(t, _)| retryable && t.policies.retry.allows_after(key.attempt))
+                    .map(|(t, _)| t.policies.retry.backoff_after(key.attempt).as_millis_i64());
+                // A run that ends after its task was cancelled on the agent
+                // has no retry.
+                let gone = self.agents[i].removed_at.contains_key(&key.task_id);
+                if let (Some(backoff), Some(node), false) =
+                    (backoff, self.agents[i].node.as_ref(), gone)
+                {
+                    let at = node.time_of(r).max(node.decided_until());
+                    self.agents[i]
+                        .retry_due
+                        .insert(key, at.as_millis() + backoff);
+                }
             }
             Event::SessionUp { last_revision, .. } => {
                 self.session_ups += 1;
@@ -524,6 +629,39 @@ impl World {
                 self.trace(12, i as u64, last_revision)
             }
             Event::SessionDown { .. } => self.trace(13, i as u64, 0),
+            Event::ClockVouched { at, confirmed, .. } => {
+                self.trace(15, i as u64, 0);
+                let err = at.as_millis() - self.now;
+                let a = &mut self.agents[i];
+                // A sample counts at the low end of its error: late by up
+                // to its round trip (retransmissions), never early.
+                let rtt_max = sundial_core::session::agent::CLOCK_SAMPLE_RTT_MAX_MS;
+                if (-rtt_max - 10..=EARLY_TOLERANCE_MS).contains(&err) {
+                    a.excused = false;
+                } else if !a.vouched_boot {
+                    // The first sample of a boot is the reference: a
+                    // coordinator wrong at that moment is followed.
+                    a.excused = true;
+                } else if !a.excused {
+                    self.fail(format!(
+                        "agent {i} followed a coordinator clock {err} ms off (confirmed: {confirmed}) after its time was vouched for"
+                    ));
+                }
+                self.agents[i].vouched_boot = true;
+            }
+            Event::ClockUnvouched { unreachable, .. } => {
+                self.trace(16, i as u64, u64::from(unreachable));
+                let linked = self.agents[i].conn.is_some()
+                    && self.coord_up
+                    && !self.cut(i, UP)
+                    && !self.cut(i, DOWN);
+                if !unreachable && linked {
+                    // A link that works but gave no usable sample in the
+                    // wait (a clock step between probe and reply): said so.
+                    self.trace(17, i as u64, 0);
+                }
+                self.agents[i].excused = true;
+            }
             _ => self.trace(14, i as u64, 0),
         }
     }
@@ -559,11 +697,25 @@ impl World {
                         r.boot_ms
                     );
                 }
-                if self.now < key.scheduled_at.as_millis() - EARLY_TOLERANCE_MS {
-                    self.fail(format!(
-                        "agent {i} fired {key:?} {} ms early",
-                        key.scheduled_at.as_millis() - self.now
-                    ));
+                let tolerance = if self.agents[i].small_steps {
+                    // Forward steps under the jump threshold are taken as
+                    // corrections: up to the guard's bound, in all.
+                    EARLY_TOLERANCE_MS
+                        + sundial_core::clock::JUMP_THRESHOLD_MS
+                        + (self.now - T0 + 120_000) / 10_000
+                } else {
+                    EARLY_TOLERANCE_MS
+                };
+                if self.now < key.scheduled_at.as_millis() - tolerance {
+                    if self.agents[i].excused || self.agents[i].excused_tasks.contains(&key.task_id)
+                    {
+                        self.excused_early += 1;
+                    } else {
+                        self.fail(format!(
+                            "agent {i} fired {key:?} {} ms early",
+                            key.scheduled_at.as_millis() - self.now
+                        ));
+                    }
                 }
                 if let Some(gone) = self.agents[i].removed_at.get(&key.task_id) {
                     self.fail(format!(
@@ -905,6 +1057,22 @@ impl World {
                     self.node_call(i, |n, r| {
                         n.handle_finished(r, key, sundial_core::node::Finished::of(outcome, code))
                     });
+                    // Now and then a stop or a crash inside the retry's
+                    // backoff: the retry must survive it.
+                    let retried = self.agents[i].retry_due.contains_key(&key);
+                    if retried
+                        && self.now < self.faults_end
+                        && self.backoff_restarts < 4
+                        && self.rng.chance(0.05)
+                    {
+                        self.backoff_restarts += 1;
+                        let ev = if self.rng.chance(0.5) {
+                            Ev::Stop(i)
+                        } else {
+                            Ev::Crash(i)
+                        };
+                        self.at(self.now + 20, ev);
+                    }
                 }
             }
             Ev::ConnectDone(i, inc, reachable) => {
@@ -968,15 +1136,20 @@ impl World {
                 };
                 self.trace(51, i as u64, u64::from(reboot));
                 if reboot {
+                    // A reboot resets the wall clock: from a good RTC, to
+                    // 2001 on a device without one, or ahead (an RTC that
+                    // keeps local time).
+                    let roll = self.rng.below(10);
+                    let ahead = 30_000 + self.rng.below(3_600_000) as i64;
                     let a = &mut self.agents[i];
                     a.boot_id += 1;
                     a.boot_at = self.now;
-                    // A reboot resets the wall clock: from a good RTC, or
-                    // to 2001 on a device without one.
-                    a.wall_offset = if self.rng.chance(0.3) {
-                        Y2001 - self.now
-                    } else {
-                        0
+                    a.vouched_boot = false;
+                    a.excused = false;
+                    a.wall_offset = match roll {
+                        0..=2 => Y2001 - self.now,
+                        3 | 4 => ahead,
+                        _ => 0,
                     };
                 }
                 self.start_agent(i, store);
@@ -1008,6 +1181,43 @@ impl World {
                     }
                 }
             }
+            Ev::SmallSteps(i, left) => {
+                self.trace(56, i as u64, u64::from(left));
+                self.agents[i].wall_offset += 900;
+                self.agents[i].small_steps = true;
+                self.node_call(i, |n, r| n.handle_wake(r));
+                if left > 0 {
+                    self.at(self.now + 2_000, Ev::SmallSteps(i, left - 1));
+                }
+            }
+            Ev::Join(i, offset) => {
+                self.trace(57, i as u64, offset as u64);
+                let a = &mut self.agents[i];
+                a.boot_at = self.now - 30_000;
+                a.wall_offset = offset;
+                self.start_agent(i, MemStore::default());
+            }
+            Ev::CoordClock(off, ms) => {
+                self.trace(58, off as u64, ms as u64);
+                self.coord_clock_off = off;
+                if ms > 0 {
+                    self.at(self.now + ms, Ev::CoordClock(0, 0));
+                }
+            }
+            Ev::Stop(i) => {
+                if self.agents[i].node.is_none() {
+                    return;
+                }
+                self.trace(59, i as u64, 0);
+                let Some(node) = self.agents[i].node.as_mut() else {
+                    return;
+                };
+                node.begin_stop();
+                node.kill_all_for_stop();
+                self.drain_node(i);
+                // The kills end within a millisecond; then it is down.
+                self.at(self.now + 5, Ev::Crash(i));
+            }
             Ev::ClockStep(i, by) => {
                 // Steps while the agent runs (a step while it is down and
                 // then a reboot is undetectable; a reboot resets the clock).
@@ -1017,6 +1227,7 @@ impl World {
             }
             Ev::Quiesce => {
                 self.check_converged();
+                self.check_on_time();
                 let live: Vec<TaskId> = self
                     .tasks
                     .iter()
@@ -1053,6 +1264,7 @@ impl World {
             seed: self.rng.next_u64(),
             bugs: self.bugs,
             horizon: self.horizon,
+            vouch_wait_ms: sundial_core::node::VOUCH_WAIT_MS,
         };
         let r = self.reading(i);
         match AgentNode::start(store, cfg, r) {
@@ -1272,6 +1484,11 @@ impl World {
                 let (Some(until), Some((spec, _))) = (until, self.tasks.get(task_id)) else {
                     continue;
                 };
+                if agent.excused_tasks.contains(task_id) {
+                    // Decided on a clock far ahead: beyond the cap of
+                    // skipped records (MISFIRE_RECORDS_MAX) not all are.
+                    continue;
+                }
                 let mut next = first_occurrence(&spec.schedule, spec.created_at);
                 while let Some(t) = next.filter(|t| t <= until) {
                     let key = RunKey {
@@ -1291,6 +1508,97 @@ impl World {
             }
         }
         for f in found {
+            self.fail(f);
+        }
+    }
+
+    /// At the quiesce point, long after the last fault: every agent whose
+    /// clock could be corrected is on time: every occurrence of its live
+    /// tasks due 5–20 s ago has been run or recorded. (A scheduler left
+    /// ahead by a clock that was ahead, or a schedule stalled by a bad
+    /// clock, fails here.)
+    fn check_on_time(&mut self) {
+        let q = self.now;
+        let window = (
+            Timestamp::from_millis_saturating(q - 20_000),
+            Timestamp::from_millis_saturating(q - 5_000),
+        );
+        let mut found = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let Some(node) = agent.node.as_ref() else {
+                continue;
+            };
+            if agent.excused {
+                continue;
+            }
+            let store = node.store();
+            for (spec, cancelled) in self.tasks.values() {
+                if *cancelled
+                    || !self.targets(spec, agent.id)
+                    || spec.created_at.as_millis() > q - 30_000
+                    || agent.excused_tasks.contains(&spec.id)
+                {
+                    continue;
+                }
+                let mut next = spec.schedule.next_after(window.0.saturating_add_ms(-1));
+                while let Some(t) = next.filter(|t| *t <= window.1) {
+                    let key = RunKey {
+                        task_id: spec.id,
+                        scheduled_at: t,
+                        attempt: 1,
+                    };
+                    let done = agent.fired.contains_key(&key)
+                        || self.runs.contains_key(&(agent.id, key))
+                        || store.outbox_keys.contains_key(&key);
+                    if !done {
+                        found.push(format!(
+                            "agent {i}: {key:?}, due {} ms before the quiesce point, neither ran nor was recorded (decided up to {})",
+                            q - t.as_millis(),
+                            node.decided_until().as_millis() - T0
+                        ));
+                        break;
+                    }
+                    next = spec.schedule.next_after(t);
+                }
+            }
+        }
+        for f in found.into_iter().take(5) {
+            self.fail(f);
+        }
+    }
+
+    /// Every retryable run whose retry was due before its agent gave up the
+    /// task has a record of that retry: pending retries survive stops,
+    /// crashes and reboots.
+    fn check_retries(&mut self) {
+        let mut found = Vec::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let ledger: BTreeSet<RunKey> = agent
+                .node
+                .as_ref()
+                .map(|n| n.store().ledger.iter().map(RunRecord::key).collect())
+                .unwrap_or_default();
+            for (key, due) in &agent.retry_due {
+                let Some(Some(until)) = agent.decided.get(&key.task_id) else {
+                    continue;
+                };
+                if until.as_millis() <= *due {
+                    continue;
+                }
+                let next = RunKey {
+                    attempt: key.attempt + 1,
+                    ..*key
+                };
+                if !ledger.contains(&next) && !self.runs.contains_key(&(agent.id, next)) {
+                    found.push(format!(
+                        "agent {i}: the retry {next:?}, due by {} (agent time), has no record though the agent decided up to {}",
+                        due - T0,
+                        until.as_millis() - T0
+                    ));
+                }
+            }
+        }
+        for f in found.into_iter().take(5) {
             self.fail(f);
         }
     }
@@ -1376,6 +1684,9 @@ impl World {
             verbose: std::env::var_os("SUNDIAL_SIM_VERBOSE").is_some(),
             session_ups: 0,
             last_hello_revision: 0,
+            coord_clock_off: 0,
+            backoff_restarts: 0,
+            excused_early: 0,
         }
     }
 }
@@ -1421,8 +1732,27 @@ fn add_agents(w: &mut World, n: usize) {
             decided: HashMap::new(),
             fired: HashMap::new(),
             cut_until: [i64::MIN; 2],
+            vouched_boot: false,
+            excused: false,
+            small_steps: false,
+            retry_due: HashMap::new(),
+            excused_tasks: BTreeSet::new(),
+            assigned_at: HashMap::new(),
         });
-        w.start_agent(i, MemStore::default());
+        // Some devices join later, their clocks anywhere (an RTC keeping
+        // local time is hours ahead at its very first start).
+        if i > 0 && w.rng.chance(0.3) {
+            let span = (w.faults_end - T0 - 30_000).max(1) as u64;
+            let t = T0 + w.rng.below(span) as i64;
+            let offset = if w.rng.chance(0.5) {
+                30_000 + w.rng.below(3_600_000) as i64
+            } else {
+                -(w.rng.below(2_000) as i64)
+            };
+            w.at(t, Ev::Join(i, offset));
+        } else {
+            w.start_agent(i, MemStore::default());
+        }
     }
 }
 
@@ -1442,7 +1772,17 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
                 };
                 Ev::Cut(i, dirs, 500 + w.rng.below(30_000) as i64)
             }
-            4 | 5 => Ev::Crash(i),
+            4 => Ev::Crash(i),
+            5 => match w.rng.below(3) {
+                0 => Ev::SmallSteps(i, 5 + w.rng.below(20) as u32),
+                // The coordinator's clock wrong for up to a minute.
+                1 => {
+                    let by = 30_000 + w.rng.below(3_600_000) as i64;
+                    let by = if w.rng.chance(0.5) { by } else { -by };
+                    Ev::CoordClock(by, 5_000 + w.rng.below(55_000) as i64)
+                }
+                _ => Ev::Stop(i),
+            },
             6 => Ev::CoordCrash,
             _ => {
                 // A step: 1.5 s to an hour, either way. (Steps under the
@@ -1460,6 +1800,7 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
     w.run(T0 + duration);
     w.check_drained();
     w.check_every_occurrence_decided();
+    w.check_retries();
     SeedReport {
         seed,
         failures: w.failures,

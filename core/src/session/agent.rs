@@ -22,6 +22,8 @@ use super::{Event, Now, Rng};
 
 /// How often clock samples are exchanged, in ms.
 pub const CLOCK_PROBE_INTERVAL_MS: u64 = 30_000;
+/// After an unusable sample, the next probe goes this soon, in ms.
+pub const CLOCK_PROBE_RETRY_MS: u64 = 1_000;
 /// The first wait after a failed connection, in ms, until the coordinator
 /// states its own ([`ReconnectPolicy`]).
 pub const RECONNECT_DELAY_MIN_MS: u64 = 250;
@@ -497,6 +499,10 @@ impl AgentSession {
                         offset_ms: offset_ms - (rtt_ms + 1) / 2,
                         rtt_ms,
                     });
+                } else {
+                    // Unusable (a stalled link, or the wall clock stepped
+                    // between probe and reply): ask again soon.
+                    up.next_probe_ms = up.next_probe_ms.min(now.mono_ms + CLOCK_PROBE_RETRY_MS);
                 }
             }
             CoordMsg::Refused { reason } => {

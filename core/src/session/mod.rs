@@ -150,7 +150,20 @@ pub enum Event {
         rtt_ms: i64,
         /// The wall clock had been ahead of trusted time by this much.
         was_ahead_ms: Option<i64>,
+        /// Trusted time moved by this much (negative: back).
+        moved_ms: i64,
+        /// A large move, confirmed by samples over a span.
+        confirmed: bool,
+        /// Time went back from here, where occurrences had been decided up
+        /// to: the scheduler went back with it.
+        rewound_from: Option<Timestamp>,
         at: Timestamp,
+    },
+    /// A new boot's first vouching did not come in time (or the coordinator
+    /// is unreachable): firing goes on by the unvouched wall clock.
+    ClockUnvouched {
+        waited_ms: i64,
+        unreachable: bool,
     },
     TaskAssigned {
         task_id: sundial_protocol::TaskId,
