@@ -169,6 +169,17 @@ pub struct CoordinatorStore {
 }
 
 impl CoordinatorStore {
+    /// The instant a new task's occurrences count from: its creation, or
+    /// for a one-shot accepted a little in the past (`--at now` resolved on
+    /// the operator's clock, a few ms before ours) its instant, so that it
+    /// fires once instead of never.
+    fn counts_from(schedule: &sundial_protocol::Schedule, now: Timestamp) -> Timestamp {
+        match schedule.kind() {
+            sundial_protocol::ScheduleKind::At(at) => now.min(*at),
+            _ => now,
+        }
+    }
+
     pub fn open(path: &Path) -> Result<CoordinatorStore> {
         let db = Database::create(path).map_err(db_err("open"))?;
         let store = CoordinatorStore { db };
@@ -457,6 +468,7 @@ impl CoordinatorStore {
                 .map_err(db_err("create task"))?;
             meta.insert(REVISION, records::encode(&revision).as_slice())
                 .map_err(db_err("create task"))?;
+            let created_at = Self::counts_from(&draft.schedule, now);
             let spec = TaskSpec {
                 id: TaskId(id),
                 name: draft.name,
@@ -465,7 +477,7 @@ impl CoordinatorStore {
                 action: draft.action,
                 policies: draft.policies,
                 revision,
-                created_at: now,
+                created_at,
             };
             let rec = CoordTaskV1 {
                 task: TaskRecordV1::from_spec(&spec),

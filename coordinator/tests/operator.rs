@@ -434,3 +434,56 @@ fn a_task_is_updated_in_place_and_run_now_on_demand() {
     assert_eq!(coord.json(&["task", "get", "later"])["state"], "active");
     agent.stop();
 }
+
+#[test]
+fn a_one_shot_at_now_runs_once() {
+    // `--at now` is resolved on the operator's clock, a moment before the
+    // coordinator stamps the task: it must still run, once.
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
+    let mut agent = Agent::start(&dir);
+    for (name, at) in [("now", "now"), ("zero", "+0s")] {
+        coord.ctl_ok(&[
+            "task",
+            "create",
+            "--name",
+            name,
+            "--agent",
+            "a",
+            "--at",
+            at,
+            "--",
+            "/bin/true",
+        ]);
+    }
+    // A minute-old instant is refused with the hint, not accepted silently.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let past = sundial_protocol::Timestamp::from_millis_saturating(now_ms - 60_000).to_string();
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--agent",
+        "a",
+        "--at",
+        &past,
+        "--",
+        "/bin/true",
+    ]);
+    assert!(!ok && err.contains("in the past"), "{err}");
+    for name in ["now", "zero"] {
+        wait_for(&format!("the run of --at {name}"), || {
+            coord.runs(&["--task", name]).len() == 1
+        });
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    for name in ["now", "zero"] {
+        let runs = coord.runs(&["--task", name]);
+        assert_eq!(runs.len(), 1, "{name}: {runs:?}");
+        assert_eq!(runs[0]["outcome"], "succeeded", "{name}: {runs:?}");
+    }
+    agent.stop();
+}
