@@ -417,3 +417,38 @@ fn garbage_and_oversized_frames_close_that_connection_only() {
     });
     good.stop();
 }
+
+#[test]
+fn the_data_directory_is_private_to_its_owner_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let check = |dir: &Path| {
+        assert_eq!(mode(dir), 0o700, "{}", dir.display());
+        for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+            if e.file_type().expect("type").is_file() {
+                assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
+            }
+        }
+    };
+    let root = tempfile::tempdir().expect("tempdir");
+    // init under the usual umask (022): the store and keys are not world-readable.
+    let mut coord = Coordinator::start(root.path());
+    coord.kill9();
+    check(&coord.dir);
+    // A data directory made readable by hand is closed again by serve.
+    std::fs::set_permissions(&coord.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let store = coord.dir.join("coordinator.redb");
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    coord.restart();
+    wait_for("serve to tighten the directory", || {
+        mode(&coord.dir) == 0o700 && mode(&store) == 0o600
+    });
+    coord.kill9();
+    check(&coord.dir);
+}

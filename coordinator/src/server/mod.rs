@@ -487,12 +487,52 @@ pub fn init_with(
     if force {
         let _ = std::fs::remove_file(dir.join(STORE_FILE));
     }
+    make_private_dir(dir).map_err(|e| {
+        ServeError::Tls(format!("cannot create {}: {e}", dir.display()))
+    })?;
     let (_pki, admin_der) = Pki::init(dir, server_name, advertise)?;
     let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
+    restrict_data_dir(dir);
     store.add_admin_cert(sha256(admin_der.as_ref()))?;
     store.put_meta_str("advertise", advertise)?;
     store.put_meta_str("server_name", server_name)?;
     Ok(dir.join(crate::pki::ADMIN_CREDS))
+}
+
+/// Creates the data directory readable by its owner only (0700).
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Takes group and other access away from the data directory (0700) and
+/// every file in it (0600); logs what it cannot change.
+fn restrict_data_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let restrict = |path: &Path, mode: u32| {
+        let Ok(m) = std::fs::metadata(path) else {
+            return;
+        };
+        if m.permissions().mode() & 0o077 != 0 {
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot make this private to its owner");
+            }
+        }
+    };
+    restrict(dir, 0o700);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                restrict(&e.path(), 0o600);
+            }
+        }
+    }
 }
 
 impl Server {
@@ -515,6 +555,9 @@ impl Server {
                 ServeError::Store(e)
             }
         })?;
+        // The store holds task environments and run output, the directory
+        // the CA key: the owner's only, whatever the umask was.
+        restrict_data_dir(dir);
         let known: KnownCerts = Arc::new(RwLock::new(store.known_certs()?.into_iter().collect()));
         let provider = sundial_net::tls::provider();
         let mut roots = RootCertStore::empty();
