@@ -186,6 +186,10 @@ where
             };
         }
     };
+    sundial_net::damage::exit_on_store_damage(
+        "sundial-agent",
+        "Stop the agent, move agent.redb out of the data directory (keep it for inspection), and join again with a new token: the coordinator sends the tasks again; records not yet synced are in the old file only.",
+    );
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -781,3 +781,76 @@ fn a_run_cut_short_by_the_stop_is_retried_after_the_restart() {
     got.sort_by_key(|g| g.0);
     assert_eq!(got, [(1, Outcome::Interrupted), (2, Outcome::Succeeded)]);
 }
+
+/// Overwrites 4 KiB in the middle of the file with pseudo-random bytes.
+fn scribble(path: &Path, seed: u64) {
+    let mut bytes = std::fs::read(path).expect("read");
+    let mut x = seed | 1;
+    let mid = (bytes.len() / 2) & !4095;
+    for b in bytes.iter_mut().skip(mid).take(4096) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(path, bytes).expect("write");
+}
+
+#[test]
+fn a_corrupt_page_stops_the_agent_with_a_reason_not_a_panic() {
+    let mut damaged = 0;
+    for seed in 1..=6u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = AgentStore::open(&store_path(dir.path())).expect("store");
+            let tasks: Vec<TaskSpec> = (1..=2_000)
+                .map(|i| {
+                    sh_task(
+                        i,
+                        Schedule::at(now().saturating_add_ms(3_600_000)),
+                        "true",
+                        Policies::default(),
+                    )
+                })
+                .collect();
+            store.put_tasks(&tasks, Some(1)).expect("put");
+        }
+        scribble(&store_path(dir.path()), seed);
+        for args in [&["status", "-o", "json"][..], &["run"][..]] {
+            let mut cmd = Command::new(AGENT);
+            cmd.args(&args[..1])
+                .arg("--data-dir")
+                .arg(dir.path())
+                .args(&args[1..])
+                .stdin(Stdio::null());
+            let mut child = cmd
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn");
+            // `run` on a store it can read just runs: give it a moment.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+            }
+            let out = child.wait_with_output().expect("output");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_ne!(
+                out.status.code(),
+                Some(101),
+                "seed {seed}, {args:?}: a panic:\n{err}"
+            );
+            if out.status.code() == Some(65) {
+                damaged += 1;
+                assert!(
+                    err.contains("store file is damaged") && err.contains("join again"),
+                    "seed {seed}, {args:?}: {err}"
+                );
+            }
+        }
+    }
+    assert!(damaged > 0, "no seed damaged a page the agent reads");
+}

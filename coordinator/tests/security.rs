@@ -421,13 +421,7 @@ fn garbage_and_oversized_frames_close_that_connection_only() {
 #[test]
 fn the_data_directory_is_private_to_its_owner_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &Path| {
-        std::fs::metadata(p)
-            .expect("metadata")
-            .permissions()
-            .mode()
-            & 0o777
-    };
+    let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
     let check = |dir: &Path| {
         assert_eq!(mode(dir), 0o700, "{}", dir.display());
         for e in std::fs::read_dir(dir).expect("read dir").flatten() {

@@ -2,6 +2,7 @@
 //! client share, written once: the TLS trust rules ([`tls`]), transport
 //! settings, framed messages on streams, and connecting.
 
+pub mod damage;
 pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

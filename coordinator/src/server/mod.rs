@@ -487,9 +487,8 @@ pub fn init_with(
     if force {
         let _ = std::fs::remove_file(dir.join(STORE_FILE));
     }
-    make_private_dir(dir).map_err(|e| {
-        ServeError::Tls(format!("cannot create {}: {e}", dir.display()))
-    })?;
+    make_private_dir(dir)
+        .map_err(|e| ServeError::Tls(format!("cannot create {}: {e}", dir.display())))?;
     let (_pki, admin_der) = Pki::init(dir, server_name, advertise)?;
     let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
     restrict_data_dir(dir);
