@@ -242,12 +242,12 @@ where
             } else {
                 ExitCode::SUCCESS
             };
-            sundial_net::damage::exit_on_store_damage(
+        }
+    };
+    sundial_net::damage::exit_on_store_damage(
         "sundial-coordinator",
         "Stop the coordinator, move coordinator.redb aside (keep it for inspection) and restore it from a backup.",
     );
-        }
-    };
     let file = match &cli.command {
         Cmd::Serve {
             config: Some(path), ..
