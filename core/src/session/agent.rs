@@ -55,7 +55,36 @@ pub const CLOCK_SAMPLE_RTT_MAX_MS: i64 = 1_000;
 /// Patterns of the allowlist told in Hello, and characters of each (the
 /// Hello frame is small; the agent enforces its whole list).
 pub const HELLO_PATTERNS_MAX: usize = 32;
-pub const HELLO_PATTERN_CHARS_MAX: usize = 200;
+/// Bytes of each pattern told (UTF-8: 200 ASCII characters, or 50 of four
+/// bytes); a longer one is cut at a character boundary and ends in `…`.
+pub const HELLO_PATTERN_BYTES_MAX: usize = 200;
+/// Bytes of the agent's version told.
+pub const HELLO_VERSION_BYTES_MAX: usize = 64;
+
+/// The largest Hello, encoded: a tag, two u64 varints, the version and the
+/// patterns, each with its length varint, and the frame's header.
+const HELLO_ENCODED_MAX: usize = 1
+    + 2 * 10
+    + (2 + HELLO_VERSION_BYTES_MAX)
+    + 2
+    + HELLO_PATTERNS_MAX * (2 + HELLO_PATTERN_BYTES_MAX)
+    + 16;
+const _: () = assert!(
+    HELLO_ENCODED_MAX <= sundial_protocol::wire::HELLO_FRAME_BYTES_MAX,
+    "the largest Hello must fit its frame limit"
+);
+
+/// `text` cut to at most `max` bytes at a character boundary, marked `…`.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
 
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq)]
@@ -294,12 +323,12 @@ impl AgentSession {
         self.transmit.push_back(AgentMsg::Hello {
             last_revision: hello.last_revision,
             outbox_len: hello.outbox_len,
-            agent_version: hello.agent_version,
+            agent_version: clip(&hello.agent_version, HELLO_VERSION_BYTES_MAX),
             allow_exec: hello
                 .allow_exec
                 .iter()
                 .take(HELLO_PATTERNS_MAX)
-                .map(|p| p.chars().take(HELLO_PATTERN_CHARS_MAX).collect())
+                .map(|p| clip(p, HELLO_PATTERN_BYTES_MAX))
                 .collect(),
         });
         self.link = Link::Up(Up {
@@ -570,7 +599,7 @@ mod tests {
         assert_eq!(allow_exec.len(), HELLO_PATTERNS_MAX);
         assert!(allow_exec
             .iter()
-            .all(|p| p.chars().count() == HELLO_PATTERN_CHARS_MAX));
+            .all(|p| p.len() == HELLO_PATTERN_BYTES_MAX && p.ends_with('…')));
         assert!(matches!(msgs[1], AgentMsg::ClockProbe { .. }));
         assert!(effects.contains(&AgentEffect::ReadOutbox {
             after: 0,
@@ -837,5 +866,31 @@ mod tests {
         let p = s.policy();
         assert!(p.attempt_timeout_ms >= 1_000 && p.backoff_floor_ms >= 100);
         assert!(p.backoff_cap_ms <= 600_000 && p.busy_spread_ms >= 1_000);
+    }
+
+    #[test]
+    fn the_largest_hello_fits_its_frame_also_in_four_byte_characters() {
+        for ch in ["x", "é", "€", "𝄞"] {
+            let mut s = AgentSession::new(1);
+            s.handle_timeout(at(0));
+            drain(&mut s);
+            let info = HelloInfo {
+                allow_exec: vec![ch.repeat(1_000); 100],
+                agent_version: ch.repeat(1_000),
+                ..hello()
+            };
+            s.handle_connected(at(10), info);
+            let (msgs, _) = drain(&mut s);
+            let frame = sundial_protocol::codec::encode(&msgs[0]).expect("encodes");
+            assert!(
+                frame.len() <= sundial_protocol::wire::HELLO_FRAME_BYTES_MAX,
+                "{ch}: a Hello of {} bytes",
+                frame.len()
+            );
+            let AgentMsg::Hello { allow_exec, .. } = &msgs[0] else {
+                panic!("Hello first")
+            };
+            assert!(allow_exec.iter().all(|p| p.ends_with('…')), "{ch}");
+        }
     }
 }
