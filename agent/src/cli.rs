@@ -55,8 +55,8 @@ enum Cmd {
         /// Allow programs matching this glob (repeatable); kept for `run`.
         #[arg(long = "allow-exec", value_name = "PATTERN")]
         allow_exec: Vec<String>,
-        /// Allow tasks to set this refused environment variable (glob,
-        /// repeatable; see `run --help`); kept for `run`.
+        /// Environment variables tasks may set besides TZ, LANG, LANGUAGE,
+        /// LC_* and TASK_* (glob, repeatable; see `run --help`); kept for `run`.
         #[arg(long = "allow-env", value_name = "NAME")]
         allow_env: Vec<String>,
     },
@@ -72,9 +72,11 @@ enum Cmd {
         /// any characters). With none, every run is recorded as rejected.
         #[arg(long = "allow-exec", value_name = "PATTERN")]
         allow_exec: Vec<String>,
-        /// Let tasks set an environment variable that is refused by default
-        /// because it can make an allowed program run other code (LD_*,
-        /// PATH, BASH_ENV, PYTHON*, NODE_OPTIONS, ...). Glob, repeatable.
+        /// Environment variables tasks may set (glob, repeatable); TZ, LANG,
+        /// LANGUAGE, LC_* and TASK_* are always allowed, anything else is a
+        /// rejected run. Names that can make an allowed program run other
+        /// code (LD_*, PATH, BASH_ENV, PYTHON*, GIT_*, ...) must be named
+        /// exactly; BASH_FUNC_* and non-identifiers never pass.
         #[arg(long = "allow-env", value_name = "NAME")]
         allow_env: Vec<String>,
         /// Runs going at once; an occurrence due while this many run is

@@ -26,11 +26,17 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Read chunk size.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-/// Environment variables a task may not set unless the agent allows them
-/// with `--allow-env`: they make the loader, the C library, a shell or an
-/// interpreter run code other than the allowed program (`LD_PRELOAD`,
-/// `BASH_ENV`, `PYTHONPATH`, ...), or make it find other programs (`PATH`).
-/// Globs, as for programs.
+/// The environment variables any task may set: plain data no program reads
+/// as code. Anything else needs the device owner's `--allow-env PATTERN`.
+/// (`SUNDIAL_*` are the agent's own, describing the run; set after the
+/// task's, they win.)
+pub const ENV_ALLOWED_DEFAULT: &[&str] = &["TZ", "LANG", "LANGUAGE", "LC_*", "TASK_*", "SUNDIAL_*"];
+
+/// Environment variables known to make the loader, the C library, a shell
+/// or an interpreter run code other than the allowed program (`LD_PRELOAD`,
+/// `BASH_ENV`, `PYTHONPATH`, ...), or find other programs (`PATH`): refused
+/// unless `--allow-env` names them, so that a broad pattern such as `*`
+/// does not let them through by accident. Globs, as for programs.
 pub const ENV_REFUSED: &[&str] = &[
     "LD_*",
     "GCONV_PATH",
@@ -61,6 +67,23 @@ pub const ENV_REFUSED: &[&str] = &[
     "JAVA_TOOL_OPTIONS",
     "_JAVA_OPTIONS",
     "JDK_JAVA_OPTIONS",
+    "LUA_INIT*",
+    "LUA_PATH*",
+    "LUA_CPATH*",
+    "OPENSSL_CONF",
+    "OPENSSL_ENGINES",
+    "OPENSSL_MODULES",
+    "GIT_*",
+    "SSH_ASKPASS",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "PROMPT_COMMAND",
+    "ZDOTDIR",
+    "TCLLIBPATH",
+    "R_PROFILE*",
+    "GEM_*",
+    "CLASSPATH",
 ];
 
 /// Which programs may run, with what environment, and how much output to keep.
@@ -91,14 +114,47 @@ impl ExecPolicy {
             return Some(why);
         }
         for (name, _) in &spec.env {
-            let refused = ENV_REFUSED.iter().any(|p| glob_match(p, name));
-            if refused && !self.allow_env.iter().any(|p| glob_match(p, name)) {
-                return Some(format!(
-                    "environment variable `{name}` is not allowed: it can make the program load or run other code (start the agent with --allow-env {name} to allow it)"
-                ));
+            if let Some(why) = self.env_refusal(name) {
+                return Some(why);
             }
         }
         None
+    }
+
+    /// Why a task may not set the environment variable `name`, or `None`.
+    /// Allowed: [`ENV_ALLOWED_DEFAULT`] and the owner's `--allow-env`
+    /// patterns; never a name that is not a plain shell identifier (bash
+    /// imports `BASH_FUNC_name%%` as a function); a name in
+    /// [`ENV_REFUSED`] only if a pattern names it exactly. (The agent's own
+    /// `SUNDIAL_*` variables are set after the task's, so they win.)
+    pub fn env_refusal(&self, name: &str) -> Option<String> {
+        let plain = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain || name.starts_with("BASH_FUNC_") {
+            return Some(format!(
+                "environment variable `{name}` is never allowed: a name that is not a plain identifier (letters, digits, `_`) can define shell functions"
+            ));
+        }
+        if ENV_REFUSED.iter().any(|p| glob_match(p, name)) {
+            if self.allow_env.iter().any(|p| p == name) {
+                return None;
+            }
+            return Some(format!(
+                "environment variable `{name}` is not allowed: it can make the program load or run other code (start the agent with --allow-env {name} to allow it)"
+            ));
+        }
+        let allowed = ENV_ALLOWED_DEFAULT
+            .iter()
+            .copied()
+            .chain(self.allow_env.iter().map(String::as_str))
+            .any(|p| glob_match(p, name));
+        if allowed {
+            return None;
+        }
+        Some(format!(
+            "environment variable `{name}` is not allowed on this agent: tasks may set TZ, LANG, LANGUAGE, LC_*, TASK_* and what the device owner allows (start the agent with --allow-env '{name}' or a pattern)"
+        ))
     }
 
     /// Why `program` may not run, or `None` if it may.
@@ -378,8 +434,8 @@ mod tests {
             assert!(r.detail.unwrap_or_default().contains(name));
             assert!(!marker.exists(), "{name}: the program ran");
         }
-        // Ordinary variables pass; an owner may allow a refused one.
-        s.env = vec![("GREETING".into(), "hi".into())];
+        // Plain-data names pass; an owner may allow a refused one.
+        s.env = vec![("TASK_GREETING".into(), "hi".into())];
         let (_k, rx) = oneshot::channel();
         assert_eq!(
             run(&s, &allow(&["/bin/sh"]), rx).await.outcome,
@@ -521,5 +577,47 @@ mod tests {
         let r = run(&spec("/nonexistent/prog", &[]), &allow(&["*"]), rx).await;
         assert_eq!(r.outcome, Outcome::Failed);
         assert!(r.detail.unwrap_or_default().contains("could not start"));
+    }
+
+    #[test]
+    fn the_environment_is_allowed_by_construction() {
+        let mut p = allow(&["/bin/sh"]);
+        // bash imports these as functions: never, whatever is allowed.
+        p.allow_env = vec!["*".into()];
+        for name in [
+            "BASH_FUNC_date%%",
+            "BASH_FUNC_x",
+            "A=B",
+            "1X",
+            "",
+            "SUNDIAL_ATTEMPT",
+        ] {
+            assert!(p.env_refusal(name).is_some(), "{name:?} allowed under `*`");
+        }
+        // A broad pattern does not let the known code-running names through.
+        for name in [
+            "LD_PRELOAD",
+            "LUA_INIT",
+            "OPENSSL_CONF",
+            "GIT_SSH_COMMAND",
+            "PATH",
+        ] {
+            assert!(p.env_refusal(name).is_some(), "{name} allowed under `*`");
+        }
+        p.allow_env = vec!["GIT_SSH_COMMAND".into()];
+        assert!(p.env_refusal("GIT_SSH_COMMAND").is_none(), "named exactly");
+        // By default only plain data: the rest needs the owner's word.
+        let d = allow(&["/bin/sh"]);
+        for name in ["TZ", "LANG", "LC_ALL", "TASK_MODE"] {
+            assert!(d.env_refusal(name).is_none(), "{name} refused");
+        }
+        for name in ["SECRET", "HOME", "GREETING"] {
+            let why = d.env_refusal(name).expect("refused by default");
+            assert!(why.contains("--allow-env"), "{why}");
+        }
+        let mut o = allow(&["/bin/sh"]);
+        o.allow_env = vec!["APP_*".into()];
+        assert!(o.env_refusal("APP_TOKEN").is_none());
+        assert!(o.env_refusal("OTHER").is_some());
     }
 }

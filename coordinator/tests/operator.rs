@@ -35,7 +35,7 @@ fn tasks_are_described_listed_and_named_and_failed_runs_say_why() {
         "--every",
         "1s",
         "--env",
-        "SECRET=hunter2",
+        "TASK_SECRET=hunter2",
         "--",
         "/bin/sh",
         "-c",
@@ -70,7 +70,7 @@ fn tasks_are_described_listed_and_named_and_failed_runs_say_why() {
     for want in [
         "nightly-backup",
         "/bin/sh -c 'echo working; echo '\\''disk full'\\'' >&2; exit 3'",
-        "Environment:  SECRET",
+        "Environment:  TASK_SECRET",
         "Agents:",
         "edge-1",
         "Next:",

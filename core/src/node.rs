@@ -795,6 +795,12 @@ impl<S: NodeStore> AgentNode<S> {
                 }
             }
             AgentEffect::Clock { offset_ms, rtt_ms } => {
+                if rtt_ms > crate::session::agent::CLOCK_SAMPLE_RTT_MAX_MS
+                    && self.guard.is_vouched()
+                {
+                    // Too slow to be worth more than what we have.
+                    return Ok(());
+                }
                 let was_ahead = self.guard.ahead_ms();
                 match self.guard.vouch(offset_ms, r) {
                     Vouch::Applied {

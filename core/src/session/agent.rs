@@ -52,6 +52,10 @@ pub const LAST_SYNC_PERSIST_MS: u64 = 300_000;
 /// A clock sample whose round trip took longer than this is not used, in
 /// ms: its error (up to half the round trip) is too large.
 pub const CLOCK_SAMPLE_RTT_MAX_MS: i64 = 1_000;
+/// The first sample of a boot whose time nothing vouched for yet is taken
+/// with a round trip up to this, in ms: late by at most that, where the
+/// wall clock alone could be hours off.
+pub const CLOCK_FIRST_SAMPLE_RTT_MAX_MS: i64 = 10_000;
 /// Patterns of the allowlist told in Hello, and characters of each (the
 /// Hello frame is small; the agent enforces its whole list).
 pub const HELLO_PATTERNS_MAX: usize = 32;
@@ -523,12 +527,15 @@ impl AgentSession {
                 // estimate; the lower end never makes the agent early (it
                 // is late by at most the round trip). A sample that sat in
                 // a stalled link is not used at all.
-                if (0..=CLOCK_SAMPLE_RTT_MAX_MS).contains(&rtt_ms) {
+                if (0..=CLOCK_FIRST_SAMPLE_RTT_MAX_MS).contains(&rtt_ms) {
+                    // The node takes a slow sample only as the first of a
+                    // boot (better than an unvouched wall clock).
                     self.effects.push_back(AgentEffect::Clock {
                         offset_ms: offset_ms - (rtt_ms + 1) / 2,
                         rtt_ms,
                     });
-                } else {
+                }
+                if !(0..=CLOCK_SAMPLE_RTT_MAX_MS).contains(&rtt_ms) {
                     // Unusable (a stalled link, or the wall clock stepped
                     // between probe and reply): ask again soon.
                     up.next_probe_ms = up.next_probe_ms.min(now.mono_ms + CLOCK_PROBE_RETRY_MS);
@@ -720,13 +727,27 @@ mod tests {
             offset_ms: 4_950,
             rtt_ms: 100
         }));
-        // A reply that sat 5 s in a stalled link is reported, not used.
+        // A reply that sat 5 s in a stalled link goes to the node with its
+        // round trip (taken only as a boot's first vouching there).
         s.handle_message(
             reply(6_000),
             CoordMsg::ClockReply {
                 t1: ts(1_000),
                 t2: ts(6_000),
                 t3: ts(6_000),
+            },
+        );
+        let (_, effects) = drain(&mut s);
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, AgentEffect::Clock { rtt_ms: 5_000, .. })));
+        // One that sat 20 s is reported, not used at all.
+        s.handle_message(
+            reply(21_000),
+            CoordMsg::ClockReply {
+                t1: ts(1_000),
+                t2: ts(21_000),
+                t3: ts(21_000),
             },
         );
         let (_, effects) = drain(&mut s);
