@@ -326,7 +326,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { data_dir, output } => {
-            let s = status::read(&data_dir)?;
+            let s = match (status::read(&data_dir), output) {
+                (Ok(s), _) => s,
+                (Err(e), Output::Json) => {
+                    // Asked for JSON: the failure is JSON too.
+                    let why = sundial_protocol::error_text(&e);
+                    println!("{}", serde_json::json!({ "error": why }));
+                    return Err(e.into());
+                }
+                (Err(e), Output::Table) => return Err(e.into()),
+            };
             match output {
                 Output::Table => print!("{}", status::render(&s)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),

@@ -41,6 +41,10 @@ pub struct Status {
     pub outbox_len: u64,
     pub runs_in_progress: usize,
     pub tasks: Vec<TaskStatus>,
+    /// The agent stopped uncleanly and its store awaits the repair the
+    /// agent makes when it starts: shown from a repaired copy, the store
+    /// itself untouched.
+    pub store_needs_recovery: bool,
 }
 
 fn ts_text(ms: Option<i64>) -> Option<String> {
@@ -53,8 +57,8 @@ fn ts_text(ms: Option<i64>) -> Option<String> {
 pub enum StatusError {
     #[error("no agent data in {0} (expected {1}); has `sundial-agent join` or `run` used this directory?")]
     NoData(String, String),
-    #[error("{0}\n(if the agent stopped uncleanly, its store needs recovery: start the agent, which repairs it, then ask again)")]
-    Unreadable(StoreError),
+    #[error("{0}; {1}\n(if the agent stopped uncleanly, its store needs recovery: start the agent, which repairs it, then ask again)")]
+    Unreadable(StoreError, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -74,13 +78,20 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
     // agent starting at that moment could not open its store. An agent
     // starting after a crash repairs the store first: retry for a moment.
     let mut attempts = 0;
+    let mut copy: Option<tempfile::TempDir> = None;
     let store = loop {
         match AgentStore::open_read_only(&path) {
             Ok(s) => break s,
             Err(e) => {
                 attempts += 1;
                 if attempts >= OPEN_ATTEMPTS_MAX {
-                    return Err(StatusError::Unreadable(e));
+                    // A store left by an unclean stop needs a repair only a
+                    // writer makes: make it on a copy, so that the store
+                    // itself is not touched (nor its lock taken).
+                    let (dir, s) =
+                        repaired_copy(&path).map_err(|why| StatusError::Unreadable(e, why))?;
+                    copy = Some(dir);
+                    break s;
                 }
             }
         }
@@ -120,7 +131,18 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         outbox_len: store.outbox_len()?,
         runs_in_progress: store.started()?.len(),
         tasks,
+        store_needs_recovery: copy.is_some(),
     })
+}
+
+/// Copies the store to a temporary directory and opens the copy for
+/// writing, which repairs it.
+fn repaired_copy(path: &Path) -> Result<(tempfile::TempDir, AgentStore), String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("no temporary directory for a copy: {e}"))?;
+    let to = dir.path().join("agent.redb");
+    std::fs::copy(path, &to).map_err(|e| format!("cannot copy it to repair the copy: {e}"))?;
+    let store = AgentStore::open(&to).map_err(|e| format!("a copy does not repair: {e}"))?;
+    Ok((dir, store))
 }
 
 /// The status as text for people.
@@ -128,6 +150,12 @@ pub fn render(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let none = "never".to_string();
+    if s.store_needs_recovery {
+        let _ = writeln!(
+            out,
+            "store:          NEEDS RECOVERY (the agent stopped uncleanly; shown from a repaired copy, the store untouched; the agent repairs it when it starts)"
+        );
+    }
     let _ = writeln!(
         out,
         "agent:          {}",

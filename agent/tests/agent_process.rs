@@ -854,3 +854,44 @@ fn a_corrupt_page_stops_the_agent_with_a_reason_not_a_panic() {
     }
     assert!(damaged > 0, "no seed damaged a page the agent reads");
 }
+
+#[test]
+fn status_works_after_an_unclean_stop_and_leaves_the_store_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = AgentStore::open(&store_path(dir.path())).expect("store");
+        let sched = Schedule::every(DurationMs(200), now()).expect("valid");
+        store
+            .put_task(&sh_task(1, sched, "true", Policies::default()), Some(1))
+            .expect("put task");
+    }
+    let mut agent = start_agent(dir.path());
+    wait_for("some runs", || {
+        status_json(dir.path())["outbox_len"].as_u64() >= Some(3)
+    });
+    let mut child = agent.0.take().expect("running");
+    child.kill().expect("SIGKILL the agent");
+    child.wait().expect("reaped");
+    let before = std::fs::read(store_path(dir.path())).expect("read store");
+    let s = status_json(dir.path());
+    assert_eq!(s["tasks"][0]["task_id"], "t1", "{s}");
+    assert!(s["outbox_len"].as_u64() >= Some(3), "{s}");
+    // A store killed open needs the repair the agent makes at its start.
+    assert_eq!(s["store_needs_recovery"], true, "{s}");
+    let after = std::fs::read(store_path(dir.path())).expect("read store");
+    assert!(before == after, "status changed the store");
+    // Asked for JSON, a failure is JSON too.
+    let out = Command::new(AGENT)
+        .args(["status", "-o", "json", "--data-dir"])
+        .arg(dir.path().join("nope"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no agent data")),
+        "{v}"
+    );
+}
