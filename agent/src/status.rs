@@ -58,7 +58,7 @@ pub enum StatusError {
     #[error("no agent data in {0} (expected {1}); has `sundial-agent join` or `run` used this directory?")]
     NoData(String, String),
     #[error("{0}; {1}\n(if the agent stopped uncleanly, its store needs recovery: start the agent, which repairs it, then ask again)")]
-    Unreadable(StoreError, String),
+    Unreadable(Box<StoreError>, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
