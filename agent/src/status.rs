@@ -88,8 +88,8 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
                     // A store left by an unclean stop needs a repair only a
                     // writer makes: make it on a copy, so that the store
                     // itself is not touched (nor its lock taken).
-                    let (dir, s) =
-                        repaired_copy(&path).map_err(|why| StatusError::Unreadable(e, why))?;
+                    let (dir, s) = repaired_copy(&path)
+                        .map_err(|why| StatusError::Unreadable(Box::new(e), why))?;
                     copy = Some(dir);
                     break s;
                 }
