@@ -280,11 +280,82 @@ impl AgentStore {
                 }
             }
         }
+        let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&repaired);
         let db = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::Relaxed))
             .create(path)
             .map_err(db_err("open"))?;
-        AgentStore::init(Handle::ReadWrite(db))
+        let store = AgentStore::init(Handle::ReadWrite(db))?;
+        if repaired.load(std::sync::atomic::Ordering::Relaxed) {
+            // After an unclean stop, derived data is checked, not trusted.
+            let (stale, missing) = store.check_due_index()?;
+            if stale + missing > 0 {
+                tracing::warn!(
+                    stale,
+                    missing,
+                    "the store was repaired after an unclean stop and its due index disagreed with the task states: fixed"
+                );
+            } else {
+                tracing::info!("the store was repaired after an unclean stop; its due index agrees with the task states");
+            }
+        }
+        Ok(store)
+    }
+
+    /// Checks the due index against the task states, the source of truth,
+    /// and fixes it in one transaction: an entry that names no task or not
+    /// its stored next due is removed (it would fire at a time that is no
+    /// occurrence, or again), a task state without its entry gets one (it
+    /// would never fire). Returns (stale entries removed, missing added).
+    /// Streams both tables: memory does not grow with the tasks stored.
+    pub fn check_due_index(&self) -> Result<(u64, u64)> {
+        let txn = self.begin_write()?;
+        let (mut stale, mut missing) = (Vec::new(), Vec::new());
+        {
+            let tasks = txn.open_table(TASKS).map_err(db_err("check due index"))?;
+            let state = txn.open_table(STATE).map_err(db_err("check due index"))?;
+            let due = txn.open_table(DUE).map_err(db_err("check due index"))?;
+            for item in due.iter().map_err(db_err("check due index"))? {
+                let (k, _) = item.map_err(db_err("check due index"))?;
+                let (ms, id) = k.value();
+                let stored = match state.get(id).map_err(db_err("check due index"))? {
+                    Some(s) => decode::<StateRecordV1>("task_state", id, s.value())?.next_due_ms,
+                    None => None,
+                };
+                let known = tasks.get(id).map_err(db_err("check due index"))?.is_some();
+                if !known || stored != Some(ms) {
+                    stale.push((ms, id));
+                }
+            }
+            for item in state.iter().map_err(db_err("check due index"))? {
+                let (k, v) = item.map_err(db_err("check due index"))?;
+                let id = k.value();
+                let rec: StateRecordV1 = decode("task_state", id, v.value())?;
+                if let Some(ms) = rec.next_due_ms {
+                    if due
+                        .get((ms, id))
+                        .map_err(db_err("check due index"))?
+                        .is_none()
+                        && tasks.get(id).map_err(db_err("check due index"))?.is_some()
+                    {
+                        missing.push((ms, id));
+                    }
+                }
+            }
+        }
+        if !stale.is_empty() || !missing.is_empty() {
+            let mut due = txn.open_table(DUE).map_err(db_err("fix due index"))?;
+            for k in &stale {
+                due.remove(*k).map_err(db_err("fix due index"))?;
+            }
+            for k in &missing {
+                due.insert(*k, ()).map_err(db_err("fix due index"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit due index"))?;
+        Ok((stale.len() as u64, missing.len() as u64))
     }
 
     /// Opens an existing store read-only, beside a running agent.
@@ -970,7 +1041,7 @@ impl AgentStore {
     }
 
     /// The due index holds exactly the tasks' next due occurrences.
-    fn check_due_index(&self, states: &BTreeMap<TaskId, Option<Timestamp>>) -> Result<()> {
+    fn verify_due_index(&self, states: &BTreeMap<TaskId, Option<Timestamp>>) -> Result<()> {
         let txn = self.begin_read()?;
         let due = txn.open_table(DUE).map_err(db_err("read due index"))?;
         let mut indexed = std::collections::BTreeSet::new();
@@ -999,7 +1070,7 @@ impl AgentStore {
             d.tasks.insert(t.id, t);
         }
         d.states = self.task_states()?.into_iter().collect();
-        self.check_due_index(&d.states)?;
+        self.verify_due_index(&d.states)?;
         d.started = self.started()?.into_iter().collect();
         d.retries = self.pending_retries()?.into_iter().collect();
         for r in self.outbox_batch(usize::MAX, usize::MAX)? {

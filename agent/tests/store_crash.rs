@@ -528,3 +528,40 @@ fn a_due_entry_naming_no_task_is_skipped_and_the_rest_still_load() {
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].0.id, TaskId(1));
 }
+
+#[test]
+fn a_due_index_that_disagrees_with_the_task_states_is_fixed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.redb");
+    {
+        let store = AgentStore::open(&path).expect("open");
+        for i in 1..=3 {
+            store.put_task(&task(i, i), Some(i)).expect("put");
+        }
+    }
+    // Damage the derived index behind the store's back: a stale entry at a
+    // time that is no occurrence, one for no task, and a task's entry gone.
+    let due_def: redb::TableDefinition<(i64, u64), ()> = redb::TableDefinition::new("due");
+    let state_before = {
+        let store = AgentStore::open(&path).expect("open");
+        store.task_states().expect("states")
+    };
+    {
+        let db = redb::Database::create(&path).expect("redb");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut due = txn.open_table(due_def).expect("due");
+            let t1 = state_before[&TaskId(1)].expect("due").as_millis();
+            due.remove((t1, 1)).expect("remove");
+            due.insert((12_345, 2), ()).expect("stale");
+            due.insert((777, 99), ()).expect("no such task");
+        }
+        txn.commit().expect("commit");
+    }
+    let store = AgentStore::open(&path).expect("open");
+    assert_eq!(store.check_due_index().expect("check"), (2, 1));
+    // Consistent again: a second look finds nothing, and the dump agrees.
+    assert_eq!(store.check_due_index().expect("check"), (0, 0));
+    let d = store.dump().expect("dump is consistent");
+    assert_eq!(d.states, state_before.into_iter().collect());
+}
