@@ -47,6 +47,13 @@ fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
 /// Enrolls the agent whose data lives in `data_dir`.
 pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> {
     let token = JoinToken::decode(&req.token).map_err(|e| e.to_string())?;
+    if let Some(name) = &req.name {
+        if name.parse::<AgentId>().is_ok() {
+            return Err(format!(
+                "the name `{name}` reads as an agent id (ids are a1, a2, ...): choose a name that does not"
+            ));
+        }
+    }
     if !data_dir.is_dir() {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()

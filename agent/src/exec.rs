@@ -584,14 +584,7 @@ mod tests {
         let mut p = allow(&["/bin/sh"]);
         // bash imports these as functions: never, whatever is allowed.
         p.allow_env = vec!["*".into()];
-        for name in [
-            "BASH_FUNC_date%%",
-            "BASH_FUNC_x",
-            "A=B",
-            "1X",
-            "",
-            "SUNDIAL_ATTEMPT",
-        ] {
+        for name in ["BASH_FUNC_date%%", "BASH_FUNC_x", "A=B", "1X", ""] {
             assert!(p.env_refusal(name).is_some(), "{name:?} allowed under `*`");
         }
         // A broad pattern does not let the known code-running names through.

@@ -446,3 +446,32 @@ fn the_data_directory_is_private_to_its_owner_whatever_the_umask() {
     coord.kill9();
     check(&coord.dir);
 }
+
+#[test]
+fn an_agent_may_not_take_a_name_that_reads_as_an_id() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let token = coord.token(&["--uses", "3"]);
+    join(
+        &coord.addr.to_string(),
+        &token,
+        &root.path().join("x"),
+        "edge",
+        &[],
+    )
+    .expect("joins");
+    for name in ["a1", "7"] {
+        let err = join(
+            &coord.addr.to_string(),
+            &token,
+            &root.path().join(name),
+            name,
+            &[],
+        )
+        .expect_err("an id-shaped name is refused");
+        assert!(err.contains("reads as an agent id"), "{name}: {err}");
+    }
+    // The coordinator refuses it too, whatever the client checks.
+    assert!(sundial_coordinator::server::name_refusal("a12").is_some());
+    assert!(sundial_coordinator::server::name_refusal("edge-1").is_none());
+}

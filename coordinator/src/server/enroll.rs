@@ -32,6 +32,9 @@ pub(super) async fn handle_enroll(
 
 fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
     let refused = |reason: String| EnrollResponse::Refused { reason };
+    if let Some(why) = req.name.as_deref().and_then(name_refusal) {
+        return refused(why);
+    }
     let secret_hash = sha256(&req.token_secret);
     let outcome = state.store.enroll(
         secret_hash,
@@ -63,4 +66,12 @@ fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
             refused("the coordinator could not store the enrollment".into())
         }
     }
+}
+
+/// Why an agent may not take this name: one that reads as an agent id
+/// (`a1`, `7`) would shadow that agent wherever names and ids are accepted.
+pub fn name_refusal(name: &str) -> Option<String> {
+    name.parse::<sundial_protocol::AgentId>().is_ok().then(|| {
+        format!("the name `{name}` reads as an agent id (ids are a1, a2, ...): choose a name that does not")
+    })
 }

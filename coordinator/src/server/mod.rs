@@ -48,6 +48,7 @@ use crate::store::{
 
 mod admin;
 mod enroll;
+pub use enroll::name_refusal;
 mod session;
 
 use admin::handle_admin;

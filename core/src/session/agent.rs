@@ -407,8 +407,10 @@ impl AgentSession {
             Closed::Busy {
                 retry_after_ms: Some(after),
             } => {
+                // Never sooner than the policy's floor, whatever it said
+                // (a retry-after of 0 must not make a dialling loop).
                 let after = after.max(floor);
-                after / 2 + self.rng.next_u64() % (after / 2 + 1)
+                (after / 2 + self.rng.next_u64() % (after / 2 + 1)).max(floor)
             }
             // Refused for load without a time: spread over what the
             // coordinator said its whole fleet needs to come back.
@@ -912,6 +914,26 @@ mod tests {
                 panic!("Hello first")
             };
             assert!(allow_exec.iter().all(|p| p.ends_with('…')), "{ch}");
+        }
+    }
+
+    #[test]
+    fn a_busy_retry_after_of_zero_waits_the_floor() {
+        let mut s = AgentSession::new(7);
+        for _ in 0..50 {
+            s.handle_timeout(at(0));
+            drain(&mut s);
+            s.handle_connect_failed(
+                at(0),
+                Closed::Busy {
+                    retry_after_ms: Some(0),
+                },
+            );
+            let wake = s.poll_timeout().expect("a retry is planned");
+            assert!(
+                wake >= u64::from(default_policy().backoff_floor_ms),
+                "dials again after {wake} ms"
+            );
         }
     }
 }
