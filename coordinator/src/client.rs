@@ -132,6 +132,18 @@ impl AdminClient {
 
     /// Sends one request and reads every message of its answer.
     pub async fn request_all(&self, req: &AdminRequest) -> Result<Vec<AdminResponse>, String> {
+        // Over the coordinator's limit it would close the stream unread,
+        // which reads here as a lost connection: say what is too big.
+        let size = sundial_protocol::codec::encode(req)
+            .map_err(|e| e.to_string())?
+            .len();
+        if size > sundial_protocol::wire::ADMIN_REQUEST_BYTES_MAX {
+            return Err(format!(
+                "the request is {size} bytes, over the {} KiB one admin request may carry (a task may be at most {} KiB: program, arguments, environment); pass large data in a file on the device instead",
+                sundial_protocol::wire::ADMIN_REQUEST_BYTES_MAX / 1024,
+                sundial_protocol::wire::TASK_SPEC_BYTES_MAX / 1024
+            ));
+        }
         let exchange = async {
             let (mut send, recv) = self.conn.open_bi().await.map_err(|e| e.to_string())?;
             net::send(&mut send, req).await.map_err(|e| e.to_string())?;

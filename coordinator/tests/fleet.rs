@@ -18,6 +18,12 @@ fn relayed_agent_with_task(period: &str) -> (tempfile::TempDir, Coordinator, Rel
     let dir = root.path().join("a");
     let id = join(&relay.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("joins");
     let agent = Agent::start(&dir);
+    // In session (and its clock vouched for) before the task exists: on a
+    // busy machine a slow first session would otherwise make the first
+    // occurrences of a fast task misfires, which is not what these tests are about.
+    wait_for("the agent in session", || {
+        coord.json(&["agent", "list"])[0]["online"] == true
+    });
     let task = coord.ctl_ok(&[
         "task",
         "create",
@@ -166,7 +172,7 @@ fn a_partitioned_agent_keeps_firing_and_every_run_arrives_once() {
     let offline = runs.iter().filter(|r| r["offline"] == true).count();
     assert!(offline >= 4, "only {offline} runs marked offline");
     for r in &runs {
-        assert_eq!(r["outcome"], "succeeded");
+        assert_eq!(r["outcome"], "succeeded", "{r}");
         let late = r["lateness_ms"].as_i64().unwrap_or(i64::MAX);
         // Generous: on time is measured by the benchmarks; this catches a stall.
         assert!(late < 2_000, "a run started {late} ms late");

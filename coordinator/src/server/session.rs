@@ -146,16 +146,25 @@ pub(super) async fn handle_session(
     result.map_err(|e| close_for(&conn, e))
 }
 
-/// Why an agent's result batch is refused, if it is.
+/// Whether a task's runs may come from this agent: `None` when the store
+/// knows no such task (a store restored from a backup older than it).
+type Assigned = HashMap<TaskId, Option<bool>>;
+
+/// Why an agent's result batch is refused, if it is; else the tasks of the
+/// batch the store does not know at all. Their records cannot be stored
+/// (and would wedge the agent's outbox if they closed the session): they
+/// are acknowledged and dropped, and said so. A record of a task the store
+/// knows but did not assign to this agent closes the session.
 fn check_results(
     state: &State,
     agent: AgentId,
     labels: &[(String, String)],
-    assigned: &mut HashMap<TaskId, bool>,
+    assigned: &mut Assigned,
     runs: &[RunRecord],
-) -> Result<Option<String>, StoreError> {
+) -> Result<Result<Vec<TaskId>, String>, StoreError> {
     // Size and plausibility were checked by the session machine before it
     // asked for this store (`refusal`); ownership needs the store.
+    let mut unknown = Vec::new();
     for r in runs {
         if assigned.len() > ASSIGNED_CACHE_MAX {
             assigned.clear();
@@ -166,19 +175,27 @@ fn check_results(
                 let ok = state
                     .store
                     .task(r.task_id)?
-                    .is_some_and(|(spec, _)| crate::store::targets(&spec.target, agent, labels));
+                    .map(|(spec, _)| crate::store::targets(&spec.target, agent, labels));
                 assigned.insert(r.task_id, ok);
                 ok
             }
         };
-        if !ok {
-            return Ok(Some(format!(
-                "run of task {} which is not assigned to this agent",
-                r.task_id
-            )));
+        match ok {
+            Some(true) => {}
+            Some(false) => {
+                return Ok(Err(format!(
+                    "run of task {} which is not assigned to this agent",
+                    r.task_id
+                )))
+            }
+            None => {
+                if !unknown.contains(&r.task_id) {
+                    unknown.push(r.task_id);
+                }
+            }
         }
     }
-    Ok(None)
+    Ok(Ok(unknown))
 }
 
 /// What a session loop reads besides its stream: the agent's messages (read
@@ -217,7 +234,7 @@ async fn session_loop(
     };
     let labels = Arc::new(record.labels.clone());
     let enrolled_at = Timestamp::from_millis_saturating(record.enrolled_at_ms);
-    let mut assigned: HashMap<TaskId, bool> = HashMap::new();
+    let mut assigned: Assigned = HashMap::new();
     let mut sm = CoordSession::new(
         clock(),
         agent,
@@ -255,7 +272,14 @@ async fn session_loop(
                             let mut cache = cache;
                             let verdict = check_results(s, agent, &labels, &mut cache, &runs);
                             let stored = match &verdict {
-                                Ok(None) => Some(s.store.put_runs(&runs)),
+                                Ok(Ok(unknown)) => {
+                                    let known: Vec<RunRecord> = runs
+                                        .iter()
+                                        .filter(|r| !unknown.contains(&r.task_id))
+                                        .cloned()
+                                        .collect();
+                                    Some(s.store.put_runs(&known))
+                                }
                                 _ => None,
                             };
                             let keys: Vec<RunKey> = runs.iter().map(RunRecord::key).collect();
@@ -269,8 +293,13 @@ async fn session_loop(
                         };
                         assigned = cache;
                         let verdict = match verdict.map_err(store_failed)? {
-                            Some(why) => Err(why),
-                            None => Ok(keys),
+                            Err(why) => Err(why),
+                            Ok(unknown) => {
+                                for task in unknown {
+                                    tracing::warn!(%agent, %task, "records of a task this store does not know (restored from an older backup?) were acknowledged and dropped: they cannot be stored");
+                                }
+                                Ok(keys)
+                            }
                         };
                         if let Some(stored) = stored {
                             let conflicts = stored.map_err(store_failed)?;
