@@ -65,6 +65,8 @@ struct LastRunV1 {
 const NEXT_AGENT: &str = "next_agent_id";
 const NEXT_TASK: &str = "next_task_id";
 const REVISION: &str = "revision";
+/// The first task id a restore may have lost (set at the first catch-up).
+const LOST_IDS_FROM: &str = "lost_ids_from";
 
 /// Why a coordinator store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +169,10 @@ pub enum TokenRefusal {
 pub struct CoordinatorStore {
     db: Database,
 }
+
+/// The most revisions an agent may be ahead of the store for the store to
+/// believe it was restored from a backup (and catch up).
+pub const RESTORE_GAP_MAX: u64 = 100_000;
 
 impl CoordinatorStore {
     /// The instant a new task's occurrences count from: its creation, or
@@ -274,6 +280,51 @@ impl CoordinatorStore {
                 .map_err(db_err("write meta"))?;
         }
         txn.commit().map_err(db_err("commit meta"))
+    }
+
+    /// An agent says it has applied revision `agent_revision`, beyond this
+    /// store's: the store was restored from an older backup. So that no
+    /// revision nor task id is used twice, the revision jumps past the
+    /// agent's and the next task id by as many (every task created took a
+    /// revision, so the ids lost are among those). Returns the ids that may
+    /// have been lost (for the agent to drop) and the revision of that
+    /// news; `None` when the agent is not ahead, or claims more than
+    /// [`RESTORE_GAP_MAX`] (not believed: a peer could push the counters).
+    pub fn catch_up_restored(
+        &self,
+        agent_revision: u64,
+    ) -> Result<Option<(std::ops::Range<u64>, u64)>> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(db_err("catch up a restore"))?;
+        let out = {
+            let mut meta = txn.open_table(META).map_err(db_err("catch up a restore"))?;
+            let revision = Self::meta_u64(&meta, REVISION)?;
+            let gap = agent_revision.saturating_sub(revision);
+            if gap == 0 || gap > RESTORE_GAP_MAX {
+                None
+            } else {
+                let next = Self::meta_u64(&meta, NEXT_TASK)?.max(1);
+                let new_next = next.saturating_add(gap);
+                let new_revision = agent_revision.saturating_add(1);
+                // Agents further ahead may hold ids lost before an earlier
+                // catch-up too: the range starts where the first began.
+                let from = match Self::meta_u64(&meta, LOST_IDS_FROM)? {
+                    0 => next,
+                    f => f.min(next),
+                };
+                meta.insert(LOST_IDS_FROM, records::encode(&from).as_slice())
+                    .map_err(db_err("catch up a restore"))?;
+                meta.insert(NEXT_TASK, records::encode(&new_next).as_slice())
+                    .map_err(db_err("catch up a restore"))?;
+                meta.insert(REVISION, records::encode(&new_revision).as_slice())
+                    .map_err(db_err("catch up a restore"))?;
+                Some((from..new_next, new_revision))
+            }
+        };
+        txn.commit().map_err(db_err("commit catch-up"))?;
+        Ok(out)
     }
 
     /// The current global revision.

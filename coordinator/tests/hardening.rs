@@ -813,3 +813,63 @@ fn one_address_cannot_hold_many_unauthenticated_connections() {
     assert!(refused >= 8, "{refused} refused");
     assert!(agent_ok, "the address stayed refused after the flood ended");
 }
+
+#[test]
+fn a_coordinator_restored_from_a_backup_resynchronises_agents_ahead_of_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let a = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let agent = Agent::start(&dir);
+    let create = |coord: &Coordinator, name: &str| {
+        coord.ctl_ok(&[
+            "task",
+            "create",
+            "--name",
+            name,
+            "--agent",
+            &a,
+            "--every",
+            "500ms",
+            "--",
+            "/bin/true",
+        ])
+    };
+    let kept = create(&coord, "kept");
+    wait_for("runs of the kept task", || {
+        !coord.runs(&["--task", "kept"]).is_empty()
+    });
+    // The backup: taken with the coordinator stopped.
+    coord.kill9();
+    let store = coord.dir.join("coordinator.redb");
+    let backup = root.path().join("backup.redb");
+    std::fs::copy(&store, &backup).expect("backup");
+    coord.restart();
+    let lost = create(&coord, "lost");
+    wait_for("the agent to hold the task the backup lacks", || {
+        agent.status().tasks.iter().any(|t| t.task_id == lost)
+    });
+    std::thread::sleep(Duration::from_millis(1_500));
+    // The machine dies; its store comes back from the backup.
+    coord.kill9();
+    std::fs::copy(&backup, &store).expect("restore");
+    coord.restart();
+    // The agent drops what the store does not know, keeps what it does,
+    // and its outbox drains (records of the lost task are not stored).
+    wait_for("the agent resynchronised", || {
+        let tasks = agent.status().tasks;
+        tasks.iter().any(|t| t.task_id == kept) && !tasks.iter().any(|t| t.task_id == lost)
+    });
+    // A task created now takes a new id and a revision past the agent's:
+    // it reaches the agent and runs.
+    let fresh = create(&coord, "fresh");
+    assert_ne!(fresh, lost, "an id was used twice");
+    wait_for("runs of the fresh task", || {
+        !coord.runs(&["--task", "fresh"]).is_empty()
+    });
+    wait_for("the agent's outbox to drain", || {
+        agent.status().outbox_len <= 2
+    });
+    let log = std::fs::read_to_string(&coord.log).unwrap_or_default();
+    assert!(log.contains("ahead of the store"), "not said in the log");
+}

@@ -146,6 +146,21 @@ pub(super) async fn handle_session(
     result.map_err(|e| close_for(&conn, e))
 }
 
+/// A cancel for a task id a restored store may have lost (only its id
+/// and revision are sent).
+fn lost_task(id: TaskId, revision: u64) -> sundial_protocol::TaskSpec {
+    sundial_protocol::TaskSpec {
+        id,
+        name: None,
+        target: sundial_protocol::task::Target::Selector(Vec::new()),
+        schedule: sundial_protocol::Schedule::at(Timestamp::MIN),
+        action: sundial_protocol::task::Action::Exec(Default::default()),
+        policies: Default::default(),
+        revision,
+        created_at: Timestamp::MIN,
+    }
+}
+
 /// Whether a task's runs may come from this agent: `None` when the store
 /// knows no such task (a store restored from a backup older than it).
 type Assigned = HashMap<TaskId, Option<bool>>;
@@ -235,11 +250,29 @@ async fn session_loop(
     let labels = Arc::new(record.labels.clone());
     let enrolled_at = Timestamp::from_millis_saturating(record.enrolled_at_ms);
     let mut assigned: Assigned = HashMap::new();
+    // An agent ahead of the store: the store was restored from an older
+    // backup. Counters jump past it, and the agent is resynchronised from
+    // the start: every task the store knows for it, and a cancel for every
+    // id that may have been lost.
+    let agent_revision = hello.0;
+    let restored = blocking(state, move |s| s.store.catch_up_restored(agent_revision))
+        .await
+        .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
+        .map_err(store_failed)?;
+    let mut lost_ids: Option<(std::ops::Range<u64>, u64)> = None;
+    let start_revision = match restored {
+        Some((ids, revision)) => {
+            tracing::warn!(%agent, agent_revision, lost_ids = ?ids, revision, "this agent is ahead of the store, which was restored from an older backup: counters moved past it, and the agent is sent its whole assignment again");
+            lost_ids = Some((ids, revision));
+            0
+        }
+        None => agent_revision,
+    };
     let mut sm = CoordSession::new(
         clock(),
         agent,
         enrolled_at,
-        hello.0,
+        start_revision,
         hello.1,
         UploadLimits {
             runs_per_sec: state.limits.upload_runs_per_sec,
@@ -256,9 +289,20 @@ async fn session_loop(
                 match effect {
                     CoordEffect::LoadChanges { since } => {
                         let labels = labels.clone();
+                        let lost = lost_ids.take();
                         let (changes, upto) = blocking(state, move |s| {
                             let upto = s.store.revision()?;
-                            Ok((s.store.changes_for(agent, &labels, since)?, upto))
+                            let mut changes = s.store.changes_for(agent, &labels, since)?;
+                            if let Some((ids, revision)) = lost {
+                                // Cancels for the ids the store does not know
+                                // (those it knows are in `changes` already).
+                                for id in ids {
+                                    if s.store.task(TaskId(id))?.is_none() {
+                                        changes.push((lost_task(TaskId(id), revision), true));
+                                    }
+                                }
+                            }
+                            Ok((changes, upto))
                         })
                         .await
                         .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
