@@ -172,6 +172,11 @@ pub struct CoordinatorStore {
 
 /// The most revisions an agent may be ahead of the store for the store to
 /// believe it was restored from a backup (and catch up).
+/// The most bytes of stored records one `run list` answer reads (output
+/// tails included): a page ends there, and says there is more, so one
+/// listing's memory is bounded on both sides whatever `--limit` says.
+pub const RUN_LIST_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 pub const RESTORE_GAP_MAX: u64 = 100_000;
 
 impl CoordinatorStore {
@@ -859,24 +864,31 @@ impl CoordinatorStore {
                 |(sched, task, agent, attempt)| cursor(sched, task, agent, attempt)
             ),
         }
-        let more = keys.len() > limit;
+        let mut more = keys.len() > limit;
         keys.truncate(limit);
-        if !forward {
-            keys.reverse();
-        }
         let matched = if q.task.is_none() && q.agent.is_none() && q.since.is_none() {
             use redb::ReadableTableMetadata;
             Some(t.len().map_err(db_err("read runs"))?)
         } else {
             None
         };
+        // Read in the order of the scan (from the cursor on), and stop at
+        // the byte budget of one answer: the rest is the next page's.
         let mut runs = Vec::with_capacity(keys.len());
         let mut unreadable = 0u64;
+        let mut bytes = 0usize;
+        let mut read = 0usize;
         for c in &keys {
+            if bytes >= RUN_LIST_BYTES_MAX {
+                more = true;
+                break;
+            }
+            read += 1;
             let key = (c.task, c.agent, c.scheduled_at_ms, c.attempt);
             let Some(v) = t.get(key).map_err(db_err("read runs"))? else {
                 continue;
             };
+            bytes = bytes.saturating_add(v.value().len());
             match records::decode::<RunRecordV1>("runs", format!("{key:?}"), v.value())
                 .and_then(|rec| rec.into_run(0))
             {
@@ -886,6 +898,11 @@ impl CoordinatorStore {
                     tracing::warn!(error = %e, "skipped an unreadable run record");
                 }
             }
+        }
+        keys.truncate(read);
+        if !forward {
+            keys.reverse();
+            runs.reverse();
         }
         Ok(RunPage {
             runs,

@@ -873,3 +873,59 @@ fn a_coordinator_restored_from_a_backup_resynchronises_agents_ahead_of_it() {
     let log = std::fs::read_to_string(&coord.log).unwrap_or_default();
     assert!(log.contains("ahead of the store"), "not said in the log");
 }
+
+#[test]
+fn one_run_listing_reads_a_bounded_number_of_bytes_whatever_the_limit() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    let a = join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    let task: TaskId = future_task(&coord, &a).parse().expect("id");
+    // 40 runs with 1 MiB output tails each: 80 MiB in all.
+    coord.kill9();
+    {
+        let store =
+            sundial_coordinator::store::CoordinatorStore::open(&coord.dir.join("coordinator.redb"))
+                .expect("store");
+        let agent: AgentId = a.parse().expect("id");
+        let runs: Vec<RunRecord> = (0..40)
+            .map(|i| RunRecord {
+                agent_id: agent,
+                stdout_tail: vec![b'o'; 1 << 20],
+                stderr_tail: vec![b'e'; 1 << 20],
+                ..record(task, 1_000_000 + i * 1_000, Outcome::Succeeded)
+            })
+            .collect();
+        store.put_runs(&runs).expect("stored");
+    }
+    coord.restart();
+    let page = coord.json(&["run", "list", "--limit", "600"]);
+    let n = page.as_array().expect("array").len();
+    let budget = sundial_coordinator::store::RUN_LIST_BYTES_MAX / (2 << 20);
+    assert!(
+        (1..=budget + 1).contains(&n),
+        "{n} runs of 2 MiB in one answer (budget {budget})"
+    );
+    // The table says there is more, and the cursor pages on to the rest.
+    let cursor = |hint: &str| -> Option<String> {
+        hint.split("--before ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    let (ok, _, mut hint) = coord.ctl(&["run", "list", "--limit", "600"]);
+    assert!(ok && hint.contains("--before"), "{hint}");
+    let mut seen = n;
+    let mut pages = 1;
+    while let Some(c) = cursor(&hint) {
+        let args = ["run", "list", "--limit", "600", "--before", &c];
+        let got = coord.json(&args);
+        seen += got.as_array().expect("array").len();
+        let (ok, _, err) = coord.ctl(&args);
+        assert!(ok, "{err}");
+        hint = err;
+        pages += 1;
+        assert!(pages < 20, "paging does not end");
+    }
+    assert_eq!(seen, 40, "every run reachable page by page");
+}
