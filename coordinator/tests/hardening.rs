@@ -929,3 +929,52 @@ fn one_run_listing_reads_a_bounded_number_of_bytes_whatever_the_limit() {
     }
     assert_eq!(seen, 40, "every run reachable page by page");
 }
+
+#[test]
+fn a_second_session_of_one_agent_replaces_the_first() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(&coord.addr.to_string(), &coord.token(&[]), &dir, "a", &[]).expect("a");
+    rt().block_on(async {
+        let open = || async {
+            let (ep, conn) = session::connect(
+                &coord.addr.to_string(),
+                "sundial-coordinator",
+                ServerTrust::Ca(ca(&coord)),
+                Some(agent_identity(&dir)),
+                ALPN,
+            )
+            .await
+            .expect("connects");
+            let (mut tx, rx) = conn.open_bi().await.expect("stream");
+            session::send(
+                &mut tx,
+                &AgentMsg::Hello {
+                    last_revision: 0,
+                    outbox_len: 0,
+                    agent_version: "test".into(),
+                    allow_exec: vec![],
+                },
+            )
+            .await
+            .expect("hello");
+            // The first answer: the session is up.
+            let mut rx = FramedRecv::new(rx);
+            rx.next::<CoordMsg>().await.expect("an answer");
+            (ep, conn, tx, rx)
+        };
+        let (_ep1, first, _tx1, _rx1) = open().await;
+        let (_ep2, second, _tx2, _rx2) = open().await;
+        let reason = tokio::time::timeout(Duration::from_secs(10), first.closed())
+            .await
+            .expect("the first session is ended");
+        match reason {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, close::REPLACED.into(), "{c:?}")
+            }
+            other => panic!("the first session ended otherwise: {other:?}"),
+        }
+        assert!(second.close_reason().is_none(), "the second session is up");
+    });
+}

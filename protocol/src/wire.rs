@@ -39,6 +39,9 @@ pub mod close {
     /// The coordinator is at a limit (sessions, unauthenticated connections);
     /// try again later. The reason may say when: [`super::busy_reason`].
     pub const BUSY: u32 = 6;
+    /// A newer session of the same agent took this one's place: one agent
+    /// (one certificate) holds one session, so its limits are its own.
+    pub const REPLACED: u32 = 7;
 }
 
 /// The reason of a BUSY close that says when to try again.

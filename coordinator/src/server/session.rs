@@ -68,6 +68,16 @@ pub(super) async fn handle_session(
         }
         state.sessions_open.fetch_add(1, Ordering::Relaxed);
         let l = live.entry(agent).or_default();
+        // One agent, one session: an older one (a connection the agent
+        // gave up on, or a second process with the same certificate) ends
+        // here, so per-agent limits cannot be multiplied by sessions.
+        for old in &l.conns {
+            tracing::info!(%agent, "a newer session of this agent replaces an older one");
+            old.close(
+                close::REPLACED.into(),
+                b"replaced by a newer session of this agent",
+            );
+        }
         l.conns.push(conn.clone());
         l.outs.push(out_tx);
         l.kicks.push(kick_tx);
