@@ -210,6 +210,18 @@ pub fn check(
             }
             if r.outcome == Outcome::Skipped {
                 v.skipped += 1;
+                if v.skipped <= 3 {
+                    note(
+                        &mut v,
+                        format!(
+                            "skipped: {} on {} at {}: {}",
+                            r.task_id,
+                            r.agent_id,
+                            r.scheduled_at,
+                            r.detail.as_deref().unwrap_or("")
+                        ),
+                    );
+                }
             }
             if r.outcome == Outcome::Interrupted {
                 v.interrupted += 1;

@@ -428,9 +428,14 @@ impl AgentNode {
             });
             self.run = AgentRun::InProcess { stop, task };
         } else {
+            // The probe action is this (large) binary started anew for each
+            // run: on a busy 2-core machine a start takes hundreds of ms, and
+            // 100 runs a second would meet the default cap of 64 runs at
+            // once, which the scenarios are not about (the cap has its own
+            // test in the agent's suite).
             let child = Command::new(exe)
                 .arg(SUB_AGENT)
-                .args(["run", "--data-dir"])
+                .args(["run", "--max-concurrent-runs", "512", "--data-dir"])
                 .arg(&self.dir)
                 .stdout(Stdio::null())
                 .stderr(log_file(&self.dir.join("agent.log"))?)
