@@ -952,18 +952,10 @@ pub async fn run(
 /// holds the agent's key and the tasks' environments. An existing directory
 /// keeps the mode its owner gave it.
 fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| AgentError::DataDir {
-            path: dir.to_owned(),
-            source,
-        })
+    sundial_net::private::create_private_dir(dir).map_err(|source| AgentError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Makes a file readable by its owner only (best effort: a read-only

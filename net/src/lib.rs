@@ -3,6 +3,7 @@
 //! settings, framed messages on streams, and connecting.
 
 pub mod damage;
+pub mod private;
 pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -488,7 +488,7 @@ pub fn init_with(
     if force {
         let _ = std::fs::remove_file(dir.join(STORE_FILE));
     }
-    make_private_dir(dir)
+    sundial_net::private::create_private_dir(dir)
         .map_err(|e| ServeError::Tls(format!("cannot create {}: {e}", dir.display())))?;
     let (_pki, admin_der) = Pki::init(dir, server_name, advertise)?;
     let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
@@ -497,18 +497,6 @@ pub fn init_with(
     store.put_meta_str("advertise", advertise)?;
     store.put_meta_str("server_name", server_name)?;
     Ok(dir.join(crate::pki::ADMIN_CREDS))
-}
-
-/// Creates the data directory readable by its owner only (0700).
-fn make_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 /// Takes group and other access away from the data directory (0700) and
