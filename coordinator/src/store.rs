@@ -325,6 +325,9 @@ impl CoordinatorStore {
                     .map_err(db_err("catch up a restore"))?;
                 meta.insert(REVISION, records::encode(&new_revision).as_slice())
                     .map_err(db_err("catch up a restore"))?;
+                // At most RESTORE_GAP_MAX cancels per resync, however often
+                // agents (honest or not) claim to be ahead.
+                let from = from.max(new_next.saturating_sub(RESTORE_GAP_MAX));
                 Some((from..new_next, new_revision))
             }
         };
