@@ -8,6 +8,7 @@
 //! depends on no async runtime, network or database — `tests/deps.rs`
 //! fails if `tokio`, `quinn`, `rustls` or `redb` enters its dependency tree.
 
+pub mod admission;
 pub mod clock;
 pub mod node;
 pub mod scheduler;

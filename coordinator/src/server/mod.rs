@@ -36,7 +36,10 @@ use sundial_protocol::{
 };
 use tokio::sync::{watch, Semaphore};
 
-use sundial_core::session::coordinator::{CoordEffect, CoordSession, UploadLimits};
+use sundial_core::admission::{Admit, HandshakeBudget};
+use sundial_core::session::coordinator::{
+    CoordEffect, CoordSession, UploadAllowance, UploadLimits,
+};
 use sundial_core::session::{Event, Now};
 
 use crate::cli::now;
@@ -280,6 +283,8 @@ struct Seen {
     outbox_len: Option<u64>,
     /// The last message received, Unix ms.
     last_contact_ms: Option<i64>,
+    /// What its last session left of its upload limits.
+    uploads: Option<UploadAllowance>,
 }
 
 /// Shared state of a running coordinator.
@@ -303,46 +308,43 @@ struct State {
     pending_warned: Mutex<Option<Instant>>,
     /// Agent sessions open (the sum over `live`, kept as it changes).
     sessions_open: std::sync::atomic::AtomicUsize,
-    /// Handshake tokens: (tokens, when last refilled).
-    handshakes: Mutex<(f64, Instant)>,
-    /// Handshakes refused for the budget since the last warning, and when it was.
-    shed: Mutex<(u64, Option<Instant>)>,
+    /// The handshake budget, fair per address.
+    handshakes: Mutex<HandshakeBudget>,
+    /// The monotonic origin of the budget's clock.
+    started: Instant,
+    /// Handshakes refused for the budget since the last warning (of them,
+    /// from an address over its share), and when it was.
+    shed: Mutex<(u64, u64, Option<Instant>)>,
 }
 
 impl State {
-    /// Takes a handshake token; `false`: over the budget.
-    fn take_handshake(&self) -> bool {
-        let rate = f64::from(self.limits.handshakes_per_sec.max(1));
-        // A tenth of a second's worth at once: over any second, at most
-        // 1.1 × the budget.
-        let burst = (rate / 10.0).max(1.0);
+    /// Decides one new connection from `ip` by the handshake budget, fair
+    /// per address (`sundial_core::admission`).
+    fn take_handshake(&self, ip: std::net::IpAddr) -> Admit {
         let Ok(mut b) = self.handshakes.lock() else {
-            return true;
+            return Admit::Yes;
         };
-        let now = Instant::now();
-        let (tokens, at) = *b;
-        let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate).min(burst);
-        if tokens >= 1.0 {
-            *b = (tokens - 1.0, now);
-            true
-        } else {
-            *b = (tokens, now);
-            false
-        }
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        b.take(now_ms, ip)
     }
 
     /// A handshake was refused for the budget: says so at most every few seconds.
-    fn note_shed(&self) {
+    fn note_shed(&self, why: Admit, ip: std::net::IpAddr) {
         if let Ok(mut s) = self.shed.lock() {
             s.0 += 1;
-            if s.1.is_none_or(|t| t.elapsed() >= PENDING_WARN_INTERVAL) {
+            if why == Admit::OverShare {
+                s.1 += 1;
+            }
+            if s.2.is_none_or(|t| t.elapsed() >= PENDING_WARN_INTERVAL) {
                 tracing::warn!(
                     refused = s.0,
+                    over_address_share = s.1,
+                    last_address = %ip,
                     budget_per_sec = self.limits.handshakes_per_sec,
                     sessions = self.sessions_open.load(std::sync::atomic::Ordering::Relaxed),
                     "reconnect storm: refusing handshakes over the budget; agents come back spread out"
                 );
-                *s = (0, Some(Instant::now()));
+                *s = (0, 0, Some(Instant::now()));
             }
         }
     }
@@ -578,6 +580,7 @@ impl Server {
                 source,
             })?;
         let (revision, _) = watch::channel(store.revision()?);
+        let limits_rate = limits.handshakes_per_sec;
         Ok(Server {
             endpoint,
             state: Arc::new(State {
@@ -595,8 +598,9 @@ impl Server {
                 pending: Mutex::new(HashMap::new()),
                 pending_warned: Mutex::new(None),
                 sessions_open: std::sync::atomic::AtomicUsize::new(0),
-                handshakes: Mutex::new((0.0, Instant::now())),
-                shed: Mutex::new((0, None)),
+                handshakes: Mutex::new(HandshakeBudget::new(limits_rate, 0)),
+                started: Instant::now(),
+                shed: Mutex::new((0, 0, None)),
             }),
         })
     }
@@ -630,8 +634,9 @@ impl Server {
                         incoming.refuse();
                         continue;
                     };
-                    if !self.state.take_handshake() {
-                        self.state.note_shed();
+                    let admit = self.state.take_handshake(ip);
+                    if admit != Admit::Yes {
+                        self.state.note_shed(admit, ip);
                         incoming.refuse();
                         continue;
                     }

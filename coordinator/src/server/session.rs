@@ -85,6 +85,7 @@ pub(super) async fn handle_session(
     }
     let knows_policy = sundial_protocol::wire::agent_knows_policy(&agent_version);
     if let Ok(mut seen) = state.seen.lock() {
+        let uploads = seen.get_mut(&agent).and_then(|s| s.uploads.take());
         seen.insert(
             agent,
             Seen {
@@ -92,6 +93,7 @@ pub(super) async fn handle_session(
                 allow_exec,
                 outbox_len: Some(outbox_len),
                 last_contact_ms: Some(now().as_millis()),
+                uploads,
             },
         );
     }
@@ -246,7 +248,7 @@ async fn session_loop(
         mut outbox,
         kicks: mut revisions,
     } = queues;
-    let origin = Instant::now();
+    let origin = state.started;
     let clock = || Now {
         mono_ms: origin.elapsed().as_millis() as u64,
         wall: now(),
@@ -290,6 +292,23 @@ async fn session_loop(
         },
         hello.2.then(|| state.reconnect_policy()),
     );
+    // The upload limits are the agent's, not the session's: carried on
+    // from its last session, and kept up to date for its next (after every
+    // batch, so a session replaced mid-way has left what it used).
+    if let Some(left) = state
+        .seen
+        .lock()
+        .ok()
+        .and_then(|seen| seen.get(&agent).and_then(|s| s.uploads.clone()))
+    {
+        sm.carry_allowance(left);
+    }
+    let keep_allowance = |sm: &CoordSession| {
+        if let Ok(mut seen) = state.seen.lock() {
+            seen.entry(agent).or_default().uploads = Some(sm.upload_allowance());
+        }
+    };
+    async {
     loop {
         // Drive the machine until it has nothing more to say.
         loop {
@@ -362,6 +381,7 @@ async fn session_loop(
                             }
                         }
                         sm.handle_stored(clock(), batch_id, verdict);
+                        keep_allowance(&sm);
                     }
                     CoordEffect::ClockReport { offset_ms, rtt_ms } => {
                         let seen = now().as_millis();
@@ -414,7 +434,11 @@ async fn session_loop(
                 if let Ok(mut seen) = state.seen.lock() {
                     seen.entry(agent).or_default().last_contact_ms = Some(now().as_millis());
                 }
+                let results = matches!(msg, AgentMsg::Results { .. });
                 sm.handle_message(clock(), msg);
+                if results {
+                    keep_allowance(&sm);
+                }
             }
             Some(m) = outbox.recv() => sm.handle_push(m),
             changed = revisions.changed() => {
@@ -431,6 +455,8 @@ async fn session_loop(
             sm.handle_timeout(t);
         }
     }
+    }
+    .await
 }
 
 fn log_session_event(event: &Event) {

@@ -74,6 +74,16 @@ impl Bucket {
     }
 }
 
+/// What is left of one agent's upload limits when its session ends. The
+/// shell hands it to the agent's next session
+/// ([`CoordSession::carry_allowance`]), so the limits hold per agent, not
+/// per session: reconnecting does not refill them.
+#[derive(Clone, Debug)]
+pub struct UploadAllowance {
+    runs: Bucket,
+    bytes: Bucket,
+}
+
 /// The coordinator's session state machine for one agent.
 #[derive(Debug)]
 pub struct CoordSession {
@@ -142,6 +152,23 @@ impl CoordSession {
 
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// What is left of this agent's upload limits (see [`UploadAllowance`]).
+    pub fn upload_allowance(&self) -> UploadAllowance {
+        UploadAllowance {
+            runs: self.runs.clone(),
+            bytes: self.bytes.clone(),
+        }
+    }
+
+    /// Carries on the allowance an earlier session of this agent left, when
+    /// the limits are still the same; monotonic times are of one clock.
+    pub fn carry_allowance(&mut self, carried: UploadAllowance) {
+        if carried.runs.rate == self.runs.rate && carried.bytes.rate == self.bytes.rate {
+            self.runs = carried.runs;
+            self.bytes = carried.bytes;
+        }
     }
 
     pub fn poll_transmit(&mut self) -> Option<CoordMsg> {
@@ -609,6 +636,54 @@ mod tests {
                 code: close::PROTOCOL,
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn a_reconnecting_agent_does_not_refill_its_upload_limit() {
+        let limits = UploadLimits {
+            runs_per_sec: 10,
+            bytes_per_sec: 1 << 30,
+        };
+        let batch = |id| AgentMsg::Results {
+            batch_id: id,
+            runs: (0..10).map(|t| record(t, 1)).collect(),
+        };
+        let fresh = |t| {
+            CoordSession::new(
+                at(t),
+                AgentId(1),
+                Timestamp::from_millis_saturating(0),
+                0,
+                0,
+                limits,
+                None,
+            )
+        };
+        let mut first = fresh(0);
+        let _ = first.poll_effect();
+        first.handle_message(at(0), batch(1));
+        assert!(matches!(
+            first.poll_effect(),
+            Some(CoordEffect::StoreRuns { batch_id: 1, .. })
+        ));
+        let left = first.upload_allowance();
+
+        // A new session of the same agent 10 ms later, carrying on: waits.
+        let mut second = fresh(10);
+        second.carry_allowance(left);
+        let _ = second.poll_effect();
+        second.handle_message(at(10), batch(2));
+        assert_eq!(second.poll_effect(), None, "the limit is per agent");
+        assert!(second.poll_timeout().is_some_and(|t| t >= 900));
+
+        // Without carrying it on, a reconnect would have refilled it.
+        let mut third = fresh(10);
+        let _ = third.poll_effect();
+        third.handle_message(at(10), batch(2));
+        assert!(matches!(
+            third.poll_effect(),
+            Some(CoordEffect::StoreRuns { batch_id: 2, .. })
         ));
     }
 }
