@@ -12,15 +12,19 @@
 //!   as tombstones, so "changes since revision R" is always answerable.
 //! - Tokens are stored as SHA-256 of their secret, never in clear.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use sundial_protocol::records::{self, RecordError, RunRecordV1, TaskRecordV1};
-use sundial_protocol::task::Target;
+use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
 use sundial_protocol::wire::{LastRun, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
+
+pub use sundial_core::coord_store::{
+    counts_from, merge_labels, targets, Agent, AgentSeen, CertRole, ChangePage, CoordStore,
+    Enrollment, JoinToken, Page, RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult,
+    StoredTask, TokenRefusal, PAGE_MAX, RESTORE_GAP_MAX, RUN_LIST_BYTES_MAX,
+};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const AGENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("agents");
@@ -68,83 +72,101 @@ const REVISION: &str = "revision";
 /// The first task id a restore may have lost (set at the first catch-up).
 const LOST_IDS_FROM: &str = "lost_ids_from";
 
-/// Why a coordinator store operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Nothing of the failed operation was stored.
-    #[error("coordinator store: {context}: {source}")]
-    Db {
-        context: &'static str,
-        #[source]
-        source: redb::Error,
-    },
-    #[error("coordinator store: {0}")]
-    Corrupt(#[from] RecordError),
-    /// The request names something that does not exist or may not be done.
-    #[error("{0}")]
-    Refused(String),
-}
-
-impl StoreError {
-    /// Whether another process holds the database open.
-    pub fn is_already_open(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Db {
-                source: redb::Error::DatabaseAlreadyOpen,
-                ..
-            }
-        )
-    }
-
-    /// Whether the disk failed (full, read-only, I/O error): redb then
-    /// refuses every write until the database is reopened.
-    pub fn is_io(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Db {
-                source: redb::Error::Io(_) | redb::Error::PreviousIo,
-                ..
-            }
-        )
-    }
-}
-
 fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
-    move |e| StoreError::Db {
-        context,
-        source: e.into(),
+    move |e| {
+        match e.into() {
+        redb::Error::DatabaseAlreadyOpen => StoreError::Locked(format!(
+            "{context}: another process has the store open (is a coordinator running on this data directory?)"
+        )),
+        redb::Error::Corrupted(why) => StoreError::Corrupt(format!("{context}: {why}")),
+        other => StoreError::unavailable(context, other),
+    }
     }
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// Who a client certificate belongs to.
+/// Who a client certificate belongs to, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CertRole {
+enum CertRoleV1 {
     Admin,
     Agent(AgentId),
 }
 
+impl From<CertRoleV1> for CertRole {
+    fn from(r: CertRoleV1) -> CertRole {
+        match r {
+            CertRoleV1::Admin => CertRole::Admin,
+            CertRoleV1::Agent(a) => CertRole::Agent(a),
+        }
+    }
+}
+
 /// A stored agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentRecordV1 {
-    pub name: Option<String>,
-    pub labels: Vec<(String, String)>,
-    pub cert_sha256: Vec<u8>,
-    pub revoked: bool,
-    pub enrolled_at_ms: i64,
-    pub last_seen_ms: Option<i64>,
-    pub clock_offset_ms: Option<i64>,
-    pub rtt_ms: Option<i64>,
+struct AgentRecordV1 {
+    name: Option<String>,
+    labels: Vec<(String, String)>,
+    cert_sha256: Vec<u8>,
+    revoked: bool,
+    enrolled_at_ms: i64,
+    last_seen_ms: Option<i64>,
+    clock_offset_ms: Option<i64>,
+    rtt_ms: Option<i64>,
+}
+
+impl AgentRecordV1 {
+    fn into_agent(self, id: AgentId, forgotten: bool) -> Result<Agent> {
+        let cert_sha256 = <[u8; 32]>::try_from(self.cert_sha256.as_slice()).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "agent {id}: a certificate fingerprint of {} bytes",
+                self.cert_sha256.len()
+            ))
+        })?;
+        Ok(Agent {
+            id,
+            name: self.name,
+            labels: self.labels,
+            cert_sha256,
+            revoked: self.revoked,
+            forgotten,
+            enrolled_at: Timestamp::from_millis_saturating(self.enrolled_at_ms),
+            last_seen: self.last_seen_ms.map(Timestamp::from_millis_saturating),
+            clock_offset_ms: self.clock_offset_ms,
+            rtt_ms: self.rtt_ms,
+        })
+    }
 }
 
 /// A stored join token (by hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRecordV1 {
-    pub expires_at_ms: i64,
-    pub uses_left: u32,
-    pub labels: Vec<(String, String)>,
+struct TokenRecordV1 {
+    expires_at_ms: i64,
+    uses_left: u32,
+    labels: Vec<(String, String)>,
+}
+
+impl TokenRecordV1 {
+    fn into_token(self, secret_sha256: [u8; 32]) -> JoinToken {
+        JoinToken {
+            secret_sha256,
+            expires_at: Timestamp::from_millis_saturating(self.expires_at_ms),
+            uses_left: self.uses_left,
+            labels: self.labels,
+        }
+    }
+
+    fn refusal(&self, now: Timestamp) -> Option<TokenRefusal> {
+        if now.as_millis() >= self.expires_at_ms {
+            Some(TokenRefusal::Expired(Timestamp::from_millis_saturating(
+                self.expires_at_ms,
+            )))
+        } else if self.uses_left == 0 {
+            Some(TokenRefusal::UsedUp)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,47 +175,20 @@ struct CoordTaskV1 {
     cancelled: bool,
 }
 
-/// Why a token was refused; the agent shows it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenRefusal {
-    #[error("unknown join token")]
-    Unknown,
-    #[error("join token expired at {0}")]
-    Expired(Timestamp),
-    #[error("join token already used up")]
-    UsedUp,
-}
-
 /// The coordinator's store; see the module doc.
 #[derive(Debug)]
 pub struct CoordinatorStore {
     db: Database,
 }
 
-/// The most revisions an agent may be ahead of the store for the store to
-/// believe it was restored from a backup (and catch up).
-/// The most bytes of stored records one `run list` answer reads (output
-/// tails included): a page ends there, and says there is more, so one
-/// listing's memory is bounded on both sides whatever `--limit` says.
-pub const RUN_LIST_BYTES_MAX: usize = 16 * 1024 * 1024;
-
-pub const RESTORE_GAP_MAX: u64 = 100_000;
-
 impl CoordinatorStore {
-    /// The instant a new task's occurrences count from: its creation, or
-    /// for a one-shot accepted a little in the past (`--at now` resolved on
-    /// the operator's clock, a few ms before ours) its instant, so that it
-    /// fires once instead of never.
-    fn counts_from(schedule: &sundial_protocol::Schedule, now: Timestamp) -> Timestamp {
-        match schedule.kind() {
-            sundial_protocol::ScheduleKind::At(at) => now.min(*at),
-            _ => now,
-        }
-    }
-
     pub fn open(path: &Path) -> Result<CoordinatorStore> {
         let db = Database::create(path).map_err(db_err("open"))?;
-        let store = CoordinatorStore { db };
+        Self::init(CoordinatorStore { db })
+    }
+
+    /// Creates the tables a new store lacks and indexes old runs.
+    fn init(store: CoordinatorStore) -> Result<CoordinatorStore> {
         let txn = store.db.begin_write().map_err(db_err("create tables"))?;
         {
             txn.open_table(META).map_err(db_err("create tables"))?;
@@ -268,8 +263,54 @@ impl CoordinatorStore {
         }
     }
 
-    /// A metadata string.
-    pub fn get_meta_str(&self, key: &'static str) -> Result<Option<String>> {
+    /// Gives task `id` the next global revision: the revision index moves
+    /// from its `old` revision to the new one, so "changes since R" sees it.
+    fn next_task_revision(
+        txn: &redb::WriteTransaction,
+        id: TaskId,
+        old: u64,
+        context: &'static str,
+    ) -> Result<u64> {
+        let mut meta = txn.open_table(META).map_err(db_err(context))?;
+        let revision = Self::meta_u64(&meta, REVISION)? + 1;
+        meta.insert(REVISION, records::encode(&revision).as_slice())
+            .map_err(db_err(context))?;
+        let mut revs = txn.open_table(TASK_REVS).map_err(db_err(context))?;
+        revs.remove(old).map_err(db_err(context))?;
+        revs.insert(revision, id.0).map_err(db_err(context))?;
+        Ok(revision)
+    }
+
+    /// Every stored run, in key order (for checkers and tests; O(runs)).
+    pub fn all_runs(&self) -> Result<Vec<RunRecord>> {
+        let txn = self.db.begin_read().map_err(db_err("read runs"))?;
+        let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err("read runs"))? {
+            let (k, v) = item.map_err(db_err("read runs"))?;
+            let rec: RunRecordV1 = records::decode("runs", format!("{:?}", k.value()), v.value())?;
+            out.push(rec.into_run(0)?);
+        }
+        Ok(out)
+    }
+
+    /// Opens a store on another storage backend (tests: a disk that fails).
+    pub fn open_with_backend(backend: impl redb::StorageBackend) -> Result<CoordinatorStore> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(db_err("open"))?;
+        Self::init(CoordinatorStore { db })
+    }
+
+    fn read_agent(forgotten: &impl ReadableTable<u64, u8>, id: u64, v: &[u8]) -> Result<Agent> {
+        let rec: AgentRecordV1 = records::decode("agents", id, v)?;
+        let gone = forgotten.get(id).map_err(db_err("read agents"))?.is_some();
+        rec.into_agent(AgentId(id), gone)
+    }
+}
+
+impl CoordStore for CoordinatorStore {
+    fn setting(&self, key: &str) -> Result<Option<String>> {
         let txn = self.db.begin_read().map_err(db_err("read meta"))?;
         let t = txn.open_table(META).map_err(db_err("read meta"))?;
         let v = t.get(key).map_err(db_err("read meta"))?;
@@ -277,7 +318,7 @@ impl CoordinatorStore {
             .transpose()?)
     }
 
-    pub fn put_meta_str(&self, key: &'static str, value: &str) -> Result<()> {
+    fn put_setting(&self, key: &str, value: &str) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err("write meta"))?;
         {
             let mut t = txn.open_table(META).map_err(db_err("write meta"))?;
@@ -295,7 +336,7 @@ impl CoordinatorStore {
     /// have been lost (for the agent to drop) and the revision of that
     /// news; `None` when the agent is not ahead, or claims more than
     /// [`RESTORE_GAP_MAX`] (not believed: a peer could push the counters).
-    pub fn catch_up_restored(
+    fn catch_up_restored(
         &self,
         agent_revision: u64,
     ) -> Result<Option<(std::ops::Range<u64>, u64)>> {
@@ -336,176 +377,256 @@ impl CoordinatorStore {
     }
 
     /// The current global revision.
-    pub fn revision(&self) -> Result<u64> {
+    fn revision(&self) -> Result<u64> {
         let txn = self.db.begin_read().map_err(db_err("read revision"))?;
         let t = txn.open_table(META).map_err(db_err("read revision"))?;
         Self::meta_u64(&t, REVISION)
     }
 
-    // ---- certificates and agents
-
-    /// Every known certificate fingerprint and whose it is (revoked agents excluded).
-    pub fn known_certs(&self) -> Result<Vec<([u8; 32], CertRole)>> {
+    fn known_certs(
+        &self,
+        after: Option<[u8; 32]>,
+        limit: usize,
+    ) -> Result<Vec<([u8; 32], CertRole)>> {
         let txn = self.db.begin_read().map_err(db_err("read certs"))?;
         let t = txn.open_table(CERTS).map_err(db_err("read certs"))?;
+        let limit = limit.clamp(1, PAGE_MAX);
+        let from = after.unwrap_or([0; 32]);
         let mut out = Vec::new();
-        for item in t.iter().map_err(db_err("read certs"))? {
+        for item in t.range(from.as_slice()..).map_err(db_err("read certs"))? {
             let (k, v) = item.map_err(db_err("read certs"))?;
-            let role: CertRole = records::decode("certs", records_hex(k.value()), v.value())?;
-            if let Ok(fp) = <[u8; 32]>::try_from(k.value()) {
-                out.push((fp, role));
+            let Ok(fp) = <[u8; 32]>::try_from(k.value()) else {
+                continue;
+            };
+            if after == Some(fp) {
+                continue;
+            }
+            let role: CertRoleV1 = records::decode("certs", records_hex(k.value()), v.value())?;
+            out.push((fp, role.into()));
+            if out.len() >= limit {
+                break;
             }
         }
         Ok(out)
     }
 
-    pub fn add_admin_cert(&self, fingerprint: [u8; 32]) -> Result<()> {
+    fn add_admin_cert(&self, fingerprint: [u8; 32]) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err("add admin"))?;
         {
             let mut t = txn.open_table(CERTS).map_err(db_err("add admin"))?;
             t.insert(
                 fingerprint.as_slice(),
-                records::encode(&CertRole::Admin).as_slice(),
+                records::encode(&CertRoleV1::Admin).as_slice(),
             )
             .map_err(db_err("add admin"))?;
         }
         txn.commit().map_err(db_err("commit admin"))
     }
 
-    /// Stores a join token's hash.
-    pub fn put_token(&self, secret_sha256: [u8; 32], rec: &TokenRecordV1) -> Result<()> {
+    fn put_token(&self, token: &JoinToken) -> Result<()> {
+        let rec = TokenRecordV1 {
+            expires_at_ms: token.expires_at.as_millis(),
+            uses_left: token.uses_left,
+            labels: token.labels.clone(),
+        };
         let txn = self.db.begin_write().map_err(db_err("create token"))?;
         {
             let mut t = txn.open_table(TOKENS).map_err(db_err("create token"))?;
-            t.insert(secret_sha256.as_slice(), records::encode(rec).as_slice())
-                .map_err(db_err("create token"))?;
+            t.insert(
+                token.secret_sha256.as_slice(),
+                records::encode(&rec).as_slice(),
+            )
+            .map_err(db_err("create token"))?;
         }
         txn.commit().map_err(db_err("commit token"))
     }
 
-    /// Enrolls an agent: uses the token once, assigns the next id and records
-    /// the certificate that `issue` makes for it — all in one transaction.
-    pub fn enroll(
+    fn tokens(&self, after: Option<[u8; 32]>, limit: usize) -> Result<Vec<JoinToken>> {
+        let txn = self.db.begin_read().map_err(db_err("read tokens"))?;
+        let t = txn.open_table(TOKENS).map_err(db_err("read tokens"))?;
+        let limit = limit.clamp(1, PAGE_MAX);
+        let from = after.unwrap_or([0; 32]);
+        let mut out = Vec::new();
+        for item in t.range(from.as_slice()..).map_err(db_err("read tokens"))? {
+            let (k, v) = item.map_err(db_err("read tokens"))?;
+            let Ok(hash) = <[u8; 32]>::try_from(k.value()) else {
+                continue;
+            };
+            if after == Some(hash) {
+                continue;
+            }
+            if let Ok(rec) = records::decode::<TokenRecordV1>("tokens", "token", v.value()) {
+                out.push(rec.into_token(hash));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_token(&self, secret_sha256: [u8; 32]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("revoke token"))?;
+        let gone = {
+            let mut t = txn.open_table(TOKENS).map_err(db_err("revoke token"))?;
+            let x = t
+                .remove(secret_sha256.as_slice())
+                .map_err(db_err("revoke token"))?
+                .is_some();
+            x
+        };
+        if !gone {
+            return Err(StoreError::NotFound("no such join token".into()));
+        }
+        txn.commit().map_err(db_err("commit token"))
+    }
+
+    fn check_token(
         &self,
         secret_sha256: [u8; 32],
         now: Timestamp,
-        name: Option<String>,
-        mut labels: Vec<(String, String)>,
-        issue: impl FnOnce(AgentId) -> std::result::Result<Vec<u8>, String>,
-    ) -> Result<std::result::Result<(AgentId, Vec<u8>), TokenRefusal>> {
+    ) -> Result<std::result::Result<JoinToken, TokenRefusal>> {
+        let txn = self.db.begin_read().map_err(db_err("read token"))?;
+        let t = txn.open_table(TOKENS).map_err(db_err("read token"))?;
+        let rec: Option<TokenRecordV1> = t
+            .get(secret_sha256.as_slice())
+            .map_err(db_err("read token"))?
+            .map(|v| records::decode("tokens", "token", v.value()))
+            .transpose()?;
+        Ok(match rec {
+            None => Err(TokenRefusal::Unknown),
+            Some(rec) => match rec.refusal(now) {
+                Some(why) => Err(why),
+                None => Ok(rec.into_token(secret_sha256)),
+            },
+        })
+    }
+
+    fn reserve_agent_id(&self) -> Result<AgentId> {
+        let txn = self.db.begin_write().map_err(db_err("reserve agent id"))?;
+        let id = {
+            let mut meta = txn.open_table(META).map_err(db_err("reserve agent id"))?;
+            let id = Self::meta_u64(&meta, NEXT_AGENT)?.max(1);
+            meta.insert(NEXT_AGENT, records::encode(&(id + 1)).as_slice())
+                .map_err(db_err("reserve agent id"))?;
+            id
+        };
+        txn.commit().map_err(db_err("commit agent id"))?;
+        Ok(AgentId(id))
+    }
+
+    fn enroll(&self, e: &Enrollment) -> Result<std::result::Result<Agent, TokenRefusal>> {
         let txn = self.db.begin_write().map_err(db_err("enroll"))?;
-        let out = {
+        let agent = {
             let mut tokens = txn.open_table(TOKENS).map_err(db_err("enroll"))?;
             let rec: Option<TokenRecordV1> = tokens
-                .get(secret_sha256.as_slice())
+                .get(e.token_sha256.as_slice())
                 .map_err(db_err("enroll"))?
                 .map(|v| records::decode("tokens", "token", v.value()))
                 .transpose()?;
             let Some(mut rec) = rec else {
                 return Ok(Err(TokenRefusal::Unknown));
             };
-            if now.as_millis() >= rec.expires_at_ms {
-                return Ok(Err(TokenRefusal::Expired(
-                    Timestamp::from_millis_saturating(rec.expires_at_ms),
-                )));
-            }
-            if rec.uses_left == 0 {
-                return Ok(Err(TokenRefusal::UsedUp));
+            if let Some(why) = rec.refusal(e.now) {
+                return Ok(Err(why));
             }
             rec.uses_left -= 1;
             tokens
-                .insert(secret_sha256.as_slice(), records::encode(&rec).as_slice())
+                .insert(e.token_sha256.as_slice(), records::encode(&rec).as_slice())
                 .map_err(db_err("enroll"))?;
-            let mut meta = txn.open_table(META).map_err(db_err("enroll"))?;
-            let id = Self::meta_u64(&meta, NEXT_AGENT)?.max(1);
-            meta.insert(NEXT_AGENT, records::encode(&(id + 1)).as_slice())
-                .map_err(db_err("enroll"))?;
-            let agent_id = AgentId(id);
-            let cert = issue(agent_id).map_err(StoreError::Refused)?;
-            let fp = sundial_protocol::token::sha256(&cert);
-            // Token labels first, then the agent's own (which win on conflict).
-            let mut all = rec.labels.clone();
-            all.retain(|(k, _)| !labels.iter().any(|(k2, _)| k2 == k));
-            all.append(&mut labels);
-            let agent = AgentRecordV1 {
-                name,
-                labels: all,
-                cert_sha256: fp.to_vec(),
+            let mut agents = txn.open_table(AGENTS).map_err(db_err("enroll"))?;
+            if agents.get(e.agent.0).map_err(db_err("enroll"))?.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "agent id {} is taken (reserve one first)",
+                    e.agent
+                )));
+            }
+            let stored = AgentRecordV1 {
+                name: e.name.clone(),
+                labels: merge_labels(&rec.labels, &e.labels),
+                cert_sha256: e.cert_sha256.to_vec(),
                 revoked: false,
-                enrolled_at_ms: now.as_millis(),
+                enrolled_at_ms: e.now.as_millis(),
                 last_seen_ms: None,
                 clock_offset_ms: None,
                 rtt_ms: None,
             };
-            let mut agents = txn.open_table(AGENTS).map_err(db_err("enroll"))?;
             agents
-                .insert(id, records::encode(&agent).as_slice())
+                .insert(e.agent.0, records::encode(&stored).as_slice())
                 .map_err(db_err("enroll"))?;
             let mut certs = txn.open_table(CERTS).map_err(db_err("enroll"))?;
             certs
                 .insert(
-                    fp.as_slice(),
-                    records::encode(&CertRole::Agent(agent_id)).as_slice(),
+                    e.cert_sha256.as_slice(),
+                    records::encode(&CertRoleV1::Agent(e.agent)).as_slice(),
                 )
                 .map_err(db_err("enroll"))?;
-            (agent_id, cert)
+            stored.into_agent(e.agent, false)?
         };
         txn.commit().map_err(db_err("commit enrollment"))?;
-        Ok(Ok(out))
+        Ok(Ok(agent))
     }
 
-    pub fn agents(&self) -> Result<BTreeMap<AgentId, AgentRecordV1>> {
+    fn agent(&self, id: AgentId) -> Result<Option<Agent>> {
+        let txn = self.db.begin_read().map_err(db_err("read agent"))?;
+        let t = txn.open_table(AGENTS).map_err(db_err("read agent"))?;
+        let f = txn.open_table(FORGOTTEN).map_err(db_err("read agent"))?;
+        let v = t.get(id.0).map_err(db_err("read agent"))?;
+        v.map(|v| Self::read_agent(&f, id.0, v.value())).transpose()
+    }
+
+    fn agents(&self, after: Option<AgentId>, limit: usize) -> Result<Vec<Agent>> {
         let txn = self.db.begin_read().map_err(db_err("read agents"))?;
         let t = txn.open_table(AGENTS).map_err(db_err("read agents"))?;
-        let mut out = BTreeMap::new();
-        for item in t.iter().map_err(db_err("read agents"))? {
+        let f = txn.open_table(FORGOTTEN).map_err(db_err("read agents"))?;
+        let limit = limit.clamp(1, PAGE_MAX);
+        let from = after.map_or(0, |a| a.0.saturating_add(1));
+        let mut out = Vec::new();
+        for item in t.range(from..).map_err(db_err("read agents"))? {
             let (k, v) = item.map_err(db_err("read agents"))?;
-            out.insert(
-                AgentId(k.value()),
-                records::decode("agents", k.value(), v.value())?,
-            );
+            out.push(Self::read_agent(&f, k.value(), v.value())?);
+            if out.len() >= limit {
+                break;
+            }
         }
         Ok(out)
     }
 
-    pub fn agent(&self, id: AgentId) -> Result<Option<AgentRecordV1>> {
-        let txn = self.db.begin_read().map_err(db_err("read agent"))?;
-        let t = txn.open_table(AGENTS).map_err(db_err("read agent"))?;
-        let v = t.get(id.0).map_err(db_err("read agent"))?;
-        Ok(v.map(|v| records::decode("agents", id.0, v.value()))
-            .transpose()?)
-    }
-
-    /// Updates an agent's record in place.
-    pub fn update_agent(&self, id: AgentId, f: impl FnOnce(&mut AgentRecordV1)) -> Result<()> {
-        let txn = self.db.begin_write().map_err(db_err("update agent"))?;
-        {
-            let mut t = txn.open_table(AGENTS).map_err(db_err("update agent"))?;
-            let rec: Option<AgentRecordV1> = t
-                .get(id.0)
-                .map_err(db_err("update agent"))?
-                .map(|v| records::decode("agents", id.0, v.value()))
-                .transpose()?;
-            let Some(mut rec) = rec else {
-                return Err(StoreError::Refused(format!("no agent {id}")));
-            };
-            f(&mut rec);
-            if rec.revoked {
-                let mut certs = txn.open_table(CERTS).map_err(db_err("update agent"))?;
-                certs
-                    .remove(rec.cert_sha256.as_slice())
-                    .map_err(db_err("update agent"))?;
+    fn agent_seen(&self, id: AgentId, seen: AgentSeen) -> Result<()> {
+        self.change_agent(id, "record an agent's contact", |r| {
+            r.last_seen_ms = Some(seen.at.as_millis());
+            if let Some((offset, rtt)) = seen.clock {
+                r.clock_offset_ms = Some(offset);
+                r.rtt_ms = Some(rtt);
             }
-            t.insert(id.0, records::encode(&rec).as_slice())
-                .map_err(db_err("update agent"))?;
-        }
-        txn.commit().map_err(db_err("commit agent"))
+        })
+        .map(|_| ())
     }
 
-    // ---- tasks
+    fn revoke_agent(&self, id: AgentId) -> Result<Agent> {
+        self.change_agent(id, "revoke agent", |r| r.revoked = true)
+    }
+
+    /// Removes a revoked agent from the lists; its runs stay.
+    fn forget_agent(&self, id: AgentId) -> Result<()> {
+        let rec = self
+            .agent(id)?
+            .ok_or_else(|| StoreError::NotFound(format!("no agent {id}")))?;
+        if !rec.revoked {
+            return Err(StoreError::Refused(format!(
+                "agent {id} is not revoked; revoke it first (sundialctl agent revoke {id})"
+            )));
+        }
+        let txn = self.db.begin_write().map_err(db_err("forget agent"))?;
+        {
+            let mut t = txn.open_table(FORGOTTEN).map_err(db_err("forget agent"))?;
+            t.insert(id.0, 1).map_err(db_err("forget agent"))?;
+        }
+        txn.commit().map_err(db_err("commit forget"))
+    }
 
     /// Creates a task with the next id and revision.
-    pub fn create_task(&self, draft: TaskDraft, now: Timestamp) -> Result<TaskSpec> {
+    fn create_task(&self, draft: TaskDraft, now: Timestamp) -> Result<TaskSpec> {
         let txn = self.db.begin_write().map_err(db_err("create task"))?;
         let spec = {
             let mut names = txn.open_table(TASK_NAMES).map_err(db_err("create task"))?;
@@ -527,7 +648,7 @@ impl CoordinatorStore {
                 .map_err(db_err("create task"))?;
             meta.insert(REVISION, records::encode(&revision).as_slice())
                 .map_err(db_err("create task"))?;
-            let created_at = Self::counts_from(&draft.schedule, now);
+            let created_at = counts_from(&draft.schedule, now);
             let spec = TaskSpec {
                 id: TaskId(id),
                 name: draft.name,
@@ -559,26 +680,8 @@ impl CoordinatorStore {
         Ok(spec)
     }
 
-    /// Gives task `id` the next global revision: the revision index moves
-    /// from its `old` revision to the new one, so "changes since R" sees it.
-    fn next_task_revision(
-        txn: &redb::WriteTransaction,
-        id: TaskId,
-        old: u64,
-        context: &'static str,
-    ) -> Result<u64> {
-        let mut meta = txn.open_table(META).map_err(db_err(context))?;
-        let revision = Self::meta_u64(&meta, REVISION)? + 1;
-        meta.insert(REVISION, records::encode(&revision).as_slice())
-            .map_err(db_err(context))?;
-        let mut revs = txn.open_table(TASK_REVS).map_err(db_err(context))?;
-        revs.remove(old).map_err(db_err(context))?;
-        revs.insert(revision, id.0).map_err(db_err(context))?;
-        Ok(revision)
-    }
-
     /// Replaces a live task's spec (same id and target) under a new revision.
-    pub fn update_task(&self, spec: &TaskSpec) -> Result<u64> {
+    fn update_task(&self, spec: &TaskSpec, expected_revision: u64) -> Result<u64> {
         let id = spec.id;
         let txn = self.db.begin_write().map_err(db_err("update task"))?;
         let revision = {
@@ -589,10 +692,16 @@ impl CoordinatorStore {
                 .map(|v| records::decode("tasks", id.0, v.value()))
                 .transpose()?;
             let Some(old) = rec else {
-                return Err(StoreError::Refused(format!("no task {id}")));
+                return Err(StoreError::NotFound(format!("no task {id}")));
             };
             if old.cancelled {
                 return Err(StoreError::Refused(format!("task {id} is cancelled")));
+            }
+            if old.task.revision != expected_revision {
+                return Err(StoreError::Conflict(format!(
+                    "task {id} changed since it was read (revision {} now, {expected_revision} read); read it again",
+                    old.task.revision
+                )));
             }
             let revision = Self::next_task_revision(&txn, id, old.task.revision, "update task")?;
             let mut new = spec.clone();
@@ -611,7 +720,7 @@ impl CoordinatorStore {
     }
 
     /// Cancels a task: it becomes a tombstone with a new revision.
-    pub fn cancel_task(&self, id: TaskId) -> Result<u64> {
+    fn cancel_task(&self, id: TaskId) -> Result<u64> {
         let txn = self.db.begin_write().map_err(db_err("cancel task"))?;
         let revision = {
             let mut tasks = txn.open_table(TASKS).map_err(db_err("cancel task"))?;
@@ -621,7 +730,7 @@ impl CoordinatorStore {
                 .map(|v| records::decode("tasks", id.0, v.value()))
                 .transpose()?;
             let Some(mut rec) = rec else {
-                return Err(StoreError::Refused(format!("no task {id}")));
+                return Err(StoreError::NotFound(format!("no task {id}")));
             };
             if rec.cancelled {
                 return Err(StoreError::Refused(format!(
@@ -644,38 +753,116 @@ impl CoordinatorStore {
         Ok(revision)
     }
 
-    /// Every task with its cancelled flag.
-    pub fn tasks(&self) -> Result<Vec<(TaskSpec, bool)>> {
+    /// Pauses (`true`) or resumes a task: a new revision, so agents drop it
+    /// (paused) or take it again, counting from `now` (resumed).
+    fn set_paused(&self, id: TaskId, paused: bool, now: Timestamp) -> Result<u64> {
+        let txn = self.db.begin_write().map_err(db_err("pause task"))?;
+        let revision = {
+            let mut tasks = txn.open_table(TASKS).map_err(db_err("pause task"))?;
+            let rec: Option<CoordTaskV1> = tasks
+                .get(id.0)
+                .map_err(db_err("pause task"))?
+                .map(|v| records::decode("tasks", id.0, v.value()))
+                .transpose()?;
+            let Some(mut rec) = rec else {
+                return Err(StoreError::NotFound(format!("no task {id}")));
+            };
+            if rec.cancelled {
+                return Err(StoreError::Refused(format!("task {id} is cancelled")));
+            }
+            let mut p = txn.open_table(PAUSED).map_err(db_err("pause task"))?;
+            let was = p.get(id.0).map_err(db_err("pause task"))?.is_some();
+            if was == paused {
+                return Err(StoreError::Refused(format!(
+                    "task {id} is {} already",
+                    if paused { "paused" } else { "running" }
+                )));
+            }
+            if paused {
+                p.insert(id.0, 1).map_err(db_err("pause task"))?;
+            } else {
+                p.remove(id.0).map_err(db_err("pause task"))?;
+                // Occurrences while paused are not expected of anyone.
+                rec.task.created_at_ms = rec.task.created_at_ms.max(now.as_millis());
+            }
+            let revision = Self::next_task_revision(&txn, id, rec.task.revision, "pause task")?;
+            rec.task.revision = revision;
+            tasks
+                .insert(id.0, records::encode(&rec).as_slice())
+                .map_err(db_err("pause task"))?;
+            revision
+        };
+        txn.commit().map_err(db_err("commit pause"))?;
+        Ok(revision)
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<StoredTask>> {
+        let txn = self.db.begin_read().map_err(db_err("read task"))?;
+        let t = txn.open_table(TASKS).map_err(db_err("read task"))?;
+        let p = txn.open_table(PAUSED).map_err(db_err("read task"))?;
+        let Some(v) = t.get(id.0).map_err(db_err("read task"))? else {
+            return Ok(None);
+        };
+        let rec: CoordTaskV1 = records::decode("tasks", id.0, v.value())?;
+        let paused = !rec.cancelled && p.get(id.0).map_err(db_err("read task"))?.is_some();
+        Ok(Some(StoredTask {
+            spec: rec.task.into_spec(id.0)?,
+            cancelled: rec.cancelled,
+            paused,
+        }))
+    }
+
+    fn tasks(&self, after: Option<TaskId>, limit: usize) -> Result<Vec<StoredTask>> {
         let txn = self.db.begin_read().map_err(db_err("read tasks"))?;
         let t = txn.open_table(TASKS).map_err(db_err("read tasks"))?;
+        let p = txn.open_table(PAUSED).map_err(db_err("read tasks"))?;
+        let limit = limit.clamp(1, PAGE_MAX);
+        let from = after.map_or(0, |a| a.0.saturating_add(1));
         let mut out = Vec::new();
-        for item in t.iter().map_err(db_err("read tasks"))? {
+        for item in t.range(from..).map_err(db_err("read tasks"))? {
             let (k, v) = item.map_err(db_err("read tasks"))?;
             let rec: CoordTaskV1 = records::decode("tasks", k.value(), v.value())?;
-            out.push((rec.task.into_spec(k.value())?, rec.cancelled));
+            let paused =
+                !rec.cancelled && p.get(k.value()).map_err(db_err("read tasks"))?.is_some();
+            out.push(StoredTask {
+                spec: rec.task.into_spec(k.value())?,
+                cancelled: rec.cancelled,
+                paused,
+            });
+            if out.len() >= limit {
+                break;
+            }
         }
         Ok(out)
     }
 
-    /// Changes for an agent with `labels` since `revision`, in revision order:
-    /// `(spec, removed)` (removed: cancelled or paused). A first sync
-    /// (`revision == 0`) skips removed tasks.
-    pub fn changes_for(
+    fn changes_for(
         &self,
         agent: AgentId,
         labels: &[(String, String)],
-        revision: u64,
-    ) -> Result<Vec<(TaskSpec, bool)>> {
+        since: u64,
+        limit: usize,
+    ) -> Result<ChangePage> {
         let txn = self.db.begin_read().map_err(db_err("read changes"))?;
+        let meta = txn.open_table(META).map_err(db_err("read changes"))?;
         let revs = txn.open_table(TASK_REVS).map_err(db_err("read changes"))?;
         let tasks = txn.open_table(TASKS).map_err(db_err("read changes"))?;
         let paused = txn.open_table(PAUSED).map_err(db_err("read changes"))?;
-        let mut out = Vec::new();
-        for item in revs
-            .range(revision.saturating_add(1)..)
+        let limit = limit.max(1);
+        let mut changes = Vec::new();
+        let mut upto = since;
+        let mut more = false;
+        for (looked, item) in revs
+            .range(since.saturating_add(1)..)
             .map_err(db_err("read changes"))?
+            .enumerate()
         {
-            let (_, id) = item.map_err(db_err("read changes"))?;
+            if looked >= limit {
+                more = true;
+                break;
+            }
+            let (rev, id) = item.map_err(db_err("read changes"))?;
+            upto = rev.value();
             let id = id.value();
             let Some(v) = tasks.get(id).map_err(db_err("read changes"))? else {
                 continue;
@@ -684,24 +871,30 @@ impl CoordinatorStore {
             // A paused task is, for agents, removed until it is resumed.
             let removed =
                 rec.cancelled || paused.get(id).map_err(db_err("read changes"))?.is_some();
-            if revision == 0 && removed {
+            if since == 0 && removed {
                 continue;
             }
             let spec = rec.task.into_spec(id)?;
             if targets(&spec.target, agent, labels) {
-                out.push((spec, removed));
+                changes.push((spec, removed));
             }
         }
-        Ok(out)
+        if !more {
+            // Everything was looked at: the page is current to the store's revision.
+            upto = upto.max(Self::meta_u64(&meta, REVISION)?);
+        }
+        Ok(ChangePage {
+            changes,
+            upto,
+            more,
+        })
     }
-
-    // ---- runs
 
     /// Stores run records in one transaction. The first record of a run key
     /// wins: a resend of the same record is a no-op, a *different* record
     /// for a key already stored is not written and is returned, so the
     /// caller can log it (an agent cannot rewrite its history).
-    pub fn put_runs(&self, runs: &[RunRecord]) -> Result<Vec<RunKeyOf>> {
+    fn put_runs(&self, runs: &[RunRecord]) -> Result<Vec<RunKeyOf>> {
         let txn = self.db.begin_write().map_err(db_err("store runs"))?;
         let mut conflicts = Vec::new();
         {
@@ -769,7 +962,7 @@ impl CoordinatorStore {
     /// time (of all runs, of a task, or of an agent): O(page), whatever the
     /// number stored. A stored record that does not decode is skipped and
     /// counted, never fatal to the listing.
-    pub fn runs(&self, q: &RunQuery) -> Result<RunPage> {
+    fn runs(&self, q: &RunQuery) -> Result<RunPage> {
         let txn = self.db.begin_read().map_err(db_err("read runs"))?;
         let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
         let limit = q.limit.max(1);
@@ -917,23 +1110,10 @@ impl CoordinatorStore {
         })
     }
 
-    /// Every stored run, in key order (for checkers and tests; O(runs)).
-    pub fn all_runs(&self) -> Result<Vec<RunRecord>> {
-        let txn = self.db.begin_read().map_err(db_err("read runs"))?;
-        let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(db_err("read runs"))? {
-            let (k, v) = item.map_err(db_err("read runs"))?;
-            let rec: RunRecordV1 = records::decode("runs", format!("{:?}", k.value()), v.value())?;
-            out.push(rec.into_run(0)?);
-        }
-        Ok(out)
-    }
-
     /// Deletes runs scheduled before `before`, at most `max` in one
     /// transaction, oldest first by the time index; returns how many went
     /// (call again while it is `max`).
-    pub fn purge_runs_before(&self, before: Timestamp, max: usize) -> Result<usize> {
+    fn purge_runs_before(&self, before: Timestamp, max: usize) -> Result<usize> {
         let txn = self.db.begin_write().map_err(db_err("purge runs"))?;
         let n = {
             let mut runs = txn.open_table(RUNS).map_err(db_err("purge runs"))?;
@@ -973,7 +1153,7 @@ impl CoordinatorStore {
     }
 
     /// The latest run of `task` on each agent.
-    pub fn last_runs(&self, task: TaskId) -> Result<Vec<LastRun>> {
+    fn last_runs(&self, task: TaskId, limit: usize) -> Result<Vec<LastRun>> {
         let txn = self.db.begin_read().map_err(db_err("read last runs"))?;
         let t = txn
             .open_table(LAST_RUNS)
@@ -983,6 +1163,9 @@ impl CoordinatorStore {
             .range((task.0, 0)..=(task.0, u64::MAX))
             .map_err(db_err("read last runs"))?
         {
+            if out.len() >= limit.clamp(1, PAGE_MAX) {
+                break;
+            }
             let (k, v) = item.map_err(db_err("read last runs"))?;
             let Ok(l) = records::decode::<LastRunV1>("last_runs", task.0, v.value()) else {
                 continue;
@@ -1002,128 +1185,8 @@ impl CoordinatorStore {
         Ok(out)
     }
 
-    /// Whether a task is paused.
-    pub fn is_paused(&self, id: TaskId) -> Result<bool> {
-        let txn = self.db.begin_read().map_err(db_err("read paused"))?;
-        let t = txn.open_table(PAUSED).map_err(db_err("read paused"))?;
-        Ok(t.get(id.0).map_err(db_err("read paused"))?.is_some())
-    }
-
-    /// Pauses (`true`) or resumes a task: a new revision, so agents drop it
-    /// (paused) or take it again, counting from `now` (resumed).
-    pub fn set_paused(&self, id: TaskId, paused: bool, now: Timestamp) -> Result<u64> {
-        let txn = self.db.begin_write().map_err(db_err("pause task"))?;
-        let revision = {
-            let mut tasks = txn.open_table(TASKS).map_err(db_err("pause task"))?;
-            let rec: Option<CoordTaskV1> = tasks
-                .get(id.0)
-                .map_err(db_err("pause task"))?
-                .map(|v| records::decode("tasks", id.0, v.value()))
-                .transpose()?;
-            let Some(mut rec) = rec else {
-                return Err(StoreError::Refused(format!("no task {id}")));
-            };
-            if rec.cancelled {
-                return Err(StoreError::Refused(format!("task {id} is cancelled")));
-            }
-            let mut p = txn.open_table(PAUSED).map_err(db_err("pause task"))?;
-            let was = p.get(id.0).map_err(db_err("pause task"))?.is_some();
-            if was == paused {
-                return Err(StoreError::Refused(format!(
-                    "task {id} is {} already",
-                    if paused { "paused" } else { "running" }
-                )));
-            }
-            if paused {
-                p.insert(id.0, 1).map_err(db_err("pause task"))?;
-            } else {
-                p.remove(id.0).map_err(db_err("pause task"))?;
-                // Occurrences while paused are not expected of anyone.
-                rec.task.created_at_ms = rec.task.created_at_ms.max(now.as_millis());
-            }
-            let revision = Self::next_task_revision(&txn, id, rec.task.revision, "pause task")?;
-            rec.task.revision = revision;
-            tasks
-                .insert(id.0, records::encode(&rec).as_slice())
-                .map_err(db_err("pause task"))?;
-            revision
-        };
-        txn.commit().map_err(db_err("commit pause"))?;
-        Ok(revision)
-    }
-
-    /// Removes a revoked agent from the lists; its runs stay.
-    pub fn forget_agent(&self, id: AgentId) -> Result<()> {
-        let rec = self
-            .agent(id)?
-            .ok_or_else(|| StoreError::Refused(format!("no agent {id}")))?;
-        if !rec.revoked {
-            return Err(StoreError::Refused(format!(
-                "agent {id} is not revoked; revoke it first (sundialctl agent revoke {id})"
-            )));
-        }
-        let txn = self.db.begin_write().map_err(db_err("forget agent"))?;
-        {
-            let mut t = txn.open_table(FORGOTTEN).map_err(db_err("forget agent"))?;
-            t.insert(id.0, 1).map_err(db_err("forget agent"))?;
-        }
-        txn.commit().map_err(db_err("commit forget"))
-    }
-
-    /// Agents removed from the lists.
-    pub fn forgotten(&self) -> Result<std::collections::HashSet<AgentId>> {
-        let txn = self.db.begin_read().map_err(db_err("read forgotten"))?;
-        let t = txn
-            .open_table(FORGOTTEN)
-            .map_err(db_err("read forgotten"))?;
-        let mut out = std::collections::HashSet::new();
-        for item in t.iter().map_err(db_err("read forgotten"))? {
-            let (k, _) = item.map_err(db_err("read forgotten"))?;
-            out.insert(AgentId(k.value()));
-        }
-        Ok(out)
-    }
-
-    /// Every stored join token: (hash of its secret, record).
-    pub fn tokens(&self) -> Result<Vec<([u8; 32], TokenRecordV1)>> {
-        let txn = self.db.begin_read().map_err(db_err("read tokens"))?;
-        let t = txn.open_table(TOKENS).map_err(db_err("read tokens"))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(db_err("read tokens"))? {
-            let (k, v) = item.map_err(db_err("read tokens"))?;
-            let Ok(hash) = <[u8; 32]>::try_from(k.value()) else {
-                continue;
-            };
-            if let Ok(rec) = records::decode::<TokenRecordV1>("tokens", "token", v.value()) {
-                out.push((hash, rec));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Deletes the token whose hash is `hash`.
-    pub fn delete_token(&self, hash: [u8; 32]) -> Result<()> {
-        let txn = self.db.begin_write().map_err(db_err("revoke token"))?;
-        {
-            let mut t = txn.open_table(TOKENS).map_err(db_err("revoke token"))?;
-            t.remove(hash.as_slice()).map_err(db_err("revoke token"))?;
-        }
-        txn.commit().map_err(db_err("commit token"))
-    }
-
-    /// One task with its cancelled flag.
-    pub fn task(&self, id: TaskId) -> Result<Option<(TaskSpec, bool)>> {
-        let txn = self.db.begin_read().map_err(db_err("read task"))?;
-        let t = txn.open_table(TASKS).map_err(db_err("read task"))?;
-        let Some(v) = t.get(id.0).map_err(db_err("read task"))? else {
-            return Ok(None);
-        };
-        let rec: CoordTaskV1 = records::decode("tasks", id.0, v.value())?;
-        Ok(Some((rec.task.into_spec(id.0)?, rec.cancelled)))
-    }
-
     /// Number of stored runs.
-    pub fn run_count(&self) -> Result<u64> {
+    fn run_count(&self) -> Result<u64> {
         use redb::ReadableTableMetadata;
         let txn = self.db.begin_read().map_err(db_err("read runs"))?;
         let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
@@ -1131,91 +1194,41 @@ impl CoordinatorStore {
     }
 }
 
-/// The stored key of a run: (task, agent, scheduled_at ms, attempt).
-pub type RunKeyOf = (u64, u64, i64, u32);
-
-/// A position in time order: a run's (scheduled_at, task, agent, attempt).
-/// Written `SCHEDULED_MS.TASK.AGENT.ATTEMPT` for `--after`/`--before`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct RunCursor {
-    pub scheduled_at_ms: i64,
-    pub task: u64,
-    pub agent: u64,
-    pub attempt: u32,
-}
-
-impl std::fmt::Display for RunCursor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}.{}.{}.{}",
-            self.scheduled_at_ms, self.task, self.agent, self.attempt
-        )
-    }
-}
-
-impl std::str::FromStr for RunCursor {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        let bad = || format!("`{s}` is not a run cursor (as printed after a page of `run list`)");
-        let mut it = s.split('.');
-        let c = RunCursor {
-            scheduled_at_ms: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
-            task: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
-            agent: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
-            attempt: it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+impl CoordinatorStore {
+    /// Read-modify-write of one agent's record, in one transaction; a
+    /// revoked agent's certificate goes with it.
+    fn change_agent(
+        &self,
+        id: AgentId,
+        context: &'static str,
+        f: impl FnOnce(&mut AgentRecordV1),
+    ) -> Result<Agent> {
+        let txn = self.db.begin_write().map_err(db_err(context))?;
+        let agent = {
+            let mut t = txn.open_table(AGENTS).map_err(db_err(context))?;
+            let rec: Option<AgentRecordV1> = t
+                .get(id.0)
+                .map_err(db_err(context))?
+                .map(|v| records::decode("agents", id.0, v.value()))
+                .transpose()?;
+            let Some(mut rec) = rec else {
+                return Err(StoreError::NotFound(format!("no agent {id}")));
+            };
+            f(&mut rec);
+            if rec.revoked {
+                let mut certs = txn.open_table(CERTS).map_err(db_err(context))?;
+                certs
+                    .remove(rec.cert_sha256.as_slice())
+                    .map_err(db_err(context))?;
+            }
+            t.insert(id.0, records::encode(&rec).as_slice())
+                .map_err(db_err(context))?;
+            let f = txn.open_table(FORGOTTEN).map_err(db_err(context))?;
+            let gone = f.get(id.0).map_err(db_err(context))?.is_some();
+            rec.into_agent(id, gone)?
         };
-        if it.next().is_some() {
-            return Err(bad());
-        }
-        Ok(c)
-    }
-}
-
-/// Which page of runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Page {
-    /// The latest runs (or, with `since` and `forward_from_since`, the first ones from `since`).
-    Latest,
-    /// Runs after this position, oldest first.
-    After(RunCursor),
-    /// Runs before this position (the latest of them).
-    Before(RunCursor),
-}
-
-/// A `run list` query.
-#[derive(Debug, Clone, Copy)]
-pub struct RunQuery {
-    pub task: Option<TaskId>,
-    pub agent: Option<AgentId>,
-    pub since: Option<Timestamp>,
-    pub limit: usize,
-    pub page: Page,
-    /// With `since`: page forward from it rather than show the latest.
-    pub forward_from_since: bool,
-}
-
-/// One answer of [`CoordinatorStore::runs`].
-#[derive(Debug, Clone)]
-pub struct RunPage {
-    /// Oldest first.
-    pub runs: Vec<RunRecord>,
-    /// The positions of the first and last run of the page.
-    pub first: Option<RunCursor>,
-    pub last: Option<RunCursor>,
-    /// More runs match beyond this page, in the direction it was read.
-    pub more: bool,
-    /// How many runs are stored, when no filter applies (O(1)); else unknown.
-    pub matched: Option<u64>,
-    /// Stored records that matched but could not be decoded.
-    pub unreadable: u64,
-}
-
-/// Whether a task's target includes an agent.
-pub fn targets(target: &Target, agent: AgentId, labels: &[(String, String)]) -> bool {
-    match target {
-        Target::Agent(a) => *a == agent,
-        Target::Selector(sel) => sel.iter().all(|pair| labels.contains(pair)),
+        txn.commit().map_err(db_err(context))?;
+        Ok(agent)
     }
 }
 

@@ -15,6 +15,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 use sundial_agent::session::{self, FramedRecv, SessionError};
+use sundial_coordinator::store::CoordStore as _;
 use sundial_net::tls::{Identity, ServerTrust};
 use sundial_protocol::codec::encode;
 use sundial_protocol::wire::{close, AgentMsg, CoordMsg, ALPN, ALPN_ENROLL};

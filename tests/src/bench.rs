@@ -827,6 +827,7 @@ pub async fn drain_once(exe: &Path, n: usize) -> anyhow::Result<(f64, u64)> {
             .coord_dir
             .join(sundial_coordinator::server::STORE_FILE),
     )?;
+    use sundial_coordinator::store::CoordStore as _;
     Ok((secs, store.run_count()?))
 }
 
@@ -1308,7 +1309,9 @@ pub fn report_path() -> PathBuf {
 /// and a page deep in the cursor, read from the time index, beside the way
 /// it was done before the index (read, decode and sort every run, then cut).
 pub fn runlist(quick: bool) -> Table {
-    use sundial_coordinator::store::{CoordinatorStore, Page, RunCursor, RunQuery};
+    use sundial_coordinator::store::{
+        CoordStore as _, CoordinatorStore, Page, RunCursor, RunQuery,
+    };
     let total: i64 = if quick { 100_000 } else { 1_000_000 };
     let rounds = if quick { 5 } else { 20 };
     let empty = |why: String| Table {

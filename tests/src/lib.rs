@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod checker;
+pub mod crash_disk;
 pub mod harness;
 pub mod light;
 pub mod relay;

@@ -51,27 +51,32 @@ impl BenchCoordinator {
         )?;
         let secret = vec![7u8; 32];
         let hash = sundial_protocol::token::sha256(&secret);
-        store.put_token(
-            hash,
-            &sundial_coordinator::store::TokenRecordV1 {
-                expires_at_ms: i64::MAX,
-                uses_left: n as u32,
-                labels: vec![],
-            },
-        )?;
+        use sundial_coordinator::store::{CoordStore as _, Enrollment, JoinToken};
+        store.put_token(&JoinToken {
+            secret_sha256: hash,
+            expires_at: Timestamp::MAX,
+            uses_left: n as u32,
+            labels: vec![],
+        })?;
         let mut identities = Vec::with_capacity(n);
         for _ in 0..n {
             let key = rcgen::KeyPair::generate()?;
             let csr =
                 rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
-            let enrolled = store.enroll(
-                hash,
-                Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
-                None,
-                vec![],
-                |id| pki.sign_agent_csr(csr.der(), id),
-            )?;
-            let (_, cert) = enrolled.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let id = store.reserve_agent_id()?;
+            let cert = pki
+                .sign_agent_csr(csr.der(), id)
+                .map_err(anyhow::Error::msg)?;
+            store
+                .enroll(&Enrollment {
+                    token_sha256: hash,
+                    agent: id,
+                    name: None,
+                    labels: vec![],
+                    cert_sha256: sundial_protocol::token::sha256(&cert),
+                    now: Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
+                })?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             identities.push((
                 CertificateDer::from(cert),
                 PrivateKeyDer::try_from(key.serialize_der()).map_err(anyhow::Error::msg)?,

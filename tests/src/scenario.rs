@@ -587,10 +587,18 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
             .coord_dir
             .join(sundial_coordinator::server::STORE_FILE),
     )?;
-    let tasks: Vec<(TaskSpec, AgentId)> = store
-        .tasks()?
+    let mut all = Vec::new();
+    loop {
+        use sundial_coordinator::store::CoordStore as _;
+        let page = store.tasks(all.last().map(|t: &TaskSpec| t.id), 1_000)?;
+        if page.is_empty() {
+            break;
+        }
+        all.extend(page.into_iter().map(|t| t.spec));
+    }
+    let tasks: Vec<(TaskSpec, AgentId)> = all
         .into_iter()
-        .filter_map(|(t, _)| match t.target {
+        .filter_map(|t| match t.target {
             sundial_protocol::task::Target::Agent(a) => Some((t, a)),
             _ => None,
         })

@@ -892,7 +892,7 @@ impl World {
                     changes.sort_by_key(|(t, _)| t.revision);
                     let upto = self.revision;
                     if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
-                        s.handle_changes(changes, upto);
+                        s.handle_changes(changes, upto, false);
                     }
                 }
                 CoordEffect::StoreRuns { batch_id, runs } => {

@@ -38,7 +38,8 @@ pub(super) async fn handle_admin(
     }
 }
 
-fn agent_info(state: &State, id: AgentId, r: AgentRecordV1) -> AgentInfo {
+fn agent_info(state: &State, r: Agent) -> AgentInfo {
+    let id = r.id;
     let online = state
         .live
         .lock()
@@ -50,7 +51,7 @@ fn agent_info(state: &State, id: AgentId, r: AgentRecordV1) -> AgentInfo {
         .ok()
         .and_then(|s| s.get(&id).cloned())
         .unwrap_or_default();
-    let last_seen = match (seen.last_contact_ms, r.last_seen_ms) {
+    let last_seen = match (seen.last_contact_ms, r.last_seen.map(Timestamp::as_millis)) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
@@ -60,7 +61,7 @@ fn agent_info(state: &State, id: AgentId, r: AgentRecordV1) -> AgentInfo {
         labels: r.labels,
         online,
         revoked: r.revoked,
-        enrolled_at: Timestamp::from_millis_saturating(r.enrolled_at_ms),
+        enrolled_at: r.enrolled_at,
         last_seen: last_seen.map(Timestamp::from_millis_saturating),
         clock_offset_ms: r.clock_offset_ms,
         rtt_ms: r.rtt_ms,
@@ -73,18 +74,21 @@ fn agent_info(state: &State, id: AgentId, r: AgentRecordV1) -> AgentInfo {
 /// A task as the admin sees it: state, next occurrence, latest runs, reach.
 fn task_info(
     state: &State,
-    spec: TaskSpec,
-    cancelled: bool,
-    agents: &std::collections::BTreeMap<AgentId, AgentRecordV1>,
+    task: StoredTask,
+    agents: &[Agent],
     detailed: bool,
     now: Timestamp,
 ) -> Result<TaskInfo, StoreError> {
-    let paused = !cancelled && state.store.is_paused(spec.id)?;
-    let mut last_runs = state.store.last_runs(spec.id)?;
+    let StoredTask {
+        spec,
+        cancelled,
+        paused,
+    } = task;
+    let mut last_runs = state.store.last_runs(spec.id, PAGE_MAX)?;
     let reached: Vec<AgentId> = agents
         .iter()
-        .filter(|(id, r)| !r.revoked && crate::store::targets(&spec.target, **id, &r.labels))
-        .map(|(id, _)| *id)
+        .filter(|r| !r.revoked && crate::store::targets(&spec.target, r.id, &r.labels))
+        .map(|r| r.id)
         .collect();
     // Done: a one-shot whose run is recorded, finally, on every agent it reaches.
     let done = match spec.schedule.kind() {
@@ -233,17 +237,15 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             ring::rand::SecureRandom::fill(&rng, &mut secret)
                 .map_err(|_| StoreError::Refused("no randomness available".into()))?;
             let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX);
-            state.store.put_token(
-                sha256(&secret),
-                &TokenRecordV1 {
-                    expires_at_ms: now().as_millis().saturating_add(ttl),
-                    uses_left: uses,
-                    labels,
-                },
-            )?;
+            state.store.put_token(&JoinToken {
+                secret_sha256: sha256(&secret),
+                expires_at: now().saturating_add_ms(ttl),
+                uses_left: uses,
+                labels,
+            })?;
             let server_name = state
                 .store
-                .get_meta_str("server_name")?
+                .setting("server_name")?
                 .unwrap_or_else(|| sundial_net::tls::SERVER_NAME_DEFAULT.into());
             let token = sundial_protocol::token::JoinToken {
                 secret,
@@ -253,13 +255,10 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             one(AdminResponse::Token(token.encode()))
         }
         AdminRequest::AgentList => {
-            let forgotten = state.store.forgotten()?;
-            let agents: Vec<AgentInfo> = state
-                .store
-                .agents()?
+            let agents: Vec<AgentInfo> = all_agents(state.store.as_ref())?
                 .into_iter()
-                .filter(|(id, _)| !forgotten.contains(id))
-                .map(|(id, r)| agent_info(state, id, r))
+                .filter(|a| !a.forgotten)
+                .map(|a| agent_info(state, a))
                 .collect();
             // A fleet of agents with long allowlists is megabytes: in pages.
             Ok(chunk_by_size(agents, LIST_CHUNK_BYTES_MAX)
@@ -268,19 +267,13 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
                 .collect())
         }
         AdminRequest::AgentGet(id) => match state.store.agent(id)? {
-            Some(r) => one(AdminResponse::Agent(Box::new(agent_info(state, id, r)))),
+            Some(r) => one(AdminResponse::Agent(Box::new(agent_info(state, r)))),
             None => one(AdminResponse::Error(format!("no agent {id}"))),
         },
         AdminRequest::AgentRevoke(id) => {
-            let rec = state
-                .store
-                .agent(id)?
-                .ok_or_else(|| StoreError::Refused(format!("no agent {id}")))?;
-            state.store.update_agent(id, |r| r.revoked = true)?;
+            let rec = state.store.revoke_agent(id)?;
             if let Ok(mut k) = state.known.write() {
-                if let Ok(fp) = <[u8; 32]>::try_from(rec.cert_sha256.as_slice()) {
-                    k.remove(&fp);
-                }
+                k.remove(&rec.cert_sha256);
             }
             // Cut off at once: live sessions end now, not at the next reconnect.
             let closed = state.close_sessions(id, close::REVOKED, b"agent revoked");
@@ -296,7 +289,7 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             let mut warnings = Vec::new();
             match &draft.target {
                 Target::Agent(a) => match state.store.agent(*a)? {
-                    None => return Err(StoreError::Refused(format!("no agent {a}"))),
+                    None => return Err(StoreError::NotFound(format!("no agent {a}"))),
                     Some(r) if r.revoked => {
                         return Err(StoreError::Refused(format!(
                             "agent {a} is revoked; it receives no tasks"
@@ -305,9 +298,9 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
                     Some(_) => {}
                 },
                 Target::Selector(sel) => {
-                    let agents = state.store.agents()?;
+                    let agents = all_agents(state.store.as_ref())?;
                     let reached = agents
-                        .values()
+                        .iter()
                         .filter(|r| !r.revoked && sel.iter().all(|p| r.labels.contains(p)))
                         .count();
                     if reached == 0 {
@@ -339,13 +332,11 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             }
         }
         AdminRequest::TaskList => {
-            let agents = state.store.agents()?;
+            let agents = all_agents(state.store.as_ref())?;
             let now = now();
-            let tasks: Vec<TaskInfo> = state
-                .store
-                .tasks()?
+            let tasks: Vec<TaskInfo> = all_tasks(state.store.as_ref())?
                 .into_iter()
-                .map(|(spec, cancelled)| task_info(state, spec, cancelled, &agents, false, now))
+                .map(|t| task_info(state, t, &agents, false, now))
                 .collect::<Result<_, _>>()?;
             Ok(chunk_by_size(tasks, LIST_CHUNK_BYTES_MAX)
                 .into_iter()
@@ -353,12 +344,11 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
                 .collect())
         }
         AdminRequest::TaskGet(id) => match state.store.task(id)? {
-            Some((spec, cancelled)) => {
-                let agents = state.store.agents()?;
+            Some(task) => {
+                let agents = all_agents(state.store.as_ref())?;
                 one(AdminResponse::Task(Box::new(task_info(
                     state,
-                    spec,
-                    cancelled,
+                    task,
                     &agents,
                     true,
                     now(),
@@ -369,15 +359,21 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
         AdminRequest::TaskCancel(id) => {
             let revision = state.store.cancel_task(id)?;
             tracing::info!(task = %id, revision, "task cancelled");
-            if let Some((spec, _)) = state.store.task(id)? {
-                state.announce(&spec.target, revision);
+            if let Some(t) = state.store.task(id)? {
+                state.announce(&t.spec.target, revision);
             }
             one(AdminResponse::Done)
         }
         AdminRequest::TaskUpdate { id, patch } => {
-            let Some((mut spec, cancelled)) = state.store.task(id)? else {
-                return Err(StoreError::Refused(format!("no task {id}")));
+            let Some(StoredTask {
+                mut spec,
+                cancelled,
+                ..
+            }) = state.store.task(id)?
+            else {
+                return Err(StoreError::NotFound(format!("no task {id}")));
             };
+            let read_revision = spec.revision;
             if cancelled {
                 return Err(StoreError::Refused(format!("task {id} is cancelled")));
             }
@@ -393,16 +389,21 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             if let Some(why) = draft_refusal(&state.limits, &draft, now()) {
                 return Err(StoreError::Refused(why));
             }
-            let revision = state.store.update_task(&spec)?;
+            let revision = state.store.update_task(&spec, read_revision)?;
             tracing::info!(task = %id, revision, "task updated");
             state.announce(&spec.target, revision);
             one(AdminResponse::Updated { revision })
         }
         AdminRequest::TaskRunNow(id) => {
-            let Some((spec, cancelled)) = state.store.task(id)? else {
-                return Err(StoreError::Refused(format!("no task {id}")));
+            let Some(StoredTask {
+                spec,
+                cancelled,
+                paused,
+            }) = state.store.task(id)?
+            else {
+                return Err(StoreError::NotFound(format!("no task {id}")));
             };
-            if cancelled || state.store.is_paused(id)? {
+            if cancelled || paused {
                 return Err(StoreError::Refused(format!(
                     "task {id} is {}; resume it first",
                     if cancelled { "cancelled" } else { "paused" }
@@ -417,7 +418,8 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
                     .collect::<HashMap<_, _>>()
             });
             let live = live.unwrap_or_default();
-            for (agent, r) in state.store.agents()? {
+            for r in all_agents(state.store.as_ref())? {
+                let agent = r.id;
                 if r.revoked || !crate::store::targets(&spec.target, agent, &r.labels) {
                     continue;
                 }
@@ -439,8 +441,8 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             let pause = matches!(req, AdminRequest::TaskPause(_));
             let revision = state.store.set_paused(id, pause, now())?;
             tracing::info!(task = %id, revision, paused = pause, "task pause state changed");
-            if let Some((spec, _)) = state.store.task(id)? {
-                state.announce(&spec.target, revision);
+            if let Some(t) = state.store.task(id)? {
+                state.announce(&t.spec.target, revision);
             }
             one(AdminResponse::Done)
         }
@@ -450,15 +452,13 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
             one(AdminResponse::Done)
         }
         AdminRequest::TokenList => {
-            let now = now().as_millis();
-            let tokens: Vec<TokenInfo> = state
-                .store
-                .tokens()?
+            let now = now();
+            let tokens: Vec<TokenInfo> = all_tokens(state.store.as_ref())?
                 .into_iter()
-                .filter(|(_, t)| t.expires_at_ms > now && t.uses_left > 0)
-                .map(|(hash, t)| TokenInfo {
-                    id: sundial_protocol::token::hex(&hash[..4]),
-                    expires_at: Timestamp::from_millis_saturating(t.expires_at_ms),
+                .filter(|t| t.expires_at > now && t.uses_left > 0)
+                .map(|t| TokenInfo {
+                    id: sundial_protocol::token::hex(&t.secret_sha256[..4]),
+                    expires_at: t.expires_at,
                     uses_left: t.uses_left,
                     labels: t.labels,
                 })
@@ -470,11 +470,9 @@ fn admin(state: &State, req: AdminRequest) -> Result<Vec<AdminResponse>, StoreEr
         }
         AdminRequest::TokenRevoke(id) => {
             let id = id.to_ascii_lowercase();
-            let matching: Vec<[u8; 32]> = state
-                .store
-                .tokens()?
+            let matching: Vec<[u8; 32]> = all_tokens(state.store.as_ref())?
                 .into_iter()
-                .map(|(h, _)| h)
+                .map(|t| t.secret_sha256)
                 .filter(|h| sundial_protocol::token::hex(&h[..4]) == id)
                 .collect();
             match matching.as_slice() {

@@ -36,15 +36,45 @@ fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
         return refused(why);
     }
     let secret_hash = sha256(&req.token_secret);
-    let outcome = state.store.enroll(
-        secret_hash,
-        now(),
-        req.name.clone(),
-        req.labels.clone(),
-        |id| state.pki.sign_agent_csr(&req.csr_der, id),
-    );
-    match outcome {
-        Ok(Ok((agent_id, cert_der))) => {
+    let failed = |e: StoreError| {
+        if e.is_refusal() {
+            return refused(e.to_string());
+        }
+        tracing::error!(error = %e, "enrollment failed");
+        state.note_store_error(&e);
+        refused("the coordinator could not store the enrollment".into())
+    };
+    let told = |refusal: TokenRefusal| {
+        tracing::warn!(reason = %refusal, "enrollment refused");
+        refused(refusal.to_string())
+    };
+    // The token is checked first, the certificate issued outside any store
+    // transaction, and the token spent with the agent stored (checked again
+    // there: another enrollment may have used it up meanwhile; the id
+    // reserved is then left unused).
+    match state.store.check_token(secret_hash, now()) {
+        Ok(Ok(_)) => {}
+        Ok(Err(refusal)) => return told(refusal),
+        Err(e) => return failed(e),
+    }
+    let agent_id = match state.store.reserve_agent_id() {
+        Ok(id) => id,
+        Err(e) => return failed(e),
+    };
+    let cert_der = match state.pki.sign_agent_csr(&req.csr_der, agent_id) {
+        Ok(c) => c,
+        Err(why) => return refused(why),
+    };
+    let enrollment = Enrollment {
+        token_sha256: secret_hash,
+        agent: agent_id,
+        name: req.name.clone(),
+        labels: req.labels.clone(),
+        cert_sha256: sha256(&cert_der),
+        now: now(),
+    };
+    match state.store.enroll(&enrollment) {
+        Ok(Ok(_)) => {
             if let Ok(mut k) = state.known.write() {
                 k.insert(sha256(&cert_der), CertRole::Agent(agent_id));
             }
@@ -55,16 +85,8 @@ fn enroll(state: &State, req: EnrollRequest) -> EnrollResponse {
                 ca_der: state.pki.ca_der.to_vec(),
             }
         }
-        Ok(Err(refusal)) => {
-            tracing::warn!(reason = %refusal, "enrollment refused");
-            refused(refusal.to_string())
-        }
-        Err(StoreError::Refused(why)) => refused(why),
-        Err(e) => {
-            tracing::error!(error = %e, "enrollment failed");
-            state.note_store_error(&e);
-            refused("the coordinator could not store the enrollment".into())
-        }
+        Ok(Err(refusal)) => told(refusal),
+        Err(e) => failed(e),
     }
 }
 

@@ -38,7 +38,7 @@ use tokio::sync::{watch, Semaphore};
 
 use sundial_core::admission::{Admit, HandshakeBudget};
 use sundial_core::session::coordinator::{
-    CoordEffect, CoordSession, UploadAllowance, UploadLimits,
+    CoordEffect, CoordSession, UploadAllowance, UploadLimits, CHANGES_PAGE_MAX,
 };
 use sundial_core::session::{Event, Now};
 
@@ -46,8 +46,61 @@ use crate::cli::now;
 use crate::net::{self, FramedRecv, NetError};
 use crate::pki::Pki;
 use crate::store::{
-    AgentRecordV1, CertRole, CoordinatorStore, Page, RunCursor, RunQuery, StoreError, TokenRecordV1,
+    Agent, AgentSeen, CertRole, CoordStore, CoordinatorStore, Enrollment, JoinToken, Page,
+    RunCursor, RunQuery, StoreError, StoredTask, TokenRefusal, PAGE_MAX,
 };
+
+/// Every agent, read a page (one transaction) at a time.
+fn all_agents(store: &dyn CoordStore) -> Result<Vec<Agent>, StoreError> {
+    let mut out: Vec<Agent> = Vec::new();
+    loop {
+        let page = store.agents(out.last().map(|a| a.id), PAGE_MAX)?;
+        let full = page.len() >= PAGE_MAX;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+/// Every task, a page at a time.
+fn all_tasks(store: &dyn CoordStore) -> Result<Vec<StoredTask>, StoreError> {
+    let mut out: Vec<StoredTask> = Vec::new();
+    loop {
+        let page = store.tasks(out.last().map(|t| t.spec.id), PAGE_MAX)?;
+        let full = page.len() >= PAGE_MAX;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+/// Every join token, a page at a time.
+fn all_tokens(store: &dyn CoordStore) -> Result<Vec<JoinToken>, StoreError> {
+    let mut out: Vec<JoinToken> = Vec::new();
+    loop {
+        let page = store.tokens(out.last().map(|t| t.secret_sha256), PAGE_MAX)?;
+        let full = page.len() >= PAGE_MAX;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+/// Every known certificate, a page at a time.
+fn all_certs(store: &dyn CoordStore) -> Result<Vec<([u8; 32], CertRole)>, StoreError> {
+    let mut out: Vec<([u8; 32], CertRole)> = Vec::new();
+    loop {
+        let page = store.known_certs(out.last().map(|c| c.0), PAGE_MAX)?;
+        let full = page.len() >= PAGE_MAX;
+        out.extend(page);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
 
 mod admin;
 mod enroll;
@@ -290,7 +343,7 @@ struct Seen {
 /// Shared state of a running coordinator.
 #[derive(Debug)]
 struct State {
-    store: CoordinatorStore,
+    store: Box<dyn CoordStore>,
     pki: Pki,
     known: KnownCerts,
     live: Mutex<HashMap<AgentId, Live>>,
@@ -403,7 +456,7 @@ impl State {
     /// Notes a store error; an I/O error (disk full, read-only, failing)
     /// stops the server, which exits so that a restart reopens the store.
     fn note_store_error(&self, e: &StoreError) {
-        if e.is_io()
+        if e.is_unavailable()
             && !self
                 .store_broken
                 .swap(true, std::sync::atomic::Ordering::SeqCst)
@@ -496,8 +549,8 @@ pub fn init_with(
     let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
     restrict_data_dir(dir);
     store.add_admin_cert(sha256(admin_der.as_ref()))?;
-    store.put_meta_str("advertise", advertise)?;
-    store.put_meta_str("server_name", server_name)?;
+    store.put_setting("advertise", advertise)?;
+    store.put_setting("server_name", server_name)?;
     Ok(dir.join(crate::pki::ADMIN_CREDS))
 }
 
@@ -538,17 +591,17 @@ impl Server {
             return Err(ServeError::NotInitialized(dir.to_owned()));
         }
         let pki = Pki::load(dir)?;
-        let store = CoordinatorStore::open(&dir.join(STORE_FILE)).map_err(|e| {
-            if e.is_already_open() {
-                ServeError::Busy(dir.join(STORE_FILE))
-            } else {
-                ServeError::Store(e)
-            }
-        })?;
+        let store: Box<dyn CoordStore> = match CoordinatorStore::open(&dir.join(STORE_FILE)) {
+            Ok(s) => Box::new(s),
+            Err(StoreError::Locked(_)) => return Err(ServeError::Busy(dir.join(STORE_FILE))),
+            Err(e) => return Err(ServeError::Store(e)),
+        };
         // The store holds task environments and run output, the directory
         // the CA key: the owner's only, whatever the umask was.
         restrict_data_dir(dir);
-        let known: KnownCerts = Arc::new(RwLock::new(store.known_certs()?.into_iter().collect()));
+        let known: KnownCerts = Arc::new(RwLock::new(
+            all_certs(store.as_ref())?.into_iter().collect(),
+        ));
         let provider = sundial_net::tls::provider();
         let mut roots = RootCertStore::empty();
         roots

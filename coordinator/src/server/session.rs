@@ -98,11 +98,11 @@ pub(super) async fn handle_session(
         );
     }
     tracing::info!(%agent, last_revision, outbox_len, %remote, sessions = state.live_sessions(), "agent session up");
-    let seen = now().as_millis();
-    let _ = blocking(state, move |s| {
-        s.store.update_agent(agent, |r| r.last_seen_ms = Some(seen))
-    })
-    .await;
+    let seen = AgentSeen {
+        at: now(),
+        clock: None,
+    };
+    let _ = blocking(state, move |s| s.store.agent_seen(agent, seen)).await;
     // Reading runs on its own, so the coordinator never stops reading while
     // it writes a long assignment: an agent blocked writing its result
     // batches (at most BATCHES_IN_FLIGHT_MAX unacknowledged) always gets
@@ -149,11 +149,11 @@ pub(super) async fn handle_session(
             }
         }
     }
-    let seen = now().as_millis();
-    let _ = blocking(state, move |s| {
-        s.store.update_agent(agent, |r| r.last_seen_ms = Some(seen))
-    })
-    .await;
+    let seen = AgentSeen {
+        at: now(),
+        clock: None,
+    };
+    let _ = blocking(state, move |s| s.store.agent_seen(agent, seen)).await;
     tracing::info!(%agent, "agent session down");
     result.map_err(|e| close_for(&conn, e))
 }
@@ -202,7 +202,7 @@ fn check_results(
                 let ok = state
                     .store
                     .task(r.task_id)?
-                    .map(|(spec, _)| crate::store::targets(&spec.target, agent, labels));
+                    .map(|t| crate::store::targets(&t.spec.target, agent, labels));
                 assigned.insert(r.task_id, ok);
                 ok
             }
@@ -240,7 +240,7 @@ async fn session_loop(
     send: &mut quinn::SendStream,
     queues: SessionQueues,
     agent: AgentId,
-    record: &AgentRecordV1,
+    record: &Agent,
     hello: (u64, u64, bool),
 ) -> Result<(), NetError> {
     let SessionQueues {
@@ -260,7 +260,7 @@ async fn session_loop(
         NetError::Eof
     };
     let labels = Arc::new(record.labels.clone());
-    let enrolled_at = Timestamp::from_millis_saturating(record.enrolled_at_ms);
+    let enrolled_at = record.enrolled_at;
     let mut assigned: Assigned = HashMap::new();
     // An agent ahead of the store: the store was restored from an older
     // backup. Counters jump past it, and the agent is resynchronised from
@@ -319,9 +319,9 @@ async fn session_loop(
                     CoordEffect::LoadChanges { since } => {
                         let labels = labels.clone();
                         let lost = lost_ids.take();
-                        let (changes, upto) = blocking(state, move |s| {
-                            let upto = s.store.revision()?;
-                            let mut changes = s.store.changes_for(agent, &labels, since)?;
+                        let (changes, upto, more) = blocking(state, move |s| {
+                            let page = s.store.changes_for(agent, &labels, since, CHANGES_PAGE_MAX)?;
+                            let (mut changes, upto, more) = (page.changes, page.upto, page.more);
                             if let Some((ids, revision)) = lost {
                                 // Cancels for the ids the store does not know
                                 // (those it knows are in `changes` already).
@@ -331,12 +331,12 @@ async fn session_loop(
                                     }
                                 }
                             }
-                            Ok((changes, upto))
+                            Ok((changes, upto, more))
                         })
                         .await
                         .unwrap_or_else(|| Err(StoreError::Refused("store worker failed".into())))
                         .map_err(store_failed)?;
-                        sm.handle_changes(changes, upto);
+                        sm.handle_changes(changes, upto, more);
                     }
                     CoordEffect::StoreRuns { batch_id, runs } => {
                         let labels = labels.clone();
@@ -384,15 +384,11 @@ async fn session_loop(
                         keep_allowance(&sm);
                     }
                     CoordEffect::ClockReport { offset_ms, rtt_ms } => {
-                        let seen = now().as_millis();
-                        let _ = blocking(state, move |s| {
-                            s.store.update_agent(agent, |r| {
-                                r.clock_offset_ms = Some(offset_ms);
-                                r.rtt_ms = Some(rtt_ms);
-                                r.last_seen_ms = Some(seen);
-                            })
-                        })
-                        .await;
+                        let seen = AgentSeen {
+                            at: now(),
+                            clock: Some((offset_ms, rtt_ms)),
+                        };
+                        let _ = blocking(state, move |s| s.store.agent_seen(agent, seen)).await;
                     }
                     CoordEffect::Close { code, reason } => {
                         // What was answered before the close still goes out.

@@ -22,6 +22,11 @@ use super::{Event, Now};
 /// at most [`BATCHES_IN_FLIGHT_MAX`] in flight.
 pub const RESULT_QUEUE_MAX: usize = 2 * BATCHES_IN_FLIGHT_MAX;
 
+/// The most tasks one [`CoordEffect::LoadChanges`] looks at. The next page
+/// is loaded only once the messages of this one are sent, so a session
+/// holds at most one page of changes however far behind its agent is.
+pub const CHANGES_PAGE_MAX: usize = 1_024;
+
 /// The upload limits of one agent.
 #[derive(Clone, Copy, Debug)]
 pub struct UploadLimits {
@@ -32,8 +37,8 @@ pub struct UploadLimits {
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CoordEffect {
-    /// Read the changes for this agent after revision `since`; answer with
-    /// `handle_changes`.
+    /// Read the changes for this agent after revision `since`, at most
+    /// [`CHANGES_PAGE_MAX`] tasks; answer with `handle_changes`.
     LoadChanges { since: u64 },
     /// Check that every run's task is assigned to this agent and store the
     /// batch (the first record of a run key wins); answer with `handle_stored`.
@@ -94,6 +99,9 @@ pub struct CoordSession {
     /// The newest revision the feed announced.
     latest: u64,
     loading: bool,
+    /// The store said more changes follow the last page: loaded once its
+    /// messages are sent.
+    more: bool,
     first: bool,
     queue: VecDeque<(u64, Vec<RunRecord>)>,
     storing: bool,
@@ -125,6 +133,7 @@ impl CoordSession {
             sent: last_revision,
             latest: last_revision,
             loading: false,
+            more: false,
             first: true,
             queue: VecDeque::new(),
             storing: false,
@@ -172,7 +181,12 @@ impl CoordSession {
     }
 
     pub fn poll_transmit(&mut self) -> Option<CoordMsg> {
-        self.transmit.pop_front()
+        let m = self.transmit.pop_front();
+        if self.transmit.is_empty() && self.more {
+            self.more = false;
+            self.load();
+        }
+        m
     }
 
     pub fn poll_effect(&mut self) -> Option<CoordEffect> {
@@ -212,8 +226,9 @@ impl CoordSession {
     }
 
     /// The answer to [`CoordEffect::LoadChanges`]: `(task, cancelled)` in
-    /// revision order, and the store's revision when read.
-    pub fn handle_changes(&mut self, changes: Vec<(TaskSpec, bool)>, upto: u64) {
+    /// revision order, the revision looked at through, and whether more
+    /// follow (loaded once this page is sent).
+    pub fn handle_changes(&mut self, changes: Vec<(TaskSpec, bool)>, upto: u64, more: bool) {
         self.loading = false;
         if self.closed {
             return;
@@ -260,7 +275,13 @@ impl CoordSession {
         // (a reconnect starts from the agent's own revision).
         self.sent = self.sent.max(upto);
         self.latest = self.latest.max(upto);
-        if self.latest > self.sent {
+        if more {
+            if self.transmit.is_empty() {
+                self.load();
+            } else {
+                self.more = true;
+            }
+        } else if self.latest > self.sent {
             self.load();
         }
     }
@@ -486,7 +507,7 @@ mod tests {
         let mut s = session();
         assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
         let n = 200_000u64;
-        s.handle_changes((1..=n).map(|i| (spec(i), false)).collect(), n + 5);
+        s.handle_changes((1..=n).map(|i| (spec(i), false)).collect(), n + 5, false);
         let mut seen = 0usize;
         let mut last_upto = 0;
         let mut pages = 0;
@@ -534,23 +555,40 @@ mod tests {
         assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
         s.handle_revision(3);
         assert_eq!(s.poll_effect(), None, "one load at a time");
-        s.handle_changes(Vec::new(), 2);
+        s.handle_changes(Vec::new(), 2, false);
         assert!(matches!(
             s.poll_transmit(),
             Some(CoordMsg::Assignments { upto_revision: 2, ref changes, .. }) if changes.is_empty()
         ));
         assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 2 }));
-        s.handle_changes(Vec::new(), 3);
+        s.handle_changes(Vec::new(), 3, false);
         assert_eq!(s.poll_transmit(), None, "nothing new is not news");
         s.handle_revision(3);
         assert_eq!(s.poll_effect(), None);
     }
 
     #[test]
+    fn a_page_with_more_to_follow_loads_the_next_once_it_is_sent() {
+        let mut s = session();
+        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
+        s.handle_changes((1..=3).map(|i| (spec(i), false)).collect(), 3, true);
+        assert_eq!(s.poll_effect(), None, "not before this page is out");
+        let mut sent = 0;
+        while s.poll_transmit().is_some() {
+            sent += 1;
+        }
+        assert!(sent >= 1);
+        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 3 }));
+        s.handle_changes((4..=5).map(|i| (spec(i), false)).collect(), 9, false);
+        while s.poll_transmit().is_some() {}
+        assert_eq!(s.poll_effect(), None, "the last page asks for nothing more");
+    }
+
+    #[test]
     fn results_are_acknowledged_only_once_stored_and_identity_comes_from_the_session() {
         let mut s = session();
         let _ = s.poll_effect();
-        s.handle_changes(Vec::new(), 0);
+        s.handle_changes(Vec::new(), 0, false);
         let _ = s.poll_transmit();
         s.handle_message(
             at(1),

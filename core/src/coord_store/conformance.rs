@@ -1,0 +1,685 @@
+//! The conformance suite every [`CoordStore`] passes: test bodies that take
+//! any store, fresh and empty. An implementation's tests run [`ALL`], each
+//! on a new store:
+//!
+//! ```ignore
+//! for (name, body) in sundial_core::coord_store::conformance::ALL {
+//!     let store = fresh_store();
+//!     body(&store); // panics with the name of the rule broken
+//! }
+//! ```
+//!
+//! The bodies panic (they are tests); they are built only with the
+//! `conformance` feature, which implementations enable for their tests.
+
+use sundial_protocol::policy::Policies;
+use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::wire::TaskDraft;
+use sundial_protocol::{AgentId, Outcome, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
+
+use super::*;
+
+/// One body of the suite: run it on a fresh, empty store.
+pub type Body = fn(&dyn CoordStore);
+
+/// Every body, by name.
+pub const ALL: &[(&str, Body)] = &[
+    (
+        "revisions_rise_by_one_and_tasks_carry_them",
+        revisions_rise_by_one_and_tasks_carry_them,
+    ),
+    (
+        "names_are_unique_among_live_tasks",
+        names_are_unique_among_live_tasks,
+    ),
+    ("update_is_compare_and_set", update_is_compare_and_set),
+    (
+        "changes_for_is_bounded_and_resumable",
+        changes_for_is_bounded_and_resumable,
+    ),
+    (
+        "selectors_match_labels_and_removed_tasks_reach_agents",
+        selectors_match_labels_and_removed_tasks_reach_agents,
+    ),
+    (
+        "pause_and_resume_take_revisions",
+        pause_and_resume_take_revisions,
+    ),
+    (
+        "enrollment_spends_tokens_and_merges_labels",
+        enrollment_spends_tokens_and_merges_labels,
+    ),
+    (
+        "revocation_removes_the_certificate",
+        revocation_removes_the_certificate,
+    ),
+    (
+        "the_first_record_of_a_run_wins",
+        the_first_record_of_a_run_wins,
+    ),
+    (
+        "run_pages_cover_every_run_once_in_order",
+        run_pages_cover_every_run_once_in_order,
+    ),
+    (
+        "purge_deletes_the_oldest_in_batches",
+        purge_deletes_the_oldest_in_batches,
+    ),
+    (
+        "listings_are_paged_and_cover_everything_once",
+        listings_are_paged_and_cover_everything_once,
+    ),
+    (
+        "a_restore_never_reuses_ids_or_revisions",
+        a_restore_never_reuses_ids_or_revisions,
+    ),
+    ("settings_round_trip", settings_round_trip),
+];
+
+const T0: i64 = 1_800_000_000_000;
+
+fn t(ms: i64) -> Timestamp {
+    Timestamp::from_millis_saturating(T0 + ms)
+}
+
+fn ok<T>(r: StoreResult<T>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: {e:?}"),
+    }
+}
+
+/// A draft of a one-shot task.
+pub fn draft(name: Option<&str>, target: Target) -> TaskDraft {
+    TaskDraft {
+        name: name.map(str::to_owned),
+        target,
+        schedule: Schedule::at(t(3_600_000)),
+        action: Action::Exec(ExecSpec {
+            program: "/bin/true".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+        }),
+        policies: Policies::default(),
+        anchor_at_creation: false,
+    }
+}
+
+fn create(s: &dyn CoordStore, name: Option<&str>, agent: u64) -> TaskSpec {
+    ok(
+        s.create_task(draft(name, Target::Agent(AgentId(agent))), t(0)),
+        "create a task",
+    )
+}
+
+/// A run record.
+pub fn run(task: u64, agent: u64, scheduled_ms: i64, outcome: Outcome) -> RunRecord {
+    RunRecord {
+        task_id: TaskId(task),
+        agent_id: AgentId(agent),
+        scheduled_at: t(scheduled_ms),
+        attempt: 1,
+        fired_at: Some(t(scheduled_ms)),
+        finished_at: Some(t(scheduled_ms + 5)),
+        outcome,
+        exit_code: Some(0),
+        offline: false,
+        detail: None,
+        stdout_tail: b"out".to_vec(),
+        stderr_tail: Vec::new(),
+    }
+}
+
+fn enroll_one(s: &dyn CoordStore, token: [u8; 32], labels: &[(&str, &str)]) -> Agent {
+    let agent = ok(s.reserve_agent_id(), "reserve an id");
+    let mut fp = [0u8; 32];
+    fp[..8].copy_from_slice(&agent.0.to_be_bytes());
+    fp[31] = 0xa5;
+    let e = Enrollment {
+        token_sha256: token,
+        agent,
+        name: Some(format!("dev-{}", agent.0)),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        cert_sha256: fp,
+        now: t(0),
+    };
+    match ok(s.enroll(&e), "enroll") {
+        Ok(a) => a,
+        Err(why) => panic!("enrollment refused: {why}"),
+    }
+}
+
+fn token(s: &dyn CoordStore, n: u8, uses: u32, labels: &[(&str, &str)]) -> [u8; 32] {
+    let hash = [n; 32];
+    ok(
+        s.put_token(&JoinToken {
+            secret_sha256: hash,
+            expires_at: t(60_000),
+            uses_left: uses,
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }),
+        "put a token",
+    );
+    hash
+}
+
+fn all_changes(
+    s: &dyn CoordStore,
+    agent: AgentId,
+    labels: &[(String, String)],
+    since: u64,
+    limit: usize,
+) -> Vec<(TaskSpec, bool)> {
+    let mut out = Vec::new();
+    let mut since = since;
+    for _ in 0..10_000 {
+        let page = ok(s.changes_for(agent, labels, since, limit), "changes_for");
+        assert!(page.upto >= since, "a page moves forward");
+        assert!(
+            page.changes.len() <= limit,
+            "a page holds at most `limit` changes"
+        );
+        out.extend(page.changes);
+        if !page.more {
+            return out;
+        }
+        assert!(page.upto > since, "a page with more moves forward");
+        since = page.upto;
+    }
+    panic!("changes_for never ended");
+}
+
+pub fn revisions_rise_by_one_and_tasks_carry_them(s: &dyn CoordStore) {
+    assert_eq!(ok(s.revision(), "revision"), 0);
+    let a = create(s, Some("a"), 1);
+    let b = create(s, None, 1);
+    assert_eq!((a.revision, b.revision), (1, 2));
+    assert_ne!(a.id, b.id);
+    let r = ok(s.update_task(&a, a.revision), "update");
+    assert_eq!(r, 3);
+    let r = ok(s.cancel_task(b.id), "cancel");
+    assert_eq!(r, 4);
+    assert_eq!(ok(s.revision(), "revision"), 4);
+    let a2 = ok(s.task(a.id), "task").expect("a exists");
+    assert_eq!(a2.spec.revision, 3);
+    let b2 = ok(s.task(b.id), "task").expect("a cancelled task stays");
+    assert!(b2.cancelled && b2.spec.revision == 4);
+    assert!(matches!(s.cancel_task(b.id), Err(StoreError::Refused(_))));
+    assert!(matches!(
+        s.cancel_task(TaskId(999)),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        ok(s.revision(), "revision"),
+        4,
+        "a refusal takes no revision"
+    );
+}
+
+pub fn names_are_unique_among_live_tasks(s: &dyn CoordStore) {
+    let a = create(s, Some("backup"), 1);
+    assert!(matches!(
+        s.create_task(draft(Some("backup"), Target::Agent(AgentId(2))), t(0)),
+        Err(StoreError::Refused(_))
+    ));
+    ok(s.cancel_task(a.id), "cancel");
+    let again = create(s, Some("backup"), 2);
+    assert_ne!(again.id, a.id, "ids are never reused");
+}
+
+pub fn update_is_compare_and_set(s: &dyn CoordStore) {
+    let a = create(s, Some("a"), 1);
+    let mut first = a.clone();
+    first.schedule = Schedule::at(t(7_200_000));
+    let r1 = ok(s.update_task(&first, a.revision), "first update");
+    // A second writer that read the task before the first update.
+    let mut second = a.clone();
+    second.name = Some("renamed".into());
+    assert!(
+        matches!(
+            s.update_task(&second, a.revision),
+            Err(StoreError::Conflict(_))
+        ),
+        "a stale revision is a conflict"
+    );
+    let now = ok(s.task(a.id), "task").expect("exists");
+    assert_eq!(now.spec.revision, r1);
+    assert_eq!(now.spec.schedule, first.schedule, "the first update stands");
+    assert_eq!(
+        ok(s.revision(), "revision"),
+        r1,
+        "the conflict took no revision"
+    );
+    let mut ghost = a.clone();
+    ghost.id = TaskId(4242);
+    assert!(matches!(
+        s.update_task(&ghost, 1),
+        Err(StoreError::NotFound(_))
+    ));
+    ok(s.cancel_task(a.id), "cancel");
+    let latest = ok(s.revision(), "revision");
+    assert!(matches!(
+        s.update_task(&first, latest),
+        Err(StoreError::Refused(_))
+    ));
+}
+
+pub fn changes_for_is_bounded_and_resumable(s: &dyn CoordStore) {
+    let mut mine = Vec::new();
+    for i in 0..25 {
+        mine.push(create(s, None, 1).id);
+        create(s, None, 2);
+        if i % 5 == 0 {
+            create(s, None, 3);
+        }
+    }
+    let none: Vec<(String, String)> = Vec::new();
+    let got = all_changes(s, AgentId(1), &none, 0, 7);
+    let ids: Vec<TaskId> = got.iter().map(|(t, _)| t.id).collect();
+    assert_eq!(
+        ids, mine,
+        "every change of agent 1, in revision order, once"
+    );
+    assert!(got.iter().all(|(_, removed)| !removed));
+    // A limit of 1 still ends, and from the middle too.
+    let half = got[12].0.revision;
+    let rest = all_changes(s, AgentId(1), &none, half, 1);
+    assert_eq!(rest.len(), 12);
+    // Nothing after the latest.
+    let latest = ok(s.revision(), "revision");
+    let page = ok(s.changes_for(AgentId(1), &none, latest, 100), "changes");
+    assert!(page.changes.is_empty() && !page.more && page.upto == latest);
+}
+
+pub fn selectors_match_labels_and_removed_tasks_reach_agents(s: &dyn CoordStore) {
+    let sel = Target::Selector(vec![("site".into(), "north".into())]);
+    let shop = ok(s.create_task(draft(Some("n"), sel), t(0)), "create");
+    let other = ok(
+        s.create_task(
+            draft(
+                None,
+                Target::Selector(vec![("site".into(), "south".into())]),
+            ),
+            t(0),
+        ),
+        "create",
+    );
+    let labels = vec![
+        ("site".to_owned(), "north".to_owned()),
+        ("role".to_owned(), "till".to_owned()),
+    ];
+    let got = all_changes(s, AgentId(9), &labels, 0, 100);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0.id, shop.id);
+    let after = ok(s.revision(), "revision");
+    ok(s.cancel_task(shop.id), "cancel");
+    ok(s.cancel_task(other.id), "cancel");
+    // An agent in sync hears of the cancel; a first sync leaves it out.
+    let got = all_changes(s, AgentId(9), &labels, after, 100);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].1, "the cancel reaches the agent as removed");
+    assert!(all_changes(s, AgentId(9), &labels, 0, 100).is_empty());
+}
+
+pub fn pause_and_resume_take_revisions(s: &dyn CoordStore) {
+    let a = create(s, Some("a"), 1);
+    let r = ok(s.set_paused(a.id, true, t(10)), "pause");
+    assert_eq!(r, a.revision + 1);
+    assert!(ok(s.task(a.id), "task").expect("exists").paused);
+    assert!(matches!(
+        s.set_paused(a.id, true, t(10)),
+        Err(StoreError::Refused(_))
+    ));
+    let none: Vec<(String, String)> = Vec::new();
+    let got = all_changes(s, AgentId(1), &none, a.revision, 100);
+    assert!(got.len() == 1 && got[0].1, "paused: removed for the agent");
+    assert!(all_changes(s, AgentId(1), &none, 0, 100).is_empty());
+    let r2 = ok(s.set_paused(a.id, false, t(5_000)), "resume");
+    assert_eq!(r2, r + 1);
+    let back = ok(s.task(a.id), "task").expect("exists");
+    assert!(!back.paused);
+    assert!(
+        back.spec.created_at >= t(5_000),
+        "a resumed task counts from its resume"
+    );
+    assert!(matches!(
+        s.set_paused(TaskId(999), true, t(0)),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub fn enrollment_spends_tokens_and_merges_labels(s: &dyn CoordStore) {
+    let tok = token(s, 7, 2, &[("site", "north"), ("role", "till")]);
+    assert!(ok(s.check_token(tok, t(0)), "check").is_ok());
+    let a = enroll_one(s, tok, &[("role", "camera")]);
+    let b = enroll_one(s, tok, &[]);
+    assert!(b.id > a.id, "ids rise");
+    let mut labels = a.labels.clone();
+    labels.sort();
+    assert_eq!(
+        labels,
+        vec![
+            ("role".to_owned(), "camera".to_owned()),
+            ("site".to_owned(), "north".to_owned())
+        ],
+        "the agent's own labels win"
+    );
+    let stored = ok(s.agent(a.id), "agent").expect("stored");
+    assert_eq!(stored, a);
+    // Used up: refused, and nothing stored.
+    let c = ok(s.reserve_agent_id(), "reserve");
+    let e = Enrollment {
+        token_sha256: tok,
+        agent: c,
+        name: None,
+        labels: Vec::new(),
+        cert_sha256: [9; 32],
+        now: t(0),
+    };
+    assert_eq!(ok(s.enroll(&e), "enroll"), Err(TokenRefusal::UsedUp));
+    assert_eq!(ok(s.agent(c), "agent"), None);
+    let unknown = Enrollment {
+        token_sha256: [1; 32],
+        ..e.clone()
+    };
+    assert_eq!(ok(s.enroll(&unknown), "enroll"), Err(TokenRefusal::Unknown));
+    let late = token(s, 8, 5, &[]);
+    assert!(matches!(
+        ok(s.check_token(late, t(60_000)), "check"),
+        Err(TokenRefusal::Expired(_))
+    ));
+    let expired = Enrollment {
+        token_sha256: late,
+        now: t(60_000),
+        ..e
+    };
+    assert!(matches!(
+        ok(s.enroll(&expired), "enroll"),
+        Err(TokenRefusal::Expired(_))
+    ));
+    // The agents' certificates are known.
+    let certs = ok(s.known_certs(None, 100), "certs");
+    assert!(certs.contains(&(a.cert_sha256, CertRole::Agent(a.id))));
+    assert!(certs.contains(&(b.cert_sha256, CertRole::Agent(b.id))));
+    // What sessions see is kept.
+    ok(
+        s.agent_seen(
+            a.id,
+            AgentSeen {
+                at: t(99),
+                clock: Some((-12, 3)),
+            },
+        ),
+        "seen",
+    );
+    let seen = ok(s.agent(a.id), "agent").expect("stored");
+    assert_eq!(
+        (seen.last_seen, seen.clock_offset_ms, seen.rtt_ms),
+        (Some(t(99)), Some(-12), Some(3))
+    );
+    assert!(matches!(
+        s.agent_seen(
+            AgentId(9_999),
+            AgentSeen {
+                at: t(1),
+                clock: None
+            }
+        ),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub fn revocation_removes_the_certificate(s: &dyn CoordStore) {
+    ok(s.add_admin_cert([0xad; 32]), "admin cert");
+    let tok = token(s, 3, 1, &[]);
+    let a = enroll_one(s, tok, &[]);
+    assert!(matches!(s.forget_agent(a.id), Err(StoreError::Refused(_))));
+    let r = ok(s.revoke_agent(a.id), "revoke");
+    assert!(r.revoked);
+    let again = ok(s.revoke_agent(a.id), "revoke twice");
+    assert!(again.revoked, "revoking twice is a no-op");
+    let certs = ok(s.known_certs(None, 100), "certs");
+    assert!(!certs.iter().any(|(fp, _)| *fp == a.cert_sha256));
+    assert!(certs.contains(&([0xad; 32], CertRole::Admin)));
+    ok(s.forget_agent(a.id), "forget");
+    let listed = ok(s.agents(None, 100), "agents");
+    assert!(listed.iter().any(|x| x.id == a.id && x.forgotten));
+    assert!(matches!(
+        s.revoke_agent(AgentId(555)),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub fn the_first_record_of_a_run_wins(s: &dyn CoordStore) {
+    let a = create(s, None, 1);
+    let r = run(a.id.0, 1, 1_000, Outcome::Succeeded);
+    assert!(ok(s.put_runs(&[r.clone(), r.clone()]), "put").is_empty());
+    assert!(ok(s.put_runs(std::slice::from_ref(&r)), "resend").is_empty());
+    let mut other = r.clone();
+    other.outcome = Outcome::Failed;
+    let conflicts = ok(s.put_runs(&[other]), "different");
+    assert_eq!(conflicts, vec![(a.id.0, 1, T0 + 1_000, 1)]);
+    assert_eq!(ok(s.run_count(), "count"), 1);
+    let page = ok(
+        s.runs(&RunQuery {
+            task: None,
+            agent: None,
+            since: None,
+            limit: 10,
+            page: Page::Latest,
+            forward_from_since: false,
+        }),
+        "runs",
+    );
+    assert_eq!(page.runs, vec![r]);
+    // The latest run per agent.
+    ok(
+        s.put_runs(&[
+            run(a.id.0, 1, 2_000, Outcome::Failed),
+            run(a.id.0, 2, 500, Outcome::Skipped),
+        ]),
+        "put",
+    );
+    let mut last = ok(s.last_runs(a.id, 100), "last runs");
+    last.sort_by_key(|l| l.agent_id);
+    assert_eq!(last.len(), 2);
+    assert_eq!(
+        (last[0].agent_id, last[0].scheduled_at, last[0].outcome),
+        (AgentId(1), t(2_000), Outcome::Failed)
+    );
+    assert_eq!(last[1].outcome, Outcome::Skipped);
+}
+
+pub fn run_pages_cover_every_run_once_in_order(s: &dyn CoordStore) {
+    let a = create(s, None, 1);
+    let b = create(s, None, 2);
+    let mut runs = Vec::new();
+    for i in 0..30 {
+        runs.push(run(a.id.0, 1, i * 1_000, Outcome::Succeeded));
+        runs.push(run(b.id.0, 2, i * 1_000 + 500, Outcome::Failed));
+    }
+    ok(s.put_runs(&runs), "put");
+    let query = |task, page, limit| RunQuery {
+        task,
+        agent: None,
+        since: None,
+        limit,
+        page,
+        forward_from_since: false,
+    };
+    // Forward from the start in pages of 7: all 60, in time order, once.
+    let mut seen = Vec::new();
+    let mut page = Page::After(RunCursor {
+        scheduled_at_ms: i64::MIN,
+        task: 0,
+        agent: 0,
+        attempt: 0,
+    });
+    loop {
+        let p = ok(s.runs(&query(None, page, 7)), "runs");
+        assert!(p.runs.len() <= 7);
+        seen.extend(p.runs.iter().map(|r| r.scheduled_at));
+        match (p.more, p.last) {
+            (true, Some(last)) => page = Page::After(last),
+            _ => break,
+        }
+    }
+    let mut want: Vec<Timestamp> = runs.iter().map(|r| r.scheduled_at).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    // The latest page, then back from it.
+    let latest = ok(s.runs(&query(None, Page::Latest, 5)), "latest");
+    assert_eq!(latest.runs.len(), 5);
+    assert_eq!(latest.runs.last().map(|r| r.scheduled_at), Some(t(29_500)));
+    assert!(latest.more);
+    let first = latest.first.expect("a cursor");
+    let before = ok(s.runs(&query(None, Page::Before(first), 5)), "before");
+    assert_eq!(before.runs.last().map(|r| r.scheduled_at), Some(t(27_000)));
+    // Of one task.
+    let of_b = ok(s.runs(&query(Some(b.id), Page::Latest, 100)), "of b");
+    assert_eq!(of_b.runs.len(), 30);
+    assert!(of_b.runs.iter().all(|r| r.task_id == b.id));
+    assert!(!of_b.more);
+    // Of one agent, since an instant.
+    let of_1 = ok(
+        s.runs(&RunQuery {
+            task: None,
+            agent: Some(AgentId(1)),
+            since: Some(t(20_000)),
+            limit: 100,
+            page: Page::Latest,
+            forward_from_since: true,
+        }),
+        "of agent 1",
+    );
+    assert_eq!(of_1.runs.len(), 10);
+    assert!(of_1.runs.iter().all(|r| r.agent_id == AgentId(1)));
+}
+
+pub fn purge_deletes_the_oldest_in_batches(s: &dyn CoordStore) {
+    let a = create(s, None, 1);
+    let runs: Vec<RunRecord> = (0..20)
+        .map(|i| run(a.id.0, 1, i * 1_000, Outcome::Succeeded))
+        .collect();
+    ok(s.put_runs(&runs), "put");
+    assert_eq!(ok(s.purge_runs_before(t(12_000), 5), "purge"), 5);
+    assert_eq!(ok(s.purge_runs_before(t(12_000), 5), "purge"), 5);
+    assert_eq!(ok(s.purge_runs_before(t(12_000), 5), "purge"), 2);
+    assert_eq!(ok(s.purge_runs_before(t(12_000), 5), "purge"), 0);
+    assert_eq!(ok(s.run_count(), "count"), 8);
+    let left = ok(
+        s.runs(&RunQuery {
+            task: Some(a.id),
+            agent: None,
+            since: None,
+            limit: 100,
+            page: Page::Latest,
+            forward_from_since: false,
+        }),
+        "runs",
+    );
+    assert_eq!(left.runs.first().map(|r| r.scheduled_at), Some(t(12_000)));
+    // A purged run may be uploaded again: it is stored again.
+    assert!(ok(s.put_runs(&runs[..1]), "again").is_empty());
+    assert_eq!(ok(s.run_count(), "count"), 9);
+}
+
+pub fn listings_are_paged_and_cover_everything_once(s: &dyn CoordStore) {
+    let tok = token(s, 5, 100, &[]);
+    let mut agents = Vec::new();
+    for _ in 0..23 {
+        agents.push(enroll_one(s, tok, &[]).id);
+    }
+    for n in 10..30u8 {
+        token(s, n, 1, &[]);
+    }
+    let mut tasks = Vec::new();
+    for _ in 0..31 {
+        tasks.push(create(s, None, 1).id);
+    }
+    let mut got = Vec::new();
+    let mut after = None;
+    loop {
+        let page = ok(s.agents(after, 4), "agents");
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        got.extend(page.iter().map(|a| a.id));
+    }
+    assert_eq!(got, agents);
+    let mut got = Vec::new();
+    let mut after = None;
+    loop {
+        let page = ok(s.tasks(after, 6), "tasks");
+        assert!(page.len() <= 6);
+        let Some(last) = page.last() else { break };
+        after = Some(last.spec.id);
+        got.extend(page.iter().map(|t| t.spec.id));
+    }
+    assert_eq!(got, tasks);
+    let mut n = 0;
+    let mut after = None;
+    loop {
+        let page = ok(s.tokens(after, 3), "tokens");
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        assert!(after.is_none_or(|a| a < last.secret_sha256));
+        after = Some(last.secret_sha256);
+        n += page.len();
+    }
+    assert_eq!(n, 21);
+    let mut certs = 0;
+    let mut after = None;
+    loop {
+        let page = ok(s.known_certs(after, 5), "certs");
+        let Some(last) = page.last() else { break };
+        after = Some(last.0);
+        certs += page.len();
+    }
+    assert_eq!(certs, 23);
+    ok(s.delete_token([10; 32]), "delete a token");
+    assert!(matches!(
+        s.delete_token([10; 32]),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub fn a_restore_never_reuses_ids_or_revisions(s: &dyn CoordStore) {
+    let a = create(s, None, 1);
+    create(s, None, 1);
+    let revision = ok(s.revision(), "revision");
+    assert_eq!(ok(s.catch_up_restored(revision), "in step"), None);
+    assert_eq!(
+        ok(
+            s.catch_up_restored(revision + RESTORE_GAP_MAX + 1),
+            "too far"
+        ),
+        None,
+        "a claim too far ahead is not believed"
+    );
+    let (lost, news) = ok(s.catch_up_restored(revision + 5), "ahead").expect("caught up");
+    assert!(news > revision + 5);
+    assert!(lost.start > a.id.0);
+    assert!(lost.end - lost.start >= 5);
+    let next = create(s, None, 1);
+    assert!(next.id.0 >= lost.end, "no id an agent may hold is reused");
+    assert!(next.revision > news);
+}
+
+pub fn settings_round_trip(s: &dyn CoordStore) {
+    assert_eq!(ok(s.setting("server_name"), "get"), None);
+    ok(s.put_setting("server_name", "coord.example"), "put");
+    ok(s.put_setting("advertise", "192.0.2.1:7400"), "put");
+    ok(s.put_setting("server_name", "coord2.example"), "put");
+    assert_eq!(
+        ok(s.setting("server_name"), "get").as_deref(),
+        Some("coord2.example")
+    );
+}
