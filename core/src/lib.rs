@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod clock;
+pub mod coord;
 pub mod coord_store;
 pub mod node;
 pub mod scheduler;

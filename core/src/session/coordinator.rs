@@ -189,6 +189,11 @@ impl CoordSession {
         m
     }
 
+    /// Messages waiting to be sent.
+    pub fn transmit_len(&self) -> usize {
+        self.transmit.len()
+    }
+
     pub fn poll_effect(&mut self) -> Option<CoordEffect> {
         self.effects.pop_front()
     }

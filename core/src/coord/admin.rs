@@ -1,0 +1,719 @@
+//! The admin API's rules: what `sundialctl` may ask and what each request
+//! does to the store. Run as a [`super::StoreJob::Admin`] (on the shell's
+//! blocking pool, or inline in the simulator); what must reach live
+//! sessions comes back as [`FollowUp`]s for the node to carry out.
+
+use std::collections::HashMap;
+
+use sundial_protocol::policy::RETRIES_MAX;
+use sundial_protocol::task::{Action, Target};
+use sundial_protocol::token::{hex, sha256};
+use sundial_protocol::wire::{
+    chunk_by_size, AdminRequest, AdminResponse, AgentInfo, TaskDraft, TaskInfo, TaskPatch,
+    TokenInfo, LIST_CHUNK_BYTES_MAX, TASK_SPEC_BYTES_MAX,
+};
+use sundial_protocol::{AgentId, ScheduleKind, TaskId, TaskSpec, Timestamp};
+
+use super::{AdminId, Limits};
+use crate::coord_store::{
+    targets, Agent, CoordStore, JoinToken, Page, RunCursor, RunQuery, StoreError, StoreResult,
+    StoredTask, PAGE_MAX,
+};
+
+/// Most runs listed by one `run list`.
+pub const RUN_LIST_MAX: u32 = 10_000;
+/// How far in the past an `at` instant or a window's end may lie when a task
+/// is created (clock differences between admin and coordinator).
+pub const PAST_SLACK_MS: i64 = 10_000;
+/// Bytes of entropy the shell hands with every admin request (a new join
+/// token's secret).
+pub const ENTROPY_BYTES: usize = sundial_protocol::token::SECRET_BYTES;
+
+/// What the node knows of an agent that the store does not: for `agent list`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeenView {
+    pub online: bool,
+    pub version: Option<String>,
+    pub allow_exec: Vec<String>,
+    pub outbox_len: Option<u64>,
+    pub last_contact: Option<Timestamp>,
+}
+
+/// What an admin request is answered with, besides the store.
+#[derive(Clone, Debug)]
+pub struct AdminContext {
+    pub who: AdminId,
+    pub now: Timestamp,
+    pub limits: Limits,
+    /// The CA's certificate fingerprint (written into join tokens).
+    pub ca_sha256: [u8; 32],
+    /// Fresh randomness from the shell (a join token's secret).
+    pub entropy: [u8; ENTROPY_BYTES],
+    /// The node's view of the agents the request is about (agent list/get).
+    pub seen: HashMap<AgentId, SeenView>,
+}
+
+/// A change an admin made, for the event stream (with who made it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminChange {
+    TokenCreated {
+        uses: u32,
+    },
+    TokenRevoked {
+        id: String,
+    },
+    TaskCreated {
+        task: TaskId,
+        revision: u64,
+    },
+    TaskUpdated {
+        task: TaskId,
+        revision: u64,
+    },
+    TaskCancelled {
+        task: TaskId,
+        revision: u64,
+    },
+    TaskPaused {
+        task: TaskId,
+        paused: bool,
+        revision: u64,
+    },
+    AgentRevoked {
+        agent: AgentId,
+    },
+    AgentForgotten {
+        agent: AgentId,
+    },
+    RunNow {
+        task: TaskId,
+        sent: usize,
+        offline: usize,
+    },
+}
+
+/// What the node must do after an admin request was answered by the store.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FollowUp {
+    /// A task targeting this changed at `revision`: wake its sessions.
+    Announce {
+        target: Target,
+        revision: u64,
+    },
+    /// The agent was revoked: forget its certificate, close its sessions.
+    Revoked {
+        agent: AgentId,
+        cert_sha256: [u8; 32],
+    },
+    /// Send the run-now to these agents' live sessions; the answer says
+    /// which were reached.
+    RunNow {
+        task: TaskId,
+        at: Timestamp,
+        agents: Vec<AgentId>,
+    },
+    Changed(AdminChange),
+}
+
+/// The store's answer to one admin request.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAnswer {
+    pub answers: Vec<AdminResponse>,
+    pub follow: Vec<FollowUp>,
+}
+
+impl AdminAnswer {
+    fn one(r: AdminResponse) -> StoreResult<AdminAnswer> {
+        Ok(AdminAnswer {
+            answers: vec![r],
+            follow: Vec::new(),
+        })
+    }
+
+    fn with(mut self, f: FollowUp) -> AdminAnswer {
+        self.follow.push(f);
+        self
+    }
+}
+
+/// Every item of a listing, read a page (one transaction) at a time.
+pub fn all_pages<T, K: Copy>(
+    key: impl Fn(&T) -> K,
+    mut page: impl FnMut(Option<K>) -> StoreResult<Vec<T>>,
+) -> StoreResult<Vec<T>> {
+    let mut out: Vec<T> = Vec::new();
+    loop {
+        let got = page(out.last().map(&key))?;
+        let full = got.len() >= PAGE_MAX;
+        out.extend(got);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+pub fn all_agents(store: &dyn CoordStore) -> StoreResult<Vec<Agent>> {
+    all_pages(|a: &Agent| a.id, |after| store.agents(after, PAGE_MAX))
+}
+
+pub fn all_tasks(store: &dyn CoordStore) -> StoreResult<Vec<StoredTask>> {
+    all_pages(
+        |t: &StoredTask| t.spec.id,
+        |after| store.tasks(after, PAGE_MAX),
+    )
+}
+
+pub fn all_tokens(store: &dyn CoordStore) -> StoreResult<Vec<JoinToken>> {
+    all_pages(
+        |t: &JoinToken| t.secret_sha256,
+        |after| store.tokens(after, PAGE_MAX),
+    )
+}
+
+fn labels_text(labels: &[(String, String)]) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn agent_info(r: Agent, seen: Option<&SeenView>) -> AgentInfo {
+    let seen = seen.cloned().unwrap_or_default();
+    let last_seen = match (seen.last_contact, r.last_seen) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    AgentInfo {
+        agent_id: r.id,
+        name: r.name,
+        labels: r.labels,
+        online: seen.online,
+        revoked: r.revoked,
+        enrolled_at: r.enrolled_at,
+        last_seen,
+        clock_offset_ms: r.clock_offset_ms,
+        rtt_ms: r.rtt_ms,
+        version: seen.version,
+        allow_exec: seen.allow_exec,
+        outbox_len: seen.outbox_len,
+    }
+}
+
+/// A task as the admin sees it: state, next occurrence, latest runs, reach.
+fn task_info(
+    store: &dyn CoordStore,
+    task: StoredTask,
+    agents: &[Agent],
+    detailed: bool,
+    now: Timestamp,
+) -> StoreResult<TaskInfo> {
+    let StoredTask {
+        spec,
+        cancelled,
+        paused,
+    } = task;
+    let mut last_runs = store.last_runs(spec.id, PAGE_MAX)?;
+    let reached: Vec<AgentId> = agents
+        .iter()
+        .filter(|r| !r.revoked && targets(&spec.target, r.id, &r.labels))
+        .map(|r| r.id)
+        .collect();
+    // Done: a one-shot whose run is recorded, finally, on every agent it reaches.
+    let done = match spec.schedule.kind() {
+        ScheduleKind::At(at) if !cancelled && !reached.is_empty() => reached.iter().all(|a| {
+            last_runs.iter().any(|l| {
+                l.agent_id == *a
+                    && l.scheduled_at == *at
+                    && (!l.outcome.is_retryable() || l.attempt > spec.policies.retry.retries)
+            })
+        }),
+        _ => false,
+    };
+    let next = if cancelled || paused || done {
+        None
+    } else {
+        spec.schedule.next_after(now)
+    };
+    if !detailed {
+        last_runs.sort_by_key(|l| (l.scheduled_at, l.attempt));
+        let latest = last_runs.pop();
+        last_runs = latest.into_iter().collect();
+    }
+    Ok(TaskInfo {
+        spec,
+        cancelled,
+        paused,
+        done,
+        next,
+        last_runs,
+        reached: if detailed { reached } else { Vec::new() },
+    })
+}
+
+/// Why a task may not be created as drafted: the coordinator's own checks,
+/// whatever client sent it.
+pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Option<String> {
+    let Action::Exec(exec) = &draft.action;
+    if exec.program.trim().is_empty() {
+        return Some("the program is empty".into());
+    }
+    let p = &draft.policies;
+    if p.timeout.is_some_and(|t| t.0 == 0) {
+        return Some("--timeout must be longer than 0s".into());
+    }
+    if p.retry.retries > RETRIES_MAX {
+        return Some(format!(
+            "--retries {} exceeds the most allowed, {RETRIES_MAX}",
+            p.retry.retries
+        ));
+    }
+    if p.retry.retries > 0 && p.retry.backoff_initial < limits.backoff_min {
+        return Some(format!(
+            "--backoff {} is shorter than this coordinator's minimum of {} (serve --backoff-min)",
+            p.retry.backoff_initial, limits.backoff_min
+        ));
+    }
+    if p.retry.backoff_max < p.retry.backoff_initial {
+        return Some(format!(
+            "--backoff-max {} is shorter than --backoff {}",
+            p.retry.backoff_max, p.retry.backoff_initial
+        ));
+    }
+    match draft.schedule.kind() {
+        ScheduleKind::Every { period, .. } if *period < limits.period_min => {
+            return Some(format!(
+                "--every {period} is shorter than this coordinator's minimum period of {} (serve --period-min)",
+                limits.period_min
+            ));
+        }
+        ScheduleKind::At(at) if at.millis_since(now) < -PAST_SLACK_MS => {
+            return Some(format!(
+                "--at {at} is in the past (now is {now}); use --at now to run at once"
+            ));
+        }
+        _ => {}
+    }
+    if let (_, Some(end)) = draft.schedule.window() {
+        if end.millis_since(now) < -PAST_SLACK_MS {
+            return Some(format!("--end {end} is in the past (now is {now})"));
+        }
+    }
+    let size = postcard::experimental::serialized_size(draft).unwrap_or(usize::MAX);
+    if size > TASK_SPEC_BYTES_MAX {
+        return Some(format!(
+            "the task is {size} bytes (program, arguments, environment); the most allowed is {TASK_SPEC_BYTES_MAX}: pass large data in a file on the device instead"
+        ));
+    }
+    None
+}
+
+/// Applies `task update`'s changes to a task.
+pub fn apply_patch(spec: &mut TaskSpec, p: TaskPatch) {
+    if let Some(s) = p.schedule {
+        spec.schedule = s;
+    }
+    let Action::Exec(exec) = &mut spec.action;
+    if let Some(Action::Exec(new)) = p.action {
+        exec.program = new.program;
+        exec.args = new.args;
+    }
+    if let Some(env) = p.env {
+        exec.env = env;
+    }
+    if let Some(cwd) = p.cwd {
+        exec.cwd = cwd;
+    }
+    let pol = &mut spec.policies;
+    if let Some(m) = p.misfire {
+        pol.misfire.mode = m;
+    }
+    if let Some(g) = p.grace {
+        pol.misfire.grace = g;
+    }
+    if let Some(r) = p.retries {
+        pol.retry.retries = r;
+    }
+    if let Some(b) = p.backoff {
+        pol.retry.backoff_initial = b;
+    }
+    if let Some(b) = p.backoff_max {
+        pol.retry.backoff_max = b;
+    }
+    if let Some(t) = p.timeout {
+        pol.timeout = t;
+    }
+    if let Some(o) = p.overlap {
+        pol.overlap = o;
+    }
+}
+
+/// A patched task, checked as a new one would be, stored if nobody changed
+/// it meanwhile (compare-and-set on the revision read).
+fn update(
+    store: &dyn CoordStore,
+    ctx: &AdminContext,
+    id: TaskId,
+    patch: TaskPatch,
+) -> StoreResult<AdminAnswer> {
+    let Some(StoredTask {
+        mut spec,
+        cancelled,
+        ..
+    }) = store.task(id)?
+    else {
+        return Err(StoreError::NotFound(format!("no task {id}")));
+    };
+    if cancelled {
+        return Err(StoreError::Refused(format!("task {id} is cancelled")));
+    }
+    let read_revision = spec.revision;
+    apply_patch(&mut spec, patch);
+    let draft = TaskDraft {
+        name: spec.name.clone(),
+        target: spec.target.clone(),
+        schedule: spec.schedule.clone(),
+        action: spec.action.clone(),
+        policies: spec.policies,
+        anchor_at_creation: false,
+    };
+    if let Some(why) = draft_refusal(&ctx.limits, &draft, ctx.now) {
+        return Err(StoreError::Refused(why));
+    }
+    let revision = store.update_task(&spec, read_revision)?;
+    Ok(AdminAnswer::one(AdminResponse::Updated { revision })?
+        .with(FollowUp::Announce {
+            target: spec.target,
+            revision,
+        })
+        .with(FollowUp::Changed(AdminChange::TaskUpdated {
+            task: id,
+            revision,
+        })))
+}
+
+fn create(
+    store: &dyn CoordStore,
+    ctx: &AdminContext,
+    mut draft: TaskDraft,
+) -> StoreResult<AdminAnswer> {
+    let now = ctx.now;
+    if let Some(why) = draft_refusal(&ctx.limits, &draft, now) {
+        return Err(StoreError::Refused(why));
+    }
+    let mut warnings = Vec::new();
+    match &draft.target {
+        Target::Agent(a) => match store.agent(*a)? {
+            None => return Err(StoreError::NotFound(format!("no agent {a}"))),
+            Some(r) if r.revoked => {
+                return Err(StoreError::Refused(format!(
+                    "agent {a} is revoked; it receives no tasks"
+                )))
+            }
+            Some(_) => {}
+        },
+        Target::Selector(sel) => {
+            let reached = all_agents(store)?
+                .iter()
+                .filter(|r| !r.revoked && sel.iter().all(|p| r.labels.contains(p)))
+                .count();
+            if reached == 0 {
+                warnings.push(format!(
+                    "the selector {} matches no agent yet; agents that join with these labels will receive the task",
+                    labels_text(sel)
+                ));
+            }
+        }
+    }
+    if draft.anchor_at_creation {
+        if let ScheduleKind::Every { period, .. } = draft.schedule.kind() {
+            let (start, end) = draft.schedule.window();
+            draft.schedule = sundial_protocol::Schedule::every(*period, now)
+                .and_then(|s| s.with_window(start, end))
+                .map_err(|e| StoreError::Refused(e.to_string()))?;
+        }
+    }
+    let spec = store.create_task(draft, now)?;
+    let answer = if warnings.is_empty() {
+        AdminResponse::TaskCreated(spec.id)
+    } else {
+        AdminResponse::TaskCreatedWarn {
+            id: spec.id,
+            warnings,
+        }
+    };
+    Ok(AdminAnswer::one(answer)?
+        .with(FollowUp::Announce {
+            target: spec.target.clone(),
+            revision: spec.revision,
+        })
+        .with(FollowUp::Changed(AdminChange::TaskCreated {
+            task: spec.id,
+            revision: spec.revision,
+        })))
+}
+
+fn run_list(
+    store: &dyn CoordStore,
+    task: Option<TaskId>,
+    agent: Option<AgentId>,
+    since: Option<Timestamp>,
+    limit: u32,
+    after: Option<String>,
+    before: Option<String>,
+) -> StoreResult<AdminAnswer> {
+    if limit == 0 {
+        return Err(StoreError::Refused("--limit must be at least 1".into()));
+    }
+    let limit = limit.min(RUN_LIST_MAX) as usize;
+    let cursor = |s: Option<String>| {
+        s.map(|s| s.parse::<RunCursor>().map_err(StoreError::Refused))
+            .transpose()
+    };
+    let page = match (cursor(after)?, cursor(before)?) {
+        (Some(_), Some(_)) => {
+            return Err(StoreError::Refused(
+                "--after and --before do not go together".into(),
+            ))
+        }
+        (Some(a), None) => Page::After(a),
+        (None, Some(b)) => Page::Before(b),
+        (None, None) => Page::Latest,
+    };
+    let page = store.runs(&RunQuery {
+        task,
+        agent,
+        since,
+        limit,
+        page,
+        forward_from_since: false,
+    })?;
+    let mut answers: Vec<AdminResponse> = chunk_by_size(page.runs, LIST_CHUNK_BYTES_MAX)
+        .into_iter()
+        .map(AdminResponse::Runs)
+        .collect();
+    answers.push(AdminResponse::RunsSummary {
+        matched: page.matched,
+        unreadable: page.unreadable,
+        more: page.more,
+        first: page.first.map(|c| c.to_string()),
+        last: page.last.map(|c| c.to_string()),
+    });
+    Ok(AdminAnswer {
+        answers,
+        follow: Vec::new(),
+    })
+}
+
+/// Answers one admin request from the store.
+pub fn answer(
+    store: &dyn CoordStore,
+    ctx: &AdminContext,
+    req: AdminRequest,
+) -> StoreResult<AdminAnswer> {
+    let now = ctx.now;
+    match req {
+        AdminRequest::TokenCreate {
+            ttl_ms,
+            uses,
+            labels,
+        } => {
+            if uses == 0 {
+                return Err(StoreError::Refused("--uses must be at least 1".into()));
+            }
+            let secret = ctx.entropy.to_vec();
+            let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX);
+            store.put_token(&JoinToken {
+                secret_sha256: sha256(&secret),
+                expires_at: now.saturating_add_ms(ttl),
+                uses_left: uses,
+                labels,
+            })?;
+            let server_name = store
+                .setting("server_name")?
+                .unwrap_or_else(|| SERVER_NAME_DEFAULT.into());
+            let token = sundial_protocol::token::JoinToken {
+                secret,
+                ca_sha256: ctx.ca_sha256,
+                server_name,
+            };
+            Ok(AdminAnswer::one(AdminResponse::Token(token.encode()))?
+                .with(FollowUp::Changed(AdminChange::TokenCreated { uses })))
+        }
+        AdminRequest::AgentList => {
+            let agents: Vec<AgentInfo> = all_agents(store)?
+                .into_iter()
+                .filter(|a| !a.forgotten)
+                .map(|a| {
+                    let seen = ctx.seen.get(&a.id);
+                    agent_info(a, seen)
+                })
+                .collect();
+            // A fleet of agents with long allowlists is megabytes: in pages.
+            Ok(AdminAnswer {
+                answers: chunk_by_size(agents, LIST_CHUNK_BYTES_MAX)
+                    .into_iter()
+                    .map(AdminResponse::Agents)
+                    .collect(),
+                follow: Vec::new(),
+            })
+        }
+        AdminRequest::AgentGet(id) => match store.agent(id)? {
+            Some(r) => AdminAnswer::one(AdminResponse::Agent(Box::new(agent_info(
+                r,
+                ctx.seen.get(&id),
+            )))),
+            None => AdminAnswer::one(AdminResponse::Error(format!("no agent {id}"))),
+        },
+        AdminRequest::AgentRevoke(id) => {
+            let rec = store.revoke_agent(id)?;
+            Ok(AdminAnswer::one(AdminResponse::Done)?
+                .with(FollowUp::Revoked {
+                    agent: id,
+                    cert_sha256: rec.cert_sha256,
+                })
+                .with(FollowUp::Changed(AdminChange::AgentRevoked { agent: id })))
+        }
+        AdminRequest::AgentForget(id) => {
+            store.forget_agent(id)?;
+            Ok(AdminAnswer::one(AdminResponse::Done)?
+                .with(FollowUp::Changed(AdminChange::AgentForgotten { agent: id })))
+        }
+        AdminRequest::TaskCreate(draft) => create(store, ctx, *draft),
+        AdminRequest::TaskList => {
+            let agents = all_agents(store)?;
+            let tasks: Vec<TaskInfo> = all_tasks(store)?
+                .into_iter()
+                .map(|t| task_info(store, t, &agents, false, now))
+                .collect::<Result<_, _>>()?;
+            Ok(AdminAnswer {
+                answers: chunk_by_size(tasks, LIST_CHUNK_BYTES_MAX)
+                    .into_iter()
+                    .map(AdminResponse::Tasks)
+                    .collect(),
+                follow: Vec::new(),
+            })
+        }
+        AdminRequest::TaskGet(id) => match store.task(id)? {
+            Some(task) => {
+                let agents = all_agents(store)?;
+                AdminAnswer::one(AdminResponse::Task(Box::new(task_info(
+                    store, task, &agents, true, now,
+                )?)))
+            }
+            None => AdminAnswer::one(AdminResponse::Error(format!("no task {id}"))),
+        },
+        AdminRequest::TaskCancel(id) => {
+            let revision = store.cancel_task(id)?;
+            let mut a = AdminAnswer::one(AdminResponse::Done)?;
+            if let Some(t) = store.task(id)? {
+                a = a.with(FollowUp::Announce {
+                    target: t.spec.target,
+                    revision,
+                });
+            }
+            Ok(a.with(FollowUp::Changed(AdminChange::TaskCancelled {
+                task: id,
+                revision,
+            })))
+        }
+        AdminRequest::TaskUpdate { id, patch } => update(store, ctx, id, *patch),
+        AdminRequest::TaskRunNow(id) => {
+            let Some(StoredTask {
+                spec,
+                cancelled,
+                paused,
+            }) = store.task(id)?
+            else {
+                return Err(StoreError::NotFound(format!("no task {id}")));
+            };
+            if cancelled || paused {
+                return Err(StoreError::Refused(format!(
+                    "task {id} is {}; resume it first",
+                    if cancelled { "cancelled" } else { "paused" }
+                )));
+            }
+            let agents = all_agents(store)?
+                .into_iter()
+                .filter(|r| !r.revoked && targets(&spec.target, r.id, &r.labels))
+                .map(|r| r.id)
+                .collect();
+            // The answer is the node's: it knows which agents are online.
+            Ok(AdminAnswer {
+                answers: Vec::new(),
+                follow: vec![FollowUp::RunNow {
+                    task: id,
+                    at: now,
+                    agents,
+                }],
+            })
+        }
+        AdminRequest::TaskPause(id) | AdminRequest::TaskResume(id) => {
+            let pause = matches!(req, AdminRequest::TaskPause(_));
+            let revision = store.set_paused(id, pause, now)?;
+            let mut a = AdminAnswer::one(AdminResponse::Done)?;
+            if let Some(t) = store.task(id)? {
+                a = a.with(FollowUp::Announce {
+                    target: t.spec.target,
+                    revision,
+                });
+            }
+            Ok(a.with(FollowUp::Changed(AdminChange::TaskPaused {
+                task: id,
+                paused: pause,
+                revision,
+            })))
+        }
+        AdminRequest::TokenList => {
+            let tokens: Vec<TokenInfo> = all_tokens(store)?
+                .into_iter()
+                .filter(|t| t.expires_at > now && t.uses_left > 0)
+                .map(|t| TokenInfo {
+                    id: hex(&t.secret_sha256[..4]),
+                    expires_at: t.expires_at,
+                    uses_left: t.uses_left,
+                    labels: t.labels,
+                })
+                .collect();
+            Ok(AdminAnswer {
+                answers: chunk_by_size(tokens, LIST_CHUNK_BYTES_MAX)
+                    .into_iter()
+                    .map(AdminResponse::Tokens)
+                    .collect(),
+                follow: Vec::new(),
+            })
+        }
+        AdminRequest::TokenRevoke(id) => {
+            let id = id.to_ascii_lowercase();
+            let matching: Vec<[u8; 32]> = all_tokens(store)?
+                .into_iter()
+                .map(|t| t.secret_sha256)
+                .filter(|h| hex(&h[..4]) == id)
+                .collect();
+            match matching.as_slice() {
+                [h] => {
+                    store.delete_token(*h)?;
+                    Ok(AdminAnswer::one(AdminResponse::Done)?
+                        .with(FollowUp::Changed(AdminChange::TokenRevoked { id })))
+                }
+                [] => Err(StoreError::Refused(format!(
+                    "no token {id} (see sundialctl token list)"
+                ))),
+                _ => Err(StoreError::Refused(format!(
+                    "{id} names several tokens; wait for them to expire or use them up"
+                ))),
+            }
+        }
+        AdminRequest::RunList {
+            task,
+            agent,
+            since,
+            limit,
+            after,
+            before,
+        } => run_list(store, task, agent, since, limit, after, before),
+    }
+}
+
+/// The server name written into tokens when `init` stored none.
+pub const SERVER_NAME_DEFAULT: &str = "sundial-coordinator";

@@ -1,0 +1,322 @@
+//! The store work a [`super::CoordNode`] asks for: each [`StoreJob`] is a
+//! value the shell runs against its [`CoordStore`] wherever it likes (the
+//! coordinator on its blocking pool, the simulator inline) and hands back as
+//! a [`StoreDone`]. The rules of what is read and written are here, in the
+//! core; only the running is the shell's.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use sundial_protocol::wire::{AdminRequest, EnrollRequest};
+use sundial_protocol::{AgentId, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
+
+use super::admin::{self, AdminAnswer, AdminContext};
+use super::ConnId;
+use crate::coord_store::{
+    targets, Agent, AgentSeen, CoordStore, Enrollment, RunKeyOf, StoreError, StoreResult,
+    TokenRefusal,
+};
+
+/// Tasks whose assignment to a session's agent is remembered (a cache;
+/// cleared when full).
+pub const ASSIGNED_CACHE_MAX: usize = 100_000;
+
+/// Whether a task's runs may come from a session's agent: `None` when the
+/// store knows no such task (a store restored from a backup older than it).
+pub type Assigned = HashMap<TaskId, Option<bool>>;
+
+/// Store work for the shell to run (see the module docs).
+#[derive(Clone, Debug)]
+pub enum StoreJob {
+    /// An agent said Hello: its record, the restore check, and when it was seen.
+    Hello {
+        conn: ConnId,
+        agent: AgentId,
+        last_revision: u64,
+        at: Timestamp,
+    },
+    /// The next page of a session's assignment changes.
+    Changes {
+        conn: ConnId,
+        agent: AgentId,
+        labels: Vec<(String, String)>,
+        since: u64,
+        limit: usize,
+        /// Ids a restored store may have lost, and the revision of the news:
+        /// cancels for those the store does not know.
+        lost: Option<(Range<u64>, u64)>,
+    },
+    /// A result batch: ownership checked, then stored (first record wins).
+    Runs {
+        conn: ConnId,
+        agent: AgentId,
+        labels: Vec<(String, String)>,
+        batch_id: u64,
+        runs: Vec<RunRecord>,
+        cache: Assigned,
+    },
+    /// What a session saw of its agent (last contact, clock estimate).
+    Seen { agent: AgentId, seen: AgentSeen },
+    Admin {
+        conn: ConnId,
+        req: u64,
+        request: AdminRequest,
+        ctx: Box<AdminContext>,
+    },
+    /// An enrollment's token checked and an agent id reserved, before the
+    /// certificate is signed.
+    EnrollCheck {
+        conn: ConnId,
+        token_sha256: [u8; 32],
+        at: Timestamp,
+        request: Box<EnrollRequest>,
+    },
+    /// The signed agent stored and the token spent.
+    Enroll {
+        conn: ConnId,
+        enrollment: Enrollment,
+        cert_der: Vec<u8>,
+    },
+    /// Retention: runs scheduled before `before`, at most `max` of them.
+    Purge { before: Timestamp, max: usize },
+}
+
+/// How a result batch fared.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunsVerdict {
+    /// Stored: the keys of the batch (to acknowledge), the tasks the store
+    /// does not know (their records acknowledged and dropped) and the keys
+    /// of different records refused (the first record stands).
+    Stored {
+        keys: Vec<RunKey>,
+        unknown: Vec<TaskId>,
+        conflicts: Vec<RunKeyOf>,
+    },
+    /// A run of a task the store knows but did not assign to this agent.
+    NotAssigned(TaskId),
+}
+
+/// A finished [`StoreJob`], for [`super::CoordNode::handle_store_done`].
+#[derive(Clone, Debug)]
+pub enum StoreDone {
+    Hello {
+        conn: ConnId,
+        agent: AgentId,
+        /// `None`: no such agent, or revoked.
+        result: StoreResult<Option<(Agent, Option<(Range<u64>, u64)>)>>,
+    },
+    Changes {
+        conn: ConnId,
+        result: StoreResult<(Vec<(TaskSpec, bool)>, u64, bool)>,
+    },
+    Runs {
+        conn: ConnId,
+        batch_id: u64,
+        result: StoreResult<RunsVerdict>,
+        cache: Assigned,
+    },
+    Seen {
+        result: StoreResult<()>,
+    },
+    Admin {
+        conn: ConnId,
+        req: u64,
+        result: StoreResult<AdminAnswer>,
+    },
+    EnrollCheck {
+        conn: ConnId,
+        result: StoreResult<Result<AgentId, TokenRefusal>>,
+        request: Box<EnrollRequest>,
+    },
+    Enroll {
+        conn: ConnId,
+        result: StoreResult<Result<Agent, TokenRefusal>>,
+        cert_der: Vec<u8>,
+    },
+    Purge {
+        before: Timestamp,
+        max: usize,
+        result: StoreResult<usize>,
+    },
+}
+
+/// A cancel for a task id a restored store may have lost (only its id
+/// and revision are sent).
+fn lost_task(id: TaskId, revision: u64) -> TaskSpec {
+    TaskSpec {
+        id,
+        name: None,
+        target: sundial_protocol::task::Target::Selector(Vec::new()),
+        schedule: Schedule::at(Timestamp::MIN),
+        action: sundial_protocol::task::Action::Exec(Default::default()),
+        policies: Default::default(),
+        revision,
+        created_at: Timestamp::MIN,
+    }
+}
+
+/// Which tasks of a batch may come from `agent` (see [`RunsVerdict`]).
+fn check_owned(
+    store: &dyn CoordStore,
+    agent: AgentId,
+    labels: &[(String, String)],
+    cache: &mut Assigned,
+    runs: &[RunRecord],
+) -> StoreResult<Result<Vec<TaskId>, TaskId>> {
+    let mut unknown = Vec::new();
+    for r in runs {
+        if cache.len() > ASSIGNED_CACHE_MAX {
+            cache.clear();
+        }
+        let ok = match cache.get(&r.task_id) {
+            Some(ok) => *ok,
+            None => {
+                let ok = store
+                    .task(r.task_id)?
+                    .map(|t| targets(&t.spec.target, agent, labels));
+                cache.insert(r.task_id, ok);
+                ok
+            }
+        };
+        match ok {
+            Some(true) => {}
+            Some(false) => return Ok(Err(r.task_id)),
+            None => {
+                if !unknown.contains(&r.task_id) {
+                    unknown.push(r.task_id);
+                }
+            }
+        }
+    }
+    Ok(Ok(unknown))
+}
+
+impl StoreJob {
+    /// Runs the job against `store`.
+    pub fn run(self, store: &dyn CoordStore) -> StoreDone {
+        match self {
+            StoreJob::Hello {
+                conn,
+                agent,
+                last_revision,
+                at,
+            } => {
+                let result = (|| {
+                    let Some(rec) = store.agent(agent)?.filter(|r| !r.revoked) else {
+                        return Ok(None);
+                    };
+                    let restored = store.catch_up_restored(last_revision)?;
+                    store.agent_seen(agent, AgentSeen { at, clock: None })?;
+                    Ok(Some((rec, restored)))
+                })();
+                StoreDone::Hello {
+                    conn,
+                    agent,
+                    result,
+                }
+            }
+            StoreJob::Changes {
+                conn,
+                agent,
+                labels,
+                since,
+                limit,
+                lost,
+            } => {
+                let result = (|| {
+                    let page = store.changes_for(agent, &labels, since, limit)?;
+                    let mut changes = page.changes;
+                    if let Some((ids, revision)) = lost {
+                        // Cancels for the ids the store does not know (those
+                        // it knows are among the changes from revision 0).
+                        for id in ids {
+                            if store.task(TaskId(id))?.is_none() {
+                                changes.push((lost_task(TaskId(id), revision), true));
+                            }
+                        }
+                    }
+                    Ok((changes, page.upto, page.more))
+                })();
+                StoreDone::Changes { conn, result }
+            }
+            StoreJob::Runs {
+                conn,
+                agent,
+                labels,
+                batch_id,
+                runs,
+                mut cache,
+            } => {
+                let result = (|| match check_owned(store, agent, &labels, &mut cache, &runs)? {
+                    Err(task) => Ok(RunsVerdict::NotAssigned(task)),
+                    Ok(unknown) => {
+                        let known: Vec<RunRecord> = runs
+                            .iter()
+                            .filter(|r| !unknown.contains(&r.task_id))
+                            .cloned()
+                            .collect();
+                        let conflicts = store.put_runs(&known)?;
+                        Ok(RunsVerdict::Stored {
+                            keys: runs.iter().map(RunRecord::key).collect(),
+                            unknown,
+                            conflicts,
+                        })
+                    }
+                })();
+                StoreDone::Runs {
+                    conn,
+                    batch_id,
+                    result,
+                    cache,
+                }
+            }
+            StoreJob::Seen { agent, seen } => StoreDone::Seen {
+                result: match store.agent_seen(agent, seen) {
+                    // Forgotten meanwhile: nothing to note.
+                    Err(StoreError::NotFound(_)) => Ok(()),
+                    other => other,
+                },
+            },
+            StoreJob::Admin {
+                conn,
+                req,
+                request,
+                ctx,
+            } => StoreDone::Admin {
+                conn,
+                req,
+                result: admin::answer(store, &ctx, request),
+            },
+            StoreJob::EnrollCheck {
+                conn,
+                token_sha256,
+                at,
+                request,
+            } => {
+                let result = (|| match store.check_token(token_sha256, at)? {
+                    Err(refusal) => Ok(Err(refusal)),
+                    Ok(_) => Ok(Ok(store.reserve_agent_id()?)),
+                })();
+                StoreDone::EnrollCheck {
+                    conn,
+                    result,
+                    request,
+                }
+            }
+            StoreJob::Enroll {
+                conn,
+                enrollment,
+                cert_der,
+            } => StoreDone::Enroll {
+                conn,
+                result: store.enroll(&enrollment),
+                cert_der,
+            },
+            StoreJob::Purge { before, max } => StoreDone::Purge {
+                before,
+                max,
+                result: store.purge_runs_before(before, max),
+            },
+        }
+    }
+}

@@ -1,0 +1,1833 @@
+//! The coordinator as a value: [`CoordNode`] decides everything a
+//! coordinator decides — which connections are admitted (handshake budget,
+//! per-address pending limit, enrollment slots, session cap), what each
+//! connection is for (by ALPN and certificate), Hello and its deadline, one
+//! session per agent, the reconnect policy, the agents' sessions
+//! ([`CoordSession`]s) with the ownership of their runs, fan-out of task
+//! changes to the sessions they target, run-now, revocation closing live
+//! sessions, admin requests and enrollment, and retention — in the shape
+//! of [`crate::node::AgentNode`]: `handle_*(now, …)` in; effects, per
+//! session messages ([`CoordNode::poll_transmit`]), events and the next
+//! timeout out. It reads no clock and does no I/O.
+//!
+//! Store work leaves the node as [`StoreJob`]s: values whose rules live here
+//! ([`jobs`], [`admin`]) and which the shell runs against its
+//! [`crate::coord_store::CoordStore`] — the coordinator on its blocking pool,
+//! many at once, the simulator inline — handing back a [`StoreDone`]. So a
+//! large admin listing never holds the node, and the node never waits.
+//!
+//! Bounds: connections are bounded by the shell's admission through
+//! [`CoordNode::handle_incoming`]; per connection, messages not yet pulled
+//! by the shell's writer at [`TRANSMIT_BACKLOG_MAX`] (over it, the agent is
+//! not reading: closed), frames before the Hello is checked at
+//! [`SESSION_INBOX_MAX`], admin requests queued at [`ADMIN_QUEUE_MAX`];
+//! `seen` at [`SEEN_MAX`] agents; events at [`EVENTS_MAX`] (the oldest go,
+//! counted, when the shell does not drain them).
+
+pub mod admin;
+pub mod jobs;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::ops::Range;
+
+use sundial_protocol::codec::FRAME_BYTES_MAX;
+use sundial_protocol::task::Target;
+use sundial_protocol::token::sha256;
+use sundial_protocol::wire::{
+    busy_reason, close, AdminRequest, AdminResponse, AgentMsg, CoordMsg, EnrollRequest,
+    EnrollResponse, ReconnectPolicy, HELLO_FRAME_BYTES_MAX,
+};
+use sundial_protocol::{AgentId, DurationMs, Timestamp};
+
+use crate::admission::{Admit, HandshakeBudget};
+use crate::coord_store::{targets, AgentSeen, CertRole, Enrollment, StoreError, TokenRefusal};
+use crate::session::coordinator::{
+    CoordEffect, CoordSession, UploadAllowance, UploadLimits, CHANGES_PAGE_MAX,
+};
+use crate::session::{Event, Now};
+
+pub use admin::{AdminAnswer, AdminChange, AdminContext, FollowUp, SeenView, ENTROPY_BYTES};
+pub use jobs::{Assigned, RunsVerdict, StoreDone, StoreJob};
+
+/// A connection, as the node names it.
+pub type ConnId = u64;
+
+/// How long an enrollment or admin exchange may take, how long a new agent
+/// connection may take to say Hello, and how long an admin connection may
+/// sit idle, ms.
+pub const EXCHANGE_TIMEOUT_MS: u64 = 10_000;
+/// Messages for one session that the shell's writer has not pulled yet;
+/// beyond, the agent is not reading what it is sent and the session closes.
+/// An honest session holds a page of assignments, the acks of its batches
+/// in flight and a few clock replies.
+pub const TRANSMIT_BACKLOG_MAX: usize = 256;
+/// Frames an agent may send after its Hello and before the Hello is checked
+/// (more than the result batches it keeps in flight).
+pub const SESSION_INBOX_MAX: usize = 16;
+/// Admin requests waiting for one of the admin slots; beyond, refused.
+pub const ADMIN_QUEUE_MAX: usize = 64;
+/// Agents whose last session's details (version, allowlist, upload
+/// allowance) are remembered; when full, those of offline agents go.
+pub const SEEN_MAX: usize = 1 << 20;
+/// Events not yet drained; beyond, the oldest go (and are counted).
+pub const EVENTS_MAX: usize = 4_096;
+/// Run records deleted per store job by retention.
+pub const PURGE_BATCH_RUNS_MAX: usize = 10_000;
+/// How often retention looks for old runs, ms.
+pub const PURGE_INTERVAL_MS: u64 = 60_000;
+/// Connections from one address still handshaking or enrolling, by default.
+pub const PENDING_PER_ADDRESS_MAX: usize = 32;
+/// The handshake budget per core, by default.
+pub const HANDSHAKES_PER_SEC_PER_CORE: u32 = 250;
+/// How long agents are asked to let one connection attempt last, ms.
+pub const ATTEMPT_TIMEOUT_MS: u32 = 3_000;
+/// The first backoff agents are asked to use, ms.
+pub const BACKOFF_FLOOR_MS: u32 = 250;
+/// The backoff cap agents are asked to use at least / at most, ms: between,
+/// the time the whole fleet needs to reconnect at the handshake budget.
+pub const BACKOFF_CAP_MIN_MS: u32 = 2_000;
+pub const BACKOFF_CAP_MAX_MS: u32 = 60_000;
+
+// The largest Hello must fit the frame limit before the Hello (checked by
+// the agent's allowlist bounds), and that limit must be below the session's.
+const _: () = assert!(HELLO_FRAME_BYTES_MAX < FRAME_BYTES_MAX);
+const _: () = assert!(SESSION_INBOX_MAX >= crate::session::agent::BATCHES_IN_FLIGHT_MAX);
+const _: () = assert!(TRANSMIT_BACKLOG_MAX > 2 * crate::session::agent::BATCHES_IN_FLIGHT_MAX);
+
+/// The coordinator's limits; each is documented in the README and set by
+/// `serve` flags or the configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Run records one agent may upload per second (sustained; a burst of
+    /// one second's worth is allowed). Above it, the coordinator reads the
+    /// agent's uploads more slowly: back-pressure, nothing is lost.
+    pub upload_runs_per_sec: u32,
+    /// Bytes of run records one agent may upload per second (as above).
+    pub upload_bytes_per_sec: u64,
+    /// The shortest `every` period a task may have.
+    pub period_min: DurationMs,
+    /// The shortest first retry delay a task with retries may have.
+    pub backoff_min: DurationMs,
+    /// Runs scheduled longer ago than this are deleted; `None` keeps all.
+    pub run_retention: Option<DurationMs>,
+    /// Agent sessions served at once.
+    pub sessions_max: usize,
+    /// Connections without a client certificate (enrollment) served at once.
+    pub unauthenticated_max: usize,
+    /// Admin requests served at once (each a store job of its own).
+    pub admin_concurrent_max: usize,
+    /// Connections from one address still handshaking or enrolling.
+    pub pending_per_address_max: usize,
+    /// New connections accepted per second (handshakes are the costly part
+    /// of a reconnect storm); the rest are refused at once, before any
+    /// cryptography, and agents come back spread over the time the
+    /// coordinator's reconnect policy says the fleet needs.
+    pub handshakes_per_sec: u32,
+}
+
+impl Limits {
+    /// The defaults on a machine with `cores` cores.
+    pub fn for_cores(cores: usize) -> Limits {
+        let cores = u32::try_from(cores.max(1)).unwrap_or(u32::MAX);
+        Limits {
+            upload_runs_per_sec: 2_000,
+            upload_bytes_per_sec: 8 * 1024 * 1024,
+            period_min: DurationMs(100),
+            backoff_min: DurationMs(100),
+            run_retention: None,
+            sessions_max: 10_000,
+            unauthenticated_max: 64,
+            admin_concurrent_max: 4,
+            pending_per_address_max: PENDING_PER_ADDRESS_MAX,
+            handshakes_per_sec: HANDSHAKES_PER_SEC_PER_CORE.saturating_mul(cores),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::for_cores(1)
+    }
+}
+
+/// An admin, by its certificate's fingerprint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AdminId(pub [u8; 32]);
+
+impl std::fmt::Display for AdminId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "admin:{}", sundial_protocol::token::hex(&self.0[..4]))
+    }
+}
+
+/// What a connection asked for in its handshake (its ALPN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    Session,
+    Enroll,
+    Admin,
+    Other,
+}
+
+/// What a handshaken connection is, for the shell's reading of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Read one enrollment request (at most `ENROLL_FRAME_BYTES_MAX`).
+    Enroll,
+    /// Read the agent's messages ([`CoordNode::frame_limit`] before each).
+    Session(AgentId),
+    /// Read admin requests, one per stream.
+    Admin(AdminId),
+    /// Refused: an [`Effect::Close`] says how.
+    Refused,
+}
+
+/// Why a new connection was refused before any cryptography.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its address has its maximum of connections not yet known.
+    PendingPerAddress,
+    /// The handshake budget (or the address's share of it) is spent.
+    Budget(Admit),
+}
+
+/// Why a connection was refused after its handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnRefusal {
+    /// The ALPN needs a known certificate and none was shown.
+    CertRequired,
+    /// Enrollment slots are full.
+    EnrollBusy,
+}
+
+/// Why an enrollment was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    Token(TokenRefusal),
+    Name(String),
+    /// The certificate request could not be signed.
+    Csr(String),
+    /// The store failed.
+    Store,
+}
+
+/// Why a connection is being closed by the node, for events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseWhy {
+    NoHelloInTime,
+    NotHello,
+    NoRequestInTime,
+    Idle,
+    /// The agent does not read what it is sent.
+    NotReading,
+    /// Frames before the Hello was checked, over [`SESSION_INBOX_MAX`].
+    TooEarly,
+    StoreFailed,
+    Revoked,
+    Replaced,
+    Busy,
+    /// The session machine closed it (a refused batch, Hello twice, …).
+    Protocol,
+}
+
+/// What the coordinator node decided, for observers; the shells log these
+/// and the simulator checks them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CoordEvent {
+    /// A new connection refused before any cryptography.
+    Shed {
+        ip: IpAddr,
+        why: Refusal,
+    },
+    ConnRefused {
+        ip: IpAddr,
+        why: ConnRefusal,
+    },
+    Closing {
+        conn: ConnId,
+        agent: Option<AgentId>,
+        why: CloseWhy,
+    },
+    /// Refused for the session cap: the agent comes back after this.
+    SessionBusy {
+        agent: AgentId,
+        retry_after_ms: u64,
+    },
+    SessionReplaced {
+        agent: AgentId,
+    },
+    AgentSessionDown {
+        agent: AgentId,
+    },
+    /// An agent ahead of the store: it was restored from an older backup.
+    StoreBehind {
+        agent: AgentId,
+        agent_revision: u64,
+        lost: Range<u64>,
+        revision: u64,
+    },
+    /// Records of tasks the store does not know, acknowledged and dropped.
+    RunsOfUnknownTask {
+        agent: AgentId,
+        task: sundial_protocol::TaskId,
+    },
+    /// A different record for a run already stored: the first stands.
+    RunConflict {
+        agent: AgentId,
+        key: crate::coord_store::RunKeyOf,
+    },
+    ChangeAnnounced {
+        revision: u64,
+        sessions: usize,
+    },
+    AdminChanged {
+        by: AdminId,
+        change: AdminChange,
+    },
+    AdminRefused {
+        by: AdminId,
+        why: String,
+    },
+    AgentRevoked {
+        agent: AgentId,
+        by: AdminId,
+        sessions_closed: usize,
+    },
+    Enrolled {
+        agent: AgentId,
+        name: Option<String>,
+    },
+    EnrollRefused {
+        why: EnrollRefusal,
+    },
+    RunsPurged {
+        deleted: usize,
+        before: Timestamp,
+    },
+    /// A store operation failed; `unavailable` ones stop the coordinator.
+    StoreFailed {
+        error: StoreError,
+    },
+    /// Events were dropped because nobody drained them.
+    EventsDropped {
+        count: u64,
+    },
+    /// One of the session machines' events.
+    Session(Event),
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug)]
+pub enum Effect {
+    /// Run this against the store; hand the result to `handle_store_done`.
+    Store(StoreJob),
+    /// Sign the enrolling agent's CSR for `agent`; answer `handle_signed`.
+    Sign {
+        conn: ConnId,
+        agent: AgentId,
+        csr_der: Vec<u8>,
+    },
+    /// This session has messages: pull them with `poll_transmit`.
+    Transmit(ConnId),
+    /// Close the connection now.
+    Close {
+        conn: ConnId,
+        code: u32,
+        reason: String,
+    },
+    /// The answers to an admin request; then finish its stream.
+    AdminReply {
+        conn: ConnId,
+        req: u64,
+        answers: Vec<AdminResponse>,
+    },
+    /// The answer to an enrollment; then finish its stream.
+    EnrollReply {
+        conn: ConnId,
+        response: EnrollResponse,
+    },
+    /// The store failed to write: stop, so that a restart reopens it.
+    Stop,
+}
+
+/// What a session's writer pulls.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outgoing {
+    Msg(CoordMsg),
+    /// Everything before was sent: close with this.
+    Close {
+        code: u32,
+        reason: String,
+    },
+}
+
+/// Bugs the simulator seeds into the node to prove its checks catch them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CoordBugs {
+    /// Acknowledge a result batch before the store has committed it.
+    pub ack_before_commit: bool,
+    /// Fan-out forgets sessions that came up after the node started
+    /// (later joiners learn of changes only at their next Hello).
+    pub miss_later_joiners: bool,
+    /// A revocation closes no live session.
+    pub revoke_leaves_open: bool,
+}
+
+/// What the node needs to start.
+#[derive(Clone, Debug)]
+pub struct CoordConfig {
+    pub limits: Limits,
+    /// The CA certificate (DER), sent to enrolled agents.
+    pub ca_der: Vec<u8>,
+    /// The store's revision at start.
+    pub revision: u64,
+    /// Every known certificate (from the store's pages).
+    pub known_certs: Vec<([u8; 32], CertRole)>,
+    pub bugs: CoordBugs,
+}
+
+/// What the last session of an agent said, kept for `agent list`.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    version: Option<String>,
+    allow_exec: Vec<String>,
+    outbox_len: Option<u64>,
+    last_contact: Option<Timestamp>,
+    /// What its last session left of its upload limits.
+    uploads: Option<UploadAllowance>,
+}
+
+#[derive(Debug)]
+struct Hello {
+    last_revision: u64,
+    outbox_len: u64,
+    knows_policy: bool,
+}
+
+#[derive(Debug)]
+struct LiveSession {
+    sm: CoordSession,
+    labels: Vec<(String, String)>,
+    cache: Option<Assigned>,
+    lost: Option<(Range<u64>, u64)>,
+    /// Closing after its messages are pulled.
+    closing: Option<(u32, String)>,
+    /// An [`Effect::Transmit`] is out and not yet pulled dry.
+    notified: bool,
+    /// Came up after the node started (for a seeded bug).
+    later: bool,
+}
+
+#[derive(Debug)]
+enum Phase {
+    AwaitHello,
+    Checking(Hello, VecDeque<AgentMsg>),
+    Live(Box<LiveSession>),
+    Closed,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Handshaking,
+    Enroll {
+        request: Option<Box<EnrollRequest>>,
+        answered: bool,
+    },
+    Admin {
+        who: AdminId,
+        busy: usize,
+    },
+    Session {
+        agent: AgentId,
+        phase: Phase,
+    },
+}
+
+#[derive(Debug)]
+struct Conn {
+    ip: IpAddr,
+    /// Counted against its address.
+    pending: bool,
+    /// Counted against the enrollment slots.
+    unauthenticated: bool,
+    deadline: Option<u64>,
+    /// The instant this connection is registered at in the timers.
+    armed: Option<u64>,
+    closed: bool,
+    kind: Kind,
+}
+
+/// The coordinator node (see the module docs).
+#[derive(Debug)]
+pub struct CoordNode {
+    limits: Limits,
+    ca_der: Vec<u8>,
+    ca_sha256: [u8; 32],
+    bugs: CoordBugs,
+    known: HashMap<[u8; 32], CertRole>,
+    conns: HashMap<ConnId, Conn>,
+    next_conn: ConnId,
+    live: HashMap<AgentId, ConnId>,
+    seen: HashMap<AgentId, Seen>,
+    pending: HashMap<IpAddr, usize>,
+    unauthenticated: usize,
+    sessions_open: usize,
+    budget: HandshakeBudget,
+    revision: u64,
+    timers: BTreeSet<(u64, ConnId)>,
+    admin_running: usize,
+    admin_waiting: VecDeque<StoreJob>,
+    next_purge_ms: Option<u64>,
+    purging: bool,
+    purged: usize,
+    broken: bool,
+    effects: VecDeque<Effect>,
+    events: VecDeque<CoordEvent>,
+    events_dropped: u64,
+    /// Agents enrolled through this node, kept only for a seeded bug.
+    joined: BTreeSet<AgentId>,
+}
+
+impl CoordNode {
+    pub fn new(now: Now, config: CoordConfig) -> CoordNode {
+        let ca_sha256 = sha256(&config.ca_der);
+        CoordNode {
+            budget: HandshakeBudget::new(config.limits.handshakes_per_sec, now.mono_ms),
+            next_purge_ms: config
+                .limits
+                .run_retention
+                .map(|_| now.mono_ms + PURGE_INTERVAL_MS),
+            limits: config.limits,
+            ca_der: config.ca_der,
+            ca_sha256,
+            bugs: config.bugs,
+            known: config.known_certs.into_iter().collect(),
+            conns: HashMap::new(),
+            next_conn: 0,
+            live: HashMap::new(),
+            seen: HashMap::new(),
+            pending: HashMap::new(),
+            unauthenticated: 0,
+            sessions_open: 0,
+            revision: config.revision,
+            timers: BTreeSet::new(),
+            admin_running: 0,
+            admin_waiting: VecDeque::new(),
+            purging: false,
+            purged: 0,
+            broken: false,
+            effects: VecDeque::new(),
+            events: VecDeque::new(),
+            events_dropped: 0,
+            joined: BTreeSet::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Who a client certificate belongs to, for the TLS layer: unknown and
+    /// revoked certificates fail the handshake.
+    pub fn cert_role(&self, fingerprint: &[u8; 32]) -> Option<CertRole> {
+        self.known.get(fingerprint).copied()
+    }
+
+    /// Agent sessions open.
+    pub fn sessions_open(&self) -> usize {
+        self.sessions_open
+    }
+
+    /// Whether `agent` has a live session.
+    pub fn is_online(&self, agent: AgentId) -> bool {
+        self.live.contains_key(&agent)
+    }
+
+    /// The newest revision announced.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Connections the node tracks.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// What agents are asked to follow when reconnecting: the time the
+    /// fleet needs to come back at the handshake budget sets the backoff
+    /// cap and the spread of refused agents.
+    pub fn reconnect_policy(&self) -> ReconnectPolicy {
+        let budget = u64::from(self.limits.handshakes_per_sec.max(1));
+        let fleet = self.sessions_open as u64 + 1;
+        let need_ms = (fleet * 1_000 / budget).min(u64::from(u32::MAX)) as u32;
+        ReconnectPolicy {
+            attempt_timeout_ms: ATTEMPT_TIMEOUT_MS,
+            backoff_floor_ms: BACKOFF_FLOOR_MS,
+            backoff_cap_ms: need_ms.clamp(BACKOFF_CAP_MIN_MS, BACKOFF_CAP_MAX_MS),
+            busy_spread_ms: need_ms.clamp(1_000, BACKOFF_CAP_MAX_MS),
+            handshakes_per_sec: self.limits.handshakes_per_sec,
+        }
+    }
+
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<CoordEvent> {
+        if self.events_dropped > 0 {
+            let count = std::mem::take(&mut self.events_dropped);
+            return Some(CoordEvent::EventsDropped { count });
+        }
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` is next due (monotonic ms).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let t = self.timers.first().map(|(t, _)| *t);
+        match (t, self.next_purge_ms.filter(|_| !self.purging)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The largest frame the connection may send next.
+    pub fn frame_limit(&self, conn: ConnId) -> usize {
+        match self.conns.get(&conn).map(|c| &c.kind) {
+            Some(Kind::Session {
+                phase: Phase::AwaitHello,
+                ..
+            }) => HELLO_FRAME_BYTES_MAX,
+            Some(Kind::Session { .. }) => FRAME_BYTES_MAX,
+            Some(Kind::Enroll { .. }) => sundial_protocol::wire::ENROLL_FRAME_BYTES_MAX,
+            Some(Kind::Admin { .. }) => sundial_protocol::wire::ADMIN_REQUEST_BYTES_MAX,
+            _ => HELLO_FRAME_BYTES_MAX,
+        }
+    }
+
+    fn event(&mut self, e: CoordEvent) {
+        if self.events.len() >= EVENTS_MAX {
+            self.events.pop_front();
+            self.events_dropped += 1;
+        }
+        self.events.push_back(e);
+    }
+
+    fn store_failed(&mut self, error: StoreError) {
+        let stop = error.is_unavailable() && !self.broken;
+        self.event(CoordEvent::StoreFailed { error });
+        if stop {
+            self.broken = true;
+            self.effects.push_back(Effect::Stop);
+        }
+    }
+
+    // ---- connections
+
+    /// A new connection from `ip`, before any cryptography: admitted (its
+    /// id) or refused (the shell refuses it at once).
+    pub fn handle_incoming(&mut self, now: Now, ip: IpAddr) -> Result<ConnId, Refusal> {
+        let n = self.pending.get(&ip).copied().unwrap_or(0);
+        if n >= self.limits.pending_per_address_max {
+            self.event(CoordEvent::Shed {
+                ip,
+                why: Refusal::PendingPerAddress,
+            });
+            return Err(Refusal::PendingPerAddress);
+        }
+        let admit = self.budget.take(now.mono_ms, ip);
+        if admit != Admit::Yes {
+            self.event(CoordEvent::Shed {
+                ip,
+                why: Refusal::Budget(admit),
+            });
+            return Err(Refusal::Budget(admit));
+        }
+        *self.pending.entry(ip).or_insert(0) += 1;
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        self.conns.insert(
+            conn,
+            Conn {
+                ip,
+                pending: true,
+                unauthenticated: false,
+                deadline: None,
+                armed: None,
+                closed: false,
+                kind: Kind::Handshaking,
+            },
+        );
+        Ok(conn)
+    }
+
+    fn release_pending(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !std::mem::take(&mut c.pending) {
+            return;
+        }
+        let ip = c.ip;
+        if let Some(n) = self.pending.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending.remove(&ip);
+            }
+        }
+    }
+
+    /// The TLS handshake finished: what the connection is for.
+    pub fn handle_handshaken(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        alpn: Alpn,
+        cert_sha256: Option<[u8; 32]>,
+    ) -> Route {
+        let role = cert_sha256.and_then(|fp| self.known.get(&fp).copied().map(|r| (fp, r)));
+        let Some(c) = self.conns.get(&conn) else {
+            return Route::Refused;
+        };
+        let ip = c.ip;
+        let (route, kind) = match (alpn, role) {
+            (Alpn::Enroll, _) => {
+                // Peers without a certificate are bounded: a few at a time,
+                // small frames, short deadlines.
+                if self.unauthenticated >= self.limits.unauthenticated_max {
+                    self.event(CoordEvent::ConnRefused {
+                        ip,
+                        why: ConnRefusal::EnrollBusy,
+                    });
+                    self.close(
+                        conn,
+                        close::BUSY,
+                        "too many enrollments at once; try again",
+                        None,
+                    );
+                    return Route::Refused;
+                }
+                self.unauthenticated += 1;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.unauthenticated = true;
+                }
+                (
+                    Route::Enroll,
+                    Kind::Enroll {
+                        request: None,
+                        answered: false,
+                    },
+                )
+            }
+            (Alpn::Session, Some((_, CertRole::Agent(agent)))) => (
+                Route::Session(agent),
+                Kind::Session {
+                    agent,
+                    phase: Phase::AwaitHello,
+                },
+            ),
+            (Alpn::Admin, Some((fp, CertRole::Admin))) => {
+                let who = AdminId(fp);
+                (Route::Admin(who), Kind::Admin { who, busy: 0 })
+            }
+            _ => {
+                self.event(CoordEvent::ConnRefused {
+                    ip,
+                    why: ConnRefusal::CertRequired,
+                });
+                self.close(
+                    conn,
+                    close::CERT_REQUIRED,
+                    "a known client certificate is required",
+                    None,
+                );
+                return Route::Refused;
+            }
+        };
+        if matches!(route, Route::Session(_) | Route::Admin(_)) {
+            // Known by its certificate: no longer counted against its
+            // address (many agents may share one behind a NAT).
+            self.release_pending(conn);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.kind = kind;
+            c.deadline = Some(now.mono_ms + EXCHANGE_TIMEOUT_MS);
+        }
+        self.rearm(conn);
+        route
+    }
+
+    /// The connection is gone (closed by either side, or lost).
+    pub fn handle_closed(&mut self, now: Now, conn: ConnId) {
+        self.retire(now, conn);
+        self.release_pending(conn);
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if c.unauthenticated {
+            self.unauthenticated = self.unauthenticated.saturating_sub(1);
+        }
+        if let Some(t) = c.armed {
+            self.timers.remove(&(t, conn));
+        }
+    }
+
+    /// Closes a connection at once (an [`Effect::Close`]).
+    fn close(&mut self, conn: ConnId, code: u32, reason: &str, why: Option<CloseWhy>) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closed {
+            return;
+        }
+        c.closed = true;
+        let agent = match &c.kind {
+            Kind::Session { agent, .. } => Some(*agent),
+            _ => None,
+        };
+        if let Some(why) = why {
+            self.event(CoordEvent::Closing { conn, agent, why });
+        }
+        self.effects.push_back(Effect::Close {
+            conn,
+            code,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// A session ends for the fleet: no longer live, counted or fanned out to.
+    fn retire(&mut self, now: Now, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Kind::Session { agent, phase } = &mut c.kind else {
+            return;
+        };
+        let agent = *agent;
+        let was = std::mem::replace(phase, Phase::Closed);
+        let Phase::Live(live) = was else {
+            return;
+        };
+        self.sessions_open = self.sessions_open.saturating_sub(1);
+        if self.live.get(&agent) == Some(&conn) {
+            self.live.remove(&agent);
+        }
+        if let Some(s) = self.seen.get_mut(&agent) {
+            s.uploads = Some(live.sm.upload_allowance());
+        }
+        self.event(CoordEvent::AgentSessionDown { agent });
+        self.effects.push_back(Effect::Store(StoreJob::Seen {
+            agent,
+            seen: AgentSeen {
+                at: now.wall,
+                clock: None,
+            },
+        }));
+    }
+
+    fn rearm(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let sm_due = match &c.kind {
+            Kind::Session {
+                phase: Phase::Live(l),
+                ..
+            } => l.sm.poll_timeout(),
+            _ => None,
+        };
+        let want = match (c.deadline, sm_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if want == c.armed {
+            return;
+        }
+        if let Some(t) = c.armed.take() {
+            self.timers.remove(&(t, conn));
+        }
+        if let Some(t) = want {
+            self.timers.insert((t, conn));
+        }
+        c.armed = want;
+    }
+
+    // ---- timers
+
+    pub fn handle_timeout(&mut self, now: Now) {
+        while let Some(&(t, conn)) = self.timers.first() {
+            if t > now.mono_ms {
+                break;
+            }
+            self.timers.remove(&(t, conn));
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.armed = None;
+            }
+            self.conn_timeout(now, conn);
+            self.rearm(conn);
+        }
+        if !self.purging && self.next_purge_ms.is_some_and(|t| t <= now.mono_ms) {
+            self.purge(now);
+        }
+    }
+
+    fn conn_timeout(&mut self, now: Now, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closed {
+            return;
+        }
+        if c.deadline.is_some_and(|d| d <= now.mono_ms) {
+            c.deadline = None;
+            let (code, reason, why) = match &c.kind {
+                Kind::Session {
+                    phase: Phase::AwaitHello,
+                    ..
+                } => (close::PROTOCOL, "no Hello in time", CloseWhy::NoHelloInTime),
+                Kind::Enroll {
+                    answered: false, ..
+                } => (
+                    close::PROTOCOL,
+                    "no enrollment request in time",
+                    CloseWhy::NoRequestInTime,
+                ),
+                Kind::Enroll { .. } => (close::DONE, "", CloseWhy::Idle),
+                Kind::Admin { busy: 0, .. } => (close::DONE, "idle", CloseWhy::Idle),
+                _ => return,
+            };
+            self.close(conn, code, reason, Some(why));
+            return;
+        }
+        if let Kind::Session {
+            phase: Phase::Live(l),
+            ..
+        } = &mut c.kind
+        {
+            if l.sm.poll_timeout().is_some_and(|t| t <= now.mono_ms) {
+                l.sm.handle_timeout(now);
+                self.drain_session(now, conn);
+            }
+        }
+    }
+
+    fn purge(&mut self, now: Now) {
+        let Some(keep) = self.limits.run_retention else {
+            self.next_purge_ms = None;
+            return;
+        };
+        self.purging = true;
+        self.purged = 0;
+        self.effects.push_back(Effect::Store(StoreJob::Purge {
+            before: now.wall.saturating_add_ms(-keep.as_millis_i64()),
+            max: PURGE_BATCH_RUNS_MAX,
+        }));
+    }
+
+    // ---- sessions
+
+    /// A message from an agent's session (its first must be Hello).
+    pub fn handle_agent_msg(&mut self, now: Now, conn: ConnId, msg: AgentMsg) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closed {
+            return;
+        }
+        let Kind::Session { agent, phase } = &mut c.kind else {
+            return;
+        };
+        let agent = *agent;
+        match phase {
+            Phase::AwaitHello => {
+                let AgentMsg::Hello {
+                    last_revision,
+                    outbox_len,
+                    agent_version,
+                    allow_exec,
+                } = msg
+                else {
+                    self.close(
+                        conn,
+                        close::PROTOCOL,
+                        "expected Hello",
+                        Some(CloseWhy::NotHello),
+                    );
+                    return;
+                };
+                let knows_policy = sundial_protocol::wire::agent_knows_policy(&agent_version);
+                *phase = Phase::Checking(
+                    Hello {
+                        last_revision,
+                        outbox_len,
+                        knows_policy,
+                    },
+                    VecDeque::new(),
+                );
+                c.deadline = None;
+                self.rearm(conn);
+                let seen = self.seen_entry(agent);
+                if let Some(s) = seen {
+                    s.version = Some(agent_version);
+                    s.allow_exec = allow_exec;
+                    s.outbox_len = Some(outbox_len);
+                    s.last_contact = Some(now.wall);
+                }
+                self.effects.push_back(Effect::Store(StoreJob::Hello {
+                    conn,
+                    agent,
+                    last_revision,
+                    at: now.wall,
+                }));
+            }
+            Phase::Checking(_, early) => {
+                if early.len() >= SESSION_INBOX_MAX {
+                    self.close(
+                        conn,
+                        close::PROTOCOL,
+                        "too many messages before the Hello was answered",
+                        Some(CloseWhy::TooEarly),
+                    );
+                    return;
+                }
+                early.push_back(msg);
+            }
+            Phase::Live(l) => {
+                let results = matches!(msg, AgentMsg::Results { .. });
+                l.sm.handle_message(now, msg);
+                let allowance = results.then(|| l.sm.upload_allowance());
+                if let Some(s) = self.seen.get_mut(&agent) {
+                    s.last_contact = Some(now.wall);
+                    if allowance.is_some() {
+                        s.uploads = allowance;
+                    }
+                }
+                self.drain_session(now, conn);
+            }
+            Phase::Closed => {}
+        }
+    }
+
+    /// The seen entry of `agent`, made if there is room.
+    fn seen_entry(&mut self, agent: AgentId) -> Option<&mut Seen> {
+        if !self.seen.contains_key(&agent) && self.seen.len() >= SEEN_MAX {
+            let live = &self.live;
+            self.seen.retain(|a, _| live.contains_key(a));
+        }
+        if !self.seen.contains_key(&agent) && self.seen.len() >= SEEN_MAX {
+            return None;
+        }
+        Some(self.seen.entry(agent).or_default())
+    }
+
+    /// A frame that did not decode or was too large.
+    pub fn handle_bad_frame(&mut self, _now: Now, conn: ConnId, why: &str) {
+        self.close(conn, close::BAD_FRAME, why, Some(CloseWhy::Protocol));
+    }
+
+    fn hello_done(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        agent: AgentId,
+        result: Result<Option<(crate::coord_store::Agent, Option<(Range<u64>, u64)>)>, StoreError>,
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closed {
+            return;
+        }
+        let Kind::Session { phase, .. } = &mut c.kind else {
+            return;
+        };
+        let Phase::Checking(..) = phase else {
+            return;
+        };
+        let Phase::Checking(hello, early) = std::mem::replace(phase, Phase::Closed) else {
+            return;
+        };
+        let (record, restored) = match result {
+            Err(e) => {
+                self.store_failed(e);
+                self.close(
+                    conn,
+                    close::STORE,
+                    "coordinator store failed",
+                    Some(CloseWhy::StoreFailed),
+                );
+                return;
+            }
+            Ok(None) => {
+                self.close(
+                    conn,
+                    close::REVOKED,
+                    "agent revoked",
+                    Some(CloseWhy::Revoked),
+                );
+                return;
+            }
+            Ok(Some(x)) => x,
+        };
+        if self.sessions_open >= self.limits.sessions_max {
+            let after = u64::from(self.reconnect_policy().busy_spread_ms);
+            self.event(CoordEvent::SessionBusy {
+                agent,
+                retry_after_ms: after,
+            });
+            self.close(
+                conn,
+                close::BUSY,
+                &busy_reason(after, "too many sessions"),
+                Some(CloseWhy::Busy),
+            );
+            return;
+        }
+        // One agent, one session: an older one (a connection the agent gave
+        // up on, or a second process with the same certificate) ends here,
+        // so per-agent limits cannot be multiplied by sessions.
+        if let Some(old) = self.live.insert(agent, conn) {
+            if old != conn {
+                self.event(CoordEvent::SessionReplaced { agent });
+                self.close(
+                    old,
+                    close::REPLACED,
+                    "replaced by a newer session of this agent",
+                    Some(CloseWhy::Replaced),
+                );
+                self.retire(now, old);
+            }
+        }
+        self.sessions_open += 1;
+        let start_revision = match &restored {
+            Some((lost, revision)) => {
+                self.event(CoordEvent::StoreBehind {
+                    agent,
+                    agent_revision: hello.last_revision,
+                    lost: lost.clone(),
+                    revision: *revision,
+                });
+                0
+            }
+            None => hello.last_revision,
+        };
+        let policy = hello.knows_policy.then(|| self.reconnect_policy());
+        let mut sm = CoordSession::new(
+            now,
+            agent,
+            record.enrolled_at,
+            start_revision,
+            hello.outbox_len,
+            UploadLimits {
+                runs_per_sec: self.limits.upload_runs_per_sec,
+                bytes_per_sec: self.limits.upload_bytes_per_sec,
+            },
+            policy,
+        );
+        // The upload limits are the agent's, not the session's: carried on
+        // from its last session.
+        if let Some(left) = self.seen.get(&agent).and_then(|s| s.uploads.clone()) {
+            sm.carry_allowance(left);
+        }
+        let later = self.joined.contains(&agent);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if let Kind::Session { phase, .. } = &mut c.kind {
+                *phase = Phase::Live(Box::new(LiveSession {
+                    sm,
+                    labels: record.labels,
+                    cache: Some(Assigned::new()),
+                    lost: restored,
+                    closing: None,
+                    notified: false,
+                    later,
+                }));
+            }
+        }
+        self.drain_session(now, conn);
+        for msg in early {
+            self.handle_agent_msg(now, conn, msg);
+        }
+    }
+
+    /// Turns what a session's machine asks for into the node's effects.
+    fn drain_session(&mut self, now: Now, conn: ConnId) {
+        let bugs = self.bugs;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Kind::Session {
+            agent,
+            phase: Phase::Live(l),
+        } = &mut c.kind
+        else {
+            return;
+        };
+        let agent = *agent;
+        let mut jobs = Vec::new();
+        let mut events = Vec::new();
+        while let Some(effect) = l.sm.poll_effect() {
+            match effect {
+                CoordEffect::LoadChanges { since } => jobs.push(StoreJob::Changes {
+                    conn,
+                    agent,
+                    labels: l.labels.clone(),
+                    since,
+                    limit: CHANGES_PAGE_MAX,
+                    lost: l.lost.take(),
+                }),
+                CoordEffect::StoreRuns { batch_id, runs } => {
+                    if bugs.ack_before_commit {
+                        let keys = runs.iter().map(|r| r.key()).collect();
+                        l.sm.handle_stored(now, batch_id, Ok(keys));
+                    }
+                    jobs.push(StoreJob::Runs {
+                        conn,
+                        agent,
+                        labels: l.labels.clone(),
+                        batch_id,
+                        runs,
+                        cache: l.cache.take().unwrap_or_default(),
+                    })
+                }
+                CoordEffect::ClockReport { offset_ms, rtt_ms } => jobs.push(StoreJob::Seen {
+                    agent,
+                    seen: AgentSeen {
+                        at: now.wall,
+                        clock: Some((offset_ms, rtt_ms)),
+                    },
+                }),
+                CoordEffect::Close { code, reason } => {
+                    if l.closing.is_none() {
+                        l.closing = Some((code, reason));
+                    }
+                }
+            }
+        }
+        while let Some(e) = l.sm.poll_event() {
+            events.push(CoordEvent::Session(e));
+        }
+        let backlog = l.sm.transmit_len();
+        let wants = (backlog > 0 || l.closing.is_some()) && !l.notified;
+        if wants {
+            l.notified = true;
+        }
+        for j in jobs {
+            self.effects.push_back(Effect::Store(j));
+        }
+        for e in events {
+            self.event(e);
+        }
+        if backlog > TRANSMIT_BACKLOG_MAX {
+            self.close(
+                conn,
+                close::PROTOCOL,
+                "the agent does not read what it is sent",
+                Some(CloseWhy::NotReading),
+            );
+            self.retire(now, conn);
+            return;
+        }
+        if wants {
+            self.effects.push_back(Effect::Transmit(conn));
+        }
+        self.rearm(conn);
+    }
+
+    /// The next message for a session's writer to send; `None` when there
+    /// is none for now (a later [`Effect::Transmit`] says when there is).
+    pub fn poll_transmit(&mut self, now: Now, conn: ConnId) -> Option<Outgoing> {
+        let c = self.conns.get_mut(&conn)?;
+        if c.closed {
+            return None;
+        }
+        let Kind::Session {
+            phase: Phase::Live(l),
+            ..
+        } = &mut c.kind
+        else {
+            return None;
+        };
+        if let Some(m) = l.sm.poll_transmit() {
+            // Sending may let the next page load.
+            self.drain_session(now, conn);
+            return Some(Outgoing::Msg(m));
+        }
+        l.notified = false;
+        if let Some((code, reason)) = l.closing.take() {
+            c.closed = true;
+            let agent = self.agent_of(conn);
+            self.event(CoordEvent::Closing {
+                conn,
+                agent,
+                why: CloseWhy::Protocol,
+            });
+            self.retire(now, conn);
+            return Some(Outgoing::Close { code, reason });
+        }
+        None
+    }
+
+    /// A task targeting `target` changed at `revision`: wakes the sessions
+    /// of the agents it reaches, and no other.
+    fn announce(&mut self, now: Now, target: &Target, revision: u64) {
+        self.revision = self.revision.max(revision);
+        let conns: Vec<ConnId> = match target {
+            Target::Agent(a) => self.live.get(a).copied().into_iter().collect(),
+            Target::Selector(_) => self.live.values().copied().collect(),
+        };
+        let mut woken = 0;
+        for conn in conns {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            let Kind::Session {
+                agent,
+                phase: Phase::Live(l),
+            } = &mut c.kind
+            else {
+                continue;
+            };
+            if self.bugs.miss_later_joiners && l.later {
+                continue;
+            }
+            if targets(target, *agent, &l.labels) {
+                l.sm.handle_revision(revision);
+                woken += 1;
+                self.drain_session(now, conn);
+            }
+        }
+        self.event(CoordEvent::ChangeAnnounced {
+            revision,
+            sessions: woken,
+        });
+    }
+
+    // ---- admin
+
+    /// An admin request on `conn`, with the shell's id for its answer and
+    /// fresh randomness (for a join token's secret).
+    pub fn handle_admin(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        req: u64,
+        request: AdminRequest,
+        entropy: [u8; ENTROPY_BYTES],
+    ) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closed {
+            return;
+        }
+        let Kind::Admin { who, busy } = &mut c.kind else {
+            return;
+        };
+        let who = *who;
+        *busy += 1;
+        c.deadline = None;
+        self.rearm(conn);
+        let seen = match &request {
+            AdminRequest::AgentList => self
+                .seen
+                .iter()
+                .map(|(a, s)| (*a, self.seen_view(*a, s)))
+                .collect(),
+            AdminRequest::AgentGet(id) => self
+                .seen
+                .get(id)
+                .map(|s| (*id, self.seen_view(*id, s)))
+                .into_iter()
+                .collect(),
+            _ => HashMap::new(),
+        };
+        let job = StoreJob::Admin {
+            conn,
+            req,
+            request,
+            ctx: Box::new(AdminContext {
+                who,
+                now: now.wall,
+                limits: self.limits.clone(),
+                ca_sha256: self.ca_sha256,
+                entropy,
+                seen,
+            }),
+        };
+        if self.admin_running < self.limits.admin_concurrent_max.max(1) {
+            self.admin_running += 1;
+            self.effects.push_back(Effect::Store(job));
+        } else if self.admin_waiting.len() < ADMIN_QUEUE_MAX {
+            self.admin_waiting.push_back(job);
+        } else {
+            self.admin_answered(
+                now,
+                conn,
+                req,
+                vec![AdminResponse::Error(
+                    "the coordinator is busy with other admin requests; try again".into(),
+                )],
+            );
+        }
+    }
+
+    fn seen_view(&self, agent: AgentId, s: &Seen) -> SeenView {
+        SeenView {
+            online: self.live.contains_key(&agent),
+            version: s.version.clone(),
+            allow_exec: s.allow_exec.clone(),
+            outbox_len: s.outbox_len,
+            last_contact: s.last_contact,
+        }
+    }
+
+    fn admin_answered(&mut self, now: Now, conn: ConnId, req: u64, answers: Vec<AdminResponse>) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Kind::Admin { busy, .. } = &mut c.kind {
+            *busy = busy.saturating_sub(1);
+            if *busy == 0 {
+                c.deadline = Some(now.mono_ms + EXCHANGE_TIMEOUT_MS);
+            }
+        }
+        self.rearm(conn);
+        self.effects
+            .push_back(Effect::AdminReply { conn, req, answers });
+    }
+
+    fn admin_done(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        req: u64,
+        result: Result<AdminAnswer, StoreError>,
+    ) {
+        self.admin_running = self.admin_running.saturating_sub(1);
+        if let Some(next) = self.admin_waiting.pop_front() {
+            self.admin_running += 1;
+            self.effects.push_back(Effect::Store(next));
+        }
+        let who = match self.conns.get(&conn).map(|c| &c.kind) {
+            Some(Kind::Admin { who, .. }) => Some(*who),
+            _ => None,
+        };
+        let by = who.unwrap_or(AdminId([0; 32]));
+        let answer = match result {
+            Ok(a) => a,
+            Err(e) => {
+                let why = e.to_string();
+                self.event(CoordEvent::AdminRefused {
+                    by,
+                    why: why.clone(),
+                });
+                if !e.is_refusal() {
+                    self.store_failed(e);
+                }
+                self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
+                return;
+            }
+        };
+        let mut answers = answer.answers;
+        for f in answer.follow {
+            match f {
+                FollowUp::Announce { target, revision } => self.announce(now, &target, revision),
+                FollowUp::Revoked { agent, cert_sha256 } => {
+                    self.known.remove(&cert_sha256);
+                    let closed = if self.bugs.revoke_leaves_open {
+                        0
+                    } else {
+                        self.close_agent(now, agent)
+                    };
+                    self.event(CoordEvent::AgentRevoked {
+                        agent,
+                        by,
+                        sessions_closed: closed,
+                    });
+                }
+                FollowUp::RunNow { task, at, agents } => {
+                    let mut sent = Vec::new();
+                    let mut offline = Vec::new();
+                    for agent in agents {
+                        // One session is enough: the run is keyed, the agent
+                        // runs it once.
+                        if self.push(now, agent, CoordMsg::RunNow { task_id: task, at }) {
+                            sent.push(agent);
+                        } else {
+                            offline.push(agent);
+                        }
+                    }
+                    self.event(CoordEvent::AdminChanged {
+                        by,
+                        change: AdminChange::RunNow {
+                            task,
+                            sent: sent.len(),
+                            offline: offline.len(),
+                        },
+                    });
+                    answers.push(AdminResponse::RunNowSent { at, sent, offline });
+                }
+                FollowUp::Changed(change) => {
+                    if let AdminChange::AgentForgotten { agent } = &change {
+                        self.seen.remove(agent);
+                    }
+                    self.event(CoordEvent::AdminChanged { by, change });
+                }
+            }
+        }
+        self.admin_answered(now, conn, req, answers);
+    }
+
+    /// Sends `msg` on `agent`'s live session; whether it had one.
+    fn push(&mut self, now: Now, agent: AgentId, msg: CoordMsg) -> bool {
+        let Some(&conn) = self.live.get(&agent) else {
+            return false;
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        let Kind::Session {
+            phase: Phase::Live(l),
+            ..
+        } = &mut c.kind
+        else {
+            return false;
+        };
+        if c.closed || l.closing.is_some() {
+            return false;
+        }
+        l.sm.handle_push(msg);
+        self.drain_session(now, conn);
+        true
+    }
+
+    /// Closes every connection of `agent` (revoked): at once, not at its
+    /// next reconnect. Returns how many sessions were live.
+    fn close_agent(&mut self, now: Now, agent: AgentId) -> usize {
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(&c.kind, Kind::Session { agent: a, .. } if *a == agent))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut live = 0;
+        for conn in conns {
+            if self.live.get(&agent) == Some(&conn) {
+                live += 1;
+            }
+            self.close(
+                conn,
+                close::REVOKED,
+                "agent revoked",
+                Some(CloseWhy::Revoked),
+            );
+            self.retire(now, conn);
+        }
+        live
+    }
+
+    // ---- enrollment
+
+    /// An enrollment request on `conn` (one per connection).
+    pub fn handle_enroll(&mut self, now: Now, conn: ConnId, request: EnrollRequest) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if c.closed {
+            return;
+        }
+        let Kind::Enroll {
+            request: held,
+            answered,
+        } = &mut c.kind
+        else {
+            return;
+        };
+        if held.is_some() || *answered {
+            self.close(
+                conn,
+                close::PROTOCOL,
+                "one enrollment per connection",
+                Some(CloseWhy::Protocol),
+            );
+            return;
+        }
+        c.deadline = None;
+        self.rearm(conn);
+        if let Some(why) = request.name.as_deref().and_then(name_refusal) {
+            self.enroll_refused(now, conn, EnrollRefusal::Name(why));
+            return;
+        }
+        self.effects.push_back(Effect::Store(StoreJob::EnrollCheck {
+            conn,
+            token_sha256: sha256(&request.token_secret),
+            at: now.wall,
+            request: Box::new(request),
+        }));
+    }
+
+    fn enroll_answered(&mut self, now: Now, conn: ConnId, response: EnrollResponse) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if let Kind::Enroll { answered, request } = &mut c.kind {
+                *answered = true;
+                *request = None;
+            }
+            // Let the agent read the answer and close; then it is closed here.
+            c.deadline = Some(now.mono_ms + EXCHANGE_TIMEOUT_MS);
+        }
+        self.rearm(conn);
+        self.effects
+            .push_back(Effect::EnrollReply { conn, response });
+    }
+
+    fn enroll_refused(&mut self, now: Now, conn: ConnId, why: EnrollRefusal) {
+        let reason = match &why {
+            EnrollRefusal::Token(t) => t.to_string(),
+            EnrollRefusal::Name(n) | EnrollRefusal::Csr(n) => n.clone(),
+            EnrollRefusal::Store => "the coordinator could not store the enrollment".into(),
+        };
+        self.event(CoordEvent::EnrollRefused { why });
+        self.enroll_answered(now, conn, EnrollResponse::Refused { reason });
+    }
+
+    /// The shell signed (or could not sign) the CSR of `conn`'s enrollment.
+    pub fn handle_signed(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        agent: AgentId,
+        signed: Result<Vec<u8>, String>,
+    ) {
+        let request = match self.conns.get_mut(&conn).map(|c| &mut c.kind) {
+            Some(Kind::Enroll { request, .. }) => request.take(),
+            _ => None,
+        };
+        let Some(request) = request else {
+            return;
+        };
+        let cert_der = match signed {
+            Ok(c) => c,
+            Err(why) => {
+                self.enroll_refused(now, conn, EnrollRefusal::Csr(why));
+                return;
+            }
+        };
+        let enrollment = Enrollment {
+            token_sha256: sha256(&request.token_secret),
+            agent,
+            name: request.name.clone(),
+            labels: request.labels.clone(),
+            cert_sha256: sha256(&cert_der),
+            now: now.wall,
+        };
+        self.effects.push_back(Effect::Store(StoreJob::Enroll {
+            conn,
+            enrollment,
+            cert_der,
+        }));
+    }
+
+    // ---- store completions
+
+    pub fn handle_store_done(&mut self, now: Now, done: StoreDone) {
+        match done {
+            StoreDone::Hello {
+                conn,
+                agent,
+                result,
+            } => self.hello_done(now, conn, agent, result),
+            StoreDone::Changes { conn, result } => match result {
+                Ok((changes, upto, more)) => {
+                    if let Some(l) = self.live_mut(conn) {
+                        l.sm.handle_changes(changes, upto, more);
+                        self.drain_session(now, conn);
+                    }
+                }
+                Err(e) => self.session_store_failed(now, conn, e),
+            },
+            StoreDone::Runs {
+                conn,
+                batch_id,
+                result,
+                cache,
+            } => {
+                let agent = self.agent_of(conn);
+                let verdict = match result {
+                    Err(e) => {
+                        self.session_store_failed(now, conn, e);
+                        return;
+                    }
+                    Ok(RunsVerdict::NotAssigned(task)) => Err(format!(
+                        "run of task {task} which is not assigned to this agent"
+                    )),
+                    Ok(RunsVerdict::Stored {
+                        keys,
+                        unknown,
+                        conflicts,
+                    }) => {
+                        if let Some(agent) = agent {
+                            for task in unknown {
+                                self.event(CoordEvent::RunsOfUnknownTask { agent, task });
+                            }
+                            for key in conflicts {
+                                self.event(CoordEvent::RunConflict { agent, key });
+                            }
+                        }
+                        Ok(keys)
+                    }
+                };
+                if self.bugs.ack_before_commit {
+                    // Acknowledged already, before the commit.
+                    if let Some(l) = self.live_mut(conn) {
+                        l.cache = Some(cache);
+                    }
+                    return;
+                }
+                if let Some(l) = self.live_mut(conn) {
+                    l.cache = Some(cache);
+                    l.sm.handle_stored(now, batch_id, verdict);
+                    let left = l.sm.upload_allowance();
+                    if let Some(s) = agent.and_then(|a| self.seen.get_mut(&a)) {
+                        s.uploads = Some(left);
+                    }
+                    self.drain_session(now, conn);
+                }
+            }
+            StoreDone::Seen { result } => {
+                if let Err(e) = result {
+                    self.store_failed(e);
+                }
+            }
+            StoreDone::Admin { conn, req, result } => self.admin_done(now, conn, req, result),
+            StoreDone::EnrollCheck {
+                conn,
+                result,
+                request,
+            } => match result {
+                Ok(Ok(agent)) => {
+                    let csr_der = request.csr_der.clone();
+                    if let Some(Kind::Enroll { request: held, .. }) =
+                        self.conns.get_mut(&conn).map(|c| &mut c.kind)
+                    {
+                        *held = Some(request);
+                        self.effects.push_back(Effect::Sign {
+                            conn,
+                            agent,
+                            csr_der,
+                        });
+                    }
+                }
+                Ok(Err(refusal)) => self.enroll_refused(now, conn, EnrollRefusal::Token(refusal)),
+                Err(e) => self.enroll_store_failed(now, conn, e),
+            },
+            StoreDone::Enroll {
+                conn,
+                result,
+                cert_der,
+            } => match result {
+                Ok(Ok(agent)) => {
+                    self.known
+                        .insert(agent.cert_sha256, CertRole::Agent(agent.id));
+                    if self.bugs.miss_later_joiners {
+                        self.joined.insert(agent.id);
+                    }
+                    self.event(CoordEvent::Enrolled {
+                        agent: agent.id,
+                        name: agent.name.clone(),
+                    });
+                    let response = EnrollResponse::Enrolled {
+                        agent_id: agent.id,
+                        cert_der,
+                        ca_der: self.ca_der.clone(),
+                    };
+                    self.enroll_answered(now, conn, response);
+                }
+                Ok(Err(refusal)) => self.enroll_refused(now, conn, EnrollRefusal::Token(refusal)),
+                Err(e) => self.enroll_store_failed(now, conn, e),
+            },
+            StoreDone::Purge {
+                before,
+                max,
+                result,
+            } => match result {
+                Ok(n) => {
+                    self.purged += n;
+                    if n >= max {
+                        self.effects
+                            .push_back(Effect::Store(StoreJob::Purge { before, max }));
+                        return;
+                    }
+                    if self.purged > 0 {
+                        self.event(CoordEvent::RunsPurged {
+                            deleted: self.purged,
+                            before,
+                        });
+                    }
+                    self.purging = false;
+                    self.next_purge_ms = Some(now.mono_ms + PURGE_INTERVAL_MS);
+                }
+                Err(e) => {
+                    self.store_failed(e);
+                    self.purging = false;
+                    self.next_purge_ms = Some(now.mono_ms + PURGE_INTERVAL_MS);
+                }
+            },
+        }
+    }
+
+    fn enroll_store_failed(&mut self, now: Now, conn: ConnId, e: StoreError) {
+        if e.is_refusal() {
+            let reason = e.to_string();
+            self.event(CoordEvent::EnrollRefused {
+                why: EnrollRefusal::Csr(reason.clone()),
+            });
+            self.enroll_answered(now, conn, EnrollResponse::Refused { reason });
+            return;
+        }
+        self.store_failed(e);
+        self.enroll_refused(now, conn, EnrollRefusal::Store);
+    }
+
+    fn session_store_failed(&mut self, now: Now, conn: ConnId, e: StoreError) {
+        self.store_failed(e);
+        self.close(
+            conn,
+            close::STORE,
+            "coordinator store failed",
+            Some(CloseWhy::StoreFailed),
+        );
+        self.retire(now, conn);
+    }
+
+    fn agent_of(&self, conn: ConnId) -> Option<AgentId> {
+        match self.conns.get(&conn).map(|c| &c.kind) {
+            Some(Kind::Session { agent, .. }) => Some(*agent),
+            _ => None,
+        }
+    }
+
+    fn live_mut(&mut self, conn: ConnId) -> Option<&mut LiveSession> {
+        let c = self.conns.get_mut(&conn)?;
+        if c.closed {
+            return None;
+        }
+        match &mut c.kind {
+            Kind::Session {
+                phase: Phase::Live(l),
+                ..
+            } => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// Why an agent may not take this name: one that reads as an agent id
+/// (`a1`, `7`) would shadow that agent wherever names and ids are accepted.
+pub fn name_refusal(name: &str) -> Option<String> {
+    name.parse::<AgentId>().is_ok().then(|| {
+        format!("the name `{name}` reads as an agent id (ids are a1, a2, ...): choose a name that does not")
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,604 @@
+//! The node's rules, with the store's answers given by hand (the store work
+//! itself is tested in `tests/tests/coord_node.rs` on the redb store).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use sundial_protocol::task::Target;
+use sundial_protocol::wire::{close, AdminRequest, AdminResponse, AgentMsg, CoordMsg};
+use sundial_protocol::{AgentId, TaskId, Timestamp};
+
+use super::*;
+use crate::coord_store::{Agent, CertRole};
+use crate::session::fixtures::record;
+use crate::session::Now;
+
+/// The node starts at 0; its handshake budget fills within the first second.
+const START: u64 = 1_000;
+
+fn at(ms: u64) -> Now {
+    crate::session::fixtures::at(START + ms)
+}
+
+const CA: &[u8] = b"ca";
+
+fn fp(n: u8) -> [u8; 32] {
+    [n; 32]
+}
+
+fn ip(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+}
+
+/// A node that knows agents 1..=3 (certificates [1;32]..) and one admin ([9;32]).
+fn node_with(limits: Limits) -> CoordNode {
+    let mut known: Vec<([u8; 32], CertRole)> = (1..=3)
+        .map(|n| (fp(n), CertRole::Agent(AgentId(u64::from(n)))))
+        .collect();
+    known.push((fp(9), CertRole::Admin));
+    CoordNode::new(
+        crate::session::fixtures::at(0),
+        CoordConfig {
+            limits,
+            ca_der: CA.to_vec(),
+            revision: 0,
+            known_certs: known,
+            bugs: CoordBugs::default(),
+        },
+    )
+}
+
+fn node() -> CoordNode {
+    node_with(Limits::for_cores(4))
+}
+
+fn effects(n: &mut CoordNode) -> Vec<Effect> {
+    std::iter::from_fn(|| n.poll_effect()).collect()
+}
+
+fn events(n: &mut CoordNode) -> Vec<CoordEvent> {
+    std::iter::from_fn(|| n.poll_event()).collect()
+}
+
+fn closes(fx: &[Effect]) -> Vec<(ConnId, u32)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Close { conn, code, .. } => Some((*conn, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn agent_record(id: u64, labels: &[(&str, &str)]) -> Agent {
+    Agent {
+        id: AgentId(id),
+        name: None,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        cert_sha256: fp(id as u8),
+        revoked: false,
+        forgotten: false,
+        enrolled_at: Timestamp::from_millis_saturating(0),
+        last_seen: None,
+        clock_offset_ms: None,
+        rtt_ms: None,
+    }
+}
+
+fn hello(last_revision: u64) -> AgentMsg {
+    AgentMsg::Hello {
+        last_revision,
+        outbox_len: 0,
+        agent_version: "0.2.0".into(),
+        allow_exec: Vec::new(),
+    }
+}
+
+/// A session of agent `id` through Hello, its store check answered with
+/// `labels`; returns the connection and what followed.
+fn live_session(
+    n: &mut CoordNode,
+    id: u64,
+    labels: &[(&str, &str)],
+    t: u64,
+) -> (ConnId, Vec<Effect>) {
+    let conn = n.handle_incoming(at(t), ip(id as u8)).expect("admitted");
+    let route = n.handle_handshaken(at(t), conn, Alpn::Session, Some(fp(id as u8)));
+    assert_eq!(route, Route::Session(AgentId(id)));
+    n.handle_agent_msg(at(t), conn, hello(0));
+    let fx = effects(n);
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Store(StoreJob::Hello { conn: c, .. }) if *c == conn)),
+        "Hello asks the store: {fx:?}"
+    );
+    n.handle_store_done(
+        at(t),
+        StoreDone::Hello {
+            conn,
+            agent: AgentId(id),
+            result: Ok(Some((agent_record(id, labels), None))),
+        },
+    );
+    (conn, effects(n))
+}
+
+fn drain_transmit(n: &mut CoordNode, conn: ConnId) -> Vec<Outgoing> {
+    std::iter::from_fn(|| n.poll_transmit(at(0), conn)).collect()
+}
+
+#[test]
+fn an_address_holds_at_most_its_pending_connections_until_they_are_known() {
+    let mut n = node_with(Limits {
+        pending_per_address_max: 2,
+        ..Limits::for_cores(4)
+    });
+    let a = n.handle_incoming(at(0), ip(1)).expect("first");
+    let _b = n.handle_incoming(at(0), ip(1)).expect("second");
+    assert_eq!(
+        n.handle_incoming(at(0), ip(1)),
+        Err(Refusal::PendingPerAddress)
+    );
+    assert!(
+        n.handle_incoming(at(0), ip(2)).is_ok(),
+        "another address is not held up"
+    );
+    // Known by its certificate, a connection no longer counts.
+    assert_eq!(
+        n.handle_handshaken(at(1), a, Alpn::Session, Some(fp(1))),
+        Route::Session(AgentId(1))
+    );
+    assert!(n.handle_incoming(at(1), ip(1)).is_ok());
+}
+
+#[test]
+fn the_session_and_admin_alpns_need_a_known_certificate() {
+    let mut n = node();
+    for (alpn, cert) in [
+        (Alpn::Session, None),
+        (Alpn::Session, Some(fp(77))),
+        (Alpn::Session, Some(fp(9))),
+        (Alpn::Admin, Some(fp(1))),
+        (Alpn::Other, Some(fp(1))),
+    ] {
+        let c = n.handle_incoming(at(0), ip(1)).expect("admitted");
+        assert_eq!(n.handle_handshaken(at(0), c, alpn, cert), Route::Refused);
+        assert_eq!(closes(&effects(&mut n)), vec![(c, close::CERT_REQUIRED)]);
+        n.handle_closed(at(0), c);
+    }
+    assert_eq!(n.connections(), 0);
+}
+
+#[test]
+fn enrollment_slots_are_bounded() {
+    let mut n = node_with(Limits {
+        unauthenticated_max: 1,
+        ..Limits::for_cores(4)
+    });
+    let a = n.handle_incoming(at(0), ip(1)).expect("a");
+    assert_eq!(
+        n.handle_handshaken(at(0), a, Alpn::Enroll, None),
+        Route::Enroll
+    );
+    let b = n.handle_incoming(at(0), ip(2)).expect("b");
+    assert_eq!(
+        n.handle_handshaken(at(0), b, Alpn::Enroll, None),
+        Route::Refused
+    );
+    assert_eq!(closes(&effects(&mut n)), vec![(b, close::BUSY)]);
+    n.handle_closed(at(1), a);
+    let c = n.handle_incoming(at(2), ip(3)).expect("c");
+    assert_eq!(
+        n.handle_handshaken(at(2), c, Alpn::Enroll, None),
+        Route::Enroll
+    );
+}
+
+#[test]
+fn a_session_without_hello_in_time_is_closed_and_the_first_message_must_be_hello() {
+    let mut n = node();
+    let c = n.handle_incoming(at(0), ip(1)).expect("admitted");
+    n.handle_handshaken(at(0), c, Alpn::Session, Some(fp(1)));
+    assert_eq!(
+        n.frame_limit(c),
+        sundial_protocol::wire::HELLO_FRAME_BYTES_MAX
+    );
+    assert_eq!(n.poll_timeout(), Some(START + EXCHANGE_TIMEOUT_MS));
+    n.handle_timeout(at(EXCHANGE_TIMEOUT_MS - 1));
+    assert!(closes(&effects(&mut n)).is_empty());
+    n.handle_timeout(at(EXCHANGE_TIMEOUT_MS));
+    assert_eq!(closes(&effects(&mut n)), vec![(c, close::PROTOCOL)]);
+
+    let d = n.handle_incoming(at(0), ip(2)).expect("admitted");
+    n.handle_handshaken(at(0), d, Alpn::Session, Some(fp(2)));
+    n.handle_agent_msg(
+        at(1),
+        d,
+        AgentMsg::ClockProbe {
+            t1: Timestamp::from_millis_saturating(0),
+        },
+    );
+    assert_eq!(closes(&effects(&mut n)), vec![(d, close::PROTOCOL)]);
+}
+
+#[test]
+fn a_revoked_or_unknown_agent_is_closed_at_hello_and_a_store_failure_says_so() {
+    let mut n = node();
+    let c = n.handle_incoming(at(0), ip(1)).expect("admitted");
+    n.handle_handshaken(at(0), c, Alpn::Session, Some(fp(1)));
+    n.handle_agent_msg(at(0), c, hello(0));
+    effects(&mut n);
+    n.handle_store_done(
+        at(0),
+        StoreDone::Hello {
+            conn: c,
+            agent: AgentId(1),
+            result: Ok(None),
+        },
+    );
+    assert_eq!(closes(&effects(&mut n)), vec![(c, close::REVOKED)]);
+    assert_eq!(n.sessions_open(), 0);
+
+    let d = n.handle_incoming(at(0), ip(2)).expect("admitted");
+    n.handle_handshaken(at(0), d, Alpn::Session, Some(fp(2)));
+    n.handle_agent_msg(at(0), d, hello(0));
+    effects(&mut n);
+    n.handle_store_done(
+        at(0),
+        StoreDone::Hello {
+            conn: d,
+            agent: AgentId(2),
+            result: Err(StoreError::unavailable("read agent", "disk gone")),
+        },
+    );
+    let fx = effects(&mut n);
+    assert_eq!(closes(&fx), vec![(d, close::STORE)]);
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::Stop)),
+        "an unavailable store stops the coordinator"
+    );
+}
+
+#[test]
+fn a_live_session_loads_its_changes_and_a_newer_one_replaces_it() {
+    let mut n = node();
+    let (a, fx) = live_session(&mut n, 1, &[], 0);
+    assert!(fx.iter().any(
+        |e| matches!(e, Effect::Store(StoreJob::Changes { conn, since: 0, .. }) if *conn == a)
+    ));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Transmit(c) if *c == a)),
+        "the policy goes out"
+    );
+    assert_eq!(n.sessions_open(), 1);
+    assert!(n.is_online(AgentId(1)));
+    let (b, fx) = live_session(&mut n, 1, &[], 5);
+    assert_eq!(closes(&fx), vec![(a, close::REPLACED)]);
+    assert_eq!(n.sessions_open(), 1, "one agent, one session");
+    assert!(
+        drain_transmit(&mut n, a).is_empty(),
+        "the replaced session sends nothing more"
+    );
+    n.handle_closed(at(6), a);
+    assert!(
+        n.is_online(AgentId(1)),
+        "closing the old one leaves the new one"
+    );
+    assert!(!drain_transmit(&mut n, b).is_empty());
+}
+
+#[test]
+fn the_session_cap_refuses_with_a_retry_after() {
+    let mut n = node_with(Limits {
+        sessions_max: 1,
+        ..Limits::for_cores(4)
+    });
+    live_session(&mut n, 1, &[], 0);
+    let c = n.handle_incoming(at(0), ip(2)).expect("admitted");
+    n.handle_handshaken(at(0), c, Alpn::Session, Some(fp(2)));
+    n.handle_agent_msg(at(0), c, hello(0));
+    effects(&mut n);
+    n.handle_store_done(
+        at(0),
+        StoreDone::Hello {
+            conn: c,
+            agent: AgentId(2),
+            result: Ok(Some((agent_record(2, &[]), None))),
+        },
+    );
+    let fx = effects(&mut n);
+    let reason = fx.iter().find_map(|e| match e {
+        Effect::Close { conn, code, reason } if *conn == c && *code == close::BUSY => {
+            Some(reason.clone())
+        }
+        _ => None,
+    });
+    let reason = reason.expect("BUSY");
+    assert!(
+        sundial_protocol::wire::busy_retry_after_ms(reason.as_bytes()).is_some(),
+        "{reason}"
+    );
+    assert!(events(&mut n)
+        .iter()
+        .any(|e| matches!(e, CoordEvent::SessionBusy { agent, .. } if *agent == AgentId(2))));
+}
+
+#[test]
+fn a_change_wakes_only_the_sessions_it_targets_and_run_now_reaches_only_live_ones() {
+    let mut n = node();
+    let (a, _) = live_session(&mut n, 1, &[("site", "north")], 0);
+    let (b, _) = live_session(&mut n, 2, &[("site", "south")], 0);
+    // Both initial loads answered: nothing more to load.
+    for c in [a, b] {
+        n.handle_store_done(
+            at(1),
+            StoreDone::Changes {
+                conn: c,
+                result: Ok((Vec::new(), 0, false)),
+            },
+        );
+        drain_transmit(&mut n, c);
+    }
+    effects(&mut n);
+    let admin = n.handle_incoming(at(2), ip(9)).expect("admin");
+    assert_eq!(
+        n.handle_handshaken(at(2), admin, Alpn::Admin, Some(fp(9))),
+        Route::Admin(AdminId(fp(9)))
+    );
+    n.handle_admin(at(2), admin, 1, AdminRequest::TaskList, [0; ENTROPY_BYTES]);
+    let fx = effects(&mut n);
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::Store(StoreJob::Admin { req: 1, .. }))));
+    n.handle_store_done(
+        at(3),
+        StoreDone::Admin {
+            conn: admin,
+            req: 1,
+            result: Ok(AdminAnswer {
+                answers: vec![AdminResponse::TaskCreated(TaskId(1))],
+                follow: vec![
+                    FollowUp::Announce {
+                        target: Target::Selector(vec![("site".into(), "north".into())]),
+                        revision: 1,
+                    },
+                    FollowUp::RunNow {
+                        task: TaskId(1),
+                        at: Timestamp::from_millis_saturating(3),
+                        agents: vec![AgentId(1), AgentId(3)],
+                    },
+                ],
+            }),
+        },
+    );
+    let fx = effects(&mut n);
+    let loads: Vec<ConnId> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Store(StoreJob::Changes { conn, .. }) => Some(*conn),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(loads, vec![a], "only the north agent's session loads");
+    let reply = fx.iter().find_map(|e| match e {
+        Effect::AdminReply { answers, .. } => Some(answers.clone()),
+        _ => None,
+    });
+    let reply = reply.expect("answered");
+    assert!(reply.contains(&AdminResponse::RunNowSent {
+        at: Timestamp::from_millis_saturating(3),
+        sent: vec![AgentId(1)],
+        offline: vec![AgentId(3)],
+    }));
+    assert!(drain_transmit(&mut n, a).iter().any(|m| matches!(
+        m,
+        Outgoing::Msg(CoordMsg::RunNow {
+            task_id: TaskId(1),
+            ..
+        })
+    )));
+}
+
+#[test]
+fn a_revocation_closes_the_live_session_and_forgets_the_certificate() {
+    let mut n = node();
+    let (a, _) = live_session(&mut n, 1, &[], 0);
+    let admin = n.handle_incoming(at(1), ip(9)).expect("admin");
+    n.handle_handshaken(at(1), admin, Alpn::Admin, Some(fp(9)));
+    n.handle_admin(
+        at(1),
+        admin,
+        7,
+        AdminRequest::AgentRevoke(AgentId(1)),
+        [0; ENTROPY_BYTES],
+    );
+    effects(&mut n);
+    n.handle_store_done(
+        at(2),
+        StoreDone::Admin {
+            conn: admin,
+            req: 7,
+            result: Ok(AdminAnswer {
+                answers: vec![AdminResponse::Done],
+                follow: vec![FollowUp::Revoked {
+                    agent: AgentId(1),
+                    cert_sha256: fp(1),
+                }],
+            }),
+        },
+    );
+    assert_eq!(closes(&effects(&mut n)), vec![(a, close::REVOKED)]);
+    assert!(!n.is_online(AgentId(1)));
+    assert_eq!(n.cert_role(&fp(1)), None);
+    assert!(events(&mut n).iter().any(|e| matches!(
+        e,
+        CoordEvent::AgentRevoked { agent, by, sessions_closed: 1 } if *agent == AgentId(1) && *by == AdminId(fp(9))
+    )));
+}
+
+#[test]
+fn results_are_acknowledged_only_after_the_store_says_stored() {
+    let mut n = node();
+    let (a, _) = live_session(&mut n, 1, &[], 0);
+    n.handle_store_done(
+        at(1),
+        StoreDone::Changes {
+            conn: a,
+            result: Ok((Vec::new(), 0, false)),
+        },
+    );
+    drain_transmit(&mut n, a);
+    effects(&mut n);
+    let runs = vec![record(1, 1, 1_000)];
+    n.handle_agent_msg(
+        at(2),
+        a,
+        AgentMsg::Results {
+            batch_id: 4,
+            runs: runs.clone(),
+        },
+    );
+    let fx = effects(&mut n);
+    let cache = fx.iter().find_map(|e| match e {
+        Effect::Store(StoreJob::Runs {
+            batch_id: 4, cache, ..
+        }) => Some(cache.clone()),
+        _ => None,
+    });
+    let cache = cache.expect("the batch goes to the store");
+    assert!(
+        !drain_transmit(&mut n, a)
+            .iter()
+            .any(|m| matches!(m, Outgoing::Msg(CoordMsg::ResultsAck { .. }))),
+        "no ack before the commit"
+    );
+    n.handle_store_done(
+        at(3),
+        StoreDone::Runs {
+            conn: a,
+            batch_id: 4,
+            result: Ok(RunsVerdict::Stored {
+                keys: runs.iter().map(|r| r.key()).collect(),
+                unknown: Vec::new(),
+                conflicts: Vec::new(),
+            }),
+            cache,
+        },
+    );
+    assert!(drain_transmit(&mut n, a)
+        .iter()
+        .any(|m| matches!(m, Outgoing::Msg(CoordMsg::ResultsAck { batch_id: 4, .. }))));
+}
+
+#[test]
+fn frames_before_the_hello_is_checked_are_bounded() {
+    let mut n = node();
+    let c = n.handle_incoming(at(0), ip(1)).expect("admitted");
+    n.handle_handshaken(at(0), c, Alpn::Session, Some(fp(1)));
+    n.handle_agent_msg(at(0), c, hello(0));
+    effects(&mut n);
+    for _ in 0..SESSION_INBOX_MAX {
+        n.handle_agent_msg(
+            at(0),
+            c,
+            AgentMsg::ClockProbe {
+                t1: Timestamp::from_millis_saturating(0),
+            },
+        );
+    }
+    assert!(closes(&effects(&mut n)).is_empty());
+    n.handle_agent_msg(
+        at(0),
+        c,
+        AgentMsg::ClockProbe {
+            t1: Timestamp::from_millis_saturating(0),
+        },
+    );
+    assert_eq!(closes(&effects(&mut n)), vec![(c, close::PROTOCOL)]);
+}
+
+#[test]
+fn admin_requests_beyond_the_slots_wait_and_run_in_turn() {
+    let mut n = node_with(Limits {
+        admin_concurrent_max: 1,
+        ..Limits::for_cores(4)
+    });
+    let admin = n.handle_incoming(at(0), ip(9)).expect("admin");
+    n.handle_handshaken(at(0), admin, Alpn::Admin, Some(fp(9)));
+    n.handle_admin(at(0), admin, 1, AdminRequest::TaskList, [0; ENTROPY_BYTES]);
+    n.handle_admin(at(0), admin, 2, AdminRequest::TokenList, [0; ENTROPY_BYTES]);
+    let jobs = |fx: &[Effect]| {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Store(StoreJob::Admin { req, .. }) => Some(*req),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(jobs(&effects(&mut n)), vec![1]);
+    n.handle_store_done(
+        at(1),
+        StoreDone::Admin {
+            conn: admin,
+            req: 1,
+            result: Err(StoreError::Refused("no".into())),
+        },
+    );
+    let fx = effects(&mut n);
+    assert_eq!(jobs(&fx), vec![2]);
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::AdminReply { req: 1, answers, .. } if answers == &vec![AdminResponse::Error("no".into())]
+    )));
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Stop)),
+        "a refusal is not a broken store"
+    );
+}
+
+#[test]
+fn retention_purges_in_batches_every_interval() {
+    let mut n = node_with(Limits {
+        run_retention: Some(sundial_protocol::DurationMs(1_000)),
+        ..Limits::for_cores(4)
+    });
+    assert_eq!(n.poll_timeout(), Some(PURGE_INTERVAL_MS));
+    n.handle_timeout(at(PURGE_INTERVAL_MS - START));
+    let fx = effects(&mut n);
+    let Some(Effect::Store(StoreJob::Purge { before, max })) = fx.first().cloned() else {
+        panic!("a purge: {fx:?}");
+    };
+    assert_eq!(
+        before,
+        at(PURGE_INTERVAL_MS - START).wall.saturating_add_ms(-1_000)
+    );
+    n.handle_store_done(
+        at(PURGE_INTERVAL_MS),
+        StoreDone::Purge {
+            before,
+            max,
+            result: Ok(max),
+        },
+    );
+    assert!(
+        matches!(
+            effects(&mut n).as_slice(),
+            [Effect::Store(StoreJob::Purge { .. })]
+        ),
+        "a full batch: another"
+    );
+    n.handle_store_done(
+        at(PURGE_INTERVAL_MS + 5),
+        StoreDone::Purge {
+            before,
+            max,
+            result: Ok(3),
+        },
+    );
+    assert!(events(&mut n)
+        .iter()
+        .any(|e| matches!(e, CoordEvent::RunsPurged { deleted, .. } if *deleted == max + 3)));
+    assert_eq!(n.poll_timeout(), Some(START + 2 * PURGE_INTERVAL_MS + 5));
+}
