@@ -175,7 +175,7 @@ fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
             .map(|t| DurationMs::parse(t).map_err(|e| anyhow::anyhow!("config `{key}`: {e}")))
             .transpose()
     };
-    let d = Limits::default();
+    let d = server::default_limits();
     let limits = Limits {
         upload_runs_per_sec: flags
             .upload_runs_per_sec

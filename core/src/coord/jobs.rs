@@ -25,6 +25,14 @@ pub const ASSIGNED_CACHE_MAX: usize = 100_000;
 /// store knows no such task (a store restored from a backup older than it).
 pub type Assigned = HashMap<TaskId, Option<bool>>;
 
+/// Task ids a restored store may have lost, and the revision of the news.
+pub type Restored = Option<(Range<u64>, u64)>;
+/// A Hello's check: the agent (`None`: unknown or revoked) and [`Restored`].
+pub type HelloAnswer = Option<(Agent, Restored)>;
+/// A page of changes: `(task, removed)`, the revision looked at through,
+/// and whether more follow.
+pub type ChangesAnswer = (Vec<(TaskSpec, bool)>, u64, bool);
+
 /// Store work for the shell to run (see the module docs).
 #[derive(Clone, Debug)]
 pub enum StoreJob {
@@ -103,11 +111,11 @@ pub enum StoreDone {
         conn: ConnId,
         agent: AgentId,
         /// `None`: no such agent, or revoked.
-        result: StoreResult<Option<(Agent, Option<(Range<u64>, u64)>)>>,
+        result: StoreResult<HelloAnswer>,
     },
     Changes {
         conn: ConnId,
-        result: StoreResult<(Vec<(TaskSpec, bool)>, u64, bool)>,
+        result: StoreResult<ChangesAnswer>,
     },
     Runs {
         conn: ConnId,

@@ -1030,7 +1030,7 @@ impl CoordNode {
         now: Now,
         conn: ConnId,
         agent: AgentId,
-        result: Result<Option<(crate::coord_store::Agent, Option<(Range<u64>, u64)>)>, StoreError>,
+        result: Result<jobs::HelloAnswer, StoreError>,
     ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
