@@ -24,18 +24,27 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::ops::Bound;
 
+use sundial_coordinator::store::CoordinatorStore;
 use sundial_core::clock::Reading;
+use sundial_core::coord::{
+    Alpn, ConnId, CoordBugs, CoordConfig, CoordEvent, CoordNode, Effect, Limits, Outgoing, Route,
+    StoreDone, StoreJob, ENTROPY_BYTES,
+};
+use sundial_core::coord_store::{targets, CertRole, CoordStore, StoreError};
 use sundial_core::node::{
     AgentNode, ClockState, Horizon, NodeConfig, NodeEffect, NodeStore, SeededBugs, Started, Step,
     StoreResult, StoredTask,
 };
 use sundial_core::scheduler::{first_occurrence, DueKey};
 use sundial_core::session::agent::Closed;
-use sundial_core::session::coordinator::{CoordEffect, CoordSession, UploadLimits};
 use sundial_core::session::{Event, Now, Rng};
 use sundial_protocol::policy::{MisfireMode, MisfirePolicy, Policies, RetryPolicy};
 use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::wire::{AgentMsg, CoordMsg, ReconnectPolicy};
+use sundial_protocol::token::sha256;
+use sundial_protocol::wire::{
+    close, AdminRequest, AdminResponse, AgentMsg, CoordMsg, EnrollRequest, EnrollResponse,
+    TaskDraft, TaskPatch,
+};
 use sundial_protocol::{
     AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp,
 };
@@ -74,6 +83,8 @@ pub struct VirtOptions {
     /// Simulated length of each run, ms.
     pub duration_ms: i64,
     pub bugs: SeededBugs,
+    /// Bugs seeded into the coordinator node.
+    pub coord_bugs: CoordBugs,
 }
 
 impl Default for VirtOptions {
@@ -82,8 +93,25 @@ impl Default for VirtOptions {
             agents: 0,
             duration_ms: 5 * 60_000,
             bugs: SeededBugs::default(),
+            coord_bugs: CoordBugs::default(),
         }
     }
+}
+
+/// What a seed exercised, beyond fires and records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exercised {
+    pub enrollments: u64,
+    pub revokes: u64,
+    pub pauses: u64,
+    pub run_nows: u64,
+    pub updates: u64,
+    pub selector_tasks: u64,
+    pub cron_tasks: u64,
+    /// Cron tasks in zones whose DST changes within the run.
+    pub dst_crossings: u64,
+    pub store_faults: u64,
+    pub coordinator_restarts: u64,
 }
 
 /// What one seed did.
@@ -96,6 +124,7 @@ pub struct SeedReport {
     pub fires: u64,
     pub stored: u64,
     pub events: u64,
+    pub exercised: Exercised,
 }
 
 // ---- the store ---------------------------------------------------------------
@@ -327,8 +356,8 @@ struct Conn {
     agent_open: bool,
     coord_open: bool,
     heard: [i64; 2],
-    session: Option<CoordSession>,
-    coord_wake: Option<i64>,
+    /// The node's name for it, and the coordinator incarnation it is of.
+    node_conn: Option<(u64, ConnId)>,
 }
 
 #[derive(Debug)]
@@ -372,6 +401,11 @@ struct Agent {
     excused_tasks: BTreeSet<TaskId>,
     /// Its decided-until when each task first reached it.
     assigned_at: HashMap<TaskId, Timestamp>,
+    /// Its certificate (the simulator's "signature": the CSR's bytes).
+    cert: Vec<u8>,
+    labels: Vec<(String, String)>,
+    enrolled: bool,
+    revoked: bool,
 }
 
 #[derive(Debug)]
@@ -381,7 +415,14 @@ enum Ev {
     ConnectDone(usize, u64, bool),
     Deliver(u64, usize),
     KeepAlive(u64),
-    CoordWake(u64),
+    /// The coordinator node's timeout (incarnation, instant).
+    CoordWake(u64, i64),
+    /// A store job completes (incarnation): it commits now, or fails.
+    StoreJob(u64, Box<StoreJob>),
+    /// An agent enrolls (then starts).
+    Enroll(usize),
+    /// Two seconds after an agent was revoked: it has no live session.
+    RevokeCheck(usize),
     Crash(usize),
     Restart(usize, bool),
     CoordCrash,
@@ -413,10 +454,21 @@ struct World {
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
     coord_up: bool,
-    tasks: BTreeMap<TaskId, (TaskSpec, bool)>,
-    revision: u64,
-    next_task: u64,
-    runs: HashMap<(AgentId, RunKey), RunRecord>,
+    /// The coordinator's store: redb on its in-memory backend, the real
+    /// store's code. It outlives coordinator crashes, as a file does.
+    store: CoordinatorStore,
+    /// The coordinator node while it is up.
+    coord: Option<Coord>,
+    /// Coordinator incarnations: what an old one started is dropped.
+    coord_inc: u64,
+    /// The join token's secret.
+    join_secret: [u8; ENTROPY_BYTES],
+    coord_bugs: CoordBugs,
+    /// Admin requests sent, for their ids.
+    admin_reqs: u64,
+    /// Revoked agents, and when.
+    revoked_at: HashMap<AgentId, i64>,
+    exercised: Exercised,
     bugs: SeededBugs,
     /// The agents' near horizon: per seed, often tiny, so that loading
     /// tasks from the store as time moves on is exercised hard.
@@ -437,6 +489,87 @@ struct World {
     backoff_restarts: u32,
     /// Early fires by a clock nothing could correct (see `Agent::excused`).
     pub excused_early: u64,
+}
+
+/// The coordinator node of one incarnation.
+#[derive(Debug)]
+struct Coord {
+    node: CoordNode,
+    /// True time at its start: its monotonic clock reads from here.
+    boot_at: i64,
+    /// Its admin connection (the operator's).
+    admin: Option<ConnId>,
+    /// Node connection → the simulator's.
+    conns: HashMap<ConnId, u64>,
+    /// Enrollment connections → the agent enrolling.
+    enrolling: HashMap<ConnId, usize>,
+    /// The instant its timeout event is set for.
+    wake_at: Option<i64>,
+}
+
+/// The admin's certificate, as the store knows it.
+const ADMIN_CERT: &[u8] = b"sim-admin";
+/// The CA, as the node sends it to enrolled agents.
+const CA_CERT: &[u8] = b"sim-ca";
+/// Chance that a store job fails (a write error) while faults are on.
+const STORE_FAULT_CHANCE: f64 = 0.002;
+
+/// A store job failed as a write error fails it: nothing committed.
+fn failed(job: StoreJob) -> StoreDone {
+    let e = || StoreError::unavailable("simulated write", "the disk failed");
+    match job {
+        StoreJob::Hello { conn, agent, .. } => StoreDone::Hello {
+            conn,
+            agent,
+            result: Err(e()),
+        },
+        StoreJob::Changes { conn, .. } => StoreDone::Changes {
+            conn,
+            result: Err(e()),
+        },
+        StoreJob::Runs {
+            conn,
+            batch_id,
+            cache,
+            ..
+        } => StoreDone::Runs {
+            conn,
+            batch_id,
+            result: Err(e()),
+            cache,
+        },
+        StoreJob::Seen { .. } => StoreDone::Seen { result: Err(e()) },
+        StoreJob::Admin { conn, req, .. } => StoreDone::Admin {
+            conn,
+            req,
+            result: Err(e()),
+        },
+        StoreJob::EnrollCheck { conn, request, .. } => StoreDone::EnrollCheck {
+            conn,
+            result: Err(e()),
+            request,
+        },
+        StoreJob::Enroll { conn, cert_der, .. } => StoreDone::Enroll {
+            conn,
+            result: Err(e()),
+            cert_der,
+        },
+        StoreJob::Purge { before, max } => StoreDone::Purge {
+            before,
+            max,
+            result: Err(e()),
+        },
+    }
+}
+
+/// Agent `i`'s address.
+fn agent_ip(i: usize) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+        10,
+        0,
+        (i / 250) as u8,
+        (i % 250) as u8 + 1,
+    ))
 }
 
 fn mix(h: u64, x: u64) -> u64 {
@@ -565,6 +698,10 @@ impl World {
         match e {
             Event::TaskRemoved { task_id } => {
                 self.trace(10, i as u64, task_id.0);
+                if self.agents[i].removed_at.contains_key(&task_id) {
+                    // Not held (paused, then cancelled): nothing more decided.
+                    return;
+                }
                 self.agents[i].removed_at.insert(task_id, self.now);
                 // Decided only if the node stepped since the task came: a
                 // task that arrives while firing is held has nothing decided.
@@ -581,13 +718,24 @@ impl World {
                 if let Some(d) = self.agents[i].decided.get_mut(&task_id) {
                     *d = until;
                 }
+                // Retries due after it gave the task up are not owed.
+                self.agents[i].retry_due.retain(|k, due| {
+                    k.task_id != task_id || until.is_some_and(|u| u.as_millis() > *due)
+                });
             }
             Event::TaskAssigned { task_id, .. } => {
                 self.trace(14, i as u64, 0);
                 self.agents[i].decided.entry(task_id).or_insert(None);
                 let at = self.agents[i].node.as_ref().map(|n| n.decided_until());
+                // A task resumed after a pause comes back: from here on it
+                // is held again, counting from its resume.
+                let back = self.agents[i].removed_at.remove(&task_id).is_some();
                 if let Some(at) = at {
-                    self.agents[i].assigned_at.entry(task_id).or_insert(at);
+                    if back {
+                        self.agents[i].assigned_at.insert(task_id, at);
+                    } else {
+                        self.agents[i].assigned_at.entry(task_id).or_insert(at);
+                    }
                 }
             }
             Event::RunRecorded { key, outcome } => {
@@ -607,10 +755,13 @@ impl World {
                 );
                 let r = self.reading(i);
                 let backoff = self
-                    .tasks
-                    .get(&key.task_id)
-                    .filter(|(t, _)| retryable && t.policies.retry.allows_after(key.attempt))
-                    .map(|(t, _)| t.policies.retry.backoff_after(key.attempt).as_millis_i64());
+                    .store
+                    .task(key.task_id)
+                    .ok()
+                    .flatten()
+                    .map(|t| t.spec)
+                    .filter(|t| retryable && t.policies.retry.allows_after(key.attempt))
+                    .map(|t| t.policies.retry.backoff_after(key.attempt).as_millis_i64());
                 // A run that ends after its task was cancelled on the agent
                 // has no retry.
                 let gone = self.agents[i].removed_at.contains_key(&key.task_id);
@@ -801,29 +952,45 @@ impl World {
         let told = tell && self.conns.get(&c).is_some_and(|k| !self.cut(k.agent, UP));
         if let Some(conn) = self.conns.get_mut(&c) {
             conn.agent_open = false;
-            if told {
-                conn.coord_open = false;
-                conn.session = None;
-            }
+        }
+        if told {
+            self.coord_side_gone(c);
         }
         self.gc_conn(c);
     }
 
-    fn close_coord_side(&mut self, c: u64, tell: bool) {
+    /// The coordinator's end of `c` is gone: the node is told.
+    fn coord_side_gone(&mut self, c: u64) {
         let Some(conn) = self.conns.get_mut(&c) else {
             return;
         };
         conn.coord_open = false;
-        conn.session = None;
+        let Some((inc, nc)) = conn.node_conn.take() else {
+            return;
+        };
+        if inc == self.coord_inc {
+            if let Some(k) = self.coord.as_mut() {
+                k.conns.remove(&nc);
+            }
+            self.coord_call(|n, now| n.handle_closed(now, nc));
+        }
+    }
+
+    fn close_coord_side(&mut self, c: u64, tell: bool, closed: Closed) {
+        let Some(conn) = self.conns.get(&c) else {
+            return;
+        };
         let agent = conn.agent;
-        let told = tell && conn.agent_open && self.agents[agent].cut_until[DOWN] <= self.now;
+        let agent_open = conn.agent_open;
+        self.coord_side_gone(c);
+        let told = tell && agent_open && self.agents[agent].cut_until[DOWN] <= self.now;
         if told {
             if let Some(conn) = self.conns.get_mut(&c) {
                 conn.agent_open = false;
             }
             if self.agents[agent].conn == Some(c) {
                 self.agents[agent].conn = None;
-                self.node_call(agent, |n, r| n.handle_closed(r, Closed::Lost));
+                self.node_call(agent, |n, r| n.handle_closed(r, closed));
             }
         }
         self.gc_conn(c);
@@ -841,123 +1008,395 @@ impl World {
 
     // ---- the coordinator
 
-    fn targets(&self, spec: &TaskSpec, agent: AgentId) -> bool {
-        matches!(&spec.target, Target::Agent(a) if *a == agent)
+    /// The coordinator node's clock, while it is up.
+    fn coord_clock(&self) -> Option<Now> {
+        let c = self.coord.as_ref()?;
+        Some(self.coord_now(c.boot_at))
     }
 
-    fn drain_coord(&mut self, c: u64) {
+    /// Calls into the node without carrying out what follows.
+    fn coord_do<R>(&mut self, f: impl FnOnce(&mut CoordNode, Now) -> R) -> Option<R> {
+        let now = self.coord_clock()?;
+        let c = self.coord.as_mut()?;
+        Some(f(&mut c.node, now))
+    }
+
+    /// Calls into the node and carries out everything that follows.
+    fn coord_call<R>(&mut self, f: impl FnOnce(&mut CoordNode, Now) -> R) -> Option<R> {
+        let r = self.coord_do(f);
+        self.drain_coord();
+        r
+    }
+
+    fn coord_start(&mut self) {
+        self.coord_inc += 1;
+        let revision = self.store.revision();
+        let certs = sundial_core::coord::admin::all_pages(
+            |c: &([u8; 32], CertRole)| c.0,
+            |after| {
+                self.store
+                    .known_certs(after, sundial_core::coord_store::PAGE_MAX)
+            },
+        );
+        let (revision, known_certs) = match (revision, certs) {
+            (Ok(r), Ok(c)) => (r, c),
+            (r, c) => {
+                self.fail(format!("the coordinator store did not open: {r:?} {c:?}"));
+                return;
+            }
+        };
+        let now = self.coord_now(self.now);
+        let node = CoordNode::new(
+            now,
+            CoordConfig {
+                limits: Limits::for_cores(4),
+                ca_der: CA_CERT.to_vec(),
+                revision,
+                known_certs,
+                bugs: self.coord_bugs,
+            },
+        );
+        self.coord = Some(Coord {
+            node,
+            boot_at: self.now,
+            admin: None,
+            conns: HashMap::new(),
+            enrolling: HashMap::new(),
+            wake_at: None,
+        });
+        self.drain_coord();
+    }
+
+    fn drain_coord(&mut self) {
         loop {
-            let Some(conn) = self.conns.get_mut(&c) else {
+            let Some(c) = self.coord.as_mut() else {
                 return;
             };
-            let agent = self.agents[conn.agent].id;
-            let Some(s) = conn.session.as_mut() else {
-                return;
-            };
-            let mut busy = false;
-            let mut out = Vec::new();
-            while let Some(m) = s.poll_transmit() {
-                out.push(m);
+            let event = c.node.poll_event();
+            let effect = c.node.poll_effect();
+            if event.is_none() && effect.is_none() {
+                break;
             }
-            let effect = s.poll_effect();
-            while s.poll_event().is_some() {}
-            let wake = s.poll_timeout();
-            for m in out {
-                busy = true;
-                self.send(c, DOWN, Msg::Down(m));
+            if let Some(e) = event {
+                self.coord_event(e);
             }
-            if let Some(w) = wake {
-                let origin = T0;
-                let t = origin + w as i64;
-                let conn = self.conns.get_mut(&c).expect("present");
-                if conn.coord_wake != Some(t) {
-                    conn.coord_wake = Some(t);
-                    self.at(t, Ev::CoordWake(c));
-                }
+            if let Some(e) = effect {
+                self.coord_effect(e);
             }
-            let Some(effect) = effect else {
-                if busy {
-                    continue;
-                }
-                return;
-            };
-            match effect {
-                CoordEffect::LoadChanges { since } => {
-                    let mut changes: Vec<(TaskSpec, bool)> = self
-                        .tasks
-                        .values()
-                        .filter(|(t, _)| t.revision > since && self.targets(t, agent))
-                        .cloned()
-                        .collect();
-                    changes.sort_by_key(|(t, _)| t.revision);
-                    let upto = self.revision;
-                    if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
-                        s.handle_changes(changes, upto, false);
-                    }
-                }
-                CoordEffect::StoreRuns { batch_id, runs } => {
-                    let owned = runs.iter().all(|r| {
-                        self.tasks
-                            .get(&r.task_id)
-                            .is_some_and(|(t, _)| self.targets(t, agent))
-                    });
-                    let verdict = if owned {
-                        for r in &runs {
-                            self.runs
-                                .entry((agent, r.key()))
-                                .or_insert_with(|| r.clone());
-                        }
-                        self.trace(30, agent.0, runs.len() as u64);
-                        Ok(runs.iter().map(RunRecord::key).collect())
-                    } else {
-                        Err("a run of a task not assigned to this agent".to_string())
-                    };
-                    let now = self.coord_now(T0);
-                    if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
-                        s.handle_stored(now, batch_id, verdict);
-                    }
-                }
-                CoordEffect::ClockReport { .. } => {}
-                CoordEffect::Close { reason, .. } => {
-                    self.fail(format!(
-                        "the coordinator closed agent {agent}'s session: {reason}"
-                    ));
-                    self.close_coord_side(c, true);
-                    return;
-                }
+        }
+        let inc = self.coord_inc;
+        let now = self.now;
+        let Some(c) = self.coord.as_mut() else {
+            return;
+        };
+        if let Some(t) = c.node.poll_timeout() {
+            let at = (c.boot_at + t as i64).max(now);
+            if c.wake_at.is_none_or(|w| at < w) {
+                c.wake_at = Some(at);
+                self.at(at, Ev::CoordWake(inc, at));
             }
         }
     }
 
-    fn bump_revision(&mut self) {
-        let rev = self.revision;
-        let ids: Vec<u64> = self.conns.keys().copied().collect();
-        for c in ids {
-            if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
-                s.handle_revision(rev);
-            }
-            self.drain_coord(c);
+    fn coord_event(&mut self, e: CoordEvent) {
+        if self.verbose
+            && !matches!(
+                e,
+                CoordEvent::Session(_) | CoordEvent::ChangeAnnounced { .. }
+            )
+        {
+            eprintln!("t+{}ms coordinator: {e:?}", self.now - T0);
         }
+        match e {
+            CoordEvent::AgentRevoked {
+                agent,
+                sessions_closed,
+                ..
+            } => self.trace(60, agent.0, sessions_closed as u64),
+            CoordEvent::Enrolled { agent, .. } => self.trace(61, agent.0, 0),
+            CoordEvent::ChangeAnnounced { revision, sessions } => {
+                self.trace(62, revision, sessions as u64)
+            }
+            CoordEvent::Session(Event::ResultsStored { agent, runs, .. }) => {
+                self.trace(30, agent.0, runs as u64)
+            }
+            CoordEvent::StoreFailed { .. } => self.trace(63, 0, 0),
+            _ => {}
+        }
+    }
+
+    fn coord_effect(&mut self, e: Effect) {
+        match e {
+            Effect::Store(job) => {
+                // A store operation takes a little while; a crash before it
+                // commits loses it, as a crash loses a transaction.
+                let d = 1 + self.rng.below(3) as i64;
+                let inc = self.coord_inc;
+                self.at(self.now + d, Ev::StoreJob(inc, Box::new(job)));
+            }
+            Effect::Sign {
+                conn,
+                agent,
+                csr_der,
+            } => {
+                // The simulator's "certificate" is the request itself.
+                self.coord_do(|n, now| n.handle_signed(now, conn, agent, Ok(csr_der)));
+            }
+            Effect::Transmit(conn) => {
+                let Some(c) = self
+                    .coord
+                    .as_ref()
+                    .and_then(|k| k.conns.get(&conn).copied())
+                else {
+                    return;
+                };
+                while let Some(out) = self.coord_do(|n, now| n.poll_transmit(now, conn)).flatten() {
+                    match out {
+                        Outgoing::Msg(m) => self.send(c, DOWN, Msg::Down(m)),
+                        Outgoing::Close { code, reason } => {
+                            self.coord_closed(c, code, &reason);
+                            break;
+                        }
+                    }
+                }
+            }
+            Effect::Close { conn, code, reason } => {
+                let (sim, admin) = match self.coord.as_mut() {
+                    Some(k) => (k.conns.get(&conn).copied(), k.admin == Some(conn)),
+                    None => return,
+                };
+                if admin {
+                    if let Some(k) = self.coord.as_mut() {
+                        k.admin = None;
+                    }
+                }
+                match sim {
+                    Some(c) => self.coord_closed(c, code, &reason),
+                    None => {
+                        self.coord_do(|n, now| n.handle_closed(now, conn));
+                    }
+                }
+            }
+            Effect::AdminReply { answers, .. } => {
+                for a in answers {
+                    if let AdminResponse::Error(why) = a {
+                        self.trace(64, 0, 0);
+                        if self.verbose {
+                            eprintln!("t+{}ms admin refused: {why}", self.now - T0);
+                        }
+                    }
+                }
+            }
+            Effect::EnrollReply { conn, response } => {
+                let i = self.coord.as_mut().and_then(|k| k.enrolling.remove(&conn));
+                self.coord_do(|n, now| n.handle_closed(now, conn));
+                let Some(i) = i else {
+                    return;
+                };
+                match response {
+                    EnrollResponse::Enrolled { agent_id, .. } => {
+                        self.exercised.enrollments += 1;
+                        self.agents[i].id = agent_id;
+                        self.agents[i].enrolled = true;
+                        self.start_agent(i, MemStore::default());
+                    }
+                    EnrollResponse::Refused { reason } => {
+                        if self.exercised.store_faults == 0 {
+                            self.fail(format!("agent {i}'s enrollment was refused: {reason}"));
+                        }
+                        self.at(self.now + 1_000, Ev::Enroll(i));
+                    }
+                }
+            }
+            Effect::Stop => {
+                // The store failed: the coordinator stops, and its
+                // supervisor starts it again from what was committed.
+                self.at(self.now, Ev::CoordCrash);
+            }
+        }
+    }
+
+    /// The coordinator closed a session with `code`: the agent hears it.
+    fn coord_closed(&mut self, c: u64, code: u32, reason: &str) {
+        let Some(i) = self.conns.get(&c).map(|k| k.agent) else {
+            return;
+        };
+        let expected = match code {
+            close::REPLACED | close::BUSY | close::DONE => true,
+            close::REVOKED => self.agents[i].revoked,
+            close::STORE => self.exercised.store_faults > 0,
+            _ => false,
+        };
+        if !expected {
+            self.fail(format!(
+                "the coordinator closed agent {i}'s session (code {code}): {reason}"
+            ));
+        }
+        let closed = match code {
+            close::REVOKED => Closed::Revoked,
+            close::BUSY => Closed::Busy {
+                retry_after_ms: sundial_protocol::wire::busy_retry_after_ms(reason.as_bytes()),
+            },
+            _ => Closed::Lost,
+        };
+        self.close_coord_side(c, true, closed);
+    }
+
+    /// Sends an admin request as the operator; false when the coordinator
+    /// cannot take it now.
+    fn admin(&mut self, request: AdminRequest) -> bool {
+        let conn = match self.coord.as_ref().map(|k| k.admin) {
+            None => return false,
+            Some(Some(c)) => c,
+            Some(None) => {
+                let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 1));
+                let Some(Ok(c)) = self.coord_do(|n, now| n.handle_incoming(now, ip)) else {
+                    return false;
+                };
+                let cert = sha256(ADMIN_CERT);
+                let route =
+                    self.coord_do(|n, now| n.handle_handshaken(now, c, Alpn::Admin, Some(cert)));
+                if !matches!(route, Some(Route::Admin(_))) {
+                    self.fail(format!("the operator's connection was refused: {route:?}"));
+                    self.coord_call(|n, now| n.handle_closed(now, c));
+                    return false;
+                }
+                if let Some(k) = self.coord.as_mut() {
+                    k.admin = Some(c);
+                }
+                c
+            }
+        };
+        self.admin_reqs += 1;
+        let req = self.admin_reqs;
+        let mut entropy = [0u8; ENTROPY_BYTES];
+        for b in entropy.iter_mut() {
+            *b = self.rng.below(256) as u8;
+        }
+        self.coord_call(|n, now| n.handle_admin(now, conn, req, request, entropy));
+        true
+    }
+
+    /// A store job completes: it commits now, or (now and then, while
+    /// faults are on) fails as a write error does.
+    fn store_job(&mut self, inc: u64, job: StoreJob) {
+        if inc != self.coord_inc || self.coord.is_none() {
+            return;
+        }
+        let fails = self.now < self.faults_end && self.rng.chance(STORE_FAULT_CHANCE);
+        let done = if fails {
+            self.exercised.store_faults += 1;
+            self.trace(65, 0, 0);
+            failed(job)
+        } else {
+            job.run(&self.store)
+        };
+        self.coord_call(|n, now| n.handle_store_done(now, done));
+    }
+
+    /// An agent enrolls with the join token, through the node's rules.
+    fn enroll(&mut self, i: usize) {
+        if self.agents[i].enrolled {
+            return;
+        }
+        let ip = agent_ip(i);
+        let Some(Ok(conn)) = self.coord_do(|n, now| n.handle_incoming(now, ip)) else {
+            self.at(self.now + 1_000, Ev::Enroll(i));
+            return;
+        };
+        let route = self.coord_do(|n, now| n.handle_handshaken(now, conn, Alpn::Enroll, None));
+        if route != Some(Route::Enroll) {
+            self.coord_call(|n, now| n.handle_closed(now, conn));
+            self.at(self.now + 1_000, Ev::Enroll(i));
+            return;
+        }
+        if let Some(k) = self.coord.as_mut() {
+            k.enrolling.insert(conn, i);
+        }
+        let request = EnrollRequest {
+            token_secret: self.join_secret.to_vec(),
+            csr_der: self.agents[i].cert.clone(),
+            name: Some(format!("device-{i}")),
+            labels: self.agents[i].labels.clone(),
+        };
+        self.coord_call(|n, now| n.handle_enroll(now, conn, request));
+    }
+
+    /// The store's tasks (every page).
+    fn stored_tasks(&self) -> Vec<sundial_core::coord_store::StoredTask> {
+        sundial_core::coord::admin::all_tasks(&self.store).unwrap_or_default()
+    }
+
+    /// The store's runs, by agent and key.
+    fn stored_runs(&self) -> std::collections::HashSet<(AgentId, RunKey)> {
+        self.store
+            .all_runs()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| (r.agent_id, r.key()))
+            .collect()
+    }
+
+    /// When the store says agent `id` enrolled.
+    fn enrolled_at(&self, id: AgentId) -> Timestamp {
+        self.store
+            .agent(id)
+            .ok()
+            .flatten()
+            .map_or(Timestamp::MIN, |a| a.enrolled_at)
+    }
+
+    /// Whether the store assigns `spec` to agent `i` now.
+    fn assigns(&self, spec: &TaskSpec, i: usize) -> bool {
+        let a = &self.agents[i];
+        a.enrolled && targets(&spec.target, a.id, &a.labels)
     }
 
     fn operator(&mut self) {
-        let live: Vec<TaskId> = self
-            .tasks
-            .iter()
-            .filter(|(_, (_, cancelled))| !cancelled)
-            .map(|(id, _)| *id)
+        if self.coord_clock_off != 0 {
+            // The coordinator's clock defines when tasks count from (an
+            // `every` anchored at its instant of creation): an operator
+            // does not create tasks on a coordinator whose clock is an
+            // hour off, and the checks' expectations assume it.
+            return;
+        }
+        let tasks = self.stored_tasks();
+        let live: Vec<&sundial_core::coord_store::StoredTask> =
+            tasks.iter().filter(|t| !t.cancelled).collect();
+        let enrolled: Vec<usize> = (0..self.agents.len())
+            .filter(|i| self.agents[*i].enrolled && !self.agents[*i].revoked)
             .collect();
-        let roll = self.rng.below(10);
-        if live.len() < TASKS_MAX && (roll < 6 || live.is_empty()) {
-            self.next_task += 1;
-            self.revision += 1;
-            let id = TaskId(self.next_task);
-            let agent = self.agents[self.rng.below(self.agents.len() as u64) as usize].id;
+        if enrolled.is_empty() {
+            return;
+        }
+        let roll = self.rng.below(100);
+        if live.len() < TASKS_MAX && (roll < 55 || live.is_empty()) {
+            let target = if self.rng.chance(0.3) {
+                self.exercised.selector_tasks += 1;
+                let site = ["north", "south"][self.rng.below(2) as usize];
+                Target::Selector(vec![("site".into(), site.into())])
+            } else {
+                let i = enrolled[self.rng.below(enrolled.len() as u64) as usize];
+                Target::Agent(self.agents[i].id)
+            };
             let now = Timestamp::from_millis_saturating(self.now);
-            let schedule = if self.rng.chance(0.2) {
+            let kind = self.rng.below(10);
+            let schedule = if kind < 2 {
                 Schedule::at(Timestamp::from_millis_saturating(
                     self.now + 500 + self.rng.below(30_000) as i64,
                 ))
+            } else if kind < 3 {
+                self.exercised.cron_tasks += 1;
+                let zone = [
+                    "UTC",
+                    "Europe/Berlin",
+                    "America/New_York",
+                    "Australia/Lord_Howe",
+                ][self.rng.below(4) as usize];
+                match Schedule::cron("* * * * *", zone) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                }
             } else {
                 let period = [200u64, 500, 1_000, 2_000, 5_000][self.rng.below(5) as usize];
                 match Schedule::every(DurationMs(period), now) {
@@ -988,10 +1427,9 @@ impl World {
                 },
                 timeout: self.rng.chance(0.3).then_some(DurationMs(1_000)),
             };
-            let spec = TaskSpec {
-                id,
+            let draft = TaskDraft {
                 name: None,
-                target: Target::Agent(agent),
+                target,
                 schedule,
                 action: Action::Exec(ExecSpec {
                     program: "/bin/sim".into(),
@@ -1003,31 +1441,65 @@ impl World {
                     cwd: None,
                 }),
                 policies,
-                revision: self.revision,
-                created_at: now,
+                // `every` counts from the coordinator's instant of creation.
+                anchor_at_creation: true,
             };
-            self.trace(40, id.0, agent.0);
-            self.tasks.insert(id, (spec, false));
+            self.trace(40, kind, 0);
+            self.admin(AdminRequest::TaskCreate(Box::new(draft)));
         } else if !live.is_empty() {
-            let id = live[self.rng.below(live.len() as u64) as usize];
-            self.revision += 1;
-            let rev = self.revision;
-            let cancel = roll < 8;
-            if let Some((spec, cancelled)) = self.tasks.get_mut(&id) {
-                spec.revision = rev;
-                if cancel {
-                    *cancelled = true;
-                } else {
-                    // An update: a new revision of the same task.
-                    let Action::Exec(e) = &mut spec.action;
-                    e.args[0] = "20".into();
+            let t = live[self.rng.below(live.len() as u64) as usize];
+            let id = t.spec.id;
+            let request = match roll {
+                55..=69 => {
+                    self.exercised.updates += 1;
+                    let Action::Exec(e) = &t.spec.action;
+                    let mut args = e.args.clone();
+                    if let Some(a) = args.first_mut() {
+                        *a = "20".into();
+                    }
+                    AdminRequest::TaskUpdate {
+                        id,
+                        patch: Box::new(TaskPatch {
+                            action: Some(Action::Exec(ExecSpec {
+                                program: e.program.clone(),
+                                args,
+                                env: Vec::new(),
+                                cwd: None,
+                            })),
+                            ..TaskPatch::default()
+                        }),
+                    }
                 }
-            }
-            self.trace(41, id.0, u64::from(cancel));
-        } else {
-            return;
+                70..=77 => {
+                    if t.paused {
+                        AdminRequest::TaskResume(id)
+                    } else {
+                        self.exercised.pauses += 1;
+                        AdminRequest::TaskPause(id)
+                    }
+                }
+                78..=84 if !t.paused => {
+                    self.exercised.run_nows += 1;
+                    AdminRequest::TaskRunNow(id)
+                }
+                85..=87 if enrolled.len() >= 2 && self.revoked_at.is_empty() => {
+                    // An agent revoked: cut off at once, for good.
+                    let i = enrolled[self.rng.below(enrolled.len() as u64) as usize];
+                    let agent = self.agents[i].id;
+                    if self.admin(AdminRequest::AgentRevoke(agent)) {
+                        self.exercised.revokes += 1;
+                        self.agents[i].revoked = true;
+                        self.revoked_at.insert(agent, self.now);
+                        self.trace(42, agent.0, 0);
+                        self.at(self.now + 2_000, Ev::RevokeCheck(i));
+                    }
+                    return;
+                }
+                _ => AdminRequest::TaskCancel(id),
+            };
+            self.trace(41, id.0, roll);
+            self.admin(request);
         }
-        self.bump_revision();
     }
 
     // ---- the event loop
@@ -1079,40 +1551,89 @@ impl World {
                 if self.agents[i].incarnation != inc || self.agents[i].node.is_none() {
                     return;
                 }
-                if reachable && self.coord_up {
-                    self.next_conn += 1;
-                    let c = self.next_conn;
-                    self.conns.insert(
-                        c,
-                        Conn {
-                            agent: i,
-                            queue: Default::default(),
-                            pumping: [false; 2],
-                            agent_open: true,
-                            coord_open: true,
-                            heard: [self.now; 2],
-                            session: None,
-                            coord_wake: None,
-                        },
-                    );
-                    self.agents[i].conn = Some(c);
-                    self.at(self.now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
-                    self.node_call(i, |n, r| n.handle_connected(r));
-                } else {
+                if !(reachable && self.coord_up) {
                     self.node_call(i, |n, r| n.handle_connect_failed(r, Closed::Lost));
+                    return;
                 }
+                let ip = agent_ip(i);
+                let nc = match self.coord_do(|n, now| n.handle_incoming(now, ip)) {
+                    Some(Ok(nc)) => nc,
+                    Some(Err(_)) => {
+                        // Refused before the handshake: the budget.
+                        self.drain_coord();
+                        self.node_call(i, |n, r| {
+                            n.handle_connect_failed(
+                                r,
+                                Closed::Busy {
+                                    retry_after_ms: None,
+                                },
+                            )
+                        });
+                        return;
+                    }
+                    None => {
+                        self.node_call(i, |n, r| n.handle_connect_failed(r, Closed::Lost));
+                        return;
+                    }
+                };
+                let cert = sha256(&self.agents[i].cert);
+                let route =
+                    self.coord_do(|n, now| n.handle_handshaken(now, nc, Alpn::Session, Some(cert)));
+                if !matches!(route, Some(Route::Session(_))) {
+                    // TLS refuses a certificate the coordinator does not know.
+                    self.coord_call(|n, now| n.handle_closed(now, nc));
+                    self.node_call(i, |n, r| n.handle_connect_failed(r, Closed::RefusedByTls));
+                    return;
+                }
+                self.next_conn += 1;
+                let c = self.next_conn;
+                self.conns.insert(
+                    c,
+                    Conn {
+                        agent: i,
+                        queue: Default::default(),
+                        pumping: [false; 2],
+                        agent_open: true,
+                        coord_open: true,
+                        heard: [self.now; 2],
+                        node_conn: Some((self.coord_inc, nc)),
+                    },
+                );
+                if let Some(k) = self.coord.as_mut() {
+                    k.conns.insert(nc, c);
+                }
+                self.agents[i].conn = Some(c);
+                self.at(self.now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
+                self.drain_coord();
+                self.node_call(i, |n, r| n.handle_connected(r));
             }
             Ev::Deliver(c, dir) => self.deliver(c, dir),
             Ev::KeepAlive(c) => self.keep_alive(c),
-            Ev::CoordWake(c) => {
-                let now = self.coord_now(T0);
-                if let Some(conn) = self.conns.get_mut(&c) {
-                    conn.coord_wake = None;
-                    if let Some(s) = conn.session.as_mut() {
-                        s.handle_timeout(now);
+            Ev::CoordWake(inc, at) => {
+                let current = inc == self.coord_inc
+                    && self.coord.as_ref().is_some_and(|k| k.wake_at == Some(at));
+                if current {
+                    if let Some(k) = self.coord.as_mut() {
+                        k.wake_at = None;
                     }
+                    self.coord_call(|n, now| n.handle_timeout(now));
                 }
-                self.drain_coord(c);
+            }
+            Ev::StoreJob(inc, job) => self.store_job(inc, *job),
+            Ev::Enroll(i) => {
+                if self.coord.is_some() {
+                    self.enroll(i);
+                } else {
+                    self.at(self.now + 1_000, Ev::Enroll(i));
+                }
+            }
+            Ev::RevokeCheck(i) => {
+                let agent = self.agents[i].id;
+                if self.coord.as_ref().is_some_and(|k| k.node.is_online(agent)) {
+                    self.fail(format!(
+                        "agent {i} was revoked 2 s ago and still has a live session"
+                    ));
+                }
             }
             Ev::Crash(i) => {
                 let Some(node) = self.agents[i].node.take() else {
@@ -1160,9 +1681,18 @@ impl World {
                 }
                 self.trace(52, 0, 0);
                 self.coord_up = false;
+                let enrolling: Vec<usize> = self
+                    .coord
+                    .take()
+                    .map(|k| k.enrolling.into_values().collect())
+                    .unwrap_or_default();
+                for i in enrolling {
+                    // Its enrollment was cut off: the device tries again.
+                    self.at(self.now + 1_000, Ev::Enroll(i));
+                }
                 let ids: Vec<u64> = self.conns.keys().copied().collect();
                 for c in ids {
-                    self.close_coord_side(c, false);
+                    self.close_coord_side(c, false, Closed::Lost);
                 }
                 let down = 500 + self.rng.below(15_000) as i64;
                 self.at(self.now + down, Ev::CoordRestart);
@@ -1170,6 +1700,8 @@ impl World {
             Ev::CoordRestart => {
                 self.trace(53, 0, 0);
                 self.coord_up = true;
+                self.exercised.coordinator_restarts += 1;
+                self.coord_start();
             }
             Ev::Cut(i, dirs, ms) => {
                 self.trace(54, i as u64, ms as u64);
@@ -1195,7 +1727,9 @@ impl World {
                 let a = &mut self.agents[i];
                 a.boot_at = self.now - 30_000;
                 a.wall_offset = offset;
-                self.start_agent(i, MemStore::default());
+                // Joining is enrolling first (the coordinator must be up),
+                // then the agent's first start.
+                self.at(self.now, Ev::Enroll(i));
             }
             Ev::CoordClock(off, ms) => {
                 self.trace(58, off as u64, ms as u64);
@@ -1229,20 +1763,16 @@ impl World {
                 self.check_converged();
                 self.check_on_time();
                 let live: Vec<TaskId> = self
-                    .tasks
+                    .stored_tasks()
                     .iter()
-                    .filter(|(_, (_, c))| !c)
-                    .map(|(id, _)| *id)
+                    .filter(|t| !t.cancelled)
+                    .map(|t| t.spec.id)
                     .collect();
                 for id in live {
-                    self.revision += 1;
-                    let rev = self.revision;
-                    if let Some((spec, cancelled)) = self.tasks.get_mut(&id) {
-                        spec.revision = rev;
-                        *cancelled = true;
+                    if !self.admin(AdminRequest::TaskCancel(id)) {
+                        self.fail(format!("the coordinator could not take the cancel of {id} at the quiesce point"));
                     }
                 }
-                self.bump_revision();
             }
             Ev::Operator => {
                 self.operator();
@@ -1328,51 +1858,13 @@ impl World {
         }
     }
 
-    fn deliver_up(&mut self, c: u64, i: usize, m: AgentMsg) {
-        let now = self.coord_now(T0);
-        let agent = self.agents[i].id;
-        let Some(conn) = self.conns.get_mut(&c) else {
+    fn deliver_up(&mut self, c: u64, _i: usize, m: AgentMsg) {
+        let Some((inc, nc)) = self.conns.get(&c).and_then(|k| k.node_conn) else {
             return;
         };
-        match (&mut conn.session, m) {
-            (
-                None,
-                AgentMsg::Hello {
-                    last_revision,
-                    outbox_len,
-                    ..
-                },
-            ) => {
-                conn.session = Some(CoordSession::new(
-                    now,
-                    agent,
-                    Timestamp::from_millis_saturating(T0),
-                    last_revision,
-                    outbox_len,
-                    UploadLimits {
-                        runs_per_sec: 2_000,
-                        bytes_per_sec: 8 << 20,
-                    },
-                    Some(ReconnectPolicy {
-                        attempt_timeout_ms: 3_000,
-                        backoff_floor_ms: 250,
-                        backoff_cap_ms: 2_000,
-                        busy_spread_ms: 1_000,
-                        handshakes_per_sec: 1_000,
-                    }),
-                ));
-                let rev = self.revision;
-                if let Some(s) = self.conns.get_mut(&c).and_then(|k| k.session.as_mut()) {
-                    s.handle_revision(rev);
-                }
-            }
-            (None, _) => {
-                self.fail(format!("agent {i} spoke before Hello"));
-                return;
-            }
-            (Some(s), m) => s.handle_message(now, m),
+        if inc == self.coord_inc {
+            self.coord_call(|n, now| n.handle_agent_msg(now, nc, m));
         }
-        self.drain_coord(c);
     }
 
     fn keep_alive(&mut self, c: u64) {
@@ -1407,7 +1899,7 @@ impl World {
             self.close_agent_side(c, true);
         }
         if self.conns.get(&c).is_some_and(|k| k.coord_open) && now - heard[UP] > IDLE_MS {
-            self.close_coord_side(c, true);
+            self.close_coord_side(c, true, Closed::Lost);
         }
         if self.conns.contains_key(&c) {
             self.at(now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
@@ -1433,17 +1925,20 @@ impl World {
     /// coordinator assigns it, at a revision covering every change for it.
     fn check_converged(&mut self) {
         let mut found = Vec::new();
+        let tasks = self.stored_tasks();
+        let revision = self.store.revision().unwrap_or(0);
         for (i, agent) in self.agents.iter().enumerate() {
-            let id = agent.id;
+            if agent.revoked {
+                continue;
+            }
             let Some(node) = agent.node.as_ref() else {
                 found.push(format!("agent {i} is down after the settle time"));
                 continue;
             };
-            let want: Vec<TaskId> = self
-                .tasks
-                .values()
-                .filter(|(t, cancelled)| !cancelled && self.targets(t, id))
-                .map(|(t, _)| t.id)
+            let want: Vec<TaskId> = tasks
+                .iter()
+                .filter(|t| !t.removed() && self.assigns(&t.spec, i))
+                .map(|t| t.spec.id)
                 .collect();
             let have = node.store().task_ids();
             if have != want {
@@ -1452,18 +1947,16 @@ impl World {
                 ));
             }
             // Changes for other agents are not news to it.
-            let latest = self
-                .tasks
-                .values()
-                .filter(|(t, _)| self.targets(t, id))
-                .map(|(t, _)| t.revision)
+            let latest = tasks
+                .iter()
+                .filter(|t| self.assigns(&t.spec, i))
+                .map(|t| t.spec.revision)
                 .max()
                 .unwrap_or(0);
             let at = node.store().last_revision;
-            if at < latest || at > self.revision {
+            if at < latest || at > revision {
                 found.push(format!(
-                    "agent {i} is at revision {at}, its latest change is {latest}, the coordinator at {}",
-                    self.revision
+                    "agent {i} is at revision {at}, its latest change is {latest}, the coordinator at {revision}"
                 ));
             }
         }
@@ -1479,9 +1972,19 @@ impl World {
     /// coordinator: run, skipped or refused — none silently dropped.
     fn check_every_occurrence_decided(&mut self) {
         let mut found = Vec::new();
+        let tasks: HashMap<TaskId, TaskSpec> = self
+            .stored_tasks()
+            .into_iter()
+            .map(|t| (t.spec.id, t.spec))
+            .collect();
+        let runs = self.stored_runs();
         for (i, agent) in self.agents.iter().enumerate() {
+            if agent.revoked {
+                continue;
+            }
+            let enrolled_at = self.enrolled_at(agent.id);
             for (task_id, until) in &agent.decided {
-                let (Some(until), Some((spec, _))) = (until, self.tasks.get(task_id)) else {
+                let (Some(until), Some(spec)) = (until, tasks.get(task_id)) else {
                     continue;
                 };
                 if agent.excused_tasks.contains(task_id) {
@@ -1489,14 +1992,15 @@ impl World {
                     // skipped records (MISFIRE_RECORDS_MAX) not all are.
                     continue;
                 }
-                let mut next = first_occurrence(&spec.schedule, spec.created_at);
+                let from = spec.created_at.max(enrolled_at);
+                let mut next = first_occurrence(&spec.schedule, from);
                 while let Some(t) = next.filter(|t| t <= until) {
                     let key = RunKey {
                         task_id: *task_id,
                         scheduled_at: t,
                         attempt: 1,
                     };
-                    if !self.runs.contains_key(&(agent.id, key)) {
+                    if !runs.contains(&(agent.id, key)) {
                         found.push(format!(
                             "agent {i}: occurrence {key:?} has no record (decided up to {})",
                             until.as_millis() - T0
@@ -1524,18 +2028,22 @@ impl World {
             Timestamp::from_millis_saturating(q - 5_000),
         );
         let mut found = Vec::new();
+        let tasks = self.stored_tasks();
+        let runs = self.stored_runs();
         for (i, agent) in self.agents.iter().enumerate() {
             let Some(node) = agent.node.as_ref() else {
                 continue;
             };
-            if agent.excused {
+            if agent.excused || agent.revoked {
                 continue;
             }
+            let enrolled_at = self.enrolled_at(agent.id);
             let store = node.store();
-            for (spec, cancelled) in self.tasks.values() {
-                if *cancelled
-                    || !self.targets(spec, agent.id)
-                    || spec.created_at.as_millis() > q - 30_000
+            for t in &tasks {
+                let spec = &t.spec;
+                if t.removed()
+                    || !self.assigns(spec, i)
+                    || spec.created_at.max(enrolled_at).as_millis() > q - 30_000
                     || agent.excused_tasks.contains(&spec.id)
                 {
                     continue;
@@ -1548,7 +2056,7 @@ impl World {
                         attempt: 1,
                     };
                     let done = agent.fired.contains_key(&key)
-                        || self.runs.contains_key(&(agent.id, key))
+                        || runs.contains(&(agent.id, key))
                         || store.outbox_keys.contains_key(&key);
                     if !done {
                         found.push(format!(
@@ -1572,7 +2080,11 @@ impl World {
     /// crashes and reboots.
     fn check_retries(&mut self) {
         let mut found = Vec::new();
+        let runs = self.stored_runs();
         for (i, agent) in self.agents.iter().enumerate() {
+            if agent.revoked {
+                continue;
+            }
             let ledger: BTreeSet<RunKey> = agent
                 .node
                 .as_ref()
@@ -1589,7 +2101,7 @@ impl World {
                     attempt: key.attempt + 1,
                     ..*key
                 };
-                if !ledger.contains(&next) && !self.runs.contains_key(&(agent.id, next)) {
+                if !ledger.contains(&next) && !runs.contains(&(agent.id, next)) {
                     found.push(format!(
                         "agent {i}: the retry {next:?}, due by {} (agent time), has no record though the agent decided up to {}",
                         due - T0,
@@ -1605,7 +2117,12 @@ impl World {
 
     fn check_drained(&mut self) {
         let mut found = Vec::new();
+        let runs = self.stored_runs();
         for (i, agent) in self.agents.iter().enumerate() {
+            if agent.revoked {
+                // Cut off: what it had not synced stays with it.
+                continue;
+            }
             let Some(node) = agent.node.as_ref() else {
                 found.push(format!("agent {i} is down at the end"));
                 continue;
@@ -1615,9 +2132,7 @@ impl World {
                 .ledger
                 .iter()
                 .map(RunRecord::key)
-                .filter(|k| {
-                    !self.runs.contains_key(&(agent.id, *k)) && !store.outbox_keys.contains_key(k)
-                })
+                .filter(|k| !runs.contains(&(agent.id, *k)) && !store.outbox_keys.contains_key(k))
                 .collect();
             if let Some(first) = lost.first() {
                 found.push(format!(
@@ -1653,14 +2168,41 @@ pub fn run_seed(seed: u64, opts: &VirtOptions) -> SeedReport {
         opts.agents
     };
     let duration = opts.duration_ms.max(SETTLE_MS + 10_000);
-    let mut w = World::new(seed, rng, opts.bugs, T0 + duration - SETTLE_MS);
+    let mut w = World::new(
+        seed,
+        rng,
+        opts.bugs,
+        opts.coord_bugs,
+        T0 + duration - SETTLE_MS,
+    );
     add_agents(&mut w, n);
     run_plan(w, seed, n, duration)
 }
 
 impl World {
-    fn new(seed: u64, rng: Rng, bugs: SeededBugs, faults_end: i64) -> World {
-        World {
+    fn new(seed: u64, rng: Rng, bugs: SeededBugs, coord_bugs: CoordBugs, faults_end: i64) -> World {
+        let store = match CoordinatorStore::open_with_backend(redb::backends::InMemoryBackend::new())
+        {
+            Ok(s) => s,
+            Err(e) => panic!("an in-memory store does not open: {e}"),
+        };
+        let mut join_secret = [0u8; ENTROPY_BYTES];
+        let mut r = Rng::new(seed ^ 0x70CE_0000_0000_0000);
+        for b in join_secret.iter_mut() {
+            *b = r.below(256) as u8;
+        }
+        let setup = store.add_admin_cert(sha256(ADMIN_CERT)).and_then(|()| {
+            store.put_token(&sundial_core::coord_store::JoinToken {
+                secret_sha256: sha256(&join_secret),
+                expires_at: Timestamp::from_millis_saturating(T0 + 86_400_000),
+                uses_left: 10_000,
+                labels: Vec::new(),
+            })
+        });
+        if let Err(e) = setup {
+            panic!("an in-memory store does not take its first records: {e}");
+        }
+        let mut w = World {
             now: T0,
             rng,
             seq: 0,
@@ -1670,10 +2212,14 @@ impl World {
             conns: BTreeMap::new(),
             next_conn: 0,
             coord_up: true,
-            tasks: BTreeMap::new(),
-            revision: 0,
-            next_task: 0,
-            runs: HashMap::new(),
+            store,
+            coord: None,
+            coord_inc: 0,
+            join_secret,
+            coord_bugs,
+            admin_reqs: 0,
+            revoked_at: HashMap::new(),
+            exercised: Exercised::default(),
             bugs,
             horizon: horizon_of(seed),
             failures: Vec::new(),
@@ -1687,7 +2233,9 @@ impl World {
             coord_clock_off: 0,
             backoff_restarts: 0,
             excused_early: 0,
-        }
+        };
+        w.coord_start();
+        w
     }
 }
 
@@ -1738,6 +2286,13 @@ fn add_agents(w: &mut World, n: usize) {
             retry_due: HashMap::new(),
             excused_tasks: BTreeSet::new(),
             assigned_at: HashMap::new(),
+            cert: format!("sim-device-{i}").into_bytes(),
+            labels: vec![(
+                "site".to_string(),
+                ["north", "south"][w.rng.below(2) as usize].to_string(),
+            )],
+            enrolled: false,
+            revoked: false,
         });
         // Some devices join later, their clocks anywhere (an RTC keeping
         // local time is hours ahead at its very first start).
@@ -1751,7 +2306,7 @@ fn add_agents(w: &mut World, n: usize) {
             };
             w.at(t, Ev::Join(i, offset));
         } else {
-            w.start_agent(i, MemStore::default());
+            w.enroll(i);
         }
     }
 }
@@ -1807,8 +2362,9 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
         simulated_ms: duration,
         digest: w.digest,
         fires: w.fires,
-        stored: w.runs.len() as u64,
+        stored: w.store.run_count().unwrap_or(0),
         events: w.processed,
+        exercised: w.exercised,
     }
 }
 
@@ -1831,12 +2387,19 @@ pub struct BulkReport {
 /// must end with every task at the coordinator's revision, the cut
 /// session's pages resumed after the last one it applied.
 pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
-    let mut w = World::new(seed, Rng::new(seed), SeededBugs::default(), T0);
+    let mut w = World::new(
+        seed,
+        Rng::new(seed),
+        SeededBugs::default(),
+        CoordBugs::default(),
+        T0,
+    );
     let far = Timestamp::from_millis_saturating(T0 + 10 * 86_400_000);
+    let now = Timestamp::from_millis_saturating(T0);
     for i in 1..=n {
-        let spec = TaskSpec {
-            id: TaskId(i),
+        let draft = TaskDraft {
             name: Some(format!("bulk-{i}")),
+            // The first agent to enroll is a1.
             target: Target::Agent(AgentId(1)),
             schedule: Schedule::at(far),
             action: Action::Exec(ExecSpec {
@@ -1846,13 +2409,13 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
                 cwd: None,
             }),
             policies: Policies::default(),
-            revision: i,
-            created_at: Timestamp::from_millis_saturating(T0),
+            anchor_at_creation: false,
         };
-        w.tasks.insert(TaskId(i), (spec, false));
+        if let Err(e) = w.store.create_task(draft, now) {
+            w.fail(format!("task {i} was not created: {e}"));
+            break;
+        }
     }
-    w.revision = n;
-    w.next_task = n;
     add_agents(&mut w, 1);
     let link_ms = (n as i64 * LINK_US_PER_CHANGE) / 1_000;
     w.at(T0 + 100 + link_ms * 2 / 5, Ev::Cut(0, [true, true], 8_000));
@@ -1863,7 +2426,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
     BulkReport {
         tasks_held,
         agent_revision,
-        coordinator_revision: w.revision,
+        coordinator_revision: w.store.revision().unwrap_or(0),
         sessions: w.session_ups,
         resumed_from: w.last_hello_revision,
         failures: w.failures,
