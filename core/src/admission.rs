@@ -73,10 +73,13 @@ pub struct HandshakeBudget {
 }
 
 impl HandshakeBudget {
+    /// A budget that starts with its burst (a coordinator just started
+    /// admits its first connections at once).
     pub fn new(rate_per_sec: u32, now_ms: u64) -> HandshakeBudget {
+        let rate = f64::from(rate_per_sec.max(1));
         HandshakeBudget {
-            rate: f64::from(rate_per_sec.max(1)),
-            level: 0.0,
+            rate,
+            level: Self::burst(rate),
             at_ms: now_ms,
             addresses: HashMap::new(),
             pruned_ms: now_ms,

@@ -393,6 +393,8 @@ struct Agent {
     /// Its wall clock took small forward steps (each under the jump
     /// threshold): it may fire up to the guard's bound early.
     small_steps: bool,
+    /// The net of the big steps its wall clock took in this boot.
+    stepped_ms: i64,
     /// When each retryable run's retry is due at the latest, in its time.
     retry_due: HashMap<RunKey, i64>,
     /// Tasks it held while its excused clock had decided into the future:
@@ -502,7 +504,7 @@ struct Coord {
     /// Node connection → the simulator's.
     conns: HashMap<ConnId, u64>,
     /// Enrollment connections → the agent enrolling.
-    enrolling: HashMap<ConnId, usize>,
+    enrolling: BTreeMap<ConnId, usize>,
     /// The instant its timeout event is set for.
     wake_at: Option<i64>,
 }
@@ -1061,7 +1063,7 @@ impl World {
             boot_at: self.now,
             admin: None,
             conns: HashMap::new(),
-            enrolling: HashMap::new(),
+            enrolling: BTreeMap::new(),
             wake_at: None,
         });
         self.drain_coord();
@@ -1665,6 +1667,7 @@ impl World {
                     let a = &mut self.agents[i];
                     a.boot_id += 1;
                     a.boot_at = self.now;
+                    a.stepped_ms = 0;
                     a.vouched_boot = false;
                     a.excused = false;
                     a.wall_offset = match roll {
@@ -1757,6 +1760,13 @@ impl World {
                 // then a reboot is undetectable; a reboot resets the clock).
                 self.trace(55, i as u64, by as u64);
                 self.agents[i].wall_offset += by;
+                // Big steps that add up to a small one forward are, for the
+                // guard, a small step: believed within its bound.
+                let a = &mut self.agents[i];
+                a.stepped_ms += by;
+                if (1..=sundial_core::clock::JUMP_THRESHOLD_MS).contains(&a.stepped_ms) {
+                    a.small_steps = true;
+                }
                 self.node_call(i, |n, r| n.handle_wake(r));
             }
             Ev::Quiesce => {
@@ -2283,6 +2293,7 @@ fn add_agents(w: &mut World, n: usize) {
             vouched_boot: false,
             excused: false,
             small_steps: false,
+            stepped_ms: 0,
             retry_due: HashMap::new(),
             excused_tasks: BTreeSet::new(),
             assigned_at: HashMap::new(),

@@ -1,6 +1,7 @@
 //! The deterministic simulator: seeds pass, a seed replays bit for bit, and
 //! seeded bugs are caught.
 
+use sundial_core::coord::CoordBugs;
 use sundial_core::node::SeededBugs;
 use sundial_tests::virt::{bulk_assignment, run_seed, run_seeds, VirtOptions};
 
@@ -142,4 +143,58 @@ fn retries_kept_only_in_memory_are_caught() {
     let (seed, why) = caught.expect("retries lost at a restart go unnoticed for 100 seeds");
     eprintln!("a lost retry caught at seed {seed}: {why}");
     assert!(why.contains("the retry"), "seed {seed}: {why}");
+}
+
+fn first_caught_in_coordinator(bugs: CoordBugs) -> Option<(u64, String)> {
+    let opts = VirtOptions {
+        coord_bugs: bugs,
+        ..VirtOptions::default()
+    };
+    (1..=100).find_map(|seed| {
+        let r = run_seed(seed, &opts);
+        r.failures.first().map(|f| (seed, f.clone()))
+    })
+}
+
+#[test]
+fn a_coordinator_acknowledging_before_its_commit_is_caught() {
+    let caught = first_caught_in_coordinator(CoordBugs {
+        ack_before_commit: true,
+        ..CoordBugs::default()
+    });
+    let (seed, why) = caught.expect("an ack before the commit goes unnoticed for 100 seeds");
+    eprintln!("ack before commit caught at seed {seed}: {why}");
+    assert!(
+        why.contains("lost") || why.contains("has no record"),
+        "seed {seed}: {why}"
+    );
+}
+
+#[test]
+fn a_fan_out_that_misses_later_joiners_is_caught() {
+    let caught = first_caught_in_coordinator(CoordBugs {
+        miss_later_joiners: true,
+        ..CoordBugs::default()
+    });
+    let (seed, why) = caught.expect("later joiners missed by fan-out go unnoticed for 100 seeds");
+    eprintln!("a missed later joiner caught at seed {seed}: {why}");
+    assert!(
+        why.contains("holds tasks")
+            || why.contains("revision")
+            || why.contains("after the cancel")
+            || why.contains("not synced"),
+        "seed {seed}: {why}"
+    );
+}
+
+#[test]
+fn a_revocation_that_leaves_the_session_open_is_caught() {
+    let caught = first_caught_in_coordinator(CoordBugs {
+        revoke_leaves_open: true,
+        ..CoordBugs::default()
+    });
+    let (seed, why) =
+        caught.expect("a revoked agent keeping its session goes unnoticed for 100 seeds");
+    eprintln!("an open revoked session caught at seed {seed}: {why}");
+    assert!(why.contains("revoked"), "seed {seed}: {why}");
 }

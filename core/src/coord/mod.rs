@@ -27,7 +27,7 @@
 pub mod admin;
 pub mod jobs;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::ops::Range;
 
@@ -367,8 +367,8 @@ pub enum Outgoing {
 pub struct CoordBugs {
     /// Acknowledge a result batch before the store has committed it.
     pub ack_before_commit: bool,
-    /// Fan-out forgets sessions that came up after the node started
-    /// (later joiners learn of changes only at their next Hello).
+    /// Fan-out forgets agents that enrolled while the node ran (later
+    /// joiners learn of changes only at their next Hello).
     pub miss_later_joiners: bool,
     /// A revocation closes no live session.
     pub revoke_leaves_open: bool,
@@ -466,9 +466,9 @@ pub struct CoordNode {
     ca_sha256: [u8; 32],
     bugs: CoordBugs,
     known: HashMap<[u8; 32], CertRole>,
-    conns: HashMap<ConnId, Conn>,
+    conns: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
-    live: HashMap<AgentId, ConnId>,
+    live: BTreeMap<AgentId, ConnId>,
     seen: HashMap<AgentId, Seen>,
     pending: HashMap<IpAddr, usize>,
     unauthenticated: usize,
@@ -485,8 +485,10 @@ pub struct CoordNode {
     effects: VecDeque<Effect>,
     events: VecDeque<CoordEvent>,
     events_dropped: u64,
-    /// Agents enrolled through this node, kept only for a seeded bug.
+    /// Agents enrolled through this node 10 s after it started or later,
+    /// kept only for a seeded bug.
     joined: BTreeSet<AgentId>,
+    started_ms: u64,
 }
 
 impl CoordNode {
@@ -503,9 +505,9 @@ impl CoordNode {
             ca_sha256,
             bugs: config.bugs,
             known: config.known_certs.into_iter().collect(),
-            conns: HashMap::new(),
+            conns: BTreeMap::new(),
             next_conn: 0,
-            live: HashMap::new(),
+            live: BTreeMap::new(),
             seen: HashMap::new(),
             pending: HashMap::new(),
             unauthenticated: 0,
@@ -521,6 +523,7 @@ impl CoordNode {
             events: VecDeque::new(),
             events_dropped: 0,
             joined: BTreeSet::new(),
+            started_ms: now.mono_ms,
         }
     }
 
@@ -1728,7 +1731,7 @@ impl CoordNode {
                 Ok(Ok(agent)) => {
                     self.known
                         .insert(agent.cert_sha256, CertRole::Agent(agent.id));
-                    if self.bugs.miss_later_joiners {
+                    if self.bugs.miss_later_joiners && now.mono_ms > self.started_ms + 10_000 {
                         self.joined.insert(agent.id);
                     }
                     self.event(CoordEvent::Enrolled {

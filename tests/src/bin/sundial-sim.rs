@@ -118,11 +118,38 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
             );
         }
     }
+    let mut ex = virt::Exercised::default();
+    for r in &reports {
+        let e = &r.exercised;
+        ex.enrollments += e.enrollments;
+        ex.revokes += e.revokes;
+        ex.pauses += e.pauses;
+        ex.run_nows += e.run_nows;
+        ex.updates += e.updates;
+        ex.selector_tasks += e.selector_tasks;
+        ex.cron_tasks += e.cron_tasks;
+        ex.dst_crossings += e.dst_crossings;
+        ex.store_faults += e.store_faults;
+        ex.coordinator_restarts += e.coordinator_restarts;
+    }
     let hours = sim_ms as f64 / 3_600_000.0;
     println!(
         "virtual: {} seeds, {failed} failed, {hours:.1} simulated hours ({:.2} simulated hours per wall second), {fires} runs fired, {events} events, {wall:.1} s wall",
         reports.len(),
         hours / wall.max(1e-9),
+    );
+    println!(
+        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} store write failures, {} coordinator restarts",
+        ex.enrollments,
+        ex.revokes,
+        ex.pauses,
+        ex.run_nows,
+        ex.updates,
+        ex.selector_tasks,
+        ex.cron_tasks,
+        ex.dst_crossings,
+        ex.store_faults,
+        ex.coordinator_restarts,
     );
     if failed == 0 {
         ExitCode::SUCCESS
