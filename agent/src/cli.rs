@@ -302,6 +302,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             allow_exec,
             allow_env,
         } => {
+            if let Some(why) = sundial_protocol::wire::allowlist_refusal(&allow_exec) {
+                anyhow::bail!(why);
+            }
             let token = match (token, token_file) {
                 (Some(t), _) => t,
                 (None, Some(path)) => read_token(&path)?,

@@ -94,6 +94,9 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
 pub enum AgentError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The configuration cannot work.
+    #[error("{0}")]
+    Config(String),
     #[error("{0} is in use by another process: is another sundial-agent running on this data directory?")]
     Busy(PathBuf),
     #[error("data directory {path}: {source}")]
@@ -789,6 +792,12 @@ pub async fn run(
         if !exec_policy.allow.contains(&p) {
             exec_policy.allow.push(p);
         }
+    }
+    if let Some(why) = sundial_protocol::wire::allowlist_refusal(&exec_policy.allow) {
+        // Every Hello would be refused for its size: say so now.
+        return Err(AgentError::Config(format!(
+            "{why} (the patterns given and those stored at join, together)"
+        )));
     }
     for p in store
         .get_meta::<Vec<String>>(meta::ALLOW_ENV)?

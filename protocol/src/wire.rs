@@ -127,6 +127,44 @@ pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
 pub const ENROLL_FRAME_BYTES_MAX: usize = 64 * 1024;
 /// The largest frame an agent may send before its Hello was accepted.
 pub const HELLO_FRAME_BYTES_MAX: usize = 16 * 1024;
+/// The most `--allow-exec` patterns an agent may have: they go in every
+/// Hello, which must fit [`HELLO_FRAME_BYTES_MAX`].
+pub const ALLOW_EXEC_PATTERNS_MAX: usize = 64;
+/// The longest `--allow-exec` pattern, bytes.
+pub const ALLOW_EXEC_PATTERN_BYTES_MAX: usize = 200;
+/// The longest agent version a Hello carries, bytes.
+pub const AGENT_VERSION_BYTES_MAX: usize = 64;
+/// The largest Hello an agent within the bounds above can send, encoded
+/// (postcard: a varint of at most 10 bytes per integer and length).
+pub const HELLO_BYTES_MAX: usize = 1
+    + 10
+    + 10
+    + (10 + AGENT_VERSION_BYTES_MAX)
+    + 10
+    + ALLOW_EXEC_PATTERNS_MAX * (10 + ALLOW_EXEC_PATTERN_BYTES_MAX);
+// The largest Hello, framed, fits the limit before it is accepted: an agent
+// within the bounds is never refused at every Hello for the size of its own.
+const _: () = assert!(HELLO_BYTES_MAX + 16 <= HELLO_FRAME_BYTES_MAX);
+
+/// Why an allowlist cannot be an agent's (it would not fit its Hello).
+pub fn allowlist_refusal(patterns: &[String]) -> Option<String> {
+    if patterns.len() > ALLOW_EXEC_PATTERNS_MAX {
+        return Some(format!(
+            "{} --allow-exec patterns; the most an agent may have is {ALLOW_EXEC_PATTERNS_MAX} (use wildcards: /opt/app/bin/*)",
+            patterns.len()
+        ));
+    }
+    patterns
+        .iter()
+        .find(|p| p.len() > ALLOW_EXEC_PATTERN_BYTES_MAX)
+        .map(|p| {
+            format!(
+                "the --allow-exec pattern `{}…` is {} bytes; the most allowed is {ALLOW_EXEC_PATTERN_BYTES_MAX}",
+                p.chars().take(40).collect::<String>(),
+                p.len()
+            )
+        })
+}
 /// The largest admin request.
 pub const ADMIN_REQUEST_BYTES_MAX: usize = 256 * 1024;
 
@@ -424,6 +462,28 @@ pub fn chunk_by_size<T: Serialize>(items: Vec<T>, bytes_max: usize) -> Vec<Vec<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_allowed_hello_fits_its_frame_and_a_larger_allowlist_is_refused() {
+        // Four-byte characters: the bound is in bytes, not characters.
+        let pattern: String = "😀".repeat(ALLOW_EXEC_PATTERN_BYTES_MAX / 4);
+        assert_eq!(pattern.len(), ALLOW_EXEC_PATTERN_BYTES_MAX);
+        let allow = vec![pattern.clone(); ALLOW_EXEC_PATTERNS_MAX];
+        assert_eq!(allowlist_refusal(&allow), None);
+        let hello = AgentMsg::Hello {
+            last_revision: u64::MAX,
+            outbox_len: u64::MAX,
+            agent_version: "9".repeat(AGENT_VERSION_BYTES_MAX),
+            allow_exec: allow.clone(),
+        };
+        let framed = crate::codec::encode(&hello).expect("encodes");
+        assert!(framed.len() <= HELLO_FRAME_BYTES_MAX, "{}", framed.len());
+        let mut more = allow.clone();
+        more.push("/bin/true".into());
+        assert!(allowlist_refusal(&more).is_some_and(|w| w.contains("64")));
+        let long = vec![format!("{pattern}x")];
+        assert!(allowlist_refusal(&long).is_some_and(|w| w.contains("bytes")));
+    }
 
     #[test]
     fn only_agents_from_0_2_are_sent_the_policy() {
