@@ -1,8 +1,6 @@
 //! Cron across DST matches Debian (Vixie) cron: gaps, overlaps, half-hour
-//! shifts, and a minute-by-minute model of Vixie's loop as the oracle.
+//! shifts.
 
-use chrono::{LocalResult, Offset, TimeZone};
-use proptest::prelude::*;
 use sundial_protocol::cron::{parse_tz, CronExpr};
 use sundial_protocol::Timestamp;
 
@@ -271,87 +269,5 @@ fn lord_howe_half_hour_shifts() {
     );
 }
 
-/// Vixie cron's loop, minute by minute, as an independent oracle: at each UTC
-/// minute, a wildcard job fires if local time matches; a fixed-time job fires
-/// if local time matches and this is not the second pass of a repeated time;
-/// after a forward jump, fixed-time jobs due in the skipped local minutes fire
-/// once at the jump.
-fn oracle(expr: &CronExpr, tz: chrono_tz::Tz, from_min: i64, to_min: i64) -> Vec<Timestamp> {
-    let mut out = Vec::new();
-    let off = |m: i64| -> i64 {
-        let utc = chrono::DateTime::from_timestamp(m * 60, 0)
-            .expect("in range")
-            .naive_utc();
-        i64::from(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc()) / 60
-    };
-    let matches = |local_min: i64| -> bool {
-        let n = chrono::DateTime::from_timestamp(local_min * 60, 0)
-            .expect("in range")
-            .naive_utc();
-        expr.next_local_at_or_after(n) == Some(n)
-    };
-    for m in from_min..to_min {
-        let (prev, cur) = (off(m - 1), off(m));
-        let local = m + cur;
-        let mut fire = false;
-        if cur > prev && !expr.is_wildcard_job() {
-            // Skipped local minutes [m + prev, m + cur).
-            fire |= (m + prev..m + cur).any(matches);
-        }
-        if matches(local) {
-            if expr.is_wildcard_job() {
-                fire = true;
-            } else {
-                let n = chrono::DateTime::from_timestamp(local * 60, 0)
-                    .expect("in range")
-                    .naive_utc();
-                let second_pass = matches!(tz.from_local_datetime(&n), LocalResult::Ambiguous(_, later) if later.timestamp() == m * 60);
-                fire |= !second_pass;
-            }
-        }
-        if fire {
-            out.push(Timestamp::from_millis(m * 60_000).expect("in range"));
-        }
-    }
-    out
-}
-
-fn field(max: u32, min: u32) -> impl Strategy<Value = String> {
-    prop_oneof![
-        Just("*".to_string()),
-        (min..=max).prop_map(|v| v.to_string()),
-        (min..=max, min..=max).prop_map(|(a, b)| format!("{}-{}", a.min(b), a.max(b))),
-        (2u32..=7).prop_map(|s| format!("*/{s}")),
-        (min..=max, min..=max).prop_map(|(a, b)| format!("{a},{b}")),
-    ]
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
-    /// next_after agrees with the minute-by-minute Vixie model around real
-    /// DST transitions in several zones.
-    #[test]
-    fn next_after_matches_vixie_model(
-        minute in field(59, 0),
-        hour in prop_oneof![field(23, 0), prop::sample::select(vec!["0", "1", "2", "3", "1-3", "0,2", "2-4/2", "*/2"]).prop_map(String::from)],
-        dom in prop_oneof![Just("*".to_string()), field(31, 1)],
-        dow in prop_oneof![Just("*".to_string()), field(6, 0)],
-        zone in prop::sample::select(vec!["America/New_York", "Europe/Berlin", "Australia/Lord_Howe", "Asia/Kolkata", "America/Santiago"]),
-        around in prop::sample::select(vec!["2026-03-08T00:00:00Z", "2026-11-01T00:00:00Z", "2026-03-29T00:00:00Z", "2026-10-25T00:00:00Z", "2026-04-04T00:00:00Z", "2026-10-03T00:00:00Z", "2026-04-05T00:00:00Z", "2026-09-06T00:00:00Z"]),
-    ) {
-        let expr_text = format!("{minute} {hour} {dom} * {dow}");
-        let expr = CronExpr::parse(&expr_text).expect("generated valid");
-        let tz = parse_tz(zone).expect("valid");
-        let start_min = ts(around).as_millis() / 60_000 - 24 * 60;
-        let end_min = start_min + 3 * 24 * 60;
-        let want = oracle(&expr, tz, start_min, end_min);
-        let mut got = Vec::new();
-        let mut t = Timestamp::from_millis(start_min * 60_000 - 1).expect("in range");
-        while let Some(n) = expr.next_after(tz, t) {
-            if n.as_millis() >= end_min * 60_000 { break; }
-            got.push(n);
-            t = n;
-        }
-        prop_assert_eq!(got, want, "{} in {}", expr_text, zone);
-    }
-}
+// The property test against a minute-by-minute model of Vixie's loop is
+// `tests/tests/cron_oracle.rs`: the model is the simulator's oracle too.

@@ -20,6 +20,7 @@ pub mod checker;
 pub mod crash_disk;
 pub mod harness;
 pub mod light;
+pub mod oracle;
 pub mod relay;
 pub mod rng;
 pub mod scenario;

@@ -49,7 +49,8 @@ use sundial_protocol::{
     AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp,
 };
 
-/// True time at the start of every run (2027-01-15).
+/// True time at the start of a run (2027-01-15), unless the seed starts
+/// it just before a DST change ([`start_of`]).
 const T0: i64 = 1_800_000_000_000;
 /// 2001-01-01: where a device without a real-time clock boots.
 const Y2001: i64 = 978_307_200_000;
@@ -447,6 +448,10 @@ enum Ev {
 }
 
 struct World {
+    /// True time at the start of the run.
+    t0: i64,
+    /// The DST change the run crosses, if it is one of those seeds.
+    dst: Option<Dst>,
     now: i64,
     rng: Rng,
     seq: u64,
@@ -564,6 +569,48 @@ fn failed(job: StoreJob) -> StoreDone {
     }
 }
 
+/// A DST change a seed runs across: the zone, and the instant (UTC ms).
+#[derive(Clone, Copy, Debug)]
+struct Dst {
+    zone: &'static str,
+    at: i64,
+}
+
+/// The DST changes seeds may start before: spring and autumn of 2027 in
+/// three zones (Lord Howe's are half an hour).
+fn dst_changes() -> &'static [Dst] {
+    static CHANGES: std::sync::OnceLock<Vec<Dst>> = std::sync::OnceLock::new();
+    CHANGES.get_or_init(|| {
+        let mut out = Vec::new();
+        for zone in ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe"] {
+            let Ok(tz) = sundial_protocol::cron::parse_tz(zone) else {
+                continue;
+            };
+            let mut after = T0;
+            for _ in 0..2 {
+                let Some(at) = crate::oracle::next_transition(tz, after) else {
+                    break;
+                };
+                out.push(Dst { zone, at });
+                after = at + 3_600_000;
+            }
+        }
+        out
+    })
+}
+
+/// Where a seed starts: one seed in four two minutes before one of the
+/// [`dst_changes`] (its cron tasks run across it), the rest at [`T0`].
+fn start_of(seed: u64) -> (i64, Option<Dst>) {
+    let mut r = Rng::new(seed ^ 0xD570_0000_0000_0000);
+    let changes = dst_changes();
+    if changes.is_empty() || r.below(4) != 0 {
+        return (T0, None);
+    }
+    let dst = changes[r.below(changes.len() as u64) as usize];
+    (dst.at - 120_000, Some(dst))
+}
+
 /// Agent `i`'s address.
 fn agent_ip(i: usize) -> std::net::IpAddr {
     std::net::IpAddr::V4(std::net::Ipv4Addr::new(
@@ -593,7 +640,8 @@ impl World {
 
     fn fail(&mut self, what: String) {
         if self.failures.len() < 20 {
-            self.failures.push(format!("t+{}ms: {what}", self.now - T0));
+            self.failures
+                .push(format!("t+{}ms: {what}", self.now - self.t0));
         }
     }
 
@@ -603,7 +651,7 @@ impl World {
 
     fn reading(&self, i: usize) -> Reading {
         let a = &self.agents[i];
-        let drift = (self.now - T0) * a.drift_ppm / 1_000_000;
+        let drift = (self.now - self.t0) * a.drift_ppm / 1_000_000;
         Reading {
             wall_ms: self.now + a.wall_offset + drift,
             boot_ms: self.now - a.boot_at,
@@ -692,8 +740,8 @@ impl World {
             let r = self.reading(i);
             eprintln!(
                 "t+{}ms agent {i} (wall {} boot {}): {e:?}",
-                self.now - T0,
-                r.wall_ms - T0,
+                self.now - self.t0,
+                r.wall_ms - self.t0,
                 r.boot_ms
             );
         }
@@ -745,9 +793,9 @@ impl World {
                 if self.verbose {
                     eprintln!(
                         "t+{}ms agent {i} recorded {}@{}#{} {outcome:?}",
-                        self.now - T0,
+                        self.now - self.t0,
                         key.task_id,
-                        key.scheduled_at.as_millis() - T0,
+                        key.scheduled_at.as_millis() - self.t0,
                         key.attempt
                     );
                 }
@@ -832,7 +880,7 @@ impl World {
                 if let Some(first) = a.fired.insert(key, self.now) {
                     self.fail(format!(
                         "agent {i} fired {key:?} twice (first at t+{}ms)",
-                        first - T0
+                        first - self.t0
                     ));
                 }
                 if self.verbose {
@@ -840,13 +888,13 @@ impl World {
                     let t = self.agents[i]
                         .node
                         .as_ref()
-                        .map(|n| n.time_of(r).as_millis() - T0);
+                        .map(|n| n.time_of(r).as_millis() - self.t0);
                     eprintln!(
                         "t+{}ms agent {i} fires {}@{} wall {} boot {} trusted {t:?}",
-                        self.now - T0,
+                        self.now - self.t0,
                         key.task_id,
-                        key.scheduled_at.as_millis() - T0,
-                        r.wall_ms - T0,
+                        key.scheduled_at.as_millis() - self.t0,
+                        r.wall_ms - self.t0,
                         r.boot_ms
                     );
                 }
@@ -855,7 +903,7 @@ impl World {
                     // corrections: up to the guard's bound, in all.
                     EARLY_TOLERANCE_MS
                         + sundial_core::clock::JUMP_THRESHOLD_MS
-                        + (self.now - T0 + 120_000) / 10_000
+                        + (self.now - self.t0 + 120_000) / 10_000
                 } else {
                     EARLY_TOLERANCE_MS
                 };
@@ -873,7 +921,7 @@ impl World {
                 if let Some(gone) = self.agents[i].removed_at.get(&key.task_id) {
                     self.fail(format!(
                         "agent {i} fired {key:?} after the cancel reached it (t+{}ms)",
-                        gone - T0
+                        gone - self.t0
                     ));
                 }
                 // The program says how long it runs and how it ends.
@@ -1107,7 +1155,7 @@ impl World {
                 CoordEvent::Session(_) | CoordEvent::ChangeAnnounced { .. }
             )
         {
-            eprintln!("t+{}ms coordinator: {e:?}", self.now - T0);
+            eprintln!("t+{}ms coordinator: {e:?}", self.now - self.t0);
         }
         match e {
             CoordEvent::AgentRevoked {
@@ -1184,7 +1232,7 @@ impl World {
                     if let AdminResponse::Error(why) = a {
                         self.trace(64, 0, 0);
                         if self.verbose {
-                            eprintln!("t+{}ms admin refused: {why}", self.now - T0);
+                            eprintln!("t+{}ms admin refused: {why}", self.now - self.t0);
                         }
                     }
                 }
@@ -1387,15 +1435,37 @@ impl World {
                 Schedule::at(Timestamp::from_millis_saturating(
                     self.now + 500 + self.rng.below(30_000) as i64,
                 ))
-            } else if kind < 3 {
+            } else if kind < 4 {
                 self.exercised.cron_tasks += 1;
-                let zone = [
-                    "UTC",
-                    "Europe/Berlin",
-                    "America/New_York",
-                    "Australia/Lord_Howe",
-                ][self.rng.below(4) as usize];
-                match Schedule::cron("* * * * *", zone) {
+                let (zone, expr) = match self.dst {
+                    // Across the seed's DST change: wildcard and fixed-time
+                    // jobs in the hours that are skipped or repeated.
+                    Some(d) if self.rng.chance(0.7) => {
+                        if self.now < d.at {
+                            self.exercised.dst_crossings += 1;
+                        }
+                        let expr = [
+                            "* * * * *",
+                            "0-59 1-3 * * *",
+                            "0-59 2 * * *",
+                            "* 2 * * *",
+                            "0-59 1 * * *",
+                            "* 1 * * *",
+                            "*/2 1-3 * * *",
+                        ][self.rng.below(7) as usize];
+                        (d.zone, expr)
+                    }
+                    _ => {
+                        let zone = [
+                            "UTC",
+                            "Europe/Berlin",
+                            "America/New_York",
+                            "Australia/Lord_Howe",
+                        ][self.rng.below(4) as usize];
+                        (zone, "* * * * *")
+                    }
+                };
+                match Schedule::cron(expr, zone) {
                     Ok(s) => s,
                     Err(_) => return,
                 }
@@ -1517,7 +1587,7 @@ impl World {
                     | Ev::CoordWake(..)
             )
         {
-            eprintln!("t+{}ms {ev:?}", self.now - T0);
+            eprintln!("t+{}ms {ev:?}", self.now - self.t0);
         }
         match ev {
             Ev::Wake(i, g) => {
@@ -2002,9 +2072,9 @@ impl World {
                     // skipped records (MISFIRE_RECORDS_MAX) not all are.
                     continue;
                 }
+                // Expected from the brute-force oracle, not the scheduler.
                 let from = spec.created_at.max(enrolled_at);
-                let mut next = first_occurrence(&spec.schedule, from);
-                while let Some(t) = next.filter(|t| t <= until) {
+                for t in crate::oracle::occurrences(&spec.schedule, from, *until) {
                     let key = RunKey {
                         task_id: *task_id,
                         scheduled_at: t,
@@ -2013,11 +2083,10 @@ impl World {
                     if !runs.contains(&(agent.id, key)) {
                         found.push(format!(
                             "agent {i}: occurrence {key:?} has no record (decided up to {})",
-                            until.as_millis() - T0
+                            until.as_millis() - self.t0
                         ));
                         break;
                     }
-                    next = spec.schedule.next_after(t);
                 }
             }
         }
@@ -2058,8 +2127,7 @@ impl World {
                 {
                     continue;
                 }
-                let mut next = spec.schedule.next_after(window.0.saturating_add_ms(-1));
-                while let Some(t) = next.filter(|t| *t <= window.1) {
+                for t in crate::oracle::occurrences(&spec.schedule, window.0, window.1) {
                     let key = RunKey {
                         task_id: spec.id,
                         scheduled_at: t,
@@ -2072,11 +2140,10 @@ impl World {
                         found.push(format!(
                             "agent {i}: {key:?}, due {} ms before the quiesce point, neither ran nor was recorded (decided up to {})",
                             q - t.as_millis(),
-                            node.decided_until().as_millis() - T0
+                            node.decided_until().as_millis() - self.t0
                         ));
                         break;
                     }
-                    next = spec.schedule.next_after(t);
                 }
             }
         }
@@ -2114,8 +2181,8 @@ impl World {
                 if !ledger.contains(&next) && !runs.contains(&(agent.id, next)) {
                     found.push(format!(
                         "agent {i}: the retry {next:?}, due by {} (agent time), has no record though the agent decided up to {}",
-                        due - T0,
-                        until.as_millis() - T0
+                        due - self.t0,
+                        until.as_millis() - self.t0
                     ));
                 }
             }
@@ -2178,19 +2245,28 @@ pub fn run_seed(seed: u64, opts: &VirtOptions) -> SeedReport {
         opts.agents
     };
     let duration = opts.duration_ms.max(SETTLE_MS + 10_000);
+    let (t0, dst) = start_of(seed);
     let mut w = World::new(
         seed,
         rng,
         opts.bugs,
         opts.coord_bugs,
-        T0 + duration - SETTLE_MS,
+        (t0, dst),
+        t0 + duration - SETTLE_MS,
     );
     add_agents(&mut w, n);
     run_plan(w, seed, n, duration)
 }
 
 impl World {
-    fn new(seed: u64, rng: Rng, bugs: SeededBugs, coord_bugs: CoordBugs, faults_end: i64) -> World {
+    fn new(
+        seed: u64,
+        rng: Rng,
+        bugs: SeededBugs,
+        coord_bugs: CoordBugs,
+        (t0, dst): (i64, Option<Dst>),
+        faults_end: i64,
+    ) -> World {
         let store = match CoordinatorStore::open_with_backend(redb::backends::InMemoryBackend::new())
         {
             Ok(s) => s,
@@ -2204,7 +2280,7 @@ impl World {
         let setup = store.add_admin_cert(sha256(ADMIN_CERT)).and_then(|()| {
             store.put_token(&sundial_core::coord_store::JoinToken {
                 secret_sha256: sha256(&join_secret),
-                expires_at: Timestamp::from_millis_saturating(T0 + 86_400_000),
+                expires_at: Timestamp::from_millis_saturating(t0 + 86_400_000),
                 uses_left: 10_000,
                 labels: Vec::new(),
             })
@@ -2213,7 +2289,9 @@ impl World {
             panic!("an in-memory store does not take its first records: {e}");
         }
         let mut w = World {
-            now: T0,
+            t0,
+            dst,
+            now: t0,
             rng,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -2269,7 +2347,7 @@ fn add_agents(w: &mut World, n: usize) {
         let boots_2001 = w.rng.chance(0.2);
         let drift = w.rng.below(101) as i64 - 50;
         let offset = if boots_2001 {
-            Y2001 - T0
+            Y2001 - w.t0
         } else {
             // A device clock a little behind (never ahead at its very
             // first start: nothing could tell).
@@ -2280,7 +2358,7 @@ fn add_agents(w: &mut World, n: usize) {
             node: None,
             parked: None,
             boot_id: 1,
-            boot_at: T0 - 60_000,
+            boot_at: w.t0 - 60_000,
             wall_offset: offset,
             drift_ppm: drift,
             incarnation: 0,
@@ -2308,8 +2386,8 @@ fn add_agents(w: &mut World, n: usize) {
         // Some devices join later, their clocks anywhere (an RTC keeping
         // local time is hours ahead at its very first start).
         if i > 0 && w.rng.chance(0.3) {
-            let span = (w.faults_end - T0 - 30_000).max(1) as u64;
-            let t = T0 + w.rng.below(span) as i64;
+            let span = (w.faults_end - w.t0 - 30_000).max(1) as u64;
+            let t = w.t0 + w.rng.below(span) as i64;
             let offset = if w.rng.chance(0.5) {
                 30_000 + w.rng.below(3_600_000) as i64
             } else {
@@ -2325,9 +2403,10 @@ fn add_agents(w: &mut World, n: usize) {
 fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
     // The fault plan, all before the settle time.
     let faults = 5 + w.rng.below(20);
-    let span = (w.faults_end - T0).max(1) as u64;
+    let t0 = w.t0;
+    let span = (w.faults_end - t0).max(1) as u64;
     for _ in 0..faults {
-        let t = T0 + w.rng.below(span) as i64;
+        let t = t0 + w.rng.below(span) as i64;
         let i = w.rng.below(n as u64) as usize;
         let ev = match w.rng.below(10) {
             0..=3 => {
@@ -2361,9 +2440,9 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
         };
         w.at(t.min(w.faults_end), ev);
     }
-    w.at(T0 + 100, Ev::Operator);
-    w.at(T0 + duration - DRAIN_MS, Ev::Quiesce);
-    w.run(T0 + duration);
+    w.at(t0 + 100, Ev::Operator);
+    w.at(t0 + duration - DRAIN_MS, Ev::Quiesce);
+    w.run(t0 + duration);
     w.check_drained();
     w.check_every_occurrence_decided();
     w.check_retries();
@@ -2403,6 +2482,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
         Rng::new(seed),
         SeededBugs::default(),
         CoordBugs::default(),
+        (T0, None),
         T0,
     );
     let far = Timestamp::from_millis_saturating(T0 + 10 * 86_400_000);
