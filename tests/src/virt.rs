@@ -109,6 +109,8 @@ pub struct Exercised {
     pub updates: u64,
     pub selector_tasks: u64,
     pub cron_tasks: u64,
+    /// Tasks with a window `[start, end)`.
+    pub windows: u64,
     /// Cron tasks in zones whose DST changes within the run.
     pub dst_crossings: u64,
     pub store_faults: u64,
@@ -1475,6 +1477,21 @@ impl World {
                     Ok(s) => s,
                     Err(_) => return,
                 }
+            };
+            // Now and then a window: occurrences only in [start, end).
+            let schedule = if kind >= 2 && self.rng.chance(0.15) {
+                self.exercised.windows += 1;
+                let start = self.now + self.rng.below(20_000) as i64;
+                let end = start + 5_000 + self.rng.below(60_000) as i64;
+                match schedule.with_window(
+                    Some(Timestamp::from_millis_saturating(start)),
+                    Some(Timestamp::from_millis_saturating(end)),
+                ) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                }
+            } else {
+                schedule
             };
             let runs_ms = [5u64, 50, 300, 1_500][self.rng.below(4) as usize];
             let flaky = self.rng.chance(0.3);

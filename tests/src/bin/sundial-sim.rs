@@ -128,6 +128,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.updates += e.updates;
         ex.selector_tasks += e.selector_tasks;
         ex.cron_tasks += e.cron_tasks;
+        ex.windows += e.windows;
         ex.dst_crossings += e.dst_crossings;
         ex.store_faults += e.store_faults;
         ex.coordinator_restarts += e.coordinator_restarts;
@@ -139,7 +140,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         hours / wall.max(1e-9),
     );
     println!(
-        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} store write failures, {} coordinator restarts",
+        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} windows, {} store write failures, {} coordinator restarts",
         ex.enrollments,
         ex.revokes,
         ex.pauses,
@@ -148,6 +149,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.selector_tasks,
         ex.cron_tasks,
         ex.dst_crossings,
+        ex.windows,
         ex.store_faults,
         ex.coordinator_restarts,
     );
