@@ -1,0 +1,108 @@
+//! The links: delivery in order with delay, stalls under a cut, keep-alives
+//! and the idle timeout, as QUIC presents them to the session.
+
+use super::*;
+
+impl World {
+    pub(super) fn deliver(&mut self, c: u64, dir: usize) {
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let i = conn.agent;
+        let receiver_open = if dir == UP {
+            conn.coord_open
+        } else {
+            conn.agent_open
+        };
+        if !receiver_open {
+            conn.queue[dir].clear();
+            conn.pumping[dir] = false;
+            return;
+        }
+        if self.agents[i].cut_until[dir] > self.now {
+            // Stalled: the transport retransmits.
+            self.at(self.now + RETRANSMIT_MS, Ev::Deliver(c, dir));
+            return;
+        }
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let Some((ready, _)) = conn.queue[dir].front() else {
+            conn.pumping[dir] = false;
+            return;
+        };
+        if *ready > now {
+            let t = *ready;
+            self.at(t, Ev::Deliver(c, dir));
+            return;
+        }
+        let Some((_, msg)) = conn.queue[dir].pop_front() else {
+            return;
+        };
+        conn.heard[dir] = now;
+        match conn.queue[dir].front() {
+            Some((t, _)) => {
+                let t = *t;
+                self.at(t, Ev::Deliver(c, dir));
+            }
+            None => conn.pumping[dir] = false,
+        }
+        match msg {
+            Msg::Up(m) => self.deliver_up(c, i, m),
+            Msg::Down(m) => {
+                if self.agents[i].conn == Some(c) {
+                    self.node_call(i, |n, r| n.handle_message(r, m));
+                }
+            }
+        }
+    }
+
+    pub(super) fn deliver_up(&mut self, c: u64, _i: usize, m: AgentMsg) {
+        let Some((inc, nc)) = self.conns.get(&c).and_then(|k| k.node_conn) else {
+            return;
+        };
+        if inc == self.coord_inc {
+            self.coord_call(|n, now| n.handle_agent_msg(now, nc, m));
+        }
+    }
+
+    pub(super) fn keep_alive(&mut self, c: u64) {
+        let now = self.now;
+        let Some(conn) = self.conns.get(&c) else {
+            return;
+        };
+        let i = conn.agent;
+        let (agent_open, coord_open) = (conn.agent_open, conn.coord_open);
+        let up_ok = agent_open && !self.cut(i, UP);
+        let down_ok = coord_open && !self.cut(i, DOWN);
+        if let Some(conn) = self.conns.get_mut(&c) {
+            if up_ok {
+                conn.heard[UP] = now;
+            }
+            if down_ok {
+                conn.heard[DOWN] = now;
+            }
+        }
+        if down_ok && agent_open && self.agents[i].conn == Some(c) {
+            self.node_call(i, |n, r| n.handle_heard(r));
+        }
+        let Some(conn) = self.conns.get(&c) else {
+            return;
+        };
+        let heard = conn.heard;
+        if conn.agent_open && now - heard[DOWN] > IDLE_MS {
+            if self.agents[i].conn == Some(c) {
+                self.agents[i].conn = None;
+                self.node_call(i, |n, r| n.handle_closed(r, Closed::Lost));
+            }
+            self.close_agent_side(c, true);
+        }
+        if self.conns.get(&c).is_some_and(|k| k.coord_open) && now - heard[UP] > IDLE_MS {
+            self.close_coord_side(c, true, Closed::Lost);
+        }
+        if self.conns.contains_key(&c) {
+            self.at(now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
+        }
+    }
+}
