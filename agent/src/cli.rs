@@ -145,31 +145,7 @@ fn init_logging(default: &str) {
         .try_init();
 }
 
-/// Writes to stdout; a reader that went away (`| head`) is not an error.
-fn print_quietly(bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
-}
+use sundial_net::shell::{print_quietly, shutdown_signal};
 
 /// Runs `sundial-agent` with these arguments (the first is the program name).
 pub fn main_with<I, T>(args: I) -> ExitCode
@@ -206,21 +182,14 @@ where
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Completions { shell } => {
-            let mut out = Vec::new();
-            clap_complete::generate(
-                shell,
-                &mut <Cli as clap::CommandFactory>::command(),
-                "sundial-agent",
-                &mut out,
-            );
-            print_quietly(&out)
-        }
-        Cmd::Manpage => {
-            let mut out = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
-            print_quietly(&out)
-        }
+        Cmd::Completions { shell } => Ok(print_quietly(&sundial_net::shell::completions(
+            shell,
+            <Cli as clap::CommandFactory>::command(),
+            "sundial-agent",
+        ))?),
+        Cmd::Manpage => Ok(print_quietly(&sundial_net::shell::manpage(
+            <Cli as clap::CommandFactory>::command(),
+        )?)?),
         Cmd::Run {
             config,
             data_dir,

@@ -60,31 +60,7 @@ enum Cmd {
     Manpage,
 }
 
-/// Writes to stdout; a reader that went away (`| head`) is not an error.
-fn print_quietly(bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
-}
+use sundial_net::shell::{print_quietly, shutdown_signal};
 
 /// The coordinator's limits as flags (each also a key of the config file).
 #[derive(Debug, Default, clap::Args)]
@@ -282,21 +258,14 @@ where
 
 fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Completions { shell } => {
-            let mut out = Vec::new();
-            clap_complete::generate(
-                shell,
-                &mut <Cli as clap::CommandFactory>::command(),
-                "sundial-coordinator",
-                &mut out,
-            );
-            print_quietly(&out)
-        }
-        Cmd::Manpage => {
-            let mut out = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
-            print_quietly(&out)
-        }
+        Cmd::Completions { shell } => Ok(print_quietly(&sundial_net::shell::completions(
+            shell,
+            <Cli as clap::CommandFactory>::command(),
+            "sundial-coordinator",
+        ))?),
+        Cmd::Manpage => Ok(print_quietly(&sundial_net::shell::manpage(
+            <Cli as clap::CommandFactory>::command(),
+        )?)?),
         Cmd::Init {
             data_dir,
             advertise,

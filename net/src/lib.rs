@@ -4,6 +4,7 @@
 
 pub mod damage;
 pub mod private;
+pub mod shell;
 pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -165,14 +165,12 @@ fn unexpected(r: AdminResponse) -> anyhow::Error {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Cmd::Completions { shell } => {
-            let mut out = Vec::new();
-            clap_complete::generate(*shell, &mut Cli::command(), "sundialctl", &mut out);
+            let out = sundial_net::shell::completions(*shell, Cli::command(), "sundialctl");
             out!("{}", String::from_utf8_lossy(&out));
             return Ok(());
         }
         Cmd::Manpage => {
-            let mut out = Vec::new();
-            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            let out = sundial_net::shell::manpage(Cli::command())?;
             out!("{}", String::from_utf8_lossy(&out));
             return Ok(());
         }
