@@ -1,0 +1,245 @@
+//! The node's store on redb (`RedbNode`), and the lazy writer that
+//! deletes acknowledged records off the firing path.
+
+use super::*;
+
+/// Writes that may lag: deleting acknowledged records (a record deleted
+/// late is at worst sent again, and the coordinator keeps the first) and
+/// the last sync. They run on their own thread, so their fsyncs never
+/// delay a firing.
+pub(super) enum LazyWrite {
+    Ack(Vec<RunKey>),
+    LastSync(i64),
+}
+
+/// Bound of the lazy writes waiting; beyond it they are done in place.
+pub(super) const LAZY_WRITES_MAX: usize = 1_024;
+
+pub(super) type LazyWriter = (
+    std::sync::mpsc::SyncSender<LazyWrite>,
+    std::thread::JoinHandle<()>,
+);
+
+pub(super) fn lazy_writer(store: Arc<AgentStore>) -> Option<LazyWriter> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<LazyWrite>(LAZY_WRITES_MAX);
+    let spawned = std::thread::Builder::new()
+        .name("store-lazy".into())
+        .spawn(move || {
+            while let Ok(w) = rx.recv() {
+                let r = match w {
+                    LazyWrite::Ack(keys) => store.outbox_ack(&keys).map(drop),
+                    LazyWrite::LastSync(ms) => store.put_meta(&[(meta::LAST_SYNC_MS, ms)]),
+                };
+                if let Err(e) = r {
+                    // The records stay and are sent again; the firing path
+                    // meets a broken disk on its own next write.
+                    tracing::warn!(error = %e, "a lazy store write failed");
+                }
+            }
+        });
+    match spawned {
+        Ok(handle) => Some((tx, handle)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no thread for lazy store writes; doing them in place");
+            None
+        }
+    }
+}
+
+/// The node's view of the redb store. Each method is one transaction; a
+/// failure is kept (so the agent exits with it) and reported to the node.
+pub(super) struct RedbNode {
+    pub(super) store: Arc<AgentStore>,
+    pub(super) lazy: Option<std::sync::mpsc::SyncSender<LazyWrite>>,
+    pub(super) lazy_thread: Option<std::thread::JoinHandle<()>>,
+    /// What the previous agent process left running, by run key.
+    pub(super) leftovers: HashMap<(u64, i64, u32), String>,
+    /// This boot's id (the kernel's), and its hash as the node knows it.
+    pub(super) boot: Option<String>,
+    pub(super) boot_hash: u64,
+    pub(super) error: Mutex<Option<StoreError>>,
+}
+
+pub(super) fn boot_hash(boot: Option<&str>) -> u64 {
+    // FNV-1a: stable across runs (std's hasher is seeded per process).
+    boot.map_or(0, |b| {
+        b.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| {
+            (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+        })
+    })
+}
+
+impl Drop for RedbNode {
+    /// Lets the lazy writes finish and the store close cleanly (a store
+    /// still open in another thread at exit would need a repair).
+    fn drop(&mut self) {
+        self.lazy.take();
+        if let Some(h) = self.lazy_thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl RedbNode {
+    pub(super) fn keep<T>(&self, r: Result<T, StoreError>) -> StoreResult<T> {
+        r.map_err(|e| {
+            let fault = StoreFault(e.to_string());
+            if let Ok(mut slot) = self.error.lock() {
+                slot.get_or_insert(e);
+            }
+            fault
+        })
+    }
+
+    pub(super) fn take_error(&self) -> Option<StoreError> {
+        self.error.lock().ok().and_then(|mut e| e.take())
+    }
+}
+
+impl NodeStore for RedbNode {
+    fn due_tasks(
+        &self,
+        after: Option<DueKey>,
+        until: Timestamp,
+        max: usize,
+    ) -> StoreResult<Vec<(TaskSpec, Timestamp)>> {
+        self.keep(self.store.due_tasks(after, until, max))
+    }
+    fn tasks_by_id(&self, ids: &[TaskId]) -> StoreResult<Vec<Option<StoredTask>>> {
+        self.keep(self.store.tasks_by_id(ids))
+    }
+    fn apply_changes(
+        &mut self,
+        upserts: &[TaskSpec],
+        removed: &[TaskId],
+        states: &[(TaskId, Option<Timestamp>)],
+        revision: Option<u64>,
+    ) -> StoreResult<()> {
+        self.keep(self.store.apply_changes(upserts, removed, states, revision))
+    }
+    fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
+        let w = StepWrite {
+            states: step.states.clone(),
+            started: step
+                .started
+                .iter()
+                .map(|(k, s)| {
+                    (
+                        *k,
+                        StartedInfo {
+                            fired_at: s.fired_at,
+                            offline: s.offline,
+                        },
+                    )
+                })
+                .collect(),
+            records: step.records.clone(),
+            retries: step.retries.clone(),
+        };
+        self.keep(self.store.apply_step(&w))
+    }
+    fn finish_run(
+        &mut self,
+        record: &RunRecord,
+        retry: Option<(RunKey, Timestamp)>,
+    ) -> StoreResult<()> {
+        self.keep(self.store.finish_run(record, retry))
+    }
+    fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>> {
+        self.keep(self.store.pending_retries())
+    }
+    fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>> {
+        let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
+        let r = self.store.recover_interrupted(agent, now, &self.leftovers);
+        self.keep(r)
+    }
+    fn outbox_after(
+        &self,
+        after: u64,
+        runs_max: usize,
+        bytes_max: usize,
+    ) -> StoreResult<Vec<(u64, RunRecord)>> {
+        self.keep(self.store.outbox_after(after, runs_max, bytes_max))
+    }
+    fn outbox_ack(&mut self, keys: &[RunKey]) -> StoreResult<usize> {
+        if let Some(lazy) = &self.lazy {
+            if lazy.try_send(LazyWrite::Ack(keys.to_vec())).is_ok() {
+                return Ok(keys.len());
+            }
+        }
+        self.keep(self.store.outbox_ack(keys))
+    }
+    fn outbox_len(&self) -> StoreResult<u64> {
+        self.keep(self.store.outbox_len())
+    }
+    fn last_revision(&self) -> StoreResult<u64> {
+        self.keep(self.store.get_meta::<u64>(meta::LAST_REVISION))
+            .map(Option::unwrap_or_default)
+    }
+    fn set_last_revision(&mut self, revision: u64) -> StoreResult<()> {
+        self.keep(self.store.put_meta(&[(meta::LAST_REVISION, revision)]))
+    }
+    fn clock_state(&self) -> StoreResult<ClockState> {
+        let offset_ms = self
+            .keep(self.store.get_meta::<i64>(meta::CLOCK_OFFSET_MS))?
+            .unwrap_or(0);
+        let offset_boot = self
+            .keep(self.store.get_meta::<String>(meta::CLOCK_OFFSET_BOOT))?
+            .map_or(u64::MAX, |b| boot_hash(Some(&b)));
+        let last_known_good = self
+            .keep(self.store.get_meta::<i64>(meta::LAST_KNOWN_GOOD_MS))?
+            .and_then(|ms| Timestamp::from_millis(ms).ok());
+        let anchor = self
+            .keep(self.store.get_meta::<(String, i64, i64)>(meta::BOOT_ANCHOR))?
+            .map(|(b, boot_ms, time_ms)| (boot_hash(Some(&b)), Anchor { boot_ms, time_ms }));
+        Ok(ClockState {
+            offset_ms,
+            offset_boot,
+            last_known_good,
+            anchor,
+        })
+    }
+    fn set_clock_state(&mut self, cs: &ClockState) -> StoreResult<()> {
+        let mut ints = vec![(meta::CLOCK_OFFSET_MS, cs.offset_ms)];
+        if let Some(g) = cs.last_known_good {
+            ints.push((meta::LAST_KNOWN_GOOD_MS, g.as_millis()));
+        }
+        self.keep(self.store.put_meta(&ints))?;
+        // After the offset: a crash between the two leaves an older boot's
+        // id, and the offset is then not applied (safe).
+        if let Some(boot) = self.boot.clone() {
+            if cs.offset_boot == self.boot_hash {
+                self.keep(
+                    self.store
+                        .put_meta(&[(meta::CLOCK_OFFSET_BOOT, boot.clone())]),
+                )?;
+            }
+            if let Some((b, a)) = cs.anchor {
+                if b == self.boot_hash {
+                    self.keep(
+                        self.store
+                            .put_meta(&[(meta::BOOT_ANCHOR, (boot, a.boot_ms, a.time_ms))]),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn set_clock_held(&mut self, held: bool) -> StoreResult<()> {
+        self.keep(self.store.put_meta(&[(meta::CLOCK_HELD, held)]))
+    }
+    fn set_last_sync(&mut self, wall: Timestamp) -> StoreResult<()> {
+        if let Some(lazy) = &self.lazy {
+            if lazy.try_send(LazyWrite::LastSync(wall.as_millis())).is_ok() {
+                return Ok(());
+            }
+        }
+        self.keep(
+            self.store
+                .put_meta(&[(meta::LAST_SYNC_MS, wall.as_millis())]),
+        )
+    }
+    fn set_revoked(&mut self) -> StoreResult<()> {
+        self.keep(self.store.put_meta(&[(meta::REVOKED, true)]))
+    }
+}
