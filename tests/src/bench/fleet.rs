@@ -1,0 +1,195 @@
+//! Fleets held by one coordinator: idle agents, heals after a cut, the reconnect storm.
+
+use super::*;
+
+pub async fn fleet(quick: bool, exe: &Path) -> Table {
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    // SUNDIAL_BENCH_FLEET_ROWS=idle,heal,storm picks rows (all by default);
+    // SUNDIAL_BENCH_IDLE_SIZES=N,M the idle fleets.
+    let rows_env = std::env::var("SUNDIAL_BENCH_FLEET_ROWS").unwrap_or_default();
+    let want = |r: &str| rows_env.is_empty() || rows_env.split(',').any(|x| x.trim() == r);
+    let idle_sizes: Vec<usize> = match std::env::var("SUNDIAL_BENCH_IDLE_SIZES") {
+        Ok(v) => v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+        Err(_) if quick => vec![300],
+        Err(_) => vec![10_000, 100_000],
+    };
+    for &n in idle_sizes.iter().filter(|_| want("idle")) {
+        let deadline = Duration::from_secs(if quick {
+            60
+        } else if n >= 100_000 {
+            240
+        } else {
+            120
+        });
+        match crate::light::idle(
+            exe,
+            n,
+            n.min(IDLE_IDENTITIES_MAX),
+            IDLE_AGENTS_PER_SOCKET,
+            deadline,
+        )
+        .await
+        {
+            Ok(r) => {
+                rows.push(Row {
+                    metric: format!("idle agents held by one coordinator (of {n} connecting)"),
+                    value: format!(
+                        "{} held, {:.1} KiB coordinator RSS per agent, {:.0}% of a core while idle",
+                        r.held, r.rss_kib_per_agent, r.idle_cpu_pct
+                    ),
+                    baselines: "—".into(),
+                    target: if n >= 100_000 {
+                        "100,000 held, ≤ 30 KiB each".into()
+                    } else {
+                        "10,000 idle agents".into()
+                    },
+                    verdict: met(if n >= 100_000 {
+                        r.held >= 100_000 && r.rss_kib_per_agent <= 30.0
+                    } else {
+                        r.held >= 10_000
+                    }),
+                });
+                notes.push(format!("{n} idle agents: light agents (see the storm row) over {} client sockets, {} enrolled \
+                    identities shared round-robin (a coordinator serves several sessions of one agent as it would many \
+                    agents); every one in session took {:.1} s at a handshake budget of {}/s; RSS (from /proc, less the \
+                    coordinator's before any agent) and CPU (utime + stime over 10 s) of the coordinator process.",
+                    r.sockets, r.identities, r.connect.as_secs_f64(), handshakes_for_bench()));
+            }
+            Err(e) => notes.push(format!("idle agents ({n}): failed: {e:#}")),
+        }
+    }
+    let heal_n = if quick { 50 } else { 1_000 };
+    match if want("heal") {
+        heal(exe, heal_n).await
+    } else {
+        Ok(Vec::new())
+    } {
+        Ok(v) if v.is_empty() => {}
+        Ok(v) => {
+            let (m, _, _) = stats(&v);
+            rows.push(Row {
+                metric: format!("{heal_n} agents cut at once: heal → all synced"),
+                value: fmt3(&v, "s"),
+                baselines: "—".into(),
+                target: "≤ 5 s".into(),
+                verdict: met(m <= 5.0 && heal_n >= 1_000),
+            });
+            notes.push(format!("{heal_n} in-process agents, each behind its own relay and firing every 15 s, cut for 16 s \
+                (longer than the idle timeout), then healed at once; the clock stops when every outbox is empty."));
+        }
+        Err(e) => notes.push(format!("heal: failed: {e:#}")),
+    }
+    let (storm_n, budget) = if quick {
+        (300, 100)
+    } else {
+        (
+            10_000,
+            sundial_coordinator::server::handshakes_per_sec_default(),
+        )
+    };
+    let deadline = Duration::from_secs(if quick { 60 } else { 120 });
+    let storm = if want("storm") {
+        Some(crate::light::storm(exe, storm_n, Duration::from_secs(16), budget, deadline).await)
+    } else {
+        None
+    };
+    match storm {
+        None => {}
+        Some(Ok(r)) => {
+            let secs = r.healed.as_secs_f64();
+            let all = r.synced_again == r.agents;
+            let under = r.handshakes_max_per_sec as f64 <= f64::from(r.budget) * 1.1;
+            rows.push(Row {
+                metric: format!("{} agents healed at once: all synced", r.agents),
+                value: if all {
+                    format!("{secs:.1} s")
+                } else {
+                    format!("{} of {} in {secs:.0} s", r.synced_again, r.agents)
+                },
+                baselines: "—".into(),
+                target: "≤ 30 s".into(),
+                verdict: met(all && secs <= 30.0 && !quick),
+            });
+            rows.push(Row {
+                metric: format!("{} agents healed at once: coordinator handshakes", r.agents),
+                value: format!(
+                    "at most {} in any second (budget {}/s); {} attempts refused at once",
+                    r.handshakes_max_per_sec, r.budget, r.refused
+                ),
+                baselines: "—".into(),
+                target: "never above the budget".into(),
+                verdict: met(under),
+            });
+            notes.push(format!("{n} light agents (the core's session machine each — reconnect policy, backoff, Hello — \
+                over connections of one client socket, no store) synced in {first:.1} s; then the coordinator process was \
+                killed, stayed away 16 s, and came back on the same address and store with a handshake budget of {b}/s \
+                (the default: 250 per core; the burst is a tenth of it, so the most in a second may reach 1.1 × the budget). \
+                Synced = assignments received in a new session. Handshakes are counted by the agents as they complete.",
+                n = r.agents, first = r.first_sync.as_secs_f64(), b = r.budget));
+        }
+        Some(Err(e)) => notes.push(format!("storm: failed: {e:#}")),
+    }
+    Table {
+        suite: "fleet",
+        notes,
+        rows,
+    }
+}
+
+/// Enrolled identities of the idle fleet (more agents share them).
+pub(super) const IDLE_IDENTITIES_MAX: usize = 2_000;
+/// Light agents per client UDP socket.
+pub(super) const IDLE_AGENTS_PER_SOCKET: usize = 10_000;
+
+/// The handshake budget the idle rows give the coordinator: this machine
+/// connects ~1,000 a second with both ends on it; the budget is not what
+/// those rows measure.
+pub(crate) fn handshakes_for_bench() -> u32 {
+    2_000
+}
+
+pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut rng = Rng::new(42);
+    let fleet = Fleet::start(exe, n, true, &mut rng).await?;
+    let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
+    for a in 0..n {
+        let anchor = now.saturating_add_ms(rng.below(15_000) as i64);
+        fleet
+            .add_task(
+                a,
+                "beat",
+                Schedule::every(DurationMs(15_000), anchor)?,
+                0,
+                Policies::default(),
+            )
+            .await?;
+    }
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for a in &fleet.agents {
+            a.relay.set(LinkConfig::partition());
+        }
+        tokio::time::sleep(Duration::from_secs(16)).await;
+        let t = Instant::now();
+        for a in &fleet.agents {
+            a.relay.set(LinkConfig::pass());
+        }
+        loop {
+            let (outbox, _) = fleet.backlog();
+            if outbox == 0 {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "heal did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        out.push(t.elapsed().as_secs_f64());
+    }
+    let mut fleet = fleet;
+    fleet.stop().await;
+    Ok(out)
+}
