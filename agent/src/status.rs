@@ -40,12 +40,21 @@ pub struct Status {
     pub last_revision: u64,
     pub outbox_len: u64,
     pub runs_in_progress: usize,
+    /// The tasks listed: all of them, or beyond [`STATUS_TASKS_MAX`] the
+    /// next ones to fire.
     pub tasks: Vec<TaskStatus>,
+    /// Tasks stored in all.
+    pub tasks_total: u64,
     /// The agent stopped uncleanly and its store awaits the repair the
     /// agent makes when it starts: shown from a repaired copy, the store
     /// itself untouched.
     pub store_needs_recovery: bool,
 }
+
+/// Beyond this many tasks stored, `status` lists only the next this many
+/// to fire (from the store's due index): a store of ten million tasks is
+/// read in milliseconds, not minutes.
+pub const STATUS_TASKS_MAX: usize = 100;
 
 fn ts_text(ms: Option<i64>) -> Option<String> {
     ms.and_then(|m| Timestamp::from_millis(m).ok())
@@ -98,16 +107,31 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?;
-    let states = store.task_states()?;
-    let mut tasks: Vec<TaskSpec> = store.tasks()?;
-    tasks.sort_by_key(|t| t.id);
-    let tasks = tasks
+    let tasks_total = store.task_count()?;
+    let listed: Vec<(TaskSpec, Option<Timestamp>)> = if tasks_total as usize <= STATUS_TASKS_MAX {
+        let states = store.task_states()?;
+        let mut tasks: Vec<TaskSpec> = store.tasks()?;
+        tasks.sort_by_key(|t| t.id);
+        tasks
+            .into_iter()
+            .map(|t| {
+                let next = match states.get(&t.id) {
+                    Some(n) => *n,
+                    None => first_occurrence(&t.schedule, t.created_at),
+                };
+                (t, next)
+            })
+            .collect()
+    } else {
+        store
+            .due_tasks(None, Timestamp::MAX, STATUS_TASKS_MAX)?
+            .into_iter()
+            .map(|(t, due)| (t, Some(due)))
+            .collect()
+    };
+    let tasks = listed
         .into_iter()
-        .map(|t| {
-            let next = match states.get(&t.id) {
-                Some(n) => *n,
-                None => first_occurrence(&t.schedule, t.created_at),
-            };
+        .map(|(t, next)| {
             let sundial_protocol::task::Action::Exec(exec) = &t.action;
             TaskStatus {
                 task_id: t.id.to_string(),
@@ -131,6 +155,7 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         outbox_len: store.outbox_len()?,
         runs_in_progress: store.started()?.len(),
         tasks,
+        tasks_total,
         store_needs_recovery: copy.is_some(),
     })
 }
@@ -190,7 +215,16 @@ pub fn render(s: &Status) -> String {
         s.outbox_len
     );
     let _ = writeln!(out, "in progress:    {} run(s)", s.runs_in_progress);
-    let _ = writeln!(out, "tasks:          {}", s.tasks.len());
+    if s.tasks_total as usize > s.tasks.len() {
+        let _ = writeln!(
+            out,
+            "tasks:          {} (the next {} to fire listed)",
+            s.tasks_total,
+            s.tasks.len()
+        );
+    } else {
+        let _ = writeln!(out, "tasks:          {}", s.tasks_total);
+    }
     if !s.tasks.is_empty() {
         let rows: Vec<[String; 5]> = s
             .tasks
@@ -240,4 +274,56 @@ pub fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String
         line(r.iter().map(String::as_str).collect());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundial_protocol::task::{Action, ExecSpec, Target};
+    use sundial_protocol::{AgentId, Schedule, TaskId};
+
+    fn task(id: u64, at_ms: i64) -> TaskSpec {
+        TaskSpec {
+            id: TaskId(id),
+            name: None,
+            target: Target::Agent(AgentId(1)),
+            schedule: Schedule::at(Timestamp::from_millis_saturating(at_ms)),
+            action: Action::Exec(ExecSpec {
+                program: "/bin/true".into(),
+                ..ExecSpec::default()
+            }),
+            policies: Default::default(),
+            revision: id,
+            created_at: Timestamp::from_millis_saturating(0),
+        }
+    }
+
+    #[test]
+    fn a_big_store_lists_the_next_tasks_to_fire_and_says_how_many_there_are() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = crate::runtime::store_path(dir.path());
+        let n = STATUS_TASKS_MAX as u64 + 50;
+        {
+            let store = AgentStore::open(&path).expect("store");
+            // Due in the reverse order of their ids.
+            let tasks = (1..=n).map(|i| task(i, 2_000_000_000_000 - i as i64 * 1_000));
+            store.import_tasks(tasks, 1_000).expect("import");
+        }
+        let s = read(dir.path()).expect("status");
+        assert_eq!(s.tasks_total, n);
+        assert_eq!(s.tasks.len(), STATUS_TASKS_MAX);
+        assert_eq!(s.tasks[0].task_id, TaskId(n).to_string(), "soonest first");
+        assert!(render(&s).contains(&format!("{n} (the next {STATUS_TASKS_MAX} to fire listed)")));
+
+        // A small store lists every task, as before.
+        let small = tempfile::tempdir().expect("temp dir");
+        {
+            let store = AgentStore::open(&crate::runtime::store_path(small.path())).expect("store");
+            store
+                .import_tasks((1..=3).map(|i| task(i, 1)), 10)
+                .expect("import");
+        }
+        let s = read(small.path()).expect("status");
+        assert_eq!((s.tasks_total, s.tasks.len()), (3, 3));
+    }
 }
