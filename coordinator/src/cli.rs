@@ -2,6 +2,7 @@
 //! output formats.
 
 use clap::{Args, ValueEnum};
+pub use sundial_protocol::task::labels_text;
 use sundial_protocol::{DurationMs, Schedule, Timestamp};
 
 /// How a read command prints.
@@ -164,13 +165,4 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         line(&cells);
     }
     out
-}
-
-/// Labels as `k=v,k=v`.
-pub fn labels_text(labels: &[(String, String)]) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }

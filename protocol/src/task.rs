@@ -248,3 +248,12 @@ impl RunRecord {
             .map(|f| DurationMs(f.millis_since(self.scheduled_at).max(0) as u64))
     }
 }
+
+/// Labels as an operator writes them: `k=v,k2=v2`.
+pub fn labels_text(labels: &[(String, String)]) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use sundial_protocol::policy::RETRIES_MAX;
-use sundial_protocol::task::{Action, Target};
+use sundial_protocol::task::{labels_text, Action, Target};
 use sundial_protocol::token::{hex, sha256};
 use sundial_protocol::wire::{
     chunk_by_size, AdminRequest, AdminResponse, AgentInfo, TaskDraft, TaskInfo, TaskPatch,
@@ -168,14 +168,6 @@ pub fn all_tokens(store: &dyn CoordStore) -> StoreResult<Vec<JoinToken>> {
         |t: &JoinToken| t.secret_sha256,
         |after| store.tokens(after, PAGE_MAX),
     )
-}
-
-fn labels_text(labels: &[(String, String)]) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn agent_info(r: Agent, seen: Option<&SeenView>) -> AgentInfo {
