@@ -247,7 +247,14 @@ impl std::fmt::Debug for Handle {
 #[derive(Debug)]
 pub struct AgentStore {
     db: Handle,
+    /// Set for a store whose disk outlives nothing but the process (the
+    /// simulator's memory): most commits skip the flush.
+    volatile: Option<std::sync::atomic::AtomicU32>,
 }
+
+/// A volatile store flushes one commit in this many (so redb frees the
+/// pages the others left).
+const VOLATILE_FLUSH_EVERY: u32 = 64;
 
 impl AgentStore {
     /// Opens (creating if needed) the store at `path` for writing. Other
@@ -366,6 +373,7 @@ impl AgentStore {
             .map_err(db_err("open read-only"))?;
         Ok(AgentStore {
             db: Handle::ReadOnly(db),
+            volatile: None,
         })
     }
 
@@ -377,8 +385,18 @@ impl AgentStore {
         AgentStore::init(Handle::ReadWrite(db))
     }
 
+    /// A store in memory that outlives the simulated processes using it,
+    /// not the program: the simulator's. Commits are atomic and seen by
+    /// the next transaction as always; most skip the flush, which guards
+    /// only against a crash of the program itself.
+    pub fn open_in_memory_volatile() -> Result<AgentStore> {
+        let mut store = AgentStore::open_with_backend(redb::backends::InMemoryBackend::new())?;
+        store.volatile = Some(std::sync::atomic::AtomicU32::new(0));
+        Ok(store)
+    }
+
     fn init(db: Handle) -> Result<AgentStore> {
-        let store = AgentStore { db };
+        let store = AgentStore { db, volatile: None };
         let txn = store.begin_write()?;
         {
             // Creating every table up front lets readers open them unconditionally.
@@ -472,7 +490,17 @@ impl AgentStore {
 
     fn begin_write(&self) -> Result<redb::WriteTransaction> {
         match &self.db {
-            Handle::ReadWrite(db) => db.begin_write().map_err(db_err("begin write")),
+            Handle::ReadWrite(db) => {
+                let mut txn = db.begin_write().map_err(db_err("begin write"))?;
+                if let Some(n) = &self.volatile {
+                    let k = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k % VOLATILE_FLUSH_EVERY != 0 {
+                        txn.set_durability(redb::Durability::None)
+                            .map_err(db_err("set durability"))?;
+                    }
+                }
+                Ok(txn)
+            }
             Handle::ReadOnly(_) => Err(StoreError::ReadOnly),
         }
     }
@@ -914,7 +942,6 @@ impl AgentStore {
     pub fn recover_interrupted(
         &self,
         agent_id: AgentId,
-        _now: Timestamp,
         leftovers: &std::collections::HashMap<(u64, i64, u32), String>,
     ) -> Result<Vec<RunRecord>> {
         let started = self.started()?;

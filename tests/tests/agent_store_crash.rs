@@ -256,7 +256,7 @@ fn interrupted_runs_become_records_once() {
         })
         .expect("step");
     let recs = store
-        .recover_interrupted(AgentId(4), at(9000), &Default::default())
+        .recover_interrupted(AgentId(4), &Default::default())
         .expect("recover");
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].outcome, Outcome::Interrupted);
@@ -265,7 +265,7 @@ fn interrupted_runs_become_records_once() {
     assert_eq!(recs[0].finished_at, None);
     assert!(store.started().expect("read").is_empty());
     assert!(store
-        .recover_interrupted(AgentId(4), at(9000), &Default::default())
+        .recover_interrupted(AgentId(4), &Default::default())
         .expect("again")
         .is_empty());
     assert_eq!(store.outbox_len().expect("len"), 1);

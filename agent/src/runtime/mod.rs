@@ -47,6 +47,7 @@ pub use files::restrict_file;
 use files::*;
 use leftovers::*;
 use log::*;
+pub use redb_node::RedbNode;
 use redb_node::*;
 
 pub use sundial_core::node::{MANUAL_DETAIL, STOPPED_DETAIL};

@@ -48,7 +48,9 @@ pub(super) fn lazy_writer(store: Arc<AgentStore>) -> Option<LazyWriter> {
 
 /// The node's view of the redb store. Each method is one transaction; a
 /// failure is kept (so the agent exits with it) and reported to the node.
-pub(super) struct RedbNode {
+/// The agent runs it over a file; the virtual simulator over redb's
+/// in-memory backend ([`RedbNode::plain`]), so both run the same store code.
+pub struct RedbNode {
     pub(super) store: Arc<AgentStore>,
     pub(super) lazy: Option<std::sync::mpsc::SyncSender<LazyWrite>>,
     pub(super) lazy_thread: Option<std::thread::JoinHandle<()>>,
@@ -69,6 +71,15 @@ pub(super) fn boot_hash(boot: Option<&str>) -> u64 {
     })
 }
 
+impl std::fmt::Debug for RedbNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbNode")
+            .field("boot", &self.boot)
+            .field("lazy", &self.lazy.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for RedbNode {
     /// Lets the lazy writes finish and the store close cleanly (a store
     /// still open in another thread at exit would need a repair).
@@ -81,6 +92,31 @@ impl Drop for RedbNode {
 }
 
 impl RedbNode {
+    /// The store without what only a process has: no lazy writer (every
+    /// write in place), nothing left running by a previous process. `boot`
+    /// names the boot the node runs in (the clock offset and anchor are
+    /// kept for it alone).
+    pub fn plain(store: Arc<AgentStore>, boot: Option<String>) -> RedbNode {
+        RedbNode {
+            store,
+            lazy: None,
+            lazy_thread: None,
+            leftovers: HashMap::new(),
+            boot_hash: boot_hash(boot.as_deref()),
+            boot,
+            error: Mutex::new(None),
+        }
+    }
+
+    /// The boot's hash, as [`NodeConfig::boot_id`](sundial_core::node::NodeConfig) wants it.
+    pub fn boot_hash(&self) -> u64 {
+        self.boot_hash
+    }
+
+    pub fn store(&self) -> &Arc<AgentStore> {
+        &self.store
+    }
+
     pub(super) fn keep<T>(&self, r: Result<T, StoreError>) -> StoreResult<T> {
         r.map_err(|e| {
             let fault = StoreFault(e.to_string());
@@ -149,8 +185,7 @@ impl NodeStore for RedbNode {
         self.keep(self.store.pending_retries())
     }
     fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>> {
-        let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
-        let r = self.store.recover_interrupted(agent, now, &self.leftovers);
+        let r = self.store.recover_interrupted(agent, &self.leftovers);
         self.keep(r)
     }
     fn outbox_after(

@@ -1,82 +1,127 @@
-//! The agent's store in memory: every write one atomic commit, as redb's
-//! are; what the checks read of it (ledger, outbox) is kept beside.
+//! The agent's store in the simulator: the agent's own redb store code
+//! (`sundial_agent::store` behind the node adapter the agent runs,
+//! `RedbNode`) over redb's in-memory backend. Beside it, what the checks
+//! need and no store keeps: every record ever committed to the outbox.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use sundial_agent::runtime::RedbNode;
+use sundial_agent::store::AgentStore;
 
 use super::*;
 
-#[derive(Debug, Default)]
-pub(super) struct MemStore {
-    pub(super) tasks: BTreeMap<TaskId, TaskSpec>,
-    pub(super) states: HashMap<TaskId, Option<Timestamp>>,
-    /// (next due, id) of every task with one.
-    pub(super) due: BTreeSet<DueKey>,
-    pub(super) started: BTreeMap<RunKey, Started>,
-    pub(super) outbox: BTreeMap<u64, RunRecord>,
-    pub(super) outbox_keys: HashMap<RunKey, u64>,
-    pub(super) next_seq: u64,
-    pub(super) last_revision: u64,
-    pub(super) clock: ClockState,
-    pub(super) retries: BTreeMap<RunKey, Timestamp>,
-    /// Every record ever committed to the outbox (for the checks).
+/// An agent's store with the ledger the checks read.
+pub(super) struct SimStore {
+    node: RedbNode,
+    /// Every record committed to the outbox (for the checks).
     pub(super) ledger: Vec<RunRecord>,
 }
 
-impl MemStore {
-    pub(super) fn set_state(&mut self, id: TaskId, next: Option<Timestamp>) {
-        if let Some(Some(old)) = self.states.insert(id, next) {
-            self.due.remove(&(old, id));
+/// The store while its agent is down: the database stays (it is the disk),
+/// the process-held adapter goes.
+pub(super) struct Parked {
+    store: Arc<AgentStore>,
+    ledger: Vec<RunRecord>,
+}
+
+impl std::fmt::Debug for SimStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimStore")
+            .field("ledger", &self.ledger.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("ledger", &self.ledger.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Parked {
+    /// A new device's empty store.
+    pub(super) fn fresh() -> Result<Parked, String> {
+        let store =
+            AgentStore::open_in_memory_volatile().map_err(|e| format!("agent store: {e}"))?;
+        Ok(Parked {
+            store: Arc::new(store),
+            ledger: Vec::new(),
+        })
+    }
+
+    /// The store as a process started in boot `boot_id` sees it.
+    pub(super) fn open(self, boot_id: u64) -> SimStore {
+        SimStore {
+            node: RedbNode::plain(self.store, Some(format!("sim-boot-{boot_id}"))),
+            ledger: self.ledger,
         }
-        if let Some(t) = next {
-            self.due.insert((t, id));
+    }
+}
+
+impl SimStore {
+    pub(super) fn park(self) -> Parked {
+        Parked {
+            store: Arc::clone(self.node.store()),
+            ledger: self.ledger,
         }
+    }
+
+    pub(super) fn boot_hash(&self) -> u64 {
+        self.node.boot_hash()
+    }
+
+    fn store(&self) -> &AgentStore {
+        self.node.store()
     }
 
     /// The tasks stored, by id.
     pub(super) fn task_ids(&self) -> Vec<TaskId> {
-        self.tasks.keys().copied().collect()
+        let mut ids: Vec<TaskId> = self
+            .store()
+            .tasks()
+            .map(|ts| ts.into_iter().map(|t| t.id).collect())
+            .unwrap_or_default();
+        ids.sort();
+        ids
     }
 
-    pub(super) fn outbox_put(&mut self, r: &RunRecord) {
-        let key = r.key();
-        if self.outbox_keys.contains_key(&key) {
-            return;
+    pub(super) fn revision(&self) -> u64 {
+        NodeStore::last_revision(&self.node).unwrap_or(0)
+    }
+
+    /// The keys of the records waiting in the outbox.
+    pub(super) fn outbox_keys(&self) -> HashSet<RunKey> {
+        let mut keys = HashSet::new();
+        let mut after = 0;
+        while let Ok(page) = self.store().outbox_after(after, 1_000, usize::MAX) {
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = *last;
+            keys.extend(page.iter().map(|(_, r)| r.key()));
         }
-        self.next_seq += 1;
-        self.outbox.insert(self.next_seq, r.clone());
-        self.outbox_keys.insert(key, self.next_seq);
-        self.ledger.push(r.clone());
+        keys
+    }
+
+    pub(super) fn outbox_count(&self) -> u64 {
+        self.store().outbox_len().unwrap_or(0)
     }
 }
 
-impl NodeStore for MemStore {
+impl NodeStore for SimStore {
     fn due_tasks(
         &self,
         after: Option<DueKey>,
         until: Timestamp,
         max: usize,
     ) -> StoreResult<Vec<(TaskSpec, Timestamp)>> {
-        let end = Bound::Included((until, TaskId(u64::MAX)));
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        Ok(self
-            .due
-            .range((start, end))
-            .take(max)
-            .filter_map(|(t, id)| self.tasks.get(id).map(|task| (task.clone(), *t)))
-            .collect())
+        self.node.due_tasks(after, until, max)
     }
     fn tasks_by_id(&self, ids: &[TaskId]) -> StoreResult<Vec<Option<StoredTask>>> {
-        Ok(ids
-            .iter()
-            .map(|id| {
-                self.tasks.get(id).map(|t| {
-                    let due = self
-                        .states
-                        .get(id)
-                        .copied()
-                        .unwrap_or_else(|| first_occurrence(&t.schedule, t.created_at));
-                    (t.clone(), due)
-                })
-            })
-            .collect())
+        self.node.tasks_by_id(ids)
     }
     fn apply_changes(
         &mut self,
@@ -85,46 +130,11 @@ impl NodeStore for MemStore {
         states: &[(TaskId, Option<Timestamp>)],
         revision: Option<u64>,
     ) -> StoreResult<()> {
-        for id in removed {
-            self.tasks.remove(id);
-            self.retries.retain(|k, _| k.task_id != *id);
-            if let Some(Some(t)) = self.states.remove(id) {
-                self.due.remove(&(t, *id));
-            }
-        }
-        for t in upserts {
-            self.tasks.insert(t.id, t.clone());
-            if !self.states.contains_key(&t.id) && !states.iter().any(|(id, _)| *id == t.id) {
-                self.set_state(t.id, first_occurrence(&t.schedule, t.created_at));
-            }
-        }
-        for (id, due) in states {
-            self.set_state(*id, *due);
-        }
-        if let Some(r) = revision {
-            self.last_revision = r;
-        }
-        Ok(())
+        self.node.apply_changes(upserts, removed, states, revision)
     }
     fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
-        for (id, due) in &step.states {
-            if self.tasks.contains_key(id) {
-                self.set_state(*id, *due);
-            }
-        }
-        for (key, s) in &step.started {
-            self.started.insert(*key, *s);
-            self.retries.remove(key);
-        }
-        for r in &step.records {
-            self.retries.remove(&r.key());
-            self.outbox_put(r);
-        }
-        for (key, when) in &step.retries {
-            if self.tasks.contains_key(&key.task_id) {
-                self.retries.insert(*key, *when);
-            }
-        }
+        self.node.apply_step(step)?;
+        self.ledger.extend(step.records.iter().cloned());
         Ok(())
     }
     fn finish_run(
@@ -132,79 +142,51 @@ impl NodeStore for MemStore {
         record: &RunRecord,
         retry: Option<(RunKey, Timestamp)>,
     ) -> StoreResult<()> {
-        self.started.remove(&record.key());
-        self.retries.remove(&record.key());
-        if let Some((key, when)) = retry.filter(|(k, _)| self.tasks.contains_key(&k.task_id)) {
-            self.retries.insert(key, when);
-        }
-        self.outbox_put(record);
+        self.node.finish_run(record, retry)?;
+        self.ledger.push(record.clone());
         Ok(())
     }
     fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>> {
-        Ok(self.retries.iter().map(|(k, t)| (*k, *t)).collect())
+        self.node.pending_retries()
     }
     fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>> {
-        let started = std::mem::take(&mut self.started);
-        let records: Vec<RunRecord> = started
-            .into_iter()
-            .map(|(key, s)| RunRecord {
-                task_id: key.task_id,
-                agent_id: agent,
-                scheduled_at: key.scheduled_at,
-                attempt: key.attempt,
-                fired_at: Some(s.fired_at),
-                finished_at: None,
-                outcome: Outcome::Interrupted,
-                exit_code: None,
-                offline: s.offline,
-                detail: Some("the agent stopped while the run was going".into()),
-                stdout_tail: Vec::new(),
-                stderr_tail: Vec::new(),
-            })
-            .collect();
-        for r in &records {
-            self.outbox_put(r);
-        }
+        let records = self.node.recover_interrupted(agent)?;
+        self.ledger.extend(records.iter().cloned());
         Ok(records)
     }
     fn outbox_after(
         &self,
         after: u64,
         runs_max: usize,
-        _bytes_max: usize,
+        bytes_max: usize,
     ) -> StoreResult<Vec<(u64, RunRecord)>> {
-        Ok(self
-            .outbox
-            .range(after + 1..)
-            .take(runs_max)
-            .map(|(s, r)| (*s, r.clone()))
-            .collect())
+        self.node.outbox_after(after, runs_max, bytes_max)
     }
     fn outbox_ack(&mut self, keys: &[RunKey]) -> StoreResult<usize> {
-        let mut n = 0;
-        for k in keys {
-            if let Some(seq) = self.outbox_keys.remove(k) {
-                self.outbox.remove(&seq);
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.node.outbox_ack(keys)
     }
     fn outbox_len(&self) -> StoreResult<u64> {
-        Ok(self.outbox.len() as u64)
+        self.node.outbox_len()
     }
     fn last_revision(&self) -> StoreResult<u64> {
-        Ok(self.last_revision)
+        self.node.last_revision()
     }
     fn set_last_revision(&mut self, revision: u64) -> StoreResult<()> {
-        self.last_revision = revision;
-        Ok(())
+        self.node.set_last_revision(revision)
     }
     fn clock_state(&self) -> StoreResult<ClockState> {
-        Ok(self.clock)
+        self.node.clock_state()
     }
     fn set_clock_state(&mut self, state: &ClockState) -> StoreResult<()> {
-        self.clock = *state;
-        Ok(())
+        self.node.set_clock_state(state)
+    }
+    fn set_clock_held(&mut self, held: bool) -> StoreResult<()> {
+        self.node.set_clock_held(held)
+    }
+    fn set_last_sync(&mut self, wall: Timestamp) -> StoreResult<()> {
+        self.node.set_last_sync(wall)
+    }
+    fn set_revoked(&mut self) -> StoreResult<()> {
+        self.node.set_revoked()
     }
 }

@@ -7,7 +7,7 @@ impl World {
     pub(super) fn node_call(
         &mut self,
         i: usize,
-        f: impl FnOnce(&mut AgentNode<MemStore>, Reading) -> StoreResult<()>,
+        f: impl FnOnce(&mut AgentNode<SimStore>, Reading) -> StoreResult<()>,
     ) {
         let r = self.reading(i);
         let Some(node) = self.agents[i].node.as_mut() else {

@@ -35,7 +35,7 @@ impl World {
                 .map(|t| t.spec.revision)
                 .max()
                 .unwrap_or(0);
-            let at = node.store().last_revision;
+            let at = node.store().revision();
             if at < latest || at > revision {
                 found.push(format!(
                     "agent {i} is at revision {at}, its latest change is {latest}, the coordinator at {revision}"
@@ -119,7 +119,7 @@ impl World {
                 continue;
             }
             let enrolled_at = self.enrolled_at(agent.id);
-            let store = node.store();
+            let outbox = node.store().outbox_keys();
             for t in &tasks {
                 let spec = &t.spec;
                 if t.removed()
@@ -137,7 +137,7 @@ impl World {
                     };
                     let done = agent.fired.contains_key(&key)
                         || runs.contains(&(agent.id, key))
-                        || store.outbox_keys.contains_key(&key);
+                        || outbox.contains(&key);
                     if !done {
                         found.push(format!(
                             "agent {i}: {key:?}, due {} ms before the quiesce point, neither ran nor was recorded (decided up to {})",
@@ -207,11 +207,12 @@ impl World {
                 continue;
             };
             let store = node.store();
+            let outbox = store.outbox_keys();
             let lost: Vec<RunKey> = store
                 .ledger
                 .iter()
                 .map(RunRecord::key)
-                .filter(|k| !runs.contains(&(agent.id, *k)) && !store.outbox_keys.contains_key(k))
+                .filter(|k| !runs.contains(&(agent.id, *k)) && !outbox.contains(k))
                 .collect();
             if let Some(first) = lost.first() {
                 found.push(format!(
@@ -219,10 +220,10 @@ impl World {
                     lost.len()
                 ));
             }
-            if !store.outbox.is_empty() {
+            if store.outbox_count() > 0 {
                 found.push(format!(
                     "agent {i}: {} records not synced by the end",
-                    store.outbox.len()
+                    store.outbox_count()
                 ));
             }
             if node.running() > 0 {

@@ -276,7 +276,10 @@ impl World {
                         self.exercised.enrollments += 1;
                         self.agents[i].id = agent_id;
                         self.agents[i].enrolled = true;
-                        self.start_agent(i, MemStore::default());
+                        match Parked::fresh() {
+                            Ok(store) => self.start_agent(i, store),
+                            Err(e) => self.fail(format!("agent {i}: {e}")),
+                        }
                     }
                     EnrollResponse::Refused { reason } => {
                         if self.exercised.store_faults == 0 {

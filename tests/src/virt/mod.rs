@@ -22,7 +22,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
-use std::ops::Bound;
 
 use sundial_coordinator::store::CoordinatorStore;
 use sundial_core::clock::Reading;
@@ -32,10 +31,10 @@ use sundial_core::coord::{
 };
 use sundial_core::coord_store::{targets, CertRole, CoordStore, StoreError};
 use sundial_core::node::{
-    AgentNode, ClockState, Horizon, NodeConfig, NodeEffect, NodeStore, SeededBugs, Started, Step,
+    AgentNode, ClockState, Horizon, NodeConfig, NodeEffect, NodeStore, SeededBugs, Step,
     StoreResult, StoredTask,
 };
-use sundial_core::scheduler::{first_occurrence, DueKey};
+use sundial_core::scheduler::DueKey;
 use sundial_core::session::agent::Closed;
 use sundial_core::session::{Event, Now, Rng};
 use sundial_protocol::policy::{MisfireMode, MisfirePolicy, Policies, RetryPolicy};
@@ -136,7 +135,7 @@ mod checks;
 mod coord;
 mod links;
 
-use agent_store::MemStore;
+use agent_store::{Parked, SimStore};
 use coord::{agent_ip, Coord, ADMIN_CERT};
 
 // ---- the world ---------------------------------------------------------------
@@ -167,9 +166,9 @@ struct Conn {
 #[derive(Debug)]
 struct Agent {
     id: AgentId,
-    node: Option<AgentNode<MemStore>>,
+    node: Option<AgentNode<SimStore>>,
     /// The store while the agent is down.
-    parked: Option<MemStore>,
+    parked: Option<Parked>,
     boot_id: u64,
     /// True time at boot: the boot clock reads `now - boot_at`.
     boot_at: i64,
@@ -529,7 +528,7 @@ impl World {
                     return;
                 };
                 self.trace(50, i as u64, 0);
-                self.agents[i].parked = Some(node.into_store());
+                self.agents[i].parked = Some(node.into_store().park());
                 self.agents[i].incarnation += 1;
                 if let Some(c) = self.agents[i].conn.take() {
                     // A crash says nothing: the coordinator finds out by
@@ -681,13 +680,14 @@ impl World {
         }
     }
 
-    fn start_agent(&mut self, i: usize, store: MemStore) {
+    fn start_agent(&mut self, i: usize, parked: Parked) {
+        let store = parked.open(self.agents[i].boot_id);
         let cfg = NodeConfig {
             agent_id: self.agents[i].id,
             agent_version: "sim".into(),
             allow_exec: Vec::new(),
             runs_concurrent_max: 64,
-            boot_id: self.agents[i].boot_id,
+            boot_id: store.boot_hash(),
             seed: self.rng.next_u64(),
             bugs: self.bugs,
             horizon: self.horizon,
@@ -993,7 +993,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
     w.at(T0 + 100 + link_ms * 2 / 5, Ev::Cut(0, [true, true], 8_000));
     w.run(T0 + 60_000 + 2 * link_ms);
     let (tasks_held, agent_revision) = w.agents[0].node.as_ref().map_or((0, 0), |node| {
-        (node.store().task_ids().len(), node.store().last_revision)
+        (node.store().task_ids().len(), node.store().revision())
     });
     BulkReport {
         tasks_held,
