@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod coordinator_cli;
 pub mod net;
+pub mod pg;
 pub mod pki;
 pub mod server;
 pub mod store;

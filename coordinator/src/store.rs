@@ -21,9 +21,10 @@ use sundial_protocol::wire::{LastRun, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 
 pub use sundial_core::coord_store::{
-    counts_from, merge_labels, targets, Agent, AgentSeen, CertRole, ChangePage, CoordStore,
-    Enrollment, JoinToken, Page, RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult,
-    StoredTask, TokenRefusal, PAGE_MAX, RESTORE_GAP_MAX, RUN_LIST_BYTES_MAX,
+    counts_from, merge_labels, targets, Agent, AgentSeen, CertPage, CertRole, ChangePage,
+    CoordStore, Enrollment, JoinToken, Page, QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery,
+    StoreError, StoreResult, StoredTask, TokenRefusal, PAGE_MAX, RESTORE_GAP_MAX,
+    RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -55,6 +56,12 @@ const RUNS_BY_AGENT: TableDefinition<(u64, i64, u64, u32), u8> =
 const RUNS_INDEXED: &str = "runs_indexed";
 /// Revoked agents an operator removed from the lists (their runs stay).
 const FORGOTTEN: TableDefinition<u64, u8> = TableDefinition::new("forgotten_agents");
+/// Certificates added and revoked, by sequence number: seq → fingerprint
+/// and role (`None`: revoked).
+const CERT_FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("cert_feed");
+/// Queued run-nows: (agent, task, at ms) → queued at ms.
+const RUN_NOW: TableDefinition<(u64, u64, i64), i64> = TableDefinition::new("run_now");
+const CERT_SEQ: &str = "cert_seq";
 
 /// The latest run of a task on an agent, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +216,8 @@ impl CoordinatorStore {
             txn.open_table(RUNS_BY_AGENT)
                 .map_err(db_err("create tables"))?;
             txn.open_table(FORGOTTEN).map_err(db_err("create tables"))?;
+            txn.open_table(CERT_FEED).map_err(db_err("create tables"))?;
+            txn.open_table(RUN_NOW).map_err(db_err("create tables"))?;
         }
         txn.commit().map_err(db_err("create tables"))?;
         store.index_runs()?;
@@ -261,6 +270,26 @@ impl CoordinatorStore {
             Some(v) => Ok(records::decode("meta", key, v.value())?),
             None => Ok(0),
         }
+    }
+
+    /// Appends a certificate change to the feed under the next sequence number.
+    fn feed_cert(
+        txn: &redb::WriteTransaction,
+        fingerprint: &[u8],
+        role: Option<CertRoleV1>,
+        context: &'static str,
+    ) -> Result<()> {
+        let mut meta = txn.open_table(META).map_err(db_err(context))?;
+        let seq = Self::meta_u64(&meta, CERT_SEQ)? + 1;
+        meta.insert(CERT_SEQ, records::encode(&seq).as_slice())
+            .map_err(db_err(context))?;
+        let mut feed = txn.open_table(CERT_FEED).map_err(db_err(context))?;
+        feed.insert(
+            seq,
+            records::encode(&(fingerprint.to_vec(), role)).as_slice(),
+        )
+        .map_err(db_err(context))?;
+        Ok(())
     }
 
     /// Gives task `id` the next global revision: the revision index moves
@@ -420,6 +449,7 @@ impl CoordStore for CoordinatorStore {
             )
             .map_err(db_err("add admin"))?;
         }
+        Self::feed_cert(&txn, &fingerprint, Some(CertRoleV1::Admin), "add admin")?;
         txn.commit().map_err(db_err("commit admin"))
     }
 
@@ -563,6 +593,12 @@ impl CoordStore for CoordinatorStore {
                 .map_err(db_err("enroll"))?;
             stored.into_agent(e.agent, false)?
         };
+        Self::feed_cert(
+            &txn,
+            &e.cert_sha256,
+            Some(CertRoleV1::Agent(e.agent)),
+            "enroll",
+        )?;
         txn.commit().map_err(db_err("commit enrollment"))?;
         Ok(Ok(agent))
     }
@@ -1192,6 +1228,126 @@ impl CoordStore for CoordinatorStore {
         let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
         t.len().map_err(db_err("read runs"))
     }
+
+    fn cert_seq(&self) -> Result<u64> {
+        let txn = self.db.begin_read().map_err(db_err("read cert feed"))?;
+        let t = txn.open_table(META).map_err(db_err("read cert feed"))?;
+        Self::meta_u64(&t, CERT_SEQ)
+    }
+
+    fn cert_changes(&self, since: u64, limit: usize) -> Result<CertPage> {
+        let txn = self.db.begin_read().map_err(db_err("read cert feed"))?;
+        let feed = txn
+            .open_table(CERT_FEED)
+            .map_err(db_err("read cert feed"))?;
+        let limit = limit.clamp(1, PAGE_MAX);
+        let mut changes = Vec::new();
+        let mut upto = since;
+        let mut more = false;
+        for item in feed
+            .range(since.saturating_add(1)..)
+            .map_err(db_err("read cert feed"))?
+        {
+            if changes.len() >= limit {
+                more = true;
+                break;
+            }
+            let (k, v) = item.map_err(db_err("read cert feed"))?;
+            upto = k.value();
+            let (fp, role): (Vec<u8>, Option<CertRoleV1>) =
+                records::decode("cert_feed", k.value(), v.value())?;
+            let Ok(fp) = <[u8; 32]>::try_from(fp.as_slice()) else {
+                continue;
+            };
+            changes.push((fp, role.map(CertRole::from)));
+        }
+        Ok(CertPage {
+            changes,
+            upto,
+            more,
+        })
+    }
+
+    fn task_changes(&self, since: u64, limit: usize) -> Result<ChangePage> {
+        let txn = self.db.begin_read().map_err(db_err("read changes"))?;
+        let meta = txn.open_table(META).map_err(db_err("read changes"))?;
+        let revs = txn.open_table(TASK_REVS).map_err(db_err("read changes"))?;
+        let tasks = txn.open_table(TASKS).map_err(db_err("read changes"))?;
+        let paused = txn.open_table(PAUSED).map_err(db_err("read changes"))?;
+        let limit = limit.clamp(1, PAGE_MAX);
+        let mut changes = Vec::new();
+        let mut upto = since;
+        let mut more = false;
+        for item in revs
+            .range(since.saturating_add(1)..)
+            .map_err(db_err("read changes"))?
+        {
+            if changes.len() >= limit {
+                more = true;
+                break;
+            }
+            let (rev, id) = item.map_err(db_err("read changes"))?;
+            upto = rev.value();
+            let id = id.value();
+            let Some(v) = tasks.get(id).map_err(db_err("read changes"))? else {
+                continue;
+            };
+            let rec: CoordTaskV1 = records::decode("tasks", id, v.value())?;
+            let removed =
+                rec.cancelled || paused.get(id).map_err(db_err("read changes"))?.is_some();
+            changes.push((rec.task.into_spec(id)?, removed));
+        }
+        if !more {
+            upto = upto.max(Self::meta_u64(&meta, REVISION)?);
+        }
+        Ok(ChangePage {
+            changes,
+            upto,
+            more,
+        })
+    }
+
+    fn queue_run_now(&self, runs: &[QueuedRunNow], now: Timestamp) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("queue run-now"))?;
+        {
+            let mut t = txn.open_table(RUN_NOW).map_err(db_err("queue run-now"))?;
+            for r in runs {
+                t.insert((r.agent.0, r.task.0, r.at.as_millis()), now.as_millis())
+                    .map_err(db_err("queue run-now"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit run-now"))
+    }
+
+    fn take_run_now(&self, agents: &[AgentId], now: Timestamp) -> Result<Vec<QueuedRunNow>> {
+        let txn = self.db.begin_write().map_err(db_err("take run-now"))?;
+        let mut out = Vec::new();
+        {
+            let mut t = txn.open_table(RUN_NOW).map_err(db_err("take run-now"))?;
+            let mut gone = Vec::new();
+            // Bounded by what was queued, itself bounded by the run-nows
+            // an admin can send (targets × requests within the TTL).
+            for item in t.iter().map_err(db_err("take run-now"))? {
+                let (k, v) = item.map_err(db_err("take run-now"))?;
+                let (agent, task, at) = k.value();
+                if v.value() + RUN_NOW_QUEUE_TTL_MS < now.as_millis() {
+                    gone.push(k.value());
+                } else if agents.contains(&AgentId(agent)) {
+                    gone.push(k.value());
+                    out.push(QueuedRunNow {
+                        agent: AgentId(agent),
+                        task: TaskId(task),
+                        at: Timestamp::from_millis_saturating(at),
+                    });
+                }
+            }
+            for k in gone {
+                t.remove(k).map_err(db_err("take run-now"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit run-now"))?;
+        Ok(out)
+    }
 }
 
 impl CoordinatorStore {
@@ -1214,12 +1370,16 @@ impl CoordinatorStore {
             let Some(mut rec) = rec else {
                 return Err(StoreError::NotFound(format!("no agent {id}")));
             };
+            let was_revoked = rec.revoked;
             f(&mut rec);
             if rec.revoked {
                 let mut certs = txn.open_table(CERTS).map_err(db_err(context))?;
                 certs
                     .remove(rec.cert_sha256.as_slice())
                     .map_err(db_err(context))?;
+            }
+            if rec.revoked && !was_revoked {
+                Self::feed_cert(&txn, &rec.cert_sha256, None, context)?;
             }
             t.insert(id.0, records::encode(&rec).as_slice())
                 .map_err(db_err(context))?;

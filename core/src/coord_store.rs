@@ -222,6 +222,30 @@ pub struct ChangePage {
     pub more: bool,
 }
 
+/// One bounded answer of [`CoordStore::cert_changes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPage {
+    /// `(fingerprint, role)` in sequence order; `None`: revoked.
+    pub changes: Vec<([u8; 32], Option<CertRole>)>,
+    /// Every change up to this sequence number was looked at.
+    pub upto: u64,
+    /// Changes after `upto` exist (as of the read).
+    pub more: bool,
+}
+
+/// A run-now for an agent whose session may be held by another
+/// coordinator ([`CoordStore::queue_run_now`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedRunNow {
+    pub agent: AgentId,
+    pub task: TaskId,
+    pub at: Timestamp,
+}
+
+/// How long a queued run-now waits for a coordinator holding its agent's
+/// session before it expires (the agent was offline everywhere).
+pub const RUN_NOW_QUEUE_TTL_MS: i64 = 60_000;
+
 /// The stored key of a run: (task, agent, scheduled_at ms, attempt).
 pub type RunKeyOf = (u64, u64, i64, u32);
 
@@ -451,4 +475,25 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
     /// returns how many went (call again while it is `max`).
     fn purge_runs_before(&self, before: Timestamp, max: usize) -> StoreResult<usize>;
     fn run_count(&self) -> StoreResult<u64>;
+
+    // ---- feeds: what several coordinators on one store learn of each other
+
+    /// The certificate sequence: every certificate added (enrollment,
+    /// admin) or revoked takes the next number, committed in order (as
+    /// revisions are). Read it before [`CoordStore::known_certs`] at start.
+    fn cert_seq(&self) -> StoreResult<u64>;
+    /// Certificates added or revoked after `since`, at most `limit`, in
+    /// sequence order. A certificate changed more than once since `since`
+    /// may be reported once, in its latest state.
+    fn cert_changes(&self, since: u64, limit: usize) -> StoreResult<CertPage>;
+    /// Changes of every task after revision `since`, at most `limit`
+    /// (removed ones included): what another coordinator changed, so a
+    /// coordinator can wake the sessions the changes target.
+    fn task_changes(&self, since: u64, limit: usize) -> StoreResult<ChangePage>;
+    /// Leaves run-now requests for the coordinator that holds each agent's
+    /// session; they expire after [`RUN_NOW_QUEUE_TTL_MS`].
+    fn queue_run_now(&self, runs: &[QueuedRunNow], now: Timestamp) -> StoreResult<()>;
+    /// Takes (deletes and returns) the queued run-nows of these agents,
+    /// and drops the expired ones of any agent.
+    fn take_run_now(&self, agents: &[AgentId], now: Timestamp) -> StoreResult<Vec<QueuedRunNow>>;
 }

@@ -21,6 +21,7 @@ pub mod crash_disk;
 pub mod harness;
 pub mod light;
 pub mod oracle;
+pub mod pg;
 pub mod relay;
 pub mod rng;
 pub mod scenario;

@@ -25,6 +25,10 @@ pub type Body = fn(&dyn CoordStore);
 /// Every body, by name.
 pub const ALL: &[(&str, Body)] = &[
     (
+        "feeds_tell_of_certificates_tasks_and_run_nows",
+        feeds_tell_of_certificates_tasks_and_run_nows,
+    ),
+    (
         "revisions_rise_by_one_and_tasks_carry_them",
         revisions_rise_by_one_and_tasks_carry_them,
     ),
@@ -681,5 +685,89 @@ pub fn settings_round_trip(s: &dyn CoordStore) {
     assert_eq!(
         ok(s.setting("server_name"), "get").as_deref(),
         Some("coord2.example")
+    );
+}
+
+pub fn feeds_tell_of_certificates_tasks_and_run_nows(s: &dyn CoordStore) {
+    // Certificates: every addition and revocation, in order, resumable.
+    let seq0 = ok(s.cert_seq(), "cert seq");
+    ok(s.add_admin_cert([7; 32]), "admin");
+    let tok = token(s, 3, 10, &[]);
+    let a = enroll_one(s, tok, &[]);
+    let b = enroll_one(s, tok, &[]);
+    ok(s.revoke_agent(a.id), "revoke");
+    ok(s.revoke_agent(a.id), "revoke again (no news)");
+    let mut changes = Vec::new();
+    let mut since = seq0;
+    loop {
+        let page = ok(s.cert_changes(since, 2), "cert changes");
+        assert!(page.changes.len() <= 2);
+        changes.extend(page.changes);
+        assert!(page.upto >= since);
+        since = page.upto;
+        if !page.more {
+            break;
+        }
+    }
+    // Applied in order, the changes leave each certificate's last state (a
+    // store may report a certificate changed twice once, as it is now).
+    let mut state = std::collections::BTreeMap::new();
+    for (fp, role) in &changes {
+        state.insert(*fp, *role);
+    }
+    let want: std::collections::BTreeMap<[u8; 32], Option<CertRole>> = [
+        ([7; 32], Some(CertRole::Admin)),
+        (a.cert_sha256, None),
+        (b.cert_sha256, Some(CertRole::Agent(b.id))),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(state, want);
+    assert_eq!(
+        changes.last(),
+        Some(&(a.cert_sha256, None)),
+        "the revocation is the latest news"
+    );
+    assert_eq!(ok(s.cert_seq(), "cert seq"), since);
+    assert!(ok(s.cert_changes(since, 10), "none after")
+        .changes
+        .is_empty());
+    // Tasks: every change of every task, removed ones included.
+    let r0 = ok(s.revision(), "revision");
+    let x = create(s, None, 1);
+    let y = create(s, None, 2);
+    ok(s.cancel_task(x.id), "cancel");
+    let page = ok(s.task_changes(r0, 100), "task changes");
+    let got: Vec<(TaskId, bool)> = page.changes.iter().map(|(t, r)| (t.id, *r)).collect();
+    assert_eq!(got, vec![(y.id, false), (x.id, true)]);
+    assert_eq!(page.upto, ok(s.revision(), "revision"));
+    assert!(!page.more);
+    let first = ok(s.task_changes(r0, 1), "one");
+    assert_eq!(first.changes.len(), 1);
+    assert!(first.more);
+    // Run-nows: taken once by the coordinator holding the agent; expired
+    // ones go.
+    let q = |agent: u64, at| QueuedRunNow {
+        agent: AgentId(agent),
+        task: y.id,
+        at: t(at),
+    };
+    ok(s.queue_run_now(&[q(1, 0), q(2, 0)], t(0)), "queue");
+    ok(
+        s.queue_run_now(&[q(3, 0)], t(-RUN_NOW_QUEUE_TTL_MS - 1)),
+        "queue old",
+    );
+    assert_eq!(
+        ok(s.take_run_now(&[AgentId(2)], t(1)), "take"),
+        vec![q(2, 0)]
+    );
+    assert!(ok(s.take_run_now(&[AgentId(2)], t(1)), "again").is_empty());
+    assert!(
+        ok(s.take_run_now(&[AgentId(3)], t(1)), "expired").is_empty(),
+        "an expired run-now is not delivered"
+    );
+    assert_eq!(
+        ok(s.take_run_now(&[AgentId(1)], t(2)), "take"),
+        vec![q(1, 0)]
     );
 }
