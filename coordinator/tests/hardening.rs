@@ -117,8 +117,17 @@ fn raw_session(
             while got.len() < n {
                 match acks.recv().await {
                     Some(Ok(m)) => got.push(m),
+                    // The stream may end before the connection's close
+                    // reaches us: the close, with its code, is the answer.
+                    Some(Err(SessionError::Eof)) | None => {
+                        return match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                            .await
+                        {
+                            Ok(e) => Err(SessionError::Connection(e)),
+                            Err(_) => Err(SessionError::Eof),
+                        };
+                    }
                     Some(Err(e)) => return Err(e),
-                    None => return Err(SessionError::Eof),
                 }
             }
             reader.abort();
