@@ -29,9 +29,11 @@ enum Output {
 enum Cmd {
     /// Enroll with a coordinator using a join token (from `sundialctl token create`).
     Join {
-        /// The coordinator's HOST:PORT.
+        /// The coordinator's HOST:PORT, or several (HOST:PORT,HOST:PORT) when
+        /// several coordinators share one store [default: the addresses the
+        /// token carries].
         #[arg(long, value_name = "HOST:PORT")]
-        coordinator: String,
+        coordinator: Option<String>,
         /// The join token. It shows in `ps` while joining: prefer --token-file.
         #[arg(
             long,
@@ -247,11 +249,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     }
                 },
             };
+            let coordinators = if file.coordinators.is_empty() {
+                Vec::new()
+            } else {
+                sundial_protocol::token::coordinator_list(&file.coordinators.join(","))
+                    .map_err(|e| anyhow::anyhow!("config `coordinators`: {e}"))?
+            };
             let config = AgentConfig {
                 data_dir,
                 exec,
                 runs_concurrent_max,
                 stop_grace: std::time::Duration::from_millis(stop_grace.as_millis()),
+                coordinators,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -27,6 +27,11 @@ pub struct AgentFile {
     pub max_concurrent_runs: Option<usize>,
     /// On SIGTERM, how long running actions may take to finish (default 10s).
     pub stop_grace: Option<String>,
+    /// The coordinators' HOST:PORTs, replacing those stored at `join`
+    /// (several coordinators on one store; a name with several addresses
+    /// counts as several).
+    #[serde(default)]
+    pub coordinators: Vec<String>,
 }
 
 /// Reads and checks a configuration file.

@@ -20,7 +20,9 @@ use crate::store::{meta, AgentStore};
 /// What `join` needs.
 #[derive(Debug, Clone)]
 pub struct JoinRequest {
-    pub coordinator: String,
+    /// `HOST:PORT`s to enroll through (the first that answers); `None`:
+    /// the token's.
+    pub coordinator: Option<String>,
     pub token: String,
     pub name: Option<String>,
     pub labels: Vec<(String, String)>,
@@ -47,6 +49,14 @@ fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
 /// Enrolls the agent whose data lives in `data_dir`.
 pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> {
     let token = JoinToken::decode(&req.token).map_err(|e| e.to_string())?;
+    let mut coordinators = match &req.coordinator {
+        Some(list) => sundial_protocol::token::coordinator_list(list)
+            .map_err(|e| format!("--coordinator: {e}"))?,
+        None if token.addresses.is_empty() => {
+            return Err("this token carries no coordinator address (an older coordinator made it): pass --coordinator HOST:PORT".into())
+        }
+        None => token.addresses.clone(),
+    };
     if let Some(name) = &req.name {
         if name.parse::<AgentId>().is_ok() {
             return Err(format!(
@@ -79,15 +89,31 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
         .and_then(|p| p.serialize_request(&key))
         .map_err(|e| format!("making a CSR: {e}"))?;
 
-    let (endpoint, conn) = session::connect(
-        &req.coordinator,
-        &token.server_name,
-        ServerTrust::Pinned(token.ca_sha256),
-        None,
-        ALPN_ENROLL,
-    )
-    .await
-    .map_err(|e| format!("cannot reach the coordinator at {}: {e}", req.coordinator))?;
+    // The first coordinator that answers enrolls the agent, and stays its
+    // first: the others learn of its certificate within a second.
+    let mut unreachable = Vec::new();
+    let mut connected = None;
+    for (i, address) in coordinators.iter().enumerate() {
+        match session::connect(
+            address,
+            &token.server_name,
+            ServerTrust::Pinned(token.ca_sha256),
+            None,
+            ALPN_ENROLL,
+        )
+        .await
+        {
+            Ok(c) => {
+                connected = Some((i, c));
+                break;
+            }
+            Err(e) => unreachable.push(format!("cannot reach the coordinator at {address}: {e}")),
+        }
+    }
+    let Some((first, (endpoint, conn))) = connected else {
+        return Err(unreachable.join("; "));
+    };
+    coordinators[..=first].rotate_right(1);
     let exchange = async {
         let (mut tx, rx) = conn.open_bi().await?;
         session::send(
@@ -143,7 +169,7 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
     )?;
     store
         .put_meta(&[
-            (meta::COORDINATOR, req.coordinator.clone()),
+            (meta::COORDINATOR, coordinators.join(",")),
             (meta::SERVER_NAME, token.server_name.clone()),
         ])
         .and_then(|()| store.put_meta(&[(meta::ALLOW_EXEC, req.allow_exec.clone())]))

@@ -9,6 +9,7 @@
 //! again (the coordinator stores by run key, so nothing doubles).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
@@ -36,11 +37,17 @@ pub const CA_FILE: &str = "ca.pem";
 /// Where and how to reach the coordinator.
 #[derive(Debug)]
 pub struct SessionConfig {
-    pub coordinator: String,
+    /// The coordinators' `HOST:PORT`s (several share one store; a name
+    /// with several addresses counts as several): a dial tries one, and
+    /// the next dial after a failed attempt or a lost session the next,
+    /// so an agent whose coordinator died is soon in session with another.
+    pub coordinators: Vec<String>,
     pub server_name: String,
     pub ca: CertificateDer<'static>,
     pub cert: CertificateDer<'static>,
     pub key: PrivateKeyDer<'static>,
+    /// The address the next dial tries (an index into the resolved list).
+    next: AtomicUsize,
 }
 
 impl SessionConfig {
@@ -66,13 +73,27 @@ impl SessionConfig {
             .map_err(|e| format!("{CERT_FILE}: {e}"))?;
         let key = PrivateKeyDer::from_pem_slice(&read(KEY_FILE)?)
             .map_err(|e| format!("{KEY_FILE}: {e}"))?;
+        let coordinators = sundial_protocol::token::coordinator_list(&coordinator)
+            .unwrap_or_else(|_| vec![coordinator]);
         Ok(Some(SessionConfig {
-            coordinator,
+            coordinators,
             server_name,
             ca,
             cert,
             key,
+            next: AtomicUsize::new(0),
         }))
+    }
+
+    /// The coordinators as one text, for the log.
+    pub fn coordinators_text(&self) -> String {
+        self.coordinators.join(",")
+    }
+
+    /// The next dial tries the next address (the last attempt failed, or
+    /// its session was lost).
+    pub fn move_on(&self) {
+        self.next.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -278,12 +299,30 @@ pub fn log_event(event: &Event) {
 
 /// Dials the coordinator and opens the session stream.
 pub async fn dial(cfg: &SessionConfig, timeout: Duration) -> Result<Live, SessionError> {
+    let r = dial_one(cfg, timeout).await;
+    if r.is_err() {
+        cfg.move_on();
+    }
+    r
+}
+
+async fn dial_one(cfg: &SessionConfig, timeout: Duration) -> Result<Live, SessionError> {
     let identity = Identity {
         chain: vec![cfg.cert.clone()],
         key: cfg.key.clone_key(),
     };
-    let (endpoint, conn) = sundial_net::connect_within(
-        &cfg.coordinator,
+    // Resolved at every dial: a DNS name may move or gain addresses.
+    let (peers, failed) = sundial_net::resolve_all(&cfg.coordinators).await;
+    if peers.is_empty() {
+        return Err(SessionError::Setup(if failed.is_empty() {
+            "no coordinator address".into()
+        } else {
+            failed.join("; ")
+        }));
+    }
+    let peer = peers[cfg.next.load(Ordering::Relaxed) % peers.len()];
+    let (endpoint, conn) = sundial_net::connect_peer(
+        peer,
         &cfg.server_name,
         ServerTrust::Ca(cfg.ca.clone()),
         Some(identity),

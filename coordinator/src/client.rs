@@ -43,7 +43,21 @@ pub struct AdminClient {
 impl AdminClient {
     /// Connects with the credentials written by `sundial-coordinator init`.
     pub async fn connect(creds: &AdminCreds) -> Result<AdminClient, String> {
-        let addr = net::resolve(&creds.coordinator).await?;
+        // Several coordinators (one store): the first that answers.
+        let list = sundial_protocol::token::coordinator_list(&creds.coordinator)
+            .unwrap_or_else(|_| vec![creds.coordinator.clone()]);
+        let mut failed = Vec::new();
+        for address in &list {
+            match AdminClient::connect_to(creds, address).await {
+                Ok(c) => return Ok(c),
+                Err(e) => failed.push(e),
+            }
+        }
+        Err(failed.join("; "))
+    }
+
+    async fn connect_to(creds: &AdminCreds, address: &str) -> Result<AdminClient, String> {
+        let addr = net::resolve(address).await?;
         let tls = client_config(
             ServerTrust::Ca(creds.ca_der()?),
             Some(creds.identity()?),
@@ -59,14 +73,13 @@ impl AdminClient {
         endpoint.set_default_client_config(config);
         let connecting = endpoint
             .connect(addr, &creds.server_name)
-            .map_err(|e| format!("cannot connect to {}: {e}", creds.coordinator))?;
+            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(format!("cannot connect to the coordinator at {}: {e}", creds.coordinator)),
+            Ok(Err(e)) => return Err(format!("cannot connect to the coordinator at {address}: {e}")),
             Err(_) => {
                 return Err(format!(
-                    "no answer from the coordinator at {} within {} s (is `sundial-coordinator serve` running there?)",
-                    creds.coordinator,
+                    "no answer from the coordinator at {address} within {} s (is `sundial-coordinator serve` running there?)",
                     CONNECT_TIMEOUT.as_secs()
                 ))
             }

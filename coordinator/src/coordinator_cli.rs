@@ -26,7 +26,9 @@ enum Cmd {
         /// Directory for the coordinator's data (created if missing).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
-        /// The HOST:PORT agents and sundialctl will dial.
+        /// The HOST:PORT agents and sundialctl will dial; with several
+        /// coordinators on one PostgreSQL, all of them: HOST:PORT,HOST:PORT
+        /// (join tokens carry the list).
         #[arg(long, value_name = "HOST:PORT")]
         advertise: String,
         /// The name in the coordinator's certificate, carried in join tokens;
@@ -37,6 +39,8 @@ enum Cmd {
         /// enrolled with the old CA is locked out and must join again.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Serve agents and admins until SIGTERM/SIGINT.
     Serve {
@@ -50,6 +54,8 @@ enum Cmd {
         listen: Option<SocketAddr>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
     Completions {
@@ -61,6 +67,21 @@ enum Cmd {
 }
 
 use sundial_net::shell::{print_quietly, shutdown_signal};
+
+/// Where the state is kept: the embedded store, or PostgreSQL.
+#[derive(Debug, Default, clap::Args)]
+struct StoreArgs {
+    /// Keep the state in PostgreSQL, shared by several coordinators
+    /// (`postgres://USER@HOST/DB` or `host=… dbname=…`); `init` writes it
+    /// to DIR/store.url, which `serve` reads by default. Without it: the
+    /// embedded store in DIR, for one coordinator.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// A file holding PostgreSQL's password (else SUNDIAL_PG_PASSWORD, or
+    /// the URL, where `ps` shows it).
+    #[arg(long, value_name = "FILE")]
+    store_password_file: Option<PathBuf>,
+}
 
 /// The coordinator's limits as flags (each also a key of the config file).
 #[derive(Debug, Default, clap::Args)]
@@ -142,6 +163,51 @@ pub struct CoordinatorFile {
     pub sessions_max: Option<usize>,
     pub pending_per_address: Option<usize>,
     pub handshakes_per_sec: Option<u32>,
+    /// A PostgreSQL connection string (see `--store`).
+    pub store: Option<String>,
+    pub store_password_file: Option<PathBuf>,
+    /// Connections to PostgreSQL this coordinator keeps [default: 8].
+    pub store_pool_size: Option<usize>,
+}
+
+/// The store from flags over the file over the data directory's choice.
+fn store_choice(flags: &StoreArgs, file: &CoordinatorFile) -> anyhow::Result<server::StoreChoice> {
+    let Some(url) = flags.store.clone().or_else(|| file.store.clone()) else {
+        if flags.store_password_file.is_some() {
+            anyhow::bail!("--store-password-file needs --store (or store.url in the data directory, which `serve` reads with SUNDIAL_PG_PASSWORD)");
+        }
+        return Ok(server::StoreChoice::FromDataDir);
+    };
+    if !crate::pg::is_postgres_url(&url) {
+        anyhow::bail!(
+            "--store `{}`: expected a PostgreSQL connection string (postgres://USER@HOST/DB, or host=… dbname=…); without --store the embedded store in the data directory is used",
+            crate::pg::redact(&url)
+        );
+    }
+    let password = match flags
+        .store_password_file
+        .clone()
+        .or_else(|| file.store_password_file.clone())
+    {
+        Some(path) => Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the store password from {}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        None => std::env::var(server::PG_PASSWORD_ENV).ok(),
+    };
+    if crate::pg::redact(&url) != url {
+        tracing::warn!("the store's password is in its URL, where `ps` and the data directory show it: prefer --store-password-file or SUNDIAL_PG_PASSWORD");
+    }
+    Ok(server::StoreChoice::Postgres(crate::pg::PgOptions {
+        url,
+        password,
+        pool_size: file
+            .store_pool_size
+            .unwrap_or(crate::pg::POOL_SIZE_DEFAULT)
+            .clamp(1, 256),
+    }))
 }
 
 /// The limits from flags over the file over the defaults.
@@ -271,14 +337,16 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             advertise,
             server_name,
             force,
+            store,
         } => {
-            if !advertise.contains(':') {
+            if let Err(why) = sundial_protocol::token::coordinator_list(&advertise) {
                 anyhow::bail!(
-                    "--advertise `{advertise}`: expected HOST:PORT, e.g. 127.0.0.1:{PORT_DEFAULT}"
+                    "--advertise: {why} (several coordinators: HOST:PORT,HOST:PORT; e.g. 127.0.0.1:{PORT_DEFAULT})"
                 );
             }
             refuse_root_for_others_dir(&data_dir, &advertise)?;
-            let creds = server::init_with(&data_dir, &advertise, &server_name, force)?;
+            let store = store_choice(&store, &file)?;
+            let creds = server::init_on(&data_dir, &advertise, &server_name, force, store)?;
             println!("{}", creds.display());
             Ok(())
         }
@@ -286,9 +354,11 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             data_dir,
             listen,
             limits: limit_flags,
+            store,
             ..
         } => {
             let limits = limits(&limit_flags, &file)?;
+            let store = store_choice(&store, &file)?;
             let Some(data_dir) = data_dir.or(file.data_dir) else {
                 anyhow::bail!(
                     "no data directory: pass --data-dir or set data_dir in the config file"
@@ -303,7 +373,7 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async {
-                let server = Server::bind_with(&data_dir, listen, limits)?;
+                let server = Server::bind_on(&data_dir, listen, limits, store)?;
                 server.run(shutdown_signal()).await?;
                 Ok::<_, anyhow::Error>(())
             })

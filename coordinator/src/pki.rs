@@ -150,13 +150,17 @@ impl Pki {
         let ca_cert = ca_params.self_signed(&ca_key).map_err(cert_err("CA"))?;
         let issuer = Issuer::new(ca_params, &ca_key);
 
-        let host = advertise
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_matches(['[', ']']))
-            .unwrap_or(advertise);
+        // Every advertised host (several coordinators share this
+        // certificate), besides the name agents verify by.
         let mut names = vec![server_name.to_owned()];
-        if !host.is_empty() && host != server_name {
-            names.push(host.to_owned());
+        for a in advertise.split([',', ' ']).filter(|a| !a.is_empty()) {
+            let host = a
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']))
+                .unwrap_or(a);
+            if !host.is_empty() && !names.iter().any(|n| n == host) {
+                names.push(host.to_owned());
+            }
         }
         let server_key = KeyPair::generate().map_err(cert_err("server key"))?;
         let mut sp = CertificateParams::new(names).map_err(cert_err("server certificate"))?;

@@ -43,6 +43,11 @@ pub const HORIZON_MS: i64 = 60_000;
 pub const HELD_MAX: usize = 16_384;
 /// Tasks loaded from the store per read.
 pub const LOAD_BATCH: usize = 1_024;
+/// Rounds of loading and firing one wake may take after a long stop; the
+/// rest waits for the next wake, which is then due at once (the horizon's
+/// end is behind the present), so sessions and finishing runs are served
+/// between rounds.
+pub const WAKE_ROUNDS_MAX: usize = 16;
 /// In a boot whose time no coordinator has vouched for yet, firing waits
 /// this long (ms of boot time) for the first clock sample, unless the
 /// coordinator is found unreachable first: a fresh boot's wall clock may be
@@ -512,8 +517,10 @@ impl<S: NodeStore> AgentNode<S> {
         if let Some(now) = now {
             if !self.stopping && self.vouch_wait_until.is_none() {
                 // Load and fire until every task due by now was held (more
-                // than the horizon holds may be due after a long stop).
-                loop {
+                // than the horizon holds may be due after a long stop), at
+                // most WAKE_ROUNDS_MAX rounds a wake: `next_wake` is then
+                // now, and the next wake goes on.
+                for _ in 0..WAKE_ROUNDS_MAX {
                     self.refill(now)?;
                     let mut cmds = Vec::new();
                     self.sched.advance(now, &mut cmds);

@@ -161,6 +161,30 @@ pub async fn connect(
     connect_within(addr, server_name, trust, identity, alpn, CONNECT_TIMEOUT).await
 }
 
+/// Every address of every `HOST:PORT` in `names`, in their order (a DNS
+/// name with several addresses counts as several), duplicates dropped, at
+/// most [`PEERS_MAX`]; the names that did not resolve are returned beside.
+pub async fn resolve_all(names: &[String]) -> (Vec<SocketAddr>, Vec<String>) {
+    let mut peers: Vec<SocketAddr> = Vec::new();
+    let mut failed = Vec::new();
+    for name in names {
+        match tokio::net::lookup_host(name.as_str()).await {
+            Ok(it) => {
+                for a in it {
+                    if !peers.contains(&a) && peers.len() < PEERS_MAX {
+                        peers.push(a);
+                    }
+                }
+            }
+            Err(e) => failed.push(format!("cannot resolve `{name}`: {e}")),
+        }
+    }
+    (peers, failed)
+}
+
+/// The most addresses [`resolve_all`] returns.
+pub const PEERS_MAX: usize = 64;
+
 /// [`connect`], giving up after `timeout`.
 pub async fn connect_within(
     addr: &str,
@@ -175,6 +199,18 @@ pub async fn connect_within(
         .map_err(|e| NetError::Setup(format!("cannot resolve `{addr}`: {e}")))?
         .next()
         .ok_or_else(|| NetError::Setup(format!("`{addr}` resolves to no address")))?;
+    connect_peer(peer, server_name, trust, identity, alpn, timeout).await
+}
+
+/// Connects to one resolved address, giving up after `timeout`.
+pub async fn connect_peer(
+    peer: SocketAddr,
+    server_name: &str,
+    trust: tls::ServerTrust,
+    identity: Option<tls::Identity>,
+    alpn: &[u8],
+    timeout: Duration,
+) -> Result<(quinn::Endpoint, quinn::Connection), NetError> {
     let tls =
         tls::client_config(trust, identity, alpn).map_err(|e| NetError::Setup(e.to_string()))?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)

@@ -145,7 +145,7 @@ impl Fleet {
             let name = format!("agent-{}", i + 1);
             let dir = fleet.root.path().join(&name);
             let req = sundial_agent::enroll::JoinRequest {
-                coordinator: relay.addr().to_string(),
+                coordinator: Some(relay.addr().to_string()),
                 token: token.clone(),
                 name: Some(name.clone()),
                 labels: vec![],

@@ -144,6 +144,11 @@ impl Driver {
     pub(super) fn end_conn(&mut self, kind: Closed) -> Result<(), AgentError> {
         if let Some(c) = self.conn.take() {
             c.close();
+            // A session lost: the next dial tries another coordinator,
+            // when there are several.
+            if let Some(s) = self.session.as_ref() {
+                s.move_on();
+            }
             self.node
                 .handle_closed(reading(), kind)
                 .map_err(|f| self.fault(f))?;
@@ -276,7 +281,7 @@ impl Driver {
                     .map_err(|f| self.fault(f))?;
             }
             ConnEvent::Dialed(Err((kind, _))) => {
-                let coordinator = self.session.as_ref().map(|c| c.coordinator.clone());
+                let coordinator = self.session.as_ref().map(|c| c.coordinators_text());
                 let coordinator = coordinator.unwrap_or_default();
                 if kind == Closed::RefusedByTls {
                     if self.reported != Some("refused") {

@@ -81,6 +81,9 @@ pub struct AgentConfig {
     pub runs_concurrent_max: usize,
     /// At stop (SIGTERM), how long running actions may take to finish.
     pub stop_grace: std::time::Duration,
+    /// Coordinator addresses that replace the ones stored at `join`
+    /// (`coordinators` in agent.toml); empty: the stored ones.
+    pub coordinators: Vec<String>,
 }
 
 impl AgentConfig {
@@ -91,6 +94,7 @@ impl AgentConfig {
             exec: ExecPolicy::default(),
             runs_concurrent_max: RUNS_CONCURRENT_MAX_DEFAULT,
             stop_grace: STOP_GRACE_DEFAULT,
+            coordinators: Vec::new(),
         }
     }
 
@@ -182,7 +186,13 @@ pub async fn run(
     }
     let session = match SessionConfig::load(&config.data_dir, &store) {
         Ok(Some(_)) if revoked => None,
-        Ok(Some(cfg)) => Some(Arc::new(cfg)),
+        Ok(Some(mut cfg)) => {
+            if !config.coordinators.is_empty() {
+                cfg.coordinators = config.coordinators.clone();
+            }
+            tracing::info!(coordinators = %cfg.coordinators_text(), "coordinators");
+            Some(Arc::new(cfg))
+        }
         Ok(None) => None,
         Err(e) => {
             tracing::error!(error = %e, "enrollment files unreadable; running without a coordinator");

@@ -22,6 +22,8 @@ pub(super) struct LogState {
     pending_capped: u64,
     shed_said: Option<Instant>,
     pending_said: Option<Instant>,
+    store_failed: u64,
+    store_said: Option<Instant>,
 }
 
 fn due(said: &mut Option<Instant>) -> bool {
@@ -123,6 +125,38 @@ pub(super) fn event(shared: &Arc<Shared>, e: CoordEvent) {
         CoordEvent::RunsPurged { deleted, before } => {
             tracing::info!(deleted, %before, "run retention: deleted runs scheduled before the retention")
         }
+        CoordEvent::StoreFailed { error } if shared.shared_store && error.is_unavailable() => {
+            // Every session and admin request meets an outage: said once
+            // every WARN_INTERVAL, with how many failed.
+            let Ok(mut s) = shared.log.lock() else {
+                return;
+            };
+            s.store_failed += 1;
+            if due(&mut s.store_said) {
+                let failed = std::mem::take(&mut s.store_failed);
+                tracing::error!(error = %error, failed, "the shared store is unreachable: sessions are closed (agents keep firing and keep their records), admin requests refused; reconnecting by itself");
+            }
+        }
+        CoordEvent::AgentRevokedElsewhere {
+            agent,
+            sessions_closed,
+        } => tracing::warn!(%agent, sessions_closed, "agent revoked through another coordinator"),
+        CoordEvent::FeedApplied {
+            tasks,
+            certs_added,
+            certs_revoked,
+            run_nows,
+        } => tracing::debug!(
+            tasks,
+            certs_added,
+            certs_revoked,
+            run_nows,
+            "changes from the shared store"
+        ),
+        CoordEvent::RunNowQueued { agents } => tracing::info!(
+            agents,
+            "run-now for agents not in session here left for the coordinator that holds them"
+        ),
         CoordEvent::StoreFailed { error } => {
             if error.is_unavailable() {
                 tracing::error!(error = %error, "the store failed to write (disk full or failing?); stopping so the supervisor restarts the coordinator with the store reopened. Nothing committed is lost; agents keep their records until then");

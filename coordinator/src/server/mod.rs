@@ -29,11 +29,12 @@ use sundial_protocol::wire::{close, AdminResponse, EnrollResponse, ALPN, ALPN_AD
 use sundial_protocol::DurationMs;
 use tokio::sync::{oneshot, Notify};
 
-use sundial_core::coord::{ConnId, CoordConfig, CoordNode, Effect};
+use sundial_core::coord::{ConnId, CoordConfig, CoordNode, Effect, FEED_INTERVAL_MS};
 use sundial_core::session::Now;
 
 use crate::cli::now;
 use crate::net;
+use crate::pg::{PgOptions, PgStore};
 use crate::pki::Pki;
 use crate::store::{CertRole, CoordStore, CoordinatorStore, StoreError, PAGE_MAX};
 
@@ -52,6 +53,50 @@ pub const TOKEN_TTL_DEFAULT: DurationMs = DurationMs(3_600_000);
 pub const STORE_FILE: &str = "coordinator.redb";
 /// The default UDP port.
 pub const PORT_DEFAULT: u16 = 7447;
+/// The file in the data directory naming a PostgreSQL store (its
+/// connection string, without the password); without it, the store is
+/// [`STORE_FILE`]. Copied with the directory to every coordinator.
+pub const STORE_URL_FILE: &str = "store.url";
+/// The environment variable a PostgreSQL store's password may come from.
+pub const PG_PASSWORD_ENV: &str = "SUNDIAL_PG_PASSWORD";
+/// The store setting holding the CA certificate's SHA-256 (hex): a
+/// coordinator with another CA refuses to serve a shared store.
+const CA_SETTING: &str = "ca_sha256";
+
+/// Where the coordinator keeps its state.
+#[derive(Debug, Clone, Default)]
+pub enum StoreChoice {
+    /// What the data directory says: PostgreSQL when it holds
+    /// [`STORE_URL_FILE`] (the password from [`PG_PASSWORD_ENV`]), else
+    /// the embedded store.
+    #[default]
+    FromDataDir,
+    /// The embedded redb store in the data directory: one coordinator.
+    Embedded,
+    /// PostgreSQL, which several coordinators may share.
+    Postgres(PgOptions),
+}
+
+impl StoreChoice {
+    /// The choice `dir` makes (see [`StoreChoice::FromDataDir`]).
+    fn resolve(self, dir: &Path) -> Result<StoreChoice, ServeError> {
+        match self {
+            StoreChoice::FromDataDir => match std::fs::read_to_string(dir.join(STORE_URL_FILE)) {
+                Ok(url) => Ok(StoreChoice::Postgres(PgOptions {
+                    url: url.trim().to_owned(),
+                    password: std::env::var(PG_PASSWORD_ENV).ok(),
+                    pool_size: crate::pg::POOL_SIZE_DEFAULT,
+                })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreChoice::Embedded),
+                Err(e) => Err(ServeError::Tls(format!(
+                    "cannot read {}: {e}",
+                    dir.join(STORE_URL_FILE).display()
+                ))),
+            },
+            other => Ok(other),
+        }
+    }
+}
 
 /// The default handshake budget: per core, what one core does with room
 /// to spare for the sessions themselves.
@@ -202,6 +247,9 @@ struct Shared {
     stopped: AtomicBool,
     next_req: AtomicU64,
     log: Mutex<log::LogState>,
+    /// Other coordinators may share the store (PostgreSQL): its outages
+    /// are waited out, not a reason to stop.
+    shared_store: bool,
 }
 
 impl Shared {
@@ -375,13 +423,70 @@ fn check_store_present(dir: &Path) -> Result<(), ServeError> {
 
 /// Whether `dir` holds an initialized coordinator.
 pub fn is_initialized(dir: &Path) -> bool {
-    dir.join(crate::pki::CA_CERT).exists() && dir.join(STORE_FILE).exists()
+    dir.join(crate::pki::CA_CERT).exists()
+        && (dir.join(STORE_FILE).exists() || dir.join(STORE_URL_FILE).exists())
+}
+
+/// Opens a PostgreSQL store (migrations applied), saying where it failed.
+fn open_pg(opts: &PgOptions) -> Result<PgStore, ServeError> {
+    PgStore::open(opts).map_err(|e| match e {
+        StoreError::Unavailable { context, detail } => ServeError::Store(StoreError::Unavailable {
+            context: format!("{context} at {}", crate::pg::redact(&opts.url)),
+            detail,
+        }),
+        other => ServeError::Store(other),
+    })
 }
 
 /// `sundial-coordinator init`: creates CA, server certificate, admin
 /// credentials and the store. Returns the credentials' path.
 pub fn init(dir: &Path, advertise: &str, server_name: &str) -> Result<PathBuf, ServeError> {
     init_with(dir, advertise, server_name, false)
+}
+
+/// `init` on a store of choice. For PostgreSQL, the database must not
+/// serve another coordinator set yet (more coordinators are added by
+/// copying the data directory, not by another `init`); the data directory
+/// gets [`STORE_URL_FILE`] so that `serve` finds the database.
+pub fn init_on(
+    dir: &Path,
+    advertise: &str,
+    server_name: &str,
+    force: bool,
+    store: StoreChoice,
+) -> Result<PathBuf, ServeError> {
+    let opts = match store.resolve(dir)? {
+        StoreChoice::Postgres(o) => o,
+        _ => return init_with(dir, advertise, server_name, force),
+    };
+    if dir.join(crate::pki::CA_CERT).exists() && !force {
+        return Err(ServeError::Tls(format!(
+            "{} already holds a coordinator's CA; refusing to replace it, which would lock out every enrolled agent. Pass --force to start over with a new CA",
+            dir.display()
+        )));
+    }
+    let pg = open_pg(&opts)?;
+    if pg.setting(CA_SETTING)?.is_some() {
+        return Err(ServeError::Tls(format!(
+            "the database at {} already serves coordinators (another init made it). To add a coordinator, copy the data directory of one of them to the new host and run `serve` there; to start over, drop the database and create it again",
+            crate::pg::redact(&opts.url)
+        )));
+    }
+    sundial_net::private::create_private_dir(dir)
+        .map_err(|e| ServeError::Tls(format!("cannot create {}: {e}", dir.display())))?;
+    let _ = std::fs::remove_file(dir.join(STORE_FILE));
+    let (pki, admin_der) = Pki::init(dir, server_name, advertise)?;
+    pg.add_admin_cert(sha256(admin_der.as_ref()))?;
+    pg.put_setting("advertise", advertise)?;
+    pg.put_setting("server_name", server_name)?;
+    pg.put_setting(
+        CA_SETTING,
+        &sundial_protocol::token::hex(&sha256(pki.ca_der.as_ref())),
+    )?;
+    std::fs::write(dir.join(STORE_URL_FILE), format!("{}\n", opts.url))
+        .map_err(|e| ServeError::Tls(format!("cannot write {STORE_URL_FILE}: {e}")))?;
+    restrict_data_dir(dir);
+    Ok(dir.join(crate::pki::ADMIN_CREDS))
 }
 
 /// `init`; with `force`, a CA already in `dir` is replaced (every agent
@@ -449,15 +554,55 @@ impl Server {
 
     /// Opens the data directory and binds, with these limits.
     pub fn bind_with(dir: &Path, listen: SocketAddr, limits: Limits) -> Result<Server, ServeError> {
-        check_store_present(dir)?;
-        if !is_initialized(dir) {
+        Server::bind_on(dir, listen, limits, StoreChoice::FromDataDir)
+    }
+
+    /// Opens the data directory and the store of choice, and binds.
+    pub fn bind_on(
+        dir: &Path,
+        listen: SocketAddr,
+        limits: Limits,
+        store: StoreChoice,
+    ) -> Result<Server, ServeError> {
+        let store = store.resolve(dir)?;
+        if matches!(store, StoreChoice::Embedded) {
+            check_store_present(dir)?;
+        }
+        if !dir.join(crate::pki::CA_CERT).exists()
+            || (matches!(store, StoreChoice::Embedded) && !is_initialized(dir))
+        {
             return Err(ServeError::NotInitialized(dir.to_owned()));
         }
         let pki = Pki::load(dir)?;
-        let store: Arc<dyn CoordStore> = match CoordinatorStore::open(&dir.join(STORE_FILE)) {
-            Ok(s) => Arc::new(s),
-            Err(StoreError::Locked(_)) => return Err(ServeError::Busy(dir.join(STORE_FILE))),
-            Err(e) => return Err(ServeError::Store(e)),
+        let (store, shared): (Arc<dyn CoordStore>, bool) = match store {
+            StoreChoice::Postgres(opts) => {
+                let pg = open_pg(&opts)?;
+                let ours = sundial_protocol::token::hex(&sha256(pki.ca_der.as_ref()));
+                match pg.setting(CA_SETTING)? {
+                    Some(theirs) if theirs == ours => {}
+                    Some(_) => return Err(ServeError::Tls(format!(
+                        "the database at {} serves coordinators with another CA than {}'s: copy the data directory of one of its coordinators instead",
+                        crate::pg::redact(&opts.url),
+                        dir.display()
+                    ))),
+                    None => return Err(ServeError::Tls(format!(
+                        "the database at {} holds no coordinator yet: run `sundial-coordinator init --store …` first",
+                        crate::pg::redact(&opts.url)
+                    ))),
+                }
+                (Arc::new(pg), true)
+            }
+            _ => match CoordinatorStore::open(&dir.join(STORE_FILE)) {
+                Ok(s) => (Arc::new(s), false),
+                Err(StoreError::Locked(_)) => return Err(ServeError::Busy(dir.join(STORE_FILE))),
+                Err(e) => return Err(ServeError::Store(e)),
+            },
+        };
+        // Read before the certificates, so that none added meanwhile is missed.
+        let cert_seq = if shared {
+            Some(store.cert_seq()?)
+        } else {
+            None
         };
         // The store holds task environments and run output, the directory
         // the CA key: the owner's only, whatever the umask was.
@@ -473,6 +618,10 @@ impl Server {
                 ca_der: pki.ca_der.to_vec(),
                 revision: store.revision()?,
                 known_certs: all_certs(store.as_ref())?,
+                shared: cert_seq.map(|cert_seq| sundial_core::coord::Shared {
+                    cert_seq,
+                    feed_interval_ms: FEED_INTERVAL_MS,
+                }),
                 bugs: Default::default(),
             },
         );
@@ -521,6 +670,7 @@ impl Server {
                 stopped: AtomicBool::new(false),
                 next_req: AtomicU64::new(0),
                 log: Mutex::new(log::LogState::default()),
+                shared_store: shared,
             }),
         })
     }

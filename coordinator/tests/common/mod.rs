@@ -191,7 +191,7 @@ pub fn join(
     rt.block_on(sundial_agent::enroll::join(
         dir,
         sundial_agent::enroll::JoinRequest {
-            coordinator: coordinator.to_owned(),
+            coordinator: Some(coordinator.to_owned()),
             token: token.to_owned(),
             name: Some(name.to_owned()),
             labels: labels

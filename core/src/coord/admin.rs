@@ -524,10 +524,18 @@ pub fn answer(
             let server_name = store
                 .setting("server_name")?
                 .unwrap_or_else(|| SERVER_NAME_DEFAULT.into());
+            // The coordinators' addresses, as `init --advertise` stored
+            // them; a bad list is left out rather than made into a token
+            // no agent can read.
+            let addresses = store
+                .setting("advertise")?
+                .and_then(|a| sundial_protocol::token::coordinator_list(&a).ok())
+                .unwrap_or_default();
             let token = sundial_protocol::token::JoinToken {
                 secret,
                 ca_sha256: ctx.ca_sha256,
                 server_name,
+                addresses,
             };
             Ok(AdminAnswer::one(AdminResponse::Token(token.encode()))?
                 .with(FollowUp::Changed(AdminChange::TokenCreated { uses })))

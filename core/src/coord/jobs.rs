@@ -13,8 +13,8 @@ use sundial_protocol::{AgentId, RunKey, RunRecord, Schedule, TaskId, TaskSpec, T
 use super::admin::{self, AdminAnswer, AdminContext};
 use super::ConnId;
 use crate::coord_store::{
-    targets, Agent, AgentSeen, CoordStore, Enrollment, RunKeyOf, StoreError, StoreResult,
-    TokenRefusal,
+    targets, Agent, AgentSeen, CertPage, ChangePage, CoordStore, Enrollment, QueuedRunNow,
+    RunKeyOf, StoreError, StoreResult, TokenRefusal,
 };
 
 /// Tasks whose assignment to a session's agent is remembered (a cache;
@@ -87,6 +87,30 @@ pub enum StoreJob {
     },
     /// Retention: runs scheduled before `before`, at most `max` of them.
     Purge { before: Timestamp, max: usize },
+    /// A store shared with other coordinators: what they changed since
+    /// these positions (tasks by revision, certificates by sequence), and
+    /// the run-nows they left for the agents in session here.
+    Feed {
+        revision: u64,
+        cert_seq: u64,
+        limit: usize,
+        agents: Vec<AgentId>,
+        at: Timestamp,
+    },
+    /// Run-nows for agents not in session here, left for the coordinator
+    /// that holds their session.
+    QueueRunNow {
+        runs: Vec<QueuedRunNow>,
+        at: Timestamp,
+    },
+}
+
+/// One read of a shared store's feeds ([`StoreJob::Feed`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeedPage {
+    pub tasks: ChangePage,
+    pub certs: CertPage,
+    pub run_now: Vec<QueuedRunNow>,
 }
 
 /// How a result batch fared.
@@ -146,6 +170,12 @@ pub enum StoreDone {
         max: usize,
         result: StoreResult<usize>,
     },
+    Feed {
+        result: StoreResult<FeedPage>,
+    },
+    Queued {
+        result: StoreResult<()>,
+    },
 }
 
 /// A cancel for a task id a restored store may have lost (only its id
@@ -200,6 +230,56 @@ fn check_owned(
 }
 
 impl StoreJob {
+    /// The job as it ends when the store fails before committing anything
+    /// (a shell whose store is gone, the simulator's faults).
+    pub fn fail(self, error: StoreError) -> StoreDone {
+        match self {
+            StoreJob::Hello { conn, agent, .. } => StoreDone::Hello {
+                conn,
+                agent,
+                result: Err(error),
+            },
+            StoreJob::Changes { conn, .. } => StoreDone::Changes {
+                conn,
+                result: Err(error),
+            },
+            StoreJob::Runs {
+                conn,
+                batch_id,
+                cache,
+                ..
+            } => StoreDone::Runs {
+                conn,
+                batch_id,
+                result: Err(error),
+                cache,
+            },
+            StoreJob::Seen { .. } => StoreDone::Seen { result: Err(error) },
+            StoreJob::Admin { conn, req, .. } => StoreDone::Admin {
+                conn,
+                req,
+                result: Err(error),
+            },
+            StoreJob::EnrollCheck { conn, request, .. } => StoreDone::EnrollCheck {
+                conn,
+                result: Err(error),
+                request,
+            },
+            StoreJob::Enroll { conn, cert_der, .. } => StoreDone::Enroll {
+                conn,
+                result: Err(error),
+                cert_der,
+            },
+            StoreJob::Purge { before, max } => StoreDone::Purge {
+                before,
+                max,
+                result: Err(error),
+            },
+            StoreJob::Feed { .. } => StoreDone::Feed { result: Err(error) },
+            StoreJob::QueueRunNow { .. } => StoreDone::Queued { result: Err(error) },
+        }
+    }
+
     /// Runs the job against `store`.
     pub fn run(self, store: &dyn CoordStore) -> StoreDone {
         match self {
@@ -324,6 +404,28 @@ impl StoreJob {
                 before,
                 max,
                 result: store.purge_runs_before(before, max),
+            },
+            StoreJob::Feed {
+                revision,
+                cert_seq,
+                limit,
+                agents,
+                at,
+            } => StoreDone::Feed {
+                result: (|| {
+                    Ok(FeedPage {
+                        tasks: store.task_changes(revision, limit)?,
+                        certs: store.cert_changes(cert_seq, limit)?,
+                        run_now: if agents.is_empty() {
+                            Vec::new()
+                        } else {
+                            store.take_run_now(&agents, at)?
+                        },
+                    })
+                })(),
+            },
+            StoreJob::QueueRunNow { runs, at } => StoreDone::Queued {
+                result: store.queue_run_now(&runs, at),
             },
         }
     }

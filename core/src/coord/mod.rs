@@ -41,14 +41,16 @@ use sundial_protocol::wire::{
 use sundial_protocol::{AgentId, DurationMs, Timestamp};
 
 use crate::admission::{Admit, HandshakeBudget};
-use crate::coord_store::{targets, AgentSeen, CertRole, Enrollment, StoreError, TokenRefusal};
+use crate::coord_store::{
+    targets, AgentSeen, CertRole, Enrollment, QueuedRunNow, StoreError, TokenRefusal,
+};
 use crate::session::coordinator::{
     CoordEffect, CoordSession, UploadAllowance, UploadLimits, CHANGES_PAGE_MAX,
 };
 use crate::session::{Event, Now};
 
 pub use admin::{AdminAnswer, AdminChange, AdminContext, FollowUp, SeenView, ENTROPY_BYTES};
-pub use jobs::{Assigned, RunsVerdict, StoreDone, StoreJob};
+pub use jobs::{Assigned, FeedPage, RunsVerdict, StoreDone, StoreJob};
 
 /// A connection, as the node names it.
 pub type ConnId = u64;
@@ -88,6 +90,13 @@ pub const BACKOFF_FLOOR_MS: u32 = 250;
 /// the time the whole fleet needs to reconnect at the handshake budget.
 pub const BACKOFF_CAP_MIN_MS: u32 = 2_000;
 pub const BACKOFF_CAP_MAX_MS: u32 = 60_000;
+/// How often a coordinator whose store other coordinators share reads what
+/// they changed (tasks, certificates, run-nows), ms: a change made through
+/// one reaches the sessions another holds within about this.
+pub const FEED_INTERVAL_MS: u64 = 500;
+/// Items one feed read takes of each feed; when there were more, the next
+/// read follows at once.
+pub const FEED_PAGE_MAX: usize = 1_000;
 
 // The largest Hello must fit the frame limit before the Hello (checked by
 // the agent's allowlist bounds), and that limit must be below the session's.
@@ -305,9 +314,29 @@ pub enum CoordEvent {
         deleted: usize,
         before: Timestamp,
     },
-    /// A store operation failed; `unavailable` ones stop the coordinator.
+    /// A store operation failed; `unavailable` ones stop the coordinator
+    /// (unless its store reconnects by itself: [`CoordConfig::shared`]).
     StoreFailed {
         error: StoreError,
+    },
+    /// An agent revoked through another coordinator (read from the store's
+    /// certificate feed): its sessions here are closed.
+    AgentRevokedElsewhere {
+        agent: AgentId,
+        sessions_closed: usize,
+    },
+    /// What the shared store's feeds brought: task changes announced,
+    /// certificates added and revoked, run-nows delivered here.
+    FeedApplied {
+        tasks: usize,
+        certs_added: usize,
+        certs_revoked: usize,
+        run_nows: usize,
+    },
+    /// Run-nows for agents not in session here, left in the shared store
+    /// for the coordinator that holds their session.
+    RunNowQueued {
+        agents: usize,
     },
     /// Events were dropped because nobody drained them.
     EventsDropped {
@@ -384,7 +413,28 @@ pub struct CoordConfig {
     pub revision: u64,
     /// Every known certificate (from the store's pages).
     pub known_certs: Vec<([u8; 32], CertRole)>,
+    /// Other coordinators share the store: follow its feeds.
+    pub shared: Option<Shared>,
     pub bugs: CoordBugs,
+}
+
+/// A store shared by several coordinators (see [`CoordConfig::shared`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shared {
+    /// The store's certificate sequence, read before `known_certs`.
+    pub cert_seq: u64,
+    /// How often the feeds are read, ms ([`FEED_INTERVAL_MS`]).
+    pub feed_interval_ms: u64,
+}
+
+/// Where this node is in a shared store's feeds.
+#[derive(Debug)]
+struct Feed {
+    interval_ms: u64,
+    revision: u64,
+    cert_seq: u64,
+    next_ms: u64,
+    reading: bool,
 }
 
 /// What the last session of an agent said, kept for `agent list`.
@@ -482,6 +532,7 @@ pub struct CoordNode {
     purging: bool,
     purged: usize,
     broken: bool,
+    feed: Option<Feed>,
     effects: VecDeque<Effect>,
     events: VecDeque<CoordEvent>,
     events_dropped: u64,
@@ -513,6 +564,13 @@ impl CoordNode {
             unauthenticated: 0,
             sessions_open: 0,
             revision: config.revision,
+            feed: config.shared.map(|s| Feed {
+                interval_ms: s.feed_interval_ms.max(1),
+                revision: config.revision,
+                cert_seq: s.cert_seq,
+                next_ms: now.mono_ms + s.feed_interval_ms.max(1),
+                reading: false,
+            }),
             timers: BTreeSet::new(),
             admin_running: 0,
             admin_waiting: VecDeque::new(),
@@ -587,11 +645,20 @@ impl CoordNode {
 
     /// When `handle_timeout` is next due (monotonic ms).
     pub fn poll_timeout(&self) -> Option<u64> {
-        let t = self.timers.first().map(|(t, _)| *t);
-        match (t, self.next_purge_ms.filter(|_| !self.purging)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let feed = self.feed.as_ref().filter(|f| !f.reading).map(|f| f.next_ms);
+        [
+            self.timers.first().map(|(t, _)| *t),
+            self.next_purge_ms.filter(|_| !self.purging),
+            feed,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Whether other coordinators share this node's store.
+    pub fn is_shared(&self) -> bool {
+        self.feed.is_some()
     }
 
     /// The largest frame the connection may send next.
@@ -617,7 +684,11 @@ impl CoordNode {
     }
 
     fn store_failed(&mut self, error: StoreError) {
-        let stop = error.is_unavailable() && !self.broken;
+        // A shared store is a server the store reconnects to by itself:
+        // what failed is refused (sessions closed, admins told) and tried
+        // again, without a restart. An embedded store that failed to write
+        // is reopened by a restart.
+        let stop = error.is_unavailable() && !self.broken && self.feed.is_none();
         self.event(CoordEvent::StoreFailed { error });
         if stop {
             self.broken = true;
@@ -871,6 +942,100 @@ impl CoordNode {
         }
         if !self.purging && self.next_purge_ms.is_some_and(|t| t <= now.mono_ms) {
             self.purge(now);
+        }
+        self.read_feed(now);
+    }
+
+    /// Reads the shared store's feeds when due.
+    fn read_feed(&mut self, now: Now) {
+        let Some(f) = self.feed.as_mut() else {
+            return;
+        };
+        if f.reading || f.next_ms > now.mono_ms {
+            return;
+        }
+        f.reading = true;
+        let job = StoreJob::Feed {
+            revision: f.revision,
+            cert_seq: f.cert_seq,
+            limit: FEED_PAGE_MAX,
+            // Bounded by the session cap.
+            agents: self.live.keys().copied().collect(),
+            at: now.wall,
+        };
+        self.effects.push_back(Effect::Store(job));
+    }
+
+    fn feed_done(&mut self, now: Now, result: Result<FeedPage, StoreError>) {
+        let page = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.store_failed(e);
+                if let Some(f) = self.feed.as_mut() {
+                    f.reading = false;
+                    f.next_ms = now.mono_ms + f.interval_ms;
+                }
+                return;
+            }
+        };
+        let tasks = page.tasks.changes.len();
+        // Every change, ours included (announcing twice wakes a session
+        // that then finds nothing new): the feed alone moves its position,
+        // so a change another coordinator committed before one of ours is
+        // never skipped.
+        for (spec, _) in &page.tasks.changes {
+            self.announce(now, &spec.target, spec.revision);
+        }
+        let (mut added, mut revoked) = (0, 0);
+        for (fp, role) in &page.certs.changes {
+            match role {
+                Some(role) => {
+                    if self.known.insert(*fp, *role).is_none() {
+                        added += 1;
+                    }
+                }
+                None => {
+                    if let Some(old) = self.known.remove(fp) {
+                        revoked += 1;
+                        if let CertRole::Agent(agent) = old {
+                            let closed = self.close_agent(now, agent);
+                            self.event(CoordEvent::AgentRevokedElsewhere {
+                                agent,
+                                sessions_closed: closed,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let mut run_nows = 0;
+        for q in &page.run_now {
+            let msg = CoordMsg::RunNow {
+                task_id: q.task,
+                at: q.at,
+            };
+            if self.push(now, q.agent, msg) {
+                run_nows += 1;
+            }
+        }
+        if tasks + added + revoked + run_nows > 0 {
+            self.event(CoordEvent::FeedApplied {
+                tasks,
+                certs_added: added,
+                certs_revoked: revoked,
+                run_nows,
+            });
+        }
+        let more = page.tasks.more || page.certs.more;
+        if let Some(f) = self.feed.as_mut() {
+            f.revision = f.revision.max(page.tasks.upto);
+            f.cert_seq = f.cert_seq.max(page.certs.upto);
+            f.reading = false;
+            f.next_ms = if more {
+                now.mono_ms
+            } else {
+                now.mono_ms + f.interval_ms
+            };
         }
     }
 
@@ -1460,6 +1625,19 @@ impl CoordNode {
                             offline.push(agent);
                         }
                     }
+                    if self.feed.is_some() && !offline.is_empty() {
+                        // Another coordinator may hold their sessions.
+                        self.event(CoordEvent::RunNowQueued {
+                            agents: offline.len(),
+                        });
+                        self.effects.push_back(Effect::Store(StoreJob::QueueRunNow {
+                            runs: offline
+                                .iter()
+                                .map(|&agent| QueuedRunNow { agent, task, at })
+                                .collect(),
+                            at: now.wall,
+                        }));
+                    }
                     self.event(CoordEvent::AdminChanged {
                         by,
                         change: AdminChange::RunNow {
@@ -1696,11 +1874,12 @@ impl CoordNode {
                     self.drain_session(now, conn);
                 }
             }
-            StoreDone::Seen { result } => {
+            StoreDone::Seen { result } | StoreDone::Queued { result } => {
                 if let Err(e) = result {
                     self.store_failed(e);
                 }
             }
+            StoreDone::Feed { result } => self.feed_done(now, result),
             StoreDone::Admin { conn, req, result } => self.admin_done(now, conn, req, result),
             StoreDone::EnrollCheck {
                 conn,

@@ -42,6 +42,7 @@ fn node_with(limits: Limits) -> CoordNode {
             ca_der: CA.to_vec(),
             revision: 0,
             known_certs: known,
+            shared: None,
             bugs: CoordBugs::default(),
         },
     )

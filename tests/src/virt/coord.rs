@@ -29,50 +29,10 @@ pub(super) const STORE_FAULT_CHANCE: f64 = 0.002;
 
 /// A store job failed as a write error fails it: nothing committed.
 pub(super) fn failed(job: StoreJob) -> StoreDone {
-    let e = || StoreError::unavailable("simulated write", "the disk failed");
-    match job {
-        StoreJob::Hello { conn, agent, .. } => StoreDone::Hello {
-            conn,
-            agent,
-            result: Err(e()),
-        },
-        StoreJob::Changes { conn, .. } => StoreDone::Changes {
-            conn,
-            result: Err(e()),
-        },
-        StoreJob::Runs {
-            conn,
-            batch_id,
-            cache,
-            ..
-        } => StoreDone::Runs {
-            conn,
-            batch_id,
-            result: Err(e()),
-            cache,
-        },
-        StoreJob::Seen { .. } => StoreDone::Seen { result: Err(e()) },
-        StoreJob::Admin { conn, req, .. } => StoreDone::Admin {
-            conn,
-            req,
-            result: Err(e()),
-        },
-        StoreJob::EnrollCheck { conn, request, .. } => StoreDone::EnrollCheck {
-            conn,
-            result: Err(e()),
-            request,
-        },
-        StoreJob::Enroll { conn, cert_der, .. } => StoreDone::Enroll {
-            conn,
-            result: Err(e()),
-            cert_der,
-        },
-        StoreJob::Purge { before, max } => StoreDone::Purge {
-            before,
-            max,
-            result: Err(e()),
-        },
-    }
+    job.fail(StoreError::unavailable(
+        "simulated write",
+        "the disk failed",
+    ))
 }
 
 /// Agent `i`'s address.
@@ -131,6 +91,7 @@ impl World {
                 ca_der: CA_CERT.to_vec(),
                 revision,
                 known_certs,
+                shared: None,
                 bugs: self.coord_bugs,
             },
         );
