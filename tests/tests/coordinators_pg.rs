@@ -1,0 +1,456 @@
+//! Two coordinator processes on one PostgreSQL serving one fleet, end to
+//! end: one `init --store`, the data directory copied to the second; agents
+//! spread over both; a task created through either reaches every target; a
+//! token raced through both is accepted once; a revoke through one closes a
+//! session the other holds; one coordinator killed with SIGKILL, its agents
+//! move to the other, and every run is recorded exactly once, with no
+//! occurrence lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sundial_coordinator::client::AdminClient;
+use sundial_coordinator::pki::AdminCreds;
+use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::wire::{AdminRequest, AdminResponse, TaskDraft};
+use sundial_protocol::{AgentId, DurationMs, Outcome, Schedule, TaskId, Timestamp};
+use sundial_tests::harness::{SUB_AGENT, SUB_COORDINATOR};
+use sundial_tests::pg::PgCluster;
+
+const SIM: &str = env!("CARGO_BIN_EXE_sundial-sim");
+
+fn free_udp() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+}
+
+fn log(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("a log file")
+}
+
+fn sim(args: &[&str]) -> std::process::Output {
+    Command::new(SIM)
+        .args(args)
+        .output()
+        .expect("sundial-sim runs")
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &Path, addr: SocketAddr) -> Proc {
+    Proc(
+        Command::new(SIM)
+            .args([SUB_COORDINATOR, "serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", &addr.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log(&dir.join("coordinator.log")))
+            .spawn()
+            .expect("a coordinator starts"),
+    )
+}
+
+fn run_agent(dir: &Path) -> Proc {
+    Proc(
+        Command::new(SIM)
+            .args([SUB_AGENT, "run", "--data-dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(log(&dir.join("agent.log")))
+            .spawn()
+            .expect("an agent starts"),
+    )
+}
+
+/// Admin credentials that dial only `addr` (to ask one coordinator).
+fn creds_for(creds: &AdminCreds, addr: SocketAddr) -> AdminCreds {
+    let mut c = creds.clone();
+    c.coordinator = addr.to_string();
+    c
+}
+
+async fn ask(creds: &AdminCreds, req: AdminRequest) -> Result<AdminResponse, String> {
+    let c = AdminClient::connect(creds).await?;
+    let r = c.request(&req).await;
+    c.close();
+    r
+}
+
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("not within {within:?}: {what}");
+}
+
+async fn online(creds: &AdminCreds) -> BTreeSet<AgentId> {
+    match ask(creds, AdminRequest::AgentList).await {
+        Ok(AdminResponse::Agents(all)) => all
+            .into_iter()
+            .filter(|a| a.online)
+            .map(|a| a.agent_id)
+            .collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+fn every_second(target: Target, anchor: Timestamp) -> TaskDraft {
+    TaskDraft {
+        name: None,
+        target,
+        schedule: Schedule::every(DurationMs(1_000), anchor).expect("a schedule"),
+        action: Action::Exec(ExecSpec {
+            program: "/bin/true".into(),
+            ..Default::default()
+        }),
+        policies: Default::default(),
+        anchor_at_creation: true,
+    }
+}
+
+fn created(r: Result<AdminResponse, String>) -> TaskId {
+    match r {
+        Ok(AdminResponse::TaskCreated(id)) | Ok(AdminResponse::TaskCreatedWarn { id, .. }) => id,
+        other => panic!("no task: {other:?}"),
+    }
+}
+
+fn join(dir: &Path, token: &str, coordinators: Option<String>) -> Result<AgentId, String> {
+    let mut args = vec![
+        SUB_AGENT.to_string(),
+        "join".into(),
+        "--token".into(),
+        token.into(),
+    ];
+    if let Some(c) = coordinators {
+        args.extend(["--coordinator".into(), c]);
+    }
+    args.extend([
+        "--allow-exec".into(),
+        "/bin/true".into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+    ]);
+    let out = Command::new(SIM).args(&args).output().expect("join runs");
+    if out.status.success() {
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| "no agent id printed".to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
+    let Some(pg) = PgCluster::start().expect("a PostgreSQL cluster starts") else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let (c1_dir, c2_dir) = (root.path().join("c1"), root.path().join("c2"));
+    let (c1_addr, c2_addr) = (free_udp(), free_udp());
+    let out = sim(&[
+        SUB_COORDINATOR,
+        "init",
+        "--data-dir",
+        &c1_dir.display().to_string(),
+        "--advertise",
+        &format!("{c1_addr},{c2_addr}"),
+        "--store",
+        &pg.url(),
+    ]);
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A second init on the same database is refused: coordinators are
+    // added by copying a data directory.
+    let again = sim(&[
+        SUB_COORDINATOR,
+        "init",
+        "--data-dir",
+        &root.path().join("other").display().to_string(),
+        "--advertise",
+        "127.0.0.1:1",
+        "--store",
+        &pg.url(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("copy the data directory"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    copy_dir(&c1_dir, &c2_dir);
+    let mut c1 = Some(serve(&c1_dir, c1_addr));
+    let _c2 = serve(&c2_dir, c2_addr);
+    let creds = AdminCreds::load(&c1_dir.join("admin.creds")).expect("creds");
+    let (via1, via2) = (creds_for(&creds, c1_addr), creds_for(&creds, c2_addr));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        for (what, c) in [("c1", &via1), ("c2", &via2)] {
+            wait_until(what, Duration::from_secs(30), || async {
+                AdminClient::connect(c).await.is_ok()
+            })
+            .await;
+        }
+        // Four agents: two joined through c1 (the token's order), two
+        // through c2 (their own list), all knowing both.
+        let token = match ask(
+            &via2,
+            AdminRequest::TokenCreate {
+                ttl_ms: 3_600_000,
+                uses: 4,
+                labels: vec![("fleet".into(), "pg".into())],
+            },
+        )
+        .await
+        {
+            Ok(AdminResponse::Token(t)) => t,
+            other => panic!("no token: {other:?}"),
+        };
+        let mut agents = Vec::new();
+        let mut procs = Vec::new();
+        for i in 0..4 {
+            let dir = root.path().join(format!("agent{i}"));
+            let list = (i % 2 == 1).then(|| format!("{c2_addr},{c1_addr}"));
+            let id = join(&dir, &token, list).expect("an agent joins");
+            procs.push(run_agent(&dir));
+            agents.push((id, dir));
+        }
+        let ids: BTreeSet<AgentId> = agents.iter().map(|a| a.0).collect();
+        wait_until(
+            "every agent in session",
+            Duration::from_secs(60),
+            || async {
+                let mut all = online(&via1).await;
+                all.extend(online(&via2).await);
+                all == ids
+            },
+        )
+        .await;
+        let on2: BTreeSet<AgentId> = online(&via2).await;
+        assert!(!on2.is_empty(), "some agents are served by c2");
+
+        // A token raced through both coordinators is accepted once.
+        let single = match ask(
+            &via1,
+            AdminRequest::TokenCreate {
+                ttl_ms: 3_600_000,
+                uses: 1,
+                labels: vec![],
+            },
+        )
+        .await
+        {
+            Ok(AdminResponse::Token(t)) => t,
+            other => panic!("no token: {other:?}"),
+        };
+        let (ra, rb) = std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                join(
+                    &root.path().join("race-a"),
+                    &single,
+                    Some(c1_addr.to_string()),
+                )
+            });
+            let b = s.spawn(|| {
+                join(
+                    &root.path().join("race-b"),
+                    &single,
+                    Some(c2_addr.to_string()),
+                )
+            });
+            (a.join().expect("joins"), b.join().expect("joins"))
+        });
+        assert!(
+            ra.is_ok() != rb.is_ok(),
+            "exactly one enrollment: {ra:?} / {rb:?}"
+        );
+
+        // A task through c1 reaches the agents c2 serves (and c1's).
+        let start = Timestamp::from_millis_saturating(chrono::Utc::now().timestamp_millis());
+        let all_task = created(
+            ask(
+                &via1,
+                AdminRequest::TaskCreate(Box::new(every_second(
+                    Target::Selector(vec![("fleet".into(), "pg".into())]),
+                    start,
+                ))),
+            )
+            .await,
+        );
+        wait_until(
+            "every agent runs the task",
+            Duration::from_secs(30),
+            || async {
+                let runs = runs_of(&via1, all_task).await;
+                let by: BTreeSet<AgentId> = runs.iter().map(|r| r.0).collect();
+                by == ids
+            },
+        )
+        .await;
+
+        // A revoke through c1 closes a session c2 holds.
+        let victim = *on2.iter().next().expect("an agent on c2");
+        match ask(&via1, AdminRequest::AgentRevoke(victim)).await {
+            Ok(AdminResponse::Error(e)) | Err(e) => panic!("revoke: {e}"),
+            Ok(_) => {}
+        }
+        wait_until(
+            "the revoked agent's session ends on c2",
+            Duration::from_secs(10),
+            || async { !online(&via2).await.contains(&victim) },
+        )
+        .await;
+        let (vi, _) = agents
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.0 == victim)
+            .expect("the victim");
+        let victim_dir = agents[vi].1.clone();
+        wait_until(
+            "the agent records its revocation",
+            Duration::from_secs(10),
+            || {
+                let dir = victim_dir.clone();
+                async move {
+                    sundial_agent::status::read(&dir)
+                        .map(|s| s.revoked)
+                        .unwrap_or(false)
+                }
+            },
+        )
+        .await;
+        let live: BTreeSet<AgentId> = ids.iter().copied().filter(|a| *a != victim).collect();
+
+        // c1 killed: its agents are in session with c2 within seconds.
+        drop(c1.take());
+        let killed = Instant::now();
+        wait_until(
+            "every live agent in session with c2",
+            Duration::from_secs(30),
+            || async { online(&via2).await == live },
+        )
+        .await;
+        eprintln!(
+            "failover: every agent in session with c2 {:?} after the kill",
+            killed.elapsed()
+        );
+        // A task through c2 now reaches everyone left.
+        let after = created(
+            ask(
+                &via2,
+                AdminRequest::TaskCreate(Box::new(every_second(
+                    Target::Agent(*live.iter().next().expect("one")),
+                    start,
+                ))),
+            )
+            .await,
+        );
+        wait_until("the new task runs", Duration::from_secs(20), || async {
+            !runs_of(&via2, after).await.is_empty()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // Agents stopped, their outboxes drained into c2: each agent's
+        // runs of the every-second task are stored once each, one per
+        // second from its first to its last, none missing.
+        for p in &mut procs {
+            let pid = rustix::process::Pid::from_raw(p.0.id() as i32).expect("a pid");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let _ = p.0.wait();
+        }
+        for (id, dir) in &agents {
+            let status = sundial_agent::status::read(dir).expect("status");
+            if *id != victim {
+                assert_eq!(status.outbox_len, 0, "{id}: everything synced");
+            }
+        }
+        let runs = runs_of(&via2, all_task).await;
+        let mut by: BTreeMap<AgentId, Vec<(i64, u32, Outcome)>> = BTreeMap::new();
+        for (agent, sched, attempt, outcome) in runs {
+            by.entry(agent).or_default().push((sched, attempt, outcome));
+        }
+        for agent in &live {
+            let mut v = by.remove(agent).unwrap_or_default();
+            v.sort_by_key(|r| (r.0, r.1));
+            let keys: BTreeSet<(i64, u32)> = v.iter().map(|r| (r.0, r.1)).collect();
+            assert_eq!(keys.len(), v.len(), "{agent}: a run stored twice");
+            let scheds: Vec<i64> = v.iter().map(|r| r.0).collect();
+            assert!(scheds.len() > 5, "{agent}: {scheds:?}");
+            for w in scheds.windows(2) {
+                assert_eq!(
+                    w[1] - w[0],
+                    1_000,
+                    "{agent}: an occurrence missing: {scheds:?}"
+                );
+            }
+        }
+    });
+}
+
+/// (agent, scheduled_at ms, attempt, outcome) of every stored run of `task`.
+async fn runs_of(creds: &AdminCreds, task: TaskId) -> Vec<(AgentId, i64, u32, Outcome)> {
+    let Ok(c) = AdminClient::connect(creds).await else {
+        return Vec::new();
+    };
+    let r = c
+        .run_list(&AdminRequest::RunList {
+            task: Some(task),
+            agent: None,
+            since: None,
+            limit: 10_000,
+            after: None,
+            before: None,
+        })
+        .await;
+    c.close();
+    r.map(|a| {
+        a.runs
+            .into_iter()
+            .map(|r| (r.agent_id, r.scheduled_at.as_millis(), r.attempt, r.outcome))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn copy_dir(from: &Path, to: &PathBuf) {
+    std::fs::create_dir_all(to).expect("a directory");
+    for e in std::fs::read_dir(from).expect("readable").flatten() {
+        if e.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::copy(e.path(), to.join(e.file_name())).expect("copied");
+        }
+    }
+}
