@@ -454,3 +454,133 @@ fn copy_dir(from: &Path, to: &PathBuf) {
         }
     }
 }
+
+#[test]
+fn a_coordinator_waits_out_a_postgres_outage_and_loses_nothing() {
+    let Some(mut pg) = PgCluster::start().expect("a PostgreSQL cluster starts") else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let dir = root.path().join("c");
+    let addr = free_udp();
+    let out = sim(&[
+        SUB_COORDINATOR,
+        "init",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--advertise",
+        &addr.to_string(),
+        "--store",
+        &pg.url(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut coord = serve(&dir, addr);
+    let creds = AdminCreds::load(&dir.join("admin.creds")).expect("creds");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        wait_until("the coordinator", Duration::from_secs(30), || async {
+            AdminClient::connect(&creds).await.is_ok()
+        })
+        .await;
+        let token = match ask(
+            &creds,
+            AdminRequest::TokenCreate {
+                ttl_ms: 3_600_000,
+                uses: 2,
+                labels: vec![],
+            },
+        )
+        .await
+        {
+            Ok(AdminResponse::Token(t)) => t,
+            other => panic!("no token: {other:?}"),
+        };
+        let mut procs = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..2 {
+            let d = root.path().join(format!("agent{i}"));
+            ids.push(join(&d, &token, None).expect("joins"));
+            procs.push((run_agent(&d), d));
+        }
+        let start = Timestamp::from_millis_saturating(chrono::Utc::now().timestamp_millis());
+        let mut tasks = Vec::new();
+        for id in &ids {
+            tasks.push(created(
+                ask(
+                    &creds,
+                    AdminRequest::TaskCreate(Box::new(every_second(Target::Agent(*id), start))),
+                )
+                .await,
+            ));
+        }
+        wait_until("runs stored", Duration::from_secs(30), || async {
+            !runs_of(&creds, tasks[0]).await.is_empty()
+        })
+        .await;
+
+        pg.stop().expect("PostgreSQL stops");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let refused = ask(&creds, AdminRequest::TaskList).await;
+        assert!(
+            matches!(&refused, Ok(AdminResponse::Error(_)) | Err(_)),
+            "an admin request during the outage gets an error: {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert!(
+            coord.0.try_wait().expect("waitable").is_none(),
+            "the coordinator keeps running through the outage"
+        );
+        pg.start_server().expect("PostgreSQL starts again");
+        pg.wait_ready(Duration::from_secs(30)).expect("ready");
+        wait_until(
+            "admin requests answered again",
+            Duration::from_secs(30),
+            || async {
+                matches!(
+                    ask(&creds, AdminRequest::TaskList).await,
+                    Ok(AdminResponse::Tasks(_))
+                )
+            },
+        )
+        .await;
+        // The outbox drains once sessions are back; then every second of
+        // the whole span is stored once.
+        wait_until("outboxes drained", Duration::from_secs(60), || {
+            let dirs: Vec<PathBuf> = procs.iter().map(|p| p.1.clone()).collect();
+            async move {
+                dirs.iter().all(|d| {
+                    sundial_agent::status::read(d)
+                        .is_ok_and(|s| s.outbox_len == 0 && s.last_sync.is_some())
+                })
+            }
+        })
+        .await;
+        for (p, _) in &mut procs {
+            let pid = rustix::process::Pid::from_raw(p.0.id() as i32).expect("a pid");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            let _ = p.0.wait();
+        }
+        for (d, task) in procs.iter().map(|p| &p.1).zip(&tasks) {
+            let s = sundial_agent::status::read(d).expect("status");
+            assert_eq!(s.outbox_len, 0, "everything synced");
+            let runs = runs_of(&creds, *task).await;
+            let mut scheds: Vec<i64> = runs.iter().map(|r| r.1).collect();
+            scheds.sort();
+            let n = scheds.len();
+            scheds.dedup();
+            assert_eq!(n, scheds.len(), "a run stored twice");
+            assert!(n > 10, "the outage is covered: {scheds:?}");
+            for w in scheds.windows(2) {
+                assert_eq!(w[1] - w[0], 1_000, "an occurrence missing: {scheds:?}");
+            }
+        }
+    });
+}
