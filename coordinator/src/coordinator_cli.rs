@@ -57,6 +57,24 @@ enum Cmd {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Apply the PostgreSQL store's schema migrations not yet applied (each
+    /// once, under a transaction-scoped advisory lock; `serve` does the same
+    /// at start) and say which.
+    Migrate {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Move a coordinator from its embedded store to PostgreSQL: every agent,
+    /// task, token, counter and run record is copied, the counts compared,
+    /// and DIR switched to the database (DIR/store.url). Stop the
+    /// coordinator first; coordinator.redb stays as it was, as a backup.
+    Import {
+        /// The coordinator's data directory (holding coordinator.redb).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
     Completions {
         #[arg(value_name = "SHELL")]
@@ -332,6 +350,46 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
         Cmd::Manpage => Ok(print_quietly(&sundial_net::shell::manpage(
             <Cli as clap::CommandFactory>::command(),
         )?)?),
+        Cmd::Migrate { store } => {
+            let server::StoreChoice::Postgres(opts) = store_choice(&store, &file)? else {
+                anyhow::bail!(
+                    "migrate needs --store postgres://… (the embedded store migrates itself)"
+                );
+            };
+            let pg = crate::pg::PgStore::open_unmigrated(&opts)?;
+            let applied = pg.migrate()?;
+            if applied.is_empty() {
+                println!("the schema is up to date");
+            } else {
+                for v in applied {
+                    println!("applied migration {v}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Import { data_dir, store } => {
+            let server::StoreChoice::Postgres(opts) = store_choice(&store, &file)? else {
+                anyhow::bail!("import needs --store postgres://… (the database to move to)");
+            };
+            let mut said = std::time::Instant::now();
+            let done = crate::import::import(&data_dir, &opts, |runs, total| {
+                if said.elapsed() >= std::time::Duration::from_secs(2) || runs == total {
+                    eprintln!("runs: {runs} of {total}");
+                    said = std::time::Instant::now();
+                }
+            })?;
+            println!(
+                "imported {} admin(s), {} agent(s), {} task(s), {} token(s), {} run(s); {} now uses {}",
+                done.admins,
+                done.agents,
+                done.tasks,
+                done.tokens,
+                done.runs,
+                data_dir.display(),
+                crate::pg::redact(&opts.url)
+            );
+            Ok(())
+        }
         Cmd::Init {
             data_dir,
             advertise,

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod client;
 pub mod coordinator_cli;
+pub mod import;
 pub mod net;
 pub mod pg;
 pub mod pki;

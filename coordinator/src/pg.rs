@@ -388,6 +388,13 @@ impl PgStore {
     /// lock, so coordinators starting together apply each once) and makes
     /// the run partitions of the days around today.
     pub fn open(opts: &PgOptions) -> StoreResult<PgStore> {
+        let store = PgStore::connect(opts)?;
+        store.migrate()?;
+        store.ensure_partitions(wall_ms())?;
+        Ok(store)
+    }
+
+    fn connect(opts: &PgOptions) -> StoreResult<PgStore> {
         let mut config: tokio_postgres::Config = opts.url.parse().map_err(|e| {
             StoreError::Refused(format!(
                 "`{}` is not a PostgreSQL connection string: {e}",
@@ -428,9 +435,13 @@ impl PgStore {
             partitions_from: AtomicI64::new(i64::MIN),
             where_: redact(&opts.url),
         };
-        store.migrate()?;
-        store.ensure_partitions(wall_ms())?;
         Ok(store)
+    }
+
+    /// Connects without touching the schema (`sundial-coordinator migrate`
+    /// applies it then and says what it applied).
+    pub fn open_unmigrated(opts: &PgOptions) -> StoreResult<PgStore> {
+        PgStore::connect(opts)
     }
 
     /// Runs `make()`'s future on the driver, again when it met a deadlock

@@ -310,6 +310,17 @@ impl CoordinatorStore {
         Ok(revision)
     }
 
+    /// The counters an export carries: (revision, next task id, next agent id).
+    pub fn counters(&self) -> Result<(u64, u64, u64)> {
+        let txn = self.db.begin_read().map_err(db_err("read counters"))?;
+        let meta = txn.open_table(META).map_err(db_err("read counters"))?;
+        Ok((
+            Self::meta_u64(&meta, REVISION)?,
+            Self::meta_u64(&meta, NEXT_TASK)?.max(1),
+            Self::meta_u64(&meta, NEXT_AGENT)?.max(1),
+        ))
+    }
+
     /// Every stored run, in key order (for checkers and tests; O(runs)).
     pub fn all_runs(&self) -> Result<Vec<RunRecord>> {
         let txn = self.db.begin_read().map_err(db_err("read runs"))?;

@@ -584,3 +584,135 @@ fn a_coordinator_waits_out_a_postgres_outage_and_loses_nothing() {
         }
     });
 }
+
+#[test]
+fn an_embedded_coordinator_moves_to_postgres_with_nothing_lost() {
+    let Some(pg) = PgCluster::start().expect("a PostgreSQL cluster starts") else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let dir = root.path().join("c");
+    let addr = free_udp();
+    let out = sim(&[
+        SUB_COORDINATOR,
+        "init",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--advertise",
+        &addr.to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let creds = AdminCreds::load(&dir.join("admin.creds")).expect("creds");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut coord = serve(&dir, addr);
+        wait_until("the coordinator", Duration::from_secs(30), || async {
+            AdminClient::connect(&creds).await.is_ok()
+        })
+        .await;
+        let token = match ask(
+            &creds,
+            AdminRequest::TokenCreate {
+                ttl_ms: 3_600_000,
+                uses: 1,
+                labels: vec![],
+            },
+        )
+        .await
+        {
+            Ok(AdminResponse::Token(t)) => t,
+            other => panic!("no token: {other:?}"),
+        };
+        let adir = root.path().join("agent");
+        let agent = join(&adir, &token, None).expect("joins");
+        let mut ap = run_agent(&adir);
+        let start = Timestamp::from_millis_saturating(chrono::Utc::now().timestamp_millis());
+        let task = created(
+            ask(
+                &creds,
+                AdminRequest::TaskCreate(Box::new(every_second(Target::Agent(agent), start))),
+            )
+            .await,
+        );
+        wait_until("runs stored", Duration::from_secs(30), || async {
+            runs_of(&creds, task).await.len() >= 3
+        })
+        .await;
+        let before = runs_of(&creds, task).await.len();
+        // Stopped (as an operator stops it), imported while the agent
+        // goes on firing offline.
+        let pid = rustix::process::Pid::from_raw(coord.0.id() as i32).expect("a pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let _ = coord.0.wait();
+        let out = sim(&[
+            SUB_COORDINATOR,
+            "import",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--store",
+            &pg.url(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("1 agent(s), 1 task(s)"), "{said}");
+        assert!(dir.join("store.url").exists());
+        // A second import is refused: the directory uses PostgreSQL now.
+        assert!(!sim(&[
+            SUB_COORDINATOR,
+            "import",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--store",
+            &pg.url(),
+        ])
+        .status
+        .success());
+
+        let _coord = serve(&dir, addr);
+        wait_until(
+            "the coordinator on PostgreSQL",
+            Duration::from_secs(30),
+            || async { AdminClient::connect(&creds).await.is_ok() },
+        )
+        .await;
+        let next = created(
+            ask(
+                &creds,
+                AdminRequest::TaskCreate(Box::new(every_second(Target::Agent(agent), start))),
+            )
+            .await,
+        );
+        assert!(next.0 > task.0, "ids go on: {next} after {task}");
+        wait_until(
+            "the agent syncs to the moved coordinator",
+            Duration::from_secs(30),
+            || async { runs_of(&creds, next).await.len() >= 2 },
+        )
+        .await;
+        let pid = rustix::process::Pid::from_raw(ap.0.id() as i32).expect("a pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let _ = ap.0.wait();
+        let runs = runs_of(&creds, task).await;
+        assert!(runs.len() > before, "old runs kept, new ones added");
+        let mut scheds: Vec<i64> = runs.iter().map(|r| r.1).collect();
+        scheds.sort();
+        let n = scheds.len();
+        scheds.dedup();
+        assert_eq!(n, scheds.len(), "a run stored twice");
+        for w in scheds.windows(2) {
+            assert_eq!(w[1] - w[0], 1_000, "an occurrence missing: {scheds:?}");
+        }
+    });
+}

@@ -61,7 +61,7 @@ pub const STORE_URL_FILE: &str = "store.url";
 pub const PG_PASSWORD_ENV: &str = "SUNDIAL_PG_PASSWORD";
 /// The store setting holding the CA certificate's SHA-256 (hex): a
 /// coordinator with another CA refuses to serve a shared store.
-const CA_SETTING: &str = "ca_sha256";
+pub(crate) const CA_SETTING: &str = "ca_sha256";
 
 /// Where the coordinator keeps its state.
 #[derive(Debug, Clone, Default)]
