@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs, upgrades or removes the Sundial agent on a device.
 #
-#   install-agent.sh --binary PATH --coordinator HOST:PORT --token TOKEN
+#   install-agent.sh --binary PATH [--coordinator HOST:PORT[,HOST:PORT...]] --token TOKEN
 #                    [--name N] [--label k=v]... [--allow-exec PATTERN]...
 #                    [--root DIR]
 #   install-agent.sh --uninstall [--purge] [--root DIR]
@@ -97,8 +97,8 @@ enrolled=0
 [ -f "$state/agent.pem" ] && [ -f "$state/agent.redb" ] && enrolled=1
 
 if [ "$enrolled" = 0 ]; then
-    [ -n "$coordinator" ] || die "--coordinator HOST:PORT is required for a first install"
-    case "$coordinator" in *:*) ;; *) die "--coordinator '$coordinator': expected HOST:PORT" ;; esac
+    # Without --coordinator, the addresses the token carries (sdj2 tokens).
+    case "$coordinator" in ''|*:*) ;; *) die "--coordinator '$coordinator': expected HOST:PORT[,HOST:PORT...]" ;; esac
     [ -n "$token" ] || die "--token is required for a first install (create one with: sundialctl token create)"
 fi
 
@@ -146,7 +146,8 @@ cleanup_failed_join() {
 }
 
 # The token goes in on standard input, so it never shows in `ps`.
-join_cmd="$(quote "$tmp_bin") join --coordinator $(quote "$coordinator") --token-file - --data-dir $(quote "$state")"
+join_cmd="$(quote "$tmp_bin") join --token-file - --data-dir $(quote "$state")"
+[ -n "$coordinator" ] && join_cmd="$join_cmd --coordinator $(quote "$coordinator")"
 [ -n "$name" ] && join_cmd="$join_cmd --name $(quote "$name")"
 join_cmd="$join_cmd$labels"
 if [ -n "$allows" ]; then

@@ -340,7 +340,7 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
                         );
                         if !offline.is_empty() {
                             eprintln!(
-                                "sundialctl: warning: {id}: not run on offline agent(s) {}",
+                                "sundialctl: warning: {id}: not run on agent(s) {}: not in session with this coordinator (offline; with several coordinators, the one holding the session runs it if it does within a minute)",
                                 list(&offline)
                             );
                         }
