@@ -29,6 +29,7 @@ mod footprint;
 mod ingest;
 mod lateness;
 mod runlist;
+mod stores;
 mod wheel;
 
 pub use drain::*;
@@ -37,6 +38,7 @@ pub use footprint::*;
 pub use ingest::*;
 pub use lateness::*;
 pub use runlist::*;
+pub use stores::*;
 pub use wheel::*;
 
 /// One line of a result table.

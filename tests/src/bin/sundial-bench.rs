@@ -24,11 +24,12 @@ struct Cli {
     out: Option<std::path::PathBuf>,
 }
 
-const SUITES: [&str; 7] = [
+const SUITES: [&str; 8] = [
     "wheel",
     "lateness",
     "ingest",
     "runlist",
+    "stores",
     "drain",
     "fleet",
     "footprint",
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
             "lateness" => bench::lateness(cli.quick, &exe),
             "ingest" => bench::ingest(cli.quick),
             "runlist" => bench::runlist(cli.quick),
+            "stores" => bench::stores(cli.quick),
             "drain" => rt.block_on(bench::drain(cli.quick, &exe)),
             "fleet" => rt.block_on(bench::fleet(cli.quick, &exe)),
             _ => bench::footprint(cli.quick, &exe),
