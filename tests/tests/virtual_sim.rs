@@ -198,3 +198,43 @@ fn a_revocation_that_leaves_the_session_open_is_caught() {
     eprintln!("an open revoked session caught at seed {seed}: {why}");
     assert!(why.contains("revoked"), "seed {seed}: {why}");
 }
+
+#[test]
+fn a_coordinator_deaf_to_the_shared_store_is_caught() {
+    // Two coordinators on one store: one that does not pass on what the
+    // other changed leaves its agents behind until they reconnect.
+    let opts = VirtOptions {
+        coord_bugs: CoordBugs {
+            deaf_to_feed: true,
+            ..CoordBugs::default()
+        },
+        coordinators: 2,
+        ..VirtOptions::default()
+    };
+    let caught = (1..=100).find_map(|seed| {
+        let r = run_seed(seed, &opts);
+        r.failures.first().map(|f| (seed, f.clone()))
+    });
+    let (seed, why) =
+        caught.expect("a coordinator ignoring the shared store goes unnoticed for 100 seeds");
+    eprintln!("a coordinator deaf to the feed caught at seed {seed}: {why}");
+}
+
+#[test]
+fn several_coordinators_on_one_store_keep_every_invariant() {
+    let opts = VirtOptions {
+        coordinators: 3,
+        ..VirtOptions::default()
+    };
+    let mut moves = 0;
+    for seed in 1..=60 {
+        let r = run_seed(seed, &opts);
+        assert!(
+            r.failures.is_empty(),
+            "seed {seed} (replay: sundial-sim virtual --seeds {seed}): {:?}",
+            r.failures
+        );
+        moves += r.exercised.moves;
+    }
+    assert!(moves > 0, "agents moved between coordinators");
+}

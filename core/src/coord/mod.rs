@@ -401,6 +401,10 @@ pub struct CoordBugs {
     pub miss_later_joiners: bool,
     /// A revocation closes no live session.
     pub revoke_leaves_open: bool,
+    /// On a shared store, task changes read from the feed wake no session
+    /// (agents in session here learn of other coordinators' changes only
+    /// at their next Hello).
+    pub deaf_to_feed: bool,
 }
 
 /// What the node needs to start.
@@ -984,7 +988,9 @@ impl CoordNode {
         // so a change another coordinator committed before one of ours is
         // never skipped.
         for (spec, _) in &page.tasks.changes {
-            self.announce(now, &spec.target, spec.revision);
+            if !self.bugs.deaf_to_feed {
+                self.announce(now, &spec.target, spec.revision);
+            }
         }
         let (mut added, mut revoked) = (0, 0);
         for (fp, role) in &page.certs.changes {

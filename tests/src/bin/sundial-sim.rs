@@ -132,6 +132,8 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.dst_crossings += e.dst_crossings;
         ex.store_faults += e.store_faults;
         ex.coordinator_restarts += e.coordinator_restarts;
+        ex.shared_stores += e.shared_stores;
+        ex.moves += e.moves;
     }
     let hours = sim_ms as f64 / 3_600_000.0;
     println!(
@@ -140,7 +142,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         hours / wall.max(1e-9),
     );
     println!(
-        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} windows, {} store write failures, {} coordinator restarts",
+        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} windows, {} store write failures, {} coordinator restarts, {} seeds with several coordinators on one store ({} moves of an agent to another coordinator)",
         ex.enrollments,
         ex.revokes,
         ex.pauses,
@@ -152,6 +154,8 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.windows,
         ex.store_faults,
         ex.coordinator_restarts,
+        ex.shared_stores,
+        ex.moves,
     );
     if failed == 0 {
         ExitCode::SUCCESS

@@ -185,8 +185,13 @@ impl World {
             }
             Event::ClockUnvouched { unreachable, .. } => {
                 self.trace(16, i as u64, u64::from(unreachable));
+                let coord_up = self.agents[i]
+                    .conn
+                    .and_then(|c| self.conns.get(&c))
+                    .and_then(|c| c.node_conn)
+                    .is_some_and(|(k, _, _)| self.coords[k].up);
                 let linked = self.agents[i].conn.is_some()
-                    && self.coord_up
+                    && coord_up
                     && !self.cut(i, UP)
                     && !self.cut(i, DOWN);
                 if !unreachable && linked {
@@ -275,13 +280,14 @@ impl World {
             }
             NodeEffect::Connect { timeout_ms } => {
                 let inc = self.agents[i].incarnation;
-                let reachable = self.coord_up && !self.cut(i, UP) && !self.cut(i, DOWN);
+                let k = self.agents[i].dial % self.coords.len();
+                let reachable = self.coords[k].up && !self.cut(i, UP) && !self.cut(i, DOWN);
                 let t = if reachable {
                     self.now + 2 * self.delay()
                 } else {
                     self.now + (timeout_ms as i64).min(CONNECT_TIMEOUT_MS)
                 };
-                self.at(t, Ev::ConnectDone(i, inc, reachable));
+                self.at(t, Ev::ConnectDone(i, inc, k, reachable));
             }
             NodeEffect::Transmit(msg) => {
                 if let Some(c) = self.agents[i].conn {
@@ -348,14 +354,14 @@ impl World {
             return;
         };
         conn.coord_open = false;
-        let Some((inc, nc)) = conn.node_conn.take() else {
+        let Some((k, inc, nc)) = conn.node_conn.take() else {
             return;
         };
-        if inc == self.coord_inc {
-            if let Some(k) = self.coord.as_mut() {
-                k.conns.remove(&nc);
+        if inc == self.coords[k].inc {
+            if let Some(n) = self.coords[k].node.as_mut() {
+                n.conns.remove(&nc);
             }
-            self.coord_call(|n, now| n.handle_closed(now, nc));
+            self.coord_call(k, |n, now| n.handle_closed(now, nc));
         }
     }
 
@@ -373,6 +379,8 @@ impl World {
             }
             if self.agents[agent].conn == Some(c) {
                 self.agents[agent].conn = None;
+                // A lost session: the next dial tries the next coordinator.
+                self.agents[agent].dial += 1;
                 self.node_call(agent, |n, r| n.handle_closed(r, closed));
             }
         }

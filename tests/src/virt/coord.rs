@@ -46,28 +46,40 @@ pub(super) fn agent_ip(i: usize) -> std::net::IpAddr {
 }
 
 impl World {
-    /// The coordinator node's clock, while it is up.
-    pub(super) fn coord_clock(&self) -> Option<Now> {
-        let c = self.coord.as_ref()?;
+    /// Coordinator `k`'s node's clock, while it is up.
+    pub(super) fn coord_clock(&self, k: usize) -> Option<Now> {
+        let c = self.coords[k].node.as_ref()?;
         Some(self.coord_now(c.boot_at))
     }
 
-    /// Calls into the node without carrying out what follows.
-    pub(super) fn coord_do<R>(&mut self, f: impl FnOnce(&mut CoordNode, Now) -> R) -> Option<R> {
-        let now = self.coord_clock()?;
-        let c = self.coord.as_mut()?;
+    /// Calls into coordinator `k`'s node without carrying out what follows.
+    pub(super) fn coord_do<R>(
+        &mut self,
+        k: usize,
+        f: impl FnOnce(&mut CoordNode, Now) -> R,
+    ) -> Option<R> {
+        let now = self.coord_clock(k)?;
+        let c = self.coords[k].node.as_mut()?;
         Some(f(&mut c.node, now))
     }
 
-    /// Calls into the node and carries out everything that follows.
-    pub(super) fn coord_call<R>(&mut self, f: impl FnOnce(&mut CoordNode, Now) -> R) -> Option<R> {
-        let r = self.coord_do(f);
-        self.drain_coord();
+    /// Calls into coordinator `k`'s node and carries out everything that
+    /// follows.
+    pub(super) fn coord_call<R>(
+        &mut self,
+        k: usize,
+        f: impl FnOnce(&mut CoordNode, Now) -> R,
+    ) -> Option<R> {
+        let r = self.coord_do(k, f);
+        self.drain_coord(k);
         r
     }
 
-    pub(super) fn coord_start(&mut self) {
-        self.coord_inc += 1;
+    pub(super) fn coord_start(&mut self, k: usize) {
+        self.coords[k].inc += 1;
+        // Read before the certificates, so that none added meanwhile is
+        // missed by the feed.
+        let cert_seq = self.store.cert_seq();
         let revision = self.store.revision();
         let certs = sundial_core::coord::admin::all_pages(
             |c: &([u8; 32], CertRole)| c.0,
@@ -76,13 +88,19 @@ impl World {
                     .known_certs(after, sundial_core::coord_store::PAGE_MAX)
             },
         );
-        let (revision, known_certs) = match (revision, certs) {
-            (Ok(r), Ok(c)) => (r, c),
-            (r, c) => {
-                self.fail(format!("the coordinator store did not open: {r:?} {c:?}"));
+        let (revision, known_certs, cert_seq) = match (revision, certs, cert_seq) {
+            (Ok(r), Ok(c), Ok(s)) => (r, c, s),
+            (r, c, s) => {
+                self.fail(format!(
+                    "the coordinator store did not open: {r:?} {c:?} {s:?}"
+                ));
                 return;
             }
         };
+        let shared = (self.coords.len() > 1).then_some(sundial_core::coord::Shared {
+            cert_seq,
+            feed_interval_ms: sundial_core::coord::FEED_INTERVAL_MS,
+        });
         let now = self.coord_now(self.now);
         let node = CoordNode::new(
             now,
@@ -91,11 +109,11 @@ impl World {
                 ca_der: CA_CERT.to_vec(),
                 revision,
                 known_certs,
-                shared: None,
+                shared,
                 bugs: self.coord_bugs,
             },
         );
-        self.coord = Some(Coord {
+        self.coords[k].node = Some(Coord {
             node,
             boot_at: self.now,
             admin: None,
@@ -103,12 +121,12 @@ impl World {
             enrolling: BTreeMap::new(),
             wake_at: None,
         });
-        self.drain_coord();
+        self.drain_coord(k);
     }
 
-    pub(super) fn drain_coord(&mut self) {
+    pub(super) fn drain_coord(&mut self, k: usize) {
         loop {
-            let Some(c) = self.coord.as_mut() else {
+            let Some(c) = self.coords[k].node.as_mut() else {
                 return;
             };
             let event = c.node.poll_event();
@@ -120,19 +138,19 @@ impl World {
                 self.coord_event(e);
             }
             if let Some(e) = effect {
-                self.coord_effect(e);
+                self.coord_effect(k, e);
             }
         }
-        let inc = self.coord_inc;
+        let inc = self.coords[k].inc;
         let now = self.now;
-        let Some(c) = self.coord.as_mut() else {
+        let Some(c) = self.coords[k].node.as_mut() else {
             return;
         };
         if let Some(t) = c.node.poll_timeout() {
             let at = (c.boot_at + t as i64).max(now);
             if c.wake_at.is_none_or(|w| at < w) {
                 c.wake_at = Some(at);
-                self.at(at, Ev::CoordWake(inc, at));
+                self.at(at, Ev::CoordWake(k, inc, at));
             }
         }
     }
@@ -164,14 +182,14 @@ impl World {
         }
     }
 
-    pub(super) fn coord_effect(&mut self, e: Effect) {
+    pub(super) fn coord_effect(&mut self, k: usize, e: Effect) {
         match e {
             Effect::Store(job) => {
                 // A store operation takes a little while; a crash before it
                 // commits loses it, as a crash loses a transaction.
                 let d = 1 + self.rng.below(3) as i64;
-                let inc = self.coord_inc;
-                self.at(self.now + d, Ev::StoreJob(inc, Box::new(job)));
+                let inc = self.coords[k].inc;
+                self.at(self.now + d, Ev::StoreJob(k, inc, Box::new(job)));
             }
             Effect::Sign {
                 conn,
@@ -179,17 +197,20 @@ impl World {
                 csr_der,
             } => {
                 // The simulator's "certificate" is the request itself.
-                self.coord_do(|n, now| n.handle_signed(now, conn, agent, Ok(csr_der)));
+                self.coord_do(k, |n, now| n.handle_signed(now, conn, agent, Ok(csr_der)));
             }
             Effect::Transmit(conn) => {
-                let Some(c) = self
-                    .coord
+                let Some(c) = self.coords[k]
+                    .node
                     .as_ref()
-                    .and_then(|k| k.conns.get(&conn).copied())
+                    .and_then(|n| n.conns.get(&conn).copied())
                 else {
                     return;
                 };
-                while let Some(out) = self.coord_do(|n, now| n.poll_transmit(now, conn)).flatten() {
+                while let Some(out) = self
+                    .coord_do(k, |n, now| n.poll_transmit(now, conn))
+                    .flatten()
+                {
                     match out {
                         Outgoing::Msg(m) => self.send(c, DOWN, Msg::Down(m)),
                         Outgoing::Close { code, reason } => {
@@ -200,19 +221,19 @@ impl World {
                 }
             }
             Effect::Close { conn, code, reason } => {
-                let (sim, admin) = match self.coord.as_mut() {
-                    Some(k) => (k.conns.get(&conn).copied(), k.admin == Some(conn)),
+                let (sim, admin) = match self.coords[k].node.as_mut() {
+                    Some(n) => (n.conns.get(&conn).copied(), n.admin == Some(conn)),
                     None => return,
                 };
                 if admin {
-                    if let Some(k) = self.coord.as_mut() {
-                        k.admin = None;
+                    if let Some(n) = self.coords[k].node.as_mut() {
+                        n.admin = None;
                     }
                 }
                 match sim {
                     Some(c) => self.coord_closed(c, code, &reason),
                     None => {
-                        self.coord_do(|n, now| n.handle_closed(now, conn));
+                        self.coord_do(k, |n, now| n.handle_closed(now, conn));
                     }
                 }
             }
@@ -227,8 +248,11 @@ impl World {
                 }
             }
             Effect::EnrollReply { conn, response } => {
-                let i = self.coord.as_mut().and_then(|k| k.enrolling.remove(&conn));
-                self.coord_do(|n, now| n.handle_closed(now, conn));
+                let i = self.coords[k]
+                    .node
+                    .as_mut()
+                    .and_then(|n| n.enrolling.remove(&conn));
+                self.coord_do(k, |n, now| n.handle_closed(now, conn));
                 let Some(i) = i else {
                     return;
                 };
@@ -253,7 +277,7 @@ impl World {
             Effect::Stop => {
                 // The store failed: the coordinator stops, and its
                 // supervisor starts it again from what was committed.
-                self.at(self.now, Ev::CoordCrash);
+                self.at(self.now, Ev::CoordCrash(k));
             }
         }
     }
@@ -287,24 +311,29 @@ impl World {
     /// Sends an admin request as the operator; false when the coordinator
     /// cannot take it now.
     pub(super) fn admin(&mut self, request: AdminRequest) -> bool {
-        let conn = match self.coord.as_ref().map(|k| k.admin) {
+        // The operator asks any coordinator that is up.
+        let Some(k) = self.any_coord() else {
+            return false;
+        };
+        let conn = match self.coords[k].node.as_ref().map(|n| n.admin) {
             None => return false,
             Some(Some(c)) => c,
             Some(None) => {
                 let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, 1));
-                let Some(Ok(c)) = self.coord_do(|n, now| n.handle_incoming(now, ip)) else {
+                let Some(Ok(c)) = self.coord_do(k, |n, now| n.handle_incoming(now, ip)) else {
                     return false;
                 };
                 let cert = sha256(ADMIN_CERT);
-                let route =
-                    self.coord_do(|n, now| n.handle_handshaken(now, c, Alpn::Admin, Some(cert)));
+                let route = self.coord_do(k, |n, now| {
+                    n.handle_handshaken(now, c, Alpn::Admin, Some(cert))
+                });
                 if !matches!(route, Some(Route::Admin(_))) {
                     self.fail(format!("the operator's connection was refused: {route:?}"));
-                    self.coord_call(|n, now| n.handle_closed(now, c));
+                    self.coord_call(k, |n, now| n.handle_closed(now, c));
                     return false;
                 }
-                if let Some(k) = self.coord.as_mut() {
-                    k.admin = Some(c);
+                if let Some(n) = self.coords[k].node.as_mut() {
+                    n.admin = Some(c);
                 }
                 c
             }
@@ -315,14 +344,14 @@ impl World {
         for b in entropy.iter_mut() {
             *b = self.rng.below(256) as u8;
         }
-        self.coord_call(|n, now| n.handle_admin(now, conn, req, request, entropy));
+        self.coord_call(k, |n, now| n.handle_admin(now, conn, req, request, entropy));
         true
     }
 
     /// A store job completes: it commits now, or (now and then, while
     /// faults are on) fails as a write error does.
-    pub(super) fn store_job(&mut self, inc: u64, job: StoreJob) {
-        if inc != self.coord_inc || self.coord.is_none() {
+    pub(super) fn store_job(&mut self, k: usize, inc: u64, job: StoreJob) {
+        if inc != self.coords[k].inc || self.coords[k].node.is_none() {
             return;
         }
         let fails = self.now < self.faults_end && self.rng.chance(STORE_FAULT_CHANCE);
@@ -333,35 +362,40 @@ impl World {
         } else {
             job.run(&self.store)
         };
-        self.coord_call(|n, now| n.handle_store_done(now, done));
+        self.coord_call(k, |n, now| n.handle_store_done(now, done));
     }
 
-    /// An agent enrolls with the join token, through the node's rules.
-    pub(super) fn enroll(&mut self, i: usize) {
+    /// An agent enrolls with the join token through coordinator `k`, by the
+    /// node's rules.
+    pub(super) fn enroll(&mut self, k: usize, i: usize) {
         if self.agents[i].enrolled {
             return;
         }
         let ip = agent_ip(i);
-        let Some(Ok(conn)) = self.coord_do(|n, now| n.handle_incoming(now, ip)) else {
+        let Some(Ok(conn)) = self.coord_do(k, |n, now| n.handle_incoming(now, ip)) else {
             self.at(self.now + 1_000, Ev::Enroll(i));
             return;
         };
-        let route = self.coord_do(|n, now| n.handle_handshaken(now, conn, Alpn::Enroll, None));
+        let route = self.coord_do(k, |n, now| {
+            n.handle_handshaken(now, conn, Alpn::Enroll, None)
+        });
         if route != Some(Route::Enroll) {
-            self.coord_call(|n, now| n.handle_closed(now, conn));
+            self.coord_call(k, |n, now| n.handle_closed(now, conn));
             self.at(self.now + 1_000, Ev::Enroll(i));
             return;
         }
-        if let Some(k) = self.coord.as_mut() {
-            k.enrolling.insert(conn, i);
+        if let Some(n) = self.coords[k].node.as_mut() {
+            n.enrolling.insert(conn, i);
         }
+        // The coordinator that enrolls it is the one it dials first.
+        self.agents[i].dial = k;
         let request = EnrollRequest {
             token_secret: self.join_secret.to_vec(),
             csr_der: self.agents[i].cert.clone(),
             name: Some(format!("device-{i}")),
             labels: self.agents[i].labels.clone(),
         };
-        self.coord_call(|n, now| n.handle_enroll(now, conn, request));
+        self.coord_call(k, |n, now| n.handle_enroll(now, conn, request));
     }
 
     /// The store's tasks (every page).

@@ -59,11 +59,11 @@ impl World {
     }
 
     pub(super) fn deliver_up(&mut self, c: u64, _i: usize, m: AgentMsg) {
-        let Some((inc, nc)) = self.conns.get(&c).and_then(|k| k.node_conn) else {
+        let Some((k, inc, nc)) = self.conns.get(&c).and_then(|k| k.node_conn) else {
             return;
         };
-        if inc == self.coord_inc {
-            self.coord_call(|n, now| n.handle_agent_msg(now, nc, m));
+        if inc == self.coords[k].inc {
+            self.coord_call(k, |n, now| n.handle_agent_msg(now, nc, m));
         }
     }
 
@@ -94,6 +94,7 @@ impl World {
         if conn.agent_open && now - heard[DOWN] > IDLE_MS {
             if self.agents[i].conn == Some(c) {
                 self.agents[i].conn = None;
+                self.agents[i].dial += 1;
                 self.node_call(i, |n, r| n.handle_closed(r, Closed::Lost));
             }
             self.close_agent_side(c, true);

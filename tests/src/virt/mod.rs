@@ -1,5 +1,6 @@
-//! `sundial-sim virtual`: a coordinator and a fleet of agent nodes in one
-//! thread on virtual time, deterministic from a seed.
+//! `sundial-sim virtual`: a coordinator (or, in half the seeds, two or
+//! three sharing one store) and a fleet of agent nodes in one thread on
+//! virtual time, deterministic from a seed.
 //!
 //! The agents are `sundial-core`'s [`AgentNode`] (clock guard, scheduler,
 //! session machine) over an in-memory store whose every write is one atomic
@@ -12,7 +13,10 @@
 //! and a side that hears nothing for the idle timeout closes. Device clocks
 //! have an offset, a drift, steps forward and back, and may boot at 2001.
 //! Agents crash (running actions die with them; a restart may be a reboot)
-//! and so does the coordinator.
+//! and so do coordinators. Several coordinators share the store as several
+//! share PostgreSQL: each reads the others' changes from the store's feeds
+//! (late by its poll and its store jobs), agents dial them in turn, moving
+//! on after a failed dial or a lost session.
 //!
 //! Checked: nothing fired twice; nothing fired early (beyond the clock
 //! sampling error); nothing fired for a task after its cancel reached the
@@ -85,6 +89,9 @@ pub struct VirtOptions {
     pub bugs: SeededBugs,
     /// Bugs seeded into the coordinator node.
     pub coord_bugs: CoordBugs,
+    /// Coordinators on the one store (0: one, or in half the seeds two or
+    /// three, chosen by the seed).
+    pub coordinators: usize,
 }
 
 impl Default for VirtOptions {
@@ -94,6 +101,7 @@ impl Default for VirtOptions {
             duration_ms: 5 * 60_000,
             bugs: SeededBugs::default(),
             coord_bugs: CoordBugs::default(),
+            coordinators: 0,
         }
     }
 }
@@ -114,6 +122,10 @@ pub struct Exercised {
     pub dst_crossings: u64,
     pub store_faults: u64,
     pub coordinator_restarts: u64,
+    /// Seeds run with several coordinators on one store.
+    pub shared_stores: u64,
+    /// Agents that moved to another coordinator.
+    pub moves: u64,
 }
 
 /// What one seed did.
@@ -159,8 +171,9 @@ struct Conn {
     agent_open: bool,
     coord_open: bool,
     heard: [i64; 2],
-    /// The node's name for it, and the coordinator incarnation it is of.
-    node_conn: Option<(u64, ConnId)>,
+    /// The coordinator it is with, that coordinator's incarnation, and the
+    /// node's name for it.
+    node_conn: Option<(usize, u64, ConnId)>,
 }
 
 #[derive(Debug)]
@@ -211,27 +224,42 @@ struct Agent {
     labels: Vec<(String, String)>,
     enrolled: bool,
     revoked: bool,
+    /// Which coordinator it dials next (modulo their number); it moves on
+    /// after a failed dial or a lost session, as the agent's dial does.
+    dial: usize,
+    /// The coordinator of its last session.
+    last_coord: Option<usize>,
+}
+
+/// One coordinator: up or down, its incarnation, its node while up.
+#[derive(Debug, Default)]
+struct Slot {
+    up: bool,
+    inc: u64,
+    node: Option<Coord>,
 }
 
 #[derive(Debug)]
 enum Ev {
     Wake(usize, u64),
     ActionDone(usize, u64, RunKey, Outcome),
-    ConnectDone(usize, u64, bool),
+    /// A dial ends: agent, its incarnation, the coordinator, reachable.
+    ConnectDone(usize, u64, usize, bool),
     Deliver(u64, usize),
     KeepAlive(u64),
-    /// The coordinator node's timeout (incarnation, instant).
-    CoordWake(u64, i64),
-    /// A store job completes (incarnation): it commits now, or fails.
-    StoreJob(u64, Box<StoreJob>),
+    /// A coordinator node's timeout (coordinator, incarnation, instant).
+    CoordWake(usize, u64, i64),
+    /// A store job completes (coordinator, incarnation): it commits now,
+    /// or fails.
+    StoreJob(usize, u64, Box<StoreJob>),
     /// An agent enrolls (then starts).
     Enroll(usize),
     /// Two seconds after an agent was revoked: it has no live session.
     RevokeCheck(usize),
     Crash(usize),
     Restart(usize, bool),
-    CoordCrash,
-    CoordRestart,
+    CoordCrash(usize),
+    CoordRestart(usize),
     Cut(usize, [bool; 2], i64),
     /// The fleet should have converged: check, then cancel every task so
     /// that the last records drain.
@@ -262,14 +290,12 @@ struct World {
     agents: Vec<Agent>,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
-    coord_up: bool,
     /// The coordinator's store: redb on its in-memory backend, the real
     /// store's code. It outlives coordinator crashes, as a file does.
     store: CoordinatorStore,
-    /// The coordinator node while it is up.
-    coord: Option<Coord>,
-    /// Coordinator incarnations: what an old one started is dropped.
-    coord_inc: u64,
+    /// The coordinators (their incarnations: what an old one started is
+    /// dropped).
+    coords: Vec<Slot>,
     /// The join token's secret.
     join_secret: [u8; ENTROPY_BYTES],
     coord_bugs: CoordBugs,
@@ -435,20 +461,22 @@ impl World {
                     }
                 }
             }
-            Ev::ConnectDone(i, inc, reachable) => {
+            Ev::ConnectDone(i, inc, k, reachable) => {
                 if self.agents[i].incarnation != inc || self.agents[i].node.is_none() {
                     return;
                 }
-                if !(reachable && self.coord_up) {
+                if !(reachable && self.coords[k].up) {
+                    self.agents[i].dial += 1;
                     self.node_call(i, |n, r| n.handle_connect_failed(r, Closed::Lost));
                     return;
                 }
                 let ip = agent_ip(i);
-                let nc = match self.coord_do(|n, now| n.handle_incoming(now, ip)) {
+                let nc = match self.coord_do(k, |n, now| n.handle_incoming(now, ip)) {
                     Some(Ok(nc)) => nc,
                     Some(Err(_)) => {
                         // Refused before the handshake: the budget.
-                        self.drain_coord();
+                        self.drain_coord(k);
+                        self.agents[i].dial += 1;
                         self.node_call(i, |n, r| {
                             n.handle_connect_failed(
                                 r,
@@ -460,19 +488,27 @@ impl World {
                         return;
                     }
                     None => {
+                        self.agents[i].dial += 1;
                         self.node_call(i, |n, r| n.handle_connect_failed(r, Closed::Lost));
                         return;
                     }
                 };
                 let cert = sha256(&self.agents[i].cert);
-                let route =
-                    self.coord_do(|n, now| n.handle_handshaken(now, nc, Alpn::Session, Some(cert)));
+                let route = self.coord_do(k, |n, now| {
+                    n.handle_handshaken(now, nc, Alpn::Session, Some(cert))
+                });
                 if !matches!(route, Some(Route::Session(_))) {
-                    // TLS refuses a certificate the coordinator does not know.
-                    self.coord_call(|n, now| n.handle_closed(now, nc));
+                    // TLS refuses a certificate the coordinator does not
+                    // know (revoked, or not yet read from the store's feed).
+                    self.coord_call(k, |n, now| n.handle_closed(now, nc));
+                    self.agents[i].dial += 1;
                     self.node_call(i, |n, r| n.handle_connect_failed(r, Closed::RefusedByTls));
                     return;
                 }
+                if self.agents[i].last_coord.is_some_and(|l| l != k) {
+                    self.exercised.moves += 1;
+                }
+                self.agents[i].last_coord = Some(k);
                 self.next_conn += 1;
                 let c = self.next_conn;
                 self.conns.insert(
@@ -484,42 +520,48 @@ impl World {
                         agent_open: true,
                         coord_open: true,
                         heard: [self.now; 2],
-                        node_conn: Some((self.coord_inc, nc)),
+                        node_conn: Some((k, self.coords[k].inc, nc)),
                     },
                 );
-                if let Some(k) = self.coord.as_mut() {
-                    k.conns.insert(nc, c);
+                if let Some(node) = self.coords[k].node.as_mut() {
+                    node.conns.insert(nc, c);
                 }
                 self.agents[i].conn = Some(c);
                 self.at(self.now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
-                self.drain_coord();
+                self.drain_coord(k);
                 self.node_call(i, |n, r| n.handle_connected(r));
             }
             Ev::Deliver(c, dir) => self.deliver(c, dir),
             Ev::KeepAlive(c) => self.keep_alive(c),
-            Ev::CoordWake(inc, at) => {
-                let current = inc == self.coord_inc
-                    && self.coord.as_ref().is_some_and(|k| k.wake_at == Some(at));
+            Ev::CoordWake(k, inc, at) => {
+                let slot = &mut self.coords[k];
+                let current =
+                    inc == slot.inc && slot.node.as_ref().is_some_and(|c| c.wake_at == Some(at));
                 if current {
-                    if let Some(k) = self.coord.as_mut() {
-                        k.wake_at = None;
+                    if let Some(c) = slot.node.as_mut() {
+                        c.wake_at = None;
                     }
-                    self.coord_call(|n, now| n.handle_timeout(now));
+                    self.coord_call(k, |n, now| n.handle_timeout(now));
                 }
             }
-            Ev::StoreJob(inc, job) => self.store_job(inc, *job),
-            Ev::Enroll(i) => {
-                if self.coord.is_some() {
-                    self.enroll(i);
-                } else {
-                    self.at(self.now + 1_000, Ev::Enroll(i));
-                }
-            }
+            Ev::StoreJob(k, inc, job) => self.store_job(k, inc, *job),
+            Ev::Enroll(i) => match self.any_coord() {
+                Some(k) => self.enroll(k, i),
+                None => self.at(self.now + 1_000, Ev::Enroll(i)),
+            },
             Ev::RevokeCheck(i) => {
                 let agent = self.agents[i].id;
-                if self.coord.as_ref().is_some_and(|k| k.node.is_online(agent)) {
+                let live: Vec<usize> = (0..self.coords.len())
+                    .filter(|k| {
+                        self.coords[*k]
+                            .node
+                            .as_ref()
+                            .is_some_and(|c| c.node.is_online(agent))
+                    })
+                    .collect();
+                if !live.is_empty() {
                     self.fail(format!(
-                        "agent {i} was revoked 2 s ago and still has a live session"
+                        "agent {i} was revoked 2 s ago and still has a live session with coordinator(s) {live:?}"
                     ));
                 }
             }
@@ -564,33 +606,38 @@ impl World {
                 }
                 self.start_agent(i, store);
             }
-            Ev::CoordCrash => {
-                if !self.coord_up {
+            Ev::CoordCrash(k) => {
+                if !self.coords[k].up {
                     return;
                 }
-                self.trace(52, 0, 0);
-                self.coord_up = false;
-                let enrolling: Vec<usize> = self
-                    .coord
+                self.trace(52, k as u64, 0);
+                self.coords[k].up = false;
+                let enrolling: Vec<usize> = self.coords[k]
+                    .node
                     .take()
-                    .map(|k| k.enrolling.into_values().collect())
+                    .map(|c| c.enrolling.into_values().collect())
                     .unwrap_or_default();
                 for i in enrolling {
                     // Its enrollment was cut off: the device tries again.
                     self.at(self.now + 1_000, Ev::Enroll(i));
                 }
-                let ids: Vec<u64> = self.conns.keys().copied().collect();
+                let ids: Vec<u64> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.node_conn.is_some_and(|n| n.0 == k))
+                    .map(|(id, _)| *id)
+                    .collect();
                 for c in ids {
                     self.close_coord_side(c, false, Closed::Lost);
                 }
                 let down = 500 + self.rng.below(15_000) as i64;
-                self.at(self.now + down, Ev::CoordRestart);
+                self.at(self.now + down, Ev::CoordRestart(k));
             }
-            Ev::CoordRestart => {
-                self.trace(53, 0, 0);
-                self.coord_up = true;
+            Ev::CoordRestart(k) => {
+                self.trace(53, k as u64, 0);
+                self.coords[k].up = true;
                 self.exercised.coordinator_restarts += 1;
-                self.coord_start();
+                self.coord_start(k);
             }
             Ev::Cut(i, dirs, ms) => {
                 self.trace(54, i as u64, ms as u64);
@@ -734,6 +781,10 @@ pub fn run_seed(seed: u64, opts: &VirtOptions) -> SeedReport {
         opts.coord_bugs,
         (t0, dst),
         t0 + duration - SETTLE_MS,
+        match opts.coordinators {
+            0 => coordinators_of(seed),
+            n => n,
+        },
     );
     add_agents(&mut w, n);
     run_plan(w, seed, n, duration)
@@ -747,6 +798,7 @@ impl World {
         coord_bugs: CoordBugs,
         (t0, dst): (i64, Option<Dst>),
         faults_end: i64,
+        coordinators: usize,
     ) -> World {
         let store = match CoordinatorStore::open_with_backend(redb::backends::InMemoryBackend::new())
         {
@@ -780,10 +832,13 @@ impl World {
             agents: Vec::new(),
             conns: BTreeMap::new(),
             next_conn: 0,
-            coord_up: true,
             store,
-            coord: None,
-            coord_inc: 0,
+            coords: (0..coordinators.max(1))
+                .map(|_| Slot {
+                    up: true,
+                    ..Slot::default()
+                })
+                .collect(),
             join_secret,
             coord_bugs,
             admin_reqs: 0,
@@ -803,8 +858,37 @@ impl World {
             backoff_restarts: 0,
             excused_early: 0,
         };
-        w.coord_start();
+        if w.coords.len() > 1 {
+            w.exercised.shared_stores += 1;
+        }
+        for k in 0..w.coords.len() {
+            w.coord_start(k);
+        }
         w
+    }
+
+    /// A coordinator that is up, chosen at random (the operator's, or an
+    /// enrolling device's, pick of the addresses).
+    fn any_coord(&mut self) -> Option<usize> {
+        let up: Vec<usize> = (0..self.coords.len())
+            .filter(|k| self.coords[*k].node.is_some())
+            .collect();
+        match up.len() {
+            0 => None,
+            1 => Some(up[0]),
+            n => Some(up[self.rng.below(n as u64) as usize]),
+        }
+    }
+}
+
+/// How many coordinators share the store in a seed (from its own stream):
+/// one in half the seeds, else two or three.
+fn coordinators_of(seed: u64) -> usize {
+    let mut r = Rng::new(seed ^ 0xC00D_0000_0000_0000);
+    if r.below(2) == 0 {
+        1
+    } else {
+        2 + r.below(2) as usize
     }
 }
 
@@ -863,6 +947,8 @@ fn add_agents(w: &mut World, n: usize) {
             )],
             enrolled: false,
             revoked: false,
+            dial: i,
+            last_coord: None,
         });
         // Some devices join later, their clocks anywhere (an RTC keeping
         // local time is hours ahead at its very first start).
@@ -876,7 +962,10 @@ fn add_agents(w: &mut World, n: usize) {
             };
             w.at(t, Ev::Join(i, offset));
         } else {
-            w.enroll(i);
+            match w.any_coord() {
+                Some(k) => w.enroll(k, i),
+                None => w.at(w.t0, Ev::Enroll(i)),
+            }
         }
     }
 }
@@ -909,7 +998,7 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
                 }
                 _ => Ev::Stop(i),
             },
-            6 => Ev::CoordCrash,
+            6 => Ev::CoordCrash(w.rng.below(w.coords.len() as u64) as usize),
             _ => {
                 // A step: 1.5 s to an hour, either way. (Steps under the
                 // guard's 1 s jump threshold are taken as corrections, by
@@ -965,6 +1054,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
         CoordBugs::default(),
         (T0, None),
         T0,
+        1,
     );
     let far = Timestamp::from_millis_saturating(T0 + 10 * 86_400_000);
     let now = Timestamp::from_millis_saturating(T0);
