@@ -245,6 +245,8 @@ pub struct NodeConfig {
     /// How long firing waits for the coordinator to vouch for the time in
     /// a new boot, ms ([`VOUCH_WAIT_MS`]; 0: not at all).
     pub vouch_wait_ms: i64,
+    /// Coordinators the agent dials in turn (several on one store).
+    pub coordinators: usize,
 }
 
 /// How much of the schedule the node holds in memory.
@@ -370,7 +372,8 @@ impl<S: NodeStore> AgentNode<S> {
         if !retries.retries.is_empty() {
             store.apply_step(&retries)?;
         }
-        let session = AgentSession::new(cfg.seed);
+        let mut session = AgentSession::new(cfg.seed);
+        session.set_coordinators(cfg.coordinators);
         let mut node = AgentNode {
             store,
             cfg,

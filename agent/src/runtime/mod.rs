@@ -229,6 +229,7 @@ pub async fn run(
         } else {
             0
         },
+        coordinators: session.as_ref().map_or(1, |s| s.coordinators.len()),
     };
     let node = match AgentNode::start(node_store, cfg, reading()) {
         Ok(n) => n,

@@ -182,6 +182,12 @@ pub struct AgentSession {
     policy: ReconnectPolicy,
     failures: u32,
     refused: bool,
+    /// TLS refusals since the last session, and how many coordinators the
+    /// agent knows: one that has not yet read a certificate enrolled
+    /// through another refuses it for up to its feed's interval, so the
+    /// long wait comes only once each may have refused.
+    refusals: u32,
+    coordinators: u32,
     rng: Rng,
     last_sync_ms: Option<u64>,
     transmit: VecDeque<AgentMsg>,
@@ -215,12 +221,19 @@ impl AgentSession {
             policy: default_policy(),
             failures: 0,
             refused: false,
+            refusals: 0,
+            coordinators: 1,
             rng: Rng::new(seed),
             last_sync_ms: None,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// How many coordinators the agent dials in turn (at least one).
+    pub fn set_coordinators(&mut self, n: usize) {
+        self.coordinators = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
     }
 
     /// The reconnect policy in force.
@@ -324,6 +337,7 @@ impl AgentSession {
             return;
         }
         self.refused = false;
+        self.refusals = 0;
         self.transmit.push_back(AgentMsg::Hello {
             last_revision: hello.last_revision,
             outbox_len: hello.outbox_len,
@@ -400,9 +414,13 @@ impl AgentSession {
             });
         }
         self.refused = refused;
+        if refused {
+            self.refusals = self.refusals.saturating_add(1);
+        }
         let floor = u64::from(self.policy.backoff_floor_ms);
         let delay = match closed {
-            _ if refused => RECONNECT_DELAY_REFUSED_MS,
+            // Every coordinator may have refused: wait long.
+            _ if refused && self.refusals >= self.coordinators => RECONNECT_DELAY_REFUSED_MS,
             // Told when: come back then, spread over its second half.
             Closed::Busy {
                 retry_after_ms: Some(after),
@@ -771,6 +789,26 @@ mod tests {
         assert!(drain(&mut s).1.contains(&AgentEffect::Online(false)));
         s.handle_heard(at(LINK_SILENT_MAX_MS + 2));
         assert!(drain(&mut s).1.contains(&AgentEffect::Online(true)));
+    }
+
+    #[test]
+    fn with_several_coordinators_the_long_wait_comes_only_once_each_may_have_refused() {
+        // A coordinator that has not yet read a certificate enrolled
+        // through another refuses it for a moment: the next is tried soon.
+        let mut s = AgentSession::new(11);
+        s.set_coordinators(3);
+        let mut t = 0;
+        for n in 1..=3 {
+            s.handle_timeout(at(t));
+            s.handle_connect_failed(at(t), Closed::RefusedByTls);
+            let wait = s.poll_timeout().expect("retry") - t;
+            if n < 3 {
+                assert!(wait < RECONNECT_DELAY_REFUSED_MS, "refusal {n}: {wait}");
+            } else {
+                assert_eq!(wait, RECONNECT_DELAY_REFUSED_MS);
+            }
+            t += wait;
+        }
     }
 
     #[test]

@@ -739,6 +739,7 @@ impl World {
             bugs: self.bugs,
             horizon: self.horizon,
             vouch_wait_ms: sundial_core::node::VOUCH_WAIT_MS,
+            coordinators: self.coords.len(),
         };
         let r = self.reading(i);
         match AgentNode::start(store, cfg, r) {
