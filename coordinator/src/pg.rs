@@ -33,7 +33,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use sundial_core::coord_store::{
     counts_from, merge_labels, targets, Agent, AgentSeen, CertPage, CertRole, ChangePage,
     CoordStore, Enrollment, JoinToken, Page, QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery,
-    StoreError, StoreResult, StoredTask, TokenRefusal, PAGE_MAX, RESTORE_GAP_MAX,
+    SessionMark, StoreError, StoreResult, StoredTask, TokenRefusal, PAGE_MAX, RESTORE_GAP_MAX,
     RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
@@ -44,7 +44,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 /// The schema's migrations, in order; each runs once, in a transaction.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_session_holder.sql")),
+];
 
 /// The advisory lock key migrations and partition changes hold ("sundial").
 const LOCK_KEY: i64 = 0x5355_4e44_4941_4c00;
@@ -290,6 +293,7 @@ fn agent_of(row: &Row) -> R<Agent> {
             .map(Timestamp::from_millis_saturating),
         clock_offset_ms: row.get("clock_offset_ms"),
         rtt_ms: row.get("rtt_ms"),
+        in_session: row.get::<_, Option<i64>>("session_holder").is_some(),
     })
 }
 
@@ -324,7 +328,7 @@ fn token_refusal(t: &JoinToken, now: Timestamp) -> Option<TokenRefusal> {
     }
 }
 
-const AGENT_COLUMNS: &str = "id, name, labels, cert_sha256, revoked, forgotten, enrolled_at_ms, last_seen_ms, clock_offset_ms, rtt_ms";
+const AGENT_COLUMNS: &str = "id, name, labels, cert_sha256, revoked, forgotten, enrolled_at_ms, last_seen_ms, clock_offset_ms, rtt_ms, session_holder";
 
 /// Takes the next revision: the counter row stays locked to the commit.
 async fn next_revision(t: &tokio_postgres::Transaction<'_>) -> R<u64> {
@@ -681,7 +685,7 @@ impl PgStore {
                 let t = c.transaction().await?;
                 let id = i64_of(a.id.0, "agent id")?;
                 t.execute(
-                    &format!("INSERT INTO sundial_agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
+                    &format!("INSERT INTO sundial_agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL)"),
                     &[
                         &id,
                         &a.name,
@@ -1125,6 +1129,7 @@ impl CoordStore for PgStore {
                     last_seen: None,
                     clock_offset_ms: None,
                     rtt_ms: None,
+                    in_session: false,
                 }))
             }
         })
@@ -1168,13 +1173,23 @@ impl CoordStore for PgStore {
             let c = pool.get().await?;
             let key = i64_of(id.0, "agent id")?;
             let (offset, rtt) = seen.clock.unzip();
+            // Up: this holder now; Down: cleared if this holder still has it.
+            let (up, down) = match seen.session {
+                Some(SessionMark::Up { holder }) => (Some(holder as i64), None),
+                Some(SessionMark::Down { holder }) => (None, Some(holder as i64)),
+                None => (None, None),
+            };
             let n = c
                 .execute(
                     "UPDATE sundial_agents SET last_seen_ms = $2,
                          clock_offset_ms = coalesce($3, clock_offset_ms),
-                         rtt_ms = coalesce($4, rtt_ms)
+                         rtt_ms = coalesce($4, rtt_ms),
+                         session_holder = CASE
+                             WHEN $5::bigint IS NOT NULL THEN $5::bigint
+                             WHEN session_holder = $6::bigint THEN NULL
+                             ELSE session_holder END
                       WHERE id = $1",
-                    &[&key, &seen.at.as_millis(), &offset, &rtt],
+                    &[&key, &seen.at.as_millis(), &offset, &rtt, &up, &down],
                 )
                 .await?;
             if n == 0 {

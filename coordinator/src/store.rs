@@ -141,6 +141,7 @@ impl AgentRecordV1 {
             last_seen: self.last_seen_ms.map(Timestamp::from_millis_saturating),
             clock_offset_ms: self.clock_offset_ms,
             rtt_ms: self.rtt_ms,
+            in_session: false,
         })
     }
 }

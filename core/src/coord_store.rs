@@ -145,6 +145,10 @@ pub struct Agent {
     pub last_seen: Option<Timestamp>,
     pub clock_offset_ms: Option<i64>,
     pub rtt_ms: Option<i64>,
+    /// A coordinator holds its session (as the last [`SessionMark`] said).
+    /// Kept by stores several coordinators share; the embedded store, whose
+    /// one coordinator knows its sessions itself, keeps it `false`.
+    pub in_session: bool,
 }
 
 /// What a session saw of an agent ([`CoordStore::agent_seen`]).
@@ -153,6 +157,17 @@ pub struct AgentSeen {
     pub at: Timestamp,
     /// The agent's clock estimate: (offset, round trip), ms.
     pub clock: Option<(i64, i64)>,
+    /// A session began or ended at coordinator `holder`.
+    pub session: Option<SessionMark>,
+}
+
+/// A session's beginning or end, by the coordinator that holds it (a
+/// number it drew at start): an end clears the mark only when that
+/// coordinator still holds it, so a newer session elsewhere stays marked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionMark {
+    Up { holder: u64 },
+    Down { holder: u64 },
 }
 
 /// A join token, by the SHA-256 of its secret (never the secret).

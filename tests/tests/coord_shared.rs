@@ -109,6 +109,7 @@ impl Node {
                 shared: Some(Shared {
                     cert_seq,
                     feed_interval_ms: FEED_INTERVAL_MS,
+                    holder: at + 1,
                 }),
                 bugs: Default::default(),
             },

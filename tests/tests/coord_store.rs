@@ -145,6 +145,7 @@ fn ops() -> Vec<Op> {
             AgentSeen {
                 at: t(50),
                 clock: Some((3, 1)),
+                session: None,
             },
         )
         .map_err(e)

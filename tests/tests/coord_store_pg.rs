@@ -178,3 +178,50 @@ fn the_store_reconnects_after_postgres_was_stopped() {
     assert_eq!(back, Some(vec![]), "stored once the server is back");
     assert_eq!(s.run_count().expect("count"), 2);
 }
+
+#[test]
+fn a_session_mark_is_cleared_only_by_the_coordinator_that_holds_it() {
+    use sundial_core::coord_store::{AgentSeen, SessionMark};
+    let Some(pg) = cluster() else { return };
+    let s = open(pg.url());
+    s.put_token(&JoinToken {
+        secret_sha256: [1; 32],
+        expires_at: t(3_600_000),
+        uses_left: 1,
+        labels: vec![],
+    })
+    .expect("token");
+    let id = s.reserve_agent_id().expect("id");
+    s.enroll(&Enrollment {
+        token_sha256: [1; 32],
+        agent: id,
+        name: None,
+        labels: vec![],
+        cert_sha256: [7; 32],
+        now: t(0),
+    })
+    .expect("store")
+    .expect("enrolled");
+    let mark = |session| {
+        s.agent_seen(
+            id,
+            AgentSeen {
+                at: t(10),
+                clock: None,
+                session,
+            },
+        )
+        .expect("seen");
+        s.agent(id).expect("read").expect("there").in_session
+    };
+    assert!(!mark(None), "not in session before a Hello");
+    assert!(mark(Some(SessionMark::Up { holder: 1 })));
+    assert!(mark(None), "a clock report keeps the mark");
+    // The agent moved to coordinator 2; coordinator 1 notices its loss later.
+    assert!(mark(Some(SessionMark::Up { holder: 2 })));
+    assert!(
+        mark(Some(SessionMark::Down { holder: 1 })),
+        "an older holder's end leaves the newer session marked"
+    );
+    assert!(!mark(Some(SessionMark::Down { holder: 2 })));
+}

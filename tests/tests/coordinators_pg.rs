@@ -250,17 +250,19 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
         }
         let ids: BTreeSet<AgentId> = agents.iter().map(|a| a.0).collect();
         wait_until(
-            "every agent in session",
+            "every agent online, through either coordinator",
             Duration::from_secs(60),
-            || async {
-                let mut all = online(&via1).await;
-                all.extend(online(&via2).await);
-                all == ids
-            },
+            // Each lists every agent online, those in session with the other too.
+            || async { online(&via1).await == ids && online(&via2).await == ids },
         )
         .await;
-        let on2: BTreeSet<AgentId> = online(&via2).await;
-        assert!(!on2.is_empty(), "some agents are served by c2");
+        // The agents that dial c2 first (they enrolled through it).
+        let on2: BTreeSet<AgentId> = agents
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, a)| a.0)
+            .collect();
 
         // A token raced through both coordinators is accepted once.
         let single = match ask(
@@ -328,9 +330,11 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
             Ok(_) => {}
         }
         wait_until(
-            "the revoked agent's session ends on c2",
+            "the revoked agent is offline through either coordinator",
             Duration::from_secs(10),
-            || async { !online(&via2).await.contains(&victim) },
+            || async {
+                !online(&via2).await.contains(&victim) && !online(&via1).await.contains(&victim)
+            },
         )
         .await;
         let (vi, _) = agents
@@ -354,17 +358,23 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
         .await;
         let live: BTreeSet<AgentId> = ids.iter().copied().filter(|a| *a != victim).collect();
 
-        // c1 killed: its agents are in session with c2 within seconds.
+        // c1 killed: its agents are in session with c2 within seconds, and
+        // what they fire is stored through it.
         drop(c1.take());
         let killed = Instant::now();
+        let killed_ms = chrono::Utc::now().timestamp_millis();
         wait_until(
-            "every live agent in session with c2",
+            "every live agent's runs stored through c2",
             Duration::from_secs(30),
-            || async { online(&via2).await == live },
+            || async {
+                let runs = runs_of(&via2, all_task).await;
+                live.iter()
+                    .all(|a| runs.iter().any(|r| r.0 == *a && r.1 > killed_ms))
+            },
         )
         .await;
         eprintln!(
-            "failover: every agent in session with c2 {:?} after the kill",
+            "failover: every agent's runs after the kill stored through c2 {:?} after it",
             killed.elapsed()
         );
         // A task through c2 now reaches everyone left.

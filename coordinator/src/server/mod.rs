@@ -109,6 +109,15 @@ pub fn default_limits() -> Limits {
     Limits::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// This process's mark on the sessions it holds in a shared store: random,
+/// positive (a bigint column), drawn at every start.
+fn session_holder() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    (u64::from_le_bytes(b) >> 1).max(1)
+}
+
 /// Every known certificate, a page (one transaction) at a time.
 fn all_certs(store: &dyn CoordStore) -> Result<Vec<([u8; 32], CertRole)>, StoreError> {
     sundial_core::coord::admin::all_pages(
@@ -621,6 +630,7 @@ impl Server {
                 shared: cert_seq.map(|cert_seq| sundial_core::coord::Shared {
                     cert_seq,
                     feed_interval_ms: FEED_INTERVAL_MS,
+                    holder: session_holder(),
                 }),
                 bugs: Default::default(),
             },

@@ -51,7 +51,15 @@ pub struct AdminContext {
     pub entropy: [u8; ENTROPY_BYTES],
     /// The node's view of the agents the request is about (agent list/get).
     pub seen: HashMap<AgentId, SeenView>,
+    /// Other coordinators share the store: an agent in session with one of
+    /// them is online too (by the store's session mark).
+    pub shared: bool,
 }
+
+/// How recently an agent marked in session with another coordinator must
+/// have been seen to be shown online (sessions report its clock every 30 s;
+/// a coordinator that died leaves its marks, which go stale).
+pub const SESSION_MARK_FRESH_MS: i64 = 90_000;
 
 /// A change an admin made, for the event stream (with who made it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,17 +178,23 @@ pub fn all_tokens(store: &dyn CoordStore) -> StoreResult<Vec<JoinToken>> {
     )
 }
 
-fn agent_info(r: Agent, seen: Option<&SeenView>) -> AgentInfo {
+fn agent_info(r: Agent, seen: Option<&SeenView>, ctx: &AdminContext) -> AgentInfo {
     let seen = seen.cloned().unwrap_or_default();
     let last_seen = match (seen.last_contact, r.last_seen) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
+    // In session here, or (several coordinators) marked in session with
+    // another and seen lately.
+    let elsewhere = ctx.shared
+        && r.in_session
+        && !r.revoked
+        && last_seen.is_some_and(|t| t.millis_since(ctx.now) > -SESSION_MARK_FRESH_MS);
     AgentInfo {
         agent_id: r.id,
         name: r.name,
         labels: r.labels,
-        online: seen.online,
+        online: seen.online || elsewhere,
         revoked: r.revoked,
         enrolled_at: r.enrolled_at,
         last_seen,
@@ -546,7 +560,7 @@ pub fn answer(
                 .filter(|a| !a.forgotten)
                 .map(|a| {
                     let seen = ctx.seen.get(&a.id);
-                    agent_info(a, seen)
+                    agent_info(a, seen, ctx)
                 })
                 .collect();
             // A fleet of agents with long allowlists is megabytes: in pages.
@@ -562,6 +576,7 @@ pub fn answer(
             Some(r) => AdminAnswer::one(AdminResponse::Agent(Box::new(agent_info(
                 r,
                 ctx.seen.get(&id),
+                ctx,
             )))),
             None => AdminAnswer::one(AdminResponse::Error(format!("no agent {id}"))),
         },

@@ -14,7 +14,7 @@ use super::admin::{self, AdminAnswer, AdminContext};
 use super::ConnId;
 use crate::coord_store::{
     targets, Agent, AgentSeen, CertPage, ChangePage, CoordStore, Enrollment, QueuedRunNow,
-    RunKeyOf, StoreError, StoreResult, TokenRefusal,
+    RunKeyOf, SessionMark, StoreError, StoreResult, TokenRefusal,
 };
 
 /// Tasks whose assignment to a session's agent is remembered (a cache;
@@ -42,6 +42,8 @@ pub enum StoreJob {
         agent: AgentId,
         last_revision: u64,
         at: Timestamp,
+        /// On a shared store: this coordinator, which now holds the session.
+        holder: Option<u64>,
     },
     /// The next page of a session's assignment changes.
     Changes {
@@ -288,13 +290,22 @@ impl StoreJob {
                 agent,
                 last_revision,
                 at,
+                holder,
             } => {
                 let result = (|| {
                     let Some(rec) = store.agent(agent)?.filter(|r| !r.revoked) else {
                         return Ok(None);
                     };
                     let restored = store.catch_up_restored(last_revision)?;
-                    store.agent_seen(agent, AgentSeen { at, clock: None })?;
+                    let session = holder.map(|holder| SessionMark::Up { holder });
+                    store.agent_seen(
+                        agent,
+                        AgentSeen {
+                            at,
+                            clock: None,
+                            session,
+                        },
+                    )?;
                     Ok(Some((rec, restored)))
                 })();
                 StoreDone::Hello {

@@ -42,7 +42,7 @@ use sundial_protocol::{AgentId, DurationMs, Timestamp};
 
 use crate::admission::{Admit, HandshakeBudget};
 use crate::coord_store::{
-    targets, AgentSeen, CertRole, Enrollment, QueuedRunNow, StoreError, TokenRefusal,
+    targets, AgentSeen, CertRole, Enrollment, QueuedRunNow, SessionMark, StoreError, TokenRefusal,
 };
 use crate::session::coordinator::{
     CoordEffect, CoordSession, UploadAllowance, UploadLimits, CHANGES_PAGE_MAX,
@@ -429,11 +429,15 @@ pub struct Shared {
     pub cert_seq: u64,
     /// How often the feeds are read, ms ([`FEED_INTERVAL_MS`]).
     pub feed_interval_ms: u64,
+    /// This coordinator, among those sharing the store (drawn at start):
+    /// the store marks the sessions it holds with it.
+    pub holder: u64,
 }
 
 /// Where this node is in a shared store's feeds.
 #[derive(Debug)]
 struct Feed {
+    holder: u64,
     interval_ms: u64,
     revision: u64,
     cert_seq: u64,
@@ -569,6 +573,7 @@ impl CoordNode {
             sessions_open: 0,
             revision: config.revision,
             feed: config.shared.map(|s| Feed {
+                holder: s.holder,
                 interval_ms: s.feed_interval_ms.max(1),
                 revision: config.revision,
                 cert_seq: s.cert_seq,
@@ -894,11 +899,16 @@ impl CoordNode {
             s.uploads = Some(live.sm.upload_allowance());
         }
         self.event(CoordEvent::AgentSessionDown { agent });
+        let session = self
+            .feed
+            .as_ref()
+            .map(|f| SessionMark::Down { holder: f.holder });
         self.effects.push_back(Effect::Store(StoreJob::Seen {
             agent,
             seen: AgentSeen {
                 at: now.wall,
                 clock: None,
+                session,
             },
         }));
     }
@@ -1147,11 +1157,13 @@ impl CoordNode {
                     s.outbox_len = Some(outbox_len);
                     s.last_contact = Some(now.wall);
                 }
+                let holder = self.feed.as_ref().map(|f| f.holder);
                 self.effects.push_back(Effect::Store(StoreJob::Hello {
                     conn,
                     agent,
                     last_revision,
                     at: now.wall,
+                    holder,
                 }));
             }
             Phase::Checking(_, early) => {
@@ -1368,6 +1380,7 @@ impl CoordNode {
                     seen: AgentSeen {
                         at: now.wall,
                         clock: Some((offset_ms, rtt_ms)),
+                        session: None,
                     },
                 }),
                 CoordEffect::Close { code, reason } => {
@@ -1526,6 +1539,7 @@ impl CoordNode {
                 ca_sha256: self.ca_sha256,
                 entropy,
                 seen,
+                shared: self.feed.is_some(),
             }),
         };
         if self.admin_running < self.limits.admin_concurrent_max.max(1) {

@@ -84,6 +84,7 @@ fn agent_record(id: u64, labels: &[(&str, &str)]) -> Agent {
         last_seen: None,
         clock_offset_ms: None,
         rtt_ms: None,
+        in_session: false,
     }
 }
 

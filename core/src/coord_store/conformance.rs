@@ -419,6 +419,7 @@ pub fn enrollment_spends_tokens_and_merges_labels(s: &dyn CoordStore) {
             AgentSeen {
                 at: t(99),
                 clock: Some((-12, 3)),
+                session: None,
             },
         ),
         "seen",
@@ -433,7 +434,8 @@ pub fn enrollment_spends_tokens_and_merges_labels(s: &dyn CoordStore) {
             AgentId(9_999),
             AgentSeen {
                 at: t(1),
-                clock: None
+                clock: None,
+                session: None,
             }
         ),
         Err(StoreError::NotFound(_))

@@ -100,6 +100,8 @@ impl World {
         let shared = (self.coords.len() > 1).then_some(sundial_core::coord::Shared {
             cert_seq,
             feed_interval_ms: sundial_core::coord::FEED_INTERVAL_MS,
+            // Each incarnation draws its own.
+            holder: (k as u64 + 1) << 32 | self.coords[k].inc,
         });
         let now = self.coord_now(self.now);
         let node = CoordNode::new(
