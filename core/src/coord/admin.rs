@@ -206,6 +206,25 @@ fn agent_info(r: Agent, seen: Option<&SeenView>, ctx: &AdminContext) -> AgentInf
     }
 }
 
+/// Milliseconds a run-now's instant may move past an occurrence.
+pub const RUN_NOW_SHIFT_MAX_MS: i64 = 1_000;
+
+/// A run-now's instant, its run key's `scheduled_at`: now, or the first
+/// millisecond after it that is not an occurrence of the schedule — an
+/// occurrence's key would be run twice, once now and once on time (an
+/// `every` task anchored at its creation meets a run-now on its grid one
+/// time in `period` ms).
+pub fn run_now_instant(schedule: &sundial_protocol::Schedule, now: Timestamp) -> Timestamp {
+    let mut at = now;
+    for _ in 0..RUN_NOW_SHIFT_MAX_MS {
+        if schedule.next_after(at.saturating_add_ms(-1)) != Some(at) {
+            return at;
+        }
+        at = at.saturating_add_ms(1);
+    }
+    at
+}
+
 /// A task as the admin sees it: state, next occurrence, latest runs, reach.
 fn task_info(
     store: &dyn CoordStore,
@@ -658,7 +677,7 @@ pub fn answer(
                 answers: Vec::new(),
                 follow: vec![FollowUp::RunNow {
                     task: id,
-                    at: now,
+                    at: run_now_instant(&spec.schedule, now),
                     agents,
                 }],
             })

@@ -604,3 +604,17 @@ fn retention_purges_in_batches_every_interval() {
         .any(|e| matches!(e, CoordEvent::RunsPurged { deleted, .. } if *deleted == max + 3)));
     assert_eq!(n.poll_timeout(), Some(START + 2 * PURGE_INTERVAL_MS + 5));
 }
+
+#[test]
+fn a_run_now_never_takes_the_instant_of_an_occurrence() {
+    use super::admin::run_now_instant;
+    use sundial_protocol::{DurationMs, Schedule};
+    let t = |ms: i64| Timestamp::from_millis_saturating(1_800_000_000_000 + ms);
+    let every = Schedule::every(DurationMs(500), t(0)).expect("a schedule");
+    // On the grid: moved one millisecond on, so its key is its own.
+    assert_eq!(run_now_instant(&every, t(1_000)), t(1_001));
+    assert_eq!(run_now_instant(&every, t(1_001)), t(1_001));
+    let at = Schedule::at(t(7));
+    assert_eq!(run_now_instant(&at, t(7)), t(8));
+    assert_eq!(run_now_instant(&at, t(9)), t(9));
+}
