@@ -1,8 +1,10 @@
 //! A fleet on this machine: a coordinator process and agents — real
 //! processes of the simulator's own binary, entering the same library entry
 //! points as `sundial-coordinator` and `sundial-agent` — or, for large
-//! fleets, lightweight in-process agents. Each agent dials its own relay.
-//! Everything lives in one temporary directory and listens on 127.0.0.1.
+//! fleets, lightweight in-process agents. Each agent dials its own relay;
+//! with several coordinators on one PostgreSQL (a throw-away cluster the
+//! fleet starts), agents dial the coordinators' list instead. Everything
+//! lives in one temporary directory and listens on 127.0.0.1.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +68,18 @@ pub struct Fleet {
     client: tokio::sync::Mutex<Option<AdminClient>>,
     /// Extra `serve` flags, kept for restarts.
     coordinator_args: Vec<String>,
+    /// More coordinators on the same PostgreSQL (the first is
+    /// `coord_dir`/`coord_addr`), and the cluster.
+    others: Vec<OtherCoord>,
+    pg: Option<crate::pg::PgCluster>,
+}
+
+/// A coordinator beside the first, on the same store.
+#[derive(Debug)]
+struct OtherCoord {
+    dir: PathBuf,
+    addr: SocketAddr,
+    child: Option<Child>,
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
@@ -102,14 +116,70 @@ impl Fleet {
         rng: &mut Rng,
         coordinator_args: &[&str],
     ) -> anyhow::Result<Fleet> {
+        Fleet::start_on(exe, n, in_process, rng, coordinator_args, 1).await
+    }
+
+    /// As [`Fleet::start_with`], with `coordinators` coordinators: more
+    /// than one share a PostgreSQL cluster the fleet starts (an error
+    /// without PostgreSQL), and agents dial all of them.
+    pub async fn start_on(
+        exe: &Path,
+        n: usize,
+        in_process: bool,
+        rng: &mut Rng,
+        coordinator_args: &[&str],
+        coordinators: usize,
+    ) -> anyhow::Result<Fleet> {
         let root = tempfile::Builder::new().prefix("sundial-sim-").tempdir()?;
         let coord_dir = root.path().join("coordinator");
         let coord_addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()?).into();
-        let creds_path = sundial_coordinator::server::init(
+        let mut others = Vec::new();
+        for k in 1..coordinators.max(1) {
+            others.push(OtherCoord {
+                dir: root.path().join(format!("coordinator-{}", k + 1)),
+                addr: ([127, 0, 0, 1], free_udp_port()?).into(),
+                child: None,
+            });
+        }
+        let advertise = std::iter::once(coord_addr)
+            .chain(others.iter().map(|o| o.addr))
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let pg = if others.is_empty() {
+            None
+        } else {
+            match crate::pg::PgCluster::start()? {
+                Some(pg) => Some(pg),
+                None => bail!("several coordinators need PostgreSQL (apt-get install postgresql)"),
+            }
+        };
+        let store = match &pg {
+            Some(pg) => sundial_coordinator::server::StoreChoice::Postgres(
+                sundial_coordinator::pg::PgOptions {
+                    url: pg.url(),
+                    password: None,
+                    pool_size: 4,
+                },
+            ),
+            None => sundial_coordinator::server::StoreChoice::Embedded,
+        };
+        let creds_path = sundial_coordinator::server::init_on(
             &coord_dir,
-            &coord_addr.to_string(),
+            &advertise,
             "sundial-coordinator",
+            false,
+            store,
         )?;
+        // More coordinators are the directory copied.
+        for o in &others {
+            std::fs::create_dir_all(&o.dir)?;
+            for e in std::fs::read_dir(&coord_dir)?.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    std::fs::copy(e.path(), o.dir.join(e.file_name()))?;
+                }
+            }
+        }
         let creds = AdminCreds::load(&creds_path).map_err(anyhow::Error::msg)?;
         let mut fleet = Fleet {
             root,
@@ -121,8 +191,13 @@ impl Fleet {
             creds,
             client: tokio::sync::Mutex::new(None),
             coordinator_args: coordinator_args.iter().map(|s| s.to_string()).collect(),
+            others,
+            pg,
         };
         fleet.start_coordinator().await?;
+        for k in 1..=fleet.others.len() {
+            fleet.start_other(k)?;
+        }
         let token = match fleet
             .admin(&AdminRequest::TokenCreate {
                 ttl_ms: 3_600_000,
@@ -144,8 +219,14 @@ impl Fleet {
         for (i, relay) in relays.iter().enumerate() {
             let name = format!("agent-{}", i + 1);
             let dir = fleet.root.path().join(&name);
+            // One coordinator: through the agent's relay; several: the list.
+            let coordinator = if fleet.others.is_empty() {
+                relay.addr().to_string()
+            } else {
+                advertise.clone()
+            };
             let req = sundial_agent::enroll::JoinRequest {
-                coordinator: Some(relay.addr().to_string()),
+                coordinator: Some(coordinator),
                 token: token.clone(),
                 name: Some(name.clone()),
                 labels: vec![],
@@ -215,6 +296,61 @@ impl Fleet {
         }
     }
 
+    /// Starts (or restarts) coordinator `k` (1..: the others).
+    pub fn start_other(&mut self, k: usize) -> anyhow::Result<()> {
+        let args = self.coordinator_args.clone();
+        let exe = self.exe.clone();
+        let Some(o) = self.others.get_mut(k.wrapping_sub(1)) else {
+            bail!("no coordinator {k}");
+        };
+        let child = Command::new(&exe)
+            .arg(SUB_COORDINATOR)
+            .args(["serve", "--data-dir"])
+            .arg(&o.dir)
+            .args(["--listen", &o.addr.to_string()])
+            .args(["--pending-per-address", "100000"])
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(log_file(&o.dir.join("coordinator.log"))?)
+            .spawn()
+            .context("starting a coordinator")?;
+        o.child = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9` coordinator `k` (0: the first).
+    pub fn kill_nth(&mut self, k: usize) {
+        if k == 0 {
+            self.kill_coordinator();
+            return;
+        }
+        if let Ok(mut c) = self.client.try_lock() {
+            *c = None;
+        }
+        if let Some(mut c) = self.others.get_mut(k - 1).and_then(|o| o.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether coordinator `k` runs.
+    pub fn nth_running(&self, k: usize) -> bool {
+        match k {
+            0 => self.coord.is_some(),
+            _ => self.others.get(k - 1).is_some_and(|o| o.child.is_some()),
+        }
+    }
+
+    /// How many coordinators the fleet has.
+    pub fn coordinators(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// The shared store, when the coordinators share PostgreSQL.
+    pub fn pg_url(&self) -> Option<String> {
+        self.pg.as_ref().map(|p| p.url())
+    }
+
     /// `kill -9` the coordinator.
     pub fn kill_coordinator(&mut self) {
         if let Ok(mut c) = self.client.try_lock() {
@@ -227,7 +363,7 @@ impl Fleet {
     }
 
     pub fn coordinator_running(&self) -> bool {
-        self.coord.is_some()
+        self.coord.is_some() || self.others.iter().any(|o| o.child.is_some())
     }
 
     /// One admin request, on the cached connection or a new one.
@@ -369,8 +505,13 @@ impl Fleet {
         for a in &self.agents {
             a.relay.set(LinkConfig::pass());
         }
-        if !self.coordinator_running() {
+        if self.coord.is_none() {
             self.start_coordinator().await?;
+        }
+        for k in 1..=self.others.len() {
+            if !self.nth_running(k) {
+                self.start_other(k)?;
+            }
         }
         let exe = self.exe.clone();
         for a in &mut self.agents {
@@ -390,7 +531,9 @@ impl Fleet {
         for a in &mut self.agents {
             a.stop().await;
         }
-        self.kill_coordinator();
+        for k in 0..self.coordinators() {
+            self.kill_nth(k);
+        }
     }
 }
 
@@ -402,7 +545,9 @@ impl Drop for Fleet {
                 let _ = c.wait();
             }
         }
-        self.kill_coordinator();
+        for k in 0..self.coordinators() {
+            self.kill_nth(k);
+        }
     }
 }
 

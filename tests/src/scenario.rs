@@ -33,10 +33,13 @@ pub enum Scenario {
     Lossy,
     /// Many lightweight in-process agents cut at once and healed at once.
     Storm,
+    /// Three coordinators on one PostgreSQL (a throw-away cluster), each
+    /// killed with SIGKILL and restarted in turn; agents move between them.
+    CoordinatorFailover,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Partition,
         Scenario::Flapping,
         Scenario::AgentCrash,
@@ -45,6 +48,7 @@ impl Scenario {
         Scenario::Swizzle,
         Scenario::Lossy,
         Scenario::Storm,
+        Scenario::CoordinatorFailover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,13 +61,17 @@ impl Scenario {
             Scenario::Swizzle => "swizzle",
             Scenario::Lossy => "lossy",
             Scenario::Storm => "storm",
+            Scenario::CoordinatorFailover => "coordinator-failover",
         }
     }
 
     /// Default fleet size.
     pub fn agents_default(self) -> usize {
         match self {
-            Scenario::Partition | Scenario::CoordinatorCrash | Scenario::Lossy => 3,
+            Scenario::Partition
+            | Scenario::CoordinatorCrash
+            | Scenario::Lossy
+            | Scenario::CoordinatorFailover => 3,
             Scenario::Flapping | Scenario::AgentCrash => 2,
             Scenario::LongPartition => 1,
             Scenario::Swizzle => 4,
@@ -137,6 +145,9 @@ enum Step {
     StartAgent(usize),
     KillCoordinator,
     StartCoordinator,
+    /// Coordinator `k` of several (0: the first).
+    KillNth(usize),
+    StartNth(usize),
 }
 
 fn plan(opts: &Options, rng: &mut Rng) -> Vec<(Duration, Step)> {
@@ -209,6 +220,22 @@ fn plan(opts: &Options, rng: &mut Rng) -> Vec<(Duration, Step)> {
                 steps.push((ms(t), Step::StartAgent(a)));
                 t += 3_000;
             }
+        }
+        Scenario::CoordinatorFailover => {
+            // Each of the three killed in turn, down 3-6 s, at least two up
+            // at any time; then two at once, the third serving alone.
+            let mut t = d / 8;
+            for k in 0..3 {
+                steps.push((ms(t), Step::KillNth(k)));
+                steps.push((ms(t + 3_000 + rng.below(3_000)), Step::StartNth(k)));
+                t += d / 5;
+            }
+            let alone = rng.below(3) as usize;
+            for k in (0..3).filter(|k| *k != alone) {
+                steps.push((ms(t), Step::KillNth(k)));
+                steps.push((ms(t + 4_000), Step::StartNth(k)));
+            }
+            steps.sort_by_key(|s| s.0);
         }
         Scenario::CoordinatorCrash => {
             steps.push((ms(d / 4), Step::KillCoordinator));
@@ -417,14 +444,36 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
             ""
         }
     );
-    let mut fleet = Fleet::start(&opts.exe, opts.agents, in_process, &mut rng)
-        .await
-        .context("starting the fleet")?;
+    let coordinators = if opts.scenario == Scenario::CoordinatorFailover {
+        3
+    } else {
+        1
+    };
+    let mut fleet = Fleet::start_on(
+        &opts.exe,
+        opts.agents,
+        in_process,
+        &mut rng,
+        &[],
+        coordinators,
+    )
+    .await
+    .context("starting the fleet")?;
     say!(
         out,
         clock,
-        "coordinator on {}, {} agents enrolled and running",
+        "{} on {}{}, {} agents enrolled and running",
+        if coordinators > 1 {
+            "coordinators"
+        } else {
+            "coordinator"
+        },
         fleet.coord_addr,
+        if coordinators > 1 {
+            format!(" and {} more on one PostgreSQL", coordinators - 1)
+        } else {
+            String::new()
+        },
         fleet.agents.len()
     );
     add_tasks(&fleet, opts, &mut rng)
@@ -494,6 +543,18 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
                     last_heal = Instant::now();
                     awaiting_drain = Some(last_heal);
                     say!(out, clock, "restarted coordinator");
+                }
+                Step::KillNth(k) => {
+                    fleet.kill_nth(k);
+                    say!(out, clock, "kill -9 coordinator {}", k + 1);
+                }
+                Step::StartNth(k) => {
+                    if k == 0 {
+                        fleet.start_coordinator().await?;
+                    } else {
+                        fleet.start_other(k)?;
+                    }
+                    say!(out, clock, "restarted coordinator {}", k + 1);
                 }
             }
         }
@@ -581,15 +642,31 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
     say!(out, clock, "drained; stopping the fleet and checking");
     fleet.stop().await;
 
-    // Both histories, read directly: the coordinator's store and the probe logs.
-    let store = sundial_coordinator::store::CoordinatorStore::open(
-        &fleet
-            .coord_dir
-            .join(sundial_coordinator::server::STORE_FILE),
-    )?;
+    // Both histories, read directly: the coordinators' store and the probe logs.
+    let (store, records): (Box<dyn sundial_coordinator::store::CoordStore>, _) = match fleet
+        .pg_url()
+    {
+        Some(url) => {
+            let pg = sundial_coordinator::pg::PgStore::open(&sundial_coordinator::pg::PgOptions {
+                url,
+                password: None,
+                pool_size: 2,
+            })?;
+            let records = pg.all_runs()?;
+            (Box::new(pg), records)
+        }
+        None => {
+            let redb = sundial_coordinator::store::CoordinatorStore::open(
+                &fleet
+                    .coord_dir
+                    .join(sundial_coordinator::server::STORE_FILE),
+            )?;
+            let records = redb.all_runs()?;
+            (Box::new(redb), records)
+        }
+    };
     let mut all = Vec::new();
     loop {
-        use sundial_coordinator::store::CoordStore as _;
         let page = store.tasks(all.last().map(|t: &TaskSpec| t.id), 1_000)?;
         if page.is_empty() {
             break;
@@ -603,7 +680,6 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
             _ => None,
         })
         .collect();
-    let records = store.all_runs()?;
     let mut starts = Vec::new();
     let mut malformed = 0;
     for a in &fleet.agents {

@@ -96,6 +96,24 @@ fn coordinator_crash() {
 }
 
 #[test]
+fn coordinator_failover() {
+    // Three coordinators on a throw-away PostgreSQL, killed in turn: the
+    // agents move between them and every run is stored once.
+    if sundial_tests::pg::PgCluster::start()
+        .expect("PostgreSQL starts")
+        .is_none()
+    {
+        return;
+    }
+    let r = run(Scenario::CoordinatorFailover, 3, 30);
+    assert!(
+        r.verdict.fired_offline > 0,
+        "runs fired while their coordinator was down: {}",
+        r.verdict
+    );
+}
+
+#[test]
 fn long_partition() {
     // Short form: 10 s cut at 100 runs/s buffers about 1,000 runs.
     let r = run(Scenario::LongPartition, 1, 20);
