@@ -229,7 +229,9 @@ type R<T> = Result<T, Fail>;
 pub struct PgStore {
     driver: Driver,
     pool: Pool,
-    shard: i32,
+    /// The next run-count shard a write takes: concurrent batches of one
+    /// coordinator update different counter rows, not wait on one.
+    shard: std::sync::atomic::AtomicU32,
     /// The first day (ms) whose partitions were made ahead, so that
     /// `put_runs` makes them at most once a day.
     partitions_from: AtomicI64,
@@ -435,7 +437,7 @@ impl PgStore {
         let store = PgStore {
             driver,
             pool,
-            shard: i32::try_from(std::process::id().rem_euclid(COUNT_SHARDS as u32)).unwrap_or(0),
+            shard: std::sync::atomic::AtomicU32::new(std::process::id()),
             partitions_from: AtomicI64::new(i64::MIN),
             where_: redact(&opts.url),
         };
@@ -446,6 +448,12 @@ impl PgStore {
     /// applies it then and says what it applied).
     pub fn open_unmigrated(opts: &PgOptions) -> StoreResult<PgStore> {
         PgStore::connect(opts)
+    }
+
+    /// A run-count shard, in turn.
+    fn next_shard(&self) -> i32 {
+        let n = self.shard.fetch_add(1, Ordering::Relaxed);
+        i32::try_from(n.rem_euclid(COUNT_SHARDS as u32)).unwrap_or(0)
     }
 
     /// Runs `make()`'s future on the driver, again when it met a deadlock
@@ -1435,18 +1443,21 @@ impl CoordStore for PgStore {
             cols.detail.push(r.why());
             cols.record.push(bytes);
         }
-        let shard = self.shard;
+        let shard = self.next_shard();
         let refused = self.call("store runs", move |pool| {
             let cols = cols.clone();
             async move {
-                let mut c = pool.get().await?;
-                let t = c.transaction().await?;
+                // One statement is one transaction (autocommit): no
+                // BEGIN and COMMIT round trips around it.
+                let c = pool.get().await?;
                 // One statement: insert what is new, keep the latest run
                 // per (task, agent), count what went in, and return the
                 // keys already stored with a different record (the final
-                // SELECT sees the table as before the statement; the
-                // data-modifying parts run to completion whether read or not).
-                let rows = t
+                // SELECT sees the table as before the statement, and looks
+                // up only the keys not inserted: a batch of new runs costs
+                // no lookups; the data-modifying parts run to completion
+                // whether read or not).
+                let rows = c
                     .query(
                         "WITH input AS (
                              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[],
@@ -1484,7 +1495,10 @@ impl CoordStore for PgStore {
                              RETURNING 1
                          )
                          SELECT i.task_id, i.agent_id, i.scheduled_at_ms, i.attempt
-                           FROM input i JOIN sundial_runs r USING (task_id, agent_id, scheduled_at_ms, attempt)
+                           FROM (SELECT * FROM input
+                                  WHERE (task_id, agent_id, scheduled_at_ms, attempt) NOT IN
+                                        (SELECT task_id, agent_id, scheduled_at_ms, attempt FROM ins)) i
+                           JOIN sundial_runs r USING (task_id, agent_id, scheduled_at_ms, attempt)
                           WHERE r.record <> i.record",
                         &[
                             &cols.task,
@@ -1499,7 +1513,6 @@ impl CoordStore for PgStore {
                         ],
                     )
                     .await?;
-                t.commit().await?;
                 Ok(rows
                     .iter()
                     .map(|r| {
@@ -1661,7 +1674,7 @@ impl CoordStore for PgStore {
     fn purge_runs_before(&self, before: Timestamp, max: usize) -> StoreResult<usize> {
         let before = before.as_millis();
         let max = i64::try_from(max.max(1)).unwrap_or(i64::MAX);
-        let shard = self.shard;
+        let shard = self.next_shard();
         self.call("purge runs", move |pool| async move {
             let mut c = pool.get().await?;
             let t = c.transaction().await?;

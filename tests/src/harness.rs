@@ -116,12 +116,12 @@ impl Fleet {
         rng: &mut Rng,
         coordinator_args: &[&str],
     ) -> anyhow::Result<Fleet> {
-        Fleet::start_on(exe, n, in_process, rng, coordinator_args, 1).await
+        Fleet::start_on(exe, n, in_process, rng, coordinator_args, 1, false).await
     }
 
-    /// As [`Fleet::start_with`], with `coordinators` coordinators: more
-    /// than one share a PostgreSQL cluster the fleet starts (an error
-    /// without PostgreSQL), and agents dial all of them.
+    /// As [`Fleet::start_with`], with `coordinators` coordinators: on
+    /// PostgreSQL (a cluster the fleet starts; an error without it) when
+    /// `postgres` or more than one, and agents then dial all of them.
     pub async fn start_on(
         exe: &Path,
         n: usize,
@@ -129,6 +129,7 @@ impl Fleet {
         rng: &mut Rng,
         coordinator_args: &[&str],
         coordinators: usize,
+        postgres: bool,
     ) -> anyhow::Result<Fleet> {
         let root = tempfile::Builder::new().prefix("sundial-sim-").tempdir()?;
         let coord_dir = root.path().join("coordinator");
@@ -146,7 +147,7 @@ impl Fleet {
             .map(|a| a.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let pg = if others.is_empty() {
+        let pg = if others.is_empty() && !postgres {
             None
         } else {
             match crate::pg::PgCluster::start()? {

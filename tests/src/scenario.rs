@@ -456,6 +456,7 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
         &mut rng,
         &[],
         coordinators,
+        false,
     )
     .await
     .context("starting the fleet")?;

@@ -33,6 +33,8 @@ fn run(n: i64, base: Timestamp) -> RunRecord {
 #[derive(Default)]
 struct Figures {
     runs_per_s: Vec<f64>,
+    /// The same, from 4 writers at once (4 agents uploading together).
+    parallel_per_s: Vec<f64>,
     creates_per_s: Vec<f64>,
     first_ms: Vec<f64>,
     deep_ms: Vec<f64>,
@@ -54,6 +56,37 @@ fn measure(store: &dyn CoordStore, total: i64, rounds: usize) -> Result<Figures,
         }
         f.runs_per_s
             .push(runs.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    // Four writers at once, as a coordinator's blocking pool runs several
+    // agents' batches together.
+    let writers = 4i64;
+    for r in 0..rounds as i64 {
+        let from = total + r * per_round;
+        let t = Instant::now();
+        let failed = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..writers)
+                .map(|w| {
+                    s.spawn(move || {
+                        let share = per_round / writers;
+                        let runs: Vec<RunRecord> = (from + w * share..from + (w + 1) * share)
+                            .map(|n| run(n, base))
+                            .collect();
+                        runs.chunks(BATCH)
+                            .try_for_each(|c| store.put_runs(c).map(|_| ()))
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok().and_then(Result::err))
+                .next()
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        f.parallel_per_s
+            .push(per_round as f64 / t.elapsed().as_secs_f64());
     }
     // Task creates, one per transaction (a revision each).
     for _ in 0..rounds {
@@ -178,6 +211,18 @@ pub fn stores(quick: bool) -> Table {
         "/s",
         "PostgreSQL ≥ 100,000/s",
         pg_runs >= 100_000.0,
+    );
+    let pg_par = pg
+        .as_ref()
+        .map(|p| stats(&p.parallel_per_s).0)
+        .unwrap_or(0.0);
+    add(
+        "run records stored, 4 writers at once",
+        &redb.parallel_per_s,
+        pg.as_ref().map(|p| p.parallel_per_s.as_slice()),
+        "/s",
+        "PostgreSQL ≥ 100,000/s",
+        pg_par >= 100_000.0,
     );
     add(
         "tasks created, one per transaction",
