@@ -224,13 +224,13 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
             })
             .await;
         }
-        // Four agents: two joined through c1 (the token's order), two
+        // Ten agents: five joined through c1 (the token's order), five
         // through c2 (their own list), all knowing both.
         let token = match ask(
             &via2,
             AdminRequest::TokenCreate {
                 ttl_ms: 3_600_000,
-                uses: 4,
+                uses: 10,
                 labels: vec![("fleet".into(), "pg".into())],
             },
         )
@@ -241,7 +241,7 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
         };
         let mut agents = Vec::new();
         let mut procs = Vec::new();
-        for i in 0..4 {
+        for i in 0..10 {
             let dir = root.path().join(format!("agent{i}"));
             let list = (i % 2 == 1).then(|| format!("{c2_addr},{c1_addr}"));
             let id = join(&dir, &token, list).expect("an agent joins");
@@ -536,6 +536,7 @@ fn a_coordinator_waits_out_a_postgres_outage_and_loses_nothing() {
         })
         .await;
 
+        // Stopped for 30 s under load.
         pg.stop().expect("PostgreSQL stops");
         let stopped_at = chrono::Utc::now().timestamp_millis();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -544,7 +545,7 @@ fn a_coordinator_waits_out_a_postgres_outage_and_loses_nothing() {
             matches!(&refused, Ok(AdminResponse::Error(_)) | Err(_)),
             "an admin request during the outage gets an error: {refused:?}"
         );
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        tokio::time::sleep(Duration::from_secs(29)).await;
         assert!(
             coord.0.try_wait().expect("waitable").is_none(),
             "the coordinator keeps running through the outage"

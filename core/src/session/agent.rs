@@ -192,7 +192,7 @@ pub struct AgentSession {
     last_sync_ms: Option<u64>,
     transmit: VecDeque<AgentMsg>,
     effects: VecDeque<AgentEffect>,
-    events: VecDeque<Event>,
+    events: super::EventQueue,
 }
 
 /// Backoff before reconnect attempt `failures` (1-based): full jitter over
@@ -227,7 +227,7 @@ impl AgentSession {
             last_sync_ms: None,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
-            events: VecDeque::new(),
+            events: super::EventQueue::default(),
         }
     }
 
@@ -259,10 +259,18 @@ impl AgentSession {
     }
 
     pub fn poll_transmit(&mut self) -> Option<AgentMsg> {
+        debug_assert!(
+            self.transmit.len() <= super::DRAINED_QUEUE_MAX,
+            "the agent node drains the session's messages after every call"
+        );
         self.transmit.pop_front()
     }
 
     pub fn poll_effect(&mut self) -> Option<AgentEffect> {
+        debug_assert!(
+            self.effects.len() <= super::DRAINED_QUEUE_MAX,
+            "the agent node drains the session's effects after every call"
+        );
         self.effects.pop_front()
     }
 

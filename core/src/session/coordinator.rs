@@ -113,7 +113,7 @@ pub struct CoordSession {
     closed: bool,
     transmit: VecDeque<CoordMsg>,
     effects: VecDeque<CoordEffect>,
-    events: VecDeque<Event>,
+    events: super::EventQueue,
 }
 
 impl CoordSession {
@@ -145,7 +145,7 @@ impl CoordSession {
             closed: false,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
-            events: VecDeque::new(),
+            events: super::EventQueue::default(),
         };
         s.events.push_back(Event::AgentSessionUp {
             agent,
@@ -195,6 +195,10 @@ impl CoordSession {
     }
 
     pub fn poll_effect(&mut self) -> Option<CoordEffect> {
+        debug_assert!(
+            self.effects.len() <= super::DRAINED_QUEUE_MAX,
+            "the coordinator node drains the session's effects after every call"
+        );
         self.effects.pop_front()
     }
 

@@ -83,6 +83,11 @@ impl Rng {
 /// What the core decided, for observers (logs, metrics, a dashboard).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// Events a session machine dropped, its queue full ([`EVENTS_MAX`]):
+    /// nobody drained them.
+    EventsDropped {
+        count: u64,
+    },
     // ---- the agent's session
     /// The coordinator stated how to reconnect (as clamped by the agent).
     ReconnectPolicy(sundial_protocol::wire::ReconnectPolicy),
@@ -186,4 +191,62 @@ pub enum Event {
         key: RunKey,
         outcome: sundial_protocol::Outcome,
     },
+}
+
+/// Events a session machine keeps for its node; beyond, the oldest go and
+/// are counted ([`Event::EventsDropped`]). The nodes drain them after
+/// every call, so only a node that stops reading fills it.
+pub const EVENTS_MAX: usize = 1_024;
+
+/// Effects or messages a session machine may hold between two of its
+/// node's drains. One call makes at most a page of assignments, a window of
+/// result batches and a few acknowledgements, probes and notices; the nodes
+/// drain after every call (the coordinator's writer may lag: its backlog is
+/// bounded by the node's `TRANSMIT_BACKLOG_MAX`, over which the session is
+/// closed). Checked in debug builds (tests and simulators).
+pub const DRAINED_QUEUE_MAX: usize = 4_096;
+
+// A session's messages before they are pulled: the coordinator closes a
+// session at TRANSMIT_BACKLOG_MAX, well below the debug check.
+const _: () = assert!(crate::coord::TRANSMIT_BACKLOG_MAX < DRAINED_QUEUE_MAX);
+
+/// A session machine's events, bounded by [`EVENTS_MAX`].
+#[derive(Debug, Default)]
+pub(crate) struct EventQueue {
+    queue: std::collections::VecDeque<Event>,
+    dropped: u64,
+}
+
+impl EventQueue {
+    pub(crate) fn push_back(&mut self, e: Event) {
+        if self.queue.len() >= EVENTS_MAX {
+            self.queue.pop_front();
+            self.dropped += 1;
+        }
+        self.queue.push_back(e);
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Event> {
+        if self.dropped > 0 {
+            let count = std::mem::take(&mut self.dropped);
+            return Some(Event::EventsDropped { count });
+        }
+        self.queue.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_event_queue_drops_the_oldest_and_says_how_many() {
+        let mut q = EventQueue::default();
+        for _ in 0..EVENTS_MAX + 5 {
+            q.push_back(Event::LinkHeard);
+        }
+        assert_eq!(q.pop_front(), Some(Event::EventsDropped { count: 5 }));
+        let rest = std::iter::from_fn(|| q.pop_front()).count();
+        assert_eq!(rest, EVENTS_MAX);
+    }
 }
