@@ -24,6 +24,7 @@ use crate::relay::LinkConfig;
 use crate::rng::Rng;
 
 mod drain;
+mod failover;
 mod fleet;
 mod footprint;
 mod ingest;
@@ -33,6 +34,7 @@ mod stores;
 mod wheel;
 
 pub use drain::*;
+pub use failover::*;
 pub use fleet::*;
 pub use footprint::*;
 pub use ingest::*;

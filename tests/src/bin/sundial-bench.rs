@@ -24,13 +24,14 @@ struct Cli {
     out: Option<std::path::PathBuf>,
 }
 
-const SUITES: [&str; 8] = [
+const SUITES: [&str; 9] = [
     "wheel",
     "lateness",
     "ingest",
     "runlist",
     "stores",
     "drain",
+    "failover",
     "fleet",
     "footprint",
 ];
@@ -89,6 +90,7 @@ fn main() -> ExitCode {
             "runlist" => bench::runlist(cli.quick),
             "stores" => bench::stores(cli.quick),
             "drain" => rt.block_on(bench::drain(cli.quick, &exe)),
+            "failover" => rt.block_on(bench::failover(cli.quick, &exe)),
             "fleet" => rt.block_on(bench::fleet(cli.quick, &exe)),
             _ => bench::footprint(cli.quick, &exe),
         };
