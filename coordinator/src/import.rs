@@ -12,7 +12,9 @@
 
 use std::path::Path;
 
-use sundial_core::coord_store::{CertRole, CoordStore, Page, RunQuery, StoreError, PAGE_MAX};
+use sundial_core::coord_store::{
+    Agent, CertRole, CoordStore, JoinToken, Page, RunQuery, StoreError, StoredTask, PAGE_MAX,
+};
 use sundial_protocol::token::sha256;
 
 use crate::pg::{PgOptions, PgStore};
@@ -34,6 +36,26 @@ pub struct Imported {
 
 fn store_err(e: StoreError) -> ServeError {
     ServeError::Store(e)
+}
+
+/// Calls `each` on every item of a listing, a page at a time (memory
+/// bounded by a page, whatever is stored).
+fn each_page<T, K: Copy>(
+    key: impl Fn(&T) -> K,
+    mut page: impl FnMut(Option<K>) -> Result<Vec<T>, StoreError>,
+    mut each: impl FnMut(&T) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut after = None;
+    loop {
+        let got = page(after)?;
+        for item in &got {
+            each(item)?;
+        }
+        if got.len() < PAGE_MAX {
+            return Ok(());
+        }
+        after = got.last().map(&key);
+    }
 }
 
 /// Copies the embedded store of `dir` into the database `opts` names;
@@ -74,56 +96,45 @@ pub fn import(
             to.put_setting(key, &v).map_err(store_err)?;
         }
     }
-    let mut after = None;
-    loop {
-        let page = from.known_certs(after, PAGE_MAX).map_err(store_err)?;
-        after = page.last().map(|c| c.0);
-        for (fp, role) in &page {
+    each_page(
+        |c: &([u8; 32], CertRole)| c.0,
+        |after| from.known_certs(after, PAGE_MAX),
+        |(fp, role)| {
             if *role == CertRole::Admin {
-                to.add_admin_cert(*fp).map_err(store_err)?;
+                to.add_admin_cert(*fp)?;
                 done.admins += 1;
             }
-        }
-        if page.len() < PAGE_MAX {
-            break;
-        }
-    }
-    let mut after = None;
-    loop {
-        let page = from.agents(after, PAGE_MAX).map_err(store_err)?;
-        after = page.last().map(|a| a.id);
-        for a in &page {
-            to.import_agent(a).map_err(store_err)?;
+            Ok(())
+        },
+    )
+    .map_err(store_err)?;
+    each_page(
+        |a: &Agent| a.id,
+        |after| from.agents(after, PAGE_MAX),
+        |a| {
             done.agents += 1;
-        }
-        if page.len() < PAGE_MAX {
-            break;
-        }
-    }
-    let mut after = None;
-    loop {
-        let page = from.tasks(after, PAGE_MAX).map_err(store_err)?;
-        after = page.last().map(|t| t.spec.id);
-        for t in &page {
-            to.import_task(t).map_err(store_err)?;
+            to.import_agent(a)
+        },
+    )
+    .map_err(store_err)?;
+    each_page(
+        |t: &StoredTask| t.spec.id,
+        |after| from.tasks(after, PAGE_MAX),
+        |t| {
             done.tasks += 1;
-        }
-        if page.len() < PAGE_MAX {
-            break;
-        }
-    }
-    let mut after = None;
-    loop {
-        let page = from.tokens(after, PAGE_MAX).map_err(store_err)?;
-        after = page.last().map(|t| t.secret_sha256);
-        for t in &page {
-            to.import_token(t).map_err(store_err)?;
+            to.import_task(t)
+        },
+    )
+    .map_err(store_err)?;
+    each_page(
+        |t: &JoinToken| t.secret_sha256,
+        |after| from.tokens(after, PAGE_MAX),
+        |t| {
             done.tokens += 1;
-        }
-        if page.len() < PAGE_MAX {
-            break;
-        }
-    }
+            to.import_token(t)
+        },
+    )
+    .map_err(store_err)?;
     let (revision, next_task, next_agent) = from.counters().map_err(store_err)?;
     to.import_counters(revision, next_task, next_agent)
         .map_err(store_err)?;

@@ -45,6 +45,16 @@ fn sim(args: &[&str]) -> std::process::Output {
 
 struct Proc(Child);
 
+impl Proc {
+    /// SIGTERM, as an operator stops it, and waits.
+    fn stop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -82,6 +92,31 @@ fn creds_for(creds: &AdminCreds, addr: SocketAddr) -> AdminCreds {
     let mut c = creds.clone();
     c.coordinator = addr.to_string();
     c
+}
+
+/// A join token for `uses` agents with these labels.
+async fn new_token(creds: &AdminCreds, uses: u32, labels: Vec<(String, String)>) -> String {
+    match ask(
+        creds,
+        AdminRequest::TokenCreate {
+            ttl_ms: 3_600_000,
+            uses,
+            labels,
+        },
+    )
+    .await
+    {
+        Ok(AdminResponse::Token(t)) => t,
+        other => panic!("no token: {other:?}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 async fn ask(creds: &AdminCreds, req: AdminRequest) -> Result<AdminResponse, String> {
@@ -212,11 +247,7 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
     let creds = AdminCreds::load(&c1_dir.join("admin.creds")).expect("creds");
     let (via1, via2) = (creds_for(&creds, c1_addr), creds_for(&creds, c2_addr));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     rt.block_on(async {
         for (what, c) in [("c1", &via1), ("c2", &via2)] {
             wait_until(what, Duration::from_secs(30), || async {
@@ -226,19 +257,7 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
         }
         // Ten agents: five joined through c1 (the token's order), five
         // through c2 (their own list), all knowing both.
-        let token = match ask(
-            &via2,
-            AdminRequest::TokenCreate {
-                ttl_ms: 3_600_000,
-                uses: 10,
-                labels: vec![("fleet".into(), "pg".into())],
-            },
-        )
-        .await
-        {
-            Ok(AdminResponse::Token(t)) => t,
-            other => panic!("no token: {other:?}"),
-        };
+        let token = new_token(&via2, 10, vec![("fleet".into(), "pg".into())]).await;
         let mut agents = Vec::new();
         let mut procs = Vec::new();
         for i in 0..10 {
@@ -265,19 +284,7 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
             .collect();
 
         // A token raced through both coordinators is accepted once.
-        let single = match ask(
-            &via1,
-            AdminRequest::TokenCreate {
-                ttl_ms: 3_600_000,
-                uses: 1,
-                labels: vec![],
-            },
-        )
-        .await
-        {
-            Ok(AdminResponse::Token(t)) => t,
-            other => panic!("no token: {other:?}"),
-        };
+        let single = new_token(&via1, 1, vec![]).await;
         let (ra, rb) = std::thread::scope(|s| {
             let a = s.spawn(|| {
                 join(
@@ -398,9 +405,7 @@ fn two_coordinators_on_one_postgres_serve_a_fleet_and_survive_either() {
         // runs of the every-second task are stored once each, one per
         // second from its first to its last, none missing.
         for p in &mut procs {
-            let pid = rustix::process::Pid::from_raw(p.0.id() as i32).expect("a pid");
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            let _ = p.0.wait();
+            p.stop();
         }
         for (id, dir) in &agents {
             let status = sundial_agent::status::read(dir).expect("status");
@@ -490,29 +495,13 @@ fn a_coordinator_waits_out_a_postgres_outage_and_loses_nothing() {
     );
     let mut coord = serve(&dir, addr);
     let creds = AdminCreds::load(&dir.join("admin.creds")).expect("creds");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     rt.block_on(async {
         wait_until("the coordinator", Duration::from_secs(30), || async {
             AdminClient::connect(&creds).await.is_ok()
         })
         .await;
-        let token = match ask(
-            &creds,
-            AdminRequest::TokenCreate {
-                ttl_ms: 3_600_000,
-                uses: 2,
-                labels: vec![],
-            },
-        )
-        .await
-        {
-            Ok(AdminResponse::Token(t)) => t,
-            other => panic!("no token: {other:?}"),
-        };
+        let token = new_token(&creds, 2, vec![]).await;
         let mut procs = Vec::new();
         let mut ids = Vec::new();
         for i in 0..2 {
@@ -586,9 +575,7 @@ fn a_coordinator_waits_out_a_postgres_outage_and_loses_nothing() {
         })
         .await;
         for (p, _) in &mut procs {
-            let pid = rustix::process::Pid::from_raw(p.0.id() as i32).expect("a pid");
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            let _ = p.0.wait();
+            p.stop();
         }
         for (d, task) in procs.iter().map(|p| &p.1).zip(&tasks) {
             let s = sundial_agent::status::read(d).expect("status");
@@ -632,30 +619,14 @@ fn an_embedded_coordinator_moves_to_postgres_with_nothing_lost() {
         String::from_utf8_lossy(&out.stderr)
     );
     let creds = AdminCreds::load(&dir.join("admin.creds")).expect("creds");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     rt.block_on(async {
         let mut coord = serve(&dir, addr);
         wait_until("the coordinator", Duration::from_secs(30), || async {
             AdminClient::connect(&creds).await.is_ok()
         })
         .await;
-        let token = match ask(
-            &creds,
-            AdminRequest::TokenCreate {
-                ttl_ms: 3_600_000,
-                uses: 1,
-                labels: vec![],
-            },
-        )
-        .await
-        {
-            Ok(AdminResponse::Token(t)) => t,
-            other => panic!("no token: {other:?}"),
-        };
+        let token = new_token(&creds, 1, vec![]).await;
         let adir = root.path().join("agent");
         let agent = join(&adir, &token, None).expect("joins");
         let mut ap = run_agent(&adir);
@@ -674,9 +645,7 @@ fn an_embedded_coordinator_moves_to_postgres_with_nothing_lost() {
         let before = runs_of(&creds, task).await.len();
         // Stopped (as an operator stops it), imported while the agent
         // goes on firing offline.
-        let pid = rustix::process::Pid::from_raw(coord.0.id() as i32).expect("a pid");
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let _ = coord.0.wait();
+        coord.stop();
         let out = sim(&[
             SUB_COORDINATOR,
             "import",
@@ -726,9 +695,7 @@ fn an_embedded_coordinator_moves_to_postgres_with_nothing_lost() {
             || async { runs_of(&creds, next).await.len() >= 2 },
         )
         .await;
-        let pid = rustix::process::Pid::from_raw(ap.0.id() as i32).expect("a pid");
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let _ = ap.0.wait();
+        ap.stop();
         let runs = runs_of(&creds, task).await;
         assert!(runs.len() > before, "old runs kept, new ones added");
         let mut scheds: Vec<i64> = runs.iter().map(|r| r.1).collect();

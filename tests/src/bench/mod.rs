@@ -172,3 +172,22 @@ pub fn machine() -> String {
 pub fn report_path() -> PathBuf {
     PathBuf::from("BENCHMARKS.md")
 }
+
+/// Run `n` of a store's sample load: 50 tasks, 20 agents, a second apart
+/// from `base`, succeeded with a short tail.
+pub(super) fn sample_run(n: i64, base: Timestamp) -> RunRecord {
+    RunRecord {
+        task_id: TaskId(1 + (n % 50) as u64),
+        agent_id: AgentId(1 + (n % 20) as u64),
+        scheduled_at: base.saturating_add_ms(n * 1_000),
+        attempt: 1,
+        fired_at: Some(base.saturating_add_ms(n * 1_000 + 3)),
+        finished_at: Some(base.saturating_add_ms(n * 1_000 + 40)),
+        outcome: Outcome::Succeeded,
+        exit_code: Some(0),
+        offline: false,
+        detail: None,
+        stdout_tail: b"ok\n".to_vec(),
+        stderr_tail: Vec::new(),
+    }
+}

@@ -27,23 +27,7 @@ pub fn runlist(quick: bool) -> Table {
     let fill = Instant::now();
     for chunk in 0..(total / 10_000) {
         let runs: Vec<RunRecord> = (0..10_000)
-            .map(|i| {
-                let n = chunk * 10_000 + i;
-                RunRecord {
-                    task_id: TaskId(1 + (n % 50) as u64),
-                    agent_id: AgentId(1 + (n % 20) as u64),
-                    scheduled_at: base.saturating_add_ms(n * 1_000),
-                    attempt: 1,
-                    fired_at: Some(base.saturating_add_ms(n * 1_000 + 3)),
-                    finished_at: Some(base.saturating_add_ms(n * 1_000 + 40)),
-                    outcome: Outcome::Succeeded,
-                    exit_code: Some(0),
-                    offline: false,
-                    detail: None,
-                    stdout_tail: b"ok\n".to_vec(),
-                    stderr_tail: Vec::new(),
-                }
-            })
+            .map(|i| sample_run(chunk * 10_000 + i, base))
             .collect();
         if let Err(e) = store.put_runs(&runs) {
             return empty(format!("storing runs: {e}"));

@@ -12,23 +12,6 @@ use sundial_coordinator::store::{CoordStore, Page, RunCursor, RunQuery};
 /// Runs per result batch an agent uploads (its default).
 const BATCH: usize = 1_000;
 
-fn run(n: i64, base: Timestamp) -> RunRecord {
-    RunRecord {
-        task_id: TaskId(1 + (n % 50) as u64),
-        agent_id: AgentId(1 + (n % 20) as u64),
-        scheduled_at: base.saturating_add_ms(n * 1_000),
-        attempt: 1,
-        fired_at: Some(base.saturating_add_ms(n * 1_000 + 3)),
-        finished_at: Some(base.saturating_add_ms(n * 1_000 + 40)),
-        outcome: Outcome::Succeeded,
-        exit_code: Some(0),
-        offline: false,
-        detail: None,
-        stdout_tail: b"ok\n".to_vec(),
-        stderr_tail: Vec::new(),
-    }
-}
-
 /// What one store did: runs/s per round, task creates/s, page times (ms).
 #[derive(Default)]
 struct Figures {
@@ -48,7 +31,7 @@ fn measure(store: &dyn CoordStore, total: i64, rounds: usize) -> Result<Figures,
     let per_round = total / rounds as i64;
     for r in 0..rounds as i64 {
         let runs: Vec<RunRecord> = (r * per_round..(r + 1) * per_round)
-            .map(|n| run(n, base))
+            .map(|n| sample_run(n, base))
             .collect();
         let t = Instant::now();
         for chunk in runs.chunks(BATCH) {
@@ -69,7 +52,7 @@ fn measure(store: &dyn CoordStore, total: i64, rounds: usize) -> Result<Figures,
                     s.spawn(move || {
                         let share = per_round / writers;
                         let runs: Vec<RunRecord> = (from + w * share..from + (w + 1) * share)
-                            .map(|n| run(n, base))
+                            .map(|n| sample_run(n, base))
                             .collect();
                         runs.chunks(BATCH)
                             .try_for_each(|c| store.put_runs(c).map(|_| ()))
