@@ -114,6 +114,7 @@ impl AdminClient {
             AdminResponse::Agents(all) => merged!(Agents, all),
             AdminResponse::Tasks(all) => merged!(Tasks, all),
             AdminResponse::Runs(all) => merged!(Runs, all),
+            AdminResponse::Admins(all) => merged!(Admins, all),
             other => other,
         })
     }
@@ -141,6 +142,23 @@ impl AdminClient {
             }
         }
         Ok(answer)
+    }
+
+    /// An audit list: one page of entries, and whether more match.
+    pub async fn audit_list(
+        &self,
+        req: &AdminRequest,
+    ) -> Result<(Vec<sundial_protocol::wire::AuditEntry>, bool), String> {
+        let mut entries = Vec::new();
+        let mut more = false;
+        for a in self.request_all(req).await? {
+            match a {
+                AdminResponse::Audit(page) => entries.extend(page),
+                AdminResponse::AuditSummary { more: m } => more = m,
+                other => return Err(format!("unexpected answer from the coordinator: {other:?}")),
+            }
+        }
+        Ok((entries, more))
     }
 
     /// Sends one request and reads every message of its answer.

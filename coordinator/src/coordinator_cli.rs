@@ -379,8 +379,9 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 }
             })?;
             println!(
-                "imported {} admin(s), {} agent(s), {} task(s), {} token(s), {} run(s); {} now uses {}",
+                "imported {} admin(s), {} audit entries, {} agent(s), {} task(s), {} token(s), {} run(s); {} now uses {}",
                 done.admins,
+                done.audit,
                 done.agents,
                 done.tasks,
                 done.tokens,

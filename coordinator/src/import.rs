@@ -13,9 +13,10 @@
 use std::path::Path;
 
 use sundial_core::coord_store::{
-    Agent, CertRole, CoordStore, JoinToken, Page, RunQuery, StoreError, StoredTask, PAGE_MAX,
+    Agent, CoordStore, JoinToken, Page, RunQuery, StoreError, StoredTask, PAGE_MAX,
 };
 use sundial_protocol::token::sha256;
+use sundial_protocol::wire::AuditQuery;
 
 use crate::pg::{PgOptions, PgStore};
 use crate::server::{ServeError, CA_SETTING, STORE_FILE, STORE_URL_FILE};
@@ -28,6 +29,8 @@ const RUN_BATCH: usize = 5_000;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Imported {
     pub admins: usize,
+    /// Audit log entries.
+    pub audit: usize,
     pub agents: usize,
     pub tasks: usize,
     pub tokens: usize,
@@ -96,18 +99,34 @@ pub fn import(
             to.put_setting(key, &v).map_err(store_err)?;
         }
     }
-    each_page(
-        |c: &([u8; 32], CertRole)| c.0,
-        |after| from.known_certs(after, PAGE_MAX),
-        |(fp, role)| {
-            if *role == CertRole::Admin {
-                to.add_admin_cert(*fp)?;
-                done.admins += 1;
-            }
-            Ok(())
-        },
-    )
-    .map_err(store_err)?;
+    // Live admins (a revoked one's certificate stays revoked: it is not
+    // carried over), then the audit log as it is.
+    for a in sundial_core::coord::admin::all_admins(&from)
+        .map_err(store_err)?
+        .into_iter()
+        .filter(|a| a.revoked_at.is_none())
+    {
+        to.create_admin(&a, None).map_err(store_err)?;
+        done.admins += 1;
+    }
+    let mut after = None;
+    loop {
+        let page = from
+            .audit(&AuditQuery {
+                after: Some(after.unwrap_or(0)),
+                limit: PAGE_MAX as u32,
+                ..AuditQuery::default()
+            })
+            .map_err(store_err)?;
+        for e in &page.entries {
+            to.append_audit(e).map_err(store_err)?;
+            done.audit += 1;
+        }
+        after = page.entries.last().map(|e| e.seq);
+        if !page.more || after.is_none() {
+            break;
+        }
+    }
     each_page(
         |a: &Agent| a.id,
         |after| from.agents(after, PAGE_MAX),

@@ -31,13 +31,13 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use sundial_core::coord_store::{
-    counts_from, merge_labels, targets, Agent, AgentSeen, CertPage, CertRole, ChangePage,
-    CoordStore, Enrollment, JoinToken, Page, QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery,
-    SessionMark, StoreError, StoreResult, StoredTask, TokenRefusal, PAGE_MAX, RESTORE_GAP_MAX,
-    RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
+    audit_matches, counts_from, merge_labels, targets, AdminCert, Agent, AgentSeen, AuditPage,
+    CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page, QueuedRunNow,
+    RunCursor, RunKeyOf, RunPage, RunQuery, SessionMark, StoreError, StoreResult, StoredTask,
+    TokenRefusal, ADMINS_MAX, PAGE_MAX, RESTORE_GAP_MAX, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
-use sundial_protocol::wire::{LastRun, TaskDraft};
+use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -47,6 +47,7 @@ use tokio_postgres::{IsolationLevel, NoTls, Row};
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_session_holder.sql")),
+    (3, include_str!("../migrations/0003_admins.sql")),
 ];
 
 /// The advisory lock key migrations and partition changes hold ("sundial").
@@ -376,6 +377,76 @@ async fn feed_cert(
     .await?;
     Ok(())
 }
+
+/// Appends an audit entry in the change's transaction.
+async fn insert_audit(t: &tokio_postgres::Transaction<'_>, e: &AuditEntry) -> R<()> {
+    let revision = e.revision.map(|r| i64_of(r, "revision")).transpose()?;
+    t.execute(
+        "INSERT INTO sundial_audit (at_ms, admin, cert_sha256, address, action, subject, revision, refused)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            &e.at.as_millis(),
+            &e.admin,
+            &e.cert_sha256.as_slice(),
+            &e.from,
+            &e.action,
+            &e.subject,
+            &revision,
+            &e.refused,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn audit_if(t: &tokio_postgres::Transaction<'_>, e: Option<&AuditEntry>) -> R<()> {
+    match e {
+        Some(e) => insert_audit(t, e).await,
+        None => Ok(()),
+    }
+}
+
+const ADMIN_COLUMNS: &str =
+    "name, role, cert_sha256, created_at_ms, created_by, expires_at_ms, revoked_at_ms, last_used_ms";
+
+fn role_of(text: &str) -> R<Role> {
+    text.parse::<Role>()
+        .map_err(|e| Fail::Store(StoreError::Corrupt(format!("sundial_admins: {e}"))))
+}
+
+fn admin_of(row: &Row) -> R<AdminInfo> {
+    let ts = |ms: i64| Timestamp::from_millis_saturating(ms);
+    Ok(AdminInfo {
+        name: row.get(0),
+        role: role_of(row.get(1))?,
+        cert_sha256: fp32(row.get(2), "admin certificate")?,
+        created_at: ts(row.get(3)),
+        created_by: row.get(4),
+        expires_at: ts(row.get(5)),
+        revoked_at: row.get::<_, Option<i64>>(6).map(ts),
+        last_used: row.get::<_, Option<i64>>(7).map(ts),
+    })
+}
+
+/// A certificate's role from `agent_id` and its admin's (joined) name,
+/// role and expiry: columns `from..from + 4`.
+fn cert_role_of(row: &Row, from: usize) -> R<CertRole> {
+    Ok(match row.get::<_, Option<i64>>(from) {
+        Some(a) => CertRole::Agent(AgentId(u64_of(a))),
+        None => match row.get::<_, Option<String>>(from + 1) {
+            None => CertRole::Admin(AdminCert::legacy()),
+            Some(name) => CertRole::Admin(AdminCert {
+                name,
+                role: role_of(row.get(from + 2))?,
+                expires_at: Timestamp::from_millis_saturating(row.get(from + 3)),
+            }),
+        },
+    })
+}
+
+/// The certificate columns [`cert_role_of`] reads, joined with admins.
+const CERT_ROLE_FROM: &str = "sundial_certs c LEFT JOIN sundial_admins a
+    ON c.agent_id IS NULL AND a.cert_sha256 = c.fingerprint AND a.revoked_at_ms IS NULL";
 
 /// The name of the run partition of the day starting at `day_ms`.
 fn partition_name(day_ms: i64) -> String {
@@ -745,7 +816,7 @@ impl PgStore {
 
     /// Adds a join token as it is (import).
     pub fn import_token(&self, tok: &JoinToken) -> StoreResult<()> {
-        self.put_token(tok)
+        self.put_token(tok, None)
     }
 
     /// Changes a task's row under the next revision, after `check` passed
@@ -754,11 +825,14 @@ impl PgStore {
         &self,
         context: &'static str,
         id: TaskId,
+        audit: Option<&AuditEntry>,
         change: impl Fn(&mut StoredTask, u64) -> Result<(), StoreError> + Send + Sync + Clone + 'static,
     ) -> StoreResult<u64> {
         let key = i64::try_from(id.0).unwrap_or(i64::MAX);
+        let audit = audit.cloned();
         self.call(context, move |pool| {
             let change = change.clone();
+            let audit = audit.clone();
             async move {
                 let mut c = pool.get().await?;
                 let t = c.transaction().await?;
@@ -783,6 +857,7 @@ impl PgStore {
                     &[&key, &rev, &task.spec.name, &task.cancelled, &task.paused, &spec],
                 )
                 .await?;
+                audit_if(&t, audit.map(|a| a.for_task(id, revision)).as_ref()).await?;
                 t.commit().await?;
                 Ok(revision)
             }
@@ -944,42 +1019,318 @@ impl CoordStore for PgStore {
             let from = after.map(|a| a.to_vec()).unwrap_or_default();
             let rows = c
                 .query(
-                    "SELECT fingerprint, agent_id FROM sundial_certs
-                      WHERE NOT revoked AND fingerprint > $1 ORDER BY fingerprint LIMIT $2",
+                    &format!(
+                        "SELECT c.fingerprint, c.agent_id, a.name, a.role, a.expires_at_ms
+                           FROM {CERT_ROLE_FROM}
+                          WHERE NOT c.revoked AND c.fingerprint > $1 ORDER BY c.fingerprint LIMIT $2"
+                    ),
                     &[&from, &limit],
                 )
                 .await?;
             rows.iter()
-                .map(|r| {
-                    let fp = fp32(r.get(0), "certificate")?;
-                    let role = match r.get::<_, Option<i64>>(1) {
-                        None => CertRole::Admin,
-                        Some(a) => CertRole::Agent(AgentId(u64_of(a))),
-                    };
-                    Ok((fp, role))
-                })
+                .map(|r| Ok((fp32(r.get(0), "certificate")?, cert_role_of(r, 1)?)))
                 .collect()
         })
     }
 
-    fn add_admin_cert(&self, fingerprint: [u8; 32]) -> StoreResult<()> {
-        self.call("add an admin", move |pool| async move {
-            let mut c = pool.get().await?;
-            let t = c.transaction().await?;
-            feed_cert(&t, &fingerprint, None, false).await?;
-            t.commit().await?;
+    fn admins(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<AdminInfo>> {
+        let limit = i64::try_from(limit.clamp(1, PAGE_MAX)).unwrap_or(1);
+        let after = after.unwrap_or("").to_string();
+        self.call("read admins", move |pool| {
+            let after = after.clone();
+            async move {
+                let c = pool.get().await?;
+                let rows = c
+                    .query(
+                        &format!(
+                            "SELECT {ADMIN_COLUMNS} FROM sundial_admins WHERE name > $1 ORDER BY name LIMIT $2"
+                        ),
+                        &[&after, &limit],
+                    )
+                    .await?;
+                rows.iter().map(admin_of).collect()
+            }
+        })
+    }
+
+    fn create_admin(&self, admin: &AdminInfo, audit: Option<&AuditEntry>) -> StoreResult<()> {
+        let admin = admin.clone();
+        let audit = audit.cloned();
+        self.call("create an admin", move |pool| {
+            let (admin, audit) = (admin.clone(), audit.clone());
+            async move {
+                let mut c = pool.get().await?;
+                let t = c.transaction().await?;
+                // One admin change at a time: the name and the count checks
+                // hold to the commit.
+                t.execute("LOCK TABLE sundial_admins IN EXCLUSIVE MODE", &[])
+                    .await?;
+                let row = t
+                    .query_opt(
+                        "SELECT revoked_at_ms FROM sundial_admins WHERE name = $1",
+                        &[&admin.name],
+                    )
+                    .await?;
+                match row.map(|r| r.get::<_, Option<i64>>(0)) {
+                    Some(None) => {
+                        return Err(Fail::Store(StoreError::Refused(format!(
+                            "an admin named {:?} exists already (renew it with `sundialctl admin renew {}`, or revoke it first)",
+                            admin.name, admin.name
+                        ))))
+                    }
+                    Some(Some(_)) => {}
+                    None => {
+                        let n: i64 = t
+                            .query_one("SELECT count(*) FROM sundial_admins", &[])
+                            .await?
+                            .get(0);
+                        if n >= i64::try_from(ADMINS_MAX).unwrap_or(i64::MAX) {
+                            return Err(Fail::Store(StoreError::Refused(format!(
+                                "this coordinator keeps at most {ADMINS_MAX} admins"
+                            ))));
+                        }
+                    }
+                }
+                t.execute(
+                    &format!(
+                        "INSERT INTO sundial_admins ({ADMIN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, NULL, NULL)
+                         ON CONFLICT (name) DO UPDATE SET role = EXCLUDED.role, cert_sha256 = EXCLUDED.cert_sha256,
+                             created_at_ms = EXCLUDED.created_at_ms, created_by = EXCLUDED.created_by,
+                             expires_at_ms = EXCLUDED.expires_at_ms, revoked_at_ms = NULL, last_used_ms = NULL"
+                    ),
+                    &[
+                        &admin.name,
+                        &admin.role.name(),
+                        &admin.cert_sha256.as_slice(),
+                        &admin.created_at.as_millis(),
+                        &admin.created_by,
+                        &admin.expires_at.as_millis(),
+                    ],
+                )
+                .await?;
+                feed_cert(&t, &admin.cert_sha256, None, false).await?;
+                audit_if(&t, audit.as_ref()).await?;
+                t.commit().await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn renew_admin(
+        &self,
+        name: &str,
+        cert_sha256: [u8; 32],
+        expires_at: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<AdminInfo> {
+        let name = name.to_string();
+        let audit = audit.cloned();
+        self.call("renew an admin", move |pool| {
+            let (name, audit) = (name.clone(), audit.clone());
+            async move {
+                let mut c = pool.get().await?;
+                let t = c.transaction().await?;
+                let row = t
+                    .query_opt(
+                        &format!("SELECT {ADMIN_COLUMNS} FROM sundial_admins WHERE name = $1 FOR UPDATE"),
+                        &[&name],
+                    )
+                    .await?;
+                let old = match row.map(|r| admin_of(&r)).transpose()? {
+                    None => return Err(Fail::Store(StoreError::NotFound(format!("no admin {name:?}")))),
+                    Some(a) if a.revoked_at.is_some() => {
+                        return Err(Fail::Store(StoreError::Refused(format!(
+                            "admin {name:?} is revoked; create it again instead"
+                        ))))
+                    }
+                    Some(a) => a,
+                };
+                t.execute(
+                    "UPDATE sundial_admins SET cert_sha256 = $2, expires_at_ms = $3 WHERE name = $1",
+                    &[&name, &cert_sha256.as_slice(), &expires_at.as_millis()],
+                )
+                .await?;
+                feed_cert(&t, &old.cert_sha256, None, true).await?;
+                feed_cert(&t, &cert_sha256, None, false).await?;
+                audit_if(&t, audit.as_ref()).await?;
+                t.commit().await?;
+                Ok(old)
+            }
+        })
+    }
+
+    fn revoke_admin(
+        &self,
+        name: &str,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<AdminInfo> {
+        let name = name.to_string();
+        let audit = audit.cloned();
+        self.call("revoke an admin", move |pool| {
+            let (name, audit) = (name.clone(), audit.clone());
+            async move {
+                let mut c = pool.get().await?;
+                let t = c.transaction().await?;
+                // Two owners revoking each other at once through two
+                // coordinators must not both succeed.
+                t.execute("LOCK TABLE sundial_admins IN EXCLUSIVE MODE", &[])
+                    .await?;
+                let row = t
+                    .query_opt(
+                        &format!("SELECT {ADMIN_COLUMNS} FROM sundial_admins WHERE name = $1"),
+                        &[&name],
+                    )
+                    .await?;
+                let old = match row.map(|r| admin_of(&r)).transpose()? {
+                    None => return Err(Fail::Store(StoreError::NotFound(format!("no admin {name:?}")))),
+                    Some(a) if a.revoked_at.is_some() => {
+                        return Err(Fail::Store(StoreError::Refused(format!(
+                            "admin {name:?} is revoked already"
+                        ))))
+                    }
+                    Some(a) => a,
+                };
+                if old.role == Role::Owner {
+                    let owners: i64 = t
+                        .query_one(
+                            "SELECT count(*) FROM sundial_admins
+                              WHERE role = 'owner' AND revoked_at_ms IS NULL AND expires_at_ms > $1",
+                            &[&now.as_millis()],
+                        )
+                        .await?
+                        .get(0);
+                    if owners <= 1 {
+                        return Err(Fail::Store(StoreError::Refused(
+                            crate::store::last_owner(&name),
+                        )));
+                    }
+                }
+                t.execute(
+                    "UPDATE sundial_admins SET revoked_at_ms = $2 WHERE name = $1",
+                    &[&name, &now.as_millis()],
+                )
+                .await?;
+                feed_cert(&t, &old.cert_sha256, None, true).await?;
+                audit_if(&t, audit.as_ref()).await?;
+                t.commit().await?;
+                Ok(old)
+            }
+        })
+    }
+
+    fn admin_used(&self, cert_sha256: [u8; 32], at: Timestamp) -> StoreResult<()> {
+        self.call("record an admin's use", move |pool| async move {
+            let c = pool.get().await?;
+            c.execute(
+                "UPDATE sundial_admins SET last_used_ms = greatest(coalesce(last_used_ms, $2), $2)
+                  WHERE cert_sha256 = $1",
+                &[&cert_sha256.as_slice(), &at.as_millis()],
+            )
+            .await?;
             Ok(())
         })
     }
 
-    fn put_token(&self, token: &JoinToken) -> StoreResult<()> {
-        let tok = token.clone();
-        self.call("create a token", move |pool| {
-            let tok = tok.clone();
+    fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
+        let entry = entry.clone();
+        self.call("append to the audit log", move |pool| {
+            let entry = entry.clone();
+            async move {
+                let mut c = pool.get().await?;
+                let t = c.transaction().await?;
+                insert_audit(&t, &entry).await?;
+                t.commit().await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn audit(&self, q: &AuditQuery) -> StoreResult<AuditPage> {
+        let q = q.clone();
+        self.call("read the audit log", move |pool| {
+            let q = q.clone();
             async move {
                 let c = pool.get().await?;
+                let limit = i64::from(q.limit.max(1));
+                let forward = q.after.is_some();
+                let after = q.after.map(|a| i64::try_from(a).unwrap_or(i64::MAX));
+                let before = q.before.map(|b| i64::try_from(b).unwrap_or(i64::MAX));
+                let since = q.since.map(Timestamp::as_millis);
+                let sql = format!(
+                    "SELECT seq, at_ms, admin, cert_sha256, address, action, subject, revision, refused
+                       FROM sundial_audit
+                      WHERE ($1::bigint IS NULL OR seq > $1) AND ($2::bigint IS NULL OR seq < $2)
+                        AND ($3::text IS NULL OR admin = $3) AND ($4::text IS NULL OR subject = $4)
+                        AND ($5::bigint IS NULL OR at_ms >= $5) AND (NOT $6 OR refused IS NOT NULL)
+                      ORDER BY seq {} LIMIT $7",
+                    if forward { "ASC" } else { "DESC" }
+                );
+                let rows = c
+                    .query(
+                        &sql,
+                        &[
+                            &after,
+                            &before,
+                            &q.admin,
+                            &q.subject,
+                            &since,
+                            &q.refused,
+                            &(limit + 1),
+                        ],
+                    )
+                    .await?;
+                let more = rows.len() as i64 > limit;
+                let mut entries = Vec::new();
+                for r in rows.iter().take(usize::try_from(limit).unwrap_or(usize::MAX)) {
+                    let e = AuditEntry {
+                        seq: u64_of(r.get(0)),
+                        at: Timestamp::from_millis_saturating(r.get(1)),
+                        admin: r.get(2),
+                        cert_sha256: fp32(r.get(3), "audit certificate")?,
+                        from: r.get(4),
+                        action: r.get(5),
+                        subject: r.get(6),
+                        revision: r.get::<_, Option<i64>>(7).map(u64_of),
+                        refused: r.get(8),
+                    };
+                    debug_assert!(audit_matches(&q, &e));
+                    entries.push(e);
+                }
+                if !forward {
+                    entries.reverse();
+                }
+                Ok(AuditPage { entries, more })
+            }
+        })
+    }
+
+    fn purge_audit_before(&self, before: Timestamp, max: usize) -> StoreResult<usize> {
+        let max = i64::try_from(max.max(1)).unwrap_or(i64::MAX);
+        self.call("purge the audit log", move |pool| async move {
+            let c = pool.get().await?;
+            let n = c
+                .execute(
+                    "DELETE FROM sundial_audit WHERE seq IN
+                       (SELECT seq FROM sundial_audit WHERE at_ms < $1 ORDER BY seq LIMIT $2)",
+                    &[&before.as_millis(), &max],
+                )
+                .await?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn put_token(&self, token: &JoinToken, audit: Option<&AuditEntry>) -> StoreResult<()> {
+        let tok = token.clone();
+        let audit = audit.cloned();
+        self.call("create a token", move |pool| {
+            let tok = tok.clone();
+            let audit = audit.clone();
+            async move {
+                let mut c = pool.get().await?;
+                let t = c.transaction().await?;
                 let uses = i32::try_from(tok.uses_left).unwrap_or(i32::MAX);
-                c.execute(
+                t.execute(
                     "INSERT INTO sundial_tokens (secret_sha256, expires_at_ms, uses_left, labels)
                      VALUES ($1, $2, $3, $4)
                      ON CONFLICT (secret_sha256) DO UPDATE SET expires_at_ms = EXCLUDED.expires_at_ms,
@@ -992,6 +1343,8 @@ impl CoordStore for PgStore {
                     ],
                 )
                 .await?;
+                audit_if(&t, audit.as_ref()).await?;
+                t.commit().await?;
                 Ok(())
             }
         })
@@ -1013,21 +1366,28 @@ impl CoordStore for PgStore {
         })
     }
 
-    fn delete_token(&self, secret_sha256: [u8; 32]) -> StoreResult<()> {
-        self.call("revoke a token", move |pool| async move {
-            let c = pool.get().await?;
-            let n = c
-                .execute(
-                    "DELETE FROM sundial_tokens WHERE secret_sha256 = $1",
-                    &[&secret_sha256.as_slice()],
-                )
-                .await?;
-            if n == 0 {
-                return Err(Fail::Store(StoreError::NotFound(
-                    "no such join token".into(),
-                )));
+    fn delete_token(&self, secret_sha256: [u8; 32], audit: Option<&AuditEntry>) -> StoreResult<()> {
+        let audit = audit.cloned();
+        self.call("revoke a token", move |pool| {
+            let audit = audit.clone();
+            async move {
+                let mut c = pool.get().await?;
+                let t = c.transaction().await?;
+                let n = t
+                    .execute(
+                        "DELETE FROM sundial_tokens WHERE secret_sha256 = $1",
+                        &[&secret_sha256.as_slice()],
+                    )
+                    .await?;
+                if n == 0 {
+                    return Err(Fail::Store(StoreError::NotFound(
+                        "no such join token".into(),
+                    )));
+                }
+                audit_if(&t, audit.as_ref()).await?;
+                t.commit().await?;
+                Ok(())
             }
-            Ok(())
         })
     }
 
@@ -1207,40 +1567,51 @@ impl CoordStore for PgStore {
         })
     }
 
-    fn revoke_agent(&self, id: AgentId) -> StoreResult<Agent> {
-        self.call("revoke an agent", move |pool| async move {
+    fn revoke_agent(&self, id: AgentId, audit: Option<&AuditEntry>) -> StoreResult<Agent> {
+        let audit = audit.cloned();
+        self.call("revoke an agent", move |pool| {
+            let audit = audit.clone();
+            async move {
+                let mut c = pool.get().await?;
+                let t = c.transaction().await?;
+                let key = i64_of(id.0, "agent id")?;
+                let row = t
+                    .query_opt(
+                        &format!(
+                            "SELECT {AGENT_COLUMNS} FROM sundial_agents WHERE id = $1 FOR UPDATE"
+                        ),
+                        &[&key],
+                    )
+                    .await?;
+                let Some(row) = row else {
+                    return Err(Fail::Store(StoreError::NotFound(format!("no agent {id}"))));
+                };
+                let mut agent = agent_of(&row)?;
+                if !agent.revoked {
+                    t.execute(
+                        "UPDATE sundial_agents SET revoked = true WHERE id = $1",
+                        &[&key],
+                    )
+                    .await?;
+                    feed_cert(&t, &agent.cert_sha256, Some(key), true).await?;
+                    agent.revoked = true;
+                }
+                audit_if(&t, audit.as_ref()).await?;
+                t.commit().await?;
+                Ok(agent)
+            }
+        })
+    }
+
+    fn forget_agent(&self, id: AgentId, audit: Option<&AuditEntry>) -> StoreResult<()> {
+        let audit = audit.cloned();
+        self.call("forget an agent", move |pool| {
+            let audit = audit.clone();
+            async move {
             let mut c = pool.get().await?;
             let t = c.transaction().await?;
             let key = i64_of(id.0, "agent id")?;
             let row = t
-                .query_opt(
-                    &format!("SELECT {AGENT_COLUMNS} FROM sundial_agents WHERE id = $1 FOR UPDATE"),
-                    &[&key],
-                )
-                .await?;
-            let Some(row) = row else {
-                return Err(Fail::Store(StoreError::NotFound(format!("no agent {id}"))));
-            };
-            let mut agent = agent_of(&row)?;
-            if !agent.revoked {
-                t.execute(
-                    "UPDATE sundial_agents SET revoked = true WHERE id = $1",
-                    &[&key],
-                )
-                .await?;
-                feed_cert(&t, &agent.cert_sha256, Some(key), true).await?;
-                agent.revoked = true;
-            }
-            t.commit().await?;
-            Ok(agent)
-        })
-    }
-
-    fn forget_agent(&self, id: AgentId) -> StoreResult<()> {
-        self.call("forget an agent", move |pool| async move {
-            let c = pool.get().await?;
-            let key = i64_of(id.0, "agent id")?;
-            let row = c
                 .query_opt(
                     "UPDATE sundial_agents SET forgotten = forgotten OR revoked WHERE id = $1 RETURNING revoked",
                     &[&key],
@@ -1251,14 +1622,25 @@ impl CoordStore for PgStore {
                 Some(false) => Err(Fail::Store(StoreError::Refused(format!(
                     "agent {id} is not revoked; revoke it first (sundialctl agent revoke {id})"
                 )))),
-                Some(true) => Ok(()),
+                Some(true) => {
+                    audit_if(&t, audit.as_ref()).await?;
+                    t.commit().await?;
+                    Ok(())
+                }
             }
-        })
+        }})
     }
 
-    fn create_task(&self, draft: TaskDraft, now: Timestamp) -> StoreResult<TaskSpec> {
+    fn create_task(
+        &self,
+        draft: TaskDraft,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<TaskSpec> {
+        let audit = audit.cloned();
         self.call("create a task", move |pool| {
             let draft = draft.clone();
+            let audit = audit.clone();
             async move {
                 let mut c = pool.get().await?;
                 let t = c.transaction().await?;
@@ -1301,16 +1683,22 @@ impl CoordStore for PgStore {
                     &[&id, &i64_of(revision, "revision")?, &spec.name, &bytes],
                 )
                 .await?;
+                audit_if(&t, audit.map(|a| a.for_task(spec.id, revision)).as_ref()).await?;
                 t.commit().await?;
                 Ok(spec)
             }
         })
     }
 
-    fn update_task(&self, spec: &TaskSpec, expected_revision: u64) -> StoreResult<u64> {
+    fn update_task(
+        &self,
+        spec: &TaskSpec,
+        expected_revision: u64,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<u64> {
         let new = spec.clone();
         let id = spec.id;
-        self.change_task("update a task", id, move |task, _| {
+        self.change_task("update a task", id, audit, move |task, _| {
             if task.cancelled {
                 return Err(StoreError::Refused(format!("task {id} is cancelled")));
             }
@@ -1325,8 +1713,8 @@ impl CoordStore for PgStore {
         })
     }
 
-    fn cancel_task(&self, id: TaskId) -> StoreResult<u64> {
-        self.change_task("cancel a task", id, move |task, _| {
+    fn cancel_task(&self, id: TaskId, audit: Option<&AuditEntry>) -> StoreResult<u64> {
+        self.change_task("cancel a task", id, audit, move |task, _| {
             if task.cancelled {
                 return Err(StoreError::Refused(format!(
                     "task {id} is already cancelled"
@@ -1337,8 +1725,14 @@ impl CoordStore for PgStore {
         })
     }
 
-    fn set_paused(&self, id: TaskId, paused: bool, now: Timestamp) -> StoreResult<u64> {
-        self.change_task("pause a task", id, move |task, _| {
+    fn set_paused(
+        &self,
+        id: TaskId,
+        paused: bool,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<u64> {
+        self.change_task("pause a task", id, audit, move |task, _| {
             if task.cancelled {
                 return Err(StoreError::Refused(format!("task {id} is cancelled")));
             }
@@ -1752,8 +2146,11 @@ impl CoordStore for PgStore {
             let since_i = i64::try_from(since).unwrap_or(i64::MAX);
             let rows = c
                 .query(
-                    "SELECT fingerprint, agent_id, revoked, seq FROM sundial_certs
-                      WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &format!(
+                        "SELECT c.fingerprint, c.revoked, c.seq, c.agent_id, a.name, a.role, a.expires_at_ms
+                           FROM {CERT_ROLE_FROM}
+                          WHERE c.seq > $1 ORDER BY c.seq LIMIT $2"
+                    ),
                     &[&since_i, &(i64::try_from(limit).unwrap_or(1) + 1)],
                 )
                 .await?;
@@ -1761,15 +2158,12 @@ impl CoordStore for PgStore {
             let mut changes = Vec::new();
             let mut upto = since;
             for r in rows.iter().take(limit) {
-                upto = u64_of(r.get(3));
+                upto = u64_of(r.get(2));
                 let fp = fp32(r.get(0), "certificate")?;
-                let role = if r.get::<_, bool>(2) {
+                let role = if r.get::<_, bool>(1) {
                     None
                 } else {
-                    Some(match r.get::<_, Option<i64>>(1) {
-                        None => CertRole::Admin,
-                        Some(a) => CertRole::Agent(AgentId(u64_of(a))),
-                    })
+                    Some(cert_role_of(r, 3)?)
                 };
                 changes.push((fp, role));
             }

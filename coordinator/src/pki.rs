@@ -2,10 +2,13 @@
 //! coordinator's server certificate, the admin's client certificate and
 //! every agent's certificate at enrollment.
 //!
-//! Certificates are valid from 1970 to 4000: devices with bad clocks must
-//! still connect, and revocation (refusal at the handshake) ends an agent's
-//! access instead of expiry. An agent certificate is made from the public key
-//! of its CSR alone; whatever else the CSR asks for is ignored.
+//! The CA, server and agent certificates are valid from 1970 to 4000:
+//! devices with bad clocks must still connect, and revocation (refusal at
+//! the handshake) ends an agent's access instead of expiry. Admin
+//! certificates are people's: each names its admin and ends (a year by
+//! default), and is renewed with `sundialctl admin renew`. A certificate
+//! is made from the public key of its CSR alone; whatever else the CSR
+//! asks for is ignored.
 
 use std::path::{Path, PathBuf};
 
@@ -99,6 +102,41 @@ pub struct AdminCreds {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The admin's name and role, and the end of the certificate's life
+    /// (absent in files from before named admins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<sundial_protocol::Timestamp>,
+}
+
+/// A DER certificate as PEM text.
+pub fn cert_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Writes credentials to `path`, readable by its owner only; refuses to
+/// replace a file that exists.
+pub fn write_creds(path: &Path, creds: &AdminCreds) -> Result<(), String> {
+    if path.exists() {
+        return Err(format!(
+            "{} exists; refusing to replace it (choose another --out, or move it away)",
+            path.display()
+        ));
+    }
+    let text = serde_json::to_string_pretty(creds)
+        .map_err(|e| format!("cannot encode the credentials: {e}"))?;
+    write_private(path, &text).map_err(|e| e.to_string())
 }
 
 impl AdminCreds {
@@ -128,12 +166,14 @@ impl AdminCreds {
 
 impl Pki {
     /// Creates the CA, the server certificate (for `server_name` and the
-    /// advertised host) and admin credentials in `dir`. Returns the PKI and
-    /// the admin certificate's DER.
+    /// advertised host) and the credentials of the first owner, `owner`,
+    /// valid until `owner_expires_at`, in `dir`. Returns the PKI and the
+    /// owner certificate's DER.
     pub fn init(
         dir: &Path,
         server_name: &str,
         advertise: &str,
+        owner_expires_at: sundial_protocol::Timestamp,
     ) -> Result<(Pki, CertificateDer<'static>), PkiError> {
         let ca_key = KeyPair::generate().map_err(cert_err("CA key"))?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA"))?;
@@ -176,7 +216,9 @@ impl Pki {
             .map_err(cert_err("server certificate"))?;
 
         let admin_key = KeyPair::generate().map_err(cert_err("admin key"))?;
-        let admin_cert = client_params("sundial-admin")?
+        let mut admin_params = client_params(&format!("sundial-admin {OWNER}"))?;
+        admin_validity(&mut admin_params, owner_expires_at)?;
+        let admin_cert = admin_params
             .signed_by(&admin_key, &issuer)
             .map_err(cert_err("admin certificate"))?;
 
@@ -193,6 +235,9 @@ impl Pki {
             ca_pem: ca_cert.pem(),
             cert_pem: admin_cert.pem(),
             key_pem: admin_key.serialize_pem(),
+            admin: Some(OWNER.into()),
+            role: Some("owner".into()),
+            expires_at: Some(owner_expires_at),
         };
         let creds_text = serde_json::to_string_pretty(&creds).unwrap_or_default();
         write_private(&dir.join(ADMIN_CREDS), &creds_text)?;
@@ -252,6 +297,50 @@ impl Pki {
             .map_err(|e| format!("signing: {e}"))?;
         Ok(cert.der().to_vec())
     }
+
+    /// Signs admin `name`'s certificate, valid until `expires_at`, for the
+    /// public key in `csr_der`.
+    pub fn sign_admin_csr(
+        &self,
+        csr_der: &[u8],
+        name: &str,
+        expires_at: sundial_protocol::Timestamp,
+    ) -> Result<Vec<u8>, String> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| format!("bad certificate signing request: {e}"))?;
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_cert_pem, &self.ca_key)
+            .map_err(|e| format!("CA: {e}"))?;
+        let mut params =
+            client_params(&format!("sundial-admin {name}")).map_err(|e| e.to_string())?;
+        admin_validity(&mut params, expires_at).map_err(|e| e.to_string())?;
+        let cert = params
+            .signed_by(&csr.public_key, &issuer)
+            .map_err(|e| format!("signing: {e}"))?;
+        Ok(cert.der().to_vec())
+    }
+}
+
+/// The name of the owner `init` makes.
+pub const OWNER: &str = "owner";
+
+/// An admin certificate's validity: from an hour before now (clocks
+/// differ) to `expires_at`.
+fn admin_validity(
+    p: &mut CertificateParams,
+    expires_at: sundial_protocol::Timestamp,
+) -> Result<(), PkiError> {
+    let at = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).map_err(|e| PkiError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(format!("certificate validity: {e}")),
+        })
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    p.not_before = at(now.saturating_sub(3_600_000))?;
+    p.not_after = at(expires_at.as_millis())?;
+    Ok(())
 }
 
 fn client_params(common_name: &str) -> Result<CertificateParams, PkiError> {

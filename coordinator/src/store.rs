@@ -17,14 +17,14 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
-use sundial_protocol::wire::{LastRun, TaskDraft};
+use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 
 pub use sundial_core::coord_store::{
-    counts_from, merge_labels, targets, Agent, AgentSeen, CertPage, CertRole, ChangePage,
-    CoordStore, Enrollment, JoinToken, Page, QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery,
-    StoreError, StoreResult, StoredTask, TokenRefusal, PAGE_MAX, RESTORE_GAP_MAX,
-    RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
+    audit_matches, counts_from, merge_labels, targets, AdminCert, Agent, AgentSeen, AuditPage,
+    CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page, QueuedRunNow,
+    RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult, StoredTask, TokenRefusal,
+    ADMINS_MAX, PAGE_MAX, RESTORE_GAP_MAX, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -62,6 +62,14 @@ const CERT_FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("cert_feed")
 /// Queued run-nows: (agent, task, at ms) → queued at ms.
 const RUN_NOW: TableDefinition<(u64, u64, i64), i64> = TableDefinition::new("run_now");
 const CERT_SEQ: &str = "cert_seq";
+/// Admins by name.
+const ADMINS: TableDefinition<&str, &[u8]> = TableDefinition::new("admins");
+/// The audit log: sequence number → entry.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const AUDIT_SEQ: &str = "audit_seq";
+/// Set once the admin certificates of a store from before named admins
+/// were given names.
+const ADMINS_NAMED: &str = "admins_named";
 
 /// The latest run of a task on an agent, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,18 +102,41 @@ fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> Stor
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Who a client certificate belongs to, as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum CertRoleV1 {
+    /// From before named admins: read as [`AdminCert::legacy`].
     Admin,
     Agent(AgentId),
+    NamedAdmin {
+        name: String,
+        role: Role,
+        expires_at_ms: i64,
+    },
 }
 
 impl From<CertRoleV1> for CertRole {
     fn from(r: CertRoleV1) -> CertRole {
         match r {
-            CertRoleV1::Admin => CertRole::Admin,
+            CertRoleV1::Admin => CertRole::Admin(AdminCert::legacy()),
             CertRoleV1::Agent(a) => CertRole::Agent(a),
+            CertRoleV1::NamedAdmin {
+                name,
+                role,
+                expires_at_ms,
+            } => CertRole::Admin(AdminCert {
+                name,
+                role,
+                expires_at: Timestamp::from_millis_saturating(expires_at_ms),
+            }),
         }
+    }
+}
+
+fn admin_cert_role(a: &AdminInfo) -> CertRoleV1 {
+    CertRoleV1::NamedAdmin {
+        name: a.name.clone(),
+        role: a.role,
+        expires_at_ms: a.expires_at.as_millis(),
     }
 }
 
@@ -219,10 +250,114 @@ impl CoordinatorStore {
             txn.open_table(FORGOTTEN).map_err(db_err("create tables"))?;
             txn.open_table(CERT_FEED).map_err(db_err("create tables"))?;
             txn.open_table(RUN_NOW).map_err(db_err("create tables"))?;
+            txn.open_table(ADMINS).map_err(db_err("create tables"))?;
+            txn.open_table(AUDIT).map_err(db_err("create tables"))?;
         }
         txn.commit().map_err(db_err("create tables"))?;
         store.index_runs()?;
+        store.name_admins()?;
         Ok(store)
+    }
+
+    /// Gives the admin certificates of a store from before named admins a
+    /// name and a role: `owner` (then `owner-2`, …), valid as their
+    /// certificate is (to the year 4000; the README says how to rotate).
+    fn name_admins(&self) -> Result<()> {
+        const CX: &str = "name the admins";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        {
+            let mut meta = txn.open_table(META).map_err(db_err(CX))?;
+            if Self::meta_u64(&meta, ADMINS_NAMED)? == 1 {
+                return Ok(());
+            }
+            let mut certs = txn.open_table(CERTS).map_err(db_err(CX))?;
+            let mut legacy = Vec::new();
+            for item in certs.iter().map_err(db_err(CX))? {
+                let (k, v) = item.map_err(db_err(CX))?;
+                let role: CertRoleV1 = records::decode("certs", records_hex(k.value()), v.value())?;
+                if role == CertRoleV1::Admin {
+                    legacy.push(k.value().to_vec());
+                }
+            }
+            let mut admins = txn.open_table(ADMINS).map_err(db_err(CX))?;
+            for (i, fp) in legacy.iter().enumerate() {
+                let Ok(cert_sha256) = <[u8; 32]>::try_from(fp.as_slice()) else {
+                    continue;
+                };
+                let legacy = AdminCert::legacy();
+                let name = if i == 0 {
+                    legacy.name.clone()
+                } else {
+                    format!("{}-{}", legacy.name, i + 1)
+                };
+                let admin = AdminInfo {
+                    name: name.clone(),
+                    role: legacy.role,
+                    cert_sha256,
+                    created_at: Timestamp::EPOCH,
+                    created_by: "init".into(),
+                    expires_at: legacy.expires_at,
+                    revoked_at: None,
+                    last_used: None,
+                };
+                admins
+                    .insert(name.as_str(), records::encode(&admin).as_slice())
+                    .map_err(db_err(CX))?;
+                certs
+                    .insert(
+                        fp.as_slice(),
+                        records::encode(&admin_cert_role(&admin)).as_slice(),
+                    )
+                    .map_err(db_err(CX))?;
+                tracing::warn!(admin = %name, "an admin credential from before named admins is now the owner {name:?}, valid to the year 4000: rotate it (README: rotating the owner credential)");
+            }
+            meta.insert(ADMINS_NAMED, records::encode(&1u64).as_slice())
+                .map_err(db_err(CX))?;
+        }
+        txn.commit().map_err(db_err(CX))
+    }
+
+    /// Appends `entry` to the audit log under the next sequence number.
+    fn write_audit(
+        txn: &redb::WriteTransaction,
+        entry: &AuditEntry,
+        context: &'static str,
+    ) -> Result<()> {
+        let mut meta = txn.open_table(META).map_err(db_err(context))?;
+        let seq = Self::meta_u64(&meta, AUDIT_SEQ)? + 1;
+        meta.insert(AUDIT_SEQ, records::encode(&seq).as_slice())
+            .map_err(db_err(context))?;
+        let mut log = txn.open_table(AUDIT).map_err(db_err(context))?;
+        let entry = AuditEntry {
+            seq,
+            ..entry.clone()
+        };
+        log.insert(seq, records::encode(&entry).as_slice())
+            .map_err(db_err(context))?;
+        Ok(())
+    }
+
+    fn audit_if(
+        txn: &redb::WriteTransaction,
+        entry: Option<AuditEntry>,
+        context: &'static str,
+    ) -> Result<()> {
+        match entry {
+            Some(e) => Self::write_audit(txn, &e, context),
+            None => Ok(()),
+        }
+    }
+
+    fn read_admin(
+        t: &impl ReadableTable<&'static str, &'static [u8]>,
+        name: &str,
+        context: &'static str,
+    ) -> Result<Option<AdminInfo>> {
+        t.get(name)
+            .map_err(db_err(context))?
+            .map(|v| records::decode("admins", name, v.value()))
+            .transpose()
+            .map_err(StoreError::from)
     }
 
     /// Builds the run indexes of a store written before they existed.
@@ -451,21 +586,265 @@ impl CoordStore for CoordinatorStore {
         Ok(out)
     }
 
-    fn add_admin_cert(&self, fingerprint: [u8; 32]) -> Result<()> {
-        let txn = self.db.begin_write().map_err(db_err("add admin"))?;
-        {
-            let mut t = txn.open_table(CERTS).map_err(db_err("add admin"))?;
-            t.insert(
-                fingerprint.as_slice(),
-                records::encode(&CertRoleV1::Admin).as_slice(),
-            )
-            .map_err(db_err("add admin"))?;
+    fn admins(&self, after: Option<&str>, limit: usize) -> Result<Vec<AdminInfo>> {
+        const CX: &str = "read admins";
+        let txn = self.db.begin_read().map_err(db_err(CX))?;
+        let t = txn.open_table(ADMINS).map_err(db_err(CX))?;
+        let limit = limit.clamp(1, PAGE_MAX);
+        let mut out = Vec::new();
+        for item in t.range(after.unwrap_or("")..).map_err(db_err(CX))? {
+            let (k, v) = item.map_err(db_err(CX))?;
+            if after == Some(k.value()) {
+                continue;
+            }
+            out.push(records::decode("admins", k.value(), v.value())?);
+            if out.len() >= limit {
+                break;
+            }
         }
-        Self::feed_cert(&txn, &fingerprint, Some(CertRoleV1::Admin), "add admin")?;
-        txn.commit().map_err(db_err("commit admin"))
+        Ok(out)
     }
 
-    fn put_token(&self, token: &JoinToken) -> Result<()> {
+    fn create_admin(&self, admin: &AdminInfo, audit: Option<&AuditEntry>) -> Result<()> {
+        const CX: &str = "create admin";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        {
+            let mut admins = txn.open_table(ADMINS).map_err(db_err(CX))?;
+            match Self::read_admin(&admins, &admin.name, CX)? {
+                Some(a) if a.revoked_at.is_none() => {
+                    return Err(StoreError::Refused(format!(
+                        "an admin named {:?} exists already (renew it with `sundialctl admin renew {}`, or revoke it first)",
+                        admin.name, admin.name
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    if admins.iter().map_err(db_err(CX))?.count() >= ADMINS_MAX {
+                        return Err(StoreError::Refused(format!(
+                            "this coordinator keeps at most {ADMINS_MAX} admins"
+                        )));
+                    }
+                }
+            }
+            admins
+                .insert(admin.name.as_str(), records::encode(admin).as_slice())
+                .map_err(db_err(CX))?;
+            let mut certs = txn.open_table(CERTS).map_err(db_err(CX))?;
+            certs
+                .insert(
+                    admin.cert_sha256.as_slice(),
+                    records::encode(&admin_cert_role(admin)).as_slice(),
+                )
+                .map_err(db_err(CX))?;
+        }
+        Self::feed_cert(&txn, &admin.cert_sha256, Some(admin_cert_role(admin)), CX)?;
+        Self::audit_if(&txn, audit.cloned(), CX)?;
+        txn.commit().map_err(db_err(CX))
+    }
+
+    fn renew_admin(
+        &self,
+        name: &str,
+        cert_sha256: [u8; 32],
+        expires_at: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> Result<AdminInfo> {
+        const CX: &str = "renew admin";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        let (old, new) = {
+            let mut admins = txn.open_table(ADMINS).map_err(db_err(CX))?;
+            let old = match Self::read_admin(&admins, name, CX)? {
+                None => return Err(StoreError::NotFound(format!("no admin {name:?}"))),
+                Some(a) if a.revoked_at.is_some() => {
+                    return Err(StoreError::Refused(format!(
+                        "admin {name:?} is revoked; create it again instead"
+                    )))
+                }
+                Some(a) => a,
+            };
+            let new = AdminInfo {
+                cert_sha256,
+                expires_at,
+                ..old.clone()
+            };
+            admins
+                .insert(name, records::encode(&new).as_slice())
+                .map_err(db_err(CX))?;
+            let mut certs = txn.open_table(CERTS).map_err(db_err(CX))?;
+            certs
+                .remove(old.cert_sha256.as_slice())
+                .map_err(db_err(CX))?;
+            certs
+                .insert(
+                    cert_sha256.as_slice(),
+                    records::encode(&admin_cert_role(&new)).as_slice(),
+                )
+                .map_err(db_err(CX))?;
+            (old, new)
+        };
+        Self::feed_cert(&txn, &old.cert_sha256, None, CX)?;
+        Self::feed_cert(&txn, &cert_sha256, Some(admin_cert_role(&new)), CX)?;
+        Self::audit_if(&txn, audit.cloned(), CX)?;
+        txn.commit().map_err(db_err(CX))?;
+        Ok(old)
+    }
+
+    fn revoke_admin(
+        &self,
+        name: &str,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> Result<AdminInfo> {
+        const CX: &str = "revoke admin";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        let old = {
+            let mut admins = txn.open_table(ADMINS).map_err(db_err(CX))?;
+            let old = match Self::read_admin(&admins, name, CX)? {
+                None => return Err(StoreError::NotFound(format!("no admin {name:?}"))),
+                Some(a) if a.revoked_at.is_some() => {
+                    return Err(StoreError::Refused(format!(
+                        "admin {name:?} is revoked already"
+                    )))
+                }
+                Some(a) => a,
+            };
+            if old.role == Role::Owner {
+                let mut owners = 0;
+                for item in admins.iter().map_err(db_err(CX))? {
+                    let (k, v) = item.map_err(db_err(CX))?;
+                    let a: AdminInfo = records::decode("admins", k.value(), v.value())?;
+                    if a.role == Role::Owner && a.revoked_at.is_none() && a.expires_at > now {
+                        owners += 1;
+                    }
+                }
+                if owners <= 1 {
+                    return Err(StoreError::Refused(last_owner(name)));
+                }
+            }
+            let new = AdminInfo {
+                revoked_at: Some(now),
+                ..old.clone()
+            };
+            admins
+                .insert(name, records::encode(&new).as_slice())
+                .map_err(db_err(CX))?;
+            let mut certs = txn.open_table(CERTS).map_err(db_err(CX))?;
+            certs
+                .remove(old.cert_sha256.as_slice())
+                .map_err(db_err(CX))?;
+            old
+        };
+        Self::feed_cert(&txn, &old.cert_sha256, None, CX)?;
+        Self::audit_if(&txn, audit.cloned(), CX)?;
+        txn.commit().map_err(db_err(CX))?;
+        Ok(old)
+    }
+
+    fn admin_used(&self, cert_sha256: [u8; 32], at: Timestamp) -> Result<()> {
+        const CX: &str = "record an admin's use";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        {
+            let mut admins = txn.open_table(ADMINS).map_err(db_err(CX))?;
+            let mut found = None;
+            for item in admins.iter().map_err(db_err(CX))? {
+                let (k, v) = item.map_err(db_err(CX))?;
+                let a: AdminInfo = records::decode("admins", k.value(), v.value())?;
+                if a.cert_sha256 == cert_sha256 {
+                    found = Some(a);
+                    break;
+                }
+            }
+            let Some(mut a) = found else {
+                return Ok(());
+            };
+            if a.last_used.is_some_and(|t| t >= at) {
+                return Ok(());
+            }
+            a.last_used = Some(at);
+            admins
+                .insert(a.name.as_str(), records::encode(&a).as_slice())
+                .map_err(db_err(CX))?;
+        }
+        txn.commit().map_err(db_err(CX))
+    }
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<()> {
+        const CX: &str = "append to the audit log";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        Self::write_audit(&txn, entry, CX)?;
+        txn.commit().map_err(db_err(CX))
+    }
+
+    fn audit(&self, q: &AuditQuery) -> Result<AuditPage> {
+        const CX: &str = "read the audit log";
+        let txn = self.db.begin_read().map_err(db_err(CX))?;
+        let t = txn.open_table(AUDIT).map_err(db_err(CX))?;
+        let limit = (q.limit as usize).max(1);
+        let mut entries = Vec::new();
+        let mut more = false;
+        let mut take = |k: u64, v: &[u8]| -> Result<bool> {
+            let e: AuditEntry = records::decode("audit", k, v)?;
+            if !audit_matches(q, &e) {
+                return Ok(true);
+            }
+            if entries.len() >= limit {
+                more = true;
+                return Ok(false);
+            }
+            entries.push(e);
+            Ok(true)
+        };
+        match (q.after, q.before) {
+            (Some(after), _) => {
+                for item in t.range(after.saturating_add(1)..).map_err(db_err(CX))? {
+                    let (k, v) = item.map_err(db_err(CX))?;
+                    if !take(k.value(), v.value())? {
+                        break;
+                    }
+                }
+            }
+            (None, before) => {
+                for item in t
+                    .range(..before.unwrap_or(u64::MAX))
+                    .map_err(db_err(CX))?
+                    .rev()
+                {
+                    let (k, v) = item.map_err(db_err(CX))?;
+                    if !take(k.value(), v.value())? {
+                        break;
+                    }
+                }
+                entries.reverse();
+            }
+        }
+        Ok(AuditPage { entries, more })
+    }
+
+    fn purge_audit_before(&self, before: Timestamp, max: usize) -> Result<usize> {
+        const CX: &str = "purge the audit log";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        let n = {
+            let mut t = txn.open_table(AUDIT).map_err(db_err(CX))?;
+            let mut doomed = Vec::new();
+            for item in t.iter().map_err(db_err(CX))? {
+                let (k, v) = item.map_err(db_err(CX))?;
+                let e: AuditEntry = records::decode("audit", k.value(), v.value())?;
+                // In the order written: the first entry kept ends the old ones.
+                if e.at >= before || doomed.len() >= max {
+                    break;
+                }
+                doomed.push(k.value());
+            }
+            for k in &doomed {
+                t.remove(*k).map_err(db_err(CX))?;
+            }
+            doomed.len()
+        };
+        txn.commit().map_err(db_err(CX))?;
+        Ok(n)
+    }
+
+    fn put_token(&self, token: &JoinToken, audit: Option<&AuditEntry>) -> Result<()> {
         let rec = TokenRecordV1 {
             expires_at_ms: token.expires_at.as_millis(),
             uses_left: token.uses_left,
@@ -480,6 +859,7 @@ impl CoordStore for CoordinatorStore {
             )
             .map_err(db_err("create token"))?;
         }
+        Self::audit_if(&txn, audit.cloned(), "create token")?;
         txn.commit().map_err(db_err("commit token"))
     }
 
@@ -507,7 +887,7 @@ impl CoordStore for CoordinatorStore {
         Ok(out)
     }
 
-    fn delete_token(&self, secret_sha256: [u8; 32]) -> Result<()> {
+    fn delete_token(&self, secret_sha256: [u8; 32], audit: Option<&AuditEntry>) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err("revoke token"))?;
         let gone = {
             let mut t = txn.open_table(TOKENS).map_err(db_err("revoke token"))?;
@@ -520,6 +900,7 @@ impl CoordStore for CoordinatorStore {
         if !gone {
             return Err(StoreError::NotFound("no such join token".into()));
         }
+        Self::audit_if(&txn, audit.cloned(), "revoke token")?;
         txn.commit().map_err(db_err("commit token"))
     }
 
@@ -641,7 +1022,7 @@ impl CoordStore for CoordinatorStore {
     }
 
     fn agent_seen(&self, id: AgentId, seen: AgentSeen) -> Result<()> {
-        self.change_agent(id, "record an agent's contact", |r| {
+        self.change_agent(id, "record an agent's contact", None, |r| {
             r.last_seen_ms = Some(seen.at.as_millis());
             if let Some((offset, rtt)) = seen.clock {
                 r.clock_offset_ms = Some(offset);
@@ -651,12 +1032,12 @@ impl CoordStore for CoordinatorStore {
         .map(|_| ())
     }
 
-    fn revoke_agent(&self, id: AgentId) -> Result<Agent> {
-        self.change_agent(id, "revoke agent", |r| r.revoked = true)
+    fn revoke_agent(&self, id: AgentId, audit: Option<&AuditEntry>) -> Result<Agent> {
+        self.change_agent(id, "revoke agent", audit, |r| r.revoked = true)
     }
 
     /// Removes a revoked agent from the lists; its runs stay.
-    fn forget_agent(&self, id: AgentId) -> Result<()> {
+    fn forget_agent(&self, id: AgentId, audit: Option<&AuditEntry>) -> Result<()> {
         let rec = self
             .agent(id)?
             .ok_or_else(|| StoreError::NotFound(format!("no agent {id}")))?;
@@ -670,11 +1051,17 @@ impl CoordStore for CoordinatorStore {
             let mut t = txn.open_table(FORGOTTEN).map_err(db_err("forget agent"))?;
             t.insert(id.0, 1).map_err(db_err("forget agent"))?;
         }
+        Self::audit_if(&txn, audit.cloned(), "forget agent")?;
         txn.commit().map_err(db_err("commit forget"))
     }
 
     /// Creates a task with the next id and revision.
-    fn create_task(&self, draft: TaskDraft, now: Timestamp) -> Result<TaskSpec> {
+    fn create_task(
+        &self,
+        draft: TaskDraft,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> Result<TaskSpec> {
         let txn = self.db.begin_write().map_err(db_err("create task"))?;
         let spec = {
             let mut names = txn.open_table(TASK_NAMES).map_err(db_err("create task"))?;
@@ -724,12 +1111,22 @@ impl CoordStore for CoordinatorStore {
             }
             spec
         };
+        Self::audit_if(
+            &txn,
+            audit.map(|a| a.for_task(spec.id, spec.revision)),
+            "create task",
+        )?;
         txn.commit().map_err(db_err("commit task"))?;
         Ok(spec)
     }
 
     /// Replaces a live task's spec (same id and target) under a new revision.
-    fn update_task(&self, spec: &TaskSpec, expected_revision: u64) -> Result<u64> {
+    fn update_task(
+        &self,
+        spec: &TaskSpec,
+        expected_revision: u64,
+        audit: Option<&AuditEntry>,
+    ) -> Result<u64> {
         let id = spec.id;
         let txn = self.db.begin_write().map_err(db_err("update task"))?;
         let revision = {
@@ -763,12 +1160,13 @@ impl CoordStore for CoordinatorStore {
                 .map_err(db_err("update task"))?;
             revision
         };
+        Self::audit_if(&txn, audit.map(|a| a.for_task(id, revision)), "update task")?;
         txn.commit().map_err(db_err("commit task update"))?;
         Ok(revision)
     }
 
     /// Cancels a task: it becomes a tombstone with a new revision.
-    fn cancel_task(&self, id: TaskId) -> Result<u64> {
+    fn cancel_task(&self, id: TaskId, audit: Option<&AuditEntry>) -> Result<u64> {
         let txn = self.db.begin_write().map_err(db_err("cancel task"))?;
         let revision = {
             let mut tasks = txn.open_table(TASKS).map_err(db_err("cancel task"))?;
@@ -797,13 +1195,20 @@ impl CoordStore for CoordinatorStore {
                 .map_err(db_err("cancel task"))?;
             revision
         };
+        Self::audit_if(&txn, audit.map(|a| a.for_task(id, revision)), "cancel task")?;
         txn.commit().map_err(db_err("commit cancel"))?;
         Ok(revision)
     }
 
     /// Pauses (`true`) or resumes a task: a new revision, so agents drop it
     /// (paused) or take it again, counting from `now` (resumed).
-    fn set_paused(&self, id: TaskId, paused: bool, now: Timestamp) -> Result<u64> {
+    fn set_paused(
+        &self,
+        id: TaskId,
+        paused: bool,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> Result<u64> {
         let txn = self.db.begin_write().map_err(db_err("pause task"))?;
         let revision = {
             let mut tasks = txn.open_table(TASKS).map_err(db_err("pause task"))?;
@@ -840,6 +1245,7 @@ impl CoordStore for CoordinatorStore {
                 .map_err(db_err("pause task"))?;
             revision
         };
+        Self::audit_if(&txn, audit.map(|a| a.for_task(id, revision)), "pause task")?;
         txn.commit().map_err(db_err("commit pause"))?;
         Ok(revision)
     }
@@ -1369,6 +1775,7 @@ impl CoordinatorStore {
         &self,
         id: AgentId,
         context: &'static str,
+        audit: Option<&AuditEntry>,
         f: impl FnOnce(&mut AgentRecordV1),
     ) -> Result<Agent> {
         let txn = self.db.begin_write().map_err(db_err(context))?;
@@ -1399,9 +1806,17 @@ impl CoordinatorStore {
             let gone = f.get(id.0).map_err(db_err(context))?.is_some();
             rec.into_agent(id, gone)?
         };
+        Self::audit_if(&txn, audit.cloned(), context)?;
         txn.commit().map_err(db_err(context))?;
         Ok(agent)
     }
+}
+
+/// Why the last owner cannot be revoked.
+pub fn last_owner(name: &str) -> String {
+    format!(
+        "admin {name:?} is the last owner: nobody could manage admins any more; create another owner first (sundialctl admin create NAME --role owner)"
+    )
 }
 
 fn records_hex(b: &[u8]) -> String {

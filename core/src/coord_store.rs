@@ -44,6 +44,10 @@
 //!   revocations for an agent whose session another coordinator holds (the
 //!   revocation is in the store and closes the session at the next feed
 //!   event; run-now is delivered by the coordinator that holds it).
+//! - **Audited changes.** A change an admin makes (`audit: Some(entry)`)
+//!   writes its audit entry in the same transaction, completed with what
+//!   it made ([`AuditEntry::made`]: the task, the revision): the log never
+//!   misses a committed change nor names one that did not commit.
 //! - **Neutral errors.** [`StoreError`] says what the caller can do, not
 //!   which database failed: retry later, stop, or tell the operator.
 
@@ -51,7 +55,7 @@ use std::fmt;
 use std::ops::Range;
 
 use sundial_protocol::task::Target;
-use sundial_protocol::wire::{LastRun, TaskDraft};
+use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
 use sundial_protocol::{AgentId, RunRecord, TaskId, TaskSpec, Timestamp};
 
 #[cfg(feature = "conformance")]
@@ -125,10 +129,57 @@ impl From<sundial_protocol::records::RecordError> for StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Who a client certificate belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertRole {
-    Admin,
+    Admin(AdminCert),
     Agent(AgentId),
+}
+
+/// A named admin's certificate: who it is and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminCert {
+    pub name: String,
+    pub role: Role,
+    pub expires_at: Timestamp,
+}
+
+impl AdminCert {
+    /// An admin certificate of a store from before named admins: the
+    /// owner `init` made, valid until the year 4000 (rotate it: README).
+    pub fn legacy() -> AdminCert {
+        AdminCert {
+            name: "owner".into(),
+            role: Role::Owner,
+            expires_at: Timestamp::from_millis_saturating(LEGACY_ADMIN_EXPIRES_MS),
+        }
+    }
+}
+
+/// 4000-01-01T00:00:00Z, the end of the certificates `init` wrote before
+/// named admins.
+pub const LEGACY_ADMIN_EXPIRES_MS: i64 = 64_060_588_800_000;
+
+/// Admins a store keeps (live and revoked); beyond, `admin create` is
+/// refused.
+pub const ADMINS_MAX: usize = 1_000;
+
+/// One bounded answer of [`CoordStore::audit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPage {
+    /// Oldest first.
+    pub entries: Vec<AuditEntry>,
+    /// More entries match beyond the page, in the direction it was read.
+    pub more: bool,
+}
+
+/// Whether `e` is one `q` asks for (its filters; not its paging).
+pub fn audit_matches(q: &AuditQuery, e: &AuditEntry) -> bool {
+    q.admin.as_ref().is_none_or(|a| *a == e.admin)
+        && q.subject
+            .as_ref()
+            .is_none_or(|s| e.subject.as_ref() == Some(s))
+        && q.since.is_none_or(|t| e.at >= t)
+        && (!q.refused || e.refused.is_some())
 }
 
 /// An enrolled agent.
@@ -413,13 +464,49 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
         after: Option<[u8; 32]>,
         limit: usize,
     ) -> StoreResult<Vec<([u8; 32], CertRole)>>;
-    fn add_admin_cert(&self, fingerprint: [u8; 32]) -> StoreResult<()>;
 
-    fn put_token(&self, token: &JoinToken) -> StoreResult<()>;
+    // ---- admins and the audit log
+
+    /// Admins after `after` in name order, at most `limit` (revoked ones
+    /// included).
+    fn admins(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<AdminInfo>>;
+    /// Adds a named admin and its certificate. Refused while a live
+    /// (unrevoked) admin has the name, or at [`ADMINS_MAX`]; a revoked
+    /// one's name is taken over (its entries stay in the audit log).
+    fn create_admin(&self, admin: &AdminInfo, audit: Option<&AuditEntry>) -> StoreResult<()>;
+    /// Gives a live admin a new certificate (its old one stops working);
+    /// returns the admin as it was.
+    fn renew_admin(
+        &self,
+        name: &str,
+        cert_sha256: [u8; 32],
+        expires_at: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<AdminInfo>;
+    /// Revokes a live admin's certificate. The last owner whose
+    /// credential has not expired cannot be revoked (nobody could manage
+    /// admins any more).
+    fn revoke_admin(
+        &self,
+        name: &str,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<AdminInfo>;
+    /// The admin of this certificate connected at `at`.
+    fn admin_used(&self, cert_sha256: [u8; 32], at: Timestamp) -> StoreResult<()>;
+    /// Appends an entry that goes with no change (a refusal, a run-now).
+    /// Changes write theirs in their own transaction (their `audit`).
+    fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+    /// A page of the audit log: at most `q.limit` entries, oldest first.
+    fn audit(&self, q: &AuditQuery) -> StoreResult<AuditPage>;
+    /// Deletes audit entries before `before`, at most `max`; how many went.
+    fn purge_audit_before(&self, before: Timestamp, max: usize) -> StoreResult<usize>;
+
+    fn put_token(&self, token: &JoinToken, audit: Option<&AuditEntry>) -> StoreResult<()>;
     /// Tokens after `after` in hash order, at most `limit`.
     fn tokens(&self, after: Option<[u8; 32]>, limit: usize) -> StoreResult<Vec<JoinToken>>;
     /// `NotFound` when there is no such token.
-    fn delete_token(&self, secret_sha256: [u8; 32]) -> StoreResult<()>;
+    fn delete_token(&self, secret_sha256: [u8; 32], audit: Option<&AuditEntry>) -> StoreResult<()>;
 
     /// Checks a token without spending it (before a certificate is issued).
     fn check_token(
@@ -444,24 +531,40 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
     fn agent_seen(&self, id: AgentId, seen: AgentSeen) -> StoreResult<()>;
     /// Revokes an agent: its certificate is no longer known. Revoking a
     /// revoked agent is a no-op. Returns the agent as stored after.
-    fn revoke_agent(&self, id: AgentId) -> StoreResult<Agent>;
+    fn revoke_agent(&self, id: AgentId, audit: Option<&AuditEntry>) -> StoreResult<Agent>;
     /// Removes a revoked agent from the lists; its runs stay. `Refused`
     /// when it is not revoked.
-    fn forget_agent(&self, id: AgentId) -> StoreResult<()>;
+    fn forget_agent(&self, id: AgentId, audit: Option<&AuditEntry>) -> StoreResult<()>;
 
     // ---- tasks
 
     /// Creates a task with the next id and revision; `Refused` when its
     /// name is taken by a live task. It counts from [`counts_from`].
-    fn create_task(&self, draft: TaskDraft, now: Timestamp) -> StoreResult<TaskSpec>;
+    fn create_task(
+        &self,
+        draft: TaskDraft,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<TaskSpec>;
     /// Replaces a live task's spec under the next revision, if its revision
     /// is still `expected_revision` (else `Conflict`). Returns the revision.
-    fn update_task(&self, spec: &TaskSpec, expected_revision: u64) -> StoreResult<u64>;
+    fn update_task(
+        &self,
+        spec: &TaskSpec,
+        expected_revision: u64,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<u64>;
     /// Cancels a task: a tombstone under the next revision.
-    fn cancel_task(&self, id: TaskId) -> StoreResult<u64>;
+    fn cancel_task(&self, id: TaskId, audit: Option<&AuditEntry>) -> StoreResult<u64>;
     /// Pauses or resumes a task under the next revision; a resumed task
     /// counts from `now` (occurrences while paused are nobody's).
-    fn set_paused(&self, id: TaskId, paused: bool, now: Timestamp) -> StoreResult<u64>;
+    fn set_paused(
+        &self,
+        id: TaskId,
+        paused: bool,
+        now: Timestamp,
+        audit: Option<&AuditEntry>,
+    ) -> StoreResult<u64>;
     fn task(&self, id: TaskId) -> StoreResult<Option<StoredTask>>;
     /// Tasks after `after` in id order, at most `limit`.
     fn tasks(&self, after: Option<TaskId>, limit: usize) -> StoreResult<Vec<StoredTask>>;

@@ -42,6 +42,8 @@ pub mod close {
     /// A newer session of the same agent took this one's place: one agent
     /// (one certificate) holds one session, so its limits are its own.
     pub const REPLACED: u32 = 7;
+    /// The admin credential expired (the reason says when, and how to renew).
+    pub const EXPIRED: u32 = 8;
 }
 
 /// The reason of a BUSY close that says when to try again.
@@ -331,6 +333,156 @@ pub enum AdminRequest {
         /// A cursor from an earlier page: the latest runs before it.
         before: Option<String>,
     },
+    /// A new named admin credential for the public key in `csr_der` (made
+    /// where `sundialctl` runs: the key never travels).
+    AdminCreate {
+        name: String,
+        role: Role,
+        ttl_ms: u64,
+        csr_der: Vec<u8>,
+    },
+    AdminList,
+    /// A new certificate for `name` (same role), replacing its current one.
+    AdminRenew {
+        name: String,
+        ttl_ms: u64,
+        csr_der: Vec<u8>,
+    },
+    /// Revokes `name`'s credential and closes its connections.
+    AdminRevoke(String),
+    /// A page of the audit log, oldest first.
+    AuditList(AuditQuery),
+}
+
+/// What an admin may do. Each role may do what the one before it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads everything except secrets.
+    Viewer,
+    /// Also manages tasks and join tokens.
+    Operator,
+    /// Also manages admins and agents (revoke, forget).
+    Owner,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Owner];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Owner => "owner",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| format!("unknown role {s:?}: viewer, operator or owner"))
+    }
+}
+
+/// Most bytes of an admin's name.
+pub const ADMIN_NAME_BYTES_MAX: usize = 64;
+
+/// Why `name` cannot name an admin: lower-case letters, digits, `.`, `_`
+/// and `-`, starting with a letter or digit, at most 64 bytes.
+pub fn admin_name_refusal(name: &str) -> Option<String> {
+    let ok_first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok_rest = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if name.len() > ADMIN_NAME_BYTES_MAX || !ok_first || !ok_rest {
+        return Some(format!(
+            "{name:?} is not an admin name: use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit, at most {ADMIN_NAME_BYTES_MAX} characters"
+        ));
+    }
+    None
+}
+
+/// A named admin credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminInfo {
+    pub name: String,
+    pub role: Role,
+    /// The SHA-256 of its current certificate.
+    pub cert_sha256: [u8; 32],
+    pub created_at: Timestamp,
+    /// Who created it (`init` for the first owner).
+    pub created_by: String,
+    /// Its certificate's end of validity.
+    pub expires_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+    /// Its latest connection (to the minute).
+    pub last_used: Option<Timestamp>,
+}
+
+/// A filtered page of the audit log (as `run list` pages runs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditQuery {
+    /// Entries of this admin only.
+    pub admin: Option<String>,
+    /// Entries about this subject only (`task 12`, `agent a3`, `admin bob`).
+    pub subject: Option<String>,
+    pub since: Option<Timestamp>,
+    /// Refused requests only.
+    pub refused: bool,
+    pub limit: u32,
+    /// Entries after this sequence number, oldest first.
+    pub after: Option<u64>,
+    /// The latest entries before this sequence number.
+    pub before: Option<u64>,
+}
+
+/// One entry of the audit log: an admin's change, or a refused request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Its place in the log (given by the store; 0 before it is stored).
+    pub seq: u64,
+    pub at: Timestamp,
+    /// The admin's name and certificate fingerprint.
+    pub admin: String,
+    pub cert_sha256: [u8; 32],
+    /// The address the request came from.
+    pub from: Option<String>,
+    /// The request, e.g. `task create` (never a secret value).
+    pub action: String,
+    /// What it was about or made: `task 12`, `token 1a2b3c4d`, `admin bob`.
+    pub subject: Option<String>,
+    /// The task revision the change made.
+    pub revision: Option<u64>,
+    /// Refused, and why; `None`: done.
+    pub refused: Option<String>,
+}
+
+impl AuditEntry {
+    /// This entry as done, with what the change made.
+    pub fn made(&self, subject: Option<String>, revision: Option<u64>) -> AuditEntry {
+        AuditEntry {
+            subject: subject.or_else(|| self.subject.clone()),
+            revision: revision.or(self.revision),
+            ..self.clone()
+        }
+    }
+
+    /// This entry as done, having made `revision` of `task`.
+    pub fn for_task(&self, task: TaskId, revision: u64) -> AuditEntry {
+        self.made(Some(format!("task {task}")), Some(revision))
+    }
 }
 
 /// What the coordinator knows of an agent.
@@ -435,6 +587,19 @@ pub enum AdminResponse {
     TaskCreatedWarn {
         id: TaskId,
         warnings: Vec<String>,
+    },
+    Admins(Vec<AdminInfo>),
+    /// `admin create` or `admin renew`: the admin and its new certificate.
+    AdminCert {
+        admin: AdminInfo,
+        cert_der: Vec<u8>,
+    },
+    /// A page of the audit log (may come in several messages), then
+    /// [`AdminResponse::AuditSummary`].
+    Audit(Vec<AuditEntry>),
+    AuditSummary {
+        /// More entries match beyond the page, in the direction it was read.
+        more: bool,
     },
 }
 

@@ -26,3 +26,19 @@ pub mod relay;
 pub mod rng;
 pub mod scenario;
 pub mod virt;
+
+/// An owner admin record for tests: certificate SHA-256 `cert_sha256`,
+/// valid for a century from 2020.
+pub fn test_owner(name: &str, cert_sha256: [u8; 32]) -> sundial_protocol::wire::AdminInfo {
+    let t = sundial_protocol::Timestamp::from_millis_saturating;
+    sundial_protocol::wire::AdminInfo {
+        name: name.into(),
+        role: sundial_protocol::wire::Role::Owner,
+        cert_sha256,
+        created_at: t(1_577_836_800_000),
+        created_by: "test".into(),
+        expires_at: t(4_733_510_400_000),
+        revoked_at: None,
+        last_used: None,
+    }
+}

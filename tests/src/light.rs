@@ -52,12 +52,15 @@ impl BenchCoordinator {
         let secret = vec![7u8; 32];
         let hash = sundial_protocol::token::sha256(&secret);
         use sundial_coordinator::store::{CoordStore as _, Enrollment, JoinToken};
-        store.put_token(&JoinToken {
-            secret_sha256: hash,
-            expires_at: Timestamp::MAX,
-            uses_left: n as u32,
-            labels: vec![],
-        })?;
+        store.put_token(
+            &JoinToken {
+                secret_sha256: hash,
+                expires_at: Timestamp::MAX,
+                uses_left: n as u32,
+                labels: vec![],
+            },
+            None,
+        )?;
         let mut identities = Vec::with_capacity(n);
         for _ in 0..n {
             let key = rcgen::KeyPair::generate()?;

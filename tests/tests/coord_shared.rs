@@ -38,7 +38,8 @@ fn now(ms: u64) -> Now {
 fn store() -> Arc<dyn CoordStore> {
     let s = CoordinatorStore::open_with_backend(redb::backends::InMemoryBackend::new())
         .expect("an in-memory store opens");
-    s.add_admin_cert(ADMIN).expect("admin added");
+    s.create_admin(&sundial_tests::test_owner("owner", ADMIN), None)
+        .expect("admin added");
     Arc::new(s)
 }
 
@@ -46,12 +47,15 @@ fn store() -> Arc<dyn CoordStore> {
 fn enroll(store: &dyn CoordStore, n: u8, labels: &[(&str, &str)]) -> AgentId {
     let secret = [n; 32];
     store
-        .put_token(&JoinToken {
-            secret_sha256: sha256(&secret),
-            expires_at: Timestamp::from_millis_saturating(WALL0 + 3_600_000),
-            uses_left: 1,
-            labels: Vec::new(),
-        })
+        .put_token(
+            &JoinToken {
+                secret_sha256: sha256(&secret),
+                expires_at: Timestamp::from_millis_saturating(WALL0 + 3_600_000),
+                uses_left: 1,
+                labels: Vec::new(),
+            },
+            None,
+        )
         .expect("token stored");
     let agent = store.reserve_agent_id().expect("an id");
     store

@@ -70,17 +70,23 @@ type Op = Box<dyn Fn(&dyn CoordStore) -> Result<(), String>>;
 fn ops() -> Vec<Op> {
     let e = |e: sundial_coordinator::store::StoreError| e.to_string();
     let mut v: Vec<Op> = Vec::new();
-    v.push(Box::new(move |s| s.add_admin_cert([0xad; 32]).map_err(e)));
+    v.push(Box::new(move |s| {
+        s.create_admin(&sundial_tests::test_owner("owner", [0xad; 32]), None)
+            .map_err(e)
+    }));
     v.push(Box::new(move |s| {
         s.put_setting("server_name", "coord.example").map_err(e)
     }));
     v.push(Box::new(move |s| {
-        s.put_token(&JoinToken {
-            secret_sha256: [7; 32],
-            expires_at: t(3_600_000),
-            uses_left: 3,
-            labels: vec![("site".into(), "north".into())],
-        })
+        s.put_token(
+            &JoinToken {
+                secret_sha256: [7; 32],
+                expires_at: t(3_600_000),
+                uses_left: 3,
+                labels: vec![("site".into(), "north".into())],
+            },
+            None,
+        )
         .map_err(e)
     }));
     for n in 0..2u8 {
@@ -106,9 +112,13 @@ fn ops() -> Vec<Op> {
             } else {
                 Target::Agent(AgentId(1))
             };
-            s.create_task(conformance::draft(Some(&format!("task-{i}")), target), t(i))
-                .map(|_| ())
-                .map_err(e)
+            s.create_task(
+                conformance::draft(Some(&format!("task-{i}")), target),
+                t(i),
+                None,
+            )
+            .map(|_| ())
+            .map_err(e)
         }));
     }
     v.push(Box::new(move |s| {
@@ -118,10 +128,10 @@ fn ops() -> Vec<Op> {
             .ok_or("no task 1")?;
         let read = task.spec.revision;
         task.spec.name = Some("renamed".into());
-        s.update_task(&task.spec, read).map(|_| ()).map_err(e)
+        s.update_task(&task.spec, read, None).map(|_| ()).map_err(e)
     }));
     v.push(Box::new(move |s| {
-        s.set_paused(sundial_protocol::TaskId(2), true, t(10))
+        s.set_paused(sundial_protocol::TaskId(2), true, t(10), None)
             .map(|_| ())
             .map_err(e)
     }));
@@ -151,10 +161,10 @@ fn ops() -> Vec<Op> {
         .map_err(e)
     }));
     v.push(Box::new(move |s| {
-        s.revoke_agent(AgentId(2)).map(|_| ()).map_err(e)
+        s.revoke_agent(AgentId(2), None).map(|_| ()).map_err(e)
     }));
     v.push(Box::new(move |s| {
-        s.cancel_task(sundial_protocol::TaskId(3))
+        s.cancel_task(sundial_protocol::TaskId(3), None)
             .map(|_| ())
             .map_err(e)
     }));
@@ -164,7 +174,7 @@ fn ops() -> Vec<Op> {
     v.push(Box::new(move |s| {
         s.purge_runs_before(t(8_000), 5).map(|_| ()).map_err(e)
     }));
-    v.push(Box::new(move |s| s.delete_token([7; 32]).map_err(e)));
+    v.push(Box::new(move |s| s.delete_token([7; 32], None).map_err(e)));
     v
 }
 

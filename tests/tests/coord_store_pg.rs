@@ -55,6 +55,7 @@ fn migrations_apply_once_and_a_second_store_sees_the_first_ones_writes() {
         .create_task(
             conformance::draft(Some("x"), Target::Agent(AgentId(1))),
             t(0),
+            None,
         )
         .expect("create");
     assert_eq!(b.revision().expect("revision"), spec.revision);
@@ -70,12 +71,15 @@ fn a_token_raced_through_two_stores_is_spent_once() {
     let b = Arc::new(open(pg.url()));
     for round in 0..20u8 {
         let secret = [round; 32];
-        a.put_token(&JoinToken {
-            secret_sha256: secret,
-            expires_at: t(3_600_000),
-            uses_left: 1,
-            labels: vec![],
-        })
+        a.put_token(
+            &JoinToken {
+                secret_sha256: secret,
+                expires_at: t(3_600_000),
+                uses_left: 1,
+                labels: vec![],
+            },
+            None,
+        )
         .expect("token");
         let ids = [
             a.reserve_agent_id().expect("id"),
@@ -121,6 +125,7 @@ fn a_reader_never_sees_a_revision_before_every_earlier_one_committed() {
                     s.create_task(
                         conformance::draft(Some(&name), Target::Agent(AgentId(1))),
                         t(0),
+                        None,
                     )
                     .expect("create");
                 }
@@ -153,7 +158,11 @@ fn the_store_reconnects_after_postgres_was_stopped() {
     let Some(mut pg) = cluster() else { return };
     let s = open(pg.url());
     let task = s
-        .create_task(conformance::draft(None, Target::Agent(AgentId(1))), t(0))
+        .create_task(
+            conformance::draft(None, Target::Agent(AgentId(1))),
+            t(0),
+            None,
+        )
         .expect("create");
     s.put_runs(&[conformance::run(task.id.0, 1, 0, Outcome::Succeeded)])
         .expect("put");
@@ -184,12 +193,15 @@ fn a_session_mark_is_cleared_only_by_the_coordinator_that_holds_it() {
     use sundial_core::coord_store::{AgentSeen, SessionMark};
     let Some(pg) = cluster() else { return };
     let s = open(pg.url());
-    s.put_token(&JoinToken {
-        secret_sha256: [1; 32],
-        expires_at: t(3_600_000),
-        uses_left: 1,
-        labels: vec![],
-    })
+    s.put_token(
+        &JoinToken {
+            secret_sha256: [1; 32],
+            expires_at: t(3_600_000),
+            uses_left: 1,
+            labels: vec![],
+        },
+        None,
+    )
     .expect("token");
     let id = s.reserve_agent_id().expect("id");
     s.enroll(&Enrollment {

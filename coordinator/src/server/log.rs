@@ -122,6 +122,26 @@ pub(super) fn event(shared: &Arc<Shared>, e: CoordEvent) {
         } => tracing::warn!(%agent, %by, sessions_closed, "agent revoked"),
         CoordEvent::Enrolled { agent, name } => tracing::info!(%agent, ?name, "agent enrolled"),
         CoordEvent::EnrollRefused { why } => tracing::warn!(reason = ?why, "enrollment refused"),
+        CoordEvent::Audited(e) => match &e.refused {
+            None => tracing::info!(
+                admin = %e.admin,
+                action = %e.action,
+                subject = e.subject.as_deref().unwrap_or("-"),
+                from = e.from.as_deref().unwrap_or("-"),
+                "audit"
+            ),
+            Some(why) => tracing::warn!(
+                admin = %e.admin,
+                action = %e.action,
+                subject = e.subject.as_deref().unwrap_or("-"),
+                from = e.from.as_deref().unwrap_or("-"),
+                reason = %why,
+                "audit: refused"
+            ),
+        },
+        CoordEvent::AuditPurged { before } => {
+            tracing::info!(%before, "audit retention: deleted entries written before the retention")
+        }
         CoordEvent::RunsPurged { deleted, before } => {
             tracing::info!(deleted, %before, "run retention: deleted runs scheduled before the retention")
         }

@@ -25,11 +25,14 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use sundial_protocol::token::sha256;
-use sundial_protocol::wire::{close, AdminResponse, EnrollResponse, ALPN, ALPN_ADMIN, ALPN_ENROLL};
-use sundial_protocol::DurationMs;
+use sundial_protocol::wire::{
+    close, AdminInfo, AdminResponse, AuditEntry, EnrollResponse, Role, ALPN, ALPN_ADMIN,
+    ALPN_ENROLL,
+};
+use sundial_protocol::{DurationMs, Timestamp};
 use tokio::sync::{oneshot, Notify};
 
-use sundial_core::coord::{ConnId, CoordConfig, CoordNode, Effect, FEED_INTERVAL_MS};
+use sundial_core::coord::{ConnId, CoordConfig, CoordNode, Effect, Signee, FEED_INTERVAL_MS};
 use sundial_core::session::Now;
 
 use crate::cli::now;
@@ -189,15 +192,34 @@ impl ClientCertVerifier for KnownCertVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
         let fp = sha256(end_entity.as_ref());
-        let known = self
-            .node
-            .lock()
-            .map(|n| n.cert_role(&fp).is_some())
-            .unwrap_or(false);
-        if known {
+        let role = self.node.lock().ok().and_then(|n| n.cert_role(&fp));
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(_) => {}
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            )) if matches!(role, Some(CertRole::Admin(_))) => {
+                // A known admin whose certificate ended: the chain is
+                // checked as of its last valid second, and the node
+                // closes the connection saying it expired and how to
+                // renew it (a TLS alert could only say "expired").
+                let Some(CertRole::Admin(cert)) = &role else {
+                    return Err(rustls::Error::General("unknown certificate".into()));
+                };
+                let last_ms =
+                    u64::try_from(cert.expires_at.as_millis().saturating_sub(1_000)).unwrap_or(0);
+                self.inner.verify_client_cert(
+                    end_entity,
+                    intermediates,
+                    UnixTime::since_unix_epoch(Duration::from_millis(last_ms)),
+                )?;
+            }
+            Err(e) => return Err(e),
+        }
+        if role.is_some() {
             Ok(ClientCertVerified::assertion())
         } else {
             Err(rustls::Error::General(
@@ -325,17 +347,22 @@ impl Shared {
             }
             Effect::Sign {
                 conn,
-                agent,
+                signee,
                 csr_der,
             } => {
                 let shared = self.clone();
                 tokio::spawn(async move {
                     let pki = shared.pki.clone();
-                    let signed =
-                        tokio::task::spawn_blocking(move || pki.sign_agent_csr(&csr_der, agent))
-                            .await
-                            .unwrap_or_else(|_| Err("the certificate could not be signed".into()));
-                    shared.drive(|n, now| n.handle_signed(now, conn, agent, signed));
+                    let who = signee.clone();
+                    let signed = tokio::task::spawn_blocking(move || match &who {
+                        Signee::Agent(agent) => pki.sign_agent_csr(&csr_der, *agent),
+                        Signee::Admin {
+                            name, expires_at, ..
+                        } => pki.sign_admin_csr(&csr_der, name, *expires_at),
+                    })
+                    .await
+                    .unwrap_or_else(|_| Err("the certificate could not be signed".into()));
+                    shared.drive(|n, now| n.handle_signed(now, conn, signee, signed));
                 });
             }
             Effect::Transmit(conn) => {
@@ -484,8 +511,9 @@ pub fn init_on(
     sundial_net::private::create_private_dir(dir)
         .map_err(|e| ServeError::Tls(format!("cannot create {}: {e}", dir.display())))?;
     let _ = std::fs::remove_file(dir.join(STORE_FILE));
-    let (pki, admin_der) = Pki::init(dir, server_name, advertise)?;
-    pg.add_admin_cert(sha256(admin_der.as_ref()))?;
+    let expires_at = owner_expires_at();
+    let (pki, admin_der) = Pki::init(dir, server_name, advertise, expires_at)?;
+    add_owner(&pg, &admin_der, expires_at)?;
     pg.put_setting("advertise", advertise)?;
     pg.put_setting("server_name", server_name)?;
     pg.put_setting(
@@ -522,13 +550,56 @@ pub fn init_with(
     }
     sundial_net::private::create_private_dir(dir)
         .map_err(|e| ServeError::Tls(format!("cannot create {}: {e}", dir.display())))?;
-    let (_pki, admin_der) = Pki::init(dir, server_name, advertise)?;
+    let expires_at = owner_expires_at();
+    let (_pki, admin_der) = Pki::init(dir, server_name, advertise, expires_at)?;
     let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
     restrict_data_dir(dir);
-    store.add_admin_cert(sha256(admin_der.as_ref()))?;
+    add_owner(&store, &admin_der, expires_at)?;
     store.put_setting("advertise", advertise)?;
     store.put_setting("server_name", server_name)?;
     Ok(dir.join(crate::pki::ADMIN_CREDS))
+}
+
+/// The end of the first owner's credential: a year from now.
+fn owner_expires_at() -> Timestamp {
+    now().saturating_add_ms(
+        i64::try_from(sundial_core::coord::admin::ADMIN_TTL_DEFAULT_MS).unwrap_or(i64::MAX),
+    )
+}
+
+/// Records `init`'s owner (and says so in the audit log).
+fn add_owner(
+    store: &dyn CoordStore,
+    cert_der: &[u8],
+    expires_at: Timestamp,
+) -> Result<(), ServeError> {
+    let now = now();
+    let cert_sha256 = sha256(cert_der);
+    let audit = AuditEntry {
+        seq: 0,
+        at: now,
+        admin: "init".into(),
+        cert_sha256,
+        from: None,
+        action: "admin create".into(),
+        subject: Some(format!("admin {}", crate::pki::OWNER)),
+        revision: None,
+        refused: None,
+    };
+    store.create_admin(
+        &AdminInfo {
+            name: crate::pki::OWNER.into(),
+            role: Role::Owner,
+            cert_sha256,
+            created_at: now,
+            created_by: "init".into(),
+            expires_at,
+            revoked_at: None,
+            last_used: None,
+        },
+        Some(&audit),
+    )?;
+    Ok(())
 }
 
 /// Takes group and other access away from the data directory (0700) and

@@ -9,15 +9,16 @@ use sundial_protocol::policy::RETRIES_MAX;
 use sundial_protocol::task::{labels_text, Action, Target};
 use sundial_protocol::token::{hex, sha256};
 use sundial_protocol::wire::{
-    chunk_by_size, AdminRequest, AdminResponse, AgentInfo, TaskDraft, TaskInfo, TaskPatch,
-    TokenInfo, LIST_CHUNK_BYTES_MAX, TASK_SPEC_BYTES_MAX,
+    admin_name_refusal, chunk_by_size, AdminInfo, AdminRequest, AdminResponse, AgentInfo,
+    AuditEntry, Role, TaskDraft, TaskInfo, TaskPatch, TokenInfo, LIST_CHUNK_BYTES_MAX,
+    TASK_SPEC_BYTES_MAX,
 };
 use sundial_protocol::{AgentId, ScheduleKind, TaskId, TaskSpec, Timestamp};
 
 use super::{AdminId, Limits};
 use crate::coord_store::{
-    targets, Agent, CoordStore, JoinToken, Page, RunCursor, RunQuery, StoreError, StoreResult,
-    StoredTask, PAGE_MAX,
+    targets, AdminCert, Agent, CoordStore, JoinToken, Page, RunCursor, RunQuery, StoreError,
+    StoreResult, StoredTask, PAGE_MAX,
 };
 
 /// Most runs listed by one `run list`.
@@ -28,6 +29,159 @@ pub const PAST_SLACK_MS: i64 = 10_000;
 /// Bytes of entropy the shell hands with every admin request (a new join
 /// token's secret).
 pub const ENTROPY_BYTES: usize = sundial_protocol::token::SECRET_BYTES;
+
+/// Most audit entries listed by one `audit list`.
+pub const AUDIT_LIST_MAX: u32 = 10_000;
+/// The shortest and longest lifetime of an admin credential.
+pub const ADMIN_TTL_MIN_MS: u64 = 60 * 60 * 1000;
+pub const ADMIN_TTL_MAX_MS: u64 = 3 * 366 * 24 * 60 * 60 * 1000;
+/// An admin credential's lifetime unless `--ttl` says otherwise (a year).
+pub const ADMIN_TTL_DEFAULT_MS: u64 = 365 * 24 * 60 * 60 * 1000;
+
+/// Who may do what: the role each admin request needs. Each role may do
+/// what the roles below it may (viewer < operator < owner). One exhaustive
+/// match, so a new request cannot be added without its rule.
+///
+/// | role     | may                                                        |
+/// |----------|------------------------------------------------------------|
+/// | viewer   | every read: agents, tasks, runs, tokens (never a secret),  |
+/// |          | admins, the audit log                                      |
+/// | operator | + tasks (create, update, cancel, pause, resume, run-now)   |
+/// |          | and join tokens (create, revoke)                           |
+/// | owner    | + admins (create, renew, revoke) and agents (revoke,       |
+/// |          | forget)                                                    |
+///
+/// Any admin may also renew its own credential ([`permitted`]).
+pub fn required_role(req: &AdminRequest) -> Role {
+    use AdminRequest as R;
+    match req {
+        R::AgentList
+        | R::AgentGet(_)
+        | R::TaskList
+        | R::TaskGet(_)
+        | R::TokenList
+        | R::RunList { .. }
+        | R::AdminList
+        | R::AuditList(_) => Role::Viewer,
+        R::TokenCreate { .. }
+        | R::TokenRevoke(_)
+        | R::TaskCreate(_)
+        | R::TaskUpdate { .. }
+        | R::TaskCancel(_)
+        | R::TaskRunNow(_)
+        | R::TaskPause(_)
+        | R::TaskResume(_) => Role::Operator,
+        R::AgentRevoke(_)
+        | R::AgentForget(_)
+        | R::AdminCreate { .. }
+        | R::AdminRenew { .. }
+        | R::AdminRevoke(_) => Role::Owner,
+    }
+}
+
+/// Whether `who` may make `req`; if not, why (naming the role it needs).
+pub fn permitted(req: &AdminRequest, who: &AdminCert) -> Result<(), String> {
+    let needs = required_role(req);
+    if who.role >= needs {
+        return Ok(());
+    }
+    if let AdminRequest::AdminRenew { name, .. } = req {
+        if *name == who.name {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "permission denied: `{}` needs the {needs} role; admin {:?} is {} {}",
+        action(req),
+        who.name,
+        if who.role == Role::Operator {
+            "an"
+        } else {
+            "a"
+        },
+        who.role
+    ))
+}
+
+/// Whether a request changes something (and so is written to the audit
+/// log when done); reads are logged only when refused.
+pub fn is_change(req: &AdminRequest) -> bool {
+    required_role(req) > Role::Viewer
+}
+
+/// The request as the audit log and refusals name it.
+pub fn action(req: &AdminRequest) -> &'static str {
+    use AdminRequest as R;
+    match req {
+        R::TokenCreate { .. } => "token create",
+        R::TokenList => "token list",
+        R::TokenRevoke(_) => "token revoke",
+        R::AgentList => "agent list",
+        R::AgentGet(_) => "agent get",
+        R::AgentRevoke(_) => "agent revoke",
+        R::AgentForget(_) => "agent forget",
+        R::TaskCreate(_) => "task create",
+        R::TaskList => "task list",
+        R::TaskGet(_) => "task get",
+        R::TaskCancel(_) => "task cancel",
+        R::TaskUpdate { .. } => "task update",
+        R::TaskRunNow(_) => "task run-now",
+        R::TaskPause(_) => "task pause",
+        R::TaskResume(_) => "task resume",
+        R::RunList { .. } => "run list",
+        R::AdminCreate { .. } => "admin create",
+        R::AdminList => "admin list",
+        R::AdminRenew { .. } => "admin renew",
+        R::AdminRevoke(_) => "admin revoke",
+        R::AuditList(_) => "audit list",
+    }
+}
+
+/// What a request is about, as far as it says before it is answered.
+pub fn subject(req: &AdminRequest) -> Option<String> {
+    use AdminRequest as R;
+    match req {
+        R::AgentGet(a) | R::AgentRevoke(a) | R::AgentForget(a) => Some(format!("agent {a}")),
+        R::TaskGet(t)
+        | R::TaskCancel(t)
+        | R::TaskRunNow(t)
+        | R::TaskPause(t)
+        | R::TaskResume(t)
+        | R::TaskUpdate { id: t, .. } => Some(format!("task {t}")),
+        R::TokenRevoke(id) => Some(format!("token {}", id.to_ascii_lowercase())),
+        R::AdminCreate { name, .. } | R::AdminRenew { name, .. } | R::AdminRevoke(name) => {
+            Some(format!("admin {name}"))
+        }
+        _ => None,
+    }
+}
+
+/// Why an admin create or renew cannot be signed as asked (checked before
+/// the CA signs anything); the end of the new credential's life if it can.
+pub fn credential_refusal(req: &AdminRequest, now: Timestamp) -> Result<Timestamp, String> {
+    let (name, ttl_ms) = match req {
+        AdminRequest::AdminCreate { name, ttl_ms, .. }
+        | AdminRequest::AdminRenew { name, ttl_ms, .. } => (name, *ttl_ms),
+        _ => return Err("not a credential request".into()),
+    };
+    if let Some(why) = admin_name_refusal(name) {
+        return Err(why);
+    }
+    if !(ADMIN_TTL_MIN_MS..=ADMIN_TTL_MAX_MS).contains(&ttl_ms) {
+        return Err(format!(
+            "--ttl must be between 1h and {}d",
+            ADMIN_TTL_MAX_MS / 86_400_000
+        ));
+    }
+    Ok(now.saturating_add_ms(i64::try_from(ttl_ms).unwrap_or(i64::MAX)))
+}
+
+/// A certificate the CA signed for an admin create or renew.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub cert_der: Vec<u8>,
+    pub expires_at: Timestamp,
+}
 
 /// What the node knows of an agent that the store does not: for `agent list`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -54,6 +208,11 @@ pub struct AdminContext {
     /// Other coordinators share the store: an agent in session with one of
     /// them is online too (by the store's session mark).
     pub shared: bool,
+    /// The request's audit entry as far as the node knows it (who, from
+    /// where, what); a change completes it in its own transaction.
+    pub audit: AuditEntry,
+    /// The certificate of an admin create or renew.
+    pub signed: Option<Signed>,
 }
 
 /// How recently an agent marked in session with another coordinator must
@@ -98,6 +257,16 @@ pub enum AdminChange {
         sent: usize,
         offline: usize,
     },
+    AdminCreated {
+        name: String,
+        role: Role,
+    },
+    AdminRenewed {
+        name: String,
+    },
+    AdminRevoked {
+        name: String,
+    },
 }
 
 /// What the node must do after an admin request was answered by the store.
@@ -121,6 +290,15 @@ pub enum FollowUp {
         agents: Vec<AgentId>,
     },
     Changed(AdminChange),
+    /// An admin's certificate changed: `removed` stops working (its
+    /// connections close, saying `why`), `added` is known from now on.
+    AdminCert {
+        removed: Option<[u8; 32]>,
+        added: Option<([u8; 32], AdminCert)>,
+        why: String,
+    },
+    /// Written to the audit log with the change (for the event stream).
+    Audited(AuditEntry),
 }
 
 /// The store's answer to one admin request.
@@ -134,6 +312,13 @@ impl AdminAnswer {
     fn one(r: AdminResponse) -> StoreResult<AdminAnswer> {
         Ok(AdminAnswer {
             answers: vec![r],
+            follow: Vec::new(),
+        })
+    }
+
+    fn list(answers: Vec<AdminResponse>) -> StoreResult<AdminAnswer> {
+        Ok(AdminAnswer {
+            answers,
             follow: Vec::new(),
         })
     }
@@ -169,6 +354,18 @@ pub fn all_tasks(store: &dyn CoordStore) -> StoreResult<Vec<StoredTask>> {
         |t: &StoredTask| t.spec.id,
         |after| store.tasks(after, PAGE_MAX),
     )
+}
+
+pub fn all_admins(store: &dyn CoordStore) -> StoreResult<Vec<AdminInfo>> {
+    let mut out: Vec<AdminInfo> = Vec::new();
+    loop {
+        let got = store.admins(out.last().map(|a| a.name.as_str()), PAGE_MAX)?;
+        let full = got.len() >= PAGE_MAX;
+        out.extend(got);
+        if !full {
+            return Ok(out);
+        }
+    }
 }
 
 pub fn all_tokens(store: &dyn CoordStore) -> StoreResult<Vec<JoinToken>> {
@@ -405,8 +602,9 @@ fn update(
     if let Some(why) = draft_refusal(&ctx.limits, &draft, ctx.now) {
         return Err(StoreError::Refused(why));
     }
-    let revision = store.update_task(&spec, read_revision)?;
+    let revision = store.update_task(&spec, read_revision, Some(&ctx.audit))?;
     Ok(AdminAnswer::one(AdminResponse::Updated { revision })?
+        .with(FollowUp::Audited(ctx.audit.for_task(id, revision)))
         .with(FollowUp::Announce {
             target: spec.target,
             revision,
@@ -458,7 +656,7 @@ fn create(
                 .map_err(|e| StoreError::Refused(e.to_string()))?;
         }
     }
-    let spec = store.create_task(draft, now)?;
+    let spec = store.create_task(draft, now, Some(&ctx.audit))?;
     let answer = if warnings.is_empty() {
         AdminResponse::TaskCreated(spec.id)
     } else {
@@ -468,6 +666,9 @@ fn create(
         }
     };
     Ok(AdminAnswer::one(answer)?
+        .with(FollowUp::Audited(
+            ctx.audit.for_task(spec.id, spec.revision),
+        ))
         .with(FollowUp::Announce {
             target: spec.target.clone(),
             revision: spec.revision,
@@ -548,12 +749,19 @@ pub fn answer(
             }
             let secret = ctx.entropy.to_vec();
             let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX);
-            store.put_token(&JoinToken {
-                secret_sha256: sha256(&secret),
-                expires_at: now.saturating_add_ms(ttl),
-                uses_left: uses,
-                labels,
-            })?;
+            let secret_sha256 = sha256(&secret);
+            let audited = ctx
+                .audit
+                .made(Some(format!("token {}", hex(&secret_sha256[..4]))), None);
+            store.put_token(
+                &JoinToken {
+                    secret_sha256,
+                    expires_at: now.saturating_add_ms(ttl),
+                    uses_left: uses,
+                    labels,
+                },
+                Some(&audited),
+            )?;
             let server_name = store
                 .setting("server_name")?
                 .unwrap_or_else(|| SERVER_NAME_DEFAULT.into());
@@ -571,6 +779,7 @@ pub fn answer(
                 addresses,
             };
             Ok(AdminAnswer::one(AdminResponse::Token(token.encode()))?
+                .with(FollowUp::Audited(audited))
                 .with(FollowUp::Changed(AdminChange::TokenCreated { uses })))
         }
         AdminRequest::AgentList => {
@@ -600,8 +809,9 @@ pub fn answer(
             None => AdminAnswer::one(AdminResponse::Error(format!("no agent {id}"))),
         },
         AdminRequest::AgentRevoke(id) => {
-            let rec = store.revoke_agent(id)?;
+            let rec = store.revoke_agent(id, Some(&ctx.audit))?;
             Ok(AdminAnswer::one(AdminResponse::Done)?
+                .with(FollowUp::Audited(ctx.audit.clone()))
                 .with(FollowUp::Revoked {
                     agent: id,
                     cert_sha256: rec.cert_sha256,
@@ -609,8 +819,9 @@ pub fn answer(
                 .with(FollowUp::Changed(AdminChange::AgentRevoked { agent: id })))
         }
         AdminRequest::AgentForget(id) => {
-            store.forget_agent(id)?;
+            store.forget_agent(id, Some(&ctx.audit))?;
             Ok(AdminAnswer::one(AdminResponse::Done)?
+                .with(FollowUp::Audited(ctx.audit.clone()))
                 .with(FollowUp::Changed(AdminChange::AgentForgotten { agent: id })))
         }
         AdminRequest::TaskCreate(draft) => create(store, ctx, *draft),
@@ -638,8 +849,9 @@ pub fn answer(
             None => AdminAnswer::one(AdminResponse::Error(format!("no task {id}"))),
         },
         AdminRequest::TaskCancel(id) => {
-            let revision = store.cancel_task(id)?;
-            let mut a = AdminAnswer::one(AdminResponse::Done)?;
+            let revision = store.cancel_task(id, Some(&ctx.audit))?;
+            let mut a = AdminAnswer::one(AdminResponse::Done)?
+                .with(FollowUp::Audited(ctx.audit.for_task(id, revision)));
             if let Some(t) = store.task(id)? {
                 a = a.with(FollowUp::Announce {
                     target: t.spec.target,
@@ -684,8 +896,9 @@ pub fn answer(
         }
         AdminRequest::TaskPause(id) | AdminRequest::TaskResume(id) => {
             let pause = matches!(req, AdminRequest::TaskPause(_));
-            let revision = store.set_paused(id, pause, now)?;
-            let mut a = AdminAnswer::one(AdminResponse::Done)?;
+            let revision = store.set_paused(id, pause, now, Some(&ctx.audit))?;
+            let mut a = AdminAnswer::one(AdminResponse::Done)?
+                .with(FollowUp::Audited(ctx.audit.for_task(id, revision)));
             if let Some(t) = store.task(id)? {
                 a = a.with(FollowUp::Announce {
                     target: t.spec.target,
@@ -726,8 +939,9 @@ pub fn answer(
                 .collect();
             match matching.as_slice() {
                 [h] => {
-                    store.delete_token(*h)?;
+                    store.delete_token(*h, Some(&ctx.audit))?;
                     Ok(AdminAnswer::one(AdminResponse::Done)?
+                        .with(FollowUp::Audited(ctx.audit.clone()))
                         .with(FollowUp::Changed(AdminChange::TokenRevoked { id })))
                 }
                 [] => Err(StoreError::Refused(format!(
@@ -746,7 +960,104 @@ pub fn answer(
             after,
             before,
         } => run_list(store, task, agent, since, limit, after, before),
+        AdminRequest::AdminCreate { name, role, .. } => {
+            let signed = signed(ctx)?;
+            let admin = AdminInfo {
+                name: name.clone(),
+                role,
+                cert_sha256: sha256(&signed.cert_der),
+                created_at: now,
+                created_by: ctx.audit.admin.clone(),
+                expires_at: signed.expires_at,
+                revoked_at: None,
+                last_used: None,
+            };
+            store.create_admin(&admin, Some(&ctx.audit))?;
+            let cert = AdminCert {
+                name: name.clone(),
+                role,
+                expires_at: signed.expires_at,
+            };
+            Ok(AdminAnswer::one(AdminResponse::AdminCert {
+                admin: admin.clone(),
+                cert_der: signed.cert_der.clone(),
+            })?
+            .with(FollowUp::Audited(ctx.audit.clone()))
+            .with(FollowUp::AdminCert {
+                removed: None,
+                added: Some((admin.cert_sha256, cert)),
+                why: String::new(),
+            })
+            .with(FollowUp::Changed(AdminChange::AdminCreated { name, role })))
+        }
+        AdminRequest::AdminRenew { name, .. } => {
+            let signed = signed(ctx)?;
+            let fp = sha256(&signed.cert_der);
+            let old = store.renew_admin(&name, fp, signed.expires_at, Some(&ctx.audit))?;
+            let admin = AdminInfo {
+                cert_sha256: fp,
+                expires_at: signed.expires_at,
+                ..old.clone()
+            };
+            let cert = AdminCert {
+                name: name.clone(),
+                role: admin.role,
+                expires_at: signed.expires_at,
+            };
+            Ok(AdminAnswer::one(AdminResponse::AdminCert {
+                admin,
+                cert_der: signed.cert_der.clone(),
+            })?
+            .with(FollowUp::Audited(ctx.audit.clone()))
+            .with(FollowUp::AdminCert {
+                removed: Some(old.cert_sha256),
+                added: Some((fp, cert)),
+                why: format!("the credential of admin {name:?} was renewed: use the new one"),
+            })
+            .with(FollowUp::Changed(AdminChange::AdminRenewed { name })))
+        }
+        AdminRequest::AdminRevoke(name) => {
+            let old = store.revoke_admin(&name, now, Some(&ctx.audit))?;
+            Ok(AdminAnswer::one(AdminResponse::Done)?
+                .with(FollowUp::Audited(ctx.audit.clone()))
+                .with(FollowUp::AdminCert {
+                    removed: Some(old.cert_sha256),
+                    added: None,
+                    why: format!("the credential of admin {name:?} was revoked"),
+                })
+                .with(FollowUp::Changed(AdminChange::AdminRevoked { name })))
+        }
+        AdminRequest::AdminList => AdminAnswer::list(
+            chunk_by_size(all_admins(store)?, LIST_CHUNK_BYTES_MAX)
+                .into_iter()
+                .map(AdminResponse::Admins)
+                .collect(),
+        ),
+        AdminRequest::AuditList(mut q) => {
+            if q.limit == 0 {
+                return Err(StoreError::Refused("--limit must be at least 1".into()));
+            }
+            if q.after.is_some() && q.before.is_some() {
+                return Err(StoreError::Refused(
+                    "--after and --before do not go together".into(),
+                ));
+            }
+            q.limit = q.limit.min(AUDIT_LIST_MAX);
+            let page = store.audit(&q)?;
+            let mut answers: Vec<AdminResponse> = chunk_by_size(page.entries, LIST_CHUNK_BYTES_MAX)
+                .into_iter()
+                .map(AdminResponse::Audit)
+                .collect();
+            answers.push(AdminResponse::AuditSummary { more: page.more });
+            AdminAnswer::list(answers)
+        }
     }
+}
+
+fn signed(ctx: &AdminContext) -> StoreResult<&Signed> {
+    ctx.signed
+        .as_ref()
+        .ok_or_else(|| StoreError::Refused("the credential was not signed".into()))
 }
 
 /// The server name written into tokens when `init` stored none.

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use sundial_protocol::wire::{AdminRequest, EnrollRequest};
+use sundial_protocol::wire::{AdminRequest, AuditEntry, EnrollRequest};
 use sundial_protocol::{AgentId, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
 
 use super::admin::{self, AdminAnswer, AdminContext};
@@ -105,6 +105,15 @@ pub enum StoreJob {
         runs: Vec<QueuedRunNow>,
         at: Timestamp,
     },
+    /// An audit entry that goes with no change (a refusal, a run-now).
+    Audit { entry: AuditEntry },
+    /// An admin connected.
+    AdminUsed {
+        cert_sha256: [u8; 32],
+        at: Timestamp,
+    },
+    /// Audit retention: entries before `before`, at most `max` of them.
+    PurgeAudit { before: Timestamp, max: usize },
 }
 
 /// One read of a shared store's feeds ([`StoreJob::Feed`]).
@@ -156,6 +165,14 @@ pub enum StoreDone {
         conn: ConnId,
         req: u64,
         result: StoreResult<AdminAnswer>,
+        /// The request's audit entry when it is a change (to log it as
+        /// refused when the store refused it).
+        audit: Option<Box<AuditEntry>>,
+    },
+    PurgeAudit {
+        before: Timestamp,
+        max: usize,
+        result: StoreResult<usize>,
     },
     EnrollCheck {
         conn: ConnId,
@@ -257,9 +274,22 @@ impl StoreJob {
                 cache,
             },
             StoreJob::Seen { .. } => StoreDone::Seen { result: Err(error) },
-            StoreJob::Admin { conn, req, .. } => StoreDone::Admin {
+            StoreJob::Admin {
                 conn,
                 req,
+                request,
+                ctx,
+            } => StoreDone::Admin {
+                conn,
+                req,
+                result: Err(error),
+                audit: admin::is_change(&request).then(|| Box::new(ctx.audit)),
+            },
+            StoreJob::Audit { .. } => StoreDone::Queued { result: Err(error) },
+            StoreJob::AdminUsed { .. } => StoreDone::Seen { result: Err(error) },
+            StoreJob::PurgeAudit { before, max } => StoreDone::PurgeAudit {
+                before,
+                max,
                 result: Err(error),
             },
             StoreJob::EnrollCheck { conn, request, .. } => StoreDone::EnrollCheck {
@@ -381,10 +411,25 @@ impl StoreJob {
                 req,
                 request,
                 ctx,
-            } => StoreDone::Admin {
-                conn,
-                req,
-                result: admin::answer(store, &ctx, request),
+            } => {
+                let audit = admin::is_change(&request).then(|| Box::new(ctx.audit.clone()));
+                StoreDone::Admin {
+                    conn,
+                    req,
+                    result: admin::answer(store, &ctx, request),
+                    audit,
+                }
+            }
+            StoreJob::Audit { entry } => StoreDone::Queued {
+                result: store.append_audit(&entry),
+            },
+            StoreJob::AdminUsed { cert_sha256, at } => StoreDone::Seen {
+                result: store.admin_used(cert_sha256, at),
+            },
+            StoreJob::PurgeAudit { before, max } => StoreDone::PurgeAudit {
+                before,
+                max,
+                result: store.purge_audit_before(before, max),
             },
             StoreJob::EnrollCheck {
                 conn,

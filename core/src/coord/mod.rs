@@ -35,7 +35,7 @@ use sundial_protocol::codec::FRAME_BYTES_MAX;
 use sundial_protocol::task::Target;
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
-    busy_reason, close, AdminRequest, AdminResponse, AgentMsg, CoordMsg, EnrollRequest,
+    busy_reason, close, AdminRequest, AdminResponse, AgentMsg, AuditEntry, CoordMsg, EnrollRequest,
     EnrollResponse, ReconnectPolicy, HELLO_FRAME_BYTES_MAX,
 };
 use sundial_protocol::{AgentId, DurationMs, Timestamp};
@@ -49,7 +49,9 @@ use crate::session::coordinator::{
 };
 use crate::session::{Event, Now};
 
-pub use admin::{AdminAnswer, AdminChange, AdminContext, FollowUp, SeenView, ENTROPY_BYTES};
+pub use admin::{
+    AdminAnswer, AdminChange, AdminContext, FollowUp, SeenView, Signed, ENTROPY_BYTES,
+};
 pub use jobs::{Assigned, FeedPage, RunsVerdict, StoreDone, StoreJob};
 
 /// A connection, as the node names it.
@@ -120,6 +122,8 @@ pub struct Limits {
     pub backoff_min: DurationMs,
     /// Runs scheduled longer ago than this are deleted; `None` keeps all.
     pub run_retention: Option<DurationMs>,
+    /// Audit entries older than this are deleted; `None` keeps all.
+    pub audit_retention: Option<DurationMs>,
     /// Agent sessions served at once.
     pub sessions_max: usize,
     /// Connections without a client certificate (enrollment) served at once.
@@ -145,6 +149,7 @@ impl Limits {
             period_min: DurationMs(100),
             backoff_min: DurationMs(100),
             run_retention: None,
+            audit_retention: Some(DurationMs(AUDIT_RETENTION_DEFAULT_MS)),
             sessions_max: 10_000,
             unauthenticated_max: 64,
             admin_concurrent_max: 4,
@@ -159,6 +164,11 @@ impl Default for Limits {
         Limits::for_cores(1)
     }
 }
+
+/// How long audit entries are kept unless configured: two years.
+pub const AUDIT_RETENTION_DEFAULT_MS: u64 = 2 * 365 * 24 * 60 * 60 * 1000;
+/// How often an admin's last use is written (per admin).
+pub const ADMIN_USED_WRITE_MS: u64 = 60_000;
 
 /// An admin, by its certificate's fingerprint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -208,6 +218,16 @@ pub enum ConnRefusal {
     CertRequired,
     /// Enrollment slots are full.
     EnrollBusy,
+    /// An admin credential past its end of validity.
+    CertExpired,
+}
+
+/// What an admin whose credential expired is told.
+fn expired_reason(cert: &crate::coord_store::AdminCert) -> String {
+    format!(
+        "the credential of admin {:?} expired at {}; an owner can renew it with `sundialctl admin renew {}`",
+        cert.name, cert.expires_at, cert.name
+    )
 }
 
 /// Why an enrollment was refused.
@@ -236,6 +256,8 @@ pub enum CloseWhy {
     Revoked,
     Replaced,
     Busy,
+    /// An admin's credential expired, or was revoked or replaced.
+    AdminCredential,
     /// The session machine closed it (a refused batch, Hello twice, …).
     Protocol,
 }
@@ -298,6 +320,8 @@ pub enum CoordEvent {
         by: AdminId,
         why: String,
     },
+    /// An entry written to the audit log (its `seq` is the store's, 0 here).
+    Audited(AuditEntry),
     AgentRevoked {
         agent: AgentId,
         by: AdminId,
@@ -312,6 +336,10 @@ pub enum CoordEvent {
     },
     RunsPurged {
         deleted: usize,
+        before: Timestamp,
+    },
+    /// Audit entries before `before` were deleted (audit retention).
+    AuditPurged {
         before: Timestamp,
     },
     /// A store operation failed; `unavailable` ones stop the coordinator
@@ -351,10 +379,10 @@ pub enum CoordEvent {
 pub enum Effect {
     /// Run this against the store; hand the result to `handle_store_done`.
     Store(StoreJob),
-    /// Sign the enrolling agent's CSR for `agent`; answer `handle_signed`.
+    /// Sign a CSR with the CA; answer `handle_signed`.
     Sign {
         conn: ConnId,
-        agent: AgentId,
+        signee: Signee,
         csr_der: Vec<u8>,
     },
     /// This session has messages: pull them with `poll_transmit`.
@@ -378,6 +406,20 @@ pub enum Effect {
     },
     /// The store failed to write: stop, so that a restart reopens it.
     Stop,
+}
+
+/// Whom a certificate is signed for ([`Effect::Sign`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Signee {
+    /// An enrolling agent.
+    Agent(AgentId),
+    /// An admin (`admin create` or `admin renew`, request `req` on the
+    /// connection), valid until `expires_at`.
+    Admin {
+        req: u64,
+        name: String,
+        expires_at: Timestamp,
+    },
 }
 
 /// What a session's writer pulls.
@@ -536,8 +578,13 @@ pub struct CoordNode {
     timers: BTreeSet<(u64, ConnId)>,
     admin_running: usize,
     admin_waiting: VecDeque<StoreJob>,
+    /// Admin creates and renews waiting for their certificate.
+    signing: HashMap<(ConnId, u64), StoreJob>,
+    /// When each admin's last use was last written (monotonic ms).
+    admin_used: HashMap<[u8; 32], u64>,
     next_purge_ms: Option<u64>,
     purging: bool,
+    purging_audit: bool,
     purged: usize,
     broken: bool,
     feed: Option<Feed>,
@@ -555,10 +602,9 @@ impl CoordNode {
         let ca_sha256 = sha256(&config.ca_der);
         CoordNode {
             budget: HandshakeBudget::new(config.limits.handshakes_per_sec, now.mono_ms),
-            next_purge_ms: config
-                .limits
-                .run_retention
-                .map(|_| now.mono_ms + PURGE_INTERVAL_MS),
+            next_purge_ms: (config.limits.run_retention.is_some()
+                || config.limits.audit_retention.is_some())
+            .then_some(now.mono_ms + PURGE_INTERVAL_MS),
             limits: config.limits,
             ca_der: config.ca_der,
             ca_sha256,
@@ -583,7 +629,10 @@ impl CoordNode {
             timers: BTreeSet::new(),
             admin_running: 0,
             admin_waiting: VecDeque::new(),
+            signing: HashMap::new(),
+            admin_used: HashMap::new(),
             purging: false,
+            purging_audit: false,
             purged: 0,
             broken: false,
             effects: VecDeque::new(),
@@ -601,7 +650,7 @@ impl CoordNode {
     /// Who a client certificate belongs to, for the TLS layer: unknown and
     /// revoked certificates fail the handshake.
     pub fn cert_role(&self, fingerprint: &[u8; 32]) -> Option<CertRole> {
-        self.known.get(fingerprint).copied()
+        self.known.get(fingerprint).cloned()
     }
 
     /// Agent sessions open.
@@ -768,7 +817,7 @@ impl CoordNode {
         alpn: Alpn,
         cert_sha256: Option<[u8; 32]>,
     ) -> Route {
-        let role = cert_sha256.and_then(|fp| self.known.get(&fp).copied().map(|r| (fp, r)));
+        let role = cert_sha256.and_then(|fp| self.known.get(&fp).cloned().map(|r| (fp, r)));
         let Some(c) = self.conns.get(&conn) else {
             return Route::Refused;
         };
@@ -809,7 +858,32 @@ impl CoordNode {
                     phase: Phase::AwaitHello,
                 },
             ),
-            (Alpn::Admin, Some((fp, CertRole::Admin))) => {
+            (Alpn::Admin, Some((fp, CertRole::Admin(cert)))) => {
+                if cert.expires_at <= now.wall {
+                    self.event(CoordEvent::ConnRefused {
+                        ip,
+                        why: ConnRefusal::CertExpired,
+                    });
+                    let reason = expired_reason(&cert);
+                    self.close(
+                        conn,
+                        close::EXPIRED,
+                        &reason,
+                        Some(CloseWhy::AdminCredential),
+                    );
+                    return Route::Refused;
+                }
+                let due = self
+                    .admin_used
+                    .get(&fp)
+                    .is_none_or(|t| now.mono_ms >= t + ADMIN_USED_WRITE_MS);
+                if due {
+                    self.admin_used.insert(fp, now.mono_ms);
+                    self.effects.push_back(Effect::Store(StoreJob::AdminUsed {
+                        cert_sha256: fp,
+                        at: now.wall,
+                    }));
+                }
                 let who = AdminId(fp);
                 (Route::Admin(who), Kind::Admin { who, busy: 0 })
             }
@@ -844,6 +918,7 @@ impl CoordNode {
     pub fn handle_closed(&mut self, now: Now, conn: ConnId) {
         self.retire(now, conn);
         self.release_pending(conn);
+        self.signing.retain(|(c, _), _| *c != conn);
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -1006,19 +1081,30 @@ impl CoordNode {
         for (fp, role) in &page.certs.changes {
             match role {
                 Some(role) => {
-                    if self.known.insert(*fp, *role).is_none() {
+                    if self.known.insert(*fp, role.clone()).is_none() {
                         added += 1;
                     }
                 }
                 None => {
                     if let Some(old) = self.known.remove(fp) {
                         revoked += 1;
-                        if let CertRole::Agent(agent) = old {
-                            let closed = self.close_agent(now, agent);
-                            self.event(CoordEvent::AgentRevokedElsewhere {
-                                agent,
-                                sessions_closed: closed,
-                            });
+                        match old {
+                            CertRole::Agent(agent) => {
+                                let closed = self.close_agent(now, agent);
+                                self.event(CoordEvent::AgentRevokedElsewhere {
+                                    agent,
+                                    sessions_closed: closed,
+                                });
+                            }
+                            CertRole::Admin(cert) => {
+                                self.close_admin(
+                                    *fp,
+                                    &format!(
+                                        "the credential of admin {:?} was revoked or renewed",
+                                        cert.name
+                                    ),
+                                );
+                            }
                         }
                     }
                 }
@@ -1096,8 +1182,17 @@ impl CoordNode {
     }
 
     fn purge(&mut self, now: Now) {
+        if let Some(keep) = self.limits.audit_retention {
+            if !self.purging_audit {
+                self.purging_audit = true;
+                self.effects.push_back(Effect::Store(StoreJob::PurgeAudit {
+                    before: now.wall.saturating_add_ms(-keep.as_millis_i64()),
+                    max: PURGE_BATCH_RUNS_MAX,
+                }));
+            }
+        }
         let Some(keep) = self.limits.run_retention else {
-            self.next_purge_ms = None;
+            self.next_purge_ms = Some(now.mono_ms + PURGE_INTERVAL_MS);
             return;
         };
         self.purging = true;
@@ -1511,9 +1606,50 @@ impl CoordNode {
             return;
         };
         let who = *who;
+        let ip = c.ip;
         *busy += 1;
         c.deadline = None;
         self.rearm(conn);
+        // Checked on every request: a credential revoked, replaced or
+        // expired since the connection was made stops working at once.
+        let cert = match self.known.get(&who.0) {
+            Some(CertRole::Admin(cert)) => cert.clone(),
+            _ => {
+                let why = "this admin credential was revoked or replaced".to_string();
+                self.admin_answered(now, conn, req, vec![AdminResponse::Error(why.clone())]);
+                self.close(conn, close::REVOKED, &why, Some(CloseWhy::AdminCredential));
+                return;
+            }
+        };
+        if cert.expires_at <= now.wall {
+            let why = expired_reason(&cert);
+            self.admin_answered(now, conn, req, vec![AdminResponse::Error(why.clone())]);
+            self.close(conn, close::EXPIRED, &why, Some(CloseWhy::AdminCredential));
+            return;
+        }
+        let audit = AuditEntry {
+            seq: 0,
+            at: now.wall,
+            admin: cert.name.clone(),
+            cert_sha256: who.0,
+            from: Some(ip.to_string()),
+            action: admin::action(&request).to_string(),
+            subject: admin::subject(&request),
+            revision: None,
+            refused: None,
+        };
+        let refusal = admin::permitted(&request, &cert)
+            .err()
+            .or_else(|| match &request {
+                AdminRequest::AdminCreate { .. } | AdminRequest::AdminRenew { .. } => {
+                    admin::credential_refusal(&request, now.wall).err()
+                }
+                _ => None,
+            });
+        if let Some(why) = refusal {
+            self.admin_refused(now, conn, req, who, audit, why);
+            return;
+        }
         let seen = match &request {
             AdminRequest::AgentList => self
                 .seen
@@ -1528,6 +1664,15 @@ impl CoordNode {
                 .collect(),
             _ => HashMap::new(),
         };
+        let sign = match &request {
+            AdminRequest::AdminCreate { name, csr_der, .. }
+            | AdminRequest::AdminRenew { name, csr_der, .. } => {
+                admin::credential_refusal(&request, now.wall)
+                    .ok()
+                    .map(|expires_at| (name.clone(), csr_der.clone(), expires_at))
+            }
+            _ => None,
+        };
         let job = StoreJob::Admin {
             conn,
             req,
@@ -1540,8 +1685,55 @@ impl CoordNode {
                 entropy,
                 seen,
                 shared: self.feed.is_some(),
+                audit,
+                signed: None,
             }),
         };
+        if let Some((name, csr_der, expires_at)) = sign {
+            // The CA signs first; the store then records the admin.
+            self.signing.insert((conn, req), job);
+            self.effects.push_back(Effect::Sign {
+                conn,
+                signee: Signee::Admin {
+                    req,
+                    name,
+                    expires_at,
+                },
+                csr_der,
+            });
+            return;
+        }
+        self.admin_job(now, conn, req, job);
+    }
+
+    /// A request refused before the store: answered, and written to the
+    /// audit log.
+    fn admin_refused(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        req: u64,
+        by: AdminId,
+        audit: AuditEntry,
+        why: String,
+    ) {
+        self.event(CoordEvent::AdminRefused {
+            by,
+            why: why.clone(),
+        });
+        self.audit_refused(audit, &why);
+        self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
+    }
+
+    fn audit_refused(&mut self, mut audit: AuditEntry, why: &str) {
+        audit.refused = Some(why.to_string());
+        self.event(CoordEvent::Audited(audit.clone()));
+        self.effects
+            .push_back(Effect::Store(StoreJob::Audit { entry: audit }));
+    }
+
+    /// Runs an admin request's store job now, or queues it for a slot.
+    fn admin_job(&mut self, now: Now, conn: ConnId, req: u64, job: StoreJob) {
         if self.admin_running < self.limits.admin_concurrent_max.max(1) {
             self.admin_running += 1;
             self.effects.push_back(Effect::Store(job));
@@ -1590,6 +1782,7 @@ impl CoordNode {
         conn: ConnId,
         req: u64,
         result: Result<AdminAnswer, StoreError>,
+        audit: Option<Box<AuditEntry>>,
     ) {
         self.admin_running = self.admin_running.saturating_sub(1);
         if let Some(next) = self.admin_waiting.pop_front() {
@@ -1611,6 +1804,10 @@ impl CoordNode {
                 });
                 if !e.is_refusal() {
                     self.store_failed(e);
+                } else if let Some(audit) = audit {
+                    // A change refused by the store's rules (no such task,
+                    // a conflict): nothing changed, the attempt is logged.
+                    self.audit_refused(*audit, &why);
                 }
                 self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
                 return;
@@ -1633,7 +1830,27 @@ impl CoordNode {
                         sessions_closed: closed,
                     });
                 }
+                FollowUp::Audited(entry) => self.event(CoordEvent::Audited(entry)),
+                FollowUp::AdminCert {
+                    removed,
+                    added,
+                    why,
+                } => {
+                    if let Some(fp) = removed {
+                        self.known.remove(&fp);
+                        self.close_admin(fp, &why);
+                    }
+                    if let Some((fp, cert)) = added {
+                        self.known.insert(fp, CertRole::Admin(cert));
+                    }
+                }
                 FollowUp::RunNow { task, at, agents } => {
+                    if let Some(audit) = &audit {
+                        let entry = (**audit).clone();
+                        self.event(CoordEvent::Audited(entry.clone()));
+                        self.effects
+                            .push_back(Effect::Store(StoreJob::Audit { entry }));
+                    }
                     let mut sent = Vec::new();
                     let mut offline = Vec::new();
                     for agent in agents {
@@ -1704,6 +1921,20 @@ impl CoordNode {
 
     /// Closes every connection of `agent` (revoked): at once, not at its
     /// next reconnect. Returns how many sessions were live.
+    /// Closes the connections of the admin certificate `fp`, saying `why`.
+    fn close_admin(&mut self, fp: [u8; 32], why: &str) -> usize {
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(&c.kind, Kind::Admin { who, .. } if who.0 == fp))
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in &conns {
+            self.close(*conn, close::REVOKED, why, Some(CloseWhy::AdminCredential));
+        }
+        conns.len()
+    }
+
     fn close_agent(&mut self, now: Now, agent: AgentId) -> usize {
         let conns: Vec<ConnId> = self
             .conns
@@ -1796,9 +2027,38 @@ impl CoordNode {
         &mut self,
         now: Now,
         conn: ConnId,
-        agent: AgentId,
+        signee: Signee,
         signed: Result<Vec<u8>, String>,
     ) {
+        let agent = match signee {
+            Signee::Agent(agent) => agent,
+            Signee::Admin {
+                req, expires_at, ..
+            } => {
+                let Some(mut job) = self.signing.remove(&(conn, req)) else {
+                    return;
+                };
+                match signed {
+                    Ok(cert_der) => {
+                        if let StoreJob::Admin { ctx, .. } = &mut job {
+                            ctx.signed = Some(Signed {
+                                cert_der,
+                                expires_at,
+                            });
+                        }
+                        self.admin_job(now, conn, req, job);
+                    }
+                    Err(why) => {
+                        let why = format!("the certificate could not be signed: {why}");
+                        if let StoreJob::Admin { ctx, .. } = job {
+                            let ctx = *ctx;
+                            self.admin_refused(now, conn, req, ctx.who, ctx.audit, why);
+                        }
+                    }
+                }
+                return;
+            }
+        };
         let request = match self.conns.get_mut(&conn).map(|c| &mut c.kind) {
             Some(Kind::Enroll { request, .. }) => request.take(),
             _ => None,
@@ -1900,7 +2160,32 @@ impl CoordNode {
                 }
             }
             StoreDone::Feed { result } => self.feed_done(now, result),
-            StoreDone::Admin { conn, req, result } => self.admin_done(now, conn, req, result),
+            StoreDone::Admin {
+                conn,
+                req,
+                result,
+                audit,
+            } => self.admin_done(now, conn, req, result, audit),
+            StoreDone::PurgeAudit {
+                before,
+                max,
+                result,
+            } => match result {
+                Ok(n) if n >= max => {
+                    self.effects
+                        .push_back(Effect::Store(StoreJob::PurgeAudit { before, max }));
+                }
+                Ok(n) => {
+                    self.purging_audit = false;
+                    if n > 0 {
+                        self.event(CoordEvent::AuditPurged { before });
+                    }
+                }
+                Err(e) => {
+                    self.purging_audit = false;
+                    self.store_failed(e);
+                }
+            },
             StoreDone::EnrollCheck {
                 conn,
                 result,
@@ -1914,7 +2199,7 @@ impl CoordNode {
                         *held = Some(request);
                         self.effects.push_back(Effect::Sign {
                             conn,
-                            agent,
+                            signee: Signee::Agent(agent),
                             csr_der,
                         });
                     }

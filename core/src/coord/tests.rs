@@ -34,7 +34,10 @@ fn node_with(limits: Limits) -> CoordNode {
     let mut known: Vec<([u8; 32], CertRole)> = (1..=3)
         .map(|n| (fp(n), CertRole::Agent(AgentId(u64::from(n)))))
         .collect();
-    known.push((fp(9), CertRole::Admin));
+    known.push((
+        fp(9),
+        CertRole::Admin(crate::coord_store::AdminCert::legacy()),
+    ));
     CoordNode::new(
         crate::session::fixtures::at(0),
         CoordConfig {
@@ -359,6 +362,7 @@ fn a_change_wakes_only_the_sessions_it_targets_and_run_now_reaches_only_live_one
         StoreDone::Admin {
             conn: admin,
             req: 1,
+            audit: None,
             result: Ok(AdminAnswer {
                 answers: vec![AdminResponse::TaskCreated(TaskId(1))],
                 follow: vec![
@@ -422,6 +426,7 @@ fn a_revocation_closes_the_live_session_and_forgets_the_certificate() {
         StoreDone::Admin {
             conn: admin,
             req: 7,
+            audit: None,
             result: Ok(AdminAnswer {
                 answers: vec![AdminResponse::Done],
                 follow: vec![FollowUp::Revoked {
@@ -545,6 +550,7 @@ fn admin_requests_beyond_the_slots_wait_and_run_in_turn() {
         StoreDone::Admin {
             conn: admin,
             req: 1,
+            audit: None,
             result: Err(StoreError::Refused("no".into())),
         },
     );
@@ -569,9 +575,19 @@ fn retention_purges_in_batches_every_interval() {
     assert_eq!(n.poll_timeout(), Some(PURGE_INTERVAL_MS));
     n.handle_timeout(at(PURGE_INTERVAL_MS - START));
     let fx = effects(&mut n);
-    let Some(Effect::Store(StoreJob::Purge { before, max })) = fx.first().cloned() else {
+    let Some((before, max)) = fx.iter().find_map(|e| match e {
+        Effect::Store(StoreJob::Purge { before, max }) => Some((*before, *max)),
+        _ => None,
+    }) else {
         panic!("a purge: {fx:?}");
     };
+    // The audit log's retention (two years by default) goes with it.
+    let two_years = i64::try_from(AUDIT_RETENTION_DEFAULT_MS).expect("fits");
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::Store(StoreJob::PurgeAudit { before: b, .. })
+            if *b == at(PURGE_INTERVAL_MS - START).wall.saturating_add_ms(-two_years))),
+        "{fx:?}"
+    );
     assert_eq!(
         before,
         at(PURGE_INTERVAL_MS - START).wall.saturating_add_ms(-1_000)
@@ -617,4 +633,301 @@ fn a_run_now_never_takes_the_instant_of_an_occurrence() {
     let at = Schedule::at(t(7));
     assert_eq!(run_now_instant(&at, t(7)), t(8));
     assert_eq!(run_now_instant(&at, t(9)), t(9));
+}
+
+/// Every admin request, one of each kind. The match below makes adding a
+/// request without listing it here (and so without a row in the table of
+/// `every_request_is_allowed_exactly_where_the_role_table_says`) a compile
+/// error.
+fn every_request() -> Vec<AdminRequest> {
+    use sundial_protocol::wire::{AuditQuery, Role, TaskPatch};
+    let all = vec![
+        AdminRequest::TokenCreate {
+            ttl_ms: 60_000,
+            uses: 1,
+            labels: Vec::new(),
+        },
+        AdminRequest::AgentList,
+        AdminRequest::AgentGet(AgentId(1)),
+        AdminRequest::AgentRevoke(AgentId(1)),
+        AdminRequest::TaskCreate(Box::new(sundial_protocol::wire::TaskDraft {
+            name: None,
+            target: Target::Agent(AgentId(1)),
+            schedule: sundial_protocol::Schedule::at(Timestamp::from_millis_saturating(0)),
+            action: sundial_protocol::task::Action::Exec(Default::default()),
+            policies: Default::default(),
+            anchor_at_creation: false,
+        })),
+        AdminRequest::TaskList,
+        AdminRequest::TaskGet(TaskId(1)),
+        AdminRequest::TaskCancel(TaskId(1)),
+        AdminRequest::TaskUpdate {
+            id: TaskId(1),
+            patch: Box::new(TaskPatch::default()),
+        },
+        AdminRequest::TaskRunNow(TaskId(1)),
+        AdminRequest::TaskPause(TaskId(1)),
+        AdminRequest::TaskResume(TaskId(1)),
+        AdminRequest::AgentForget(AgentId(1)),
+        AdminRequest::TokenList,
+        AdminRequest::TokenRevoke("01234567".into()),
+        AdminRequest::RunList {
+            task: None,
+            agent: None,
+            since: None,
+            limit: 10,
+            after: None,
+            before: None,
+        },
+        AdminRequest::AdminCreate {
+            name: "carol".into(),
+            role: Role::Viewer,
+            ttl_ms: 86_400_000,
+            csr_der: vec![1, 2, 3],
+        },
+        AdminRequest::AdminList,
+        AdminRequest::AdminRenew {
+            name: "carol".into(),
+            ttl_ms: 86_400_000,
+            csr_der: vec![1, 2, 3],
+        },
+        AdminRequest::AdminRevoke("carol".into()),
+        AdminRequest::AuditList(AuditQuery {
+            limit: 10,
+            ..AuditQuery::default()
+        }),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &all {
+        // Exhaustive on purpose: a new request must be listed above.
+        let kind = match r {
+            AdminRequest::TokenCreate { .. } => 0,
+            AdminRequest::AgentList => 1,
+            AdminRequest::AgentGet(_) => 2,
+            AdminRequest::AgentRevoke(_) => 3,
+            AdminRequest::TaskCreate(_) => 4,
+            AdminRequest::TaskList => 5,
+            AdminRequest::TaskGet(_) => 6,
+            AdminRequest::TaskCancel(_) => 7,
+            AdminRequest::TaskUpdate { .. } => 8,
+            AdminRequest::TaskRunNow(_) => 9,
+            AdminRequest::TaskPause(_) => 10,
+            AdminRequest::TaskResume(_) => 11,
+            AdminRequest::AgentForget(_) => 12,
+            AdminRequest::TokenList => 13,
+            AdminRequest::TokenRevoke(_) => 14,
+            AdminRequest::RunList { .. } => 15,
+            AdminRequest::AdminCreate { .. } => 16,
+            AdminRequest::AdminList => 17,
+            AdminRequest::AdminRenew { .. } => 18,
+            AdminRequest::AdminRevoke(_) => 19,
+            AdminRequest::AuditList(_) => 20,
+        };
+        seen.insert(kind);
+    }
+    assert_eq!(seen.len(), 21, "every kind of request once");
+    all
+}
+
+/// A node with one admin of each role: viewer [21;32], operator [22;32],
+/// owner [23;32], valid for a day after the start.
+fn node_with_roles() -> CoordNode {
+    use crate::coord_store::AdminCert;
+    use sundial_protocol::wire::Role;
+    let mut n = node();
+    let day = crate::session::fixtures::at(86_400_000).wall;
+    for (i, role) in Role::ALL.into_iter().enumerate() {
+        n.known.insert(
+            fp(21 + i as u8),
+            CertRole::Admin(AdminCert {
+                name: role.name().into(),
+                role,
+                expires_at: day,
+            }),
+        );
+    }
+    n
+}
+
+#[test]
+fn every_request_is_allowed_exactly_where_the_role_table_says() {
+    use sundial_protocol::wire::Role;
+    // The table, as the README states it: the least role each request needs.
+    let needs = |r: &AdminRequest| match r {
+        AdminRequest::AgentList
+        | AdminRequest::AgentGet(_)
+        | AdminRequest::TaskList
+        | AdminRequest::TaskGet(_)
+        | AdminRequest::TokenList
+        | AdminRequest::RunList { .. }
+        | AdminRequest::AdminList
+        | AdminRequest::AuditList(_) => Role::Viewer,
+        AdminRequest::TokenCreate { .. }
+        | AdminRequest::TokenRevoke(_)
+        | AdminRequest::TaskCreate(_)
+        | AdminRequest::TaskUpdate { .. }
+        | AdminRequest::TaskCancel(_)
+        | AdminRequest::TaskRunNow(_)
+        | AdminRequest::TaskPause(_)
+        | AdminRequest::TaskResume(_) => Role::Operator,
+        AdminRequest::AgentRevoke(_)
+        | AdminRequest::AgentForget(_)
+        | AdminRequest::AdminCreate { .. }
+        | AdminRequest::AdminRenew { .. }
+        | AdminRequest::AdminRevoke(_) => Role::Owner,
+    };
+    let mut checked = 0;
+    for (i, role) in Role::ALL.into_iter().enumerate() {
+        let mut n = node_with_roles();
+        let conn = n.handle_incoming(at(1), ip(30)).expect("admin");
+        assert_eq!(
+            n.handle_handshaken(at(1), conn, Alpn::Admin, Some(fp(21 + i as u8))),
+            Route::Admin(AdminId(fp(21 + i as u8)))
+        );
+        effects(&mut n);
+        for (req_id, req) in every_request().into_iter().enumerate() {
+            let allowed = role >= needs(&req);
+            let what = format!("{role} asking {}", admin::action(&req));
+            n.handle_admin(at(2), conn, req_id as u64, req.clone(), [0; ENTROPY_BYTES]);
+            let fx = effects(&mut n);
+            let went_on = fx.iter().any(|e| {
+                matches!(
+                    e,
+                    Effect::Store(StoreJob::Admin { .. }) | Effect::Sign { .. }
+                )
+            });
+            let refusal = fx.iter().find_map(|e| match e {
+                Effect::AdminReply { answers, .. } => match answers.as_slice() {
+                    [AdminResponse::Error(why)] => Some(why.clone()),
+                    _ => None,
+                },
+                _ => None,
+            });
+            let audited = fx.iter().any(|e| {
+                matches!(e, Effect::Store(StoreJob::Audit { entry })
+                    if entry.refused.is_some() && entry.admin == role.name())
+            });
+            if allowed {
+                assert!(went_on && refusal.is_none(), "{what}: allowed, got {fx:?}");
+            } else {
+                let why = refusal.unwrap_or_else(|| panic!("{what}: refused, got {fx:?}"));
+                assert!(!went_on, "{what}: refused but carried out");
+                assert!(
+                    why.contains(&format!("needs the {} role", needs(&req))),
+                    "{what}: the refusal names the role needed: {why}"
+                );
+                assert!(audited, "{what}: the refusal is in the audit log");
+            }
+            // The table in the code agrees with this one.
+            assert_eq!(admin::required_role(&req), needs(&req), "{what}");
+            checked += 1;
+            // Free the admin slot the job took.
+            n.handle_store_done(
+                at(3),
+                StoreDone::Admin {
+                    conn,
+                    req: req_id as u64,
+                    result: Ok(AdminAnswer::default()),
+                    audit: None,
+                },
+            );
+            effects(&mut n);
+        }
+    }
+    assert_eq!(checked, 3 * 21);
+}
+
+#[test]
+fn any_admin_may_renew_itself_and_only_itself() {
+    use sundial_protocol::wire::AdminRequest as R;
+    let mut n = node_with_roles();
+    let conn = n.handle_incoming(at(1), ip(30)).expect("admin");
+    n.handle_handshaken(at(1), conn, Alpn::Admin, Some(fp(21)));
+    effects(&mut n);
+    let renew = |name: &str| R::AdminRenew {
+        name: name.into(),
+        ttl_ms: 86_400_000,
+        csr_der: vec![1],
+    };
+    n.handle_admin(at(2), conn, 1, renew("viewer"), [0; ENTROPY_BYTES]);
+    let fx = effects(&mut n);
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::Sign { signee: Signee::Admin { name, .. }, .. } if name == "viewer")),
+        "{fx:?}"
+    );
+    n.handle_admin(at(2), conn, 2, renew("owner"), [0; ENTROPY_BYTES]);
+    let fx = effects(&mut n);
+    assert!(fx.iter().any(|e| matches!(e, Effect::AdminReply { answers, .. }
+        if matches!(answers.as_slice(), [AdminResponse::Error(w)] if w.contains("needs the owner role")))));
+    // A lifetime out of bounds is refused before anything is signed.
+    let mut long = renew("viewer");
+    if let R::AdminRenew { ttl_ms, .. } = &mut long {
+        *ttl_ms = admin::ADMIN_TTL_MAX_MS + 1;
+    }
+    n.handle_admin(at(2), conn, 3, long, [0; ENTROPY_BYTES]);
+    let fx = effects(&mut n);
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Sign { .. })),
+        "{fx:?}"
+    );
+}
+
+#[test]
+fn a_revoked_admin_is_cut_off_mid_connection_and_an_expired_one_is_told_so() {
+    let mut n = node_with_roles();
+    let op = n.handle_incoming(at(1), ip(30)).expect("operator");
+    n.handle_handshaken(at(1), op, Alpn::Admin, Some(fp(22)));
+    let owner = n.handle_incoming(at(1), ip(31)).expect("owner");
+    n.handle_handshaken(at(1), owner, Alpn::Admin, Some(fp(23)));
+    effects(&mut n);
+    // The owner revokes the operator: the store answers with the follow-up.
+    n.handle_admin(
+        at(2),
+        owner,
+        1,
+        AdminRequest::AdminRevoke("operator".into()),
+        [0; ENTROPY_BYTES],
+    );
+    effects(&mut n);
+    n.handle_store_done(
+        at(3),
+        StoreDone::Admin {
+            conn: owner,
+            req: 1,
+            result: Ok(AdminAnswer {
+                answers: vec![AdminResponse::Done],
+                follow: vec![FollowUp::AdminCert {
+                    removed: Some(fp(22)),
+                    added: None,
+                    why: "the credential of admin \"operator\" was revoked".into(),
+                }],
+            }),
+            audit: None,
+        },
+    );
+    let fx = effects(&mut n);
+    assert_eq!(closes(&fx), vec![(op, close::REVOKED)], "{fx:?}");
+    assert_eq!(n.cert_role(&fp(22)), None, "refused at the next handshake");
+    // A request already on its way is refused, not carried out.
+    n.handle_admin(at(4), op, 2, AdminRequest::TaskList, [0; ENTROPY_BYTES]);
+    let fx = effects(&mut n);
+    assert!(!fx
+        .iter()
+        .any(|e| matches!(e, Effect::Store(StoreJob::Admin { .. }))));
+    // A credential past its end: refused with a close that says so.
+    let late = n.handle_incoming(at(86_400_001), ip(32)).expect("late");
+    assert_eq!(
+        n.handle_handshaken(at(86_400_001), late, Alpn::Admin, Some(fp(21))),
+        Route::Refused
+    );
+    let fx = effects(&mut n);
+    let reason = fx.iter().find_map(|e| match e {
+        Effect::Close { code, reason, .. } if *code == close::EXPIRED => Some(reason.clone()),
+        _ => None,
+    });
+    let reason = reason.expect("closed as expired");
+    assert!(
+        reason.contains("expired") && reason.contains("admin renew viewer"),
+        "{reason}"
+    );
 }

@@ -14,7 +14,7 @@
 
 use sundial_protocol::policy::Policies;
 use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::wire::TaskDraft;
+use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, Role, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
 
 use super::*;
@@ -78,6 +78,15 @@ pub const ALL: &[(&str, Body)] = &[
         a_restore_never_reuses_ids_or_revisions,
     ),
     ("settings_round_trip", settings_round_trip),
+    (
+        "admins_have_names_roles_and_one_live_credential",
+        admins_have_names_roles_and_one_live_credential,
+    ),
+    (
+        "audited_changes_write_their_entry_in_their_transaction",
+        audited_changes_write_their_entry_in_their_transaction,
+    ),
+    ("audit_pages_filter_and_purge", audit_pages_filter_and_purge),
 ];
 
 const T0: i64 = 1_800_000_000_000;
@@ -112,7 +121,7 @@ pub fn draft(name: Option<&str>, target: Target) -> TaskDraft {
 
 fn create(s: &dyn CoordStore, name: Option<&str>, agent: u64) -> TaskSpec {
     ok(
-        s.create_task(draft(name, Target::Agent(AgentId(agent))), t(0)),
+        s.create_task(draft(name, Target::Agent(AgentId(agent))), t(0), None),
         "create a task",
     )
 }
@@ -160,15 +169,18 @@ fn enroll_one(s: &dyn CoordStore, token: [u8; 32], labels: &[(&str, &str)]) -> A
 fn token(s: &dyn CoordStore, n: u8, uses: u32, labels: &[(&str, &str)]) -> [u8; 32] {
     let hash = [n; 32];
     ok(
-        s.put_token(&JoinToken {
-            secret_sha256: hash,
-            expires_at: t(60_000),
-            uses_left: uses,
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        }),
+        s.put_token(
+            &JoinToken {
+                secret_sha256: hash,
+                expires_at: t(60_000),
+                uses_left: uses,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            },
+            None,
+        ),
         "put a token",
     );
     hash
@@ -206,18 +218,21 @@ pub fn revisions_rise_by_one_and_tasks_carry_them(s: &dyn CoordStore) {
     let b = create(s, None, 1);
     assert_eq!((a.revision, b.revision), (1, 2));
     assert_ne!(a.id, b.id);
-    let r = ok(s.update_task(&a, a.revision), "update");
+    let r = ok(s.update_task(&a, a.revision, None), "update");
     assert_eq!(r, 3);
-    let r = ok(s.cancel_task(b.id), "cancel");
+    let r = ok(s.cancel_task(b.id, None), "cancel");
     assert_eq!(r, 4);
     assert_eq!(ok(s.revision(), "revision"), 4);
     let a2 = ok(s.task(a.id), "task").expect("a exists");
     assert_eq!(a2.spec.revision, 3);
     let b2 = ok(s.task(b.id), "task").expect("a cancelled task stays");
     assert!(b2.cancelled && b2.spec.revision == 4);
-    assert!(matches!(s.cancel_task(b.id), Err(StoreError::Refused(_))));
     assert!(matches!(
-        s.cancel_task(TaskId(999)),
+        s.cancel_task(b.id, None),
+        Err(StoreError::Refused(_))
+    ));
+    assert!(matches!(
+        s.cancel_task(TaskId(999), None),
         Err(StoreError::NotFound(_))
     ));
     assert_eq!(
@@ -230,10 +245,10 @@ pub fn revisions_rise_by_one_and_tasks_carry_them(s: &dyn CoordStore) {
 pub fn names_are_unique_among_live_tasks(s: &dyn CoordStore) {
     let a = create(s, Some("backup"), 1);
     assert!(matches!(
-        s.create_task(draft(Some("backup"), Target::Agent(AgentId(2))), t(0)),
+        s.create_task(draft(Some("backup"), Target::Agent(AgentId(2))), t(0), None),
         Err(StoreError::Refused(_))
     ));
-    ok(s.cancel_task(a.id), "cancel");
+    ok(s.cancel_task(a.id, None), "cancel");
     let again = create(s, Some("backup"), 2);
     assert_ne!(again.id, a.id, "ids are never reused");
 }
@@ -242,13 +257,13 @@ pub fn update_is_compare_and_set(s: &dyn CoordStore) {
     let a = create(s, Some("a"), 1);
     let mut first = a.clone();
     first.schedule = Schedule::at(t(7_200_000));
-    let r1 = ok(s.update_task(&first, a.revision), "first update");
+    let r1 = ok(s.update_task(&first, a.revision, None), "first update");
     // A second writer that read the task before the first update.
     let mut second = a.clone();
     second.name = Some("renamed".into());
     assert!(
         matches!(
-            s.update_task(&second, a.revision),
+            s.update_task(&second, a.revision, None),
             Err(StoreError::Conflict(_))
         ),
         "a stale revision is a conflict"
@@ -264,13 +279,13 @@ pub fn update_is_compare_and_set(s: &dyn CoordStore) {
     let mut ghost = a.clone();
     ghost.id = TaskId(4242);
     assert!(matches!(
-        s.update_task(&ghost, 1),
+        s.update_task(&ghost, 1, None),
         Err(StoreError::NotFound(_))
     ));
-    ok(s.cancel_task(a.id), "cancel");
+    ok(s.cancel_task(a.id, None), "cancel");
     let latest = ok(s.revision(), "revision");
     assert!(matches!(
-        s.update_task(&first, latest),
+        s.update_task(&first, latest, None),
         Err(StoreError::Refused(_))
     ));
 }
@@ -304,7 +319,7 @@ pub fn changes_for_is_bounded_and_resumable(s: &dyn CoordStore) {
 
 pub fn selectors_match_labels_and_removed_tasks_reach_agents(s: &dyn CoordStore) {
     let sel = Target::Selector(vec![("site".into(), "north".into())]);
-    let shop = ok(s.create_task(draft(Some("n"), sel), t(0)), "create");
+    let shop = ok(s.create_task(draft(Some("n"), sel), t(0), None), "create");
     let other = ok(
         s.create_task(
             draft(
@@ -312,6 +327,7 @@ pub fn selectors_match_labels_and_removed_tasks_reach_agents(s: &dyn CoordStore)
                 Target::Selector(vec![("site".into(), "south".into())]),
             ),
             t(0),
+            None,
         ),
         "create",
     );
@@ -323,8 +339,8 @@ pub fn selectors_match_labels_and_removed_tasks_reach_agents(s: &dyn CoordStore)
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0.id, shop.id);
     let after = ok(s.revision(), "revision");
-    ok(s.cancel_task(shop.id), "cancel");
-    ok(s.cancel_task(other.id), "cancel");
+    ok(s.cancel_task(shop.id, None), "cancel");
+    ok(s.cancel_task(other.id, None), "cancel");
     // An agent in sync hears of the cancel; a first sync leaves it out.
     let got = all_changes(s, AgentId(9), &labels, after, 100);
     assert_eq!(got.len(), 1);
@@ -334,18 +350,18 @@ pub fn selectors_match_labels_and_removed_tasks_reach_agents(s: &dyn CoordStore)
 
 pub fn pause_and_resume_take_revisions(s: &dyn CoordStore) {
     let a = create(s, Some("a"), 1);
-    let r = ok(s.set_paused(a.id, true, t(10)), "pause");
+    let r = ok(s.set_paused(a.id, true, t(10), None), "pause");
     assert_eq!(r, a.revision + 1);
     assert!(ok(s.task(a.id), "task").expect("exists").paused);
     assert!(matches!(
-        s.set_paused(a.id, true, t(10)),
+        s.set_paused(a.id, true, t(10), None),
         Err(StoreError::Refused(_))
     ));
     let none: Vec<(String, String)> = Vec::new();
     let got = all_changes(s, AgentId(1), &none, a.revision, 100);
     assert!(got.len() == 1 && got[0].1, "paused: removed for the agent");
     assert!(all_changes(s, AgentId(1), &none, 0, 100).is_empty());
-    let r2 = ok(s.set_paused(a.id, false, t(5_000)), "resume");
+    let r2 = ok(s.set_paused(a.id, false, t(5_000), None), "resume");
     assert_eq!(r2, r + 1);
     let back = ok(s.task(a.id), "task").expect("exists");
     assert!(!back.paused);
@@ -354,7 +370,7 @@ pub fn pause_and_resume_take_revisions(s: &dyn CoordStore) {
         "a resumed task counts from its resume"
     );
     assert!(matches!(
-        s.set_paused(TaskId(999), true, t(0)),
+        s.set_paused(TaskId(999), true, t(0), None),
         Err(StoreError::NotFound(_))
     ));
 }
@@ -443,22 +459,25 @@ pub fn enrollment_spends_tokens_and_merges_labels(s: &dyn CoordStore) {
 }
 
 pub fn revocation_removes_the_certificate(s: &dyn CoordStore) {
-    ok(s.add_admin_cert([0xad; 32]), "admin cert");
+    let boss = admin(s, "boss", Role::Owner, 0xad);
     let tok = token(s, 3, 1, &[]);
     let a = enroll_one(s, tok, &[]);
-    assert!(matches!(s.forget_agent(a.id), Err(StoreError::Refused(_))));
-    let r = ok(s.revoke_agent(a.id), "revoke");
+    assert!(matches!(
+        s.forget_agent(a.id, None),
+        Err(StoreError::Refused(_))
+    ));
+    let r = ok(s.revoke_agent(a.id, None), "revoke");
     assert!(r.revoked);
-    let again = ok(s.revoke_agent(a.id), "revoke twice");
+    let again = ok(s.revoke_agent(a.id, None), "revoke twice");
     assert!(again.revoked, "revoking twice is a no-op");
     let certs = ok(s.known_certs(None, 100), "certs");
     assert!(!certs.iter().any(|(fp, _)| *fp == a.cert_sha256));
-    assert!(certs.contains(&([0xad; 32], CertRole::Admin)));
-    ok(s.forget_agent(a.id), "forget");
+    assert!(certs.contains(&([0xad; 32], CertRole::Admin(cert_of(&boss)))));
+    ok(s.forget_agent(a.id, None), "forget");
     let listed = ok(s.agents(None, 100), "agents");
     assert!(listed.iter().any(|x| x.id == a.id && x.forgotten));
     assert!(matches!(
-        s.revoke_agent(AgentId(555)),
+        s.revoke_agent(AgentId(555), None),
         Err(StoreError::NotFound(_))
     ));
 }
@@ -650,9 +669,9 @@ pub fn listings_are_paged_and_cover_everything_once(s: &dyn CoordStore) {
         certs += page.len();
     }
     assert_eq!(certs, 23);
-    ok(s.delete_token([10; 32]), "delete a token");
+    ok(s.delete_token([10; 32], None), "delete a token");
     assert!(matches!(
-        s.delete_token([10; 32]),
+        s.delete_token([10; 32], None),
         Err(StoreError::NotFound(_))
     ));
 }
@@ -693,12 +712,12 @@ pub fn settings_round_trip(s: &dyn CoordStore) {
 pub fn feeds_tell_of_certificates_tasks_and_run_nows(s: &dyn CoordStore) {
     // Certificates: every addition and revocation, in order, resumable.
     let seq0 = ok(s.cert_seq(), "cert seq");
-    ok(s.add_admin_cert([7; 32]), "admin");
+    let seven = admin(s, "seven", Role::Viewer, 7);
     let tok = token(s, 3, 10, &[]);
     let a = enroll_one(s, tok, &[]);
     let b = enroll_one(s, tok, &[]);
-    ok(s.revoke_agent(a.id), "revoke");
-    ok(s.revoke_agent(a.id), "revoke again (no news)");
+    ok(s.revoke_agent(a.id, None), "revoke");
+    ok(s.revoke_agent(a.id, None), "revoke again (no news)");
     let mut changes = Vec::new();
     let mut since = seq0;
     loop {
@@ -715,10 +734,10 @@ pub fn feeds_tell_of_certificates_tasks_and_run_nows(s: &dyn CoordStore) {
     // store may report a certificate changed twice once, as it is now).
     let mut state = std::collections::BTreeMap::new();
     for (fp, role) in &changes {
-        state.insert(*fp, *role);
+        state.insert(*fp, role.clone());
     }
     let want: std::collections::BTreeMap<[u8; 32], Option<CertRole>> = [
-        ([7; 32], Some(CertRole::Admin)),
+        ([7; 32], Some(CertRole::Admin(cert_of(&seven)))),
         (a.cert_sha256, None),
         (b.cert_sha256, Some(CertRole::Agent(b.id))),
     ]
@@ -738,7 +757,7 @@ pub fn feeds_tell_of_certificates_tasks_and_run_nows(s: &dyn CoordStore) {
     let r0 = ok(s.revision(), "revision");
     let x = create(s, None, 1);
     let y = create(s, None, 2);
-    ok(s.cancel_task(x.id), "cancel");
+    ok(s.cancel_task(x.id, None), "cancel");
     let page = ok(s.task_changes(r0, 100), "task changes");
     let got: Vec<(TaskId, bool)> = page.changes.iter().map(|(t, r)| (t.id, *r)).collect();
     assert_eq!(got, vec![(y.id, false), (x.id, true)]);
@@ -772,4 +791,330 @@ pub fn feeds_tell_of_certificates_tasks_and_run_nows(s: &dyn CoordStore) {
         ok(s.take_run_now(&[AgentId(1)], t(2)), "take"),
         vec![q(1, 0)]
     );
+}
+
+/// Adds admin `name` with certificate `[fp; 32]`, valid for a day.
+fn admin(s: &dyn CoordStore, name: &str, role: Role, fp: u8) -> AdminInfo {
+    let a = AdminInfo {
+        name: name.into(),
+        role,
+        cert_sha256: [fp; 32],
+        created_at: t(0),
+        created_by: "init".into(),
+        expires_at: t(86_400_000),
+        revoked_at: None,
+        last_used: None,
+    };
+    ok(s.create_admin(&a, None), "create an admin");
+    a
+}
+
+fn cert_of(a: &AdminInfo) -> AdminCert {
+    AdminCert {
+        name: a.name.clone(),
+        role: a.role,
+        expires_at: a.expires_at,
+    }
+}
+
+fn entry(admin: &str, action: &str, at: i64) -> AuditEntry {
+    AuditEntry {
+        seq: 0,
+        at: t(at),
+        admin: admin.into(),
+        cert_sha256: [0xee; 32],
+        from: Some("192.0.2.7".into()),
+        action: action.into(),
+        subject: None,
+        revision: None,
+        refused: None,
+    }
+}
+
+fn whole_audit(s: &dyn CoordStore) -> Vec<AuditEntry> {
+    ok(
+        s.audit(&AuditQuery {
+            limit: 10_000,
+            ..AuditQuery::default()
+        }),
+        "audit",
+    )
+    .entries
+}
+
+pub fn admins_have_names_roles_and_one_live_credential(s: &dyn CoordStore) {
+    let owner = admin(s, "owner", Role::Owner, 1);
+    let alice = admin(s, "alice", Role::Operator, 2);
+    // One live admin per name.
+    assert!(matches!(
+        s.create_admin(
+            &AdminInfo {
+                cert_sha256: [3; 32],
+                ..alice.clone()
+            },
+            None
+        ),
+        Err(StoreError::Refused(_))
+    ));
+    let certs = ok(s.known_certs(None, 100), "certs");
+    assert!(certs.contains(&([2; 32], CertRole::Admin(cert_of(&alice)))));
+    // Renewal: the new certificate replaces the old one, also in the feed.
+    let seq = ok(s.cert_seq(), "cert seq");
+    let old = ok(
+        s.renew_admin("alice", [4; 32], t(2 * 86_400_000), None),
+        "renew",
+    );
+    assert_eq!(old.cert_sha256, [2; 32]);
+    let certs = ok(s.known_certs(None, 100), "certs");
+    assert!(
+        !certs.iter().any(|(fp, _)| *fp == [2; 32]),
+        "the old certificate is gone"
+    );
+    let renewed = AdminCert {
+        expires_at: t(2 * 86_400_000),
+        ..cert_of(&alice)
+    };
+    assert!(certs.contains(&([4; 32], CertRole::Admin(renewed.clone()))));
+    let news = ok(s.cert_changes(seq, 100), "feed").changes;
+    assert!(news.contains(&([2; 32], None)));
+    assert!(news.contains(&([4; 32], Some(CertRole::Admin(renewed)))));
+    assert!(matches!(
+        s.renew_admin("nobody", [5; 32], t(1), None),
+        Err(StoreError::NotFound(_))
+    ));
+    // The last owner stays; others go, and their names can be taken again.
+    assert!(matches!(
+        s.revoke_admin("owner", t(1), None),
+        Err(StoreError::Refused(_))
+    ));
+    let gone = ok(s.revoke_admin("alice", t(1), None), "revoke");
+    assert_eq!(gone.cert_sha256, [4; 32]);
+    assert!(matches!(
+        s.revoke_admin("alice", t(2), None),
+        Err(StoreError::Refused(_))
+    ));
+    assert!(matches!(
+        s.renew_admin("alice", [6; 32], t(9), None),
+        Err(StoreError::Refused(_))
+    ));
+    let certs = ok(s.known_certs(None, 100), "certs");
+    assert!(
+        !certs.iter().any(|(fp, _)| *fp == [4; 32]),
+        "revoked: refused"
+    );
+    let listed = ok(s.admins(None, 100), "admins");
+    let a = listed
+        .iter()
+        .find(|a| a.name == "alice")
+        .expect("alice listed");
+    assert_eq!(a.revoked_at, Some(t(1)));
+    let back = admin(s, "alice", Role::Viewer, 7);
+    assert_eq!(
+        ok(s.admins(Some("alice"), 100), "after alice")
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["owner"]
+    );
+    // A second owner lets the first go; an expired owner does not count.
+    let _late = AdminInfo {
+        expires_at: t(0),
+        ..admin(s, "late", Role::Owner, 8)
+    };
+    assert!(
+        matches!(
+            s.revoke_admin("owner", t(86_400_001), None),
+            Err(StoreError::Refused(_))
+        ),
+        "the other owners have expired by then"
+    );
+    admin(s, "second", Role::Owner, 9);
+    ok(
+        s.revoke_admin("owner", t(5), None),
+        "revoke the first owner",
+    );
+    // Last use, never going back.
+    ok(s.admin_used(back.cert_sha256, t(50)), "used");
+    ok(s.admin_used(back.cert_sha256, t(40)), "used earlier");
+    let listed = ok(s.admins(None, 100), "admins");
+    let a = listed.iter().find(|a| a.name == "alice").expect("alice");
+    assert_eq!((a.role, a.last_used), (Role::Viewer, Some(t(50))));
+    assert_eq!(owner.role, Role::Owner);
+}
+
+pub fn audited_changes_write_their_entry_in_their_transaction(s: &dyn CoordStore) {
+    let who = entry("alice", "task create", 0);
+    let a = ok(
+        s.create_task(
+            draft(Some("x"), Target::Agent(AgentId(1))),
+            t(0),
+            Some(&who),
+        ),
+        "create",
+    );
+    let rev = ok(
+        s.cancel_task(
+            a.id,
+            Some(&AuditEntry {
+                action: "task cancel".into(),
+                ..who.clone()
+            }),
+        ),
+        "cancel",
+    );
+    // Refused changes write nothing.
+    assert!(s.cancel_task(a.id, Some(&who)).is_err());
+    assert!(s.cancel_task(TaskId(999), Some(&who)).is_err());
+    assert!(s
+        .create_task(draft(None, Target::Agent(AgentId(1))), t(0), None)
+        .is_ok());
+    let tok = AuditEntry {
+        action: "token create".into(),
+        subject: Some("token 01010101".into()),
+        ..who.clone()
+    };
+    ok(
+        s.put_token(
+            &JoinToken {
+                secret_sha256: [1; 32],
+                expires_at: t(1_000),
+                uses_left: 1,
+                labels: Vec::new(),
+            },
+            Some(&tok),
+        ),
+        "token",
+    );
+    let log = whole_audit(s);
+    let got: Vec<(&str, Option<&str>, Option<u64>)> = log
+        .iter()
+        .map(|e| (e.action.as_str(), e.subject.as_deref(), e.revision))
+        .collect();
+    let task = format!("task {}", a.id);
+    assert_eq!(
+        got,
+        vec![
+            ("task create", Some(task.as_str()), Some(a.revision)),
+            ("task cancel", Some(task.as_str()), Some(rev)),
+            ("token create", Some("token 01010101"), None),
+        ]
+    );
+    assert!(log.windows(2).all(|w| w[0].seq < w[1].seq), "in order");
+    assert!(log
+        .iter()
+        .all(|e| e.admin == "alice" && e.from.as_deref() == Some("192.0.2.7")));
+    // Admin changes too.
+    let mk = AuditEntry {
+        action: "admin create".into(),
+        ..who.clone()
+    };
+    ok(
+        s.create_admin(
+            &AdminInfo {
+                name: "bob".into(),
+                role: Role::Viewer,
+                cert_sha256: [0xb0; 32],
+                created_at: t(0),
+                created_by: "alice".into(),
+                expires_at: t(86_400_000),
+                revoked_at: None,
+                last_used: None,
+            },
+            Some(&mk),
+        ),
+        "admin",
+    );
+    assert!(s
+        .create_admin(
+            &AdminInfo {
+                name: "bob".into(),
+                role: Role::Owner,
+                cert_sha256: [0xb1; 32],
+                created_at: t(0),
+                created_by: "alice".into(),
+                expires_at: t(86_400_000),
+                revoked_at: None,
+                last_used: None,
+            },
+            Some(&mk),
+        )
+        .is_err());
+    assert_eq!(whole_audit(s).len(), 4, "the refused create left no entry");
+}
+
+pub fn audit_pages_filter_and_purge(s: &dyn CoordStore) {
+    for i in 0..25 {
+        let mut e = entry(
+            if i % 2 == 0 { "alice" } else { "bob" },
+            "task pause",
+            i * 1_000,
+        );
+        e.subject = Some(format!("task t{}", i % 3));
+        if i % 5 == 0 {
+            e.refused = Some("no".into());
+        }
+        ok(s.append_audit(&e), "append");
+    }
+    let q = |f: &dyn Fn(&mut AuditQuery)| {
+        let mut q = AuditQuery {
+            limit: 10,
+            ..AuditQuery::default()
+        };
+        f(&mut q);
+        ok(s.audit(&q), "audit")
+    };
+    // The latest page, oldest first, and more behind it.
+    let latest = q(&|_| {});
+    assert_eq!(latest.entries.len(), 10);
+    assert!(latest.more);
+    assert_eq!(latest.entries.last().map(|e| e.at), Some(t(24_000)));
+    assert!(latest.entries.windows(2).all(|w| w[0].seq < w[1].seq));
+    // Back to the start with --before, forward again with --after: every
+    // entry once.
+    let mut seen: Vec<u64> = latest.entries.iter().map(|e| e.seq).collect();
+    let mut before = latest.entries.first().map(|e| e.seq);
+    loop {
+        let p = q(&|q| q.before = before);
+        let mut page: Vec<u64> = p.entries.iter().map(|e| e.seq).collect();
+        before = page.first().copied();
+        page.extend(seen);
+        seen = page;
+        if !p.more {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 25);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+    let first = seen[0];
+    let fwd = q(&|q| q.after = Some(first));
+    assert_eq!(fwd.entries.first().map(|e| e.seq), Some(seen[1]));
+    // Filters.
+    let bob = q(&|q| {
+        q.admin = Some("bob".into());
+        q.limit = 100;
+    });
+    assert_eq!(bob.entries.len(), 12);
+    assert!(!bob.more);
+    let refused = q(&|q| {
+        q.refused = true;
+        q.limit = 100;
+    });
+    assert_eq!(refused.entries.len(), 5);
+    let about = q(&|q| {
+        q.subject = Some("task t1".into());
+        q.since = Some(t(10_000));
+        q.limit = 100;
+    });
+    assert!(about
+        .entries
+        .iter()
+        .all(|e| e.subject.as_deref() == Some("task t1") && e.at >= t(10_000)));
+    assert_eq!(about.entries.len(), 5);
+    // Retention: the oldest go, in batches.
+    assert_eq!(ok(s.purge_audit_before(t(10_000), 4), "purge"), 4);
+    assert_eq!(ok(s.purge_audit_before(t(10_000), 100), "purge"), 6);
+    assert_eq!(ok(s.purge_audit_before(t(10_000), 100), "purge"), 0);
+    let rest = whole_audit(s);
+    assert_eq!(rest.len(), 15);
+    assert!(rest.iter().all(|e| e.at >= t(10_000)));
 }

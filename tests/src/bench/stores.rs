@@ -85,7 +85,9 @@ fn measure(store: &dyn CoordStore, total: i64, rounds: usize) -> Result<Figures,
                 policies: Default::default(),
                 anchor_at_creation: false,
             };
-            store.create_task(draft, now).map_err(|e| e.to_string())?;
+            store
+                .create_task(draft, now, None)
+                .map_err(|e| e.to_string())?;
         }
         f.creates_per_s
             .push(f64::from(n as u32) / t.elapsed().as_secs_f64());

@@ -195,11 +195,11 @@ impl World {
             }
             Effect::Sign {
                 conn,
-                agent,
+                signee,
                 csr_der,
             } => {
                 // The simulator's "certificate" is the request itself.
-                self.coord_do(k, |n, now| n.handle_signed(now, conn, agent, Ok(csr_der)));
+                self.coord_do(k, |n, now| n.handle_signed(now, conn, signee, Ok(csr_der)));
             }
             Effect::Transmit(conn) => {
                 let Some(c) = self.coords[k]

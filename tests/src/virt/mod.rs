@@ -811,14 +811,19 @@ impl World {
         for b in join_secret.iter_mut() {
             *b = r.below(256) as u8;
         }
-        let setup = store.add_admin_cert(sha256(ADMIN_CERT)).and_then(|()| {
-            store.put_token(&sundial_core::coord_store::JoinToken {
-                secret_sha256: sha256(&join_secret),
-                expires_at: Timestamp::from_millis_saturating(t0 + 86_400_000),
-                uses_left: 10_000,
-                labels: Vec::new(),
-            })
-        });
+        let setup = store
+            .create_admin(&crate::test_owner("sim-owner", sha256(ADMIN_CERT)), None)
+            .and_then(|()| {
+                store.put_token(
+                    &sundial_core::coord_store::JoinToken {
+                        secret_sha256: sha256(&join_secret),
+                        expires_at: Timestamp::from_millis_saturating(t0 + 86_400_000),
+                        uses_left: 10_000,
+                        labels: Vec::new(),
+                    },
+                    None,
+                )
+            });
         if let Err(e) = setup {
             panic!("an in-memory store does not take its first records: {e}");
         }
@@ -1074,7 +1079,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
             policies: Policies::default(),
             anchor_at_creation: false,
         };
-        if let Err(e) = w.store.create_task(draft, now) {
+        if let Err(e) = w.store.create_task(draft, now, None) {
             w.fail(format!("task {i} was not created: {e}"));
             break;
         }

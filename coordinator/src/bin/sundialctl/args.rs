@@ -43,6 +43,12 @@ pub(crate) enum Cmd {
     /// Work with schedules (no coordinator needed).
     #[command(subcommand)]
     Schedule(ScheduleCmd),
+    /// Named admin credentials and their roles (viewer, operator, owner).
+    #[command(subcommand)]
+    Admin(AdminCmd),
+    /// The audit log: every change an admin made, and every refused request.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Print a shell completion script: `sundialctl completions bash > /etc/bash_completion.d/sundialctl`.
     Completions {
         #[arg(value_name = "SHELL")]
@@ -296,5 +302,88 @@ pub(crate) enum ScheduleCmd {
         /// Output format: table (with local times for cron) or json (an array of strings).
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AdminCmd {
+    /// Create a named admin credential and write it to a file (its key is
+    /// made here and never leaves this machine). Owners only.
+    ///
+    /// Roles: viewer reads everything (dashboards, scripts); operator also
+    /// manages tasks and join tokens; owner also manages admins and agents.
+    ///
+    /// Example: sundialctl admin create alice --role operator --out alice.creds
+    Create {
+        /// A name: lower-case letters, digits, '.', '_' and '-'.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// viewer, operator or owner.
+        #[arg(long, value_name = "ROLE")]
+        role: Role,
+        /// How long the credential is valid (1h to 1098d).
+        #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "365d")]
+        ttl: DurationMs,
+        /// Where to write it [default: NAME.creds]; an existing file is not replaced.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// List admins: name, role, created, expires, last used.
+    List(OutputArg),
+    /// Give an admin a new credential (a new key and lifetime); its old one
+    /// stops working at once. Owners renew anyone; anyone renews itself.
+    Renew {
+        /// The admin [default: the one of --creds].
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+        /// How long the new credential is valid (1h to 1098d).
+        #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "365d")]
+        ttl: DurationMs,
+        /// Where to write it [default: NAME.creds]; an existing file is not replaced.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Revoke an admin: its connections close now and its credential is
+    /// refused from now on. Owners only; the last owner cannot be revoked.
+    Revoke {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCmd {
+    /// List audit entries, oldest first (the most recent N when more match).
+    List {
+        /// Only what this admin did.
+        #[arg(long, value_name = "NAME")]
+        admin: Option<String>,
+        /// Only entries about this task (id or name).
+        #[arg(long, value_name = "TASK", conflicts_with_all = ["agent", "about_admin"])]
+        task: Option<String>,
+        /// Only entries about this agent (id or name).
+        #[arg(long, value_name = "AGENT", conflicts_with = "about_admin")]
+        agent: Option<String>,
+        /// Only entries about this admin (created, renewed, revoked).
+        #[arg(long = "about-admin", value_name = "NAME")]
+        about_admin: Option<String>,
+        /// Only refused requests.
+        #[arg(long)]
+        refused: bool,
+        /// Only entries at or after this instant: RFC 3339, a date, or a
+        /// duration meaning that long ago (1h, 7d).
+        #[arg(long, value_name = "T", value_parser = cli::parse_since)]
+        since: Option<Timestamp>,
+        /// Show at most N entries, the most recent (1 to 10000).
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: u32,
+        /// The page after this cursor (an entry's SEQ), oldest first.
+        #[arg(long, value_name = "SEQ", conflicts_with = "before")]
+        after: Option<u64>,
+        /// The page before this cursor (an entry's SEQ): older entries.
+        #[arg(long, value_name = "SEQ")]
+        before: Option<u64>,
+        #[command(flatten)]
+        out: OutputArg,
     },
 }

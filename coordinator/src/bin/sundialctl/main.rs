@@ -16,7 +16,8 @@ use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Polici
 use sundial_protocol::task::{Action, ExecSpec, Target};
 
 use sundial_protocol::wire::{
-    AdminRequest, AdminResponse, AgentInfo, LastRun, TaskDraft, TaskInfo, TaskPatch, TokenInfo,
+    AdminInfo, AdminRequest, AdminResponse, AgentInfo, AuditEntry, AuditQuery, LastRun, Role,
+    TaskDraft, TaskInfo, TaskPatch, TokenInfo,
 };
 use sundial_protocol::{AgentId, DurationMs, RunRecord, TaskId, Timestamp};
 
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
 /// Talks to the coordinator for one command, resolving names to ids.
 struct Ctl {
     client: AdminClient,
+    creds: AdminCreds,
 }
 
 impl Ctl {
@@ -189,6 +191,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         bail!("no credentials: pass --creds FILE or set SUNDIAL_CREDS (the admin.creds that `sundial-coordinator init` printed)");
     };
     let creds = AdminCreds::load(&creds_path).map_err(anyhow::Error::msg)?;
+    if let Some(end) = creds.expires_at {
+        let now = cli::now();
+        let who = creds.admin.as_deref().unwrap_or("admin");
+        if end <= now {
+            bail!(
+                "the credential of {who} in {} expired at {end}; an owner can renew it with `sundialctl admin renew {who}`",
+                creds_path.display()
+            );
+        }
+        if end.millis_since(now) < 14 * 86_400_000 {
+            eprintln!(
+                "sundialctl: warning: the credential of {who} expires at {end} ({}); renew it with `sundialctl admin renew`",
+                ago(end, now)
+            );
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -197,7 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let client = AdminClient::connect(&creds)
             .await
             .map_err(anyhow::Error::msg)?;
-        let ctl = Ctl { client };
+        let ctl = Ctl { client, creds };
         let result = command(&ctl, cli.command).await;
         ctl.client.close();
         result
@@ -420,7 +438,158 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
                 eprintln!("showing {shown}{of} runs; {hint} (or --limit, --since)");
             }
         }
+        Cmd::Admin(AdminCmd::Create {
+            name,
+            role,
+            ttl,
+            out,
+        }) => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.creds")));
+            refuse_existing(&out)?;
+            let (key_pem, csr_der) = new_key()?;
+            let answer = ctl
+                .ask(AdminRequest::AdminCreate {
+                    name: name.clone(),
+                    role,
+                    ttl_ms: ttl.0,
+                    csr_der,
+                })
+                .await?;
+            let admin = write_admin_creds(ctl, answer, key_pem, &out)?;
+            outln!(
+                "created admin {} ({}), valid until {}: credentials in {}",
+                admin.name,
+                admin.role,
+                admin.expires_at,
+                out.display()
+            );
+        }
+        Cmd::Admin(AdminCmd::List(o)) => match ctl.ask(AdminRequest::AdminList).await? {
+            AdminResponse::Admins(a) => admins_out(&a, o.output)?,
+            r => return Err(unexpected(r)),
+        },
+        Cmd::Admin(AdminCmd::Renew { name, ttl, out }) => {
+            let Some(name) = name.or_else(|| ctl.creds.admin.clone()) else {
+                bail!("name the admin to renew (these credentials are from before named admins: they belong to the owner named `owner`)");
+            };
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.creds")));
+            refuse_existing(&out)?;
+            let (key_pem, csr_der) = new_key()?;
+            let answer = ctl
+                .ask(AdminRequest::AdminRenew {
+                    name: name.clone(),
+                    ttl_ms: ttl.0,
+                    csr_der,
+                })
+                .await?;
+            let admin = write_admin_creds(ctl, answer, key_pem, &out)?;
+            outln!(
+                "renewed admin {}, valid until {}: credentials in {}; the old credential no longer works",
+                admin.name,
+                admin.expires_at,
+                out.display()
+            );
+        }
+        Cmd::Admin(AdminCmd::Revoke { name }) => {
+            ctl.ask(AdminRequest::AdminRevoke(name.clone())).await?;
+            outln!("revoked admin {name}");
+        }
+        Cmd::Audit(AuditCmd::List {
+            admin,
+            task,
+            agent,
+            about_admin,
+            refused,
+            since,
+            limit,
+            after,
+            before,
+            out,
+        }) => {
+            let subject = if let Some(t) = task {
+                Some(format!("task {}", ctl.task_id(&t).await?))
+            } else if let Some(a) = agent {
+                Some(format!("agent {}", ctl.agent_id(&a).await?))
+            } else {
+                about_admin.map(|a| format!("admin {a}"))
+            };
+            let (entries, more) = ctl
+                .client
+                .audit_list(&AdminRequest::AuditList(AuditQuery {
+                    admin,
+                    subject,
+                    since,
+                    refused,
+                    limit,
+                    after,
+                    before,
+                }))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            audit_out(&entries, out.output)?;
+            if more && out.output != Output::Json {
+                let hint = if after.is_some() {
+                    entries
+                        .last()
+                        .map(|e| format!("newer: --after {}", e.seq))
+                        .unwrap_or_default()
+                } else {
+                    entries
+                        .first()
+                        .map(|e| format!("older: --before {}", e.seq))
+                        .unwrap_or_default()
+                };
+                eprintln!(
+                    "showing {} entries; {hint} (or --limit, --since)",
+                    entries.len()
+                );
+            }
+        }
         Cmd::Schedule(_) | Cmd::Completions { .. } | Cmd::Manpage => {}
     }
     Ok(())
+}
+
+fn refuse_existing(path: &std::path::Path) -> anyhow::Result<()> {
+    if path.exists() {
+        bail!(
+            "{} exists; refusing to replace it (choose another --out, or move it away)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A new key pair, made here: its private key (PEM) and a certificate
+/// signing request for its public key (DER).
+fn new_key() -> anyhow::Result<(String, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate().context("making a key")?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .context("making a certificate signing request")?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// Writes the credentials file of an admin create or renew.
+fn write_admin_creds(
+    ctl: &Ctl,
+    answer: AdminResponse,
+    key_pem: String,
+    out: &std::path::Path,
+) -> anyhow::Result<AdminInfo> {
+    let AdminResponse::AdminCert { admin, cert_der } = answer else {
+        return Err(unexpected(answer));
+    };
+    let creds = AdminCreds {
+        coordinator: ctl.creds.coordinator.clone(),
+        server_name: ctl.creds.server_name.clone(),
+        ca_pem: ctl.creds.ca_pem.clone(),
+        cert_pem: sundial_coordinator::pki::cert_pem(&cert_der),
+        key_pem,
+        admin: Some(admin.name.clone()),
+        role: Some(admin.role.to_string()),
+        expires_at: Some(admin.expires_at),
+    };
+    sundial_coordinator::pki::write_creds(out, &creds).map_err(anyhow::Error::msg)?;
+    Ok(admin)
 }

@@ -502,3 +502,117 @@ pub(crate) fn tokens_out(tokens: &[TokenInfo], out: Output) -> anyhow::Result<()
     );
     Ok(())
 }
+
+pub(crate) fn admin_state(a: &AdminInfo, now: Timestamp) -> &'static str {
+    if a.revoked_at.is_some() {
+        "revoked"
+    } else if a.expires_at <= now {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+pub(crate) fn admins_out(admins: &[AdminInfo], out: Output) -> anyhow::Result<()> {
+    let now = cli::now();
+    if out == Output::Json {
+        return print_json(&Value::Array(
+            admins
+                .iter()
+                .map(|a| {
+                    json!({
+                        "name": a.name,
+                        "role": a.role.name(),
+                        "state": admin_state(a, now),
+                        "cert_sha256": sundial_protocol::token::hex(&a.cert_sha256),
+                        "created_at": a.created_at.to_string(),
+                        "created_by": a.created_by,
+                        "expires_at": a.expires_at.to_string(),
+                        "revoked_at": opt_ts(a.revoked_at),
+                        "last_used": opt_ts(a.last_used),
+                    })
+                })
+                .collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = admins
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.role.to_string(),
+                admin_state(a, now).to_string(),
+                a.created_at.to_string(),
+                a.expires_at.to_string(),
+                a.last_used.map_or_else(|| "never".into(), |t| ago(t, now)),
+                a.created_by.clone(),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        table(
+            &[
+                "NAME",
+                "ROLE",
+                "STATE",
+                "CREATED",
+                "EXPIRES",
+                "LAST USED",
+                "CREATED BY"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+pub(crate) fn audit_out(entries: &[AuditEntry], out: Output) -> anyhow::Result<()> {
+    if out == Output::Json {
+        return print_json(&Value::Array(
+            entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "seq": e.seq,
+                        "at": e.at.to_string(),
+                        "admin": e.admin,
+                        "cert_sha256": sundial_protocol::token::hex(&e.cert_sha256),
+                        "from": e.from,
+                        "action": e.action,
+                        "subject": e.subject,
+                        "revision": e.revision,
+                        "refused": e.refused.is_some(),
+                        "reason": e.refused,
+                    })
+                })
+                .collect(),
+        ));
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                e.at.to_string(),
+                e.admin.clone(),
+                or_dash(e.from.as_deref()),
+                e.action.clone(),
+                or_dash(e.subject.as_deref()),
+                or_dash(e.revision),
+                match &e.refused {
+                    None => "done".into(),
+                    Some(why) => cut(&format!("refused: {why}"), 60, out),
+                },
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        table(
+            &["SEQ", "AT", "ADMIN", "FROM", "ACTION", "SUBJECT", "REVISION", "RESULT"],
+            &rows
+        )
+    );
+    Ok(())
+}
