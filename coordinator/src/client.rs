@@ -196,8 +196,30 @@ impl AdminClient {
                 }
                 Ok(answers)
             }
-            Ok(Err(e)) => Err(format!("coordinator: {e}")),
+            Ok(Err(e)) => Err(self.explain(e)),
             Err(_) => Err("the coordinator did not answer in time".into()),
+        }
+    }
+
+    /// What a failed exchange means, from how the coordinator closed the
+    /// connection (a refused credential, an expired one) if it did.
+    fn explain(&self, error: String) -> String {
+        match self.conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code != 0u32.into() => {
+                format!(
+                    "the coordinator closed the connection: {}",
+                    String::from_utf8_lossy(&c.reason)
+                )
+            }
+            Some(quinn::ConnectionError::ConnectionClosed(c))
+                if (0x100..0x200).contains(&u64::from(c.error_code)) =>
+            {
+                format!(
+                    "the coordinator refused this credential ({}): it was revoked or replaced, or this coordinator does not know it; an owner can see the admins with `sundialctl admin list`",
+                    c.error_code
+                )
+            }
+            _ => format!("coordinator: {error}"),
         }
     }
 

@@ -108,8 +108,34 @@ pub struct AdminCreds {
     pub admin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "rfc3339_opt"
+    )]
     pub expires_at: Option<sundial_protocol::Timestamp>,
+}
+
+/// An optional instant as RFC 3339 text (the file is read by people too).
+mod rfc3339_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use sundial_protocol::Timestamp;
+
+    pub fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&t.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => Timestamp::parse(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// A DER certificate as PEM text.

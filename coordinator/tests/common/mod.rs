@@ -40,6 +40,8 @@ pub struct Coordinator {
     pub addr: SocketAddr,
     child: Option<Child>,
     pub serve_args: Vec<String>,
+    /// Environment of `serve` (e.g. libfaketime's), from the next restart.
+    pub serve_env: Vec<(String, String)>,
     /// Where `serve` logs (appended across restarts).
     pub log: PathBuf,
 }
@@ -76,6 +78,7 @@ impl Coordinator {
             addr,
             child: None,
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
+            serve_env: Vec::new(),
             log: log.unwrap_or_else(|| root.join("coord").join("serve.log")),
         };
         c.restart();
@@ -98,6 +101,7 @@ impl Coordinator {
             .arg(&self.dir)
             .args(["--listen", &self.addr.to_string()])
             .args(&self.serve_args)
+            .envs(self.serve_env.iter().map(|(k, v)| (k, v)))
             .env("SUNDIAL_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -132,9 +136,14 @@ impl Coordinator {
 
     /// Runs sundialctl with these credentials: (success, stdout, stderr).
     pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        self.ctl_as(&self.creds(), args)
+    }
+
+    /// Runs sundialctl with the credentials in `creds`.
+    pub fn ctl_as(&self, creds: &Path, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(CTL)
             .args(args)
-            .env("SUNDIAL_CREDS", self.creds())
+            .env("SUNDIAL_CREDS", creds)
             .output()
             .expect("sundialctl runs");
         (

@@ -1103,6 +1103,7 @@ impl CoordNode {
                                         "the credential of admin {:?} was revoked or renewed",
                                         cert.name
                                     ),
+                                    None,
                                 );
                             }
                         }
@@ -1838,7 +1839,10 @@ impl CoordNode {
                 } => {
                     if let Some(fp) = removed {
                         self.known.remove(&fp);
-                        self.close_admin(fp, &why);
+                        // Not the connection that asked (an admin renewing
+                        // itself must get its new certificate): its next
+                        // request is refused.
+                        self.close_admin(fp, &why, Some(conn));
                     }
                     if let Some((fp, cert)) = added {
                         self.known.insert(fp, CertRole::Admin(cert));
@@ -1922,10 +1926,11 @@ impl CoordNode {
     /// Closes every connection of `agent` (revoked): at once, not at its
     /// next reconnect. Returns how many sessions were live.
     /// Closes the connections of the admin certificate `fp`, saying `why`.
-    fn close_admin(&mut self, fp: [u8; 32], why: &str) -> usize {
+    fn close_admin(&mut self, fp: [u8; 32], why: &str, except: Option<ConnId>) -> usize {
         let conns: Vec<ConnId> = self
             .conns
             .iter()
+            .filter(|(id, _)| Some(**id) != except)
             .filter(|(_, c)| matches!(&c.kind, Kind::Admin { who, .. } if who.0 == fp))
             .map(|(id, _)| *id)
             .collect();

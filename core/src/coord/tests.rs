@@ -8,7 +8,7 @@ use sundial_protocol::wire::{close, AdminRequest, AdminResponse, AgentMsg, Coord
 use sundial_protocol::{AgentId, TaskId, Timestamp};
 
 use super::*;
-use crate::coord_store::{Agent, CertRole};
+use crate::coord_store::{AdminCert, Agent, CertRole};
 use crate::session::fixtures::record;
 use crate::session::Now;
 
@@ -732,7 +732,6 @@ fn every_request() -> Vec<AdminRequest> {
 /// A node with one admin of each role: viewer [21;32], operator [22;32],
 /// owner [23;32], valid for a day after the start.
 fn node_with_roles() -> CoordNode {
-    use crate::coord_store::AdminCert;
     use sundial_protocol::wire::Role;
     let mut n = node();
     let day = crate::session::fixtures::at(86_400_000).wall;
@@ -931,3 +930,50 @@ fn a_revoked_admin_is_cut_off_mid_connection_and_an_expired_one_is_told_so() {
         "{reason}"
     );
 }
+
+#[test]
+fn an_admin_renewing_itself_gets_its_answer_and_its_old_connections_close() {
+    use sundial_protocol::wire::Role;
+    let mut n = node_with_roles();
+    let asking = n.handle_incoming(at(1), ip(30)).expect("viewer");
+    n.handle_handshaken(at(1), asking, Alpn::Admin, Some(fp(21)));
+    let other = n.handle_incoming(at(1), ip(31)).expect("viewer elsewhere");
+    n.handle_handshaken(at(1), other, Alpn::Admin, Some(fp(21)));
+    effects(&mut n);
+    n.handle_store_done(
+        at(3),
+        StoreDone::Admin {
+            conn: asking,
+            req: 1,
+            result: Ok(AdminAnswer {
+                answers: vec![AdminResponse::Done],
+                follow: vec![FollowUp::AdminCert {
+                    removed: Some(fp(21)),
+                    added: Some((
+                        fp(41),
+                        AdminCert {
+                            name: "viewer".into(),
+                            role: Role::Viewer,
+                            expires_at: at(1_000_000).wall,
+                        },
+                    )),
+                    why: "renewed".into(),
+                }],
+            }),
+            audit: None,
+        },
+    );
+    let fx = effects(&mut n);
+    assert_eq!(closes(&fx), vec![(other, close::REVOKED)], "{fx:?}");
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::AdminReply { conn, .. } if *conn == asking)));
+    assert!(matches!(n.cert_role(&fp(41)), Some(CertRole::Admin(_))));
+    assert_eq!(n.cert_role(&fp(21)), None);
+    // The asking connection's next request is refused.
+    n.handle_admin(at(4), asking, 2, AdminRequest::TaskList, [0; ENTROPY_BYTES]);
+    assert!(!effects(&mut n)
+        .iter()
+        .any(|e| matches!(e, Effect::Store(StoreJob::Admin { .. }))));
+}
+

@@ -339,7 +339,8 @@ pub(crate) enum AdminCmd {
         /// How long the new credential is valid (1h to 1098d).
         #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "365d")]
         ttl: DurationMs,
-        /// Where to write it [default: NAME.creds]; an existing file is not replaced.
+        /// Where to write it [default: your own renewal replaces the --creds
+        /// file; another admin's goes to NAME.creds, not replacing a file].
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },

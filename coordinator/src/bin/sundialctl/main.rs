@@ -216,13 +216,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
         let ctl = Ctl { client, creds };
-        let result = command(&ctl, cli.command).await;
+        let result = command(&ctl, cli.command, &creds_path).await;
         ctl.client.close();
         result
     })
 }
 
-async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
+async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::Result<()> {
     match cmd {
         Cmd::Token(TokenCmd::Create { ttl, uses, labels }) => {
             if ttl.0 == 0 {
@@ -472,8 +472,17 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
             let Some(name) = name.or_else(|| ctl.creds.admin.clone()) else {
                 bail!("name the admin to renew (these credentials are from before named admins: they belong to the owner named `owner`)");
             };
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.creds")));
-            refuse_existing(&out)?;
+            // Renewing oneself replaces one's own file (the old credential
+            // stops working at once); anyone else's goes to a new file.
+            let own = ctl.creds.admin.as_deref() == Some(name.as_str());
+            let (out, replace) = match out {
+                Some(out) => (out, false),
+                None if own => (creds_path.to_path_buf(), true),
+                None => (PathBuf::from(format!("{name}.creds")), false),
+            };
+            if !replace {
+                refuse_existing(&out)?;
+            }
             let (key_pem, csr_der) = new_key()?;
             let answer = ctl
                 .ask(AdminRequest::AdminRenew {
@@ -482,7 +491,16 @@ async fn command(ctl: &Ctl, cmd: Cmd) -> anyhow::Result<()> {
                     csr_der,
                 })
                 .await?;
-            let admin = write_admin_creds(ctl, answer, key_pem, &out)?;
+            let admin = if replace {
+                let tmp = out.with_extension("creds.new");
+                let _ = std::fs::remove_file(&tmp);
+                let admin = write_admin_creds(ctl, answer, key_pem, &tmp)?;
+                std::fs::rename(&tmp, &out)
+                    .with_context(|| format!("replacing {} with {}", out.display(), tmp.display()))?;
+                admin
+            } else {
+                write_admin_creds(ctl, answer, key_pem, &out)?
+            };
             outln!(
                 "renewed admin {}, valid until {}: credentials in {}; the old credential no longer works",
                 admin.name,
