@@ -118,6 +118,10 @@ struct LimitArgs {
     /// minute [default: keep every run].
     #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
     run_retention: Option<DurationMs>,
+    /// Delete audit log entries older than this, checked every minute; 0
+    /// keeps every entry [default: 730d].
+    #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
+    audit_retention: Option<DurationMs>,
     /// Agent sessions served at once; more are refused until some end [default: 10000].
     #[arg(long, value_name = "N")]
     sessions_max: Option<usize>,
@@ -178,6 +182,7 @@ pub struct CoordinatorFile {
     pub period_min: Option<String>,
     pub backoff_min: Option<String>,
     pub run_retention: Option<String>,
+    pub audit_retention: Option<String>,
     pub sessions_max: Option<usize>,
     pub pending_per_address: Option<usize>,
     pub handshakes_per_sec: Option<u32>,
@@ -252,6 +257,14 @@ fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
         run_retention: flags
             .run_retention
             .or(dur("run_retention", &file.run_retention)?),
+        audit_retention: match flags
+            .audit_retention
+            .or(dur("audit_retention", &file.audit_retention)?)
+        {
+            Some(DurationMs(0)) => None,
+            Some(keep) => Some(keep),
+            None => d.audit_retention,
+        },
         sessions_max: flags
             .sessions_max
             .or(file.sessions_max)
@@ -277,6 +290,9 @@ fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
     }
     if limits.run_retention.is_some_and(|r| r.0 < 60_000) {
         anyhow::bail!("--run-retention must be at least 1m");
+    }
+    if limits.audit_retention.is_some_and(|r| r.0 < 86_400_000) {
+        anyhow::bail!("--audit-retention must be at least 1d (or 0: keep every entry)");
     }
     Ok(limits)
 }
@@ -407,6 +423,9 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             let store = store_choice(&store, &file)?;
             let creds = server::init_on(&data_dir, &advertise, &server_name, force, store)?;
             println!("{}", creds.display());
+            eprintln!(
+                "the credentials of the owner `owner` (valid for a year): give each person, dashboard or script its own with `sundialctl admin create NAME --role viewer|operator|owner`"
+            );
             Ok(())
         }
         Cmd::Serve {

@@ -108,11 +108,7 @@ pub struct AdminCreds {
     pub admin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "rfc3339_opt"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339_opt")]
     pub expires_at: Option<sundial_protocol::Timestamp>,
 }
 

@@ -61,7 +61,10 @@ fn a_colleague_gets_operator_rights_a_dashboard_viewer_rights_and_revocation_cut
     let dash = create(&coord, root.path(), "dash", "viewer", &["--ttl", "30d"]);
     // The files are the admins' own: readable by their owner only.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&alice).expect("file").permissions().mode();
+    let mode = std::fs::metadata(&alice)
+        .expect("file")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "credentials readable by others: {mode:o}");
     // A second create of a live name, and a file in the way, are refused.
     let again = root.path().join("alice-2.creds");
@@ -99,12 +102,38 @@ fn a_colleague_gets_operator_rights_a_dashboard_viewer_rights_and_revocation_cut
                 "site=lab",
                 "--every",
                 "1h",
+                "--env",
+                "API_KEY=s3cret",
                 "--",
                 "/bin/true",
             ],
         )
         .1;
     assert!(task.starts_with('t'), "{task}");
+    // A viewer is shown environment names, never values, also on the wire.
+    let env_as = |file: &Path| {
+        let creds = AdminCreds::load(file).expect("credentials");
+        let rt = runtime();
+        rt.block_on(async {
+            let c = AdminClient::connect(&creds).await.expect("connects");
+            let id = task.parse().expect("a task id");
+            match c.request(&AdminRequest::TaskGet(id)).await {
+                Ok(AdminResponse::Task(t)) => {
+                    let sundial_protocol::task::Action::Exec(e) = t.spec.action;
+                    e.env
+                }
+                other => panic!("task get: {other:?}"),
+            }
+        })
+    };
+    assert_eq!(
+        env_as(&dash),
+        vec![("API_KEY".to_owned(), "(hidden from viewers)".to_owned())]
+    );
+    assert_eq!(
+        env_as(&coord.creds()),
+        vec![("API_KEY".to_owned(), "s3cret".to_owned())]
+    );
     assert!(coord.ctl_as(&alice, &["token", "create"]).0);
     let err = refused(&coord, &alice, &["agent", "revoke", "a1"]);
     assert!(err.contains("needs the owner role"), "{err}");
@@ -133,7 +162,10 @@ fn a_colleague_gets_operator_rights_a_dashboard_viewer_rights_and_revocation_cut
         rt.block_on(client.request(&AdminRequest::TaskList)),
         Ok(AdminResponse::Tasks(_))
     ));
-    assert_eq!(coord.ctl_ok(&["admin", "revoke", "alice"]), "revoked admin alice");
+    assert_eq!(
+        coord.ctl_ok(&["admin", "revoke", "alice"]),
+        "revoked admin alice"
+    );
     let err = rt
         .block_on(client.request(&AdminRequest::TaskList))
         .expect_err("a revoked admin's open connection is cut");
@@ -194,7 +226,10 @@ fn a_colleague_gets_operator_rights_a_dashboard_viewer_rights_and_revocation_cut
         .filter(|e| e["admin"] == "owner")
         .map(|e| e["action"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(owner_did, vec!["admin create", "admin create", "admin revoke"]);
+    assert_eq!(
+        owner_did,
+        vec!["admin create", "admin create", "admin revoke"]
+    );
     // Paging: the latest page, and the older ones by cursor.
     let all = audit(&coord, &[]);
     assert!(all.len() >= 10, "{all:#?}");
@@ -219,7 +254,10 @@ fn a_colleague_gets_operator_rights_a_dashboard_viewer_rights_and_revocation_cut
     let said = coord.ctl_as(&dash, &["admin", "renew"]).1;
     assert!(said.contains("renewed admin dash"), "{said}");
     assert_ne!(std::fs::read_to_string(&dash).expect("renewed"), old_dash);
-    assert!(coord.ctl_as(&dash, &["task", "list"]).0, "the new one works");
+    assert!(
+        coord.ctl_as(&dash, &["task", "list"]).0,
+        "the new one works"
+    );
     let stale = root.path().join("stale.creds");
     std::fs::write(&stale, old_dash).expect("write");
     let err = refused(&coord, &stale, &["task", "list"]);
@@ -412,7 +450,10 @@ fn the_audit_log_holds_every_committed_change_across_a_kill_9_with_two_admins_at
         assert_eq!(created[id].len(), 1, "{id}: one entry");
         match cancelled.get(id) {
             Some(c) => {
-                assert!(*is_cancelled, "{id}: an entry for a cancel that did not commit");
+                assert!(
+                    *is_cancelled,
+                    "{id}: an entry for a cancel that did not commit"
+                );
                 assert_eq!(c.len(), 1);
                 assert_eq!(c[0]["revision"].as_u64(), Some(*revision), "{id}");
                 assert!(created[id][0]["revision"].as_u64() < Some(*revision));
@@ -427,7 +468,10 @@ fn the_audit_log_holds_every_committed_change_across_a_kill_9_with_two_admins_at
     for (who, acks) in ["alice", "bob"].iter().zip(&acked) {
         assert!(acks.len() >= 5, "{who} worked: {}", acks.len());
         for (id, was_cancelled) in acks {
-            assert!(stored.contains_key(id), "{who}'s {id} was acknowledged but lost");
+            assert!(
+                stored.contains_key(id),
+                "{who}'s {id} was acknowledged but lost"
+            );
             assert_eq!(created[id][0]["admin"], *who, "{id}");
             if *was_cancelled {
                 assert_eq!(cancelled[id][0]["admin"], *who, "{id}");

@@ -213,6 +213,23 @@ pub struct AdminContext {
     pub audit: AuditEntry,
     /// The certificate of an admin create or renew.
     pub signed: Option<Signed>,
+    /// The asking admin's role: a viewer is shown no environment values.
+    pub role: Role,
+}
+
+/// What a viewer is shown in place of an environment value.
+pub const REDACTED: &str = "(hidden from viewers)";
+
+/// A task as a viewer may see it: environment names, not values (they
+/// may hold keys).
+fn for_role(mut t: TaskInfo, role: Role) -> TaskInfo {
+    if role < Role::Operator {
+        let Action::Exec(exec) = &mut t.spec.action;
+        for (_, v) in &mut exec.env {
+            *v = REDACTED.into();
+        }
+    }
+    t
 }
 
 /// How recently an agent marked in session with another coordinator must
@@ -829,7 +846,7 @@ pub fn answer(
             let agents = all_agents(store)?;
             let tasks: Vec<TaskInfo> = all_tasks(store)?
                 .into_iter()
-                .map(|t| task_info(store, t, &agents, false, now))
+                .map(|t| task_info(store, t, &agents, false, now).map(|t| for_role(t, ctx.role)))
                 .collect::<Result<_, _>>()?;
             Ok(AdminAnswer {
                 answers: chunk_by_size(tasks, LIST_CHUNK_BYTES_MAX)
@@ -842,9 +859,10 @@ pub fn answer(
         AdminRequest::TaskGet(id) => match store.task(id)? {
             Some(task) => {
                 let agents = all_agents(store)?;
-                AdminAnswer::one(AdminResponse::Task(Box::new(task_info(
-                    store, task, &agents, true, now,
-                )?)))
+                AdminAnswer::one(AdminResponse::Task(Box::new(for_role(
+                    task_info(store, task, &agents, true, now)?,
+                    ctx.role,
+                ))))
             }
             None => AdminAnswer::one(AdminResponse::Error(format!("no task {id}"))),
         },

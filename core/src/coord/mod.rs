@@ -1688,6 +1688,7 @@ impl CoordNode {
                 shared: self.feed.is_some(),
                 audit,
                 signed: None,
+                role: cert.role,
             }),
         };
         if let Some((name, csr_der, expires_at)) = sign {

@@ -584,8 +584,10 @@ fn retention_purges_in_batches_every_interval() {
     // The audit log's retention (two years by default) goes with it.
     let two_years = i64::try_from(AUDIT_RETENTION_DEFAULT_MS).expect("fits");
     assert!(
-        fx.iter().any(|e| matches!(e, Effect::Store(StoreJob::PurgeAudit { before: b, .. })
-            if *b == at(PURGE_INTERVAL_MS - START).wall.saturating_add_ms(-two_years))),
+        fx.iter().any(
+            |e| matches!(e, Effect::Store(StoreJob::PurgeAudit { before: b, .. })
+            if *b == at(PURGE_INTERVAL_MS - START).wall.saturating_add_ms(-two_years))
+        ),
         "{fx:?}"
     );
     assert_eq!(
@@ -976,4 +978,3 @@ fn an_admin_renewing_itself_gets_its_answer_and_its_old_connections_close() {
         .iter()
         .any(|e| matches!(e, Effect::Store(StoreJob::Admin { .. }))));
 }
-

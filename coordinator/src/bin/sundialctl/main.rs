@@ -495,8 +495,9 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 let tmp = out.with_extension("creds.new");
                 let _ = std::fs::remove_file(&tmp);
                 let admin = write_admin_creds(ctl, answer, key_pem, &tmp)?;
-                std::fs::rename(&tmp, &out)
-                    .with_context(|| format!("replacing {} with {}", out.display(), tmp.display()))?;
+                std::fs::rename(&tmp, &out).with_context(|| {
+                    format!("replacing {} with {}", out.display(), tmp.display())
+                })?;
                 admin
             } else {
                 write_admin_creds(ctl, answer, key_pem, &out)?
