@@ -721,7 +721,7 @@ impl PgStore {
                 "DROP TABLE IF EXISTS sundial_runs, sundial_runs_default, sundial_counters,
                      sundial_settings, sundial_certs, sundial_tokens, sundial_agents,
                      sundial_tasks, sundial_run_counts, sundial_last_runs, sundial_run_now,
-                     sundial_schema_migrations CASCADE",
+                     sundial_admins, sundial_audit, sundial_schema_migrations CASCADE",
             )
             .await?;
             Ok(())

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use sundial_coordinator::client::AdminClient;
 use sundial_coordinator::pki::AdminCreds;
 use sundial_protocol::task::{Action, ExecSpec, Target};
-use sundial_protocol::wire::{AdminRequest, AdminResponse, TaskDraft};
+use sundial_protocol::wire::{AdminRequest, AdminResponse, AuditQuery, Role, TaskDraft};
 use sundial_protocol::{AgentId, DurationMs, Outcome, Schedule, TaskId, Timestamp};
 use sundial_tests::harness::{SUB_AGENT, SUB_COORDINATOR};
 use sundial_tests::pg::PgCluster;
@@ -706,5 +706,145 @@ fn an_embedded_coordinator_moves_to_postgres_with_nothing_lost() {
         for w in scheds.windows(2) {
             assert_eq!(w[1] - w[0], 1_000, "an occurrence missing: {scheds:?}");
         }
+    });
+}
+
+/// Two coordinators on one database: one init, the data directory copied,
+/// both serving; the owner's credentials and each coordinator's own.
+struct Pair {
+    _pg: PgCluster,
+    _root: tempfile::TempDir,
+    _procs: [Proc; 2],
+    via: [AdminCreds; 2],
+}
+
+fn pair() -> Option<Pair> {
+    let pg = PgCluster::start().expect("a PostgreSQL cluster starts")?;
+    let root = tempfile::tempdir().expect("a temporary directory");
+    let (c1_dir, c2_dir) = (root.path().join("c1"), root.path().join("c2"));
+    let (c1_addr, c2_addr) = (free_udp(), free_udp());
+    let out = sim(&[
+        SUB_COORDINATOR,
+        "init",
+        "--data-dir",
+        &c1_dir.display().to_string(),
+        "--advertise",
+        &format!("{c1_addr},{c2_addr}"),
+        "--store",
+        &pg.url(),
+    ]);
+    assert!(
+        out.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    copy_dir(&c1_dir, &c2_dir);
+    let procs = [serve(&c1_dir, c1_addr), serve(&c2_dir, c2_addr)];
+    let creds = AdminCreds::load(&c1_dir.join("admin.creds")).expect("creds");
+    let via = [creds_for(&creds, c1_addr), creds_for(&creds, c2_addr)];
+    Some(Pair {
+        _pg: pg,
+        _root: root,
+        _procs: procs,
+        via,
+    })
+}
+
+#[test]
+fn an_admin_made_through_one_coordinator_works_through_the_other_until_revoked_through_either() {
+    let Some(p) = pair() else {
+        return;
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        for c in &p.via {
+            wait_until("a coordinator answers", Duration::from_secs(30), || async {
+                AdminClient::connect(c).await.is_ok()
+            })
+            .await;
+        }
+        // alice is made through c1, her key made here.
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .and_then(|params| params.serialize_request(&key))
+            .expect("a CSR");
+        let made = ask(
+            &p.via[0],
+            AdminRequest::AdminCreate {
+                name: "alice".into(),
+                role: Role::Operator,
+                ttl_ms: 86_400_000,
+                csr_der: csr.der().to_vec(),
+            },
+        )
+        .await;
+        let Ok(AdminResponse::AdminCert { admin, cert_der }) = made else {
+            panic!("admin create: {made:?}");
+        };
+        assert_eq!((admin.name.as_str(), admin.role), ("alice", Role::Operator));
+        let alice = |via: &AdminCreds| AdminCreds {
+            cert_pem: sundial_coordinator::pki::cert_pem(&cert_der),
+            key_pem: key.serialize_pem(),
+            admin: Some("alice".into()),
+            ..via.clone()
+        };
+        let alice2 = alice(&p.via[1]);
+        // c2 learns of her certificate from the store's feed.
+        wait_until("c2 knows alice", Duration::from_secs(10), || async {
+            matches!(
+                ask(&alice2, AdminRequest::TaskList).await,
+                Ok(AdminResponse::Tasks(_))
+            )
+        })
+        .await;
+        // Her role holds there too.
+        let err = ask(&alice2, AdminRequest::AgentForget(AgentId(1)))
+            .await
+            .expect_err("an operator may not forget agents");
+        assert!(err.contains("needs the owner role"), "{err}");
+        // She holds a connection to c2; the owner revokes her through c1.
+        let held = AdminClient::connect(&alice2).await.expect("connects");
+        assert!(held.request(&AdminRequest::TaskList).await.is_ok());
+        assert!(matches!(
+            ask(&p.via[0], AdminRequest::AdminRevoke("alice".into())).await,
+            Ok(AdminResponse::Done)
+        ));
+        let cut = Instant::now();
+        let err = loop {
+            match held.request(&AdminRequest::TaskList).await {
+                Err(e) => break e,
+                Ok(_) if cut.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Ok(_) => panic!("alice's connection to c2 outlived her revocation by 10 s"),
+            }
+        };
+        assert!(err.contains("revoked"), "{err}");
+        assert!(ask(&alice(&p.via[0]), AdminRequest::TaskList)
+            .await
+            .is_err());
+        assert!(ask(&alice2, AdminRequest::TaskList).await.is_err());
+        // One audit log, whichever coordinator wrote it.
+        let c = AdminClient::connect(&p.via[1]).await.expect("connects");
+        let (log, _) = c
+            .audit_list(&AdminRequest::AuditList(AuditQuery {
+                limit: 100,
+                ..AuditQuery::default()
+            }))
+            .await
+            .expect("audit list");
+        let said: Vec<(&str, &str, bool)> = log
+            .iter()
+            .map(|e| (e.admin.as_str(), e.action.as_str(), e.refused.is_some()))
+            .collect();
+        assert_eq!(
+            said,
+            vec![
+                ("init", "admin create", false),
+                ("owner", "admin create", false),
+                ("alice", "agent forget", true),
+                ("owner", "admin revoke", false),
+            ]
+        );
     });
 }

@@ -239,12 +239,18 @@ impl World {
                     }
                 }
             }
-            Effect::AdminReply { answers, .. } => {
+            Effect::AdminReply { req, answers, .. } => {
+                let revoke = self.pending_revokes.remove(&req);
                 for a in answers {
                     if let AdminResponse::Error(why) = a {
                         self.trace(64, 0, 0);
                         if self.verbose {
                             eprintln!("t+{}ms admin refused: {why}", self.now - self.t0);
+                        }
+                        if let Some(i) = revoke {
+                            // Not revoked: the store did not take it.
+                            self.agents[i].revoked = false;
+                            self.revoked_at.remove(&self.agents[i].id);
                         }
                     }
                 }
@@ -601,12 +607,16 @@ impl World {
                     // An agent revoked: cut off at once, for good.
                     let i = enrolled[self.rng.below(enrolled.len() as u64) as usize];
                     let agent = self.agents[i].id;
+                    let req = self.admin_reqs + 1;
+                    self.pending_revokes.insert(req, i);
                     if self.admin(AdminRequest::AgentRevoke(agent)) {
                         self.exercised.revokes += 1;
                         self.agents[i].revoked = true;
                         self.revoked_at.insert(agent, self.now);
                         self.trace(42, agent.0, 0);
                         self.at(self.now + 2_000, Ev::RevokeCheck(i));
+                    } else {
+                        self.pending_revokes.remove(&req);
                     }
                     return;
                 }

@@ -303,6 +303,9 @@ struct World {
     admin_reqs: u64,
     /// Revoked agents, and when.
     revoked_at: HashMap<AgentId, i64>,
+    /// Revocations asked and not yet answered: request → agent index (a
+    /// revocation whose store write failed did not happen).
+    pending_revokes: HashMap<u64, usize>,
     exercised: Exercised,
     bugs: SeededBugs,
     /// The agents' near horizon: per seed, often tiny, so that loading
@@ -550,6 +553,10 @@ impl World {
                 None => self.at(self.now + 1_000, Ev::Enroll(i)),
             },
             Ev::RevokeCheck(i) => {
+                if !self.agents[i].revoked {
+                    // The revocation failed (its store write did): no check.
+                    return;
+                }
                 let agent = self.agents[i].id;
                 let live: Vec<usize> = (0..self.coords.len())
                     .filter(|k| {
@@ -849,6 +856,7 @@ impl World {
             coord_bugs,
             admin_reqs: 0,
             revoked_at: HashMap::new(),
+            pending_revokes: HashMap::new(),
             exercised: Exercised::default(),
             bugs,
             horizon: horizon_of(seed),
