@@ -31,10 +31,11 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use sundial_core::coord_store::{
-    audit_matches, counts_from, merge_labels, targets, AdminCert, Agent, AgentSeen, AuditPage,
-    CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page, QueuedRunNow,
-    RunCursor, RunKeyOf, RunPage, RunQuery, SessionMark, StoreError, StoreResult, StoredTask,
-    TokenRefusal, ADMINS_MAX, PAGE_MAX, RESTORE_GAP_MAX, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
+    audit_matches, counts_from, live_admin, merge_labels, targets, AdminCert, Agent, AgentSeen,
+    AuditPage, CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page,
+    QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery, SessionMark, StoreError, StoreResult,
+    StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED,
+    RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
@@ -1136,15 +1137,7 @@ impl CoordStore for PgStore {
                         &[&name],
                     )
                     .await?;
-                let old = match row.map(|r| admin_of(&r)).transpose()? {
-                    None => return Err(Fail::Store(StoreError::NotFound(format!("no admin {name:?}")))),
-                    Some(a) if a.revoked_at.is_some() => {
-                        return Err(Fail::Store(StoreError::Refused(format!(
-                            "admin {name:?} is revoked; create it again instead"
-                        ))))
-                    }
-                    Some(a) => a,
-                };
+                let old = live_admin(row.map(|r| admin_of(&r)).transpose()?, &name, RENEW_REVOKED)?;
                 t.execute(
                     "UPDATE sundial_admins SET cert_sha256 = $2, expires_at_ms = $3 WHERE name = $1",
                     &[&name, &cert_sha256.as_slice(), &expires_at.as_millis()],
@@ -1182,15 +1175,7 @@ impl CoordStore for PgStore {
                         &[&name],
                     )
                     .await?;
-                let old = match row.map(|r| admin_of(&r)).transpose()? {
-                    None => return Err(Fail::Store(StoreError::NotFound(format!("no admin {name:?}")))),
-                    Some(a) if a.revoked_at.is_some() => {
-                        return Err(Fail::Store(StoreError::Refused(format!(
-                            "admin {name:?} is revoked already"
-                        ))))
-                    }
-                    Some(a) => a,
-                };
+                let old = live_admin(row.map(|r| admin_of(&r)).transpose()?, &name, REVOKE_REVOKED)?;
                 if old.role == Role::Owner {
                     let owners: i64 = t
                         .query_one(

@@ -21,10 +21,11 @@ use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, T
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 
 pub use sundial_core::coord_store::{
-    audit_matches, counts_from, merge_labels, targets, AdminCert, Agent, AgentSeen, AuditPage,
-    CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page, QueuedRunNow,
-    RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult, StoredTask, TokenRefusal,
-    ADMINS_MAX, PAGE_MAX, RESTORE_GAP_MAX, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
+    audit_matches, counts_from, live_admin, merge_labels, targets, AdminCert, Agent, AgentSeen,
+    AuditPage, CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page,
+    QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult, StoredTask,
+    TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED,
+    RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -653,15 +654,7 @@ impl CoordStore for CoordinatorStore {
         let txn = self.db.begin_write().map_err(db_err(CX))?;
         let (old, new) = {
             let mut admins = txn.open_table(ADMINS).map_err(db_err(CX))?;
-            let old = match Self::read_admin(&admins, name, CX)? {
-                None => return Err(StoreError::NotFound(format!("no admin {name:?}"))),
-                Some(a) if a.revoked_at.is_some() => {
-                    return Err(StoreError::Refused(format!(
-                        "admin {name:?} is revoked; create it again instead"
-                    )))
-                }
-                Some(a) => a,
-            };
+            let old = live_admin(Self::read_admin(&admins, name, CX)?, name, RENEW_REVOKED)?;
             let new = AdminInfo {
                 cert_sha256,
                 expires_at,
@@ -699,15 +692,7 @@ impl CoordStore for CoordinatorStore {
         let txn = self.db.begin_write().map_err(db_err(CX))?;
         let old = {
             let mut admins = txn.open_table(ADMINS).map_err(db_err(CX))?;
-            let old = match Self::read_admin(&admins, name, CX)? {
-                None => return Err(StoreError::NotFound(format!("no admin {name:?}"))),
-                Some(a) if a.revoked_at.is_some() => {
-                    return Err(StoreError::Refused(format!(
-                        "admin {name:?} is revoked already"
-                    )))
-                }
-                Some(a) => a,
-            };
+            let old = live_admin(Self::read_admin(&admins, name, CX)?, name, REVOKE_REVOKED)?;
             if old.role == Role::Owner {
                 let mut owners = 0;
                 for item in admins.iter().map_err(db_err(CX))? {

@@ -172,6 +172,27 @@ pub struct AuditPage {
     pub more: bool,
 }
 
+/// The admin a renew or revoke is about, if live: a missing one is
+/// `NotFound`, a revoked one refused (saying `if_revoked`).
+pub fn live_admin(
+    found: Option<AdminInfo>,
+    name: &str,
+    if_revoked: &str,
+) -> StoreResult<AdminInfo> {
+    match found {
+        None => Err(StoreError::NotFound(format!("no admin {name:?}"))),
+        Some(a) if a.revoked_at.is_some() => Err(StoreError::Refused(format!(
+            "admin {name:?} is revoked{if_revoked}"
+        ))),
+        Some(a) => Ok(a),
+    }
+}
+
+/// What a renew of a revoked admin is told.
+pub const RENEW_REVOKED: &str = "; create it again instead";
+/// What a second revoke is told.
+pub const REVOKE_REVOKED: &str = " already";
+
 /// Whether `e` is one `q` asks for (its filters; not its paging).
 pub fn audit_matches(q: &AuditQuery, e: &AuditEntry) -> bool {
     q.admin.as_ref().is_none_or(|a| *a == e.admin)
