@@ -52,6 +52,15 @@ enum Cmd {
         /// UDP address to listen on [default: 0.0.0.0:7447].
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on
+        /// this TCP address, e.g. 127.0.0.1:9447 [default: not served]. It
+        /// takes no credentials: keep it on loopback or a monitoring network.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<SocketAddr>,
+        /// Tasks with metrics series of their own; runs of further tasks
+        /// are counted under task="other" [default: 1000].
+        #[arg(long, value_name = "N")]
+        metrics_task_series: Option<usize>,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
@@ -177,6 +186,9 @@ fn user_name(uid: u32) -> Option<String> {
 pub struct CoordinatorFile {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
+    /// The HTTP listener (see `--http`).
+    pub http: Option<SocketAddr>,
+    pub metrics_task_series: Option<usize>,
     pub log: Option<String>,
     pub upload_runs_per_sec: Option<u32>,
     pub period_min: Option<String>,
@@ -431,10 +443,16 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
         Cmd::Serve {
             data_dir,
             listen,
+            http,
+            metrics_task_series,
             limits: limit_flags,
             store,
             ..
         } => {
+            let http = http.or(file.http);
+            let task_series = metrics_task_series
+                .or(file.metrics_task_series)
+                .unwrap_or(server::metrics::TASK_SERIES_MAX_DEFAULT);
             let limits = limits(&limit_flags, &file)?;
             let store = store_choice(&store, &file)?;
             let Some(data_dir) = data_dir.or(file.data_dir) else {
@@ -452,6 +470,9 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async {
                 let server = Server::bind_on(&data_dir, listen, limits, store)?;
+                if let Some(addr) = http {
+                    server.serve_http(addr, task_series).await?;
+                }
                 server.run(shutdown_signal()).await?;
                 Ok::<_, anyhow::Error>(())
             })

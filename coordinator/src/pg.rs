@@ -34,8 +34,8 @@ use sundial_core::coord_store::{
     audit_matches, counts_from, live_admin, merge_labels, targets, AdminCert, Agent, AgentSeen,
     AuditPage, CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page,
     QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery, SessionMark, StoreError, StoreResult,
-    StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED,
-    RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
+    StoredRuns, StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX,
+    REVOKE_REVOKED, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
@@ -1782,9 +1782,9 @@ impl CoordStore for PgStore {
         })
     }
 
-    fn put_runs(&self, runs: &[RunRecord]) -> StoreResult<Vec<RunKeyOf>> {
+    fn store_runs(&self, runs: &[RunRecord]) -> StoreResult<StoredRuns> {
         if runs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(StoredRuns::default());
         }
         let _ = self.ensure_partitions(wall_ms());
         // The first of a key in the batch is the one offered; a later one
@@ -1873,12 +1873,14 @@ impl CoordStore for PgStore {
                              ON CONFLICT (shard) DO UPDATE SET n = rc.n + EXCLUDED.n
                              RETURNING 1
                          )
-                         SELECT i.task_id, i.agent_id, i.scheduled_at_ms, i.attempt
+                         SELECT i.task_id, i.agent_id, i.scheduled_at_ms, i.attempt, true
                            FROM (SELECT * FROM input
                                   WHERE (task_id, agent_id, scheduled_at_ms, attempt) NOT IN
                                         (SELECT task_id, agent_id, scheduled_at_ms, attempt FROM ins)) i
                            JOIN sundial_runs r USING (task_id, agent_id, scheduled_at_ms, attempt)
-                          WHERE r.record <> i.record",
+                          WHERE r.record <> i.record
+                         UNION ALL
+                         SELECT task_id, agent_id, scheduled_at_ms, attempt, false FROM ins",
                         &[
                             &cols.task,
                             &cols.agent,
@@ -1892,21 +1894,27 @@ impl CoordStore for PgStore {
                         ],
                     )
                     .await?;
-                Ok(rows
-                    .iter()
-                    .map(|r| {
-                        (
-                            u64_of(r.get(0)),
-                            u64_of(r.get(1)),
-                            r.get::<_, i64>(2),
-                            u32::try_from(r.get::<_, i32>(3)).unwrap_or(0),
-                        )
-                    })
-                    .collect::<Vec<RunKeyOf>>())
+                let mut out = StoredRuns::default();
+                for r in &rows {
+                    let key: RunKeyOf = (
+                        u64_of(r.get(0)),
+                        u64_of(r.get(1)),
+                        r.get::<_, i64>(2),
+                        u32::try_from(r.get::<_, i32>(3)).unwrap_or(0),
+                    );
+                    if r.get::<_, bool>(4) {
+                        out.conflicts.push(key);
+                    } else {
+                        out.fresh.push(key);
+                    }
+                }
+                Ok(out)
             }
         })?;
-        conflicts.extend(refused);
-        Ok(conflicts)
+        let mut refused = refused;
+        conflicts.append(&mut refused.conflicts);
+        refused.conflicts = conflicts;
+        Ok(refused)
     }
 
     fn runs(&self, q: &RunQuery) -> StoreResult<RunPage> {

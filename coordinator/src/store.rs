@@ -23,8 +23,8 @@ use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp}
 pub use sundial_core::coord_store::{
     audit_matches, counts_from, live_admin, merge_labels, targets, AdminCert, Agent, AgentSeen,
     AuditPage, CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page,
-    QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult, StoredTask,
-    TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED,
+    QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult, StoredRuns,
+    StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED,
     RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
 
@@ -1333,9 +1333,10 @@ impl CoordStore for CoordinatorStore {
     /// wins: a resend of the same record is a no-op, a *different* record
     /// for a key already stored is not written and is returned, so the
     /// caller can log it (an agent cannot rewrite its history).
-    fn put_runs(&self, runs: &[RunRecord]) -> Result<Vec<RunKeyOf>> {
+    fn store_runs(&self, runs: &[RunRecord]) -> Result<StoredRuns> {
         let txn = self.db.begin_write().map_err(db_err("store runs"))?;
         let mut conflicts = Vec::new();
+        let mut fresh = Vec::new();
         {
             let mut t = txn.open_table(RUNS).map_err(db_err("store runs"))?;
             let mut last = txn.open_table(LAST_RUNS).map_err(db_err("store runs"))?;
@@ -1360,6 +1361,7 @@ impl CoordStore for CoordinatorStore {
                     Some(old) if old == bytes => {}
                     Some(_) => conflicts.push(key),
                     None => {
+                        fresh.push(key);
                         t.insert(key, bytes.as_slice())
                             .map_err(db_err("store runs"))?;
                         let (task, agent, sched, attempt) = key;
@@ -1394,7 +1396,7 @@ impl CoordStore for CoordinatorStore {
             }
         }
         txn.commit().map_err(db_err("commit runs"))?;
-        Ok(conflicts)
+        Ok(StoredRuns { conflicts, fresh })
     }
 
     /// One page of runs matching `q`, oldest first, read from an index by

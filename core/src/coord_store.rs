@@ -163,6 +163,15 @@ pub const LEGACY_ADMIN_EXPIRES_MS: i64 = 64_060_588_800_000;
 /// refused.
 pub const ADMINS_MAX: usize = 1_000;
 
+/// What [`CoordStore::store_runs`] did with a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredRuns {
+    /// Keys under which a different record was stored first (refused).
+    pub conflicts: Vec<RunKeyOf>,
+    /// Keys stored by this call (not before): what metrics count.
+    pub fresh: Vec<RunKeyOf>,
+}
+
 /// One bounded answer of [`CoordStore::audit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditPage {
@@ -603,8 +612,13 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
     // ---- runs
 
     /// Stores run records in one transaction, first record wins; returns
-    /// the keys of different records refused.
-    fn put_runs(&self, runs: &[RunRecord]) -> StoreResult<Vec<RunKeyOf>>;
+    /// the keys of different records refused, and of the records stored
+    /// now for the first time (a resend of a stored record is neither).
+    fn store_runs(&self, runs: &[RunRecord]) -> StoreResult<StoredRuns>;
+    /// [`CoordStore::store_runs`], for callers that want only the refused.
+    fn put_runs(&self, runs: &[RunRecord]) -> StoreResult<Vec<RunKeyOf>> {
+        self.store_runs(runs).map(|s| s.conflicts)
+    }
     /// One page of runs, read from an index by time: O(page) whatever is
     /// stored, at most [`RUN_LIST_BYTES_MAX`] of records.
     fn runs(&self, q: &RunQuery) -> StoreResult<RunPage>;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sundial_core::admission::Admit;
 use sundial_core::coord::{CloseWhy, CoordEvent, Refusal};
 use sundial_core::session::Event;
-use sundial_protocol::{TaskId, Timestamp};
+use sundial_protocol::{Outcome, TaskId, Timestamp};
 
 use super::Shared;
 
@@ -24,7 +24,13 @@ pub(super) struct LogState {
     pending_said: Option<Instant>,
     store_failed: u64,
     store_said: Option<Instant>,
+    /// Failed runs per task: when last said, and how many since.
+    failed_runs: std::collections::HashMap<TaskId, (Option<Instant>, u64)>,
 }
+
+/// Tasks whose failed runs are remembered for rate limiting; beyond, the
+/// memory starts over (a warning more, never unbounded).
+const FAILED_TASKS_MAX: usize = 10_000;
 
 fn due(said: &mut Option<Instant>) -> bool {
     if said.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
@@ -122,6 +128,39 @@ pub(super) fn event(shared: &Arc<Shared>, e: CoordEvent) {
         } => tracing::warn!(%agent, %by, sessions_closed, "agent revoked"),
         CoordEvent::Enrolled { agent, name } => tracing::info!(%agent, ?name, "agent enrolled"),
         CoordEvent::EnrollRefused { why } => tracing::warn!(reason = ?why, "enrollment refused"),
+        CoordEvent::RunsRecorded { runs } => {
+            // Failed runs at WARN, at most one line per task per interval
+            // (with how many more there were).
+            let Ok(mut s) = shared.log.lock() else {
+                return;
+            };
+            for r in runs.iter().filter(|r| {
+                matches!(
+                    r.outcome,
+                    Outcome::Failed | Outcome::TimedOut | Outcome::Rejected | Outcome::Interrupted
+                )
+            }) {
+                if s.failed_runs.len() >= FAILED_TASKS_MAX && !s.failed_runs.contains_key(&r.task) {
+                    s.failed_runs.clear();
+                }
+                let entry = s.failed_runs.entry(r.task).or_insert((None, 0));
+                if due(&mut entry.0) {
+                    let more = std::mem::take(&mut entry.1);
+                    tracing::warn!(
+                        task = %r.task,
+                        agent = %r.agent,
+                        scheduled_at = %r.scheduled_at,
+                        attempt = r.attempt,
+                        outcome = r.outcome.as_str(),
+                        why = r.why.as_deref().unwrap_or("-"),
+                        more_since_last = more,
+                        "a run did not succeed"
+                    );
+                } else {
+                    entry.1 += 1;
+                }
+            }
+        }
         CoordEvent::Audited(e) => match &e.refused {
             None => tracing::info!(
                 admin = %e.admin,

@@ -42,7 +42,9 @@ use crate::pki::Pki;
 use crate::store::{CertRole, CoordStore, CoordinatorStore, StoreError, PAGE_MAX};
 
 mod conn;
+mod http;
 mod log;
+pub mod metrics;
 
 pub use sundial_core::coord::admin::RUN_LIST_MAX;
 pub use sundial_core::coord::{
@@ -281,6 +283,9 @@ struct Shared {
     /// Other coordinators may share the store (PostgreSQL): its outages
     /// are waited out, not a reason to stop.
     shared_store: bool,
+    /// Set when the HTTP listener is served (`--http`): counting costs
+    /// nothing until then.
+    metrics: std::sync::OnceLock<Arc<metrics::Metrics>>,
 }
 
 impl Shared {
@@ -313,6 +318,9 @@ impl Shared {
             (r, node.poll_timeout())
         };
         for e in events {
+            if let Some(m) = self.metrics.get() {
+                m.observe(&e);
+            }
             log::event(self, e);
         }
         for e in effects {
@@ -336,7 +344,17 @@ impl Shared {
                 let shared = self.clone();
                 tokio::spawn(async move {
                     let store = shared.store.clone();
-                    match tokio::task::spawn_blocking(move || job.run(store.as_ref())).await {
+                    let metrics = shared.metrics.get().cloned();
+                    let run = move || {
+                        let kind = job.kind();
+                        let started = Instant::now();
+                        let done = job.run(store.as_ref());
+                        if let Some(m) = metrics {
+                            m.store_job(kind, started.elapsed());
+                        }
+                        done
+                    };
+                    match tokio::task::spawn_blocking(run).await {
                         Ok(done) => shared.drive(|n, now| n.handle_store_done(now, done)),
                         Err(e) => {
                             tracing::error!(error = %e, "a store job failed; stopping");
@@ -752,8 +770,19 @@ impl Server {
                 next_req: AtomicU64::new(0),
                 log: Mutex::new(log::LogState::default()),
                 shared_store: shared,
+                metrics: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` (TCP); the
+    /// address bound. Metrics count from now on.
+    pub async fn serve_http(
+        &self,
+        addr: SocketAddr,
+        task_series_max: usize,
+    ) -> Result<SocketAddr, ServeError> {
+        http::serve(self.shared.clone(), addr, task_series_max).await
     }
 
     /// The address actually bound.

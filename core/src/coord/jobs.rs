@@ -134,9 +134,54 @@ pub enum RunsVerdict {
         keys: Vec<RunKey>,
         unknown: Vec<TaskId>,
         conflicts: Vec<RunKeyOf>,
+        /// The records stored now for the first time (not resends).
+        recorded: Vec<RunFacts>,
     },
     /// A run of a task the store knows but did not assign to this agent.
     NotAssigned(TaskId),
+}
+
+/// What metrics and alerts need of a run record stored for the first
+/// time: counted once, however often the agent sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunFacts {
+    pub task: TaskId,
+    pub agent: AgentId,
+    pub outcome: sundial_protocol::Outcome,
+    pub attempt: u32,
+    pub scheduled_at: Timestamp,
+    /// Fired after its due time by this much (first attempts only: a
+    /// retry's due time is its backoff's).
+    pub lateness_ms: Option<i64>,
+    /// From fire to finish.
+    pub duration_ms: Option<i64>,
+    pub offline: bool,
+    /// Why it ended, when it did not succeed.
+    pub why: Option<String>,
+}
+
+impl RunFacts {
+    pub fn of(r: &RunRecord) -> RunFacts {
+        RunFacts {
+            task: r.task_id,
+            agent: r.agent_id,
+            outcome: r.outcome,
+            attempt: r.attempt,
+            scheduled_at: r.scheduled_at,
+            lateness_ms: r
+                .fired_at
+                .filter(|_| r.attempt == 1)
+                .map(|f| f.millis_since(r.scheduled_at)),
+            duration_ms: r
+                .fired_at
+                .zip(r.finished_at)
+                .map(|(f, e)| e.millis_since(f)),
+            offline: r.offline,
+            why: (r.outcome != sundial_protocol::Outcome::Succeeded)
+                .then(|| r.why())
+                .flatten(),
+        }
+    }
 }
 
 /// A finished [`StoreJob`], for [`super::CoordNode::handle_store_done`].
@@ -249,6 +294,25 @@ fn check_owned(
 }
 
 impl StoreJob {
+    /// The job's kind, for metrics (a label with a handful of values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreJob::Hello { .. } => "hello",
+            StoreJob::Changes { .. } => "changes",
+            StoreJob::Runs { .. } => "runs",
+            StoreJob::Seen { .. } => "seen",
+            StoreJob::Admin { .. } => "admin",
+            StoreJob::EnrollCheck { .. } => "enroll_check",
+            StoreJob::Enroll { .. } => "enroll",
+            StoreJob::Purge { .. } => "purge",
+            StoreJob::Feed { .. } => "feed",
+            StoreJob::QueueRunNow { .. } => "queue_run_now",
+            StoreJob::Audit { .. } => "audit",
+            StoreJob::AdminUsed { .. } => "admin_used",
+            StoreJob::PurgeAudit { .. } => "purge_audit",
+        }
+    }
+
     /// The job as it ends when the store fails before committing anything
     /// (a shell whose store is gone, the simulator's faults).
     pub fn fail(self, error: StoreError) -> StoreDone {
@@ -384,11 +448,26 @@ impl StoreJob {
                             .filter(|r| !unknown.contains(&r.task_id))
                             .cloned()
                             .collect();
-                        let conflicts = store.put_runs(&known)?;
+                        let stored = store.store_runs(&known)?;
+                        let fresh: std::collections::HashSet<RunKeyOf> =
+                            stored.fresh.into_iter().collect();
+                        let recorded = known
+                            .iter()
+                            .filter(|r| {
+                                fresh.contains(&(
+                                    r.task_id.0,
+                                    r.agent_id.0,
+                                    r.scheduled_at.as_millis(),
+                                    r.attempt,
+                                ))
+                            })
+                            .map(RunFacts::of)
+                            .collect();
                         Ok(RunsVerdict::Stored {
                             keys: runs.iter().map(RunRecord::key).collect(),
                             unknown,
-                            conflicts,
+                            conflicts: stored.conflicts,
+                            recorded,
                         })
                     }
                 })();

@@ -52,7 +52,7 @@ use crate::session::{Event, Now};
 pub use admin::{
     AdminAnswer, AdminChange, AdminContext, FollowUp, SeenView, Signed, ENTROPY_BYTES,
 };
-pub use jobs::{Assigned, FeedPage, RunsVerdict, StoreDone, StoreJob};
+pub use jobs::{Assigned, FeedPage, RunFacts, RunsVerdict, StoreDone, StoreJob};
 
 /// A connection, as the node names it.
 pub type ConnId = u64;
@@ -322,6 +322,11 @@ pub enum CoordEvent {
     },
     /// An entry written to the audit log (its `seq` is the store's, 0 here).
     Audited(AuditEntry),
+    /// Run records stored for the first time (a resend is not among them):
+    /// what metrics count and alerts watch.
+    RunsRecorded {
+        runs: Vec<RunFacts>,
+    },
     AgentRevoked {
         agent: AgentId,
         by: AdminId,
@@ -656,6 +661,20 @@ impl CoordNode {
     /// Agent sessions open.
     pub fn sessions_open(&self) -> usize {
         self.sessions_open
+    }
+
+    /// The outbox backlogs the agents in session here reported at their
+    /// Hello: (sum, largest).
+    pub fn outbox_backlog(&self) -> (u64, u64) {
+        self.live
+            .keys()
+            .filter_map(|a| self.seen.get(a).and_then(|s| s.outbox_len))
+            .fold((0, 0), |(sum, max), n| (sum.saturating_add(n), max.max(n)))
+    }
+
+    /// Whether the node stopped for a failed embedded store.
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Whether `agent` has a live session.
@@ -2131,7 +2150,11 @@ impl CoordNode {
                         keys,
                         unknown,
                         conflicts,
+                        recorded,
                     }) => {
+                        if !recorded.is_empty() {
+                            self.event(CoordEvent::RunsRecorded { runs: recorded });
+                        }
                         if let Some(agent) = agent {
                             for task in unknown {
                                 self.event(CoordEvent::RunsOfUnknownTask { agent, task });

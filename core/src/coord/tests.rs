@@ -490,6 +490,7 @@ fn results_are_acknowledged_only_after_the_store_says_stored() {
                 keys: runs.iter().map(|r| r.key()).collect(),
                 unknown: Vec::new(),
                 conflicts: Vec::new(),
+                recorded: runs.iter().map(RunFacts::of).collect(),
             }),
             cache,
         },
@@ -497,6 +498,9 @@ fn results_are_acknowledged_only_after_the_store_says_stored() {
     assert!(drain_transmit(&mut n, a)
         .iter()
         .any(|m| matches!(m, Outgoing::Msg(CoordMsg::ResultsAck { batch_id: 4, .. }))));
+    assert!(events(&mut n)
+        .iter()
+        .any(|e| matches!(e, CoordEvent::RunsRecorded { runs: got } if got.len() == runs.len())));
 }
 
 #[test]

@@ -485,12 +485,23 @@ pub fn revocation_removes_the_certificate(s: &dyn CoordStore) {
 pub fn the_first_record_of_a_run_wins(s: &dyn CoordStore) {
     let a = create(s, None, 1);
     let r = run(a.id.0, 1, 1_000, Outcome::Succeeded);
-    assert!(ok(s.put_runs(&[r.clone(), r.clone()]), "put").is_empty());
-    assert!(ok(s.put_runs(std::slice::from_ref(&r)), "resend").is_empty());
+    let key = (a.id.0, 1, T0 + 1_000, 1);
+    // Stored once, counted once: a resend is neither fresh nor refused.
+    assert_eq!(
+        ok(s.store_runs(&[r.clone(), r.clone()]), "put"),
+        StoredRuns {
+            conflicts: Vec::new(),
+            fresh: vec![key]
+        }
+    );
+    assert_eq!(
+        ok(s.store_runs(std::slice::from_ref(&r)), "resend"),
+        StoredRuns::default()
+    );
     let mut other = r.clone();
     other.outcome = Outcome::Failed;
-    let conflicts = ok(s.put_runs(&[other]), "different");
-    assert_eq!(conflicts, vec![(a.id.0, 1, T0 + 1_000, 1)]);
+    let conflicts = ok(s.put_runs(std::slice::from_ref(&other)), "different");
+    assert_eq!(conflicts, vec![key]);
     assert_eq!(ok(s.run_count(), "count"), 1);
     let page = ok(
         s.runs(&RunQuery {
@@ -503,7 +514,7 @@ pub fn the_first_record_of_a_run_wins(s: &dyn CoordStore) {
         }),
         "runs",
     );
-    assert_eq!(page.runs, vec![r]);
+    assert_eq!(page.runs, vec![r.clone()]);
     // The latest run per agent.
     ok(
         s.put_runs(&[
@@ -520,6 +531,14 @@ pub fn the_first_record_of_a_run_wins(s: &dyn CoordStore) {
         (AgentId(1), t(2_000), Outcome::Failed)
     );
     assert_eq!(last[1].outcome, Outcome::Skipped);
+    // In one batch: the refused and the fresh apart.
+    let stored = ok(
+        s.store_runs(&[other, run(a.id.0, 3, 1_000, Outcome::Failed)]),
+        "mixed",
+    );
+    assert_eq!(stored.conflicts, vec![key]);
+    assert_eq!(stored.fresh, vec![(a.id.0, 3, T0 + 1_000, 1)]);
+    assert_eq!(ok(s.store_runs(&[r]), "resend"), StoredRuns::default());
 }
 
 pub fn run_pages_cover_every_run_once_in_order(s: &dyn CoordStore) {
