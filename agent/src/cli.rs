@@ -15,6 +15,10 @@ use sundial_protocol::task::OUTPUT_TAIL_BYTES_MAX;
 #[derive(Debug, Parser)]
 #[command(name = "sundial-agent", version, about)]
 struct Cli {
+    /// How log lines are written to standard error: text, or one JSON
+    /// object per line [default: text, or SUNDIAL_LOG_FORMAT].
+    #[arg(long, value_name = "FORMAT", global = true)]
+    log_format: Option<sundial_net::shell::LogFormat>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -137,14 +141,8 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(token.to_owned())
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+fn init_logging(default: &str, format: Option<sundial_net::shell::LogFormat>) {
+    sundial_net::shell::init_logging(default, format);
 }
 
 use sundial_net::shell::{print_quietly, shutdown_signal};
@@ -183,6 +181,7 @@ where
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let log_format = cli.log_format;
     match cli.command {
         Cmd::Completions { shell } => Ok(print_quietly(&sundial_net::shell::completions(
             shell,
@@ -204,7 +203,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => crate::config::load(path).map_err(anyhow::Error::msg)?,
                 None => crate::config::AgentFile::default(),
             };
-            init_logging(file.log.as_deref().unwrap_or("info"));
+            init_logging(
+                file.log.as_deref().unwrap_or("info"),
+                log_format.or(file.log_format),
+            );
             let Some(data_dir) = data_dir.or(file.data_dir) else {
                 anyhow::bail!(
                     "no data directory: pass --data-dir or set data_dir in the config file"

@@ -18,6 +18,8 @@ pub struct AgentFile {
     pub allow_exec: Vec<String>,
     /// Log filter: error, warn, info, debug, trace (SUNDIAL_LOG overrides).
     pub log: Option<String>,
+    /// `text` or `json` (see `--log-format`).
+    pub log_format: Option<sundial_net::shell::LogFormat>,
     /// Bytes of stdout and of stderr kept per run (at most 1 MiB).
     pub output_tail_bytes: Option<usize>,
     /// Refused environment variables tasks may set anyway (globs).

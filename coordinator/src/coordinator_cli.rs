@@ -14,6 +14,10 @@ use sundial_protocol::DurationMs;
 #[derive(Debug, Parser)]
 #[command(name = "sundial-coordinator", version, about)]
 struct Cli {
+    /// How log lines are written to standard error: text, or one JSON
+    /// object per line [default: text, or SUNDIAL_LOG_FORMAT].
+    #[arg(long, value_name = "FORMAT", global = true)]
+    log_format: Option<sundial_net::shell::LogFormat>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -190,6 +194,8 @@ pub struct CoordinatorFile {
     pub http: Option<SocketAddr>,
     pub metrics_task_series: Option<usize>,
     pub log: Option<String>,
+    /// `text` or `json` (see `--log-format`).
+    pub log_format: Option<sundial_net::shell::LogFormat>,
     pub upload_runs_per_sec: Option<u32>,
     pub period_min: Option<String>,
     pub backoff_min: Option<String>,
@@ -348,14 +354,10 @@ where
         },
         _ => CoordinatorFile::default(),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(file.log.as_deref().unwrap_or("info"))
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    sundial_net::shell::init_logging(
+        file.log.as_deref().unwrap_or("info"),
+        cli.log_format.or(file.log_format),
+    );
     match run(cli, file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -275,3 +275,25 @@ fn the_install_script_help_is_only_help() {
         "{text}"
     );
 }
+
+#[test]
+fn log_lines_are_json_objects_when_asked() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut coord = common::Coordinator::start(root.path());
+    coord.kill9();
+    coord.serve_args = vec!["--log-format".into(), "json".into()];
+    coord.restart();
+    coord.ctl_ok(&["task", "list"]);
+    coord.kill9();
+    let log = std::fs::read_to_string(&coord.log).expect("the log");
+    let json: Vec<serde_json::Value> = log
+        .lines()
+        .skip_while(|l| !l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        json.iter()
+            .any(|v| v["fields"]["message"] == "coordinator serving" && v["level"] == "INFO"),
+        "{log}"
+    );
+}

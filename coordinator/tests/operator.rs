@@ -487,3 +487,63 @@ fn a_one_shot_at_now_runs_once() {
     }
     agent.stop();
 }
+
+#[test]
+fn status_shows_the_fleet_at_a_glance() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let mut agents = Vec::new();
+    for name in ["edge-1", "edge-2"] {
+        let dir = root.path().join(name);
+        join(
+            &coord.addr.to_string(),
+            &coord.token(&[]),
+            &dir,
+            name,
+            &[("site", "lab")],
+        )
+        .expect("joins");
+        agents.push(Agent::start(&dir));
+    }
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "good",
+        "--agent",
+        "edge-1",
+        "--every",
+        "1s",
+        "--",
+        "/bin/true",
+    ]);
+    coord.ctl_ok(&[
+        "task", "create", "--name", "broken", "--agent", "edge-1", "--every", "1s", "--",
+        "/bin/sh", "-c", "exit 7",
+    ]);
+    wait_for("a failed and a good run", || {
+        let runs = coord.runs(&[]);
+        ["failed", "succeeded"]
+            .iter()
+            .all(|o| runs.iter().any(|r| r["outcome"] == *o))
+    });
+    agents[1].stop();
+    wait_for("edge-2 offline", || {
+        coord.json(&["status"])["agents"]["offline"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    });
+    let s = coord.json(&["status"]);
+    assert_eq!(s["agents"]["online"], 1, "{s:#}");
+    assert_eq!(s["agents"]["offline"][0], "a2", "{s:#}");
+    assert!(s["runs"]["failed"].as_u64() > Some(0), "{s:#}");
+    assert!(s["runs"]["succeeded"].as_u64() > Some(0), "{s:#}");
+    let failing = s["failing_tasks"].as_array().expect("a list");
+    assert_eq!(failing.len(), 1, "{s:#}");
+    assert_eq!(failing[0]["task_name"], "broken");
+    assert_eq!(failing[0]["last_why"], "exit 7");
+    let text = coord.ctl_ok(&["status"]);
+    assert!(text.contains("1 online, 1 offline"), "{text}");
+    assert!(text.contains("offline: edge-2"), "{text}");
+    assert!(text.contains("failing   broken (t2)"), "{text}");
+}

@@ -44,3 +44,37 @@ pub fn manpage(cmd: clap::Command) -> std::io::Result<Vec<u8>> {
     clap_mangen::Man::new(cmd).render(&mut out)?;
     Ok(out)
 }
+
+/// How the daemons write their log lines (`--log-format`, or
+/// `SUNDIAL_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event, for people (and journald).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`),
+    /// for log shippers.
+    Json,
+}
+
+/// Starts logging to standard error with `filter` unless `SUNDIAL_LOG`
+/// says otherwise, in `format` unless `SUNDIAL_LOG_FORMAT` (text, json)
+/// says otherwise.
+pub fn init_logging(filter: &str, format: Option<LogFormat>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SUNDIAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    let format = format.unwrap_or_else(|| match std::env::var("SUNDIAL_LOG_FORMAT").as_deref() {
+        Ok("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+}

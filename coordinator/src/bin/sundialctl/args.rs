@@ -43,6 +43,15 @@ pub(crate) enum Cmd {
     /// Work with schedules (no coordinator needed).
     #[command(subcommand)]
     Schedule(ScheduleCmd),
+    /// The fleet at a glance: agents online and offline, runs of the last
+    /// hour by outcome, failing and late tasks, unsynced backlogs.
+    Status {
+        /// The window of runs looked at (a duration back from now).
+        #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "1h")]
+        window: DurationMs,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Named admin credentials and their roles (viewer, operator, owner).
     #[command(subcommand)]
     Admin(AdminCmd),

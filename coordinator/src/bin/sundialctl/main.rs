@@ -438,6 +438,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 eprintln!("showing {shown}{of} runs; {hint} (or --limit, --since)");
             }
         }
+        Cmd::Status { window, out } => status(ctl, window, out.output).await?,
         Cmd::Admin(AdminCmd::Create {
             name,
             role,
@@ -611,4 +612,177 @@ fn write_admin_creds(
     };
     sundial_coordinator::pki::write_creds(out, &creds).map_err(anyhow::Error::msg)?;
     Ok(admin)
+}
+
+/// Runs `status` looks at, at most (the newest).
+const STATUS_RUNS_MAX: u32 = 10_000;
+
+/// `sundialctl status`: the fleet at a glance.
+async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()> {
+    let now = cli::now();
+    let since = now.saturating_add_ms(-window.as_millis_i64());
+    let agents = ctl.agents().await?;
+    let tasks = ctl.tasks().await?;
+    let page = ctl
+        .client
+        .run_list(&AdminRequest::RunList {
+            task: None,
+            agent: None,
+            since: Some(since),
+            limit: STATUS_RUNS_MAX,
+            after: None,
+            before: None,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let names = Names {
+        agents: agents
+            .iter()
+            .filter_map(|a| a.name.clone().map(|n| (a.agent_id, n)))
+            .collect(),
+        tasks: tasks
+            .iter()
+            .filter_map(|t| t.spec.name.clone().map(|n| (t.spec.id, n)))
+            .collect(),
+        retry: tasks
+            .iter()
+            .map(|t| (t.spec.id, t.spec.policies.retry))
+            .collect(),
+    };
+    let live: Vec<&AgentInfo> = agents.iter().filter(|a| !a.revoked).collect();
+    let online = live.iter().filter(|a| a.online).count();
+    let offline: Vec<&&AgentInfo> = live.iter().filter(|a| !a.online).collect();
+    let revoked = agents.len() - live.len();
+    let mut by_outcome: std::collections::BTreeMap<&str, u64> = Default::default();
+    // Per task: runs that did not succeed, and late first attempts.
+    let mut failing: std::collections::BTreeMap<TaskId, (u64, Option<&RunRecord>)> =
+        Default::default();
+    let mut late: std::collections::BTreeMap<TaskId, (u64, i64)> = Default::default();
+    for r in &page.runs {
+        *by_outcome.entry(r.outcome.as_str()).or_default() += 1;
+        if matches!(
+            r.outcome,
+            sundial_protocol::Outcome::Failed
+                | sundial_protocol::Outcome::TimedOut
+                | sundial_protocol::Outcome::Rejected
+                | sundial_protocol::Outcome::Interrupted
+        ) {
+            let e = failing.entry(r.task_id).or_default();
+            e.0 += 1;
+            if e.1.is_none_or(|l| l.scheduled_at <= r.scheduled_at) {
+                e.1 = Some(r);
+            }
+        }
+        if let Some(ms) = lateness_ms(r, &page.runs, &names).filter(|ms| *ms > 1_000) {
+            let e = late.entry(r.task_id).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(ms);
+        }
+    }
+    let backlog: Vec<(&AgentInfo, u64)> = live
+        .iter()
+        .filter_map(|a| a.outbox_len.filter(|n| *n > 0).map(|n| (*a, n)))
+        .collect();
+    let backlog_total: u64 = backlog.iter().map(|(_, n)| n).sum();
+    if out == Output::Json {
+        return print_json(&json!({
+            "window_ms": window.0,
+            "agents": {
+                "online": online,
+                "offline": offline.iter().map(|a| a.agent_id.to_string()).collect::<Vec<_>>(),
+                "revoked": revoked,
+            },
+            "runs": by_outcome,
+            "runs_truncated": page.more,
+            "failing_tasks": failing.iter().map(|(t, (n, last))| json!({
+                "task_id": t.to_string(),
+                "task_name": names.tasks.get(t),
+                "runs": n,
+                "last_why": last.map(|r| why(r)),
+                "last_agent_id": last.map(|r| r.agent_id.to_string()),
+            })).collect::<Vec<_>>(),
+            "late_tasks": late.iter().map(|(t, (n, max))| json!({
+                "task_id": t.to_string(),
+                "task_name": names.tasks.get(t),
+                "runs": n,
+                "max_lateness_ms": max,
+            })).collect::<Vec<_>>(),
+            "backlog_runs": backlog_total,
+            "backlog_agents": backlog.len(),
+        }));
+    }
+    let agent_name = |a: &AgentInfo| a.name.clone().unwrap_or_else(|| a.agent_id.to_string());
+    let task_name = |t: &TaskId| {
+        names
+            .tasks
+            .get(t)
+            .map_or_else(|| t.to_string(), |n| format!("{n} ({t})"))
+    };
+    outln!(
+        "agents    {online} online, {} offline, {revoked} revoked",
+        offline.len()
+    );
+    for a in &offline {
+        outln!(
+            "          offline: {} (last seen {})",
+            agent_name(a),
+            a.last_seen.map_or_else(|| "never".into(), |t| ago(t, now))
+        );
+    }
+    let runs_text = if by_outcome.is_empty() {
+        "none".to_owned()
+    } else {
+        by_outcome
+            .iter()
+            .map(|(o, n)| format!("{n} {o}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    outln!(
+        "runs      {runs_text} in the last {}{}",
+        human_secs(window.as_millis_i64() / 1000),
+        if page.more {
+            format!(" (the newest {STATUS_RUNS_MAX} only)")
+        } else {
+            String::new()
+        }
+    );
+    if failing.is_empty() {
+        outln!("failing   none");
+    }
+    for (t, (n, last)) in &failing {
+        let last = last.map_or_else(String::new, |r| {
+            format!(
+                "; last: {} on {}",
+                why(r),
+                names
+                    .agents
+                    .get(&r.agent_id)
+                    .cloned()
+                    .unwrap_or_else(|| r.agent_id.to_string())
+            )
+        });
+        outln!("failing   {}: {n} run(s){last}", task_name(t));
+    }
+    for (t, (n, max)) in &late {
+        outln!(
+            "late      {}: {n} run(s) more than 1s late, at most {} ms",
+            task_name(t),
+            max
+        );
+    }
+    if backlog.is_empty() {
+        outln!("backlog   none (as agents said at their last Hello)");
+    } else {
+        let (worst, most) = backlog
+            .iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(a, n)| (agent_name(a), *n))
+            .unwrap_or_default();
+        outln!(
+            "backlog   {backlog_total} unsynced run record(s) on {} agent(s), most on {worst} ({most}), as they said at their last Hello",
+            backlog.len()
+        );
+    }
+    Ok(())
 }
