@@ -698,7 +698,7 @@ async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()
                 "task_id": t.to_string(),
                 "task_name": names.tasks.get(t),
                 "runs": n,
-                "last_why": last.map(|r| why(r)),
+                "last_why": last.map(why),
                 "last_agent_id": last.map(|r| r.agent_id.to_string()),
             })).collect::<Vec<_>>(),
             "late_tasks": late.iter().map(|(t, (n, max))| json!({
