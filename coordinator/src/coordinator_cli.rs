@@ -22,6 +22,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once per run: the size of `serve`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Create a coordinator: CA, server certificate, store, and admin
@@ -65,6 +67,19 @@ enum Cmd {
         /// are counted under task="other" [default: 1000].
         #[arg(long, value_name = "N")]
         metrics_task_series: Option<usize>,
+        /// POST a JSON notification to this http:// URL for every run that
+        /// does not succeed and every agent offline too long; queued on
+        /// disk and retried until the receiver answers 2xx.
+        #[arg(long, value_name = "URL")]
+        notify: Option<String>,
+        /// A file holding the secret that signs notifications
+        /// (X-Sundial-Signature: sha256=HMAC-SHA256 of the body, in hex).
+        #[arg(long, value_name = "FILE")]
+        notify_secret_file: Option<PathBuf>,
+        /// Notify agents offline (no session, not seen) longer than this;
+        /// 0 never [default: 10m].
+        #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
+        notify_offline_after: Option<DurationMs>,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
@@ -193,6 +208,10 @@ pub struct CoordinatorFile {
     /// The HTTP listener (see `--http`).
     pub http: Option<SocketAddr>,
     pub metrics_task_series: Option<usize>,
+    /// The webhook (see `--notify`).
+    pub notify: Option<String>,
+    pub notify_secret_file: Option<PathBuf>,
+    pub notify_offline_after: Option<String>,
     pub log: Option<String>,
     /// `text` or `json` (see `--log-format`).
     pub log_format: Option<sundial_net::shell::LogFormat>,
@@ -447,6 +466,9 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             listen,
             http,
             metrics_task_series,
+            notify,
+            notify_secret_file,
+            notify_offline_after,
             limits: limit_flags,
             store,
             ..
@@ -455,6 +477,37 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             let task_series = metrics_task_series
                 .or(file.metrics_task_series)
                 .unwrap_or(server::metrics::TASK_SERIES_MAX_DEFAULT);
+            let notify = match notify.or(file.notify.clone()) {
+                None => None,
+                Some(url) => {
+                    let secret = match notify_secret_file.or(file.notify_secret_file.clone()) {
+                        None => None,
+                        Some(path) => Some(
+                            std::fs::read(&path)
+                                .with_context(|| {
+                                    format!("reading the notification secret {}", path.display())
+                                })?
+                                .trim_ascii()
+                                .to_vec(),
+                        ),
+                    };
+                    let offline = match notify_offline_after {
+                        Some(d) => Some(d),
+                        None => file
+                            .notify_offline_after
+                            .as_deref()
+                            .map(DurationMs::parse)
+                            .transpose()
+                            .map_err(|e| anyhow::anyhow!("config `notify_offline_after`: {e}"))?,
+                    }
+                    .unwrap_or(DurationMs(600_000));
+                    Some(server::notify::NotifyConfig {
+                        url,
+                        secret,
+                        offline_after_ms: (offline.0 > 0).then_some(offline.as_millis_i64()),
+                    })
+                }
+            };
             let limits = limits(&limit_flags, &file)?;
             let store = store_choice(&store, &file)?;
             let Some(data_dir) = data_dir.or(file.data_dir) else {
@@ -474,6 +527,9 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 let server = Server::bind_on(&data_dir, listen, limits, store)?;
                 if let Some(addr) = http {
                     server.serve_http(addr, task_series).await?;
+                }
+                if let Some(config) = notify {
+                    server.notify(&data_dir, config).await?;
                 }
                 server.run(shutdown_signal()).await?;
                 Ok::<_, anyhow::Error>(())

@@ -32,7 +32,10 @@ use sundial_protocol::wire::{
 use sundial_protocol::{DurationMs, Timestamp};
 use tokio::sync::{oneshot, Notify};
 
-use sundial_core::coord::{ConnId, CoordConfig, CoordNode, Effect, Signee, FEED_INTERVAL_MS};
+use sundial_core::coord::{
+    ConnId, CoordConfig, CoordNode, Effect, RunsVerdict, Signee, StoreDone, StoreJob,
+    FEED_INTERVAL_MS,
+};
 use sundial_core::session::Now;
 
 use crate::cli::now;
@@ -45,6 +48,7 @@ mod conn;
 mod http;
 mod log;
 pub mod metrics;
+pub mod notify;
 
 pub use sundial_core::coord::admin::RUN_LIST_MAX;
 pub use sundial_core::coord::{
@@ -286,6 +290,8 @@ struct Shared {
     /// Set when the HTTP listener is served (`--http`): counting costs
     /// nothing until then.
     metrics: std::sync::OnceLock<Arc<metrics::Metrics>>,
+    /// Set when notifications are on (`--notify`).
+    notifier: std::sync::OnceLock<Arc<notify::Notifier>>,
 }
 
 impl Shared {
@@ -345,10 +351,47 @@ impl Shared {
                 tokio::spawn(async move {
                     let store = shared.store.clone();
                     let metrics = shared.metrics.get().cloned();
+                    let notifier = shared.notifier.get().cloned();
                     let run = move || {
                         let kind = job.kind();
                         let started = Instant::now();
+                        // Notable runs are queued before their batch is
+                        // stored, and settled after (see `notify`).
+                        let noted = match (&notifier, &job) {
+                            (Some(n), StoreJob::Runs { runs, .. }) => match n.before_store(runs) {
+                                Ok(written) => Some((runs.clone(), written)),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "notifications: cannot queue");
+                                    None
+                                }
+                            },
+                            _ => None,
+                        };
                         let done = job.run(store.as_ref());
+                        if let (Some(n), Some((runs, written))) = (&notifier, noted) {
+                            let fresh: Option<Vec<_>> = match &done {
+                                StoreDone::Runs {
+                                    result: Ok(RunsVerdict::Stored { recorded, .. }),
+                                    ..
+                                } => Some(
+                                    recorded
+                                        .iter()
+                                        .map(|r| {
+                                            (
+                                                r.task.0,
+                                                r.agent.0,
+                                                r.scheduled_at.as_millis(),
+                                                r.attempt,
+                                            )
+                                        })
+                                        .collect(),
+                                ),
+                                _ => None,
+                            };
+                            if let Err(e) = n.after_store(&runs, &written, fresh.as_deref()) {
+                                tracing::warn!(error = %e, "notifications: cannot settle");
+                            }
+                        }
                         if let Some(m) = metrics {
                             m.store_job(kind, started.elapsed());
                         }
@@ -771,8 +814,27 @@ impl Server {
                 log: Mutex::new(log::LogState::default()),
                 shared_store: shared,
                 metrics: std::sync::OnceLock::new(),
+                notifier: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Turns the webhook on: its queue in `dir`, pending entries settled
+    /// against the store, delivery and the offline watch started.
+    pub async fn notify(&self, dir: &Path, config: notify::NotifyConfig) -> Result<(), ServeError> {
+        let url = config.url.clone();
+        let n = Arc::new(notify::Notifier::open(dir, config).map_err(ServeError::Tls)?);
+        let store = self.shared.store.clone();
+        let recovering = n.clone();
+        tokio::task::spawn_blocking(move || recovering.recover(store.as_ref()))
+            .await
+            .map_err(|e| ServeError::Tls(format!("notifications: {e}")))?
+            .map_err(ServeError::Tls)?;
+        let _ = self.shared.notifier.set(n.clone());
+        tokio::spawn(n.clone().deliver());
+        tokio::spawn(n.watch_offline(self.shared.store.clone(), self.shared.node.clone()));
+        tracing::info!(%url, "notifying failed, skipped and offline");
+        Ok(())
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` (TCP); the
