@@ -161,6 +161,27 @@ impl AdminClient {
         Ok((entries, more))
     }
 
+    /// Starts a run follow: runs are read from the returned stream as the
+    /// coordinator stores them.
+    pub async fn follow(&self, req: &AdminRequest) -> Result<FollowStream, String> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| self.explain(e.to_string()))?;
+        net::send(&mut send, req).await.map_err(|e| e.to_string())?;
+        let mut recv = FramedRecv::new(recv);
+        let first = tokio::time::timeout(REQUEST_TIMEOUT, recv.next::<AdminResponse>())
+            .await
+            .map_err(|_| "the coordinator did not answer in time".to_string())?;
+        match first {
+            Ok(AdminResponse::Following) => Ok(FollowStream { recv, _send: send }),
+            Ok(AdminResponse::Error(e)) => Err(e),
+            Ok(other) => Err(format!("unexpected answer from the coordinator: {other:?}")),
+            Err(e) => Err(self.explain(e.to_string())),
+        }
+    }
+
     /// Sends one request and reads every message of its answer.
     pub async fn request_all(&self, req: &AdminRequest) -> Result<Vec<AdminResponse>, String> {
         // Over the coordinator's limit it would close the stream unread,
@@ -225,5 +246,25 @@ impl AdminClient {
 
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"done");
+    }
+}
+
+/// Runs pushed by the coordinator ([`AdminClient::follow`]).
+#[derive(Debug)]
+pub struct FollowStream {
+    recv: FramedRecv,
+    _send: quinn::SendStream,
+}
+
+impl FollowStream {
+    /// The next runs stored; `Ok(None)` when the coordinator ended it.
+    pub async fn next(&mut self) -> Result<Option<Vec<RunRecord>>, String> {
+        match self.recv.next::<AdminResponse>().await {
+            Ok(AdminResponse::Runs(runs)) => Ok(Some(runs)),
+            Ok(AdminResponse::Error(e)) => Err(e),
+            Ok(other) => Err(format!("unexpected answer from the coordinator: {other:?}")),
+            Err(NetError::Eof) => Ok(None),
+            Err(e) => Err(format!("the follow ended: {e}")),
+        }
     }
 }

@@ -547,3 +547,97 @@ fn status_shows_the_fleet_at_a_glance() {
     assert!(text.contains("offline: edge-2"), "{text}");
     assert!(text.contains("failing   broken (t2)"), "{text}");
 }
+
+#[test]
+fn run_list_follow_prints_runs_as_they_are_stored_once_each() {
+    use std::io::BufRead;
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(
+        &coord.addr.to_string(),
+        &coord.token(&[]),
+        &dir,
+        "edge-1",
+        &[("site", "lab")],
+    )
+    .expect("joins");
+    let _agent = Agent::start(&dir);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "tick",
+        "--agent",
+        "edge-1",
+        "--every",
+        "500ms",
+        "--",
+        "/bin/true",
+    ]);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "other",
+        "--agent",
+        "edge-1",
+        "--every",
+        "500ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("a first run", || {
+        !coord.runs(&["--task", "tick"]).is_empty()
+    });
+    let mut child = std::process::Command::new(common::CTL)
+        .args([
+            "run", "list", "--follow", "--task", "tick", "--limit", "1", "-o", "json",
+        ])
+        .env("SUNDIAL_CREDS", coord.creds())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sundialctl follows");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The latest run, then runs pushed as they are stored: ten in all.
+    let mut lines = Vec::new();
+    while lines.len() < 10 {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("the follow printed only {} lines: {lines:?}", lines.len()),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let runs: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(runs.iter().all(|r| r["task_name"] == "tick"), "{runs:?}");
+    let keys: std::collections::BTreeSet<(String, i64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["scheduled_at"].as_str().unwrap_or("").to_owned(),
+                r["attempt"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(keys.len(), runs.len(), "a run printed twice: {runs:?}");
+    // In the order they were stored: scheduled times rise.
+    let times: Vec<&str> = runs
+        .iter()
+        .filter_map(|r| r["scheduled_at"].as_str())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+}

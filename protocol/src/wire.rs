@@ -352,6 +352,13 @@ pub enum AdminRequest {
     AdminRevoke(String),
     /// A page of the audit log, oldest first.
     AuditList(AuditQuery),
+    /// Runs as they are stored through this coordinator, pushed on the
+    /// stream ([`AdminResponse::Following`], then `Runs` pages) until the
+    /// client closes it.
+    RunFollow {
+        task: Option<TaskId>,
+        agent: Option<AgentId>,
+    },
 }
 
 /// What an admin may do. Each role may do what the one before it may.
@@ -601,6 +608,8 @@ pub enum AdminResponse {
         /// More entries match beyond the page, in the direction it was read.
         more: bool,
     },
+    /// A run follow is on: `Runs` follow as they are stored.
+    Following,
 }
 
 /// Splits `items` into pages whose encoded size stays under `bytes_max`

@@ -14,6 +14,11 @@ use sundial_protocol::wire::{
 use tokio::sync::{oneshot, Notify};
 
 use super::{Handle, Shared};
+use sundial_protocol::wire::AdminResponse;
+
+/// Pushes of a follow waiting for its client; beyond, it reads too slowly
+/// and the follow ends.
+const FOLLOW_BACKLOG_MAX: usize = 64;
 use crate::net::{self, FramedRecv, NetError};
 
 /// Serves one admitted connection until it ends, then tells the node.
@@ -61,6 +66,7 @@ async fn handshaken(
                 conn: conn.clone(),
                 writer: writer.clone(),
                 admin: Default::default(),
+                follow: Default::default(),
                 enroll: None,
             },
         );
@@ -128,9 +134,14 @@ async fn admin(shared: &Arc<Shared>, id: ConnId, conn: &quinn::Connection) -> Re
             .next_req
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        let follows = matches!(request, AdminRequest::RunFollow { .. });
+        let (push_tx, mut push_rx) = tokio::sync::mpsc::channel(FOLLOW_BACKLOG_MAX);
         if let Ok(mut h) = shared.handles.lock() {
             if let Some(h) = h.get_mut(&id) {
                 h.admin.insert(req, tx);
+                if follows {
+                    h.follow.insert(req, push_tx);
+                }
             }
         }
         let Some(entropy) = entropy() else {
@@ -143,6 +154,20 @@ async fn admin(shared: &Arc<Shared>, id: ConnId, conn: &quinn::Connection) -> Re
             continue;
         };
         shared.drive(|n, now| n.handle_admin(now, id, req, request, entropy));
+        if follows {
+            // Pushed until the client goes or reads too slowly; a refusal
+            // comes as a reply.
+            let result = follow(&mut send, rx, &mut push_rx).await;
+            if let Ok(mut h) = shared.handles.lock() {
+                if let Some(h) = h.get_mut(&id) {
+                    h.follow.remove(&req);
+                    h.admin.remove(&req);
+                }
+            }
+            shared.drive(|n, now| n.handle_follow_end(now, id, req));
+            result?;
+            continue;
+        }
         let Ok(answers) = rx.await else {
             return Ok(());
         };
@@ -150,6 +175,42 @@ async fn admin(shared: &Arc<Shared>, id: ConnId, conn: &quinn::Connection) -> Re
             net::send(&mut send, a).await?;
         }
         send.finish()?;
+    }
+}
+
+/// Pushes a follow's answers until it ends: the client stops the stream
+/// or closes, the node refuses (a reply), or the pushes stop (the client
+/// read too slowly: it is told).
+async fn follow(
+    send: &mut quinn::SendStream,
+    reply: oneshot::Receiver<Vec<AdminResponse>>,
+    pushes: &mut tokio::sync::mpsc::Receiver<Vec<AdminResponse>>,
+) -> Result<(), NetError> {
+    tokio::pin!(reply);
+    loop {
+        tokio::select! {
+            answers = &mut reply => {
+                for a in answers.unwrap_or_default() {
+                    net::send(send, &a).await?;
+                }
+                send.finish()?;
+                return Ok(());
+            }
+            pushed = pushes.recv() => {
+                let Some(answers) = pushed else {
+                    let slow = AdminResponse::Error(
+                        "the follow ended: this client read too slowly; follow again".into(),
+                    );
+                    net::send(send, &slow).await?;
+                    send.finish()?;
+                    return Ok(());
+                };
+                for a in &answers {
+                    net::send(send, a).await?;
+                }
+            }
+            _ = send.stopped() => return Ok(()),
+        }
     }
 }
 

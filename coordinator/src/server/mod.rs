@@ -264,6 +264,8 @@ struct Handle {
     conn: quinn::Connection,
     writer: Arc<Notify>,
     admin: HashMap<u64, oneshot::Sender<Vec<AdminResponse>>>,
+    /// Followed requests' streams (`run list --follow`), bounded.
+    follow: HashMap<u64, tokio::sync::mpsc::Sender<Vec<AdminResponse>>>,
     enroll: Option<oneshot::Sender<EnrollResponse>>,
 }
 
@@ -378,8 +380,8 @@ impl Shared {
                                         .iter()
                                         .map(|r| {
                                             (
-                                                r.task.0,
-                                                r.agent.0,
+                                                r.task_id.0,
+                                                r.agent_id.0,
                                                 r.scheduled_at.as_millis(),
                                                 r.attempt,
                                             )
@@ -454,6 +456,27 @@ impl Shared {
                     .and_then(|mut h| h.get_mut(&conn).and_then(|h| h.admin.remove(&req)));
                 if let Some(tx) = tx {
                     let _ = tx.send(answers);
+                }
+            }
+            Effect::AdminPush { conn, req, answers } => {
+                let tx = self
+                    .handles
+                    .lock()
+                    .ok()
+                    .and_then(|h| h.get(&conn).and_then(|h| h.follow.get(&req).cloned()));
+                let passed = tx.is_some_and(|tx| tx.try_send(answers).is_ok());
+                if !passed {
+                    // Gone, or reading too slowly: the follow ends (its
+                    // stream says so when the client is still there).
+                    if let Ok(mut h) = self.handles.lock() {
+                        if let Some(h) = h.get_mut(&conn) {
+                            h.follow.remove(&req);
+                        }
+                    }
+                    let shared = self.clone();
+                    tokio::spawn(async move {
+                        shared.drive(|n, now| n.handle_follow_end(now, conn, req));
+                    });
                 }
             }
             Effect::EnrollReply { conn, response } => {

@@ -62,7 +62,8 @@ pub fn required_role(req: &AdminRequest) -> Role {
         | R::TokenList
         | R::RunList { .. }
         | R::AdminList
-        | R::AuditList(_) => Role::Viewer,
+        | R::AuditList(_)
+        | R::RunFollow { .. } => Role::Viewer,
         R::TokenCreate { .. }
         | R::TokenRevoke(_)
         | R::TaskCreate(_)
@@ -134,6 +135,7 @@ pub fn action(req: &AdminRequest) -> &'static str {
         R::AdminRenew { .. } => "admin renew",
         R::AdminRevoke(_) => "admin revoke",
         R::AuditList(_) => "audit list",
+        R::RunFollow { .. } => "run follow",
     }
 }
 
@@ -1069,6 +1071,10 @@ pub fn answer(
             answers.push(AdminResponse::AuditSummary { more: page.more });
             AdminAnswer::list(answers)
         }
+        // The node follows runs itself; a store job never gets one.
+        AdminRequest::RunFollow { .. } => Err(StoreError::Refused(
+            "a run follow is served by the coordinator node".into(),
+        )),
     }
 }
 

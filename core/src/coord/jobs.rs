@@ -135,7 +135,7 @@ pub enum RunsVerdict {
         unknown: Vec<TaskId>,
         conflicts: Vec<RunKeyOf>,
         /// The records stored now for the first time (not resends).
-        recorded: Vec<RunFacts>,
+        recorded: Vec<RunRecord>,
     },
     /// A run of a task the store knows but did not assign to this agent.
     NotAssigned(TaskId),
@@ -461,7 +461,7 @@ impl StoreJob {
                                     r.attempt,
                                 ))
                             })
-                            .map(RunFacts::of)
+                            .cloned()
                             .collect();
                         Ok(RunsVerdict::Stored {
                             keys: runs.iter().map(RunRecord::key).collect(),

@@ -38,7 +38,7 @@ use sundial_protocol::wire::{
     busy_reason, close, AdminRequest, AdminResponse, AgentMsg, AuditEntry, CoordMsg, EnrollRequest,
     EnrollResponse, ReconnectPolicy, HELLO_FRAME_BYTES_MAX,
 };
-use sundial_protocol::{AgentId, DurationMs, Timestamp};
+use sundial_protocol::{AgentId, DurationMs, TaskId, Timestamp};
 
 use crate::admission::{Admit, HandshakeBudget};
 use crate::coord_store::{
@@ -164,6 +164,9 @@ impl Default for Limits {
         Limits::for_cores(1)
     }
 }
+
+/// Run follows (`run list --follow`) served at once.
+pub const FOLLOWERS_MAX: usize = 64;
 
 /// How long audit entries are kept unless configured: two years.
 pub const AUDIT_RETENTION_DEFAULT_MS: u64 = 2 * 365 * 24 * 60 * 60 * 1000;
@@ -404,6 +407,14 @@ pub enum Effect {
         req: u64,
         answers: Vec<AdminResponse>,
     },
+    /// More answers on a followed request's stream (which stays open); if
+    /// the shell cannot pass them on, it ends the follow
+    /// (`handle_follow_end`).
+    AdminPush {
+        conn: ConnId,
+        req: u64,
+        answers: Vec<AdminResponse>,
+    },
     /// The answer to an enrollment; then finish its stream.
     EnrollReply {
         conn: ConnId,
@@ -585,6 +596,8 @@ pub struct CoordNode {
     admin_waiting: VecDeque<StoreJob>,
     /// Admin creates and renews waiting for their certificate.
     signing: HashMap<(ConnId, u64), StoreJob>,
+    /// Run follows: (connection, request) → (task, agent) filter.
+    followers: BTreeMap<(ConnId, u64), (Option<TaskId>, Option<AgentId>)>,
     /// When each admin's last use was last written (monotonic ms).
     admin_used: HashMap<[u8; 32], u64>,
     next_purge_ms: Option<u64>,
@@ -635,6 +648,7 @@ impl CoordNode {
             admin_running: 0,
             admin_waiting: VecDeque::new(),
             signing: HashMap::new(),
+            followers: BTreeMap::new(),
             admin_used: HashMap::new(),
             purging: false,
             purging_audit: false,
@@ -938,6 +952,7 @@ impl CoordNode {
         self.retire(now, conn);
         self.release_pending(conn);
         self.signing.retain(|(c, _), _| *c != conn);
+        self.followers.retain(|(c, _), _| *c != conn);
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -1670,6 +1685,27 @@ impl CoordNode {
             self.admin_refused(now, conn, req, who, audit, why);
             return;
         }
+        if let AdminRequest::RunFollow { task, agent } = request {
+            if self.followers.len() >= FOLLOWERS_MAX {
+                self.admin_answered(
+                    now,
+                    conn,
+                    req,
+                    vec![AdminResponse::Error(format!(
+                        "this coordinator serves at most {FOLLOWERS_MAX} run follows at once; try again later"
+                    ))],
+                );
+                return;
+            }
+            // Busy until it ends: a follow is never idle.
+            self.followers.insert((conn, req), (task, agent));
+            self.effects.push_back(Effect::AdminPush {
+                conn,
+                req,
+                answers: vec![AdminResponse::Following],
+            });
+            return;
+        }
         let seen = match &request {
             AdminRequest::AgentList => self
                 .seen
@@ -1725,6 +1761,48 @@ impl CoordNode {
             return;
         }
         self.admin_job(now, conn, req, job);
+    }
+
+    /// The shell could not pass a follow's runs on (its client reads too
+    /// slowly, or is gone): the follow ends.
+    pub fn handle_follow_end(&mut self, now: Now, conn: ConnId, req: u64) {
+        if self.followers.remove(&(conn, req)).is_some() {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if let Kind::Admin { busy, .. } = &mut c.kind {
+                    *busy = busy.saturating_sub(1);
+                    if *busy == 0 {
+                        c.deadline = Some(now.mono_ms + EXCHANGE_TIMEOUT_MS);
+                    }
+                }
+            }
+            self.rearm(conn);
+        }
+    }
+
+    /// Pushes newly stored runs to the follows they match.
+    fn follow_runs(&mut self, runs: &[sundial_protocol::RunRecord]) {
+        for (&(conn, req), &(task, agent)) in &self.followers {
+            let matching: Vec<sundial_protocol::RunRecord> = runs
+                .iter()
+                .filter(|r| task.is_none_or(|t| t == r.task_id))
+                .filter(|r| agent.is_none_or(|a| a == r.agent_id))
+                .cloned()
+                .collect();
+            if matching.is_empty() {
+                continue;
+            }
+            self.effects.push_back(Effect::AdminPush {
+                conn,
+                req,
+                answers: sundial_protocol::wire::chunk_by_size(
+                    matching,
+                    sundial_protocol::wire::LIST_CHUNK_BYTES_MAX,
+                )
+                .into_iter()
+                .map(AdminResponse::Runs)
+                .collect(),
+            });
+        }
     }
 
     /// A request refused before the store: answered, and written to the
@@ -2153,7 +2231,10 @@ impl CoordNode {
                         recorded,
                     }) => {
                         if !recorded.is_empty() {
-                            self.event(CoordEvent::RunsRecorded { runs: recorded });
+                            self.follow_runs(&recorded);
+                            self.event(CoordEvent::RunsRecorded {
+                                runs: recorded.iter().map(RunFacts::of).collect(),
+                            });
                         }
                         if let Some(agent) = agent {
                             for task in unknown {

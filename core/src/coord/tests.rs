@@ -490,7 +490,7 @@ fn results_are_acknowledged_only_after_the_store_says_stored() {
                 keys: runs.iter().map(|r| r.key()).collect(),
                 unknown: Vec::new(),
                 conflicts: Vec::new(),
-                recorded: runs.iter().map(RunFacts::of).collect(),
+                recorded: runs.clone(),
             }),
             cache,
         },
@@ -702,6 +702,10 @@ fn every_request() -> Vec<AdminRequest> {
             limit: 10,
             ..AuditQuery::default()
         }),
+        AdminRequest::RunFollow {
+            task: None,
+            agent: None,
+        },
     ];
     let mut seen = std::collections::BTreeSet::new();
     for r in &all {
@@ -728,10 +732,11 @@ fn every_request() -> Vec<AdminRequest> {
             AdminRequest::AdminRenew { .. } => 18,
             AdminRequest::AdminRevoke(_) => 19,
             AdminRequest::AuditList(_) => 20,
+            AdminRequest::RunFollow { .. } => 21,
         };
         seen.insert(kind);
     }
-    assert_eq!(seen.len(), 21, "every kind of request once");
+    assert_eq!(seen.len(), 22, "every kind of request once");
     all
 }
 
@@ -766,7 +771,8 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
         | AdminRequest::TokenList
         | AdminRequest::RunList { .. }
         | AdminRequest::AdminList
-        | AdminRequest::AuditList(_) => Role::Viewer,
+        | AdminRequest::AuditList(_)
+        | AdminRequest::RunFollow { .. } => Role::Viewer,
         AdminRequest::TokenCreate { .. }
         | AdminRequest::TokenRevoke(_)
         | AdminRequest::TaskCreate(_)
@@ -798,7 +804,9 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
             let went_on = fx.iter().any(|e| {
                 matches!(
                     e,
-                    Effect::Store(StoreJob::Admin { .. }) | Effect::Sign { .. }
+                    Effect::Store(StoreJob::Admin { .. })
+                        | Effect::Sign { .. }
+                        | Effect::AdminPush { .. }
                 )
             });
             let refusal = fx.iter().find_map(|e| match e {
@@ -839,7 +847,7 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
             effects(&mut n);
         }
     }
-    assert_eq!(checked, 3 * 21);
+    assert_eq!(checked, 3 * 22);
 }
 
 #[test]
@@ -981,4 +989,64 @@ fn an_admin_renewing_itself_gets_its_answer_and_its_old_connections_close() {
     assert!(!effects(&mut n)
         .iter()
         .any(|e| matches!(e, Effect::Store(StoreJob::Admin { .. }))));
+}
+
+#[test]
+fn a_run_follow_gets_the_runs_it_asks_for_once_each_until_it_ends() {
+    let mut n = node_with_roles();
+    let (a, _) = live_session(&mut n, 1, &[], 0);
+    let viewer = n.handle_incoming(at(1), ip(30)).expect("viewer");
+    n.handle_handshaken(at(1), viewer, Alpn::Admin, Some(fp(21)));
+    effects(&mut n);
+    n.handle_admin(
+        at(2),
+        viewer,
+        5,
+        AdminRequest::RunFollow {
+            task: Some(TaskId(1)),
+            agent: None,
+        },
+        [0; ENTROPY_BYTES],
+    );
+    let fx = effects(&mut n);
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::AdminPush { req: 5, answers, .. }
+        if answers == &vec![AdminResponse::Following])),
+        "{fx:?}"
+    );
+    let stored = |n: &mut CoordNode, batch_id, runs: Vec<sundial_protocol::RunRecord>| {
+        n.handle_store_done(
+            at(3),
+            StoreDone::Runs {
+                conn: a,
+                batch_id,
+                result: Ok(RunsVerdict::Stored {
+                    keys: runs.iter().map(|r| r.key()).collect(),
+                    unknown: Vec::new(),
+                    conflicts: Vec::new(),
+                    recorded: runs,
+                }),
+                cache: Default::default(),
+            },
+        );
+        effects(n)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::AdminPush { conn, answers, .. } if conn == viewer => Some(answers),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Task 1's run is pushed; task 2's is not.
+    let pushed = stored(&mut n, 1, vec![record(1, 1, 1_000), record(2, 1, 1_000)]);
+    assert_eq!(
+        pushed,
+        vec![vec![AdminResponse::Runs(vec![record(1, 1, 1_000)])]]
+    );
+    // A resend (nothing recorded anew) pushes nothing.
+    assert!(stored(&mut n, 2, Vec::new()).is_empty());
+    // Ended by the shell: nothing more.
+    n.handle_follow_end(at(4), viewer, 5);
+    assert!(stored(&mut n, 3, vec![record(1, 1, 2_000)]).is_empty());
 }

@@ -239,6 +239,8 @@ impl World {
                     }
                 }
             }
+            // The simulated operator follows no runs.
+            Effect::AdminPush { .. } => {}
             Effect::AdminReply { req, answers, .. } => {
                 let revoke = self.pending_revokes.remove(&req);
                 for a in answers {

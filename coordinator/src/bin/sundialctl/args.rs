@@ -289,6 +289,10 @@ pub(crate) enum RunCmd {
         /// The page before this cursor (printed after a page): older runs.
         #[arg(long, value_name = "CURSOR")]
         before: Option<String>,
+        /// Then print runs as the coordinator stores them (pushed, not
+        /// polled) until interrupted; with -o json, one object per line.
+        #[arg(short = 'f', long, conflicts_with_all = ["after", "before"])]
+        follow: bool,
         #[command(flatten)]
         out: OutputArg,
     },

@@ -388,6 +388,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
             limit,
             after,
             before,
+            follow,
             out,
         }) => {
             let task = match task {
@@ -398,6 +399,9 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 Some(a) => Some(ctl.agent_id(&a).await?),
                 None => None,
             };
+            if follow {
+                return follow_runs(ctl, task, agent, since, limit, out.output).await;
+            }
             let answer = ctl
                 .client
                 .run_list(&AdminRequest::RunList {
@@ -785,4 +789,78 @@ async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()
         );
     }
     Ok(())
+}
+
+/// `run list --follow`: the latest runs, then every run as it is stored.
+async fn follow_runs(
+    ctl: &Ctl,
+    task: Option<TaskId>,
+    agent: Option<AgentId>,
+    since: Option<Timestamp>,
+    limit: u32,
+    out: Output,
+) -> anyhow::Result<()> {
+    // The follow first (on a connection of its own), then the list: no
+    // run stored in between is missed; one on both is printed once.
+    let follower = AdminClient::connect(&ctl.creds)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut stream = follower
+        .follow(&AdminRequest::RunFollow { task, agent })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let answer = ctl
+        .client
+        .run_list(&AdminRequest::RunList {
+            task,
+            agent,
+            since,
+            limit,
+            after: None,
+            before: None,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut names = ctl.names(true).await;
+    let mut printed: std::collections::HashSet<sundial_protocol::RunKey> =
+        answer.runs.iter().map(RunRecord::key).collect();
+    let print = |runs: &[RunRecord], names: &Names, header: bool| -> anyhow::Result<()> {
+        if out == Output::Json {
+            for r in runs {
+                outln!("{}", run_json(r, runs, names));
+            }
+            Ok(())
+        } else {
+            let text = runs_text(runs, names, out);
+            let body = if header {
+                text
+            } else {
+                text.lines().skip(1).map(|l| format!("{l}\n")).collect()
+            };
+            out!("{body}");
+            Ok(())
+        }
+    };
+    print(&answer.runs, &names, true)?;
+    eprintln!("following: runs are printed as they are stored (Ctrl-C ends)");
+    loop {
+        let runs = match stream.next().await {
+            Ok(Some(runs)) => runs,
+            Ok(None) => bail!("the coordinator ended the follow"),
+            Err(e) => bail!("{e}"),
+        };
+        let fresh: Vec<RunRecord> = runs
+            .into_iter()
+            .filter(|r| printed.insert(r.key()))
+            .collect();
+        if fresh.is_empty() {
+            continue;
+        }
+        if fresh.iter().any(|r| {
+            !names.tasks.contains_key(&r.task_id) || !names.agents.contains_key(&r.agent_id)
+        }) {
+            names = ctl.names(true).await;
+        }
+        print(&fresh, &names, false)?;
+    }
 }

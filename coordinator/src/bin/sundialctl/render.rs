@@ -431,6 +431,12 @@ pub(crate) fn runs_out(runs: &[RunRecord], names: &Names, out: Output) -> anyhow
             runs.iter().map(|r| run_json(r, runs, names)).collect(),
         ));
     }
+    out!("{}", runs_text(runs, names, out));
+    Ok(())
+}
+
+/// The runs as a table (a header line, then a row per run).
+pub(crate) fn runs_text(runs: &[RunRecord], names: &Names, out: Output) -> String {
     let rows: Vec<Vec<String>> = runs
         .iter()
         .map(|r| {
@@ -448,25 +454,21 @@ pub(crate) fn runs_out(runs: &[RunRecord], names: &Names, out: Output) -> anyhow
             ]
         })
         .collect();
-    out!(
-        "{}",
-        table(
-            &[
-                "TASK",
-                "AGENT",
-                "SCHEDULED AT",
-                "ATTEMPT",
-                "OUTCOME",
-                "EXIT",
-                "TOOK MS",
-                "LATE MS",
-                "OFFLINE",
-                "DETAIL"
-            ],
-            &rows
-        )
-    );
-    Ok(())
+    table(
+        &[
+            "TASK",
+            "AGENT",
+            "SCHEDULED AT",
+            "ATTEMPT",
+            "OUTCOME",
+            "EXIT",
+            "TOOK MS",
+            "LATE MS",
+            "OFFLINE",
+            "DETAIL",
+        ],
+        &rows,
+    )
 }
 
 pub(crate) fn tokens_out(tokens: &[TokenInfo], out: Output) -> anyhow::Result<()> {
