@@ -159,7 +159,8 @@ impl Node {
                     }
                     Effect::AdminReply { answers, .. } => self.admin.push_back(answers),
                     Effect::Stop => self.stopped = true,
-                    Effect::Sign { .. } | Effect::EnrollReply { .. } => {}
+                    Effect::Sign { .. } | Effect::EnrollReply { .. } | Effect::AdminPush { .. } => {
+                    }
                 }
             }
             if !busy {
