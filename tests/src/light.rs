@@ -103,6 +103,13 @@ impl BenchCoordinator {
             .arg(&self.dir)
             .args(["--listen", &self.addr.to_string()])
             .args(extra)
+            // More `serve` flags for a measurement (e.g. SUNDIAL_BENCH_SERVE_ARGS="--http 127.0.0.1:9600"
+            // to price the metrics).
+            .args(
+                std::env::var("SUNDIAL_BENCH_SERVE_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .env("SUNDIAL_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(match std::env::var_os("SUNDIAL_BENCH_COORD_LOG") {
