@@ -895,3 +895,34 @@ fn status_works_after_an_unclean_stop_and_leaves_the_store_alone() {
         "{v}"
     );
 }
+
+#[test]
+fn a_run_that_does_not_succeed_is_logged_as_a_warning() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("data");
+    let agent = start_agent(&dir);
+    wait_for("the store", || store_path(&dir).exists());
+    stop(agent);
+    {
+        let store = AgentStore::open(&store_path(&dir)).expect("store");
+        let sched = Schedule::every(DurationMs(500), now()).expect("valid");
+        store
+            .put_task(&sh_task(1, sched, "exit 3", Policies::default()), Some(1))
+            .expect("put");
+    }
+    let agent = start_agent(&dir);
+    let log = dir.with_extension("log");
+    wait_for("a failed run logged", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| {
+            l.lines()
+                .any(|line| line.contains("WARN") && line.contains("did not succeed"))
+        })
+    });
+    stop(agent);
+    let text = std::fs::read_to_string(&log).expect("log");
+    let failed = text
+        .lines()
+        .find(|l| l.contains("did not succeed"))
+        .expect("the line");
+    assert!(failed.contains("outcome=failed"), "{failed}");
+}

@@ -48,9 +48,19 @@ pub(super) fn log_event(event: &Event) {
         Event::ConcurrencyCap { max, task_id } => {
             tracing::warn!(max, task = %task_id, "at the cap of concurrent runs; occurrences due now are recorded as skipped")
         }
-        Event::RunRecorded { key, outcome } => {
-            tracing::info!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, %outcome, "run recorded")
-        }
+        // A run that did not succeed is worth a look: WARN, so that
+        // `grep -E 'WARN|ERROR'` finds every failed task.
+        Event::RunRecorded { key, outcome } => match outcome {
+            sundial_protocol::Outcome::Failed
+            | sundial_protocol::Outcome::TimedOut
+            | sundial_protocol::Outcome::Rejected
+            | sundial_protocol::Outcome::Interrupted => {
+                tracing::warn!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, %outcome, "run recorded: it did not succeed")
+            }
+            _ => {
+                tracing::info!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, %outcome, "run recorded")
+            }
+        },
         other => session::log_event(other),
     }
 }
