@@ -1723,8 +1723,12 @@ impl CoordStore for PgStore {
             }
             if task.paused == paused {
                 return Err(StoreError::Refused(format!(
-                    "task {id} is {} already",
-                    if paused { "paused" } else { "running" }
+                    "task {id} is {}",
+                    if paused {
+                        "paused already"
+                    } else {
+                        "not paused"
+                    }
                 )));
             }
             task.paused = paused;

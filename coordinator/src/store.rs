@@ -1212,8 +1212,12 @@ impl CoordStore for CoordinatorStore {
             let was = p.get(id.0).map_err(db_err("pause task"))?.is_some();
             if was == paused {
                 return Err(StoreError::Refused(format!(
-                    "task {id} is {} already",
-                    if paused { "paused" } else { "running" }
+                    "task {id} is {}",
+                    if paused {
+                        "paused already"
+                    } else {
+                        "not paused"
+                    }
                 )));
             }
             if paused {

@@ -882,8 +882,19 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ServeError> {
         tokio::pin!(shutdown);
-        let limits = self.shared.node.lock().map(|n| n.limits().clone()).ok();
-        tracing::info!(addr = ?self.local_addr(), ?limits, "coordinator serving");
+        if let Ok(l) = self.shared.node.lock().map(|n| n.limits().clone()) {
+            tracing::info!(
+                addr = %self.local_addr().map_or_else(|| "?".into(), |a| a.to_string()),
+                sessions_max = l.sessions_max,
+                handshakes_per_sec = l.handshakes_per_sec,
+                upload_runs_per_sec = l.upload_runs_per_sec,
+                period_min = %l.period_min,
+                run_retention = %l.run_retention.map_or_else(|| "keep".into(), |d| d.to_string()),
+                audit_retention = %l.audit_retention.map_or_else(|| "keep".into(), |d| d.to_string()),
+                shared_store = self.shared.shared_store,
+                "coordinator serving"
+            );
+        }
         let timers = tokio::spawn(self.shared.clone().timers());
         let failed = loop {
             tokio::select! {
@@ -908,6 +919,15 @@ impl Server {
         if failed {
             return Err(ServeError::StoreBroken);
         }
+        tracing::info!(
+            sessions_at_stop = self
+                .shared
+                .node
+                .lock()
+                .map(|n| n.sessions_open())
+                .unwrap_or(0),
+            "coordinator stopped"
+        );
         Ok(())
     }
 }
