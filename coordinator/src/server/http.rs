@@ -42,13 +42,17 @@ pub(super) async fn serve(
         .route("/metrics", get(scrape))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/", get(dashboard_page))
+        .route("/dashboard.js", get(dashboard_js))
+        .route("/api/fleet", get(fleet))
         .with_state((shared, metrics));
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the HTTP listener stopped");
         }
     });
-    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz and the dashboard (/, to loopback only)");
     Ok(bound)
 }
 
@@ -120,5 +124,180 @@ async fn ready(State((shared, _)): State<AppState>) -> impl IntoResponse {
             ),
         )
             .into_response(),
+    }
+}
+
+/// The dashboard (read-only) is shown to this machine only: off loopback
+/// it would need TLS and a viewer credential, which it does not take yet.
+pub(super) fn dashboard_allowed(peer: SocketAddr) -> bool {
+    peer.ip().is_loopback()
+        || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+}
+
+fn refused() -> axum::response::Response {
+    (
+        StatusCode::FORBIDDEN,
+        "the dashboard is served to this machine only (loopback): reach it through an SSH tunnel, e.g. ssh -L 9447:127.0.0.1:9447 HOST\n",
+    )
+        .into_response()
+}
+
+async fn dashboard_page(
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+) -> axum::response::Response {
+    if !dashboard_allowed(peer) {
+        return refused();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard/index.html"),
+    )
+        .into_response()
+}
+
+async fn dashboard_js(
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+) -> axum::response::Response {
+    if !dashboard_allowed(peer) {
+        return refused();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("dashboard/dashboard.js"),
+    )
+        .into_response()
+}
+
+/// Runs the dashboard shows, the newest.
+const DASHBOARD_RUNS_MAX: usize = 500;
+
+/// The fleet as the dashboard draws it: agents, tasks with their latest
+/// run per agent, and the newest runs. Read from the store (a page at a
+/// time), with the node's view of who is online.
+async fn fleet(
+    State((shared, _)): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+) -> axum::response::Response {
+    if !dashboard_allowed(peer) {
+        return refused();
+    }
+    let store = shared.store.clone();
+    let node = shared.node.clone();
+    let now = shared.now().wall;
+    let shared_store = shared.shared_store;
+    let answer = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, String> {
+        use sundial_core::coord::admin::{all_agents, all_tasks, SESSION_MARK_FRESH_MS};
+        let agents = all_agents(store.as_ref()).map_err(|e| e.to_string())?;
+        let tasks = all_tasks(store.as_ref()).map_err(|e| e.to_string())?;
+        let runs = store
+            .runs(&sundial_core::coord_store::RunQuery {
+                task: None,
+                agent: None,
+                since: None,
+                limit: DASHBOARD_RUNS_MAX,
+                page: sundial_core::coord_store::Page::Latest,
+                forward_from_since: false,
+            })
+            .map_err(|e| e.to_string())?
+            .runs;
+        let online = |a: &sundial_core::coord_store::Agent| {
+            let here = node.lock().map(|n| n.is_online(a.id)).unwrap_or(false);
+            let elsewhere = shared_store
+                && a.in_session
+                && a.last_seen
+                    .is_some_and(|t| now.millis_since(t) < SESSION_MARK_FRESH_MS);
+            !a.revoked && (here || elsewhere)
+        };
+        let ts = |t: Option<sundial_protocol::Timestamp>| t.map(|t| t.to_string());
+        let agents_json: Vec<serde_json::Value> = agents
+            .iter()
+            .filter(|a| !a.forgotten)
+            .map(|a| {
+                serde_json::json!({
+                    "agent_id": a.id.to_string(),
+                    "name": a.name,
+                    "labels": a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+                    "online": online(a),
+                    "revoked": a.revoked,
+                    "last_seen": ts(a.last_seen),
+                    "clock_offset_ms": a.clock_offset_ms,
+                })
+            })
+            .collect();
+        let mut tasks_json = Vec::new();
+        for t in tasks.iter().filter(|t| !t.cancelled) {
+            let last = store
+                .last_runs(t.spec.id, sundial_core::coord_store::PAGE_MAX)
+                .map_err(|e| e.to_string())?;
+            tasks_json.push(serde_json::json!({
+                "task_id": t.spec.id.to_string(),
+                "name": t.spec.name,
+                "schedule": t.spec.schedule.to_string(),
+                "paused": t.paused,
+                "next": if t.paused { None } else { ts(t.spec.schedule.next_after(now)) },
+                "last_runs": last.iter().map(|l| serde_json::json!({
+                    "agent_id": l.agent_id.to_string(),
+                    "scheduled_at": l.scheduled_at.to_string(),
+                    "outcome": l.outcome.as_str(),
+                    "detail": l.detail,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        let runs_json: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "task_id": r.task_id.to_string(),
+                    "agent_id": r.agent_id.to_string(),
+                    "scheduled_at": r.scheduled_at.to_string(),
+                    "attempt": r.attempt,
+                    "outcome": r.outcome.as_str(),
+                    "lateness_ms": r.fired_at.filter(|_| r.attempt == 1).map(|f| f.millis_since(r.scheduled_at)),
+                    "duration_ms": r.fired_at.zip(r.finished_at).map(|(f, e)| e.millis_since(f)),
+                    "offline": r.offline,
+                    "why": r.why(),
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "now": now.to_string(),
+            "agents": agents_json,
+            "tasks": tasks_json,
+            "runs": runs_json,
+        }))
+    })
+    .await;
+    match answer {
+        Ok(Ok(v)) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            v.to_string(),
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("the store: {e}\n")).into_response()
+        }
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "the read failed\n").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_dashboard_is_for_loopback_only() {
+        for (addr, ok) in [
+            ("127.0.0.1:5", true),
+            ("127.3.2.1:5", true),
+            ("[::1]:5", true),
+            ("[::ffff:127.0.0.1]:5", true),
+            ("192.0.2.7:5", false),
+            ("[2001:db8::1]:5", false),
+            ("[::ffff:192.0.2.7]:5", false),
+        ] {
+            let a: std::net::SocketAddr = addr.parse().expect("an address");
+            assert_eq!(super::dashboard_allowed(a), ok, "{addr}");
+        }
     }
 }
