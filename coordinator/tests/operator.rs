@@ -641,3 +641,63 @@ fn run_list_follow_prints_runs_as_they_are_stored_once_each() {
         .collect();
     assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
 }
+
+#[test]
+fn run_get_shows_a_whole_run_with_its_output() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let dir = root.path().join("a");
+    join(
+        &coord.addr.to_string(),
+        &coord.token(&[]),
+        &dir,
+        "edge-1",
+        &[("site", "lab")],
+    )
+    .expect("joins");
+    let _agent = Agent::start(&dir);
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "hello",
+        "--agent",
+        "edge-1",
+        "--at",
+        "now",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hello; echo oops >&2; exit 2",
+    ]);
+    wait_for("the run stored", || {
+        !coord.runs(&["--task", "hello"]).is_empty()
+    });
+    let r = &coord.runs(&["--task", "hello"])[0];
+    let id = format!(
+        "{}/{}/{}/{}",
+        r["task_id"].as_str().unwrap_or(""),
+        r["agent_id"].as_str().unwrap_or(""),
+        r["scheduled_at"].as_str().unwrap_or(""),
+        r["attempt"]
+    );
+    let text = coord.ctl_ok(&["run", "get", &id]);
+    for want in [
+        "outcome    failed",
+        "exit code  2",
+        "--- stdout (6 bytes kept) ---\nhello",
+        "--- stderr (5 bytes kept) ---\noops",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    // By names, without the attempt; and as JSON.
+    let by_name = format!("hello/edge-1/{}", r["scheduled_at"].as_str().unwrap_or(""));
+    let v = coord.json(&["run", "get", &by_name]);
+    assert_eq!(v["stdout"], "hello\n");
+    assert_eq!(v["outcome"], "failed");
+    // Bad or unknown runs say so.
+    let (ok, _, err) = coord.ctl(&["run", "get", "hello/edge-1"]);
+    assert!(!ok && err.contains("TASK/AGENT/SCHEDULED_AT"), "{err}");
+    let (ok, _, err) = coord.ctl(&["run", "get", "hello/edge-1/2020-01-01T00:00:00Z"]);
+    assert!(!ok && err.contains("no run"), "{err}");
+}

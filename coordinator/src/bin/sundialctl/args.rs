@@ -268,6 +268,18 @@ pub(crate) struct CreateArgs {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum RunCmd {
+    /// Show one run whole: its times, outcome and why, and its stdout and
+    /// stderr (the tails the agent kept).
+    ///
+    /// RUN is TASK/AGENT/SCHEDULED_AT[/ATTEMPT], as `run list -o json`
+    /// gives and webhooks name it (e.g. t3/a1/2026-12-06T02:30:00.000Z/1);
+    /// task and agent may be names; without ATTEMPT, every attempt.
+    Get {
+        #[arg(value_name = "RUN")]
+        run: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// List runs, oldest first (the most recent N when more match).
     List {
         /// Only runs of this task (id or name).

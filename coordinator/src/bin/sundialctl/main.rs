@@ -381,6 +381,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 outln!("resumed {id}");
             }
         }
+        Cmd::Run(RunCmd::Get { run, out }) => run_get(ctl, &run, out.output).await?,
         Cmd::Run(RunCmd::List {
             task,
             agent,
@@ -863,4 +864,99 @@ async fn follow_runs(
         }
         print(&fresh, &names, false)?;
     }
+}
+
+/// `run get TASK/AGENT/SCHEDULED_AT[/ATTEMPT]`.
+async fn run_get(ctl: &Ctl, run: &str, out: Output) -> anyhow::Result<()> {
+    let parts: Vec<&str> = run.split('/').collect();
+    let (task, agent, at, attempt) = match parts.as_slice() {
+        [t, a, at] => (*t, *a, *at, None),
+        [t, a, at, n] => (
+            *t,
+            *a,
+            *at,
+            Some(n.parse::<u32>().map_err(|_| {
+                anyhow::anyhow!("`{n}` is not an attempt number (1, 2, …)")
+            })?),
+        ),
+        _ => bail!(
+            "`{run}` is not a run: write TASK/AGENT/SCHEDULED_AT[/ATTEMPT], e.g. t3/a1/2026-12-06T02:30:00.000Z/1 (run list -o json shows them)"
+        ),
+    };
+    let at = Timestamp::parse(at).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let task = ctl.task_id(task).await?;
+    let agent = ctl.agent_id(agent).await?;
+    let answer = ctl
+        .client
+        .run_list(&AdminRequest::RunList {
+            task: Some(task),
+            agent: Some(agent),
+            since: Some(at),
+            limit: sundial_coordinator::server::RUN_LIST_MAX,
+            after: None,
+            before: None,
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let found: Vec<&RunRecord> = answer
+        .runs
+        .iter()
+        .filter(|r| r.scheduled_at == at && attempt.is_none_or(|n| r.attempt == n))
+        .collect();
+    if found.is_empty() {
+        if answer.more {
+            bail!("{run} is not among the newest {} runs of {task} on {agent} since its time: page to it with run list --task {task} --agent {agent} --before CURSOR", sundial_coordinator::server::RUN_LIST_MAX);
+        }
+        bail!("no run {run} is stored (see sundialctl run list --task {task} --agent {agent})");
+    }
+    let names = ctl.names(true).await;
+    if out == Output::Json {
+        let all: Vec<RunRecord> = answer.runs.clone();
+        let v: Vec<Value> = found.iter().map(|r| run_json(r, &all, &names)).collect();
+        return print_json(&if v.len() == 1 {
+            v[0].clone()
+        } else {
+            Value::Array(v)
+        });
+    }
+    for (i, r) in found.iter().enumerate() {
+        if i > 0 {
+            outln!("");
+        }
+        let line = |k: &str, v: String| outln!("{k:<11}{v}");
+        line(
+            "run",
+            format!(
+                "{}/{}/{}/{}",
+                r.task_id, r.agent_id, r.scheduled_at, r.attempt
+            ),
+        );
+        line("task", names.task(r.task_id));
+        line("agent", names.agent(r.agent_id));
+        line("scheduled", r.scheduled_at.to_string());
+        line("fired", or_dash(r.fired_at));
+        line("finished", or_dash(r.finished_at));
+        line("took", or_dash(duration_ms(r).map(|ms| format!("{ms} ms"))));
+        line(
+            "late",
+            or_dash(lateness_ms(r, &answer.runs, &names).map(|ms| format!("{ms} ms"))),
+        );
+        line("attempt", r.attempt.to_string());
+        line("outcome", r.outcome.to_string());
+        line("exit code", or_dash(r.exit_code));
+        line(
+            "offline",
+            if r.offline { "yes".into() } else { "no".into() },
+        );
+        line("why", why(r));
+        for (name, tail) in [("stdout", &r.stdout_tail), ("stderr", &r.stderr_tail)] {
+            outln!("--- {name} ({} bytes kept) ---", tail.len());
+            let text = String::from_utf8_lossy(tail);
+            out!("{text}");
+            if !text.is_empty() && !text.ends_with('\n') {
+                outln!("");
+            }
+        }
+    }
+    Ok(())
 }

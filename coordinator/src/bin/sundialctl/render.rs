@@ -102,14 +102,14 @@ pub(crate) struct Names {
 }
 
 impl Names {
-    fn agent(&self, id: AgentId) -> String {
+    pub(crate) fn agent(&self, id: AgentId) -> String {
         match self.agents.get(&id) {
             Some(n) => format!("{id} ({n})"),
             None => id.to_string(),
         }
     }
 
-    fn task(&self, id: TaskId) -> String {
+    pub(crate) fn task(&self, id: TaskId) -> String {
         match self.tasks.get(&id) {
             Some(n) => format!("{id} ({n})"),
             None => id.to_string(),
