@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{join, wait_for, Agent, Coordinator};
+use common::{wait_for, Coordinator};
 use serde_json::{json, Value};
 
 fn browser_available() -> bool {
@@ -178,19 +178,8 @@ fn the_dashboard_shows_the_fleet_in_a_browser_and_follows_new_runs() {
     let root = tempfile::tempdir().expect("tempdir");
     let http = free_tcp();
     let coord = Coordinator::start_with(root.path(), &["--http", &http.to_string()]);
-    for name in ["edge-1", "edge-2"] {
-        let dir = root.path().join(name);
-        join(
-            &coord.addr.to_string(),
-            &coord.token(&[]),
-            &dir,
-            name,
-            &[("site", "lab")],
-        )
-        .expect("joins");
-    }
-    let _a1 = Agent::start(&root.path().join("edge-1"));
-    let _a2 = Agent::start(&root.path().join("edge-2"));
+    let _a1 = coord.agent(&root.path().join("edge-1"), "edge-1");
+    let _a2 = coord.agent(&root.path().join("edge-2"), "edge-2");
     coord.ctl_ok(&[
         "task",
         "create",

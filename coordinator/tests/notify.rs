@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{join, wait_for, Agent, Coordinator};
+use common::{wait_for, Agent, Coordinator};
 use serde_json::Value;
 
 const SECRET: &str = "a shared secret";
@@ -157,16 +157,8 @@ fn start_fleet_with(root: &std::path::Path, url: &str, extra: &[&str]) -> (Coord
     ];
     args.extend_from_slice(extra);
     let coord = Coordinator::start_with(root, &args);
-    let dir = root.join("agent");
-    join(
-        &coord.addr.to_string(),
-        &coord.token(&[]),
-        &dir,
-        "edge-1",
-        &[("site", "lab")],
-    )
-    .expect("joins");
-    (coord, Agent::start(&dir))
+    let agent = coord.agent(&root.join("agent"), "edge-1");
+    (coord, agent)
 }
 
 #[test]

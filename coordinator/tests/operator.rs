@@ -15,15 +15,7 @@ fn tasks_are_described_listed_and_named_and_failed_runs_say_why() {
     let root = tempfile::tempdir().expect("tempdir");
     let coord = Coordinator::start(root.path());
     let dir = root.path().join("a");
-    join(
-        &coord.addr.to_string(),
-        &coord.token(&[]),
-        &dir,
-        "edge-1",
-        &[("site", "lab")],
-    )
-    .expect("joins");
-    let mut agent = Agent::start(&dir);
+    let mut agent = coord.agent(&dir, "edge-1");
     // Named wherever an id goes: the agent by its name.
     coord.ctl_ok(&[
         "task",
@@ -554,15 +546,7 @@ fn run_list_follow_prints_runs_as_they_are_stored_once_each() {
     let root = tempfile::tempdir().expect("tempdir");
     let coord = Coordinator::start(root.path());
     let dir = root.path().join("a");
-    join(
-        &coord.addr.to_string(),
-        &coord.token(&[]),
-        &dir,
-        "edge-1",
-        &[("site", "lab")],
-    )
-    .expect("joins");
-    let _agent = Agent::start(&dir);
+    let _agent = coord.agent(&dir, "edge-1");
     coord.ctl_ok(&[
         "task",
         "create",
@@ -647,15 +631,7 @@ fn run_get_shows_a_whole_run_with_its_output() {
     let root = tempfile::tempdir().expect("tempdir");
     let coord = Coordinator::start(root.path());
     let dir = root.path().join("a");
-    join(
-        &coord.addr.to_string(),
-        &coord.token(&[]),
-        &dir,
-        "edge-1",
-        &[("site", "lab")],
-    )
-    .expect("joins");
-    let _agent = Agent::start(&dir);
+    let _agent = coord.agent(&dir, "edge-1");
     coord.ctl_ok(&[
         "task",
         "create",

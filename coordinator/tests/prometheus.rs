@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{join, wait_for, Agent, Coordinator};
+use common::{wait_for, Agent, Coordinator};
 use serde_json::Value;
 
 /// Whether Prometheus and promtool are here; under CI their absence fails.
@@ -170,15 +170,7 @@ fn prometheus_sees_every_run_once_by_outcome_as_the_coordinator_stored_it() {
     assert_eq!(get(http, "/healthz").map(|r| r.0), Some(200));
     assert_eq!(get(http, "/readyz").map(|r| r.0), Some(200));
     let dir = root.path().join("agent");
-    join(
-        &coord.addr.to_string(),
-        &coord.token(&[]),
-        &dir,
-        "edge-1",
-        &[("site", "lab")],
-    )
-    .expect("joins");
-    let agent = Agent::start(&dir);
+    let agent = coord.agent(&dir, "edge-1");
     wait_for("the agent online", || {
         coord.json(&["agent", "list"])[0]["online"] == true
     });

@@ -214,6 +214,21 @@ pub fn join(
     .map(|id| id.to_string())
 }
 
+impl Coordinator {
+    /// Enrolls an agent named `name` (labels site=lab) in `dir` and starts it.
+    pub fn agent(&self, dir: &Path, name: &str) -> Agent {
+        join(
+            &self.addr.to_string(),
+            &self.token(&[]),
+            dir,
+            name,
+            &[("site", "lab")],
+        )
+        .expect("joins");
+        Agent::start(dir)
+    }
+}
+
 /// An agent running in-process on its own thread and runtime.
 pub struct Agent {
     pub dir: PathBuf,
