@@ -534,6 +534,27 @@ fn status_shows_the_fleet_at_a_glance() {
     assert_eq!(failing.len(), 1, "{s:#}");
     assert_eq!(failing[0]["task_name"], "broken");
     assert_eq!(failing[0]["last_why"], "exit 7");
+    // run list --outcome: only those, the latest N of them.
+    let failed = coord.json(&[
+        "run",
+        "list",
+        "--outcome",
+        "failed,timed_out",
+        "--limit",
+        "2",
+    ]);
+    let failed = failed.as_array().expect("a list");
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed.iter().all(|r| r["outcome"] == "failed"));
+    let all_failed = coord
+        .runs(&[])
+        .into_iter()
+        .filter(|r| r["outcome"] == "failed")
+        .count();
+    let every = coord.json(&["run", "list", "--outcome", "failed", "--limit", "10000"]);
+    assert!(every.as_array().is_some_and(|a| a.len() >= all_failed));
+    let (ok, _, err) = coord.ctl(&["run", "list", "--outcome", "broken"]);
+    assert!(!ok && err.contains("not an outcome"), "{err}");
     let text = coord.ctl_ok(&["status"]);
     assert!(text.contains("1 online, 1 offline"), "{text}");
     assert!(text.contains("offline: edge-2"), "{text}");

@@ -301,6 +301,11 @@ pub(crate) enum RunCmd {
         /// The page before this cursor (printed after a page): older runs.
         #[arg(long, value_name = "CURSOR")]
         before: Option<String>,
+        /// Only runs with these outcomes (comma-separated: succeeded,
+        /// failed, timed_out, rejected, skipped, interrupted); the latest N
+        /// of them, looking back through at most 100,000 runs.
+        #[arg(long, value_name = "OUTCOMES", value_parser = parse_outcomes, conflicts_with_all = ["after", "before"])]
+        outcome: Option<Outcomes>,
         /// Then print runs as the coordinator stores them (pushed, not
         /// polled) until interrupted; with -o json, one object per line.
         #[arg(short = 'f', long, conflicts_with_all = ["after", "before"])]
@@ -412,4 +417,28 @@ pub(crate) enum AuditCmd {
         #[command(flatten)]
         out: OutputArg,
     },
+}
+
+/// Outcomes named on the command line (`failed,timed_out`).
+#[derive(Debug, Clone)]
+pub(crate) struct Outcomes(pub(crate) Vec<sundial_protocol::Outcome>);
+
+/// `failed,timed_out` → the outcomes.
+fn parse_outcomes(s: &str) -> Result<Outcomes, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            sundial_protocol::Outcome::parse(o).ok_or_else(|| {
+                format!("`{o}` is not an outcome: succeeded, failed, timed_out, rejected, skipped or interrupted")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("name at least one outcome".into())
+            } else {
+                Ok(Outcomes(v))
+            }
+        })
 }

@@ -390,6 +390,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
             after,
             before,
             follow,
+            outcome,
             out,
         }) => {
             let task = match task {
@@ -401,7 +402,20 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 None => None,
             };
             if follow {
-                return follow_runs(ctl, task, agent, since, limit, out.output).await;
+                return follow_runs(
+                    ctl,
+                    task,
+                    agent,
+                    since,
+                    limit,
+                    outcome.map(|o| o.0),
+                    out.output,
+                )
+                .await;
+            }
+            if let Some(Outcomes(outcomes)) = outcome {
+                return runs_with_outcomes(ctl, task, agent, since, limit, &outcomes, out.output)
+                    .await;
             }
             let answer = ctl
                 .client
@@ -799,8 +813,10 @@ async fn follow_runs(
     agent: Option<AgentId>,
     since: Option<Timestamp>,
     limit: u32,
+    outcomes: Option<Vec<sundial_protocol::Outcome>>,
     out: Output,
 ) -> anyhow::Result<()> {
+    let wanted = |r: &RunRecord| outcomes.as_ref().is_none_or(|o| o.contains(&r.outcome));
     // The follow first (on a connection of its own), then the list: no
     // run stored in between is missed; one on both is printed once.
     let follower = AdminClient::connect(&ctl.creds)
@@ -825,6 +841,8 @@ async fn follow_runs(
     let mut names = ctl.names(true).await;
     let mut printed: std::collections::HashSet<sundial_protocol::RunKey> =
         answer.runs.iter().map(RunRecord::key).collect();
+    let mut answer = answer;
+    answer.runs.retain(|r| wanted(r));
     let print = |runs: &[RunRecord], names: &Names, header: bool| -> anyhow::Result<()> {
         if out == Output::Json {
             for r in runs {
@@ -852,7 +870,7 @@ async fn follow_runs(
         };
         let fresh: Vec<RunRecord> = runs
             .into_iter()
-            .filter(|r| printed.insert(r.key()))
+            .filter(|r| printed.insert(r.key()) && wanted(r))
             .collect();
         if fresh.is_empty() {
             continue;
@@ -957,6 +975,64 @@ async fn run_get(ctl: &Ctl, run: &str, out: Output) -> anyhow::Result<()> {
                 outln!("");
             }
         }
+    }
+    Ok(())
+}
+
+/// Runs `run list --outcome` looks back through, at most.
+const OUTCOME_SCAN_MAX: usize = 100_000;
+
+/// `run list --outcome`: the latest `limit` runs with these outcomes, read
+/// page by page back from the newest.
+async fn runs_with_outcomes(
+    ctl: &Ctl,
+    task: Option<TaskId>,
+    agent: Option<AgentId>,
+    since: Option<Timestamp>,
+    limit: u32,
+    outcomes: &[sundial_protocol::Outcome],
+    out: Output,
+) -> anyhow::Result<()> {
+    let mut found: Vec<RunRecord> = Vec::new();
+    let mut before: Option<String> = None;
+    let mut scanned = 0usize;
+    let capped = loop {
+        let page = ctl
+            .client
+            .run_list(&AdminRequest::RunList {
+                task,
+                agent,
+                since,
+                limit: sundial_coordinator::server::RUN_LIST_MAX,
+                after: None,
+                before: before.clone(),
+            })
+            .await
+            .map_err(anyhow::Error::msg)?;
+        scanned += page.runs.len();
+        let mut older: Vec<RunRecord> = page
+            .runs
+            .into_iter()
+            .filter(|r| outcomes.contains(&r.outcome))
+            .collect();
+        older.append(&mut found);
+        found = older;
+        if found.len() >= limit as usize || !page.more || page.first.is_none() {
+            break false;
+        }
+        if scanned >= OUTCOME_SCAN_MAX {
+            break true;
+        }
+        before = page.first;
+    };
+    let keep = found.len().saturating_sub(limit as usize);
+    let runs: Vec<RunRecord> = found.split_off(keep);
+    let names = ctl.names(true).await;
+    runs_out(&runs, &names, out)?;
+    if capped && out != Output::Json {
+        eprintln!(
+            "looked back through the newest {scanned} runs only; narrow with --task, --agent or --since"
+        );
     }
     Ok(())
 }
