@@ -50,11 +50,18 @@ fn wd(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Resul
     // Headers, then Content-Length bytes of body.
     let mut raw = Vec::new();
     let mut chunk = [0u8; 8192];
+    // A signal (a child of the browser ending) may interrupt a read.
+    let mut read = |buf: &mut [u8]| loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other.map_err(|e| e.to_string()),
+        }
+    };
     let head_end = loop {
         if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             break i;
         }
-        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        let n = read(&mut chunk)?;
         if n == 0 {
             return Err("no HTTP answer".into());
         }
@@ -68,7 +75,7 @@ fn wd(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Resul
         .unwrap_or(0);
     let mut answer = raw[head_end + 4..].to_vec();
     while answer.len() < len {
-        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        let n = read(&mut chunk)?;
         if n == 0 {
             break;
         }

@@ -35,11 +35,18 @@ fn read_request(s: &mut TcpStream) -> Option<(BTreeMap<String, String>, Vec<u8>)
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
+    // A signal may interrupt a read: read again.
+    let mut read = |buf: &mut [u8]| loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other.ok(),
+        }
+    };
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i;
         }
-        let n = s.read(&mut chunk).ok()?;
+        let n = read(&mut chunk)?;
         if n == 0 {
             return None;
         }
@@ -58,7 +65,7 @@ fn read_request(s: &mut TcpStream) -> Option<(BTreeMap<String, String>, Vec<u8>)
         .unwrap_or(0);
     let mut body = buf[head_end + 4..].to_vec();
     while body.len() < len {
-        let n = s.read(&mut chunk).ok()?;
+        let n = read(&mut chunk)?;
         if n == 0 {
             return None;
         }
