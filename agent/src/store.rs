@@ -250,6 +250,8 @@ pub struct AgentStore {
     /// Set for a store whose disk outlives nothing but the process (the
     /// simulator's memory): most commits skip the flush.
     volatile: Option<std::sync::atomic::AtomicU32>,
+    /// Its file, when it has one (for its size).
+    path: Option<std::path::PathBuf>,
 }
 
 /// A volatile store flushes one commit in this many (so redb frees the
@@ -294,7 +296,8 @@ impl AgentStore {
             .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::Relaxed))
             .create(path)
             .map_err(db_err("open"))?;
-        let store = AgentStore::init(Handle::ReadWrite(db))?;
+        let mut store = AgentStore::init(Handle::ReadWrite(db))?;
+        store.path = Some(path.to_path_buf());
         if repaired.load(std::sync::atomic::Ordering::Relaxed) {
             // After an unclean stop, derived data is checked, not trusted.
             let (stale, missing) = store.check_due_index()?;
@@ -374,6 +377,7 @@ impl AgentStore {
         Ok(AgentStore {
             db: Handle::ReadOnly(db),
             volatile: None,
+            path: Some(path.to_path_buf()),
         })
     }
 
@@ -396,7 +400,11 @@ impl AgentStore {
     }
 
     fn init(db: Handle) -> Result<AgentStore> {
-        let store = AgentStore { db, volatile: None };
+        let store = AgentStore {
+            db,
+            volatile: None,
+            path: None,
+        };
         let txn = store.begin_write()?;
         {
             // Creating every table up front lets readers open them unconditionally.
@@ -733,6 +741,11 @@ impl AgentStore {
             out.push(rec.into_spec(k.value())?);
         }
         Ok(out)
+    }
+
+    /// The store file's size, bytes (`None`: in memory, or unreadable).
+    pub fn size_bytes(&self) -> Option<u64> {
+        std::fs::metadata(self.path.as_ref()?).ok().map(|m| m.len())
     }
 
     /// Number of stored tasks.

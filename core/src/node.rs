@@ -21,7 +21,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use sundial_protocol::task::{Action, ExecSpec};
-use sundial_protocol::wire::{AgentMsg, AssignmentChange, CoordMsg};
+use sundial_protocol::wire::{AgentMsg, AgentReport, AssignmentChange, CoordMsg};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
 use crate::clock::{Anchor, ClockGuard, ClockNote, Reading, Vouch, JUMP_THRESHOLD_MS};
@@ -141,6 +141,19 @@ pub trait NodeStore {
     ) -> StoreResult<Vec<(u64, RunRecord)>>;
     fn outbox_ack(&mut self, keys: &[RunKey]) -> StoreResult<usize>;
     fn outbox_len(&self) -> StoreResult<u64>;
+    /// Tasks stored.
+    fn task_count(&self) -> StoreResult<u64>;
+    /// When the oldest record in the outbox ended (or was decided).
+    fn outbox_oldest(&self) -> StoreResult<Option<Timestamp>> {
+        Ok(self
+            .outbox_after(0, 1, usize::MAX)?
+            .first()
+            .map(|(_, r)| r.finished_at.unwrap_or(r.key().scheduled_at)))
+    }
+    /// The store's size on disk, bytes, where it has one.
+    fn size_bytes(&self) -> Option<u64> {
+        None
+    }
     fn last_revision(&self) -> StoreResult<u64>;
     fn set_last_revision(&mut self, revision: u64) -> StoreResult<()>;
     fn clock_state(&self) -> StoreResult<ClockState>;
@@ -294,6 +307,8 @@ pub struct AgentNode<S: NodeStore> {
     vouch_wait_until: Option<i64>,
     /// Every occurrence up to this was decided by this node.
     decided_until: Timestamp,
+    /// The largest start lateness since the last report, ms.
+    late_max_ms: Option<u64>,
     effects: VecDeque<NodeEffect>,
     events: VecDeque<Event>,
 }
@@ -391,6 +406,7 @@ impl<S: NodeStore> AgentNode<S> {
             last_persisted_good_ms: i64::MIN,
             vouch_wait_until,
             decided_until: Timestamp::MIN,
+            late_max_ms: None,
             effects: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -701,6 +717,27 @@ impl<S: NodeStore> AgentNode<S> {
         Ok(())
     }
 
+    /// The agent's figures for the coordinator.
+    fn report(&mut self) -> StoreResult<AgentReport> {
+        let outbox_len = self.store.outbox_len()?;
+        Ok(AgentReport {
+            outbox_len,
+            oldest_unsynced: if outbox_len == 0 {
+                None
+            } else {
+                self.store.outbox_oldest()?
+            },
+            applied_revision: self.store.last_revision()?,
+            tasks_held: self.store.task_count()?,
+            running: u32::try_from(self.running.len()).unwrap_or(u32::MAX),
+            store_bytes: self.store.size_bytes(),
+            clock_vouched: self.guard.is_vouched(),
+            clock_offset_ms: self.guard.offset_ms(),
+            clock_held: self.held,
+            late_max_ms: self.late_max_ms.take(),
+        })
+    }
+
     /// Carries out what the session asks, until it has nothing more.
     fn pump(&mut self, r: Reading) -> StoreResult<()> {
         loop {
@@ -868,6 +905,10 @@ impl<S: NodeStore> AgentNode<S> {
             }
             AgentEffect::Online(online) => self.online = online,
             AgentEffect::PersistLastSync { wall } => self.store.set_last_sync(wall)?,
+            AgentEffect::Report => {
+                let report = self.report()?;
+                self.session.handle_report(now_of(r), report);
+            }
             AgentEffect::Revoked => self.store.set_revoked()?,
         }
         Ok(())
@@ -951,6 +992,8 @@ impl<S: NodeStore> AgentNode<S> {
             );
             match spec {
                 Some(spec) => {
+                    let late = u64::try_from(now.millis_since(key.scheduled_at)).unwrap_or(0);
+                    self.late_max_ms = Some(self.late_max_ms.map_or(late, |m| m.max(late)));
                     self.events.push_back(Event::RunFired { key, offline });
                     if self.cfg.bugs.double_fire {
                         self.effects.push_back(NodeEffect::Spawn {

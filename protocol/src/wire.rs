@@ -71,6 +71,67 @@ pub fn agent_knows_policy(agent_version: &str) -> bool {
     }
 }
 
+/// Whether an agent of this version sends [`AgentMsg::Report`] when asked
+/// ([`CoordMsg::ReportEvery`], new in 0.3): an older agent would take the
+/// unknown message for a bad frame, and an older coordinator the report, so
+/// each side sends it only knowing the other understands.
+pub fn agent_knows_reports(agent_version: &str) -> bool {
+    let mut parts = agent_version.split('.').map(|p| p.parse::<u64>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (0, 3),
+        _ => false,
+    }
+}
+
+/// How often an agent may be asked to report, at least and at most, ms.
+pub const REPORT_EVERY_MS_MIN: u32 = 1_000;
+pub const REPORT_EVERY_MS_MAX: u32 = 3_600_000;
+
+/// An agent's own figures, sent in its session when they change (at most
+/// as often as the coordinator asked), and at once when it applied
+/// assignments. Every field is checked on receipt ([`AgentReport::refusal`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// Run records waiting in its outbox.
+    pub outbox_len: u64,
+    /// When the oldest of them ended (agent's trusted time).
+    pub oldest_unsynced: Option<Timestamp>,
+    /// The last assignment revision it applied.
+    pub applied_revision: u64,
+    /// Tasks it holds.
+    pub tasks_held: u64,
+    /// Runs going now.
+    pub running: u32,
+    /// Its store's size on disk, bytes (`None`: not known).
+    pub store_bytes: Option<u64>,
+    /// Its clock: vouched for by a coordinator in this boot, the offset it
+    /// applies to its wall clock, and whether firing is held (the clock
+    /// went back behind the last known-good instant).
+    pub clock_vouched: bool,
+    pub clock_offset_ms: i64,
+    pub clock_held: bool,
+    /// The largest start lateness of the runs started since its last
+    /// report, ms (`None`: none started).
+    pub late_max_ms: Option<u64>,
+}
+
+impl AgentReport {
+    /// Why a report cannot be true: figures beyond any real agent.
+    pub fn refusal(&self) -> Option<String> {
+        const FAR_MS: i64 = 100 * 365 * 86_400_000;
+        if self.clock_offset_ms.unsigned_abs() > FAR_MS as u64 {
+            return Some(format!("clock offset {} ms", self.clock_offset_ms));
+        }
+        if self.late_max_ms.is_some_and(|l| l > FAR_MS as u64) {
+            return Some("lateness beyond a century".into());
+        }
+        if self.outbox_len == 0 && self.oldest_unsynced.is_some() {
+            return Some("an oldest unsynced run in an empty outbox".into());
+        }
+        None
+    }
+}
+
 /// How agents reconnect, as the coordinator asks: sent at the start of
 /// every session, followed until the next. An agent that never heard one
 /// uses [`ReconnectPolicy::default`]. Every field is clamped on receipt
@@ -195,6 +256,8 @@ pub enum AgentMsg {
         offset_ms: i64,
         rtt_ms: i64,
     },
+    /// The agent's own figures (only after [`CoordMsg::ReportEvery`]).
+    Report(AgentReport),
 }
 
 /// Coordinator → agent.
@@ -226,6 +289,11 @@ pub enum CoordMsg {
     RunNow { task_id: TaskId, at: Timestamp },
     /// How to reconnect when this session ends (sent first in a session).
     Policy(ReconnectPolicy),
+    /// Send [`AgentMsg::Report`] when the figures change, at most this
+    /// often (clamped to [`REPORT_EVERY_MS_MIN`]..=[`REPORT_EVERY_MS_MAX`]),
+    /// and at once after applying assignments. Sent only to agents that
+    /// know it ([`agent_knows_reports`]).
+    ReportEvery { every_ms: u32 },
 }
 
 /// One change to an agent's assignments.
@@ -509,8 +577,12 @@ pub struct AgentInfo {
     pub version: Option<String>,
     /// Programs the agent allows (`--allow-exec`), as its last Hello said.
     pub allow_exec: Vec<String>,
-    /// Run records in its outbox at its last Hello.
+    /// Run records in its outbox: as its last report said (agents 0.3 and
+    /// later, in session), else at its last Hello.
     pub outbox_len: Option<u64>,
+    /// Its last report in its current session, and when it came.
+    pub report: Option<AgentReport>,
+    pub reported_at: Option<Timestamp>,
 }
 
 /// A task, its state, and what its runs say.
@@ -666,6 +738,25 @@ mod tests {
         assert!(agent_knows_policy("1.0.3"));
         assert!(!agent_knows_policy("bench"));
         assert!(!agent_knows_policy(""));
+    }
+
+    #[test]
+    fn only_agents_from_0_3_are_asked_for_reports_and_a_lying_report_is_refused() {
+        assert!(!agent_knows_reports("0.2.0"));
+        assert!(agent_knows_reports("0.3.0"));
+        assert!(agent_knows_reports("1.0.0"));
+        assert!(!agent_knows_reports("x.y"));
+        assert_eq!(AgentReport::default().refusal(), None);
+        let far = AgentReport {
+            clock_offset_ms: i64::MIN,
+            ..AgentReport::default()
+        };
+        assert!(far.refusal().is_some());
+        let empty_but_old = AgentReport {
+            oldest_unsynced: Some(Timestamp::from_millis_saturating(1)),
+            ..AgentReport::default()
+        };
+        assert!(empty_but_old.refusal().is_some());
     }
 
     #[test]

@@ -207,6 +207,12 @@ impl NodeStore for RedbNode {
     fn outbox_len(&self) -> StoreResult<u64> {
         self.keep(self.store.outbox_len())
     }
+    fn task_count(&self) -> StoreResult<u64> {
+        self.keep(self.store.task_count())
+    }
+    fn size_bytes(&self) -> Option<u64> {
+        self.store.size_bytes()
+    }
     fn last_revision(&self) -> StoreResult<u64> {
         self.keep(self.store.get_meta::<u64>(meta::LAST_REVISION))
             .map(Option::unwrap_or_default)

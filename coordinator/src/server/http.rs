@@ -68,16 +68,16 @@ async fn scrape(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/openmetrics-text"));
-    let (sessions, outbox) = match shared.node.lock() {
-        Ok(n) => (n.sessions_open(), n.outbox_backlog()),
-        Err(_) => (0, (0, 0)),
+    let now = shared.now().wall;
+    let (sessions, figures) = match shared.node.lock() {
+        Ok(n) => (n.sessions_open(), n.fleet_figures(now)),
+        Err(_) => (0, Default::default()),
     };
-    metrics.set_node(sessions, outbox);
+    metrics.set_node(sessions, &figures);
     if !shared.shared_store {
         metrics.set_online(sessions);
     }
     let store = shared.store.clone();
-    let now = shared.now().wall;
     let shared_store = shared.shared_store;
     let m = metrics.clone();
     let text = tokio::task::spawn_blocking(move || {
@@ -213,6 +213,9 @@ async fn fleet(
             .iter()
             .filter(|a| !a.forgotten)
             .map(|a| {
+                let seen = node.lock().ok().and_then(|n| n.seen(a.id));
+                let seen = seen.unwrap_or_default();
+                let report = seen.report.as_ref().map(|(r, _)| r);
                 serde_json::json!({
                     "agent_id": a.id.to_string(),
                     "name": a.name,
@@ -221,6 +224,11 @@ async fn fleet(
                     "revoked": a.revoked,
                     "last_seen": ts(a.last_seen),
                     "clock_offset_ms": a.clock_offset_ms,
+                    "version": seen.version,
+                    "outbox_len": seen.outbox_len,
+                    "oldest_unsynced": ts(report.and_then(|r| r.oldest_unsynced)),
+                    "tasks": report.map(|r| r.tasks_held),
+                    "clock": report.map(|r| if r.clock_held { "held" } else if r.clock_vouched { "vouched" } else { "unvouched" }),
                 })
             })
             .collect();

@@ -117,6 +117,11 @@ pub(super) fn event(shared: &Arc<Shared>, e: CoordEvent) {
         CoordEvent::ChangeAnnounced { revision, sessions } => {
             tracing::debug!(revision, sessions, "change announced")
         }
+        CoordEvent::AssignmentApplied {
+            agent,
+            revision,
+            lag_ms,
+        } => tracing::debug!(%agent, revision, lag_ms, "assignments applied"),
         CoordEvent::AdminChanged { by, change } => tracing::info!(%by, ?change, "admin change"),
         CoordEvent::AdminRefused { by, why } => {
             tracing::info!(%by, reason = %why, "admin request refused")

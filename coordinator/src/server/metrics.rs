@@ -19,7 +19,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use sundial_core::coord::{ConnRefusal, CoordEvent, Refusal, RunFacts};
+use sundial_core::coord::{ConnRefusal, CoordEvent, FleetFigures, Refusal, RunFacts};
 use sundial_core::coord_store::CoordStore;
 use sundial_protocol::Timestamp;
 
@@ -94,6 +94,14 @@ pub struct Metrics {
     sessions: Gauge,
     outbox_runs: Gauge,
     outbox_max_runs: Gauge,
+    outbox_oldest: Gauge<f64, std::sync::atomic::AtomicU64>,
+    agents_reporting: Gauge,
+    agent_tasks: Gauge,
+    agent_running: Gauge,
+    agent_store_bytes: Gauge,
+    agents_clock_unvouched: Gauge,
+    agents_clock_held: Gauge,
+    assignment_lag: Histogram,
     last_scrape_read: Gauge<f64, std::sync::atomic::AtomicU64>,
     tasks: Mutex<HashSet<String>>,
     task_series_max: usize,
@@ -215,14 +223,69 @@ impl Metrics {
         let outbox_runs = Gauge::default();
         registry.register(
             "sundial_outbox_runs",
-            "Run records waiting in the outboxes of the agents in session here, as they said at their Hello",
+            "Run records waiting in the outboxes of the agents in session here, as they last reported (agents before 0.3: at their Hello)",
             outbox_runs.clone(),
         );
         let outbox_max_runs = Gauge::default();
         registry.register(
             "sundial_outbox_max_runs",
-            "The largest outbox among the agents in session here, at their Hello",
+            "The largest outbox among the agents in session here",
             outbox_max_runs.clone(),
+        );
+        let outbox_oldest = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "sundial_outbox_oldest_run_age",
+            "How long ago the oldest unsynced run among the agents in session here ended (0: none waits)",
+            Unit::Seconds,
+            outbox_oldest.clone(),
+        );
+        let agents_reporting = Gauge::default();
+        registry.register(
+            "sundial_agents_reporting",
+            "Agents in session here that report their own figures (0.3 and later)",
+            agents_reporting.clone(),
+        );
+        let agent_tasks = Gauge::default();
+        registry.register(
+            "sundial_agent_tasks",
+            "Tasks stored by the reporting agents in session here, summed",
+            agent_tasks.clone(),
+        );
+        let agent_running = Gauge::default();
+        registry.register(
+            "sundial_agent_runs_running",
+            "Runs going now on the reporting agents in session here",
+            agent_running.clone(),
+        );
+        let agent_store_bytes = Gauge::default();
+        registry.register_with_unit(
+            "sundial_agent_store_size",
+            "The reporting agents' stores on disk, summed",
+            Unit::Bytes,
+            agent_store_bytes.clone(),
+        );
+        let agents_clock_unvouched = Gauge::default();
+        registry.register(
+            "sundial_agents_clock_unvouched",
+            "Reporting agents in session here whose clock no coordinator vouched for since their boot",
+            agents_clock_unvouched.clone(),
+        );
+        let agents_clock_held = Gauge::default();
+        registry.register(
+            "sundial_agents_clock_held",
+            "Reporting agents in session here that hold their firing (their clock went back behind the last known-good instant)",
+            agents_clock_held.clone(),
+        );
+        // 10 ms to an hour: a change reaches an agent in session at once,
+        // one that was offline when it comes back.
+        let assignment_lag = Histogram::new([
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+        ]);
+        registry.register_with_unit(
+            "sundial_assignment_lag",
+            "From a task change announced here to its agent reporting it applied (the oldest change of each update)",
+            Unit::Seconds,
+            assignment_lag.clone(),
         );
         let last_scrape_read = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register_with_unit(
@@ -251,6 +314,14 @@ impl Metrics {
             sessions,
             outbox_runs,
             outbox_max_runs,
+            outbox_oldest,
+            agents_reporting,
+            agent_tasks,
+            agent_running,
+            agent_store_bytes,
+            agents_clock_unvouched,
+            agents_clock_held,
+            assignment_lag,
             last_scrape_read,
             tasks: Mutex::new(HashSet::new()),
             task_series_max,
@@ -293,6 +364,9 @@ impl Metrics {
             }
             CoordEvent::Enrolled { .. } => {
                 self.enrollments.inc();
+            }
+            CoordEvent::AssignmentApplied { lag_ms, .. } => {
+                self.assignment_lag.observe(*lag_ms as f64 / 1000.0);
             }
             CoordEvent::Audited(entry) => {
                 let refused = if entry.refused.is_some() {
@@ -361,13 +435,22 @@ impl Metrics {
     }
 
     /// The node's figures, read when scraped.
-    pub fn set_node(&self, sessions: usize, outbox: (u64, u64)) {
+    pub fn set_node(&self, sessions: usize, f: &FleetFigures) {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.sessions
             .set(i64::try_from(sessions).unwrap_or(i64::MAX));
-        self.outbox_runs
-            .set(i64::try_from(outbox.0).unwrap_or(i64::MAX));
-        self.outbox_max_runs
-            .set(i64::try_from(outbox.1).unwrap_or(i64::MAX));
+        self.outbox_runs.set(n(f.outbox_runs));
+        self.outbox_max_runs.set(n(f.outbox_max_runs));
+        self.outbox_oldest.set(
+            f.oldest_unsynced_age_ms
+                .map_or(0.0, |ms| ms as f64 / 1000.0),
+        );
+        self.agents_reporting.set(n(f.reporting));
+        self.agent_tasks.set(n(f.tasks_stored));
+        self.agent_running.set(n(f.running));
+        self.agent_store_bytes.set(n(f.store_bytes));
+        self.agents_clock_unvouched.set(n(f.clock_unvouched));
+        self.agents_clock_held.set(n(f.clock_held));
     }
 
     /// Reads the agents from the store (a page at a time) when the last

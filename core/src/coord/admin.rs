@@ -193,6 +193,7 @@ pub struct SeenView {
     pub allow_exec: Vec<String>,
     pub outbox_len: Option<u64>,
     pub last_contact: Option<Timestamp>,
+    pub report: Option<(sundial_protocol::wire::AgentReport, Timestamp)>,
 }
 
 /// What an admin request is answered with, besides the store.
@@ -419,6 +420,8 @@ fn agent_info(r: Agent, seen: Option<&SeenView>, ctx: &AdminContext) -> AgentInf
         version: seen.version,
         allow_exec: seen.allow_exec,
         outbox_len: seen.outbox_len,
+        reported_at: seen.report.as_ref().map(|(_, at)| *at),
+        report: seen.report.map(|(r, _)| r),
     }
 }
 

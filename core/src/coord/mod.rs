@@ -35,8 +35,8 @@ use sundial_protocol::codec::FRAME_BYTES_MAX;
 use sundial_protocol::task::Target;
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
-    busy_reason, close, AdminRequest, AdminResponse, AgentMsg, AuditEntry, CoordMsg, EnrollRequest,
-    EnrollResponse, ReconnectPolicy, HELLO_FRAME_BYTES_MAX,
+    busy_reason, close, AdminRequest, AdminResponse, AgentMsg, AgentReport, AuditEntry, CoordMsg,
+    EnrollRequest, EnrollResponse, ReconnectPolicy, HELLO_FRAME_BYTES_MAX,
 };
 use sundial_protocol::{AgentId, DurationMs, TaskId, Timestamp};
 
@@ -45,7 +45,7 @@ use crate::coord_store::{
     targets, AgentSeen, CertRole, Enrollment, QueuedRunNow, SessionMark, StoreError, TokenRefusal,
 };
 use crate::session::coordinator::{
-    CoordEffect, CoordSession, UploadAllowance, UploadLimits, CHANGES_PAGE_MAX,
+    CoordEffect, CoordSession, Told, UploadAllowance, UploadLimits, CHANGES_PAGE_MAX,
 };
 use crate::session::{Event, Now};
 
@@ -137,7 +137,16 @@ pub struct Limits {
     /// cryptography, and agents come back spread over the time the
     /// coordinator's reconnect policy says the fleet needs.
     pub handshakes_per_sec: u32,
+    /// Agents (0.3 and later) report their own figures (backlog, clock,
+    /// tasks, store size) when they change, at most this often.
+    pub agent_report_every: DurationMs,
 }
+
+/// How often agents report their figures by default.
+pub const AGENT_REPORT_EVERY_DEFAULT_MS: u64 = 15_000;
+/// Revisions whose announcement time the node remembers, to measure how
+/// long a change took to reach the agents (the assignment lag).
+pub const REVISION_TIMES_MAX: usize = 4_096;
 
 impl Limits {
     /// The defaults on a machine with `cores` cores.
@@ -155,6 +164,7 @@ impl Limits {
             admin_concurrent_max: 4,
             pending_per_address_max: PENDING_PER_ADDRESS_MAX,
             handshakes_per_sec: HANDSHAKES_PER_SEC_PER_CORE.saturating_mul(cores),
+            agent_report_every: DurationMs(AGENT_REPORT_EVERY_DEFAULT_MS),
         }
     }
 }
@@ -325,6 +335,13 @@ pub enum CoordEvent {
     },
     /// An entry written to the audit log (its `seq` is the store's, 0 here).
     Audited(AuditEntry),
+    /// An agent reported it applied the change of `revision` (the oldest
+    /// it had not), `lag_ms` after this node announced it.
+    AssignmentApplied {
+        agent: AgentId,
+        revision: u64,
+        lag_ms: u64,
+    },
     /// Run records stored for the first time (a resend is not among them):
     /// what metrics count and alerts watch.
     RunsRecorded {
@@ -512,6 +529,35 @@ struct Seen {
     last_contact: Option<Timestamp>,
     /// What its last session left of its upload limits.
     uploads: Option<UploadAllowance>,
+    /// Its last report, and when it came.
+    report: Option<(AgentReport, Timestamp)>,
+    /// The revision it said it applied (at Hello, then in reports).
+    applied: Option<u64>,
+}
+
+/// The figures the agents in session with one coordinator reported,
+/// summed (see [`CoordNode::fleet_figures`]). Each coordinator sums its own
+/// sessions: across coordinators, sum them (maxima: take the largest).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetFigures {
+    /// Agents in session that reported (0.3 and later).
+    pub reporting: u64,
+    /// Run records waiting in the agents' outboxes (an agent that does not
+    /// report counts with its Hello's figure).
+    pub outbox_runs: u64,
+    pub outbox_max_runs: u64,
+    /// How long ago the oldest unsynced run among them ended, ms.
+    pub oldest_unsynced_age_ms: Option<u64>,
+    /// Tasks the agents store, summed.
+    pub tasks_stored: u64,
+    /// Runs going now.
+    pub running: u64,
+    /// The agents' stores on disk, bytes.
+    pub store_bytes: u64,
+    /// Agents whose clock no coordinator vouched for in this boot.
+    pub clock_unvouched: u64,
+    /// Agents holding their firing (the clock went back).
+    pub clock_held: u64,
 }
 
 #[derive(Debug)]
@@ -519,6 +565,7 @@ struct Hello {
     last_revision: u64,
     outbox_len: u64,
     knows_policy: bool,
+    knows_reports: bool,
 }
 
 #[derive(Debug)]
@@ -586,6 +633,8 @@ pub struct CoordNode {
     next_conn: ConnId,
     live: BTreeMap<AgentId, ConnId>,
     seen: HashMap<AgentId, Seen>,
+    /// Recent revisions and when this node announced them (monotonic ms).
+    revision_times: VecDeque<(u64, u64)>,
     pending: HashMap<IpAddr, usize>,
     unauthenticated: usize,
     sessions_open: usize,
@@ -632,6 +681,7 @@ impl CoordNode {
             next_conn: 0,
             live: BTreeMap::new(),
             seen: HashMap::new(),
+            revision_times: VecDeque::new(),
             pending: HashMap::new(),
             unauthenticated: 0,
             sessions_open: 0,
@@ -675,15 +725,6 @@ impl CoordNode {
     /// Agent sessions open.
     pub fn sessions_open(&self) -> usize {
         self.sessions_open
-    }
-
-    /// The outbox backlogs the agents in session here reported at their
-    /// Hello: (sum, largest).
-    pub fn outbox_backlog(&self) -> (u64, u64) {
-        self.live
-            .keys()
-            .filter_map(|a| self.seen.get(a).and_then(|s| s.outbox_len))
-            .fold((0, 0), |(sum, max), n| (sum.saturating_add(n), max.max(n)))
     }
 
     /// Whether the node stopped for a failed embedded store.
@@ -1270,11 +1311,13 @@ impl CoordNode {
                     return;
                 };
                 let knows_policy = sundial_protocol::wire::agent_knows_policy(&agent_version);
+                let knows_reports = sundial_protocol::wire::agent_knows_reports(&agent_version);
                 *phase = Phase::Checking(
                     Hello {
                         last_revision,
                         outbox_len,
                         knows_policy,
+                        knows_reports,
                     },
                     VecDeque::new(),
                 );
@@ -1286,6 +1329,9 @@ impl CoordNode {
                     s.allow_exec = allow_exec;
                     s.outbox_len = Some(outbox_len);
                     s.last_contact = Some(now.wall);
+                    // A report of an earlier session no longer holds.
+                    s.report = None;
+                    s.applied = Some(last_revision);
                 }
                 let holder = self.feed.as_ref().map(|f| f.holder);
                 self.effects.push_back(Effect::Store(StoreJob::Hello {
@@ -1428,6 +1474,9 @@ impl CoordNode {
             None => hello.last_revision,
         };
         let policy = hello.knows_policy.then(|| self.reconnect_policy());
+        let report_every = hello
+            .knows_reports
+            .then(|| u32::try_from(self.limits.agent_report_every.0).unwrap_or(u32::MAX));
         let mut sm = CoordSession::new(
             now,
             agent,
@@ -1438,7 +1487,10 @@ impl CoordNode {
                 runs_per_sec: self.limits.upload_runs_per_sec,
                 bytes_per_sec: self.limits.upload_bytes_per_sec,
             },
-            policy,
+            Told {
+                policy,
+                report_every_ms: report_every,
+            },
         );
         // The upload limits are the agent's, not the session's: carried on
         // from its last session.
@@ -1481,6 +1533,7 @@ impl CoordNode {
         let agent = *agent;
         let mut jobs = Vec::new();
         let mut events = Vec::new();
+        let mut reports = Vec::new();
         while let Some(effect) = l.sm.poll_effect() {
             match effect {
                 CoordEffect::LoadChanges { since } => jobs.push(StoreJob::Changes {
@@ -1513,6 +1566,7 @@ impl CoordNode {
                         session: None,
                     },
                 }),
+                CoordEffect::Report(report) => reports.push(report),
                 CoordEffect::Close { code, reason } => {
                     if l.closing.is_none() {
                         l.closing = Some((code, reason));
@@ -1533,6 +1587,9 @@ impl CoordNode {
         }
         for e in events {
             self.event(e);
+        }
+        for report in reports {
+            self.agent_reported(now, agent, report);
         }
         if backlog > TRANSMIT_BACKLOG_MAX {
             self.close(
@@ -1584,9 +1641,94 @@ impl CoordNode {
         None
     }
 
+    /// An agent's report: kept for `agent list`, the dashboard and
+    /// metrics; an advance of its applied revision measures the lag of the
+    /// oldest change it brought (when this node saw that change announced).
+    fn agent_reported(&mut self, now: Now, agent: AgentId, report: AgentReport) {
+        let before = self.seen.get(&agent).and_then(|s| s.applied);
+        let applied = report.applied_revision;
+        if let Some(before) = before.filter(|b| applied > *b) {
+            // The first change after `before` this node announced.
+            let i = self
+                .revision_times
+                .partition_point(|(rev, _)| *rev <= before);
+            if let Some((rev, at_ms)) = self.revision_times.get(i).copied() {
+                if rev <= applied {
+                    self.event(CoordEvent::AssignmentApplied {
+                        agent,
+                        revision: rev,
+                        lag_ms: now.mono_ms.saturating_sub(at_ms),
+                    });
+                }
+            }
+        }
+        if let Some(s) = self.seen_entry(agent) {
+            s.outbox_len = Some(report.outbox_len);
+            s.last_contact = Some(now.wall);
+            s.applied = Some(s.applied.map_or(applied, |a| a.max(applied)));
+            s.report = Some((report, now.wall));
+        }
+    }
+
+    /// What the agents in session here last reported, summed.
+    pub fn fleet_figures(&self, now: Timestamp) -> FleetFigures {
+        let mut f = FleetFigures::default();
+        for agent in self.live.keys() {
+            let Some(seen) = self.seen.get(agent) else {
+                continue;
+            };
+            let Some((r, _)) = &seen.report else {
+                // An agent from before reports: its Hello's backlog.
+                if let Some(n) = seen.outbox_len {
+                    f.outbox_runs = f.outbox_runs.saturating_add(n);
+                    f.outbox_max_runs = f.outbox_max_runs.max(n);
+                }
+                continue;
+            };
+            f.reporting += 1;
+            f.outbox_runs = f.outbox_runs.saturating_add(r.outbox_len);
+            f.outbox_max_runs = f.outbox_max_runs.max(r.outbox_len);
+            if let Some(t) = r.oldest_unsynced {
+                let age = u64::try_from(now.millis_since(t)).unwrap_or(0);
+                f.oldest_unsynced_age_ms =
+                    Some(f.oldest_unsynced_age_ms.map_or(age, |a| a.max(age)));
+            }
+            f.tasks_stored = f.tasks_stored.saturating_add(r.tasks_held);
+            f.running = f.running.saturating_add(u64::from(r.running));
+            f.store_bytes = f.store_bytes.saturating_add(r.store_bytes.unwrap_or(0));
+            if !r.clock_vouched {
+                f.clock_unvouched += 1;
+            }
+            if r.clock_held {
+                f.clock_held += 1;
+            }
+        }
+        f
+    }
+
+    /// What this node knows of `agent` that the store does not.
+    pub fn seen(&self, agent: AgentId) -> Option<admin::SeenView> {
+        self.seen.get(&agent).map(|s| self.seen_view(agent, s))
+    }
+
+    /// What `agent` last reported in its current session, and when.
+    pub fn agent_report(&self, agent: AgentId) -> Option<(AgentReport, Timestamp)> {
+        self.seen.get(&agent).and_then(|s| s.report.clone())
+    }
+
     /// A task targeting `target` changed at `revision`: wakes the sessions
     /// of the agents it reaches, and no other.
     fn announce(&mut self, now: Now, target: &Target, revision: u64) {
+        if self
+            .revision_times
+            .back()
+            .is_none_or(|(r, _)| *r < revision)
+        {
+            if self.revision_times.len() >= REVISION_TIMES_MAX {
+                self.revision_times.pop_front();
+            }
+            self.revision_times.push_back((revision, now.mono_ms));
+        }
         self.revision = self.revision.max(revision);
         let conns: Vec<ConnId> = match target {
             Target::Agent(a) => self.live.get(a).copied().into_iter().collect(),
@@ -1857,6 +1999,8 @@ impl CoordNode {
             allow_exec: s.allow_exec.clone(),
             outbox_len: s.outbox_len,
             last_contact: s.last_contact,
+            // Only a report of the session going now.
+            report: s.report.clone().filter(|_| self.live.contains_key(&agent)),
         }
     }
 

@@ -1050,3 +1050,144 @@ fn a_run_follow_gets_the_runs_it_asks_for_once_each_until_it_ends() {
     n.handle_follow_end(at(4), viewer, 5);
     assert!(stored(&mut n, 3, vec![record(1, 1, 2_000)]).is_empty());
 }
+
+/// A session of agent `id` whose Hello says version `version`.
+fn live_session_of(n: &mut CoordNode, id: u64, version: &str, t: u64) -> ConnId {
+    let conn = n.handle_incoming(at(t), ip(id as u8)).expect("admitted");
+    n.handle_handshaken(at(t), conn, Alpn::Session, Some(fp(id as u8)));
+    n.handle_agent_msg(
+        at(t),
+        conn,
+        AgentMsg::Hello {
+            last_revision: 0,
+            outbox_len: 3,
+            agent_version: version.into(),
+            allow_exec: Vec::new(),
+        },
+    );
+    n.handle_store_done(
+        at(t),
+        StoreDone::Hello {
+            conn,
+            agent: AgentId(id),
+            result: Ok(Some((agent_record(id, &[]), None))),
+        },
+    );
+    n.handle_store_done(
+        at(t),
+        StoreDone::Changes {
+            conn,
+            result: Ok((Vec::new(), 0, false)),
+        },
+    );
+    conn
+}
+
+#[test]
+fn agents_from_0_3_are_asked_for_reports_which_give_the_fleet_figures_and_the_assignment_lag() {
+    let mut n = node();
+    let new = live_session_of(&mut n, 1, "0.3.0", 0);
+    let old = live_session_of(&mut n, 2, "0.2.0", 0);
+    let asked = |n: &mut CoordNode, c| {
+        drain_transmit(n, c)
+            .iter()
+            .any(|m| matches!(m, Outgoing::Msg(CoordMsg::ReportEvery { every_ms: 15_000 })))
+    };
+    assert!(asked(&mut n, new), "a 0.3 agent is asked to report");
+    assert!(!asked(&mut n, old), "a 0.2 agent would not understand");
+    effects(&mut n);
+    // Before any report: the Hello's backlogs.
+    let f = n.fleet_figures(Timestamp::from_millis_saturating(0));
+    assert_eq!((f.reporting, f.outbox_runs), (0, 6));
+
+    // A change at revision 1 for every agent, announced at +100 ms.
+    let admin = n.handle_incoming(at(100), ip(9)).expect("admin");
+    n.handle_handshaken(at(100), admin, Alpn::Admin, Some(fp(9)));
+    n.handle_admin(
+        at(100),
+        admin,
+        1,
+        AdminRequest::TaskList,
+        [0; ENTROPY_BYTES],
+    );
+    effects(&mut n);
+    n.handle_store_done(
+        at(100),
+        StoreDone::Admin {
+            conn: admin,
+            req: 1,
+            audit: None,
+            result: Ok(AdminAnswer {
+                answers: vec![AdminResponse::TaskCreated(TaskId(1))],
+                follow: vec![FollowUp::Announce {
+                    target: Target::Selector(Vec::new()),
+                    revision: 1,
+                }],
+            }),
+        },
+    );
+    effects(&mut n);
+    events(&mut n);
+    // The agent applied it 250 ms later and says so.
+    let ended = Timestamp::from_millis_saturating(40_000);
+    let report = sundial_protocol::wire::AgentReport {
+        outbox_len: 5,
+        oldest_unsynced: Some(ended),
+        applied_revision: 1,
+        tasks_held: 7,
+        running: 1,
+        store_bytes: Some(4096),
+        clock_vouched: false,
+        clock_offset_ms: 12,
+        clock_held: false,
+        late_max_ms: Some(3),
+    };
+    n.handle_agent_msg(at(350), new, AgentMsg::Report(report.clone()));
+    let ev = events(&mut n);
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            CoordEvent::AssignmentApplied {
+                agent: AgentId(1),
+                revision: 1,
+                lag_ms: 250
+            }
+        )),
+        "{ev:?}"
+    );
+    let f = n.fleet_figures(Timestamp::from_millis_saturating(41_000));
+    assert_eq!(f.reporting, 1);
+    assert_eq!(
+        f.outbox_runs,
+        5 + 3,
+        "the report's figure, and the old agent's Hello"
+    );
+    assert_eq!(f.outbox_max_runs, 5);
+    assert_eq!(f.oldest_unsynced_age_ms, Some(1_000));
+    assert_eq!((f.tasks_stored, f.running, f.store_bytes), (7, 1, 4096));
+    assert_eq!((f.clock_unvouched, f.clock_held), (1, 0));
+    assert_eq!(
+        n.agent_report(AgentId(1)).map(|(r, _)| r),
+        Some(report.clone())
+    );
+    // The same revision again measures nothing more.
+    n.handle_agent_msg(at(400), new, AgentMsg::Report(report.clone()));
+    assert!(!events(&mut n)
+        .iter()
+        .any(|e| matches!(e, CoordEvent::AssignmentApplied { .. })));
+
+    // A report no agent could make closes the session.
+    let lie = sundial_protocol::wire::AgentReport {
+        outbox_len: 0,
+        ..report
+    };
+    n.handle_agent_msg(at(500), new, AgentMsg::Report(lie));
+    let out = drain_transmit(&mut n, new);
+    assert!(
+        out.iter().any(|m| matches!(
+            m,
+            Outgoing::Close { code, reason } if *code == close::PROTOCOL && reason.contains("report")
+        )),
+        "{out:?}"
+    );
+}

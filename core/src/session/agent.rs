@@ -14,7 +14,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use sundial_protocol::wire::{
-    AgentMsg, AssignmentChange, CoordMsg, ReconnectPolicy, RESULT_BATCH_RUNS_MAX,
+    AgentMsg, AgentReport, AssignmentChange, CoordMsg, ReconnectPolicy, REPORT_EVERY_MS_MAX,
+    REPORT_EVERY_MS_MIN, RESULT_BATCH_RUNS_MAX,
 };
 use sundial_protocol::{RunKey, RunRecord, TaskId, Timestamp};
 
@@ -56,6 +57,11 @@ pub const CLOCK_SAMPLE_RTT_MAX_MS: i64 = 1_000;
 /// with a round trip up to this, in ms: late by at most that, where the
 /// wall clock alone could be hours off.
 pub const CLOCK_FIRST_SAMPLE_RTT_MAX_MS: i64 = 10_000;
+/// A report that said runs wait is followed this soon after the last batch
+/// in flight is acknowledged, so the coordinator sees the backlog go to
+/// zero without waiting for the report interval, in ms (after the store
+/// deleted what was acknowledged).
+pub const REPORT_AFTER_DRAIN_MS: u64 = 250;
 /// Patterns of the allowlist told in Hello, and characters of each (the
 /// Hello frame is small; the agent enforces its whole list).
 pub const HELLO_PATTERNS_MAX: usize = 32;
@@ -118,6 +124,8 @@ pub enum AgentEffect {
     Online(bool),
     /// Persist this instant as the last sync.
     PersistLastSync { wall: Timestamp },
+    /// Gather the agent's figures; answer with `handle_report`.
+    Report,
     /// The coordinator revoked this agent: persist it; no more sessions.
     Revoked,
     /// End the connection (the coordinator refused the session).
@@ -160,6 +168,17 @@ struct Up {
     heard_ms: u64,
     online: bool,
     next_probe_ms: u64,
+    /// Reports the coordinator asked for in this session.
+    report: Option<Reporting>,
+}
+
+/// Reports asked for: the interval, when the next may go, the last sent.
+#[derive(Debug)]
+struct Reporting {
+    every_ms: u64,
+    next_ms: u64,
+    asking: bool,
+    last: Option<AgentReport>,
 }
 
 #[derive(Debug)]
@@ -294,6 +313,9 @@ impl AgentSession {
                 if let Some(s) = self.last_sync_ms {
                     t = t.min(s + LAST_SYNC_PERSIST_MS);
                 }
+                if let Some(r) = up.report.as_ref().filter(|r| !r.asking) {
+                    t = t.min(r.next_ms);
+                }
                 Some(t)
             }
         }
@@ -334,8 +356,27 @@ impl AgentSession {
                     self.effects
                         .push_back(AgentEffect::PersistLastSync { wall: now.wall });
                 }
+                if let Some(r) = up.report.as_mut() {
+                    if !r.asking && now.mono_ms >= r.next_ms {
+                        r.asking = true;
+                        self.effects.push_back(AgentEffect::Report);
+                    }
+                }
                 self.fill_window();
             }
+        }
+    }
+
+    /// The answer to [`AgentEffect::Report`]: sent when it differs from
+    /// the last one sent in this session.
+    pub fn handle_report(&mut self, now: Now, report: AgentReport) {
+        let Link::Up(up) = &mut self.link else { return };
+        let Some(r) = up.report.as_mut() else { return };
+        r.asking = false;
+        r.next_ms = now.mono_ms + r.every_ms;
+        if r.last.as_ref() != Some(&report) {
+            r.last = Some(report.clone());
+            self.transmit.push_back(AgentMsg::Report(report));
         }
     }
 
@@ -368,6 +409,7 @@ impl AgentSession {
             heard_ms: now.mono_ms,
             online: true,
             next_probe_ms: now.mono_ms,
+            report: None,
         });
         self.effects.push_back(AgentEffect::Online(true));
         self.events.push_back(Event::SessionUp {
@@ -531,12 +573,25 @@ impl AgentSession {
                     changes,
                     upto_revision,
                 });
+                // Told at once (after the changes are applied, as effects
+                // are carried out in order): the coordinator measures how
+                // long a change took to reach this agent.
+                if let Some(r) = up.report.as_mut().filter(|r| !r.asking) {
+                    r.asking = true;
+                    self.effects.push_back(AgentEffect::Report);
+                }
             }
             CoordMsg::ResultsAck { batch_id, keys } => {
                 // Only what the coordinator says it stored is deleted; an
                 // acknowledgement for an unknown batch deletes by its keys
                 // too (they are stored), but frees no window slot.
                 up.in_flight.remove(&batch_id);
+                if let Some(r) = up.report.as_mut() {
+                    if up.in_flight.is_empty() && r.last.as_ref().is_some_and(|l| l.outbox_len > 0)
+                    {
+                        r.next_ms = r.next_ms.min(now.mono_ms + REPORT_AFTER_DRAIN_MS);
+                    }
+                }
                 self.events.push_back(Event::ResultsAcked {
                     batch_id,
                     runs: keys.len(),
@@ -580,6 +635,19 @@ impl AgentSession {
             CoordMsg::Policy(p) => {
                 self.policy = p.sanitized();
                 self.events.push_back(Event::ReconnectPolicy(self.policy));
+            }
+            CoordMsg::ReportEvery { every_ms } => {
+                let every_ms = u64::from(every_ms.clamp(REPORT_EVERY_MS_MIN, REPORT_EVERY_MS_MAX));
+                let asking = up.report.as_ref().is_some_and(|r| r.asking);
+                up.report = Some(Reporting {
+                    every_ms,
+                    next_ms: now.mono_ms,
+                    asking: true,
+                    last: None,
+                });
+                if !asking {
+                    self.effects.push_back(AgentEffect::Report);
+                }
             }
         }
     }
@@ -981,5 +1049,74 @@ mod tests {
                 "dials again after {wake} ms"
             );
         }
+    }
+
+    #[test]
+    fn reports_go_when_asked_when_changed_and_at_once_after_assignments() {
+        let mut s = AgentSession::new(1);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(10), hello());
+        drain(&mut s);
+        // Not asked: no report.
+        assert!(!drain(&mut s).1.contains(&AgentEffect::Report));
+        s.handle_message(at(20), CoordMsg::ReportEvery { every_ms: 0 });
+        assert!(drain(&mut s).1.contains(&AgentEffect::Report));
+        let report = AgentReport {
+            outbox_len: 2,
+            ..AgentReport::default()
+        };
+        s.handle_report(at(21), report.clone());
+        assert_eq!(drain(&mut s).0, vec![AgentMsg::Report(report.clone())]);
+        // Clamped to a second: the next ask is not before then.
+        let due = s.poll_timeout().expect("a timeout");
+        assert!(due <= 21 + u64::from(REPORT_EVERY_MS_MIN));
+        s.handle_timeout(at(500));
+        assert!(!drain(&mut s).1.contains(&AgentEffect::Report));
+        s.handle_timeout(at(21 + u64::from(REPORT_EVERY_MS_MIN)));
+        assert!(drain(&mut s).1.contains(&AgentEffect::Report));
+        // Unchanged: nothing sent.
+        s.handle_report(at(1_100), report.clone());
+        assert!(drain(&mut s).0.is_empty());
+        // Assignments: applied first, then reported, without waiting.
+        s.handle_message(
+            at(1_200),
+            CoordMsg::Assignments {
+                snapshot: false,
+                changes: Vec::new(),
+                upto_revision: 9,
+            },
+        );
+        let effects = drain(&mut s).1;
+        let apply = effects
+            .iter()
+            .position(|e| matches!(e, AgentEffect::Apply { .. }));
+        let ask = effects.iter().position(|e| *e == AgentEffect::Report);
+        assert!(apply.is_some() && ask > apply, "{effects:?}");
+        let applied = AgentReport {
+            applied_revision: 9,
+            ..report
+        };
+        s.handle_report(at(1_201), applied.clone());
+        assert_eq!(drain(&mut s).0, vec![AgentMsg::Report(applied)]);
+        // The last batch acknowledged after a report with a backlog: the
+        // next report comes soon, not at the interval.
+        s.handle_outbox(at(1_210), vec![(1, record(1))]);
+        drain(&mut s);
+        s.handle_message(
+            at(1_220),
+            CoordMsg::ResultsAck {
+                batch_id: 1,
+                keys: vec![record(1).key()],
+            },
+        );
+        drain(&mut s);
+        assert_eq!(s.poll_timeout(), Some(1_220 + REPORT_AFTER_DRAIN_MS));
+        // A new session is not asked until its coordinator asks.
+        s.handle_closed(at(1_300), Closed::Lost);
+        let retry = s.poll_timeout().expect("retry");
+        s.handle_timeout(at(retry));
+        s.handle_connected(at(retry + 1), hello());
+        s.handle_timeout(at(retry + 100_000));
+        assert!(!drain(&mut s).1.contains(&AgentEffect::Report));
     }
 }

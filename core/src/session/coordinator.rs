@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 
 use sundial_protocol::wire::{
-    chunk_by_size, close, AgentMsg, AssignmentChange, CoordMsg, ReconnectPolicy,
+    chunk_by_size, close, AgentMsg, AgentReport, AssignmentChange, CoordMsg, ReconnectPolicy,
     LIST_CHUNK_BYTES_MAX, RESULT_BATCH_RUNS_MAX,
 };
 use sundial_protocol::{AgentId, RunKey, RunRecord, TaskSpec, Timestamp};
@@ -45,8 +45,20 @@ pub enum CoordEffect {
     StoreRuns { batch_id: u64, runs: Vec<RunRecord> },
     /// The agent's clock estimate, for operators.
     ClockReport { offset_ms: i64, rtt_ms: i64 },
+    /// The agent's own figures (checked), for operators and metrics.
+    Report(AgentReport),
     /// Close the connection with this code.
     Close { code: u32, reason: String },
+}
+
+/// What a session tells its agent first, as far as the agent's version
+/// understands it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Told {
+    /// How to reconnect (agents from 0.2).
+    pub policy: Option<ReconnectPolicy>,
+    /// How often to report (agents from 0.3).
+    pub report_every_ms: Option<u32>,
 }
 
 /// A token bucket: `rate` units a second, up to one second's worth saved.
@@ -125,7 +137,7 @@ impl CoordSession {
         last_revision: u64,
         outbox_len: u64,
         limits: UploadLimits,
-        policy: Option<ReconnectPolicy>,
+        told: Told,
     ) -> CoordSession {
         let mut s = CoordSession {
             agent,
@@ -152,8 +164,11 @@ impl CoordSession {
             last_revision,
             outbox_len,
         });
-        if let Some(p) = policy {
+        if let Some(p) = told.policy {
             s.transmit.push_back(CoordMsg::Policy(p));
+        }
+        if let Some(every_ms) = told.report_every_ms {
+            s.transmit.push_back(CoordMsg::ReportEvery { every_ms });
         }
         s.load();
         s
@@ -342,6 +357,10 @@ impl CoordSession {
                 self.effects
                     .push_back(CoordEffect::ClockReport { offset_ms, rtt_ms });
             }
+            AgentMsg::Report(report) => match report.refusal() {
+                Some(why) => self.close(close::PROTOCOL, format!("refused report: {why}")),
+                None => self.effects.push_back(CoordEffect::Report(report)),
+            },
             AgentMsg::Hello { .. } => self.close(close::PROTOCOL, "Hello twice".into()),
         }
     }
@@ -507,7 +526,7 @@ mod tests {
             0,
             0,
             limits(),
-            None,
+            Told::default(),
         )
     }
 
@@ -652,7 +671,7 @@ mod tests {
                 runs_per_sec: 10,
                 bytes_per_sec: 1 << 30,
             },
-            None,
+            Told::default(),
         );
         let _ = s.poll_effect();
         let batch = |id| AgentMsg::Results {
@@ -704,7 +723,7 @@ mod tests {
                 0,
                 0,
                 limits,
-                None,
+                Told::default(),
             )
         };
         let mut first = fresh(0);

@@ -168,6 +168,9 @@ impl NodeStore for SimStore {
     fn outbox_len(&self) -> StoreResult<u64> {
         self.node.outbox_len()
     }
+    fn task_count(&self) -> StoreResult<u64> {
+        self.node.task_count()
+    }
     fn last_revision(&self) -> StoreResult<u64> {
         self.node.last_revision()
     }

@@ -738,7 +738,7 @@ impl World {
         let store = parked.open(self.agents[i].boot_id);
         let cfg = NodeConfig {
             agent_id: self.agents[i].id,
-            agent_version: "sim".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
             allow_exec: Vec::new(),
             runs_concurrent_max: 64,
             boot_id: store.boot_hash(),

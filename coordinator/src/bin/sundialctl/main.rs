@@ -703,6 +703,30 @@ async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()
         .filter_map(|a| a.outbox_len.filter(|n| *n > 0).map(|n| (*a, n)))
         .collect();
     let backlog_total: u64 = backlog.iter().map(|(_, n)| n).sum();
+    // The oldest unsynced run among the agents that report (online, 0.3+).
+    let oldest = live
+        .iter()
+        .filter_map(|a| {
+            a.report
+                .as_ref()
+                .and_then(|r| r.oldest_unsynced)
+                .map(|t| (*a, t))
+        })
+        .min_by_key(|(_, t)| *t);
+    let clock_trouble: Vec<(&AgentInfo, &str)> = live
+        .iter()
+        .filter(|a| a.online)
+        .filter_map(|a| {
+            let r = a.report.as_ref()?;
+            if r.clock_held {
+                Some((*a, "holds its firing: its clock went back"))
+            } else if !r.clock_vouched {
+                Some((*a, "clock not vouched for since its boot"))
+            } else {
+                None
+            }
+        })
+        .collect();
     if out == Output::Json {
         return print_json(&json!({
             "window_ms": window.0,
@@ -728,6 +752,15 @@ async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()
             })).collect::<Vec<_>>(),
             "backlog_runs": backlog_total,
             "backlog_agents": backlog.len(),
+            "oldest_unsynced": oldest.map(|(a, t)| json!({
+                "agent_id": a.agent_id.to_string(),
+                "ended_at": t.to_string(),
+                "age_ms": now.millis_since(t).max(0),
+            })),
+            "clock_trouble": clock_trouble.iter().map(|(a, why)| json!({
+                "agent_id": a.agent_id.to_string(),
+                "why": why,
+            })).collect::<Vec<_>>(),
         }));
     }
     let agent_name = |a: &AgentInfo| a.name.clone().unwrap_or_else(|| a.agent_id.to_string());
@@ -790,8 +823,10 @@ async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()
             max
         );
     }
+    // Online agents report their backlog as it changes; an offline one's
+    // figure is the last it gave.
     if backlog.is_empty() {
-        outln!("backlog   none (as agents said at their last Hello)");
+        outln!("backlog   none");
     } else {
         let (worst, most) = backlog
             .iter()
@@ -799,9 +834,19 @@ async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()
             .map(|(a, n)| (agent_name(a), *n))
             .unwrap_or_default();
         outln!(
-            "backlog   {backlog_total} unsynced run record(s) on {} agent(s), most on {worst} ({most}), as they said at their last Hello",
+            "backlog   {backlog_total} unsynced run record(s) on {} agent(s), most on {worst} ({most})",
             backlog.len()
         );
+    }
+    if let Some((a, t)) = oldest {
+        outln!(
+            "oldest    unsynced run ended {} on {}",
+            ago(t, now),
+            agent_name(a)
+        );
+    }
+    for (a, why) in &clock_trouble {
+        outln!("clock     {}: {why}", agent_name(a));
     }
     Ok(())
 }

@@ -29,7 +29,30 @@ pub(crate) fn agent_json(a: &AgentInfo) -> Value {
         "version": a.version,
         "allow_exec": a.allow_exec,
         "outbox_len": a.outbox_len,
+        "report": a.report.as_ref().map(|r| json!({
+            "at": opt_ts(a.reported_at),
+            "outbox_len": r.outbox_len,
+            "oldest_unsynced": opt_ts(r.oldest_unsynced),
+            "applied_revision": r.applied_revision,
+            "tasks": r.tasks_held,
+            "running": r.running,
+            "store_bytes": r.store_bytes,
+            "clock": clock_state(r),
+            "clock_offset_ms": r.clock_offset_ms,
+            "late_max_ms": r.late_max_ms,
+        })),
     })
+}
+
+/// An agent's clock as it reported it.
+pub(crate) fn clock_state(r: &sundial_protocol::wire::AgentReport) -> &'static str {
+    if r.clock_held {
+        "held"
+    } else if r.clock_vouched {
+        "vouched"
+    } else {
+        "unvouched"
+    }
 }
 
 pub(crate) fn task_state(t: &TaskInfo) -> &'static str {
@@ -246,6 +269,8 @@ pub(crate) fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()
                     .map_or_else(|| "never".into(), |t| format!("{t} ({})", ago(t, now))),
                 or_dash(a.version.clone()),
                 or_dash(a.outbox_len),
+                or_dash(a.report.as_ref().map(|r| r.tasks_held)),
+                or_dash(a.report.as_ref().map(clock_state)),
                 or_dash(a.clock_offset_ms.map(|o| format!("{o:+}"))),
                 or_dash(a.rtt_ms),
                 cut(&labels_text(&a.labels), 30, out),
@@ -262,7 +287,9 @@ pub(crate) fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()
                 "STATE",
                 "LAST SEEN",
                 "VERSION",
-                "OUTBOX",
+                "UNSYNCED",
+                "TASKS",
+                "CLOCK",
                 "OFFSET MS",
                 "RTT MS",
                 "LABELS",

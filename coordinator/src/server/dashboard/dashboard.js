@@ -58,7 +58,12 @@ function agents(fleet) {
     el("td", { class: a.revoked ? "muted" : a.online ? "online" : "offline" },
       a.revoked ? "revoked" : a.online ? "online" : "offline"),
     el("td", {}, ago(a.last_seen, fleet.now)),
-    el("td", {}, a.clock_offset_ms == null ? "-" : a.clock_offset_ms + " ms"),
+    el("td", { class: a.clock === "held" || a.clock === "unvouched" ? "failed" : "" },
+      (a.clock_offset_ms == null ? "-" : a.clock_offset_ms + " ms") + (a.clock ? " (" + a.clock + ")" : "")),
+    el("td", a.outbox_len ? { title: a.oldest_unsynced ? "oldest ended " + ago(a.oldest_unsynced, fleet.now) : "" } : {},
+      a.outbox_len == null ? "-" : String(a.outbox_len)),
+    el("td", {}, a.tasks == null ? "-" : String(a.tasks)),
+    el("td", {}, a.version || "-"),
     el("td", {}, a.labels.join(", ")))));
 }
 
