@@ -150,6 +150,10 @@ struct LimitArgs {
     /// keeps every entry [default: 730d].
     #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
     audit_retention: Option<DurationMs>,
+    /// Agents (0.3 and later) report their figures (backlog, clock, tasks,
+    /// store size) when they change, at most this often; 1s to 1h [default: 15s].
+    #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
+    agent_report_every: Option<DurationMs>,
     /// Agent sessions served at once; more are refused until some end [default: 10000].
     #[arg(long, value_name = "N")]
     sessions_max: Option<usize>,
@@ -220,6 +224,7 @@ pub struct CoordinatorFile {
     pub backoff_min: Option<String>,
     pub run_retention: Option<String>,
     pub audit_retention: Option<String>,
+    pub agent_report_every: Option<String>,
     pub sessions_max: Option<usize>,
     pub pending_per_address: Option<usize>,
     pub handshakes_per_sec: Option<u32>,
@@ -270,6 +275,8 @@ fn store_choice(flags: &StoreArgs, file: &CoordinatorFile) -> anyhow::Result<ser
     }))
 }
 
+use sundial_protocol::wire::{REPORT_EVERY_MS_MAX, REPORT_EVERY_MS_MIN};
+
 /// The limits from flags over the file over the defaults.
 fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
     let dur = |key: &str, v: &Option<String>| -> anyhow::Result<Option<DurationMs>> {
@@ -314,8 +321,17 @@ fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
             .handshakes_per_sec
             .or(file.handshakes_per_sec)
             .unwrap_or(d.handshakes_per_sec),
+        agent_report_every: flags
+            .agent_report_every
+            .or(dur("agent_report_every", &file.agent_report_every)?)
+            .unwrap_or(d.agent_report_every),
         ..d
     };
+    if !(u64::from(REPORT_EVERY_MS_MIN)..=u64::from(REPORT_EVERY_MS_MAX))
+        .contains(&limits.agent_report_every.0)
+    {
+        anyhow::bail!("--agent-report-every must be between 1s and 1h");
+    }
     if limits.handshakes_per_sec == 0 {
         anyhow::bail!("--handshakes-per-sec must be at least 1");
     }

@@ -891,6 +891,7 @@ impl Server {
                 period_min = %l.period_min,
                 run_retention = %l.run_retention.map_or_else(|| "keep".into(), |d| d.to_string()),
                 audit_retention = %l.audit_retention.map_or_else(|| "keep".into(), |d| d.to_string()),
+                agent_report_every = %l.agent_report_every,
                 shared_store = self.shared.shared_store,
                 "coordinator serving"
             );
