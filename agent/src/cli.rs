@@ -94,6 +94,11 @@ enum Cmd {
         /// interrupted; keep it below systemd's TimeoutStopSec [default: 10s].
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         stop_grace: Option<sundial_protocol::DurationMs>,
+        /// Serve the agent's own metrics (/metrics, Prometheus text format;
+        /// /healthz) on this TCP address, for a Prometheus on the device,
+        /// e.g. 127.0.0.1:9464. No credentials: keep it on loopback.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
     Completions {
@@ -198,6 +203,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             allow_env,
             max_concurrent_runs,
             stop_grace,
+            metrics,
         } => {
             let file = match &config {
                 Some(path) => crate::config::load(path).map_err(anyhow::Error::msg)?,
@@ -263,6 +269,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 runs_concurrent_max,
                 stop_grace: std::time::Duration::from_millis(stop_grace.as_millis()),
                 coordinators,
+                metrics: metrics.or(file.metrics),
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -34,6 +34,8 @@ pub struct AgentFile {
     /// counts as several).
     #[serde(default)]
     pub coordinators: Vec<String>,
+    /// Serve the agent's own metrics on this TCP address (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Reads and checks a configuration file.

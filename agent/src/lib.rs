@@ -11,6 +11,7 @@ pub mod config;
 pub mod enroll;
 pub mod exec;
 pub mod fault;
+pub mod metrics;
 pub mod runtime;
 pub use sundial_core::scheduler;
 pub mod session;

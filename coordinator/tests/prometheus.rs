@@ -91,15 +91,20 @@ impl Drop for Prometheus {
 }
 
 fn start_prometheus(dir: &Path, target: SocketAddr) -> (Prometheus, SocketAddr) {
+    start_prometheus_jobs(dir, &[("sundial-coordinator", target)])
+}
+
+/// Prometheus scraping each `(job, target)` every second.
+fn start_prometheus_jobs(dir: &Path, jobs: &[(&str, SocketAddr)]) -> (Prometheus, SocketAddr) {
     let web = free_tcp();
     let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: sundial-coordinator\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .expect("config");
+    let mut text = "global:\n  scrape_interval: 1s\nscrape_configs:\n".to_owned();
+    for (job, target) in jobs {
+        text.push_str(&format!(
+            "  - job_name: {job}\n    static_configs:\n      - targets: ['{target}']\n"
+        ));
+    }
+    std::fs::write(&config, text).expect("config");
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
@@ -250,5 +255,78 @@ fn prometheus_sees_every_run_once_by_outcome_as_the_coordinator_stored_it() {
     assert_eq!(status, 200);
     let (ok, out) = promtool(&["check", "metrics"], Some(&text));
     assert!(ok, "promtool check metrics: {out}");
+    drop(prom);
+}
+
+#[test]
+fn an_agent_serves_its_own_metrics_and_reports_its_figures_through_its_session() {
+    if !prometheus_available() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let http = free_tcp();
+    let coord = Coordinator::start_with(
+        root.path(),
+        &["--http", &http.to_string(), "--agent-report-every", "1s"],
+    );
+    let dir = root.path().join("agent");
+    let metrics = free_tcp();
+    drop(coord.agent(&dir, "edge-1"));
+    let _agent = Agent::start_with(&dir, move |c| c.metrics = Some(metrics));
+    wait_for("the agent online", || {
+        coord.json(&["agent", "list"])[0]["online"] == true
+    });
+    for (name, cmd) in [("ok", "true"), ("fails", "exit 3")] {
+        coord.ctl_ok(&[
+            "task", "create", "--name", name, "--agent", "edge-1", "--every", "1s", "--",
+            "/bin/sh", "-c", cmd,
+        ]);
+    }
+    let (prom, web) = start_prometheus_jobs(
+        root.path(),
+        &[("sundial-coordinator", http), ("sundial-agent", metrics)],
+    );
+    // The device's own series, scraped from the agent itself.
+    wait_for("Prometheus to see the agent's runs", || {
+        let got = query(
+            web,
+            "sum by (outcome) (sundial_agent_runs_recorded_total{job=\"sundial-agent\"})",
+            "outcome",
+        );
+        ["succeeded", "failed"]
+            .iter()
+            .all(|o| got.iter().any(|(g, n)| g == o && *n > 0.0))
+    });
+    wait_for("the agent's task count", || {
+        query(web, "sundial_agent_tasks{job=\"sundial-agent\"}", "job")
+            .first()
+            .is_some_and(|(_, n)| *n == 2.0)
+    });
+    // The same agent's figures, as it reported them to the coordinator.
+    wait_for("the coordinator to have the agent's report", || {
+        let reporting = query(web, "sundial_agents_reporting", "job");
+        let tasks = query(
+            web,
+            "sundial_agent_tasks{job=\"sundial-coordinator\"}",
+            "job",
+        );
+        reporting.first().is_some_and(|(_, n)| *n == 1.0)
+            && tasks.first().is_some_and(|(_, n)| *n == 2.0)
+    });
+    let lag = query(web, "sundial_assignment_lag_seconds_count", "job");
+    assert!(
+        lag.first().is_some_and(|(_, n)| *n >= 2.0),
+        "each task create measured: {lag:?}"
+    );
+    let listed = coord.json(&["agent", "list"]);
+    assert_eq!(listed[0]["report"]["tasks"], 2, "{listed}");
+    assert_eq!(listed[0]["report"]["clock"], "vouched", "{listed}");
+    // The agent's exposition is clean, and nothing else is served.
+    let (status, text) = get(metrics, "/metrics").expect("agent metrics");
+    assert_eq!(status, 200);
+    let (ok, out) = promtool(&["check", "metrics"], Some(&text));
+    assert!(ok, "promtool check metrics (agent): {out}");
+    assert_eq!(get(metrics, "/").map(|r| r.0), Some(404));
+    assert_eq!(get(metrics, "/healthz").map(|r| r.0), Some(200));
     drop(prom);
 }

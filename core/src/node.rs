@@ -183,6 +183,14 @@ pub trait NodeStore {
     }
 }
 
+/// See [`AgentNode::clock_view`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockView {
+    pub vouched: bool,
+    pub offset_ms: i64,
+    pub held: bool,
+}
+
 /// How an action ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finished {
@@ -451,6 +459,17 @@ impl<S: NodeStore> AgentNode<S> {
     /// (started, skipped or refused); before its first step, the start of time.
     pub fn decided_until(&self) -> Timestamp {
         self.decided_until
+    }
+
+    /// The clock as the node holds it: vouched for by a coordinator in this
+    /// boot, the offset it applies to the wall clock, and whether firing is
+    /// held (the clock went back behind the last known-good instant).
+    pub fn clock_view(&self) -> ClockView {
+        ClockView {
+            vouched: self.guard.is_vouched(),
+            offset_ms: self.guard.offset_ms(),
+            held: self.held,
+        }
     }
 
     /// Tasks held in memory (those due within the horizon, and those with
@@ -731,9 +750,9 @@ impl<S: NodeStore> AgentNode<S> {
             tasks_held: self.store.task_count()?,
             running: u32::try_from(self.running.len()).unwrap_or(u32::MAX),
             store_bytes: self.store.size_bytes(),
-            clock_vouched: self.guard.is_vouched(),
-            clock_offset_ms: self.guard.offset_ms(),
-            clock_held: self.held,
+            clock_vouched: self.clock_view().vouched,
+            clock_offset_ms: self.clock_view().offset_ms,
+            clock_held: self.clock_view().held,
             late_max_ms: self.late_max_ms.take(),
         })
     }

@@ -59,6 +59,8 @@ pub(super) struct Driver {
     /// What the log last said about reaching the coordinator, so that a
     /// device offline for a week says so once, not every 30 s.
     pub(super) reported: Option<&'static str>,
+    /// The agent's own metrics, when served (`--metrics`).
+    pub(super) metrics: Option<Arc<crate::metrics::AgentMetrics>>,
 }
 
 pub(super) fn reading() -> crate::clock::Reading {
@@ -80,9 +82,20 @@ impl Driver {
             let effect = self.node.poll_effect();
             let event = self.node.poll_event();
             if effect.is_none() && event.is_none() {
+                if let Some(m) = &self.metrics {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    let c = self.node.clock_view();
+                    m.live.clock_vouched.store(c.vouched, Relaxed);
+                    m.live.clock_held.store(c.held, Relaxed);
+                    m.live.clock_offset_ms.store(c.offset_ms, Relaxed);
+                    m.live.running.store(self.node.running() as u64, Relaxed);
+                }
                 return Ok(());
             }
             if let Some(e) = event {
+                if let Some(m) = &self.metrics {
+                    m.observe(&e, self.node.time_of(reading()));
+                }
                 log_event(&e);
             }
             if let Some(e) = effect {

@@ -84,6 +84,8 @@ pub struct AgentConfig {
     /// Coordinator addresses that replace the ones stored at `join`
     /// (`coordinators` in agent.toml); empty: the stored ones.
     pub coordinators: Vec<String>,
+    /// Serve the agent's own metrics here (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -95,6 +97,7 @@ impl AgentConfig {
             runs_concurrent_max: RUNS_CONCURRENT_MAX_DEFAULT,
             stop_grace: STOP_GRACE_DEFAULT,
             coordinators: Vec::new(),
+            metrics: None,
         }
     }
 
@@ -237,6 +240,19 @@ pub async fn run(
     };
     tracing::info!(agent = %agent_id, tasks_held = node.tasks_held(), outbox = store.outbox_len()?, "agent running");
 
+    let metrics = match config.metrics {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .map_err(|e| AgentError::Config(format!("cannot serve metrics on {addr}: {e}")))?;
+            let m = Arc::new(crate::metrics::AgentMetrics::new());
+            crate::metrics::serve(listener, m.clone(), Arc::clone(&store), || {
+                sundial_protocol::Timestamp::from_millis_saturating(reading().wall_ms)
+            });
+            Some(m)
+        }
+        None => None,
+    };
     let (done_tx, mut done_rx) = mpsc::channel(RUN_COMPLETIONS_QUEUE_MAX);
     let (events_tx, mut events_rx) = mpsc::channel(CONN_EVENTS_MAX);
     let mut d = Driver {
@@ -252,6 +268,7 @@ pub async fn run(
         next_conn: 0,
         events_tx,
         reported: None,
+        metrics,
     };
     let mut timer = BootTimer::new();
     tokio::pin!(shutdown);

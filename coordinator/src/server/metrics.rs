@@ -523,7 +523,7 @@ impl Metrics {
     /// ask for OpenMetrics (`curl`, `promtool check metrics`): counters'
     /// HELP and TYPE name the `_total` series, no UNIT lines, no EOF.
     pub fn encode_classic(&self) -> String {
-        to_classic(&self.encode())
+        sundial_net::shell::openmetrics_to_classic(&self.encode())
     }
 
     /// The OpenMetrics text exposition.
@@ -534,38 +534,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// OpenMetrics text as the classic Prometheus text format.
-fn to_classic(open: &str) -> String {
-    let lines: Vec<&str> = open.lines().collect();
-    let counters: HashSet<&str> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(open.len());
-    for line in lines {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
-        match meta {
-            Some((prefix, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                if counters.contains(name) {
-                    out.push_str(&format!("{prefix}{name}_total {tail}"));
-                } else {
-                    out.push_str(line);
-                }
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]

@@ -238,6 +238,14 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path) -> Agent {
+        Agent::start_with(dir, |_| {})
+    }
+
+    /// An agent whose configuration `set` changes first.
+    pub fn start_with(
+        dir: &Path,
+        set: impl FnOnce(&mut sundial_agent::runtime::AgentConfig) + Send + 'static,
+    ) -> Agent {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let d = dir.to_owned();
         let thread = std::thread::spawn(move || {
@@ -245,7 +253,8 @@ impl Agent {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            let cfg = sundial_agent::runtime::AgentConfig::new(d);
+            let mut cfg = sundial_agent::runtime::AgentConfig::new(d);
+            set(&mut cfg);
             let r = rt.block_on(sundial_agent::runtime::run(cfg, async {
                 let _ = rx.await;
             }));

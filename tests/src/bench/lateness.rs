@@ -343,6 +343,7 @@ pub(super) fn exec_lateness(_exe: &Path, n: usize, window_ms: i64) -> Vec<f64> {
         runs_concurrent_max: sundial_agent::runtime::RUNS_CONCURRENT_MAX_DEFAULT,
         stop_grace: sundial_agent::runtime::STOP_GRACE_DEFAULT,
         coordinators: Vec::new(),
+        metrics: None,
     };
     let wait = Duration::from_millis((start + window_ms - now + 2_000) as u64);
     let _ = rt
