@@ -63,6 +63,13 @@ enum Cmd {
         /// takes no credentials: keep it on loopback or a monitoring network.
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
+        /// Serve the same (and the dashboard, from anywhere) over TLS on
+        /// this TCP address, to clients showing an admin credential (a
+        /// viewer's is enough: sundialctl admin create dash --role viewer;
+        /// sundialctl --creds dash.creds admin pem --out DIR for a browser
+        /// or curl) [default: not served].
+        #[arg(long, value_name = "ADDR")]
+        https: Option<SocketAddr>,
         /// Tasks with metrics series of their own; runs of further tasks
         /// are counted under task="other" [default: 1000].
         #[arg(long, value_name = "N")]
@@ -211,6 +218,8 @@ pub struct CoordinatorFile {
     pub listen: Option<SocketAddr>,
     /// The HTTP listener (see `--http`).
     pub http: Option<SocketAddr>,
+    /// Serve over TLS to admin credentials (see `--https`).
+    pub https: Option<SocketAddr>,
     pub metrics_task_series: Option<usize>,
     /// The webhook (see `--notify`).
     pub notify: Option<String>,
@@ -481,6 +490,7 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             data_dir,
             listen,
             http,
+            https,
             metrics_task_series,
             notify,
             notify_secret_file,
@@ -490,6 +500,7 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             ..
         } => {
             let http = http.or(file.http);
+            let https = https.or(file.https);
             let task_series = metrics_task_series
                 .or(file.metrics_task_series)
                 .unwrap_or(server::metrics::TASK_SERIES_MAX_DEFAULT);
@@ -543,6 +554,9 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 let server = Server::bind_on(&data_dir, listen, limits, store)?;
                 if let Some(addr) = http {
                     server.serve_http(addr, task_series).await?;
+                }
+                if let Some(addr) = https {
+                    server.serve_https(addr, task_series).await?;
                 }
                 if let Some(config) = notify {
                     server.notify(&data_dir, config).await?;

@@ -161,6 +161,49 @@ pub fn write_creds(path: &Path, creds: &AdminCreds) -> Result<(), String> {
     write_private(path, &text).map_err(|e| e.to_string())
 }
 
+/// Writes a credential as `ca.pem`, `cert.pem` and `key.pem` (0600) in
+/// `dir` (made 0700 if missing), replacing none; the paths written.
+pub fn export_pem(dir: &Path, creds: &AdminCreds) -> Result<Vec<PathBuf>, String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let files = [
+        ("ca.pem", &creds.ca_pem, 0o644),
+        ("cert.pem", &creds.cert_pem, 0o644),
+        ("key.pem", &creds.key_pem, 0o600),
+    ];
+    for (name, _, _) in &files {
+        let path = dir.join(name);
+        if path.exists() {
+            return Err(format!(
+                "{} exists; refusing to replace it (choose another --out)",
+                path.display()
+            ));
+        }
+    }
+    let mut written = Vec::new();
+    for (name, text, mode) in files {
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 impl AdminCreds {
     pub fn load(path: &Path) -> Result<AdminCreds, String> {
         let text = std::fs::read_to_string(path)

@@ -1,18 +1,27 @@
-//! The coordinator's HTTP listener (`serve --http ADDR`): `/metrics` in
-//! the Prometheus text format, `/healthz` (the process answers) and
-//! `/readyz` (the store answers and the node runs). Read-only, with no
-//! credentials: bind it to loopback, or to an address only the monitoring
-//! network reaches.
+//! The coordinator's HTTP listeners: `/metrics` in the Prometheus text
+//! format, `/healthz` (the process answers), `/readyz` (the store answers
+//! and the node runs) and the read-only dashboard.
+//!
+//! `serve --http ADDR` is plain HTTP without credentials: metrics and
+//! health to anyone who reaches it (loopback, or a monitoring network), the
+//! dashboard to loopback only. `serve --https ADDR` is the same over TLS
+//! with a client certificate: a live admin credential of any role (a
+//! viewer's is enough), checked in the handshake and again at every
+//! request, so a revoked or expired credential stops at its next request.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::IncomingStream;
 use axum::Router;
+
+use sundial_core::coord_store::CertRole;
 
 use super::metrics::Metrics;
 use super::{ServeError, Shared};
@@ -38,15 +47,7 @@ pub(super) async fn serve(
     if !bound.ip().is_loopback() {
         tracing::warn!(%bound, "the HTTP listener (metrics, health) takes no credentials: only a monitoring network should reach it");
     }
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/", get(dashboard_page))
-        .route("/dashboard.js", get(dashboard_js))
-        .route("/api/fleet", get(fleet))
-        .with_state((shared, metrics));
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(shared, metrics).into_make_service_with_connect_info::<Peer>();
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the HTTP listener stopped");
@@ -57,6 +58,173 @@ pub(super) async fn serve(
 }
 
 type AppState = (Arc<Shared>, Arc<Metrics>);
+
+fn router(shared: Arc<Shared>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/", get(dashboard_page))
+        .route("/dashboard.js", get(dashboard_js))
+        .route("/api/fleet", get(fleet))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            credential_check,
+        ))
+        .with_state((shared, metrics))
+}
+
+/// Who is at the other end of an HTTP connection: its address, and on the
+/// TLS listener the SHA-256 of its client certificate.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Peer {
+    addr: SocketAddr,
+    cert: Option<[u8; 32]>,
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
+        Peer {
+            addr: *stream.remote_addr(),
+            cert: None,
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Peer {
+        *stream.remote_addr()
+    }
+}
+
+/// Every request on the TLS listener: its credential must still be a live
+/// admin's (revoked or expired since the handshake: refused now).
+async fn credential_check(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Some(fp) = peer.cert else {
+        return next.run(req).await;
+    };
+    let now = shared.now().wall;
+    let role = shared.node.lock().ok().and_then(|n| n.cert_role(&fp));
+    match role {
+        Some(CertRole::Admin(a)) if a.expires_at > now => next.run(req).await,
+        Some(CertRole::Admin(a)) => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "the credential of admin \"{}\" expired at {}: renew it with `sundialctl admin renew`\n",
+                a.name, a.expires_at
+            ),
+        )
+            .into_response(),
+        _ => (
+            StatusCode::FORBIDDEN,
+            "this credential was revoked or replaced\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Handshakes going at once on the TLS listener; further connections are
+/// closed at once until some finish.
+const TLS_HANDSHAKES_MAX: usize = 64;
+/// A TLS handshake must be done within this.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections whose TLS handshake is done, for `axum::serve`: handshakes
+/// run beside each other (a slow one holds no other), bounded.
+pub(super) struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Peer)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Self::Io, Peer) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accepting task ended: no more connections, ever.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Peer> {
+        Ok(Peer {
+            addr: self.local,
+            cert: None,
+        })
+    }
+}
+
+/// Serves the same routes over TLS with client certificates (`--https`).
+pub(super) async fn serve_tls(
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    task_series_max: usize,
+    tls: rustls::ServerConfig,
+) -> Result<SocketAddr, ServeError> {
+    let metrics = shared
+        .metrics
+        .get_or_init(|| Arc::new(Metrics::new(task_series_max)))
+        .clone();
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServeError::Tls(format!("--https {addr}: cannot listen: {e}")))?;
+    let bound = tcp
+        .local_addr()
+        .map_err(|e| ServeError::Tls(format!("--https {addr}: {e}")))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (tx, rx) = tokio::sync::mpsc::channel(TLS_HANDSHAKES_MAX);
+    tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(TLS_HANDSHAKES_MAX));
+        loop {
+            let (conn, from) = match tcp.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "--https: accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%from, "--https: too many handshakes at once; closed");
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let done = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await;
+                drop(slot);
+                match done {
+                    Ok(Ok(stream)) => {
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| sundial_protocol::token::sha256(c.as_ref()));
+                        let _ = tx.send((stream, Peer { addr: from, cert })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%from, error = %e, "--https: handshake refused"),
+                    Err(_) => tracing::debug!(%from, "--https: handshake timed out"),
+                }
+            });
+        }
+    });
+    let app = router(shared, metrics).into_make_service_with_connect_info::<Peer>();
+    let listener = TlsListener { rx, local: bound };
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the HTTPS listener stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz and the dashboard over TLS to admin credentials (a viewer's is enough)");
+    Ok(bound)
+}
 
 async fn scrape(
     State((shared, metrics)): State<AppState>,
@@ -127,24 +295,25 @@ async fn ready(State((shared, _)): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// The dashboard (read-only) is shown to this machine only: off loopback
-/// it would need TLS and a viewer credential, which it does not take yet.
-pub(super) fn dashboard_allowed(peer: SocketAddr) -> bool {
-    peer.ip().is_loopback()
-        || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+/// The dashboard (read-only) is shown without credentials to this
+/// machine only; elsewhere over `--https`, whose every request carries a
+/// live admin credential (checked by [`credential_check`]).
+pub(super) fn dashboard_allowed(peer: Peer) -> bool {
+    let ip = peer.addr.ip();
+    peer.cert.is_some()
+        || ip.is_loopback()
+        || matches!(ip, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
 }
 
 fn refused() -> axum::response::Response {
     (
         StatusCode::FORBIDDEN,
-        "the dashboard is served to this machine only (loopback): reach it through an SSH tunnel, e.g. ssh -L 9447:127.0.0.1:9447 HOST\n",
+        "without credentials the dashboard is served to this machine only (loopback): use serve --https with an admin credential (sundialctl admin create dash --role viewer), or an SSH tunnel (ssh -L 9447:127.0.0.1:9447 HOST)\n",
     )
         .into_response()
 }
 
-async fn dashboard_page(
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
-) -> axum::response::Response {
+async fn dashboard_page(ConnectInfo(peer): ConnectInfo<Peer>) -> axum::response::Response {
     if !dashboard_allowed(peer) {
         return refused();
     }
@@ -155,9 +324,7 @@ async fn dashboard_page(
         .into_response()
 }
 
-async fn dashboard_js(
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
-) -> axum::response::Response {
+async fn dashboard_js(ConnectInfo(peer): ConnectInfo<Peer>) -> axum::response::Response {
     if !dashboard_allowed(peer) {
         return refused();
     }
@@ -176,7 +343,7 @@ const DASHBOARD_RUNS_MAX: usize = 500;
 /// time), with the node's view of who is online.
 async fn fleet(
     State((shared, _)): State<AppState>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
 ) -> axum::response::Response {
     if !dashboard_allowed(peer) {
         return refused();
@@ -305,7 +472,17 @@ mod tests {
             ("[::ffff:192.0.2.7]:5", false),
         ] {
             let a: std::net::SocketAddr = addr.parse().expect("an address");
-            assert_eq!(super::dashboard_allowed(a), ok, "{addr}");
+            let plain = super::Peer {
+                addr: a,
+                cert: None,
+            };
+            assert_eq!(super::dashboard_allowed(plain), ok, "{addr}");
+            // Over --https, a credential (checked per request) is what counts.
+            let credential = super::Peer {
+                addr: a,
+                cert: Some([1; 32]),
+            };
+            assert!(super::dashboard_allowed(credential), "{addr}");
         }
     }
 }

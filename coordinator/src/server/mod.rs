@@ -176,6 +176,9 @@ pub enum ServeError {
 struct KnownCertVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     node: Arc<Mutex<CoordNode>>,
+    /// The HTTPS listener: a certificate is required and must be an
+    /// admin's, valid now (no leniency for an expired one).
+    admins_only: bool,
 }
 
 impl ClientCertVerifier for KnownCertVerifier {
@@ -185,7 +188,7 @@ impl ClientCertVerifier for KnownCertVerifier {
 
     fn client_auth_mandatory(&self) -> bool {
         // Enrollment comes without a certificate; see the module doc.
-        false
+        self.admins_only
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -200,6 +203,16 @@ impl ClientCertVerifier for KnownCertVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let fp = sha256(end_entity.as_ref());
         let role = self.node.lock().ok().and_then(|n| n.cert_role(&fp));
+        if self.admins_only {
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)?;
+            return match role {
+                Some(CertRole::Admin(_)) => Ok(ClientCertVerified::assertion()),
+                _ => Err(rustls::Error::General(
+                    "not a live admin credential of this coordinator".into(),
+                )),
+            };
+        }
         match self
             .inner
             .verify_client_cert(end_entity, intermediates, now)
@@ -803,6 +816,7 @@ impl Server {
         let verifier = Arc::new(KnownCertVerifier {
             inner,
             node: node.clone(),
+            admins_only: false,
         });
         let id = pki.server_identity()?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -868,6 +882,42 @@ impl Server {
         task_series_max: usize,
     ) -> Result<SocketAddr, ServeError> {
         http::serve(self.shared.clone(), addr, task_series_max).await
+    }
+
+    /// Serves the same as [`Server::serve_http`] over TLS (the
+    /// coordinator's certificate) to clients showing a live admin
+    /// credential (`--https`); the address bound.
+    pub async fn serve_https(
+        &self,
+        addr: SocketAddr,
+        task_series_max: usize,
+    ) -> Result<SocketAddr, ServeError> {
+        let provider = sundial_net::tls::provider();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.shared.pki.ca_der.clone())
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        let verifier = Arc::new(KnownCertVerifier {
+            inner,
+            node: self.shared.node.clone(),
+            admins_only: true,
+        });
+        let id = self.shared.pki.server_identity()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ServeError::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(id.chain, id.key)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // No resumption: a resumed session skips the certificate check, and
+        // every connection must show a credential that is live now.
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
+        http::serve_tls(self.shared.clone(), addr, task_series_max, tls).await
     }
 
     /// The address actually bound.

@@ -380,6 +380,15 @@ pub(crate) enum AdminCmd {
         #[arg(value_name = "NAME")]
         name: String,
     },
+    /// Write the --creds credential as PEM files (ca.pem, cert.pem, key.pem)
+    /// for a browser or curl reaching `serve --https`. Nothing is sent.
+    ///
+    /// Example: sundialctl --creds dash.creds admin pem --out dash/
+    Pem {
+        /// A directory (created if missing); existing files are not replaced.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

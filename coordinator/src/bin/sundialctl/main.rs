@@ -207,6 +207,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
+    if let Cmd::Admin(AdminCmd::Pem { out }) = &cli.command {
+        let written =
+            sundial_coordinator::pki::export_pem(out, &creds).map_err(anyhow::Error::msg)?;
+        for p in &written {
+            outln!("wrote {}", p.display());
+        }
+        let d = out.display();
+        outln!("curl:    curl --cacert {d}/ca.pem --cert {d}/cert.pem --key {d}/key.pem https://HOST:PORT/api/fleet");
+        outln!("browser: openssl pkcs12 -export -in {d}/cert.pem -inkey {d}/key.pem -out {d}/admin.p12, then import admin.p12 (your certificate) and {d}/ca.pem (an authority, for websites) into the browser");
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -584,7 +595,10 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 );
             }
         }
-        Cmd::Schedule(_) | Cmd::Completions { .. } | Cmd::Manpage => {}
+        Cmd::Schedule(_)
+        | Cmd::Completions { .. }
+        | Cmd::Manpage
+        | Cmd::Admin(AdminCmd::Pem { .. }) => {}
     }
     Ok(())
 }
