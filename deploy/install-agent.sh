@@ -1,8 +1,8 @@
 #!/bin/sh
 # Installs, upgrades or removes the Sundial agent on a device.
 #
-#   install-agent.sh --binary PATH [--coordinator HOST:PORT[,HOST:PORT...]] --token TOKEN
-#                    [--name N] [--label k=v]... [--allow-exec PATTERN]...
+#   install-agent.sh --binary PATH [--coordinator HOST:PORT[,HOST:PORT...]]
+#                    (--token-file FILE|- | --token TOKEN) [--name N] [--label k=v]... [--allow-exec PATTERN]...
 #                    [--root DIR]
 #   install-agent.sh --uninstall [--purge] [--root DIR]
 #
@@ -14,7 +14,8 @@
 #
 # Re-running it on an enrolled device upgrades the binary and restarts the
 # service; the agent keeps its identity, tasks and outbox (--coordinator and
-# --token are then not needed).
+# --token are then not needed). --token-file FILE (or - for standard input)
+# keeps the token out of `ps` and the shell's history; --token shows it.
 #
 # --root DIR puts every path under DIR and skips useradd/chown/systemctl with
 # a message (that is how the tests run it).
@@ -34,6 +35,15 @@ while [ $# -gt 0 ]; do
         --binary) [ $# -ge 2 ] || die "--binary needs a path"; binary=$2; shift 2 ;;
         --coordinator) [ $# -ge 2 ] || die "--coordinator needs HOST:PORT"; coordinator=$2; shift 2 ;;
         --token) [ $# -ge 2 ] || die "--token needs a token"; token=$2; shift 2 ;;
+        --token-file) [ $# -ge 2 ] || die "--token-file needs a file (or - for standard input)"
+            if [ "$2" = - ]; then
+                IFS= read -r token || [ -n "$token" ] || die "--token-file -: no token on standard input"
+            else
+                [ -r "$2" ] || die "--token-file '$2': cannot read it"
+                token=$(head -n 1 "$2")
+            fi
+            [ -n "$token" ] || die "--token-file '$2': it holds no token"
+            shift 2 ;;
         --name) [ $# -ge 2 ] || die "--name needs a name"; name=$2; shift 2 ;;
         --label) [ $# -ge 2 ] || die "--label needs k=v"
             case "$2" in *=*) ;; *) die "--label '$2': expected key=value" ;; esac
@@ -99,7 +109,7 @@ enrolled=0
 if [ "$enrolled" = 0 ]; then
     # Without --coordinator, the addresses the token carries (sdj2 tokens).
     case "$coordinator" in ''|*:*) ;; *) die "--coordinator '$coordinator': expected HOST:PORT[,HOST:PORT...]" ;; esac
-    [ -n "$token" ] || die "--token is required for a first install (create one with: sundialctl token create)"
+    [ -n "$token" ] || die "--token-file FILE (or --token) is required for a first install (create one with: sundialctl token create)"
 fi
 
 # The user that runs the agent.

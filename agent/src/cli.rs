@@ -94,6 +94,12 @@ enum Cmd {
         /// interrupted; keep it below systemd's TimeoutStopSec [default: 10s].
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         stop_grace: Option<sundial_protocol::DurationMs>,
+        /// Run although nothing joined with this data directory: fire only
+        /// the tasks already in its store, with no coordinator (a store
+        /// restored by hand, tests). Without it an unenrolled directory is
+        /// refused, so that a mistyped path does not make a silent agent.
+        #[arg(long)]
+        standalone: bool,
         /// Serve the agent's own metrics (/metrics, Prometheus text format;
         /// /healthz) on this TCP address, for a Prometheus on the device,
         /// e.g. 127.0.0.1:9464. No credentials: keep it on loopback.
@@ -203,6 +209,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             allow_env,
             max_concurrent_runs,
             stop_grace,
+            standalone,
             metrics,
         } => {
             let file = match &config {
@@ -218,6 +225,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     "no data directory: pass --data-dir or set data_dir in the config file"
                 );
             };
+            if !standalone && !data_dir.join(crate::session::CERT_FILE).exists() {
+                let what = if data_dir.is_dir() {
+                    "holds no enrolled agent (no agent.pem)"
+                } else {
+                    "does not exist"
+                };
+                anyhow::bail!(
+                    "{} {what}: nothing has joined with this directory. Enroll it first:\n  \
+                     sundial-agent join --token-file FILE --data-dir {}\n\
+                     (the token from `sundialctl token create` on the coordinator's side), or \
+                     pass --standalone to fire only the tasks already in its store, without a coordinator",
+                    data_dir.display(),
+                    data_dir.display()
+                );
+            }
             let mut exec = ExecPolicy {
                 allow: if allow_exec.is_empty() {
                     file.allow_exec

@@ -72,7 +72,17 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
             .create(data_dir)
             .map_err(|e| format!("{}: {e}", data_dir.display()))?;
     }
-    let store = AgentStore::open(&store_path(data_dir)).map_err(|e| e.to_string())?;
+    let store = AgentStore::open(&store_path(data_dir)).map_err(|e| {
+        if e.is_already_open() {
+            format!(
+                "an agent is running with {} (it holds the store); it has joined already — \
+                 to enroll a second agent on this device, use another --data-dir",
+                data_dir.display()
+            )
+        } else {
+            e.to_string()
+        }
+    })?;
     crate::runtime::restrict_file(&store_path(data_dir));
     if let Some(id) = store
         .get_meta::<u64>(meta::AGENT_ID)

@@ -66,7 +66,7 @@ fn start_agent(dir: &Path) -> AgentProc {
 fn start_agent_with(dir: &Path, extra: &[&str]) -> AgentProc {
     AgentProc(Some(
         Command::new(AGENT)
-            .args(["run", "--data-dir"])
+            .args(["run", "--standalone", "--data-dir"])
             .arg(dir)
             .args(["--allow-exec", "/bin/sh"])
             .args(extra)
@@ -469,7 +469,7 @@ fn faketime_available() -> bool {
 fn start_agent_faked(dir: &Path, offset_file: &Path) -> AgentProc {
     AgentProc(Some(
         Command::new(AGENT)
-            .args(["run", "--data-dir"])
+            .args(["run", "--standalone", "--data-dir"])
             .arg(dir)
             .args(["--allow-exec", "/bin/sh"])
             .env("SUNDIAL_LOG", "debug")
@@ -653,7 +653,7 @@ fn a_second_agent_on_the_same_data_dir_says_so_and_stops() {
     wait_for("the store", || store_path(dir.path()).exists());
     std::thread::sleep(Duration::from_millis(500));
     let out = Command::new(AGENT)
-        .args(["run", "--data-dir"])
+        .args(["run", "--standalone", "--data-dir"])
         .arg(dir.path())
         .output()
         .expect("runs");
@@ -816,7 +816,7 @@ fn a_corrupt_page_stops_the_agent_with_a_reason_not_a_panic() {
             store.put_tasks(&tasks, Some(1)).expect("put");
         }
         scribble(&store_path(dir.path()), seed);
-        for args in [&["status", "-o", "json"][..], &["run"][..]] {
+        for args in [&["status", "-o", "json"][..], &["run", "--standalone"][..]] {
             let mut cmd = Command::new(AGENT);
             cmd.args(&args[..1])
                 .arg("--data-dir")
@@ -925,4 +925,53 @@ fn a_run_that_does_not_succeed_is_logged_as_a_warning() {
         .find(|l| l.contains("did not succeed"))
         .expect("the line");
     assert!(failed.contains("outcome=failed"), "{failed}");
+}
+
+#[test]
+fn run_refuses_a_directory_nothing_joined_and_join_names_a_running_agent() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // A mistyped path: refused, with the join command, and not created.
+    let typo = root.path().join("agnet");
+    let out = Command::new(AGENT)
+        .args(["run", "--data-dir"])
+        .arg(&typo)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "ran on a path nothing joined");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not exist") && err.contains("sundial-agent join"),
+        "{err}"
+    );
+    assert!(err.contains("--standalone"), "{err}");
+    assert!(!typo.exists(), "the mistyped directory was created");
+    // A directory with a store but no enrollment: refused the same way.
+    let dir = root.path().join("agent");
+    let first = start_agent(&dir);
+    wait_for("the store", || store_path(&dir).exists());
+    let out = Command::new(AGENT)
+        .args(["run", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds no enrolled agent"), "{err}");
+    // Joining the directory of a running agent: says so (before any network).
+    let token = sundial_protocol::token::JoinToken {
+        secret: vec![7; sundial_protocol::token::SECRET_BYTES],
+        ca_sha256: [1; 32],
+        server_name: "coordinator".into(),
+        addresses: vec!["127.0.0.1:9".into()],
+    }
+    .encode();
+    let out = Command::new(AGENT)
+        .args(["join", "--token", &token, "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("an agent is running with"), "{err}");
+    stop(first);
 }

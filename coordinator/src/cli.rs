@@ -43,24 +43,73 @@ impl ScheduleArgs {
         if let Some(at) = self.at {
             return Ok(Schedule::at(at));
         }
-        if let Some(every) = self.every {
+        if let Some(every) = self.every()? {
             return Schedule::every(every, self.anchor.unwrap_or(now))
                 .map_err(|e| format!("--every: {e}"));
         }
-        if let Some(expr) = &self.cron {
-            return Schedule::cron(expr, self.tz_name()).map_err(|e| e.to_string());
+        if let Some((expr, tz)) = self.cron_parts()? {
+            return Schedule::cron(expr, tz).map_err(|e| e.to_string());
         }
         Err("one of --at, --every or --cron is required".into())
     }
 
-    /// The time zone to show local times in, if the schedule has one.
-    pub fn zone(&self) -> Option<chrono_tz::Tz> {
-        self.cron.as_ref()?;
-        sundial_protocol::cron::parse_tz(self.tz_name()).ok()
+    /// The period of an `--every` schedule, or of `--cron '@every DUR'`.
+    pub fn every(&self) -> Result<Option<DurationMs>, String> {
+        if self.every.is_some() {
+            return Ok(self.every);
+        }
+        let Some(expr) = &self.cron else {
+            return Ok(None);
+        };
+        let (prefix, rest) = sundial_protocol::cron::split_tz_prefix(expr);
+        let Some(period) = rest.trim().strip_prefix("@every") else {
+            return Ok(None);
+        };
+        if prefix.is_some() || self.tz.is_some() {
+            return Err("`@every` is a period: a time zone has no meaning for it".into());
+        }
+        DurationMs::parse(period.trim())
+            .map(Some)
+            .map_err(|e| format!("--cron '@every {}': {e}", period.trim()))
     }
 
-    fn tz_name(&self) -> &str {
-        self.tz.as_deref().unwrap_or("UTC")
+    /// A cron expression and its zone: `--tz`, or a `CRON_TZ=`/`TZ=` prefix
+    /// (the two must agree), or UTC.
+    fn cron_parts(&self) -> Result<Option<(&str, &str)>, String> {
+        let Some(expr) = &self.cron else {
+            return Ok(None);
+        };
+        let (prefix, rest) = sundial_protocol::cron::split_tz_prefix(expr);
+        let tz = match (prefix, self.tz.as_deref()) {
+            (Some(p), Some(t)) if p != t => {
+                return Err(format!(
+                    "the expression says CRON_TZ={p} but --tz says {t}: give the zone once"
+                ))
+            }
+            (Some(p), _) => p,
+            (None, Some(t)) => t,
+            (None, None) => "UTC",
+        };
+        Ok(Some((rest, tz)))
+    }
+
+    /// How a cron expression of another dialect was read, for the operator
+    /// (printed on stderr before the request goes).
+    pub fn notes(&self) -> Vec<String> {
+        match self.cron_parts() {
+            Ok(Some((expr, _))) if self.every().ok().flatten().is_none() => {
+                sundial_protocol::cron::CronExpr::parse_noted(expr)
+                    .map(|(_, notes)| notes)
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The time zone to show local times in, if the schedule has one.
+    pub fn zone(&self) -> Option<chrono_tz::Tz> {
+        let (_, tz) = self.cron_parts().ok().flatten()?;
+        sundial_protocol::cron::parse_tz(tz).ok()
     }
 }
 
@@ -123,6 +172,16 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("`{s}` is not a label (expected key=value)")),
+    }
+}
+
+/// Parses `NAME=VALUE` for a task's environment.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!(
+            "`{s}` is not an environment setting (expected NAME=VALUE, e.g. --env LOG_LEVEL=debug)"
+        )),
     }
 }
 

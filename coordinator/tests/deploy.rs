@@ -70,13 +70,16 @@ fn install_run_upgrade_and_uninstall_under_a_root() {
     let root_s = root.to_str().expect("utf-8 path");
     let token = coord.token(&[]);
     let bin = agent_bin();
+    // The token from a file: it never shows in `ps`.
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token file");
     let (ok, text) = install(&[
         "--binary",
         bin.to_str().expect("utf-8"),
         "--coordinator",
         &coord.addr.to_string(),
-        "--token",
-        &token,
+        "--token-file",
+        token_file.to_str().expect("utf-8"),
         "--name",
         "press-7",
         "--label",
@@ -194,7 +197,7 @@ fn bad_input_ends_clearly_and_installs_nothing() {
                 "--root",
                 r,
             ],
-            "--token is required",
+            "is required for a first install",
         ),
         (
             // Without --coordinator the token's addresses are used; this
@@ -218,6 +221,17 @@ fn bad_input_ends_clearly_and_installs_nothing() {
         (
             vec!["--binary", "/nonexistent", "--root", r],
             "is not an executable file",
+        ),
+        (
+            vec![
+                "--binary",
+                bin,
+                "--token-file",
+                "/nonexistent/token",
+                "--root",
+                r,
+            ],
+            "cannot read it",
         ),
     ];
     for (args, needle) in cases {

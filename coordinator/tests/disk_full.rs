@@ -99,7 +99,13 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 
 fn run_agent(dir: &Path, log: &Path) -> Child {
     Command::new(agent_bin())
-        .args(["run", "--allow-exec", "/bin/sh", "--data-dir"])
+        .args([
+            "run",
+            "--standalone",
+            "--allow-exec",
+            "/bin/sh",
+            "--data-dir",
+        ])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(

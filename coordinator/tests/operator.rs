@@ -698,3 +698,65 @@ fn run_get_shows_a_whole_run_with_its_output() {
     let (ok, _, err) = coord.ctl(&["run", "get", "hello/edge-1/2020-01-01T00:00:00Z"]);
     assert!(!ok && err.contains("no run"), "{err}");
 }
+
+#[test]
+fn task_create_warns_of_a_program_the_agent_refuses_and_of_an_offline_target() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let mut online = coord.agent(&root.path().join("edge-1"), "edge-1");
+    wait_for("edge-1 online", || {
+        coord.json(&["agent", "list"])[0]["online"] == true
+    });
+    // edge-1 allows /bin/sh, /bin/echo and /bin/true (as it joined).
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--agent",
+        "edge-1",
+        "--every",
+        "1h",
+        "--",
+        "/usr/bin/backup",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("edge-1 (a1)") && err.contains("does not allow `/usr/bin/backup`"),
+        "{err}"
+    );
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--agent",
+        "edge-1",
+        "--every",
+        "1h",
+        "--",
+        "/bin/echo",
+        "hi",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        !err.contains("does not allow") && !err.contains("offline"),
+        "{err}"
+    );
+    // Offline: said so, and what happens to what is due meanwhile.
+    online.stop();
+    wait_for("edge-1 offline", || {
+        coord.json(&["agent", "list"])[0]["online"] == false
+    });
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--selector",
+        "site=lab",
+        "--every",
+        "1h",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("edge-1 (a1) is offline now") && err.contains("misfire policy"),
+        "{err}"
+    );
+}

@@ -240,9 +240,13 @@ fn identity_comes_from_the_certificate_only() {
         .await
         .expect("hello");
         let mut rx = FramedRecv::new(rx);
-        // The session opens with the reconnect policy, then the assignments.
+        // The session opens with the reconnect policy and the report
+        // interval (an agent of this version knows both), then the
+        // assignments.
         let policy: CoordMsg = rx.next().await.expect("policy");
         assert!(matches!(policy, CoordMsg::Policy(_)), "{policy:?}");
+        let ask: CoordMsg = rx.next().await.expect("report interval");
+        assert!(matches!(ask, CoordMsg::ReportEvery { .. }), "{ask:?}");
         let first: CoordMsg = rx.next().await.expect("assignments");
         // A forged record claiming to be B's.
         let forged = RunRecord {

@@ -107,3 +107,72 @@ fn bad_input_is_refused_naming_the_field() {
         assert!(err.contains(needle), "{extra:?}: `{err}` lacks `{needle}`");
     }
 }
+
+#[test]
+fn the_cron_dialects_people_bring_are_read_or_refused_with_what_to_write() {
+    let next = |expr: &str, extra: &[&str]| {
+        let mut args = vec![
+            "schedule",
+            "next",
+            "--cron",
+            expr,
+            "--from",
+            "2026-03-07T00:00:00Z",
+            "--count",
+            "2",
+            "-o",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        ctl(&args)
+    };
+    // CRON_TZ= as crontabs and Kubernetes write it: the same as --tz.
+    let (ok, with_prefix, err) = next("CRON_TZ=America/New_York 30 2 * * *", &[]);
+    assert!(ok, "{err}");
+    let (_, with_flag, _) = next("30 2 * * *", &["--tz", "America/New_York"]);
+    assert_eq!(with_prefix, with_flag);
+    // The same zone twice is fine; two zones are refused.
+    let (ok, _, _) = next(
+        "TZ=America/New_York 30 2 * * *",
+        &["--tz", "America/New_York"],
+    );
+    assert!(ok);
+    let (ok, _, err) = next("CRON_TZ=Europe/Berlin 30 2 * * *", &["--tz", "UTC"]);
+    assert!(!ok && err.contains("give the zone once"), "{err}");
+    // @every is a period.
+    let (ok, every, err) = next("@every 90m", &[]);
+    assert!(ok, "{err}");
+    // Counted from now, as --every without --anchor: 90 minutes apart.
+    let times: Vec<String> = serde_json::from_str(&every).expect("JSON");
+    let ms = |t: &str| {
+        sundial_protocol::Timestamp::parse(t)
+            .expect("an instant")
+            .as_millis()
+    };
+    assert_eq!(ms(&times[1]) - ms(&times[0]), 90 * 60_000, "{every}");
+    // Quartz: read, with a note on stderr about its day numbers.
+    let (ok, out, err) = next("0 0 12 ? * 2", &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("2026-03-09T12:00:00.000Z"),
+        "Monday the 9th: {out}"
+    );
+    assert!(err.contains("note:") && err.contains("Quartz"), "{err}");
+    // N/step: read as N-max/step.
+    let (ok, out, err) = next("0/20 * * * *", &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("T00:20:00.000Z"), "{out}");
+    // Refused, naming the dialect; every bad field at once.
+    for (expr, needle) in [
+        ("H 2 * * *", "Jenkins"),
+        ("0 0 L * ?", "Quartz's `L`"),
+        ("@reboot", "systemd unit"),
+        ("61 25 * * *", "hour field `25`"),
+    ] {
+        let (ok, _, err) = next(expr, &[]);
+        assert!(!ok, "{expr} accepted");
+        assert!(err.contains(needle), "{expr}: {err}");
+    }
+    let (_, _, err) = next("61 25 * * *", &[]);
+    assert!(err.contains("minute field `61`"), "{err}");
+}

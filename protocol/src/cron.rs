@@ -65,8 +65,17 @@ pub enum CronError {
         text: String,
         reason: String,
     },
+    #[error("cron expression `{expr}`: {}", fields_text(.errors))]
+    Fields {
+        expr: String,
+        /// Every field that was refused: (field, text, reason).
+        errors: Vec<(&'static str, String, String)>,
+    },
     #[error("cron expression `{expr}`: unknown macro (use @yearly, @annually, @monthly, @weekly, @daily, @midnight or @hourly)")]
     Macro { expr: String },
+    /// A form of another cron dialect that has no meaning here.
+    #[error("cron expression `{expr}`: {reason}")]
+    Dialect { expr: String, reason: String },
     #[error(
         "cron expression `{expr}` never fires: no month in it has the day of month it asks for"
     )]
@@ -75,6 +84,106 @@ pub enum CronError {
         "unknown time zone `{0}` (expected an IANA name such as Europe/Berlin or America/New_York)"
     )]
     TimeZone(String),
+}
+
+fn fields_text(errors: &[(&'static str, String, String)]) -> String {
+    errors
+        .iter()
+        .map(|(field, text, reason)| format!("{field} field `{text}`: {reason}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What another dialect means by `text` in `field`, and what to write
+/// here instead; `None` when it is no dialect's form.
+fn dialect_hint(field: &str, text: &str) -> Option<String> {
+    let upper = text.to_ascii_uppercase();
+    if upper == "H" || upper.starts_with("H(") || upper.starts_with("H/") {
+        return Some(
+            "Jenkins' `H` (a value hashed from the job's name) is not supported: write a fixed value, e.g. `17`"
+                .into(),
+        );
+    }
+    if upper.contains('#') {
+        return Some(
+            "Quartz's `#` (the Nth weekday of the month) is not supported: list the days of month it can fall on with the weekday, e.g. `8-14` and `MON` for the second Monday, in two tasks or with a check in the program"
+                .into(),
+        );
+    }
+    let digits_then = |suffix: &str| {
+        upper
+            .strip_suffix(suffix)
+            .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+    };
+    if upper == "L" || upper == "LW" || upper.starts_with("L-") || digits_then("L") {
+        return Some(format!(
+            "Quartz's `L` (the last day) is not supported in the {field} field: for the last day of the month, run on days `28-31` and let the program check that tomorrow is the 1st"
+        ));
+    }
+    if digits_then("W") {
+        return Some(
+            "Quartz's `W` (the nearest weekday) is not supported: name the days, e.g. `1-3` with `MON-FRI`"
+                .into(),
+        );
+    }
+    None
+}
+
+/// `CRON_TZ=Zone` or `TZ=Zone` in front of an expression, as crontabs and
+/// Kubernetes write it: the zone, and the expression after it.
+pub fn split_tz_prefix(expr: &str) -> (Option<&str>, &str) {
+    let trimmed = expr.trim_start();
+    for prefix in ["CRON_TZ=", "TZ="] {
+        if let Some(rest) = trimmed.strip_prefix(prefix) {
+            let (zone, tail) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            return (Some(zone), tail.trim_start());
+        }
+    }
+    (None, expr)
+}
+
+/// `N/S` (a step without a range), read as `N-max/S` as Vixie's successors
+/// and Quartz do; other items unchanged.
+fn widen_step(item: &str, max: u32) -> String {
+    match item.split_once('/') {
+        Some((start, step)) if !start.is_empty() && start != "*" && !start.contains('-') => {
+            format!("{start}-{max}/{step}")
+        }
+        _ => item.to_owned(),
+    }
+}
+
+/// A Quartz day-of-week field (1 = Sunday … 7 = Saturday) in our numbers
+/// (0 = Sunday … 6 = Saturday); names and steps are unchanged.
+fn quartz_days(text: &str) -> Result<String, String> {
+    let shift = |v: &str| -> Result<String, String> {
+        match v.parse::<u32>() {
+            Ok(n @ 1..=7) => Ok((n - 1).to_string()),
+            Ok(n) => Err(format!(
+                "value {n} out of range 1-7 (Quartz numbers days 1 = Sunday to 7 = Saturday)"
+            )),
+            Err(_) => Ok(v.to_owned()),
+        }
+    };
+    let items: Result<Vec<String>, String> = text
+        .split(',')
+        .map(|item| {
+            let (range, step) = match item.split_once('/') {
+                Some((r, st)) => (r, Some(st)),
+                None => (item, None),
+            };
+            let range = match range.split_once('-') {
+                Some((a, b)) => format!("{}-{}", shift(a)?, shift(b)?),
+                None if range == "*" => range.to_owned(),
+                None => shift(range)?,
+            };
+            Ok(match step {
+                Some(st) => format!("{range}/{st}"),
+                None => range,
+            })
+        })
+        .collect();
+    Ok(items?.join(","))
 }
 
 struct FieldSpec {
@@ -133,6 +242,9 @@ fn bits_range(lo: u32, hi: u32) -> u64 {
 
 impl FieldSpec {
     fn parse_value(&self, text: &str) -> Result<u32, String> {
+        if let Some(hint) = dialect_hint(self.name, text) {
+            return Err(hint);
+        }
         if let Ok(v) = text.parse::<u32>() {
             if v < self.min || v > self.max {
                 return Err(format!("value {v} out of range {}-{}", self.min, self.max));
@@ -186,13 +298,6 @@ impl FieldSpec {
                 (lo, hi)
             } else {
                 let v = self.parse_value(range)?;
-                if item.contains('/') {
-                    // Vixie cron refuses `N/S`; say what to write instead.
-                    return Err(format!(
-                        "a step needs a range: write `{v}-{}/{step}` or `*/{step}`",
-                        self.max
-                    ));
-                }
                 (v, v)
             };
             let mut v = lo;
@@ -208,14 +313,40 @@ impl FieldSpec {
 impl CronExpr {
     /// Parses a 5- or 6-field expression or a macro.
     pub fn parse(expr: &str) -> Result<CronExpr, CronError> {
+        CronExpr::parse_noted(expr).map(|(c, _)| c)
+    }
+
+    /// Parses as [`parse`](Self::parse) does, with what the operator should
+    /// know of how a form of another dialect was read (Quartz's `?`, its
+    /// seven fields and day numbers; `N/S` steps). Such forms are rewritten
+    /// into this dialect, and [`as_str`](Self::as_str) gives the rewrite, so
+    /// an agent of any version reads the expression the same way. Every
+    /// refused field is reported, not only the first.
+    pub fn parse_noted(expr: &str) -> Result<(CronExpr, Vec<String>), CronError> {
         let trimmed = expr.trim();
+        let dialect = |reason: String| CronError::Dialect {
+            expr: expr.to_owned(),
+            reason,
+        };
         let expanded = if let Some(name) = trimmed.strip_prefix('@') {
-            match name.to_ascii_lowercase().as_str() {
+            let lower = name.to_ascii_lowercase();
+            match lower.split_whitespace().next().unwrap_or("") {
                 "yearly" | "annually" => "0 0 1 1 *",
                 "monthly" => "0 0 1 * *",
                 "weekly" => "0 0 * * 0",
                 "daily" | "midnight" => "0 0 * * *",
                 "hourly" => "0 * * * *",
+                "every" => {
+                    return Err(dialect(
+                        "`@every DUR` is a period, not a cron expression: use --every DUR".into(),
+                    ))
+                }
+                "reboot" => {
+                    return Err(dialect(
+                        "`@reboot` has no meaning here: Sundial fires on time, not at boot; run the program from a systemd unit instead"
+                            .into(),
+                    ))
+                }
                 _ => {
                     return Err(CronError::Macro {
                         expr: expr.to_owned(),
@@ -225,7 +356,22 @@ impl CronExpr {
         } else {
             trimmed
         };
-        let fields: Vec<&str> = expanded.split_whitespace().collect();
+        let mut fields: Vec<String> = expanded.split_whitespace().map(str::to_owned).collect();
+        let mut notes = Vec::new();
+        let mut rewritten = false;
+        // Quartz: seconds first, an optional year last, `?` for "no value".
+        let mut quartz = fields.iter().any(|f| f.contains('?'));
+        if fields.len() == 7 {
+            let year = fields.pop().unwrap_or_default();
+            if year != "*" && year != "?" {
+                return Err(dialect(format!(
+                    "a year field (`{year}`, Quartz's seventh) is not supported: use --start and --end for the years it should run in"
+                )));
+            }
+            quartz = true;
+            rewritten = true;
+            notes.push("read as Quartz: seconds first; the year field `*` dropped".into());
+        }
         let specs: &[&FieldSpec] = match fields.len() {
             5 => &[&MINUTE, &HOUR, &DAY_OF_MONTH, &MONTH, &DAY_OF_WEEK],
             6 => &[&SECOND, &MINUTE, &HOUR, &DAY_OF_MONTH, &MONTH, &DAY_OF_WEEK],
@@ -236,16 +382,96 @@ impl CronExpr {
                 })
             }
         };
+        let mut errors: Vec<(&'static str, String, String)> = Vec::new();
         let mut parsed = Vec::with_capacity(6);
-        for (spec, text) in specs.iter().zip(&fields) {
-            let p = spec.parse(text).map_err(|reason| CronError::Field {
-                expr: expr.to_owned(),
-                field: spec.name,
-                text: (*text).to_owned(),
-                reason,
-            })?;
-            parsed.push(p);
+        for (spec, text) in specs.iter().zip(fields.iter_mut()) {
+            let original = text.clone();
+            let is_day = spec.name == DAY_OF_MONTH.name || spec.name == DAY_OF_WEEK.name;
+            if text.contains('?') {
+                if text == "?" && is_day {
+                    *text = "*".into();
+                    rewritten = true;
+                } else {
+                    errors.push((
+                        spec.name,
+                        original,
+                        "`?` (Quartz's \"no specific value\") stands alone, in day-of-month or day-of-week only".into(),
+                    ));
+                    parsed.push((0, false));
+                    continue;
+                }
+            }
+            if quartz && spec.name == DAY_OF_WEEK.name && text.chars().any(|c| c.is_ascii_digit()) {
+                match quartz_days(text) {
+                    Ok(ours) => {
+                        if ours != *text {
+                            notes.push(format!(
+                                "day-of-week `{original}` read with Quartz's numbers (1 = Sunday … 7 = Saturday): `{ours}` here (0 = Sunday); names such as MON-FRI mean the same in both"
+                            ));
+                            *text = ours;
+                            rewritten = true;
+                        }
+                    }
+                    Err(reason) => {
+                        errors.push((spec.name, original, reason));
+                        parsed.push((0, false));
+                        continue;
+                    }
+                }
+            }
+            let widened: Vec<String> = text
+                .split(',')
+                .map(|i| {
+                    widen_step(
+                        i,
+                        spec.max.min(if spec.name == DAY_OF_WEEK.name {
+                            6
+                        } else {
+                            spec.max
+                        }),
+                    )
+                })
+                .collect();
+            let widened = widened.join(",");
+            if widened != *text {
+                notes.push(format!(
+                    "{} `{original}` read as `{widened}` (a step from a value runs to the field's end)",
+                    spec.name
+                ));
+                *text = widened;
+                rewritten = true;
+            }
+            match spec.parse(text) {
+                Ok(p) => parsed.push(p),
+                Err(reason) => {
+                    errors.push((spec.name, original, reason));
+                    parsed.push((0, false));
+                }
+            }
         }
+        match errors.len() {
+            0 => {}
+            1 => {
+                let (field, text, reason) = errors.remove(0);
+                return Err(CronError::Field {
+                    expr: expr.to_owned(),
+                    field,
+                    text,
+                    reason,
+                });
+            }
+            _ => {
+                return Err(CronError::Fields {
+                    expr: expr.to_owned(),
+                    errors,
+                })
+            }
+        }
+        let source = if rewritten {
+            fields.join(" ")
+        } else {
+            trimmed.to_owned()
+        };
         let (seconds, rest) = if parsed.len() == 6 {
             (parsed[0].0, &parsed[1..])
         } else {
@@ -256,7 +482,7 @@ impl CronExpr {
             dow = (dow | 1) & !(1 << 7);
         }
         let cron = CronExpr {
-            source: trimmed.to_owned(),
+            source,
             seconds,
             minutes: rest[0].0,
             hours: rest[1].0,
@@ -272,7 +498,7 @@ impl CronExpr {
                 expr: expr.to_owned(),
             });
         }
-        Ok(cron)
+        Ok((cron, notes))
     }
 
     /// The expression as written.
@@ -524,11 +750,18 @@ mod tests {
             ("* * * 13 *", "month field"),
             ("* * * * 8", "day-of-week field"),
             ("*/0 * * * *", "step 0"),
-            ("5/10 * * * *", "a step needs a range"),
+            ("5/10 * * * ?x", "stands alone"),
             ("* * * FOO *", "neither a number nor a name"),
             ("5-1 * * * *", "runs backwards"),
             ("0 0 30 2 *", "never fires"),
-            ("@reboot", "unknown macro"),
+            ("@reboot", "not at boot"),
+            ("@fortnightly", "unknown macro"),
+            ("@every 5m", "use --every"),
+            ("H * * * *", "Jenkins"),
+            ("0 0 L * ?", "Quartz's `L`"),
+            ("0 0 15W * ?", "Quartz's `W`"),
+            ("0 0 ? * 6#3", "Quartz's `#`"),
+            ("0 0 0 ? * MON 2027", "year field"),
             ("1,,2 * * * *", "empty list item"),
         ];
         for (expr, needle) in cases {
@@ -596,5 +829,91 @@ mod tests {
             next_n("0 12 29 2 *", "UTC", "2026-03-01T00:00:00Z", 2),
             ["2028-02-29T12:00:00.000Z", "2032-02-29T12:00:00.000Z"]
         );
+    }
+
+    #[test]
+    fn a_step_from_a_value_runs_to_the_end_of_its_field() {
+        let (c, notes) = CronExpr::parse_noted("0/5 1/6 * * *").expect("valid");
+        let plain = CronExpr::parse("0-59/5 1-23/6 * * *").expect("valid");
+        assert_eq!((c.minutes, c.hours), (plain.minutes, plain.hours));
+        assert_eq!(
+            c.as_str(),
+            "0-59/5 1-23/6 * * *",
+            "agents get the plain form"
+        );
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        // Days of week stop at Saturday: `1/2` is Monday, Wednesday, Friday.
+        let d = CronExpr::parse("0 0 * * 1/2").expect("valid");
+        assert_eq!(
+            d.days_of_week,
+            CronExpr::parse("0 0 * * 1,3,5").expect("v").days_of_week
+        );
+    }
+
+    #[test]
+    fn quartz_forms_read_as_quartz_documents_them() {
+        // The examples of Quartz's CronTrigger tutorial, from a Sunday.
+        let from = "2026-03-01T00:00:00Z";
+        assert_eq!(
+            next_n("0 0 12 * * ?", "UTC", from, 2),
+            ["2026-03-01T12:00:00.000Z", "2026-03-02T12:00:00.000Z"]
+        );
+        assert_eq!(
+            next_n("0 15 10 ? * *", "UTC", from, 1),
+            ["2026-03-01T10:15:00.000Z"]
+        );
+        // Every 5 minutes from 14:00 to 14:55.
+        let fives = next_n("0 0/5 14 * * ?", "UTC", from, 13);
+        assert_eq!(fives[0], "2026-03-01T14:00:00.000Z");
+        assert_eq!(fives[11], "2026-03-01T14:55:00.000Z");
+        assert_eq!(fives[12], "2026-03-02T14:00:00.000Z");
+        // Weekdays at 10:15: Monday the 2nd first.
+        assert_eq!(
+            next_n("0 15 10 ? * MON-FRI", "UTC", from, 1),
+            ["2026-03-02T10:15:00.000Z"]
+        );
+        // 8:00, 8:30, 9:00, 9:30 on the 5th and the 20th.
+        assert_eq!(
+            next_n("0 0/30 8-9 5,20 * ?", "UTC", from, 5),
+            [
+                "2026-03-05T08:00:00.000Z",
+                "2026-03-05T08:30:00.000Z",
+                "2026-03-05T09:00:00.000Z",
+                "2026-03-05T09:30:00.000Z",
+                "2026-03-20T08:00:00.000Z"
+            ]
+        );
+        // Seven fields with a year of `*`.
+        assert_eq!(
+            next_n("0 11 11 11 11 ? *", "UTC", from, 1),
+            ["2026-11-11T11:11:00.000Z"]
+        );
+        // Quartz numbers days from 1 = Sunday: 2 is Monday, and it says so.
+        let (c, notes) = CronExpr::parse_noted("0 0 12 ? * 2").expect("valid");
+        assert_eq!(c.days_of_week, 1 << 1);
+        assert!(notes.iter().any(|n| n.contains("Quartz")), "{notes:?}");
+        assert_eq!(c.as_str(), "0 0 12 * * 1");
+        // `?` in a field other than the days is refused.
+        assert!(CronExpr::parse("? * * * *").is_err());
+    }
+
+    #[test]
+    fn every_refused_field_is_reported_and_a_zone_prefix_is_split_off() {
+        let err = CronExpr::parse("61 25 * * 9")
+            .expect_err("three bad fields")
+            .to_string();
+        for needle in [
+            "minute field `61`",
+            "hour field `25`",
+            "day-of-week field `9`",
+        ] {
+            assert!(err.contains(needle), "`{err}` lacks `{needle}`");
+        }
+        assert_eq!(
+            split_tz_prefix("CRON_TZ=Europe/Berlin 0 5 * * *"),
+            (Some("Europe/Berlin"), "0 5 * * *")
+        );
+        assert_eq!(split_tz_prefix("TZ=UTC @daily"), (Some("UTC"), "@daily"));
+        assert_eq!(split_tz_prefix("0 5 * * *"), (None, "0 5 * * *"));
     }
 }

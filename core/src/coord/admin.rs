@@ -637,6 +637,80 @@ fn update(
         })))
 }
 
+/// At most this many agents are named in one warning.
+const WARN_AGENTS_MAX: usize = 5;
+
+/// What the node knows will go wrong where a new task lands: agents whose
+/// allowlist (as their last Hello told it) refuses its program, so every
+/// run there would be recorded rejected; and agents that are offline, which
+/// get the task only when they reconnect.
+fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> Vec<String> {
+    let Action::Exec(exec) = &draft.action;
+    let name = |a: &Agent| match &a.name {
+        Some(n) => format!("{n} ({})", a.id),
+        None => a.id.to_string(),
+    };
+    let listed = |agents: &[String]| {
+        let mut text = agents
+            .iter()
+            .take(WARN_AGENTS_MAX)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if agents.len() > WARN_AGENTS_MAX {
+            text.push_str(&format!(" and {} more", agents.len() - WARN_AGENTS_MAX));
+        }
+        text
+    };
+    let mut refusing = Vec::new();
+    let mut offline = Vec::new();
+    for a in reached {
+        let elsewhere = ctx.shared && a.in_session;
+        let Some(seen) = ctx.seen.get(&a.id) else {
+            if !elsewhere {
+                offline.push(name(a));
+            }
+            continue;
+        };
+        if !seen.online && !elsewhere {
+            offline.push(name(a));
+        }
+        // An allowlist told in full (a clipped pattern ends in `…`, and a
+        // Hello carries at most 32): the agent's own glob rule decides.
+        let told = seen.version.is_some()
+            && seen.allow_exec.len() < 32
+            && !seen.allow_exec.iter().any(|p| p.ends_with('…'));
+        if told
+            && !seen
+                .allow_exec
+                .iter()
+                .any(|p| sundial_protocol::policy::glob_match(p, &exec.program))
+        {
+            refusing.push(name(a));
+        }
+    }
+    let mut out = Vec::new();
+    if !refusing.is_empty() {
+        out.push(format!(
+            "{} {} not allow `{}` (--allow-exec on the device): every run there will be recorded rejected until the device owner allows it",
+            listed(&refusing),
+            if refusing.len() == 1 { "does" } else { "do" },
+            exec.program
+        ));
+    }
+    if !offline.is_empty() {
+        out.push(format!(
+            "{} {} offline now: the task reaches {} when {} reconnect{}; occurrences due before then follow the misfire policy",
+            listed(&offline),
+            if offline.len() == 1 { "is" } else { "are" },
+            if offline.len() == 1 { "it" } else { "them" },
+            if offline.len() == 1 { "it" } else { "they" },
+            if offline.len() == 1 { "s" } else { "" }
+        ));
+    }
+    out
+}
+
 fn create(
     store: &dyn CoordStore,
     ctx: &AdminContext,
@@ -647,7 +721,7 @@ fn create(
         return Err(StoreError::Refused(why));
     }
     let mut warnings = Vec::new();
-    match &draft.target {
+    let reached: Vec<Agent> = match &draft.target {
         Target::Agent(a) => match store.agent(*a)? {
             None => return Err(StoreError::NotFound(format!("no agent {a}"))),
             Some(r) if r.revoked => {
@@ -655,21 +729,23 @@ fn create(
                     "agent {a} is revoked; it receives no tasks"
                 )))
             }
-            Some(_) => {}
+            Some(r) => vec![r],
         },
         Target::Selector(sel) => {
-            let reached = all_agents(store)?
-                .iter()
+            let reached: Vec<Agent> = all_agents(store)?
+                .into_iter()
                 .filter(|r| !r.revoked && sel.iter().all(|p| r.labels.contains(p)))
-                .count();
-            if reached == 0 {
+                .collect();
+            if reached.is_empty() {
                 warnings.push(format!(
                     "the selector {} matches no agent yet; agents that join with these labels will receive the task",
                     labels_text(sel)
                 ));
             }
+            reached
         }
-    }
+    };
+    warnings.extend(reach_warnings(ctx, &draft, &reached));
     if draft.anchor_at_creation {
         if let ScheduleKind::Every { period, .. } = draft.schedule.kind() {
             let (start, end) = draft.schedule.window();

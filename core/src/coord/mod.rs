@@ -1849,7 +1849,9 @@ impl CoordNode {
             return;
         }
         let seen = match &request {
-            AdminRequest::AgentList => self
+            // A task create warns of agents that are offline or will refuse
+            // its program: it needs what the node knows of every agent.
+            AdminRequest::AgentList | AdminRequest::TaskCreate(_) => self
                 .seen
                 .iter()
                 .map(|(a, s)| (*a, self.seen_view(*a, s)))

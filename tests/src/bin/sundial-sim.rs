@@ -230,6 +230,14 @@ fn main() -> ExitCode {
                 r.drain.as_secs_f64()
             );
             print!("{}", r.verdict);
+            // Lateness is shown, not judged: a busy machine makes runs
+            // late without breaking any guarantee. Say so beside the verdict.
+            println!(
+                "on time (within {} ms of due): {} of {} fired; lateness is reported, not part of the verdict",
+                sundial_tests::checker::ON_TIME_MS,
+                r.verdict.on_time,
+                r.verdict.fired
+            );
             if r.verdict.passed() {
                 println!("PASS: nothing lost, nothing duplicated, nothing unexpected");
                 ExitCode::SUCCESS

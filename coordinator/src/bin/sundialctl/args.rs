@@ -195,7 +195,7 @@ pub(crate) struct UpdateArgs {
     #[arg(long, value_name = "POLICY")]
     pub(crate) overlap: Option<OverlapPolicy>,
     /// Replace the environment (repeatable; all of it is replaced).
-    #[arg(long = "env", value_name = "K=V", value_parser = cli::parse_label)]
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = cli::parse_env)]
     pub(crate) env: Vec<(String, String)>,
     /// Remove every environment variable.
     #[arg(long, conflicts_with = "env")]
@@ -256,7 +256,7 @@ pub(crate) struct CreateArgs {
     #[arg(long, value_name = "T", value_parser = cli::parse_instant)]
     pub(crate) end: Option<Timestamp>,
     /// Environment for the program (repeatable).
-    #[arg(long = "env", value_name = "K=V", value_parser = cli::parse_label)]
+    #[arg(long = "env", value_name = "NAME=VALUE", value_parser = cli::parse_env)]
     pub(crate) env: Vec<(String, String)>,
     /// Working directory for the program.
     #[arg(long, value_name = "DIR")]

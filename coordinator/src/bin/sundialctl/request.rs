@@ -6,6 +6,9 @@ use super::*;
 pub(crate) fn patch(a: UpdateArgs) -> anyhow::Result<TaskPatch> {
     let schedule =
         if a.schedule.at.is_some() || a.schedule.every.is_some() || a.schedule.cron.is_some() {
+            for note in a.schedule.notes() {
+                eprintln!("sundialctl: note: {note}");
+            }
             Some(
                 a.schedule
                     .to_schedule(cli::now())
@@ -74,7 +77,11 @@ pub(crate) fn draft(a: CreateArgs, agent: Option<AgentId>) -> anyhow::Result<Tas
     if a.timeout.is_some_and(|t| t.0 == 0) {
         bail!("--timeout must be longer than 0s");
     }
-    let anchor_at_creation = a.schedule.every.is_some() && a.schedule.anchor.is_none();
+    let anchor_at_creation =
+        a.schedule.every().map_err(anyhow::Error::msg)?.is_some() && a.schedule.anchor.is_none();
+    for note in a.schedule.notes() {
+        eprintln!("sundialctl: note: {note}");
+    }
     let schedule = a
         .schedule
         .to_schedule(now)
@@ -144,6 +151,9 @@ pub(crate) fn schedule_next(
         );
     }
     let now = cli::now();
+    for note in schedule.notes() {
+        eprintln!("sundialctl: note: {note}");
+    }
     let sched = schedule.to_schedule(now).map_err(anyhow::Error::msg)?;
     let from = from.unwrap_or(now);
     let next = cli::next_occurrences(&sched, from, count);
