@@ -743,6 +743,31 @@ fn run_list_pages_with_cursors_both_ways_and_says_so() {
     assert!(cursor(&hint, "--after ").is_some(), "{hint}");
     let (ok, _, err) = coord.ctl(&["run", "list", "--after", "garbage"]);
     assert!(!ok && err.contains("cursor"), "{err}");
+    // A script pages in JSON alone: --page carries the cursors.
+    let mut all: Vec<i64> = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut args = vec!["run", "list", "--limit", "100", "--page"];
+        if let Some(c) = &before {
+            args.extend(["--before", c.as_str()]);
+        }
+        let env = coord.json(&args);
+        let runs: Vec<i64> = env["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .map(common::sched_ms)
+            .collect();
+        all.splice(0..0, runs);
+        if env["more"] != true {
+            break;
+        }
+        before = env["older"].as_str().map(str::to_owned);
+        assert!(before.is_some() && all.len() <= 250, "{env}");
+    }
+    assert_eq!(all, seen, "the same runs as the table's cursors give");
+    let (ok, _, err) = coord.ctl(&["run", "list", "--page"]);
+    assert!(!ok && err.contains("-o json"), "{err}");
 }
 
 #[test]

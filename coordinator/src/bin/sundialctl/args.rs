@@ -310,6 +310,12 @@ pub(crate) enum RunCmd {
         /// polled) until interrupted; with -o json, one object per line.
         #[arg(short = 'f', long, conflicts_with_all = ["after", "before"])]
         follow: bool,
+        /// With -o json, one object with the page and its cursors instead
+        /// of a bare array: {"runs": [...], "more": bool, "matched": N,
+        /// "older": CURSOR, "newer": CURSOR}, for scripts that page
+        /// (--before OLDER goes back, --after NEWER forward).
+        #[arg(long, conflicts_with_all = ["follow", "outcome"])]
+        page: bool,
         #[command(flatten)]
         out: OutputArg,
     },

@@ -402,6 +402,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
             before,
             follow,
             outcome,
+            page,
             out,
         }) => {
             let task = match task {
@@ -441,7 +442,25 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 .await
                 .map_err(anyhow::Error::msg)?;
             let names = ctl.names(true).await;
-            runs_out(&answer.runs, &names, out.output)?;
+            if page {
+                if out.output != Output::Json {
+                    bail!("--page is a JSON form: add -o json");
+                }
+                let runs: Vec<serde_json::Value> = answer
+                    .runs
+                    .iter()
+                    .map(|r| run_json(r, &answer.runs, &names))
+                    .collect();
+                print_json(&json!({
+                    "runs": runs,
+                    "more": answer.more,
+                    "matched": answer.matched,
+                    "older": answer.first.as_ref().map(ToString::to_string),
+                    "newer": answer.last.as_ref().map(ToString::to_string),
+                }))?;
+            } else {
+                runs_out(&answer.runs, &names, out.output)?;
+            }
             if answer.unreadable > 0 {
                 eprintln!(
                     "sundialctl: warning: {} stored run records could not be read and were skipped (the coordinator's log names them)",
