@@ -290,7 +290,7 @@ pub fn log_event(event: &Event) {
             handshakes_per_sec = p.handshakes_per_sec,
             "the coordinator's reconnect policy"
         ),
-        Event::Revoked => tracing::error!("this agent was revoked by its coordinator: no more sessions (local tasks still fire); to use this device again, move its data directory away and join with a new token"),
+        Event::Revoked => tracing::error!("this agent was revoked by its coordinator: no more sessions, and nothing fires from now on (its outbox could never be sent); to use this device again, move its data directory away and join with a new token"),
         Event::HandshakeRefused { why } => tracing::warn!(reason = %why, "the coordinator refused the session"),
         Event::ResultsAcked { batch_id, runs } => tracing::debug!(batch_id, runs, "results acknowledged"),
         other => tracing::trace!(event = ?other, "agent"),

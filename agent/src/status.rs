@@ -189,7 +189,7 @@ pub fn render(s: &Status) -> String {
     if s.revoked {
         let _ = writeln!(
             out,
-            "coordinator:    REVOKED (no sessions; local tasks still fire; join again with a new data directory to return)"
+            "coordinator:    REVOKED (no sessions, and nothing fires: the outbox no longer grows; join again with a new data directory to return)"
         );
     }
     let _ = writeln!(

@@ -760,3 +760,46 @@ fn task_create_warns_of_a_program_the_agent_refuses_and_of_an_offline_target() {
         "{err}"
     );
 }
+
+#[test]
+fn retiring_an_agent_waits_for_its_outbox_then_revokes_it_and_it_fires_nothing_more() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start_with(root.path(), &["--agent-report-every", "1s"]);
+    let dir = root.path().join("edge-1");
+    let _agent = coord.agent(&dir, "edge-1");
+    wait_for("edge-1 online", || {
+        coord.json(&["agent", "list"])[0]["online"] == true
+    });
+    coord.ctl_ok(&[
+        "task",
+        "create",
+        "--name",
+        "tick",
+        "--agent",
+        "edge-1",
+        "--every",
+        "500ms",
+        "--",
+        "/bin/true",
+    ]);
+    wait_for("some runs", || coord.runs(&[]).len() >= 3);
+    let (ok, out, err) = coord.ctl(&["agent", "retire", "edge-1", "--wait", "60s"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("retired a1"), "{out}");
+    assert!(err.contains("cancelled"), "{err}");
+    let listed = coord.json(&["agent", "list"]);
+    assert_eq!(listed[0]["revoked"], true, "{listed}");
+    // Every run it made is stored: its outbox was empty when revoked, and
+    // a revoked agent fires nothing more, so its outbox stays empty.
+    let stored = coord.runs(&[]).len();
+    std::thread::sleep(Duration::from_secs(2));
+    let status = sundial_agent::status::read(&dir).expect("status");
+    assert_eq!(
+        status.outbox_len, 0,
+        "records left behind or made after revocation"
+    );
+    assert_eq!(coord.runs(&[]).len(), stored);
+    // Retiring it again says so.
+    let (ok, _, err) = coord.ctl(&["agent", "retire", "edge-1"]);
+    assert!(!ok && err.contains("revoked already"), "{err}");
+}

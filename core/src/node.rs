@@ -928,7 +928,13 @@ impl<S: NodeStore> AgentNode<S> {
                 let report = self.report()?;
                 self.session.handle_report(now_of(r), report);
             }
-            AgentEffect::Revoked => self.store.set_revoked()?,
+            AgentEffect::Revoked => {
+                // Retired by its coordinator: nothing new fires, so the
+                // outbox (which can never be sent) grows no more; runs going
+                // finish and are recorded.
+                self.store.set_revoked()?;
+                self.stopping = true;
+            }
         }
         Ok(())
     }

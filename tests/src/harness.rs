@@ -417,7 +417,9 @@ impl Fleet {
             .admin(&AdminRequest::TaskCreate(Box::new(draft)))
             .await?
         {
-            AdminResponse::TaskCreated(id) => Ok(id),
+            // Warnings (an agent offline at creation, in a partition
+            // scenario) are the operator's, not a failure.
+            AdminResponse::TaskCreated(id) | AdminResponse::TaskCreatedWarn { id, .. } => Ok(id),
             r => bail!("task create: unexpected {r:?}"),
         }
     }

@@ -185,7 +185,7 @@ pub async fn run(
     }
     let revoked = store.get_meta::<bool>(meta::REVOKED)?.unwrap_or(false);
     if revoked {
-        tracing::error!("this agent was revoked by its coordinator: it makes no session (its local tasks still fire); to use this device again, move its data directory away and join with a new token");
+        tracing::error!("this agent was revoked by its coordinator: it makes no session and fires nothing (its outbox could never be sent); to use this device again, move its data directory away and join with a new token");
     }
     let session = match SessionConfig::load(&config.data_dir, &store) {
         Ok(Some(_)) if revoked => None,
@@ -238,6 +238,10 @@ pub async fn run(
         Ok(n) => n,
         Err(f) => return Err(AgentError::StoreFault(f.0)),
     };
+    let mut node = node;
+    if revoked {
+        node.begin_stop();
+    }
     tracing::info!(agent = %agent_id, tasks_held = node.tasks_held(), outbox = store.outbox_len()?, "agent running");
 
     let metrics = match config.metrics {

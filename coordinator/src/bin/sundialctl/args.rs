@@ -101,6 +101,20 @@ pub(crate) enum AgentCmd {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Take a device out of service without losing its last records:
+    /// cancel the tasks aimed at it alone, wait until it reports an empty
+    /// outbox (so every run it made is stored), then revoke it. A revoked
+    /// agent fires nothing more.
+    ///
+    /// Example: sundialctl agent retire press-7 --wait 30m
+    Retire {
+        #[arg(value_name = "AGENT")]
+        id: String,
+        /// How long to wait for its outbox to drain; past it, nothing is
+        /// revoked and the command fails saying what is left [default: 10m].
+        #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, default_value = "10m")]
+        wait: DurationMs,
+    },
     /// Revoke an agent: its live session ends now and its certificate is
     /// refused from now on.
     Revoke {

@@ -278,6 +278,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
             ctl.ask(AdminRequest::AgentRevoke(id)).await?;
             outln!("revoked {id}");
         }
+        Cmd::Agent(AgentCmd::Retire { id, wait }) => retire(ctl, &id, wait).await?,
         Cmd::Agent(AgentCmd::Forget { id }) => {
             let id = ctl.agent_id(&id).await?;
             ctl.ask(AdminRequest::AgentForget(id)).await?;
@@ -881,6 +882,72 @@ async fn status(ctl: &Ctl, window: DurationMs, out: Output) -> anyhow::Result<()
     for (a, why) in &clock_trouble {
         outln!("clock     {}: {why}", agent_name(a));
     }
+    Ok(())
+}
+
+/// `agent retire`: cancel what is aimed at the agent alone, wait for its
+/// outbox to drain (as it reports it), then revoke it.
+async fn retire(ctl: &Ctl, agent: &str, wait: DurationMs) -> anyhow::Result<()> {
+    let id = ctl.agent_id(agent).await?;
+    let tasks = ctl.tasks().await?;
+    let mine: Vec<&TaskInfo> = tasks
+        .iter()
+        .filter(|t| !t.cancelled && t.spec.target == Target::Agent(id))
+        .collect();
+    for t in &mine {
+        ctl.ask(AdminRequest::TaskCancel(t.spec.id)).await?;
+        eprintln!("cancelled {} (aimed at {id} alone)", t.spec.id);
+    }
+    let shared = tasks
+        .iter()
+        .filter(|t| !t.cancelled && matches!(t.spec.target, Target::Selector(_)))
+        .count();
+    if shared > 0 {
+        eprintln!("{shared} selector task(s) may reach {id} too: they stay, for the other agents");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(wait.0);
+    let mut said = std::time::Instant::now();
+    loop {
+        let a = match ctl.ask(AdminRequest::AgentGet(id)).await? {
+            AdminResponse::Agent(a) => a,
+            r => return Err(unexpected(r)),
+        };
+        if a.revoked {
+            bail!("{id} is revoked already; its outbox can no longer be synced");
+        }
+        // Drained by its own report in this session (an older agent, which
+        // does not report, cannot say: its Hello's figure is too old).
+        let report = a.report.as_ref().filter(|_| a.online);
+        let left = report.map(|r| r.outbox_len);
+        // Nothing unsynced and nothing going (a run going would add one).
+        if report.is_some_and(|r| r.outbox_len == 0 && r.running == 0) {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "{id} has not reported an empty outbox within {wait} ({}): nothing revoked; run again with a longer --wait, or `agent revoke {id}` to drop what it holds",
+                match (a.online, left) {
+                    (false, _) => "it is offline".to_owned(),
+                    (true, None) => "it does not report (older than 0.3?)".to_owned(),
+                    (true, Some(n)) => format!("{n} run record(s) still unsynced"),
+                }
+            );
+        }
+        if said.elapsed() >= std::time::Duration::from_secs(10) {
+            said = std::time::Instant::now();
+            eprintln!(
+                "waiting for {id}: {}",
+                match left {
+                    Some(n) => format!("{n} run record(s) unsynced"),
+                    None if !a.online => "offline".to_owned(),
+                    None => "no report yet".to_owned(),
+                }
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    ctl.ask(AdminRequest::AgentRevoke(id)).await?;
+    outln!("retired {id}: its outbox was empty; revoked, it fires nothing more");
     Ok(())
 }
 

@@ -55,6 +55,19 @@ pub(crate) fn clock_state(r: &sundial_protocol::wire::AgentReport) -> &'static s
     }
 }
 
+/// An instant, and for a cron schedule in a zone other than UTC the local
+/// time there too (`2026-12-07T08:00:00.000Z (08:00 GMT)`).
+pub(crate) fn with_zone(t: Timestamp, schedule: &sundial_protocol::Schedule) -> String {
+    use chrono::TimeZone;
+    match schedule.kind() {
+        sundial_protocol::schedule::ScheduleKind::Cron { tz, .. } if *tz != chrono_tz::UTC => {
+            let local = tz.from_utc_datetime(&t.to_naive_utc());
+            format!("{t} ({})", local.format("%Y-%m-%d %H:%M %Z"))
+        }
+        _ => t.to_string(),
+    }
+}
+
 pub(crate) fn task_state(t: &TaskInfo) -> &'static str {
     if t.cancelled {
         "cancelled"
@@ -328,7 +341,8 @@ pub(crate) fn tasks_out(tasks: &[TaskInfo], names: &Names, out: Output) -> anyho
                 },
                 t.spec.schedule.to_string(),
                 task_state(t).into(),
-                or_dash(t.next),
+                t.next
+                    .map_or_else(|| "-".into(), |n| with_zone(n, &t.spec.schedule)),
                 t.last_runs
                     .last()
                     .map_or_else(|| "-".into(), |l| last_text(l, names, now)),
@@ -375,8 +389,10 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names) -> String {
     }
     field(
         "Next",
-        t.next
-            .map_or_else(|| "-".into(), |n| format!("{n} ({})", ago(n, now))),
+        t.next.map_or_else(
+            || "-".into(),
+            |n| format!("{} ({})", with_zone(n, &t.spec.schedule), ago(n, now)),
+        ),
     );
     field("Command", command_text(exec));
     field(
