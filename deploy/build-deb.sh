@@ -51,7 +51,11 @@ package() {
                 "$stage/usr/share/bash-completion/completions" \
                 "$stage/usr/share/zsh/vendor-completions" \
                 "$stage/usr/share/fish/vendor_completions.d"
-            "$bin_dir/$b" manpage | gzip -9n >"$stage/usr/share/man/man1/$b.1.gz"
+            # A page per subcommand (sundialctl-task-create.1, …), as the
+            # root page's SEE ALSO names them.
+            "$bin_dir/$b" manpage --dir "$stage/usr/share/man/man1" >/dev/null
+            gzip -9n "$stage/usr/share/man/man1/$b"*.1
+            chmod 0644 "$stage/usr/share/man/man1/$b"*.1.gz
             "$bin_dir/$b" completions bash >"$stage/usr/share/bash-completion/completions/$b"
             "$bin_dir/$b" completions zsh >"$stage/usr/share/zsh/vendor-completions/_$b"
             "$bin_dir/$b" completions fish >"$stage/usr/share/fish/vendor_completions.d/$b.fish"

@@ -4,7 +4,7 @@
 #   install-agent.sh --binary PATH [--coordinator HOST:PORT[,HOST:PORT...]]
 #                    (--token-file FILE|- | --token TOKEN) [--name N] [--label k=v]... [--allow-exec PATTERN]...
 #                    [--root DIR]
-#   install-agent.sh --uninstall [--purge] [--root DIR]
+#   install-agent.sh --uninstall [--purge [--force]] [--binary PATH] [--root DIR]
 #
 # First install: creates the `sundial` system user, /etc/sundial/agent.toml,
 # /var/lib/sundial-agent (0700, owned by sundial), installs the binary,
@@ -17,6 +17,10 @@
 # --token are then not needed). --token-file FILE (or - for standard input)
 # keeps the token out of `ps` and the shell's history; --token shows it.
 #
+# --purge deletes the agent's data too; it refuses while the outbox holds
+# run records never synced to a coordinator (retire the agent first with
+# `sundialctl agent retire`), unless --force.
+#
 # --root DIR puts every path under DIR and skips useradd/chown/systemctl with
 # a message (that is how the tests run it).
 set -eu
@@ -25,7 +29,7 @@ prog=install-agent.sh
 say() { printf '%s: %s\n' "$prog" "$*"; }
 die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 
-binary= coordinator= token= name= root= uninstall=0 purge=0
+binary= coordinator= token= name= root= uninstall=0 purge=0 force=0
 labels= allows=
 # Append a shell-quoted word to a list variable.
 quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
@@ -53,6 +57,7 @@ while [ $# -gt 0 ]; do
         --root) [ $# -ge 2 ] || die "--root needs a directory"; root=$2; shift 2 ;;
         --uninstall) uninstall=1; shift ;;
         --purge) purge=1; shift ;;
+        --force) force=1; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
@@ -82,6 +87,20 @@ system() {
 }
 
 if [ "$uninstall" = 1 ]; then
+    # Records never synced would be lost with the data: check first, before
+    # anything is removed.
+    if [ "$purge" = 1 ] && [ "$force" = 0 ] && [ -f "$state/agent.redb" ]; then
+        checker=$bin
+        [ -x "$checker" ] || checker=$binary
+        [ -n "$checker" ] && [ -x "$checker" ] \
+            || die "cannot check the agent's outbox in $state (the agent binary is gone: pass --binary PATH), or pass --force to delete it unchecked"
+        left=$("$checker" status --data-dir "$state" -o json 2>/dev/null \
+            | sed -n 's/.*"outbox_len": *\([0-9][0-9]*\).*/\1/p' | head -n 1)
+        [ -n "$left" ] || die "cannot read the agent's outbox in $state; pass --force to delete it unchecked"
+        if [ "$left" -gt 0 ]; then
+            die "$left run record(s) in $state were never synced to a coordinator: retire the agent first (sundialctl agent retire NAME) so they reach it, or pass --force to delete them"
+        fi
+    fi
     if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1; then
         systemctl disable --now sundial-agent.service 2>/dev/null || true
     else

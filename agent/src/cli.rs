@@ -111,8 +111,13 @@ enum Cmd {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `sundial-agent manpage | man -l -`.
-    Manpage,
+    /// Print the manual page (roff): `sundial-agent manpage | man -l -`; with
+    /// --dir, write a page for every subcommand too (sundial-agent-*.1).
+    Manpage {
+        /// Write the pages into this directory instead of printing one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
     /// Show the local view: tasks, next fire times, outbox, clock. Works offline.
     Status {
         #[arg(long, value_name = "DIR")]
@@ -199,9 +204,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             <Cli as clap::CommandFactory>::command(),
             "sundial-agent",
         ))?),
-        Cmd::Manpage => Ok(print_quietly(&sundial_net::shell::manpage(
+        Cmd::Manpage { dir: None } => Ok(print_quietly(&sundial_net::shell::manpage(
             <Cli as clap::CommandFactory>::command(),
         )?)?),
+        Cmd::Manpage { dir: Some(dir) } => {
+            let n = sundial_net::shell::manpages_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .with_context(|| format!("writing manual pages into {}", dir.display()))?;
+            Ok(print_quietly(
+                format!("wrote {n} manual pages into {}\n", dir.display()).as_bytes(),
+            )?)
+        }
         Cmd::Run {
             config,
             data_dir,

@@ -40,6 +40,12 @@ pub struct ScheduleArgs {
 impl ScheduleArgs {
     /// The schedule these flags describe; `now` is the default anchor.
     pub fn to_schedule(&self, now: Timestamp) -> Result<Schedule, String> {
+        if self.tz.is_some() && self.cron.is_none() {
+            return Err(
+                "--tz applies to --cron only: an --at instant and an --every period are the same in every zone"
+                    .into(),
+            );
+        }
         if let Some(at) = self.at {
             return Ok(Schedule::at(at));
         }
@@ -174,6 +180,70 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         _ => Err(format!("`{s}` is not a label (expected key=value)")),
     }
 }
+
+/// A value parser by `FromStr` that offers `values` to shell completion and
+/// `--help` while accepting every form the type parses (`all:5` beside
+/// `skip`, `once`, `all`).
+#[derive(Clone, Debug)]
+pub struct Suggest<T> {
+    values: &'static [&'static str],
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Suggest<T> {
+    pub const fn new(values: &'static [&'static str]) -> Suggest<T> {
+        Suggest {
+            values,
+            _type: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> clap::builder::TypedValueParser for Suggest<T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::fmt::Display,
+{
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let name = arg.map_or_else(|| "the value".to_owned(), |a| a.to_string());
+        let text = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!("{name}: not UTF-8\n"),
+            )
+            .with_cmd(cmd)
+        })?;
+        text.parse::<T>().map_err(|e| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{text}' for '{name}': {e}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            self.values
+                .iter()
+                .map(|v| clap::builder::PossibleValue::new(*v)),
+        ))
+    }
+}
+
+/// `--misfire` values offered to completion.
+pub const MISFIRE_VALUES: &[&str] = &["skip", "once", "all", "all:10"];
+/// `--overlap` values.
+pub const OVERLAP_VALUES: &[&str] = &["allow", "forbid"];
 
 /// Parses `NAME=VALUE` for a task's environment.
 pub fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -115,8 +115,13 @@ enum Cmd {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `sundial-coordinator manpage | man -l -`.
-    Manpage,
+    /// Print the manual page (roff): `sundial-coordinator manpage | man -l -`; with
+    /// --dir, write a page for every subcommand too (sundial-coordinator-*.1).
+    Manpage {
+        /// Write the pages into this directory instead of printing one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 use sundial_net::shell::{print_quietly, shutdown_signal};
@@ -421,9 +426,16 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             <Cli as clap::CommandFactory>::command(),
             "sundial-coordinator",
         ))?),
-        Cmd::Manpage => Ok(print_quietly(&sundial_net::shell::manpage(
+        Cmd::Manpage { dir: None } => Ok(print_quietly(&sundial_net::shell::manpage(
             <Cli as clap::CommandFactory>::command(),
         )?)?),
+        Cmd::Manpage { dir: Some(dir) } => {
+            let n = sundial_net::shell::manpages_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .with_context(|| format!("writing manual pages into {}", dir.display()))?;
+            Ok(print_quietly(
+                format!("wrote {n} manual pages into {}\n", dir.display()).as_bytes(),
+            )?)
+        }
         Cmd::Migrate { store } => {
             let server::StoreChoice::Postgres(opts) = store_choice(&store, &file)? else {
                 anyhow::bail!(

@@ -162,7 +162,47 @@ fn install_run_upgrade_and_uninstall_under_a_root() {
         root.join("var/lib/sundial-agent/agent.redb").exists(),
         "uninstall removed the data"
     );
+    // A record the coordinator never got: --purge refuses to delete it.
+    {
+        let store =
+            sundial_agent::store::AgentStore::open(&root.join("var/lib/sundial-agent/agent.redb"))
+                .expect("store");
+        let record = sundial_protocol::RunRecord {
+            task_id: sundial_protocol::TaskId(99),
+            agent_id: sundial_protocol::AgentId(1),
+            scheduled_at: sundial_protocol::Timestamp::from_millis_saturating(1_000),
+            attempt: 1,
+            fired_at: None,
+            finished_at: None,
+            outcome: sundial_protocol::Outcome::Succeeded,
+            exit_code: Some(0),
+            offline: true,
+            detail: None,
+            stdout_tail: vec![],
+            stderr_tail: vec![],
+        };
+        store.finish_run(&record, None).expect("an unsynced record");
+    }
     let (ok, text) = install(&["--uninstall", "--purge", "--root", root_s]);
+    assert!(!ok && text.contains("binary is gone"), "{text}");
+    let bin_s = bin.to_str().expect("utf-8");
+    let (ok, text) = install(&[
+        "--uninstall",
+        "--purge",
+        "--binary",
+        bin_s,
+        "--root",
+        root_s,
+    ]);
+    assert!(
+        !ok && text.contains("never synced") && text.contains("agent retire"),
+        "{text}"
+    );
+    assert!(
+        root.join("var/lib/sundial-agent/agent.redb").exists(),
+        "deleted anyway"
+    );
+    let (ok, text) = install(&["--uninstall", "--purge", "--force", "--root", root_s]);
     assert!(ok, "{text}");
     assert!(!root.join("var/lib/sundial-agent").exists());
     assert!(!root.join("etc/sundial/agent.toml").exists());
@@ -332,6 +372,9 @@ fn debian_packages_have_the_right_contents_and_modes() {
     // A man page and completions for bash, zsh and fish, made by the binary.
     for path in [
         "./usr/share/man/man1/sundial-agent.1.gz",
+        // A page per subcommand, as the root page's SEE ALSO names them.
+        "./usr/share/man/man1/sundial-agent-run.1.gz",
+        "./usr/share/man/man1/sundial-agent-join.1.gz",
         "./usr/share/bash-completion/completions/sundial-agent",
         "./usr/share/zsh/vendor-completions/_sundial-agent",
         "./usr/share/fish/vendor_completions.d/sundial-agent.fish",
@@ -394,7 +437,10 @@ fn debian_packages_have_the_right_contents_and_modes() {
         .expect("dpkg-deb -c");
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
-        list.contains("./usr/bin/sundialctl") && list.contains("./usr/bin/sundial-coordinator"),
+        list.contains("./usr/bin/sundialctl")
+            && list.contains("./usr/bin/sundial-coordinator")
+            && list.contains("./usr/share/man/man1/sundialctl-task-create.1.gz")
+            && list.contains("./usr/share/man/man1/sundial-coordinator-serve.1.gz"),
         "{list}"
     );
 }

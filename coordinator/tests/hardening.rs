@@ -605,8 +605,8 @@ fn run_retention_bounds_the_store() {
     coord.kill9();
     coord.serve_args = vec!["--run-retention".into(), "1h".into()];
     coord.restart();
-    // Retention looks once a minute (the first time a minute after the
-    // start): wait up to three, so a busy machine does not miss it.
+    // Retention looks 10 s after the start, then once a minute: wait up
+    // to three minutes, so a busy machine does not miss it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
     while coord.runs(&[]).len() != 1 {
         assert!(

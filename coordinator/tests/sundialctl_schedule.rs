@@ -176,3 +176,38 @@ fn the_cron_dialects_people_bring_are_read_or_refused_with_what_to_write() {
     let (_, _, err) = next("61 25 * * *", &[]);
     assert!(err.contains("minute field `61`"), "{err}");
 }
+
+#[test]
+fn a_zone_without_cron_and_a_task_without_a_target_are_refused_naming_both_choices() {
+    let (ok, _, err) = ctl(&["schedule", "next", "--every", "1h", "--tz", "Europe/London"]);
+    assert!(!ok && err.contains("--tz applies to --cron only"), "{err}");
+    let (ok, _, err) = ctl(&["task", "create", "--every", "1s", "--", "/bin/true"]);
+    assert!(!ok, "created without a target");
+    assert!(
+        err.contains("--agent") && err.contains("--selector"),
+        "{err}"
+    );
+    // Completion scripts offer the policies' values.
+    let (ok, bash, _) = ctl(&["completions", "bash"]);
+    assert!(
+        ok && bash.contains("skip once all"),
+        "misfire values not offered"
+    );
+    // A manual page per subcommand, as the root page names them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ok, _, err) = ctl(&["manpage", "--dir", dir.path().to_str().expect("utf-8")]);
+    assert!(ok, "{err}");
+    for page in [
+        "sundialctl.1",
+        "sundialctl-task.1",
+        "sundialctl-task-create.1",
+        "sundialctl-run-list.1",
+    ] {
+        assert!(dir.path().join(page).exists(), "{page} missing");
+    }
+    let root = std::fs::read_to_string(dir.path().join("sundialctl.1")).expect("root page");
+    assert!(
+        root.contains("sundialctl\\-task(1)") && root.contains("MISFIRE"),
+        "the root page"
+    );
+}

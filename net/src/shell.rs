@@ -45,6 +45,25 @@ pub fn manpage(cmd: clap::Command) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Writes a manual page for `cmd` and one for each of its subcommands,
+/// at any depth (`sundialctl.1`, `sundialctl-task.1`,
+/// `sundialctl-task-create.1`, …), into `dir` (made if missing); the
+/// number of pages written.
+pub fn manpages_to(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<usize> {
+    fn count(cmd: &clap::Command) -> usize {
+        1 + cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set())
+            .map(count)
+            .sum::<usize>()
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut built = cmd.clone().disable_help_subcommand(true);
+    built.build();
+    clap_mangen::generate_to(cmd, dir)?;
+    Ok(count(&built))
+}
+
 /// How the daemons write their log lines (`--log-format`, or
 /// `SUNDIAL_LOG_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]

@@ -80,6 +80,9 @@ pub const EVENTS_MAX: usize = 4_096;
 pub const PURGE_BATCH_RUNS_MAX: usize = 10_000;
 /// How often retention looks for old runs, ms.
 pub const PURGE_INTERVAL_MS: u64 = 60_000;
+/// Retention first looks this soon after the start, ms (a coordinator
+/// restarted with a shorter retention applies it at once, not a minute on).
+pub const PURGE_FIRST_MS: u64 = 10_000;
 /// Connections from one address still handshaking or enrolling, by default.
 pub const PENDING_PER_ADDRESS_MAX: usize = 32;
 /// The handshake budget per core, by default.
@@ -671,7 +674,7 @@ impl CoordNode {
             budget: HandshakeBudget::new(config.limits.handshakes_per_sec, now.mono_ms),
             next_purge_ms: (config.limits.run_retention.is_some()
                 || config.limits.audit_retention.is_some())
-            .then_some(now.mono_ms + PURGE_INTERVAL_MS),
+            .then_some(now.mono_ms + PURGE_FIRST_MS),
             limits: config.limits,
             ca_der: config.ca_der,
             ca_sha256,

@@ -576,8 +576,8 @@ fn retention_purges_in_batches_every_interval() {
         run_retention: Some(sundial_protocol::DurationMs(1_000)),
         ..Limits::for_cores(4)
     });
-    assert_eq!(n.poll_timeout(), Some(PURGE_INTERVAL_MS));
-    n.handle_timeout(at(PURGE_INTERVAL_MS - START));
+    assert_eq!(n.poll_timeout(), Some(PURGE_FIRST_MS));
+    n.handle_timeout(at(PURGE_FIRST_MS - START));
     let fx = effects(&mut n);
     let Some((before, max)) = fx.iter().find_map(|e| match e {
         Effect::Store(StoreJob::Purge { before, max }) => Some((*before, *max)),
@@ -590,13 +590,13 @@ fn retention_purges_in_batches_every_interval() {
     assert!(
         fx.iter().any(
             |e| matches!(e, Effect::Store(StoreJob::PurgeAudit { before: b, .. })
-            if *b == at(PURGE_INTERVAL_MS - START).wall.saturating_add_ms(-two_years))
+            if *b == at(PURGE_FIRST_MS - START).wall.saturating_add_ms(-two_years))
         ),
         "{fx:?}"
     );
     assert_eq!(
         before,
-        at(PURGE_INTERVAL_MS - START).wall.saturating_add_ms(-1_000)
+        at(PURGE_FIRST_MS - START).wall.saturating_add_ms(-1_000)
     );
     n.handle_store_done(
         at(PURGE_INTERVAL_MS),

@@ -8,7 +8,8 @@ use super::*;
 #[command(
     name = "sundialctl",
     version,
-    about = "Sundial's admin CLI: join tokens, agents, tasks, runs and schedules"
+    about = "Sundial's admin CLI: join tokens, agents, tasks, runs and schedules",
+    after_long_help = AFTER_HELP
 )]
 pub(crate) struct Cli {
     /// Admin credentials file.
@@ -17,6 +18,40 @@ pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Cmd,
 }
+
+/// The time semantics, misfire policy and JSON conventions, for `--help`
+/// and the manual page.
+const AFTER_HELP: &str = "\
+TIME
+  Instants are UTC with millisecond resolution, written RFC 3339
+  (2026-11-26T08:00:00.000Z). Agents fire on their own clocks, offline too.
+  --at T fires once; --every DUR fires at anchor + k * DUR; --cron EXPR
+  follows Debian (Vixie) cron in --tz ZONE (default UTC): in a spring-forward
+  gap a fixed-time job fires once right after the gap, in a fall-back overlap
+  once (first pass), while a job whose minute or hour starts with * fires in
+  both. Quartz forms (?, seconds first, a year of *), N/S steps, CRON_TZ=
+  and @every are read and said so; H, L, W, # and @reboot are refused.
+
+MISFIRE
+  Occurrences missed while an agent was down longer than --grace (default:
+  a minute, or the period if shorter): --misfire skip records each as
+  skipped; once (default) runs one catch-up unless an on-time run covers it;
+  all[:CAP] runs the most recent up to CAP.
+
+JSON (-o json)
+  snake_case fields, RFC 3339 UTC instants, ids as text (a1, t3). Runs:
+  task_id, task_name, agent_id, agent_name, scheduled_at, fired_at,
+  finished_at, duration_ms, attempt, outcome (succeeded, failed, timed_out,
+  rejected, skipped, interrupted), exit_code, offline, lateness_ms, detail,
+  why, stdout, stderr. run list --page -o json
+  wraps a page with its cursors: {\"runs\", \"more\", \"matched\",
+  \"older\", \"newer\"}. Every field is listed in the README (JSON: the
+  scripting interface).
+
+Examples:
+  sundialctl task create --name backup --selector site=lab --cron '30 2 * * *' --tz Europe/Berlin -- /usr/local/bin/backup
+  sundialctl run list --task backup --outcome failed,timed_out
+  sundialctl status";
 
 #[derive(Debug, Args)]
 pub(crate) struct OutputArg {
@@ -63,8 +98,13 @@ pub(crate) enum Cmd {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `sundialctl manpage | man -l -`.
-    Manpage,
+    /// Print the manual page (roff): `sundialctl manpage | man -l -`; with
+    /// --dir, write a page for every subcommand too (sundialctl-*.1).
+    Manpage {
+        /// Write the pages into this directory instead of printing one.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -185,7 +225,7 @@ pub(crate) struct UpdateArgs {
     #[command(flatten)]
     pub(crate) schedule: ScheduleArgs,
     /// skip, once, all or all:CAP.
-    #[arg(long, value_name = "POLICY")]
+    #[arg(long, value_name = "POLICY", value_parser = cli::Suggest::<MisfireMode>::new(cli::MISFIRE_VALUES))]
     pub(crate) misfire: Option<MisfireMode>,
     /// An occurrence at most this late still runs normally.
     #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
@@ -206,7 +246,7 @@ pub(crate) struct UpdateArgs {
     #[arg(long)]
     pub(crate) no_timeout: bool,
     /// allow or forbid.
-    #[arg(long, value_name = "POLICY")]
+    #[arg(long, value_name = "POLICY", value_parser = cli::Suggest::<OverlapPolicy>::new(cli::OVERLAP_VALUES))]
     pub(crate) overlap: Option<OverlapPolicy>,
     /// Replace the environment (repeatable; all of it is replaced).
     #[arg(long = "env", value_name = "NAME=VALUE", value_parser = cli::parse_env)]
@@ -223,17 +263,18 @@ pub(crate) struct UpdateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("target")
+        .args(["agent", "selector"])
+        .required(true)
+        .multiple(false)
+))]
 pub(crate) struct CreateArgs {
     /// A unique name.
     #[arg(long)]
     pub(crate) name: Option<String>,
     /// Run on this agent (id or name).
-    #[arg(
-        long,
-        value_name = "AGENT",
-        conflicts_with = "selector",
-        required_unless_present = "selector"
-    )]
+    #[arg(long, value_name = "AGENT")]
     pub(crate) agent: Option<String>,
     /// Run on every agent with these labels, including agents that join later.
     #[arg(long, value_name = "K=V[,K=V]", value_parser = cli::parse_selector)]
@@ -242,7 +283,7 @@ pub(crate) struct CreateArgs {
     pub(crate) schedule: ScheduleArgs,
     /// What to do with occurrences missed while the agent was down: skip,
     /// once (one catch-up run), all or all:CAP.
-    #[arg(long, value_name = "POLICY", default_value = "once")]
+    #[arg(long, value_name = "POLICY", default_value = "once", value_parser = cli::Suggest::<MisfireMode>::new(cli::MISFIRE_VALUES))]
     pub(crate) misfire: MisfireMode,
     /// An occurrence at most this late still runs normally [default: 1m,
     /// or the period of the schedule if that is shorter].
@@ -261,7 +302,7 @@ pub(crate) struct CreateArgs {
     #[arg(long, value_name = "DUR", value_parser = cli::parse_duration)]
     pub(crate) timeout: Option<DurationMs>,
     /// allow: occurrences may run side by side; forbid: record as skipped.
-    #[arg(long, value_name = "POLICY", default_value = "allow")]
+    #[arg(long, value_name = "POLICY", default_value = "allow", value_parser = cli::Suggest::<OverlapPolicy>::new(cli::OVERLAP_VALUES))]
     pub(crate) overlap: OverlapPolicy,
     /// Start of the window in which occurrences count (RFC 3339).
     #[arg(long, value_name = "T", value_parser = cli::parse_instant)]

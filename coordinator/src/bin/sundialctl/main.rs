@@ -171,9 +171,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out!("{}", String::from_utf8_lossy(&out));
             return Ok(());
         }
-        Cmd::Manpage => {
+        Cmd::Manpage { dir: None } => {
             let out = sundial_net::shell::manpage(Cli::command())?;
             out!("{}", String::from_utf8_lossy(&out));
+            return Ok(());
+        }
+        Cmd::Manpage { dir: Some(dir) } => {
+            let n = sundial_net::shell::manpages_to(Cli::command(), dir)
+                .with_context(|| format!("writing manual pages into {}", dir.display()))?;
+            outln!("wrote {n} manual pages into {}", dir.display());
             return Ok(());
         }
         _ => {}
@@ -617,7 +623,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
         }
         Cmd::Schedule(_)
         | Cmd::Completions { .. }
-        | Cmd::Manpage
+        | Cmd::Manpage { .. }
         | Cmd::Admin(AdminCmd::Pem { .. }) => {}
     }
     Ok(())
