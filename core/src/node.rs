@@ -527,7 +527,13 @@ impl<S: NodeStore> AgentNode<S> {
             Some(w) => w.min(self.loaded.0),
             None => self.loaded.0,
         };
-        let sched = due.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS);
+        // A stopping (or revoked) node fires nothing: what is due would
+        // stay due, and waking for it would spin.
+        let sched = if self.stopping {
+            WAKE_INTERVAL_MAX_MS
+        } else {
+            due.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS)
+        };
         let mut wake = r.boot_ms + sched;
         if let Some(t) = self.vouch_wait_until {
             wake = wake.min(t);

@@ -284,3 +284,63 @@ impl NodeStore for RedbNode {
         self.keep(self.store.put_meta(&[(meta::REVOKED, true)]))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundial_core::clock::Reading;
+    use sundial_core::node::{AgentNode, NodeConfig};
+    use sundial_protocol::task::{Action, ExecSpec, Target};
+    use sundial_protocol::{AgentId, Schedule, TaskId, TaskSpec, Timestamp};
+
+    #[test]
+    fn a_stopped_or_revoked_node_does_not_wake_at_once_for_what_it_will_not_fire() {
+        let store = Arc::new(AgentStore::open_in_memory_volatile().expect("store"));
+        let at = Timestamp::from_millis_saturating(1_000_000);
+        store
+            .put_tasks(
+                &[TaskSpec {
+                    id: TaskId(1),
+                    name: None,
+                    target: Target::Agent(AgentId(1)),
+                    schedule: Schedule::every(sundial_protocol::DurationMs(100), at)
+                        .expect("schedule"),
+                    action: Action::Exec(ExecSpec {
+                        program: "/bin/true".into(),
+                        ..ExecSpec::default()
+                    }),
+                    policies: Default::default(),
+                    revision: 1,
+                    created_at: at,
+                }],
+                Some(1),
+            )
+            .expect("put");
+        let r = |ms: i64| Reading {
+            wall_ms: 1_000_000 + ms,
+            boot_ms: 5_000 + ms,
+        };
+        let cfg = NodeConfig {
+            agent_id: AgentId(1),
+            agent_version: "test".into(),
+            allow_exec: vec![],
+            runs_concurrent_max: 4,
+            boot_id: 1,
+            seed: 1,
+            bugs: Default::default(),
+            horizon: Default::default(),
+            vouch_wait_ms: 0,
+            coordinators: 1,
+        };
+        let mut node = AgentNode::start(RedbNode::plain(store, None), cfg, r(0)).expect("node");
+        node.begin_stop();
+        // Every 100 ms is due, and a stopped node fires none of it: the
+        // driver must not be told to wake at once, again and again.
+        let _ = node.handle_wake(r(1_000));
+        while node.poll_effect().is_some() {}
+        assert!(
+            node.next_wake(r(1_000)) > r(1_000).boot_ms,
+            "a stopped node would spin"
+        );
+    }
+}

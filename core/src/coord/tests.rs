@@ -202,7 +202,11 @@ fn enrollment_slots_are_bounded() {
 
 #[test]
 fn a_session_without_hello_in_time_is_closed_and_the_first_message_must_be_hello() {
-    let mut n = node();
+    // No retention: the only timer is the Hello's deadline.
+    let mut n = node_with(Limits {
+        audit_retention: None,
+        ..Limits::for_cores(4)
+    });
     let c = n.handle_incoming(at(0), ip(1)).expect("admitted");
     n.handle_handshaken(at(0), c, Alpn::Session, Some(fp(1)));
     assert_eq!(

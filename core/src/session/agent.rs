@@ -50,6 +50,10 @@ pub const OUTBOX_POLL_MS: u64 = 500;
 /// How often a live session records its time as the last sync, in ms (a
 /// durable write: kept rare so a large fleet does not drown in fsyncs).
 pub const LAST_SYNC_PERSIST_MS: u64 = 300_000;
+/// An acknowledgement persists the time as the last sync when the last was
+/// persisted at least this long ago, in ms: "last sync" then says when
+/// records last reached a coordinator, to within this.
+pub const LAST_SYNC_ACK_PERSIST_MS: u64 = 30_000;
 /// A clock sample whose round trip took longer than this is not used, in
 /// ms: its error (up to half the round trip) is too large.
 pub const CLOCK_SAMPLE_RTT_MAX_MS: i64 = 1_000;
@@ -597,6 +601,14 @@ impl AgentSession {
                     runs: keys.len(),
                 });
                 self.effects.push_back(AgentEffect::Ack { keys });
+                if self
+                    .last_sync_ms
+                    .is_some_and(|t| now.mono_ms >= t + LAST_SYNC_ACK_PERSIST_MS)
+                {
+                    self.last_sync_ms = Some(now.mono_ms);
+                    self.effects
+                        .push_back(AgentEffect::PersistLastSync { wall: now.wall });
+                }
                 self.fill_window();
             }
             CoordMsg::ClockReply { t1, t2, t3 } => {
@@ -1118,5 +1130,35 @@ mod tests {
         s.handle_connected(at(retry + 1), hello());
         s.handle_timeout(at(retry + 100_000));
         assert!(!drain(&mut s).1.contains(&AgentEffect::Report));
+    }
+
+    #[test]
+    fn an_acknowledgement_persists_the_last_sync_at_most_every_thirty_seconds() {
+        let mut s = AgentSession::new(1);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(10), hello());
+        assert!(drain(&mut s)
+            .1
+            .iter()
+            .any(|e| matches!(e, AgentEffect::PersistLastSync { .. })));
+        let ack = |s: &mut AgentSession, t: u64| {
+            s.handle_message(
+                at(t),
+                CoordMsg::ResultsAck {
+                    batch_id: 1,
+                    keys: vec![record(1).key()],
+                },
+            );
+            drain(s)
+                .1
+                .iter()
+                .any(|e| matches!(e, AgentEffect::PersistLastSync { .. }))
+        };
+        assert!(!ack(&mut s, 1_000), "persisted again within 30 s");
+        assert!(
+            ack(&mut s, 10 + LAST_SYNC_ACK_PERSIST_MS),
+            "records synced: persisted"
+        );
+        assert!(!ack(&mut s, 20 + LAST_SYNC_ACK_PERSIST_MS));
     }
 }
