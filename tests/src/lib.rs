@@ -18,6 +18,7 @@
 pub mod bench;
 pub mod checker;
 pub mod crash_disk;
+pub mod fuzz;
 pub mod harness;
 pub mod light;
 pub mod oracle;

@@ -1,0 +1,189 @@
+//! The fuzz corpus, replayed: every input kept in `fuzz/corpus/NAME/`
+//! (seeds, and whatever `cargo fuzz` found and kept) goes through its
+//! target's body again in every test run, so a crash once found stays
+//! fixed. The fuzzing itself: `cd fuzz && cargo +nightly fuzz run NAME`.
+
+use std::path::{Path, PathBuf};
+
+use sundial_tests::fuzz::TARGETS;
+
+fn corpus_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(name)
+}
+
+#[test]
+fn every_kept_input_passes_its_target_again() {
+    let mut total = 0;
+    for (name, target) in TARGETS {
+        let dir = corpus_dir(name);
+        let entries = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (every target keeps a corpus)", dir.display()));
+        let mut n = 0;
+        for entry in entries {
+            let path = entry.expect("an entry").path();
+            let data = std::fs::read(&path).expect("readable");
+            target(&data);
+            n += 1;
+        }
+        assert!(n > 0, "{name}: an empty corpus");
+        total += n;
+    }
+    eprintln!("replayed {total} inputs through {} targets", TARGETS.len());
+}
+
+/// Writes the seed inputs (run by hand: `cargo test -p sundial-tests --test
+/// fuzz_corpus -- --ignored`); the fuzzer grows the corpus from them.
+#[test]
+#[ignore]
+fn write_seed_corpus() {
+    use sundial_protocol::codec::encode;
+    use sundial_protocol::wire::*;
+    let write = |name: &str, seed: &str, data: &[u8]| {
+        let dir = corpus_dir(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(seed), data).expect("seed");
+    };
+    let framed = |set: u8, bytes: Vec<u8>| {
+        let mut v = vec![set];
+        v.extend(bytes);
+        v
+    };
+    let hello = AgentMsg::Hello {
+        last_revision: 7,
+        outbox_len: 2,
+        agent_version: "0.3.0".into(),
+        allow_exec: vec!["/bin/*".into()],
+    };
+    write("frames", "hello", &framed(0, encode(&hello).expect("enc")));
+    let report = AgentMsg::Report(AgentReport {
+        outbox_len: 3,
+        oldest_unsynced: Some(sundial_protocol::Timestamp::from_millis_saturating(5)),
+        ..AgentReport::default()
+    });
+    write(
+        "frames",
+        "report",
+        &framed(0, encode(&report).expect("enc")),
+    );
+    let policy = CoordMsg::Policy(ReconnectPolicy::default());
+    let mut two = encode(&policy).expect("enc");
+    two.extend(encode(&CoordMsg::ReportEvery { every_ms: 15_000 }).expect("enc"));
+    write("frames", "policy-and-report-every", &framed(1, two));
+    write(
+        "frames",
+        "task-list",
+        &framed(2, encode(&AdminRequest::TaskList).expect("enc")),
+    );
+    write(
+        "frames",
+        "error",
+        &framed(3, encode(&AdminResponse::Error("no".into())).expect("enc")),
+    );
+    let enroll = EnrollRequest {
+        token_secret: vec![1; 32],
+        csr_der: vec![0x30, 0x03, 0x02, 0x01, 0x00],
+        name: Some("edge".into()),
+        labels: vec![("site".into(), "lab".into())],
+    };
+    write(
+        "frames",
+        "enroll",
+        &framed(4, encode(&enroll).expect("enc")),
+    );
+    for (seed, expr) in [
+        ("vixie", "30 2 * * 1-5"),
+        ("seconds", "*/20 * * * * *"),
+        ("quartz", "0 15 10 ? * MON-FRI"),
+        ("quartz-year", "0 11 11 11 11 ? *"),
+        ("step", "0/5 1/6 * * *"),
+        ("zone", "CRON_TZ=America/New_York 30 2 * * *"),
+        ("macro", "@weekly"),
+        ("names", "0 9 * jan-mar Mon-FRI"),
+    ] {
+        write("cron", seed, expr.as_bytes());
+    }
+    let token = sundial_protocol::token::JoinToken {
+        secret: vec![9; sundial_protocol::token::SECRET_BYTES],
+        ca_sha256: [3; 32],
+        server_name: "sundial-coordinator".into(),
+        addresses: vec!["127.0.0.1:7447".into(), "c2.example.net:7447".into()],
+    };
+    write("token", "token", token.encode().as_bytes());
+    write("token", "list", b"c1.example.net:7447, 127.0.0.1:7448");
+    let spec = sundial_protocol::TaskSpec {
+        id: sundial_protocol::TaskId(1),
+        name: Some("backup".into()),
+        target: sundial_protocol::task::Target::Selector(vec![("site".into(), "lab".into())]),
+        schedule: sundial_protocol::Schedule::cron("30 2 * * *", "Europe/Berlin").expect("cron"),
+        action: sundial_protocol::task::Action::Exec(sundial_protocol::task::ExecSpec {
+            program: "/bin/echo".into(),
+            args: vec!["hi".into()],
+            ..Default::default()
+        }),
+        policies: Default::default(),
+        revision: 3,
+        created_at: sundial_protocol::Timestamp::from_millis_saturating(1_700_000_000_000),
+    };
+    write(
+        "records",
+        "task",
+        &sundial_protocol::records::encode(&sundial_protocol::records::TaskRecordV1::from_spec(
+            &spec,
+        )),
+    );
+    let run = sundial_protocol::RunRecord {
+        task_id: sundial_protocol::TaskId(1),
+        agent_id: sundial_protocol::AgentId(2),
+        scheduled_at: sundial_protocol::Timestamp::from_millis_saturating(1_700_000_000_000),
+        attempt: 1,
+        fired_at: Some(sundial_protocol::Timestamp::from_millis_saturating(
+            1_700_000_000_001,
+        )),
+        finished_at: Some(sundial_protocol::Timestamp::from_millis_saturating(
+            1_700_000_000_050,
+        )),
+        outcome: sundial_protocol::Outcome::Failed,
+        exit_code: Some(3),
+        offline: true,
+        detail: Some("exit 3".into()),
+        stdout_tail: b"out".to_vec(),
+        stderr_tail: b"err".to_vec(),
+    };
+    write(
+        "records",
+        "run",
+        &sundial_protocol::records::encode(&sundial_protocol::records::RunRecordV1::from_run(&run)),
+    );
+    write(
+        "config",
+        "agent",
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml"))
+            .expect("agent.toml")
+            .as_slice(),
+    );
+    write(
+        "config",
+        "coordinator",
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator.toml"))
+            .expect("coordinator.toml")
+            .as_slice(),
+    );
+    write(
+        "config",
+        "keys",
+        b"data_dir = \"/var/lib/sundial-agent\"\nallow_exec = [\"/usr/bin/*\"]\nmetrics = \"127.0.0.1:9464\"\nstop_grace = \"10s\"\n",
+    );
+    write(
+        "config",
+        "creds",
+        br#"{"coordinator":"127.0.0.1:7447","server_name":"sundial-coordinator","ca_pem":"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n","cert_pem":"","key_pem":"","admin":"owner","role":"owner","expires_at":"2027-01-01T00:00:00Z"}"#,
+    );
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .expect("csr");
+    write("csr", "csr", csr.der());
+    write("csr", "garbage", &[0x30, 0x82, 0xff, 0xff, 0x00]);
+}
