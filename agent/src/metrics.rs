@@ -105,18 +105,14 @@ impl AgentMetrics {
             "Runs this agent started since it started, by whether it had a session",
             fired.clone(),
         );
-        let lateness = Histogram::new([
-            0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        ]);
+        let lateness = Histogram::new(sundial_net::shell::LATENESS_BUCKETS);
         r.register_with_unit(
             "sundial_agent_run_start_lateness",
             "How late runs started after their due time, on the agent's trusted time",
             Unit::Seconds,
             lateness.clone(),
         );
-        let duration = Histogram::new([
-            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-        ]);
+        let duration = Histogram::new(sundial_net::shell::DURATION_BUCKETS);
         r.register_with_unit(
             "sundial_agent_run_duration",
             "How long runs took, start to record",

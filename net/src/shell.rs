@@ -45,6 +45,17 @@ pub fn manpage(cmd: clap::Command) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Histogram buckets of run start lateness, seconds: 1 ms to a minute
+/// (firing is meant to be on time to the millisecond). The agent's and
+/// the coordinator's metrics use the same, so they compare.
+pub const LATENESS_BUCKETS: [f64; 15] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Histogram buckets of run duration, seconds: 10 ms to an hour.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
 /// Writes a manual page for `cmd` and one for each of its subcommands,
 /// at any depth (`sundialctl.1`, `sundialctl-task.1`,
 /// `sundialctl-task-create.1`, …), into `dir` (made if missing); the

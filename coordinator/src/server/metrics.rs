@@ -124,18 +124,14 @@ impl Metrics {
             offline_runs.clone(),
         );
         // 1 ms to ~65 s: firing is meant to be on time to the millisecond.
-        let lateness = Histogram::new([
-            0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        ]);
+        let lateness = Histogram::new(sundial_net::shell::LATENESS_BUCKETS);
         registry.register_with_unit(
             "sundial_run_start_lateness",
             "How late first attempts fired after their due time",
             Unit::Seconds,
             lateness.clone(),
         );
-        let duration = Histogram::new([
-            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-        ]);
+        let duration = Histogram::new(sundial_net::shell::DURATION_BUCKETS);
         registry.register_with_unit(
             "sundial_run_duration",
             "How long runs took, fire to finish",

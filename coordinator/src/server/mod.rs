@@ -270,6 +270,42 @@ impl ClientCertVerifier for KnownCertVerifier {
     }
 }
 
+/// TLS 1.3 with the coordinator's certificate and `KnownCertVerifier`:
+/// for the QUIC listener (certificates optional: enrollment comes without
+/// one), or with `admins_only` for `--https` (a live admin's required).
+fn tls_server_config(
+    pki: &Pki,
+    node: Arc<Mutex<CoordNode>>,
+    admins_only: bool,
+) -> Result<rustls::ServerConfig, ServeError> {
+    let provider = sundial_net::tls::provider();
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(pki.ca_der.clone())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = if admins_only {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let inner = builder
+        .build()
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let verifier = Arc::new(KnownCertVerifier {
+        inner,
+        node,
+        admins_only,
+    });
+    let id = pki.server_identity()?;
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain, id.key)
+        .map_err(|e| ServeError::Tls(e.to_string()))
+}
+
 /// What the shell keeps of one connection: the way to close it, to wake its
 /// writer, and to hand answers to the task waiting for them.
 #[derive(Debug)]
@@ -804,27 +840,7 @@ impl Server {
             },
         );
         let node = Arc::new(Mutex::new(node));
-        let provider = sundial_net::tls::provider();
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(pki.ca_der.clone())
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-        let verifier = Arc::new(KnownCertVerifier {
-            inner,
-            node: node.clone(),
-            admins_only: false,
-        });
-        let id = pki.server_identity()?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ServeError::Tls(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(id.chain, id.key)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        let mut tls = tls_server_config(&pki, node.clone(), false)?;
         tls.alpn_protocols = vec![ALPN.to_vec(), ALPN_ENROLL.to_vec(), ALPN_ADMIN.to_vec()];
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ServeError::Tls(e.to_string()))?;
@@ -892,26 +908,7 @@ impl Server {
         addr: SocketAddr,
         task_series_max: usize,
     ) -> Result<SocketAddr, ServeError> {
-        let provider = sundial_net::tls::provider();
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(self.shared.pki.ca_der.clone())
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-        let verifier = Arc::new(KnownCertVerifier {
-            inner,
-            node: self.shared.node.clone(),
-            admins_only: true,
-        });
-        let id = self.shared.pki.server_identity()?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| ServeError::Tls(e.to_string()))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(id.chain, id.key)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        let mut tls = tls_server_config(&self.shared.pki, self.shared.node.clone(), true)?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         // No resumption: a resumed session skips the certificate check, and
         // every connection must show a credential that is live now.
