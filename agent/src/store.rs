@@ -30,7 +30,7 @@ use redb::{
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sundial_core::node::StoredTask;
+use sundial_core::node::{FanInState, StoredTask};
 use sundial_core::scheduler::first_occurrence;
 use sundial_protocol::records::{self, RecordError, RunRecordV1, TaskRecordV1};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
@@ -58,6 +58,12 @@ const DUE: TableDefinition<(i64, u64), ()> = TableDefinition::new("due");
 /// Pending retries: run key → when it is due (ms). Durable, so a restart of
 /// any kind (SIGTERM drain, kill -9, reboot) keeps them.
 const RETRIES: TableDefinition<(u64, i64, u32), i64> = TableDefinition::new("retries");
+/// The ids of stored triggered tasks (they have no due entry, and are
+/// always held).
+const TRIGGERED: TableDefinition<u64, ()> = TableDefinition::new("triggered");
+/// Fan-in progress: (task id, occurrence ms) → the upstream ends heard
+/// (`Vec<(u64, outcome)>`, a record).
+const FANIN: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("fanin");
 
 /// Metadata keys.
 pub mod meta {
@@ -206,8 +212,10 @@ pub struct StepWrite {
     pub states: Vec<(TaskId, Option<Timestamp>)>,
     pub started: Vec<(RunKey, StartedInfo)>,
     pub records: Vec<RunRecord>,
-    /// Retries now pending, with their time.
+    /// Retries now pending, with their time (and triggered runs).
     pub retries: Vec<(RunKey, Timestamp)>,
+    /// Fan-in progress to store (an empty list forgets the occurrence).
+    pub fanin: Vec<FanInState>,
 }
 
 impl StepWrite {
@@ -216,6 +224,7 @@ impl StepWrite {
             && self.started.is_empty()
             && self.records.is_empty()
             && self.retries.is_empty()
+            && self.fanin.is_empty()
     }
 }
 
@@ -417,6 +426,8 @@ impl AgentStore {
                 .map_err(db_err("create tables"))?;
             txn.open_table(DUE).map_err(db_err("create tables"))?;
             txn.open_table(RETRIES).map_err(db_err("create tables"))?;
+            txn.open_table(TRIGGERED).map_err(db_err("create tables"))?;
+            txn.open_table(FANIN).map_err(db_err("create tables"))?;
             let mut meta_t = txn.open_table(META).map_err(db_err("create tables"))?;
             if meta_t
                 .get(meta::DUE_INDEX)
@@ -623,13 +634,20 @@ impl AgentStore {
             let mut state = txn.open_table(STATE).map_err(db_err("write tasks"))?;
             let mut due = txn.open_table(DUE).map_err(db_err("write tasks"))?;
             let mut retries = txn.open_table(RETRIES).map_err(db_err("write tasks"))?;
+            let mut triggered = txn.open_table(TRIGGERED).map_err(db_err("write tasks"))?;
+            let mut fanin = txn.open_table(FANIN).map_err(db_err("write tasks"))?;
             for id in removed {
-                // Its pending retries go with it.
+                // Its pending retries (and triggered runs) and fan-in
+                // progress go with it.
                 retries
                     .retain_in((id.0, i64::MIN, 0)..=(id.0, i64::MAX, u32::MAX), |_, _| {
                         false
                     })
                     .map_err(db_err("remove task"))?;
+                fanin
+                    .retain_in((id.0, i64::MIN)..=(id.0, i64::MAX), |_, _| false)
+                    .map_err(db_err("remove task"))?;
+                triggered.remove(id.0).map_err(db_err("remove task"))?;
                 table.remove(id.0).map_err(db_err("remove task"))?;
                 let old = state.remove(id.0).map_err(db_err("remove task"))?;
                 if let Some(ms) = stored_due_ms(*id, old)? {
@@ -642,6 +660,21 @@ impl AgentStore {
                 table
                     .insert(task.id.0, encode(&TaskRecordV1::from_spec(task)).as_slice())
                     .map_err(db_err("write tasks"))?;
+                if task.schedule.triggers().is_empty() {
+                    if triggered
+                        .remove(task.id.0)
+                        .map_err(db_err("write tasks"))?
+                        .is_some()
+                    {
+                        fanin
+                            .retain_in((task.id.0, i64::MIN)..=(task.id.0, i64::MAX), |_, _| false)
+                            .map_err(db_err("write tasks"))?;
+                    }
+                } else {
+                    triggered
+                        .insert(task.id.0, ())
+                        .map_err(db_err("write tasks"))?;
+                }
                 if !given.contains(&task.id)
                     && state
                         .get(task.id.0)
@@ -782,6 +815,11 @@ impl AgentStore {
             return Ok(());
         }
         let txn = self.begin_write()?;
+        Self::write_step(&txn, step)?;
+        txn.commit().map_err(db_err("commit step"))
+    }
+
+    fn write_step(txn: &redb::WriteTransaction, step: &StepWrite) -> Result<()> {
         {
             // A task removed meanwhile gets no state back.
             let tasks = txn.open_table(TASKS).map_err(db_err("write step"))?;
@@ -822,9 +860,24 @@ impl AgentStore {
                         .map_err(db_err("write step"))?;
                 }
             }
+            let mut fanin = txn.open_table(FANIN).map_err(db_err("write step"))?;
+            for (task, at, ended) in &step.fanin {
+                let k = (task.0, at.as_millis());
+                if ended.is_empty() || tasks.get(task.0).map_err(db_err("write step"))?.is_none() {
+                    fanin.remove(k).map_err(db_err("write step"))?;
+                } else {
+                    let rec: Vec<(u64, String)> = ended
+                        .iter()
+                        .map(|(u, o)| (u.0, o.as_str().to_owned()))
+                        .collect();
+                    fanin
+                        .insert(k, encode(&rec).as_slice())
+                        .map_err(db_err("write step"))?;
+                }
+            }
         }
         Self::outbox_put(&txn, &step.records)?;
-        txn.commit().map_err(db_err("commit step"))
+        Ok(())
     }
 
     fn outbox_put(txn: &redb::WriteTransaction, records: &[RunRecord]) -> Result<()> {
@@ -868,6 +921,20 @@ impl AgentStore {
     /// A run ended: its record enters the outbox and its `started` marker
     /// goes, with the retry it leads to (if any), in one transaction.
     pub fn finish_run(&self, record: &RunRecord, retry: Option<(RunKey, Timestamp)>) -> Result<()> {
+        self.finish_run_then(
+            record,
+            &StepWrite {
+                retries: retry.into_iter().collect(),
+                ..StepWrite::default()
+            },
+        )
+    }
+
+    /// A run ended: its record enters the outbox and its `started` marker
+    /// goes, with what it leads to (`then`: its retry, the runs it
+    /// triggers, fan-in progress, records of tasks it left untriggered),
+    /// in one transaction.
+    pub fn finish_run_then(&self, record: &RunRecord, then: &StepWrite) -> Result<()> {
         let txn = self.begin_write()?;
         {
             let mut started = txn.open_table(STARTED).map_err(db_err("finish run"))?;
@@ -878,21 +945,60 @@ impl AgentStore {
             retries
                 .remove(run_key_tuple(&record.key()))
                 .map_err(db_err("finish run"))?;
-            if let Some((key, when)) = retry {
-                let tasks = txn.open_table(TASKS).map_err(db_err("finish run"))?;
-                if tasks
-                    .get(key.task_id.0)
-                    .map_err(db_err("finish run"))?
-                    .is_some()
-                {
-                    retries
-                        .insert(run_key_tuple(&key), when.as_millis())
-                        .map_err(db_err("finish run"))?;
-                }
-            }
         }
         Self::outbox_put(&txn, std::slice::from_ref(record))?;
+        Self::write_step(&txn, then)?;
         txn.commit().map_err(db_err("commit finished run"))
+    }
+
+    /// The stored triggered tasks, with their state.
+    pub fn triggered_tasks(&self) -> Result<Vec<StoredTask>> {
+        let ids: Vec<TaskId> = {
+            let txn = self.begin_read()?;
+            let table = match txn.open_table(TRIGGERED) {
+                Ok(t) => t,
+                // A store from before triggered tasks, opened read-only.
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(db_err("read triggered tasks")(e)),
+            };
+            let mut ids = Vec::new();
+            for item in table.iter().map_err(db_err("read triggered tasks"))? {
+                let (k, _) = item.map_err(db_err("read triggered tasks"))?;
+                ids.push(TaskId(k.value()));
+            }
+            ids
+        };
+        Ok(self.tasks_by_id(&ids)?.into_iter().flatten().collect())
+    }
+
+    /// The stored fan-in progress.
+    pub fn fanin_pending(&self) -> Result<Vec<FanInState>> {
+        let txn = self.begin_read()?;
+        let table = match txn.open_table(FANIN) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err("read fan-in progress")(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err("read fan-in progress"))? {
+            let (k, v) = item.map_err(db_err("read fan-in progress"))?;
+            let (task, at_ms) = k.value();
+            let key = format!("({task}, {at_ms})");
+            let rec: Vec<(u64, String)> = decode("fanin", &key, v.value())?;
+            let mut ended = Vec::with_capacity(rec.len());
+            for (u, o) in rec {
+                let Some(o) = Outcome::parse(&o) else {
+                    return Err(StoreError::Corrupt {
+                        table: "fanin",
+                        key,
+                        reason: format!("unknown outcome `{o}`"),
+                    });
+                };
+                ended.push((TaskId(u), o));
+            }
+            out.push((TaskId(task), ts("fanin", &key, at_ms)?, ended));
+        }
+        Ok(out)
     }
 
     /// Pending retries, with their time.

@@ -84,9 +84,16 @@ pub struct Step {
     pub states: Vec<(TaskId, Option<Timestamp>)>,
     pub started: Vec<(RunKey, Started)>,
     pub records: Vec<RunRecord>,
-    /// Retries now pending, each with its time.
+    /// Retries now pending, each with its time (and triggered runs, which
+    /// are stored and restored as retries are).
     pub retries: Vec<(RunKey, Timestamp)>,
+    /// What fan-in tasks heard of an occurrence: (task, occurrence, the
+    /// upstreams that ended and how); an empty list forgets it.
+    pub fanin: Vec<FanInState>,
 }
+
+/// A fan-in task's occurrence and the upstream ends heard of it.
+pub type FanInState = (TaskId, Timestamp, Vec<(TaskId, Outcome)>);
 
 /// The clock state that outlives a restart.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,15 +128,18 @@ pub trait NodeStore {
     fn tasks_by_id(&self, ids: &[TaskId]) -> StoreResult<Vec<Option<StoredTask>>>;
     fn apply_step(&mut self, step: &Step) -> StoreResult<()>;
     /// Clears the run's started mark and puts its record in the outbox,
-    /// with the retry it leads to (pending until started or recorded, and
-    /// dropped with its task).
-    fn finish_run(
-        &mut self,
-        record: &RunRecord,
-        retry: Option<(RunKey, Timestamp)>,
-    ) -> StoreResult<()>;
-    /// Every pending retry, with its time.
+    /// with what it leads to in `then` (its retry, pending until started or
+    /// recorded and dropped with its task; the runs it triggers, stored as
+    /// retries; fan-in progress; records of tasks it left untriggered), in
+    /// one transaction. `then` holds no starts.
+    fn finish_run(&mut self, record: &RunRecord, then: &Step) -> StoreResult<()>;
+    /// Every pending retry (and triggered run), with its time.
     fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>>;
+    /// Every stored triggered task (they are always held: their
+    /// occurrences come from other tasks, not the due index).
+    fn triggered_tasks(&self) -> StoreResult<Vec<StoredTask>>;
+    /// Every stored fan-in progress (see [`Step::fanin`]).
+    fn fanin_pending(&self) -> StoreResult<Vec<FanInState>>;
     /// Every run still marked started becomes an `interrupted` record in
     /// the outbox; returns them.
     fn recover_interrupted(&mut self, agent: AgentId) -> StoreResult<Vec<RunRecord>>;
@@ -365,6 +375,13 @@ impl<S: NodeStore> AgentNode<S> {
         } else {
             store.pending_retries()?
         };
+        // Triggered tasks are always held, with what fan-ins had heard.
+        for (task, due) in store.triggered_tasks()? {
+            sched.restore(SchedTask::from(&task), Some(due));
+        }
+        for (task_id, at, ended) in store.fanin_pending()? {
+            sched.restore_fanin(task_id, at, ended);
+        }
         let mut ids: Vec<TaskId> = interrupted.iter().map(|r| r.task_id).collect();
         ids.extend(pending.iter().map(|(k, _)| k.task_id));
         ids.sort_unstable();
@@ -382,17 +399,22 @@ impl<S: NodeStore> AgentNode<S> {
             sched.restore_retry(key, when);
         }
         let mut retries = Step::default();
+        let mut cmds = Vec::new();
         for rec in &interrupted {
             // A run that is not retried lets its task go from memory if it
             // is beyond the horizon: hold it again for the next one.
             if let Some((task, due)) = found.get(&rec.task_id) {
                 sched.restore(task.clone(), Some(*due));
             }
-            retries
-                .retries
-                .extend(sched.run_finished(rec.key(), Outcome::Interrupted, start));
+            retries.retries.extend(sched.run_finished(
+                rec.key(),
+                Outcome::Interrupted,
+                start,
+                &mut cmds,
+            ));
         }
-        if !retries.retries.is_empty() {
+        follow_ups(&mut retries, cmds, cfg.agent_id, false);
+        if retries != Step::default() {
             store.apply_step(&retries)?;
         }
         let mut session = AgentSession::new(cfg.seed);
@@ -606,18 +628,31 @@ impl<S: NodeStore> AgentNode<S> {
             record.exit_code = None;
             record.detail = Some(STOPPED_DETAIL.to_owned());
         }
-        if self.manual.remove(&key) {
+        let told = if self.manual.remove(&key) {
+            Some(MANUAL_DETAIL.to_owned())
+        } else {
+            self.sched
+                .trigger_text(key.task_id)
+                .map(|t| format!("triggered after {t}"))
+        };
+        if let Some(told) = told {
             record.detail = Some(match record.why() {
-                Some(why) => format!("{MANUAL_DETAIL}; {why}"),
-                None => MANUAL_DETAIL.to_owned(),
+                Some(why) => format!("{told}; {why}"),
+                None => told,
             });
         }
         let outcome = record.outcome;
         // The retry waits from now on trusted time (a run that started
         // before a correction back must not wait for its old clock).
-        let retry = self.sched.run_finished(key, outcome, self.guard.time_of(r));
-        let retry = retry.filter(|_| !self.cfg.bugs.volatile_retries);
-        self.store.finish_run(&record, retry)?;
+        let mut cmds = Vec::new();
+        let retry = self
+            .sched
+            .run_finished(key, outcome, self.guard.time_of(r), &mut cmds);
+        let mut then = Step::default();
+        then.retries
+            .extend(retry.filter(|_| !self.cfg.bugs.volatile_retries));
+        follow_ups(&mut then, cmds, self.cfg.agent_id, run.offline);
+        self.store.finish_run(&record, &then)?;
         self.events.push_back(Event::RunRecorded { key, outcome });
         self.session.outbox_changed();
         self.pump(r)
@@ -956,9 +991,9 @@ impl<S: NodeStore> AgentNode<S> {
         }
         let mut step = Step::default();
         let mut starts = Vec::new();
-        let mut capped = Vec::new();
         let mut kills = Vec::new();
-        for c in cmds {
+        let mut queue: VecDeque<Command> = cmds.into();
+        while let Some(c) = queue.pop_front() {
             match c {
                 Command::SaveState { task_id, next_due } => step.states.push((task_id, next_due)),
                 Command::Start { key, .. }
@@ -971,13 +1006,18 @@ impl<S: NodeStore> AgentNode<S> {
                             task_id: key.task_id,
                         });
                     }
-                    capped.push(key);
                     step.records.push(skipped(
                         key,
                         self.cfg.agent_id,
                         offline,
                         SkipReason::ConcurrencyCap,
                     ));
+                    // Skipped is an end: what it triggers is decided in
+                    // the same step.
+                    let mut more = Vec::new();
+                    self.sched
+                        .run_finished(key, Outcome::Skipped, now, &mut more);
+                    queue.extend(more);
                 }
                 Command::Start { key, .. } => {
                     step.started.push((
@@ -994,13 +1034,16 @@ impl<S: NodeStore> AgentNode<S> {
                         .push(skipped(key, self.cfg.agent_id, offline, reason))
                 }
                 Command::Kill { key } => kills.push(key),
+                Command::Trigger { key, at } => step.retries.push((key, at)),
+                Command::FanIn {
+                    task_id,
+                    scheduled_at,
+                    ended,
+                } => step.fanin.push((task_id, scheduled_at, ended)),
             }
         }
         // Not durable, so not started: at most once wins over on time.
         self.store.apply_step(&step)?;
-        for key in capped {
-            self.sched.run_finished(key, Outcome::Skipped, now);
-        }
         let recorded = !step.records.is_empty();
         // Each action is read from the store as it fires.
         let ids: Vec<TaskId> = starts.iter().map(|k| k.task_id).collect();
@@ -1044,8 +1087,14 @@ impl<S: NodeStore> AgentNode<S> {
                         detail: Some("the task's action is unknown to this agent".into()),
                         ..skipped(key, self.cfg.agent_id, offline, SkipReason::Overlap)
                     };
-                    let retry = self.sched.run_finished(key, Outcome::Rejected, now);
-                    self.store.finish_run(&rec, retry)?;
+                    let mut cmds = Vec::new();
+                    let retry = self
+                        .sched
+                        .run_finished(key, Outcome::Rejected, now, &mut cmds);
+                    let mut then = Step::default();
+                    then.retries.extend(retry);
+                    follow_ups(&mut then, cmds, self.cfg.agent_id, offline);
+                    self.store.finish_run(&rec, &then)?;
                 }
             }
         }
@@ -1072,8 +1121,30 @@ fn skipped(key: RunKey, agent_id: AgentId, offline: bool, reason: SkipReason) ->
         outcome: Outcome::Skipped,
         exit_code: None,
         offline,
-        detail: Some(reason.as_str().to_owned()),
+        detail: Some(reason.detail()),
         stdout_tail: Vec::new(),
         stderr_tail: Vec::new(),
+    }
+}
+
+/// Adds what an end decided beyond its own record (the runs it triggers,
+/// fan-in progress, the tasks it left untriggered) to `step`.
+fn follow_ups(step: &mut Step, cmds: Vec<Command>, agent_id: AgentId, offline: bool) {
+    for c in cmds {
+        match c {
+            Command::Trigger { key, at } => step.retries.push((key, at)),
+            Command::FanIn {
+                task_id,
+                scheduled_at,
+                ended,
+            } => step.fanin.push((task_id, scheduled_at, ended)),
+            Command::Skip { key, reason } => {
+                step.records.push(skipped(key, agent_id, offline, reason))
+            }
+            // An end decides no starts, kills or schedule states.
+            Command::Start { .. } | Command::Kill { .. } | Command::SaveState { .. } => {
+                debug_assert!(false, "an end decided {c:?}");
+            }
+        }
     }
 }

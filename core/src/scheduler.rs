@@ -38,10 +38,10 @@
 //!   just started are computed by [`Scheduler::precompute`], which the driver
 //!   calls after it has handed the batch out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use sundial_protocol::policy::{MisfireMode, OverlapPolicy, Policies};
-use sundial_protocol::{RunKey, Schedule, TaskId, TaskSpec, Timestamp};
+use sundial_protocol::{Outcome, RunKey, Schedule, TaskId, TaskSpec, Timestamp};
 
 use crate::wheel::{TimerHandle, TimerWheel};
 
@@ -51,6 +51,13 @@ pub const MISFIRE_SCAN_MAX: usize = 100_000;
 /// The most `skipped` records emitted for one task in one catch-up (the most
 /// recent ones are kept).
 pub const MISFIRE_RECORDS_MAX: usize = 1_000;
+/// The most occurrences one fan-in task waits on at once (some of its
+/// upstreams ended, not all); beyond it the oldest is given up, recorded
+/// `skipped` naming the upstream that never ended.
+pub const FANIN_OPEN_MAX: usize = 64;
+/// The most downstream ends one run's end may decide in one step (a chain
+/// of skips through a DAG); a cycle sent by a faulty coordinator stops here.
+pub const TRIGGER_STEPS_MAX: usize = 4_096;
 
 /// What the scheduler needs to know of a task.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,16 +89,35 @@ pub enum SkipReason {
     /// The agent already ran its maximum of runs at once (decided by the
     /// runtime, which knows the cap).
     ConcurrencyCap,
+    /// A triggered task's upstream ended otherwise than it waits for
+    /// (`outcome`), or never ended for this occurrence (`None`: given up
+    /// after [`FANIN_OPEN_MAX`] later occurrences).
+    Untriggered {
+        upstream: TaskId,
+        outcome: Option<Outcome>,
+    },
 }
 
 impl SkipReason {
-    pub fn as_str(self) -> &'static str {
+    /// The record's `detail`.
+    pub fn detail(self) -> String {
         match self {
-            SkipReason::Misfire => "misfire: missed while the agent was down",
-            SkipReason::Overlap => "overlap: a previous run was still going",
+            SkipReason::Misfire => "misfire: missed while the agent was down".into(),
+            SkipReason::Overlap => "overlap: a previous run was still going".into(),
             SkipReason::ConcurrencyCap => {
-                "concurrency: the agent was already running its maximum of runs at once (--max-concurrent-runs)"
+                "concurrency: the agent was already running its maximum of runs at once (--max-concurrent-runs)".into()
             }
+            SkipReason::Untriggered {
+                upstream,
+                outcome: Some(o),
+            } => format!("not triggered: upstream {upstream} ended {o}"),
+            SkipReason::Untriggered {
+                upstream,
+                outcome: None,
+            } => format!(
+                "not triggered: upstream {upstream} never ended for this occurrence \
+                 (given up after {FANIN_OPEN_MAX} later ones)"
+            ),
         }
     }
 }
@@ -112,6 +138,17 @@ pub enum Command {
     SaveState {
         task_id: TaskId,
         next_due: Option<Timestamp>,
+    },
+    /// A triggered run is pending from `at`: persist it with the end that
+    /// triggered it (stored and restored as a pending retry is).
+    Trigger { key: RunKey, at: Timestamp },
+    /// Persist what a fan-in task has heard of one occurrence: the
+    /// upstreams that ended, and how (empty: the occurrence is decided,
+    /// forget it).
+    FanIn {
+        task_id: TaskId,
+        scheduled_at: Timestamp,
+        ended: Vec<(TaskId, Outcome)>,
     },
 }
 
@@ -156,6 +193,10 @@ pub struct Scheduler {
     horizon: Option<DueKey>,
     /// Tasks whose following occurrence is to be computed.
     pending_after: Vec<TaskId>,
+    /// Triggered tasks by upstream.
+    downstream: HashMap<TaskId, Vec<TaskId>>,
+    /// Fan-in occurrences some upstreams of which have ended.
+    fanin: BTreeMap<(TaskId, Timestamp), Vec<(TaskId, Outcome)>>,
 }
 
 fn tick(t: Timestamp) -> u64 {
@@ -180,6 +221,8 @@ impl Scheduler {
             next_token: 0,
             horizon: None,
             pending_after: Vec::new(),
+            downstream: HashMap::new(),
+            fanin: BTreeMap::new(),
         }
     }
 
@@ -218,7 +261,12 @@ impl Scheduler {
         let Some(h) = self.horizon else {
             return true;
         };
-        e.running > 0 || e.retries > 0 || e.next_due.is_some_and(|t| (t, id) <= h)
+        // Triggered tasks are always held: their occurrences come from
+        // other tasks' ends, not from the due index.
+        e.running > 0
+            || e.retries > 0
+            || e.next_due.is_some_and(|t| (t, id) <= h)
+            || !e.task.schedule.triggers().is_empty()
     }
 
     /// Drops a task from memory if it is now beyond the horizon.
@@ -293,6 +341,9 @@ impl Scheduler {
                 if let Some(h) = old.timer {
                     self.wheel.cancel(h);
                 }
+                if old.task.schedule != task.schedule {
+                    self.unindex(&old.task);
+                }
                 let next_due = if old.task.schedule == task.schedule {
                     old.next_due
                 } else {
@@ -325,10 +376,36 @@ impl Scheduler {
             if let Some(h) = e.timer {
                 self.wheel.cancel(h);
             }
+            self.unindex(&e.task);
+        }
+    }
+
+    fn unindex(&mut self, task: &SchedTask) {
+        for t in task.schedule.triggers() {
+            if let Some(downs) = self.downstream.get_mut(&t.upstream) {
+                downs.retain(|d| *d != task.id);
+                if downs.is_empty() {
+                    self.downstream.remove(&t.upstream);
+                }
+            }
+        }
+        if !task.schedule.triggers().is_empty() {
+            let range = (task.id, Timestamp::MIN)..=(task.id, Timestamp::MAX);
+            let open: Vec<_> = self.fanin.range(range).map(|(k, _)| *k).collect();
+            for k in open {
+                self.fanin.remove(&k);
+            }
         }
     }
 
     fn insert_entry(&mut self, task: SchedTask, next_due: Option<Timestamp>) {
+        for t in task.schedule.triggers() {
+            let downs = self.downstream.entry(t.upstream).or_default();
+            if !downs.contains(&task.id) {
+                downs.push(task.id);
+                downs.sort_unstable();
+            }
+        }
         let timer = next_due.map(|t| self.wheel.insert(tick(t), Timer::Due(task.id)));
         self.pending_after.push(task.id);
         self.tasks.insert(
@@ -430,15 +507,20 @@ impl Scheduler {
         }
     }
 
-    /// A run ended (or was found interrupted at start-up) at `at`. Applies
-    /// the retry policy: returns the retry it scheduled, with its time, for
-    /// the caller to store with the run's record (a pending retry is
-    /// durable state: [`restore_retry`](Self::restore_retry) brings it back).
+    /// A run ended (or was found interrupted at start-up, or was skipped by
+    /// the caller) at `at`. Applies the retry policy: returns the retry it
+    /// scheduled, with its time, for the caller to store with the run's
+    /// record (a pending retry is durable state:
+    /// [`restore_retry`](Self::restore_retry) brings it back). An end with
+    /// no retry is the occurrence's last: the tasks triggered by it are
+    /// decided, and what to store of that is pushed to `out`, for the
+    /// caller to store in the same transaction as the record.
     pub fn run_finished(
         &mut self,
         key: RunKey,
-        outcome: sundial_protocol::Outcome,
+        outcome: Outcome,
         at: Timestamp,
+        out: &mut Vec<Command>,
     ) -> Option<(RunKey, Timestamp)> {
         if let Some(run) = self.running.remove(&key) {
             if let Some((h, token)) = run.timeout {
@@ -457,6 +539,7 @@ impl Scheduler {
             }
             _ => {
                 self.settle(key.task_id);
+                self.ended(key, outcome, at.max(self.now), out);
                 return None;
             }
         };
@@ -489,6 +572,158 @@ impl Scheduler {
     fn token(&mut self) -> u64 {
         self.next_token += 1;
         self.next_token
+    }
+
+    /// Brings back what a fan-in task had heard of an occurrence (stored
+    /// by a [`Command::FanIn`] before a restart). The task must be held.
+    pub fn restore_fanin(
+        &mut self,
+        task_id: TaskId,
+        scheduled_at: Timestamp,
+        ended: Vec<(TaskId, Outcome)>,
+    ) {
+        if self.tasks.contains_key(&task_id) && !ended.is_empty() {
+            self.fanin.insert((task_id, scheduled_at), ended);
+        }
+    }
+
+    /// The upstream tasks whose ends trigger `id`, as text (`t1:succeeded
+    /// t2:any`); `None` for a task by time or one not held.
+    pub fn trigger_text(&self, id: TaskId) -> Option<String> {
+        let e = self.tasks.get(&id)?;
+        let t = e.task.schedule.triggers();
+        (!t.is_empty()).then(|| {
+            t.iter()
+                .map(|t| t.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+    }
+
+    /// A run's occurrence ended for good (no retry follows): decides the
+    /// tasks it triggers, and theirs in turn when one is skipped.
+    fn ended(&mut self, key: RunKey, outcome: Outcome, at: Timestamp, out: &mut Vec<Command>) {
+        if self.downstream.is_empty() {
+            return;
+        }
+        let mut work: VecDeque<(TaskId, Timestamp, Outcome)> =
+            VecDeque::from([(key.task_id, key.scheduled_at, outcome)]);
+        // Each task's occurrence is decided once; a cycle (refused by the
+        // coordinator, but the wire is not trusted) stops here.
+        let mut decided: HashSet<(TaskId, Timestamp)> =
+            HashSet::from([(key.task_id, key.scheduled_at)]);
+        let mut steps = 0usize;
+        while let Some((up, s, outcome)) = work.pop_front() {
+            let downs = self.downstream.get(&up).cloned().unwrap_or_default();
+            for d in downs {
+                steps += 1;
+                if steps > TRIGGER_STEPS_MAX || decided.contains(&(d, s)) {
+                    tracing::warn!(task = %d, "a trigger chain loops or is too long; not followed");
+                    continue;
+                }
+                let Some(triggers) = self
+                    .tasks
+                    .get(&d)
+                    .map(|e| e.task.schedule.triggers().to_vec())
+                else {
+                    continue;
+                };
+                let heard = if triggers.len() == 1 {
+                    vec![(up, outcome)]
+                } else {
+                    let mut heard = self.fanin.remove(&(d, s)).unwrap_or_default();
+                    if !heard.iter().any(|(u, _)| *u == up) {
+                        heard.push((up, outcome));
+                    }
+                    if heard.len() < triggers.len() {
+                        out.push(Command::FanIn {
+                            task_id: d,
+                            scheduled_at: s,
+                            ended: heard.clone(),
+                        });
+                        self.fanin.insert((d, s), heard);
+                        for (given_up, _) in self.bound_fanin(d, &triggers, out) {
+                            if decided.insert((d, given_up)) {
+                                work.push_back((d, given_up, Outcome::Skipped));
+                            }
+                        }
+                        continue;
+                    }
+                    out.push(Command::FanIn {
+                        task_id: d,
+                        scheduled_at: s,
+                        ended: Vec::new(),
+                    });
+                    heard
+                };
+                decided.insert((d, s));
+                let refused = triggers.iter().find_map(|t| {
+                    let o = heard.iter().find(|(u, _)| *u == t.upstream)?.1;
+                    (!t.on.matches(o)).then_some((t.upstream, o))
+                });
+                let down = RunKey {
+                    task_id: d,
+                    scheduled_at: s,
+                    attempt: 1,
+                };
+                match refused {
+                    None => {
+                        out.push(Command::Trigger { key: down, at });
+                        self.restore_retry(down, at);
+                    }
+                    Some((upstream, o)) => {
+                        out.push(Command::Skip {
+                            key: down,
+                            reason: SkipReason::Untriggered {
+                                upstream,
+                                outcome: Some(o),
+                            },
+                        });
+                        work.push_back((d, s, Outcome::Skipped));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up the oldest occurrences a fan-in task waits on beyond
+    /// [`FANIN_OPEN_MAX`], recording each skipped; returns them.
+    fn bound_fanin(
+        &mut self,
+        d: TaskId,
+        triggers: &[sundial_protocol::Trigger],
+        out: &mut Vec<Command>,
+    ) -> Vec<(Timestamp, TaskId)> {
+        let range = (d, Timestamp::MIN)..=(d, Timestamp::MAX);
+        let open: Vec<(TaskId, Timestamp)> = self.fanin.range(range).map(|(k, _)| *k).collect();
+        let over = open.len().saturating_sub(FANIN_OPEN_MAX);
+        let mut given_up = Vec::new();
+        for k in open.into_iter().take(over) {
+            let heard = self.fanin.remove(&k).unwrap_or_default();
+            let missing = triggers
+                .iter()
+                .map(|t| t.upstream)
+                .find(|u| !heard.iter().any(|(h, _)| h == u))
+                .unwrap_or(d);
+            out.push(Command::FanIn {
+                task_id: d,
+                scheduled_at: k.1,
+                ended: Vec::new(),
+            });
+            out.push(Command::Skip {
+                key: RunKey {
+                    task_id: d,
+                    scheduled_at: k.1,
+                    attempt: 1,
+                },
+                reason: SkipReason::Untriggered {
+                    upstream: missing,
+                    outcome: None,
+                },
+            });
+            given_up.push((k.1, missing));
+        }
+        given_up
     }
 
     fn on_due(&mut self, id: TaskId, out: &mut Vec<Command>) {
@@ -597,14 +832,16 @@ impl Scheduler {
             to_run.extend(latest);
         }
         for t in to_skip {
+            let key = RunKey {
+                task_id: id,
+                scheduled_at: t,
+                attempt: 1,
+            };
             out.push(Command::Skip {
-                key: RunKey {
-                    task_id: id,
-                    scheduled_at: t,
-                    attempt: 1,
-                },
+                key,
                 reason: SkipReason::Misfire,
             });
+            self.ended(key, Outcome::Skipped, now, out);
         }
         for t in to_run {
             self.start(
@@ -633,6 +870,7 @@ impl Scheduler {
                 key,
                 reason: SkipReason::Overlap,
             });
+            self.ended(key, Outcome::Skipped, now, out);
             return;
         }
         if self.running.contains_key(&key) {

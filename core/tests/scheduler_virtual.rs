@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use sundial_core::scheduler::{Command, SchedTask, Scheduler, SkipReason};
 use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
-use sundial_protocol::{DurationMs, Outcome, RunKey, Schedule, TaskId, Timestamp};
+use sundial_protocol::{
+    DurationMs, Outcome, OutcomeSet, RunKey, Schedule, TaskId, Timestamp, Trigger,
+};
 
 fn ts(s: &str) -> Timestamp {
     Timestamp::parse(s).expect("valid test instant")
@@ -21,6 +23,7 @@ enum Event {
     Started { key: RunKey, at: Timestamp },
     Skipped { key: RunKey, reason: SkipReason },
     Killed { key: RunKey, at: Timestamp },
+    Triggered { key: RunKey, at: Timestamp },
 }
 
 type ActionFn = Box<dyn Fn(RunKey) -> (i64, Outcome)>;
@@ -54,6 +57,7 @@ impl Harness {
     }
 
     fn apply(&mut self, cmds: Vec<Command>) {
+        let mut more = Vec::new();
         for c in cmds {
             match c {
                 Command::Start { key, .. } => {
@@ -70,10 +74,16 @@ impl Harness {
                     for runs in self.ending.values_mut() {
                         runs.retain(|(k, _)| *k != key);
                     }
-                    self.sched.run_finished(key, Outcome::TimedOut, self.now);
+                    self.sched
+                        .run_finished(key, Outcome::TimedOut, self.now, &mut more);
                 }
                 Command::SaveState { .. } => {}
+                Command::Trigger { key, at } => self.events.push(Event::Triggered { key, at }),
+                Command::FanIn { .. } => {}
             }
+        }
+        if !more.is_empty() {
+            self.apply(more);
         }
     }
 
@@ -94,9 +104,11 @@ impl Harness {
             }
             self.now = next.max(self.now);
             if let Some(runs) = self.ending.remove(&next) {
+                let mut out = Vec::new();
                 for (key, outcome) in runs {
-                    self.sched.run_finished(key, outcome, self.now);
+                    self.sched.run_finished(key, outcome, self.now, &mut out);
                 }
+                self.apply(out);
             }
             let mut out = Vec::new();
             self.sched.advance(self.now, &mut out);
@@ -498,4 +510,283 @@ fn the_default_grace_of_a_frequent_task_turns_an_outage_into_one_catch_up() {
     let h = forty_seconds_down(1_000, OverlapPolicy::Allow);
     assert_eq!(h.starts().len(), 1);
     assert_eq!(h.skips().len(), 40);
+}
+
+fn after(ups: &[(u64, OutcomeSet)]) -> Schedule {
+    Schedule::after(
+        ups.iter()
+            .map(|(u, on)| Trigger {
+                upstream: TaskId(*u),
+                on: *on,
+            })
+            .collect(),
+    )
+    .expect("valid triggers")
+}
+
+/// The (task, occurrence, attempt) of every start, in order.
+fn started(h: &Harness) -> Vec<(u64, i64, u32)> {
+    h.starts()
+        .iter()
+        .map(|(k, _)| (k.task_id.0, k.scheduled_at.as_millis(), k.attempt))
+        .collect()
+}
+
+#[test]
+fn a_chain_with_a_failure_branch_fires_on_the_upstream_occurrence() {
+    let t0 = ts("2026-06-01T00:00:00Z");
+    let ms = t0.as_millis();
+    // backup (t1) every minute: fails at 00:01, succeeds otherwise.
+    // upload (t2) after backup succeeded; alert (t3) after backup failed;
+    // notify (t4) after upload, whatever its end (skipped included).
+    let mut h = Harness::new(t0, move |k| {
+        let failing = k.task_id.0 == 1 && k.scheduled_at.as_millis() == ms + 60_000;
+        (
+            500,
+            if failing {
+                Outcome::Failed
+            } else {
+                Outcome::Succeeded
+            },
+        )
+    });
+    let every = Schedule::every(DurationMs(60_000), t0).expect("valid");
+    h.add(task(1, every, Policies::default(), t0));
+    h.add(task(
+        2,
+        after(&[(1, OutcomeSet::SUCCEEDED)]),
+        Policies::default(),
+        t0,
+    ));
+    h.add(task(
+        3,
+        after(&[(1, OutcomeSet::FAILED)]),
+        Policies::default(),
+        t0,
+    ));
+    h.add(task(
+        4,
+        after(&[(2, OutcomeSet::ANY)]),
+        Policies::default(),
+        t0,
+    ));
+    h.run_until(t0.saturating_add_ms(90_000));
+    // (Runs due at the same instant start in no promised order.)
+    let mut all = started(&h);
+    all.sort_unstable_by_key(|(t, s, _)| (*s, *t));
+    assert_eq!(
+        all,
+        [
+            (1, ms, 1),
+            (2, ms, 1),
+            (4, ms, 1),
+            (1, ms + 60_000, 1),
+            (3, ms + 60_000, 1),
+            (4, ms + 60_000, 1),
+        ]
+    );
+    // Each start of a triggered task began when its upstream ended.
+    let starts = h.starts();
+    assert_eq!(starts[1].1.millis_since(t0), 500);
+    assert_eq!(starts[2].1.millis_since(t0), 1_000);
+    // What did not fire is recorded, naming why: alert at 00:00, upload at
+    // 00:01 (and notify fired after upload's skip, as `any` asks).
+    let skips: Vec<(u64, i64, String)> = h
+        .skips()
+        .iter()
+        .map(|(k, r)| (k.task_id.0, k.scheduled_at.as_millis() - ms, r.detail()))
+        .collect();
+    assert_eq!(
+        skips,
+        [
+            (
+                3,
+                0,
+                "not triggered: upstream t1 ended succeeded".to_owned()
+            ),
+            (
+                2,
+                60_000,
+                "not triggered: upstream t1 ended failed".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn retries_come_before_the_trigger_and_the_downstream_has_its_own() {
+    let t0 = ts("2026-06-01T00:00:00Z");
+    let ms = t0.as_millis();
+    let retry = |n| Policies {
+        retry: RetryPolicy {
+            retries: n,
+            backoff_initial: DurationMs(1_000),
+            backoff_max: DurationMs(1_000),
+        },
+        ..Policies::default()
+    };
+    // t1 fails twice then succeeds; t2 (after t1) fails once then succeeds.
+    let mut h = Harness::new(t0, |k| {
+        let ok = match k.task_id.0 {
+            1 => k.attempt >= 3,
+            _ => k.attempt >= 2,
+        };
+        (
+            100,
+            if ok {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            },
+        )
+    });
+    h.add(task(1, Schedule::at(t0), retry(3), t0));
+    h.add(task(2, after(&[(1, OutcomeSet::SUCCEEDED)]), retry(1), t0));
+    h.run_until(t0.saturating_add_ms(60_000));
+    assert_eq!(
+        started(&h),
+        [(1, ms, 1), (1, ms, 2), (1, ms, 3), (2, ms, 1), (2, ms, 2)]
+    );
+}
+
+#[test]
+fn fan_out_and_fan_in_fire_once_per_occurrence_when_all_have_ended() {
+    let t0 = ts("2026-06-01T00:00:00Z");
+    let ms = t0.as_millis();
+    // t1 and t2 on the same schedule; t2 takes longer. t3 after both; t4
+    // and t5 after t3 (fan-out).
+    let mut h = Harness::new(t0, |k| {
+        let dur = if k.task_id.0 == 2 { 3_000 } else { 100 };
+        (dur, Outcome::Succeeded)
+    });
+    let every = Schedule::every(DurationMs(10_000), t0).expect("valid");
+    h.add(task(1, every.clone(), Policies::default(), t0));
+    h.add(task(2, every, Policies::default(), t0));
+    let both = after(&[(1, OutcomeSet::SUCCEEDED), (2, OutcomeSet::ANY)]);
+    h.add(task(3, both, Policies::default(), t0));
+    h.add(task(
+        4,
+        after(&[(3, OutcomeSet::SUCCEEDED)]),
+        Policies::default(),
+        t0,
+    ));
+    h.add(task(
+        5,
+        after(&[(3, OutcomeSet::SUCCEEDED)]),
+        Policies::default(),
+        t0,
+    ));
+    h.run_until(t0.saturating_add_ms(15_000));
+    let starts = h.starts();
+    let of = |id: u64| -> Vec<(i64, i64)> {
+        starts
+            .iter()
+            .filter(|(k, _)| k.task_id.0 == id)
+            .map(|(k, at)| (k.scheduled_at.as_millis() - ms, at.millis_since(t0)))
+            .collect()
+    };
+    // Fired when the slower upstream ended, once per occurrence.
+    assert_eq!(of(3), [(0, 3_000), (10_000, 13_000)]);
+    assert_eq!(of(4), [(0, 3_100), (10_000, 13_100)]);
+    assert_eq!(of(5), of(4));
+    assert!(h.skips().is_empty());
+}
+
+#[test]
+fn a_fan_in_whose_upstream_failed_is_skipped_and_the_skip_flows_on() {
+    let t0 = ts("2026-06-01T00:00:00Z");
+    let mut h = Harness::new(t0, |k| {
+        (
+            100,
+            if k.task_id.0 == 2 {
+                Outcome::Failed
+            } else {
+                Outcome::Succeeded
+            },
+        )
+    });
+    h.add(task(1, Schedule::at(t0), Policies::default(), t0));
+    h.add(task(2, Schedule::at(t0), Policies::default(), t0));
+    let both = after(&[(1, OutcomeSet::SUCCEEDED), (2, OutcomeSet::SUCCEEDED)]);
+    h.add(task(3, both, Policies::default(), t0));
+    h.add(task(
+        4,
+        after(&[(3, OutcomeSet::SKIPPED)]),
+        Policies::default(),
+        t0,
+    ));
+    h.run_until(t0.saturating_add_ms(10_000));
+    assert_eq!(
+        started(&h).iter().map(|s| s.0).collect::<Vec<_>>(),
+        [1, 2, 4]
+    );
+    let skips = h.skips();
+    assert_eq!(skips.len(), 1);
+    assert_eq!(skips[0].0.task_id, TaskId(3));
+    assert_eq!(
+        skips[0].1.detail(),
+        "not triggered: upstream t2 ended failed"
+    );
+}
+
+#[test]
+fn a_fan_in_that_never_completes_is_given_up_within_its_bound() {
+    use sundial_core::scheduler::FANIN_OPEN_MAX;
+    let t0 = ts("2026-06-01T00:00:00Z");
+    // t2 is never assigned here: t3 after t1 and t2 hears only t1.
+    let mut h = Harness::new(t0, |_| (10, Outcome::Succeeded));
+    let every = Schedule::every(DurationMs(1_000), t0).expect("valid");
+    h.add(task(1, every, Policies::default(), t0));
+    let both = after(&[(1, OutcomeSet::SUCCEEDED), (2, OutcomeSet::SUCCEEDED)]);
+    h.add(task(3, both, Policies::default(), t0));
+    let n = FANIN_OPEN_MAX + 10;
+    h.run_until(t0.saturating_add_ms(n as i64 * 1_000 - 1));
+    assert_eq!(h.starts().len(), n, "t1 only");
+    let skips = h.skips();
+    assert_eq!(skips.len(), 10, "the oldest beyond the bound are given up");
+    assert!(skips.iter().all(|(k, _)| k.task_id == TaskId(3)));
+    assert_eq!(skips[0].0.scheduled_at, t0);
+    assert!(skips[0].1.detail().contains("upstream t2 never ended"));
+}
+
+#[test]
+fn a_cycle_from_a_faulty_coordinator_does_not_loop() {
+    let t0 = ts("2026-06-01T00:00:00Z");
+    let mut h = Harness::new(t0, |_| (10, Outcome::Succeeded));
+    h.add(task(1, Schedule::at(t0), Policies::default(), t0));
+    // t2 after t1 or t3; t3 after t2: a loop through t2 and t3.
+    h.add(task(
+        2,
+        after(&[(1, OutcomeSet::ANY)]),
+        Policies::default(),
+        t0,
+    ));
+    h.add(task(
+        3,
+        after(&[(2, OutcomeSet::ANY)]),
+        Policies::default(),
+        t0,
+    ));
+    h.add(task(
+        4,
+        after(&[(3, OutcomeSet::ANY)]),
+        Policies::default(),
+        t0,
+    ));
+    // Re-point t2 to t3: t2 → t3 → t2.
+    h.add(task(
+        2,
+        after(&[(3, OutcomeSet::ANY)]),
+        Policies::default(),
+        t0,
+    ));
+    h.add(task(
+        5,
+        after(&[(1, OutcomeSet::ANY)]),
+        Policies::default(),
+        t0,
+    ));
+    h.run_until(t0.saturating_add_ms(10_000));
+    // t1 fires t5; nothing reaches the loop, and nothing spins.
+    assert_eq!(started(&h).iter().map(|s| s.0).collect::<Vec<_>>(), [1, 5]);
 }

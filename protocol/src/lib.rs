@@ -21,7 +21,7 @@ pub mod time;
 pub mod token;
 pub mod wire;
 
-pub use schedule::{Schedule, ScheduleKind};
+pub use schedule::{OutcomeSet, Schedule, ScheduleKind, Trigger};
 
 /// An error and its causes as one line for people: each cause is added only
 /// when the text so far does not already say it (error types that print

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
+use crate::schedule::{OutcomeSet, ScheduleError, Trigger};
 use crate::task::{Action, ExecSpec, Target};
 use crate::{
     AgentId, DurationMs, Outcome, RunRecord, Schedule, ScheduleKind, TaskId, TaskSpec, Timestamp,
@@ -53,8 +54,16 @@ pub fn decode<T: DeserializeOwned>(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ScheduleV1 {
     At(i64),
-    Every { period_ms: u64, anchor_ms: i64 },
-    Cron { expr: String, tz: String },
+    Every {
+        period_ms: u64,
+        anchor_ms: i64,
+    },
+    Cron {
+        expr: String,
+        tz: String,
+    },
+    /// (upstream task id, outcome bits); new in 0.4.
+    After(Vec<(u64, u8)>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +129,9 @@ impl TaskRecordV1 {
                 expr: expr.as_str().to_owned(),
                 tz: tz.name().to_owned(),
             },
+            ScheduleKind::After(t) => {
+                ScheduleV1::After(t.iter().map(|t| (t.upstream.0, u8::from(t.on))).collect())
+            }
         };
         let Action::Exec(exec) = &t.action;
         let (target_agent, target_selector) = match &t.target {
@@ -170,6 +182,16 @@ impl TaskRecordV1 {
                 anchor_ms,
             } => Schedule::every(DurationMs(period_ms), ts("tasks", &key, anchor_ms)?),
             ScheduleV1::Cron { expr, tz } => Schedule::cron(&expr, &tz),
+            ScheduleV1::After(t) => t
+                .into_iter()
+                .map(|(upstream, on)| {
+                    Ok(Trigger {
+                        upstream: TaskId(upstream),
+                        on: OutcomeSet::try_from(on).map_err(ScheduleError::Triggers)?,
+                    })
+                })
+                .collect::<Result<Vec<Trigger>, ScheduleError>>()
+                .and_then(Schedule::after),
         }
         .map_err(|e| corrupt(e.to_string()))?;
         let start = self

@@ -15,7 +15,11 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use crate::cron::{parse_tz, CronError, CronExpr};
+use crate::task::{Outcome, TaskId};
 use crate::time::{DurationMs, Timestamp};
+
+/// The most upstream tasks one triggered task waits for.
+pub const TRIGGERS_MAX: usize = 16;
 
 /// When a task fires.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +42,107 @@ pub enum ScheduleKind {
     },
     /// A cron expression in a time zone.
     Cron { expr: CronExpr, tz: Tz },
+    /// Triggered, on the same agent, by the ends of other tasks' runs: an
+    /// occurrence of each upstream (its `scheduled_at`) that ended, after
+    /// its retries, as one of these asks is an occurrence of this task,
+    /// with the same `scheduled_at`; with several upstreams (fan-in), when
+    /// all of that occurrence have ended so. No occurrences by time.
+    After(Vec<Trigger>),
+}
+
+/// One upstream of a triggered task: its run must end with one of `on`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Trigger {
+    pub upstream: TaskId,
+    pub on: OutcomeSet,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.upstream, self.on)
+    }
+}
+
+/// The outcomes a trigger accepts, as bits: `succeeded`; `failed` (also a
+/// run that was rejected, or interrupted with no retry left: it ended
+/// without success, not by a timeout); `timed_out`; `skipped`; `any`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub struct OutcomeSet(u8);
+
+impl OutcomeSet {
+    pub const SUCCEEDED: OutcomeSet = OutcomeSet(1);
+    pub const FAILED: OutcomeSet = OutcomeSet(2);
+    pub const TIMED_OUT: OutcomeSet = OutcomeSet(4);
+    pub const SKIPPED: OutcomeSet = OutcomeSet(8);
+    pub const ANY: OutcomeSet = OutcomeSet(15);
+    const NAMES: [(&'static str, OutcomeSet); 4] = [
+        ("succeeded", OutcomeSet::SUCCEEDED),
+        ("failed", OutcomeSet::FAILED),
+        ("timed_out", OutcomeSet::TIMED_OUT),
+        ("skipped", OutcomeSet::SKIPPED),
+    ];
+
+    /// Whether a run that ended so fires the trigger.
+    pub fn matches(self, outcome: Outcome) -> bool {
+        let bit = match outcome {
+            Outcome::Succeeded => OutcomeSet::SUCCEEDED,
+            Outcome::Failed | Outcome::Rejected | Outcome::Interrupted => OutcomeSet::FAILED,
+            Outcome::TimedOut => OutcomeSet::TIMED_OUT,
+            Outcome::Skipped => OutcomeSet::SKIPPED,
+        };
+        self.0 & bit.0 != 0
+    }
+
+    /// `succeeded`, `failed,timed_out`, `any`, … (names joined by commas).
+    pub fn parse(s: &str) -> Result<OutcomeSet, String> {
+        let mut bits = 0u8;
+        for word in s.split(',').map(str::trim) {
+            if word == "any" {
+                bits |= OutcomeSet::ANY.0;
+                continue;
+            }
+            match OutcomeSet::NAMES.iter().find(|(n, _)| *n == word) {
+                Some((_, set)) => bits |= set.0,
+                None => {
+                    return Err(format!(
+                        "`{word}` is not an outcome to wait for (succeeded, failed, timed_out, skipped, any)"
+                    ))
+                }
+            }
+        }
+        OutcomeSet::try_from(bits)
+    }
+}
+
+impl TryFrom<u8> for OutcomeSet {
+    type Error = String;
+    fn try_from(bits: u8) -> Result<Self, Self::Error> {
+        if bits == 0 || bits & !OutcomeSet::ANY.0 != 0 {
+            return Err(format!("outcome set {bits:#x} is empty or unknown"));
+        }
+        Ok(OutcomeSet(bits))
+    }
+}
+
+impl From<OutcomeSet> for u8 {
+    fn from(s: OutcomeSet) -> u8 {
+        s.0
+    }
+}
+
+impl fmt::Display for OutcomeSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == OutcomeSet::ANY {
+            return f.write_str("any");
+        }
+        let names: Vec<&str> = OutcomeSet::NAMES
+            .iter()
+            .filter(|(_, b)| self.0 & b.0 != 0)
+            .map(|(n, _)| *n)
+            .collect();
+        f.write_str(&names.join(","))
+    }
 }
 
 /// Why a schedule was refused; each names the field at fault.
@@ -49,6 +154,12 @@ pub enum ScheduleError {
     ReversedWindow { start: Timestamp, end: Timestamp },
     #[error(transparent)]
     Cron(#[from] CronError),
+    #[error(
+        "after: a triggered task waits for 1 to {TRIGGERS_MAX} upstream tasks, each once (got {0})"
+    )]
+    Triggers(String),
+    #[error("after: a triggered task takes its occurrences from its upstreams; it has no window")]
+    TriggerWindow,
 }
 
 impl Schedule {
@@ -84,12 +195,39 @@ impl Schedule {
         })
     }
 
+    /// Triggered by the ends of upstream runs (see [`ScheduleKind::After`]).
+    pub fn after(triggers: Vec<Trigger>) -> Result<Schedule, ScheduleError> {
+        let mut ids: Vec<TaskId> = triggers.iter().map(|t| t.upstream).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if triggers.is_empty() || triggers.len() > TRIGGERS_MAX || ids.len() != triggers.len() {
+            let listed: Vec<String> = triggers.iter().map(Trigger::to_string).collect();
+            return Err(ScheduleError::Triggers(format!("[{}]", listed.join(" "))));
+        }
+        Ok(Schedule {
+            kind: ScheduleKind::After(triggers),
+            start: None,
+            end: None,
+        })
+    }
+
+    /// The upstreams of a triggered task (empty for a schedule by time).
+    pub fn triggers(&self) -> &[Trigger] {
+        match &self.kind {
+            ScheduleKind::After(t) => t,
+            _ => &[],
+        }
+    }
+
     /// Restricts occurrences to `[start, end)`.
     pub fn with_window(
         mut self,
         start: Option<Timestamp>,
         end: Option<Timestamp>,
     ) -> Result<Schedule, ScheduleError> {
+        if matches!(self.kind, ScheduleKind::After(_)) && (start.is_some() || end.is_some()) {
+            return Err(ScheduleError::TriggerWindow);
+        }
         if let (Some(s), Some(e)) = (start, end) {
             if e <= s {
                 return Err(ScheduleError::ReversedWindow { start: s, end: e });
@@ -128,6 +266,7 @@ impl Schedule {
                 }
             }
             ScheduleKind::Cron { expr, tz } => expr.next_after(*tz, from),
+            ScheduleKind::After(_) => None,
         }?;
         match self.end {
             Some(end) if next >= end => None,
@@ -166,6 +305,10 @@ impl fmt::Display for Schedule {
             ScheduleKind::At(t) => write!(f, "at {t}")?,
             ScheduleKind::Every { period, anchor } => write!(f, "every {period} from {anchor}")?,
             ScheduleKind::Cron { expr, tz } => write!(f, "cron '{expr}' {tz}")?,
+            ScheduleKind::After(t) => {
+                let listed: Vec<String> = t.iter().map(Trigger::to_string).collect();
+                write!(f, "after {}", listed.join(" "))?
+            }
         }
         if let Some(s) = self.start {
             write!(f, " from {s}")?;
@@ -197,6 +340,9 @@ enum ScheduleRepr {
         start: Option<Timestamp>,
         end: Option<Timestamp>,
     },
+    /// New in 0.4: an older agent cannot decode it, so the coordinator
+    /// sends triggered tasks only to agents that know them.
+    After { after: Vec<Trigger> },
 }
 
 impl TryFrom<ScheduleRepr> for Schedule {
@@ -216,6 +362,7 @@ impl TryFrom<ScheduleRepr> for Schedule {
                 start,
                 end,
             } => (Schedule::cron(&expr, &tz)?, start, end),
+            ScheduleRepr::After { after } => return Schedule::after(after),
         };
         s.with_window(start, end)
     }
@@ -238,6 +385,7 @@ impl From<Schedule> for ScheduleRepr {
                 start,
                 end,
             },
+            ScheduleKind::After(after) => ScheduleRepr::After { after },
         }
     }
 }
@@ -245,6 +393,55 @@ impl From<Schedule> for ScheduleRepr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn triggers_parse_match_and_travel() {
+        let set = OutcomeSet::parse("failed,timed_out").expect("valid");
+        assert!(set.matches(Outcome::Failed));
+        assert!(set.matches(Outcome::Rejected));
+        assert!(set.matches(Outcome::TimedOut));
+        assert!(!set.matches(Outcome::Succeeded));
+        assert!(!set.matches(Outcome::Skipped));
+        assert_eq!(set.to_string(), "failed,timed_out");
+        assert_eq!(OutcomeSet::parse("any").expect("valid"), OutcomeSet::ANY);
+        assert!(OutcomeSet::parse("done").is_err());
+        assert!(OutcomeSet::try_from(0u8).is_err());
+        assert!(OutcomeSet::try_from(16u8).is_err());
+        let s = Schedule::after(vec![
+            Trigger {
+                upstream: TaskId(1),
+                on: OutcomeSet::SUCCEEDED,
+            },
+            Trigger {
+                upstream: TaskId(2),
+                on: OutcomeSet::ANY,
+            },
+        ])
+        .expect("valid");
+        assert_eq!(s.to_string(), "after t1:succeeded t2:any");
+        assert_eq!(s.next_after(Timestamp::EPOCH), None);
+        let bytes = postcard::to_allocvec(&s).expect("encodes");
+        assert_eq!(
+            postcard::from_bytes::<Schedule>(&bytes).expect("decodes"),
+            s
+        );
+        let twice = Trigger {
+            upstream: TaskId(1),
+            on: OutcomeSet::ANY,
+        };
+        assert!(Schedule::after(vec![twice, twice]).is_err());
+        assert!(Schedule::after(Vec::new()).is_err());
+        assert_eq!(
+            s.clone().with_window(Some(Timestamp::EPOCH), None),
+            Err(ScheduleError::TriggerWindow)
+        );
+        // A duplicate from the wire is refused as one typed would be.
+        let bad = ScheduleRepr::After {
+            after: vec![twice, twice],
+        };
+        let bytes = postcard::to_allocvec(&bad).expect("encodes");
+        assert!(postcard::from_bytes::<Schedule>(&bytes).is_err());
+    }
 
     fn ts(s: &str) -> Timestamp {
         Timestamp::parse(s).expect("valid test instant")

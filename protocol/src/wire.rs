@@ -64,11 +64,24 @@ pub fn busy_retry_after_ms(reason: &[u8]) -> Option<u64> {
 /// the unknown message for a bad frame and never finish its session, so a
 /// coordinator upgraded before its fleet does not send it to them.
 pub fn agent_knows_policy(agent_version: &str) -> bool {
-    let mut parts = agent_version.split('.').map(|p| p.parse::<u64>());
+    version_at_least(agent_version, (0, 2))
+}
+
+/// Whether `version` (`MAJOR.MINOR…`) is at least `want`; an unreadable
+/// version is not.
+fn version_at_least(version: &str, want: (u64, u64)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>());
     match (parts.next(), parts.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (0, 2),
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= want,
         _ => false,
     }
+}
+
+/// Whether an agent of this version knows triggered tasks
+/// ([`crate::ScheduleKind::After`], new in 0.4): an older one could not
+/// decode a page of assignments holding one, so it is not sent them.
+pub fn agent_knows_triggers(agent_version: &str) -> bool {
+    version_at_least(agent_version, (0, 4))
 }
 
 /// Whether an agent of this version sends [`AgentMsg::Report`] when asked
@@ -76,11 +89,7 @@ pub fn agent_knows_policy(agent_version: &str) -> bool {
 /// unknown message for a bad frame, and an older coordinator the report, so
 /// each side sends it only knowing the other understands.
 pub fn agent_knows_reports(agent_version: &str) -> bool {
-    let mut parts = agent_version.split('.').map(|p| p.parse::<u64>());
-    match (parts.next(), parts.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (0, 3),
-        _ => false,
-    }
+    version_at_least(agent_version, (0, 3))
 }
 
 /// How often an agent may be asked to report, at least and at most, ms.
@@ -738,6 +747,8 @@ mod tests {
         assert!(agent_knows_policy("1.0.3"));
         assert!(!agent_knows_policy("bench"));
         assert!(!agent_knows_policy(""));
+        assert!(agent_knows_triggers("0.4.0"));
+        assert!(!agent_knows_triggers("0.3.9"));
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub fn occurrences(schedule: &Schedule, from: Timestamp, to: Timestamp) -> Vec<T
                 + i64::from(from.as_millis().rem_euclid(60_000) != 0);
             cron_minutes(expr, *tz, from_min, to.as_millis().div_euclid(60_000) + 1)
         }
+        // A triggered task has no occurrences of its own by time: they are
+        // its upstreams' (the checks derive them from the records).
+        ScheduleKind::After(_) => Vec::new(),
     };
     all.into_iter().filter(|t| in_window(*t)).collect()
 }

@@ -90,6 +90,7 @@ fn ops() -> Vec<Op> {
             records: vec![record(key(2, 100 + n), Outcome::Skipped)],
             // The retry the previous round's failure left is started.
             retries: Vec::new(),
+            fanin: Vec::new(),
         }));
         // Every other run fails and leaves a retry pending.
         let retry = (n % 2 == 0).then(|| {

@@ -154,32 +154,16 @@ impl NodeStore for RedbNode {
         self.keep(self.store.apply_changes(upserts, removed, states, revision))
     }
     fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
-        let w = StepWrite {
-            states: step.states.clone(),
-            started: step
-                .started
-                .iter()
-                .map(|(k, s)| {
-                    (
-                        *k,
-                        StartedInfo {
-                            fired_at: s.fired_at,
-                            offline: s.offline,
-                        },
-                    )
-                })
-                .collect(),
-            records: step.records.clone(),
-            retries: step.retries.clone(),
-        };
-        self.keep(self.store.apply_step(&w))
+        self.keep(self.store.apply_step(&step_write(step)))
     }
-    fn finish_run(
-        &mut self,
-        record: &RunRecord,
-        retry: Option<(RunKey, Timestamp)>,
-    ) -> StoreResult<()> {
-        self.keep(self.store.finish_run(record, retry))
+    fn finish_run(&mut self, record: &RunRecord, then: &Step) -> StoreResult<()> {
+        self.keep(self.store.finish_run_then(record, &step_write(then)))
+    }
+    fn triggered_tasks(&self) -> StoreResult<Vec<StoredTask>> {
+        self.keep(self.store.triggered_tasks())
+    }
+    fn fanin_pending(&self) -> StoreResult<Vec<sundial_core::node::FanInState>> {
+        self.keep(self.store.fanin_pending())
     }
     fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>> {
         self.keep(self.store.pending_retries())
@@ -342,5 +326,28 @@ mod tests {
             node.next_wake(r(1_000)) > r(1_000).boot_ms,
             "a stopped node would spin"
         );
+    }
+}
+
+/// The store's form of a node step.
+fn step_write(step: &Step) -> StepWrite {
+    StepWrite {
+        states: step.states.clone(),
+        started: step
+            .started
+            .iter()
+            .map(|(k, s)| {
+                (
+                    *k,
+                    StartedInfo {
+                        fired_at: s.fired_at,
+                        offline: s.offline,
+                    },
+                )
+            })
+            .collect(),
+        records: step.records.clone(),
+        retries: step.retries.clone(),
+        fanin: step.fanin.clone(),
     }
 }

@@ -88,8 +88,9 @@ pub(super) fn core_lateness(
             }
             // Then the bookkeeping: the next occurrences, the runs' ends.
             sched.precompute();
+            let mut follow = Vec::new();
             for key in started {
-                sched.run_finished(key, Outcome::Succeeded, key.scheduled_at);
+                sched.run_finished(key, Outcome::Succeeded, key.scheduled_at, &mut follow);
             }
         }
     });

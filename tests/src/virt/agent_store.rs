@@ -137,14 +137,17 @@ impl NodeStore for SimStore {
         self.ledger.extend(step.records.iter().cloned());
         Ok(())
     }
-    fn finish_run(
-        &mut self,
-        record: &RunRecord,
-        retry: Option<(RunKey, Timestamp)>,
-    ) -> StoreResult<()> {
-        self.node.finish_run(record, retry)?;
+    fn finish_run(&mut self, record: &RunRecord, then: &Step) -> StoreResult<()> {
+        self.node.finish_run(record, then)?;
         self.ledger.push(record.clone());
+        self.ledger.extend(then.records.iter().cloned());
         Ok(())
+    }
+    fn triggered_tasks(&self) -> StoreResult<Vec<StoredTask>> {
+        self.node.triggered_tasks()
+    }
+    fn fanin_pending(&self) -> StoreResult<Vec<sundial_core::node::FanInState>> {
+        self.node.fanin_pending()
     }
     fn pending_retries(&self) -> StoreResult<Vec<(RunKey, Timestamp)>> {
         self.node.pending_retries()
