@@ -30,6 +30,12 @@ pub const PAST_SLACK_MS: i64 = 10_000;
 /// token's secret).
 pub const ENTROPY_BYTES: usize = sundial_protocol::token::SECRET_BYTES;
 
+/// The most triggered tasks one coordinator holds (an agent holds every
+/// triggered task of its in memory).
+pub const TRIGGERED_TASKS_MAX: usize = 4_096;
+/// The longest chain of triggered tasks above one.
+pub const TRIGGER_DEPTH_MAX: usize = 32;
+
 /// Most audit entries listed by one `audit list`.
 pub const AUDIT_LIST_MAX: u32 = 10_000;
 /// The shortest and longest lifetime of an admin credential.
@@ -552,6 +558,138 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
     None
 }
 
+/// Whether every agent `down` reaches is reached by `up` as well (what a
+/// triggered task needs of each upstream: it runs on the same agents).
+fn reach_within(down: &Target, up: &Target, store: &dyn CoordStore) -> StoreResult<bool> {
+    Ok(match (down, up) {
+        (Target::Agent(a), Target::Agent(b)) => a == b,
+        (Target::Agent(a), Target::Selector(sel)) => store
+            .agent(*a)?
+            .is_some_and(|r| sel.iter().all(|p| r.labels.contains(p))),
+        (Target::Selector(d), Target::Selector(u)) => u.iter().all(|p| d.contains(p)),
+        (Target::Selector(_), Target::Agent(_)) => false,
+    })
+}
+
+fn target_text(t: &Target) -> String {
+    match t {
+        Target::Agent(a) => format!("agent {a}"),
+        Target::Selector(s) => format!("selector {}", labels_text(s)),
+    }
+}
+
+/// Why a triggered task may not be stored as drafted: an upstream that is
+/// unknown or cancelled, or does not reach the agents this task reaches
+/// (triggers are decided on the device: same agent only); upstreams of a
+/// fan-in that do not share their occurrences; a cycle (`own`: the task
+/// being updated); a chain too deep; too many triggered tasks. `None` for
+/// a task by time, or one that may be stored.
+fn trigger_refusal(
+    store: &dyn CoordStore,
+    draft: &TaskDraft,
+    own: Option<TaskId>,
+) -> StoreResult<Option<String>> {
+    let triggers = draft.schedule.triggers();
+    if triggers.is_empty() {
+        return Ok(None);
+    }
+    // The schedule an upstream's occurrences come from: its own, or, for a
+    // triggered one, that of its (first) upstream, and so on up.
+    let root = |mut id: TaskId| -> StoreResult<Result<sundial_protocol::Schedule, String>> {
+        for _ in 0..=TRIGGER_DEPTH_MAX {
+            if Some(id) == own {
+                return Ok(Err(format!(
+                    "--after: the chain above {id} leads back to it; triggers may not form a cycle"
+                )));
+            }
+            let Some(t) = store.task(id)? else {
+                return Ok(Err(format!("--after: no task {id}")));
+            };
+            match t.spec.schedule.triggers().first() {
+                None => return Ok(Ok(t.spec.schedule)),
+                Some(up) => id = up.upstream,
+            }
+        }
+        Ok(Err(format!(
+            "--after: the chain of triggered tasks above {id} is deeper than {TRIGGER_DEPTH_MAX}"
+        )))
+    };
+    let mut roots: Vec<(TaskId, sundial_protocol::Schedule)> = Vec::new();
+    for t in triggers {
+        let Some(up) = store.task(t.upstream)? else {
+            return Ok(Some(format!("--after: no task {}", t.upstream)));
+        };
+        if up.cancelled {
+            return Ok(Some(format!(
+                "--after: task {} is cancelled; it triggers nothing",
+                t.upstream
+            )));
+        }
+        if !reach_within(&draft.target, &up.spec.target, store)? {
+            return Ok(Some(format!(
+                "--after {}: it runs on {}, this task on {}; a triggered task runs on the same \
+                 agents as each of its upstreams (triggers are decided on the device, offline): \
+                 give it the same target, or leave the target out to take the upstream's",
+                t.upstream,
+                target_text(&up.spec.target),
+                target_text(&draft.target)
+            )));
+        }
+        // Every task above it, for cycles and depth.
+        let mut above = vec![(t.upstream, 0usize)];
+        while let Some((id, depth)) = above.pop() {
+            if Some(id) == own {
+                return Ok(Some(format!(
+                    "--after {}: the chain above it leads back to this task; triggers may not form a cycle",
+                    t.upstream
+                )));
+            }
+            if depth >= TRIGGER_DEPTH_MAX {
+                return Ok(Some(format!(
+                    "--after {}: the chain of triggered tasks above it is deeper than {TRIGGER_DEPTH_MAX}",
+                    t.upstream
+                )));
+            }
+            if let Some(task) = store.task(id)? {
+                above.extend(
+                    task.spec
+                        .schedule
+                        .triggers()
+                        .iter()
+                        .map(|u| (u.upstream, depth + 1)),
+                );
+            }
+        }
+        match root(t.upstream)? {
+            Ok(r) => roots.push((t.upstream, r)),
+            Err(why) => return Ok(Some(why)),
+        }
+    }
+    if let Some(((a, ra), (b, rb))) = roots
+        .first()
+        .and_then(|first| roots.iter().find(|(_, r)| *r != first.1).map(|o| (first, o)))
+    {
+        return Ok(Some(format!(
+            "--after: {a} ({ra}) and {b} ({rb}) do not share their occurrences; a task after \
+             several fires for an occurrence when all of them have ended it, so they must \
+             run on the same schedule"
+        )));
+    }
+    if own.is_none() {
+        let triggered = all_tasks(store)?
+            .iter()
+            .filter(|t| !t.cancelled && !t.spec.schedule.triggers().is_empty())
+            .count();
+        if triggered >= TRIGGERED_TASKS_MAX {
+            return Ok(Some(format!(
+                "this coordinator holds {triggered} triggered tasks, the most allowed \
+                 ({TRIGGERED_TASKS_MAX}: each agent holds all of its in memory)"
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Applies `task update`'s changes to a task.
 pub fn apply_patch(spec: &mut TaskSpec, p: TaskPatch) {
     if let Some(s) = p.schedule {
@@ -624,6 +762,9 @@ fn update(
     if let Some(why) = draft_refusal(&ctx.limits, &draft, ctx.now) {
         return Err(StoreError::Refused(why));
     }
+    if let Some(why) = trigger_refusal(store, &draft, Some(id))? {
+        return Err(StoreError::Refused(why));
+    }
     let revision = store.update_task(&spec, read_revision, Some(&ctx.audit))?;
     Ok(AdminAnswer::one(AdminResponse::Updated { revision })?
         .with(FollowUp::Audited(ctx.audit.for_task(id, revision)))
@@ -664,6 +805,8 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
     };
     let mut refusing = Vec::new();
     let mut offline = Vec::new();
+    let mut old = Vec::new();
+    let triggered = !draft.schedule.triggers().is_empty();
     for a in reached {
         let elsewhere = ctx.shared && a.in_session;
         let Some(seen) = ctx.seen.get(&a.id) else {
@@ -674,6 +817,14 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
         };
         if !seen.online && !elsewhere {
             offline.push(name(a));
+        }
+        if triggered
+            && seen
+                .version
+                .as_deref()
+                .is_some_and(|v| !sundial_protocol::wire::agent_knows_triggers(v))
+        {
+            old.push(name(a));
         }
         // An allowlist told in full (a clipped pattern ends in `…`, and a
         // Hello carries at most 32): the agent's own glob rule decides.
@@ -698,6 +849,14 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
             exec.program
         ));
     }
+    if !old.is_empty() {
+        out.push(format!(
+            "{} {} an agent older than 0.4, which does not know triggered tasks: {} the task once upgraded",
+            listed(&old),
+            if old.len() == 1 { "runs" } else { "run" },
+            if old.len() == 1 { "it gets" } else { "they get" },
+        ));
+    }
     if !offline.is_empty() {
         out.push(format!(
             "{} {} offline now: the task reaches {} when {} reconnect{}; occurrences due before then follow the misfire policy",
@@ -718,6 +877,9 @@ fn create(
 ) -> StoreResult<AdminAnswer> {
     let now = ctx.now;
     if let Some(why) = draft_refusal(&ctx.limits, &draft, now) {
+        return Err(StoreError::Refused(why));
+    }
+    if let Some(why) = trigger_refusal(store, &draft, None)? {
         return Err(StoreError::Refused(why));
     }
     let mut warnings = Vec::new();

@@ -569,6 +569,7 @@ struct Hello {
     outbox_len: u64,
     knows_policy: bool,
     knows_reports: bool,
+    knows_triggers: bool,
 }
 
 #[derive(Debug)]
@@ -1315,12 +1316,15 @@ impl CoordNode {
                 };
                 let knows_policy = sundial_protocol::wire::agent_knows_policy(&agent_version);
                 let knows_reports = sundial_protocol::wire::agent_knows_reports(&agent_version);
+                let knows_triggers =
+                    sundial_protocol::wire::agent_knows_triggers(&agent_version);
                 *phase = Phase::Checking(
                     Hello {
                         last_revision,
                         outbox_len,
                         knows_policy,
                         knows_reports,
+                        knows_triggers,
                     },
                     VecDeque::new(),
                 );
@@ -1493,6 +1497,7 @@ impl CoordNode {
             Told {
                 policy,
                 report_every_ms: report_every,
+                triggers: hello.knows_triggers,
             },
         );
         // The upload limits are the agent's, not the session's: carried on

@@ -59,6 +59,10 @@ pub struct Told {
     pub policy: Option<ReconnectPolicy>,
     /// How often to report (agents from 0.3).
     pub report_every_ms: Option<u32>,
+    /// Whether the agent knows triggered tasks (agents from 0.4): an older
+    /// one is sent a cancel in place of one, so it never holds what it
+    /// cannot decode or run.
+    pub triggers: bool,
 }
 
 /// A token bucket: `rate` units a second, up to one second's worth saved.
@@ -122,6 +126,8 @@ pub struct CoordSession {
     runs: Bucket,
     bytes: Bucket,
     throttled_told: bool,
+    /// The agent knows triggered tasks.
+    knows_triggers: bool,
     closed: bool,
     transmit: VecDeque<CoordMsg>,
     effects: VecDeque<CoordEffect>,
@@ -154,6 +160,7 @@ impl CoordSession {
             runs: Bucket::new(f64::from(limits.runs_per_sec), now.mono_ms),
             bytes: Bucket::new(limits.bytes_per_sec as f64, now.mono_ms),
             throttled_told: false,
+            knows_triggers: told.triggers,
             closed: false,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
@@ -259,10 +266,12 @@ impl CoordSession {
         }
         let since = self.sent;
         let enrolled_at = self.enrolled_at;
+        let knows_triggers = self.knows_triggers;
         let changes: Vec<AssignmentChange> = changes
             .into_iter()
             .map(|(mut spec, cancelled)| {
-                if cancelled {
+                let unknown = !knows_triggers && !spec.schedule.triggers().is_empty();
+                if cancelled || unknown {
                     AssignmentChange::Cancel {
                         task_id: spec.id,
                         revision: spec.revision,

@@ -266,7 +266,7 @@ pub(crate) struct UpdateArgs {
 #[command(group(
     clap::ArgGroup::new("target")
         .args(["agent", "selector"])
-        .required(true)
+        .required(false)
         .multiple(false)
 ))]
 pub(crate) struct CreateArgs {
@@ -281,6 +281,14 @@ pub(crate) struct CreateArgs {
     pub(crate) selector: Option<cli::Selector>,
     #[command(flatten)]
     pub(crate) schedule: ScheduleArgs,
+    /// Triggered instead of scheduled: runs on the same agent when a run of
+    /// TASK (id or name), after its retries, ends with one of OUTCOMES
+    /// (succeeded [default], failed, timed_out, skipped, any; comma
+    /// separated). Repeat for a fan-in: fires when all of them have ended
+    /// so for the same occurrence. Decided on the device, online or not;
+    /// without --agent or --selector it runs where TASK runs.
+    #[arg(long, value_name = "TASK[:OUTCOMES]", conflicts_with_all = ["at", "every", "cron", "start", "end"])]
+    pub(crate) after: Vec<String>,
     /// What to do with occurrences missed while the agent was down: skip,
     /// once (one catch-up run), all or all:CAP.
     #[arg(long, value_name = "POLICY", default_value = "once", value_parser = cli::Suggest::<MisfireMode>::new(cli::MISFIRE_VALUES))]

@@ -19,7 +19,9 @@ use sundial_protocol::wire::{
     AdminInfo, AdminRequest, AdminResponse, AgentInfo, AuditEntry, AuditQuery, LastRun, Role,
     TaskDraft, TaskInfo, TaskPatch, TokenInfo,
 };
-use sundial_protocol::{AgentId, DurationMs, RunRecord, TaskId, Timestamp};
+use sundial_protocol::{
+    AgentId, DurationMs, OutcomeSet, RunRecord, Schedule, TaskId, Timestamp, Trigger,
+};
 
 /// Prints to stdout; a closed pipe (`sundialctl … | head`) ends the
 /// program quietly instead of panicking.
@@ -296,7 +298,23 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 Some(a) => Some(ctl.agent_id(&a).await?),
                 None => None,
             };
-            let draft = draft(args, agent)?;
+            let mut triggers = Vec::new();
+            let mut inherited = None;
+            if !args.after.is_empty() {
+                let tasks = ctl.tasks().await?;
+                for text in std::mem::take(&mut args.after) {
+                    let (task, on) = request::parse_after(&text)?;
+                    let upstream = ctl.task_id(&task).await?;
+                    if inherited.is_none() {
+                        inherited = tasks
+                            .iter()
+                            .find(|t| t.spec.id == upstream)
+                            .map(|t| t.spec.target.clone());
+                    }
+                    triggers.push(Trigger { upstream, on });
+                }
+            }
+            let draft = draft(args, agent, triggers, inherited)?;
             match ctl.ask(AdminRequest::TaskCreate(Box::new(draft))).await? {
                 AdminResponse::TaskCreated(id) => outln!("{id}"),
                 AdminResponse::TaskCreatedWarn { id, warnings } => {
@@ -321,21 +339,55 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
             let id = ctl.task_id(&id).await?;
             match ctl.ask(AdminRequest::TaskGet(id)).await? {
                 AdminResponse::Task(t) => {
+                    let downstream = downstream_of(t.spec.id, &ctl.tasks().await?);
                     if out.output == Output::Json {
-                        print_json(&task_json(&t))?;
+                        let mut v = task_json(&t);
+                        if let Some(m) = v.as_object_mut() {
+                            m.insert(
+                                "triggers".into(),
+                                json!(downstream.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                            );
+                        }
+                        print_json(&v)?;
                     } else {
-                        let names = ctl.names(false).await;
-                        out!("{}", describe_task(&t, &names));
+                        let chained =
+                            !downstream.is_empty() || !t.spec.schedule.triggers().is_empty();
+                        let names = ctl.names(chained).await;
+                        out!("{}", describe_task(&t, &names, &downstream));
                     }
                 }
                 r => return Err(unexpected(r)),
             }
         }
         Cmd::Task(TaskCmd::Cancel { ids }) => {
+            let mut cancelled = Vec::new();
             for id in ids {
                 let id = ctl.task_id(&id).await?;
                 ctl.ask(AdminRequest::TaskCancel(id)).await?;
                 outln!("cancelled {id}");
+                cancelled.push(id);
+            }
+            // What the cancelled tasks leave without a trigger.
+            let tasks = ctl.tasks().await?;
+            let names = ctl.names(true).await;
+            for id in &cancelled {
+                let left: Vec<String> = downstream_of(*id, &tasks)
+                    .into_iter()
+                    .filter(|d| !cancelled.contains(d))
+                    .map(|d| names.task(d))
+                    .collect();
+                if !left.is_empty() {
+                    let (them, they) = if left.len() == 1 {
+                        ("it", "it")
+                    } else {
+                        ("them", "they")
+                    };
+                    eprintln!(
+                        "sundialctl: warning: {} ran after {}, so {they} will not fire again: cancel {them} too, or create {them} anew --after another task",
+                        left.join(", "),
+                        names.task(*id),
+                    );
+                }
             }
         }
         Cmd::Task(TaskCmd::Update(args)) => {

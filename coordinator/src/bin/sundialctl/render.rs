@@ -103,6 +103,10 @@ pub(crate) fn task_json(t: &TaskInfo) -> Value {
             Target::Selector(s) => json!({"selector": labels_json(s)}),
         },
         "schedule": t.spec.schedule.to_string(),
+        "after": t.spec.schedule.triggers().iter().map(|u| json!({
+            "task_id": u.upstream.to_string(),
+            "on": u.on.to_string(),
+        })).collect::<Vec<_>>(),
         "program": exec.program,
         "args": exec.args,
         "env": exec.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
@@ -360,8 +364,18 @@ pub(crate) fn tasks_out(tasks: &[TaskInfo], names: &Names, out: Output) -> anyho
     Ok(())
 }
 
-/// `task get` for people, as `kubectl describe` does it.
-pub(crate) fn describe_task(t: &TaskInfo, names: &Names) -> String {
+/// The live tasks triggered by `id`.
+pub(crate) fn downstream_of(id: TaskId, tasks: &[TaskInfo]) -> Vec<TaskId> {
+    tasks
+        .iter()
+        .filter(|t| !t.cancelled && t.spec.schedule.triggers().iter().any(|u| u.upstream == id))
+        .map(|t| t.spec.id)
+        .collect()
+}
+
+/// `task get` for people, as `kubectl describe` does it. `downstream`:
+/// the live tasks it triggers.
+pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) -> String {
     use std::fmt::Write;
     let Action::Exec(exec) = &t.spec.action;
     let p = &t.spec.policies;
@@ -382,7 +396,33 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names) -> String {
             Target::Selector(s) => format!("selector {}", labels_text(s)),
         },
     );
-    field("Schedule", t.spec.schedule.to_string());
+    let triggers = t.spec.schedule.triggers();
+    if triggers.is_empty() {
+        field("Schedule", t.spec.schedule.to_string());
+    } else {
+        field(
+            "Schedule",
+            "triggered (by its upstreams' runs, on the same agent)".into(),
+        );
+        field(
+            "After",
+            triggers
+                .iter()
+                .map(|u| format!("{} ended {}", names.task(u.upstream), u.on))
+                .collect::<Vec<_>>()
+                .join(if triggers.len() > 1 { ", and " } else { "" }),
+        );
+    }
+    if !downstream.is_empty() {
+        field(
+            "Triggers",
+            downstream
+                .iter()
+                .map(|d| names.task(*d))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
     let (start, end) = t.spec.schedule.window();
     if start.is_some() || end.is_some() {
         field("Window", format!("[{}, {})", or_dash(start), or_dash(end)));
@@ -390,7 +430,13 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names) -> String {
     field(
         "Next",
         t.next.map_or_else(
-            || "-".into(),
+            || {
+                if triggers.is_empty() {
+                    "-".into()
+                } else {
+                    "when its upstreams end".into()
+                }
+            },
             |n| format!("{} ({})", with_zone(n, &t.spec.schedule), ago(n, now)),
         ),
     );
@@ -408,10 +454,12 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names) -> String {
         },
     );
     field("Working dir", or_dash(exec.cwd.clone()));
-    field(
-        "Misfire",
-        format!("{} (grace {})", p.misfire.mode, p.misfire.grace),
-    );
+    if triggers.is_empty() {
+        field(
+            "Misfire",
+            format!("{} (grace {})", p.misfire.mode, p.misfire.grace),
+        );
+    }
     field(
         "Retries",
         if p.retry.retries == 0 {

@@ -62,7 +62,27 @@ pub(crate) const PAST_SLACK_MS: i64 = 1_000;
 /// The grace when none is given and the schedule's period is longer.
 pub(crate) const GRACE_DEFAULT: DurationMs = DurationMs(60_000);
 
-pub(crate) fn draft(a: CreateArgs, agent: Option<AgentId>) -> anyhow::Result<TaskDraft> {
+/// `TASK[:OUTCOMES]` of `--after`: the task as typed, and the outcomes.
+pub(crate) fn parse_after(text: &str) -> anyhow::Result<(String, OutcomeSet)> {
+    let (task, outcomes) = match text.rsplit_once(':') {
+        Some((t, o)) => (t, OutcomeSet::parse(o).map_err(|e| anyhow::anyhow!("--after {text}: {e}"))?),
+        None => (text, OutcomeSet::SUCCEEDED),
+    };
+    if task.trim().is_empty() {
+        bail!("--after {text}: no task named (expected TASK[:OUTCOMES], e.g. backup:failed)");
+    }
+    Ok((task.to_owned(), outcomes))
+}
+
+/// A task to create. `triggers`: the resolved `--after` upstreams, and
+/// `inherited`: the target to take when none is given (the first
+/// upstream's).
+pub(crate) fn draft(
+    a: CreateArgs,
+    agent: Option<AgentId>,
+    triggers: Vec<Trigger>,
+    inherited: Option<Target>,
+) -> anyhow::Result<TaskDraft> {
     let now = cli::now();
     if let Some(at) = a.schedule.at {
         if at.millis_since(now) < -PAST_SLACK_MS {
@@ -82,12 +102,15 @@ pub(crate) fn draft(a: CreateArgs, agent: Option<AgentId>) -> anyhow::Result<Tas
     for note in a.schedule.notes() {
         eprintln!("sundialctl: note: {note}");
     }
-    let schedule = a
-        .schedule
-        .to_schedule(now)
-        .map_err(anyhow::Error::msg)?
-        .with_window(a.start, a.end)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let schedule = if triggers.is_empty() {
+        a.schedule
+            .to_schedule(now)
+            .map_err(|e| anyhow::anyhow!("{e} (or --after TASK for a triggered task)"))?
+            .with_window(a.start, a.end)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        Schedule::after(triggers).map_err(|e| anyhow::anyhow!("{e}"))?
+    };
     // A catch-up within the grace runs as if on time: the default grace is
     // no longer than the schedule's period, so a short outage does not
     // replay a burst of a frequent task.
@@ -102,10 +125,11 @@ pub(crate) fn draft(a: CreateArgs, agent: Option<AgentId>) -> anyhow::Result<Tas
             _ => GRACE_DEFAULT,
         }
     });
-    let target = match (agent, a.selector) {
-        (Some(id), _) => Target::Agent(id),
-        (None, Some(sel)) => Target::Selector(sel.0),
-        (None, None) => bail!("one of --agent or --selector is required"),
+    let target = match (agent, a.selector, inherited) {
+        (Some(id), _, _) => Target::Agent(id),
+        (None, Some(sel), _) => Target::Selector(sel.0),
+        (None, None, Some(t)) => t,
+        (None, None, None) => bail!("one of --agent or --selector is required"),
     };
     let mut command = a.command.into_iter();
     let Some(program) = command.next() else {
