@@ -832,6 +832,19 @@ impl AgentStore {
             Self::put_states(&txn, &states)?;
             let mut started = txn.open_table(STARTED).map_err(db_err("write step"))?;
             let mut retries = txn.open_table(RETRIES).map_err(db_err("write step"))?;
+            // Pending first: a run the same step starts or records (a
+            // triggered run due at once) is pending no more.
+            for (key, when) in &step.retries {
+                if tasks
+                    .get(key.task_id.0)
+                    .map_err(db_err("write step"))?
+                    .is_some()
+                {
+                    retries
+                        .insert(run_key_tuple(key), when.as_millis())
+                        .map_err(db_err("write step"))?;
+                }
+            }
             for (key, info) in &step.started {
                 let rec = StartedRecordV1 {
                     fired_at_ms: info.fired_at.as_millis(),
@@ -848,17 +861,6 @@ impl AgentStore {
                 retries
                     .remove(run_key_tuple(&r.key()))
                     .map_err(db_err("write step"))?;
-            }
-            for (key, when) in &step.retries {
-                if tasks
-                    .get(key.task_id.0)
-                    .map_err(db_err("write step"))?
-                    .is_some()
-                {
-                    retries
-                        .insert(run_key_tuple(key), when.as_millis())
-                        .map_err(db_err("write step"))?;
-                }
             }
             let mut fanin = txn.open_table(FANIN).map_err(db_err("write step"))?;
             for (task, at, ended) in &step.fanin {

@@ -257,6 +257,9 @@ pub struct SeededBugs {
     pub trust_every_sample: bool,
     /// Pending retries are kept in memory only.
     pub volatile_retries: bool,
+    /// A triggered run is held in memory only, not stored with the end
+    /// that triggered it.
+    pub lost_trigger: bool,
 }
 
 /// The node's settings.
@@ -413,7 +416,7 @@ impl<S: NodeStore> AgentNode<S> {
                 &mut cmds,
             ));
         }
-        follow_ups(&mut retries, cmds, cfg.agent_id, false);
+        follow_ups(&mut retries, cmds, cfg.agent_id, false, cfg.bugs);
         if retries != Step::default() {
             store.apply_step(&retries)?;
         }
@@ -651,7 +654,13 @@ impl<S: NodeStore> AgentNode<S> {
         let mut then = Step::default();
         then.retries
             .extend(retry.filter(|_| !self.cfg.bugs.volatile_retries));
-        follow_ups(&mut then, cmds, self.cfg.agent_id, run.offline);
+        follow_ups(
+            &mut then,
+            cmds,
+            self.cfg.agent_id,
+            run.offline,
+            self.cfg.bugs,
+        );
         self.store.finish_run(&record, &then)?;
         self.events.push_back(Event::RunRecorded { key, outcome });
         self.session.outbox_changed();
@@ -1034,7 +1043,11 @@ impl<S: NodeStore> AgentNode<S> {
                         .push(skipped(key, self.cfg.agent_id, offline, reason))
                 }
                 Command::Kill { key } => kills.push(key),
-                Command::Trigger { key, at } => step.retries.push((key, at)),
+                Command::Trigger { key, at } => {
+                    if !self.cfg.bugs.lost_trigger {
+                        step.retries.push((key, at))
+                    }
+                }
                 Command::FanIn {
                     task_id,
                     scheduled_at,
@@ -1093,7 +1106,7 @@ impl<S: NodeStore> AgentNode<S> {
                         .run_finished(key, Outcome::Rejected, now, &mut cmds);
                     let mut then = Step::default();
                     then.retries.extend(retry);
-                    follow_ups(&mut then, cmds, self.cfg.agent_id, offline);
+                    follow_ups(&mut then, cmds, self.cfg.agent_id, offline, self.cfg.bugs);
                     self.store.finish_run(&rec, &then)?;
                 }
             }
@@ -1129,10 +1142,20 @@ fn skipped(key: RunKey, agent_id: AgentId, offline: bool, reason: SkipReason) ->
 
 /// Adds what an end decided beyond its own record (the runs it triggers,
 /// fan-in progress, the tasks it left untriggered) to `step`.
-fn follow_ups(step: &mut Step, cmds: Vec<Command>, agent_id: AgentId, offline: bool) {
+fn follow_ups(
+    step: &mut Step,
+    cmds: Vec<Command>,
+    agent_id: AgentId,
+    offline: bool,
+    bugs: SeededBugs,
+) {
     for c in cmds {
         match c {
-            Command::Trigger { key, at } => step.retries.push((key, at)),
+            Command::Trigger { key, at } => {
+                if !bugs.lost_trigger {
+                    step.retries.push((key, at))
+                }
+            }
             Command::FanIn {
                 task_id,
                 scheduled_at,

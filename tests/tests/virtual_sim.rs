@@ -145,6 +145,22 @@ fn retries_kept_only_in_memory_are_caught() {
     assert!(why.contains("the retry"), "seed {seed}: {why}");
 }
 
+#[test]
+fn a_triggered_run_not_stored_with_its_upstream_end_is_caught() {
+    // A crash between an upstream's end and its downstream's start would
+    // lose the downstream run.
+    let caught = first_caught(SeededBugs {
+        lost_trigger: true,
+        ..SeededBugs::default()
+    });
+    let (seed, why) = caught.expect("a triggered run kept in memory only goes unnoticed");
+    eprintln!("a lost trigger caught at seed {seed}: {why}");
+    assert!(
+        why.contains("not decided in the same transaction"),
+        "seed {seed}: {why}"
+    );
+}
+
 fn first_caught_in_coordinator(bugs: CoordBugs) -> Option<(u64, String)> {
     let opts = VirtOptions {
         coord_bugs: bugs,

@@ -665,10 +665,12 @@ fn trigger_refusal(
             Err(why) => return Ok(Some(why)),
         }
     }
-    if let Some(((a, ra), (b, rb))) = roots
-        .first()
-        .and_then(|first| roots.iter().find(|(_, r)| *r != first.1).map(|o| (first, o)))
-    {
+    if let Some(((a, ra), (b, rb))) = roots.first().and_then(|first| {
+        roots
+            .iter()
+            .find(|(_, r)| *r != first.1)
+            .map(|o| (first, o))
+    }) {
         return Ok(Some(format!(
             "--after: {a} ({ra}) and {b} ({rb}) do not share their occurrences; a task after \
              several fires for an occurrence when all of them have ended it, so they must \

@@ -1316,8 +1316,7 @@ impl CoordNode {
                 };
                 let knows_policy = sundial_protocol::wire::agent_knows_policy(&agent_version);
                 let knows_reports = sundial_protocol::wire::agent_knows_reports(&agent_version);
-                let knows_triggers =
-                    sundial_protocol::wire::agent_knows_triggers(&agent_version);
+                let knows_triggers = sundial_protocol::wire::agent_knows_triggers(&agent_version);
                 *phase = Phase::Checking(
                     Hello {
                         last_revision,

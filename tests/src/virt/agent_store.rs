@@ -16,6 +16,19 @@ pub(super) struct SimStore {
     node: RedbNode,
     /// Every record committed to the outbox (for the checks).
     pub(super) ledger: Vec<RunRecord>,
+    pub(super) triggers: TriggerLedger,
+}
+
+/// What the checks need of triggered tasks, kept beside the store: each
+/// final end committed must carry the decision of every triggered task
+/// stored after it (a run pending, a record, or fan-in progress) in the
+/// same transaction; every triggered run committed pending.
+#[derive(Debug, Default)]
+pub(super) struct TriggerLedger {
+    /// Ends committed without the decision of a triggered task.
+    pub(super) faults: Vec<String>,
+    /// Triggered runs committed as pending, with their time.
+    pub(super) pending: Vec<(RunKey, Timestamp)>,
 }
 
 /// The store while its agent is down: the database stays (it is the disk),
@@ -23,6 +36,7 @@ pub(super) struct SimStore {
 pub(super) struct Parked {
     store: Arc<AgentStore>,
     ledger: Vec<RunRecord>,
+    triggers: TriggerLedger,
 }
 
 impl std::fmt::Debug for SimStore {
@@ -49,6 +63,7 @@ impl Parked {
         Ok(Parked {
             store: Arc::new(store),
             ledger: Vec::new(),
+            triggers: TriggerLedger::default(),
         })
     }
 
@@ -57,6 +72,7 @@ impl Parked {
         SimStore {
             node: RedbNode::plain(self.store, Some(format!("sim-boot-{boot_id}"))),
             ledger: self.ledger,
+            triggers: self.triggers,
         }
     }
 }
@@ -66,6 +82,7 @@ impl SimStore {
         Parked {
             store: Arc::clone(self.node.store()),
             ledger: self.ledger,
+            triggers: self.triggers,
         }
     }
 
@@ -109,6 +126,78 @@ impl SimStore {
     pub(super) fn outbox_count(&self) -> u64 {
         self.store().outbox_len().unwrap_or(0)
     }
+
+    /// Before a commit of `ends` with `then`: every end that is final (no
+    /// retry of it in `then`) must carry, in `then`, the decision of each
+    /// triggered task stored with it as an upstream.
+    fn check_trigger_decisions(&mut self, ends: &[&RunRecord], then: &Step) {
+        let stored = match self.node.triggered_tasks() {
+            Ok(t) => t,
+            Err(e) => {
+                self.triggers
+                    .faults
+                    .push(format!("triggered tasks unreadable: {e:?}"));
+                return;
+            }
+        };
+        if stored.is_empty() {
+            return;
+        }
+        for r in ends {
+            let retried = then.retries.iter().any(|(k, _)| {
+                k.task_id == r.task_id
+                    && k.scheduled_at == r.scheduled_at
+                    && k.attempt == r.attempt + 1
+            });
+            if retried {
+                continue;
+            }
+            for (d, _) in &stored {
+                if !d
+                    .schedule
+                    .triggers()
+                    .iter()
+                    .any(|t| t.upstream == r.task_id)
+                {
+                    continue;
+                }
+                let key = RunKey {
+                    task_id: d.id,
+                    scheduled_at: r.scheduled_at,
+                    attempt: 1,
+                };
+                let decided = then.retries.iter().any(|(k, _)| *k == key)
+                    || then.records.iter().any(|x| x.key() == key)
+                    || then
+                        .fanin
+                        .iter()
+                        .any(|(t, at, _)| *t == d.id && *at == r.scheduled_at);
+                if !decided {
+                    self.triggers.faults.push(format!(
+                        "{}@{} ended {} for good, and {} (after it) was not decided in the same transaction",
+                        r.task_id,
+                        r.scheduled_at.as_millis(),
+                        r.outcome,
+                        d.id
+                    ));
+                }
+            }
+        }
+    }
+
+    fn note_pending(&mut self, then: &Step) {
+        for (k, at) in &then.retries {
+            let triggered = self
+                .node
+                .tasks_by_id(&[k.task_id])
+                .ok()
+                .and_then(|v| v.into_iter().next().flatten())
+                .is_some_and(|(t, _)| !t.schedule.triggers().is_empty());
+            if triggered && k.attempt == 1 {
+                self.triggers.pending.push((*k, *at));
+            }
+        }
+    }
 }
 
 impl NodeStore for SimStore {
@@ -133,12 +222,19 @@ impl NodeStore for SimStore {
         self.node.apply_changes(upserts, removed, states, revision)
     }
     fn apply_step(&mut self, step: &Step) -> StoreResult<()> {
+        let ends: Vec<&RunRecord> = step.records.iter().collect();
+        self.check_trigger_decisions(&ends, step);
         self.node.apply_step(step)?;
+        self.note_pending(step);
         self.ledger.extend(step.records.iter().cloned());
         Ok(())
     }
     fn finish_run(&mut self, record: &RunRecord, then: &Step) -> StoreResult<()> {
+        let mut ends: Vec<&RunRecord> = vec![record];
+        ends.extend(then.records.iter());
+        self.check_trigger_decisions(&ends, then);
         self.node.finish_run(record, then)?;
+        self.note_pending(then);
         self.ledger.push(record.clone());
         self.ledger.extend(then.records.iter().cloned());
         Ok(())

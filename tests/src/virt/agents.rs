@@ -245,7 +245,40 @@ impl World {
                 } else {
                     EARLY_TOLERANCE_MS
                 };
-                if self.now < key.scheduled_at.as_millis() - tolerance {
+                // A triggered run takes its upstream's occurrence: it is
+                // due when that ended, not at the instant (which a clock
+                // ahead may have decided early). It must not fire before.
+                let upstreams: Vec<TaskId> = self
+                    .store
+                    .task(key.task_id)
+                    .ok()
+                    .flatten()
+                    .map(|t| {
+                        t.spec
+                            .schedule
+                            .triggers()
+                            .iter()
+                            .map(|u| u.upstream)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let manual = self.agents[i]
+                    .run_now
+                    .contains(&(key.task_id, key.scheduled_at));
+                if !upstreams.is_empty() && !manual {
+                    let ended = self.agents[i].node.as_ref().is_some_and(|n| {
+                        n.store().ledger.iter().any(|r| {
+                            upstreams.contains(&r.task_id) && r.scheduled_at == key.scheduled_at
+                        })
+                    });
+                    if !ended {
+                        self.fail(format!(
+                            "agent {i} fired the triggered {key:?} before any upstream run of that occurrence ended"
+                        ));
+                    }
+                } else if upstreams.is_empty()
+                    && self.now < key.scheduled_at.as_millis() - tolerance
+                {
                     if self.agents[i].excused || self.agents[i].excused_tasks.contains(&key.task_id)
                     {
                         self.excused_early += 1;

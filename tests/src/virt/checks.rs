@@ -237,4 +237,45 @@ impl World {
             self.fail(f);
         }
     }
+
+    /// Triggered tasks: every final end carried the decision of each
+    /// triggered task stored after it, in its own transaction (checked as
+    /// it was committed); every triggered run committed pending, due
+    /// before its agent gave the task up, was run or recorded (a crash or
+    /// a stop between the upstream's end and the start loses nothing);
+    /// each ran at most once (the fired-twice check).
+    pub(super) fn check_triggers(&mut self) {
+        let mut found = Vec::new();
+        let runs = self.stored_runs();
+        for (i, agent) in self.agents.iter().enumerate() {
+            if agent.revoked {
+                continue;
+            }
+            let Some(store) = agent.node.as_ref().map(|n| n.store()) else {
+                continue;
+            };
+            for f in store.triggers.faults.iter().take(3) {
+                found.push(format!("agent {i}: {f}"));
+            }
+            let ledger: BTreeSet<RunKey> = store.ledger.iter().map(RunRecord::key).collect();
+            for (key, due) in &store.triggers.pending {
+                let Some(Some(until)) = agent.decided.get(&key.task_id) else {
+                    continue;
+                };
+                if *until <= *due {
+                    continue;
+                }
+                if !ledger.contains(key) && !runs.contains(&(agent.id, *key)) {
+                    found.push(format!(
+                        "agent {i}: the triggered run {key:?}, pending from {} (agent time), has no record though the agent decided up to {}",
+                        due.as_millis() - self.t0,
+                        until.as_millis() - self.t0
+                    ));
+                }
+            }
+        }
+        for f in found.into_iter().take(5) {
+            self.fail(f);
+        }
+    }
 }

@@ -457,6 +457,60 @@ impl World {
         }
         let roll = self.rng.below(100);
         if live.len() < TASKS_MAX && (roll < 55 || live.is_empty()) {
+            // Now and then a task triggered by a live one (a time task or
+            // a triggered one: chains), on its agents, on some outcomes.
+            let upstreams: Vec<&sundial_core::coord_store::StoredTask> =
+                live.iter().copied().filter(|t| !t.paused).collect();
+            if !upstreams.is_empty() && self.rng.chance(0.25) {
+                let up = upstreams[self.rng.below(upstreams.len() as u64) as usize];
+                let on = [
+                    OutcomeSet::SUCCEEDED,
+                    OutcomeSet::ANY,
+                    OutcomeSet::FAILED,
+                    OutcomeSet::parse("failed,timed_out,skipped").unwrap_or(OutcomeSet::ANY),
+                ][self.rng.below(4) as usize];
+                let Ok(schedule) = Schedule::after(vec![Trigger {
+                    upstream: up.spec.id,
+                    on,
+                }]) else {
+                    return;
+                };
+                let runs_ms = [5u64, 50, 300][self.rng.below(3) as usize];
+                let flaky = self.rng.chance(0.3);
+                let draft = TaskDraft {
+                    name: None,
+                    target: up.spec.target.clone(),
+                    schedule,
+                    action: Action::Exec(ExecSpec {
+                        program: "/bin/sim".into(),
+                        args: vec![
+                            runs_ms.to_string(),
+                            if flaky { "flaky" } else { "steady" }.into(),
+                        ],
+                        env: Vec::new(),
+                        cwd: None,
+                    }),
+                    policies: Policies {
+                        retry: RetryPolicy {
+                            retries: if flaky { 1 } else { 0 },
+                            backoff_initial: DurationMs(100),
+                            backoff_max: DurationMs(1_000),
+                        },
+                        overlap: if self.rng.chance(0.5) {
+                            sundial_protocol::policy::OverlapPolicy::Forbid
+                        } else {
+                            sundial_protocol::policy::OverlapPolicy::Allow
+                        },
+                        timeout: self.rng.chance(0.3).then_some(DurationMs(1_000)),
+                        ..Policies::default()
+                    },
+                    anchor_at_creation: false,
+                };
+                self.exercised.triggered_tasks += 1;
+                self.trace(43, up.spec.id.0, 0);
+                self.admin(AdminRequest::TaskCreate(Box::new(draft)));
+                return;
+            }
             let target = if self.rng.chance(0.3) {
                 self.exercised.selector_tasks += 1;
                 let site = ["north", "south"][self.rng.below(2) as usize];

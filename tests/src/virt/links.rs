@@ -51,6 +51,9 @@ impl World {
         match msg {
             Msg::Up(m) => self.deliver_up(c, i, m),
             Msg::Down(m) => {
+                if let CoordMsg::RunNow { task_id, at } = &m {
+                    self.agents[i].run_now.insert((*task_id, *at));
+                }
                 if self.agents[i].conn == Some(c) {
                     self.node_call(i, |n, r| n.handle_message(r, m));
                 }

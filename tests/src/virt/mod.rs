@@ -49,7 +49,8 @@ use sundial_protocol::wire::{
     TaskDraft, TaskPatch,
 };
 use sundial_protocol::{
-    AgentId, DurationMs, Outcome, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp,
+    AgentId, DurationMs, Outcome, OutcomeSet, RunKey, RunRecord, Schedule, TaskId, TaskSpec,
+    Timestamp, Trigger,
 };
 
 /// True time at the start of a run (2027-01-15), unless the seed starts
@@ -126,6 +127,8 @@ pub struct Exercised {
     pub shared_stores: u64,
     /// Agents that moved to another coordinator.
     pub moves: u64,
+    /// Tasks triggered by another's runs.
+    pub triggered_tasks: u64,
 }
 
 /// What one seed did.
@@ -213,6 +216,8 @@ struct Agent {
     stepped_ms: i64,
     /// When each retryable run's retry is due at the latest, in its time.
     retry_due: HashMap<RunKey, i64>,
+    /// The run-nows it was sent: (task, instant).
+    run_now: BTreeSet<(TaskId, Timestamp)>,
     /// Tasks it held while its excused clock had decided into the future:
     /// their occurrences up to that future were decided (early, or skipped)
     /// and are not run again, so they stall until true time gets there.
@@ -952,6 +957,7 @@ fn add_agents(w: &mut World, n: usize) {
             small_steps: false,
             stepped_ms: 0,
             retry_due: HashMap::new(),
+            run_now: BTreeSet::new(),
             excused_tasks: BTreeSet::new(),
             assigned_at: HashMap::new(),
             cert: format!("sim-device-{i}").into_bytes(),
@@ -1030,6 +1036,7 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
     w.check_drained();
     w.check_every_occurrence_decided();
     w.check_retries();
+    w.check_triggers();
     SeedReport {
         seed,
         failures: w.failures,

@@ -345,7 +345,10 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                         if let Some(m) = v.as_object_mut() {
                             m.insert(
                                 "triggers".into(),
-                                json!(downstream.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                                json!(downstream
+                                    .iter()
+                                    .map(ToString::to_string)
+                                    .collect::<Vec<_>>()),
                             );
                         }
                         print_json(&v)?;

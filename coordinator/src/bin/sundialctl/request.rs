@@ -65,7 +65,10 @@ pub(crate) const GRACE_DEFAULT: DurationMs = DurationMs(60_000);
 /// `TASK[:OUTCOMES]` of `--after`: the task as typed, and the outcomes.
 pub(crate) fn parse_after(text: &str) -> anyhow::Result<(String, OutcomeSet)> {
     let (task, outcomes) = match text.rsplit_once(':') {
-        Some((t, o)) => (t, OutcomeSet::parse(o).map_err(|e| anyhow::anyhow!("--after {text}: {e}"))?),
+        Some((t, o)) => (
+            t,
+            OutcomeSet::parse(o).map_err(|e| anyhow::anyhow!("--after {text}: {e}"))?,
+        ),
         None => (text, OutcomeSet::SUCCEEDED),
     };
     if task.trim().is_empty() {
