@@ -829,7 +829,7 @@ impl AgentStore {
                     states.push((*id, *next));
                 }
             }
-            Self::put_states(&txn, &states)?;
+            Self::put_states(txn, &states)?;
             let mut started = txn.open_table(STARTED).map_err(db_err("write step"))?;
             let mut retries = txn.open_table(RETRIES).map_err(db_err("write step"))?;
             // Pending first: a run the same step starts or records (a
@@ -878,7 +878,7 @@ impl AgentStore {
                 }
             }
         }
-        Self::outbox_put(&txn, &step.records)?;
+        Self::outbox_put(txn, &step.records)?;
         Ok(())
     }
 

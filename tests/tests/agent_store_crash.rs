@@ -469,3 +469,43 @@ fn a_due_index_that_disagrees_with_the_task_states_is_fixed() {
     let d = store.dump().expect("dump is consistent");
     assert_eq!(d.states, state_before.into_iter().collect());
 }
+
+#[test]
+fn a_triggered_run_started_in_the_step_that_made_it_pending_is_not_left_pending() {
+    // The scheduler may decide a triggered run and start it in one step (it
+    // is due at once): the step's start clears what the same step stores.
+    let store = AgentStore::open_with_backend(CrashBackend::new(Vec::new(), None)).expect("open");
+    store.put_task(&task(1, 1), None).expect("task");
+    let k = key(1, 1);
+    let step = StepWrite {
+        retries: vec![(k, at(1000))],
+        started: vec![(
+            k,
+            StartedInfo {
+                fired_at: at(1000),
+                offline: false,
+            },
+        )],
+        fanin: vec![(TaskId(1), at(1000), vec![(TaskId(7), Outcome::Failed)])],
+        ..StepWrite::default()
+    };
+    store.apply_step(&step).expect("step");
+    assert!(store.pending_retries().expect("read").is_empty());
+    assert_eq!(
+        store.fanin_pending().expect("read"),
+        vec![(TaskId(1), at(1000), vec![(TaskId(7), Outcome::Failed)])]
+    );
+    // A recorded skip of the same step clears it too; an empty fan-in list
+    // forgets the occurrence.
+    let k2 = key(1, 2);
+    store
+        .apply_step(&StepWrite {
+            retries: vec![(k2, at(2000))],
+            records: vec![record(k2, Outcome::Skipped)],
+            fanin: vec![(TaskId(1), at(1000), Vec::new())],
+            ..StepWrite::default()
+        })
+        .expect("step");
+    assert!(store.pending_retries().expect("read").is_empty());
+    assert!(store.fanin_pending().expect("read").is_empty());
+}

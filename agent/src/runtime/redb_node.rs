@@ -269,6 +269,29 @@ impl NodeStore for RedbNode {
     }
 }
 
+/// The store's form of a node step.
+fn step_write(step: &Step) -> StepWrite {
+    StepWrite {
+        states: step.states.clone(),
+        started: step
+            .started
+            .iter()
+            .map(|(k, s)| {
+                (
+                    *k,
+                    StartedInfo {
+                        fired_at: s.fired_at,
+                        offline: s.offline,
+                    },
+                )
+            })
+            .collect(),
+        records: step.records.clone(),
+        retries: step.retries.clone(),
+        fanin: step.fanin.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,28 +349,5 @@ mod tests {
             node.next_wake(r(1_000)) > r(1_000).boot_ms,
             "a stopped node would spin"
         );
-    }
-}
-
-/// The store's form of a node step.
-fn step_write(step: &Step) -> StepWrite {
-    StepWrite {
-        states: step.states.clone(),
-        started: step
-            .started
-            .iter()
-            .map(|(k, s)| {
-                (
-                    *k,
-                    StartedInfo {
-                        fired_at: s.fired_at,
-                        offline: s.offline,
-                    },
-                )
-            })
-            .collect(),
-        records: step.records.clone(),
-        retries: step.retries.clone(),
-        fanin: step.fanin.clone(),
     }
 }

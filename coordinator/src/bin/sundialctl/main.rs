@@ -305,11 +305,11 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 for text in std::mem::take(&mut args.after) {
                     let (task, on) = request::parse_after(&text)?;
                     let upstream = ctl.task_id(&task).await?;
+                    let Some(up) = tasks.iter().find(|t| t.spec.id == upstream) else {
+                        bail!("--after {text}: no task {upstream} (see sundialctl task list)");
+                    };
                     if inherited.is_none() {
-                        inherited = tasks
-                            .iter()
-                            .find(|t| t.spec.id == upstream)
-                            .map(|t| t.spec.target.clone());
+                        inherited = Some(up.spec.target.clone());
                     }
                     triggers.push(Trigger { upstream, on });
                 }
