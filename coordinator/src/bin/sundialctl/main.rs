@@ -195,6 +195,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     {
         return schedule_next(schedule, *from, *count, *output);
     }
+    // What the command line alone says is wrong is said before anything
+    // needs a coordinator.
+    if let Cmd::Task(TaskCmd::Create(a)) = &cli.command {
+        if a.agent.is_none() && a.selector.is_none() && a.after.is_empty() {
+            bail!("one of --agent or --selector is required (or --after TASK, to run where TASK runs)");
+        }
+    }
     let Some(creds_path) = cli.creds.clone() else {
         bail!("no credentials: pass --creds FILE or set SUNDIAL_CREDS (the admin.creds that `sundial-coordinator init` printed)");
     };
