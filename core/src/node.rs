@@ -1043,16 +1043,13 @@ impl<S: NodeStore> AgentNode<S> {
                         .push(skipped(key, self.cfg.agent_id, offline, reason))
                 }
                 Command::Kill { key } => kills.push(key),
-                Command::Trigger { key, at } => {
-                    if !self.cfg.bugs.lost_trigger {
-                        step.retries.push((key, at))
-                    }
-                }
-                Command::FanIn {
-                    task_id,
-                    scheduled_at,
-                    ended,
-                } => step.fanin.push((task_id, scheduled_at, ended)),
+                c @ (Command::Trigger { .. } | Command::FanIn { .. }) => follow_ups(
+                    &mut step,
+                    vec![c],
+                    self.cfg.agent_id,
+                    offline,
+                    self.cfg.bugs,
+                ),
             }
         }
         // Not durable, so not started: at most once wins over on time.
