@@ -134,6 +134,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.coordinator_restarts += e.coordinator_restarts;
         ex.shared_stores += e.shared_stores;
         ex.moves += e.moves;
+        ex.triggered_tasks += e.triggered_tasks;
     }
     let hours = sim_ms as f64 / 3_600_000.0;
     println!(
@@ -142,7 +143,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         hours / wall.max(1e-9),
     );
     println!(
-        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} windows, {} store write failures, {} coordinator restarts, {} seeds with several coordinators on one store ({} moves of an agent to another coordinator)",
+        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} triggered tasks, {} windows, {} store write failures, {} coordinator restarts, {} seeds with several coordinators on one store ({} moves of an agent to another coordinator)",
         ex.enrollments,
         ex.revokes,
         ex.pauses,
@@ -151,6 +152,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.selector_tasks,
         ex.cron_tasks,
         ex.dst_crossings,
+        ex.triggered_tasks,
         ex.windows,
         ex.store_faults,
         ex.coordinator_restarts,
