@@ -95,6 +95,11 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
         ));
     }
     let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
+    // The sealing key is its own pair, made here beside the signing key.
+    let seal_seed = crate::sealing::random_seed()?;
+    let seal_key = sundial_protocol::seal::SealKeyPair::from_seed(&seal_seed)
+        .map_err(|e| e.to_string())?
+        .public();
     let csr = CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&key))
         .map_err(|e| format!("making a CSR: {e}"))?;
@@ -133,6 +138,7 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
                 csr_der: csr.der().to_vec(),
                 name: req.name.clone(),
                 labels: req.labels.clone(),
+                seal_key: Some(seal_key).into(),
             },
         )
         .await?;
@@ -165,6 +171,11 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
     write_file(
         &data_dir.join(KEY_FILE),
         key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_file(
+        &data_dir.join(crate::sealing::SEAL_KEY_FILE),
+        &seal_seed,
         true,
     )?;
     write_file(

@@ -12,11 +12,15 @@
 //! bytes); a run's process group is gone when [`run`] returns (short of a
 //! child that left the group with `setsid`).
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
+use sundial_protocol::seal::SealKeyPair;
 use sundial_protocol::task::{ExecSpec, OUTPUT_TAIL_BYTES_DEFAULT, OUTPUT_TAIL_BYTES_MAX};
-use sundial_protocol::Outcome;
+use sundial_protocol::{AgentId, Outcome};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::oneshot;
 
@@ -94,6 +98,8 @@ pub struct ExecPolicy {
     pub allow_env: Vec<String>,
     /// Kept per stream; at most [`OUTPUT_TAIL_BYTES_MAX`].
     pub tail_bytes_max: usize,
+    /// This agent's id and sealing key, to open sealed variables at spawn.
+    pub sealing: Option<(AgentId, Arc<SealKeyPair>)>,
 }
 
 impl Default for ExecPolicy {
@@ -102,6 +108,7 @@ impl Default for ExecPolicy {
             allow: Vec::new(),
             allow_env: Vec::new(),
             tail_bytes_max: OUTPUT_TAIL_BYTES_DEFAULT,
+            sealing: None,
         }
     }
 }
@@ -113,12 +120,40 @@ impl ExecPolicy {
         if let Some(why) = self.refusal(&spec.program) {
             return Some(why);
         }
-        for (name, _) in &spec.env {
+        let sealed = spec.sealed_env.iter().map(|s| &s.name);
+        for name in spec.env.iter().map(|(k, _)| k).chain(sealed) {
             if let Some(why) = self.env_refusal(name) {
                 return Some(why);
             }
         }
         None
+    }
+
+    /// The task's sealed variables, opened with this agent's key: at spawn
+    /// only, never stored or logged. A value that does not open (not
+    /// sealed to this agent, for instance one that joined after the task
+    /// was made) is why the run is refused.
+    pub fn open_sealed(&self, spec: &ExecSpec) -> Result<Vec<(String, OsString)>, String> {
+        if spec.sealed_env.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some((agent, key)) = &self.sealing else {
+            return Err("this agent has no sealing key (it is not enrolled), so it cannot open the task's sealed variables".into());
+        };
+        spec.sealed_env
+            .iter()
+            .map(|s| {
+                let Some(sealed) = s.for_agent(*agent) else {
+                    return Err(format!(
+                        "the sealed variable {} has no value sealed to {agent} (it joined after the task was made, or changed its key): `sundialctl task reseal` seals it to every agent the task reaches",
+                        s.name
+                    ));
+                };
+                let value = sundial_protocol::seal::open(key, *agent, &s.name, sealed)
+                    .map_err(|e| format!("the sealed variable {}: {e}", s.name))?;
+                Ok((s.name.clone(), OsString::from_vec(value)))
+            })
+            .collect()
     }
 
     /// Why a task may not set the environment variable `name`, or `None`.
@@ -280,9 +315,14 @@ pub async fn run_with(
             );
         }
     }
+    let sealed = match policy.open_sealed(spec) {
+        Ok(v) => v,
+        Err(why) => return ExecResult::not_started(Outcome::Rejected, why),
+    };
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .envs(sealed)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -390,6 +430,7 @@ mod tests {
             allow: p.iter().map(|s| s.to_string()).collect(),
             allow_env: Vec::new(),
             tail_bytes_max: 1024,
+            sealing: None,
         }
     }
 
@@ -427,6 +468,56 @@ mod tests {
         s.env = vec![("LD_PRELOAD".into(), "/opt/lib/x.so".into())];
         let (_k, rx) = oneshot::channel();
         assert_eq!(run(&s, &p, rx).await.outcome, Outcome::Rejected);
+    }
+
+    #[tokio::test]
+    async fn sealed_variables_open_at_spawn_for_their_agent_only() {
+        use sundial_protocol::seal::{seal, SealedEnv};
+        let mine = SealKeyPair::from_seed(&[5; 32]).expect("key");
+        let other = SealKeyPair::from_seed(&[6; 32]).expect("key");
+        let secret = "s3cr3t value with spaces";
+        let sealed = seal(
+            &mine.public(),
+            AgentId(4),
+            "TASK_TOKEN",
+            secret.as_bytes(),
+            [8; 32],
+        )
+        .expect("seals");
+        let mut s = spec("/bin/sh", &["-c", "printf %s \"$TASK_TOKEN\""]);
+        s.sealed_env = vec![SealedEnv {
+            name: "TASK_TOKEN".into(),
+            sealed: vec![(AgentId(4), sealed)],
+        }];
+        let mut p = allow(&["/bin/sh"]);
+        p.sealing = Some((AgentId(4), Arc::new(mine.clone())));
+        let (_k, rx) = oneshot::channel();
+        let r = run(&s, &p, rx).await;
+        assert_eq!(r.outcome, Outcome::Succeeded, "{:?}", r.detail);
+        assert_eq!(r.stdout_tail, secret.as_bytes());
+
+        // Another agent's key, an agent with no value sealed to it, an
+        // unenrolled agent: rejected, and the detail never holds the value.
+        for (sealing, says) in [
+            (Some((AgentId(4), Arc::new(other))), "does not open"),
+            (Some((AgentId(9), Arc::new(mine))), "no value sealed to a9"),
+            (None, "no sealing key"),
+        ] {
+            let mut p = allow(&["/bin/sh"]);
+            p.sealing = sealing;
+            let (_k, rx) = oneshot::channel();
+            let r = run(&s, &p, rx).await;
+            assert_eq!(r.outcome, Outcome::Rejected);
+            let detail = r.detail.unwrap_or_default();
+            assert!(detail.contains(says), "{detail}");
+            assert!(!detail.contains(secret));
+        }
+        // The device owner's environment rules hold for sealed names too.
+        s.sealed_env[0].name = "LD_PRELOAD".into();
+        let (_k, rx) = oneshot::channel();
+        let r = run(&s, &p, rx).await;
+        assert_eq!(r.outcome, Outcome::Rejected);
+        assert!(r.detail.unwrap_or_default().contains("LD_PRELOAD"));
     }
 
     #[tokio::test]

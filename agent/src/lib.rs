@@ -13,6 +13,7 @@ pub mod exec;
 pub mod fault;
 pub mod metrics;
 pub mod runtime;
+pub mod sealing;
 pub use sundial_core::scheduler;
 pub mod session;
 pub mod status;

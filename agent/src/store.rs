@@ -32,7 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sundial_core::node::{FanInState, StoredTask};
 use sundial_core::scheduler::first_occurrence;
-use sundial_protocol::records::{self, RecordError, RunRecordV1, TaskRecordV1};
+use sundial_protocol::records::{self, RecordError, RunRecordV1};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
 fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
@@ -460,8 +460,7 @@ impl AgentStore {
             let next_ms = match stored {
                 Some(next) => next,
                 None => {
-                    let rec: TaskRecordV1 = decode("tasks", id, v.value())?;
-                    let spec = rec.into_spec(id)?;
+                    let spec = records::decode_task("tasks", id, v.value())?;
                     let next =
                         first_occurrence(&spec.schedule, spec.created_at).map(Timestamp::as_millis);
                     state
@@ -586,10 +585,7 @@ impl AgentStore {
             let mut states = Vec::with_capacity(buf.len());
             for task in buf.drain(..) {
                 table
-                    .insert(
-                        task.id.0,
-                        encode(&TaskRecordV1::from_spec(&task)).as_slice(),
-                    )
+                    .insert(task.id.0, records::encode_task(&task).as_slice())
                     .map_err(db_err("import tasks"))?;
                 states.push((task.id, first_occurrence(&task.schedule, task.created_at)));
             }
@@ -658,7 +654,7 @@ impl AgentStore {
                 states.iter().map(|(id, _)| *id).collect();
             for task in upserts {
                 table
-                    .insert(task.id.0, encode(&TaskRecordV1::from_spec(task)).as_slice())
+                    .insert(task.id.0, records::encode_task(task).as_slice())
                     .map_err(db_err("write tasks"))?;
                 if task.schedule.triggers().is_empty() {
                     if triggered
@@ -729,8 +725,7 @@ impl AgentStore {
                 tracing::warn!(entry = %key, "the due index names a task that is not stored; skipped");
                 continue;
             };
-            let rec: TaskRecordV1 = decode("tasks", id, v.value())?;
-            out.push((rec.into_spec(id)?, at));
+            out.push((records::decode_task("tasks", id, v.value())?, at));
         }
         Ok(out)
     }
@@ -746,8 +741,7 @@ impl AgentStore {
                 out.push(None);
                 continue;
             };
-            let rec: TaskRecordV1 = decode("tasks", id.0, v.value())?;
-            let spec = rec.into_spec(id.0)?;
+            let spec = records::decode_task("tasks", id.0, v.value())?;
             let next = match state.get(id.0).map_err(db_err("read task state"))? {
                 Some(s) => {
                     let rec: StateRecordV1 = decode("task_state", id.0, s.value())?;
@@ -770,8 +764,7 @@ impl AgentStore {
         let mut out = Vec::new();
         for item in table.iter().map_err(db_err("read tasks"))? {
             let (k, v) = item.map_err(db_err("read tasks"))?;
-            let rec: TaskRecordV1 = decode("tasks", k.value(), v.value())?;
-            out.push(rec.into_spec(k.value())?);
+            out.push(records::decode_task("tasks", k.value(), v.value())?);
         }
         Ok(out)
     }

@@ -40,6 +40,7 @@ fn sh_task(id: u64, schedule: Schedule, script: &str, policies: Policies) -> Tas
             args: vec!["-c".into(), script.into()],
             env: vec![],
             cwd: None,
+            sealed_env: Vec::new(),
         }),
         policies,
         revision: id,

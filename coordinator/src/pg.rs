@@ -37,7 +37,7 @@ use sundial_core::coord_store::{
     StoredRuns, StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX,
     REVOKE_REVOKED, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
-use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
+use sundial_protocol::records::{self, RunRecordV1};
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 use tokio_postgres::error::SqlState;
@@ -303,11 +303,11 @@ fn agent_of(row: &Row) -> R<Agent> {
 
 fn task_of(row: &Row) -> R<StoredTask> {
     let id: i64 = row.get("id");
-    let rec: TaskRecordV1 = records::decode("tasks", id, row.get("spec"))?;
+    let spec = records::decode_task("tasks", u64_of(id), row.get("spec"))?;
     let cancelled: bool = row.get("cancelled");
     let paused: bool = row.get("paused");
     Ok(StoredTask {
-        spec: rec.into_spec(u64_of(id))?,
+        spec,
         cancelled,
         paused: paused && !cancelled,
     })
@@ -738,7 +738,7 @@ impl PgStore {
         let id = i64::try_from(t.spec.id.0).unwrap_or(i64::MAX);
         let revision = i64::try_from(t.spec.revision).unwrap_or(i64::MAX);
         let name = t.spec.name.clone();
-        let spec = records::encode(&TaskRecordV1::from_spec(&t.spec));
+        let spec = records::encode_task(&t.spec);
         let (cancelled, paused) = (t.cancelled, t.paused);
         self.call("import a task", move |pool| {
             let (name, spec) = (name.clone(), spec.clone());
@@ -850,7 +850,7 @@ impl PgStore {
                 let mut task = task_of(&row)?;
                 change(&mut task, revision)?;
                 task.spec.revision = revision;
-                let spec = records::encode(&TaskRecordV1::from_spec(&task.spec));
+                let spec = records::encode_task(&task.spec);
                 let rev = i64_of(revision, "revision")?;
                 t.execute(
                     "UPDATE sundial_tasks SET revision = $2, name = $3, cancelled = $4, paused = $5, spec = $6
@@ -1662,7 +1662,7 @@ impl CoordStore for PgStore {
                     revision,
                     created_at,
                 };
-                let bytes = records::encode(&TaskRecordV1::from_spec(&spec));
+                let bytes = records::encode_task(&spec);
                 t.execute(
                     "INSERT INTO sundial_tasks (id, revision, name, spec) VALUES ($1, $2, $3, $4)",
                     &[&id, &i64_of(revision, "revision")?, &spec.name, &bytes],

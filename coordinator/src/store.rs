@@ -17,6 +17,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
+use sundial_protocol::seal::SealedEnv;
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 
@@ -213,6 +214,34 @@ impl TokenRecordV1 {
 struct CoordTaskV1 {
     task: TaskRecordV1,
     cancelled: bool,
+    /// The task's sealed variables: stored after the record (see
+    /// [`records::encode_with_sealed`]), not inside it.
+    #[serde(skip)]
+    sealed: Vec<SealedEnv>,
+}
+
+impl CoordTaskV1 {
+    fn new(spec: &TaskSpec, cancelled: bool) -> CoordTaskV1 {
+        CoordTaskV1 {
+            task: TaskRecordV1::from_spec(spec),
+            cancelled,
+            sealed: spec.action.sealed_env().to_vec(),
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        records::encode_with_sealed(self, &self.sealed)
+    }
+
+    fn decode(id: u64, bytes: &[u8]) -> std::result::Result<CoordTaskV1, records::RecordError> {
+        let (mut rec, sealed) = records::decode_with_sealed::<CoordTaskV1>("tasks", id, bytes)?;
+        rec.sealed = sealed;
+        Ok(rec)
+    }
+
+    fn into_spec(self, id: u64) -> std::result::Result<TaskSpec, records::RecordError> {
+        Ok(self.task.into_spec(id)?.with_sealed_env(self.sealed))
+    }
 }
 
 /// The coordinator's store; see the module doc.
@@ -1079,13 +1108,10 @@ impl CoordStore for CoordinatorStore {
                 revision,
                 created_at,
             };
-            let rec = CoordTaskV1 {
-                task: TaskRecordV1::from_spec(&spec),
-                cancelled: false,
-            };
+            let rec = CoordTaskV1::new(&spec, false);
             let mut tasks = txn.open_table(TASKS).map_err(db_err("create task"))?;
             tasks
-                .insert(id, records::encode(&rec).as_slice())
+                .insert(id, rec.encode().as_slice())
                 .map_err(db_err("create task"))?;
             let mut revs = txn.open_table(TASK_REVS).map_err(db_err("create task"))?;
             revs.insert(revision, id).map_err(db_err("create task"))?;
@@ -1119,7 +1145,7 @@ impl CoordStore for CoordinatorStore {
             let rec: Option<CoordTaskV1> = tasks
                 .get(id.0)
                 .map_err(db_err("update task"))?
-                .map(|v| records::decode("tasks", id.0, v.value()))
+                .map(|v| CoordTaskV1::decode(id.0, v.value()))
                 .transpose()?;
             let Some(old) = rec else {
                 return Err(StoreError::NotFound(format!("no task {id}")));
@@ -1136,12 +1162,9 @@ impl CoordStore for CoordinatorStore {
             let revision = Self::next_task_revision(&txn, id, old.task.revision, "update task")?;
             let mut new = spec.clone();
             new.revision = revision;
-            let rec = CoordTaskV1 {
-                task: TaskRecordV1::from_spec(&new),
-                cancelled: false,
-            };
+            let rec = CoordTaskV1::new(&new, false);
             tasks
-                .insert(id.0, records::encode(&rec).as_slice())
+                .insert(id.0, rec.encode().as_slice())
                 .map_err(db_err("update task"))?;
             revision
         };
@@ -1158,7 +1181,7 @@ impl CoordStore for CoordinatorStore {
             let rec: Option<CoordTaskV1> = tasks
                 .get(id.0)
                 .map_err(db_err("cancel task"))?
-                .map(|v| records::decode("tasks", id.0, v.value()))
+                .map(|v| CoordTaskV1::decode(id.0, v.value()))
                 .transpose()?;
             let Some(mut rec) = rec else {
                 return Err(StoreError::NotFound(format!("no task {id}")));
@@ -1176,7 +1199,7 @@ impl CoordStore for CoordinatorStore {
             rec.cancelled = true;
             rec.task.revision = revision;
             tasks
-                .insert(id.0, records::encode(&rec).as_slice())
+                .insert(id.0, rec.encode().as_slice())
                 .map_err(db_err("cancel task"))?;
             revision
         };
@@ -1200,7 +1223,7 @@ impl CoordStore for CoordinatorStore {
             let rec: Option<CoordTaskV1> = tasks
                 .get(id.0)
                 .map_err(db_err("pause task"))?
-                .map(|v| records::decode("tasks", id.0, v.value()))
+                .map(|v| CoordTaskV1::decode(id.0, v.value()))
                 .transpose()?;
             let Some(mut rec) = rec else {
                 return Err(StoreError::NotFound(format!("no task {id}")));
@@ -1230,7 +1253,7 @@ impl CoordStore for CoordinatorStore {
             let revision = Self::next_task_revision(&txn, id, rec.task.revision, "pause task")?;
             rec.task.revision = revision;
             tasks
-                .insert(id.0, records::encode(&rec).as_slice())
+                .insert(id.0, rec.encode().as_slice())
                 .map_err(db_err("pause task"))?;
             revision
         };
@@ -1246,11 +1269,12 @@ impl CoordStore for CoordinatorStore {
         let Some(v) = t.get(id.0).map_err(db_err("read task"))? else {
             return Ok(None);
         };
-        let rec: CoordTaskV1 = records::decode("tasks", id.0, v.value())?;
+        let rec: CoordTaskV1 = CoordTaskV1::decode(id.0, v.value())?;
         let paused = !rec.cancelled && p.get(id.0).map_err(db_err("read task"))?.is_some();
+        let cancelled = rec.cancelled;
         Ok(Some(StoredTask {
-            spec: rec.task.into_spec(id.0)?,
-            cancelled: rec.cancelled,
+            spec: rec.into_spec(id.0)?,
+            cancelled,
             paused,
         }))
     }
@@ -1264,12 +1288,13 @@ impl CoordStore for CoordinatorStore {
         let mut out = Vec::new();
         for item in t.range(from..).map_err(db_err("read tasks"))? {
             let (k, v) = item.map_err(db_err("read tasks"))?;
-            let rec: CoordTaskV1 = records::decode("tasks", k.value(), v.value())?;
+            let rec = CoordTaskV1::decode(k.value(), v.value())?;
             let paused =
                 !rec.cancelled && p.get(k.value()).map_err(db_err("read tasks"))?.is_some();
+            let cancelled = rec.cancelled;
             out.push(StoredTask {
-                spec: rec.task.into_spec(k.value())?,
-                cancelled: rec.cancelled,
+                spec: rec.into_spec(k.value())?,
+                cancelled,
                 paused,
             });
             if out.len() >= limit {
@@ -1310,14 +1335,14 @@ impl CoordStore for CoordinatorStore {
             let Some(v) = tasks.get(id).map_err(db_err("read changes"))? else {
                 continue;
             };
-            let rec: CoordTaskV1 = records::decode("tasks", id, v.value())?;
+            let rec: CoordTaskV1 = CoordTaskV1::decode(id, v.value())?;
             // A paused task is, for agents, removed until it is resumed.
             let removed =
                 rec.cancelled || paused.get(id).map_err(db_err("read changes"))?.is_some();
             if since == 0 && removed {
                 continue;
             }
-            let spec = rec.task.into_spec(id)?;
+            let spec = rec.into_spec(id)?;
             if targets(&spec.target, agent, labels) {
                 changes.push((spec, removed));
             }
@@ -1701,10 +1726,10 @@ impl CoordStore for CoordinatorStore {
             let Some(v) = tasks.get(id).map_err(db_err("read changes"))? else {
                 continue;
             };
-            let rec: CoordTaskV1 = records::decode("tasks", id, v.value())?;
+            let rec: CoordTaskV1 = CoordTaskV1::decode(id, v.value())?;
             let removed =
                 rec.cancelled || paused.get(id).map_err(db_err("read changes"))?.is_some();
-            changes.push((rec.task.into_spec(id)?, removed));
+            changes.push((rec.into_spec(id)?, removed));
         }
         if !more {
             upto = upto.max(Self::meta_u64(&meta, REVISION)?);

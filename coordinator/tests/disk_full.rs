@@ -160,6 +160,7 @@ fn an_agent_on_a_full_disk_exits_loudly_loses_nothing_and_resumes() {
                 args: vec!["-c".into(), "head -c 60000 /dev/zero".into()],
                 env: vec![],
                 cwd: None,
+                sealed_env: Vec::new(),
             }),
             policies: Policies::default(),
             revision: 1,

@@ -89,6 +89,7 @@ fn raw_session(
                     outbox_len: 0,
                     agent_version: "test".into(),
                     allow_exec: vec![],
+                    seal_key: Default::default(),
                 },
             )
             .await?;
@@ -1011,6 +1012,7 @@ fn a_second_session_of_one_agent_replaces_the_first() {
                     outbox_len: 0,
                     agent_version: "test".into(),
                     allow_exec: vec![],
+                    seal_key: Default::default(),
                 },
             )
             .await

@@ -72,6 +72,7 @@ fn try_session(
                 outbox_len: 0,
                 agent_version: "test".into(),
                 allow_exec: vec![],
+                seal_key: Default::default(),
             },
         )
         .await?;
@@ -235,6 +236,7 @@ fn identity_comes_from_the_certificate_only() {
                 outbox_len: 0,
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 allow_exec: vec![],
+                seal_key: Default::default(),
             },
         )
         .await
@@ -329,6 +331,7 @@ fn a_csr_asking_for_more_yields_a_plain_client_certificate() {
                 csr_der: csr.der().to_vec(),
                 name: None,
                 labels: vec![],
+                seal_key: Default::default(),
             },
         )
         .await

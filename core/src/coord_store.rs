@@ -455,6 +455,46 @@ pub fn counts_from(schedule: &sundial_protocol::Schedule, now: Timestamp) -> Tim
 }
 
 /// Token labels first, then the agent's own, which win on a conflict.
+/// The setting that holds an agent's public sealing key (hex).
+fn seal_key_setting(agent: AgentId) -> String {
+    format!("seal_key/{agent}")
+}
+
+/// Stores `agent`'s public sealing key, unless it is the one stored.
+pub fn put_seal_key(
+    store: &dyn CoordStore,
+    agent: AgentId,
+    key: sundial_protocol::seal::SealPublicKey,
+) -> StoreResult<()> {
+    let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
+    let setting = seal_key_setting(agent);
+    if store.setting(&setting)?.as_deref() != Some(hex.as_str()) {
+        store.put_setting(&setting, &hex)?;
+    }
+    Ok(())
+}
+
+/// `agent`'s public sealing key, if it has published one (a stored value
+/// that does not read as a key counts as none).
+pub fn seal_key(
+    store: &dyn CoordStore,
+    agent: AgentId,
+) -> StoreResult<Option<sundial_protocol::seal::SealPublicKey>> {
+    let Some(hex) = store.setting(&seal_key_setting(agent))? else {
+        return Ok(None);
+    };
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    Ok(bytes
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(sundial_protocol::seal::SealPublicKey))
+}
+
 pub fn merge_labels(token: &[(String, String)], own: &[(String, String)]) -> Vec<(String, String)> {
     let mut all: Vec<(String, String)> = token
         .iter()

@@ -281,6 +281,8 @@ pub struct NodeConfig {
     pub vouch_wait_ms: i64,
     /// Coordinators the agent dials in turn (several on one store).
     pub coordinators: usize,
+    /// Its public sealing key, told in Hello.
+    pub seal_key: Option<sundial_protocol::seal::SealPublicKey>,
 }
 
 /// How much of the schedule the node holds in memory.
@@ -695,6 +697,7 @@ impl<S: NodeStore> AgentNode<S> {
             outbox_len: self.store.outbox_len()?,
             agent_version: self.cfg.agent_version.clone(),
             allow_exec: self.cfg.allow_exec.clone(),
+            seal_key: self.cfg.seal_key,
         };
         self.session.handle_connected(now_of(r), hello);
         // A boot whose time was never vouched for: hold firing until the

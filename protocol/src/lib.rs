@@ -16,6 +16,7 @@ pub mod cron;
 pub mod policy;
 pub mod records;
 pub mod schedule;
+pub mod seal;
 pub mod task;
 pub mod time;
 pub mod token;

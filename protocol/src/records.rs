@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
 use crate::schedule::{OutcomeSet, ScheduleError, Trigger};
-use crate::task::{Action, ExecSpec, Target};
+use crate::task::{Action, ExecSpec, SealedEnv, Target};
 use crate::{
     AgentId, DurationMs, Outcome, RunRecord, Schedule, ScheduleKind, TaskId, TaskSpec, Timestamp,
 };
@@ -49,6 +49,79 @@ pub fn decode<T: DeserializeOwned>(
         Some((v, _)) => Err(corrupt(format!("unknown record version {v}"))),
         None => Err(corrupt("empty record".into())),
     }
+}
+
+/// A record followed by its task's sealed variables (new in 0.5): written
+/// only for tasks that have some, so a store without them stays readable by
+/// older builds.
+pub const RECORD_V2: u8 = 2;
+
+/// A sealed variable as stored: (agent id, sealed value) pairs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SealedEnvV1 {
+    pub name: String,
+    pub sealed: Vec<(u64, Vec<u8>)>,
+}
+
+/// `rec`, and the sealed variables of its task if it has any.
+pub fn encode_with_sealed<T: Serialize>(rec: &T, sealed: &[SealedEnv]) -> Vec<u8> {
+    if sealed.is_empty() {
+        return encode(rec);
+    }
+    let sealed: Vec<SealedEnvV1> = sealed
+        .iter()
+        .map(|s| SealedEnvV1 {
+            name: s.name.clone(),
+            sealed: s.sealed.iter().map(|(a, v)| (a.0, v.clone())).collect(),
+        })
+        .collect();
+    let mut out = vec![RECORD_V2];
+    // Invariant: postcard serialization of plain structs into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
+    out.extend(postcard::to_allocvec(&sealed).expect("postcard encodes plain records"));
+    out
+}
+
+/// A record written by [`encode`] or [`encode_with_sealed`], and its
+/// task's sealed variables (none for the former).
+pub fn decode_with_sealed<T: DeserializeOwned>(
+    table: &'static str,
+    key: impl ToString,
+    bytes: &[u8],
+) -> Result<(T, Vec<SealedEnv>), RecordError> {
+    let corrupt = |reason: String| RecordError {
+        table,
+        key: key.to_string(),
+        reason,
+    };
+    match bytes.split_first() {
+        Some((&RECORD_V2, rest)) => {
+            let (rec, rest) =
+                postcard::take_from_bytes::<T>(rest).map_err(|e| corrupt(e.to_string()))?;
+            let sealed: Vec<SealedEnvV1> = postcard::from_bytes(rest)
+                .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
+            let sealed = sealed
+                .into_iter()
+                .map(|s| SealedEnv {
+                    name: s.name,
+                    sealed: s.sealed.into_iter().map(|(a, v)| (AgentId(a), v)).collect(),
+                })
+                .collect();
+            Ok((rec, sealed))
+        }
+        _ => decode(table, key, bytes).map(|rec| (rec, Vec::new())),
+    }
+}
+
+/// A task as stored in a `tasks` table.
+pub fn encode_task(t: &TaskSpec) -> Vec<u8> {
+    encode_with_sealed(&TaskRecordV1::from_spec(t), t.action.sealed_env())
+}
+
+/// A task written by [`encode_task`].
+pub fn decode_task(table: &'static str, id: u64, bytes: &[u8]) -> Result<TaskSpec, RecordError> {
+    let (rec, sealed) = decode_with_sealed::<TaskRecordV1>(table, id, bytes)?;
+    Ok(rec.into_spec(id)?.with_sealed_env(sealed))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +299,7 @@ impl TaskRecordV1 {
                 args: self.args,
                 env: self.env,
                 cwd: self.cwd,
+                sealed_env: Vec::new(),
             }),
             policies: Policies {
                 misfire: MisfirePolicy {

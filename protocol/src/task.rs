@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::Policies;
 use crate::schedule::Schedule;
+pub use crate::seal::SealedEnv;
 use crate::time::{DurationMs, Timestamp};
 
 macro_rules! short_id {
@@ -54,7 +55,12 @@ pub const DETAIL_BYTES_MAX: usize = 4 * 1024;
 pub const ATTEMPTS_MAX: u32 = crate::policy::RETRIES_MAX + 1;
 
 /// What a task runs.
+///
+/// On the wire an exec without sealed variables keeps the encoding of 0.4
+/// and earlier (so older agents read it); one with them is another variant,
+/// which an older peer refuses rather than misreads.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ActionWire", into = "ActionWire")]
 pub enum Action {
     Exec(ExecSpec),
 }
@@ -66,6 +72,85 @@ pub struct ExecSpec {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<String>,
+    /// Variables whose values are sealed to each agent's key (new in 0.5):
+    /// opened on the agent when a run starts, never stored or shown open.
+    pub sealed_env: Vec<SealedEnv>,
+}
+
+/// [`Action`] as encoded.
+#[derive(Serialize, Deserialize)]
+enum ActionWire {
+    Exec(ExecSpecV0),
+    ExecSealed(ExecSpec),
+}
+
+/// [`ExecSpec`] as 0.4 and earlier encode it.
+#[derive(Serialize, Deserialize)]
+struct ExecSpecV0 {
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+}
+
+impl From<ActionWire> for Action {
+    fn from(a: ActionWire) -> Action {
+        match a {
+            ActionWire::Exec(e) => Action::Exec(ExecSpec {
+                program: e.program,
+                args: e.args,
+                env: e.env,
+                cwd: e.cwd,
+                sealed_env: Vec::new(),
+            }),
+            ActionWire::ExecSealed(e) => Action::Exec(e),
+        }
+    }
+}
+
+impl From<Action> for ActionWire {
+    fn from(a: Action) -> ActionWire {
+        match a {
+            Action::Exec(e) if e.sealed_env.is_empty() => ActionWire::Exec(ExecSpecV0 {
+                program: e.program,
+                args: e.args,
+                env: e.env,
+                cwd: e.cwd,
+            }),
+            Action::Exec(e) => ActionWire::ExecSealed(e),
+        }
+    }
+}
+
+impl Action {
+    /// Its sealed variables.
+    pub fn sealed_env(&self) -> &[SealedEnv] {
+        let Action::Exec(e) = self;
+        &e.sealed_env
+    }
+
+    /// This action as one agent is sent it: only the values sealed to it.
+    pub fn for_agent(&self, agent: AgentId) -> Action {
+        let Action::Exec(e) = self;
+        let mut e = e.clone();
+        for s in &mut e.sealed_env {
+            s.sealed.retain(|(a, _)| *a == agent);
+        }
+        Action::Exec(e)
+    }
+
+    /// This action as admins are shown it: sealed variables' names and
+    /// recipients, without their ciphertext.
+    pub fn without_ciphertext(&self) -> Action {
+        let Action::Exec(e) = self;
+        let mut e = e.clone();
+        for s in &mut e.sealed_env {
+            for (_, c) in &mut s.sealed {
+                c.clear();
+            }
+        }
+        Action::Exec(e)
+    }
 }
 
 /// Which agents a task is for.
@@ -90,6 +175,15 @@ pub struct TaskSpec {
     /// When the coordinator created the task: occurrences before it are not
     /// expected, those after it are (even if the agent learns of the task late).
     pub created_at: Timestamp,
+}
+
+impl TaskSpec {
+    /// This task with these sealed variables.
+    pub fn with_sealed_env(mut self, sealed: Vec<SealedEnv>) -> TaskSpec {
+        let Action::Exec(e) = &mut self.action;
+        e.sealed_env = sealed;
+        self
+    }
 }
 
 /// How a run ended.

@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::seal::SealPublicKey;
 use crate::task::{AgentId, RunKey, RunRecord, TaskId, TaskSpec};
 use crate::time::Timestamp;
 
@@ -82,6 +83,12 @@ fn version_at_least(version: &str, want: (u64, u64)) -> bool {
 /// decode a page of assignments holding one, so it is not sent them.
 pub fn agent_knows_triggers(agent_version: &str) -> bool {
     version_at_least(agent_version, (0, 4))
+}
+
+/// Whether an agent of this version opens sealed variables (new in 0.5): an
+/// older one could not decode a task that has them, so it is not sent them.
+pub fn agent_knows_sealed(agent_version: &str) -> bool {
+    version_at_least(agent_version, (0, 5))
 }
 
 /// Whether an agent of this version sends [`AgentMsg::Report`] when asked
@@ -251,6 +258,9 @@ pub enum AgentMsg {
         agent_version: String,
         /// The programs it allows, for operators (`agent list`).
         allow_exec: Vec<String>,
+        /// Its public sealing key (agents 0.5 and later; see
+        /// [`crate::seal`]). Last, so an older coordinator ignores it.
+        seal_key: Trailing<SealPublicKey>,
     },
     Results {
         batch_id: u64,
@@ -321,6 +331,35 @@ pub struct EnrollRequest {
     pub csr_der: Vec<u8>,
     pub name: Option<String>,
     pub labels: Vec<(String, String)>,
+    /// The agent's public sealing key, made beside its certificate's key
+    /// (agents 0.5 and later). Last, so an older coordinator ignores it.
+    pub seal_key: Trailing<SealPublicKey>,
+}
+
+/// A field added at the very end of a message: an older peer's encoder
+/// stops before it, so it decodes as absent, and an older peer's decoder
+/// ignores it (postcard leaves bytes after a message unread). Only for the
+/// last field of a message that is not itself inside another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Trailing<T>(pub Option<T>);
+
+impl<T> Default for Trailing<T> {
+    fn default() -> Trailing<T> {
+        Trailing(None)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Trailing<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The message ended before this field: an older peer sent it.
+        Ok(Trailing(Option::<T>::deserialize(d).ok().flatten()))
+    }
+}
+
+impl<T> From<Option<T>> for Trailing<T> {
+    fn from(v: Option<T>) -> Trailing<T> {
+        Trailing(v)
+    }
 }
 
 /// Coordinator → agent on the enrollment ALPN.
@@ -435,6 +474,15 @@ pub enum AdminRequest {
     RunFollow {
         task: Option<TaskId>,
         agent: Option<AgentId>,
+    },
+    /// The public sealing keys of the agents `target` reaches now
+    /// ([`AdminResponse::SealKeys`]), for sealing secrets to them.
+    SealKeys(crate::task::Target),
+    /// Replaces the named sealed variables of a task (a new revision);
+    /// those not named stay as they are.
+    TaskReseal {
+        id: TaskId,
+        sealed_env: Vec<crate::seal::SealedEnv>,
     },
 }
 
@@ -691,6 +739,13 @@ pub enum AdminResponse {
     },
     /// A run follow is on: `Runs` follow as they are stored.
     Following,
+    /// The agents a target reaches now and their sealing keys; `missing`:
+    /// those that have published none (not yet connected since joining
+    /// with 0.5 or later).
+    SealKeys {
+        keys: Vec<(AgentId, SealPublicKey)>,
+        missing: Vec<AgentId>,
+    },
 }
 
 /// Splits `items` into pages whose encoded size stays under `bytes_max`
@@ -730,6 +785,7 @@ mod tests {
             outbox_len: u64::MAX,
             agent_version: "9".repeat(AGENT_VERSION_BYTES_MAX),
             allow_exec: allow.clone(),
+            seal_key: Some(SealPublicKey([0xff; 32])).into(),
         };
         let framed = crate::codec::encode(&hello).expect("encodes");
         assert!(framed.len() <= HELLO_FRAME_BYTES_MAX, "{}", framed.len());
@@ -738,6 +794,71 @@ mod tests {
         assert!(allowlist_refusal(&more).is_some_and(|w| w.contains("64")));
         let long = vec![format!("{pattern}x")];
         assert!(allowlist_refusal(&long).is_some_and(|w| w.contains("bytes")));
+    }
+
+    /// Hello and the enrollment request as agents before 0.5 encode them.
+    #[derive(Serialize)]
+    enum OldAgentMsg {
+        Hello {
+            last_revision: u64,
+            outbox_len: u64,
+            agent_version: String,
+            allow_exec: Vec<String>,
+        },
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct OldEnrollRequest {
+        token_secret: Vec<u8>,
+        csr_der: Vec<u8>,
+        name: Option<String>,
+        labels: Vec<(String, String)>,
+    }
+
+    #[test]
+    fn a_sealing_key_added_last_is_absent_from_old_peers_and_ignored_by_them() {
+        let old = OldAgentMsg::Hello {
+            last_revision: 3,
+            outbox_len: 4,
+            agent_version: "0.4.0".into(),
+            allow_exec: vec!["/bin/*".into()],
+        };
+        let bytes = postcard::to_allocvec(&old).expect("encodes");
+        let new: AgentMsg = postcard::from_bytes(&bytes).expect("an old Hello decodes");
+        let AgentMsg::Hello {
+            last_revision,
+            seal_key,
+            allow_exec,
+            ..
+        } = new
+        else {
+            panic!("not a Hello: {new:?}");
+        };
+        assert_eq!(
+            (last_revision, seal_key, allow_exec.len()),
+            (3, Trailing(None), 1)
+        );
+
+        let key = SealPublicKey([9; 32]);
+        let req = EnrollRequest {
+            token_secret: vec![1, 2],
+            csr_der: vec![3],
+            name: Some("d".into()),
+            labels: vec![("k".into(), "v".into())],
+            seal_key: Some(key).into(),
+        };
+        let bytes = postcard::to_allocvec(&req).expect("encodes");
+        // An old coordinator reads what it knows and leaves the key unread.
+        let old: OldEnrollRequest = postcard::from_bytes(&bytes).expect("old decode");
+        assert_eq!(old.labels, req.labels);
+        assert_eq!(
+            postcard::from_bytes::<EnrollRequest>(&bytes).expect("new decode"),
+            req
+        );
+        let from_old = postcard::to_allocvec(&old).expect("encodes");
+        let read: EnrollRequest = postcard::from_bytes(&from_old).expect("old request decodes");
+        assert_eq!(read.seal_key, Trailing(None));
+        assert_eq!(read.token_secret, vec![1, 2]);
     }
 
     #[test]

@@ -32,6 +32,7 @@ fn messages_round_trip_in_pieces() {
             outbox_len: 3,
             agent_version: "0.1.0".into(),
             allow_exec: vec![],
+            seal_key: Default::default(),
         },
         AgentMsg::Results {
             batch_id: 9,

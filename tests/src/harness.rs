@@ -409,6 +409,7 @@ impl Fleet {
                 args,
                 env: vec![],
                 cwd: None,
+                sealed_env: Vec::new(),
             }),
             policies,
             anchor_at_creation: false,

@@ -220,6 +220,7 @@ pub async fn light_agent(
                 outbox_len: 0,
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 allow_exec: vec![],
+                seal_key: None,
             },
         );
         let mut rx = FramedRecv::new(rx);

@@ -32,6 +32,7 @@ fn task(id: u64, revision: u64) -> TaskSpec {
             args: vec![format!("{revision}")],
             env: vec![],
             cwd: None,
+            sealed_env: Vec::new(),
         }),
         policies: Policies::default(),
         revision,

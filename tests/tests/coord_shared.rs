@@ -193,6 +193,7 @@ impl Node {
                 outbox_len: 0,
                 agent_version: "0.2.0".into(),
                 allow_exec: Vec::new(),
+                seal_key: Default::default(),
             },
         );
         self.settle(at);

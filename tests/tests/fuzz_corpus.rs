@@ -55,6 +55,7 @@ fn write_seed_corpus() {
         outbox_len: 2,
         agent_version: "0.3.0".into(),
         allow_exec: vec!["/bin/*".into()],
+        seal_key: Default::default(),
     };
     write("frames", "hello", &framed(0, encode(&hello).expect("enc")));
     let report = AgentMsg::Report(AgentReport {
@@ -86,6 +87,7 @@ fn write_seed_corpus() {
         csr_der: vec![0x30, 0x03, 0x02, 0x01, 0x00],
         name: Some("edge".into()),
         labels: vec![("site".into(), "lab".into())],
+        seal_key: Default::default(),
     };
     write(
         "frames",

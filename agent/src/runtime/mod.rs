@@ -183,6 +183,14 @@ pub async fn run(
             exec_policy.allow_env.push(p);
         }
     }
+    // The sealing key, for secrets sealed to this agent (enrolled agents).
+    let seal = if agent_id == AgentId(0) {
+        None
+    } else {
+        let pair = crate::sealing::load_or_create(&config.data_dir).map_err(AgentError::Config)?;
+        exec_policy.sealing = Some((agent_id, Arc::new(pair.clone())));
+        Some(pair.public())
+    };
     let revoked = store.get_meta::<bool>(meta::REVOKED)?.unwrap_or(false);
     if revoked {
         tracing::error!("this agent was revoked by its coordinator: it makes no session and fires nothing (its outbox could never be sent); to use this device again, move its data directory away and join with a new token");
@@ -233,6 +241,7 @@ pub async fn run(
             0
         },
         coordinators: session.as_ref().map_or(1, |s| s.coordinators.len()),
+        seal_key: seal,
     };
     let node = match AgentNode::start(node_store, cfg, reading()) {
         Ok(n) => n,

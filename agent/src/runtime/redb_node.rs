@@ -338,6 +338,7 @@ mod tests {
             horizon: Default::default(),
             vouch_wait_ms: 0,
             coordinators: 1,
+            seal_key: None,
         };
         let mut node = AgentNode::start(RedbNode::plain(store, None), cfg, r(0)).expect("node");
         node.begin_stop();

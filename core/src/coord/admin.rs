@@ -69,11 +69,13 @@ pub fn required_role(req: &AdminRequest) -> Role {
         | R::RunList { .. }
         | R::AdminList
         | R::AuditList(_)
-        | R::RunFollow { .. } => Role::Viewer,
+        | R::RunFollow { .. }
+        | R::SealKeys(_) => Role::Viewer,
         R::TokenCreate { .. }
         | R::TokenRevoke(_)
         | R::TaskCreate(_)
         | R::TaskUpdate { .. }
+        | R::TaskReseal { .. }
         | R::TaskCancel(_)
         | R::TaskRunNow(_)
         | R::TaskPause(_)
@@ -142,6 +144,8 @@ pub fn action(req: &AdminRequest) -> &'static str {
         R::AdminRevoke(_) => "admin revoke",
         R::AuditList(_) => "audit list",
         R::RunFollow { .. } => "run follow",
+        R::SealKeys(_) => "seal keys",
+        R::TaskReseal { .. } => "task reseal",
     }
 }
 
@@ -155,7 +159,8 @@ pub fn subject(req: &AdminRequest) -> Option<String> {
         | R::TaskRunNow(t)
         | R::TaskPause(t)
         | R::TaskResume(t)
-        | R::TaskUpdate { id: t, .. } => Some(format!("task {t}")),
+        | R::TaskUpdate { id: t, .. }
+        | R::TaskReseal { id: t, .. } => Some(format!("task {t}")),
         R::TokenRevoke(id) => Some(format!("token {}", id.to_ascii_lowercase())),
         R::AdminCreate { name, .. } | R::AdminRenew { name, .. } | R::AdminRevoke(name) => {
             Some(format!("admin {name}"))
@@ -232,6 +237,8 @@ pub const REDACTED: &str = "(hidden from viewers)";
 /// A task as a viewer may see it: environment names, not values (they
 /// may hold keys).
 fn for_role(mut t: TaskInfo, role: Role) -> TaskInfo {
+    // Sealed values are for their agents: admins see names and recipients.
+    t.spec.action = t.spec.action.without_ciphertext();
     if role < Role::Operator {
         let Action::Exec(exec) = &mut t.spec.action;
         for (_, v) in &mut exec.env {
@@ -549,7 +556,12 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
             return Some(format!("--end {end} is in the past (now is {now})"));
         }
     }
-    let size = postcard::experimental::serialized_size(draft).unwrap_or(usize::MAX);
+    if let Some(why) = sundial_protocol::seal::refusal(&exec.sealed_env, &exec.env) {
+        return Some(why);
+    }
+    // Sealed values have their own bound (above).
+    let size = postcard::experimental::serialized_size(draft).unwrap_or(usize::MAX)
+        - postcard::experimental::serialized_size(&exec.sealed_env).unwrap_or(0);
     if size > TASK_SPEC_BYTES_MAX {
         return Some(format!(
             "the task is {size} bytes (program, arguments, environment); the most allowed is {TASK_SPEC_BYTES_MAX}: pass large data in a file on the device instead"
@@ -780,6 +792,89 @@ fn update(
         })))
 }
 
+/// The agents `target` reaches now (not revoked, not forgotten).
+fn reached_agents(store: &dyn CoordStore, target: &Target) -> StoreResult<Vec<Agent>> {
+    Ok(match target {
+        Target::Agent(a) => store
+            .agent(*a)?
+            .filter(|r| !r.revoked && !r.forgotten)
+            .into_iter()
+            .collect(),
+        Target::Selector(_) => all_agents(store)?
+            .into_iter()
+            .filter(|r| !r.revoked && !r.forgotten && targets(target, r.id, &r.labels))
+            .collect(),
+    })
+}
+
+/// `task reseal`: the named sealed variables replaced (added if new), the
+/// others kept; a new revision, sent to the agents it reaches.
+fn reseal(
+    store: &dyn CoordStore,
+    ctx: &AdminContext,
+    id: TaskId,
+    sealed: Vec<sundial_protocol::seal::SealedEnv>,
+) -> StoreResult<AdminAnswer> {
+    let Some(StoredTask {
+        mut spec,
+        cancelled,
+        ..
+    }) = store.task(id)?
+    else {
+        return Err(StoreError::NotFound(format!("no task {id}")));
+    };
+    if cancelled {
+        return Err(StoreError::Refused(format!("task {id} is cancelled")));
+    }
+    if sealed.is_empty() {
+        return Err(StoreError::Refused(
+            "nothing to reseal: give --secret-env or --secret-env-file".into(),
+        ));
+    }
+    let read_revision = spec.revision;
+    {
+        let Action::Exec(exec) = &mut spec.action;
+        for s in sealed {
+            match exec.sealed_env.iter_mut().find(|o| o.name == s.name) {
+                Some(o) => *o = s,
+                None => exec.sealed_env.push(s),
+            }
+        }
+    }
+    let draft = TaskDraft {
+        name: spec.name.clone(),
+        target: spec.target.clone(),
+        schedule: spec.schedule.clone(),
+        action: spec.action.clone(),
+        policies: spec.policies,
+        anchor_at_creation: false,
+    };
+    if let Some(why) = draft_refusal(&ctx.limits, &draft, ctx.now) {
+        return Err(StoreError::Refused(why));
+    }
+    let reached = reached_agents(store, &spec.target)?;
+    let warnings = reach_warnings(ctx, &draft, &reached)
+        .into_iter()
+        .filter(|w| w.contains("sealed"))
+        .collect::<Vec<_>>();
+    let revision = store.update_task(&spec, read_revision, Some(&ctx.audit))?;
+    let answer = if warnings.is_empty() {
+        AdminResponse::Updated { revision }
+    } else {
+        AdminResponse::TaskCreatedWarn { id, warnings }
+    };
+    Ok(AdminAnswer::one(answer)?
+        .with(FollowUp::Audited(ctx.audit.for_task(id, revision)))
+        .with(FollowUp::Announce {
+            target: spec.target,
+            revision,
+        })
+        .with(FollowUp::Changed(AdminChange::TaskUpdated {
+            task: id,
+            revision,
+        })))
+}
+
 /// At most this many agents are named in one warning.
 const WARN_AGENTS_MAX: usize = 5;
 
@@ -809,7 +904,18 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
     let mut offline = Vec::new();
     let mut old = Vec::new();
     let triggered = !draft.schedule.triggers().is_empty();
+    let mut unsealed: Vec<String> = Vec::new();
+    let mut old_sealed = Vec::new();
     for a in reached {
+        let missing: Vec<&str> = exec
+            .sealed_env
+            .iter()
+            .filter(|s| s.for_agent(a.id).is_none())
+            .map(|s| s.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            unsealed.push(format!("{} (no {})", name(a), missing.join(", ")));
+        }
         let elsewhere = ctx.shared && a.in_session;
         let Some(seen) = ctx.seen.get(&a.id) else {
             if !elsewhere {
@@ -827,6 +933,14 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
                 .is_some_and(|v| !sundial_protocol::wire::agent_knows_triggers(v))
         {
             old.push(name(a));
+        }
+        if !exec.sealed_env.is_empty()
+            && seen
+                .version
+                .as_deref()
+                .is_some_and(|v| !sundial_protocol::wire::agent_knows_sealed(v))
+        {
+            old_sealed.push(name(a));
         }
         // An allowlist told in full (a clipped pattern ends in `…`, and a
         // Hello carries at most 32): the agent's own glob rule decides.
@@ -857,6 +971,22 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
             listed(&old),
             if old.len() == 1 { "runs" } else { "run" },
             if old.len() == 1 { "it gets" } else { "they get" },
+        ));
+    }
+    if !unsealed.is_empty() {
+        out.push(format!(
+            "{} {} no value sealed to {}: its runs there are recorded rejected until `sundialctl task reseal`",
+            listed(&unsealed),
+            if unsealed.len() == 1 { "has" } else { "have" },
+            if unsealed.len() == 1 { "it" } else { "them" },
+        ));
+    }
+    if !old_sealed.is_empty() {
+        out.push(format!(
+            "{} {} an agent older than 0.5, which cannot open sealed variables: {} the task once upgraded",
+            listed(&old_sealed),
+            if old_sealed.len() == 1 { "runs" } else { "run" },
+            if old_sealed.len() == 1 { "it gets" } else { "they get" },
         ));
     }
     if !offline.is_empty() {
@@ -1127,6 +1257,18 @@ pub fn answer(
             })))
         }
         AdminRequest::TaskUpdate { id, patch } => update(store, ctx, id, *patch),
+        AdminRequest::TaskReseal { id, sealed_env } => reseal(store, ctx, id, sealed_env),
+        AdminRequest::SealKeys(target) => {
+            let mut keys = Vec::new();
+            let mut missing = Vec::new();
+            for a in reached_agents(store, &target)? {
+                match crate::coord_store::seal_key(store, a.id)? {
+                    Some(k) => keys.push((a.id, k)),
+                    None => missing.push(a.id),
+                }
+            }
+            AdminAnswer::one(AdminResponse::SealKeys { keys, missing })
+        }
         AdminRequest::TaskRunNow(id) => {
             let Some(StoredTask {
                 spec,

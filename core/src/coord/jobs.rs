@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
+use sundial_protocol::seal::SealPublicKey;
 use sundial_protocol::wire::{AdminRequest, AuditEntry, EnrollRequest};
 use sundial_protocol::{AgentId, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
 
@@ -44,6 +45,8 @@ pub enum StoreJob {
         at: Timestamp,
         /// On a shared store: this coordinator, which now holds the session.
         holder: Option<u64>,
+        /// The agent's public sealing key, as its Hello said.
+        seal_key: Option<SealPublicKey>,
     },
     /// The next page of a session's assignment changes.
     Changes {
@@ -86,6 +89,8 @@ pub enum StoreJob {
         conn: ConnId,
         enrollment: Enrollment,
         cert_der: Vec<u8>,
+        /// The agent's public sealing key, as its request said.
+        seal_key: Option<SealPublicKey>,
     },
     /// Retention: runs scheduled before `before`, at most `max` of them.
     Purge { before: Timestamp, max: usize },
@@ -385,11 +390,15 @@ impl StoreJob {
                 last_revision,
                 at,
                 holder,
+                seal_key,
             } => {
                 let result = (|| {
                     let Some(rec) = store.agent(agent)?.filter(|r| !r.revoked) else {
                         return Ok(None);
                     };
+                    if let Some(key) = seal_key {
+                        crate::coord_store::put_seal_key(store, agent, key)?;
+                    }
                     let restored = store.catch_up_restored(last_revision)?;
                     let session = holder.map(|holder| SessionMark::Up { holder });
                     store.agent_seen(
@@ -530,11 +539,24 @@ impl StoreJob {
                 conn,
                 enrollment,
                 cert_der,
-            } => StoreDone::Enroll {
-                conn,
-                result: store.enroll(&enrollment),
-                cert_der,
-            },
+                seal_key,
+            } => {
+                let result = store.enroll(&enrollment).and_then(|r| {
+                    // The key is published again in every Hello: an
+                    // enrollment whose key write fails is not refused.
+                    if let (Ok(agent), Some(key)) = (&r, seal_key) {
+                        if let Err(e) = crate::coord_store::put_seal_key(store, agent.id, key) {
+                            tracing::warn!(agent = %agent.id, error = %e, "storing the sealing key of a new agent failed; its first Hello will bring it");
+                        }
+                    }
+                    Ok(r)
+                });
+                StoreDone::Enroll {
+                    conn,
+                    result,
+                    cert_der,
+                }
+            }
             StoreJob::Purge { before, max } => StoreDone::Purge {
                 before,
                 max,

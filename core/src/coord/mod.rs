@@ -570,6 +570,7 @@ struct Hello {
     knows_policy: bool,
     knows_reports: bool,
     knows_triggers: bool,
+    knows_sealed: bool,
 }
 
 #[derive(Debug)]
@@ -1304,6 +1305,7 @@ impl CoordNode {
                     outbox_len,
                     agent_version,
                     allow_exec,
+                    seal_key,
                 } = msg
                 else {
                     self.close(
@@ -1317,6 +1319,7 @@ impl CoordNode {
                 let knows_policy = sundial_protocol::wire::agent_knows_policy(&agent_version);
                 let knows_reports = sundial_protocol::wire::agent_knows_reports(&agent_version);
                 let knows_triggers = sundial_protocol::wire::agent_knows_triggers(&agent_version);
+                let knows_sealed = sundial_protocol::wire::agent_knows_sealed(&agent_version);
                 *phase = Phase::Checking(
                     Hello {
                         last_revision,
@@ -1324,6 +1327,7 @@ impl CoordNode {
                         knows_policy,
                         knows_reports,
                         knows_triggers,
+                        knows_sealed,
                     },
                     VecDeque::new(),
                 );
@@ -1346,6 +1350,7 @@ impl CoordNode {
                     last_revision,
                     at: now.wall,
                     holder,
+                    seal_key: seal_key.0,
                 }));
             }
             Phase::Checking(_, early) => {
@@ -1497,6 +1502,7 @@ impl CoordNode {
                 policy,
                 report_every_ms: report_every,
                 triggers: hello.knows_triggers,
+                sealed: hello.knows_sealed,
             },
         );
         // The upload limits are the agent's, not the session's: carried on
@@ -2337,10 +2343,12 @@ impl CoordNode {
             cert_sha256: sha256(&cert_der),
             now: now.wall,
         };
+        let seal_key = request.seal_key.0;
         self.effects.push_back(Effect::Store(StoreJob::Enroll {
             conn,
             enrollment,
             cert_der,
+            seal_key,
         }));
     }
 

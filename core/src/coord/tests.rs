@@ -97,6 +97,7 @@ fn hello(last_revision: u64) -> AgentMsg {
         outbox_len: 0,
         agent_version: "0.2.0".into(),
         allow_exec: Vec::new(),
+        seal_key: Default::default(),
     }
 }
 
@@ -710,6 +711,11 @@ fn every_request() -> Vec<AdminRequest> {
             task: None,
             agent: None,
         },
+        AdminRequest::SealKeys(Target::Selector(Vec::new())),
+        AdminRequest::TaskReseal {
+            id: TaskId(1),
+            sealed_env: Vec::new(),
+        },
     ];
     let mut seen = std::collections::BTreeSet::new();
     for r in &all {
@@ -737,10 +743,12 @@ fn every_request() -> Vec<AdminRequest> {
             AdminRequest::AdminRevoke(_) => 19,
             AdminRequest::AuditList(_) => 20,
             AdminRequest::RunFollow { .. } => 21,
+            AdminRequest::SealKeys(_) => 22,
+            AdminRequest::TaskReseal { .. } => 23,
         };
         seen.insert(kind);
     }
-    assert_eq!(seen.len(), 22, "every kind of request once");
+    assert_eq!(seen.len(), 24, "every kind of request once");
     all
 }
 
@@ -776,11 +784,13 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
         | AdminRequest::RunList { .. }
         | AdminRequest::AdminList
         | AdminRequest::AuditList(_)
-        | AdminRequest::RunFollow { .. } => Role::Viewer,
+        | AdminRequest::RunFollow { .. }
+        | AdminRequest::SealKeys(_) => Role::Viewer,
         AdminRequest::TokenCreate { .. }
         | AdminRequest::TokenRevoke(_)
         | AdminRequest::TaskCreate(_)
         | AdminRequest::TaskUpdate { .. }
+        | AdminRequest::TaskReseal { .. }
         | AdminRequest::TaskCancel(_)
         | AdminRequest::TaskRunNow(_)
         | AdminRequest::TaskPause(_)
@@ -1067,6 +1077,7 @@ fn live_session_of(n: &mut CoordNode, id: u64, version: &str, t: u64) -> ConnId 
             outbox_len: 3,
             agent_version: version.into(),
             allow_exec: Vec::new(),
+            seal_key: Default::default(),
         },
     );
     n.handle_store_done(

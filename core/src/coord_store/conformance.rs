@@ -79,6 +79,10 @@ pub const ALL: &[(&str, Body)] = &[
     ),
     ("settings_round_trip", settings_round_trip),
     (
+        "sealed_variables_survive_every_change",
+        sealed_variables_survive_every_change,
+    ),
+    (
         "admins_have_names_roles_and_one_live_credential",
         admins_have_names_roles_and_one_live_credential,
     ),
@@ -113,6 +117,7 @@ pub fn draft(name: Option<&str>, target: Target) -> TaskDraft {
             args: Vec::new(),
             env: Vec::new(),
             cwd: None,
+            sealed_env: Vec::new(),
         }),
         policies: Policies::default(),
         anchor_at_creation: false,
@@ -373,6 +378,37 @@ pub fn pause_and_resume_take_revisions(s: &dyn CoordStore) {
         s.set_paused(TaskId(999), true, t(0), None),
         Err(StoreError::NotFound(_))
     ));
+}
+
+pub fn sealed_variables_survive_every_change(s: &dyn CoordStore) {
+    use sundial_protocol::seal::SealedEnv;
+    let sealed = vec![SealedEnv {
+        name: "TASK_TOKEN".into(),
+        sealed: vec![(AgentId(1), vec![7; 60]), (AgentId(2), vec![8; 61])],
+    }];
+    let mut d = draft(Some("sealed"), Target::Agent(AgentId(1)));
+    let Action::Exec(e) = &mut d.action;
+    e.sealed_env = sealed.clone();
+    let a = ok(s.create_task(d, t(0), None), "create");
+    let read = |what: &str| ok(s.task(a.id), what).expect("exists").spec;
+    assert_eq!(read("read").action.sealed_env(), sealed.as_slice());
+    let mut spec = read("read");
+    spec.name = Some("renamed".into());
+    ok(s.update_task(&spec, spec.revision, None), "update");
+    assert_eq!(read("updated").action.sealed_env(), sealed.as_slice());
+    ok(s.set_paused(a.id, true, t(10), None), "pause");
+    assert_eq!(read("paused").action.sealed_env(), sealed.as_slice());
+    let none: Vec<(String, String)> = Vec::new();
+    ok(s.set_paused(a.id, false, t(20), None), "resume");
+    let changes = all_changes(s, AgentId(1), &none, 0, 100);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].0.action.sealed_env(), sealed.as_slice());
+    ok(s.cancel_task(a.id, None), "cancel");
+    assert_eq!(read("cancelled").action.sealed_env(), sealed.as_slice());
+    let listed = ok(s.tasks(None, 10), "list");
+    assert!(listed
+        .iter()
+        .any(|t| t.spec.id == a.id && t.spec.action.sealed_env() == sealed.as_slice()));
 }
 
 pub fn enrollment_spends_tokens_and_merges_labels(s: &dyn CoordStore) {

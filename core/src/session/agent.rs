@@ -157,6 +157,7 @@ pub struct HelloInfo {
     pub outbox_len: u64,
     pub agent_version: String,
     pub allow_exec: Vec<String>,
+    pub seal_key: Option<sundial_protocol::seal::SealPublicKey>,
 }
 
 #[derive(Debug)]
@@ -401,6 +402,7 @@ impl AgentSession {
                 .take(HELLO_PATTERNS_MAX)
                 .map(|p| clip(p, HELLO_PATTERN_BYTES_MAX))
                 .collect(),
+            seal_key: hello.seal_key.into(),
         });
         self.link = Link::Up(Up {
             since_ms: now.mono_ms,
@@ -692,6 +694,7 @@ mod tests {
             outbox_len: 2,
             agent_version: "t".into(),
             allow_exec: vec!["x".repeat(1000); 100],
+            seal_key: None,
         }
     }
 
@@ -1025,6 +1028,7 @@ mod tests {
             drain(&mut s);
             let info = HelloInfo {
                 allow_exec: vec![ch.repeat(1_000); 100],
+                seal_key: None,
                 agent_version: ch.repeat(1_000),
                 ..hello()
             };

@@ -63,6 +63,9 @@ pub struct Told {
     /// one is sent a cancel in place of one, so it never holds what it
     /// cannot decode or run.
     pub triggers: bool,
+    /// Whether the agent opens sealed variables (agents from 0.5): an older
+    /// one is sent a cancel in place of a task that has them.
+    pub sealed: bool,
 }
 
 /// A token bucket: `rate` units a second, up to one second's worth saved.
@@ -128,6 +131,8 @@ pub struct CoordSession {
     throttled_told: bool,
     /// The agent knows triggered tasks.
     knows_triggers: bool,
+    /// The agent knows sealed variables.
+    knows_sealed: bool,
     closed: bool,
     transmit: VecDeque<CoordMsg>,
     effects: VecDeque<CoordEffect>,
@@ -161,6 +166,7 @@ impl CoordSession {
             bytes: Bucket::new(limits.bytes_per_sec as f64, now.mono_ms),
             throttled_told: false,
             knows_triggers: told.triggers,
+            knows_sealed: told.sealed,
             closed: false,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
@@ -267,10 +273,13 @@ impl CoordSession {
         let since = self.sent;
         let enrolled_at = self.enrolled_at;
         let knows_triggers = self.knows_triggers;
+        let knows_sealed = self.knows_sealed;
+        let agent = self.agent;
         let changes: Vec<AssignmentChange> = changes
             .into_iter()
             .map(|(mut spec, cancelled)| {
-                let unknown = !knows_triggers && !spec.schedule.triggers().is_empty();
+                let unknown = (!knows_triggers && !spec.schedule.triggers().is_empty())
+                    || (!knows_sealed && !spec.action.sealed_env().is_empty());
                 if cancelled || unknown {
                     AssignmentChange::Cancel {
                         task_id: spec.id,
@@ -280,6 +289,8 @@ impl CoordSession {
                     // A task counts for an agent from its enrollment:
                     // occurrences before that were never its to run.
                     spec.created_at = spec.created_at.max(enrolled_at);
+                    // Only the values sealed to this agent travel to it.
+                    spec.action = spec.action.for_agent(agent);
                     AssignmentChange::Upsert(Box::new(spec))
                 }
             })
@@ -513,6 +524,7 @@ mod tests {
                 args: vec!["--flag".into()],
                 env: Vec::new(),
                 cwd: None,
+                sealed_env: Vec::new(),
             }),
             policies: Default::default(),
             revision: id,

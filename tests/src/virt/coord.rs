@@ -404,6 +404,7 @@ impl World {
             csr_der: self.agents[i].cert.clone(),
             name: Some(format!("device-{i}")),
             labels: self.agents[i].labels.clone(),
+            seal_key: Default::default(),
         };
         self.coord_call(k, |n, now| n.handle_enroll(now, conn, request));
     }
@@ -489,6 +490,7 @@ impl World {
                         ],
                         env: Vec::new(),
                         cwd: None,
+                        sealed_env: Vec::new(),
                     }),
                     policies: Policies {
                         retry: RetryPolicy {
@@ -616,6 +618,7 @@ impl World {
                     ],
                     env: Vec::new(),
                     cwd: None,
+                    sealed_env: Vec::new(),
                 }),
                 policies,
                 // `every` counts from the coordinator's instant of creation.
@@ -642,6 +645,7 @@ impl World {
                                 args,
                                 env: Vec::new(),
                                 cwd: None,
+                                sealed_env: Vec::new(),
                             })),
                             ..TaskPatch::default()
                         }),

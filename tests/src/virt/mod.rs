@@ -752,6 +752,7 @@ impl World {
             horizon: self.horizon,
             vouch_wait_ms: sundial_core::node::VOUCH_WAIT_MS,
             coordinators: self.coords.len(),
+            seal_key: None,
         };
         let r = self.reading(i);
         match AgentNode::start(store, cfg, r) {
@@ -1090,6 +1091,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
                 args: vec!["5".into(), "steady".into()],
                 env: Vec::new(),
                 cwd: None,
+                sealed_env: Vec::new(),
             }),
             policies: Policies::default(),
             anchor_at_creation: false,

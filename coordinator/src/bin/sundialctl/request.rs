@@ -147,6 +147,7 @@ pub(crate) fn draft(
             args: command.collect(),
             env: a.env,
             cwd: a.cwd,
+            sealed_env: Vec::new(),
         }),
         policies: Policies {
             misfire: MisfirePolicy {
