@@ -541,16 +541,14 @@ impl StoreJob {
                 cert_der,
                 seal_key,
             } => {
-                let result = store.enroll(&enrollment).and_then(|r| {
-                    // The key is published again in every Hello: an
-                    // enrollment whose key write fails is not refused.
-                    if let (Ok(agent), Some(key)) = (&r, seal_key) {
-                        if let Err(e) = crate::coord_store::put_seal_key(store, agent.id, key) {
-                            tracing::warn!(agent = %agent.id, error = %e, "storing the sealing key of a new agent failed; its first Hello will bring it");
-                        }
+                let result = store.enroll(&enrollment);
+                // The key is published again in every Hello: an enrollment
+                // whose key write fails is not refused.
+                if let (Ok(Ok(agent)), Some(key)) = (&result, seal_key) {
+                    if let Err(e) = crate::coord_store::put_seal_key(store, agent.id, key) {
+                        tracing::warn!(agent = %agent.id, error = %e, "storing the sealing key of a new agent failed; its first Hello will bring it");
                     }
-                    Ok(r)
-                });
+                }
                 StoreDone::Enroll {
                     conn,
                     result,

@@ -214,6 +214,36 @@ pub(crate) enum TaskCmd {
         #[arg(value_name = "TASK", required = true)]
         ids: Vec<String>,
     },
+    /// Seal secret variables again, to every agent the task reaches now
+    /// (agents that joined since, or made a new sealing key): the named
+    /// ones are replaced or added, the others kept. The values are needed
+    /// again: nobody but each agent can read the sealed ones.
+    ///
+    /// Example: sundialctl task reseal upload --secret-env-file upload.secrets
+    Reseal {
+        #[arg(value_name = "TASK")]
+        id: String,
+        #[command(flatten)]
+        secrets: SecretArgs,
+    },
+}
+
+/// Secret environment variables, sealed here to each agent's own key.
+#[derive(Debug, Args, Default)]
+pub(crate) struct SecretArgs {
+    /// A secret environment variable, encrypted here to each target
+    /// agent's public key: the coordinator stores and forwards only what
+    /// it cannot read; the agent opens it when a run starts. NAME=VALUE,
+    /// or NAME alone to take the value from this shell's environment (so
+    /// it is in neither shell history nor `ps`). Repeatable. `task get`
+    /// shows names only. The device owner's --allow-env rules apply to
+    /// the name (TASK_* is allowed everywhere).
+    #[arg(long = "secret-env", value_name = "NAME[=VALUE]")]
+    pub(crate) secret_env: Vec<String>,
+    /// Secret variables from a file: one NAME=VALUE per line; empty lines
+    /// and lines starting with # are skipped. Repeatable.
+    #[arg(long = "secret-env-file", value_name = "FILE")]
+    pub(crate) secret_env_file: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +354,8 @@ pub(crate) struct CreateArgs {
     /// Working directory for the program.
     #[arg(long, value_name = "DIR")]
     pub(crate) cwd: Option<String>,
+    #[command(flatten)]
+    pub(crate) secrets: SecretArgs,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
     pub(crate) command: Vec<String>,

@@ -162,6 +162,38 @@ impl Ctl {
     }
 }
 
+impl Ctl {
+    /// `secrets` sealed to every agent `target` reaches now; agents that
+    /// have published no key are named (their runs will be rejected until
+    /// a reseal).
+    async fn seal(
+        &self,
+        target: &Target,
+        secrets: &[Secret],
+    ) -> anyhow::Result<Vec<sundial_protocol::seal::SealedEnv>> {
+        let (keys, missing) = match self.ask(AdminRequest::SealKeys(target.clone())).await? {
+            AdminResponse::SealKeys { keys, missing } => (keys, missing),
+            r => return Err(unexpected(r)),
+        };
+        if !missing.is_empty() {
+            let names: Vec<String> = missing.iter().map(ToString::to_string).collect();
+            eprintln!(
+                "sundialctl: warning: {} {} published no sealing key yet (not connected since joining, or older than 0.5): the secrets are not sealed to {}; run `sundialctl task reseal` once {} connected",
+                names.join(", "),
+                if missing.len() == 1 { "has" } else { "have" },
+                if missing.len() == 1 { "it" } else { "them" },
+                if missing.len() == 1 { "it has" } else { "they have" },
+            );
+        }
+        if keys.is_empty() {
+            if let Target::Agent(a) = target {
+                bail!("agent {a} has published no sealing key (it has not connected since joining, or runs an agent older than 0.5): start it, then try again");
+            }
+        }
+        seal_all(secrets, &keys)
+    }
+}
+
 fn unexpected(r: AdminResponse) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the coordinator: {r:?}")
 }
@@ -321,7 +353,13 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                     triggers.push(Trigger { upstream, on });
                 }
             }
-            let draft = draft(args, agent, triggers, inherited)?;
+            let secrets = secrets(&args.secrets)?;
+            let mut draft = draft(args, agent, triggers, inherited)?;
+            if !secrets.is_empty() {
+                let sealed = ctl.seal(&draft.target, &secrets).await?;
+                let Action::Exec(exec) = &mut draft.action;
+                exec.sealed_env = sealed;
+            }
             match ctl.ask(AdminRequest::TaskCreate(Box::new(draft))).await? {
                 AdminResponse::TaskCreated(id) => outln!("{id}"),
                 AdminResponse::TaskCreatedWarn { id, warnings } => {
@@ -329,6 +367,37 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                         eprintln!("sundialctl: warning: {w}");
                     }
                     outln!("{id}");
+                }
+                r => return Err(unexpected(r)),
+            }
+        }
+        Cmd::Task(TaskCmd::Reseal { id, secrets: a }) => {
+            let secrets = secrets(&a)?;
+            if secrets.is_empty() {
+                bail!(
+                    "nothing to reseal: give --secret-env NAME[=VALUE] or --secret-env-file FILE"
+                );
+            }
+            let id = ctl.task_id(&id).await?;
+            let task = match ctl.ask(AdminRequest::TaskGet(id)).await? {
+                AdminResponse::Task(t) => t,
+                r => return Err(unexpected(r)),
+            };
+            let sealed_env = ctl.seal(&task.spec.target, &secrets).await?;
+            let agents: std::collections::BTreeSet<AgentId> =
+                sealed_env.iter().flat_map(|s| s.recipients()).collect();
+            match ctl.ask(AdminRequest::TaskReseal { id, sealed_env }).await? {
+                AdminResponse::Updated { revision } => {
+                    outln!(
+                        "{id} resealed to {} agent(s): revision {revision}",
+                        agents.len()
+                    )
+                }
+                AdminResponse::TaskCreatedWarn { warnings, .. } => {
+                    for w in warnings {
+                        eprintln!("sundialctl: warning: {w}");
+                    }
+                    outln!("{id} resealed to {} agent(s)", agents.len())
                 }
                 r => return Err(unexpected(r)),
             }

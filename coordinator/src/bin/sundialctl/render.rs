@@ -110,6 +110,10 @@ pub(crate) fn task_json(t: &TaskInfo) -> Value {
         "program": exec.program,
         "args": exec.args,
         "env": exec.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        "secret_env": exec.sealed_env.iter().map(|s| json!({
+            "name": s.name,
+            "sealed_to": s.recipients().map(|a| a.to_string()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "cwd": exec.cwd,
         "revision": t.spec.revision,
         "created_at": t.spec.created_at.to_string(),
@@ -453,6 +457,23 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
                 .join(", ")
         },
     );
+    if !exec.sealed_env.is_empty() {
+        field(
+            "Secrets",
+            exec.sealed_env
+                .iter()
+                .map(|s| {
+                    let to: Vec<String> = s.recipients().map(|a| names.agent(a)).collect();
+                    format!(
+                        "{} (sealed to {})",
+                        s.name,
+                        or_dash(Some(to.join(", ")).filter(|t| !t.is_empty()))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+    }
     field("Working dir", or_dash(exec.cwd.clone()));
     if triggers.is_empty() {
         field(

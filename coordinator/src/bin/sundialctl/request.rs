@@ -208,3 +208,110 @@ pub(crate) fn schedule_next(
     }
     Ok(())
 }
+
+/// A secret's name and value, as the operator gave it (never printed).
+pub(crate) struct Secret {
+    pub(crate) name: String,
+    pub(crate) value: Vec<u8>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({}, {} bytes)", self.name, self.value.len())
+    }
+}
+
+/// The secrets `--secret-env` and `--secret-env-file` give, checked: names
+/// valid and given once, values within bounds. Errors name the variable,
+/// never its value.
+pub(crate) fn secrets(a: &SecretArgs) -> anyhow::Result<Vec<Secret>> {
+    use sundial_protocol::seal::{valid_env_name, SEALED_ENV_MAX, SECRET_VALUE_BYTES_MAX};
+    let mut out: Vec<Secret> = Vec::new();
+    let mut add = |name: &str, value: Vec<u8>, from: &str| -> anyhow::Result<()> {
+        if !valid_env_name(name) {
+            bail!("{from}: `{name}` is not an environment variable name (letters, digits and _, not starting with a digit)");
+        }
+        if out.iter().any(|s| s.name == name) {
+            bail!("{from}: the secret {name} is given twice");
+        }
+        if value.len() > SECRET_VALUE_BYTES_MAX {
+            bail!(
+                "{from}: the secret {name} is {} bytes; the most is {SECRET_VALUE_BYTES_MAX} (pass large data in a file on the device)",
+                value.len()
+            );
+        }
+        out.push(Secret {
+            name: name.to_owned(),
+            value,
+        });
+        Ok(())
+    };
+    for text in &a.secret_env {
+        match text.split_once('=') {
+            Some((name, value)) => add(name, value.as_bytes().to_vec(), "--secret-env")?,
+            None => {
+                use std::os::unix::ffi::OsStringExt;
+                let Some(value) = std::env::var_os(text) else {
+                    bail!("--secret-env {text}: no value given and {text} is not set in this shell's environment (give NAME=VALUE, or export {text} first)");
+                };
+                add(text, value.into_vec(), "--secret-env")?
+            }
+        }
+    }
+    for path in &a.secret_env_file {
+        let from = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("--secret-env-file {from}"))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            let Some((name, value)) = line.split_once('=') else {
+                bail!("{from}:{}: expected NAME=VALUE", i + 1);
+            };
+            add(
+                name.trim(),
+                value.as_bytes().to_vec(),
+                &format!("{from}:{}", i + 1),
+            )?;
+        }
+    }
+    if out.len() > SEALED_ENV_MAX {
+        bail!(
+            "{} secrets; the most for one task is {SEALED_ENV_MAX}",
+            out.len()
+        );
+    }
+    Ok(out)
+}
+
+/// `secrets` sealed to each agent in `keys` (HPKE, a fresh ephemeral key
+/// per value and agent).
+pub(crate) fn seal_all(
+    secrets: &[Secret],
+    keys: &[(AgentId, sundial_protocol::seal::SealPublicKey)],
+) -> anyhow::Result<Vec<sundial_protocol::seal::SealedEnv>> {
+    use ring::rand::SecureRandom;
+    let rng = ring::rand::SystemRandom::new();
+    secrets
+        .iter()
+        .map(|s| {
+            let sealed = keys
+                .iter()
+                .map(|(agent, key)| {
+                    let mut seed = [0u8; 32];
+                    rng.fill(&mut seed)
+                        .map_err(|_| anyhow::anyhow!("the random generator failed"))?;
+                    let v = sundial_protocol::seal::seal(key, *agent, &s.name, &s.value, seed)
+                        .map_err(|e| anyhow::anyhow!("sealing {} to {agent}: {e}", s.name))?;
+                    Ok((*agent, v))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok(sundial_protocol::seal::SealedEnv {
+                name: s.name.clone(),
+                sealed,
+            })
+        })
+        .collect()
+}
