@@ -49,6 +49,9 @@ pub struct Status {
     /// agent makes when it starts: shown from a repaired copy, the store
     /// itself untouched.
     pub store_needs_recovery: bool,
+    /// The fingerprint of the agent's public sealing key (what operators'
+    /// secrets are sealed to), if it has one yet.
+    pub sealing_key: Option<String>,
 }
 
 /// Beyond this many tasks stored, `status` lists only the next this many
@@ -157,6 +160,10 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         tasks,
         tasks_total,
         store_needs_recovery: copy.is_some(),
+        sealing_key: std::fs::read(data_dir.join(crate::sealing::SEAL_KEY_FILE))
+            .ok()
+            .and_then(|seed| sundial_protocol::seal::SealKeyPair::from_seed(&seed).ok())
+            .map(|k| k.public().fingerprint()),
     })
 }
 
@@ -186,6 +193,9 @@ pub fn render(s: &Status) -> String {
         "agent:          {}",
         s.agent_id.as_deref().unwrap_or("not enrolled")
     );
+    if let Some(k) = &s.sealing_key {
+        let _ = writeln!(out, "sealing key:    {k}");
+    }
     if s.revoked {
         let _ = writeln!(
             out,

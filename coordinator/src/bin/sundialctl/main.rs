@@ -190,6 +190,19 @@ impl Ctl {
                 bail!("agent {a} has published no sealing key (it has not connected since joining, or runs an agent older than 0.5): start it, then try again");
             }
         }
+        if !keys.is_empty() {
+            // Fingerprints to compare with `sundial-agent status` on the
+            // device, for those who do not take the coordinator's word.
+            let mut shown: Vec<String> = keys
+                .iter()
+                .take(5)
+                .map(|(a, k)| format!("{a} (key {})", k.fingerprint()))
+                .collect();
+            if keys.len() > 5 {
+                shown.push(format!("and {} more", keys.len() - 5));
+            }
+            eprintln!("sundialctl: sealing to {}", shown.join(", "));
+        }
         seal_all(secrets, &keys)
     }
 }
