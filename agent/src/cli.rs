@@ -105,6 +105,23 @@ enum Cmd {
         /// e.g. 127.0.0.1:9464. No credentials: keep it on loopback.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// The key ring that encrypts the store's tasks and run records at
+        /// rest [default: the `sundial-store-key` systemd credential when the
+        /// unit passes one (LoadCredentialEncrypted=), else store.key in the
+        /// data directory, made at the first start]. Back it up apart from
+        /// the store: without it the store cannot be read.
+        #[arg(long, value_name = "FILE")]
+        store_key: Option<PathBuf>,
+    },
+    /// Rotate the store key: add a new key to the ring and make it current.
+    /// A running agent picks it up within 5 s; new records use it, older
+    /// ones stay readable with theirs (keep the old keys in the file).
+    RotateKey {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The key ring file [default: as `run` finds it].
+        #[arg(long, value_name = "FILE")]
+        store_key: Option<PathBuf>,
     },
     /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
     Completions {
@@ -126,6 +143,20 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+/// Adds a key to the ring in `path` and makes it current: (old, new) ids.
+fn rotate_key(path: &std::path::Path) -> Result<(u32, u32), String> {
+    let mut ring = sundial_net::at_rest::load(path)?.ok_or_else(|| {
+        format!(
+            "{}: no key ring here (the agent makes it at its first start; give --store-key FILE if it is elsewhere)",
+            path.display()
+        )
+    })?;
+    let old = ring.current();
+    let new = ring.add(false)?;
+    sundial_net::at_rest::save(path, &ring)?;
+    Ok((old, new))
 }
 
 fn parse_duration(s: &str) -> Result<sundial_protocol::DurationMs, String> {
@@ -223,6 +254,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             stop_grace,
             standalone,
             metrics,
+            store_key,
         } => {
             let file = match &config {
                 Some(path) => crate::config::load(path).map_err(anyhow::Error::msg)?,
@@ -304,6 +336,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 stop_grace: std::time::Duration::from_millis(stop_grace.as_millis()),
                 coordinators,
                 metrics: metrics.or(file.metrics),
+                store_key: store_key.or(file.store_key),
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -347,6 +380,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .block_on(crate::enroll::join(&data_dir, req))
                 .map_err(anyhow::Error::msg)?;
             println!("{id}");
+            Ok(())
+        }
+        Cmd::RotateKey {
+            data_dir,
+            store_key,
+        } => {
+            let path = sundial_net::at_rest::key_path(&data_dir, store_key.as_deref());
+            let (old, new) = rotate_key(&path).map_err(anyhow::Error::msg)?;
+            println!(
+                "{}: key {new} added and made current (was {old}); a running agent uses it within 5 s; keep the older keys: records written with them stay readable by them",
+                path.display()
+            );
             Ok(())
         }
         Cmd::Status { data_dir, output } => {

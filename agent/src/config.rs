@@ -36,6 +36,9 @@ pub struct AgentFile {
     pub coordinators: Vec<String>,
     /// Serve the agent's own metrics on this TCP address (`--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The store key ring file (default: `store.key` in the data directory,
+    /// or the `sundial-store-key` systemd credential).
+    pub store_key: Option<PathBuf>,
 }
 
 /// Reads and checks a configuration file.

@@ -73,6 +73,8 @@ pub enum StatusError {
     Unreadable(Box<StoreError>, String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("the store key: {0}")]
+    Key(String),
 }
 
 /// Reads the status of the agent whose data lives in `data_dir`.
@@ -109,6 +111,15 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
+    let mut store = store;
+    let key_file = sundial_net::at_rest::key_path(data_dir, None);
+    if let Some(cipher) = sundial_net::at_rest::StoreCipher::from_file(&key_file, false)
+        .map_err(StatusError::Key)?
+    {
+        store
+            .read_with(std::sync::Arc::new(cipher), &key_file)
+            .map_err(|e| StatusError::Key(e.to_string()))?;
+    }
     let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?;
     let tasks_total = store.task_count()?;
     let listed: Vec<(TaskSpec, Option<Timestamp>)> = if tasks_total as usize <= STATUS_TASKS_MAX {

@@ -35,6 +35,10 @@ use sundial_core::scheduler::first_occurrence;
 use sundial_protocol::records::{self, RecordError, RunRecordV1};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
+use std::borrow::Cow;
+use std::sync::Arc;
+use sundial_net::at_rest::{self, StoreCipher};
+
 fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
     records::encode(rec)
 }
@@ -101,6 +105,10 @@ pub mod meta {
     /// u32: the version of the `due` index (absent in stores made before
     /// it: the index is built from the tasks when such a store is opened).
     pub const DUE_INDEX: &str = "due_index";
+    /// (key id, check value) of every store key records were written with.
+    pub const KEY_CHECKS: &str = "key_checks";
+    /// Every task and run record is encrypted (set once migrated).
+    pub const ENCRYPTED: &str = "encrypted";
 }
 
 /// Why a store operation failed.
@@ -128,6 +136,9 @@ pub enum StoreError {
     /// runtime is stopping); nothing is known to be stored.
     #[error("agent store: {0}")]
     Worker(String),
+    /// The store key: missing, wrong, or the random generator failed.
+    #[error("agent store: store key: {0}")]
+    Key(String),
 }
 
 impl StoreError {
@@ -261,11 +272,17 @@ pub struct AgentStore {
     volatile: Option<std::sync::atomic::AtomicU32>,
     /// Its file, when it has one (for its size).
     path: Option<std::path::PathBuf>,
+    /// Encrypts task definitions and run records at rest (see
+    /// [`AgentStore::encrypt_with`]); `None`: stored as given.
+    cipher: Option<Arc<StoreCipher>>,
 }
 
 /// A volatile store flushes one commit in this many (so redb frees the
 /// pages the others left).
 const VOLATILE_FLUSH_EVERY: u32 = 64;
+
+/// Records encrypted per transaction when a plain store is migrated.
+const ENCRYPT_BATCH: usize = 10_000;
 
 impl AgentStore {
     /// Opens (creating if needed) the store at `path` for writing. Other
@@ -387,6 +404,7 @@ impl AgentStore {
             db: Handle::ReadOnly(db),
             volatile: None,
             path: Some(path.to_path_buf()),
+            cipher: None,
         })
     }
 
@@ -413,6 +431,7 @@ impl AgentStore {
             db,
             volatile: None,
             path: None,
+            cipher: None,
         };
         let txn = store.begin_write()?;
         {
@@ -506,6 +525,117 @@ impl AgentStore {
         Ok(())
     }
 
+    /// `plain` as stored: encrypted when the store has a cipher.
+    fn seal(&self, table: &'static str, plain: Vec<u8>) -> Result<Vec<u8>> {
+        match &self.cipher {
+            Some(c) => c.seal(table, &plain).map_err(StoreError::Key),
+            None => Ok(plain),
+        }
+    }
+
+    /// A stored value as plain bytes (decrypted if it is encrypted).
+    fn unseal<'a>(&self, table: &'static str, stored: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+        at_rest::open_plain(self.cipher.as_deref(), table, stored).map_err(|reason| {
+            StoreError::Corrupt {
+                table,
+                key: "?".into(),
+                reason,
+            }
+        })
+    }
+
+    fn task(&self, table: &'static str, id: u64, stored: &[u8]) -> Result<TaskSpec> {
+        Ok(records::decode_task(table, id, &self.unseal(table, stored)?)?)
+    }
+
+    /// From now on, task definitions and run records are encrypted with
+    /// `cipher` (its current key). First checks that every key this store
+    /// was written with is in the ring and is the same key — otherwise an
+    /// error, and nothing is written; then records the current key's check
+    /// and encrypts the records stored plain (a store from before
+    /// encryption), in batches, each its own transaction: a crash midway
+    /// loses nothing, and the next start finishes the work.
+    pub fn encrypt_with(&mut self, cipher: Arc<StoreCipher>, key_file: &Path) -> Result<u64> {
+        let checks: Vec<(u32, Vec<u8>)> = self.get_meta(meta::KEY_CHECKS)?.unwrap_or_default();
+        at_rest::check_ring(&cipher, &checks, key_file).map_err(StoreError::Key)?;
+        self.cipher = Some(cipher);
+        self.note_current_key()?;
+        if self.get_meta::<bool>(meta::ENCRYPTED)?.unwrap_or(false) {
+            return Ok(0);
+        }
+        let mut moved = 0u64;
+        for (table, table_name) in [(TASKS, "tasks"), (OUTBOX, "outbox")] {
+            let mut from = 0u64;
+            loop {
+                let txn = self.begin_write()?;
+                let scanned = {
+                    let mut t = txn.open_table(table).map_err(db_err("encrypt records"))?;
+                    let batch: Vec<(u64, Vec<u8>)> = t
+                        .range(from..)
+                        .map_err(db_err("encrypt records"))?
+                        .take(ENCRYPT_BATCH)
+                        .map(|item| {
+                            item.map(|(k, v)| (k.value(), v.value().to_vec()))
+                                .map_err(db_err("encrypt records"))
+                        })
+                        .collect::<Result<_>>()?;
+                    for (k, v) in &batch {
+                        if v.first() != Some(&at_rest::RECORD_ENCRYPTED) {
+                            let sealed = self.seal(table_name, v.clone())?;
+                            t.insert(*k, sealed.as_slice())
+                                .map_err(db_err("encrypt records"))?;
+                            moved += 1;
+                        }
+                    }
+                    if let Some((k, _)) = batch.last() {
+                        from = k.saturating_add(1);
+                    }
+                    batch.len()
+                };
+                txn.commit().map_err(db_err("commit encrypted records"))?;
+                if scanned < ENCRYPT_BATCH {
+                    break;
+                }
+            }
+        }
+        self.put_meta(&[(meta::ENCRYPTED, true)])?;
+        Ok(moved)
+    }
+
+    /// Reads (never writes) with `cipher`, once checked against the keys
+    /// the store was written with: for `status`, beside a running agent.
+    pub fn read_with(&mut self, cipher: Arc<StoreCipher>, key_file: &Path) -> Result<()> {
+        let checks: Vec<(u32, Vec<u8>)> = self.get_meta(meta::KEY_CHECKS)?.unwrap_or_default();
+        at_rest::check_ring(&cipher, &checks, key_file).map_err(StoreError::Key)?;
+        self.cipher = Some(cipher);
+        Ok(())
+    }
+
+    /// Records the check of the cipher's current key, if the store lacks
+    /// it (after [`AgentStore::encrypt_with`], and after a rotation).
+    pub fn note_current_key(&self) -> Result<()> {
+        let Some(c) = &self.cipher else {
+            return Ok(());
+        };
+        let mut checks: Vec<(u32, Vec<u8>)> = self.get_meta(meta::KEY_CHECKS)?.unwrap_or_default();
+        if checks.iter().any(|(id, _)| *id == c.current()) {
+            return Ok(());
+        }
+        checks.push((c.current(), c.check_value(c.current()).map_err(StoreError::Key)?));
+        self.put_meta(&[(meta::KEY_CHECKS, checks)])
+    }
+
+    /// The key ids this store was written with.
+    pub fn key_ids(&self) -> Result<Vec<u32>> {
+        let checks: Vec<(u32, Vec<u8>)> = self.get_meta(meta::KEY_CHECKS)?.unwrap_or_default();
+        Ok(checks.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// The cipher, to reload its ring after a rotation.
+    pub fn cipher(&self) -> Option<&Arc<StoreCipher>> {
+        self.cipher.as_ref()
+    }
+
     fn begin_write(&self) -> Result<redb::WriteTransaction> {
         match &self.db {
             Handle::ReadWrite(db) => {
@@ -585,7 +715,7 @@ impl AgentStore {
             let mut states = Vec::with_capacity(buf.len());
             for task in buf.drain(..) {
                 table
-                    .insert(task.id.0, records::encode_task(&task).as_slice())
+                    .insert(task.id.0, self.seal("tasks", records::encode_task(&task))?.as_slice())
                     .map_err(db_err("import tasks"))?;
                 states.push((task.id, first_occurrence(&task.schedule, task.created_at)));
             }
@@ -654,7 +784,7 @@ impl AgentStore {
                 states.iter().map(|(id, _)| *id).collect();
             for task in upserts {
                 table
-                    .insert(task.id.0, records::encode_task(task).as_slice())
+                    .insert(task.id.0, self.seal("tasks", records::encode_task(task))?.as_slice())
                     .map_err(db_err("write tasks"))?;
                 if task.schedule.triggers().is_empty() {
                     if triggered
@@ -725,7 +855,7 @@ impl AgentStore {
                 tracing::warn!(entry = %key, "the due index names a task that is not stored; skipped");
                 continue;
             };
-            out.push((records::decode_task("tasks", id, v.value())?, at));
+            out.push((self.task("tasks", id, v.value())?, at));
         }
         Ok(out)
     }
@@ -741,7 +871,7 @@ impl AgentStore {
                 out.push(None);
                 continue;
             };
-            let spec = records::decode_task("tasks", id.0, v.value())?;
+            let spec = self.task("tasks", id.0, v.value())?;
             let next = match state.get(id.0).map_err(db_err("read task state"))? {
                 Some(s) => {
                     let rec: StateRecordV1 = decode("task_state", id.0, s.value())?;
@@ -764,7 +894,7 @@ impl AgentStore {
         let mut out = Vec::new();
         for item in table.iter().map_err(db_err("read tasks"))? {
             let (k, v) = item.map_err(db_err("read tasks"))?;
-            out.push(records::decode_task("tasks", k.value(), v.value())?);
+            out.push(self.task("tasks", k.value(), v.value())?);
         }
         Ok(out)
     }
@@ -808,11 +938,11 @@ impl AgentStore {
             return Ok(());
         }
         let txn = self.begin_write()?;
-        Self::write_step(&txn, step)?;
+        self.write_step(&txn, step)?;
         txn.commit().map_err(db_err("commit step"))
     }
 
-    fn write_step(txn: &redb::WriteTransaction, step: &StepWrite) -> Result<()> {
+    fn write_step(&self, txn: &redb::WriteTransaction, step: &StepWrite) -> Result<()> {
         {
             // A task removed meanwhile gets no state back.
             let tasks = txn.open_table(TASKS).map_err(db_err("write step"))?;
@@ -871,11 +1001,11 @@ impl AgentStore {
                 }
             }
         }
-        Self::outbox_put(txn, &step.records)?;
+        self.outbox_put(txn, &step.records)?;
         Ok(())
     }
 
-    fn outbox_put(txn: &redb::WriteTransaction, records: &[RunRecord]) -> Result<()> {
+    fn outbox_put(&self, txn: &redb::WriteTransaction, records: &[RunRecord]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -903,7 +1033,11 @@ impl AgentStore {
             }
             seq += 1;
             outbox
-                .insert(seq, encode(&RunRecordV1::from_run(r)).as_slice())
+                .insert(
+                    seq,
+                    self.seal("outbox", encode(&RunRecordV1::from_run(r)))?
+                        .as_slice(),
+                )
                 .map_err(db_err("write outbox"))?;
             index.insert(k, seq).map_err(db_err("write outbox"))?;
         }
@@ -941,8 +1075,8 @@ impl AgentStore {
                 .remove(run_key_tuple(&record.key()))
                 .map_err(db_err("finish run"))?;
         }
-        Self::outbox_put(&txn, std::slice::from_ref(record))?;
-        Self::write_step(&txn, then)?;
+        self.outbox_put(&txn, std::slice::from_ref(record))?;
+        self.write_step(&txn, then)?;
         txn.commit().map_err(db_err("commit finished run"))
     }
 
@@ -1093,7 +1227,7 @@ impl AgentStore {
                     .map_err(db_err("recover"))?;
             }
         }
-        Self::outbox_put(&txn, &records)?;
+        self.outbox_put(&txn, &records)?;
         txn.commit().map_err(db_err("commit recovery"))?;
         Ok(records)
     }
@@ -1121,7 +1255,7 @@ impl AgentStore {
                 break;
             }
             bytes += v.value().len();
-            let rec: RunRecordV1 = decode("outbox", k.value(), v.value())?;
+            let rec: RunRecordV1 = decode("outbox", k.value(), &self.unseal("outbox", v.value())?)?;
             out.push(rec.into_run(k.value())?);
         }
         Ok(out)
@@ -1152,7 +1286,7 @@ impl AgentStore {
                 break;
             }
             bytes += v.value().len();
-            let rec: RunRecordV1 = decode("outbox", k.value(), v.value())?;
+            let rec: RunRecordV1 = decode("outbox", k.value(), &self.unseal("outbox", v.value())?)?;
             out.push((k.value(), rec.into_run(k.value())?));
         }
         Ok(out)

@@ -2,6 +2,7 @@
 //! client share, written once: the TLS trust rules ([`tls`]), transport
 //! settings, framed messages on streams, and connecting.
 
+pub mod at_rest;
 pub mod damage;
 pub mod private;
 pub mod shell;

@@ -86,6 +86,9 @@ pub struct AgentConfig {
     pub coordinators: Vec<String>,
     /// Serve the agent's own metrics here (`--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The store key ring (`--store-key`); `None`: the systemd credential
+    /// when given, else `store.key` in the data directory.
+    pub store_key: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -98,11 +101,59 @@ impl AgentConfig {
             stop_grace: STOP_GRACE_DEFAULT,
             coordinators: Vec::new(),
             metrics: None,
+            store_key: None,
         }
     }
 
     pub fn store_path(&self) -> PathBuf {
         store_path(&self.data_dir)
+    }
+}
+
+/// Encrypts the store at rest with its key ring (made on first use; see
+/// `sundial_net::at_rest`), migrating records stored plain; returns the
+/// key file. A store written with keys the ring lacks, or with other keys
+/// of the same ids, is refused before anything is written.
+fn encrypt_store(store: &mut AgentStore, config: &AgentConfig) -> Result<PathBuf, AgentError> {
+    use sundial_net::at_rest::{key_path, StoreCipher};
+    let key_file = key_path(&config.data_dir, config.store_key.as_deref());
+    let used = store.key_ids()?;
+    let cipher = StoreCipher::from_file(&key_file, used.is_empty())
+        .map_err(AgentError::Config)?
+        .ok_or_else(|| {
+            AgentError::Config(format!(
+                "the store is encrypted (keys {used:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{}` systemd credential); nothing was changed",
+                key_file.display(),
+                sundial_net::at_rest::CREDENTIAL_NAME
+            ))
+        })?;
+    let moved = store.encrypt_with(Arc::new(cipher), &key_file)?;
+    if moved > 0 {
+        tracing::info!(records = moved, key_file = %key_file.display(), "encrypted the records stored before encryption");
+    }
+    Ok(key_file)
+}
+
+/// Reads the key ring again if it changed (after `rotate-key`): new
+/// records use its current key; a ring that lost a key in use is refused.
+fn reload_store_key(store: &AgentStore, key_file: &Path) {
+    let Some(cipher) = store.cipher() else {
+        return;
+    };
+    let in_use = match store.key_ids() {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the store's key ids failed");
+            return;
+        }
+    };
+    match cipher.reload(&in_use) {
+        Ok(false) => {}
+        Ok(true) => match store.note_current_key() {
+            Ok(()) => tracing::info!(key = cipher.current(), key_file = %key_file.display(), "store key ring reloaded: new records use key {}", cipher.current()),
+            Err(e) => tracing::warn!(error = %e, "recording the new store key's check failed; it is retried at the next change"),
+        },
+        Err(e) => tracing::error!(error = %e, "the store key ring could not be reloaded; the old one stays in use"),
     }
 }
 
@@ -148,7 +199,9 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     create_private_dir(&config.data_dir)?;
     check_store_present(&config.data_dir)?;
-    let store = Arc::new(open_store(&config.store_path()).await?);
+    let mut store = open_store(&config.store_path()).await?;
+    let key_file = encrypt_store(&mut store, &config)?;
+    let store = Arc::new(store);
     restrict_file(&config.store_path());
     let store_identity = file_identity(&config.store_path());
     let running_dir = config.data_dir.join(RUNNING_DIR);
@@ -309,6 +362,7 @@ pub async fn run(
                     what,
                 });
             }
+            reload_store_key(&d.store, &key_file);
         }
         let r = reading();
         let wake_ms = d.node.next_wake(r);
