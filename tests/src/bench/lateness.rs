@@ -345,6 +345,7 @@ pub(super) fn exec_lateness(_exe: &Path, n: usize, window_ms: i64) -> Vec<f64> {
         stop_grace: sundial_agent::runtime::STOP_GRACE_DEFAULT,
         coordinators: Vec::new(),
         metrics: None,
+        store_key: None,
     };
     let wait = Duration::from_millis((start + window_ms - now + 2_000) as u64);
     let _ = rt
