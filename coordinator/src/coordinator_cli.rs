@@ -87,6 +87,13 @@ enum Cmd {
         /// 0 never [default: 10m].
         #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
         notify_offline_after: Option<DurationMs>,
+        /// The key ring that encrypts the store's tasks and run records at
+        /// rest [default: the `sundial-store-key` systemd credential when the
+        /// unit passes one (LoadCredentialEncrypted=), else store.key in the
+        /// data directory, made at the first start]. Back it up apart from
+        /// the store; every coordinator of one PostgreSQL store needs the same.
+        #[arg(long, value_name = "FILE")]
+        store_key: Option<PathBuf>,
         #[command(flatten)]
         limits: LimitArgs,
         #[command(flatten)]
@@ -109,6 +116,24 @@ enum Cmd {
         data_dir: PathBuf,
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Rotate the store key: add a new key to the ring and make it current.
+    /// A running coordinator picks it up within 5 s; new records use it,
+    /// older ones stay readable with theirs (keep the old keys in the
+    /// file). Several coordinators on one PostgreSQL: --stage on one, copy
+    /// the file to every coordinator, then --activate on each.
+    RotateKey {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The key ring file [default: as `serve` finds it].
+        #[arg(long, value_name = "FILE")]
+        store_key: Option<PathBuf>,
+        /// Add the new key for reading only, not yet current.
+        #[arg(long, conflicts_with = "activate")]
+        stage: bool,
+        /// Make the newest (staged) key current.
+        #[arg(long)]
+        activate: bool,
     },
     /// Print a shell completion script for bash, zsh, fish, elvish or powershell.
     Completions {
@@ -230,6 +255,8 @@ pub struct CoordinatorFile {
     pub notify: Option<String>,
     pub notify_secret_file: Option<PathBuf>,
     pub notify_offline_after: Option<String>,
+    /// The store key ring file (see `--store-key`).
+    pub store_key: Option<PathBuf>,
     pub log: Option<String>,
     /// `text` or `json` (see `--log-format`).
     pub log_format: Option<sundial_net::shell::LogFormat>,
@@ -453,6 +480,19 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::RotateKey {
+            data_dir,
+            store_key,
+            stage,
+            activate,
+        } => {
+            let path = crate::store_key::key_file(&data_dir, store_key.as_deref());
+            println!(
+                "{}",
+                crate::store_key::rotate(&path, stage, activate).map_err(anyhow::Error::msg)?
+            );
+            Ok(())
+        }
         Cmd::Import { data_dir, store } => {
             let server::StoreChoice::Postgres(opts) = store_choice(&store, &file)? else {
                 anyhow::bail!("import needs --store postgres://… (the database to move to)");
@@ -507,10 +547,12 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
             notify,
             notify_secret_file,
             notify_offline_after,
+            store_key,
             limits: limit_flags,
             store,
             ..
         } => {
+            let store_key = store_key.or(file.store_key.clone());
             let http = http.or(file.http);
             let https = https.or(file.https);
             let task_series = metrics_task_series
@@ -563,7 +605,8 @@ fn run(cli: Cli, file: CoordinatorFile) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(async {
-                let server = Server::bind_on(&data_dir, listen, limits, store)?;
+                let server =
+                    Server::bind_keyed(&data_dir, listen, limits, store, store_key.as_deref())?;
                 if let Some(addr) = http {
                     server.serve_http(addr, task_series).await?;
                 }

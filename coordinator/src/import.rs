@@ -78,12 +78,16 @@ pub fn import(
         return Err(ServeError::NotInitialized(dir.to_owned()));
     }
     let pki = crate::pki::Pki::load(dir)?;
-    let from = match CoordinatorStore::open(&dir.join(STORE_FILE)) {
+    let mut from = match CoordinatorStore::open(&dir.join(STORE_FILE)) {
         Ok(s) => s,
         Err(StoreError::Locked(_)) => return Err(ServeError::Busy(dir.join(STORE_FILE))),
         Err(e) => return Err(ServeError::Store(e)),
     };
-    let to = PgStore::open(opts).map_err(store_err)?;
+    // The same key ring reads the embedded store and encrypts the copy.
+    let key_file = crate::store_key::key_file(dir, None);
+    let cipher = crate::store_key::encrypt(&mut from, &key_file).map_err(ServeError::Key)?;
+    let mut to = PgStore::open(opts).map_err(store_err)?;
+    to.set_cipher(cipher.clone());
     if to.setting(CA_SETTING).map_err(store_err)?.is_some() {
         return Err(ServeError::Tls(format!(
             "the database at {} already serves coordinators: import only into a new database",
@@ -92,6 +96,8 @@ pub fn import(
     }
     // Not marked: nobody serves it; whatever an earlier attempt left goes.
     to.wipe().map_err(store_err)?;
+    crate::store_key::note_current_key(&to, &cipher).map_err(ServeError::Key)?;
+    crate::store_key::mark_encrypted(&to).map_err(ServeError::Key)?;
 
     let mut done = Imported::default();
     for key in ["advertise", "server_name"] {

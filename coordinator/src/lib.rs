@@ -13,3 +13,4 @@ pub mod pg;
 pub mod pki;
 pub mod server;
 pub mod store;
+pub mod store_key;

@@ -37,6 +37,9 @@ use sundial_core::coord_store::{
     StoredRuns, StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX,
     REVOKE_REVOKED, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
+use std::borrow::Cow;
+use std::sync::Arc;
+use sundial_net::at_rest::{self, StoreCipher};
 use sundial_protocol::records::{self, RunRecordV1};
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
@@ -229,6 +232,9 @@ type R<T> = Result<T, Fail>;
 
 /// The coordinator's store on PostgreSQL.
 pub struct PgStore {
+    /// Encrypts task definitions and run records at rest
+    /// ([`crate::store_key`]); `None`: stored as given.
+    cipher: Option<Arc<StoreCipher>>,
     driver: Driver,
     pool: Pool,
     /// The next run-count shard a write takes: concurrent batches of one
@@ -301,9 +307,30 @@ fn agent_of(row: &Row) -> R<Agent> {
     })
 }
 
-fn task_of(row: &Row) -> R<StoredTask> {
+/// A stored value as plain bytes (decrypted if it is encrypted).
+fn unseal<'a>(cipher: Option<&StoreCipher>, table: &'static str, stored: &'a [u8]) -> R<Cow<'a, [u8]>> {
+    at_rest::open_plain(cipher, table, stored).map_err(|reason| {
+        Fail::Store(StoreError::from(records::RecordError {
+            table,
+            key: "?".into(),
+            reason,
+        }))
+    })
+}
+
+/// `plain` as stored: encrypted when there is a cipher.
+fn seal(cipher: Option<&StoreCipher>, table: &'static str, plain: Vec<u8>) -> StoreResult<Vec<u8>> {
+    match cipher {
+        Some(c) => c
+            .seal(table, &plain)
+            .map_err(|e| StoreError::Refused(format!("store key: {e}"))),
+        None => Ok(plain),
+    }
+}
+
+fn task_of(row: &Row, cipher: Option<&StoreCipher>) -> R<StoredTask> {
     let id: i64 = row.get("id");
-    let spec = records::decode_task("tasks", u64_of(id), row.get("spec"))?;
+    let spec = records::decode_task("tasks", u64_of(id), &unseal(cipher, "tasks", row.get("spec"))?)?;
     let cancelled: bool = row.get("cancelled");
     let paused: bool = row.get("paused");
     Ok(StoredTask {
@@ -472,6 +499,107 @@ impl PgStore {
         Ok(store)
     }
 
+    /// From now on, tasks and runs are encrypted with `cipher`.
+    pub fn set_cipher(&mut self, cipher: Arc<StoreCipher>) {
+        self.cipher = Some(cipher);
+    }
+
+    /// Encrypts the task and run records stored plain (a database from
+    /// before encryption), a batch per statement: a crash midway loses
+    /// nothing, and the next start finishes. Returns how many.
+    pub fn encrypt_plain_records(&self) -> StoreResult<u64> {
+        const BATCH: i64 = 1000;
+        let Some(cipher) = self.cipher.clone() else {
+            return Ok(0);
+        };
+        let mut moved = 0u64;
+        let mut after_id = i64::MIN;
+        loop {
+            let cipher = cipher.clone();
+            let (n, last, scanned) = self.call("encrypt tasks", move |pool| {
+                let cipher = cipher.clone();
+                async move {
+                    let c = pool.get().await?;
+                    let rows = c
+                        .query(
+                            "SELECT id, spec FROM sundial_tasks WHERE id > $1 ORDER BY id LIMIT $2",
+                            &[&after_id, &BATCH],
+                        )
+                        .await?;
+                    let mut n = 0u64;
+                    for r in &rows {
+                        let spec: Vec<u8> = r.get(1);
+                        if spec.first() == Some(&at_rest::RECORD_ENCRYPTED) {
+                            continue;
+                        }
+                        let id: i64 = r.get(0);
+                        let sealed = seal(Some(&cipher), "tasks", spec).map_err(Fail::Store)?;
+                        c.execute("UPDATE sundial_tasks SET spec = $2 WHERE id = $1", &[&id, &sealed])
+                            .await?;
+                        n += 1;
+                    }
+                    let last = rows.last().map(|r| r.get::<_, i64>(0));
+                    Ok((n, last, rows.len() as i64))
+                }
+            })?;
+            moved += n;
+            match last {
+                Some(l) if scanned == BATCH => after_id = l,
+                _ => break,
+            }
+        }
+        let mut after = (i64::MIN, i64::MIN, i64::MIN, i32::MIN);
+        loop {
+            let cipher = cipher.clone();
+            let (n, last, scanned) = self.call("encrypt runs", move |pool| {
+                let cipher = cipher.clone();
+                async move {
+                    let c = pool.get().await?;
+                    let rows = c
+                        .query(
+                            "SELECT scheduled_at_ms, task_id, agent_id, attempt, record FROM sundial_runs
+                              WHERE (scheduled_at_ms, task_id, agent_id, attempt) > ($1, $2, $3, $4)
+                              ORDER BY scheduled_at_ms, task_id, agent_id, attempt LIMIT $5",
+                            &[&after.0, &after.1, &after.2, &after.3, &BATCH],
+                        )
+                        .await?;
+                    let mut n = 0u64;
+                    for r in &rows {
+                        let record: Vec<u8> = r.get(4);
+                        if record.first() == Some(&at_rest::RECORD_ENCRYPTED) {
+                            continue;
+                        }
+                        let (sched, task, agent, attempt): (i64, i64, i64, i32) =
+                            (r.get(0), r.get(1), r.get(2), r.get(3));
+                        let sealed = seal(Some(&cipher), "runs", record).map_err(Fail::Store)?;
+                        c.execute(
+                            "UPDATE sundial_runs SET record = $5
+                              WHERE scheduled_at_ms = $1 AND task_id = $2 AND agent_id = $3 AND attempt = $4",
+                            &[&sched, &task, &agent, &attempt, &sealed],
+                        )
+                        .await?;
+                        n += 1;
+                    }
+                    let last = rows.last().map(|r| {
+                        (
+                            r.get::<_, i64>(0),
+                            r.get::<_, i64>(1),
+                            r.get::<_, i64>(2),
+                            r.get::<_, i32>(3),
+                        )
+                    });
+                    Ok((n, last, rows.len() as i64))
+                }
+            })?;
+            moved += n;
+            match last {
+                Some(l) if scanned == BATCH => after = l,
+                _ => break,
+            }
+        }
+        Ok(moved)
+    }
+
     fn connect(opts: &PgOptions) -> StoreResult<PgStore> {
         let mut config: tokio_postgres::Config = opts.url.parse().map_err(|e| {
             StoreError::Refused(format!(
@@ -507,6 +635,7 @@ impl PgStore {
                 .map_err(|e| StoreError::unavailable("PostgreSQL pool", e))?
         };
         let store = PgStore {
+            cipher: None,
             driver,
             pool,
             shard: std::sync::atomic::AtomicU32::new(std::process::id()),
@@ -697,7 +826,10 @@ impl PgStore {
 
     /// Every stored run, oldest first (for checks and export; unbounded).
     pub fn all_runs(&self) -> StoreResult<Vec<RunRecord>> {
-        self.call("read runs", |pool| async move {
+        let cipher = self.cipher.clone();
+        self.call("read runs", move |pool| {
+            let cipher = cipher.clone();
+            async move {
             let c = pool.get().await?;
             let rows = c
                 .query(
@@ -707,10 +839,12 @@ impl PgStore {
                 .await?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let rec: RunRecordV1 = records::decode("runs", "run", r.get(0))?;
+                let rec: RunRecordV1 =
+                    records::decode("runs", "run", &unseal(cipher.as_deref(), "runs", r.get(0))?)?;
                 out.push(rec.into_run(0)?);
             }
             Ok(out)
+            }
         })
     }
 
@@ -738,7 +872,7 @@ impl PgStore {
         let id = i64::try_from(t.spec.id.0).unwrap_or(i64::MAX);
         let revision = i64::try_from(t.spec.revision).unwrap_or(i64::MAX);
         let name = t.spec.name.clone();
-        let spec = records::encode_task(&t.spec);
+        let spec = seal(self.cipher.as_deref(), "tasks", records::encode_task(&t.spec))?;
         let (cancelled, paused) = (t.cancelled, t.paused);
         self.call("import a task", move |pool| {
             let (name, spec) = (name.clone(), spec.clone());
@@ -831,9 +965,11 @@ impl PgStore {
     ) -> StoreResult<u64> {
         let key = i64::try_from(id.0).unwrap_or(i64::MAX);
         let audit = audit.cloned();
+        let cipher = self.cipher.clone();
         self.call(context, move |pool| {
             let change = change.clone();
             let audit = audit.clone();
+            let cipher = cipher.clone();
             async move {
                 let mut c = pool.get().await?;
                 let t = c.transaction().await?;
@@ -847,10 +983,10 @@ impl PgStore {
                 let Some(row) = row else {
                     return Err(Fail::Store(StoreError::NotFound(format!("no task {id}"))));
                 };
-                let mut task = task_of(&row)?;
+                let mut task = task_of(&row, cipher.as_deref())?;
                 change(&mut task, revision)?;
                 task.spec.revision = revision;
-                let spec = records::encode_task(&task.spec);
+                let spec = seal(cipher.as_deref(), "tasks", records::encode_task(&task.spec))?;
                 let rev = i64_of(revision, "revision")?;
                 t.execute(
                     "UPDATE sundial_tasks SET revision = $2, name = $3, cancelled = $4, paused = $5, spec = $6
@@ -873,6 +1009,7 @@ async fn changes_page(
     since: u64,
     limit: usize,
     filter: Option<(AgentId, Vec<(String, String)>)>,
+    cipher: Option<Arc<StoreCipher>>,
 ) -> R<ChangePage> {
     let mut c = pool.get().await?;
     let t = c
@@ -895,7 +1032,7 @@ async fn changes_page(
     let mut upto = since;
     for row in rows.iter().take(limit) {
         upto = u64_of(row.get("revision"));
-        let task = task_of(row)?;
+        let task = task_of(row, cipher.as_deref())?;
         let removed = task.removed();
         match &filter {
             Some((agent, labels)) => {
@@ -1623,9 +1760,11 @@ impl CoordStore for PgStore {
         audit: Option<&AuditEntry>,
     ) -> StoreResult<TaskSpec> {
         let audit = audit.cloned();
+        let cipher = self.cipher.clone();
         self.call("create a task", move |pool| {
             let draft = draft.clone();
             let audit = audit.clone();
+            let cipher = cipher.clone();
             async move {
                 let mut c = pool.get().await?;
                 let t = c.transaction().await?;
@@ -1662,7 +1801,7 @@ impl CoordStore for PgStore {
                     revision,
                     created_at,
                 };
-                let bytes = records::encode_task(&spec);
+                let bytes = seal(cipher.as_deref(), "tasks", records::encode_task(&spec))?;
                 t.execute(
                     "INSERT INTO sundial_tasks (id, revision, name, spec) VALUES ($1, $2, $3, $4)",
                     &[&id, &i64_of(revision, "revision")?, &spec.name, &bytes],
@@ -1741,7 +1880,10 @@ impl CoordStore for PgStore {
     }
 
     fn task(&self, id: TaskId) -> StoreResult<Option<StoredTask>> {
-        self.call("read a task", move |pool| async move {
+        let cipher = self.cipher.clone();
+        self.call("read a task", move |pool| {
+            let cipher = cipher.clone();
+            async move {
             let c = pool.get().await?;
             let Ok(key) = i64::try_from(id.0) else {
                 return Ok(None);
@@ -1752,13 +1894,17 @@ impl CoordStore for PgStore {
                     &[&key],
                 )
                 .await?;
-            row.as_ref().map(task_of).transpose()
+            row.as_ref().map(|r| task_of(r, cipher.as_deref())).transpose()
+            }
         })
     }
 
     fn tasks(&self, after: Option<TaskId>, limit: usize) -> StoreResult<Vec<StoredTask>> {
         let limit = i64::try_from(limit.clamp(1, PAGE_MAX)).unwrap_or(1);
-        self.call("read tasks", move |pool| async move {
+        let cipher = self.cipher.clone();
+        self.call("read tasks", move |pool| {
+            let cipher = cipher.clone();
+            async move {
             let c = pool.get().await?;
             let from = after.map_or(-1, |a| i64::try_from(a.0).unwrap_or(i64::MAX));
             let rows = c
@@ -1768,7 +1914,8 @@ impl CoordStore for PgStore {
                     &[&from, &limit],
                 )
                 .await?;
-            rows.iter().map(task_of).collect()
+            rows.iter().map(|r| task_of(r, cipher.as_deref())).collect()
+            }
         })
     }
 
@@ -1781,8 +1928,9 @@ impl CoordStore for PgStore {
     ) -> StoreResult<ChangePage> {
         let labels = labels.to_vec();
         let limit = limit.clamp(1, PAGE_MAX);
+        let cipher = self.cipher.clone();
         self.call("read changes", move |pool| {
-            changes_page(pool, since, limit, Some((agent, labels.clone())))
+            changes_page(pool, since, limit, Some((agent, labels.clone())), cipher.clone())
         })
     }
 
@@ -1803,7 +1951,11 @@ impl CoordStore for PgStore {
                 r.scheduled_at.as_millis(),
                 r.attempt,
             );
-            let bytes = records::encode(&RunRecordV1::from_run(r));
+            let bytes = seal(
+                self.cipher.as_deref(),
+                "runs",
+                records::encode(&RunRecordV1::from_run(r)),
+            )?;
             match seen.get(&key) {
                 Some(b) if *b == bytes => continue,
                 Some(_) => {
@@ -1923,7 +2075,10 @@ impl CoordStore for PgStore {
 
     fn runs(&self, q: &RunQuery) -> StoreResult<RunPage> {
         let q = *q;
-        self.call("read runs", move |pool| async move {
+        let cipher = self.cipher.clone();
+        self.call("read runs", move |pool| {
+            let cipher = cipher.clone();
+            async move {
             let c = pool.get().await?;
             let limit = q.limit.clamp(1, RUN_LIST_MAX_ROWS);
             let forward = matches!(q.page, Page::After(_))
@@ -1995,7 +2150,13 @@ impl CoordStore for PgStore {
                 let record: &[u8] = r.get(4);
                 bytes = bytes.saturating_add(record.len());
                 keys.push(cur);
-                match records::decode::<RunRecordV1>("runs", format!("{cur}"), record)
+                match at_rest::open_plain(cipher.as_deref(), "runs", record)
+                    .map_err(|reason| records::RecordError {
+                        table: "runs",
+                        key: format!("{cur}"),
+                        reason,
+                    })
+                    .and_then(|plain| records::decode::<RunRecordV1>("runs", format!("{cur}"), &plain))
                     .and_then(|rec| rec.into_run(0))
                 {
                     Ok(run) => runs.push(run),
@@ -2025,6 +2186,7 @@ impl CoordStore for PgStore {
                 matched,
                 unreadable,
             })
+            }
         })
     }
 
@@ -2174,8 +2336,9 @@ impl CoordStore for PgStore {
 
     fn task_changes(&self, since: u64, limit: usize) -> StoreResult<ChangePage> {
         let limit = limit.clamp(1, PAGE_MAX);
+        let cipher = self.cipher.clone();
         self.call("read changes", move |pool| {
-            changes_page(pool, since, limit, None)
+            changes_page(pool, since, limit, None, cipher.clone())
         })
     }
 

@@ -12,7 +12,11 @@
 //!   as tombstones, so "changes since revision R" is always answerable.
 //! - Tokens are stored as SHA-256 of their secret, never in clear.
 
+use std::borrow::Cow;
 use std::path::Path;
+use std::sync::Arc;
+
+use sundial_net::at_rest::{self, StoreCipher};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -102,6 +106,9 @@ fn db_err<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> Stor
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Records encrypted per transaction when a plain store is migrated.
+const ENCRYPT_BATCH: usize = 10_000;
 
 /// Who a client certificate belongs to, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,12 +255,115 @@ impl CoordTaskV1 {
 #[derive(Debug)]
 pub struct CoordinatorStore {
     db: Database,
+    /// Encrypts task definitions and run records at rest
+    /// ([`crate::store_key`]); `None`: stored as given.
+    cipher: Option<Arc<StoreCipher>>,
 }
 
 impl CoordinatorStore {
+    /// `plain` as stored: encrypted when the store has a cipher.
+    fn seal(&self, table: &'static str, plain: Vec<u8>) -> Result<Vec<u8>> {
+        match &self.cipher {
+            Some(c) => c
+                .seal(table, &plain)
+                .map_err(|e| StoreError::Refused(format!("store key: {e}"))),
+            None => Ok(plain),
+        }
+    }
+
+    /// A stored value as plain bytes (decrypted if it is encrypted).
+    fn unseal<'a>(&self, table: &'static str, stored: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+        at_rest::open_plain(self.cipher.as_deref(), table, stored).map_err(|reason| {
+            StoreError::from(records::RecordError {
+                table,
+                key: "?".into(),
+                reason,
+            })
+        })
+    }
+
+    fn task_rec(&self, id: u64, stored: &[u8]) -> Result<CoordTaskV1> {
+        Ok(CoordTaskV1::decode(id, &self.unseal("tasks", stored)?)?)
+    }
+
+    /// From now on, tasks and runs are encrypted with `cipher`.
+    pub fn set_cipher(&mut self, cipher: Arc<StoreCipher>) {
+        self.cipher = Some(cipher);
+    }
+
+    /// Encrypts the task and run records stored plain (a store from before
+    /// encryption), in batches of their own transactions: a crash midway
+    /// loses nothing, and the next start finishes. Returns how many.
+    pub fn encrypt_plain_records(&self) -> Result<u64> {
+        let mut moved = 0u64;
+        let mut from = 0u64;
+        loop {
+            let txn = self.db.begin_write().map_err(db_err("encrypt records"))?;
+            let scanned = {
+                let mut t = txn.open_table(TASKS).map_err(db_err("encrypt records"))?;
+                let batch: Vec<(u64, Vec<u8>)> = t
+                    .range(from..)
+                    .map_err(db_err("encrypt records"))?
+                    .take(ENCRYPT_BATCH)
+                    .map(|i| i.map(|(k, v)| (k.value(), v.value().to_vec())))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(db_err("encrypt records"))?;
+                for (k, v) in &batch {
+                    if v.first() != Some(&at_rest::RECORD_ENCRYPTED) {
+                        t.insert(*k, self.seal("tasks", v.clone())?.as_slice())
+                            .map_err(db_err("encrypt records"))?;
+                        moved += 1;
+                    }
+                }
+                if let Some((k, _)) = batch.last() {
+                    from = k.saturating_add(1);
+                }
+                batch.len()
+            };
+            txn.commit().map_err(db_err("encrypt records"))?;
+            if scanned < ENCRYPT_BATCH {
+                break;
+            }
+        }
+        let mut from = (0u64, 0u64, i64::MIN, 0u32);
+        loop {
+            let txn = self.db.begin_write().map_err(db_err("encrypt records"))?;
+            let scanned = {
+                let mut t = txn.open_table(RUNS).map_err(db_err("encrypt records"))?;
+                let batch: Vec<((u64, u64, i64, u32), Vec<u8>)> = t
+                    .range(from..)
+                    .map_err(db_err("encrypt records"))?
+                    .take(ENCRYPT_BATCH)
+                    .map(|i| i.map(|(k, v)| (k.value(), v.value().to_vec())))
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(db_err("encrypt records"))?;
+                for (k, v) in &batch {
+                    if v.first() != Some(&at_rest::RECORD_ENCRYPTED) {
+                        t.insert(*k, self.seal("runs", v.clone())?.as_slice())
+                            .map_err(db_err("encrypt records"))?;
+                        moved += 1;
+                    }
+                }
+                if let Some((k, _)) = batch.last() {
+                    // The next key after k in the tuple order.
+                    from = match k.3.checked_add(1) {
+                        Some(a) => (k.0, k.1, k.2, a),
+                        None => (k.0, k.1, k.2.saturating_add(1), 0),
+                    };
+                }
+                batch.len()
+            };
+            txn.commit().map_err(db_err("encrypt records"))?;
+            if scanned < ENCRYPT_BATCH {
+                break;
+            }
+        }
+        Ok(moved)
+    }
+
     pub fn open(path: &Path) -> Result<CoordinatorStore> {
         let db = Database::create(path).map_err(db_err("open"))?;
-        Self::init(CoordinatorStore { db })
+        Self::init(CoordinatorStore { db, cipher: None })
     }
 
     /// Creates the tables a new store lacks and indexes old runs.
@@ -494,7 +604,8 @@ impl CoordinatorStore {
         let mut out = Vec::new();
         for item in t.iter().map_err(db_err("read runs"))? {
             let (k, v) = item.map_err(db_err("read runs"))?;
-            let rec: RunRecordV1 = records::decode("runs", format!("{:?}", k.value()), v.value())?;
+            let rec: RunRecordV1 =
+                records::decode("runs", format!("{:?}", k.value()), &self.unseal("runs", v.value())?)?;
             out.push(rec.into_run(0)?);
         }
         Ok(out)
@@ -505,7 +616,7 @@ impl CoordinatorStore {
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(db_err("open"))?;
-        Self::init(CoordinatorStore { db })
+        Self::init(CoordinatorStore { db, cipher: None })
     }
 
     fn read_agent(forgotten: &impl ReadableTable<u64, u8>, id: u64, v: &[u8]) -> Result<Agent> {
@@ -1111,7 +1222,7 @@ impl CoordStore for CoordinatorStore {
             let rec = CoordTaskV1::new(&spec, false);
             let mut tasks = txn.open_table(TASKS).map_err(db_err("create task"))?;
             tasks
-                .insert(id, rec.encode().as_slice())
+                .insert(id, self.seal("tasks", rec.encode())?.as_slice())
                 .map_err(db_err("create task"))?;
             let mut revs = txn.open_table(TASK_REVS).map_err(db_err("create task"))?;
             revs.insert(revision, id).map_err(db_err("create task"))?;
@@ -1145,7 +1256,7 @@ impl CoordStore for CoordinatorStore {
             let rec: Option<CoordTaskV1> = tasks
                 .get(id.0)
                 .map_err(db_err("update task"))?
-                .map(|v| CoordTaskV1::decode(id.0, v.value()))
+                .map(|v| self.task_rec(id.0, v.value()))
                 .transpose()?;
             let Some(old) = rec else {
                 return Err(StoreError::NotFound(format!("no task {id}")));
@@ -1164,7 +1275,7 @@ impl CoordStore for CoordinatorStore {
             new.revision = revision;
             let rec = CoordTaskV1::new(&new, false);
             tasks
-                .insert(id.0, rec.encode().as_slice())
+                .insert(id.0, self.seal("tasks", rec.encode())?.as_slice())
                 .map_err(db_err("update task"))?;
             revision
         };
@@ -1181,7 +1292,7 @@ impl CoordStore for CoordinatorStore {
             let rec: Option<CoordTaskV1> = tasks
                 .get(id.0)
                 .map_err(db_err("cancel task"))?
-                .map(|v| CoordTaskV1::decode(id.0, v.value()))
+                .map(|v| self.task_rec(id.0, v.value()))
                 .transpose()?;
             let Some(mut rec) = rec else {
                 return Err(StoreError::NotFound(format!("no task {id}")));
@@ -1199,7 +1310,7 @@ impl CoordStore for CoordinatorStore {
             rec.cancelled = true;
             rec.task.revision = revision;
             tasks
-                .insert(id.0, rec.encode().as_slice())
+                .insert(id.0, self.seal("tasks", rec.encode())?.as_slice())
                 .map_err(db_err("cancel task"))?;
             revision
         };
@@ -1223,7 +1334,7 @@ impl CoordStore for CoordinatorStore {
             let rec: Option<CoordTaskV1> = tasks
                 .get(id.0)
                 .map_err(db_err("pause task"))?
-                .map(|v| CoordTaskV1::decode(id.0, v.value()))
+                .map(|v| self.task_rec(id.0, v.value()))
                 .transpose()?;
             let Some(mut rec) = rec else {
                 return Err(StoreError::NotFound(format!("no task {id}")));
@@ -1253,7 +1364,7 @@ impl CoordStore for CoordinatorStore {
             let revision = Self::next_task_revision(&txn, id, rec.task.revision, "pause task")?;
             rec.task.revision = revision;
             tasks
-                .insert(id.0, rec.encode().as_slice())
+                .insert(id.0, self.seal("tasks", rec.encode())?.as_slice())
                 .map_err(db_err("pause task"))?;
             revision
         };
@@ -1269,7 +1380,7 @@ impl CoordStore for CoordinatorStore {
         let Some(v) = t.get(id.0).map_err(db_err("read task"))? else {
             return Ok(None);
         };
-        let rec: CoordTaskV1 = CoordTaskV1::decode(id.0, v.value())?;
+        let rec: CoordTaskV1 = self.task_rec(id.0, v.value())?;
         let paused = !rec.cancelled && p.get(id.0).map_err(db_err("read task"))?.is_some();
         let cancelled = rec.cancelled;
         Ok(Some(StoredTask {
@@ -1288,7 +1399,7 @@ impl CoordStore for CoordinatorStore {
         let mut out = Vec::new();
         for item in t.range(from..).map_err(db_err("read tasks"))? {
             let (k, v) = item.map_err(db_err("read tasks"))?;
-            let rec = CoordTaskV1::decode(k.value(), v.value())?;
+            let rec = self.task_rec(k.value(), v.value())?;
             let paused =
                 !rec.cancelled && p.get(k.value()).map_err(db_err("read tasks"))?.is_some();
             let cancelled = rec.cancelled;
@@ -1335,7 +1446,7 @@ impl CoordStore for CoordinatorStore {
             let Some(v) = tasks.get(id).map_err(db_err("read changes"))? else {
                 continue;
             };
-            let rec: CoordTaskV1 = CoordTaskV1::decode(id, v.value())?;
+            let rec: CoordTaskV1 = self.task_rec(id, v.value())?;
             // A paused task is, for agents, removed until it is resumed.
             let removed =
                 rec.cancelled || paused.get(id).map_err(db_err("read changes"))?.is_some();
@@ -1381,13 +1492,16 @@ impl CoordStore for CoordinatorStore {
                     r.scheduled_at.as_millis(),
                     r.attempt,
                 );
-                let bytes = records::encode(&RunRecordV1::from_run(r));
+                let plain = records::encode(&RunRecordV1::from_run(r));
+                let bytes = self.seal("runs", plain.clone())?;
                 let existing = t
                     .get(key)
                     .map_err(db_err("store runs"))?
                     .map(|v| v.value().to_vec());
                 match existing {
-                    Some(old) if old == bytes => {}
+                    // The same record again (under another key, after a
+                    // rotation, its bytes differ: compared in plain).
+                    Some(old) if old == bytes || self.unseal("runs", &old)?.as_ref() == plain => {}
                     Some(_) => conflicts.push(key),
                     None => {
                         fresh.push(key);
@@ -1555,7 +1669,14 @@ impl CoordStore for CoordinatorStore {
                 continue;
             };
             bytes = bytes.saturating_add(v.value().len());
-            match records::decode::<RunRecordV1>("runs", format!("{key:?}"), v.value())
+            match self
+                .unseal("runs", v.value())
+                .map_err(|e| records::RecordError {
+                    table: "runs",
+                    key: format!("{key:?}"),
+                    reason: e.to_string(),
+                })
+                .and_then(|plain| records::decode::<RunRecordV1>("runs", format!("{key:?}"), &plain))
                 .and_then(|rec| rec.into_run(0))
             {
                 Ok(r) => runs.push(r),
@@ -1726,7 +1847,7 @@ impl CoordStore for CoordinatorStore {
             let Some(v) = tasks.get(id).map_err(db_err("read changes"))? else {
                 continue;
             };
-            let rec: CoordTaskV1 = CoordTaskV1::decode(id, v.value())?;
+            let rec: CoordTaskV1 = self.task_rec(id, v.value())?;
             let removed =
                 rec.cancelled || paused.get(id).map_err(db_err("read changes"))?.is_some();
             changes.push((rec.into_spec(id)?, removed));

@@ -10,9 +10,14 @@
 //! stopping anything.
 //!
 //! An encrypted record is `[3][key id: u32 BE][nonce: 12][ciphertext and
-//! tag]`: ChaCha20-Poly1305 (ring), a random nonce per record, the table's
-//! name as associated data (a record moved to another table does not
-//! open). The plaintext is the record as stored without encryption, so
+//! tag]`: ChaCha20-Poly1305 (ring), the table's name as associated data (a
+//! record moved to another table does not open). The nonce is synthetic:
+//! an HMAC-SHA256, under a key derived from the record key, of the table
+//! and the plaintext (as in SIV). Different records never share a nonce,
+//! no random generator can fail a write, and the same record encrypts to
+//! the same bytes under one key — which is how the stores tell a record
+//! sent twice (after a lost acknowledgement) from a different one, by
+//! comparing bytes, as before. The plaintext is the record as stored without encryption, so
 //! every record layout keeps its own version. Table keys and indexes (ids,
 //! instants, revisions) stay readable, so queries stay as fast.
 
@@ -21,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
+use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
 /// The key file's name in a data directory.
@@ -219,7 +225,8 @@ pub fn save(path: &Path, ring: &Keyring) -> Result<(), String> {
 
 struct Loaded {
     ring: Keyring,
-    keys: Vec<(u32, LessSafeKey)>,
+    /// Each key's AEAD key and the HMAC key its nonces are made with.
+    keys: Vec<(u32, LessSafeKey, hmac::Key)>,
 }
 
 fn loaded(ring: Keyring) -> Loaded {
@@ -227,9 +234,17 @@ fn loaded(ring: Keyring) -> Loaded {
         .keys
         .iter()
         .filter_map(|(id, k)| {
-            UnboundKey::new(&CHACHA20_POLY1305, k)
-                .ok()
-                .map(|u| (*id, LessSafeKey::new(u)))
+            let nonce_key = hmac::sign(
+                &hmac::Key::new(hmac::HMAC_SHA256, k),
+                b"sundial store nonce key v1",
+            );
+            UnboundKey::new(&CHACHA20_POLY1305, k).ok().map(|u| {
+                (
+                    *id,
+                    LessSafeKey::new(u),
+                    hmac::Key::new(hmac::HMAC_SHA256, nonce_key.as_ref()),
+                )
+            })
         })
         .collect();
     Loaded { ring, keys }
@@ -238,7 +253,6 @@ fn loaded(ring: Keyring) -> Loaded {
 /// Encrypts and decrypts a store's records with a key ring.
 pub struct StoreCipher {
     loaded: RwLock<Loaded>,
-    rng: SystemRandom,
     /// The file it came from, to reload after a rotation.
     path: Option<PathBuf>,
 }
@@ -253,7 +267,6 @@ impl StoreCipher {
     pub fn new(ring: Keyring) -> StoreCipher {
         StoreCipher {
             loaded: RwLock::new(loaded(ring)),
-            rng: SystemRandom::new(),
             path: None,
         }
     }
@@ -315,16 +328,18 @@ impl StoreCipher {
             .read()
             .map_err(|_| "the key ring lock is poisoned".to_string())?;
         let id = id.unwrap_or(l.ring.current);
-        let key = l
+        let (key, nonce_key) = l
             .keys
             .iter()
-            .find(|(k, _)| *k == id)
-            .map(|(_, k)| k)
+            .find(|(k, _, _)| *k == id)
+            .map(|(_, k, n)| (k, n))
             .ok_or_else(|| format!("the key ring holds no key {id}"))?;
+        let mut ctx = hmac::Context::with_key(nonce_key);
+        ctx.update(table.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(plain);
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng
-            .fill(&mut nonce)
-            .map_err(|_| "the operating system's random generator failed".to_string())?;
+        nonce.copy_from_slice(&ctx.sign().as_ref()[..NONCE_LEN]);
         let mut out = Vec::with_capacity(HEAD_BYTES + plain.len() + 16);
         out.push(RECORD_ENCRYPTED);
         out.extend_from_slice(&id.to_be_bytes());
@@ -363,7 +378,7 @@ impl StoreCipher {
             .loaded
             .read()
             .map_err(|_| "the key ring lock is poisoned".to_string())?;
-        let key = l.keys.iter().find(|(k, _)| *k == id).map(|(_, k)| k).ok_or_else(|| {
+        let key = l.keys.iter().find(|(k, _, _)| *k == id).map(|(_, k, _)| k).ok_or_else(|| {
             format!(
                 "the record is encrypted with key {id}, which the key ring does not hold (it holds {:?})",
                 l.ring.ids()

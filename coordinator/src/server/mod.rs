@@ -118,6 +118,9 @@ pub fn default_limits() -> Limits {
     Limits::for_cores(std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// How often the store's key file is read again (after `rotate-key`).
+const KEY_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// This process's mark on the sessions it holds in a shared store: random,
 /// positive (a bigint column), drawn at every start.
 fn session_holder() -> u64 {
@@ -144,6 +147,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("TLS setup: {0}")]
     Tls(String),
+    #[error("the store key: {0}")]
+    Key(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -570,6 +575,8 @@ impl Shared {
 pub struct Server {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    /// The store's cipher and its key file, reloaded after `rotate-key`.
+    key: Option<(Arc<sundial_net::at_rest::StoreCipher>, PathBuf)>,
 }
 
 /// Refuses to serve a store that is gone while the CA says one existed.
@@ -777,6 +784,19 @@ impl Server {
         limits: Limits,
         store: StoreChoice,
     ) -> Result<Server, ServeError> {
+        Server::bind_keyed(dir, listen, limits, store, None)
+    }
+
+    /// [`Server::bind_on`] with the store's key ring at `store_key`
+    /// (default: the systemd credential, else `store.key` in `dir`).
+    pub fn bind_keyed(
+        dir: &Path,
+        listen: SocketAddr,
+        limits: Limits,
+        store: StoreChoice,
+        store_key: Option<&Path>,
+    ) -> Result<Server, ServeError> {
+        let key_file = crate::store_key::key_file(dir, store_key);
         let store = store.resolve(dir)?;
         if matches!(store, StoreChoice::Embedded) {
             check_store_present(dir)?;
@@ -787,7 +807,7 @@ impl Server {
             return Err(ServeError::NotInitialized(dir.to_owned()));
         }
         let pki = Pki::load(dir)?;
-        let (store, shared): (Arc<dyn CoordStore>, bool) = match store {
+        let (store, shared, cipher): (Arc<dyn CoordStore>, bool, _) = match store {
             StoreChoice::Postgres(opts) => {
                 let pg = open_pg(&opts)?;
                 let ours = sundial_protocol::token::hex(&sha256(pki.ca_der.as_ref()));
@@ -803,14 +823,22 @@ impl Server {
                         crate::pg::redact(&opts.url)
                     ))),
                 }
-                (Arc::new(pg), true)
+                let mut pg = pg;
+                let cipher =
+                    crate::store_key::encrypt(&mut pg, &key_file).map_err(ServeError::Key)?;
+                (Arc::new(pg), true, cipher)
             }
             _ => match CoordinatorStore::open(&dir.join(STORE_FILE)) {
-                Ok(s) => (Arc::new(s), false),
+                Ok(mut s) => {
+                    let cipher =
+                        crate::store_key::encrypt(&mut s, &key_file).map_err(ServeError::Key)?;
+                    (Arc::new(s), false, cipher)
+                }
                 Err(StoreError::Locked(_)) => return Err(ServeError::Busy(dir.join(STORE_FILE))),
                 Err(e) => return Err(ServeError::Store(e)),
             },
         };
+        let key = Some((cipher, key_file));
         // Read before the certificates, so that none added meanwhile is missed.
         let cert_seq = if shared {
             Some(store.cert_seq()?)
@@ -869,6 +897,7 @@ impl Server {
                 metrics: std::sync::OnceLock::new(),
                 notifier: std::sync::OnceLock::new(),
             }),
+            key,
         })
     }
 
@@ -944,6 +973,20 @@ impl Server {
             );
         }
         let timers = tokio::spawn(self.shared.clone().timers());
+        if let Some((cipher, key_file)) = self.key.clone() {
+            let store = self.shared.store.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(KEY_RELOAD_EVERY);
+                loop {
+                    tick.tick().await;
+                    let (store, cipher, key_file) = (store.clone(), cipher.clone(), key_file.clone());
+                    let _ = tokio::task::spawn_blocking(move || {
+                        crate::store_key::reload(store.as_ref(), &cipher, &key_file)
+                    })
+                    .await;
+                }
+            });
+        }
         let failed = loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
