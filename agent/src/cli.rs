@@ -145,20 +145,6 @@ enum Cmd {
     },
 }
 
-/// Adds a key to the ring in `path` and makes it current: (old, new) ids.
-fn rotate_key(path: &std::path::Path) -> Result<(u32, u32), String> {
-    let mut ring = sundial_net::at_rest::load(path)?.ok_or_else(|| {
-        format!(
-            "{}: no key ring here (the agent makes it at its first start; give --store-key FILE if it is elsewhere)",
-            path.display()
-        )
-    })?;
-    let old = ring.current();
-    let new = ring.add(false)?;
-    sundial_net::at_rest::save(path, &ring)?;
-    Ok((old, new))
-}
-
 fn parse_duration(s: &str) -> Result<sundial_protocol::DurationMs, String> {
     sundial_protocol::DurationMs::parse(s).map_err(|e| e.to_string())
 }
@@ -387,7 +373,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             store_key,
         } => {
             let path = sundial_net::at_rest::key_path(&data_dir, store_key.as_deref());
-            let (old, new) = rotate_key(&path).map_err(anyhow::Error::msg)?;
+            let (old, new) = runtime::rotate_store_key(&path).map_err(anyhow::Error::msg)?;
             println!(
                 "{}: key {new} added and made current (was {old}); a running agent uses it within 5 s; keep the older keys: records written with them stay readable by them",
                 path.display()

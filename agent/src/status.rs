@@ -113,8 +113,8 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
     };
     let mut store = store;
     let key_file = sundial_net::at_rest::key_path(data_dir, None);
-    if let Some(cipher) = sundial_net::at_rest::StoreCipher::from_file(&key_file, false)
-        .map_err(StatusError::Key)?
+    if let Some(cipher) =
+        sundial_net::at_rest::StoreCipher::from_file(&key_file, false).map_err(StatusError::Key)?
     {
         store
             .read_with(std::sync::Arc::new(cipher), &key_file)

@@ -292,6 +292,17 @@ impl AgentStore {
     /// A new store is created under a temporary name and renamed into place,
     /// so a crash during creation leaves no half-made database behind.
     pub fn open(path: &Path) -> Result<AgentStore> {
+        Ok(AgentStore::open_checked(path, |_| Ok(()))?.0)
+    }
+
+    /// [`AgentStore::open`], calling `check` with the store's key checks
+    /// (see [`AgentStore::encrypt_with`]) before anything is written: an
+    /// error from it is returned ([`StoreError::Key`]) with the store as
+    /// it was.
+    pub fn open_checked<T>(
+        path: &Path,
+        check: impl Fn(&[(u32, Vec<u8>)]) -> std::result::Result<T, String>,
+    ) -> Result<(AgentStore, T)> {
         if !path.exists() {
             let mut tmp = path.as_os_str().to_owned();
             tmp.push(".creating");
@@ -315,6 +326,21 @@ impl AgentStore {
                 }
             }
         }
+        // Before the first write: the caller's check of the store keys,
+        // read-only first so that a refusal leaves the file as it was (an
+        // open for writing marks it); a store that needs a repair is read
+        // once repaired.
+        let early = match Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(path)
+        {
+            Ok(db) => Some(Self::raw_key_checks(&db)?),
+            Err(_) => None,
+        };
+        let checked = match &early {
+            Some(checks) => Some(check(checks).map_err(StoreError::Key)?),
+            None => None,
+        };
         let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = std::sync::Arc::clone(&repaired);
         let db = Database::builder()
@@ -322,6 +348,10 @@ impl AgentStore {
             .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::Relaxed))
             .create(path)
             .map_err(db_err("open"))?;
+        let checked = match checked {
+            Some(c) => c,
+            None => check(&Self::raw_key_checks(&db)?).map_err(StoreError::Key)?,
+        };
         let mut store = AgentStore::init(Handle::ReadWrite(db))?;
         store.path = Some(path.to_path_buf());
         if repaired.load(std::sync::atomic::Ordering::Relaxed) {
@@ -337,7 +367,7 @@ impl AgentStore {
                 tracing::info!("the store was repaired after an unclean stop; its due index agrees with the task states");
             }
         }
-        Ok(store)
+        Ok((store, checked))
     }
 
     /// Checks the due index against the task states, the source of truth,
@@ -392,6 +422,21 @@ impl AgentStore {
         }
         txn.commit().map_err(db_err("commit due index"))?;
         Ok((stale.len() as u64, missing.len() as u64))
+    }
+
+    /// The key checks of a store not yet initialized (none if it has no
+    /// meta table yet), read without writing.
+    fn raw_key_checks(db: &impl redb::ReadableDatabase) -> Result<Vec<(u32, Vec<u8>)>> {
+        let txn = db.begin_read().map_err(db_err("read key checks"))?;
+        let t = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(db_err("read key checks")(e)),
+        };
+        match t.get(meta::KEY_CHECKS).map_err(db_err("read key checks"))? {
+            Some(v) => decode("meta", meta::KEY_CHECKS, v.value()),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Opens an existing store read-only, beside a running agent.
@@ -545,7 +590,11 @@ impl AgentStore {
     }
 
     fn task(&self, table: &'static str, id: u64, stored: &[u8]) -> Result<TaskSpec> {
-        Ok(records::decode_task(table, id, &self.unseal(table, stored)?)?)
+        Ok(records::decode_task(
+            table,
+            id,
+            &self.unseal(table, stored)?,
+        )?)
     }
 
     /// From now on, task definitions and run records are encrypted with
@@ -599,6 +648,16 @@ impl AgentStore {
             }
         }
         self.put_meta(&[(meta::ENCRYPTED, true)])?;
+        if moved > 0 {
+            // The plain copies are in freed pages now: compaction drops
+            // those at the file's end (not a guarantee for all; see the
+            // README's "Encrypted stores").
+            if let Handle::ReadWrite(db) = &mut self.db {
+                if let Err(e) = db.compact() {
+                    tracing::warn!(error = %e, "compacting the store after encrypting it failed");
+                }
+            }
+        }
         Ok(moved)
     }
 
@@ -621,7 +680,10 @@ impl AgentStore {
         if checks.iter().any(|(id, _)| *id == c.current()) {
             return Ok(());
         }
-        checks.push((c.current(), c.check_value(c.current()).map_err(StoreError::Key)?));
+        checks.push((
+            c.current(),
+            c.check_value(c.current()).map_err(StoreError::Key)?,
+        ));
         self.put_meta(&[(meta::KEY_CHECKS, checks)])
     }
 
@@ -715,7 +777,10 @@ impl AgentStore {
             let mut states = Vec::with_capacity(buf.len());
             for task in buf.drain(..) {
                 table
-                    .insert(task.id.0, self.seal("tasks", records::encode_task(&task))?.as_slice())
+                    .insert(
+                        task.id.0,
+                        self.seal("tasks", records::encode_task(&task))?.as_slice(),
+                    )
                     .map_err(db_err("import tasks"))?;
                 states.push((task.id, first_occurrence(&task.schedule, task.created_at)));
             }
@@ -784,7 +849,10 @@ impl AgentStore {
                 states.iter().map(|(id, _)| *id).collect();
             for task in upserts {
                 table
-                    .insert(task.id.0, self.seal("tasks", records::encode_task(task))?.as_slice())
+                    .insert(
+                        task.id.0,
+                        self.seal("tasks", records::encode_task(task))?.as_slice(),
+                    )
                     .map_err(db_err("write tasks"))?;
                 if task.schedule.triggers().is_empty() {
                     if triggered

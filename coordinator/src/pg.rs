@@ -30,6 +30,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::borrow::Cow;
+use std::sync::Arc;
 use sundial_core::coord_store::{
     audit_matches, counts_from, live_admin, merge_labels, targets, AdminCert, Agent, AgentSeen,
     AuditPage, CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page,
@@ -37,8 +39,6 @@ use sundial_core::coord_store::{
     StoredRuns, StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX,
     REVOKE_REVOKED, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
 };
-use std::borrow::Cow;
-use std::sync::Arc;
 use sundial_net::at_rest::{self, StoreCipher};
 use sundial_protocol::records::{self, RunRecordV1};
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
@@ -308,7 +308,11 @@ fn agent_of(row: &Row) -> R<Agent> {
 }
 
 /// A stored value as plain bytes (decrypted if it is encrypted).
-fn unseal<'a>(cipher: Option<&StoreCipher>, table: &'static str, stored: &'a [u8]) -> R<Cow<'a, [u8]>> {
+fn unseal<'a>(
+    cipher: Option<&StoreCipher>,
+    table: &'static str,
+    stored: &'a [u8],
+) -> R<Cow<'a, [u8]>> {
     at_rest::open_plain(cipher, table, stored).map_err(|reason| {
         Fail::Store(StoreError::from(records::RecordError {
             table,
@@ -330,7 +334,11 @@ fn seal(cipher: Option<&StoreCipher>, table: &'static str, plain: Vec<u8>) -> St
 
 fn task_of(row: &Row, cipher: Option<&StoreCipher>) -> R<StoredTask> {
     let id: i64 = row.get("id");
-    let spec = records::decode_task("tasks", u64_of(id), &unseal(cipher, "tasks", row.get("spec"))?)?;
+    let spec = records::decode_task(
+        "tasks",
+        u64_of(id),
+        &unseal(cipher, "tasks", row.get("spec"))?,
+    )?;
     let cancelled: bool = row.get("cancelled");
     let paused: bool = row.get("paused");
     Ok(StoredTask {
@@ -534,8 +542,11 @@ impl PgStore {
                         }
                         let id: i64 = r.get(0);
                         let sealed = seal(Some(&cipher), "tasks", spec).map_err(Fail::Store)?;
-                        c.execute("UPDATE sundial_tasks SET spec = $2 WHERE id = $1", &[&id, &sealed])
-                            .await?;
+                        c.execute(
+                            "UPDATE sundial_tasks SET spec = $2 WHERE id = $1",
+                            &[&id, &sealed],
+                        )
+                        .await?;
                         n += 1;
                     }
                     let last = rows.last().map(|r| r.get::<_, i64>(0));
@@ -872,7 +883,11 @@ impl PgStore {
         let id = i64::try_from(t.spec.id.0).unwrap_or(i64::MAX);
         let revision = i64::try_from(t.spec.revision).unwrap_or(i64::MAX);
         let name = t.spec.name.clone();
-        let spec = seal(self.cipher.as_deref(), "tasks", records::encode_task(&t.spec))?;
+        let spec = seal(
+            self.cipher.as_deref(),
+            "tasks",
+            records::encode_task(&t.spec),
+        )?;
         let (cancelled, paused) = (t.cancelled, t.paused);
         self.call("import a task", move |pool| {
             let (name, spec) = (name.clone(), spec.clone());
@@ -1884,17 +1899,19 @@ impl CoordStore for PgStore {
         self.call("read a task", move |pool| {
             let cipher = cipher.clone();
             async move {
-            let c = pool.get().await?;
-            let Ok(key) = i64::try_from(id.0) else {
-                return Ok(None);
-            };
-            let row = c
-                .query_opt(
-                    "SELECT id, spec, cancelled, paused FROM sundial_tasks WHERE id = $1",
-                    &[&key],
-                )
-                .await?;
-            row.as_ref().map(|r| task_of(r, cipher.as_deref())).transpose()
+                let c = pool.get().await?;
+                let Ok(key) = i64::try_from(id.0) else {
+                    return Ok(None);
+                };
+                let row = c
+                    .query_opt(
+                        "SELECT id, spec, cancelled, paused FROM sundial_tasks WHERE id = $1",
+                        &[&key],
+                    )
+                    .await?;
+                row.as_ref()
+                    .map(|r| task_of(r, cipher.as_deref()))
+                    .transpose()
             }
         })
     }
@@ -1905,16 +1922,16 @@ impl CoordStore for PgStore {
         self.call("read tasks", move |pool| {
             let cipher = cipher.clone();
             async move {
-            let c = pool.get().await?;
-            let from = after.map_or(-1, |a| i64::try_from(a.0).unwrap_or(i64::MAX));
-            let rows = c
-                .query(
-                    "SELECT id, spec, cancelled, paused FROM sundial_tasks
+                let c = pool.get().await?;
+                let from = after.map_or(-1, |a| i64::try_from(a.0).unwrap_or(i64::MAX));
+                let rows = c
+                    .query(
+                        "SELECT id, spec, cancelled, paused FROM sundial_tasks
                       WHERE id > $1 ORDER BY id LIMIT $2",
-                    &[&from, &limit],
-                )
-                .await?;
-            rows.iter().map(|r| task_of(r, cipher.as_deref())).collect()
+                        &[&from, &limit],
+                    )
+                    .await?;
+                rows.iter().map(|r| task_of(r, cipher.as_deref())).collect()
             }
         })
     }
@@ -1930,7 +1947,13 @@ impl CoordStore for PgStore {
         let limit = limit.clamp(1, PAGE_MAX);
         let cipher = self.cipher.clone();
         self.call("read changes", move |pool| {
-            changes_page(pool, since, limit, Some((agent, labels.clone())), cipher.clone())
+            changes_page(
+                pool,
+                since,
+                limit,
+                Some((agent, labels.clone())),
+                cipher.clone(),
+            )
         })
     }
 

@@ -291,6 +291,14 @@ impl CoordinatorStore {
         self.cipher = Some(cipher);
     }
 
+    /// Compacts the file (after encrypting a plain store: drops freed
+    /// pages at its end, which hold the plain copies).
+    pub fn compact(&mut self) {
+        if let Err(e) = self.db.compact() {
+            tracing::warn!(error = %e, "compacting the store failed");
+        }
+    }
+
     /// Encrypts the task and run records stored plain (a store from before
     /// encryption), in batches of their own transactions: a crash midway
     /// loses nothing, and the next start finishes. Returns how many.
@@ -362,8 +370,49 @@ impl CoordinatorStore {
     }
 
     pub fn open(path: &Path) -> Result<CoordinatorStore> {
+        Ok(Self::open_checked(path, "", |_| Ok(()))?.0)
+    }
+
+    /// [`CoordinatorStore::open`], calling `check` with the setting `key`
+    /// as stored before anything is written (a new store has none): an
+    /// error from it is returned as a refusal, with the store as it was.
+    pub fn open_checked<T>(
+        path: &Path,
+        key: &str,
+        check: impl Fn(Option<String>) -> std::result::Result<T, String>,
+    ) -> Result<(CoordinatorStore, T)> {
+        fn read(db: &impl ReadableDatabase, key: &str) -> Result<Option<String>> {
+            let txn = db.begin_read().map_err(db_err("read meta"))?;
+            match txn.open_table(META) {
+                Ok(t) => Ok(t
+                    .get(key)
+                    .map_err(db_err("read meta"))?
+                    .map(|v| records::decode::<String>("meta", key, v.value()))
+                    .transpose()?),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(db_err("read meta")(e)),
+            }
+        }
+        // Read-only first, so that a refusal leaves the file as it was (an
+        // open for writing marks the file); a store that needs a repair
+        // (an unclean stop) is read once repaired.
+        let early = match redb::Builder::new().open_read_only(path) {
+            Ok(db) => Some(read(&db, key)?),
+            Err(_) => None,
+        };
+        let checked = match early {
+            Some(value) => Some(check(value).map_err(StoreError::Refused)?),
+            None => None,
+        };
         let db = Database::create(path).map_err(db_err("open"))?;
-        Self::init(CoordinatorStore { db, cipher: None })
+        let checked = match checked {
+            Some(c) => c,
+            None => {
+                let value = read(&db, key)?;
+                check(value).map_err(StoreError::Refused)?
+            }
+        };
+        Ok((Self::init(CoordinatorStore { db, cipher: None })?, checked))
     }
 
     /// Creates the tables a new store lacks and indexes old runs.
@@ -604,8 +653,11 @@ impl CoordinatorStore {
         let mut out = Vec::new();
         for item in t.iter().map_err(db_err("read runs"))? {
             let (k, v) = item.map_err(db_err("read runs"))?;
-            let rec: RunRecordV1 =
-                records::decode("runs", format!("{:?}", k.value()), &self.unseal("runs", v.value())?)?;
+            let rec: RunRecordV1 = records::decode(
+                "runs",
+                format!("{:?}", k.value()),
+                &self.unseal("runs", v.value())?,
+            )?;
             out.push(rec.into_run(0)?);
         }
         Ok(out)
@@ -1676,7 +1728,9 @@ impl CoordStore for CoordinatorStore {
                     key: format!("{key:?}"),
                     reason: e.to_string(),
                 })
-                .and_then(|plain| records::decode::<RunRecordV1>("runs", format!("{key:?}"), &plain))
+                .and_then(|plain| {
+                    records::decode::<RunRecordV1>("runs", format!("{key:?}"), &plain)
+                })
                 .and_then(|rec| rec.into_run(0))
             {
                 Ok(r) => runs.push(r),

@@ -20,6 +20,9 @@ const ENCRYPTED_SETTING: &str = "store_records_encrypted";
 pub trait Encryptable: CoordStore {
     fn set_cipher(&mut self, cipher: Arc<StoreCipher>);
     fn encrypt_plain_records(&self) -> Result<u64, StoreError>;
+    /// After plain records were encrypted: drop what the store can of
+    /// their old copies.
+    fn compact(&mut self) {}
 }
 
 impl Encryptable for crate::store::CoordinatorStore {
@@ -28,6 +31,9 @@ impl Encryptable for crate::store::CoordinatorStore {
     }
     fn encrypt_plain_records(&self) -> Result<u64, StoreError> {
         crate::store::CoordinatorStore::encrypt_plain_records(self)
+    }
+    fn compact(&mut self) {
+        crate::store::CoordinatorStore::compact(self)
     }
 }
 
@@ -40,8 +46,17 @@ impl Encryptable for crate::pg::PgStore {
     }
 }
 
+/// The setting that holds the key checks (for [`prepare`], read before
+/// the store is opened for writing).
+pub const CHECKS_KEY: &str = CHECKS_SETTING;
+
 fn checks(store: &dyn CoordStore) -> Result<Vec<(u32, Vec<u8>)>, String> {
-    let Some(text) = store.setting(CHECKS_SETTING).map_err(|e| e.to_string())? else {
+    parse_checks(store.setting(CHECKS_SETTING).map_err(|e| e.to_string())?)
+}
+
+/// The checks as the setting holds them.
+pub fn parse_checks(text: Option<String>) -> Result<Vec<(u32, Vec<u8>)>, String> {
+    let Some(text) = text else {
         return Ok(Vec::new());
     };
     text.split(',')
@@ -55,7 +70,10 @@ fn checks(store: &dyn CoordStore) -> Result<Vec<(u32, Vec<u8>)>, String> {
                 .map_err(|_| format!("the store's key checks are malformed: `{p}`"))?;
             let bytes: Option<Vec<u8>> = (0..hex.len())
                 .step_by(2)
-                .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
                 .collect();
             Ok((id, bytes.ok_or("the store's key checks are malformed")?))
         })
@@ -84,12 +102,15 @@ pub fn note_current_key(store: &dyn CoordStore, cipher: &StoreCipher) -> Result<
         .map_err(|e| e.to_string())
 }
 
-/// Encrypts `store` at rest with the key ring at `key_file` (made on
-/// first use): checks the ring against every key the store was written
-/// with — a missing or wrong key is an error, and nothing is written —
-/// then migrates the records stored plain. Returns the cipher.
-pub fn encrypt(store: &mut impl Encryptable, key_file: &Path) -> Result<Arc<StoreCipher>, String> {
-    let used = checks(store)?;
+/// The cipher of the key ring at `key_file` (made on first use, when
+/// the store has no `checks`), checked against every key the store was
+/// written with: a missing or wrong key is an error. Writes nothing to
+/// the store: call it before opening the store for writing.
+pub fn prepare(
+    checks_setting: Option<String>,
+    key_file: &Path,
+) -> Result<Arc<StoreCipher>, String> {
+    let used = parse_checks(checks_setting)?;
     let cipher = StoreCipher::from_file(key_file, used.is_empty())?.ok_or_else(|| {
         format!(
             "the store is encrypted (keys {:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{}` systemd credential); nothing was changed",
@@ -99,22 +120,42 @@ pub fn encrypt(store: &mut impl Encryptable, key_file: &Path) -> Result<Arc<Stor
         )
     })?;
     at_rest::check_ring(&cipher, &used, key_file)?;
-    let cipher = Arc::new(cipher);
-    store.set_cipher(Arc::clone(&cipher));
-    note_current_key(store, &cipher)?;
+    Ok(Arc::new(cipher))
+}
+
+/// From now on `store` encrypts with `cipher` ([`prepare`]d): the current
+/// key's check recorded, and the records stored plain migrated.
+pub fn apply(
+    store: &mut impl Encryptable,
+    cipher: &Arc<StoreCipher>,
+    key_file: &Path,
+) -> Result<(), String> {
+    store.set_cipher(Arc::clone(cipher));
+    note_current_key(store, cipher)?;
     if store
         .setting(ENCRYPTED_SETTING)
         .map_err(|e| e.to_string())?
         .is_none()
     {
         let moved = store.encrypt_plain_records().map_err(|e| e.to_string())?;
-        if moved > 0 {
-            tracing::info!(records = moved, key_file = %key_file.display(), "encrypted the records stored before encryption");
-        }
         store
             .put_setting(ENCRYPTED_SETTING, "1")
             .map_err(|e| e.to_string())?;
+        if moved > 0 {
+            tracing::info!(records = moved, key_file = %key_file.display(), "encrypted the records stored before encryption");
+            store.compact();
+        }
     }
+    Ok(())
+}
+
+/// [`prepare`] and [`apply`] on a store already open.
+pub fn encrypt(store: &mut impl Encryptable, key_file: &Path) -> Result<Arc<StoreCipher>, String> {
+    let cipher = prepare(
+        store.setting(CHECKS_SETTING).map_err(|e| e.to_string())?,
+        key_file,
+    )?;
+    apply(store, &cipher, key_file)?;
     Ok(cipher)
 }
 
@@ -139,10 +180,16 @@ pub fn reload(store: &dyn CoordStore, cipher: &StoreCipher, key_file: &Path) {
     match cipher.reload(&in_use) {
         Ok(false) => {}
         Ok(true) => match note_current_key(store, cipher) {
-            Ok(()) => tracing::info!(key = cipher.current(), key_file = %key_file.display(), "store key ring reloaded: new records use key {}", cipher.current()),
-            Err(e) => tracing::warn!(error = %e, "recording the new store key's check failed; retried at the next change"),
+            Ok(()) => {
+                tracing::info!(key = cipher.current(), key_file = %key_file.display(), "store key ring reloaded: new records use key {}", cipher.current())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recording the new store key's check failed; retried at the next change")
+            }
         },
-        Err(e) => tracing::error!(error = %e, "the store key ring could not be reloaded; the old one stays in use"),
+        Err(e) => {
+            tracing::error!(error = %e, "the store key ring could not be reloaded; the old one stays in use")
+        }
     }
 }
 
@@ -160,7 +207,9 @@ pub fn rotate(path: &Path, stage: bool, activate: bool) -> Result<String, String
     let line = if activate {
         let newest = ring.newest();
         if newest == old {
-            return Err(format!("key {old} is current already: nothing staged to activate"));
+            return Err(format!(
+                "key {old} is current already: nothing staged to activate"
+            ));
         }
         ring.activate(newest)?;
         format!("{}: key {newest} made current (was {old})", path.display())
@@ -172,7 +221,10 @@ pub fn rotate(path: &Path, stage: bool, activate: bool) -> Result<String, String
                 path.display()
             )
         } else {
-            format!("{}: key {id} added and made current (was {old})", path.display())
+            format!(
+                "{}: key {id} added and made current (was {old})",
+                path.display()
+            )
         }
     };
     at_rest::save(path, &ring)?;

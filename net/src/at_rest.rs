@@ -88,10 +88,15 @@ impl Keyring {
                 .and_then(|p| p.parse().ok())
                 .filter(|id| *id > 0)
                 .ok_or_else(|| bad("expected a key id (a number from 1)"))?;
-            let hex = parts.next().ok_or_else(|| bad("expected 64 hex digits after the id"))?;
+            let hex = parts
+                .next()
+                .ok_or_else(|| bad("expected 64 hex digits after the id"))?;
             let bytes: Option<Vec<u8>> = (0..hex.len())
                 .step_by(2)
-                .map(|j| hex.get(j..j + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .map(|j| {
+                    hex.get(j..j + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
                 .collect();
             let key: [u8; 32] = bytes
                 .and_then(|b| b.try_into().ok())
@@ -151,7 +156,10 @@ impl Keyring {
     /// Makes key `id` current.
     pub fn activate(&mut self, id: u32) -> Result<(), String> {
         if !self.keys.iter().any(|(k, _)| *k == id) {
-            return Err(format!("the ring holds no key {id} (it holds {:?})", self.ids()));
+            return Err(format!(
+                "the ring holds no key {id} (it holds {:?})",
+                self.ids()
+            ));
         }
         self.current = id;
         Ok(())
@@ -294,7 +302,9 @@ impl StoreCipher {
     }
 
     pub fn ids(&self) -> Vec<u32> {
-        self.loaded.read().map_or_else(|_| Vec::new(), |l| l.ring.ids())
+        self.loaded
+            .read()
+            .map_or_else(|_| Vec::new(), |l| l.ring.ids())
     }
 
     /// Reads the key file again (after `rotate-key`): `Ok(true)` when the
@@ -304,7 +314,8 @@ impl StoreCipher {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let ring = load(path)?.ok_or_else(|| format!("{}: the key file is gone", path.display()))?;
+        let ring =
+            load(path)?.ok_or_else(|| format!("{}: the key file is gone", path.display()))?;
         if let Some(lost) = in_use.iter().find(|id| !ring.ids().contains(id)) {
             return Err(format!(
                 "{}: the new ring lacks key {lost}, which records use; keeping the old ring",
@@ -369,7 +380,10 @@ impl StoreCipher {
             return Ok(Cow::Borrowed(stored));
         }
         if stored.len() < HEAD_BYTES + 16 {
-            return Err(format!("an encrypted record of {} bytes is cut short", stored.len()));
+            return Err(format!(
+                "an encrypted record of {} bytes is cut short",
+                stored.len()
+            ));
         }
         let id = u32::from_be_bytes([stored[1], stored[2], stored[3], stored[4]]);
         let mut nonce = [0u8; NONCE_LEN];
@@ -391,7 +405,9 @@ impl StoreCipher {
                 Aad::from(table.as_bytes()),
                 &mut body,
             )
-            .map_err(|_| format!("the record does not open with key {id} (a wrong key, or altered)"))?;
+            .map_err(|_| {
+                format!("the record does not open with key {id} (a wrong key, or altered)")
+            })?;
         let n = plain.len();
         body.truncate(n);
         Ok(Cow::Owned(body))
@@ -431,7 +447,11 @@ pub fn open_plain<'a>(
 /// Checks `checks` (key id, check value) as a store keeps them against the
 /// ring, before anything is written: every key the store was written with
 /// must be in the ring and be the same key.
-pub fn check_ring(cipher: &StoreCipher, checks: &[(u32, Vec<u8>)], key_file: &Path) -> Result<(), String> {
+pub fn check_ring(
+    cipher: &StoreCipher,
+    checks: &[(u32, Vec<u8>)],
+    key_file: &Path,
+) -> Result<(), String> {
     for (id, value) in checks {
         if !cipher.ids().contains(id) {
             return Err(format!(
@@ -461,7 +481,10 @@ mod tests {
         let sealed = c.seal("runs", b"\x01hello output").expect("seal");
         assert_eq!(sealed[0], RECORD_ENCRYPTED);
         assert!(!sealed.windows(5).any(|w| w == b"hello"));
-        assert_eq!(c.open("runs", &sealed).expect("open").as_ref(), b"\x01hello output");
+        assert_eq!(
+            c.open("runs", &sealed).expect("open").as_ref(),
+            b"\x01hello output"
+        );
         // Another table, a flipped bit, a cut record: refused.
         assert!(c.open("tasks", &sealed).is_err());
         let mut bad = sealed.clone();
@@ -470,7 +493,10 @@ mod tests {
         assert!(c.open("runs", &bad).is_err());
         assert!(c.open("runs", &sealed[..10]).is_err());
         // Plain records pass as they are.
-        assert_eq!(c.open("runs", b"\x01plain").expect("plain").as_ref(), b"\x01plain");
+        assert_eq!(
+            c.open("runs", b"\x01plain").expect("plain").as_ref(),
+            b"\x01plain"
+        );
         assert!(open_plain(None, "runs", &sealed).is_err());
 
         // Rotation: new records use key 2, old ones still open.
@@ -479,7 +505,10 @@ mod tests {
         assert_eq!(c2.current(), 2);
         let newer = c2.seal("runs", b"\x01newer").expect("seal");
         assert_eq!(&newer[1..5], &2u32.to_be_bytes());
-        assert_eq!(c2.open("runs", &sealed).expect("old").as_ref(), b"\x01hello output");
+        assert_eq!(
+            c2.open("runs", &sealed).expect("old").as_ref(),
+            b"\x01hello output"
+        );
         // A ring without key 1 cannot read key 1's records, and says so.
         let other = StoreCipher::new(Keyring::generate().expect("ring"));
         let e = other.open("runs", &sealed).expect_err("wrong key");
@@ -494,7 +523,10 @@ mod tests {
         let back = Keyring::parse(&ring.to_text()).expect("parses");
         assert_eq!(back, ring);
         ring.activate(2).expect("activate");
-        assert_eq!(Keyring::parse(&ring.to_text()).expect("parses").current(), 2);
+        assert_eq!(
+            Keyring::parse(&ring.to_text()).expect("parses").current(),
+            2
+        );
         for (text, says) in [
             ("", "no key"),
             ("1 abcd current", "64 hex"),
@@ -524,7 +556,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(KEY_FILE);
-        let c = StoreCipher::from_file(&path, true).expect("made").expect("some");
+        let c = StoreCipher::from_file(&path, true)
+            .expect("made")
+            .expect("some");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!c.reload(&[1]).expect("unchanged"));

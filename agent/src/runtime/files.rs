@@ -54,10 +54,13 @@ pub(super) fn check_store_present(dir: &Path) -> Result<(), AgentError> {
 /// let go of its store before concluding another agent is running.
 pub(super) const STORE_BUSY_WAIT_MS: u64 = 5_000;
 
-pub(super) async fn open_store(path: &Path) -> Result<AgentStore, AgentError> {
+pub(super) async fn open_store<T>(
+    path: &Path,
+    check: impl Fn(&[(u32, Vec<u8>)]) -> Result<T, String>,
+) -> Result<(AgentStore, T), AgentError> {
     let mut waited = 0;
     loop {
-        match AgentStore::open(path) {
+        match AgentStore::open_checked(path, &check) {
             Err(e) if e.is_already_open() && waited < STORE_BUSY_WAIT_MS => {
                 if waited == 0 {
                     tracing::warn!(store = %path.display(), "the store is in use by another process (another sundial-agent on this data directory, or a `status` reading); waiting up to {} s", STORE_BUSY_WAIT_MS / 1000);

@@ -110,28 +110,40 @@ impl AgentConfig {
     }
 }
 
-/// Encrypts the store at rest with its key ring (made on first use; see
-/// `sundial_net::at_rest`), migrating records stored plain; returns the
-/// key file. A store written with keys the ring lacks, or with other keys
-/// of the same ids, is refused before anything is written.
-fn encrypt_store(store: &mut AgentStore, config: &AgentConfig) -> Result<PathBuf, AgentError> {
-    use sundial_net::at_rest::{key_path, StoreCipher};
-    let key_file = key_path(&config.data_dir, config.store_key.as_deref());
-    let used = store.key_ids()?;
-    let cipher = StoreCipher::from_file(&key_file, used.is_empty())
-        .map_err(AgentError::Config)?
-        .ok_or_else(|| {
-            AgentError::Config(format!(
-                "the store is encrypted (keys {used:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{}` systemd credential); nothing was changed",
-                key_file.display(),
-                sundial_net::at_rest::CREDENTIAL_NAME
-            ))
-        })?;
-    let moved = store.encrypt_with(Arc::new(cipher), &key_file)?;
-    if moved > 0 {
-        tracing::info!(records = moved, key_file = %key_file.display(), "encrypted the records stored before encryption");
-    }
-    Ok(key_file)
+/// The store's cipher from its key ring (made on first use; see
+/// `sundial_net::at_rest`), checked against the keys the store was
+/// written with (`checks`) before anything is written: a missing ring for
+/// an encrypted store, or other keys of the same ids, are refused.
+fn store_cipher(
+    checks: &[(u32, Vec<u8>)],
+    key_file: &Path,
+) -> Result<sundial_net::at_rest::StoreCipher, String> {
+    use sundial_net::at_rest::{check_ring, StoreCipher, CREDENTIAL_NAME};
+    let used: Vec<u32> = checks.iter().map(|(id, _)| *id).collect();
+    let cipher = StoreCipher::from_file(key_file, used.is_empty())?.ok_or_else(|| {
+        format!(
+            "the store is encrypted (keys {used:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{CREDENTIAL_NAME}` systemd credential); nothing was changed",
+            key_file.display(),
+        )
+    })?;
+    check_ring(&cipher, checks, key_file)?;
+    Ok(cipher)
+}
+
+/// `sundial-agent rotate-key`: adds a key to the ring in `path` and makes
+/// it current; returns (old, new) ids. A running agent reloads the ring
+/// within [`STORE_CHECK_INTERVAL_MS`].
+pub fn rotate_store_key(path: &Path) -> Result<(u32, u32), String> {
+    let mut ring = sundial_net::at_rest::load(path)?.ok_or_else(|| {
+        format!(
+            "{}: no key ring here (the agent makes it at its first start; give --store-key FILE if it is elsewhere)",
+            path.display()
+        )
+    })?;
+    let old = ring.current();
+    let new = ring.add(false)?;
+    sundial_net::at_rest::save(path, &ring)?;
+    Ok((old, new))
 }
 
 /// Reads the key ring again if it changed (after `rotate-key`): new
@@ -150,10 +162,16 @@ fn reload_store_key(store: &AgentStore, key_file: &Path) {
     match cipher.reload(&in_use) {
         Ok(false) => {}
         Ok(true) => match store.note_current_key() {
-            Ok(()) => tracing::info!(key = cipher.current(), key_file = %key_file.display(), "store key ring reloaded: new records use key {}", cipher.current()),
-            Err(e) => tracing::warn!(error = %e, "recording the new store key's check failed; it is retried at the next change"),
+            Ok(()) => {
+                tracing::info!(key = cipher.current(), key_file = %key_file.display(), "store key ring reloaded: new records use key {}", cipher.current())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recording the new store key's check failed; it is retried at the next change")
+            }
         },
-        Err(e) => tracing::error!(error = %e, "the store key ring could not be reloaded; the old one stays in use"),
+        Err(e) => {
+            tracing::error!(error = %e, "the store key ring could not be reloaded; the old one stays in use")
+        }
     }
 }
 
@@ -199,8 +217,15 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     create_private_dir(&config.data_dir)?;
     check_store_present(&config.data_dir)?;
-    let mut store = open_store(&config.store_path()).await?;
-    let key_file = encrypt_store(&mut store, &config)?;
+    let key_file = sundial_net::at_rest::key_path(&config.data_dir, config.store_key.as_deref());
+    let (mut store, cipher) = open_store(&config.store_path(), |checks| {
+        store_cipher(checks, &key_file)
+    })
+    .await?;
+    let moved = store.encrypt_with(Arc::new(cipher), &key_file)?;
+    if moved > 0 {
+        tracing::info!(records = moved, key_file = %key_file.display(), "encrypted the records stored before encryption");
+    }
     let store = Arc::new(store);
     restrict_file(&config.store_path());
     let store_identity = file_identity(&config.store_path());

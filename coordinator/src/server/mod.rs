@@ -828,13 +828,17 @@ impl Server {
                     crate::store_key::encrypt(&mut pg, &key_file).map_err(ServeError::Key)?;
                 (Arc::new(pg), true, cipher)
             }
-            _ => match CoordinatorStore::open(&dir.join(STORE_FILE)) {
-                Ok(mut s) => {
-                    let cipher =
-                        crate::store_key::encrypt(&mut s, &key_file).map_err(ServeError::Key)?;
+            _ => match CoordinatorStore::open_checked(
+                &dir.join(STORE_FILE),
+                crate::store_key::CHECKS_KEY,
+                |checks| crate::store_key::prepare(checks, &key_file),
+            ) {
+                Ok((mut s, cipher)) => {
+                    crate::store_key::apply(&mut s, &cipher, &key_file).map_err(ServeError::Key)?;
                     (Arc::new(s), false, cipher)
                 }
                 Err(StoreError::Locked(_)) => return Err(ServeError::Busy(dir.join(STORE_FILE))),
+                Err(StoreError::Refused(why)) => return Err(ServeError::Key(why)),
                 Err(e) => return Err(ServeError::Store(e)),
             },
         };
@@ -979,7 +983,8 @@ impl Server {
                 let mut tick = tokio::time::interval(KEY_RELOAD_EVERY);
                 loop {
                     tick.tick().await;
-                    let (store, cipher, key_file) = (store.clone(), cipher.clone(), key_file.clone());
+                    let (store, cipher, key_file) =
+                        (store.clone(), cipher.clone(), key_file.clone());
                     let _ = tokio::task::spawn_blocking(move || {
                         crate::store_key::reload(store.as_ref(), &cipher, &key_file)
                     })

@@ -127,6 +127,17 @@ impl Coordinator {
         None
     }
 
+    /// Stops `serve` as systemd does (SIGTERM) and waits for it.
+    #[allow(dead_code)]
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            c.wait().expect("reaped");
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().expect("SIGKILL");
