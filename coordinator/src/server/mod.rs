@@ -641,7 +641,7 @@ pub fn init_on(
             dir.display()
         )));
     }
-    let pg = open_pg(&opts)?;
+    let mut pg = open_pg(&opts)?;
     if pg.setting(CA_SETTING)?.is_some() {
         return Err(ServeError::Tls(format!(
             "the database at {} already serves coordinators (another init made it). To add a coordinator, copy the data directory of one of them to the new host and run `serve` there; to start over, drop the database and create it again",
@@ -660,6 +660,10 @@ pub fn init_on(
         CA_SETTING,
         &sundial_protocol::token::hex(&sha256(pki.ca_der.as_ref())),
     )?;
+    // The store key ring, made now so that the copies of this directory
+    // (more coordinators on the database) hold the same one.
+    crate::store_key::encrypt(&mut pg, &crate::store_key::key_file(dir, None))
+        .map_err(ServeError::Key)?;
     std::fs::write(dir.join(STORE_URL_FILE), format!("{}\n", opts.url))
         .map_err(|e| ServeError::Tls(format!("cannot write {STORE_URL_FILE}: {e}")))?;
     restrict_data_dir(dir);
@@ -692,7 +696,9 @@ pub fn init_with(
         .map_err(|e| ServeError::Tls(format!("cannot create {}: {e}", dir.display())))?;
     let expires_at = owner_expires_at();
     let (_pki, admin_der) = Pki::init(dir, server_name, advertise, expires_at)?;
-    let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
+    let mut store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
+    crate::store_key::encrypt(&mut store, &crate::store_key::key_file(dir, None))
+        .map_err(ServeError::Key)?;
     restrict_data_dir(dir);
     add_owner(&store, &admin_der, expires_at)?;
     store.put_setting("advertise", advertise)?;
