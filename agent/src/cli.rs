@@ -109,7 +109,8 @@ enum Cmd {
         /// rest [default: the `sundial-store-key` systemd credential when the
         /// unit passes one (LoadCredentialEncrypted=), else store.key in the
         /// data directory, made at the first start]. Back it up apart from
-        /// the store: without it the store cannot be read.
+        /// the store: without it the store cannot be read. `off` keeps a
+        /// store that was never encrypted plain (to measure the cost).
         #[arg(long, value_name = "FILE")]
         store_key: Option<PathBuf>,
     },

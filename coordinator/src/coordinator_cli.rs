@@ -92,6 +92,8 @@ enum Cmd {
         /// unit passes one (LoadCredentialEncrypted=), else store.key in the
         /// data directory, made at the first start]. Back it up apart from
         /// the store; every coordinator of one PostgreSQL store needs the same.
+        /// `off` keeps a store that was never encrypted plain (to measure
+        /// the cost).
         #[arg(long, value_name = "FILE")]
         store_key: Option<PathBuf>,
         #[command(flatten)]

@@ -87,7 +87,9 @@ pub fn import(
     let key_file = crate::store_key::key_file(dir, None);
     let cipher = crate::store_key::encrypt(&mut from, &key_file).map_err(ServeError::Key)?;
     let mut to = PgStore::open(opts).map_err(store_err)?;
-    to.set_cipher(cipher.clone());
+    if let Some(c) = &cipher {
+        to.set_cipher(c.clone());
+    }
     if to.setting(CA_SETTING).map_err(store_err)?.is_some() {
         return Err(ServeError::Tls(format!(
             "the database at {} already serves coordinators: import only into a new database",
@@ -96,8 +98,10 @@ pub fn import(
     }
     // Not marked: nobody serves it; whatever an earlier attempt left goes.
     to.wipe().map_err(store_err)?;
-    crate::store_key::note_current_key(&to, &cipher).map_err(ServeError::Key)?;
-    crate::store_key::mark_encrypted(&to).map_err(ServeError::Key)?;
+    if let Some(c) = &cipher {
+        crate::store_key::note_current_key(&to, c).map_err(ServeError::Key)?;
+        crate::store_key::mark_encrypted(&to).map_err(ServeError::Key)?;
+    }
 
     let mut done = Imported::default();
     for key in ["advertise", "server_name"] {

@@ -338,7 +338,7 @@ impl CoordinatorStore {
             let txn = self.db.begin_write().map_err(db_err("encrypt records"))?;
             let scanned = {
                 let mut t = txn.open_table(RUNS).map_err(db_err("encrypt records"))?;
-                let batch: Vec<((u64, u64, i64, u32), Vec<u8>)> = t
+                let batch: Vec<(RunKeyOf, Vec<u8>)> = t
                     .range(from..)
                     .map_err(db_err("encrypt records"))?
                     .take(ENCRYPT_BATCH)

@@ -106,11 +106,21 @@ pub fn note_current_key(store: &dyn CoordStore, cipher: &StoreCipher) -> Result<
 /// the store has no `checks`), checked against every key the store was
 /// written with: a missing or wrong key is an error. Writes nothing to
 /// the store: call it before opening the store for writing.
+/// `Ok(None)`: `key_file` is [`OFF`] and the store was never encrypted.
 pub fn prepare(
     checks_setting: Option<String>,
     key_file: &Path,
-) -> Result<Arc<StoreCipher>, String> {
+) -> Result<Option<Arc<StoreCipher>>, String> {
     let used = parse_checks(checks_setting)?;
+    if key_file == Path::new(OFF) {
+        if used.is_empty() {
+            return Ok(None);
+        }
+        return Err(format!(
+            "--store-key off: this store is encrypted (keys {:?}); it cannot be served plain",
+            used.iter().map(|(id, _)| *id).collect::<Vec<_>>()
+        ));
+    }
     let cipher = StoreCipher::from_file(key_file, used.is_empty())?.ok_or_else(|| {
         format!(
             "the store is encrypted (keys {:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{}` systemd credential); nothing was changed",
@@ -120,7 +130,17 @@ pub fn prepare(
         )
     })?;
     at_rest::check_ring(&cipher, &used, key_file)?;
-    Ok(Arc::new(cipher))
+    Ok(Some(Arc::new(cipher)))
+}
+
+/// `--store-key off`: the store kept plain (a store never encrypted only;
+/// for measuring what encryption costs).
+pub const OFF: &str = "off";
+
+/// `init`: the key ring made beside the store, so that copies of the data
+/// directory share it. The store records its check when it is served.
+pub fn make_ring(key_file: &Path) -> Result<(), String> {
+    StoreCipher::from_file(key_file, true).map(|_| ())
 }
 
 /// From now on `store` encrypts with `cipher` ([`prepare`]d): the current
@@ -149,13 +169,19 @@ pub fn apply(
     Ok(())
 }
 
-/// [`prepare`] and [`apply`] on a store already open.
-pub fn encrypt(store: &mut impl Encryptable, key_file: &Path) -> Result<Arc<StoreCipher>, String> {
+/// [`prepare`] and [`apply`] on a store already open; `None`: kept plain
+/// ([`OFF`]).
+pub fn encrypt(
+    store: &mut impl Encryptable,
+    key_file: &Path,
+) -> Result<Option<Arc<StoreCipher>>, String> {
     let cipher = prepare(
         store.setting(CHECKS_SETTING).map_err(|e| e.to_string())?,
         key_file,
     )?;
-    apply(store, &cipher, key_file)?;
+    if let Some(c) = &cipher {
+        apply(store, c, key_file)?;
+    }
     Ok(cipher)
 }
 

@@ -52,6 +52,8 @@ pub struct AgentNode {
     pub probe_log: PathBuf,
     run: AgentRun,
     in_process: bool,
+    /// The agent's `--store-key` (`off`: its store kept plain).
+    pub store_key: Option<PathBuf>,
 }
 
 /// The fleet.
@@ -254,6 +256,12 @@ impl Fleet {
             let dir = fleet.root.path().join(&name);
             let id = joined[i].ok_or_else(|| anyhow!("{name} did not join"))?;
             let probe_log = dir.join("probe.log");
+            // A fleet whose coordinator keeps its store plain (to measure
+            // what encryption costs) keeps its agents' plain too.
+            let plain = fleet
+                .coordinator_args
+                .windows(2)
+                .any(|w| w[0] == "--store-key" && w[1] == "off");
             let mut node = AgentNode {
                 name,
                 id,
@@ -262,6 +270,7 @@ impl Fleet {
                 probe_log,
                 run: AgentRun::Stopped,
                 in_process,
+                store_key: plain.then(|| PathBuf::from("off")),
             };
             node.start(&fleet.exe)?;
             fleet.agents.push(node);
@@ -564,7 +573,8 @@ impl AgentNode {
     pub fn start(&mut self, exe: &Path) -> anyhow::Result<()> {
         if self.in_process {
             let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-            let cfg = sundial_agent::runtime::AgentConfig::new(self.dir.clone());
+            let mut cfg = sundial_agent::runtime::AgentConfig::new(self.dir.clone());
+            cfg.store_key = self.store_key.clone();
             let name = self.name.clone();
             let task = tokio::spawn(async move {
                 let r = sundial_agent::runtime::run(cfg, async {
@@ -582,10 +592,14 @@ impl AgentNode {
             // 100 runs a second would meet the default cap of 64 runs at
             // once, which the scenarios are not about (the cap has its own
             // test in the agent's suite).
-            let child = Command::new(exe)
-                .arg(SUB_AGENT)
+            let mut cmd = Command::new(exe);
+            cmd.arg(SUB_AGENT)
                 .args(["run", "--max-concurrent-runs", "512", "--data-dir"])
-                .arg(&self.dir)
+                .arg(&self.dir);
+            if let Some(k) = &self.store_key {
+                cmd.arg("--store-key").arg(k);
+            }
+            let child = cmd
                 .stdout(Stdio::null())
                 .stderr(log_file(&self.dir.join("agent.log"))?)
                 .spawn()

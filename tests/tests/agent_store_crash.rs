@@ -510,3 +510,63 @@ fn a_triggered_run_started_in_the_step_that_made_it_pending_is_not_left_pending(
     assert!(store.pending_retries().expect("read").is_empty());
     assert!(store.fanin_pending().expect("read").is_empty());
 }
+
+#[test]
+fn a_plain_store_is_encrypted_in_place_with_nothing_lost_and_a_wrong_key_refused() {
+    use std::sync::Arc;
+    use sundial_net::at_rest::{Keyring, StoreCipher};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.redb");
+    let key_file = dir.path().join("store.key");
+    {
+        // A store as written before encryption.
+        let s = AgentStore::open(&path).expect("open");
+        let tasks: Vec<TaskSpec> = (1..=25).map(|i| task(i, 1)).collect();
+        s.put_tasks(&tasks, None).expect("tasks");
+        let records: Vec<RunRecord> = (0..30)
+            .map(|n| record(key(1 + (n % 25) as u64, n), Outcome::Succeeded))
+            .collect();
+        s.apply_step(&StepWrite {
+            records,
+            ..StepWrite::default()
+        })
+        .expect("records");
+    }
+    let before = AgentStore::open(&path).expect("open").dump().expect("dump");
+    let ring = Keyring::generate().expect("ring");
+    let cipher = Arc::new(StoreCipher::new(ring.clone()));
+    {
+        let mut s = AgentStore::open(&path).expect("open");
+        assert_eq!(
+            s.encrypt_with(cipher.clone(), &key_file).expect("encrypts"),
+            55
+        );
+        assert_eq!(s.dump().expect("dump"), before, "nothing lost or changed");
+        // Encrypted once: a second start moves nothing.
+        assert_eq!(s.encrypt_with(cipher.clone(), &key_file).expect("again"), 0);
+        assert_eq!(s.key_ids().expect("ids"), vec![1]);
+    }
+    // Without the key, the records no longer read; with another, refused.
+    let plain = AgentStore::open(&path).expect("open");
+    let e = plain.tasks().expect_err("encrypted").to_string();
+    assert!(e.contains("encrypted"), "{e}");
+    drop(plain);
+    let mut s = AgentStore::open(&path).expect("open");
+    let other = Arc::new(StoreCipher::new(Keyring::generate().expect("ring")));
+    let e = s
+        .encrypt_with(other, &key_file)
+        .expect_err("wrong key")
+        .to_string();
+    assert!(e.contains("not the key this store was written with"), "{e}");
+    drop(s);
+    // Rotation: key 2 current, key 1's records still read.
+    let mut rotated = ring;
+    rotated.add(false).expect("add");
+    let mut s = AgentStore::open(&path).expect("open");
+    s.encrypt_with(Arc::new(StoreCipher::new(rotated)), &key_file)
+        .expect("rotated ring");
+    s.put_tasks(&[task(99, 1)], None)
+        .expect("a task under key 2");
+    assert_eq!(s.key_ids().expect("ids"), vec![1, 2]);
+    assert_eq!(s.dump().expect("dump").tasks.len(), 26);
+}

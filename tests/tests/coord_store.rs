@@ -234,3 +234,54 @@ fn a_crash_at_any_write_leaves_the_last_committed_state() {
     assert_eq!(crashes, total_ops + opened_ops);
     eprintln!("{crashes} crash points checked");
 }
+
+#[test]
+fn a_plain_coordinator_store_is_encrypted_at_start_with_nothing_lost() {
+    use sundial_coordinator::store::{CoordStore, CoordinatorStore};
+    use sundial_core::coord_store::conformance::{draft, run};
+    use sundial_protocol::task::Target;
+    use sundial_protocol::{AgentId, Outcome, Timestamp};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("coordinator.redb");
+    let key_file = dir.path().join("store.key");
+    {
+        // A store as written before encryption.
+        let s = CoordinatorStore::open(&path).expect("open");
+        for i in 0..20 {
+            s.create_task(
+                draft(Some(&format!("task-{i}")), Target::Agent(AgentId(1))),
+                Timestamp::from_millis_saturating(1_800_000_000_000),
+                None,
+            )
+            .expect("task");
+        }
+        let runs: Vec<_> = (0..50)
+            .map(|i| run(1 + i % 20, 1, i as i64 * 1000, Outcome::Succeeded))
+            .collect();
+        s.put_runs(&runs).expect("runs");
+    }
+    let (tasks, runs) = {
+        let s = CoordinatorStore::open(&path).expect("open");
+        (
+            s.tasks(None, 1000).expect("tasks"),
+            s.all_runs().expect("runs"),
+        )
+    };
+    let mut s = CoordinatorStore::open(&path).expect("open");
+    sundial_coordinator::store_key::encrypt(&mut s, &key_file)
+        .expect("encrypts")
+        .expect("a cipher");
+    assert_eq!(s.tasks(None, 1000).expect("tasks"), tasks);
+    assert_eq!(s.all_runs().expect("runs"), runs);
+    drop(s);
+    // Without its key the records no longer read.
+    let plain = CoordinatorStore::open(&path).expect("open");
+    assert!(plain.tasks(None, 1000).is_err());
+    assert!(plain.all_runs().is_err());
+    drop(plain);
+    // `off` is refused for a store now encrypted.
+    let mut s = CoordinatorStore::open(&path).expect("open");
+    let e = sundial_coordinator::store_key::encrypt(&mut s, std::path::Path::new("off"))
+        .expect_err("off on an encrypted store");
+    assert!(e.contains("cannot be served plain"), "{e}");
+}

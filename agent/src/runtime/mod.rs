@@ -114,12 +114,21 @@ impl AgentConfig {
 /// `sundial_net::at_rest`), checked against the keys the store was
 /// written with (`checks`) before anything is written: a missing ring for
 /// an encrypted store, or other keys of the same ids, are refused.
+/// `None`: `--store-key off` on a store never encrypted (kept plain).
 fn store_cipher(
     checks: &[(u32, Vec<u8>)],
     key_file: &Path,
-) -> Result<sundial_net::at_rest::StoreCipher, String> {
+) -> Result<Option<sundial_net::at_rest::StoreCipher>, String> {
     use sundial_net::at_rest::{check_ring, StoreCipher, CREDENTIAL_NAME};
     let used: Vec<u32> = checks.iter().map(|(id, _)| *id).collect();
+    if key_file == Path::new("off") {
+        if used.is_empty() {
+            return Ok(None);
+        }
+        return Err(format!(
+            "--store-key off: this store is encrypted (keys {used:?}); it cannot be run plain"
+        ));
+    }
     let cipher = StoreCipher::from_file(key_file, used.is_empty())?.ok_or_else(|| {
         format!(
             "the store is encrypted (keys {used:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{CREDENTIAL_NAME}` systemd credential); nothing was changed",
@@ -127,7 +136,7 @@ fn store_cipher(
         )
     })?;
     check_ring(&cipher, checks, key_file)?;
-    Ok(cipher)
+    Ok(Some(cipher))
 }
 
 /// `sundial-agent rotate-key`: adds a key to the ring in `path` and makes
@@ -222,9 +231,11 @@ pub async fn run(
         store_cipher(checks, &key_file)
     })
     .await?;
-    let moved = store.encrypt_with(Arc::new(cipher), &key_file)?;
-    if moved > 0 {
-        tracing::info!(records = moved, key_file = %key_file.display(), "encrypted the records stored before encryption");
+    if let Some(cipher) = cipher {
+        let moved = store.encrypt_with(Arc::new(cipher), &key_file)?;
+        if moved > 0 {
+            tracing::info!(records = moved, key_file = %key_file.display(), "encrypted the records stored before encryption");
+        }
     }
     let store = Arc::new(store);
     restrict_file(&config.store_path());

@@ -641,7 +641,7 @@ pub fn init_on(
             dir.display()
         )));
     }
-    let mut pg = open_pg(&opts)?;
+    let pg = open_pg(&opts)?;
     if pg.setting(CA_SETTING)?.is_some() {
         return Err(ServeError::Tls(format!(
             "the database at {} already serves coordinators (another init made it). To add a coordinator, copy the data directory of one of them to the new host and run `serve` there; to start over, drop the database and create it again",
@@ -662,8 +662,7 @@ pub fn init_on(
     )?;
     // The store key ring, made now so that the copies of this directory
     // (more coordinators on the database) hold the same one.
-    crate::store_key::encrypt(&mut pg, &crate::store_key::key_file(dir, None))
-        .map_err(ServeError::Key)?;
+    crate::store_key::make_ring(&crate::store_key::key_file(dir, None)).map_err(ServeError::Key)?;
     std::fs::write(dir.join(STORE_URL_FILE), format!("{}\n", opts.url))
         .map_err(|e| ServeError::Tls(format!("cannot write {STORE_URL_FILE}: {e}")))?;
     restrict_data_dir(dir);
@@ -696,9 +695,8 @@ pub fn init_with(
         .map_err(|e| ServeError::Tls(format!("cannot create {}: {e}", dir.display())))?;
     let expires_at = owner_expires_at();
     let (_pki, admin_der) = Pki::init(dir, server_name, advertise, expires_at)?;
-    let mut store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
-    crate::store_key::encrypt(&mut store, &crate::store_key::key_file(dir, None))
-        .map_err(ServeError::Key)?;
+    let store = CoordinatorStore::open(&dir.join(STORE_FILE))?;
+    crate::store_key::make_ring(&crate::store_key::key_file(dir, None)).map_err(ServeError::Key)?;
     restrict_data_dir(dir);
     add_owner(&store, &admin_der, expires_at)?;
     store.put_setting("advertise", advertise)?;
@@ -840,7 +838,10 @@ impl Server {
                 |checks| crate::store_key::prepare(checks, &key_file),
             ) {
                 Ok((mut s, cipher)) => {
-                    crate::store_key::apply(&mut s, &cipher, &key_file).map_err(ServeError::Key)?;
+                    if let Some(cipher) = &cipher {
+                        crate::store_key::apply(&mut s, cipher, &key_file)
+                            .map_err(ServeError::Key)?;
+                    }
                     (Arc::new(s), false, cipher)
                 }
                 Err(StoreError::Locked(_)) => return Err(ServeError::Busy(dir.join(STORE_FILE))),
@@ -848,7 +849,7 @@ impl Server {
                 Err(e) => return Err(ServeError::Store(e)),
             },
         };
-        let key = Some((cipher, key_file));
+        let key = cipher.map(|c| (c, key_file));
         // Read before the certificates, so that none added meanwhile is missed.
         let cert_seq = if shared {
             Some(store.cert_seq()?)

@@ -4,20 +4,20 @@ use super::*;
 
 /// Time for an agent with `n` buffered runs to empty its outbox over
 /// loopback QUIC once it connects; returns (seconds, stored at coordinator).
-pub async fn drain_once(exe: &Path, n: usize, postgres: bool) -> anyhow::Result<(f64, u64)> {
+pub async fn drain_once(
+    exe: &Path,
+    n: usize,
+    postgres: bool,
+    encrypted: bool,
+) -> anyhow::Result<(f64, u64)> {
     let mut rng = Rng::new(n as u64);
     // The pipe's own speed: the per-agent upload limit (a defence against
     // a flooding agent, 2,000 runs/s by default) is lifted for this measure.
-    let mut fleet = Fleet::start_on(
-        exe,
-        1,
-        true,
-        &mut rng,
-        &["--upload-runs-per-sec", "100000000"],
-        1,
-        postgres,
-    )
-    .await?;
+    let mut args = vec!["--upload-runs-per-sec", "100000000"];
+    if !encrypted {
+        args.extend(["--store-key", "off"]);
+    }
+    let mut fleet = Fleet::start_on(exe, 1, true, &mut rng, &args, 1, postgres).await?;
     // The runs must be of a task assigned to the agent: others are refused.
     let task = fleet
         .add_task(
@@ -30,7 +30,15 @@ pub async fn drain_once(exe: &Path, n: usize, postgres: bool) -> anyhow::Result<
         .await?;
     fleet.agents[0].stop().await;
     {
-        let store = AgentStore::open(&fleet.agents[0].dir.join("agent.redb"))?;
+        let mut store = AgentStore::open(&fleet.agents[0].dir.join("agent.redb"))?;
+        if encrypted {
+            // Written as the agent writes them: encrypted with its ring.
+            let key = fleet.agents[0].dir.join(sundial_net::at_rest::KEY_FILE);
+            let ring = sundial_net::at_rest::StoreCipher::from_file(&key, false)
+                .map_err(anyhow::Error::msg)?
+                .ok_or_else(|| anyhow::anyhow!("the agent made no key ring"))?;
+            store.encrypt_with(std::sync::Arc::new(ring), &key)?;
+        }
         let base = Timestamp::parse("2026-11-26T00:00:00Z")?;
         let id = fleet.agents[0].id;
         let records: Vec<RunRecord> = (0..n)
@@ -94,10 +102,17 @@ pub async fn drain(quick: bool, exe: &Path) -> Table {
     let rounds = if quick { 2 } else { 3 };
     let (mut rates, mut times) = (Vec::new(), Vec::new());
     let mut pg_rates = Vec::new();
+    let mut plain_rates = Vec::new();
+    let mut plain_pg_rates = Vec::new();
     let mut notes = Vec::new();
     let have_pg = crate::pg::PgCluster::start().ok().flatten().is_some();
     for _ in 0..rounds {
-        match drain_once(exe, n, false).await {
+        match drain_once(exe, n, false, false).await {
+            Ok((secs, stored)) if stored == n as u64 => plain_rates.push(n as f64 / secs),
+            Ok((_, stored)) => notes.push(format!("a plain round stored {stored} of {n} runs")),
+            Err(e) => notes.push(format!("a plain round failed: {e:#}")),
+        }
+        match drain_once(exe, n, false, true).await {
             Ok((secs, stored)) if stored == n as u64 => {
                 rates.push(n as f64 / secs);
                 times.push(secs);
@@ -106,7 +121,14 @@ pub async fn drain(quick: bool, exe: &Path) -> Table {
             Err(e) => notes.push(format!("a round failed: {e:#}")),
         }
         if have_pg {
-            match drain_once(exe, n, true).await {
+            match drain_once(exe, n, true, false).await {
+                Ok((secs, stored)) if stored == n as u64 => plain_pg_rates.push(n as f64 / secs),
+                Ok((_, stored)) => notes.push(format!(
+                    "a plain PostgreSQL round stored {stored} of {n} runs"
+                )),
+                Err(e) => notes.push(format!("a plain PostgreSQL round failed: {e:#}")),
+            }
+            match drain_once(exe, n, true, true).await {
                 Ok((secs, stored)) if stored == n as u64 => pg_rates.push(n as f64 / secs),
                 Ok((_, stored)) => {
                     notes.push(format!("a PostgreSQL round stored {stored} of {n} runs"))
@@ -122,7 +144,8 @@ pub async fn drain(quick: bool, exe: &Path) -> Table {
     notes.push(format!("{n} run records buffered in one agent's outbox; the agent connects (link restored) and the clock \
         stops when its outbox is empty, every record committed by the coordinator before its acknowledgement. \
         The per-agent upload limit (`--upload-runs-per-sec`, default 2,000/s) is lifted to measure the pipe; with the \
-        default, one agent drains at 2,000 runs/s."));
+        default, one agent drains at 2,000 runs/s. Both stores encrypt task definitions and run records at rest \
+        (the default); the plain rounds, in the same run, keep both stores plain (`--store-key off`)."));
     Table {
         suite: "drain",
         notes,
@@ -131,9 +154,17 @@ pub async fn drain(quick: bool, exe: &Path) -> Table {
                 metric: format!("runs/s, {n}-run backlog"),
                 value: fmt3(&rates, "/s"),
                 baselines: if pg_rates.is_empty() {
-                    "—".into()
+                    format!(
+                        "both stores plain (--store-key off): {}",
+                        fmt3(&plain_rates, "/s")
+                    )
                 } else {
-                    format!("the coordinator on PostgreSQL: {}", fmt3(&pg_rates, "/s"))
+                    format!(
+                        "both stores plain (--store-key off): {}; the coordinator on PostgreSQL: {}, plain: {}",
+                        fmt3(&plain_rates, "/s"),
+                        fmt3(&pg_rates, "/s"),
+                        fmt3(&plain_pg_rates, "/s")
+                    )
                 },
                 target: "≥ 50,000 runs/s".into(),
                 verdict: met(m >= 50_000.0),
