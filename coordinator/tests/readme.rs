@@ -81,4 +81,17 @@ fn the_walkthrough_runs_as_written() {
     let succeeded = stdout.lines().filter(|l| l.contains("succeeded")).count();
     assert!(succeeded >= 2, "runs: {stdout}");
     assert!(stdout.contains("every 2s"), "status: {stdout}");
+    // The sealed secret: named in `task get`, never shown; the action saw
+    // it (printenv fails when the variable is not set).
+    assert!(
+        stdout.contains("TASK_GREETING (sealed to a1 (dev1))"),
+        "task get: {stdout}"
+    );
+    assert!(!stdout.contains("hello from a sealed secret"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("t2 (greet)") && l.contains("succeeded")),
+        "the sealed run: {stdout}"
+    );
 }
