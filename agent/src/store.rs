@@ -291,8 +291,19 @@ impl AgentStore {
     ///
     /// A new store is created under a temporary name and renamed into place,
     /// so a crash during creation leaves no half-made database behind.
+    ///
+    /// A key ring beside it (`store.key`, as the agent makes it by
+    /// default) is checked and used to read and write its records as the
+    /// agent does; without one, encrypted records do not read (a clear
+    /// error says so).
     pub fn open(path: &Path) -> Result<AgentStore> {
-        Ok(AgentStore::open_checked(path, |_| Ok(()))?.0)
+        let mut store = AgentStore::open_checked(path, |_| Ok(()))?.0;
+        if let Some(key) = path.parent().map(|d| d.join(at_rest::KEY_FILE)) {
+            if let Some(c) = StoreCipher::from_file(&key, false).map_err(StoreError::Key)? {
+                store.read_with(Arc::new(c), &key)?;
+            }
+        }
+        Ok(store)
     }
 
     /// [`AgentStore::open`], calling `check` with the store's key checks
@@ -439,18 +450,26 @@ impl AgentStore {
         }
     }
 
-    /// Opens an existing store read-only, beside a running agent.
+    /// Opens an existing store read-only, beside a running agent (with the
+    /// key ring beside it, if there is one, as [`AgentStore::open`]).
     pub fn open_read_only(path: &Path) -> Result<AgentStore> {
         let db = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
             .open_read_only(path)
             .map_err(db_err("open read-only"))?;
-        Ok(AgentStore {
+        let mut store = AgentStore {
             db: Handle::ReadOnly(db),
             volatile: None,
             path: Some(path.to_path_buf()),
             cipher: None,
-        })
+        };
+        // As `open`: the key ring beside it, if there is one.
+        if let Some(key) = path.parent().map(|d| d.join(at_rest::KEY_FILE)) {
+            if let Some(c) = StoreCipher::from_file(&key, false).map_err(StoreError::Key)? {
+                store.read_with(Arc::new(c), &key)?;
+            }
+        }
+        Ok(store)
     }
 
     /// Opens a store on any redb backend (tests use one that crashes).

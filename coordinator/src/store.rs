@@ -369,8 +369,26 @@ impl CoordinatorStore {
         Ok(moved)
     }
 
+    /// Opens (creating if needed) the store at `path`. A key ring beside it
+    /// (`store.key`, as `init` makes it) is checked and used to read and
+    /// write its records as `serve` does; without one, encrypted records do
+    /// not read (a clear error says so).
     pub fn open(path: &Path) -> Result<CoordinatorStore> {
-        Ok(Self::open_checked(path, "", |_| Ok(()))?.0)
+        let key = path.parent().map(|d| d.join(at_rest::KEY_FILE));
+        let (mut store, cipher) =
+            Self::open_checked(path, crate::store_key::CHECKS_KEY, |checks| {
+                let Some(key) = &key else { return Ok(None) };
+                let Some(c) = StoreCipher::from_file(key, false)? else {
+                    return Ok(None);
+                };
+                let used = crate::store_key::parse_checks(checks)?;
+                at_rest::check_ring(&c, &used, key)?;
+                Ok(Some(c))
+            })?;
+        if let Some(c) = cipher {
+            store.cipher = Some(Arc::new(c));
+        }
+        Ok(store)
     }
 
     /// [`CoordinatorStore::open`], calling `check` with the setting `key`

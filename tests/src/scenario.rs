@@ -644,28 +644,37 @@ pub async fn run(opts: &Options, out: &mut (dyn Write + Send)) -> anyhow::Result
     fleet.stop().await;
 
     // Both histories, read directly: the coordinators' store and the probe logs.
-    let (store, records): (Box<dyn sundial_coordinator::store::CoordStore>, _) = match fleet
-        .pg_url()
-    {
-        Some(url) => {
-            let pg = sundial_coordinator::pg::PgStore::open(&sundial_coordinator::pg::PgOptions {
-                url,
-                password: None,
-                pool_size: 2,
-            })?;
-            let records = pg.all_runs()?;
-            (Box::new(pg), records)
-        }
-        None => {
-            let redb = sundial_coordinator::store::CoordinatorStore::open(
-                &fleet
-                    .coord_dir
-                    .join(sundial_coordinator::server::STORE_FILE),
-            )?;
-            let records = redb.all_runs()?;
-            (Box::new(redb), records)
-        }
-    };
+    let (store, records): (Box<dyn sundial_coordinator::store::CoordStore>, _) =
+        match fleet.pg_url() {
+            Some(url) => {
+                let mut pg =
+                    sundial_coordinator::pg::PgStore::open(&sundial_coordinator::pg::PgOptions {
+                        url,
+                        password: None,
+                        pool_size: 2,
+                    })?;
+                // Read as the coordinators read it: with their key ring.
+                if let Some(c) = sundial_net::at_rest::StoreCipher::from_file(
+                    &fleet.coord_dir.join(sundial_net::at_rest::KEY_FILE),
+                    false,
+                )
+                .map_err(anyhow::Error::msg)?
+                {
+                    pg.set_cipher(std::sync::Arc::new(c));
+                }
+                let records = pg.all_runs()?;
+                (Box::new(pg), records)
+            }
+            None => {
+                let redb = sundial_coordinator::store::CoordinatorStore::open(
+                    &fleet
+                        .coord_dir
+                        .join(sundial_coordinator::server::STORE_FILE),
+                )?;
+                let records = redb.all_runs()?;
+                (Box::new(redb), records)
+            }
+        };
     let mut all = Vec::new();
     loop {
         let page = store.tasks(all.last().map(|t: &TaskSpec| t.id), 1_000)?;

@@ -861,7 +861,7 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
             effects(&mut n);
         }
     }
-    assert_eq!(checked, 3 * 22);
+    assert_eq!(checked, 3 * 24);
 }
 
 #[test]
