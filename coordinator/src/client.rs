@@ -191,9 +191,10 @@ impl AdminClient {
             .len();
         if size > sundial_protocol::wire::ADMIN_REQUEST_BYTES_MAX {
             return Err(format!(
-                "the request is {size} bytes, over the {} KiB one admin request may carry (a task may be at most {} KiB: program, arguments, environment); pass large data in a file on the device instead",
+                "the request is {size} bytes, over the {} KiB one admin request may carry (a task may be at most {} KiB: program, arguments, environment; and {} KiB of sealed values, which grow with the agents a secret is sealed to); pass large data in a file on the device, or split a task by label",
                 sundial_protocol::wire::ADMIN_REQUEST_BYTES_MAX / 1024,
-                sundial_protocol::wire::TASK_SPEC_BYTES_MAX / 1024
+                sundial_protocol::wire::TASK_SPEC_BYTES_MAX / 1024,
+                sundial_protocol::seal::SEALED_BYTES_MAX / 1024
             ));
         }
         let exchange = async {

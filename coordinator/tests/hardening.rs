@@ -433,10 +433,10 @@ fn large_tasks_are_refused_and_long_lists_are_chunked_under_the_frame_cap() {
         &huge,
     ]);
     assert!(!ok && err.contains("bytes"), "{err}");
-    // Over the admin request's own limit (256 KiB): the same kind of error,
-    // not a lost connection.
+    // Over the admin request's own limit: the same kind of error, not a
+    // lost connection.
     let part = "z".repeat(100_000);
-    let (ok, _, err) = coord.ctl(&[
+    let mut args = vec![
         "task",
         "create",
         "--agent",
@@ -445,11 +445,15 @@ fn large_tasks_are_refused_and_long_lists_are_chunked_under_the_frame_cap() {
         "2099-01-01T00:00:00Z",
         "--",
         "/bin/echo",
-        &part,
-        &part,
-        &part,
-    ]);
-    assert!(!ok && err.contains("256 KiB"), "{err}");
+    ];
+    let parts = sundial_protocol::wire::ADMIN_REQUEST_BYTES_MAX / 100_000 + 1;
+    args.extend(std::iter::repeat_n(part.as_str(), parts));
+    let (ok, _, err) = coord.ctl(&args);
+    let limit = format!(
+        "{} KiB",
+        sundial_protocol::wire::ADMIN_REQUEST_BYTES_MAX / 1024
+    );
+    assert!(!ok && err.contains(&limit), "{err}");
 
     // 80 tasks of 60 KB: 4.8 MB of assignments, more than one frame holds.
     let big = "y".repeat(60_000);

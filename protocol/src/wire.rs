@@ -244,8 +244,10 @@ pub fn allowlist_refusal(patterns: &[String]) -> Option<String> {
             )
         })
 }
-/// The largest admin request.
-pub const ADMIN_REQUEST_BYTES_MAX: usize = 256 * 1024;
+/// The largest admin request: a task ([`TASK_SPEC_BYTES_MAX`]) with its
+/// sealed values ([`crate::seal::SEALED_BYTES_MAX`]) and room to spare.
+pub const ADMIN_REQUEST_BYTES_MAX: usize =
+    TASK_SPEC_BYTES_MAX + crate::seal::SEALED_BYTES_MAX + 64 * 1024;
 
 /// Agent → coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
