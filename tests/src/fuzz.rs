@@ -126,7 +126,9 @@ pub fn token(data: &[u8]) {
     let _ = sundial_protocol::token::coordinator_list(text);
 }
 
-/// Stored records of both stores (tasks and runs, version byte first).
+/// Stored records of both stores (tasks and runs, version byte first; a
+/// task with its sealed variables; encrypted at rest), and sealed values
+/// as an agent opens them.
 pub fn records(data: &[u8]) {
     if let Ok(t) = records::decode::<TaskRecordV1>("tasks", 1, data) {
         let _ = t.into_spec(1);
@@ -134,11 +136,39 @@ pub fn records(data: &[u8]) {
     if let Ok(r) = records::decode::<RunRecordV1>("outbox", 1, data) {
         let _ = r.into_run(1);
     }
+    if let Ok(t) = records::decode_task("tasks", 1, data) {
+        let _ = sundial_protocol::seal::refusal(t.action.sealed_env(), &[]);
+    }
+    // A store's cipher with a fixed key: what a damaged or forged
+    // encrypted record meets.
+    static CIPHER: OnceLock<Option<sundial_net::at_rest::StoreCipher>> = OnceLock::new();
+    let cipher = CIPHER.get_or_init(|| {
+        let text = format!("1 {} current\n", "07".repeat(32));
+        sundial_net::at_rest::Keyring::parse(&text)
+            .ok()
+            .map(sundial_net::at_rest::StoreCipher::new)
+    });
+    if let Some(c) = cipher {
+        if let Ok(plain) = c.open("tasks", data) {
+            let _ = records::decode_task("tasks", 1, &plain);
+        }
+        let _ = c.verify(data);
+    }
+    static PAIR: OnceLock<Option<sundial_protocol::seal::SealKeyPair>> = OnceLock::new();
+    if let Some(pair) =
+        PAIR.get_or_init(|| sundial_protocol::seal::SealKeyPair::from_seed(&[9; 32]).ok())
+    {
+        let _ = sundial_protocol::seal::open(pair, AgentId(1), "TASK_X", data);
+    }
 }
 
 /// The configuration files (agent, coordinator) and credentials files.
 pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
+        // The store key ring file.
+        if let Ok(ring) = sundial_net::at_rest::Keyring::parse(text) {
+            let _ = sundial_net::at_rest::Keyring::parse(&ring.to_text());
+        }
         let _ = toml::from_str::<sundial_agent::config::AgentFile>(text);
         let _ = toml::from_str::<sundial_coordinator::coordinator_cli::CoordinatorFile>(text);
     }

@@ -188,4 +188,45 @@ fn write_seed_corpus() {
         .expect("csr");
     write("csr", "csr", csr.der());
     write("csr", "garbage", &[0x30, 0x82, 0xff, 0xff, 0x00]);
+
+    // Sealed secrets and encryption at rest (0.5).
+    let pair = sundial_protocol::seal::SealKeyPair::from_seed(&[9; 32]).expect("pair");
+    let sealed = sundial_protocol::seal::seal(
+        &pair.public(),
+        sundial_protocol::AgentId(1),
+        "TASK_X",
+        b"value",
+        [4; 32],
+    )
+    .expect("seal");
+    write("records", "sealed-value", &sealed);
+    let with_secret = spec.clone().with_sealed_env(vec![sundial_protocol::seal::SealedEnv {
+        name: "TASK_X".into(),
+        sealed: vec![(sundial_protocol::AgentId(1), sealed)],
+    }]);
+    let task_v2 = sundial_protocol::records::encode_task(&with_secret);
+    write("records", "task-sealed", &task_v2);
+    let ring =
+        sundial_net::at_rest::Keyring::parse(&format!("1 {} current\n", "07".repeat(32)))
+            .expect("ring");
+    let cipher = sundial_net::at_rest::StoreCipher::new(ring.clone());
+    write(
+        "records",
+        "task-encrypted",
+        &cipher.seal("tasks", &task_v2).expect("encrypt"),
+    );
+    write("config", "key-ring", ring.to_text().as_bytes());
+    let hello = AgentMsg::Hello {
+        last_revision: 1,
+        outbox_len: 0,
+        agent_version: "0.5.0".into(),
+        allow_exec: vec![],
+        seal_key: Some(pair.public()).into(),
+    };
+    write("frames", "hello-sealing", &framed(0, encode(&hello).expect("enc")));
+    let reseal = AdminRequest::TaskReseal {
+        id: sundial_protocol::TaskId(1),
+        sealed_env: with_secret.action.sealed_env().to_vec(),
+    };
+    write("frames", "reseal", &framed(2, encode(&reseal).expect("enc")));
 }
