@@ -255,7 +255,7 @@ pub fn rotate(path: &Path, stage: bool, activate: bool) -> Result<String, String
     };
     at_rest::save(path, &ring)?;
     Ok(format!(
-        "{line}; a running coordinator uses it within 5 s; keep the older keys: records written with them stay readable by them"
+        "{line}; a running coordinator reads the ring again within 5 s; keep the older keys: records written with them stay readable by them"
     ))
 }
 

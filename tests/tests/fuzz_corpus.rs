@@ -200,15 +200,16 @@ fn write_seed_corpus() {
     )
     .expect("seal");
     write("records", "sealed-value", &sealed);
-    let with_secret = spec.clone().with_sealed_env(vec![sundial_protocol::seal::SealedEnv {
-        name: "TASK_X".into(),
-        sealed: vec![(sundial_protocol::AgentId(1), sealed)],
-    }]);
+    let with_secret = spec
+        .clone()
+        .with_sealed_env(vec![sundial_protocol::seal::SealedEnv {
+            name: "TASK_X".into(),
+            sealed: vec![(sundial_protocol::AgentId(1), sealed)],
+        }]);
     let task_v2 = sundial_protocol::records::encode_task(&with_secret);
     write("records", "task-sealed", &task_v2);
-    let ring =
-        sundial_net::at_rest::Keyring::parse(&format!("1 {} current\n", "07".repeat(32)))
-            .expect("ring");
+    let ring = sundial_net::at_rest::Keyring::parse(&format!("1 {} current\n", "07".repeat(32)))
+        .expect("ring");
     let cipher = sundial_net::at_rest::StoreCipher::new(ring.clone());
     write(
         "records",
@@ -223,10 +224,18 @@ fn write_seed_corpus() {
         allow_exec: vec![],
         seal_key: Some(pair.public()).into(),
     };
-    write("frames", "hello-sealing", &framed(0, encode(&hello).expect("enc")));
+    write(
+        "frames",
+        "hello-sealing",
+        &framed(0, encode(&hello).expect("enc")),
+    );
     let reseal = AdminRequest::TaskReseal {
         id: sundial_protocol::TaskId(1),
         sealed_env: with_secret.action.sealed_env().to_vec(),
     };
-    write("frames", "reseal", &framed(2, encode(&reseal).expect("enc")));
+    write(
+        "frames",
+        "reseal",
+        &framed(2, encode(&reseal).expect("enc")),
+    );
 }
