@@ -152,14 +152,38 @@ fn join_assign_fire_record_and_a_selector_reaches_a_later_agent() {
     b.stop();
 }
 
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[test]
 fn a_partitioned_agent_keeps_firing_and_every_run_arrives_once() {
     let (_root, coord, relay, mut agent, task) = relayed_agent_with_task("500ms");
     wait_for("online runs", || coord.runs(&["--task", &task]).len() >= 3);
 
+    let cut_ms = wall_ms();
     relay.set(Link::DropBoth);
+    // The coordinator notices the silence after its idle timeout; the agent
+    // is recorded last seen when it was last heard, not when that was noticed.
+    wait_for("the coordinator to see the agent offline", || {
+        coord.json(&["agent", "list"])[0]["online"] == false
+    });
+    let noticed_ms = wall_ms();
+    let last_seen = coord.json(&["agent", "list"])[0]["last_seen"]
+        .as_str()
+        .and_then(|t| sundial_protocol::Timestamp::parse(t).ok())
+        .map(|t| t.as_millis())
+        .expect("a last seen");
+    assert!(
+        last_seen <= noticed_ms - 4_000 && last_seen >= cut_ms - 6_000,
+        "last seen {} ms after the cut, noticed {} ms after it",
+        last_seen - cut_ms,
+        noticed_ms - cut_ms
+    );
     // Longer than the idle timeout, so the agent knows it is offline.
-    std::thread::sleep(Duration::from_secs(14));
+    std::thread::sleep(Duration::from_secs(10));
     let during = agent.status().outbox_len;
     assert!(during > 0, "nothing buffered while cut off");
     relay.set(Link::Pass);

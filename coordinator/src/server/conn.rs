@@ -24,10 +24,18 @@ use crate::net::{self, FramedRecv, NetError};
 /// Serves one admitted connection until it ends, then tells the node.
 pub(super) async fn serve(shared: Arc<Shared>, id: ConnId, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
+    // How long the peer had been silent when the connection ended: the
+    // idle timeout when it timed out (a killed agent, a cut link), so that
+    // it is recorded last seen when it was last heard.
+    let mut quiet_ms = 0;
     match incoming.await {
         Ok(conn) => {
+            let watch = conn.clone();
             if let Err(e) = handshaken(&shared, id, conn).await {
                 tracing::debug!(%remote, error = %e, "connection ended");
+            }
+            if matches!(watch.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+                quiet_ms = i64::try_from(net::IDLE_TIMEOUT.as_millis()).unwrap_or(0);
             }
         }
         Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
@@ -35,7 +43,7 @@ pub(super) async fn serve(shared: Arc<Shared>, id: ConnId, incoming: quinn::Inco
     if let Ok(mut h) = shared.handles.lock() {
         h.remove(&id);
     }
-    shared.drive(|n, now| n.handle_closed(now, id));
+    shared.drive(|n, now| n.handle_closed_quiet(now, id, quiet_ms));
 }
 
 async fn handshaken(

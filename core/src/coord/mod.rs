@@ -995,7 +995,15 @@ impl CoordNode {
 
     /// The connection is gone (closed by either side, or lost).
     pub fn handle_closed(&mut self, now: Now, conn: ConnId) {
-        self.retire(now, conn);
+        self.handle_closed_quiet(now, conn, 0);
+    }
+
+    /// [`CoordNode::handle_closed`] for a connection that ended because the
+    /// peer was silent for `quiet_ms` (the transport's idle timeout): its
+    /// agent was last heard that long ago, which is when it is recorded
+    /// last seen — not the moment its silence was noticed.
+    pub fn handle_closed_quiet(&mut self, now: Now, conn: ConnId, quiet_ms: i64) {
+        self.retire(now, conn, quiet_ms.max(0));
         self.release_pending(conn);
         self.signing.retain(|(c, _), _| *c != conn);
         self.followers.retain(|(c, _), _| *c != conn);
@@ -1033,8 +1041,9 @@ impl CoordNode {
         });
     }
 
-    /// A session ends for the fleet: no longer live, counted or fanned out to.
-    fn retire(&mut self, now: Now, conn: ConnId) {
+    /// A session ends for the fleet: no longer live, counted or fanned out
+    /// to; its agent last heard `quiet_ms` before now.
+    fn retire(&mut self, now: Now, conn: ConnId, quiet_ms: i64) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -1061,7 +1070,7 @@ impl CoordNode {
         self.effects.push_back(Effect::Store(StoreJob::Seen {
             agent,
             seen: AgentSeen {
-                at: now.wall,
+                at: now.wall.saturating_add_ms(-quiet_ms),
                 clock: None,
                 session,
             },
@@ -1468,7 +1477,7 @@ impl CoordNode {
                     "replaced by a newer session of this agent",
                     Some(CloseWhy::Replaced),
                 );
-                self.retire(now, old);
+                self.retire(now, old, 0);
             }
         }
         self.sessions_open += 1;
@@ -1611,7 +1620,7 @@ impl CoordNode {
                 "the agent does not read what it is sent",
                 Some(CloseWhy::NotReading),
             );
-            self.retire(now, conn);
+            self.retire(now, conn, 0);
             return;
         }
         if wants {
@@ -1648,7 +1657,7 @@ impl CoordNode {
                 agent,
                 why: CloseWhy::Protocol,
             });
-            self.retire(now, conn);
+            self.retire(now, conn, 0);
             return Some(Outgoing::Close { code, reason });
         }
         None
@@ -2215,7 +2224,7 @@ impl CoordNode {
                 "agent revoked",
                 Some(CloseWhy::Revoked),
             );
-            self.retire(now, conn);
+            self.retire(now, conn, 0);
         }
         live
     }
@@ -2554,7 +2563,7 @@ impl CoordNode {
             "coordinator store failed",
             Some(CloseWhy::StoreFailed),
         );
-        self.retire(now, conn);
+        self.retire(now, conn, 0);
     }
 
     fn agent_of(&self, conn: ConnId) -> Option<AgentId> {
