@@ -93,7 +93,7 @@ pub fn footprint(quick: bool, exe: &Path) -> Table {
         }
     }
     notes.push(format!("The agent runs as a process of this benchmark's binary (same entry point as `sundial-agent run`), \
-        unenrolled, its tasks every hour, the first occurrences spread over the hour after next, so that only the \
+        unenrolled (`--standalone`), its store encrypted at rest as agents keep it, its tasks every hour, the first occurrences spread over the hour after next, so that only the \
         probes fire: {PROBES} one-shot tasks stored last, due 2 s after the store is built (`/bin/true`); they are \
         counted from the agent's outbox after it is stopped (p99 lateness from its `fired_at`). RSS is read from \
         /proc 3 s after the agent reports it is running; start-up is from spawn to that report, which comes after \
@@ -127,7 +127,13 @@ pub(super) fn agent_with_tasks(exe: &Path, n: usize) -> anyhow::Result<Footprint
     let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
     let probe_base = n as u64 + 1;
     {
-        let store = AgentStore::open(&store_path)?;
+        // Built as the agent keeps it: encrypted at rest with its ring.
+        let key_file = dir.path().join(sundial_net::at_rest::KEY_FILE);
+        let cipher = sundial_net::at_rest::StoreCipher::from_file(&key_file, true)
+            .map_err(anyhow::Error::msg)?
+            .ok_or_else(|| anyhow::anyhow!("no key ring made"))?;
+        let mut store = AgentStore::open(&store_path)?;
+        store.encrypt_with(std::sync::Arc::new(cipher), &key_file)?;
         let mut failed = None;
         let hourly = (0..n as u64).map_while(|i| {
             match Schedule::every(
@@ -158,7 +164,13 @@ pub(super) fn agent_with_tasks(exe: &Path, n: usize) -> anyhow::Result<Footprint
     let t = Instant::now();
     let mut child = Command::new(exe)
         .arg(crate::harness::SUB_AGENT)
-        .args(["run", "--allow-exec", "/bin/true", "--data-dir"])
+        .args([
+            "run",
+            "--standalone",
+            "--allow-exec",
+            "/bin/true",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("SUNDIAL_LOG", "info")
         .stdout(Stdio::null())
