@@ -68,14 +68,11 @@ pub fn parse_checks(text: Option<String>) -> Result<Vec<(u32, Vec<u8>)>, String>
             let id: u32 = id
                 .parse()
                 .map_err(|_| format!("the store's key checks are malformed: `{p}`"))?;
-            let bytes: Option<Vec<u8>> = (0..hex.len())
-                .step_by(2)
-                .map(|i| {
-                    hex.get(i..i + 2)
-                        .and_then(|h| u8::from_str_radix(h, 16).ok())
-                })
-                .collect();
-            Ok((id, bytes.ok_or("the store's key checks are malformed")?))
+            Ok((
+                id,
+                sundial_protocol::token::unhex(hex)
+                    .ok_or("the store's key checks are malformed")?,
+            ))
         })
         .collect()
 }
@@ -102,40 +99,19 @@ pub fn note_current_key(store: &dyn CoordStore, cipher: &StoreCipher) -> Result<
         .map_err(|e| e.to_string())
 }
 
-/// The cipher of the key ring at `key_file` (made on first use, when
-/// the store has no `checks`), checked against every key the store was
-/// written with: a missing or wrong key is an error. Writes nothing to
-/// the store: call it before opening the store for writing.
-/// `Ok(None)`: `key_file` is [`OFF`] and the store was never encrypted.
+/// The cipher of the key ring at `key_file`, checked against the keys the
+/// store was written with (`at_rest::cipher_for`); `Ok(None)`: kept plain
+/// ([`OFF`]). Writes nothing to the store: call it before opening the
+/// store for writing.
 pub fn prepare(
     checks_setting: Option<String>,
     key_file: &Path,
 ) -> Result<Option<Arc<StoreCipher>>, String> {
     let used = parse_checks(checks_setting)?;
-    if key_file == Path::new(OFF) {
-        if used.is_empty() {
-            return Ok(None);
-        }
-        return Err(format!(
-            "--store-key off: this store is encrypted (keys {:?}); it cannot be served plain",
-            used.iter().map(|(id, _)| *id).collect::<Vec<_>>()
-        ));
-    }
-    let cipher = StoreCipher::from_file(key_file, used.is_empty())?.ok_or_else(|| {
-        format!(
-            "the store is encrypted (keys {:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{}` systemd credential); nothing was changed",
-            used.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-            key_file.display(),
-            at_rest::CREDENTIAL_NAME
-        )
-    })?;
-    at_rest::check_ring(&cipher, &used, key_file)?;
-    Ok(Some(Arc::new(cipher)))
+    Ok(at_rest::cipher_for(&used, key_file)?.map(Arc::new))
 }
 
-/// `--store-key off`: the store kept plain (a store never encrypted only;
-/// for measuring what encryption costs).
-pub const OFF: &str = "off";
+pub use at_rest::OFF;
 
 /// `init`: the key ring made beside the store, so that copies of the data
 /// directory share it. The store records its check when it is served.

@@ -483,13 +483,7 @@ pub fn seal_key(
     let Some(hex) = store.setting(&seal_key_setting(agent))? else {
         return Ok(None);
     };
-    let bytes: Option<Vec<u8>> = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect();
+    let bytes = sundial_protocol::token::unhex(&hex);
     Ok(bytes
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .map(sundial_protocol::seal::SealPublicKey))

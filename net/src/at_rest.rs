@@ -91,14 +91,7 @@ impl Keyring {
             let hex = parts
                 .next()
                 .ok_or_else(|| bad("expected 64 hex digits after the id"))?;
-            let bytes: Option<Vec<u8>> = (0..hex.len())
-                .step_by(2)
-                .map(|j| {
-                    hex.get(j..j + 2)
-                        .and_then(|h| u8::from_str_radix(h, 16).ok())
-                })
-                .collect();
-            let key: [u8; 32] = bytes
+            let key: [u8; 32] = sundial_protocol::token::unhex(hex)
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| bad("the key is not 64 hex digits"))?;
             match parts.next() {
@@ -426,6 +419,38 @@ impl StoreCipher {
             _ => Err("the key check does not match".into()),
         }
     }
+}
+
+/// `--store-key off`: a store never encrypted kept plain (to measure what
+/// encryption costs); refused for an encrypted one.
+pub const OFF: &str = "off";
+
+/// The cipher of a store written with the keys of `checks`, from the ring
+/// at `key_file` — made when the store has none yet, never in place of a
+/// missing one — and checked against every one of them. Reads the store
+/// not at all: callers read `checks` before opening it for writing, so an
+/// error here leaves it as it was. `Ok(None)`: `key_file` is [`OFF`].
+pub fn cipher_for(
+    checks: &[(u32, Vec<u8>)],
+    key_file: &Path,
+) -> Result<Option<StoreCipher>, String> {
+    let used: Vec<u32> = checks.iter().map(|(id, _)| *id).collect();
+    if key_file == Path::new(OFF) {
+        if used.is_empty() {
+            return Ok(None);
+        }
+        return Err(format!(
+            "--store-key off: this store is encrypted (keys {used:?}); it cannot be served plain"
+        ));
+    }
+    let cipher = StoreCipher::from_file(key_file, used.is_empty())?.ok_or_else(|| {
+        format!(
+            "the store is encrypted (keys {used:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{CREDENTIAL_NAME}` systemd credential); nothing was changed",
+            key_file.display(),
+        )
+    })?;
+    check_ring(&cipher, checks, key_file)?;
+    Ok(Some(cipher))
 }
 
 /// A stored record as plain bytes with no cipher: an encrypted one is an

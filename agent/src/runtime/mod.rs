@@ -110,35 +110,6 @@ impl AgentConfig {
     }
 }
 
-/// The store's cipher from its key ring (made on first use; see
-/// `sundial_net::at_rest`), checked against the keys the store was
-/// written with (`checks`) before anything is written: a missing ring for
-/// an encrypted store, or other keys of the same ids, are refused.
-/// `None`: `--store-key off` on a store never encrypted (kept plain).
-fn store_cipher(
-    checks: &[(u32, Vec<u8>)],
-    key_file: &Path,
-) -> Result<Option<sundial_net::at_rest::StoreCipher>, String> {
-    use sundial_net::at_rest::{check_ring, StoreCipher, CREDENTIAL_NAME};
-    let used: Vec<u32> = checks.iter().map(|(id, _)| *id).collect();
-    if key_file == Path::new("off") {
-        if used.is_empty() {
-            return Ok(None);
-        }
-        return Err(format!(
-            "--store-key off: this store is encrypted (keys {used:?}); it cannot be run plain"
-        ));
-    }
-    let cipher = StoreCipher::from_file(key_file, used.is_empty())?.ok_or_else(|| {
-        format!(
-            "the store is encrypted (keys {used:?}) but there is no key file at {}: restore it from its backup (or give --store-key FILE, or the `{CREDENTIAL_NAME}` systemd credential); nothing was changed",
-            key_file.display(),
-        )
-    })?;
-    check_ring(&cipher, checks, key_file)?;
-    Ok(Some(cipher))
-}
-
 /// `sundial-agent rotate-key`: adds a key to the ring in `path` and makes
 /// it current; returns (old, new) ids. A running agent reloads the ring
 /// within [`STORE_CHECK_INTERVAL_MS`].
@@ -228,7 +199,7 @@ pub async fn run(
     check_store_present(&config.data_dir)?;
     let key_file = sundial_net::at_rest::key_path(&config.data_dir, config.store_key.as_deref());
     let (mut store, cipher) = open_store(&config.store_path(), |checks| {
-        store_cipher(checks, &key_file)
+        sundial_net::at_rest::cipher_for(checks, &key_file)
     })
     .await?;
     if let Some(cipher) = cipher {

@@ -765,14 +765,7 @@ fn update(
     }
     let read_revision = spec.revision;
     apply_patch(&mut spec, patch);
-    let draft = TaskDraft {
-        name: spec.name.clone(),
-        target: spec.target.clone(),
-        schedule: spec.schedule.clone(),
-        action: spec.action.clone(),
-        policies: spec.policies,
-        anchor_at_creation: false,
-    };
+    let draft = draft_of(&spec);
     if let Some(why) = draft_refusal(&ctx.limits, &draft, ctx.now) {
         return Err(StoreError::Refused(why));
     }
@@ -841,14 +834,7 @@ fn reseal(
             }
         }
     }
-    let draft = TaskDraft {
-        name: spec.name.clone(),
-        target: spec.target.clone(),
-        schedule: spec.schedule.clone(),
-        action: spec.action.clone(),
-        policies: spec.policies,
-        anchor_at_creation: false,
-    };
+    let draft = draft_of(&spec);
     if let Some(why) = draft_refusal(&ctx.limits, &draft, ctx.now) {
         return Err(StoreError::Refused(why));
     }
@@ -873,6 +859,18 @@ fn reseal(
             task: id,
             revision,
         })))
+}
+
+/// A stored task as a draft, for the checks a create makes.
+fn draft_of(spec: &TaskSpec) -> TaskDraft {
+    TaskDraft {
+        name: spec.name.clone(),
+        target: spec.target.clone(),
+        schedule: spec.schedule.clone(),
+        action: spec.action.clone(),
+        policies: spec.policies,
+        anchor_at_creation: false,
+    }
 }
 
 /// At most this many agents are named in one warning.
