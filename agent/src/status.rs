@@ -316,6 +316,7 @@ mod tests {
             policies: Default::default(),
             revision: id,
             created_at: Timestamp::from_millis_saturating(0),
+            placement: None,
         }
     }
 

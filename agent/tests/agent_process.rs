@@ -45,6 +45,7 @@ fn sh_task(id: u64, schedule: Schedule, script: &str, policies: Policies) -> Tas
         policies,
         revision: id,
         created_at: now(),
+        placement: None,
     }
 }
 

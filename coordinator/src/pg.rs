@@ -1815,6 +1815,7 @@ impl CoordStore for PgStore {
                     policies: draft.policies,
                     revision,
                     created_at,
+                    placement: draft.placement.0,
                 };
                 let bytes = seal(cipher.as_deref(), "tasks", records::encode_task(&spec))?;
                 t.execute(

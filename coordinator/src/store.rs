@@ -20,6 +20,7 @@ use sundial_net::at_rest::{self, StoreCipher};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use sundial_protocol::placement::Placement;
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
 use sundial_protocol::seal::SealedEnv;
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
@@ -225,6 +226,9 @@ struct CoordTaskV1 {
     /// [`records::encode_with_sealed`]), not inside it.
     #[serde(skip)]
     sealed: Vec<SealedEnv>,
+    /// Its placement, stored after them ([`records::encode_placed`]).
+    #[serde(skip)]
+    placement: Option<Placement>,
 }
 
 impl CoordTaskV1 {
@@ -233,21 +237,26 @@ impl CoordTaskV1 {
             task: TaskRecordV1::from_spec(spec),
             cancelled,
             sealed: spec.action.sealed_env().to_vec(),
+            placement: spec.placement.clone(),
         }
     }
 
     fn encode(&self) -> Vec<u8> {
-        records::encode_with_sealed(self, &self.sealed)
+        records::encode_placed(self, &self.sealed, self.placement.as_ref())
     }
 
     fn decode(id: u64, bytes: &[u8]) -> std::result::Result<CoordTaskV1, records::RecordError> {
-        let (mut rec, sealed) = records::decode_with_sealed::<CoordTaskV1>("tasks", id, bytes)?;
+        let (mut rec, sealed, placement) =
+            records::decode_placed::<CoordTaskV1>("tasks", id, bytes)?;
         rec.sealed = sealed;
+        rec.placement = placement;
         Ok(rec)
     }
 
     fn into_spec(self, id: u64) -> std::result::Result<TaskSpec, records::RecordError> {
-        Ok(self.task.into_spec(id)?.with_sealed_env(self.sealed))
+        let mut spec = self.task.into_spec(id)?.with_sealed_env(self.sealed);
+        spec.placement = self.placement;
+        Ok(spec)
     }
 }
 
@@ -1288,6 +1297,7 @@ impl CoordStore for CoordinatorStore {
                 policies: draft.policies,
                 revision,
                 created_at,
+                placement: draft.placement.0,
             };
             let rec = CoordTaskV1::new(&spec, false);
             let mut tasks = txn.open_table(TASKS).map_err(db_err("create task"))?;

@@ -369,6 +369,7 @@ fn the_audit_log_holds_every_committed_change_across_a_kill_9_with_two_admins_at
                         ),
                         policies: Default::default(),
                         anchor_at_creation: false,
+                        placement: Default::default(),
                     };
                     let id = match rt
                         .block_on(client.request(&AdminRequest::TaskCreate(Box::new(draft))))

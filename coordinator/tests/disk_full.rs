@@ -165,6 +165,7 @@ fn an_agent_on_a_full_disk_exits_loudly_loses_nothing_and_resumes() {
             policies: Policies::default(),
             revision: 1,
             created_at: now(),
+            placement: None,
         };
         store.put_task(&task, Some(1)).expect("task");
     }

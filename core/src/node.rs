@@ -20,6 +20,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use sundial_protocol::placement::Decision;
 use sundial_protocol::task::{Action, ExecSpec};
 use sundial_protocol::wire::{AgentMsg, AgentReport, AssignmentChange, CoordMsg};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
@@ -1067,7 +1068,20 @@ impl<S: NodeStore> AgentNode<S> {
         };
         for (i, key) in starts.into_iter().enumerate() {
             let spec = specs.get(i).cloned().flatten().map(|(task, _)| {
-                let Action::Exec(spec) = task.action;
+                let Action::Exec(mut spec) = task.action;
+                // A sharded task's run is told its seat in its window.
+                if let Some(p) = &task.placement {
+                    if let Decision::Mine {
+                        shard: Some((index, count)),
+                        ..
+                    } = p.decide_seated(task.id, key.scheduled_at)
+                    {
+                        spec.env
+                            .push(("SUNDIAL_SHARD_INDEX".into(), index.to_string()));
+                        spec.env
+                            .push(("SUNDIAL_SHARD_COUNT".into(), count.to_string()));
+                    }
+                }
                 spec
             });
             self.running.insert(

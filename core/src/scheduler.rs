@@ -39,7 +39,9 @@
 //!   calls after it has handed the batch out.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
+use sundial_protocol::placement::{Decision, Placement};
 use sundial_protocol::policy::{MisfireMode, OverlapPolicy, Policies};
 use sundial_protocol::{Outcome, RunKey, Schedule, TaskId, TaskSpec, Timestamp};
 
@@ -66,6 +68,9 @@ pub struct SchedTask {
     pub schedule: Schedule,
     pub policies: Policies,
     pub created_at: Timestamp,
+    /// Its lease windows as this agent was sent them (only its own seat):
+    /// it fires only the occurrences they give it.
+    pub placement: Option<Arc<Placement>>,
 }
 
 impl From<&TaskSpec> for SchedTask {
@@ -75,6 +80,7 @@ impl From<&TaskSpec> for SchedTask {
             schedule: t.schedule.clone(),
             policies: t.policies,
             created_at: t.created_at,
+            placement: t.placement.clone().map(Arc::new),
         }
     }
 }
@@ -96,6 +102,9 @@ pub enum SkipReason {
         upstream: TaskId,
         outcome: Option<Outcome>,
     },
+    /// A placed task's occurrence this agent held, missed until its lease
+    /// window had ended (by more than the misfire grace).
+    LeaseEnded,
 }
 
 impl SkipReason {
@@ -111,6 +120,9 @@ impl SkipReason {
                 upstream,
                 outcome: Some(o),
             } => format!("not triggered: upstream {upstream} ended {o}"),
+            SkipReason::LeaseEnded => {
+                "lease ended: missed while the agent was down, until after its lease window ended".into()
+            }
             SkipReason::Untriggered {
                 upstream,
                 outcome: None,
@@ -736,7 +748,8 @@ impl Scheduler {
             return;
         };
         let grace_ms = entry.task.policies.misfire.grace.as_millis_i64();
-        if let Some(after) = entry.after_next {
+        let placement = entry.task.placement.clone();
+        if let (Some(after), None) = (entry.after_next, &placement) {
             if after.is_none_or(|a| a > now) && now.millis_since(first) <= grace_ms {
                 // On time, and the only occurrence due: hand it out now; the
                 // one after is computed by `precompute`.
@@ -770,9 +783,39 @@ impl Scheduler {
         let mut scanned = 0usize;
         let mut cursor = Some(first);
         let mut jumped = false;
+        // A placed task: occurrences not its own pass by, those past the
+        // end of the plan wait for it, and its own missed until well after
+        // their window ended are not run.
+        let mut waiting = false;
+        let mut lease_ended: Vec<Timestamp> = Vec::new();
         while let Some(t) = cursor {
             if t > now {
                 break;
+            }
+            let decision = placement.as_ref().map(|p| p.decide_seated(id, t));
+            let skip_over = match decision {
+                Some(Decision::Unplanned) => {
+                    waiting = true;
+                    break;
+                }
+                Some(Decision::NotMine) => true,
+                Some(Decision::Mine { until, .. }) if now.millis_since(until) > grace_ms => {
+                    if lease_ended.len() < MISFIRE_RECORDS_MAX {
+                        lease_ended.push(t);
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if skip_over {
+                scanned += 1;
+                cursor = if scanned >= MISFIRE_SCAN_MAX && !jumped {
+                    jumped = true;
+                    schedule.next_after(t.max(now.saturating_add_ms(-grace_ms - 1)))
+                } else {
+                    schedule.next_after(t)
+                };
+                continue;
             }
             if now.millis_since(t) > grace_ms {
                 missed_count += 1;
@@ -795,7 +838,10 @@ impl Scheduler {
         }
         entry.next_due = cursor;
         entry.after_next = None;
-        entry.timer = cursor.map(|t| self.wheel.insert(tick(t), Timer::Due(id)));
+        // Waiting for the plan: woken by the task's next change.
+        entry.timer = cursor
+            .filter(|_| !waiting)
+            .map(|t| self.wheel.insert(tick(t), Timer::Due(id)));
         self.pending_after.push(id);
         if jumped || missed_count > missed.len() as u64 {
             tracing::warn!(
@@ -831,16 +877,17 @@ impl Scheduler {
             to_skip.append(&mut to_run);
             to_run.extend(latest);
         }
-        for t in to_skip {
+        let skips = lease_ended
+            .into_iter()
+            .map(|t| (t, SkipReason::LeaseEnded))
+            .chain(to_skip.into_iter().map(|t| (t, SkipReason::Misfire)));
+        for (t, reason) in skips {
             let key = RunKey {
                 task_id: id,
                 scheduled_at: t,
                 attempt: 1,
             };
-            out.push(Command::Skip {
-                key,
-                reason: SkipReason::Misfire,
-            });
+            out.push(Command::Skip { key, reason });
             self.ended(key, Outcome::Skipped, now, out);
         }
         for t in to_run {

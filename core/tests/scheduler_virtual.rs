@@ -147,6 +147,7 @@ fn task(id: u64, schedule: Schedule, policies: Policies, created_at: Timestamp) 
         schedule,
         policies,
         created_at,
+        placement: None,
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod codec;
 pub mod cron;
+pub mod placement;
 pub mod policy;
 pub mod records;
 pub mod schedule;

@@ -9,6 +9,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::placement::{LeaseWindow, Placement, PlacementMode};
 use crate::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
 use crate::schedule::{OutcomeSet, ScheduleError, Trigger};
 use crate::task::{Action, ExecSpec, SealedEnv, Target};
@@ -113,15 +114,152 @@ pub fn decode_with_sealed<T: DeserializeOwned>(
     }
 }
 
+/// A task record followed by its sealed variables (maybe none) and its
+/// placement (new in 0.6): written only for placed tasks.
+pub const RECORD_V4: u8 = 4;
+
+/// A placement as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlacementV1 {
+    /// 0 one, 1 shard
+    pub mode: u8,
+    pub lease_ms: u64,
+    /// (from, until, count, seats as (seat, agent id))
+    pub windows: Vec<(i64, i64, u32, Vec<(u32, u64)>)>,
+}
+
+impl PlacementV1 {
+    pub fn from_placement(p: &Placement) -> PlacementV1 {
+        PlacementV1 {
+            mode: match p.mode {
+                PlacementMode::One => 0,
+                PlacementMode::Shard => 1,
+            },
+            lease_ms: p.lease.0,
+            windows: p
+                .windows
+                .iter()
+                .map(|w| {
+                    (
+                        w.from.as_millis(),
+                        w.until.as_millis(),
+                        w.count,
+                        w.seats.iter().map(|(s, a)| (*s, a.0)).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn into_placement(self, table: &'static str, key: &str) -> Result<Placement, RecordError> {
+        let corrupt = |reason: String| RecordError {
+            table,
+            key: key.to_owned(),
+            reason,
+        };
+        let mode = match self.mode {
+            0 => PlacementMode::One,
+            1 => PlacementMode::Shard,
+            m => return Err(corrupt(format!("unknown placement mode {m}"))),
+        };
+        let windows = self
+            .windows
+            .into_iter()
+            .map(|(from, until, count, seats)| {
+                Ok(LeaseWindow {
+                    from: ts(table, key, from)?,
+                    until: ts(table, key, until)?,
+                    count,
+                    seats: seats.into_iter().map(|(s, a)| (s, AgentId(a))).collect(),
+                })
+            })
+            .collect::<Result<Vec<_>, RecordError>>()?;
+        let p = Placement {
+            mode,
+            lease: DurationMs(self.lease_ms),
+            windows,
+        };
+        match p.refusal() {
+            Some(why) => Err(corrupt(format!("placement: {why}"))),
+            None => Ok(p),
+        }
+    }
+}
+
+/// `rec` with its task's sealed variables and placement: the layout of
+/// [`encode_with_sealed`] when the task is not placed, else [`RECORD_V4`].
+pub fn encode_placed<T: Serialize>(
+    rec: &T,
+    sealed: &[SealedEnv],
+    placement: Option<&Placement>,
+) -> Vec<u8> {
+    let Some(p) = placement else {
+        return encode_with_sealed(rec, sealed);
+    };
+    let sealed: Vec<SealedEnvV1> = sealed
+        .iter()
+        .map(|s| SealedEnvV1 {
+            name: s.name.clone(),
+            sealed: s.sealed.iter().map(|(a, v)| (a.0, v.clone())).collect(),
+        })
+        .collect();
+    let mut out = vec![RECORD_V4];
+    // Invariant: postcard serialization of plain structs into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
+    out.extend(postcard::to_allocvec(&sealed).expect("postcard encodes plain records"));
+    out.extend(
+        postcard::to_allocvec(&PlacementV1::from_placement(p))
+            .expect("postcard encodes plain records"),
+    );
+    out
+}
+
+/// A record written by [`encode_placed`] (or [`encode`], or
+/// [`encode_with_sealed`]), its sealed variables and its placement.
+pub fn decode_placed<T: DeserializeOwned>(
+    table: &'static str,
+    key: impl ToString,
+    bytes: &[u8],
+) -> Result<(T, Vec<SealedEnv>, Option<Placement>), RecordError> {
+    let key = key.to_string();
+    let Some((&RECORD_V4, rest)) = bytes.split_first() else {
+        return decode_with_sealed(table, key, bytes).map(|(r, s)| (r, s, None));
+    };
+    let corrupt = |reason: String| RecordError {
+        table,
+        key: key.clone(),
+        reason,
+    };
+    let (rec, rest) = postcard::take_from_bytes::<T>(rest).map_err(|e| corrupt(e.to_string()))?;
+    let (sealed, rest) = postcard::take_from_bytes::<Vec<SealedEnvV1>>(rest)
+        .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
+    let placement: PlacementV1 =
+        postcard::from_bytes(rest).map_err(|e| corrupt(format!("placement: {e}")))?;
+    let sealed = sealed
+        .into_iter()
+        .map(|s| SealedEnv {
+            name: s.name,
+            sealed: s.sealed.into_iter().map(|(a, v)| (AgentId(a), v)).collect(),
+        })
+        .collect();
+    Ok((rec, sealed, Some(placement.into_placement(table, &key)?)))
+}
+
 /// A task as stored in a `tasks` table.
 pub fn encode_task(t: &TaskSpec) -> Vec<u8> {
-    encode_with_sealed(&TaskRecordV1::from_spec(t), t.action.sealed_env())
+    encode_placed(
+        &TaskRecordV1::from_spec(t),
+        t.action.sealed_env(),
+        t.placement.as_ref(),
+    )
 }
 
 /// A task written by [`encode_task`].
 pub fn decode_task(table: &'static str, id: u64, bytes: &[u8]) -> Result<TaskSpec, RecordError> {
-    let (rec, sealed) = decode_with_sealed::<TaskRecordV1>(table, id, bytes)?;
-    Ok(rec.into_spec(id)?.with_sealed_env(sealed))
+    let (rec, sealed, placement) = decode_placed::<TaskRecordV1>(table, id, bytes)?;
+    let mut spec = rec.into_spec(id)?.with_sealed_env(sealed);
+    spec.placement = placement;
+    Ok(spec)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -320,6 +458,7 @@ impl TaskRecordV1 {
             },
             revision: self.revision,
             created_at: ts("tasks", &key, self.created_at_ms)?,
+            placement: None,
         })
     }
 }

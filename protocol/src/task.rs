@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::placement::Placement;
 use crate::policy::Policies;
 use crate::schedule::Schedule;
 pub use crate::seal::SealedEnv;
@@ -162,7 +163,12 @@ pub enum Target {
 }
 
 /// A task as assigned to agents.
+///
+/// On the wire a task without placement keeps the encoding of 0.5 (older
+/// agents read it); a placed one carries its placement in another variant
+/// of the action, which older peers refuse rather than misread.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "TaskSpecWire", into = "TaskSpecWire")]
 pub struct TaskSpec {
     pub id: TaskId,
     pub name: Option<String>,
@@ -175,9 +181,87 @@ pub struct TaskSpec {
     /// When the coordinator created the task: occurrences before it are not
     /// expected, those after it are (even if the agent learns of the task late).
     pub created_at: Timestamp,
+    /// On which of the agents it reaches each occurrence runs (new in 0.6;
+    /// `None`: on every one). An agent is sent only its own seats.
+    pub placement: Option<Placement>,
+}
+
+/// [`TaskSpec`] as encoded.
+#[derive(Serialize, Deserialize)]
+struct TaskSpecWire {
+    id: TaskId,
+    name: Option<String>,
+    target: Target,
+    schedule: Schedule,
+    action: TaskActionWire,
+    policies: Policies,
+    revision: u64,
+    created_at: Timestamp,
+}
+
+/// [`ActionWire`] with a third variant for placed tasks (the first two
+/// encode exactly as [`ActionWire`]'s).
+#[derive(Serialize, Deserialize)]
+enum TaskActionWire {
+    Exec(ExecSpecV0),
+    ExecSealed(ExecSpec),
+    Placed(ExecSpec, Placement),
+}
+
+impl From<TaskSpecWire> for TaskSpec {
+    fn from(w: TaskSpecWire) -> TaskSpec {
+        let (action, placement) = match w.action {
+            TaskActionWire::Exec(e) => (Action::from(ActionWire::Exec(e)), None),
+            TaskActionWire::ExecSealed(e) => (Action::Exec(e), None),
+            TaskActionWire::Placed(e, p) => (Action::Exec(e), Some(p)),
+        };
+        TaskSpec {
+            id: w.id,
+            name: w.name,
+            target: w.target,
+            schedule: w.schedule,
+            action,
+            policies: w.policies,
+            revision: w.revision,
+            created_at: w.created_at,
+            placement,
+        }
+    }
+}
+
+impl From<TaskSpec> for TaskSpecWire {
+    fn from(t: TaskSpec) -> TaskSpecWire {
+        let action = match (t.action, t.placement) {
+            (Action::Exec(e), Some(p)) => TaskActionWire::Placed(e, p),
+            (action, None) => match ActionWire::from(action) {
+                ActionWire::Exec(e) => TaskActionWire::Exec(e),
+                ActionWire::ExecSealed(e) => TaskActionWire::ExecSealed(e),
+            },
+        };
+        TaskSpecWire {
+            id: t.id,
+            name: t.name,
+            target: t.target,
+            schedule: t.schedule,
+            action,
+            policies: t.policies,
+            revision: t.revision,
+            created_at: t.created_at,
+        }
+    }
 }
 
 impl TaskSpec {
+    /// This task as `agent` is sent it: only the values sealed to it and
+    /// only its own seats.
+    pub fn for_agent(&self, agent: AgentId) -> TaskSpec {
+        TaskSpec {
+            action: self.action.for_agent(agent),
+            placement: self.placement.as_ref().map(|p| p.for_agent(agent)),
+            ..self.clone()
+        }
+    }
+
     /// This task with these sealed variables.
     pub fn with_sealed_env(mut self, sealed: Vec<SealedEnv>) -> TaskSpec {
         let Action::Exec(e) = &mut self.action;

@@ -91,6 +91,13 @@ pub fn agent_knows_sealed(agent_version: &str) -> bool {
     version_at_least(agent_version, (0, 5))
 }
 
+/// Whether an agent of this version follows lease windows (placed tasks,
+/// new in 0.6): an older one could not decode a placed task, so it is not
+/// sent them.
+pub fn agent_knows_placement(agent_version: &str) -> bool {
+    version_at_least(agent_version, (0, 6))
+}
+
 /// Whether an agent of this version sends [`AgentMsg::Report`] when asked
 /// ([`CoordMsg::ReportEvery`], new in 0.3): an older agent would take the
 /// unknown message for a bad frame, and an older coordinator the report, so
@@ -391,6 +398,9 @@ pub struct TaskDraft {
     /// task (its anchor is replaced by it), so the first occurrence does not
     /// depend on the difference between the admin's clock and the coordinator's.
     pub anchor_at_creation: bool,
+    /// Placement (new in 0.6; its plan empty): last, so a draft from an
+    /// older `sundialctl` decodes as unplaced.
+    pub placement: Trailing<crate::placement::Placement>,
 }
 
 /// The parts of a task `task update` changes; `None` keeps a part as it is.

@@ -326,6 +326,7 @@ mod tests {
             policies: Policies::default(),
             revision: 1,
             created_at: t0,
+            placement: None,
         }
     }
 

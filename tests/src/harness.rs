@@ -422,6 +422,7 @@ impl Fleet {
             }),
             policies,
             anchor_at_creation: false,
+            placement: Default::default(),
         };
         match self
             .admin(&AdminRequest::TaskCreate(Box::new(draft)))

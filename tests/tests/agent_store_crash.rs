@@ -37,6 +37,7 @@ fn task(id: u64, revision: u64) -> TaskSpec {
         policies: Policies::default(),
         revision,
         created_at: at(0),
+        placement: None,
     }
 }
 

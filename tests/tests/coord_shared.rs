@@ -256,6 +256,7 @@ fn draft(target: Target) -> TaskDraft {
         }),
         policies: Policies::default(),
         anchor_at_creation: false,
+        placement: Default::default(),
     }
 }
 

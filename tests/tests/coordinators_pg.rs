@@ -163,6 +163,7 @@ fn every_second(target: Target, anchor: Timestamp) -> TaskDraft {
         }),
         policies: Default::default(),
         anchor_at_creation: true,
+        placement: Default::default(),
     }
 }
 

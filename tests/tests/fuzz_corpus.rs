@@ -127,6 +127,7 @@ fn write_seed_corpus() {
         policies: Default::default(),
         revision: 3,
         created_at: sundial_protocol::Timestamp::from_millis_saturating(1_700_000_000_000),
+        placement: None,
     };
     write(
         "records",

@@ -319,6 +319,7 @@ mod tests {
                     policies: Default::default(),
                     revision: 1,
                     created_at: at,
+                    placement: None,
                 }],
                 Some(1),
             )

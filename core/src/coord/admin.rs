@@ -559,6 +559,26 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
     if let Some(why) = sundial_protocol::seal::refusal(&exec.sealed_env, &exec.env) {
         return Some(why);
     }
+    if let Some(p) = &draft.placement.0 {
+        if !matches!(draft.target, Target::Selector(_)) {
+            return Some(format!(
+                "--placement {} needs a selector (--selector k=v): one agent is already one",
+                p.mode
+            ));
+        }
+        if !draft.schedule.triggers().is_empty() {
+            return Some(format!(
+                "--placement {} is for tasks that run by time; a triggered task runs where its upstream ran",
+                p.mode
+            ));
+        }
+        if !p.windows.is_empty() {
+            return Some("a new task's placement has no plan yet".into());
+        }
+        if let Some(why) = p.refusal() {
+            return Some(format!("--lease: {why}"));
+        }
+    }
     // Sealed values have their own bound (above).
     let size = postcard::experimental::serialized_size(draft).unwrap_or(usize::MAX)
         - postcard::experimental::serialized_size(&exec.sealed_env).unwrap_or(0);
@@ -870,6 +890,12 @@ fn draft_of(spec: &TaskSpec) -> TaskDraft {
         action: spec.action.clone(),
         policies: spec.policies,
         anchor_at_creation: false,
+        // Its mode and window, not its plan (a draft's is empty).
+        placement: spec
+            .placement
+            .as_ref()
+            .map(|p| sundial_protocol::placement::Placement::new(p.mode, p.lease))
+            .into(),
     }
 }
 
@@ -1282,11 +1308,27 @@ pub fn answer(
                     if cancelled { "cancelled" } else { "paused" }
                 )));
             }
-            let agents = all_agents(store)?
+            let mut agents: Vec<AgentId> = all_agents(store)?
                 .into_iter()
                 .filter(|r| !r.revoked && targets(&spec.target, r.id, &r.labels))
+                .filter(|r| {
+                    // A task placed `one` runs its extra occurrence on one
+                    // member in session, as it runs every other.
+                    spec.placement.as_ref().is_none_or(|p| {
+                        p.mode != sundial_protocol::placement::PlacementMode::One
+                            || ctx.seen.get(&r.id).is_some_and(|s| s.online)
+                            || (ctx.shared && r.in_session)
+                    })
+                })
                 .map(|r| r.id)
                 .collect();
+            if spec
+                .placement
+                .as_ref()
+                .is_some_and(|p| p.mode == sundial_protocol::placement::PlacementMode::One)
+            {
+                agents.truncate(1);
+            }
             // The answer is the node's: it knows which agents are online.
             Ok(AdminAnswer {
                 answers: Vec::new(),

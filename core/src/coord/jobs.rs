@@ -12,6 +12,7 @@ use sundial_protocol::wire::{AdminRequest, AuditEntry, EnrollRequest};
 use sundial_protocol::{AgentId, RunKey, RunRecord, Schedule, TaskId, TaskSpec, Timestamp};
 
 use super::admin::{self, AdminAnswer, AdminContext};
+use super::placement;
 use super::ConnId;
 use crate::coord_store::{
     targets, Agent, AgentSeen, CertPage, ChangePage, CoordStore, Enrollment, QueuedRunNow,
@@ -119,6 +120,16 @@ pub enum StoreJob {
     },
     /// Audit retention: entries before `before`, at most `max` of them.
     PurgeAudit { before: Timestamp, max: usize },
+    /// Placement: plan the next lease windows of these placed tasks (and,
+    /// with `scan`, of every placed task the store holds) with the agents
+    /// in session here.
+    Plan {
+        tasks: Vec<TaskId>,
+        scan: bool,
+        members: Vec<placement::Member>,
+        at: Timestamp,
+        replan_bug: bool,
+    },
 }
 
 /// One read of a shared store's feeds ([`StoreJob::Feed`]).
@@ -245,6 +256,11 @@ pub enum StoreDone {
     Queued {
         result: StoreResult<()>,
     },
+    Plan {
+        /// Whether the store was scanned for placed tasks.
+        scan: bool,
+        result: StoreResult<Vec<placement::Planned>>,
+    },
 }
 
 /// A cancel for a task id a restored store may have lost (only its id
@@ -259,6 +275,7 @@ fn lost_task(id: TaskId, revision: u64) -> TaskSpec {
         policies: Default::default(),
         revision,
         created_at: Timestamp::MIN,
+        placement: None,
     }
 }
 
@@ -315,6 +332,7 @@ impl StoreJob {
             StoreJob::Audit { .. } => "audit",
             StoreJob::AdminUsed { .. } => "admin_used",
             StoreJob::PurgeAudit { .. } => "purge_audit",
+            StoreJob::Plan { .. } => "plan",
         }
     }
 
@@ -378,6 +396,10 @@ impl StoreJob {
             },
             StoreJob::Feed { .. } => StoreDone::Feed { result: Err(error) },
             StoreJob::QueueRunNow { .. } => StoreDone::Queued { result: Err(error) },
+            StoreJob::Plan { scan, .. } => StoreDone::Plan {
+                scan,
+                result: Err(error),
+            },
         }
     }
 
@@ -581,6 +603,23 @@ impl StoreJob {
             },
             StoreJob::QueueRunNow { runs, at } => StoreDone::Queued {
                 result: store.queue_run_now(&runs, at),
+            },
+            StoreJob::Plan {
+                mut tasks,
+                scan,
+                members,
+                at,
+                replan_bug,
+            } => StoreDone::Plan {
+                scan,
+                result: (|| {
+                    if scan {
+                        tasks.extend(placement::placed_tasks(store)?);
+                        tasks.sort_unstable();
+                        tasks.dedup();
+                    }
+                    placement::plan(store, &tasks, &members, at, replan_bug)
+                })(),
             },
         }
     }

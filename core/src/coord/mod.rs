@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod jobs;
+pub mod placement;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -282,6 +283,16 @@ pub enum CloseWhy {
 /// and the simulator checks them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CoordEvent {
+    /// A placed task's lease windows were planned ahead: `windows` new ones
+    /// under `revision`, `unmanned` of them with no member in session, whose
+    /// `skipped` occurrences were recorded.
+    LeasesPlanned {
+        task: TaskId,
+        revision: u64,
+        windows: usize,
+        unmanned: usize,
+        skipped: usize,
+    },
     /// A new connection refused before any cryptography.
     Shed {
         ip: IpAddr,
@@ -483,6 +494,9 @@ pub struct CoordBugs {
     /// (agents in session here learn of other coordinators' changes only
     /// at their next Hello).
     pub deaf_to_feed: bool,
+    /// Placement plans a lease window again before it ended, with whoever
+    /// is in session then (a member cut off still fires its old share).
+    pub replan_leases: bool,
 }
 
 /// What the node needs to start.
@@ -571,6 +585,7 @@ struct Hello {
     knows_reports: bool,
     knows_triggers: bool,
     knows_sealed: bool,
+    knows_placement: bool,
 }
 
 #[derive(Debug)]
@@ -585,6 +600,8 @@ struct LiveSession {
     notified: bool,
     /// Came up after the node started (for a seeded bug).
     later: bool,
+    /// Its agent follows lease windows (0.6 and later): a member of placed tasks.
+    placement: bool,
 }
 
 #[derive(Debug)]
@@ -667,6 +684,13 @@ pub struct CoordNode {
     /// kept only for a seeded bug.
     joined: BTreeSet<AgentId>,
     started_ms: u64,
+    /// Placed tasks and when each is next planned (wall ms; 0: at once).
+    placed: BTreeMap<TaskId, i64>,
+    /// The next look for placed tasks due (monotonic ms); `None`: a look
+    /// is running.
+    next_plan_ms: Option<u64>,
+    /// Whether the store was read for its placed tasks yet.
+    plan_scanned: bool,
 }
 
 impl CoordNode {
@@ -714,6 +738,9 @@ impl CoordNode {
             events_dropped: 0,
             joined: BTreeSet::new(),
             started_ms: now.mono_ms,
+            placed: BTreeMap::new(),
+            next_plan_ms: Some(now.mono_ms),
+            plan_scanned: false,
         }
     }
 
@@ -787,6 +814,7 @@ impl CoordNode {
             self.timers.first().map(|(t, _)| *t),
             self.next_purge_ms.filter(|_| !self.purging),
             feed,
+            self.next_plan_ms.filter(|_| !self.broken),
         ]
         .into_iter()
         .flatten()
@@ -1122,6 +1150,93 @@ impl CoordNode {
             self.purge(now);
         }
         self.read_feed(now);
+        if !self.broken && self.next_plan_ms.is_some_and(|t| t <= now.mono_ms) {
+            self.plan(now);
+        }
+    }
+
+    /// Plans the placed tasks that are due (the first time, every placed
+    /// task of the store) with the agents in session here that follow
+    /// lease windows.
+    fn plan(&mut self, now: Now) {
+        let wall = now.wall.as_millis();
+        let due: Vec<TaskId> = self
+            .placed
+            .iter()
+            .filter(|(_, at)| **at <= wall)
+            .map(|(id, _)| *id)
+            .take(placement::PLAN_BATCH_MAX)
+            .collect();
+        if due.is_empty() && self.plan_scanned {
+            self.next_plan_ms = Some(now.mono_ms + placement::PLAN_INTERVAL_MS);
+            return;
+        }
+        let members: Vec<placement::Member> = self
+            .conns
+            .values()
+            .filter_map(|c| match &c.kind {
+                Kind::Session {
+                    agent,
+                    phase: Phase::Live(l),
+                } if l.placement && l.closing.is_none() && !c.closed => {
+                    Some((*agent, l.labels.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        self.next_plan_ms = None;
+        self.effects.push_back(Effect::Store(StoreJob::Plan {
+            tasks: due,
+            scan: !self.plan_scanned,
+            members,
+            at: now.wall,
+            replan_bug: self.bugs.replan_leases,
+        }));
+    }
+
+    fn plan_done(
+        &mut self,
+        now: Now,
+        scan: bool,
+        result: Result<Vec<placement::Planned>, StoreError>,
+    ) {
+        self.next_plan_ms = Some(now.mono_ms + placement::PLAN_INTERVAL_MS);
+        let planned = match result {
+            Ok(p) => p,
+            Err(e) => {
+                self.store_failed(e);
+                return;
+            }
+        };
+        if scan {
+            self.plan_scanned = true;
+        }
+        for p in planned {
+            match p.next_at {
+                Some(at) => {
+                    self.placed.insert(p.task, at.as_millis());
+                }
+                None => {
+                    self.placed.remove(&p.task);
+                }
+            }
+            if let Some((target, revision)) = p.announce {
+                self.event(CoordEvent::LeasesPlanned {
+                    task: p.task,
+                    revision,
+                    windows: p.windows,
+                    unmanned: p.unmanned,
+                    skipped: p.skipped,
+                });
+                self.announce(now, &target, revision);
+            }
+        }
+    }
+
+    /// A placed task changed (created, resumed, planned elsewhere): look at
+    /// its plan at the next planning.
+    fn placed_changed(&mut self, task: TaskId) {
+        self.placed.insert(task, 0);
     }
 
     /// Reads the shared store's feeds when due.
@@ -1161,9 +1276,12 @@ impl CoordNode {
         // that then finds nothing new): the feed alone moves its position,
         // so a change another coordinator committed before one of ours is
         // never skipped.
-        for (spec, _) in &page.tasks.changes {
+        for (spec, removed) in &page.tasks.changes {
             if !self.bugs.deaf_to_feed {
                 self.announce(now, &spec.target, spec.revision);
+            }
+            if spec.placement.is_some() && !removed {
+                self.placed_changed(spec.id);
             }
         }
         let (mut added, mut revoked) = (0, 0);
@@ -1329,6 +1447,7 @@ impl CoordNode {
                 let knows_reports = sundial_protocol::wire::agent_knows_reports(&agent_version);
                 let knows_triggers = sundial_protocol::wire::agent_knows_triggers(&agent_version);
                 let knows_sealed = sundial_protocol::wire::agent_knows_sealed(&agent_version);
+                let knows_placement = sundial_protocol::wire::agent_knows_placement(&agent_version);
                 *phase = Phase::Checking(
                     Hello {
                         last_revision,
@@ -1337,6 +1456,7 @@ impl CoordNode {
                         knows_reports,
                         knows_triggers,
                         knows_sealed,
+                        knows_placement,
                     },
                     VecDeque::new(),
                 );
@@ -1512,6 +1632,7 @@ impl CoordNode {
                 report_every_ms: report_every,
                 triggers: hello.knows_triggers,
                 sealed: hello.knows_sealed,
+                placement: hello.knows_placement,
             },
         );
         // The upload limits are the agent's, not the session's: carried on
@@ -1530,6 +1651,7 @@ impl CoordNode {
                     closing: None,
                     notified: false,
                     later,
+                    placement: hello.knows_placement,
                 }));
             }
         }
@@ -2159,6 +2281,18 @@ impl CoordNode {
                     if let AdminChange::AgentForgotten { agent } = &change {
                         self.seen.remove(agent);
                     }
+                    // The planner reads the task and forgets it at once if
+                    // it is not placed.
+                    if let AdminChange::TaskCreated { task, .. }
+                    | AdminChange::TaskUpdated { task, .. }
+                    | AdminChange::TaskPaused {
+                        task,
+                        paused: false,
+                        ..
+                    } = &change
+                    {
+                        self.placed_changed(*task);
+                    }
                     self.event(CoordEvent::AdminChanged { by, change });
                 }
             }
@@ -2370,6 +2504,7 @@ impl CoordNode {
                 agent,
                 result,
             } => self.hello_done(now, conn, agent, result),
+            StoreDone::Plan { scan, result } => self.plan_done(now, scan, result),
             StoreDone::Changes { conn, result } => match result {
                 Ok((changes, upto, more)) => {
                     if let Some(l) = self.live_mut(conn) {

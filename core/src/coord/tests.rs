@@ -668,6 +668,7 @@ fn every_request() -> Vec<AdminRequest> {
             action: sundial_protocol::task::Action::Exec(Default::default()),
             policies: Default::default(),
             anchor_at_creation: false,
+            placement: Default::default(),
         })),
         AdminRequest::TaskList,
         AdminRequest::TaskGet(TaskId(1)),

@@ -121,6 +121,7 @@ pub fn draft(name: Option<&str>, target: Target) -> TaskDraft {
         }),
         policies: Policies::default(),
         anchor_at_creation: false,
+        placement: Default::default(),
     }
 }
 

@@ -66,6 +66,9 @@ pub struct Told {
     /// Whether the agent opens sealed variables (agents from 0.5): an older
     /// one is sent a cancel in place of a task that has them.
     pub sealed: bool,
+    /// Whether the agent follows lease windows (agents from 0.6): an older
+    /// one is sent a cancel in place of a placed task.
+    pub placement: bool,
 }
 
 /// A token bucket: `rate` units a second, up to one second's worth saved.
@@ -133,6 +136,7 @@ pub struct CoordSession {
     knows_triggers: bool,
     /// The agent knows sealed variables.
     knows_sealed: bool,
+    knows_placement: bool,
     closed: bool,
     transmit: VecDeque<CoordMsg>,
     effects: VecDeque<CoordEffect>,
@@ -167,6 +171,7 @@ impl CoordSession {
             throttled_told: false,
             knows_triggers: told.triggers,
             knows_sealed: told.sealed,
+            knows_placement: told.placement,
             closed: false,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
@@ -274,12 +279,14 @@ impl CoordSession {
         let enrolled_at = self.enrolled_at;
         let knows_triggers = self.knows_triggers;
         let knows_sealed = self.knows_sealed;
+        let knows_placement = self.knows_placement;
         let agent = self.agent;
         let changes: Vec<AssignmentChange> = changes
             .into_iter()
             .map(|(mut spec, cancelled)| {
                 let unknown = (!knows_triggers && !spec.schedule.triggers().is_empty())
-                    || (!knows_sealed && !spec.action.sealed_env().is_empty());
+                    || (!knows_sealed && !spec.action.sealed_env().is_empty())
+                    || (!knows_placement && spec.placement.is_some());
                 if cancelled || unknown {
                     AssignmentChange::Cancel {
                         task_id: spec.id,
@@ -289,9 +296,9 @@ impl CoordSession {
                     // A task counts for an agent from its enrollment:
                     // occurrences before that were never its to run.
                     spec.created_at = spec.created_at.max(enrolled_at);
-                    // Only the values sealed to this agent travel to it.
-                    spec.action = spec.action.for_agent(agent);
-                    AssignmentChange::Upsert(Box::new(spec))
+                    // Only the values sealed to this agent, and only its
+                    // own seats, travel to it.
+                    AssignmentChange::Upsert(Box::new(spec.for_agent(agent)))
                 }
             })
             .collect();
@@ -529,6 +536,7 @@ mod tests {
             policies: Default::default(),
             revision: id,
             created_at: Timestamp::from_millis_saturating(1_700_000_000_000),
+            placement: None,
         }
     }
 

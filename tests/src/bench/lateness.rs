@@ -26,6 +26,7 @@ pub(super) fn core_lateness(
                 schedule: Schedule::at(Timestamp::from_millis_saturating(*at)),
                 policies: Policies::default(),
                 created_at: created,
+                placement: None,
             },
             &mut out,
         );
@@ -38,6 +39,7 @@ pub(super) fn core_lateness(
                     .unwrap_or_else(|_| Schedule::at(created)),
                 policies: Policies::default(),
                 created_at: created,
+                placement: None,
             },
             &mut out,
         );
@@ -374,5 +376,6 @@ pub(super) fn task(id: u64, schedule: Schedule, program: &str) -> TaskSpec {
         policies: Policies::default(),
         revision: id + 1,
         created_at: Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
+        placement: None,
     }
 }

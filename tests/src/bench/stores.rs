@@ -84,6 +84,7 @@ fn measure(store: &dyn CoordStore, total: i64, rounds: usize) -> Result<Figures,
                 action: task(0, Schedule::at(now), "/usr/bin/backup").action,
                 policies: Default::default(),
                 anchor_at_creation: false,
+                placement: Default::default(),
             };
             store
                 .create_task(draft, now, None)

@@ -507,6 +507,7 @@ impl World {
                         ..Policies::default()
                     },
                     anchor_at_creation: false,
+                    placement: Default::default(),
                 };
                 self.exercised.triggered_tasks += 1;
                 self.trace(43, up.spec.id.0, 0);
@@ -623,6 +624,7 @@ impl World {
                 policies,
                 // `every` counts from the coordinator's instant of creation.
                 anchor_at_creation: true,
+                placement: Default::default(),
             };
             self.trace(40, kind, 0);
             self.admin(AdminRequest::TaskCreate(Box::new(draft)));

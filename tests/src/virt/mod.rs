@@ -1095,6 +1095,7 @@ pub fn bulk_assignment(n: u64, seed: u64) -> BulkReport {
             }),
             policies: Policies::default(),
             anchor_at_creation: false,
+            placement: Default::default(),
         };
         if let Err(e) = w.store.create_task(draft, now, None) {
             w.fail(format!("task {i} was not created: {e}"));

@@ -356,6 +356,19 @@ pub(crate) struct CreateArgs {
     pub(crate) cwd: Option<String>,
     #[command(flatten)]
     pub(crate) secrets: SecretArgs,
+    /// With --selector: `one` runs each occurrence on exactly one of the
+    /// matching agents in session; `shard` runs it on every one, each told
+    /// SUNDIAL_SHARD_INDEX and SUNDIAL_SHARD_COUNT. Decided ahead in lease
+    /// windows (--lease) that members keep firing offline; an occurrence
+    /// runs at most once (`one`), and a member that goes dark is left out
+    /// of the windows planned after it was last heard.
+    #[arg(long, value_name = "MODE", value_parser = ["one", "shard"], requires = "selector")]
+    pub(crate) placement: Option<String>,
+    /// The lease window of --placement: each member's share is planned
+    /// this far ahead (half of it before it begins) and holds offline;
+    /// shorter fails over sooner, longer rides out longer outages. 1s to 1d.
+    #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, requires = "placement", default_value = "1m")]
+    pub(crate) lease: DurationMs,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
     pub(crate) command: Vec<String>,

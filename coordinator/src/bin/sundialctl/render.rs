@@ -132,6 +132,20 @@ pub(crate) fn task_json(t: &TaskInfo) -> Value {
         "window_start": opt_ts(start),
         "window_end": opt_ts(end),
         "reached": t.reached.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "placement": t.spec.placement.as_ref().map(|pl| {
+            let (shares, nobody) = pl.shares(t.spec.id, &t.spec.schedule);
+            json!({
+                "mode": pl.mode.as_str(),
+                "lease_ms": pl.lease.0,
+                "shares": shares.iter().map(|(a, n)| json!({"agent_id": a.to_string(), "occurrences": n})).collect::<Vec<_>>(),
+                "no_member": nobody,
+                "leases": pl.windows.iter().map(|w| json!({
+                    "from": w.from.to_string(),
+                    "until": w.until.to_string(),
+                    "members": w.seats.iter().map(|(_, a)| a.to_string()).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        }),
         "last_runs": t.last_runs.iter().map(last_run_json).collect::<Vec<_>>(),
     })
 }
@@ -499,6 +513,70 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
         reached.push("none (no agent matches; agents that join with matching labels will)".into());
     }
     field("Agents", reached.join(", "));
+    if let Some(pl) = &t.spec.placement {
+        field(
+            "Placement",
+            format!(
+                "{} (lease window {}, planned {} ahead)",
+                pl.mode,
+                pl.lease,
+                DurationMs(pl.lead_ms() as u64)
+            ),
+        );
+        let (shares, nobody) = pl.shares(t.spec.id, &t.spec.schedule);
+        let total: u64 = match pl.mode {
+            PlacementMode::One => shares.iter().map(|(_, n)| n).sum::<u64>() + nobody,
+            PlacementMode::Shard => 0,
+        };
+        let mut text: Vec<String> = shares
+            .iter()
+            .map(|(a, n)| match pl.mode {
+                PlacementMode::One if total > 0 => {
+                    format!("{} {n} ({}%)", names.agent(*a), n * 100 / total)
+                }
+                _ => format!("{} {n}", names.agent(*a)),
+            })
+            .collect();
+        if nobody > 0 {
+            text.push(format!("no member {nobody}"));
+        }
+        field(
+            "Shares",
+            if text.is_empty() {
+                "no window planned yet".into()
+            } else {
+                format!("{} (occurrences in the windows kept)", text.join(", "))
+            },
+        );
+        let _ = writeln!(o, "Leases:");
+        let rows: Vec<Vec<String>> = pl
+            .windows
+            .iter()
+            .rev()
+            .take(8)
+            .rev()
+            .map(|w| {
+                let members: Vec<String> = w.seats.iter().map(|(_, a)| names.agent(*a)).collect();
+                vec![
+                    format!("  {}", w.from),
+                    w.until.to_string(),
+                    if members.is_empty() {
+                        "none (occurrences recorded skipped)".into()
+                    } else {
+                        members.join(", ")
+                    },
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            let _ = writeln!(
+                o,
+                "  none yet (planned within a second while members are in session)"
+            );
+        } else {
+            o.push_str(&table(&["  FROM", "UNTIL", "MEMBERS"], &rows));
+        }
+    }
     let _ = writeln!(o, "Last runs:");
     if t.last_runs.is_empty() {
         let _ = writeln!(o, "  none yet");

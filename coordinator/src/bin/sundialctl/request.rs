@@ -134,6 +134,17 @@ pub(crate) fn draft(
         (None, None, Some(t)) => t,
         (None, None, None) => bail!("one of --agent or --selector is required"),
     };
+    let placement = match a.placement.as_deref() {
+        None => None,
+        Some(mode) => {
+            let mode: PlacementMode = mode.parse().map_err(anyhow::Error::msg)?;
+            let p = Placement::new(mode, a.lease);
+            if let Some(why) = p.refusal() {
+                bail!("--lease {}: {why}", a.lease);
+            }
+            Some(p)
+        }
+    };
     let mut command = a.command.into_iter();
     let Some(program) = command.next() else {
         bail!("no program given after `--`");
@@ -163,6 +174,7 @@ pub(crate) fn draft(
             timeout: a.timeout,
         },
         anchor_at_creation,
+        placement: placement.into(),
     })
 }
 
