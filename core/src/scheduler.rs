@@ -103,7 +103,8 @@ pub enum SkipReason {
         outcome: Option<Outcome>,
     },
     /// A placed task's occurrence this agent held, missed until its lease
-    /// window had ended (by more than the misfire grace).
+    /// window had ended (by more than the misfire grace): the agent was
+    /// down, or the window reached it late (no member was in session).
     LeaseEnded,
 }
 
@@ -121,7 +122,7 @@ impl SkipReason {
                 outcome: Some(o),
             } => format!("not triggered: upstream {upstream} ended {o}"),
             SkipReason::LeaseEnded => {
-                "lease ended: missed while the agent was down, until after its lease window ended".into()
+                "lease ended: its lease window had ended before this agent could run it (the agent was down or cut off, or no member held the lease in time)".into()
             }
             SkipReason::Untriggered {
                 upstream,

@@ -32,12 +32,14 @@ pub const LEASE_MAX: DurationMs = DurationMs(24 * 60 * 60 * 1_000);
 /// The lease window when a task does not say.
 pub const LEASE_DEFAULT: DurationMs = DurationMs(60_000);
 /// The most members one window seats (the first by id, if more match).
-pub const MEMBERS_MAX: usize = 1_024;
-/// The most windows a task's plan holds (planned and past ones together).
+pub const MEMBERS_MAX: usize = 256;
+/// The most windows a plan may hold (what an agent accepts).
 pub const LEASES_MAX: usize = 64;
-/// The past windows kept in a plan, for agents that come back and for
+/// The windows a coordinator keeps in a plan: the newest, whatever its
+/// clock says (a window dropped while an agent still needs it would make
+/// it pass over occurrences it owns), for agents that come back and for
 /// `task get`.
-pub const LEASES_KEPT_PAST: usize = 16;
+pub const LEASES_KEPT: usize = 32;
 /// The most occurrences [`Placement::shares`] counts.
 pub const SHARE_SCAN_MAX: usize = 100_000;
 /// How long before an occurrence the coordinator plans its window: half a
@@ -87,8 +89,7 @@ impl std::str::FromStr for PlacementMode {
 pub struct LeaseWindow {
     pub from: Timestamp,
     pub until: Timestamp,
-    /// How many members share it (0: none was in session; its occurrences
-    /// are recorded skipped by the coordinator).
+    /// How many members share it.
     pub count: u32,
     /// `(seat, agent)`; an agent is sent only its own seat.
     pub seats: Vec<(u32, AgentId)>,
@@ -130,7 +131,7 @@ impl<'de> Deserialize<'de> for Placement {
 pub enum Decision {
     /// No window it knows covers it yet: wait for the plan.
     Unplanned,
-    /// Another member's (or nobody's: the coordinator records it).
+    /// Another member's.
     NotMine,
     /// Its own, in a window that ends at `until`; `shard` is (index, count).
     Mine {
@@ -158,8 +159,6 @@ pub struct PlanStep {
     pub changed: bool,
     /// Windows added.
     pub added: usize,
-    /// Windows planned with no member: their occurrences are nobody's.
-    pub unmanned: Vec<(Timestamp, Timestamp)>,
     /// When the plan should be looked at next (`None`: no more occurrences).
     pub next_at: Option<Timestamp>,
 }
@@ -202,7 +201,7 @@ impl Placement {
                     "lease window {i} begins before the one before it ends"
                 ));
             }
-            if w.count as usize > MEMBERS_MAX || w.seats.len() > w.count as usize {
+            if w.count == 0 || w.count as usize > MEMBERS_MAX || w.seats.len() > w.count as usize {
                 return Some(format!(
                     "lease window {i} seats {} of {} members; at most {MEMBERS_MAX}",
                     w.seats.len(),
@@ -304,13 +303,12 @@ impl Placement {
     }
 
     /// Each member's count of the occurrences in the plan (from its oldest
-    /// window kept to its end; at most [`SHARE_SCAN_MAX`] counted), and the
-    /// count no member held — what `task get` shows.
-    pub fn shares(&self, task: TaskId, schedule: &Schedule) -> (Vec<(AgentId, u64)>, u64) {
+    /// window kept to its end; at most [`SHARE_SCAN_MAX`] counted) — what
+    /// `task get` shows.
+    pub fn shares(&self, task: TaskId, schedule: &Schedule) -> Vec<(AgentId, u64)> {
         let mut per: std::collections::BTreeMap<AgentId, u64> = Default::default();
-        let mut nobody = 0;
         let (Some(first), Some(end)) = (self.windows.first(), self.planned_until()) else {
-            return (Vec::new(), 0);
+            return Vec::new();
         };
         for w in &self.windows {
             for (_, a) in &w.seats {
@@ -324,24 +322,25 @@ impl Placement {
                 break;
             }
             scanned += 1;
-            match self.window_of(t) {
-                Some(w) if w.count == 0 => nobody += 1,
-                Some(w) => match self.mode {
-                    PlacementMode::One => match self.owner(task, t) {
-                        Some(a) => *per.entry(a).or_default() += 1,
-                        None => nobody += 1,
-                    },
-                    PlacementMode::Shard => {
-                        for (_, a) in &w.seats {
-                            *per.entry(*a).or_default() += 1;
-                        }
+            let Some(w) = self.window_of(t) else {
+                cursor = schedule.next_after(t);
+                continue;
+            };
+            match self.mode {
+                PlacementMode::One => {
+                    if let Some(a) = self.owner(task, t) {
+                        *per.entry(a).or_default() += 1;
                     }
-                },
-                None => {}
+                }
+                PlacementMode::Shard => {
+                    for (_, a) in &w.seats {
+                        *per.entry(*a).or_default() += 1;
+                    }
+                }
             }
             cursor = schedule.next_after(t);
         }
-        (per.into_iter().collect(), nobody)
+        per.into_iter().collect()
     }
 
     /// The end of the plan: where the next window begins.
@@ -350,11 +349,12 @@ impl Placement {
     }
 
     /// Plans ahead at `now` (the coordinator's time): each occurrence
-    /// within [`Placement::lead_ms`] of now gets a window, seating `members`
-    /// (agents in session that the task reaches, sorted; at most
-    /// [`MEMBERS_MAX`] seated). Occurrences the plan never covered and that
-    /// are already more than a window past (the coordinator was down) get a
-    /// window of no member. Windows already planned never change.
+    /// within [`Placement::lead_ms`] of now gets a window, seating
+    /// `members` (agents in session that the task reaches, sorted; at most
+    /// [`MEMBERS_MAX`] seated). With no member, nothing is planned: agents
+    /// wait, and the first member to come is seated over the whole stretch
+    /// not yet planned (those of its occurrences already past it records
+    /// skipped). Windows already planned never change.
     pub fn plan(
         &mut self,
         schedule: &Schedule,
@@ -365,6 +365,10 @@ impl Placement {
         let mut step = PlanStep::default();
         let lead = self.lead_ms();
         let lease = self.lease.as_millis_i64();
+        let mut seated: Vec<AgentId> = members.to_vec();
+        seated.sort_unstable();
+        seated.dedup();
+        seated.truncate(MEMBERS_MAX);
         for _ in 0..4 {
             // A task resumed counts from its resume: the pause is nobody's.
             let plan_end = self
@@ -378,48 +382,35 @@ impl Placement {
                 step.next_at = Some(next.saturating_add_ms(-lead));
                 break;
             }
-            let stale = now.saturating_add_ms(-lease);
-            if next < stale {
-                // Nobody held these: the coordinator was not planning.
-                self.windows.push(LeaseWindow {
-                    from: plan_end,
-                    until: now,
-                    count: 0,
-                    seats: Vec::new(),
-                });
-                step.unmanned.push((plan_end, now));
-                step.changed = true;
-                step.added += 1;
-                continue;
+            if seated.is_empty() {
+                // Look again soon: a member may come.
+                step.next_at = Some(now);
+                break;
             }
+            // A plan behind time (no member for a while, the coordinator
+            // down) is caught up in one window.
             let until = plan_end
                 .saturating_add_ms(lease)
-                .max(next.saturating_add_ms(1));
-            let mut seated: Vec<AgentId> = members.to_vec();
-            seated.sort_unstable();
-            seated.dedup();
-            seated.truncate(MEMBERS_MAX);
-            if seated.is_empty() {
-                step.unmanned.push((plan_end, until));
-            }
+                .max(next.saturating_add_ms(1))
+                .max(now);
             self.windows.push(LeaseWindow {
                 from: plan_end,
                 until,
                 count: seated.len() as u32,
                 seats: seated
-                    .into_iter()
+                    .iter()
                     .enumerate()
-                    .map(|(i, a)| (i as u32, a))
+                    .map(|(i, a)| (i as u32, *a))
                     .collect(),
             });
             step.changed = true;
             step.added += 1;
             step.next_at = Some(now);
         }
-        // Forget past windows beyond those kept.
-        let past = self.windows.iter().filter(|w| w.until <= now).count();
-        if past > LEASES_KEPT_PAST {
-            self.windows.drain(..past - LEASES_KEPT_PAST);
+        // Forget the oldest windows beyond those kept.
+        if self.windows.len() > LEASES_KEPT {
+            let drop = self.windows.len() - LEASES_KEPT;
+            self.windows.drain(..drop);
             step.changed = true;
         }
         step
@@ -440,7 +431,7 @@ mod tests {
         let mut p = Placement::new(PlacementMode::One, DurationMs(10_000));
         let members = [AgentId(3), AgentId(1), AgentId(2)];
         let step = p.plan(&schedule, ts(0), ts(0), &members);
-        assert!(step.changed && step.unmanned.is_empty());
+        assert!(step.changed && step.added == 1);
         let mut per = std::collections::HashMap::new();
         for s in 0..10 {
             let at = ts(s * 1_000);
@@ -487,17 +478,19 @@ mod tests {
     }
 
     #[test]
-    fn a_plan_not_kept_up_covers_the_past_with_no_member() {
+    fn a_plan_behind_time_is_caught_up_in_one_window_and_none_without_members() {
         let schedule = Schedule::every(DurationMs(1_000), ts(0)).unwrap();
         let mut p = Placement::new(PlacementMode::One, DurationMs(4_000));
+        let step = p.plan(&schedule, ts(0), ts(60_000), &[]);
+        assert!(!step.changed && p.windows.is_empty());
+        assert_eq!(step.next_at, Some(ts(60_000)));
         let step = p.plan(&schedule, ts(0), ts(60_000), &[AgentId(1)]);
-        assert_eq!(step.unmanned, vec![(ts(0), ts(60_000))]);
-        assert_eq!(p.window_of(ts(30_000)).unwrap().count, 0);
-        assert_eq!(p.owner(TaskId(1), ts(30_000)), None);
-        assert!(matches!(
-            p.decide(TaskId(1), AgentId(1), ts(60_000)),
-            Decision::Mine { .. } | Decision::NotMine
-        ));
+        assert!(step.changed);
+        assert_eq!(p.windows[0].from, ts(0));
+        assert_eq!(p.windows[0].until, ts(60_000));
+        assert_eq!(p.owner(TaskId(1), ts(30_000)), Some(AgentId(1)));
+        // Planned ahead from there.
+        assert!(p.planned_until().unwrap() >= ts(60_000 + p.lead_ms()));
     }
 
     #[test]
@@ -601,6 +594,7 @@ mod tests {
             vec![w(0, 5, 2, vec![(0, AgentId(1)), (0, AgentId(2))])],
             vec![w(0, 5, 2, vec![(0, AgentId(1)), (1, AgentId(1))])],
             vec![w(0, 5, 5_000, vec![])],
+            vec![w(0, 5, 0, vec![])],
         ];
         for windows in bad {
             let p = Placement {

@@ -16,7 +16,7 @@ use sundial_coordinator::client::AdminClient;
 use sundial_coordinator::pki::AdminCreds;
 use sundial_protocol::task::{Action, ExecSpec, Target};
 use sundial_protocol::wire::{AdminRequest, AdminResponse, TaskDraft};
-use sundial_protocol::{AgentId, Schedule, TaskId};
+use sundial_protocol::{AgentId, RunRecord, Schedule, TaskId};
 
 use crate::relay::{LinkConfig, Relay};
 use crate::rng::Rng;
@@ -456,6 +456,31 @@ impl Fleet {
             Err(_) => {
                 *cached = None;
                 None
+            }
+        }
+    }
+
+    /// Every run of `task` stored at the coordinator, oldest first.
+    pub async fn task_runs(&self, task: TaskId) -> anyhow::Result<Vec<RunRecord>> {
+        let client = AdminClient::connect(&self.creds)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let req = AdminRequest::RunList {
+                task: Some(task),
+                agent: None,
+                since: None,
+                limit: 10_000,
+                after: after.take(),
+                before: None,
+            };
+            let page = client.run_list(&req).await.map_err(anyhow::Error::msg)?;
+            out.extend(page.runs);
+            match page.last {
+                Some(last) if page.more => after = Some(last),
+                _ => return Ok(out),
             }
         }
     }

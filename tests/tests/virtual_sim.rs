@@ -255,3 +255,17 @@ fn several_coordinators_on_one_store_keep_every_invariant() {
     }
     assert!(moves > 0, "agents moved between coordinators");
 }
+
+#[test]
+fn a_lease_window_planned_again_before_it_ended_is_caught() {
+    // Placement: a window given again, before it ended, to whoever is in
+    // session then: a member cut off still fires its old share.
+    let caught = first_caught_in_coordinator(CoordBugs {
+        replan_leases: true,
+        ..CoordBugs::default()
+    });
+    let (seed, why) =
+        caught.expect("a lease window reassigned before it ended goes unnoticed for 100 seeds");
+    eprintln!("a lease reassigned early caught at seed {seed}: {why}");
+    assert!(why.contains("ran on 2 agents"), "seed {seed}: {why}");
+}

@@ -77,15 +77,8 @@ pub(super) fn event(shared: &Arc<Shared>, e: CoordEvent) {
             task,
             revision,
             windows,
-            unmanned,
-            skipped,
-        } => {
-            if unmanned > 0 {
-                tracing::warn!(%task, revision, windows, unmanned, skipped, "lease windows planned with no member in session: their occurrences are recorded skipped");
-            } else {
-                tracing::debug!(%task, revision, windows, "lease windows planned");
-            }
-        }
+            members,
+        } => tracing::debug!(%task, revision, windows, members, "lease windows planned"),
         CoordEvent::ConnRefused { ip, why } => {
             tracing::warn!(remote = %ip, ?why, "refused a connection")
         }

@@ -284,14 +284,12 @@ pub enum CloseWhy {
 #[derive(Clone, Debug, PartialEq)]
 pub enum CoordEvent {
     /// A placed task's lease windows were planned ahead: `windows` new ones
-    /// under `revision`, `unmanned` of them with no member in session, whose
-    /// `skipped` occurrences were recorded.
+    /// under `revision`, seating `members`.
     LeasesPlanned {
         task: TaskId,
         revision: u64,
         windows: usize,
-        unmanned: usize,
-        skipped: usize,
+        members: usize,
     },
     /// A new connection refused before any cryptography.
     Shed {
@@ -691,6 +689,7 @@ pub struct CoordNode {
     next_plan_ms: Option<u64>,
     /// Whether the store was read for its placed tasks yet.
     plan_scanned: bool,
+    plan_clock: placement::PlanClock,
 }
 
 impl CoordNode {
@@ -741,6 +740,7 @@ impl CoordNode {
             placed: BTreeMap::new(),
             next_plan_ms: Some(now.mono_ms),
             plan_scanned: false,
+            plan_clock: placement::PlanClock::default(),
         }
     }
 
@@ -1159,7 +1159,8 @@ impl CoordNode {
     /// task of the store) with the agents in session here that follow
     /// lease windows.
     fn plan(&mut self, now: Now) {
-        let wall = now.wall.as_millis();
+        let at = self.plan_clock.time(now.wall, now.mono_ms);
+        let wall = at.as_millis();
         let due: Vec<TaskId> = self
             .placed
             .iter()
@@ -1189,7 +1190,7 @@ impl CoordNode {
             tasks: due,
             scan: !self.plan_scanned,
             members,
-            at: now.wall,
+            at,
             replan_bug: self.bugs.replan_leases,
         }));
     }
@@ -1225,8 +1226,7 @@ impl CoordNode {
                     task: p.task,
                     revision,
                     windows: p.windows,
-                    unmanned: p.unmanned,
-                    skipped: p.skipped,
+                    members: p.members,
                 });
                 self.announce(now, &target, revision);
             }

@@ -5,13 +5,12 @@
 //! that are due, plans their next windows with the agents in session that
 //! they reach ([`Placement::plan`]), writes each changed plan as a new
 //! revision (compare-and-set: with several coordinators on one store, one
-//! plan wins and the others read it again), and records the occurrences of
-//! windows no member held as `skipped`. The node then announces the new
-//! revisions to the sessions, as for any change.
+//! plan wins and the others read it again). The node then announces the
+//! new revisions to the sessions, as for any change.
 
 use sundial_protocol::placement::PlanStep;
 use sundial_protocol::task::Target;
-use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
+use sundial_protocol::{AgentId, TaskId, Timestamp};
 
 use crate::coord_store::{targets, CoordStore, StoreError, StoreResult, PAGE_MAX};
 
@@ -19,14 +18,6 @@ use crate::coord_store::{targets, CoordStore, StoreError, StoreResult, PAGE_MAX}
 pub const PLAN_INTERVAL_MS: u64 = 500;
 /// The most placed tasks one planning job looks at.
 pub const PLAN_BATCH_MAX: usize = 1_000;
-/// The most `skipped` records written for one window no member held.
-pub const UNMANNED_RECORDS_MAX: usize = 1_000;
-/// The agent id of records the coordinator writes itself (no agent ran or
-/// skipped them): no agent has it.
-pub const NO_AGENT: AgentId = AgentId(0);
-/// The detail of an occurrence no member held.
-pub const NO_MEMBER_DETAIL: &str = "no member held its lease (no agent the task reaches was in session when its window was planned)";
-
 /// An agent in session here: its id and labels.
 pub type Member = (AgentId, Vec<(String, String)>);
 
@@ -39,11 +30,9 @@ pub struct Planned {
     pub next_at: Option<Timestamp>,
     /// A new plan was stored: announce this revision to its target.
     pub announce: Option<(Target, u64)>,
-    /// Windows planned, and those of them with no member.
+    /// Windows planned, and the members seated in the newest.
     pub windows: usize,
-    pub unmanned: usize,
-    /// `skipped` records written for occurrences no member held.
-    pub skipped: usize,
+    pub members: usize,
 }
 
 /// The placed tasks of the store (read once when the node starts).
@@ -85,8 +74,7 @@ pub fn plan(
             next_at: None,
             announce: None,
             windows: 0,
-            unmanned: 0,
-            skipped: 0,
+            members: 0,
         };
         let Some(stored) = store.task(id)? else {
             out.push(gone);
@@ -123,6 +111,7 @@ pub fn plan(
             continue;
         }
         let windows = step.added;
+        let members = reached.len();
         let expected = spec.revision;
         spec.placement = Some(placement);
         let revision = match store.update_task(&spec, expected, None) {
@@ -137,57 +126,88 @@ pub fn plan(
             }
             Err(e) => return Err(e),
         };
-        let records = unmanned_records(&spec, &step);
-        let skipped = records.len();
-        if !records.is_empty() {
-            store.store_runs(&records)?;
-        }
         out.push(Planned {
             task: id,
             next_at: step.next_at,
             announce: Some((spec.target.clone(), revision)),
             windows,
-            unmanned: step.unmanned.len(),
-            skipped,
+            members,
         });
     }
     Ok(out)
 }
 
-/// `skipped` records for the occurrences of the windows no member held
-/// (the most recent [`UNMANNED_RECORDS_MAX`] of each).
-fn unmanned_records(spec: &TaskSpec, step: &PlanStep) -> Vec<RunRecord> {
-    let mut out = Vec::new();
-    for &(from, until) in &step.unmanned {
-        let from = from.max(spec.created_at);
-        let mut at: Vec<Timestamp> = Vec::new();
-        let mut cursor = spec.schedule.next_after(from.saturating_add_ms(-1));
-        let mut scanned = 0usize;
-        while let Some(t) = cursor {
-            if t >= until || scanned >= 100 * UNMANNED_RECORDS_MAX {
-                break;
-            }
-            if at.len() == UNMANNED_RECORDS_MAX {
-                at.remove(0);
-            }
-            at.push(t);
-            scanned += 1;
-            cursor = spec.schedule.next_after(t);
+/// A wall clock that moved by more than this against the monotonic clock
+/// since the last believed reading has stepped.
+pub const PLAN_STEP_MAX_MS: i64 = 1_000;
+/// A step is believed once it has held this long.
+pub const PLAN_STEP_CONFIRM_MS: u64 = 10 * 60_000;
+
+/// The time planning uses: the wall clock while it runs with the monotonic
+/// clock; a step (either way) is followed only once it has held for
+/// [`PLAN_STEP_CONFIRM_MS`], and until then time follows the monotonic
+/// clock from the last believed reading. A coordinator whose clock jumps
+/// an hour ahead for a minute would otherwise plan an hour of windows that
+/// nobody holds, and one whose clock jumps back would stall placement.
+#[derive(Clone, Debug, Default)]
+pub struct PlanClock {
+    /// The last believed reading: (wall ms, monotonic ms).
+    base: Option<(i64, u64)>,
+    /// A step not yet believed: its size and since when.
+    step: Option<(i64, u64)>,
+}
+
+impl PlanClock {
+    pub fn time(&mut self, wall: Timestamp, mono_ms: u64) -> Timestamp {
+        let w = wall.as_millis();
+        let Some((base_wall, base_mono)) = self.base else {
+            self.base = Some((w, mono_ms));
+            return wall;
+        };
+        let line = base_wall + mono_ms.saturating_sub(base_mono) as i64;
+        let off = w - line;
+        if off.abs() <= PLAN_STEP_MAX_MS {
+            self.base = Some((w, mono_ms));
+            self.step = None;
+            return wall;
         }
-        out.extend(at.into_iter().map(|t| RunRecord {
-            task_id: spec.id,
-            agent_id: NO_AGENT,
-            scheduled_at: t,
-            attempt: 1,
-            fired_at: None,
-            finished_at: None,
-            outcome: Outcome::Skipped,
-            exit_code: None,
-            offline: false,
-            detail: Some(NO_MEMBER_DETAIL.into()),
-            stdout_tail: Vec::new(),
-            stderr_tail: Vec::new(),
-        }));
+        match self.step {
+            Some((size, since)) if (size - off).abs() <= PLAN_STEP_MAX_MS => {
+                if mono_ms.saturating_sub(since) >= PLAN_STEP_CONFIRM_MS {
+                    self.base = Some((w, mono_ms));
+                    self.step = None;
+                    return wall;
+                }
+            }
+            _ => self.step = Some((off, mono_ms)),
+        }
+        Timestamp::from_millis_saturating(line)
     }
-    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_is_followed_only_once_it_held() {
+        let mut c = PlanClock::default();
+        let t = |ms| Timestamp::from_millis_saturating(ms);
+        assert_eq!(c.time(t(1_000_000), 0), t(1_000_000));
+        // An hour ahead for 30 s: planning follows the monotonic clock.
+        assert_eq!(c.time(t(4_600_000), 1_000), t(1_001_000));
+        assert_eq!(c.time(t(4_630_000), 31_000), t(1_031_000));
+        // Back in line: followed.
+        assert_eq!(c.time(t(1_032_000), 32_000), t(1_032_000));
+        // An hour back for a while: the same.
+        assert_eq!(c.time(t(-2_567_000), 33_000), t(1_033_000));
+        assert_eq!(c.time(t(1_034_000), 34_000), t(1_034_000));
+        // A step that holds is believed after ten minutes.
+        let m = PLAN_STEP_CONFIRM_MS;
+        assert_eq!(c.time(t(3_000_000), 35_000), t(1_035_000));
+        assert_eq!(
+            c.time(t(3_000_000 + m as i64), 35_000 + m),
+            t(3_000_000 + m as i64)
+        );
+    }
 }

@@ -135,6 +135,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.shared_stores += e.shared_stores;
         ex.moves += e.moves;
         ex.triggered_tasks += e.triggered_tasks;
+        ex.placed_tasks += e.placed_tasks;
     }
     let hours = sim_ms as f64 / 3_600_000.0;
     println!(
@@ -143,13 +144,14 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         hours / wall.max(1e-9),
     );
     println!(
-        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks, {} cron tasks ({} across a DST change), {} triggered tasks, {} windows, {} store write failures, {} coordinator restarts, {} seeds with several coordinators on one store ({} moves of an agent to another coordinator)",
+        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks ({} placed one or shard), {} cron tasks ({} across a DST change), {} triggered tasks, {} windows, {} store write failures, {} coordinator restarts, {} seeds with several coordinators on one store ({} moves of an agent to another coordinator)",
         ex.enrollments,
         ex.revokes,
         ex.pauses,
         ex.run_nows,
         ex.updates,
         ex.selector_tasks,
+        ex.placed_tasks,
         ex.cron_tasks,
         ex.dst_crossings,
         ex.triggered_tasks,

@@ -29,9 +29,11 @@ impl World {
                 ));
             }
             // Changes for other agents are not news to it.
+            // (Placed tasks' plans move on all the time: their newest
+            // window may be on its way.)
             let latest = tasks
                 .iter()
-                .filter(|t| self.assigns(&t.spec, i))
+                .filter(|t| self.assigns(&t.spec, i) && t.spec.placement.is_none())
                 .map(|t| t.spec.revision)
                 .max()
                 .unwrap_or(0);
@@ -69,6 +71,10 @@ impl World {
                 let (Some(until), Some(spec)) = (until, tasks.get(task_id)) else {
                     continue;
                 };
+                if spec.placement.is_some() {
+                    // Not every member's: `check_placement`.
+                    continue;
+                }
                 if agent.excused_tasks.contains(task_id) {
                     // Decided on a clock far ahead: beyond the cap of
                     // skipped records (MISFIRE_RECORDS_MAX) not all are.
@@ -123,6 +129,7 @@ impl World {
             for t in &tasks {
                 let spec = &t.spec;
                 if t.removed()
+                    || spec.placement.is_some()
                     || !self.assigns(spec, i)
                     || spec.created_at.max(enrolled_at).as_millis() > q - 30_000
                     || agent.excused_tasks.contains(&spec.id)
@@ -270,6 +277,143 @@ impl World {
                         "agent {i}: the triggered run {key:?}, pending from {} (agent time), has no record though the agent decided up to {}",
                         due.as_millis() - self.t0,
                         until.as_millis() - self.t0
+                    ));
+                }
+            }
+        }
+        for f in found.into_iter().take(5) {
+            self.fail(f);
+        }
+    }
+
+    /// Who must have run or recorded occurrence `at` of a placed task: its
+    /// owner (`one`) or every member (`shard`); `None`: no window covers it.
+    fn placed_owners(spec: &TaskSpec, at: Timestamp) -> Option<Vec<AgentId>> {
+        use sundial_protocol::placement::PlacementMode;
+        let p = spec.placement.as_ref()?;
+        let w = p.window_of(at)?;
+        Some(match p.mode {
+            PlacementMode::One => p.owner(spec.id, at).into_iter().collect(),
+            PlacementMode::Shard => w.seats.iter().map(|(_, a)| *a).collect(),
+        })
+    }
+
+    /// At the quiesce point, long after the last fault: every occurrence of
+    /// a live placed task due 5–20 s ago was planned ahead and run or
+    /// recorded by the members its window gave it to.
+    pub(super) fn check_placement_on_time(&mut self) {
+        if self.placement_excused {
+            return;
+        }
+        let q = self.now;
+        let (from, to) = (
+            Timestamp::from_millis_saturating(q - 20_000),
+            Timestamp::from_millis_saturating(q - 5_000),
+        );
+        let runs = self.stored_runs();
+        let mut found = Vec::new();
+        for t in self.stored_tasks() {
+            let spec = &t.spec;
+            if t.removed() || spec.placement.is_none() || spec.created_at.as_millis() > q - 30_000 {
+                continue;
+            }
+            let reached: Vec<AgentId> = (0..self.agents.len())
+                .filter(|i| self.assigns(spec, *i) && !self.agents[*i].revoked)
+                .map(|i| self.agents[i].id)
+                .collect();
+            if reached.is_empty() {
+                // Nobody to run it: nothing is planned.
+                continue;
+            }
+            for at in crate::oracle::occurrences(&spec.schedule, from, to) {
+                let key = RunKey {
+                    task_id: spec.id,
+                    scheduled_at: at,
+                    attempt: 1,
+                };
+                let Some(owners) = Self::placed_owners(spec, at) else {
+                    let plan: Vec<(i64, i64, u32)> = spec
+                        .placement
+                        .iter()
+                        .flat_map(|p| &p.windows)
+                        .map(|w| {
+                            (
+                                w.from.as_millis() - self.t0,
+                                w.until.as_millis() - self.t0,
+                                w.count,
+                            )
+                        })
+                        .collect();
+                    found.push(format!(
+                        "{key:?}, due {} ms before the quiesce point, has no lease window (created {}, reaching {reached:?}, windows {plan:?})",
+                        q - at.as_millis(),
+                        spec.created_at.as_millis() - self.t0,
+                    ));
+                    break;
+                };
+                for owner in owners {
+                    let agent = self.agents.iter().find(|a| a.id == owner);
+                    let done = runs.contains(&(owner, key))
+                        || agent.is_some_and(|a| {
+                            a.excused
+                                || a.revoked
+                                || a.excused_tasks.contains(&spec.id)
+                                || a.fired.contains_key(&key)
+                                || a.node
+                                    .as_ref()
+                                    .is_some_and(|n| n.store().outbox_keys().contains(&key))
+                        });
+                    if !done {
+                        found.push(format!(
+                            "{key:?} ({}), due {} ms before the quiesce point, was neither run nor recorded by {owner}, whose lease held it",
+                            spec.placement.as_ref().map_or("", |p| p.mode.as_str()),
+                            q - at.as_millis()
+                        ));
+                    }
+                }
+            }
+        }
+        for f in found.into_iter().take(5) {
+            self.fail(f);
+        }
+    }
+
+    /// At the end: no occurrence of a task placed `one` ran on two agents
+    /// (nor twice on one: the fired-twice check).
+    pub(super) fn check_placement(&mut self) {
+        use sundial_protocol::placement::PlacementMode;
+        let mut found = Vec::new();
+        let tasks = self.stored_tasks();
+        let mut ran: HashMap<RunKey, BTreeSet<AgentId>> = HashMap::new();
+        for a in &self.agents {
+            for key in a.fired.keys() {
+                ran.entry(*key).or_default().insert(a.id);
+            }
+        }
+        for r in self.store.all_runs().unwrap_or_default() {
+            if r.fired_at.is_some() {
+                ran.entry(r.key()).or_default().insert(r.agent_id);
+            }
+        }
+        for t in &tasks {
+            let Some(p) = &t.spec.placement else {
+                continue;
+            };
+            if p.mode == PlacementMode::One {
+                let twice = ran.iter().find(|(k, agents)| {
+                    k.task_id == t.spec.id
+                        && agents.len() > 1
+                        && self
+                            .agents
+                            .iter()
+                            .all(|a| !a.run_now.contains(&(k.task_id, k.scheduled_at)))
+                });
+                if let Some((k, agents)) = twice {
+                    found.push(format!(
+                        "{} placed one: occurrence {} ran on {} agents: {agents:?}",
+                        t.spec.id,
+                        k.scheduled_at.as_millis() - self.t0,
+                        agents.len()
                     ));
                 }
             }

@@ -3,6 +3,7 @@
 //! enrollment, and the operator's admin requests.
 
 use super::*;
+use sundial_protocol::placement::{Placement, PlacementMode};
 
 /// The coordinator node of one incarnation.
 #[derive(Debug)]
@@ -103,6 +104,12 @@ impl World {
             // Each incarnation draws its own.
             holder: (k as u64 + 1) << 32 | self.coords[k].inc,
         });
+        if self.coord_clock_off != 0 {
+            // Started with its clock wrong: it plans placed tasks by that
+            // clock (with it behind, members wait; ahead, a window is
+            // planned over the gap) — at most once holds, on time does not.
+            self.placement_excused = true;
+        }
         let now = self.coord_now(self.now);
         let node = CoordNode::new(
             now,
@@ -514,8 +521,21 @@ impl World {
                 self.admin(AdminRequest::TaskCreate(Box::new(draft)));
                 return;
             }
+            // Placement for two selector tasks in three, taken from a count
+            // (no draw of the generator: seeds keep their other choices).
+            let mut placement = None;
             let target = if self.rng.chance(0.3) {
                 self.exercised.selector_tasks += 1;
+                let n = self.exercised.selector_tasks;
+                let lease = DurationMs([2_000, 5_000, 10_000][(n / 3 % 3) as usize]);
+                placement = match n % 3 {
+                    1 => Some(Placement::new(PlacementMode::One, lease)),
+                    2 => Some(Placement::new(PlacementMode::Shard, lease)),
+                    _ => None,
+                };
+                if placement.is_some() {
+                    self.exercised.placed_tasks += 1;
+                }
                 let site = ["north", "south"][self.rng.below(2) as usize];
                 Target::Selector(vec![("site".into(), site.into())])
             } else {
@@ -624,7 +644,7 @@ impl World {
                 policies,
                 // `every` counts from the coordinator's instant of creation.
                 anchor_at_creation: true,
-                placement: Default::default(),
+                placement: placement.into(),
             };
             self.trace(40, kind, 0);
             self.admin(AdminRequest::TaskCreate(Box::new(draft)));

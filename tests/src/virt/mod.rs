@@ -129,6 +129,8 @@ pub struct Exercised {
     pub moves: u64,
     /// Tasks triggered by another's runs.
     pub triggered_tasks: u64,
+    /// Selector tasks placed `one` or `shard`.
+    pub placed_tasks: u64,
 }
 
 /// What one seed did.
@@ -328,6 +330,9 @@ struct World {
     last_hello_revision: u64,
     /// The coordinator's wall clock reads true time plus this.
     coord_clock_off: i64,
+    /// A coordinator started while its clock was wrong (see
+    /// `check_placement_on_time`).
+    placement_excused: bool,
     /// Stops and crashes aimed into retry backoffs, so far.
     backoff_restarts: u32,
     /// Early fires by a clock nothing could correct (see `Agent::excused`).
@@ -717,6 +722,7 @@ impl World {
             Ev::Quiesce => {
                 self.check_converged();
                 self.check_on_time();
+                self.check_placement_on_time();
                 let live: Vec<TaskId> = self
                     .stored_tasks()
                     .iter()
@@ -875,6 +881,7 @@ impl World {
             session_ups: 0,
             last_hello_revision: 0,
             coord_clock_off: 0,
+            placement_excused: false,
             backoff_restarts: 0,
             excused_early: 0,
         };
@@ -1038,6 +1045,7 @@ fn run_plan(mut w: World, seed: u64, n: usize, duration: i64) -> SeedReport {
     w.check_every_occurrence_decided();
     w.check_retries();
     w.check_triggers();
+    w.check_placement();
     SeedReport {
         seed,
         failures: w.failures,

@@ -133,12 +133,11 @@ pub(crate) fn task_json(t: &TaskInfo) -> Value {
         "window_end": opt_ts(end),
         "reached": t.reached.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "placement": t.spec.placement.as_ref().map(|pl| {
-            let (shares, nobody) = pl.shares(t.spec.id, &t.spec.schedule);
+            let shares = pl.shares(t.spec.id, &t.spec.schedule);
             json!({
                 "mode": pl.mode.as_str(),
                 "lease_ms": pl.lease.0,
                 "shares": shares.iter().map(|(a, n)| json!({"agent_id": a.to_string(), "occurrences": n})).collect::<Vec<_>>(),
-                "no_member": nobody,
                 "leases": pl.windows.iter().map(|w| json!({
                     "from": w.from.to_string(),
                     "until": w.until.to_string(),
@@ -523,12 +522,12 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
                 DurationMs(pl.lead_ms() as u64)
             ),
         );
-        let (shares, nobody) = pl.shares(t.spec.id, &t.spec.schedule);
+        let shares = pl.shares(t.spec.id, &t.spec.schedule);
         let total: u64 = match pl.mode {
-            PlacementMode::One => shares.iter().map(|(_, n)| n).sum::<u64>() + nobody,
+            PlacementMode::One => shares.iter().map(|(_, n)| n).sum::<u64>(),
             PlacementMode::Shard => 0,
         };
-        let mut text: Vec<String> = shares
+        let text: Vec<String> = shares
             .iter()
             .map(|(a, n)| match pl.mode {
                 PlacementMode::One if total > 0 => {
@@ -537,9 +536,6 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
                 _ => format!("{} {n}", names.agent(*a)),
             })
             .collect();
-        if nobody > 0 {
-            text.push(format!("no member {nobody}"));
-        }
         field(
             "Shares",
             if text.is_empty() {
@@ -560,11 +556,7 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
                 vec![
                     format!("  {}", w.from),
                     w.until.to_string(),
-                    if members.is_empty() {
-                        "none (occurrences recorded skipped)".into()
-                    } else {
-                        members.join(", ")
-                    },
+                    members.join(", "),
                 ]
             })
             .collect();
