@@ -13,15 +13,18 @@ fn bin_dir() -> PathBuf {
         .to_owned()
 }
 
-#[test]
-fn the_walkthrough_runs_as_written() {
+/// Runs the README's shell block between `<!-- NAME:start -->` and
+/// `<!-- NAME:end -->` in bash; its stdout.
+fn run_block(name: &str) -> String {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
             .expect("README.md");
     let start = readme
-        .find("<!-- walkthrough:start -->")
+        .find(&format!("<!-- {name}:start -->"))
         .expect("start marker");
-    let end = readme.find("<!-- walkthrough:end -->").expect("end marker");
+    let end = readme
+        .find(&format!("<!-- {name}:end -->"))
+        .expect("end marker");
     let block = &readme[start..end];
     let body: Vec<&str> = block
         .lines()
@@ -30,7 +33,7 @@ fn the_walkthrough_runs_as_written() {
         .take_while(|l| !l.starts_with("```"))
         .filter(|l| !l.starts_with("cargo build") && !l.starts_with("export PATH="))
         .collect();
-    assert!(body.len() > 10, "walkthrough too short: {body:?}");
+    assert!(body.len() > 10, "{name} too short: {body:?}");
     let dir = bin_dir();
     for b in ["sundial-coordinator", "sundialctl", "sundial-agent"] {
         assert!(
@@ -64,12 +67,18 @@ fn the_walkthrough_runs_as_written() {
     if let Some(pid) = rustix::process::Pid::from_raw(pgid) {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "walkthrough failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "{name} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
+    stdout
+}
+
+#[test]
+fn the_walkthrough_runs_as_written() {
+    let stdout = run_block("walkthrough");
     assert!(
         stdout.contains("dev1") && stdout.contains("online"),
         "agent list: {stdout}"
@@ -93,5 +102,41 @@ fn the_walkthrough_runs_as_written() {
             .lines()
             .any(|l| l.contains("t2 (greet)") && l.contains("succeeded")),
         "the sealed run: {stdout}"
+    );
+}
+
+#[test]
+fn the_placement_section_runs_as_written() {
+    let stdout = run_block("placement");
+    assert!(
+        stdout.contains("Placement:    one (lease window 10s"),
+        "task get: {stdout}"
+    );
+    // One record per occurrence: never two for one instant.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("t1 (clear-queue)"))
+        .collect();
+    assert!(rows.len() >= 30, "run list: {stdout}");
+    let instants: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert_eq!(
+        instants.len(),
+        rows.len(),
+        "an occurrence recorded twice: {stdout}"
+    );
+    // The others took over while till2 was dark: a stretch of runs with
+    // no till2 among them, and till2's missed share recorded skipped.
+    let dark = rows.windows(8).any(|w| {
+        w.iter()
+            .all(|l| !l.contains("till2") && l.contains("succeeded"))
+    });
+    assert!(dark, "till1 and till3 took over: {stdout}");
+    assert!(
+        rows.iter()
+            .any(|l| l.contains("till2") && l.contains("skipped") && l.contains("lease ended")),
+        "till2's missed share: {stdout}"
     );
 }

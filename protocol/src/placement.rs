@@ -422,12 +422,12 @@ mod tests {
     use super::*;
 
     fn ts(ms: i64) -> Timestamp {
-        Timestamp::from_millis(ms).unwrap()
+        Timestamp::from_millis(ms).expect("test value")
     }
 
     #[test]
     fn every_occurrence_has_one_owner_among_members() {
-        let schedule = Schedule::every(DurationMs(1_000), ts(0)).unwrap();
+        let schedule = Schedule::every(DurationMs(1_000), ts(0)).expect("test value");
         let mut p = Placement::new(PlacementMode::One, DurationMs(10_000));
         let members = [AgentId(3), AgentId(1), AgentId(2)];
         let step = p.plan(&schedule, ts(0), ts(0), &members);
@@ -457,7 +457,7 @@ mod tests {
 
     #[test]
     fn planned_windows_never_change_and_leavers_are_left_out_of_the_next() {
-        let schedule = Schedule::every(DurationMs(1_000), ts(0)).unwrap();
+        let schedule = Schedule::every(DurationMs(1_000), ts(0)).expect("test value");
         let mut p = Placement::new(PlacementMode::One, DurationMs(4_000));
         p.plan(&schedule, ts(0), ts(0), &[AgentId(1), AgentId(2)]);
         let first = p.windows.clone();
@@ -474,12 +474,12 @@ mod tests {
             .all(|w| w.seats == vec![(0, AgentId(1))]));
         assert!(p.refusal().is_none());
         // Always planned at least the lead ahead.
-        assert!(p.planned_until().unwrap().millis_since(now) >= p.lead_ms() - 500);
+        assert!(p.planned_until().expect("test value").millis_since(now) >= p.lead_ms() - 500);
     }
 
     #[test]
     fn a_plan_behind_time_is_caught_up_in_one_window_and_none_without_members() {
-        let schedule = Schedule::every(DurationMs(1_000), ts(0)).unwrap();
+        let schedule = Schedule::every(DurationMs(1_000), ts(0)).expect("test value");
         let mut p = Placement::new(PlacementMode::One, DurationMs(4_000));
         let step = p.plan(&schedule, ts(0), ts(60_000), &[]);
         assert!(!step.changed && p.windows.is_empty());
@@ -490,12 +490,12 @@ mod tests {
         assert_eq!(p.windows[0].until, ts(60_000));
         assert_eq!(p.owner(TaskId(1), ts(30_000)), Some(AgentId(1)));
         // Planned ahead from there.
-        assert!(p.planned_until().unwrap() >= ts(60_000 + p.lead_ms()));
+        assert!(p.planned_until().expect("test value") >= ts(60_000 + p.lead_ms()));
     }
 
     #[test]
     fn shard_seats_every_member() {
-        let schedule = Schedule::every(DurationMs(1_000), ts(0)).unwrap();
+        let schedule = Schedule::every(DurationMs(1_000), ts(0)).expect("test value");
         let mut p = Placement::new(PlacementMode::Shard, DurationMs(4_000));
         p.plan(&schedule, ts(0), ts(0), &[AgentId(5), AgentId(9)]);
         let d5 = p
@@ -525,7 +525,7 @@ mod tests {
             id: TaskId(4),
             name: Some("till".into()),
             target: crate::task::Target::Selector(vec![("shop".into(), "1".into())]),
-            schedule: Schedule::every(DurationMs(1_000), ts(0)).unwrap(),
+            schedule: Schedule::every(DurationMs(1_000), ts(0)).expect("test value"),
             action: crate::task::Action::Exec(crate::task::ExecSpec {
                 program: "/bin/true".into(),
                 ..Default::default()
@@ -541,29 +541,29 @@ mod tests {
     fn placed_tasks_travel_and_are_stored_whole_and_unplaced_ones_as_before() {
         let mut p = Placement::new(PlacementMode::One, DurationMs(4_000));
         p.plan(
-            &Schedule::every(DurationMs(1_000), ts(0)).unwrap(),
+            &Schedule::every(DurationMs(1_000), ts(0)).expect("test value"),
             ts(0),
             ts(0),
             &[AgentId(1), AgentId(2)],
         );
         let placed = spec(Some(p.clone()));
-        let bytes = postcard::to_allocvec(&placed).unwrap();
+        let bytes = postcard::to_allocvec(&placed).expect("test value");
         assert_eq!(
-            postcard::from_bytes::<crate::TaskSpec>(&bytes).unwrap(),
+            postcard::from_bytes::<crate::TaskSpec>(&bytes).expect("test value"),
             placed
         );
         let stored = crate::records::encode_task(&placed);
         assert_eq!(stored[0], crate::records::RECORD_V4);
         assert_eq!(
-            crate::records::decode_task("tasks", 4, &stored).unwrap(),
+            crate::records::decode_task("tasks", 4, &stored).expect("test value"),
             placed
         );
         // An unplaced task is encoded as 0.5 encoded it: the action's
         // variant is the first, as before.
         let plain = spec(None);
-        let bytes = postcard::to_allocvec(&plain).unwrap();
+        let bytes = postcard::to_allocvec(&plain).expect("test value");
         assert_eq!(
-            postcard::from_bytes::<crate::TaskSpec>(&bytes).unwrap(),
+            postcard::from_bytes::<crate::TaskSpec>(&bytes).expect("test value"),
             plain
         );
         assert_eq!(
@@ -571,7 +571,7 @@ mod tests {
             crate::records::RECORD_V1
         );
         // An agent is sent its own seat only.
-        let mine = placed.for_agent(AgentId(2)).placement.unwrap();
+        let mine = placed.for_agent(AgentId(2)).placement.expect("test value");
         assert!(mine
             .windows
             .iter()
@@ -603,7 +603,7 @@ mod tests {
                 windows: windows.clone(),
             };
             assert!(p.refusal().is_some(), "{windows:?}");
-            let bytes = postcard::to_allocvec(&p).unwrap();
+            let bytes = postcard::to_allocvec(&p).expect("test value");
             assert!(postcard::from_bytes::<Placement>(&bytes).is_err());
         }
         let short = Placement::new(PlacementMode::One, DurationMs(10));

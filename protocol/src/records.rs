@@ -118,14 +118,16 @@ pub fn decode_with_sealed<T: DeserializeOwned>(
 /// placement (new in 0.6): written only for placed tasks.
 pub const RECORD_V4: u8 = 4;
 
+/// A lease window as stored: (from, until, count, seats as (seat, agent id)).
+pub type LeaseWindowV1 = (i64, i64, u32, Vec<(u32, u64)>);
+
 /// A placement as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlacementV1 {
     /// 0 one, 1 shard
     pub mode: u8,
     pub lease_ms: u64,
-    /// (from, until, count, seats as (seat, agent id))
-    pub windows: Vec<(i64, i64, u32, Vec<(u32, u64)>)>,
+    pub windows: Vec<LeaseWindowV1>,
 }
 
 impl PlacementV1 {

@@ -119,7 +119,7 @@ async fn scenario() {
     let cut_at = now_ms();
     fleet.agents[0].kill9().await;
     fleet.agents[1].relay.set(LinkConfig::partition());
-    let cut_for = Duration::from_millis((LEASE_MS * 6) as u64);
+    let cut_for = Duration::from_millis((LEASE_MS * 8) as u64);
     tokio::time::sleep(cut_for).await;
     let healed_at = now_ms();
     fleet.agents[1].relay.set(LinkConfig::pass());
@@ -180,10 +180,10 @@ async fn scenario() {
     }
 
     // The share moved: from when the killed and the cut agents' last
-    // windows had ended (the session's idle timeout to notice, half a
+    // windows had ended (the session's 5 s idle timeout to notice, half a
     // window planned ahead, one window, and slack for a busy machine),
     // until the heal, the third agent ran every occurrence.
-    let moved_by = cut_at + 5_000 + LEASE_MS / 2 + LEASE_MS + 3_000;
+    let moved_by = cut_at + 5_000 + LEASE_MS / 2 + LEASE_MS + 8_000;
     let third = fleet.agents[2].id;
     let alone: Vec<&RunRecord> = stored
         .iter()
