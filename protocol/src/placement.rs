@@ -348,6 +348,16 @@ impl Placement {
         self.windows.last().map(|w| w.until)
     }
 
+    /// Whether [`Placement::plan`] at `now` would plan a window (given members).
+    pub fn needs_plan(&self, schedule: &Schedule, created_at: Timestamp, now: Timestamp) -> bool {
+        let plan_end = self
+            .planned_until()
+            .map_or(created_at, |end| end.max(created_at));
+        schedule
+            .next_after(plan_end.saturating_add_ms(-1))
+            .is_some_and(|next| next.millis_since(now) <= self.lead_ms())
+    }
+
     /// Plans ahead at `now` (the coordinator's time): each occurrence
     /// within [`Placement::lead_ms`] of now gets a window, seating
     /// `members` (agents in session that the task reaches, sorted; at most

@@ -116,6 +116,7 @@ impl Node {
                     holder: at + 1,
                 }),
                 bugs: Default::default(),
+                placed: Vec::new(),
             },
         );
         Node {

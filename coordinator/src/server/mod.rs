@@ -876,6 +876,7 @@ impl Server {
                     holder: session_holder(),
                 }),
                 bugs: Default::default(),
+                placed: sundial_core::coord::placement::placed_tasks(store.as_ref())?,
             },
         );
         let node = Arc::new(Mutex::new(node));

@@ -120,13 +120,15 @@ pub enum StoreJob {
     },
     /// Audit retention: entries before `before`, at most `max` of them.
     PurgeAudit { before: Timestamp, max: usize },
-    /// Placement: plan the next lease windows of these placed tasks (and,
-    /// with `scan`, of every placed task the store holds) with the agents
-    /// in session here.
+    /// Placement: plan the next lease windows of these placed tasks with
+    /// the agents in session here.
     Plan {
         tasks: Vec<TaskId>,
-        scan: bool,
         members: Vec<placement::Member>,
+        /// Every agent in session here (members or not).
+        here: Vec<AgentId>,
+        /// Other coordinators share the store: their sessions count too.
+        shared: bool,
         at: Timestamp,
         replan_bug: bool,
     },
@@ -257,8 +259,6 @@ pub enum StoreDone {
         result: StoreResult<()>,
     },
     Plan {
-        /// Whether the store was scanned for placed tasks.
-        scan: bool,
         result: StoreResult<Vec<placement::Planned>>,
     },
 }
@@ -396,10 +396,7 @@ impl StoreJob {
             },
             StoreJob::Feed { .. } => StoreDone::Feed { result: Err(error) },
             StoreJob::QueueRunNow { .. } => StoreDone::Queued { result: Err(error) },
-            StoreJob::Plan { scan, .. } => StoreDone::Plan {
-                scan,
-                result: Err(error),
-            },
+            StoreJob::Plan { .. } => StoreDone::Plan { result: Err(error) },
         }
     }
 
@@ -605,21 +602,14 @@ impl StoreJob {
                 result: store.queue_run_now(&runs, at),
             },
             StoreJob::Plan {
-                mut tasks,
-                scan,
+                tasks,
                 members,
+                here,
+                shared,
                 at,
                 replan_bug,
             } => StoreDone::Plan {
-                scan,
-                result: (|| {
-                    if scan {
-                        tasks.extend(placement::placed_tasks(store)?);
-                        tasks.sort_unstable();
-                        tasks.dedup();
-                    }
-                    placement::plan(store, &tasks, &members, at, replan_bug)
-                })(),
+                result: placement::plan(store, &tasks, &members, &here, shared, at, replan_bug),
             },
         }
     }

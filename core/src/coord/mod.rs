@@ -510,6 +510,8 @@ pub struct CoordConfig {
     /// Other coordinators share the store: follow its feeds.
     pub shared: Option<Shared>,
     pub bugs: CoordBugs,
+    /// The placed tasks of the store ([`placement::placed_tasks`]).
+    pub placed: Vec<TaskId>,
 }
 
 /// A store shared by several coordinators (see [`CoordConfig::shared`]).
@@ -684,11 +686,11 @@ pub struct CoordNode {
     started_ms: u64,
     /// Placed tasks and when each is next planned (wall ms; 0: at once).
     placed: BTreeMap<TaskId, i64>,
-    /// The next look for placed tasks due (monotonic ms); `None`: a look
-    /// is running.
+    /// The next look for placed tasks due (monotonic ms); `None`: none
+    /// is placed.
     next_plan_ms: Option<u64>,
-    /// Whether the store was read for its placed tasks yet.
-    plan_scanned: bool,
+    /// A planning job is out.
+    planning: bool,
     plan_clock: placement::PlanClock,
 }
 
@@ -737,9 +739,9 @@ impl CoordNode {
             events_dropped: 0,
             joined: BTreeSet::new(),
             started_ms: now.mono_ms,
-            placed: BTreeMap::new(),
-            next_plan_ms: Some(now.mono_ms),
-            plan_scanned: false,
+            next_plan_ms: (!config.placed.is_empty()).then_some(now.mono_ms),
+            placed: config.placed.into_iter().map(|t| (t, 0)).collect(),
+            planning: false,
             plan_clock: placement::PlanClock::default(),
         }
     }
@@ -814,7 +816,7 @@ impl CoordNode {
             self.timers.first().map(|(t, _)| *t),
             self.next_purge_ms.filter(|_| !self.purging),
             feed,
-            self.next_plan_ms.filter(|_| !self.broken),
+            self.next_plan_ms.filter(|_| !self.broken && !self.planning),
         ]
         .into_iter()
         .flatten()
@@ -1150,14 +1152,13 @@ impl CoordNode {
             self.purge(now);
         }
         self.read_feed(now);
-        if !self.broken && self.next_plan_ms.is_some_and(|t| t <= now.mono_ms) {
+        if !self.broken && !self.planning && self.next_plan_ms.is_some_and(|t| t <= now.mono_ms) {
             self.plan(now);
         }
     }
 
-    /// Plans the placed tasks that are due (the first time, every placed
-    /// task of the store) with the agents in session here that follow
-    /// lease windows.
+    /// Plans the placed tasks that are due with the agents in session here
+    /// that follow lease windows.
     fn plan(&mut self, now: Now) {
         let at = self.plan_clock.time(now.wall, now.mono_ms);
         let wall = at.as_millis();
@@ -1168,8 +1169,8 @@ impl CoordNode {
             .map(|(id, _)| *id)
             .take(placement::PLAN_BATCH_MAX)
             .collect();
-        if due.is_empty() && self.plan_scanned {
-            self.next_plan_ms = Some(now.mono_ms + placement::PLAN_INTERVAL_MS);
+        if due.is_empty() {
+            self.schedule_plan(now, at);
             return;
         }
         let members: Vec<placement::Member> = self
@@ -1185,33 +1186,42 @@ impl CoordNode {
                 _ => None,
             })
             .collect();
-        self.next_plan_ms = None;
+        self.planning = true;
         self.effects.push_back(Effect::Store(StoreJob::Plan {
             tasks: due,
-            scan: !self.plan_scanned,
             members,
+            // Bounded by the session cap.
+            here: self.live.keys().copied().collect(),
+            shared: self.feed.is_some(),
             at,
             replan_bug: self.bugs.replan_leases,
         }));
     }
 
-    fn plan_done(
-        &mut self,
-        now: Now,
-        scan: bool,
-        result: Result<Vec<placement::Planned>, StoreError>,
-    ) {
-        self.next_plan_ms = Some(now.mono_ms + placement::PLAN_INTERVAL_MS);
+    /// When to look for placed tasks due next: the earliest, at least
+    /// [`placement::PLAN_INTERVAL_MS`] and at most a minute from now;
+    /// never while none is placed.
+    fn schedule_plan(&mut self, now: Now, at: Timestamp) {
+        self.next_plan_ms = self.placed.values().min().map(|due| {
+            let wait = due.saturating_sub(at.as_millis()).clamp(
+                placement::PLAN_INTERVAL_MS as i64,
+                placement::PLAN_WAIT_MAX_MS as i64,
+            );
+            now.mono_ms + wait as u64
+        });
+    }
+
+    fn plan_done(&mut self, now: Now, result: Result<Vec<placement::Planned>, StoreError>) {
+        self.planning = false;
+        let at = self.plan_clock.time(now.wall, now.mono_ms);
         let planned = match result {
             Ok(p) => p,
             Err(e) => {
+                self.schedule_plan(now, at);
                 self.store_failed(e);
                 return;
             }
         };
-        if scan {
-            self.plan_scanned = true;
-        }
         for p in planned {
             match p.next_at {
                 Some(at) => {
@@ -1231,12 +1241,14 @@ impl CoordNode {
                 self.announce(now, &target, revision);
             }
         }
+        self.schedule_plan(now, at);
     }
 
     /// A placed task changed (created, resumed, planned elsewhere): look at
     /// its plan at the next planning.
     fn placed_changed(&mut self, task: TaskId) {
         self.placed.insert(task, 0);
+        self.next_plan_ms = Some(0);
     }
 
     /// Reads the shared store's feeds when due.
@@ -2504,7 +2516,7 @@ impl CoordNode {
                 agent,
                 result,
             } => self.hello_done(now, conn, agent, result),
-            StoreDone::Plan { scan, result } => self.plan_done(now, scan, result),
+            StoreDone::Plan { result } => self.plan_done(now, result),
             StoreDone::Changes { conn, result } => match result {
                 Ok((changes, upto, more)) => {
                     if let Some(l) = self.live_mut(conn) {

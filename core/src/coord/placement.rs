@@ -1,7 +1,8 @@
 //! The coordinator's side of placement: planning lease windows ahead.
 //!
-//! The node keeps the ids of placed tasks and when each is next to be
-//! looked at; a [`StoreJob::Plan`](super::jobs::StoreJob::Plan) reads those
+//! The node keeps the ids of placed tasks (those of the store at start,
+//! [`placed_tasks`], then those created, changed or resumed) and when each
+//! is next to be looked at; a [`StoreJob::Plan`](super::jobs::StoreJob::Plan) reads those
 //! that are due, plans their next windows with the agents in session that
 //! they reach ([`Placement::plan`]), writes each changed plan as a new
 //! revision (compare-and-set: with several coordinators on one store, one
@@ -14,8 +15,10 @@ use sundial_protocol::{AgentId, TaskId, Timestamp};
 
 use crate::coord_store::{targets, CoordStore, StoreError, StoreResult, PAGE_MAX};
 
-/// How often the node looks for placed tasks due for planning, ms.
+/// How often, at most, the node looks for placed tasks due for planning, ms.
 pub const PLAN_INTERVAL_MS: u64 = 500;
+/// How long, at most, between two looks while tasks are placed, ms.
+pub const PLAN_WAIT_MAX_MS: u64 = 60_000;
 /// The most placed tasks one planning job looks at.
 pub const PLAN_BATCH_MAX: usize = 1_000;
 /// An agent in session here: its id and labels.
@@ -35,7 +38,7 @@ pub struct Planned {
     pub members: usize,
 }
 
-/// The placed tasks of the store (read once when the node starts).
+/// The placed tasks of the store (read by the shell when the node starts).
 pub fn placed_tasks(store: &dyn CoordStore) -> StoreResult<Vec<TaskId>> {
     let mut out = Vec::new();
     let mut after = None;
@@ -57,17 +60,24 @@ pub fn placed_tasks(store: &dyn CoordStore) -> StoreResult<Vec<TaskId>> {
     Ok(out)
 }
 
-/// Plans `tasks` at `now` with `members` (see the module docs).
+/// Plans `tasks` at `now` with `members`, and on a `shared` store the
+/// agents in session with other coordinators (see the module docs).
 /// `replan_bug` seeds a fault for the simulator's checks: the last window,
 /// not yet ended, is planned again with whoever is in session now.
 pub fn plan(
     store: &dyn CoordStore,
     tasks: &[TaskId],
     members: &[Member],
+    here: &[AgentId],
+    shared: bool,
     now: Timestamp,
     replan_bug: bool,
 ) -> StoreResult<Vec<Planned>> {
     let mut out = Vec::new();
+    // On a store other coordinators share, the agents in session with them
+    // are members too (as their fresh session marks say); read only when
+    // a window is to be planned.
+    let mut elsewhere: Option<Vec<Member>> = None;
     for &id in tasks {
         let gone = Planned {
             task: id,
@@ -89,11 +99,35 @@ pub fn plan(
             out.push(gone);
             continue;
         };
-        let reached: Vec<AgentId> = members
+        if shared
+            && elsewhere.is_none()
+            && placement.needs_plan(&spec.schedule, spec.created_at, now)
+        {
+            elsewhere = Some(
+                crate::coord::admin::all_agents(store)?
+                    .into_iter()
+                    .filter(|a| {
+                        // Those in session here are members only if they
+                        // follow lease windows (`members`).
+                        !a.revoked
+                            && !here.contains(&a.id)
+                            && a.in_session
+                            && a.last_seen.is_some_and(|t| {
+                                t.millis_since(now) > -crate::coord::admin::SESSION_MARK_FRESH_MS
+                            })
+                    })
+                    .map(|a| (a.id, a.labels))
+                    .collect(),
+            );
+        }
+        let mut reached: Vec<AgentId> = members
             .iter()
+            .chain(elsewhere.iter().flatten())
             .filter(|(a, labels)| targets(&spec.target, *a, labels))
             .map(|(a, _)| *a)
             .collect();
+        reached.sort_unstable();
+        reached.dedup();
         if replan_bug {
             if let Some(last) = placement.windows.last() {
                 let seated: Vec<AgentId> = last.seats.iter().map(|(_, a)| *a).collect();

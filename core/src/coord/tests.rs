@@ -47,6 +47,7 @@ fn node_with(limits: Limits) -> CoordNode {
             known_certs: known,
             shared: None,
             bugs: CoordBugs::default(),
+            placed: Vec::new(),
         },
     )
 }

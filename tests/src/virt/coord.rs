@@ -120,6 +120,8 @@ impl World {
                 known_certs,
                 shared,
                 bugs: self.coord_bugs,
+                placed: sundial_core::coord::placement::placed_tasks(&self.store)
+                    .unwrap_or_default(),
             },
         );
         self.coords[k].node = Some(Coord {

@@ -362,7 +362,7 @@ pub(crate) struct CreateArgs {
     /// windows (--lease) that members keep firing offline; an occurrence
     /// runs at most once (`one`), and a member that goes dark is left out
     /// of the windows planned after it was last heard.
-    #[arg(long, value_name = "MODE", value_parser = ["one", "shard"], requires = "selector")]
+    #[arg(long, value_name = "MODE", value_parser = ["one", "shard"])]
     pub(crate) placement: Option<String>,
     /// The lease window of --placement: each member's share is planned
     /// this far ahead (half of it before it begins) and holds offline;

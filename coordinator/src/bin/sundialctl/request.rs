@@ -136,6 +136,9 @@ pub(crate) fn draft(
     };
     let placement = match a.placement.as_deref() {
         None => None,
+        Some(mode) if !matches!(target, Target::Selector(_)) => {
+            bail!("--placement {mode} needs --selector: it chooses among the agents a selector matches")
+        }
         Some(mode) => {
             let mode: PlacementMode = mode.parse().map_err(anyhow::Error::msg)?;
             let p = Placement::new(mode, a.lease);
