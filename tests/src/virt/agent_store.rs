@@ -105,6 +105,13 @@ impl SimStore {
         ids
     }
 
+    /// Where the plan of a placed task, as stored here, ends.
+    pub(super) fn plan_until(&self, id: TaskId) -> Option<Timestamp> {
+        let stored = self.store().tasks_by_id(&[id]).ok()?;
+        let (spec, _) = stored.into_iter().next()??;
+        spec.placement?.planned_until()
+    }
+
     pub(super) fn revision(&self) -> u64 {
         NodeStore::last_revision(&self.node).unwrap_or(0)
     }

@@ -109,6 +109,11 @@ impl World {
             Event::TaskAssigned { task_id, .. } => {
                 self.trace(14, i as u64, 0);
                 self.agents[i].decided.entry(task_id).or_insert(None);
+                let plan = self.agents[i]
+                    .node
+                    .as_ref()
+                    .and_then(|n| n.store().plan_until(task_id));
+                self.agents[i].plan_until.insert(task_id, plan);
                 let at = self.agents[i].node.as_ref().map(|n| n.decided_until());
                 // A task resumed after a pause comes back: from here on it
                 // is held again, counting from its resume.

@@ -379,10 +379,12 @@ impl World {
     }
 
     /// At the end: no occurrence of a task placed `one` ran on two agents
-    /// (nor twice on one: the fired-twice check).
+    /// (nor twice on one: the fired-twice check), and every occurrence its
+    /// owner decided is recorded by it.
     pub(super) fn check_placement(&mut self) {
         use sundial_protocol::placement::PlacementMode;
         let mut found = Vec::new();
+        let runs = self.stored_runs();
         let tasks = self.stored_tasks();
         let mut ran: HashMap<RunKey, BTreeSet<AgentId>> = HashMap::new();
         for a in &self.agents {
@@ -415,6 +417,55 @@ impl World {
                         k.scheduled_at.as_millis() - self.t0,
                         agents.len()
                     ));
+                }
+            }
+            // Every occurrence in the windows kept, up to where its owner
+            // had decided when the task was cancelled, has its owner's
+            // record: run, or skipped (its lease ended while it was down).
+            for w in &p.windows {
+                let mut all = crate::oracle::occurrences(&t.spec.schedule, w.from, w.until);
+                all.retain(|at| *at < w.until);
+                for at in all {
+                    let owners: Vec<AgentId> = match p.mode {
+                        PlacementMode::One => p.owner(t.spec.id, at).into_iter().collect(),
+                        PlacementMode::Shard => w.seats.iter().map(|(_, a)| *a).collect(),
+                    };
+                    for owner in owners {
+                        let Some(agent) = self.agents.iter().find(|a| a.id == owner) else {
+                            continue;
+                        };
+                        if agent.revoked
+                            || agent.excused
+                            || agent.excused_tasks.contains(&t.spec.id)
+                            || at < t.spec.created_at.max(self.enrolled_at(owner))
+                        {
+                            continue;
+                        }
+                        let Some(Some(until)) = agent.decided.get(&t.spec.id) else {
+                            continue;
+                        };
+                        // It decides a placed task only as far as its plan.
+                        let planned = agent.plan_until.get(&t.spec.id).copied().flatten();
+                        if at >= *until || planned.is_none_or(|p| at >= p) {
+                            continue;
+                        }
+                        let key = RunKey {
+                            task_id: t.spec.id,
+                            scheduled_at: at,
+                            attempt: 1,
+                        };
+                        if !runs.contains(&(owner, key)) {
+                            found.push(format!(
+                                "{} placed {}: occurrence {} has no record from {owner}, whose window [{}, {}) gave it (decided up to {})",
+                                t.spec.id,
+                                p.mode,
+                                at.as_millis() - self.t0,
+                                w.from.as_millis() - self.t0,
+                                w.until.as_millis() - self.t0,
+                                until.as_millis() - self.t0,
+                            ));
+                        }
+                    }
                 }
             }
         }

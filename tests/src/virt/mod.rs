@@ -226,6 +226,9 @@ struct Agent {
     excused_tasks: BTreeSet<TaskId>,
     /// Its decided-until when each task first reached it.
     assigned_at: HashMap<TaskId, Timestamp>,
+    /// Where the plan of each placed task it was sent last ended: it
+    /// decides that task's occurrences only so far.
+    plan_until: HashMap<TaskId, Option<Timestamp>>,
     /// Its certificate (the simulator's "signature": the CSR's bytes).
     cert: Vec<u8>,
     labels: Vec<(String, String)>,
@@ -968,6 +971,7 @@ fn add_agents(w: &mut World, n: usize) {
             run_now: BTreeSet::new(),
             excused_tasks: BTreeSet::new(),
             assigned_at: HashMap::new(),
+            plan_until: HashMap::new(),
             cert: format!("sim-device-{i}").into_bytes(),
             labels: vec![(
                 "site".to_string(),
