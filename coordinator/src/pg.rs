@@ -1815,7 +1815,8 @@ impl CoordStore for PgStore {
                     policies: draft.policies,
                     revision,
                     created_at,
-                    placement: draft.placement.0,
+                    // Checked by the node before it is stored (`draft_refusal`).
+                    placement: draft.placement.0.and_then(|a| a.placement().ok()),
                 };
                 let bytes = seal(cipher.as_deref(), "tasks", records::encode_task(&spec))?;
                 t.execute(

@@ -1297,7 +1297,8 @@ impl CoordStore for CoordinatorStore {
                 policies: draft.policies,
                 revision,
                 created_at,
-                placement: draft.placement.0,
+                // Checked by the node before it is stored (`draft_refusal`).
+                placement: draft.placement.0.and_then(|a| a.placement().ok()),
             };
             let rec = CoordTaskV1::new(&spec, false);
             let mut tasks = txn.open_table(TASKS).map_err(db_err("create task"))?;

@@ -84,6 +84,42 @@ impl std::str::FromStr for PlacementMode {
     }
 }
 
+/// A placement as a new task asks for it (`TaskDraft::placement`): plain
+/// numbers, so that a draft whose placement is wrong decodes and is refused
+/// with a reason rather than read as an older client's draft without one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementAsk {
+    /// 0 one, 1 shard.
+    pub mode: u8,
+    pub lease_ms: u64,
+}
+
+impl PlacementAsk {
+    pub fn new(mode: PlacementMode, lease: DurationMs) -> PlacementAsk {
+        PlacementAsk {
+            mode: match mode {
+                PlacementMode::One => 0,
+                PlacementMode::Shard => 1,
+            },
+            lease_ms: lease.0,
+        }
+    }
+
+    /// The placement asked for, with no plan yet; why not, if it cannot be.
+    pub fn placement(self) -> Result<Placement, String> {
+        let mode = match self.mode {
+            0 => PlacementMode::One,
+            1 => PlacementMode::Shard,
+            m => return Err(format!("unknown placement mode {m} (0 one, 1 shard)")),
+        };
+        let p = Placement::new(mode, DurationMs(self.lease_ms));
+        match p.refusal() {
+            Some(why) => Err(why),
+            None => Ok(p),
+        }
+    }
+}
+
 /// One planned window.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseWindow {
@@ -587,6 +623,38 @@ mod tests {
             .iter()
             .all(|w| w.seats == vec![(1, AgentId(2))]));
         assert_eq!(mine.windows[0].count, 2);
+    }
+
+    #[test]
+    fn a_wrong_placement_in_a_draft_decodes_and_is_refused_and_an_old_draft_has_none() {
+        let draft = crate::wire::TaskDraft {
+            name: None,
+            target: crate::task::Target::Selector(vec![]),
+            schedule: Schedule::every(DurationMs(1_000), ts(0)).expect("test value"),
+            action: crate::task::Action::Exec(Default::default()),
+            policies: Default::default(),
+            anchor_at_creation: false,
+            placement: Some(PlacementAsk {
+                mode: 7,
+                lease_ms: 60_000,
+            })
+            .into(),
+        };
+        let bytes = postcard::to_allocvec(&draft).expect("test value");
+        let back: crate::wire::TaskDraft = postcard::from_bytes(&bytes).expect("test value");
+        let ask = back.placement.0.expect("kept, not dropped");
+        assert!(ask.placement().is_err());
+        let short = PlacementAsk::new(PlacementMode::One, DurationMs(10));
+        assert!(short.placement().is_err());
+        // An older client's draft ends before the field.
+        let old = crate::wire::TaskDraft {
+            placement: None.into(),
+            ..draft
+        };
+        let mut bytes = postcard::to_allocvec(&old).expect("test value");
+        bytes.pop(); // the `None` tag an older client never wrote
+        let back: crate::wire::TaskDraft = postcard::from_bytes(&bytes).expect("test value");
+        assert_eq!(back.placement.0, None);
     }
 
     #[test]

@@ -64,18 +64,34 @@ pub struct SealedEnvV1 {
     pub sealed: Vec<(u64, Vec<u8>)>,
 }
 
+impl SealedEnvV1 {
+    fn from_env(sealed: &[SealedEnv]) -> Vec<SealedEnvV1> {
+        sealed
+            .iter()
+            .map(|s| SealedEnvV1 {
+                name: s.name.clone(),
+                sealed: s.sealed.iter().map(|(a, v)| (a.0, v.clone())).collect(),
+            })
+            .collect()
+    }
+
+    fn into_env(stored: Vec<SealedEnvV1>) -> Vec<SealedEnv> {
+        stored
+            .into_iter()
+            .map(|s| SealedEnv {
+                name: s.name,
+                sealed: s.sealed.into_iter().map(|(a, v)| (AgentId(a), v)).collect(),
+            })
+            .collect()
+    }
+}
+
 /// `rec`, and the sealed variables of its task if it has any.
 pub fn encode_with_sealed<T: Serialize>(rec: &T, sealed: &[SealedEnv]) -> Vec<u8> {
     if sealed.is_empty() {
         return encode(rec);
     }
-    let sealed: Vec<SealedEnvV1> = sealed
-        .iter()
-        .map(|s| SealedEnvV1 {
-            name: s.name.clone(),
-            sealed: s.sealed.iter().map(|(a, v)| (a.0, v.clone())).collect(),
-        })
-        .collect();
+    let sealed = SealedEnvV1::from_env(sealed);
     let mut out = vec![RECORD_V2];
     // Invariant: postcard serialization of plain structs into a Vec cannot fail.
     out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
@@ -101,14 +117,7 @@ pub fn decode_with_sealed<T: DeserializeOwned>(
                 postcard::take_from_bytes::<T>(rest).map_err(|e| corrupt(e.to_string()))?;
             let sealed: Vec<SealedEnvV1> = postcard::from_bytes(rest)
                 .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
-            let sealed = sealed
-                .into_iter()
-                .map(|s| SealedEnv {
-                    name: s.name,
-                    sealed: s.sealed.into_iter().map(|(a, v)| (AgentId(a), v)).collect(),
-                })
-                .collect();
-            Ok((rec, sealed))
+            Ok((rec, SealedEnvV1::into_env(sealed)))
         }
         _ => decode(table, key, bytes).map(|rec| (rec, Vec::new())),
     }
@@ -198,13 +207,7 @@ pub fn encode_placed<T: Serialize>(
     let Some(p) = placement else {
         return encode_with_sealed(rec, sealed);
     };
-    let sealed: Vec<SealedEnvV1> = sealed
-        .iter()
-        .map(|s| SealedEnvV1 {
-            name: s.name.clone(),
-            sealed: s.sealed.iter().map(|(a, v)| (a.0, v.clone())).collect(),
-        })
-        .collect();
+    let sealed = SealedEnvV1::from_env(sealed);
     let mut out = vec![RECORD_V4];
     // Invariant: postcard serialization of plain structs into a Vec cannot fail.
     out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
@@ -237,14 +240,11 @@ pub fn decode_placed<T: DeserializeOwned>(
         .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
     let placement: PlacementV1 =
         postcard::from_bytes(rest).map_err(|e| corrupt(format!("placement: {e}")))?;
-    let sealed = sealed
-        .into_iter()
-        .map(|s| SealedEnv {
-            name: s.name,
-            sealed: s.sealed.into_iter().map(|(a, v)| (AgentId(a), v)).collect(),
-        })
-        .collect();
-    Ok((rec, sealed, Some(placement.into_placement(table, &key)?)))
+    Ok((
+        rec,
+        SealedEnvV1::into_env(sealed),
+        Some(placement.into_placement(table, &key)?),
+    ))
 }
 
 /// A task as stored in a `tasks` table.

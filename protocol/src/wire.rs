@@ -398,9 +398,9 @@ pub struct TaskDraft {
     /// task (its anchor is replaced by it), so the first occurrence does not
     /// depend on the difference between the admin's clock and the coordinator's.
     pub anchor_at_creation: bool,
-    /// Placement (new in 0.6; its plan empty): last, so a draft from an
-    /// older `sundialctl` decodes as unplaced.
-    pub placement: Trailing<crate::placement::Placement>,
+    /// Placement (new in 0.6): last, so a draft from an older `sundialctl`
+    /// decodes as unplaced.
+    pub placement: Trailing<crate::placement::PlacementAsk>,
 }
 
 /// The parts of a task `task update` changes; `None` keeps a part as it is.

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sundial_protocol::placement::{Placement, PlacementMode};
+use sundial_protocol::placement::{PlacementAsk, PlacementMode};
 use sundial_protocol::policy::Policies;
 use sundial_protocol::task::{Action, ExecSpec, Target};
 use sundial_protocol::wire::{AdminRequest, AdminResponse, TaskDraft};
@@ -89,7 +89,7 @@ async fn scenario() {
             ..Policies::default()
         },
         anchor_at_creation: false,
-        placement: Some(Placement::new(
+        placement: Some(PlacementAsk::new(
             PlacementMode::One,
             DurationMs(LEASE_MS as u64),
         ))

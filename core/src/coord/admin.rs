@@ -559,7 +559,11 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
     if let Some(why) = sundial_protocol::seal::refusal(&exec.sealed_env, &exec.env) {
         return Some(why);
     }
-    if let Some(p) = &draft.placement.0 {
+    if let Some(ask) = draft.placement.0 {
+        let p = match ask.placement() {
+            Ok(p) => p,
+            Err(why) => return Some(format!("--placement/--lease: {why}")),
+        };
         if !matches!(draft.target, Target::Selector(_)) {
             return Some(format!(
                 "--placement {} needs a selector (--selector k=v): one agent is already one",
@@ -571,12 +575,6 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
                 "--placement {} is for tasks that run by time; a triggered task runs where its upstream ran",
                 p.mode
             ));
-        }
-        if !p.windows.is_empty() {
-            return Some("a new task's placement has no plan yet".into());
-        }
-        if let Some(why) = p.refusal() {
-            return Some(format!("--lease: {why}"));
         }
     }
     // Sealed values have their own bound (above).
@@ -894,7 +892,7 @@ fn draft_of(spec: &TaskSpec) -> TaskDraft {
         placement: spec
             .placement
             .as_ref()
-            .map(|p| sundial_protocol::placement::Placement::new(p.mode, p.lease))
+            .map(|p| sundial_protocol::placement::PlacementAsk::new(p.mode, p.lease))
             .into(),
     }
 }

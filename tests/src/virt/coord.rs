@@ -3,7 +3,7 @@
 //! enrollment, and the operator's admin requests.
 
 use super::*;
-use sundial_protocol::placement::{Placement, PlacementMode};
+use sundial_protocol::placement::{PlacementAsk, PlacementMode};
 
 /// The coordinator node of one incarnation.
 #[derive(Debug)]
@@ -531,8 +531,8 @@ impl World {
                 let n = self.exercised.selector_tasks;
                 let lease = DurationMs([2_000, 5_000, 10_000][(n / 3 % 3) as usize]);
                 placement = match n % 3 {
-                    1 => Some(Placement::new(PlacementMode::One, lease)),
-                    2 => Some(Placement::new(PlacementMode::Shard, lease)),
+                    1 => Some(PlacementAsk::new(PlacementMode::One, lease)),
+                    2 => Some(PlacementAsk::new(PlacementMode::Shard, lease)),
                     _ => None,
                 };
                 if placement.is_some() {

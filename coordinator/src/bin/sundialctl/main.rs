@@ -12,7 +12,7 @@ use sundial_coordinator::cli::{self, labels_text, table, Output, ScheduleArgs};
 use sundial_coordinator::client::AdminClient;
 use sundial_coordinator::pki::AdminCreds;
 use sundial_coordinator::server::TOKEN_TTL_DEFAULT;
-use sundial_protocol::placement::{Placement, PlacementMode};
+use sundial_protocol::placement::{PlacementAsk, PlacementMode};
 use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
 use sundial_protocol::task::{Action, ExecSpec, Target};
 

@@ -141,11 +141,11 @@ pub(crate) fn draft(
         }
         Some(mode) => {
             let mode: PlacementMode = mode.parse().map_err(anyhow::Error::msg)?;
-            let p = Placement::new(mode, a.lease);
-            if let Some(why) = p.refusal() {
+            let ask = PlacementAsk::new(mode, a.lease);
+            if let Err(why) = ask.placement() {
                 bail!("--lease {}: {why}", a.lease);
             }
-            Some(p)
+            Some(ask)
         }
     };
     let mut command = a.command.into_iter();
