@@ -809,16 +809,8 @@ impl Scheduler {
                 _ => false,
             };
             if skip_over {
-                scanned += 1;
-                cursor = if scanned >= MISFIRE_SCAN_MAX && !jumped {
-                    jumped = true;
-                    schedule.next_after(t.max(now.saturating_add_ms(-grace_ms - 1)))
-                } else {
-                    schedule.next_after(t)
-                };
-                continue;
-            }
-            if now.millis_since(t) > grace_ms {
+                // Passed by, or recorded apart: not the misfire policy's.
+            } else if now.millis_since(t) > grace_ms {
                 missed_count += 1;
                 if missed.len() == MISFIRE_RECORDS_MAX {
                     missed.pop_front();

@@ -338,6 +338,16 @@ impl Placement {
         w.seats.iter().find(|(s, _)| *s == seat).map(|(_, a)| *a)
     }
 
+    /// Who runs occurrence `at` of `task`: its owner (`one`) or every
+    /// member (`shard`); `None`: no window covers it.
+    pub fn owners(&self, task: TaskId, at: Timestamp) -> Option<Vec<AgentId>> {
+        let w = self.window_of(at)?;
+        Some(match self.mode {
+            PlacementMode::One => self.owner(task, at).into_iter().collect(),
+            PlacementMode::Shard => w.seats.iter().map(|(_, a)| *a).collect(),
+        })
+    }
+
     /// Each member's count of the occurrences in the plan (from its oldest
     /// window kept to its end; at most [`SHARE_SCAN_MAX`] counted) — what
     /// `task get` shows.
@@ -351,30 +361,14 @@ impl Placement {
                 per.entry(*a).or_default();
             }
         }
-        let mut cursor = schedule.next_after(first.from.saturating_add_ms(-1));
-        let mut scanned = 0;
-        while let Some(t) = cursor {
-            if t >= end || scanned >= SHARE_SCAN_MAX {
-                break;
+        let occurrences = schedule
+            .occurrences_after(first.from.saturating_add_ms(-1))
+            .take_while(|t| *t < end)
+            .take(SHARE_SCAN_MAX);
+        for t in occurrences {
+            for a in self.owners(task, t).into_iter().flatten() {
+                *per.entry(a).or_default() += 1;
             }
-            scanned += 1;
-            let Some(w) = self.window_of(t) else {
-                cursor = schedule.next_after(t);
-                continue;
-            };
-            match self.mode {
-                PlacementMode::One => {
-                    if let Some(a) = self.owner(task, t) {
-                        *per.entry(a).or_default() += 1;
-                    }
-                }
-                PlacementMode::Shard => {
-                    for (_, a) in &w.seats {
-                        *per.entry(*a).or_default() += 1;
-                    }
-                }
-            }
-            cursor = schedule.next_after(t);
         }
         per.into_iter().collect()
     }

@@ -1306,25 +1306,22 @@ pub fn answer(
                     if cancelled { "cancelled" } else { "paused" }
                 )));
             }
+            // A task placed `one` runs its extra occurrence on one member
+            // in session, as it runs every other.
+            let one = spec
+                .placement
+                .as_ref()
+                .is_some_and(|p| p.mode == sundial_protocol::placement::PlacementMode::One);
             let mut agents: Vec<AgentId> = all_agents(store)?
                 .into_iter()
                 .filter(|r| !r.revoked && targets(&spec.target, r.id, &r.labels))
                 .filter(|r| {
-                    // A task placed `one` runs its extra occurrence on one
-                    // member in session, as it runs every other.
-                    spec.placement.as_ref().is_none_or(|p| {
-                        p.mode != sundial_protocol::placement::PlacementMode::One
-                            || ctx.seen.get(&r.id).is_some_and(|s| s.online)
-                            || (ctx.shared && r.in_session)
-                    })
+                    !one || ctx.seen.get(&r.id).is_some_and(|s| s.online)
+                        || (ctx.shared && r.in_session)
                 })
                 .map(|r| r.id)
                 .collect();
-            if spec
-                .placement
-                .as_ref()
-                .is_some_and(|p| p.mode == sundial_protocol::placement::PlacementMode::One)
-            {
+            if one {
                 agents.truncate(1);
             }
             // The answer is the node's: it knows which agents are online.

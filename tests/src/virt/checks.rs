@@ -286,18 +286,6 @@ impl World {
         }
     }
 
-    /// Who must have run or recorded occurrence `at` of a placed task: its
-    /// owner (`one`) or every member (`shard`); `None`: no window covers it.
-    fn placed_owners(spec: &TaskSpec, at: Timestamp) -> Option<Vec<AgentId>> {
-        use sundial_protocol::placement::PlacementMode;
-        let p = spec.placement.as_ref()?;
-        let w = p.window_of(at)?;
-        Some(match p.mode {
-            PlacementMode::One => p.owner(spec.id, at).into_iter().collect(),
-            PlacementMode::Shard => w.seats.iter().map(|(_, a)| *a).collect(),
-        })
-    }
-
     /// At the quiesce point, long after the last fault: every occurrence of
     /// a live placed task due 5–20 s ago was planned ahead and run or
     /// recorded by the members its window gave it to.
@@ -331,7 +319,8 @@ impl World {
                     scheduled_at: at,
                     attempt: 1,
                 };
-                let Some(owners) = Self::placed_owners(spec, at) else {
+                let Some(owners) = spec.placement.as_ref().and_then(|p| p.owners(spec.id, at))
+                else {
                     let plan: Vec<(i64, i64, u32)> = spec
                         .placement
                         .iter()
@@ -426,11 +415,7 @@ impl World {
                 let mut all = crate::oracle::occurrences(&t.spec.schedule, w.from, w.until);
                 all.retain(|at| *at < w.until);
                 for at in all {
-                    let owners: Vec<AgentId> = match p.mode {
-                        PlacementMode::One => p.owner(t.spec.id, at).into_iter().collect(),
-                        PlacementMode::Shard => w.seats.iter().map(|(_, a)| *a).collect(),
-                    };
-                    for owner in owners {
+                    for owner in p.owners(t.spec.id, at).into_iter().flatten() {
                         let Some(agent) = self.agents.iter().find(|a| a.id == owner) else {
                             continue;
                         };
