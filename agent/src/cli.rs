@@ -65,6 +65,14 @@ enum Cmd {
         /// LC_* and TASK_* (glob, repeatable; see `run --help`); kept for `run`.
         #[arg(long = "allow-env", value_name = "NAME")]
         allow_env: Vec<String>,
+        /// Run functions (WebAssembly modules tasks carry, sandboxed); kept
+        /// for `run` (see `run --help`).
+        #[arg(long)]
+        allow_wasm: bool,
+        /// A directory functions may read and write, under its own path
+        /// (repeatable); kept for `run`.
+        #[arg(long = "allow-wasm-dir", value_name = "DIR")]
+        allow_wasm_dirs: Vec<String>,
     },
     /// Run the agent: fire tasks from the local store until stopped (SIGTERM/SIGINT).
     Run {
@@ -113,7 +121,12 @@ enum Cmd {
         /// store that was never encrypted plain (to measure the cost).
         #[arg(long, value_name = "FILE")]
         store_key: Option<PathBuf>,
+        #[command(flatten)]
+        functions: FunctionFlags,
     },
+    /// Run one function (the agent starts this itself, its input on stdin).
+    #[command(hide = true)]
+    FunctionRun,
     /// Rotate the store key: add a new key to the ring and make it current.
     /// A running agent picks it up within 5 s; new records use it, older
     /// ones stay readable with theirs (keep the old keys in the file).
@@ -144,6 +157,81 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: Output,
     },
+}
+
+/// The device owner's rules for functions.
+#[derive(Debug, clap::Args)]
+struct FunctionFlags {
+    /// Run functions: WebAssembly modules tasks carry, each in a sandbox
+    /// (WASI preview 1: arguments, environment, stdout/stderr, clocks,
+    /// randomness; no network, no processes, no files but --allow-wasm-dir)
+    /// in a child process at low priority. Off by default: a function is
+    /// then a rejected run, as a program not allowed is.
+    #[arg(long)]
+    allow_wasm: bool,
+    /// A directory functions may read and write files in, under its own
+    /// path (repeatable); nothing outside it is reachable.
+    #[arg(long = "allow-wasm-dir", value_name = "DIR")]
+    allow_wasm_dirs: Vec<String>,
+    /// The most fuel (about one unit per instruction) a function may ask
+    /// for [default: 100000000000].
+    #[arg(long, value_name = "N")]
+    wasm_fuel_max: Option<u64>,
+    /// The most memory a function may ask for, e.g. 64MiB [default: 256MiB].
+    #[arg(long, value_name = "SIZE", value_parser = sundial_protocol::wasm::parse_bytes)]
+    wasm_memory_max: Option<u64>,
+    /// The largest module this device takes, e.g. 4MiB [default: 16MiB].
+    #[arg(long, value_name = "SIZE", value_parser = sundial_protocol::wasm::parse_bytes)]
+    wasm_module_max: Option<u64>,
+}
+
+impl FunctionFlags {
+    /// The policy from these flags, the file's keys where a flag is not given.
+    fn policy(
+        self,
+        file: &crate::config::AgentFile,
+    ) -> anyhow::Result<crate::exec::FunctionPolicy> {
+        let size = |key: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
+            v.as_deref()
+                .map(sundial_protocol::wasm::parse_bytes)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("config `{key}`: {e}"))
+        };
+        let d = crate::exec::FunctionPolicy::default();
+        let p = crate::exec::FunctionPolicy {
+            allowed: self.allow_wasm || file.allow_wasm.unwrap_or(false),
+            dirs: if self.allow_wasm_dirs.is_empty() {
+                file.allow_wasm_dirs.clone()
+            } else {
+                self.allow_wasm_dirs
+            },
+            fuel_max: self
+                .wasm_fuel_max
+                .or(file.wasm_fuel_max)
+                .unwrap_or(d.fuel_max),
+            memory_max: match self.wasm_memory_max {
+                Some(m) => m,
+                None => size("wasm_memory_max", &file.wasm_memory_max)?.unwrap_or(d.memory_max),
+            },
+            module_max: match self.wasm_module_max {
+                Some(m) => m,
+                None => size("wasm_module_max", &file.wasm_module_max)?.unwrap_or(d.module_max),
+            },
+            runner: d.runner,
+        };
+        for dir in &p.dirs {
+            if !std::path::Path::new(dir).is_absolute() {
+                anyhow::bail!("--allow-wasm-dir {dir}: give an absolute path");
+            }
+        }
+        if p.module_max > sundial_protocol::wasm::MODULE_BYTES_LIMIT {
+            anyhow::bail!(
+                "--wasm-module-max: at most {} bytes",
+                sundial_protocol::wasm::MODULE_BYTES_LIMIT
+            );
+        }
+        Ok(p)
+    }
 }
 
 fn parse_duration(s: &str) -> Result<sundial_protocol::DurationMs, String> {
@@ -198,6 +286,10 @@ where
             };
         }
     };
+    // A function's runner: nothing else of the agent runs in it.
+    if let Cmd::FunctionRun = cli.command {
+        return crate::function::runner_main();
+    }
     sundial_net::damage::exit_on_store_damage(
         "sundial-agent",
         "Stop the agent, move agent.redb out of the data directory (keep it for inspection), and join again with a new token: the coordinator sends the tasks again; records not yet synced are in the old file only.",
@@ -217,6 +309,7 @@ where
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     let log_format = cli.log_format;
     match cli.command {
+        Cmd::FunctionRun => anyhow::bail!("function-run is started by the agent itself"),
         Cmd::Completions { shell } => Ok(print_quietly(&sundial_net::shell::completions(
             shell,
             <Cli as clap::CommandFactory>::command(),
@@ -242,6 +335,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             standalone,
             metrics,
             store_key,
+            functions,
         } => {
             let file = match &config {
                 Some(path) => crate::config::load(path).map_err(anyhow::Error::msg)?,
@@ -251,7 +345,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 file.log.as_deref().unwrap_or("info"),
                 log_format.or(file.log_format),
             );
-            let Some(data_dir) = data_dir.or(file.data_dir) else {
+            let functions = functions.policy(&file)?;
+            let Some(data_dir) = data_dir.or(file.data_dir.clone()) else {
                 anyhow::bail!(
                     "no data directory: pass --data-dir or set data_dir in the config file"
                 );
@@ -273,12 +368,13 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             let mut exec = ExecPolicy {
                 allow: if allow_exec.is_empty() {
-                    file.allow_exec
+                    file.allow_exec.clone()
                 } else {
                     allow_exec
                 },
+                functions,
                 allow_env: if allow_env.is_empty() {
-                    file.allow_env
+                    file.allow_env.clone()
                 } else {
                     allow_env
                 },
@@ -342,6 +438,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             labels,
             allow_exec,
             allow_env,
+            allow_wasm,
+            allow_wasm_dirs,
         } => {
             if let Some(why) = sundial_protocol::wire::allowlist_refusal(&allow_exec) {
                 anyhow::bail!(why);
@@ -362,6 +460,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 labels,
                 allow_exec,
                 allow_env,
+                allow_wasm,
+                allow_wasm_dirs,
             };
             let id = rt
                 .block_on(crate::enroll::join(&data_dir, req))

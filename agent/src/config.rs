@@ -39,6 +39,17 @@ pub struct AgentFile {
     /// The store key ring file (default: `store.key` in the data directory,
     /// or the `sundial-store-key` systemd credential).
     pub store_key: Option<PathBuf>,
+    /// Run functions (WebAssembly; `--allow-wasm`).
+    pub allow_wasm: Option<bool>,
+    /// Directories functions may read and write (`--allow-wasm-dir`).
+    #[serde(default)]
+    pub allow_wasm_dirs: Vec<String>,
+    /// The most fuel a function may ask for.
+    pub wasm_fuel_max: Option<u64>,
+    /// The most memory a function may ask for, e.g. "64MiB".
+    pub wasm_memory_max: Option<String>,
+    /// The largest module this device takes, e.g. "16MiB".
+    pub wasm_module_max: Option<String>,
 }
 
 /// Reads and checks a configuration file.

@@ -29,6 +29,9 @@ pub struct JoinRequest {
     pub allow_exec: Vec<String>,
     /// `--allow-env` names, kept for `run`.
     pub allow_env: Vec<String>,
+    /// `--allow-wasm` and `--allow-wasm-dir`, kept for `run`.
+    pub allow_wasm: bool,
+    pub allow_wasm_dirs: Vec<String>,
 }
 
 fn write_file(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
@@ -195,6 +198,8 @@ pub async fn join(data_dir: &Path, req: JoinRequest) -> Result<AgentId, String> 
         ])
         .and_then(|()| store.put_meta(&[(meta::ALLOW_EXEC, req.allow_exec.clone())]))
         .and_then(|()| store.put_meta(&[(meta::ALLOW_ENV, req.allow_env.clone())]))
+        .and_then(|()| store.put_meta(&[(meta::ALLOW_WASM, req.allow_wasm)]))
+        .and_then(|()| store.put_meta(&[(meta::ALLOW_WASM_DIRS, req.allow_wasm_dirs.clone())]))
         .and_then(|()| store.put_meta(&[(meta::AGENT_ID, agent_id.0)]))
         .map_err(|e| e.to_string())?;
     Ok(agent_id)

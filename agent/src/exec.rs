@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sundial_protocol::seal::SealKeyPair;
-use sundial_protocol::task::{ExecSpec, OUTPUT_TAIL_BYTES_DEFAULT, OUTPUT_TAIL_BYTES_MAX};
+use sundial_protocol::task::{
+    ExecSpec, SealedEnv, WasmSpec, OUTPUT_TAIL_BYTES_DEFAULT, OUTPUT_TAIL_BYTES_MAX,
+};
 use sundial_protocol::{AgentId, Outcome};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::oneshot;
@@ -100,6 +102,84 @@ pub struct ExecPolicy {
     pub tail_bytes_max: usize,
     /// This agent's id and sealing key, to open sealed variables at spawn.
     pub sealing: Option<(AgentId, Arc<SealKeyPair>)>,
+    /// Whether and how functions run.
+    pub functions: FunctionPolicy,
+}
+
+/// The device owner's rules for functions (`--allow-wasm` and the rest).
+#[derive(Debug, Clone)]
+pub struct FunctionPolicy {
+    pub allowed: bool,
+    /// Directories opened to functions, under their own paths.
+    pub dirs: Vec<String>,
+    /// The most fuel, memory and module size a task may ask for.
+    pub fuel_max: u64,
+    pub memory_max: u64,
+    pub module_max: u64,
+    /// The program that runs functions: this agent's own binary
+    /// (`/proc/self/exe function-run`).
+    pub runner: std::path::PathBuf,
+}
+
+impl Default for FunctionPolicy {
+    fn default() -> Self {
+        FunctionPolicy {
+            allowed: false,
+            dirs: Vec::new(),
+            fuel_max: sundial_protocol::wasm::FUEL_CEILING_DEFAULT,
+            memory_max: sundial_protocol::wasm::MEMORY_CEILING_DEFAULT,
+            module_max: sundial_protocol::wasm::MODULE_BYTES_DEFAULT,
+            runner: std::path::PathBuf::from("/proc/self/exe"),
+        }
+    }
+}
+
+impl FunctionPolicy {
+    /// What the agent tells of functions in its Hello.
+    pub fn hello(&self) -> sundial_protocol::wire::FunctionsHello {
+        sundial_protocol::wire::FunctionsHello {
+            allowed: self.allowed,
+            fuel_max: self.fuel_max,
+            memory_max: self.memory_max,
+            module_max: self.module_max,
+            modules: Vec::new(),
+        }
+    }
+
+    /// Why `spec` may not run here, or `None`.
+    pub fn refusal(&self, spec: &WasmSpec) -> Option<String> {
+        use sundial_protocol::wasm::show_bytes;
+        if !self.allowed {
+            return Some(
+                "functions are not allowed on this agent (the device owner starts it with --allow-wasm)".into(),
+            );
+        }
+        if let Some(why) = spec.refusal() {
+            return Some(why);
+        }
+        if spec.fuel() > self.fuel_max {
+            return Some(format!(
+                "the function asks for fuel {}; this device allows at most {} (--wasm-fuel-max)",
+                spec.fuel(),
+                self.fuel_max
+            ));
+        }
+        if spec.memory_bytes() > self.memory_max {
+            return Some(format!(
+                "the function asks for {} of memory; this device allows at most {} (--wasm-memory-max)",
+                show_bytes(spec.memory_bytes()),
+                show_bytes(self.memory_max)
+            ));
+        }
+        if spec.module_bytes > self.module_max {
+            return Some(format!(
+                "the function's module is {}; this device takes at most {} (--wasm-module-max)",
+                show_bytes(spec.module_bytes),
+                show_bytes(self.module_max)
+            ));
+        }
+        None
+    }
 }
 
 impl Default for ExecPolicy {
@@ -109,6 +189,7 @@ impl Default for ExecPolicy {
             allow_env: Vec::new(),
             tail_bytes_max: OUTPUT_TAIL_BYTES_DEFAULT,
             sealing: None,
+            functions: FunctionPolicy::default(),
         }
     }
 }
@@ -134,13 +215,21 @@ impl ExecPolicy {
     /// sealed to this agent, for instance one that joined after the task
     /// was made) is why the run is refused.
     pub fn open_sealed(&self, spec: &ExecSpec) -> Result<Vec<(String, OsString)>, String> {
-        if spec.sealed_env.is_empty() {
+        self.open_sealed_env(&spec.sealed_env)
+    }
+
+    /// [`ExecPolicy::open_sealed`] of any action's sealed variables.
+    pub fn open_sealed_env(
+        &self,
+        sealed_env: &[SealedEnv],
+    ) -> Result<Vec<(String, OsString)>, String> {
+        if sealed_env.is_empty() {
             return Ok(Vec::new());
         }
         let Some((agent, key)) = &self.sealing else {
             return Err("this agent has no sealing key (it is not enrolled), so it cannot open the task's sealed variables".into());
         };
-        spec.sealed_env
+        sealed_env
             .iter()
             .map(|s| {
                 let Some(sealed) = s.for_agent(*agent) else {
@@ -331,15 +420,117 @@ pub async fn run_with(
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
+    supervise(cmd, None, &spec.program, policy, kill, spawned).await
+}
+
+/// Runs the function `spec`, whose module is `module` (from the store;
+/// `None`: not there), under `policy`: in a child process of the agent's
+/// binary (see [`crate::function`]). Resolves as [`run_with`].
+pub async fn run_function(
+    spec: &WasmSpec,
+    name: &str,
+    module: Option<Vec<u8>>,
+    policy: &ExecPolicy,
+    kill: oneshot::Receiver<()>,
+    spawned: impl FnOnce(u32),
+) -> ExecResult {
+    if let Some(why) = policy.functions.refusal(spec) {
+        return ExecResult::not_started(Outcome::Rejected, why);
+    }
+    let Some(module) = module else {
+        return ExecResult::not_started(
+            Outcome::Rejected,
+            format!(
+                "module {} is not in this agent's store (it arrives with the task when the agent is in session; a module over --wasm-module-max is not taken)",
+                spec.module
+            ),
+        );
+    };
+    let sealed = match policy.open_sealed_env(&spec.sealed_env) {
+        Ok(v) => v,
+        Err(why) => return ExecResult::not_started(Outcome::Rejected, why),
+    };
+    let mut nonce = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce).is_err() {
+        return ExecResult::not_started(
+            Outcome::Failed,
+            "no randomness for the function's run".into(),
+        );
+    }
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let env = spec
+        .env
+        .iter()
+        .cloned()
+        .chain(
+            sealed
+                .into_iter()
+                .map(|(k, v)| (k, v.to_string_lossy().into_owned())),
+        )
+        .collect();
+    let input = crate::function::RunnerInput {
+        module,
+        sha256: spec.module,
+        name: name.to_string(),
+        args: spec.args.clone(),
+        env,
+        fuel: spec.fuel(),
+        memory_bytes: spec.memory_bytes(),
+        dirs: policy.functions.dirs.clone(),
+        nonce: nonce.clone(),
+    };
+    let input = match postcard::to_allocvec(&input) {
+        Ok(b) => b,
+        Err(e) => {
+            return ExecResult::not_started(Outcome::Failed, format!("the function's input: {e}"))
+        }
+    };
+    let mut cmd = tokio::process::Command::new(&policy.functions.runner);
+    cmd.arg("function-run")
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let label = format!("function {}", spec.module.short());
+    let mut r = supervise(cmd, Some(input), &label, policy, kill, spawned).await;
+    if r.outcome == Outcome::Failed && r.exit_code == Some(crate::function::STOPPED_EXIT_CODE) {
+        if let Some(why) = crate::function::take_verdict(&mut r.stderr_tail, &nonce) {
+            r.exit_code = None;
+            r.detail = Some(why);
+        }
+    }
+    r
+}
+
+/// Starts `cmd` (writing `stdin` to it, if given), keeps its output's
+/// tails, and waits for it or for `kill`.
+async fn supervise(
+    mut cmd: tokio::process::Command,
+    stdin: Option<Vec<u8>>,
+    program: &str,
+    policy: &ExecPolicy,
+    kill: oneshot::Receiver<()>,
+    spawned: impl FnOnce(u32),
+) -> ExecResult {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             return ExecResult::not_started(
                 Outcome::Failed,
-                format!("could not start `{}`: {e}", spec.program),
+                format!("could not start `{program}`: {e}"),
             )
         }
     };
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // A child that ends early closes its end: nothing to do.
+            let _ = pipe.write_all(&bytes).await;
+            let _ = pipe.shutdown().await;
+        });
+    }
     let pid = child.id();
     if let Some(pid) = pid {
         spawned(pid);
@@ -431,6 +622,7 @@ mod tests {
             allow_env: Vec::new(),
             tail_bytes_max: 1024,
             sealing: None,
+            functions: FunctionPolicy::default(),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod enroll;
 pub mod exec;
 pub mod fault;
+pub mod function;
 pub mod metrics;
 pub mod runtime;
 pub mod sealing;

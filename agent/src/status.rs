@@ -146,12 +146,15 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
     let tasks = listed
         .into_iter()
         .map(|(t, next)| {
-            let sundial_protocol::task::Action::Exec(exec) = &t.action;
+            let program = match &t.action {
+                sundial_protocol::task::Action::Exec(exec) => exec.program.clone(),
+                sundial_protocol::task::Action::Wasm(w) => format!("function {}", w.module.short()),
+            };
             TaskStatus {
                 task_id: t.id.to_string(),
                 name: t.name.clone(),
                 schedule: t.schedule.to_string(),
-                program: exec.program.clone(),
+                program,
                 revision: t.revision,
                 next_fire: next.map(|n| n.to_string()),
             }

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sundial_core::node::{FanInState, StoredTask};
 use sundial_core::scheduler::first_occurrence;
 use sundial_protocol::records::{self, RecordError, RunRecordV1};
+use sundial_protocol::wasm::ModuleHash;
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
 use std::borrow::Cow;
@@ -68,6 +69,10 @@ const TRIGGERED: TableDefinition<u64, ()> = TableDefinition::new("triggered");
 /// Fan-in progress: (task id, occurrence ms) → the upstream ends heard
 /// (`Vec<(u64, outcome)>`, a record).
 const FANIN: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("fanin");
+/// Functions' modules by SHA-256 (new in 0.7; code, stored as sent).
+const MODULES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("modules");
+/// The module each function task names: a module no task names is dropped.
+const TASK_MODULES: TableDefinition<u64, &[u8; 32]> = TableDefinition::new("task_modules");
 
 /// Metadata keys.
 pub mod meta {
@@ -91,6 +96,10 @@ pub mod meta {
     pub const ALLOW_EXEC: &str = "allow_exec";
     /// `--allow-env` names given at join (`Vec<String>`).
     pub const ALLOW_ENV: &str = "allow_env";
+    /// `--allow-wasm` given at join (bool).
+    pub const ALLOW_WASM: &str = "allow_wasm";
+    /// `--allow-wasm-dir` directories given at join (`Vec<String>`).
+    pub const ALLOW_WASM_DIRS: &str = "allow_wasm_dirs";
     /// Whether firing is held because the clock is untrusted (bool).
     pub const CLOCK_HELD: &str = "clock_held";
     /// (boot id, CLOCK_BOOTTIME ms, trusted Unix ms): the clock guard's
@@ -511,6 +520,9 @@ impl AgentStore {
             txn.open_table(RETRIES).map_err(db_err("create tables"))?;
             txn.open_table(TRIGGERED).map_err(db_err("create tables"))?;
             txn.open_table(FANIN).map_err(db_err("create tables"))?;
+            txn.open_table(MODULES).map_err(db_err("create tables"))?;
+            txn.open_table(TASK_MODULES)
+                .map_err(db_err("create tables"))?;
             let mut meta_t = txn.open_table(META).map_err(db_err("create tables"))?;
             if meta_t
                 .get(meta::DUE_INDEX)
@@ -896,6 +908,9 @@ impl AgentStore {
                 {
                     new_states.push((task.id, first_occurrence(&task.schedule, task.created_at)));
                 }
+            }
+            if !removed.is_empty() || !upserts.is_empty() {
+                Self::keep_modules(&txn, upserts, removed)?;
             }
             if let Some(r) = revision {
                 let mut meta = txn.open_table(META).map_err(db_err("write tasks"))?;
@@ -1320,6 +1335,75 @@ impl AgentStore {
     }
 
     /// Records waiting for the coordinator.
+    /// Notes which module each changed task names, and drops the modules
+    /// no task names any more (in the transaction of the change).
+    fn keep_modules(
+        txn: &redb::WriteTransaction,
+        upserts: &[TaskSpec],
+        removed: &[TaskId],
+    ) -> Result<()> {
+        let mut names = txn
+            .open_table(TASK_MODULES)
+            .map_err(db_err("write modules"))?;
+        let mut modules = txn.open_table(MODULES).map_err(db_err("write modules"))?;
+        for id in removed {
+            names.remove(id.0).map_err(db_err("write modules"))?;
+        }
+        for t in upserts {
+            match t.action.module() {
+                Some(m) => names.insert(t.id.0, &m.0),
+                None => names.remove(t.id.0),
+            }
+            .map_err(db_err("write modules"))?;
+        }
+        let mut named = std::collections::HashSet::new();
+        for entry in names.iter().map_err(db_err("read modules"))? {
+            let (_, m) = entry.map_err(db_err("read modules"))?;
+            named.insert(*m.value());
+        }
+        let mut unnamed = Vec::new();
+        for entry in modules.iter().map_err(db_err("read modules"))? {
+            let (m, _) = entry.map_err(db_err("read modules"))?;
+            if !named.contains(m.value()) {
+                unnamed.push(*m.value());
+            }
+        }
+        for m in unnamed {
+            modules.remove(&m).map_err(db_err("drop a module"))?;
+        }
+        Ok(())
+    }
+
+    /// Stores a function's module (its hash checked by the caller).
+    pub fn put_module(&self, hash: ModuleHash, bytes: &[u8]) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(MODULES).map_err(db_err("write a module"))?;
+            t.insert(&hash.0, bytes).map_err(db_err("write a module"))?;
+        }
+        txn.commit().map_err(db_err("commit a module"))
+    }
+
+    /// A stored module.
+    pub fn module(&self, hash: ModuleHash) -> Result<Option<Vec<u8>>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(MODULES).map_err(db_err("read a module"))?;
+        let v = t.get(&hash.0).map_err(db_err("read a module"))?;
+        Ok(v.map(|v| v.value().to_vec()))
+    }
+
+    /// Up to `max` stored modules, and how many are stored.
+    pub fn modules(&self, max: usize) -> Result<(Vec<ModuleHash>, u64)> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(MODULES).map_err(db_err("read modules"))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_err("read modules"))?.take(max) {
+            let (m, _) = entry.map_err(db_err("read modules"))?;
+            out.push(ModuleHash(*m.value()));
+        }
+        Ok((out, t.len().map_err(db_err("read modules"))?))
+    }
+
     pub fn outbox_len(&self) -> Result<u64> {
         let txn = self.begin_read()?;
         let table = txn.open_table(OUTBOX).map_err(db_err("read outbox"))?;

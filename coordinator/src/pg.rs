@@ -28,6 +28,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
+use sundial_protocol::wasm::ModuleHash;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::borrow::Cow;
@@ -52,6 +53,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_session_holder.sql")),
     (3, include_str!("../migrations/0003_admins.sql")),
+    (4, include_str!("../migrations/0004_modules.sql")),
 ];
 
 /// The advisory lock key migrations and partition changes hold ("sundial").
@@ -1091,6 +1093,36 @@ impl CoordStore for PgStore {
                     .await?;
                 Ok(row.map(|r| r.get(0)))
             }
+        })
+    }
+
+    fn put_module(&self, hash: ModuleHash, bytes: &[u8]) -> StoreResult<()> {
+        let bytes = bytes.to_vec();
+        self.call("write a module", move |pool| {
+            let bytes = bytes.clone();
+            async move {
+                let c = pool.get().await?;
+                c.execute(
+                    "INSERT INTO sundial_modules (sha256, bytes) VALUES ($1, $2)
+                     ON CONFLICT (sha256) DO NOTHING",
+                    &[&hash.0.as_slice(), &bytes],
+                )
+                .await?;
+                Ok(())
+            }
+        })
+    }
+
+    fn module(&self, hash: ModuleHash) -> StoreResult<Option<Vec<u8>>> {
+        self.call("read a module", move |pool| async move {
+            let c = pool.get().await?;
+            let row = c
+                .query_opt(
+                    "SELECT bytes FROM sundial_modules WHERE sha256 = $1",
+                    &[&hash.0.as_slice()],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
         })
     }
 

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sundial_protocol::placement::Placement;
 use sundial_protocol::records::{self, RunRecordV1, TaskRecordV1};
 use sundial_protocol::seal::SealedEnv;
+use sundial_protocol::wasm::ModuleHash;
 use sundial_protocol::wire::{AdminInfo, AuditEntry, AuditQuery, LastRun, Role, TaskDraft};
 use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp};
 
@@ -73,6 +74,8 @@ const CERT_SEQ: &str = "cert_seq";
 const ADMINS: TableDefinition<&str, &[u8]> = TableDefinition::new("admins");
 /// The audit log: sequence number → entry.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Functions' modules by SHA-256 (new in 0.7).
+const MODULES: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("modules");
 const AUDIT_SEQ: &str = "audit_seq";
 /// Set once the admin certificates of a store from before named admins
 /// were given names.
@@ -712,6 +715,28 @@ impl CoordStore for CoordinatorStore {
         let v = t.get(key).map_err(db_err("read meta"))?;
         Ok(v.map(|v| records::decode("meta", key, v.value()))
             .transpose()?)
+    }
+
+    fn put_module(&self, hash: ModuleHash, bytes: &[u8]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err("write a module"))?;
+        {
+            let mut t = txn.open_table(MODULES).map_err(db_err("write a module"))?;
+            if t.get(&hash.0).map_err(db_err("read a module"))?.is_none() {
+                t.insert(&hash.0, bytes).map_err(db_err("write a module"))?;
+            }
+        }
+        txn.commit().map_err(db_err("commit a module"))
+    }
+
+    fn module(&self, hash: ModuleHash) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read().map_err(db_err("read a module"))?;
+        let t = match txn.open_table(MODULES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(db_err("read a module")(e)),
+        };
+        let v = t.get(&hash.0).map_err(db_err("read a module"))?;
+        Ok(v.map(|v| v.value().to_vec()))
     }
 
     fn put_setting(&self, key: &str, value: &str) -> Result<()> {

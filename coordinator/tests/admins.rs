@@ -118,10 +118,7 @@ fn a_colleague_gets_operator_rights_a_dashboard_viewer_rights_and_revocation_cut
             let c = AdminClient::connect(&creds).await.expect("connects");
             let id = task.parse().expect("a task id");
             match c.request(&AdminRequest::TaskGet(id)).await {
-                Ok(AdminResponse::Task(t)) => {
-                    let sundial_protocol::task::Action::Exec(e) = t.spec.action;
-                    e.env
-                }
+                Ok(AdminResponse::Task(t)) => t.spec.action.env().to_vec(),
                 other => panic!("task get: {other:?}"),
             }
         })

@@ -90,6 +90,7 @@ fn raw_session(
                     agent_version: "test".into(),
                     allow_exec: vec![],
                     seal_key: Default::default(),
+                    functions: Default::default(),
                 },
             )
             .await?;
@@ -1017,6 +1018,7 @@ fn a_second_session_of_one_agent_replaces_the_first() {
                     agent_version: "test".into(),
                     allow_exec: vec![],
                     seal_key: Default::default(),
+                    functions: Default::default(),
                 },
             )
             .await

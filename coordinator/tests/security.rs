@@ -73,6 +73,7 @@ fn try_session(
                 agent_version: "test".into(),
                 allow_exec: vec![],
                 seal_key: Default::default(),
+                functions: Default::default(),
             },
         )
         .await?;
@@ -237,6 +238,7 @@ fn identity_comes_from_the_certificate_only() {
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 allow_exec: vec![],
                 seal_key: Default::default(),
+                functions: Default::default(),
             },
         )
         .await

@@ -683,4 +683,13 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
     /// Takes (deletes and returns) the queued run-nows of these agents,
     /// and drops the expired ones of any agent.
     fn take_run_now(&self, agents: &[AgentId], now: Timestamp) -> StoreResult<Vec<QueuedRunNow>>;
+
+    /// Stores a function's module under its SHA-256 (content-addressed: a
+    /// second put of the same module changes nothing). The caller checked
+    /// that `hash` is the hash of `bytes`.
+    fn put_module(&self, hash: sundial_protocol::wasm::ModuleHash, bytes: &[u8])
+        -> StoreResult<()>;
+
+    /// A module's bytes, if stored.
+    fn module(&self, hash: sundial_protocol::wasm::ModuleHash) -> StoreResult<Option<Vec<u8>>>;
 }

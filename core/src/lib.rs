@@ -15,4 +15,5 @@ pub mod coord_store;
 pub mod node;
 pub mod scheduler;
 pub mod session;
+pub mod wasm;
 pub mod wheel;

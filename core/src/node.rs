@@ -21,7 +21,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use sundial_protocol::placement::Decision;
-use sundial_protocol::task::{Action, ExecSpec};
+use sundial_protocol::task::Action;
+use sundial_protocol::wasm::ModuleHash;
 use sundial_protocol::wire::{AgentMsg, AgentReport, AssignmentChange, CoordMsg};
 use sundial_protocol::{AgentId, Outcome, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 
@@ -192,6 +193,14 @@ pub trait NodeStore {
     fn set_revoked(&mut self) -> StoreResult<()> {
         Ok(())
     }
+    /// Stores a function's module (its hash checked by the caller). A
+    /// module no stored task names is dropped at the next
+    /// [`apply_changes`](Self::apply_changes).
+    fn put_module(&mut self, hash: ModuleHash, bytes: &[u8]) -> StoreResult<()>;
+    /// A stored module's bytes.
+    fn module(&self, hash: ModuleHash) -> StoreResult<Option<Vec<u8>>>;
+    /// Up to `max` stored modules.
+    fn module_hashes(&self, max: usize) -> StoreResult<Vec<ModuleHash>>;
 }
 
 /// See [`AgentNode::clock_view`].
@@ -228,7 +237,7 @@ impl Finished {
 #[derive(Clone, Debug, PartialEq)]
 pub enum NodeEffect {
     /// Start the action; report its end with `handle_finished`.
-    Spawn { key: RunKey, spec: ExecSpec },
+    Spawn { key: RunKey, spec: Action },
     /// Kill the action (its timeout passed); its end is still reported.
     Kill { key: RunKey },
     /// Dial the coordinator, giving up after `timeout_ms`; report with
@@ -284,6 +293,9 @@ pub struct NodeConfig {
     pub coordinators: usize,
     /// Its public sealing key, told in Hello.
     pub seal_key: Option<sundial_protocol::seal::SealPublicKey>,
+    /// Whether it runs functions and its ceilings, told in Hello (with the
+    /// modules its store holds).
+    pub functions: sundial_protocol::wire::FunctionsHello,
 }
 
 /// How much of the schedule the node holds in memory.
@@ -699,6 +711,12 @@ impl<S: NodeStore> AgentNode<S> {
             agent_version: self.cfg.agent_version.clone(),
             allow_exec: self.cfg.allow_exec.clone(),
             seal_key: self.cfg.seal_key,
+            functions: Some(sundial_protocol::wire::FunctionsHello {
+                modules: self
+                    .store
+                    .module_hashes(sundial_protocol::wire::HELLO_MODULES_MAX)?,
+                ..self.cfg.functions.clone()
+            }),
         };
         self.session.handle_connected(now_of(r), hello);
         // A boot whose time was never vouched for: hold firing until the
@@ -856,6 +874,7 @@ impl<S: NodeStore> AgentNode<S> {
                 let batch = self.store.outbox_after(after, runs_max, bytes_max)?;
                 self.session.handle_outbox(now_of(r), batch);
             }
+            AgentEffect::StoreModule { hash, bytes } => self.store.put_module(hash, &bytes)?,
             AgentEffect::Apply {
                 changes,
                 upto_revision,
@@ -1068,7 +1087,7 @@ impl<S: NodeStore> AgentNode<S> {
         };
         for (i, key) in starts.into_iter().enumerate() {
             let spec = specs.get(i).cloned().flatten().map(|(task, _)| {
-                let Action::Exec(mut spec) = task.action;
+                let mut spec = task.action;
                 // A sharded task's run is told its seat in its window.
                 if let Some(p) = &task.placement {
                     if let Decision::Mine {
@@ -1076,10 +1095,9 @@ impl<S: NodeStore> AgentNode<S> {
                         ..
                     } = p.decide_seated(task.id, key.scheduled_at)
                     {
-                        spec.env
-                            .push(("SUNDIAL_SHARD_INDEX".into(), index.to_string()));
-                        spec.env
-                            .push(("SUNDIAL_SHARD_COUNT".into(), count.to_string()));
+                        let env = spec.env_mut();
+                        env.push(("SUNDIAL_SHARD_INDEX".into(), index.to_string()));
+                        env.push(("SUNDIAL_SHARD_COUNT".into(), count.to_string()));
                     }
                 }
                 spec

@@ -21,6 +21,7 @@ pub mod seal;
 pub mod task;
 pub mod time;
 pub mod token;
+pub mod wasm;
 pub mod wire;
 
 pub use schedule::{OutcomeSet, Schedule, ScheduleKind, Trigger};

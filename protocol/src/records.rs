@@ -247,8 +247,41 @@ pub fn decode_placed<T: DeserializeOwned>(
     ))
 }
 
+/// A function task's record (new in 0.7): the record (its `args` and `env`
+/// the function's, its program empty), sealed variables, placement if any,
+/// then [`WasmV1`]. Written only for functions.
+pub const RECORD_V5: u8 = 5;
+
+/// A function's module and limits as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WasmV1 {
+    pub module: [u8; 32],
+    pub module_bytes: u64,
+    pub fuel: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
 /// A task as stored in a `tasks` table.
 pub fn encode_task(t: &TaskSpec) -> Vec<u8> {
+    if let Action::Wasm(w) = &t.action {
+        let mut out = vec![RECORD_V5];
+        // Invariant: postcard serialization of plain structs into a Vec cannot fail.
+        let mut put = |bytes: Result<Vec<u8>, postcard::Error>| {
+            out.extend(bytes.expect("postcard encodes plain records"))
+        };
+        put(postcard::to_allocvec(&TaskRecordV1::from_spec(t)));
+        put(postcard::to_allocvec(&SealedEnvV1::from_env(&w.sealed_env)));
+        put(postcard::to_allocvec(
+            &t.placement.as_ref().map(PlacementV1::from_placement),
+        ));
+        put(postcard::to_allocvec(&WasmV1 {
+            module: w.module.0,
+            module_bytes: w.module_bytes,
+            fuel: w.fuel,
+            memory_bytes: w.memory_bytes,
+        }));
+        return out;
+    }
     encode_placed(
         &TaskRecordV1::from_spec(t),
         t.action.sealed_env(),
@@ -258,9 +291,49 @@ pub fn encode_task(t: &TaskSpec) -> Vec<u8> {
 
 /// A task written by [`encode_task`].
 pub fn decode_task(table: &'static str, id: u64, bytes: &[u8]) -> Result<TaskSpec, RecordError> {
+    if let Some((&RECORD_V5, rest)) = bytes.split_first() {
+        return decode_function(table, id, rest);
+    }
     let (rec, sealed, placement) = decode_placed::<TaskRecordV1>(table, id, bytes)?;
     let mut spec = rec.into_spec(id)?.with_sealed_env(sealed);
     spec.placement = placement;
+    Ok(spec)
+}
+
+fn decode_function(table: &'static str, id: u64, rest: &[u8]) -> Result<TaskSpec, RecordError> {
+    let key = id.to_string();
+    let corrupt = |reason: String| RecordError {
+        table,
+        key: key.clone(),
+        reason,
+    };
+    let (rec, rest) =
+        postcard::take_from_bytes::<TaskRecordV1>(rest).map_err(|e| corrupt(e.to_string()))?;
+    let (sealed, rest) = postcard::take_from_bytes::<Vec<SealedEnvV1>>(rest)
+        .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
+    let (placement, rest) = postcard::take_from_bytes::<Option<PlacementV1>>(rest)
+        .map_err(|e| corrupt(format!("placement: {e}")))?;
+    let wasm: WasmV1 = postcard::from_bytes(rest).map_err(|e| corrupt(format!("function: {e}")))?;
+    let mut spec = rec.into_spec(id)?;
+    let Action::Exec(exec) = spec.action else {
+        return Err(corrupt("not an exec record".into()));
+    };
+    let w = crate::wasm::WasmSpec {
+        module: crate::wasm::ModuleHash(wasm.module),
+        module_bytes: wasm.module_bytes,
+        args: exec.args,
+        env: exec.env,
+        sealed_env: SealedEnvV1::into_env(sealed),
+        fuel: wasm.fuel,
+        memory_bytes: wasm.memory_bytes,
+    };
+    if let Some(why) = w.refusal() {
+        return Err(corrupt(format!("function: {why}")));
+    }
+    spec.action = Action::Wasm(w);
+    spec.placement = placement
+        .map(|p| p.into_placement(table, &key))
+        .transpose()?;
     Ok(spec)
 }
 
@@ -346,7 +419,10 @@ impl TaskRecordV1 {
                 ScheduleV1::After(t.iter().map(|t| (t.upstream.0, u8::from(t.on))).collect())
             }
         };
-        let Action::Exec(exec) = &t.action;
+        let (program, args, env, cwd) = match &t.action {
+            Action::Exec(e) => (e.program.clone(), &e.args, &e.env, e.cwd.clone()),
+            Action::Wasm(w) => (String::new(), &w.args, &w.env, None),
+        };
         let (target_agent, target_selector) = match &t.target {
             Target::Agent(a) => (Some(a.0), Vec::new()),
             Target::Selector(s) => (None, s.clone()),
@@ -366,10 +442,10 @@ impl TaskRecordV1 {
             schedule,
             window_start_ms: window_start.map(Timestamp::as_millis),
             window_end_ms: window_end.map(Timestamp::as_millis),
-            program: exec.program.clone(),
-            args: exec.args.clone(),
-            env: exec.env.clone(),
-            cwd: exec.cwd.clone(),
+            program,
+            args: args.clone(),
+            env: env.clone(),
+            cwd,
             misfire_mode,
             misfire_cap,
             misfire_grace_ms: p.misfire.grace.0,

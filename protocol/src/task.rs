@@ -11,6 +11,7 @@ use crate::policy::Policies;
 use crate::schedule::Schedule;
 pub use crate::seal::SealedEnv;
 use crate::time::{DurationMs, Timestamp};
+pub use crate::wasm::{ModuleHash, WasmSpec};
 
 macro_rules! short_id {
     ($name:ident, $prefix:literal, $what:literal) => {
@@ -64,6 +65,8 @@ pub const ATTEMPTS_MAX: u32 = crate::policy::RETRIES_MAX + 1;
 #[serde(from = "ActionWire", into = "ActionWire")]
 pub enum Action {
     Exec(ExecSpec),
+    /// A WebAssembly function the task carries (new in 0.7).
+    Wasm(WasmSpec),
 }
 
 /// A program to run, without a shell.
@@ -83,6 +86,7 @@ pub struct ExecSpec {
 enum ActionWire {
     Exec(ExecSpecV0),
     ExecSealed(ExecSpec),
+    Wasm(WasmSpec),
 }
 
 /// [`ExecSpec`] as 0.4 and earlier encode it.
@@ -105,6 +109,7 @@ impl From<ActionWire> for Action {
                 sealed_env: Vec::new(),
             }),
             ActionWire::ExecSealed(e) => Action::Exec(e),
+            ActionWire::Wasm(w) => Action::Wasm(w),
         }
     }
 }
@@ -119,6 +124,7 @@ impl From<Action> for ActionWire {
                 cwd: e.cwd,
             }),
             Action::Exec(e) => ActionWire::ExecSealed(e),
+            Action::Wasm(w) => ActionWire::Wasm(w),
         }
     }
 }
@@ -126,31 +132,66 @@ impl From<Action> for ActionWire {
 impl Action {
     /// Its sealed variables.
     pub fn sealed_env(&self) -> &[SealedEnv] {
-        let Action::Exec(e) = self;
-        &e.sealed_env
+        match self {
+            Action::Exec(e) => &e.sealed_env,
+            Action::Wasm(w) => &w.sealed_env,
+        }
+    }
+
+    pub fn sealed_env_mut(&mut self) -> &mut Vec<SealedEnv> {
+        match self {
+            Action::Exec(e) => &mut e.sealed_env,
+            Action::Wasm(w) => &mut w.sealed_env,
+        }
+    }
+
+    /// Its plain environment.
+    pub fn env(&self) -> &[(String, String)] {
+        match self {
+            Action::Exec(e) => &e.env,
+            Action::Wasm(w) => &w.env,
+        }
+    }
+
+    pub fn env_mut(&mut self) -> &mut Vec<(String, String)> {
+        match self {
+            Action::Exec(e) => &mut e.env,
+            Action::Wasm(w) => &mut w.env,
+        }
+    }
+
+    /// Its module, if it is a function.
+    pub fn module(&self) -> Option<ModuleHash> {
+        match self {
+            Action::Exec(_) => None,
+            Action::Wasm(w) => Some(w.module),
+        }
     }
 
     /// This action as one agent is sent it: only the values sealed to it.
     pub fn for_agent(&self, agent: AgentId) -> Action {
-        let Action::Exec(e) = self;
-        let mut e = e.clone();
-        for s in &mut e.sealed_env {
+        let mut a = self.clone();
+        for s in a.sealed_env_mut() {
             s.sealed.retain(|(a, _)| *a == agent);
         }
-        Action::Exec(e)
+        a
     }
 
     /// This action as admins are shown it: sealed variables' names and
     /// recipients, without their ciphertext.
     pub fn without_ciphertext(&self) -> Action {
-        let Action::Exec(e) = self;
-        let mut e = e.clone();
-        for s in &mut e.sealed_env {
+        let mut a = self.clone();
+        for s in a.sealed_env_mut() {
             for (_, c) in &mut s.sealed {
                 c.clear();
             }
         }
-        Action::Exec(e)
+        a
+    }
+
+    /// The action with these sealed variables.
+    pub fn set_sealed_env(&mut self, sealed: Vec<SealedEnv>) {
+        *self.sealed_env_mut() = sealed;
     }
 }
 
@@ -206,6 +247,8 @@ enum TaskActionWire {
     Exec(ExecSpecV0),
     ExecSealed(ExecSpec),
     Placed(ExecSpec, Placement),
+    /// A function (new in 0.7), placed or not.
+    Wasm(WasmSpec, Option<Placement>),
 }
 
 impl From<TaskSpecWire> for TaskSpec {
@@ -214,6 +257,7 @@ impl From<TaskSpecWire> for TaskSpec {
             TaskActionWire::Exec(e) => (Action::from(ActionWire::Exec(e)), None),
             TaskActionWire::ExecSealed(e) => (Action::Exec(e), None),
             TaskActionWire::Placed(e, p) => (Action::Exec(e), Some(p)),
+            TaskActionWire::Wasm(w, p) => (Action::Wasm(w), p),
         };
         TaskSpec {
             id: w.id,
@@ -232,10 +276,12 @@ impl From<TaskSpecWire> for TaskSpec {
 impl From<TaskSpec> for TaskSpecWire {
     fn from(t: TaskSpec) -> TaskSpecWire {
         let action = match (t.action, t.placement) {
+            (Action::Wasm(w), p) => TaskActionWire::Wasm(w, p),
             (Action::Exec(e), Some(p)) => TaskActionWire::Placed(e, p),
             (action, None) => match ActionWire::from(action) {
                 ActionWire::Exec(e) => TaskActionWire::Exec(e),
                 ActionWire::ExecSealed(e) => TaskActionWire::ExecSealed(e),
+                ActionWire::Wasm(w) => TaskActionWire::Wasm(w, None),
             },
         };
         TaskSpecWire {
@@ -264,8 +310,7 @@ impl TaskSpec {
 
     /// This task with these sealed variables.
     pub fn with_sealed_env(mut self, sealed: Vec<SealedEnv>) -> TaskSpec {
-        let Action::Exec(e) = &mut self.action;
-        e.sealed_env = sealed;
+        self.action.set_sealed_env(sealed);
         self
     }
 }

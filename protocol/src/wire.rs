@@ -98,6 +98,13 @@ pub fn agent_knows_placement(agent_version: &str) -> bool {
     version_at_least(agent_version, (0, 6))
 }
 
+/// Whether an agent of this version runs functions ([`crate::task::Action::Wasm`]
+/// and [`CoordMsg::Module`], new in 0.7): an older one could not decode
+/// either, so it is sent a cancel in place of a function task.
+pub fn agent_knows_wasm(agent_version: &str) -> bool {
+    version_at_least(agent_version, (0, 7))
+}
+
 /// Whether an agent of this version sends [`AgentMsg::Report`] when asked
 /// ([`CoordMsg::ReportEvery`], new in 0.3): an older agent would take the
 /// unknown message for a bad frame, and an older coordinator the report, so
@@ -227,7 +234,19 @@ pub const HELLO_BYTES_MAX: usize = 1
     + 10
     + (10 + AGENT_VERSION_BYTES_MAX)
     + 10
-    + ALLOW_EXEC_PATTERNS_MAX * (10 + ALLOW_EXEC_PATTERN_BYTES_MAX);
+    + ALLOW_EXEC_PATTERNS_MAX * (10 + ALLOW_EXEC_PATTERN_BYTES_MAX)
+    // seal key: an option tag and 32 bytes
+    + 1
+    + 32
+    // functions: option, flag, three numbers, the modules held
+    + 1
+    + 1
+    + 3 * 10
+    + 10
+    + HELLO_MODULES_MAX * 32;
+/// The most modules a Hello lists (an agent holding more lists some; the
+/// coordinator then sends it again one it already has, which it ignores).
+pub const HELLO_MODULES_MAX: usize = 64;
 // The largest Hello, framed, fits the limit before it is accepted: an agent
 // within the bounds is never refused at every Hello for the size of its own.
 const _: () = assert!(HELLO_BYTES_MAX + 16 <= HELLO_FRAME_BYTES_MAX);
@@ -270,6 +289,9 @@ pub enum AgentMsg {
         /// Its public sealing key (agents 0.5 and later; see
         /// [`crate::seal`]). Last, so an older coordinator ignores it.
         seal_key: Trailing<SealPublicKey>,
+        /// Whether it runs functions, its ceilings and the modules it holds
+        /// (agents 0.7 and later).
+        functions: Trailing<FunctionsHello>,
     },
     Results {
         batch_id: u64,
@@ -322,6 +344,28 @@ pub enum CoordMsg {
     /// and at once after applying assignments. Sent only to agents that
     /// know it ([`agent_knows_reports`]).
     ReportEvery { every_ms: u32 },
+    /// A piece of a function's module (agents 0.7 and later), sent before
+    /// the assignments that name it; pieces of one module come in order.
+    Module {
+        hash: crate::wasm::ModuleHash,
+        size: u64,
+        offset: u64,
+        chunk: Vec<u8>,
+    },
+}
+
+/// What an agent tells of functions in its Hello (0.7 and later).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionsHello {
+    /// The device owner allows functions (`--allow-wasm`).
+    pub allowed: bool,
+    /// Its ceilings: the most fuel, memory and module size a task may have.
+    pub fuel_max: u64,
+    pub memory_max: u64,
+    pub module_max: u64,
+    /// Modules it holds (at most [`HELLO_MODULES_MAX`]; the
+    /// coordinator sends a module it needs and does not see here).
+    pub modules: Vec<crate::wasm::ModuleHash>,
 }
 
 /// One change to an agent's assignments.
@@ -496,6 +540,18 @@ pub enum AdminRequest {
         id: TaskId,
         sealed_env: Vec<crate::seal::SealedEnv>,
     },
+    /// Whether the coordinator holds a module ([`AdminResponse::Module`]).
+    ModuleGet(crate::wasm::ModuleHash),
+    /// A piece of a module to store, in order, each at most
+    /// [`crate::wasm::MODULE_CHUNK_BYTES`] (on one connection; a new
+    /// module restarts). Answered `Done` until the last, which is checked
+    /// and stored, and answered [`AdminResponse::Module`].
+    ModuleUpload {
+        hash: crate::wasm::ModuleHash,
+        size: u64,
+        offset: u64,
+        chunk: Vec<u8>,
+    },
 }
 
 /// What an admin may do. Each role may do what the one before it may.
@@ -629,6 +685,15 @@ impl AuditEntry {
     }
 }
 
+/// A stored module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    pub hash: crate::wasm::ModuleHash,
+    pub size: u64,
+    /// What it imports (`module.name`), for operators.
+    pub imports: Vec<String>,
+}
+
 /// What the coordinator knows of an agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentInfo {
@@ -652,6 +717,8 @@ pub struct AgentInfo {
     /// Its last report in its current session, and when it came.
     pub report: Option<AgentReport>,
     pub reported_at: Option<Timestamp>,
+    /// Whether it runs functions, as its last Hello said (0.7 and later).
+    pub functions: Option<FunctionsHello>,
 }
 
 /// A task, its state, and what its runs say.
@@ -758,6 +825,8 @@ pub enum AdminResponse {
         keys: Vec<(AgentId, SealPublicKey)>,
         missing: Vec<AgentId>,
     },
+    /// A module the coordinator holds (`None`: it holds none by that hash).
+    Module(Option<ModuleInfo>),
 }
 
 /// Splits `items` into pages whose encoded size stays under `bytes_max`
@@ -798,6 +867,14 @@ mod tests {
             agent_version: "9".repeat(AGENT_VERSION_BYTES_MAX),
             allow_exec: allow.clone(),
             seal_key: Some(SealPublicKey([0xff; 32])).into(),
+            functions: Some(FunctionsHello {
+                allowed: true,
+                fuel_max: u64::MAX,
+                memory_max: u64::MAX,
+                module_max: u64::MAX,
+                modules: vec![crate::wasm::ModuleHash([0xff; 32]); HELLO_MODULES_MAX],
+            })
+            .into(),
         };
         let framed = crate::codec::encode(&hello).expect("encodes");
         assert!(framed.len() <= HELLO_FRAME_BYTES_MAX, "{}", framed.len());

@@ -33,6 +33,7 @@ fn messages_round_trip_in_pieces() {
             agent_version: "0.1.0".into(),
             allow_exec: vec![],
             seal_key: Default::default(),
+            functions: Default::default(),
         },
         AgentMsg::Results {
             batch_id: 9,

@@ -235,6 +235,8 @@ impl Fleet {
                 labels: vec![],
                 allow_exec: vec![exe.display().to_string()],
                 allow_env: vec![],
+                allow_wasm: true,
+                allow_wasm_dirs: vec![],
             };
             set.spawn(async move {
                 let r = sundial_agent::enroll::join(&dir, req).await;

@@ -221,6 +221,7 @@ pub async fn light_agent(
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 allow_exec: vec![],
                 seal_key: None,
+                functions: None,
             },
         );
         let mut rx = FramedRecv::new(rx);

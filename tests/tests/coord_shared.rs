@@ -195,6 +195,7 @@ impl Node {
                 agent_version: "0.2.0".into(),
                 allow_exec: Vec::new(),
                 seal_key: Default::default(),
+                functions: Default::default(),
             },
         );
         self.settle(at);

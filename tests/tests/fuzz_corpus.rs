@@ -56,6 +56,7 @@ fn write_seed_corpus() {
         agent_version: "0.3.0".into(),
         allow_exec: vec!["/bin/*".into()],
         seal_key: Default::default(),
+        functions: Default::default(),
     };
     write("frames", "hello", &framed(0, encode(&hello).expect("enc")));
     let report = AgentMsg::Report(AgentReport {
@@ -224,6 +225,7 @@ fn write_seed_corpus() {
         agent_version: "0.5.0".into(),
         allow_exec: vec![],
         seal_key: Some(pair.public()).into(),
+        functions: Default::default(),
     };
     write(
         "frames",

@@ -169,11 +169,11 @@ impl Driver {
         Ok(())
     }
 
-    pub(super) fn spawn(&mut self, key: RunKey, mut spec: ExecSpec) {
+    pub(super) fn spawn(&mut self, key: RunKey, mut action: Action) {
         let (kill_tx, kill_rx) = oneshot::channel();
         self.running.insert(key, kill_tx);
         // The action knows which occurrence it is.
-        spec.env.extend([
+        action.env_mut().extend([
             ("SUNDIAL_TASK_ID".to_owned(), key.task_id.to_string()),
             ("SUNDIAL_AGENT_ID".to_owned(), self.agent_id.to_string()),
             (
@@ -190,6 +190,36 @@ impl Driver {
         let done = self.done_tx.clone();
         let pid_path = pid_file(&self.running_dir, key);
         tracing::debug!(task = %key.task_id, scheduled_at = %key.scheduled_at, attempt = key.attempt, "starting run");
+        let note_pid = move |pid: u32| {
+            let ticks = process_start_ticks(pid).unwrap_or(0);
+            if let Err(e) = std::fs::write(&pid_path, format!("{pid} {ticks}\n")) {
+                tracing::warn!(error = %e, path = %pid_path.display(), "could not note a run's pid; after a crash it could not be found");
+            }
+        };
+        let spec = match action {
+            Action::Exec(spec) => spec,
+            Action::Wasm(w) => {
+                let store = Arc::clone(&self.store);
+                tokio::spawn(async move {
+                    let hash = w.module;
+                    // Read off the driver's loop: a module may be megabytes.
+                    let module = match tokio::task::spawn_blocking(move || store.module(hash)).await
+                    {
+                        Ok(Ok(m)) => m,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, module = %hash, "could not read a function's module");
+                            None
+                        }
+                        Err(_) => None,
+                    };
+                    let name = format!("{}", key.task_id);
+                    let result =
+                        exec::run_function(&w, &name, module, &policy, kill_rx, note_pid).await;
+                    let _ = done.send((key, result)).await;
+                });
+                return;
+            }
+        };
         if crate::fault::active("double-fire") {
             let spec = spec.clone();
             let policy = Arc::clone(&policy);
@@ -199,13 +229,7 @@ impl Driver {
             });
         }
         tokio::spawn(async move {
-            let result = exec::run_with(&spec, &policy, kill_rx, |pid| {
-                let ticks = process_start_ticks(pid).unwrap_or(0);
-                if let Err(e) = std::fs::write(&pid_path, format!("{pid} {ticks}\n")) {
-                    tracing::warn!(error = %e, path = %pid_path.display(), "could not note a run's pid; after a crash it could not be found");
-                }
-            })
-            .await;
+            let result = exec::run_with(&spec, &policy, kill_rx, note_pid).await;
             // The driver outlives every executor unless it is stopping.
             let _ = done.send((key, result)).await;
         });

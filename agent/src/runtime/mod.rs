@@ -25,7 +25,7 @@ use sundial_core::node::{
 use sundial_core::scheduler::DueKey;
 use sundial_core::session::agent::Closed;
 use sundial_core::session::Event;
-use sundial_protocol::task::ExecSpec;
+use sundial_protocol::task::Action;
 use sundial_protocol::wire::{AgentMsg, CoordMsg};
 use sundial_protocol::{AgentId, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 use tokio::sync::{mpsc, oneshot};
@@ -243,6 +243,20 @@ pub async fn run(
             exec_policy.allow_env.push(p);
         }
     }
+    if store.get_meta::<bool>(meta::ALLOW_WASM)?.unwrap_or(false) {
+        exec_policy.functions.allowed = true;
+    }
+    for d in store
+        .get_meta::<Vec<String>>(meta::ALLOW_WASM_DIRS)?
+        .unwrap_or_default()
+    {
+        if !exec_policy.functions.dirs.contains(&d) {
+            exec_policy.functions.dirs.push(d);
+        }
+    }
+    if exec_policy.functions.allowed {
+        tracing::info!(dirs = ?exec_policy.functions.dirs, fuel_max = exec_policy.functions.fuel_max, memory_max = exec_policy.functions.memory_max, "functions allowed");
+    }
     // The sealing key, for secrets sealed to this agent (enrolled agents).
     let seal = if agent_id == AgentId(0) {
         None
@@ -302,6 +316,7 @@ pub async fn run(
         },
         coordinators: session.as_ref().map_or(1, |s| s.coordinators.len()),
         seal_key: seal,
+        functions: exec_policy.functions.hello(),
     };
     let node = match AgentNode::start(node_store, cfg, reading()) {
         Ok(n) => n,

@@ -267,6 +267,19 @@ impl NodeStore for RedbNode {
     fn set_revoked(&mut self) -> StoreResult<()> {
         self.keep(self.store.put_meta(&[(meta::REVOKED, true)]))
     }
+    fn put_module(
+        &mut self,
+        hash: sundial_protocol::wasm::ModuleHash,
+        bytes: &[u8],
+    ) -> StoreResult<()> {
+        self.keep(self.store.put_module(hash, bytes))
+    }
+    fn module(&self, hash: sundial_protocol::wasm::ModuleHash) -> StoreResult<Option<Vec<u8>>> {
+        self.keep(self.store.module(hash))
+    }
+    fn module_hashes(&self, max: usize) -> StoreResult<Vec<sundial_protocol::wasm::ModuleHash>> {
+        self.keep(self.store.modules(max).map(|(m, _)| m))
+    }
 }
 
 /// The store's form of a node step.
@@ -340,6 +353,7 @@ mod tests {
             vouch_wait_ms: 0,
             coordinators: 1,
             seal_key: None,
+            functions: Default::default(),
         };
         let mut node = AgentNode::start(RedbNode::plain(store, None), cfg, r(0)).expect("node");
         node.begin_stop();

@@ -220,6 +220,8 @@ pub fn join(
                 .collect(),
             allow_exec: vec!["/bin/sh".into(), "/bin/echo".into(), "/bin/true".into()],
             allow_env: vec![],
+            allow_wasm: false,
+            allow_wasm_dirs: vec![],
         },
     ))
     .map(|id| id.to_string())

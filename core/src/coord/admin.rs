@@ -70,7 +70,8 @@ pub fn required_role(req: &AdminRequest) -> Role {
         | R::AdminList
         | R::AuditList(_)
         | R::RunFollow { .. }
-        | R::SealKeys(_) => Role::Viewer,
+        | R::SealKeys(_)
+        | R::ModuleGet(_) => Role::Viewer,
         R::TokenCreate { .. }
         | R::TokenRevoke(_)
         | R::TaskCreate(_)
@@ -79,7 +80,8 @@ pub fn required_role(req: &AdminRequest) -> Role {
         | R::TaskCancel(_)
         | R::TaskRunNow(_)
         | R::TaskPause(_)
-        | R::TaskResume(_) => Role::Operator,
+        | R::TaskResume(_)
+        | R::ModuleUpload { .. } => Role::Operator,
         R::AgentRevoke(_)
         | R::AgentForget(_)
         | R::AdminCreate { .. }
@@ -146,6 +148,8 @@ pub fn action(req: &AdminRequest) -> &'static str {
         R::RunFollow { .. } => "run follow",
         R::SealKeys(_) => "seal keys",
         R::TaskReseal { .. } => "task reseal",
+        R::ModuleGet(_) => "module get",
+        R::ModuleUpload { .. } => "module upload",
     }
 }
 
@@ -162,6 +166,7 @@ pub fn subject(req: &AdminRequest) -> Option<String> {
         | R::TaskUpdate { id: t, .. }
         | R::TaskReseal { id: t, .. } => Some(format!("task {t}")),
         R::TokenRevoke(id) => Some(format!("token {}", id.to_ascii_lowercase())),
+        R::ModuleGet(h) | R::ModuleUpload { hash: h, .. } => Some(format!("module {h}")),
         R::AdminCreate { name, .. } | R::AdminRenew { name, .. } | R::AdminRevoke(name) => {
             Some(format!("admin {name}"))
         }
@@ -205,6 +210,7 @@ pub struct SeenView {
     pub outbox_len: Option<u64>,
     pub last_contact: Option<Timestamp>,
     pub report: Option<(sundial_protocol::wire::AgentReport, Timestamp)>,
+    pub functions: Option<sundial_protocol::wire::FunctionsHello>,
 }
 
 /// What an admin request is answered with, besides the store.
@@ -240,8 +246,7 @@ fn for_role(mut t: TaskInfo, role: Role) -> TaskInfo {
     // Sealed values are for their agents: admins see names and recipients.
     t.spec.action = t.spec.action.without_ciphertext();
     if role < Role::Operator {
-        let Action::Exec(exec) = &mut t.spec.action;
-        for (_, v) in &mut exec.env {
+        for (_, v) in t.spec.action.env_mut() {
             *v = REDACTED.into();
         }
     }
@@ -433,6 +438,7 @@ fn agent_info(r: Agent, seen: Option<&SeenView>, ctx: &AdminContext) -> AgentInf
         version: seen.version,
         allow_exec: seen.allow_exec,
         outbox_len: seen.outbox_len,
+        functions: seen.functions,
         reported_at: seen.report.as_ref().map(|(_, at)| *at),
         report: seen.report.map(|(r, _)| r),
     }
@@ -511,10 +517,24 @@ fn task_info(
 /// Why a task may not be created as drafted: the coordinator's own checks,
 /// whatever client sent it.
 pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Option<String> {
-    let Action::Exec(exec) = &draft.action;
-    if exec.program.trim().is_empty() {
-        return Some("the program is empty".into());
+    match &draft.action {
+        Action::Exec(exec) if exec.program.trim().is_empty() => {
+            return Some("the program is empty".into())
+        }
+        Action::Exec(_) => {}
+        Action::Wasm(w) => {
+            if let Some(why) = w.refusal() {
+                return Some(why);
+            }
+            if w.module_bytes > limits.wasm_module_max {
+                return Some(format!(
+                    "the module is {} bytes; the most this coordinator takes is {} (its wasm_module_max setting)",
+                    w.module_bytes, limits.wasm_module_max
+                ));
+            }
+        }
     }
+    let sealed_env = draft.action.sealed_env();
     let p = &draft.policies;
     if p.timeout.is_some_and(|t| t.0 == 0) {
         return Some("--timeout must be longer than 0s".into());
@@ -556,7 +576,7 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
             return Some(format!("--end {end} is in the past (now is {now})"));
         }
     }
-    if let Some(why) = sundial_protocol::seal::refusal(&exec.sealed_env, &exec.env) {
+    if let Some(why) = sundial_protocol::seal::refusal(sealed_env, draft.action.env()) {
         return Some(why);
     }
     if let Some(ask) = draft.placement.0 {
@@ -579,7 +599,7 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
     }
     // Sealed values have their own bound (above).
     let size = postcard::experimental::serialized_size(draft).unwrap_or(usize::MAX)
-        - postcard::experimental::serialized_size(&exec.sealed_env).unwrap_or(0);
+        - postcard::experimental::serialized_size(sealed_env).unwrap_or(0);
     if size > TASK_SPEC_BYTES_MAX {
         return Some(format!(
             "the task is {size} bytes (program, arguments, environment); the most allowed is {TASK_SPEC_BYTES_MAX}: pass large data in a file on the device instead"
@@ -727,15 +747,30 @@ pub fn apply_patch(spec: &mut TaskSpec, p: TaskPatch) {
     if let Some(s) = p.schedule {
         spec.schedule = s;
     }
-    let Action::Exec(exec) = &mut spec.action;
-    if let Some(Action::Exec(new)) = p.action {
-        exec.program = new.program;
-        exec.args = new.args;
+    match (&mut spec.action, p.action) {
+        (Action::Exec(exec), Some(Action::Exec(new))) => {
+            exec.program = new.program;
+            exec.args = new.args;
+        }
+        (Action::Wasm(w), Some(Action::Wasm(new))) => {
+            w.module = new.module;
+            w.module_bytes = new.module_bytes;
+            w.args = new.args;
+            w.fuel = new.fuel;
+            w.memory_bytes = new.memory_bytes;
+        }
+        // Another kind of action: the new one, with the task's environment.
+        (action, Some(mut new)) => {
+            *new.env_mut() = std::mem::take(action.env_mut());
+            *new.sealed_env_mut() = std::mem::take(action.sealed_env_mut());
+            *action = new;
+        }
+        (_, None) => {}
     }
     if let Some(env) = p.env {
-        exec.env = env;
+        *spec.action.env_mut() = env;
     }
-    if let Some(cwd) = p.cwd {
+    if let (Some(cwd), Action::Exec(exec)) = (p.cwd, &mut spec.action) {
         exec.cwd = cwd;
     }
     let pol = &mut spec.policies;
@@ -790,6 +825,7 @@ fn update(
     if let Some(why) = trigger_refusal(store, &draft, Some(id))? {
         return Err(StoreError::Refused(why));
     }
+    module_check(store, &draft.action)?;
     let revision = store.update_task(&spec, read_revision, Some(&ctx.audit))?;
     Ok(AdminAnswer::one(AdminResponse::Updated { revision })?
         .with(FollowUp::Audited(ctx.audit.for_task(id, revision)))
@@ -844,11 +880,11 @@ fn reseal(
     }
     let read_revision = spec.revision;
     {
-        let Action::Exec(exec) = &mut spec.action;
+        let sealed_env = spec.action.sealed_env_mut();
         for s in sealed {
-            match exec.sealed_env.iter_mut().find(|o| o.name == s.name) {
+            match sealed_env.iter_mut().find(|o| o.name == s.name) {
                 Some(o) => *o = s,
-                None => exec.sealed_env.push(s),
+                None => sealed_env.push(s),
             }
         }
     }
@@ -897,6 +933,26 @@ fn draft_of(spec: &TaskSpec) -> TaskDraft {
     }
 }
 
+/// A function's module must be stored here, as the task says it is.
+fn module_check(store: &dyn CoordStore, action: &Action) -> StoreResult<()> {
+    let Action::Wasm(w) = action else {
+        return Ok(());
+    };
+    match store.module(w.module)? {
+        None => Err(StoreError::Refused(format!(
+            "module {} is not on this coordinator: upload it first (`sundialctl task create --wasm FILE` does)",
+            w.module
+        ))),
+        Some(bytes) if bytes.len() as u64 != w.module_bytes => Err(StoreError::Refused(format!(
+            "module {} is {} bytes, not {}",
+            w.module,
+            bytes.len(),
+            w.module_bytes
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
 /// At most this many agents are named in one warning.
 const WARN_AGENTS_MAX: usize = 5;
 
@@ -905,7 +961,7 @@ const WARN_AGENTS_MAX: usize = 5;
 /// run there would be recorded rejected; and agents that are offline, which
 /// get the task only when they reconnect.
 fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> Vec<String> {
-    let Action::Exec(exec) = &draft.action;
+    let sealed_env = draft.action.sealed_env();
     let name = |a: &Agent| match &a.name {
         Some(n) => format!("{n} ({})", a.id),
         None => a.id.to_string(),
@@ -928,9 +984,11 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
     let triggered = !draft.schedule.triggers().is_empty();
     let mut unsealed: Vec<String> = Vec::new();
     let mut old_sealed = Vec::new();
+    let mut no_functions = Vec::new();
+    let mut over_ceiling = Vec::new();
+    let mut old_wasm = Vec::new();
     for a in reached {
-        let missing: Vec<&str> = exec
-            .sealed_env
+        let missing: Vec<&str> = sealed_env
             .iter()
             .filter(|s| s.for_agent(a.id).is_none())
             .map(|s| s.name.as_str())
@@ -956,7 +1014,7 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
         {
             old.push(name(a));
         }
-        if !exec.sealed_env.is_empty()
+        if !sealed_env.is_empty()
             && seen
                 .version
                 .as_deref()
@@ -969,22 +1027,69 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
         let told = seen.version.is_some()
             && seen.allow_exec.len() < 32
             && !seen.allow_exec.iter().any(|p| p.ends_with('…'));
-        if told
-            && !seen
-                .allow_exec
-                .iter()
-                .any(|p| sundial_protocol::policy::glob_match(p, &exec.program))
-        {
-            refusing.push(name(a));
+        match &draft.action {
+            Action::Exec(exec)
+                if told
+                    && !seen
+                        .allow_exec
+                        .iter()
+                        .any(|p| sundial_protocol::policy::glob_match(p, &exec.program)) =>
+            {
+                refusing.push(name(a))
+            }
+            Action::Exec(_) => {}
+            Action::Wasm(w) => {
+                let version = seen.version.as_deref();
+                if version.is_some_and(|v| !sundial_protocol::wire::agent_knows_wasm(v)) {
+                    old_wasm.push(name(a));
+                } else if let Some(f) = &seen.functions {
+                    if !f.allowed {
+                        no_functions.push(name(a));
+                    } else if w.fuel() > f.fuel_max
+                        || w.memory_bytes() > f.memory_max
+                        || w.module_bytes > f.module_max
+                    {
+                        over_ceiling.push(format!(
+                            "{} (at most fuel {}, memory {}, module {})",
+                            name(a),
+                            f.fuel_max,
+                            sundial_protocol::wasm::show_bytes(f.memory_max),
+                            sundial_protocol::wasm::show_bytes(f.module_max)
+                        ));
+                    }
+                }
+            }
         }
     }
     let mut out = Vec::new();
-    if !refusing.is_empty() {
+    if let (false, Action::Exec(exec)) = (refusing.is_empty(), &draft.action) {
         out.push(format!(
             "{} {} not allow `{}` (--allow-exec on the device): every run there will be recorded rejected until the device owner allows it",
             listed(&refusing),
             if refusing.len() == 1 { "does" } else { "do" },
             exec.program
+        ));
+    }
+    if !no_functions.is_empty() {
+        out.push(format!(
+            "{} {} not allow functions (--allow-wasm on the device): every run there will be recorded rejected until the device owner allows them",
+            listed(&no_functions),
+            if no_functions.len() == 1 { "does" } else { "do" },
+        ));
+    }
+    if !over_ceiling.is_empty() {
+        out.push(format!(
+            "the function asks for more than {} allow{}: every run there will be recorded rejected",
+            listed(&over_ceiling),
+            if over_ceiling.len() == 1 { "s" } else { "" },
+        ));
+    }
+    if !old_wasm.is_empty() {
+        out.push(format!(
+            "{} {} an agent older than 0.7, which does not run functions: {} the task once upgraded",
+            listed(&old_wasm),
+            if old_wasm.len() == 1 { "runs" } else { "run" },
+            if old_wasm.len() == 1 { "it gets" } else { "they get" },
         ));
     }
     if !old.is_empty() {
@@ -1036,6 +1141,7 @@ fn create(
     if let Some(why) = trigger_refusal(store, &draft, None)? {
         return Err(StoreError::Refused(why));
     }
+    module_check(store, &draft.action)?;
     let mut warnings = Vec::new();
     let reached: Vec<Agent> = match &draft.target {
         Target::Agent(a) => match store.agent(*a)? {
@@ -1280,6 +1386,39 @@ pub fn answer(
         }
         AdminRequest::TaskUpdate { id, patch } => update(store, ctx, id, *patch),
         AdminRequest::TaskReseal { id, sealed_env } => reseal(store, ctx, id, sealed_env),
+        AdminRequest::ModuleGet(hash) => {
+            let info = match store.module(hash)? {
+                // Checked when stored; described again for the answer.
+                Some(bytes) => Some(crate::wasm::inspect(&bytes, u64::MAX).map_err(|why| {
+                    StoreError::Refused(format!("module {hash} is stored but {why}"))
+                })?),
+                None => None,
+            };
+            AdminAnswer::one(AdminResponse::Module(info))
+        }
+        // The node puts a module's pieces together: what reaches the store
+        // is a whole module (see `CoordNode::handle_admin`).
+        AdminRequest::ModuleUpload {
+            hash,
+            size,
+            offset,
+            chunk,
+        } => {
+            if offset != 0
+                || size != chunk.len() as u64
+                || sundial_protocol::wasm::ModuleHash::of(&chunk) != hash
+            {
+                return Err(StoreError::Refused(format!(
+                    "module {hash}: its bytes do not have that SHA-256"
+                )));
+            }
+            let info = crate::wasm::inspect(&chunk, ctx.limits.wasm_module_max)
+                .map_err(StoreError::Refused)?;
+            store.put_module(hash, &chunk)?;
+            store.append_audit(&ctx.audit)?;
+            Ok(AdminAnswer::one(AdminResponse::Module(Some(info)))?
+                .with(FollowUp::Audited(ctx.audit.clone())))
+        }
         AdminRequest::SealKeys(target) => {
             let mut keys = Vec::new();
             let mut missing = Vec::new();

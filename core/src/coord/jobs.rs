@@ -33,7 +33,13 @@ pub type Restored = Option<(Range<u64>, u64)>;
 pub type HelloAnswer = Option<(Agent, Restored)>;
 /// A page of changes: `(task, removed)`, the revision looked at through,
 /// and whether more follow.
-pub type ChangesAnswer = (Vec<(TaskSpec, bool)>, u64, bool);
+/// With the modules of the page's function tasks its agent lacks.
+pub type ChangesAnswer = (
+    Vec<(TaskSpec, bool)>,
+    u64,
+    bool,
+    Vec<(sundial_protocol::wasm::ModuleHash, Vec<u8>)>,
+);
 
 /// Store work for the shell to run (see the module docs).
 #[derive(Clone, Debug)]
@@ -55,6 +61,8 @@ pub enum StoreJob {
         agent: AgentId,
         labels: Vec<(String, String)>,
         since: u64,
+        /// The modules the agent holds, if it runs functions.
+        modules_held: Option<std::collections::BTreeSet<sundial_protocol::wasm::ModuleHash>>,
         limit: usize,
         /// Ids a restored store may have lost, and the revision of the news:
         /// cancels for those the store does not know.
@@ -441,6 +449,7 @@ impl StoreJob {
                 agent,
                 labels,
                 since,
+                modules_held,
                 limit,
                 lost,
             } => {
@@ -456,7 +465,26 @@ impl StoreJob {
                             }
                         }
                     }
-                    Ok((changes, page.upto, page.more))
+                    let mut modules = Vec::new();
+                    if let Some(held) = modules_held {
+                        let mut wanted = std::collections::BTreeSet::new();
+                        for (t, removed) in &changes {
+                            if let (false, Some(m)) = (*removed, t.action.module()) {
+                                if !held.contains(&m) {
+                                    wanted.insert(m);
+                                }
+                            }
+                        }
+                        for m in wanted {
+                            // A module missing from the store (it never
+                            // should be) is not sent: the agent records
+                            // its runs rejected, naming it.
+                            if let Some(bytes) = store.module(m)? {
+                                modules.push((m, bytes));
+                            }
+                        }
+                    }
+                    Ok((changes, page.upto, page.more, modules))
                 })();
                 StoreDone::Changes { conn, result }
             }

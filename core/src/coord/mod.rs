@@ -31,6 +31,9 @@ pub mod placement;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::ops::Range;
+use std::sync::{Arc, Weak};
+
+use sundial_protocol::wasm::ModuleHash;
 
 use sundial_protocol::codec::FRAME_BYTES_MAX;
 use sundial_protocol::task::Target;
@@ -144,6 +147,8 @@ pub struct Limits {
     /// Agents (0.3 and later) report their own figures (backlog, clock,
     /// tasks, store size) when they change, at most this often.
     pub agent_report_every: DurationMs,
+    /// The largest function module an operator may upload, bytes.
+    pub wasm_module_max: u64,
 }
 
 /// How often agents report their figures by default.
@@ -169,6 +174,7 @@ impl Limits {
             pending_per_address_max: PENDING_PER_ADDRESS_MAX,
             handshakes_per_sec: HANDSHAKES_PER_SEC_PER_CORE.saturating_mul(cores),
             agent_report_every: DurationMs(AGENT_REPORT_EVERY_DEFAULT_MS),
+            wasm_module_max: sundial_protocol::wasm::MODULE_BYTES_DEFAULT,
         }
     }
 }
@@ -550,6 +556,8 @@ struct Seen {
     report: Option<(AgentReport, Timestamp)>,
     /// The revision it said it applied (at Hello, then in reports).
     applied: Option<u64>,
+    /// What its last Hello said of functions (0.7 and later).
+    functions: Option<sundial_protocol::wire::FunctionsHello>,
 }
 
 /// The figures the agents in session with one coordinator reported,
@@ -586,6 +594,8 @@ struct Hello {
     knows_triggers: bool,
     knows_sealed: bool,
     knows_placement: bool,
+    knows_wasm: bool,
+    functions: Option<sundial_protocol::wire::FunctionsHello>,
 }
 
 #[derive(Debug)]
@@ -622,6 +632,8 @@ enum Kind {
     Admin {
         who: AdminId,
         busy: usize,
+        /// A module being uploaded on this connection, piece by piece.
+        upload: Option<Box<sundial_protocol::wasm::Assembly>>,
     },
     Session {
         agent: AgentId,
@@ -686,6 +698,8 @@ pub struct CoordNode {
     started_ms: u64,
     /// Placed tasks and when each is next planned (wall ms; 0: at once).
     placed: BTreeMap<TaskId, i64>,
+    /// Modules queued to sessions, shared (see `share_modules`).
+    module_copies: HashMap<ModuleHash, Weak<Vec<u8>>>,
     /// The next look for placed tasks due (monotonic ms); `None`: none
     /// is placed.
     next_plan_ms: Option<u64>,
@@ -741,6 +755,7 @@ impl CoordNode {
             started_ms: now.mono_ms,
             next_plan_ms: (!config.placed.is_empty()).then_some(now.mono_ms),
             placed: config.placed.into_iter().map(|t| (t, 0)).collect(),
+            module_copies: HashMap::new(),
             planning: false,
             plan_clock: placement::PlanClock::default(),
         }
@@ -994,7 +1009,14 @@ impl CoordNode {
                     }));
                 }
                 let who = AdminId(fp);
-                (Route::Admin(who), Kind::Admin { who, busy: 0 })
+                (
+                    Route::Admin(who),
+                    Kind::Admin {
+                        who,
+                        busy: 0,
+                        upload: None,
+                    },
+                )
             }
             _ => {
                 self.event(CoordEvent::ConnRefused {
@@ -1445,6 +1467,7 @@ impl CoordNode {
                     agent_version,
                     allow_exec,
                     seal_key,
+                    functions,
                 } = msg
                 else {
                     self.close(
@@ -1460,6 +1483,14 @@ impl CoordNode {
                 let knows_triggers = sundial_protocol::wire::agent_knows_triggers(&agent_version);
                 let knows_sealed = sundial_protocol::wire::agent_knows_sealed(&agent_version);
                 let knows_placement = sundial_protocol::wire::agent_knows_placement(&agent_version);
+                let knows_wasm = sundial_protocol::wire::agent_knows_wasm(&agent_version);
+                // Bounded as the Hello's frame is; a longer list is cut (a
+                // module not listed is sent again, and ignored).
+                let functions = functions.0.map(|mut f| {
+                    f.modules
+                        .truncate(sundial_protocol::wire::HELLO_MODULES_MAX);
+                    f
+                });
                 *phase = Phase::Checking(
                     Hello {
                         last_revision,
@@ -1469,6 +1500,8 @@ impl CoordNode {
                         knows_triggers,
                         knows_sealed,
                         knows_placement,
+                        knows_wasm,
+                        functions: functions.clone(),
                     },
                     VecDeque::new(),
                 );
@@ -1478,6 +1511,7 @@ impl CoordNode {
                 if let Some(s) = seen {
                     s.version = Some(agent_version);
                     s.allow_exec = allow_exec;
+                    s.functions = functions;
                     s.outbox_len = Some(outbox_len);
                     s.last_contact = Some(now.wall);
                     // A report of an earlier session no longer holds.
@@ -1645,6 +1679,8 @@ impl CoordNode {
                 triggers: hello.knows_triggers,
                 sealed: hello.knows_sealed,
                 placement: hello.knows_placement,
+                wasm: hello.knows_wasm,
+                functions: hello.functions.clone(),
             },
         );
         // The upload limits are the agent's, not the session's: carried on
@@ -1692,11 +1728,15 @@ impl CoordNode {
         let mut reports = Vec::new();
         while let Some(effect) = l.sm.poll_effect() {
             match effect {
-                CoordEffect::LoadChanges { since } => jobs.push(StoreJob::Changes {
+                CoordEffect::LoadChanges {
+                    since,
+                    modules_held,
+                } => jobs.push(StoreJob::Changes {
                     conn,
                     agent,
                     labels: l.labels.clone(),
                     since,
+                    modules_held,
                     limit: CHANGES_PAGE_MAX,
                     lost: l.lost.take(),
                 }),
@@ -1935,10 +1975,39 @@ impl CoordNode {
         if c.closed {
             return;
         }
-        let Kind::Admin { who, busy } = &mut c.kind else {
+        let Kind::Admin { who, busy, upload } = &mut c.kind else {
             return;
         };
         let who = *who;
+        // A module's pieces are put together here; only a whole one, and
+        // only after the permission check below, becomes a store job.
+        let mut piece = None;
+        if let AdminRequest::ModuleUpload {
+            hash,
+            size,
+            offset,
+            chunk,
+        } = &request
+        {
+            let limit = self.limits.wasm_module_max;
+            if *offset == 0
+                || upload
+                    .as_ref()
+                    .is_none_or(|u| u.hash != *hash || u.size != *size)
+            {
+                *upload = None;
+                piece = Some(
+                    sundial_protocol::wasm::Assembly::start(*hash, *size, limit)
+                        .map(|a| upload.insert(Box::new(a)))
+                        .and_then(|a| a.add(*offset, chunk)),
+                );
+            } else if let Some(a) = upload.as_mut() {
+                piece = Some(a.add(*offset, chunk));
+            }
+            if matches!(piece, Some(Err(_)) | Some(Ok(Some(_)))) {
+                *upload = None;
+            }
+        }
         let ip = c.ip;
         *busy += 1;
         c.deadline = None;
@@ -1983,6 +2052,25 @@ impl CoordNode {
             self.admin_refused(now, conn, req, who, audit, why);
             return;
         }
+        let request = match (request, piece) {
+            (_, Some(Err(why))) => {
+                self.admin_refused(now, conn, req, who, audit, why);
+                return;
+            }
+            (_, Some(Ok(None))) => {
+                self.admin_answered(now, conn, req, vec![AdminResponse::Done]);
+                return;
+            }
+            (AdminRequest::ModuleUpload { hash, size, .. }, Some(Ok(Some(bytes)))) => {
+                AdminRequest::ModuleUpload {
+                    hash,
+                    size,
+                    offset: 0,
+                    chunk: bytes,
+                }
+            }
+            (request, _) => request,
+        };
         if let AdminRequest::RunFollow { task, agent } = request {
             if self.followers.len() >= FOLLOWERS_MAX {
                 self.admin_answered(
@@ -2150,12 +2238,39 @@ impl CoordNode {
         }
     }
 
+    /// One copy of each module in memory however many sessions send it:
+    /// a module loaded again while another copy is queued is replaced by it.
+    fn share_modules(
+        &mut self,
+        modules: Vec<(ModuleHash, Vec<u8>)>,
+    ) -> Vec<(ModuleHash, Arc<Vec<u8>>)> {
+        if modules.is_empty() {
+            return Vec::new();
+        }
+        self.module_copies.retain(|_, w| w.strong_count() > 0);
+        modules
+            .into_iter()
+            .map(|(hash, bytes)| {
+                let shared = match self.module_copies.get(&hash).and_then(Weak::upgrade) {
+                    Some(a) => a,
+                    None => {
+                        let a = Arc::new(bytes);
+                        self.module_copies.insert(hash, Arc::downgrade(&a));
+                        a
+                    }
+                };
+                (hash, shared)
+            })
+            .collect()
+    }
+
     fn seen_view(&self, agent: AgentId, s: &Seen) -> SeenView {
         SeenView {
             online: self.live.contains_key(&agent),
             version: s.version.clone(),
             allow_exec: s.allow_exec.clone(),
             outbox_len: s.outbox_len,
+            functions: s.functions.clone(),
             last_contact: s.last_contact,
             // Only a report of the session going now.
             report: s.report.clone().filter(|_| self.live.contains_key(&agent)),
@@ -2518,9 +2633,10 @@ impl CoordNode {
             } => self.hello_done(now, conn, agent, result),
             StoreDone::Plan { result } => self.plan_done(now, result),
             StoreDone::Changes { conn, result } => match result {
-                Ok((changes, upto, more)) => {
+                Ok((changes, upto, more, modules)) => {
+                    let modules = self.share_modules(modules);
                     if let Some(l) = self.live_mut(conn) {
-                        l.sm.handle_changes(changes, upto, more);
+                        l.sm.handle_changes(changes, upto, more, modules);
                         self.drain_session(now, conn);
                     }
                 }

@@ -99,6 +99,7 @@ fn hello(last_revision: u64) -> AgentMsg {
         agent_version: "0.2.0".into(),
         allow_exec: Vec::new(),
         seal_key: Default::default(),
+        functions: Default::default(),
     }
 }
 
@@ -347,7 +348,7 @@ fn a_change_wakes_only_the_sessions_it_targets_and_run_now_reaches_only_live_one
             at(1),
             StoreDone::Changes {
                 conn: c,
-                result: Ok((Vec::new(), 0, false)),
+                result: Ok((Vec::new(), 0, false, Vec::new())),
             },
         );
         drain_transmit(&mut n, c);
@@ -459,7 +460,7 @@ fn results_are_acknowledged_only_after_the_store_says_stored() {
         at(1),
         StoreDone::Changes {
             conn: a,
-            result: Ok((Vec::new(), 0, false)),
+            result: Ok((Vec::new(), 0, false, Vec::new())),
         },
     );
     drain_transmit(&mut n, a);
@@ -718,6 +719,13 @@ fn every_request() -> Vec<AdminRequest> {
             id: TaskId(1),
             sealed_env: Vec::new(),
         },
+        AdminRequest::ModuleGet(sundial_protocol::wasm::ModuleHash([1; 32])),
+        AdminRequest::ModuleUpload {
+            hash: sundial_protocol::wasm::ModuleHash::of(b"x"),
+            size: 1,
+            offset: 0,
+            chunk: b"x".to_vec(),
+        },
     ];
     let mut seen = std::collections::BTreeSet::new();
     for r in &all {
@@ -747,10 +755,12 @@ fn every_request() -> Vec<AdminRequest> {
             AdminRequest::RunFollow { .. } => 21,
             AdminRequest::SealKeys(_) => 22,
             AdminRequest::TaskReseal { .. } => 23,
+            AdminRequest::ModuleGet(_) => 24,
+            AdminRequest::ModuleUpload { .. } => 25,
         };
         seen.insert(kind);
     }
-    assert_eq!(seen.len(), 24, "every kind of request once");
+    assert_eq!(seen.len(), 26, "every kind of request once");
     all
 }
 
@@ -787,7 +797,8 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
         | AdminRequest::AdminList
         | AdminRequest::AuditList(_)
         | AdminRequest::RunFollow { .. }
-        | AdminRequest::SealKeys(_) => Role::Viewer,
+        | AdminRequest::SealKeys(_)
+        | AdminRequest::ModuleGet(_) => Role::Viewer,
         AdminRequest::TokenCreate { .. }
         | AdminRequest::TokenRevoke(_)
         | AdminRequest::TaskCreate(_)
@@ -796,7 +807,8 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
         | AdminRequest::TaskCancel(_)
         | AdminRequest::TaskRunNow(_)
         | AdminRequest::TaskPause(_)
-        | AdminRequest::TaskResume(_) => Role::Operator,
+        | AdminRequest::TaskResume(_)
+        | AdminRequest::ModuleUpload { .. } => Role::Operator,
         AdminRequest::AgentRevoke(_)
         | AdminRequest::AgentForget(_)
         | AdminRequest::AdminCreate { .. }
@@ -1080,6 +1092,7 @@ fn live_session_of(n: &mut CoordNode, id: u64, version: &str, t: u64) -> ConnId 
             agent_version: version.into(),
             allow_exec: Vec::new(),
             seal_key: Default::default(),
+            functions: Default::default(),
         },
     );
     n.handle_store_done(
@@ -1094,7 +1107,7 @@ fn live_session_of(n: &mut CoordNode, id: u64, version: &str, t: u64) -> ConnId 
         at(t),
         StoreDone::Changes {
             conn,
-            result: Ok((Vec::new(), 0, false)),
+            result: Ok((Vec::new(), 0, false, Vec::new())),
         },
     );
     conn

@@ -91,6 +91,10 @@ pub const ALL: &[(&str, Body)] = &[
         audited_changes_write_their_entry_in_their_transaction,
     ),
     ("audit_pages_filter_and_purge", audit_pages_filter_and_purge),
+    (
+        "functions_and_their_modules_round_trip",
+        functions_and_their_modules_round_trip,
+    ),
 ];
 
 const T0: i64 = 1_800_000_000_000;
@@ -388,8 +392,7 @@ pub fn sealed_variables_survive_every_change(s: &dyn CoordStore) {
         sealed: vec![(AgentId(1), vec![7; 60]), (AgentId(2), vec![8; 61])],
     }];
     let mut d = draft(Some("sealed"), Target::Agent(AgentId(1)));
-    let Action::Exec(e) = &mut d.action;
-    e.sealed_env = sealed.clone();
+    d.action.set_sealed_env(sealed.clone());
     let a = ok(s.create_task(d, t(0), None), "create");
     let read = |what: &str| ok(s.task(a.id), what).expect("exists").spec;
     assert_eq!(read("read").action.sealed_env(), sealed.as_slice());
@@ -410,6 +413,34 @@ pub fn sealed_variables_survive_every_change(s: &dyn CoordStore) {
     assert!(listed
         .iter()
         .any(|t| t.spec.id == a.id && t.spec.action.sealed_env() == sealed.as_slice()));
+}
+
+pub fn functions_and_their_modules_round_trip(s: &dyn CoordStore) {
+    use sundial_protocol::wasm::{ModuleHash, WasmSpec};
+    let bytes = b"\0asm\x01\0\0\0 a module's bytes".to_vec();
+    let hash = ModuleHash::of(&bytes);
+    assert_eq!(ok(s.module(hash), "read a missing module"), None);
+    ok(s.put_module(hash, &bytes), "put a module");
+    ok(s.put_module(hash, &bytes), "put it again");
+    assert_eq!(ok(s.module(hash), "read a module"), Some(bytes.clone()));
+    let mut d = draft(Some("function"), Target::Agent(AgentId(1)));
+    let w = WasmSpec {
+        module: hash,
+        module_bytes: bytes.len() as u64,
+        args: vec!["--verbose".into()],
+        env: vec![("GREETING".into(), "hi".into())],
+        sealed_env: Vec::new(),
+        fuel: Some(5_000),
+        memory_bytes: Some(1 << 20),
+    };
+    d.action = Action::Wasm(w.clone());
+    let a = ok(s.create_task(d, t(0), None), "create a function task");
+    let read = ok(s.task(a.id), "read").expect("exists").spec;
+    assert_eq!(read.action, Action::Wasm(w));
+    let changes = all_changes(s, AgentId(1), &[], 0, 100);
+    assert!(changes
+        .iter()
+        .any(|(t, _)| t.id == a.id && t.action == read.action));
 }
 
 pub fn enrollment_spends_tokens_and_merges_labels(s: &dyn CoordStore) {

@@ -113,6 +113,12 @@ pub enum AgentEffect {
         runs_max: usize,
         bytes_max: usize,
     },
+    /// Store a function's module (whole, its hash checked), before the
+    /// changes that name it are applied.
+    StoreModule {
+        hash: sundial_protocol::wasm::ModuleHash,
+        bytes: Vec<u8>,
+    },
     /// Apply these changes in order, then persist `upto_revision` as applied.
     Apply {
         changes: Vec<AssignmentChange>,
@@ -158,6 +164,8 @@ pub struct HelloInfo {
     pub agent_version: String,
     pub allow_exec: Vec<String>,
     pub seal_key: Option<sundial_protocol::seal::SealPublicKey>,
+    /// Whether it runs functions, its ceilings, the modules it holds.
+    pub functions: Option<sundial_protocol::wire::FunctionsHello>,
 }
 
 #[derive(Debug)]
@@ -175,6 +183,10 @@ struct Up {
     next_probe_ms: u64,
     /// Reports the coordinator asked for in this session.
     report: Option<Reporting>,
+    /// The module coming in, piece by piece, and the largest taken (set
+    /// when the agent runs functions).
+    module: Option<sundial_protocol::wasm::Assembly>,
+    module_max: Option<u64>,
 }
 
 /// Reports asked for: the interval, when the next may go, the last sent.
@@ -403,6 +415,7 @@ impl AgentSession {
                 .map(|p| clip(p, HELLO_PATTERN_BYTES_MAX))
                 .collect(),
             seal_key: hello.seal_key.into(),
+            functions: hello.functions.clone().into(),
         });
         self.link = Link::Up(Up {
             since_ms: now.mono_ms,
@@ -416,6 +429,12 @@ impl AgentSession {
             online: true,
             next_probe_ms: now.mono_ms,
             report: None,
+            module: None,
+            module_max: hello
+                .functions
+                .as_ref()
+                .filter(|f| f.allowed)
+                .map(|f| f.module_max),
         });
         self.effects.push_back(AgentEffect::Online(true));
         self.events.push_back(Event::SessionUp {
@@ -587,6 +606,37 @@ impl AgentSession {
                     self.effects.push_back(AgentEffect::Report);
                 }
             }
+            CoordMsg::Module {
+                hash,
+                size,
+                offset,
+                chunk,
+            } => {
+                // An agent that does not run functions takes no modules:
+                // its runs of them are recorded rejected.
+                let Some(max) = up.module_max else { return };
+                let piece = match up.module.as_mut() {
+                    Some(a) if offset > 0 && a.hash == hash && a.size == size => {
+                        a.add(offset, &chunk)
+                    }
+                    _ => sundial_protocol::wasm::Assembly::start(hash, size, max)
+                        .map(|a| up.module.insert(a))
+                        .and_then(|a| a.add(offset, &chunk)),
+                };
+                match piece {
+                    Ok(None) => {}
+                    Ok(Some(bytes)) => {
+                        up.module = None;
+                        self.events.push_back(Event::ModuleReceived { hash, size });
+                        self.effects
+                            .push_back(AgentEffect::StoreModule { hash, bytes });
+                    }
+                    Err(why) => {
+                        up.module = None;
+                        self.events.push_back(Event::ModuleRefused { why });
+                    }
+                }
+            }
             CoordMsg::ResultsAck { batch_id, keys } => {
                 // Only what the coordinator says it stored is deleted; an
                 // acknowledgement for an unknown batch deletes by its keys
@@ -695,6 +745,7 @@ mod tests {
             agent_version: "t".into(),
             allow_exec: vec!["x".repeat(1000); 100],
             seal_key: None,
+            functions: None,
         }
     }
 

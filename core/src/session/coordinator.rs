@@ -7,7 +7,11 @@
 //! batches (identity from the certificate, plausibility, size, upload rate)
 //! and acknowledges each only after the shell reports it stored.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use sundial_protocol::task::Action;
+use sundial_protocol::wasm::{ModuleHash, MODULE_CHUNK_BYTES};
 
 use sundial_protocol::wire::{
     chunk_by_size, close, AgentMsg, AgentReport, AssignmentChange, CoordMsg, ReconnectPolicy,
@@ -39,7 +43,12 @@ pub struct UploadLimits {
 pub enum CoordEffect {
     /// Read the changes for this agent after revision `since`, at most
     /// [`CHANGES_PAGE_MAX`] tasks; answer with `handle_changes`.
-    LoadChanges { since: u64 },
+    LoadChanges {
+        since: u64,
+        /// The modules its agent holds, if it runs functions: the answer
+        /// carries the modules of the page's function tasks it lacks.
+        modules_held: Option<BTreeSet<ModuleHash>>,
+    },
     /// Check that every run's task is assigned to this agent and store the
     /// batch (the first record of a run key wins); answer with `handle_stored`.
     StoreRuns { batch_id: u64, runs: Vec<RunRecord> },
@@ -53,7 +62,7 @@ pub enum CoordEffect {
 
 /// What a session tells its agent first, as far as the agent's version
 /// understands it.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Told {
     /// How to reconnect (agents from 0.2).
     pub policy: Option<ReconnectPolicy>,
@@ -69,6 +78,24 @@ pub struct Told {
     /// Whether the agent follows lease windows (agents from 0.6): an older
     /// one is sent a cancel in place of a placed task.
     pub placement: bool,
+    /// Whether the agent knows functions (agents from 0.7): an older one is
+    /// sent a cancel in place of a function task.
+    pub wasm: bool,
+    /// What it said of functions: modules are sent to it only if it runs
+    /// them, and only those it lacks and can take.
+    pub functions: Option<sundial_protocol::wire::FunctionsHello>,
+}
+
+/// A message waiting to be sent: a module goes piece by piece, each made
+/// when its turn comes, so a queued module costs one shared copy.
+#[derive(Debug)]
+enum Out {
+    Msg(CoordMsg),
+    Module {
+        hash: ModuleHash,
+        bytes: Arc<Vec<u8>>,
+        offset: usize,
+    },
 }
 
 /// A token bucket: `rate` units a second, up to one second's worth saved.
@@ -137,8 +164,12 @@ pub struct CoordSession {
     /// The agent knows sealed variables.
     knows_sealed: bool,
     knows_placement: bool,
+    knows_wasm: bool,
+    /// The modules its agent holds (or was sent), if it runs functions,
+    /// and the largest it takes.
+    modules_held: Option<(BTreeSet<ModuleHash>, u64)>,
     closed: bool,
-    transmit: VecDeque<CoordMsg>,
+    transmit: VecDeque<Out>,
     effects: VecDeque<CoordEffect>,
     events: super::EventQueue,
 }
@@ -172,6 +203,11 @@ impl CoordSession {
             knows_triggers: told.triggers,
             knows_sealed: told.sealed,
             knows_placement: told.placement,
+            knows_wasm: told.wasm,
+            modules_held: told
+                .functions
+                .filter(|f| told.wasm && f.allowed)
+                .map(|f| (f.modules.into_iter().collect(), f.module_max)),
             closed: false,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
@@ -183,10 +219,11 @@ impl CoordSession {
             outbox_len,
         });
         if let Some(p) = told.policy {
-            s.transmit.push_back(CoordMsg::Policy(p));
+            s.transmit.push_back(Out::Msg(CoordMsg::Policy(p)));
         }
         if let Some(every_ms) = told.report_every_ms {
-            s.transmit.push_back(CoordMsg::ReportEvery { every_ms });
+            s.transmit
+                .push_back(Out::Msg(CoordMsg::ReportEvery { every_ms }));
         }
         s.load();
         s
@@ -214,7 +251,31 @@ impl CoordSession {
     }
 
     pub fn poll_transmit(&mut self) -> Option<CoordMsg> {
-        let m = self.transmit.pop_front();
+        let m = match self.transmit.front_mut() {
+            None => None,
+            Some(Out::Module {
+                hash,
+                bytes,
+                offset,
+            }) => {
+                let end = (*offset + MODULE_CHUNK_BYTES).min(bytes.len());
+                let msg = CoordMsg::Module {
+                    hash: *hash,
+                    size: bytes.len() as u64,
+                    offset: *offset as u64,
+                    chunk: bytes[*offset..end].to_vec(),
+                };
+                *offset = end;
+                if end >= bytes.len() {
+                    self.transmit.pop_front();
+                }
+                Some(msg)
+            }
+            Some(Out::Msg(_)) => match self.transmit.pop_front() {
+                Some(Out::Msg(m)) => Some(m),
+                _ => None,
+            },
+        };
         if self.transmit.is_empty() && self.more {
             self.more = false;
             self.load();
@@ -246,8 +307,10 @@ impl CoordSession {
     fn load(&mut self) {
         if !self.loading && !self.closed {
             self.loading = true;
-            self.effects
-                .push_back(CoordEffect::LoadChanges { since: self.sent });
+            self.effects.push_back(CoordEffect::LoadChanges {
+                since: self.sent,
+                modules_held: self.modules_held.as_ref().map(|(h, _)| h.clone()),
+            });
         }
     }
 
@@ -270,7 +333,13 @@ impl CoordSession {
     /// The answer to [`CoordEffect::LoadChanges`]: `(task, cancelled)` in
     /// revision order, the revision looked at through, and whether more
     /// follow (loaded once this page is sent).
-    pub fn handle_changes(&mut self, changes: Vec<(TaskSpec, bool)>, upto: u64, more: bool) {
+    pub fn handle_changes(
+        &mut self,
+        changes: Vec<(TaskSpec, bool)>,
+        upto: u64,
+        more: bool,
+        modules: Vec<(ModuleHash, Arc<Vec<u8>>)>,
+    ) {
         self.loading = false;
         if self.closed {
             return;
@@ -280,13 +349,15 @@ impl CoordSession {
         let knows_triggers = self.knows_triggers;
         let knows_sealed = self.knows_sealed;
         let knows_placement = self.knows_placement;
+        let knows_wasm = self.knows_wasm;
         let agent = self.agent;
         let changes: Vec<AssignmentChange> = changes
             .into_iter()
             .map(|(mut spec, cancelled)| {
                 let unknown = (!knows_triggers && !spec.schedule.triggers().is_empty())
                     || (!knows_sealed && !spec.action.sealed_env().is_empty())
-                    || (!knows_placement && spec.placement.is_some());
+                    || (!knows_placement && spec.placement.is_some())
+                    || (!knows_wasm && matches!(spec.action, Action::Wasm(_)));
                 if cancelled || unknown {
                     AssignmentChange::Cancel {
                         task_id: spec.id,
@@ -302,15 +373,28 @@ impl CoordSession {
                 }
             })
             .collect();
+        // The modules of its functions go first: an agent stores a module
+        // before it applies a task that names it.
+        if let Some((held, module_max)) = &mut self.modules_held {
+            for (hash, bytes) in modules {
+                if bytes.len() as u64 <= *module_max && held.insert(hash) {
+                    self.transmit.push_back(Out::Module {
+                        hash,
+                        bytes,
+                        offset: 0,
+                    });
+                }
+            }
+        }
         let count = changes.len();
         let msgs = assignment_pages(changes, since, upto);
         if msgs.is_empty() && self.first {
             // The first answer always comes: the agent learns the revision.
-            self.transmit.push_back(CoordMsg::Assignments {
+            self.transmit.push_back(Out::Msg(CoordMsg::Assignments {
                 snapshot: false,
                 changes: Vec::new(),
                 upto_revision: upto,
-            });
+            }));
         }
         if !msgs.is_empty() || self.first {
             self.events.push_back(Event::AssignmentsSent {
@@ -321,7 +405,7 @@ impl CoordSession {
             });
         }
         self.first = false;
-        self.transmit.extend(msgs);
+        self.transmit.extend(msgs.into_iter().map(Out::Msg));
         // Seen, whether or not any of it was ours: the next look starts here
         // (a reconnect starts from the agent's own revision).
         self.sent = self.sent.max(upto);
@@ -340,7 +424,7 @@ impl CoordSession {
     /// A message from admin work to pass on (an operator's run-now).
     pub fn handle_push(&mut self, msg: CoordMsg) {
         if !self.closed {
-            self.transmit.push_back(msg);
+            self.transmit.push_back(Out::Msg(msg));
         }
     }
 
@@ -374,11 +458,11 @@ impl CoordSession {
                 self.next_batch(now);
             }
             AgentMsg::ClockProbe { t1 } => {
-                self.transmit.push_back(CoordMsg::ClockReply {
+                self.transmit.push_back(Out::Msg(CoordMsg::ClockReply {
                     t1,
                     t2: now.wall,
                     t3: now.wall,
-                });
+                }));
             }
             AgentMsg::ClockReport { offset_ms, rtt_ms } => {
                 self.effects
@@ -448,7 +532,7 @@ impl CoordSession {
                     runs: keys.len(),
                 });
                 self.transmit
-                    .push_back(CoordMsg::ResultsAck { batch_id, keys });
+                    .push_back(Out::Msg(CoordMsg::ResultsAck { batch_id, keys }));
                 self.next_batch(now);
             }
             Err(why) => {
@@ -562,9 +646,20 @@ mod tests {
     #[test]
     fn two_hundred_thousand_tasks_go_in_pages_under_the_frame_cap_and_resume_midway() {
         let mut s = session();
-        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
+        assert_eq!(
+            s.poll_effect(),
+            Some(CoordEffect::LoadChanges {
+                since: 0,
+                modules_held: None
+            })
+        );
         let n = 200_000u64;
-        s.handle_changes((1..=n).map(|i| (spec(i), false)).collect(), n + 5, false);
+        s.handle_changes(
+            (1..=n).map(|i| (spec(i), false)).collect(),
+            n + 5,
+            false,
+            Vec::new(),
+        );
         let mut seen = 0usize;
         let mut last_upto = 0;
         let mut pages = 0;
@@ -609,16 +704,28 @@ mod tests {
     #[test]
     fn the_first_answer_always_comes_and_the_feed_loads_once_at_a_time() {
         let mut s = session();
-        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
+        assert_eq!(
+            s.poll_effect(),
+            Some(CoordEffect::LoadChanges {
+                since: 0,
+                modules_held: None
+            })
+        );
         s.handle_revision(3);
         assert_eq!(s.poll_effect(), None, "one load at a time");
-        s.handle_changes(Vec::new(), 2, false);
+        s.handle_changes(Vec::new(), 2, false, Vec::new());
         assert!(matches!(
             s.poll_transmit(),
             Some(CoordMsg::Assignments { upto_revision: 2, ref changes, .. }) if changes.is_empty()
         ));
-        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 2 }));
-        s.handle_changes(Vec::new(), 3, false);
+        assert_eq!(
+            s.poll_effect(),
+            Some(CoordEffect::LoadChanges {
+                since: 2,
+                modules_held: None
+            })
+        );
+        s.handle_changes(Vec::new(), 3, false, Vec::new());
         assert_eq!(s.poll_transmit(), None, "nothing new is not news");
         s.handle_revision(3);
         assert_eq!(s.poll_effect(), None);
@@ -627,16 +734,38 @@ mod tests {
     #[test]
     fn a_page_with_more_to_follow_loads_the_next_once_it_is_sent() {
         let mut s = session();
-        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 0 }));
-        s.handle_changes((1..=3).map(|i| (spec(i), false)).collect(), 3, true);
+        assert_eq!(
+            s.poll_effect(),
+            Some(CoordEffect::LoadChanges {
+                since: 0,
+                modules_held: None
+            })
+        );
+        s.handle_changes(
+            (1..=3).map(|i| (spec(i), false)).collect(),
+            3,
+            true,
+            Vec::new(),
+        );
         assert_eq!(s.poll_effect(), None, "not before this page is out");
         let mut sent = 0;
         while s.poll_transmit().is_some() {
             sent += 1;
         }
         assert!(sent >= 1);
-        assert_eq!(s.poll_effect(), Some(CoordEffect::LoadChanges { since: 3 }));
-        s.handle_changes((4..=5).map(|i| (spec(i), false)).collect(), 9, false);
+        assert_eq!(
+            s.poll_effect(),
+            Some(CoordEffect::LoadChanges {
+                since: 3,
+                modules_held: None
+            })
+        );
+        s.handle_changes(
+            (4..=5).map(|i| (spec(i), false)).collect(),
+            9,
+            false,
+            Vec::new(),
+        );
         while s.poll_transmit().is_some() {}
         assert_eq!(s.poll_effect(), None, "the last page asks for nothing more");
     }
@@ -645,7 +774,7 @@ mod tests {
     fn results_are_acknowledged_only_once_stored_and_identity_comes_from_the_session() {
         let mut s = session();
         let _ = s.poll_effect();
-        s.handle_changes(Vec::new(), 0, false);
+        s.handle_changes(Vec::new(), 0, false, Vec::new());
         let _ = s.poll_transmit();
         s.handle_message(
             at(1),

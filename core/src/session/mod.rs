@@ -111,6 +111,15 @@ pub enum Event {
         changes: usize,
         upto_revision: u64,
     },
+    /// A function's module arrived whole (to be stored).
+    ModuleReceived {
+        hash: sundial_protocol::wasm::ModuleHash,
+        size: u64,
+    },
+    /// A module's pieces did not make the module they said.
+    ModuleRefused {
+        why: String,
+    },
     ResultsSent {
         batch_id: u64,
         runs: usize,

@@ -208,6 +208,19 @@ impl SimStore {
 }
 
 impl NodeStore for SimStore {
+    fn put_module(
+        &mut self,
+        hash: sundial_protocol::wasm::ModuleHash,
+        bytes: &[u8],
+    ) -> StoreResult<()> {
+        self.node.put_module(hash, bytes)
+    }
+    fn module(&self, hash: sundial_protocol::wasm::ModuleHash) -> StoreResult<Option<Vec<u8>>> {
+        self.node.module(hash)
+    }
+    fn module_hashes(&self, max: usize) -> StoreResult<Vec<sundial_protocol::wasm::ModuleHash>> {
+        self.node.module_hashes(max)
+    }
     fn due_tasks(
         &self,
         after: Option<DueKey>,

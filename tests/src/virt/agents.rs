@@ -300,9 +300,27 @@ impl World {
                         gone - self.t0
                     ));
                 }
+                // A function's module is in the store before it can fire.
+                let args = match &spec {
+                    Action::Exec(e) => &e.args,
+                    Action::Wasm(w) => {
+                        self.exercised.function_runs += 1;
+                        let held = self.agents[i]
+                            .node
+                            .as_ref()
+                            .map(|n| n.store().module(w.module));
+                        if !matches!(held, Some(Ok(Some(_)))) {
+                            self.fail(format!(
+                                "agent {i} fired the function {key:?} without its module {} in its store",
+                                w.module.short()
+                            ));
+                        }
+                        &w.args
+                    }
+                };
                 // The program says how long it runs and how it ends.
-                let ms: i64 = spec.args.first().and_then(|a| a.parse().ok()).unwrap_or(50);
-                let fails = spec.args.get(1).is_some_and(|a| a == "flaky") && self.rng.chance(0.3);
+                let ms: i64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(50);
+                let fails = args.get(1).is_some_and(|a| a == "flaky") && self.rng.chance(0.3);
                 let took = 1 + self.rng.below(ms.max(1) as u64) as i64;
                 let inc = self.agents[i].incarnation;
                 let outcome = if fails {

@@ -253,6 +253,9 @@ impl World {
             Effect::AdminReply { req, answers, .. } => {
                 let revoke = self.pending_revokes.remove(&req);
                 for a in answers {
+                    if let AdminResponse::Module(Some(info)) = &a {
+                        self.module = Some((info.hash, info.size));
+                    }
                     if let AdminResponse::Error(why) = a {
                         self.trace(64, 0, 0);
                         if self.verbose {
@@ -448,6 +451,45 @@ impl World {
         a.enrolled && targets(&spec.target, a.id, &a.labels)
     }
 
+    /// The action of a task the operator makes: a program that runs
+    /// `runs_ms` and fails now and then if `flaky`; every fourth task,
+    /// once the module is stored, the same as a function.
+    fn sim_action(&mut self, runs_ms: u64, flaky: bool) -> Action {
+        self.tasks_made += 1;
+        let args = vec![
+            runs_ms.to_string(),
+            if flaky { "flaky" } else { "steady" }.into(),
+        ];
+        match self.module {
+            Some((module, module_bytes)) if self.tasks_made % 4 == 0 => {
+                self.exercised.function_tasks += 1;
+                Action::Wasm(sundial_protocol::wasm::WasmSpec {
+                    module,
+                    module_bytes,
+                    args,
+                    env: Vec::new(),
+                    sealed_env: Vec::new(),
+                    fuel: None,
+                    memory_bytes: None,
+                })
+            }
+            _ => Action::Exec(ExecSpec {
+                program: "/bin/sim".into(),
+                args,
+                env: Vec::new(),
+                cwd: None,
+                sealed_env: Vec::new(),
+            }),
+        }
+    }
+
+    /// The function module the simulated operator uploads: a WASI command
+    /// that returns at once (the simulator decides how long a run takes).
+    fn sim_module() -> Vec<u8> {
+        wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)
+            .unwrap_or_default()
+    }
+
     pub(super) fn operator(&mut self) {
         if self.coord_clock_off != 0 {
             // The coordinator's clock defines when tasks count from (an
@@ -464,6 +506,17 @@ impl World {
             .collect();
         if enrolled.is_empty() {
             return;
+        }
+        if self.module.is_none() {
+            // Uploaded (again, until a coordinator says it is stored: the
+            // store keeps one copy however often it comes).
+            let bytes = Self::sim_module();
+            self.admin(AdminRequest::ModuleUpload {
+                hash: sundial_protocol::wasm::ModuleHash::of(&bytes),
+                size: bytes.len() as u64,
+                offset: 0,
+                chunk: bytes,
+            });
         }
         let roll = self.rng.below(100);
         if live.len() < TASKS_MAX && (roll < 55 || live.is_empty()) {
@@ -491,16 +544,7 @@ impl World {
                     name: None,
                     target: up.spec.target.clone(),
                     schedule,
-                    action: Action::Exec(ExecSpec {
-                        program: "/bin/sim".into(),
-                        args: vec![
-                            runs_ms.to_string(),
-                            if flaky { "flaky" } else { "steady" }.into(),
-                        ],
-                        env: Vec::new(),
-                        cwd: None,
-                        sealed_env: Vec::new(),
-                    }),
+                    action: self.sim_action(runs_ms, flaky),
                     policies: Policies {
                         retry: RetryPolicy {
                             retries: if flaky { 1 } else { 0 },
@@ -633,16 +677,7 @@ impl World {
                 name: None,
                 target,
                 schedule,
-                action: Action::Exec(ExecSpec {
-                    program: "/bin/sim".into(),
-                    args: vec![
-                        runs_ms.to_string(),
-                        if flaky { "flaky" } else { "steady" }.into(),
-                    ],
-                    env: Vec::new(),
-                    cwd: None,
-                    sealed_env: Vec::new(),
-                }),
+                action: self.sim_action(runs_ms, flaky),
                 policies,
                 // `every` counts from the coordinator's instant of creation.
                 anchor_at_creation: true,
@@ -656,21 +691,19 @@ impl World {
             let request = match roll {
                 55..=69 => {
                     self.exercised.updates += 1;
-                    let Action::Exec(e) = &t.spec.action;
-                    let mut args = e.args.clone();
+                    let mut action = t.spec.action.clone();
+                    let args = match &mut action {
+                        Action::Exec(e) => &mut e.args,
+                        Action::Wasm(w) => &mut w.args,
+                    };
                     if let Some(a) = args.first_mut() {
                         *a = "20".into();
                     }
+                    action.set_sealed_env(Vec::new());
                     AdminRequest::TaskUpdate {
                         id,
                         patch: Box::new(TaskPatch {
-                            action: Some(Action::Exec(ExecSpec {
-                                program: e.program.clone(),
-                                args,
-                                env: Vec::new(),
-                                cwd: None,
-                                sealed_env: Vec::new(),
-                            })),
+                            action: Some(action),
                             ..TaskPatch::default()
                         }),
                     }

@@ -131,6 +131,10 @@ pub struct Exercised {
     pub triggered_tasks: u64,
     /// Selector tasks placed `one` or `shard`.
     pub placed_tasks: u64,
+    /// Tasks whose action is a function (its module sent beside them).
+    pub function_tasks: u64,
+    /// Function runs started, each with its module in the agent's store.
+    pub function_runs: u64,
 }
 
 /// What one seed did.
@@ -316,6 +320,10 @@ struct World {
     /// Revocations asked and not yet answered: request → agent index (a
     /// revocation whose store write failed did not happen).
     pending_revokes: HashMap<u64, usize>,
+    /// The function module the operator uploaded, once a coordinator
+    /// said it stored it; tasks made, counted (every fourth a function).
+    module: Option<(sundial_protocol::wasm::ModuleHash, u64)>,
+    tasks_made: u64,
     exercised: Exercised,
     bugs: SeededBugs,
     /// The agents' near horizon: per seed, often tiny, so that loading
@@ -762,6 +770,13 @@ impl World {
             vouch_wait_ms: sundial_core::node::VOUCH_WAIT_MS,
             coordinators: self.coords.len(),
             seal_key: None,
+            functions: sundial_protocol::wire::FunctionsHello {
+                allowed: true,
+                fuel_max: sundial_protocol::wasm::FUEL_CEILING_DEFAULT,
+                memory_max: sundial_protocol::wasm::MEMORY_CEILING_DEFAULT,
+                module_max: sundial_protocol::wasm::MODULE_BYTES_DEFAULT,
+                modules: Vec::new(),
+            },
         };
         let r = self.reading(i);
         match AgentNode::start(store, cfg, r) {
@@ -872,6 +887,8 @@ impl World {
             admin_reqs: 0,
             revoked_at: HashMap::new(),
             pending_revokes: HashMap::new(),
+            module: None,
+            tasks_made: 0,
             exercised: Exercised::default(),
             bugs,
             horizon: horizon_of(seed),

@@ -369,8 +369,30 @@ pub(crate) struct CreateArgs {
     /// shorter fails over sooner, longer rides out longer outages. 1s to 1d.
     #[arg(long, value_name = "DUR", value_parser = cli::parse_duration, requires = "placement", default_value = "1m")]
     pub(crate) lease: DurationMs,
-    /// The program and its arguments, after `--`.
-    #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
+    /// Run a function instead of a program: this WebAssembly module (a
+    /// WASI preview 1 command, e.g. built with `cargo build --target
+    /// wasm32-wasip1`), uploaded once to the coordinator (by its SHA-256)
+    /// and sent to the agents with the task; the words after `--` are its
+    /// arguments. Agents run it sandboxed, offline too, if their owner
+    /// allows functions (--allow-wasm).
+    #[arg(long, value_name = "FILE", conflicts_with = "cwd")]
+    pub(crate) wasm: Option<std::path::PathBuf>,
+    /// With --wasm: instructions the function may run (about one unit of
+    /// fuel each) before it is stopped and recorded failed [default:
+    /// 1000000000].
+    #[arg(long, value_name = "N", requires = "wasm")]
+    pub(crate) fuel: Option<u64>,
+    /// With --wasm: the memory the function may grow to, e.g. 64MiB
+    /// [default: 64MiB].
+    #[arg(long, value_name = "SIZE", requires = "wasm", value_parser = sundial_protocol::wasm::parse_bytes)]
+    pub(crate) memory: Option<u64>,
+    /// The program and its arguments after `--` (with --wasm: the
+    /// function's arguments).
+    #[arg(
+        last = true,
+        required_unless_present = "wasm",
+        value_name = "PROGRAM [ARGS]..."
+    )]
     pub(crate) command: Vec<String>,
 }
 

@@ -15,6 +15,7 @@ use sundial_coordinator::server::TOKEN_TTL_DEFAULT;
 use sundial_protocol::placement::{PlacementAsk, PlacementMode};
 use sundial_protocol::policy::{MisfireMode, MisfirePolicy, OverlapPolicy, Policies, RetryPolicy};
 use sundial_protocol::task::{Action, ExecSpec, Target};
+use sundial_protocol::wasm::ModuleHash;
 
 use sundial_protocol::wire::{
     AdminInfo, AdminRequest, AdminResponse, AgentInfo, AuditEntry, AuditQuery, LastRun, Role,
@@ -77,9 +78,68 @@ struct Ctl {
     creds: AdminCreds,
 }
 
+/// A module file's hash and bytes (bounded: the largest any coordinator takes).
+fn read_module(path: &std::path::Path) -> anyhow::Result<(ModuleHash, Vec<u8>)> {
+    use std::io::Read;
+    let limit = sundial_protocol::wasm::MODULE_BYTES_LIMIT;
+    let f = std::fs::File::open(path).with_context(|| format!("--wasm {}", path.display()))?;
+    let mut bytes = Vec::new();
+    f.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("--wasm {}: reading it", path.display()))?;
+    if bytes.len() as u64 > limit {
+        bail!(
+            "--wasm {}: larger than {limit} bytes, more than any coordinator takes",
+            path.display()
+        );
+    }
+    if !bytes.starts_with(b"\0asm") {
+        bail!(
+            "--wasm {}: not a WebAssembly module (a .wasm file starts with \\0asm; assemble a .wat file first, e.g. with wat2wasm)",
+            path.display()
+        );
+    }
+    Ok((ModuleHash::of(&bytes), bytes))
+}
+
 impl Ctl {
     async fn ask(&self, req: AdminRequest) -> anyhow::Result<AdminResponse> {
         self.client.request(&req).await.map_err(anyhow::Error::msg)
+    }
+
+    /// Uploads a module unless the coordinator holds it already (modules
+    /// are stored by hash: uploaded once however many tasks use them).
+    async fn upload_module(&self, hash: ModuleHash, bytes: &[u8]) -> anyhow::Result<()> {
+        if let AdminResponse::Module(Some(_)) = self.ask(AdminRequest::ModuleGet(hash)).await? {
+            return Ok(());
+        }
+        let pieces: Vec<(u64, &[u8])> = sundial_protocol::wasm::chunks(bytes).collect();
+        let n = pieces.len();
+        for (i, (offset, chunk)) in pieces.into_iter().enumerate() {
+            if n > 4 {
+                eprint!(
+                    "\rsundialctl: uploading module {} ({}/{n})",
+                    hash.short(),
+                    i + 1
+                );
+            }
+            let r = self
+                .ask(AdminRequest::ModuleUpload {
+                    hash,
+                    size: bytes.len() as u64,
+                    offset,
+                    chunk: chunk.to_vec(),
+                })
+                .await;
+            if n > 4 && (r.is_err() || i + 1 == n) {
+                eprintln!();
+            }
+            match r.with_context(|| format!("uploading the module {}", hash.short()))? {
+                AdminResponse::Done | AdminResponse::Module(Some(_)) => {}
+                r => return Err(unexpected(r)),
+            }
+        }
+        Ok(())
     }
 
     async fn agents(&self) -> anyhow::Result<Vec<AgentInfo>> {
@@ -368,11 +428,23 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 }
             }
             let secrets = secrets(&args.secrets)?;
-            let mut draft = draft(args, agent, triggers, inherited)?;
+            let module = match &args.wasm {
+                Some(path) => Some(read_module(path)?),
+                None => None,
+            };
+            let mut draft = draft(
+                args,
+                agent,
+                triggers,
+                inherited,
+                module.as_ref().map(|(h, b)| (*h, b.len() as u64)),
+            )?;
+            if let Some((hash, bytes)) = module {
+                ctl.upload_module(hash, &bytes).await?;
+            }
             if !secrets.is_empty() {
                 let sealed = ctl.seal(&draft.target, &secrets).await?;
-                let Action::Exec(exec) = &mut draft.action;
-                exec.sealed_env = sealed;
+                draft.action.set_sealed_env(sealed);
             }
             match ctl.ask(AdminRequest::TaskCreate(Box::new(draft))).await? {
                 AdminResponse::TaskCreated(id) => outln!("{id}"),

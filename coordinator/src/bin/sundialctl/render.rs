@@ -92,7 +92,24 @@ pub(crate) fn last_run_json(l: &LastRun) -> Value {
 }
 
 pub(crate) fn task_json(t: &TaskInfo) -> Value {
-    let Action::Exec(exec) = &t.spec.action;
+    let action = &t.spec.action;
+    let (program, cwd) = match action {
+        Action::Exec(e) => (Some(e.program.clone()), e.cwd.clone()),
+        Action::Wasm(_) => (None, None),
+    };
+    let args: &[String] = match action {
+        Action::Exec(e) => &e.args,
+        Action::Wasm(w) => &w.args,
+    };
+    let function = match action {
+        Action::Exec(_) => Value::Null,
+        Action::Wasm(w) => json!({
+            "module": w.module.to_string(),
+            "module_bytes": w.module_bytes,
+            "fuel": w.fuel(),
+            "memory_bytes": w.memory_bytes(),
+        }),
+    };
     let p = &t.spec.policies;
     let (start, end) = t.spec.schedule.window();
     json!({
@@ -107,14 +124,16 @@ pub(crate) fn task_json(t: &TaskInfo) -> Value {
             "task_id": u.upstream.to_string(),
             "on": u.on.to_string(),
         })).collect::<Vec<_>>(),
-        "program": exec.program,
-        "args": exec.args,
-        "env": exec.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
-        "secret_env": exec.sealed_env.iter().map(|s| json!({
+        "kind": match action { Action::Exec(_) => "exec", Action::Wasm(_) => "wasm" },
+        "program": program,
+        "function": function,
+        "args": args,
+        "env": action.env().iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        "secret_env": action.sealed_env().iter().map(|s| json!({
             "name": s.name,
             "sealed_to": s.recipients().map(|a| a.to_string()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "cwd": exec.cwd,
+        "cwd": cwd,
         "revision": t.spec.revision,
         "created_at": t.spec.created_at.to_string(),
         "state": task_state(t),
@@ -255,10 +274,15 @@ pub(crate) fn shell_quote(word: &str) -> String {
     }
 }
 
-pub(crate) fn command_text(exec: &sundial_protocol::task::ExecSpec) -> String {
-    std::iter::once(exec.program.as_str())
-        .chain(exec.args.iter().map(String::as_str))
-        .map(shell_quote)
+/// What a task runs, as one line: the program and its arguments, or the
+/// function's module (short hash) and its arguments.
+pub(crate) fn command_text(action: &Action) -> String {
+    let (head, args) = match action {
+        Action::Exec(e) => (shell_quote(&e.program), &e.args),
+        Action::Wasm(w) => (format!("function {}", w.module.short()), &w.args),
+    };
+    std::iter::once(head)
+        .chain(args.iter().map(|a| shell_quote(a)))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -352,7 +376,6 @@ pub(crate) fn tasks_out(tasks: &[TaskInfo], names: &Names, out: Output) -> anyho
     let rows: Vec<Vec<String>> = tasks
         .iter()
         .map(|t| {
-            let Action::Exec(exec) = &t.spec.action;
             vec![
                 t.spec.id.to_string(),
                 or_dash(t.spec.name.clone()),
@@ -367,7 +390,7 @@ pub(crate) fn tasks_out(tasks: &[TaskInfo], names: &Names, out: Output) -> anyho
                 t.last_runs
                     .last()
                     .map_or_else(|| "-".into(), |l| last_text(l, names, now)),
-                cut(&command_text(exec), 40, out),
+                cut(&command_text(&t.spec.action), 40, out),
             ]
         })
         .collect();
@@ -394,7 +417,7 @@ pub(crate) fn downstream_of(id: TaskId, tasks: &[TaskInfo]) -> Vec<TaskId> {
 /// the live tasks it triggers.
 pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) -> String {
     use std::fmt::Write;
-    let Action::Exec(exec) = &t.spec.action;
+    let action = &t.spec.action;
     let p = &t.spec.policies;
     let now = cli::now();
     let mut o = String::new();
@@ -457,23 +480,54 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
             |n| format!("{} ({})", with_zone(n, &t.spec.schedule), ago(n, now)),
         ),
     );
-    field("Command", command_text(exec));
+    match action {
+        Action::Exec(_) => field("Command", command_text(action)),
+        Action::Wasm(w) => {
+            use sundial_protocol::wasm::show_bytes;
+            field(
+                "Function",
+                format!("{} ({})", w.module, show_bytes(w.module_bytes)),
+            );
+            field(
+                "Arguments",
+                if w.args.is_empty() {
+                    "-".into()
+                } else {
+                    w.args
+                        .iter()
+                        .map(|a| shell_quote(a))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
+            );
+            field(
+                "Limits",
+                format!(
+                    "fuel {} (about one per instruction), memory {}",
+                    w.fuel(),
+                    show_bytes(w.memory_bytes())
+                ),
+            );
+        }
+    }
     field(
         "Environment",
-        if exec.env.is_empty() {
+        if action.env().is_empty() {
             "-".into()
         } else {
-            exec.env
+            action
+                .env()
                 .iter()
                 .map(|(k, _)| k.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         },
     );
-    if !exec.sealed_env.is_empty() {
+    if !action.sealed_env().is_empty() {
         field(
             "Secrets",
-            exec.sealed_env
+            action
+                .sealed_env()
                 .iter()
                 .map(|s| {
                     let to: Vec<String> = s.recipients().map(|a| names.agent(a)).collect();
@@ -487,7 +541,9 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
                 .join("; "),
         );
     }
-    field("Working dir", or_dash(exec.cwd.clone()));
+    if let Action::Exec(exec) = action {
+        field("Working dir", or_dash(exec.cwd.clone()));
+    }
     if triggers.is_empty() {
         field(
             "Misfire",

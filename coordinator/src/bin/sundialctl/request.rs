@@ -85,6 +85,7 @@ pub(crate) fn draft(
     agent: Option<AgentId>,
     triggers: Vec<Trigger>,
     inherited: Option<Target>,
+    module: Option<(sundial_protocol::wasm::ModuleHash, u64)>,
 ) -> anyhow::Result<TaskDraft> {
     let now = cli::now();
     if let Some(at) = a.schedule.at {
@@ -148,21 +149,41 @@ pub(crate) fn draft(
             Some(ask)
         }
     };
-    let mut command = a.command.into_iter();
-    let Some(program) = command.next() else {
-        bail!("no program given after `--`");
+    let action = match module {
+        Some((module, module_bytes)) => {
+            let spec = sundial_protocol::wasm::WasmSpec {
+                module,
+                module_bytes,
+                args: a.command,
+                env: a.env,
+                sealed_env: Vec::new(),
+                fuel: a.fuel,
+                memory_bytes: a.memory,
+            };
+            if let Some(why) = spec.refusal() {
+                bail!("--wasm: {why}");
+            }
+            Action::Wasm(spec)
+        }
+        None => {
+            let mut command = a.command.into_iter();
+            let Some(program) = command.next() else {
+                bail!("no program given after `--` (or --wasm FILE for a function)");
+            };
+            Action::Exec(ExecSpec {
+                program,
+                args: command.collect(),
+                env: a.env,
+                cwd: a.cwd,
+                sealed_env: Vec::new(),
+            })
+        }
     };
     Ok(TaskDraft {
         name: a.name,
         target,
         schedule,
-        action: Action::Exec(ExecSpec {
-            program,
-            args: command.collect(),
-            env: a.env,
-            cwd: a.cwd,
-            sealed_env: Vec::new(),
-        }),
+        action,
         policies: Policies {
             misfire: MisfirePolicy {
                 mode: a.misfire,
