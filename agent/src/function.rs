@@ -797,9 +797,11 @@ pub fn run(
                 path: dir.clone(),
                 dir: d,
             })),
-            Err(e) => return Verdict::Stopped(format!(
+            Err(e) => {
+                return Verdict::Stopped(format!(
                 "the directory {dir} opened to functions (--allow-wasm-dir) cannot be opened: {e}"
-            )),
+            ))
+            }
         }
     }
     let cstr = |s: &str| {

@@ -910,7 +910,7 @@ impl AgentStore {
                 }
             }
             if !removed.is_empty() || !upserts.is_empty() {
-                Self::keep_modules(&txn, upserts, removed)?;
+                Self::keep_modules(&txn, upserts, removed, !removed.is_empty())?;
             }
             if let Some(r) = revision {
                 let mut meta = txn.open_table(META).map_err(db_err("write tasks"))?;
@@ -1335,12 +1335,16 @@ impl AgentStore {
     }
 
     /// Records waiting for the coordinator.
-    /// Notes which module each changed task names, and drops the modules
-    /// no task names any more (in the transaction of the change).
+    /// Notes which module each changed task names and, when tasks were
+    /// removed (`drop`), drops the modules no task names any more, in the
+    /// transaction of the change. Only removals drop modules: the
+    /// coordinator takes a module as still held until it sends a removal
+    /// (a module replaced by a task update goes at the next removal).
     fn keep_modules(
         txn: &redb::WriteTransaction,
         upserts: &[TaskSpec],
         removed: &[TaskId],
+        drop: bool,
     ) -> Result<()> {
         let mut names = txn
             .open_table(TASK_MODULES)
@@ -1355,6 +1359,9 @@ impl AgentStore {
                 None => names.remove(t.id.0),
             }
             .map_err(db_err("write modules"))?;
+        }
+        if !drop {
+            return Ok(());
         }
         let mut named = std::collections::HashSet::new();
         for entry in names.iter().map_err(db_err("read modules"))? {

@@ -232,6 +232,12 @@ struct CoordTaskV1 {
     /// Its placement, stored after them ([`records::encode_placed`]).
     #[serde(skip)]
     placement: Option<Placement>,
+    /// Its action, whose function part (if any) is stored last
+    /// ([`records::encode_with_action`]).
+    #[serde(skip)]
+    action: Option<sundial_protocol::task::Action>,
+    #[serde(skip)]
+    wasm: Option<records::WasmV1>,
 }
 
 impl CoordTaskV1 {
@@ -241,25 +247,35 @@ impl CoordTaskV1 {
             cancelled,
             sealed: spec.action.sealed_env().to_vec(),
             placement: spec.placement.clone(),
+            action: Some(spec.action.clone()),
+            wasm: None,
         }
     }
 
     fn encode(&self) -> Vec<u8> {
-        records::encode_placed(self, &self.sealed, self.placement.as_ref())
+        match &self.action {
+            Some(a) => records::encode_with_action(self, a, self.placement.as_ref()),
+            None => records::encode_parts(
+                self,
+                &self.sealed,
+                self.placement.as_ref(),
+                self.wasm.as_ref(),
+            ),
+        }
     }
 
     fn decode(id: u64, bytes: &[u8]) -> std::result::Result<CoordTaskV1, records::RecordError> {
-        let (mut rec, sealed, placement) =
-            records::decode_placed::<CoordTaskV1>("tasks", id, bytes)?;
+        let (mut rec, sealed, placement, wasm) =
+            records::decode_with_action::<CoordTaskV1>("tasks", id, bytes)?;
         rec.sealed = sealed;
         rec.placement = placement;
+        rec.wasm = wasm;
         Ok(rec)
     }
 
     fn into_spec(self, id: u64) -> std::result::Result<TaskSpec, records::RecordError> {
-        let mut spec = self.task.into_spec(id)?.with_sealed_env(self.sealed);
-        spec.placement = self.placement;
-        Ok(spec)
+        let spec = self.task.into_spec(id)?;
+        records::assemble("tasks", spec, self.sealed, self.placement, self.wasm)
     }
 }
 

@@ -261,80 +261,128 @@ pub struct WasmV1 {
     pub memory_bytes: Option<u64>,
 }
 
-/// A task as stored in a `tasks` table.
-pub fn encode_task(t: &TaskSpec) -> Vec<u8> {
-    if let Action::Wasm(w) = &t.action {
-        let mut out = vec![RECORD_V5];
-        // Invariant: postcard serialization of plain structs into a Vec cannot fail.
-        let mut put = |bytes: Result<Vec<u8>, postcard::Error>| {
-            out.extend(bytes.expect("postcard encodes plain records"))
-        };
-        put(postcard::to_allocvec(&TaskRecordV1::from_spec(t)));
-        put(postcard::to_allocvec(&SealedEnvV1::from_env(&w.sealed_env)));
-        put(postcard::to_allocvec(
-            &t.placement.as_ref().map(PlacementV1::from_placement),
-        ));
-        put(postcard::to_allocvec(&WasmV1 {
-            module: w.module.0,
-            module_bytes: w.module_bytes,
-            fuel: w.fuel,
-            memory_bytes: w.memory_bytes,
-        }));
-        return out;
+/// `rec` (a record holding a [`TaskRecordV1`]) with its task's sealed
+/// variables, placement and, for a function, [`WasmV1`]: the layout of
+/// [`encode_placed`] unless the action is a function, else [`RECORD_V5`].
+pub fn encode_with_action<T: Serialize>(
+    rec: &T,
+    action: &Action,
+    placement: Option<&Placement>,
+) -> Vec<u8> {
+    match action {
+        Action::Exec(e) => encode_placed(rec, &e.sealed_env, placement),
+        Action::Wasm(w) => encode_parts(
+            rec,
+            &w.sealed_env,
+            placement,
+            Some(&WasmV1 {
+                module: w.module.0,
+                module_bytes: w.module_bytes,
+                fuel: w.fuel,
+                memory_bytes: w.memory_bytes,
+            }),
+        ),
     }
-    encode_placed(
-        &TaskRecordV1::from_spec(t),
-        t.action.sealed_env(),
-        t.placement.as_ref(),
-    )
 }
 
-/// A task written by [`encode_task`].
-pub fn decode_task(table: &'static str, id: u64, bytes: &[u8]) -> Result<TaskSpec, RecordError> {
-    if let Some((&RECORD_V5, rest)) = bytes.split_first() {
-        return decode_function(table, id, rest);
-    }
-    let (rec, sealed, placement) = decode_placed::<TaskRecordV1>(table, id, bytes)?;
-    let mut spec = rec.into_spec(id)?.with_sealed_env(sealed);
-    spec.placement = placement;
-    Ok(spec)
+/// [`encode_with_action`] from the parts [`decode_with_action`] gives.
+pub fn encode_parts<T: Serialize>(
+    rec: &T,
+    sealed: &[SealedEnv],
+    placement: Option<&Placement>,
+    wasm: Option<&WasmV1>,
+) -> Vec<u8> {
+    let Some(wasm) = wasm else {
+        return encode_placed(rec, sealed, placement);
+    };
+    let mut out = vec![RECORD_V5];
+    // Invariant: postcard serialization of plain structs into a Vec cannot fail.
+    let mut put = |bytes: Result<Vec<u8>, postcard::Error>| {
+        out.extend(bytes.expect("postcard encodes plain records"))
+    };
+    put(postcard::to_allocvec(rec));
+    put(postcard::to_allocvec(&SealedEnvV1::from_env(sealed)));
+    put(postcard::to_allocvec(
+        &placement.map(PlacementV1::from_placement),
+    ));
+    put(postcard::to_allocvec(wasm));
+    out
 }
 
-fn decode_function(table: &'static str, id: u64, rest: &[u8]) -> Result<TaskSpec, RecordError> {
-    let key = id.to_string();
+/// What [`encode_with_action`] wrote: the record, its sealed variables,
+/// its placement and its function's module and limits (if it is one).
+pub type Decoded<T> = (T, Vec<SealedEnv>, Option<Placement>, Option<WasmV1>);
+
+/// Reads what [`encode_with_action`] (or an older layout) wrote.
+pub fn decode_with_action<T: DeserializeOwned>(
+    table: &'static str,
+    key: impl ToString,
+    bytes: &[u8],
+) -> Result<Decoded<T>, RecordError> {
+    let key = key.to_string();
+    let Some((&RECORD_V5, rest)) = bytes.split_first() else {
+        return decode_placed(table, key, bytes).map(|(r, s, p)| (r, s, p, None));
+    };
     let corrupt = |reason: String| RecordError {
         table,
         key: key.clone(),
         reason,
     };
-    let (rec, rest) =
-        postcard::take_from_bytes::<TaskRecordV1>(rest).map_err(|e| corrupt(e.to_string()))?;
+    let (rec, rest) = postcard::take_from_bytes::<T>(rest).map_err(|e| corrupt(e.to_string()))?;
     let (sealed, rest) = postcard::take_from_bytes::<Vec<SealedEnvV1>>(rest)
         .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
     let (placement, rest) = postcard::take_from_bytes::<Option<PlacementV1>>(rest)
         .map_err(|e| corrupt(format!("placement: {e}")))?;
     let wasm: WasmV1 = postcard::from_bytes(rest).map_err(|e| corrupt(format!("function: {e}")))?;
-    let mut spec = rec.into_spec(id)?;
-    let Action::Exec(exec) = spec.action else {
-        return Err(corrupt("not an exec record".into()));
-    };
-    let w = crate::wasm::WasmSpec {
-        module: crate::wasm::ModuleHash(wasm.module),
-        module_bytes: wasm.module_bytes,
-        args: exec.args,
-        env: exec.env,
-        sealed_env: SealedEnvV1::into_env(sealed),
-        fuel: wasm.fuel,
-        memory_bytes: wasm.memory_bytes,
-    };
-    if let Some(why) = w.refusal() {
-        return Err(corrupt(format!("function: {why}")));
-    }
-    spec.action = Action::Wasm(w);
-    spec.placement = placement
+    let placement = placement
         .map(|p| p.into_placement(table, &key))
         .transpose()?;
+    Ok((rec, SealedEnvV1::into_env(sealed), placement, Some(wasm)))
+}
+
+/// `spec` with the action the record's parts make: its exec (as the
+/// record has it), or the function `wasm` with the record's arguments and
+/// environment; and its sealed variables and placement.
+pub fn assemble(
+    table: &'static str,
+    mut spec: TaskSpec,
+    sealed: Vec<SealedEnv>,
+    placement: Option<Placement>,
+    wasm: Option<WasmV1>,
+) -> Result<TaskSpec, RecordError> {
+    if let (Some(wasm), Action::Exec(exec)) = (wasm, &spec.action) {
+        let w = crate::wasm::WasmSpec {
+            module: crate::wasm::ModuleHash(wasm.module),
+            module_bytes: wasm.module_bytes,
+            args: exec.args.clone(),
+            env: exec.env.clone(),
+            sealed_env: Vec::new(),
+            fuel: wasm.fuel,
+            memory_bytes: wasm.memory_bytes,
+        };
+        if let Some(why) = w.refusal() {
+            return Err(RecordError {
+                table,
+                key: spec.id.to_string(),
+                reason: format!("function: {why}"),
+            });
+        }
+        spec.action = Action::Wasm(w);
+    }
+    let mut spec = spec.with_sealed_env(sealed);
+    spec.placement = placement;
     Ok(spec)
+}
+
+/// A task as stored in a `tasks` table.
+pub fn encode_task(t: &TaskSpec) -> Vec<u8> {
+    encode_with_action(&TaskRecordV1::from_spec(t), &t.action, t.placement.as_ref())
+}
+
+/// A task written by [`encode_task`].
+pub fn decode_task(table: &'static str, id: u64, bytes: &[u8]) -> Result<TaskSpec, RecordError> {
+    let (rec, sealed, placement, wasm) = decode_with_action::<TaskRecordV1>(table, id, bytes)?;
+    assemble(table, rec.into_spec(id)?, sealed, placement, wasm)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -257,6 +257,21 @@ fn several_coordinators_on_one_store_keep_every_invariant() {
 }
 
 #[test]
+fn a_session_that_takes_a_dropped_module_as_held_is_caught() {
+    // Functions: after a removal the agent drops the modules no task of
+    // its names; a session that still takes them as held sends a later
+    // function task without its module.
+    let caught = first_caught_in_coordinator(CoordBugs {
+        trust_dropped_modules: true,
+        ..CoordBugs::default()
+    });
+    let (seed, why) =
+        caught.expect("a function fired without its module goes unnoticed for 100 seeds");
+    eprintln!("a dropped module taken as held caught at seed {seed}: {why}");
+    assert!(why.contains("without its module"), "seed {seed}: {why}");
+}
+
+#[test]
 fn a_lease_window_planned_again_before_it_ended_is_caught() {
     // Placement: a window given again, before it ended, to whoever is in
     // session then: a member cut off still fires its old share.

@@ -501,6 +501,9 @@ pub struct CoordBugs {
     /// Placement plans a lease window again before it ended, with whoever
     /// is in session then (a member cut off still fires its old share).
     pub replan_leases: bool,
+    /// A session takes the modules it sent as still held after it sent a
+    /// removal (after which the agent may have dropped them).
+    pub trust_dropped_modules: bool,
 }
 
 /// What the node needs to start.
@@ -1681,6 +1684,7 @@ impl CoordNode {
                 placement: hello.knows_placement,
                 wasm: hello.knows_wasm,
                 functions: hello.functions.clone(),
+                modules_bug: self.bugs.trust_dropped_modules,
             },
         );
         // The upload limits are the agent's, not the session's: carried on

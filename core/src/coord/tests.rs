@@ -875,7 +875,7 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
             effects(&mut n);
         }
     }
-    assert_eq!(checked, 3 * 24);
+    assert_eq!(checked, 3 * 26);
 }
 
 #[test]

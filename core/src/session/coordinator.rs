@@ -84,6 +84,9 @@ pub struct Told {
     /// What it said of functions: modules are sent to it only if it runs
     /// them, and only those it lacks and can take.
     pub functions: Option<sundial_protocol::wire::FunctionsHello>,
+    /// Seeded bug (simulator): the modules held are not forgotten when a
+    /// removal is sent.
+    pub modules_bug: bool,
 }
 
 /// A message waiting to be sent: a module goes piece by piece, each made
@@ -168,6 +171,7 @@ pub struct CoordSession {
     /// The modules its agent holds (or was sent), if it runs functions,
     /// and the largest it takes.
     modules_held: Option<(BTreeSet<ModuleHash>, u64)>,
+    modules_bug: bool,
     closed: bool,
     transmit: VecDeque<Out>,
     effects: VecDeque<CoordEffect>,
@@ -208,6 +212,7 @@ impl CoordSession {
                 .functions
                 .filter(|f| told.wasm && f.allowed)
                 .map(|f| (f.modules.into_iter().collect(), f.module_max)),
+            modules_bug: told.modules_bug,
             closed: false,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
@@ -384,6 +389,16 @@ impl CoordSession {
                         offset: 0,
                     });
                 }
+            }
+            // A removal lets the agent drop the modules no task of its
+            // names any more: from here on none is taken to be held, and
+            // the next function task's module is sent again.
+            if !self.modules_bug
+                && changes
+                    .iter()
+                    .any(|c| matches!(c, AssignmentChange::Cancel { .. }))
+            {
+                held.clear();
             }
         }
         let count = changes.len();

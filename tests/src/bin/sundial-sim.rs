@@ -136,6 +136,8 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.moves += e.moves;
         ex.triggered_tasks += e.triggered_tasks;
         ex.placed_tasks += e.placed_tasks;
+        ex.function_tasks += e.function_tasks;
+        ex.function_runs += e.function_runs;
     }
     let hours = sim_ms as f64 / 3_600_000.0;
     println!(
@@ -144,7 +146,7 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         hours / wall.max(1e-9),
     );
     println!(
-        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks ({} placed one or shard), {} cron tasks ({} across a DST change), {} triggered tasks, {} windows, {} store write failures, {} coordinator restarts, {} seeds with several coordinators on one store ({} moves of an agent to another coordinator)",
+        "exercised: {} enrollments, {} revocations, {} pauses, {} run-nows, {} updates, {} selector tasks ({} placed one or shard), {} cron tasks ({} across a DST change), {} triggered tasks, {} function tasks ({} runs, each with its module stored), {} windows, {} store write failures, {} coordinator restarts, {} seeds with several coordinators on one store ({} moves of an agent to another coordinator)",
         ex.enrollments,
         ex.revokes,
         ex.pauses,
@@ -155,6 +157,8 @@ fn run_virtual(a: &VirtualArgs) -> ExitCode {
         ex.cron_tasks,
         ex.dst_crossings,
         ex.triggered_tasks,
+        ex.function_tasks,
+        ex.function_runs,
         ex.windows,
         ex.store_faults,
         ex.coordinator_restarts,
