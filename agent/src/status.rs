@@ -52,6 +52,20 @@ pub struct Status {
     /// The fingerprint of the agent's public sealing key (what operators'
     /// secrets are sealed to), if it has one yet.
     pub sealing_key: Option<String>,
+    /// Whether this agent runs functions (as it last started), and the
+    /// modules its store holds.
+    pub functions: FunctionsStatus,
+}
+
+/// `status`'s view of functions.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct FunctionsStatus {
+    /// `None`: the agent has not run since functions exist.
+    pub allowed: Option<bool>,
+    pub fuel_max: Option<u64>,
+    pub memory_max: Option<u64>,
+    pub module_max: Option<u64>,
+    pub modules: u64,
 }
 
 /// Beyond this many tasks stored, `status` lists only the next this many
@@ -178,6 +192,16 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
             .ok()
             .and_then(|seed| sundial_protocol::seal::SealKeyPair::from_seed(&seed).ok())
             .map(|k| k.public().fingerprint()),
+        functions: {
+            let told: Option<(bool, u64, u64, u64)> = store.get_meta(meta::FUNCTIONS)?;
+            FunctionsStatus {
+                allowed: told.map(|t| t.0),
+                fuel_max: told.map(|t| t.1),
+                memory_max: told.map(|t| t.2),
+                module_max: told.map(|t| t.3),
+                modules: store.modules(0)?.1,
+            }
+        },
     })
 }
 
@@ -210,6 +234,22 @@ pub fn render(s: &Status) -> String {
     if let Some(k) = &s.sealing_key {
         let _ = writeln!(out, "sealing key:    {k}");
     }
+    let f = &s.functions;
+    let _ = writeln!(
+        out,
+        "functions:      {}",
+        match (f.allowed, f.fuel_max, f.memory_max, f.module_max) {
+            (Some(true), Some(fuel), Some(mem), Some(module)) => format!(
+                "allowed (at most fuel {fuel}, memory {}, module {}); {} module(s) stored",
+                sundial_protocol::wasm::show_bytes(mem),
+                sundial_protocol::wasm::show_bytes(module),
+                f.modules
+            ),
+            (Some(true), ..) => format!("allowed; {} module(s) stored", f.modules),
+            (Some(false), ..) => "not allowed (start the agent with --allow-wasm)".into(),
+            (None, ..) => "unknown (the agent has not run with this version yet)".into(),
+        }
+    );
     if s.revoked {
         let _ = writeln!(
             out,

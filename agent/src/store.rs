@@ -100,6 +100,9 @@ pub mod meta {
     pub const ALLOW_WASM: &str = "allow_wasm";
     /// `--allow-wasm-dir` directories given at join (`Vec<String>`).
     pub const ALLOW_WASM_DIRS: &str = "allow_wasm_dirs";
+    /// Functions as the agent last started: (allowed, fuel max, memory
+    /// max, module max), for `status`.
+    pub const FUNCTIONS: &str = "functions";
     /// Whether firing is held because the clock is untrusted (bool).
     pub const CLOCK_HELD: &str = "clock_held";
     /// (boot id, CLOCK_BOOTTIME ms, trusted Unix ms): the clock guard's
@@ -1402,7 +1405,12 @@ impl AgentStore {
     /// Up to `max` stored modules, and how many are stored.
     pub fn modules(&self, max: usize) -> Result<(Vec<ModuleHash>, u64)> {
         let txn = self.begin_read()?;
-        let t = txn.open_table(MODULES).map_err(db_err("read modules"))?;
+        let t = match txn.open_table(MODULES) {
+            Ok(t) => t,
+            // A store from before functions, opened read-only.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(db_err("read modules")(e)),
+        };
         let mut out = Vec::new();
         for entry in t.iter().map_err(db_err("read modules"))?.take(max) {
             let (m, _) = entry.map_err(db_err("read modules"))?;

@@ -178,6 +178,10 @@ struct LimitArgs {
     /// The shortest --every period a task may have [default: 100ms].
     #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
     period_min: Option<DurationMs>,
+    /// The largest function module operators may upload, e.g. 4MiB
+    /// [default: 16MiB; at most 64MiB].
+    #[arg(long, value_name = "SIZE", value_parser = sundial_protocol::wasm::parse_bytes)]
+    wasm_module_max: Option<u64>,
     /// The shortest first retry delay (--backoff) a task may have [default: 100ms].
     #[arg(long, value_name = "DUR", value_parser = crate::cli::parse_duration)]
     backoff_min: Option<DurationMs>,
@@ -264,6 +268,8 @@ pub struct CoordinatorFile {
     pub log_format: Option<sundial_net::shell::LogFormat>,
     pub upload_runs_per_sec: Option<u32>,
     pub period_min: Option<String>,
+    /// The largest function module operators may upload, e.g. "16MiB".
+    pub wasm_module_max: Option<String>,
     pub backoff_min: Option<String>,
     pub run_retention: Option<String>,
     pub audit_retention: Option<String>,
@@ -368,8 +374,26 @@ fn limits(flags: &LimitArgs, file: &CoordinatorFile) -> anyhow::Result<Limits> {
             .agent_report_every
             .or(dur("agent_report_every", &file.agent_report_every)?)
             .unwrap_or(d.agent_report_every),
+        wasm_module_max: match flags.wasm_module_max {
+            Some(m) => m,
+            None => file
+                .wasm_module_max
+                .as_deref()
+                .map(sundial_protocol::wasm::parse_bytes)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("config `wasm_module_max`: {e}"))?
+                .unwrap_or(d.wasm_module_max),
+        },
         ..d
     };
+    if limits.wasm_module_max == 0
+        || limits.wasm_module_max > sundial_protocol::wasm::MODULE_BYTES_LIMIT
+    {
+        anyhow::bail!(
+            "--wasm-module-max must be between 1 byte and {} bytes",
+            sundial_protocol::wasm::MODULE_BYTES_LIMIT
+        );
+    }
     if !(u64::from(REPORT_EVERY_MS_MIN)..=u64::from(REPORT_EVERY_MS_MAX))
         .contains(&limits.agent_report_every.0)
     {

@@ -254,6 +254,13 @@ pub async fn run(
             exec_policy.functions.dirs.push(d);
         }
     }
+    {
+        let f = &exec_policy.functions;
+        store.put_meta(&[(
+            meta::FUNCTIONS,
+            (f.allowed, f.fuel_max, f.memory_max, f.module_max),
+        )])?;
+    }
     if exec_policy.functions.allowed {
         tracing::info!(dirs = ?exec_policy.functions.dirs, fuel_max = exec_policy.functions.fuel_max, memory_max = exec_policy.functions.memory_max, "functions allowed");
     }

@@ -78,7 +78,8 @@ struct Ctl {
     creds: AdminCreds,
 }
 
-/// A module file's hash and bytes (bounded: the largest any coordinator takes).
+/// A module file's hash and bytes: a binary `.wasm`, or WebAssembly text
+/// (`.wat`), assembled here. Bounded: the largest any coordinator takes.
 fn read_module(path: &std::path::Path) -> anyhow::Result<(ModuleHash, Vec<u8>)> {
     use std::io::Read;
     let limit = sundial_protocol::wasm::MODULE_BYTES_LIMIT;
@@ -94,10 +95,14 @@ fn read_module(path: &std::path::Path) -> anyhow::Result<(ModuleHash, Vec<u8>)> 
         );
     }
     if !bytes.starts_with(b"\0asm") {
-        bail!(
-            "--wasm {}: not a WebAssembly module (a .wasm file starts with \\0asm; assemble a .wat file first, e.g. with wat2wasm)",
-            path.display()
-        );
+        bytes = wat::parse_bytes(&bytes)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--wasm {}: neither a WebAssembly module (.wasm) nor WebAssembly text (.wat): {e}",
+                    path.display()
+                )
+            })?
+            .into_owned();
     }
     Ok((ModuleHash::of(&bytes), bytes))
 }

@@ -28,6 +28,13 @@ pub(crate) fn agent_json(a: &AgentInfo) -> Value {
         "rtt_ms": a.rtt_ms,
         "version": a.version,
         "allow_exec": a.allow_exec,
+        "functions": a.functions.as_ref().map(|f| json!({
+            "allowed": f.allowed,
+            "fuel_max": f.fuel_max,
+            "memory_max": f.memory_max,
+            "module_max": f.module_max,
+            "modules": f.modules.len(),
+        })),
         "outbox_len": a.outbox_len,
         "report": a.report.as_ref().map(|r| json!({
             "at": opt_ts(a.reported_at),
@@ -333,6 +340,11 @@ pub(crate) fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()
                 or_dash(a.rtt_ms),
                 cut(&labels_text(&a.labels), 30, out),
                 cut(&a.allow_exec.join(","), 30, out),
+                match &a.functions {
+                    Some(f) if f.allowed => "yes".into(),
+                    Some(_) => "no".into(),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
@@ -351,7 +363,8 @@ pub(crate) fn agents_out(agents: &[AgentInfo], out: Output) -> anyhow::Result<()
                 "OFFSET MS",
                 "RTT MS",
                 "LABELS",
-                "ALLOW EXEC"
+                "ALLOW EXEC",
+                "FUNCTIONS"
             ],
             &rows
         )
