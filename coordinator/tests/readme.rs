@@ -140,3 +140,40 @@ fn the_placement_section_runs_as_written() {
         "till2's missed share: {stdout}"
     );
 }
+
+#[test]
+fn the_functions_section_runs_as_written() {
+    let stdout = run_block("functions");
+    assert!(
+        stdout.contains("Function:     sha256:"),
+        "task get: {stdout}"
+    );
+    assert!(stdout.contains("fuel 1000000"), "task get: {stdout}");
+    // Every device ran the function, and each has runs from while the
+    // coordinator was stopped, recorded offline and synced after.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("t1 (hello)"))
+        .collect();
+    for dev in ["dev1", "dev2", "dev3"] {
+        let theirs: Vec<&&str> = rows.iter().filter(|l| l.contains(dev)).collect();
+        assert!(
+            theirs.iter().filter(|l| l.contains("succeeded")).count() >= 8,
+            "{dev} ran the function every two seconds: {stdout}"
+        );
+        assert!(
+            theirs
+                .iter()
+                .any(|l| l.contains("succeeded") && l.split_whitespace().any(|w| w == "yes")),
+            "{dev}'s runs while cut off, synced after the heal: {stdout}"
+        );
+    }
+    assert!(
+        !rows.iter().any(|l| !l.contains("succeeded")),
+        "every run succeeded: {stdout}"
+    );
+    assert!(
+        stdout.contains("hello from a function"),
+        "its output in the run: {stdout}"
+    );
+}
