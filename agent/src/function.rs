@@ -5,7 +5,7 @@
 //! (`sundial-agent function-run`, see [`runner_main`]), never in the agent
 //! itself, so a runaway function, a memory bomb or a fault inside the
 //! interpreter ends that child only. The child lowers its own priority
-//! (nice 10) so that functions spinning on every core leave the agent's
+//! (SCHED_IDLE, else nice 19) so that functions spinning on every core leave the agent's
 //! firing the CPU it needs; the agent kills it at the task's timeout as it
 //! kills a program. Everything the child needs comes on its stdin
 //! ([`RunnerInput`]), so nothing of the task's environment reaches the
@@ -24,6 +24,9 @@
 //! and the timeout (the agent's). How a run stopped reaches the agent as a
 //! last stderr line marked with a per-run nonce the function cannot know
 //! ([`RunnerInput::nonce`]), so a function cannot forge its own verdict.
+
+// `stat` fields have other types on other targets: the casts stay.
+#![allow(clippy::unnecessary_cast)]
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -915,8 +918,20 @@ fn group(n: u64) -> String {
 /// exits with its exit code, or [`STOPPED_EXIT_CODE`] after the verdict
 /// line when the runtime stopped it.
 pub fn runner_main() -> std::process::ExitCode {
-    // Below the agent: functions spinning on every core leave it the CPU.
-    let _ = rustix::process::setpriority_process(None, 10);
+    // The lowest priority: functions spinning on every core leave the
+    // agent (and the device's other work) the CPU whenever it wants it.
+    // SCHED_IDLE runs only when nothing else wants the CPU; where it is not
+    // available (an old kernel, a seccomp filter), nice 19.
+    use thread_priority::{
+        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
+        ThreadPriority, ThreadSchedulePolicy,
+    };
+    let _ = rustix::process::setpriority_process(None, 19);
+    let _ = set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Min,
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle),
+    );
     let mut raw = Vec::new();
     let read = std::io::stdin()
         .lock()

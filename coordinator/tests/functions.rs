@@ -224,6 +224,12 @@ fn functions_run_sandboxed_with_their_output_limits_and_reasons() {
     );
     assert_eq!(field(r, "stderr"), "to stderr\n", "{r}");
 
+    // `task update -- ARGS` gives a function new arguments, nothing else.
+    coord.ctl_ok(&["task", "update", &t, "--", "three"]);
+    let updated = coord.json(&["task", "get", &t]);
+    assert_eq!(updated["args"], serde_json::json!(["three"]), "{updated}");
+    assert_eq!(updated["kind"], "wasm", "{updated}");
+
     // `task get` shows the module, its size and the limits.
     let got = coord.json(&["task", "get", &t]);
     let module = field(&got["function"], "module").to_owned();

@@ -191,7 +191,7 @@ impl WasmSpec {
             return Some("fuel 0: a function needs some fuel to run".into());
         }
         if let Some(m) = self.memory_bytes {
-            if m < 64 * 1024 || m > MEMORY_BYTES_LIMIT {
+            if !(64 * 1024..=MEMORY_BYTES_LIMIT).contains(&m) {
                 return Some(format!(
                     "memory of {m} bytes: a function's memory limit is 64 KiB to 4 GiB"
                 ));

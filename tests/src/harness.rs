@@ -693,6 +693,8 @@ pub fn run_as_part(args: &[String]) -> Option<std::process::ExitCode> {
             std::iter::once("sundial-agent".to_string()).chain(rest()),
         )),
         Some(SUB_PROBE) => Some(probe(&args[2..])),
+        // A function's runner: agents run from this binary start it so.
+        Some("function-run") => Some(sundial_agent::function::runner_main()),
         _ => None,
     }
 }

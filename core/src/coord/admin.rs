@@ -752,6 +752,10 @@ pub fn apply_patch(spec: &mut TaskSpec, p: TaskPatch) {
             exec.program = new.program;
             exec.args = new.args;
         }
+        // `task update -- ARGS` of a function: the words are its arguments.
+        (Action::Wasm(w), Some(Action::Exec(new))) => {
+            w.args = std::iter::once(new.program).chain(new.args).collect();
+        }
         (Action::Wasm(w), Some(Action::Wasm(new))) => {
             w.module = new.module;
             w.module_bytes = new.module_bytes;

@@ -185,7 +185,7 @@ struct Up {
     report: Option<Reporting>,
     /// The module coming in, piece by piece, and the largest taken (set
     /// when the agent runs functions).
-    module: Option<sundial_protocol::wasm::Assembly>,
+    module: Option<Box<sundial_protocol::wasm::Assembly>>,
     module_max: Option<u64>,
 }
 
@@ -620,7 +620,7 @@ impl AgentSession {
                         a.add(offset, &chunk)
                     }
                     _ => sundial_protocol::wasm::Assembly::start(hash, size, max)
-                        .map(|a| up.module.insert(a))
+                        .map(|a| up.module.insert(Box::new(a)))
                         .and_then(|a| a.add(offset, &chunk)),
                 };
                 match piece {

@@ -24,7 +24,7 @@ struct Cli {
     out: Option<std::path::PathBuf>,
 }
 
-const SUITES: [&str; 9] = [
+const SUITES: [&str; 10] = [
     "wheel",
     "lateness",
     "ingest",
@@ -33,6 +33,7 @@ const SUITES: [&str; 9] = [
     "drain",
     "failover",
     "fleet",
+    "functions",
     "footprint",
 ];
 
@@ -92,6 +93,7 @@ fn main() -> ExitCode {
             "drain" => rt.block_on(bench::drain(cli.quick, &exe)),
             "failover" => rt.block_on(bench::failover(cli.quick, &exe)),
             "fleet" => rt.block_on(bench::fleet(cli.quick, &exe)),
+            "functions" => bench::functions(cli.quick, &exe),
             _ => bench::footprint(cli.quick, &exe),
         };
         println!("\n{}", t.markdown());

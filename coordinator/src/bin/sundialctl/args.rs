@@ -287,7 +287,7 @@ pub(crate) struct UpdateArgs {
     /// A new working directory.
     #[arg(long, value_name = "DIR")]
     pub(crate) cwd: Option<String>,
-    /// A new program and arguments, after `--`.
+    /// A new program and arguments, after `--` (for a function: its new arguments).
     #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
     pub(crate) command: Vec<String>,
 }
