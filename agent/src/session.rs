@@ -293,6 +293,10 @@ pub fn log_event(event: &Event) {
         Event::Revoked => tracing::error!("this agent was revoked by its coordinator: no more sessions, and nothing fires from now on (its outbox could never be sent); to use this device again, move its data directory away and join with a new token"),
         Event::HandshakeRefused { why } => tracing::warn!(reason = %why, "the coordinator refused the session"),
         Event::ResultsAcked { batch_id, runs } => tracing::debug!(batch_id, runs, "results acknowledged"),
+        Event::ModuleReceived { hash, size } => {
+            tracing::info!(module = %hash, size, "a function's module received; stored before its tasks")
+        }
+        Event::ModuleRefused { why } => tracing::warn!(reason = %why, "a function's module was not taken; its tasks' runs will be recorded rejected"),
         other => tracing::trace!(event = ?other, "agent"),
     }
 }

@@ -364,3 +364,24 @@ fn functions_fire_offline_after_a_restart_share_one_module_and_go_with_their_tas
 fn coord_down_outbox(agent: &AgentProc) -> u64 {
     agent.status()["outbox_len"].as_u64().unwrap_or(0)
 }
+
+#[test]
+fn a_module_over_the_coordinators_limit_is_refused_naming_the_setting() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start_with(root.path(), &["--wasm-module-max", "1KiB"]);
+    let dir = root.path().join("a1");
+    let _agent = AgentProc::join(&coord, &dir, "fn", &["--allow-wasm"]);
+    let big = format!(
+        r#"(module (memory (export "memory") 1) (data (i32.const 0) "{}") (func (export "_start")))"#,
+        "x".repeat(2_000)
+    );
+    let file = write(root.path(), "big.wat", &big);
+    let (ok, _, err) = coord.ctl(&[
+        "task", "create", "--agent", "fn", "--at", "now", "--wasm", &file,
+    ]);
+    assert!(!ok, "created");
+    assert!(err.contains("--wasm-module-max"), "{err}");
+    let small = write(root.path(), "small.wat", NOOP);
+    let t = create(&coord, &["--agent", "fn", "--at", "now", "--wasm", &small]);
+    assert_eq!(field(&runs_of(&coord, &t, 1)[0], "outcome"), "succeeded");
+}

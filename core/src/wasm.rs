@@ -11,7 +11,7 @@ use wasmi::{Engine, ExternType, Module, ValType};
 pub fn inspect(bytes: &[u8], limit: u64) -> Result<ModuleInfo, String> {
     if bytes.len() as u64 > limit {
         return Err(format!(
-            "the module is {} bytes; the most this coordinator takes is {limit} (its wasm_module_max setting)",
+            "the module is {} bytes; the most this coordinator takes is {limit} (its --wasm-module-max setting)",
             bytes.len()
         ));
     }
@@ -144,6 +144,6 @@ mod tests {
             .contains("not a valid"));
         assert!(inspect(&ok, 10)
             .expect_err("large")
-            .contains("wasm_module_max"));
+            .contains("--wasm-module-max"));
     }
 }

@@ -528,7 +528,7 @@ pub fn draft_refusal(limits: &Limits, draft: &TaskDraft, now: Timestamp) -> Opti
             }
             if w.module_bytes > limits.wasm_module_max {
                 return Some(format!(
-                    "the module is {} bytes; the most this coordinator takes is {} (its wasm_module_max setting)",
+                    "the module is {} bytes; the most this coordinator takes is {} (its --wasm-module-max setting)",
                     w.module_bytes, limits.wasm_module_max
                 ));
             }

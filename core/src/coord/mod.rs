@@ -1994,7 +1994,12 @@ impl CoordNode {
         } = &request
         {
             let limit = self.limits.wasm_module_max;
-            if *offset == 0
+            if *size > limit {
+                *upload = None;
+                piece = Some(Err(format!(
+                    "the module is {size} bytes; the most this coordinator takes is {limit} (its --wasm-module-max setting)"
+                )));
+            } else if *offset == 0
                 || upload
                     .as_ref()
                     .is_none_or(|u| u.hash != *hash || u.size != *size)
