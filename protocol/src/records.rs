@@ -123,6 +123,18 @@ pub fn decode_with_sealed<T: DeserializeOwned>(
     }
 }
 
+/// The record and its sealed variables at the head of a v4 or v5 layout,
+/// and what follows them.
+fn take_head<'a, T: DeserializeOwned>(
+    bytes: &'a [u8],
+    corrupt: &dyn Fn(String) -> RecordError,
+) -> Result<(T, Vec<SealedEnvV1>, &'a [u8]), RecordError> {
+    let (rec, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let (sealed, rest) = postcard::take_from_bytes::<Vec<SealedEnvV1>>(rest)
+        .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
+    Ok((rec, sealed, rest))
+}
+
 /// A task record followed by its sealed variables (maybe none) and its
 /// placement (new in 0.6): written only for placed tasks.
 pub const RECORD_V4: u8 = 4;
@@ -235,9 +247,7 @@ pub fn decode_placed<T: DeserializeOwned>(
         key: key.clone(),
         reason,
     };
-    let (rec, rest) = postcard::take_from_bytes::<T>(rest).map_err(|e| corrupt(e.to_string()))?;
-    let (sealed, rest) = postcard::take_from_bytes::<Vec<SealedEnvV1>>(rest)
-        .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
+    let (rec, sealed, rest) = take_head::<T>(rest, &corrupt)?;
     let placement: PlacementV1 =
         postcard::from_bytes(rest).map_err(|e| corrupt(format!("placement: {e}")))?;
     Ok((
@@ -328,9 +338,7 @@ pub fn decode_with_action<T: DeserializeOwned>(
         key: key.clone(),
         reason,
     };
-    let (rec, rest) = postcard::take_from_bytes::<T>(rest).map_err(|e| corrupt(e.to_string()))?;
-    let (sealed, rest) = postcard::take_from_bytes::<Vec<SealedEnvV1>>(rest)
-        .map_err(|e| corrupt(format!("sealed variables: {e}")))?;
+    let (rec, sealed, rest) = take_head::<T>(rest, &corrupt)?;
     let (placement, rest) = postcard::take_from_bytes::<Option<PlacementV1>>(rest)
         .map_err(|e| corrupt(format!("placement: {e}")))?;
     let wasm: WasmV1 = postcard::from_bytes(rest).map_err(|e| corrupt(format!("function: {e}")))?;

@@ -189,31 +189,8 @@ fn exec_beside_functions(runner: &Path, execs: usize, spinning: usize, secs: i64
             return Vec::new();
         }
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(_) => return Vec::new(),
-    };
-    let cfg = sundial_agent::runtime::AgentConfig {
-        data_dir: dir.path().to_owned(),
-        exec: policy(runner),
-        runs_concurrent_max: sundial_agent::runtime::RUNS_CONCURRENT_MAX_DEFAULT,
-        stop_grace: Duration::from_millis(100),
-        coordinators: Vec::new(),
-        metrics: None,
-        store_key: None,
-    };
     let wait = Duration::from_millis((start + secs * 1_000 - now + 1_500) as u64);
-    let _ = rt
-        .block_on(async move { sundial_agent::runtime::run(cfg, tokio::time::sleep(wait)).await });
-    let Ok(store) = AgentStore::open(&store_path) else {
-        return Vec::new();
-    };
-    store
-        .outbox_batch(usize::MAX, usize::MAX)
-        .unwrap_or_default()
+    run_agent_for(dir.path(), policy(runner), Duration::from_millis(100), wait)
         .iter()
         .filter(|r| r.task_id.0 < 1_000)
         .filter_map(|r| r.lateness().map(|d| d.0 as f64 * 1_000.0))

@@ -330,6 +330,30 @@ pub(super) fn exec_lateness(_exe: &Path, n: usize, window_ms: i64) -> Vec<f64> {
             return Vec::new();
         }
     }
+    let exec = sundial_agent::exec::ExecPolicy {
+        allow: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let wait = Duration::from_millis((start + window_ms - now + 2_000) as u64);
+    run_agent_for(
+        dir.path(),
+        exec,
+        sundial_agent::runtime::STOP_GRACE_DEFAULT,
+        wait,
+    )
+    .iter()
+    .filter_map(|r| r.lateness().map(|d| d.0 as f64 * 1_000.0))
+    .collect()
+}
+
+/// Runs an unenrolled agent in process on the store in `dir` for `wait`,
+/// then returns its outbox (every run it recorded).
+pub(super) fn run_agent_for(
+    dir: &Path,
+    exec: sundial_agent::exec::ExecPolicy,
+    stop_grace: Duration,
+    wait: Duration,
+) -> Vec<RunRecord> {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -338,29 +362,22 @@ pub(super) fn exec_lateness(_exe: &Path, n: usize, window_ms: i64) -> Vec<f64> {
         Err(_) => return Vec::new(),
     };
     let cfg = sundial_agent::runtime::AgentConfig {
-        data_dir: dir.path().to_owned(),
-        exec: sundial_agent::exec::ExecPolicy {
-            allow: vec!["/bin/true".into()],
-            ..Default::default()
-        },
+        data_dir: dir.to_owned(),
+        exec,
         runs_concurrent_max: sundial_agent::runtime::RUNS_CONCURRENT_MAX_DEFAULT,
-        stop_grace: sundial_agent::runtime::STOP_GRACE_DEFAULT,
+        stop_grace,
         coordinators: Vec::new(),
         metrics: None,
         store_key: None,
     };
-    let wait = Duration::from_millis((start + window_ms - now + 2_000) as u64);
     let _ = rt
         .block_on(async move { sundial_agent::runtime::run(cfg, tokio::time::sleep(wait)).await });
-    let Ok(store) = AgentStore::open(&store_path) else {
+    let Ok(store) = AgentStore::open(&dir.join("agent.redb")) else {
         return Vec::new();
     };
     store
         .outbox_batch(usize::MAX, usize::MAX)
         .unwrap_or_default()
-        .iter()
-        .filter_map(|r| r.lateness().map(|d| d.0 as f64 * 1_000.0))
-        .collect()
 }
 
 pub(super) fn task(id: u64, schedule: Schedule, program: &str) -> TaskSpec {
