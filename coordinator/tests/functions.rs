@@ -346,14 +346,37 @@ fn functions_fire_offline_after_a_restart_share_one_module_and_go_with_their_tas
             .any(|r| r["offline"] == true && field(r, "outcome") == "succeeded")
     });
 
-    // Cancelled, both: the module goes from the agent's store.
-    coord.ctl_ok(&["task", "cancel", &t1]);
-    std::thread::sleep(Duration::from_millis(500));
+    // A new version of the function: uploaded, sent, run from the next
+    // occurrence on.
+    let hello = write(root.path(), "hello.wat", HELLO);
+    coord.ctl_ok(&["task", "update", &t2, "--wasm", &hello, "--fuel", "5000000"]);
+    let got = coord.json(&["task", "get", &t2]);
+    assert_eq!(got["function"]["fuel"], 5_000_000, "{got}");
+    assert_eq!(
+        got["args"],
+        serde_json::json!(["x"]),
+        "arguments kept: {got}"
+    );
+    wait_for("a run of the new version", || {
+        coord
+            .runs(&["--task", &t2])
+            .iter()
+            .any(|r| field(r, "stdout").starts_with("hello\n"))
+    });
+    let (ok, _, err) = coord.ctl(&["task", "update", &t2, "--memory", "1"]);
+    assert!(!ok && err.contains("memory"), "{err}");
+
+    // Cancelled, both: the modules go from the agent's store.
     assert_eq!(
         agent.status()["functions"]["modules"],
-        1,
-        "t2 still uses it"
+        2,
+        "both versions held"
     );
+    coord.ctl_ok(&["task", "cancel", &t1]);
+    // t1's module (the old version) goes; t2's new one stays.
+    wait_for("t1's module dropped", || {
+        agent.status()["functions"]["modules"] == 1
+    });
     coord.ctl_ok(&["task", "cancel", &t2]);
     wait_for("the module dropped", || {
         agent.status()["functions"]["modules"] == 0

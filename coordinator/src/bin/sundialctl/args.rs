@@ -287,6 +287,17 @@ pub(crate) struct UpdateArgs {
     /// A new working directory.
     #[arg(long, value_name = "DIR")]
     pub(crate) cwd: Option<String>,
+    /// A new module for a function (`.wasm` or `.wat`; uploaded unless
+    /// the coordinator has it): its agents get it beside the new revision.
+    /// On a program's task, the task becomes a function.
+    #[arg(long, value_name = "FILE", conflicts_with = "cwd")]
+    pub(crate) wasm: Option<std::path::PathBuf>,
+    /// A function's new fuel limit.
+    #[arg(long, value_name = "N")]
+    pub(crate) fuel: Option<u64>,
+    /// A function's new memory limit, e.g. 64MiB.
+    #[arg(long, value_name = "SIZE", value_parser = sundial_protocol::wasm::parse_bytes)]
+    pub(crate) memory: Option<u64>,
     /// A new program and arguments, after `--` (for a function: its new arguments).
     #[arg(last = true, value_name = "PROGRAM [ARGS]...")]
     pub(crate) command: Vec<String>,

@@ -562,7 +562,48 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
         }
         Cmd::Task(TaskCmd::Update(args)) => {
             let id = ctl.task_id(&args.id).await?;
-            let patch = patch(*args)?;
+            let function = if args.wasm.is_some() || args.fuel.is_some() || args.memory.is_some() {
+                let current = match ctl.ask(AdminRequest::TaskGet(id)).await? {
+                    AdminResponse::Task(t) => t.spec.action,
+                    r => return Err(unexpected(r)),
+                };
+                let module = match &args.wasm {
+                    Some(path) => Some(read_module(path)?),
+                    None => None,
+                };
+                let mut w = match (current, &module) {
+                    (Action::Wasm(w), _) => w,
+                    (Action::Exec(_), Some((hash, bytes))) => sundial_protocol::wasm::WasmSpec {
+                        module: *hash,
+                        module_bytes: bytes.len() as u64,
+                        args: Vec::new(),
+                        env: Vec::new(),
+                        sealed_env: Vec::new(),
+                        fuel: None,
+                        memory_bytes: None,
+                    },
+                    (Action::Exec(_), None) => {
+                        bail!("{id} runs a program: --fuel and --memory are for functions (give --wasm FILE to make it one)")
+                    }
+                };
+                if let Some((hash, bytes)) = module {
+                    ctl.upload_module(hash, &bytes).await?;
+                    w.module = hash;
+                    w.module_bytes = bytes.len() as u64;
+                }
+                if !args.command.is_empty() {
+                    w.args = args.command.clone();
+                }
+                w.fuel = args.fuel.or(w.fuel);
+                w.memory_bytes = args.memory.or(w.memory_bytes);
+                if let Some(why) = w.refusal() {
+                    bail!("{why}");
+                }
+                Some(w)
+            } else {
+                None
+            };
+            let patch = patch(*args, function)?;
             match ctl
                 .ask(AdminRequest::TaskUpdate {
                     id,

@@ -3,7 +3,12 @@
 use super::*;
 
 /// What `task update` changes.
-pub(crate) fn patch(a: UpdateArgs) -> anyhow::Result<TaskPatch> {
+/// `function`: the task's new function (from `--wasm`, `--fuel`,
+/// `--memory`), which replaces the action the words after `--` would make.
+pub(crate) fn patch(
+    a: UpdateArgs,
+    function: Option<sundial_protocol::wasm::WasmSpec>,
+) -> anyhow::Result<TaskPatch> {
     let schedule =
         if a.schedule.at.is_some() || a.schedule.every.is_some() || a.schedule.cron.is_some() {
             for note in a.schedule.notes() {
@@ -18,13 +23,16 @@ pub(crate) fn patch(a: UpdateArgs) -> anyhow::Result<TaskPatch> {
             None
         };
     let mut command = a.command.into_iter();
-    let action = command.next().map(|program| {
-        Action::Exec(ExecSpec {
-            program,
-            args: command.collect(),
-            ..ExecSpec::default()
-        })
-    });
+    let action = match function {
+        Some(w) => Some(Action::Wasm(w)),
+        None => command.next().map(|program| {
+            Action::Exec(ExecSpec {
+                program,
+                args: command.collect(),
+                ..ExecSpec::default()
+            })
+        }),
+    };
     let p = TaskPatch {
         schedule,
         action,
@@ -50,7 +58,7 @@ pub(crate) fn patch(a: UpdateArgs) -> anyhow::Result<TaskPatch> {
     };
     if p == TaskPatch::default() {
         bail!(
-            "nothing to change: give a schedule, a policy flag, --env, --cwd, or `-- PROGRAM ARGS`"
+            "nothing to change: give a schedule, a policy flag, --env, --cwd, --wasm, --fuel, --memory, or `-- PROGRAM ARGS`"
         );
     }
     Ok(p)
