@@ -478,6 +478,7 @@ pub async fn run_function(
         memory_bytes: spec.memory_bytes(),
         dirs: policy.functions.dirs.clone(),
         nonce: nonce.clone(),
+        sleep_ms_max: 86_400_000,
     };
     let input = match postcard::to_allocvec(&input) {
         Ok(b) => b,

@@ -55,6 +55,9 @@ pub struct RunnerInput {
     pub dirs: Vec<String>,
     /// Marks the runner's verdict line on stderr.
     pub nonce: String,
+    /// The longest one sleep of the function may last, ms (the task's
+    /// timeout ends a longer wait anyway; fuzzing sets it short).
+    pub sleep_ms_max: u64,
 }
 
 /// The most a runner reads from its stdin.
@@ -144,6 +147,7 @@ struct Host {
     stderr: Box<dyn Write + Send>,
     limits: StoreLimits,
     started: Instant,
+    sleep_max: Duration,
 }
 
 impl Host {
@@ -755,7 +759,7 @@ fn poll(
     let mut written: Vec<(u64, u8)> = ready;
     if written.is_empty() {
         if let Some((wait, userdata)) = sleep {
-            std::thread::sleep(Duration::from_nanos(wait.min(86_400_000_000_000)));
+            std::thread::sleep(Duration::from_nanos(wait).min(h.sleep_max));
             written.push((userdata, 0));
         }
     }
@@ -836,6 +840,7 @@ pub fn run(
             .trap_on_grow_failure(true)
             .build(),
         started: Instant::now(),
+        sleep_max: Duration::from_millis(input.sleep_ms_max),
     };
     let mut store = Store::new(&engine, host);
     store.limiter(|h| &mut h.limits);
@@ -996,6 +1001,7 @@ mod tests {
             memory_bytes: 1 << 20,
             dirs: Vec::new(),
             nonce: "n0nce".into(),
+            sleep_ms_max: 1_000,
         }
     }
 

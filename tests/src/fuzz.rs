@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("records", records),
     ("config", config),
     ("csr", csr),
+    ("modules", modules),
 ];
 
 /// The largest frame a peer may send at all (the session's limit).
@@ -201,4 +202,27 @@ pub fn csr(data: &[u8]) {
         "fuzz",
         Timestamp::from_millis_saturating(4_102_444_800_000),
     );
+}
+
+/// Function modules, as the coordinator checks an upload and as an
+/// agent's runner loads and runs one: a module that passes the check runs
+/// in the sandbox with little fuel and memory and no directory.
+pub fn modules(data: &[u8]) {
+    if sundial_core::wasm::inspect(data, 1 << 20).is_err() {
+        return;
+    }
+    let input = sundial_agent::function::RunnerInput {
+        module: data.to_vec(),
+        sha256: sundial_protocol::wasm::ModuleHash::of(data),
+        name: "fuzz".into(),
+        args: vec!["a".into()],
+        env: vec![("TASK_X".into(), "1".into())],
+        fuel: 100_000,
+        memory_bytes: 1 << 20,
+        dirs: Vec::new(),
+        nonce: "fuzz".into(),
+        sleep_ms_max: 1,
+    };
+    let _ =
+        sundial_agent::function::run(input, Box::new(std::io::sink()), Box::new(std::io::sink()));
 }

@@ -242,3 +242,46 @@ fn write_seed_corpus() {
         &framed(2, encode(&reseal).expect("enc")),
     );
 }
+
+/// Writes the seed modules of the `modules` target (run by hand, as
+/// `write_seed_corpus`).
+#[test]
+#[ignore]
+fn write_module_seeds() {
+    let dir = corpus_dir("modules");
+    std::fs::create_dir_all(&dir).expect("corpus dir");
+    let seeds = [
+        (
+            "noop",
+            r#"(module (memory (export "memory") 1) (func (export "_start")))"#,
+        ),
+        (
+            "spin",
+            r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#,
+        ),
+        (
+            "grow",
+            r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (drop (memory.grow (i32.const 1))) (br $l))))"#,
+        ),
+        (
+            "write",
+            r#"(module
+            (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "path_open" (func $o (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "poll_oneoff" (func $p (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 16) "hi\n")
+            (func (export "_start")
+              (i32.store (i32.const 0) (i32.const 16))
+              (i32.store (i32.const 4) (i32.const 3))
+              (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+              (drop (call $w (i32.const 1) (i32.const 65530) (i32.const 900) (i32.const 8)))
+              (drop (call $o (i32.const 3) (i32.const 0) (i32.const 16) (i32.const 2) (i32.const 0) (i64.const 2) (i64.const 0) (i32.const 0) (i32.const 0)))
+              (drop (call $p (i32.const 100) (i32.const 200) (i32.const 1) (i32.const 300)))))"#,
+        ),
+    ];
+    for (name, text) in seeds {
+        let bytes = wat::parse_str(text).expect("valid WAT");
+        std::fs::write(dir.join(name), bytes).expect("write seed");
+    }
+}
