@@ -223,6 +223,28 @@ fn functions_run_sandboxed_with_their_output_limits_and_reasons() {
     );
     assert_eq!(field(r, "stderr"), "to stderr\n", "{r}");
 
+    // A sealed variable reaches a function as it reaches a program.
+    let sealed = create(
+        &coord,
+        &[
+            "--agent",
+            "fn",
+            "--at",
+            "now",
+            "--wasm",
+            &hello,
+            "--secret-env",
+            "TASK_SECRET=s3cr3t-value",
+        ],
+    );
+    let r = &runs_of(&coord, &sealed, 1)[0];
+    assert!(
+        field(r, "stdout").contains("TASK_SECRET=s3cr3t-value"),
+        "{r}"
+    );
+    let got = coord.json(&["task", "get", &sealed]);
+    assert!(!got.to_string().contains("s3cr3t-value"), "{got}");
+
     // `task update -- ARGS` gives a function new arguments, nothing else.
     coord.ctl_ok(&["task", "update", &t, "--", "three"]);
     let updated = coord.json(&["task", "get", &t]);
