@@ -3,6 +3,7 @@
 #
 #   install-agent.sh --binary PATH [--coordinator HOST:PORT[,HOST:PORT...]]
 #                    (--token-file FILE|- | --token TOKEN) [--name N] [--label k=v]... [--allow-exec PATTERN]...
+#                    [--allow-wasm]
 #                    [--root DIR]
 #   install-agent.sh --uninstall [--purge [--force]] [--binary PATH] [--root DIR]
 #
@@ -30,7 +31,7 @@ say() { printf '%s: %s\n' "$prog" "$*"; }
 die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 1; }
 
 binary= coordinator= token= name= root= uninstall=0 purge=0 force=0
-labels= allows=
+labels= allows= allow_wasm=0
 # Append a shell-quoted word to a list variable.
 quote() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 
@@ -54,6 +55,7 @@ while [ $# -gt 0 ]; do
             labels="$labels --label $(quote "$2")"; shift 2 ;;
         --allow-exec) [ $# -ge 2 ] || die "--allow-exec needs a pattern"
             allows="$allows $(quote "$2")"; shift 2 ;;
+        --allow-wasm) allow_wasm=1; shift ;;
         --root) [ $# -ge 2 ] || die "--root needs a directory"; root=$2; shift 2 ;;
         --uninstall) uninstall=1; shift ;;
         --purge) purge=1; shift ;;
@@ -179,6 +181,7 @@ join_cmd="$(quote "$tmp_bin") join --token-file - --data-dir $(quote "$state")"
 [ -n "$coordinator" ] && join_cmd="$join_cmd --coordinator $(quote "$coordinator")"
 [ -n "$name" ] && join_cmd="$join_cmd --name $(quote "$name")"
 join_cmd="$join_cmd$labels"
+if [ "$allow_wasm" = 1 ]; then join_cmd="$join_cmd --allow-wasm"; fi
 if [ -n "$allows" ]; then
     eval "set -- $allows"
     for a in "$@"; do join_cmd="$join_cmd --allow-exec $(quote "$a")"; done

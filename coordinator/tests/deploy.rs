@@ -86,6 +86,7 @@ fn install_run_upgrade_and_uninstall_under_a_root() {
         "site=x",
         "--allow-exec",
         "/bin/echo",
+        "--allow-wasm",
         "--root",
         root_s,
     ]);
@@ -121,6 +122,8 @@ fn install_run_upgrade_and_uninstall_under_a_root() {
         !coord.runs(&["--task", &task]).is_empty()
     });
     assert_eq!(coord.runs(&["--task", &task])[0]["outcome"], "succeeded");
+    // `--allow-wasm` at install: the agent runs functions.
+    assert_eq!(status(&root).functions.allowed, Some(true));
 
     // Coordinator away: runs wait in the outbox; then an upgrade.
     coord.kill9();
