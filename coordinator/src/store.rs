@@ -232,10 +232,8 @@ struct CoordTaskV1 {
     /// Its placement, stored after them ([`records::encode_placed`]).
     #[serde(skip)]
     placement: Option<Placement>,
-    /// Its action, whose function part (if any) is stored last
-    /// ([`records::encode_with_action`]).
-    #[serde(skip)]
-    action: Option<sundial_protocol::task::Action>,
+    /// Its function's module and limits (if it is one), stored last
+    /// ([`records::encode_parts`]).
     #[serde(skip)]
     wasm: Option<records::WasmV1>,
 }
@@ -247,21 +245,17 @@ impl CoordTaskV1 {
             cancelled,
             sealed: spec.action.sealed_env().to_vec(),
             placement: spec.placement.clone(),
-            action: Some(spec.action.clone()),
-            wasm: None,
+            wasm: records::WasmV1::of(&spec.action),
         }
     }
 
     fn encode(&self) -> Vec<u8> {
-        match &self.action {
-            Some(a) => records::encode_with_action(self, a, self.placement.as_ref()),
-            None => records::encode_parts(
-                self,
-                &self.sealed,
-                self.placement.as_ref(),
-                self.wasm.as_ref(),
-            ),
-        }
+        records::encode_parts(
+            self,
+            &self.sealed,
+            self.placement.as_ref(),
+            self.wasm.as_ref(),
+        )
     }
 
     fn decode(id: u64, bytes: &[u8]) -> std::result::Result<CoordTaskV1, records::RecordError> {

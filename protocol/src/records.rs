@@ -279,19 +279,26 @@ pub fn encode_with_action<T: Serialize>(
     action: &Action,
     placement: Option<&Placement>,
 ) -> Vec<u8> {
-    match action {
-        Action::Exec(e) => encode_placed(rec, &e.sealed_env, placement),
-        Action::Wasm(w) => encode_parts(
-            rec,
-            &w.sealed_env,
-            placement,
-            Some(&WasmV1 {
+    encode_parts(
+        rec,
+        action.sealed_env(),
+        placement,
+        WasmV1::of(action).as_ref(),
+    )
+}
+
+impl WasmV1 {
+    /// A function's module and limits as stored; `None` for a program.
+    pub fn of(action: &Action) -> Option<WasmV1> {
+        match action {
+            Action::Exec(_) => None,
+            Action::Wasm(w) => Some(WasmV1 {
                 module: w.module.0,
                 module_bytes: w.module_bytes,
                 fuel: w.fuel,
                 memory_bytes: w.memory_bytes,
             }),
-        ),
+        }
     }
 }
 
