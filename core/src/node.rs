@@ -437,6 +437,7 @@ impl<S: NodeStore> AgentNode<S> {
         }
         let mut session = AgentSession::new(cfg.seed);
         session.set_coordinators(cfg.coordinators);
+        session.set_place(cfg.agent_id.0);
         let mut node = AgentNode {
             store,
             cfg,

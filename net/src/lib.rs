@@ -15,44 +15,63 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sundial_protocol::codec::{encode, FrameDecoder, FrameError};
+use sundial_protocol::wire::{LinkTiming, IDLE_MS_MAX};
 
 /// A silent peer is declared gone after this long: an agent killed with
 /// `kill -9` is shown offline within about this.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keep-alives keep a quiet session open and reveal a dead link.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// The round trip an agent assumes before it measured one.
+pub const AGENT_INITIAL_RTT: Duration = Duration::from_millis(100);
 /// A connection attempt is abandoned after this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a stream at once.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Transport settings of the coordinator: the same timeouts, and no
-/// keep-alives of its own — each agent sends one a second and hears the
-/// acknowledgement, which is what both ends need; a coordinator pinging
-/// every agent too would double the packets of a large idle fleet.
-pub fn server_transport() -> Arc<quinn::TransportConfig> {
+/// Transport settings of the coordinator for one connection: it sends
+/// the keep-alives (one side is enough: the agent's QUIC stack acknowledges
+/// each, which the coordinator hears too), as often as the fleet's size
+/// allows, and the idle timeout that goes with them.
+pub fn server_transport(link: LinkTiming) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(None);
-    // Invariant: 5 s fits QUIC's idle timeout range.
-    t.max_idle_timeout(Some(
-        IDLE_TIMEOUT
-            .try_into()
-            .expect("5 s is a valid idle timeout"),
-    ));
+    t.keep_alive_interval(Some(Duration::from_millis(u64::from(link.keep_alive_ms))));
+    t.max_idle_timeout(Some(idle(link.idle_ms)));
+    // No unreliable datagrams: nothing uses them, and none are buffered.
+    t.datagram_receive_buffer_size(None);
     Arc::new(t)
 }
 
-/// Transport settings of clients (agents, the admin client).
+/// Transport settings of clients (the admin client, enrollment): their own
+/// keep-alives, the short idle timeout.
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    // Invariant: 5 s fits QUIC's idle timeout range.
-    t.max_idle_timeout(Some(
-        IDLE_TIMEOUT
-            .try_into()
-            .expect("5 s is a valid idle timeout"),
-    ));
+    t.max_idle_timeout(Some(idle(IDLE_TIMEOUT.as_millis() as u32)));
     Arc::new(t)
+}
+
+/// Transport settings of an agent's session: no keep-alives of its own
+/// (the coordinator sends them, as often as its fleet allows; an older
+/// coordinator that does not is probed by the session instead), and an
+/// idle timeout long enough for the largest fleet's — QUIC takes the
+/// shorter of the two ends', so the coordinator's applies.
+pub fn agent_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(None);
+    t.max_idle_timeout(Some(idle(IDLE_MS_MAX)));
+    // Before its first answer, QUIC resends the handshake's first packet
+    // after three times this: 100 ms (not 333) makes a dial that began
+    // during a cut try again within a second of the heal, not three. A
+    // slower link only costs a few resent packets of one dial.
+    t.initial_rtt(AGENT_INITIAL_RTT);
+    t.datagram_receive_buffer_size(None);
+    Arc::new(t)
+}
+
+/// An idle timeout of `ms` (every u32 of milliseconds fits QUIC's range).
+fn idle(ms: u32) -> quinn::IdleTimeout {
+    quinn::IdleTimeout::from(quinn::VarInt::from_u32(ms))
 }
 
 /// Why a framed exchange failed.
@@ -217,7 +236,11 @@ pub async fn connect_peer(
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| NetError::Setup(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(if alpn == sundial_protocol::wire::ALPN {
+        agent_transport()
+    } else {
+        transport()
+    });
     let mut endpoint = quinn::Endpoint::client(client_bind_addr(peer))
         .map_err(|e| NetError::Setup(format!("cannot open a UDP socket: {e}")))?;
     endpoint.set_default_client_config(config);

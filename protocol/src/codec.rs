@@ -54,6 +54,9 @@ pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, FrameError> {
     Ok(buf)
 }
 
+/// The most room a decoder keeps once its buffer is empty, bytes.
+const IDLE_BUFFER_BYTES_MAX: usize = 16 * 1024;
+
 /// Decodes frames from a byte stream pushed in pieces.
 #[derive(Debug)]
 pub struct FrameDecoder {
@@ -101,6 +104,11 @@ impl FrameDecoder {
         self.buf.len()
     }
 
+    /// Memory the decoder holds for its buffer, bytes.
+    pub fn held_bytes(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// The next complete message, `Ok(None)` if more bytes are needed. After
     /// an error every further call fails too: close the stream.
     pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
@@ -145,6 +153,11 @@ impl FrameDecoder {
         let msg =
             postcard::from_bytes(payload).map_err(|e| FrameError::Malformed(e.to_string()))?;
         self.buf.drain(..HEADER_BYTES + len);
+        if self.buf.is_empty() && self.buf.capacity() > IDLE_BUFFER_BYTES_MAX {
+            // A large frame passed: an idle stream does not keep its room
+            // (a session that once took a 1 MiB batch would hold 1 MiB).
+            self.buf = Vec::new();
+        }
         Ok(Some(msg))
     }
 

@@ -105,6 +105,17 @@ pub fn agent_knows_wasm(agent_version: &str) -> bool {
     version_at_least(agent_version, (0, 7))
 }
 
+/// Whether an agent of this version follows its coordinator's
+/// [`LinkTiming`] (new in 0.8): it sends no keep-alives of its own and
+/// dials with a long idle timeout, so the coordinator's applies. An older
+/// one pings every second and times out after 5 s.
+pub fn agent_follows_link_timing(agent_version: &str) -> bool {
+    version_at_least(agent_version, (0, 8))
+}
+
+/// The idle timeout of agents older than 0.8, ms.
+pub const IDLE_MS_BEFORE_0_8: u32 = 5_000;
+
 /// Whether an agent of this version sends [`AgentMsg::Report`] when asked
 /// ([`CoordMsg::ReportEvery`], new in 0.3): an older agent would take the
 /// unknown message for a bad frame, and an older coordinator the report, so
@@ -179,6 +190,55 @@ pub struct ReconnectPolicy {
     pub busy_spread_ms: u32,
     /// New sessions the coordinator accepts per second (it refuses the rest).
     pub handshakes_per_sec: u32,
+    /// How this session's link is kept alive and judged silent (coordinators
+    /// 0.8 and later, which send the keep-alives themselves). Absent: the
+    /// coordinator sends none, so the agent must.
+    pub link: Trailing<LinkTiming>,
+}
+
+/// Keep-alives and silence on one session, chosen by the coordinator from
+/// the size of its fleet when it accepted the connection: a small fleet is
+/// pinged every second (it costs nothing, and silence is seen in seconds); a
+/// large one less often, so that keep-alives stay a bounded load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LinkTiming {
+    /// The coordinator sends a keep-alive (a QUIC PING, acknowledged by the
+    /// agent's QUIC stack) when it sent nothing for this long, ms.
+    pub keep_alive_ms: u32,
+    /// Nothing heard from the coordinator for this long: the agent takes
+    /// the link as cut and marks runs fired from then on `offline`, ms.
+    pub silent_ms: u32,
+    /// The connection's idle timeout: a peer silent this long is gone
+    /// (the coordinator shows the agent offline), ms.
+    pub idle_ms: u32,
+}
+
+/// The shortest keep-alive interval a coordinator may ask for, ms.
+pub const KEEP_ALIVE_MS_MIN: u32 = 1_000;
+/// The longest, ms: about what keeps a NAT mapping alive (RFC 9308 §3.2).
+pub const KEEP_ALIVE_MS_MAX: u32 = 30_000;
+/// The longest idle timeout an agent accepts, ms.
+pub const IDLE_MS_MAX: u32 = 120_000;
+
+impl LinkTiming {
+    /// Within bounds and consistent: silence comes after a keep-alive is
+    /// due, and the idle timeout after silence.
+    pub fn sanitized(self) -> LinkTiming {
+        let keep = self
+            .keep_alive_ms
+            .clamp(KEEP_ALIVE_MS_MIN, KEEP_ALIVE_MS_MAX);
+        let silent = self.silent_ms.clamp(
+            keep.saturating_add(keep / 4).max(2_000),
+            2 * KEEP_ALIVE_MS_MAX,
+        );
+        LinkTiming {
+            keep_alive_ms: keep,
+            silent_ms: silent,
+            idle_ms: self
+                .idle_ms
+                .clamp(silent.saturating_add(1_000), IDLE_MS_MAX),
+        }
+    }
 }
 
 impl Default for ReconnectPolicy {
@@ -189,6 +249,7 @@ impl Default for ReconnectPolicy {
             backoff_cap_ms: 30_000,
             busy_spread_ms: 10_000,
             handshakes_per_sec: 0,
+            link: Trailing(None),
         }
     }
 }
@@ -203,6 +264,7 @@ impl ReconnectPolicy {
             backoff_cap_ms: self.backoff_cap_ms.clamp(floor.max(1_000), 600_000),
             busy_spread_ms: self.busy_spread_ms.clamp(1_000, 600_000),
             handshakes_per_sec: self.handshakes_per_sec,
+            link: Trailing(self.link.0.map(LinkTiming::sanitized)),
         }
     }
 }
@@ -948,6 +1010,73 @@ mod tests {
         let read: EnrollRequest = postcard::from_bytes(&from_old).expect("old request decodes");
         assert_eq!(read.seal_key, Trailing(None));
         assert_eq!(read.token_secret, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_policy_with_link_timing_reads_in_old_agents_and_an_old_policy_in_new_ones() {
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        enum OldCoordMsg {
+            Assignments,
+            ResultsAck,
+            ClockReply,
+            Refused,
+            RunNow,
+            Policy(OldPolicy),
+        }
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct OldPolicy {
+            attempt_timeout_ms: u32,
+            backoff_floor_ms: u32,
+            backoff_cap_ms: u32,
+            busy_spread_ms: u32,
+            handshakes_per_sec: u32,
+        }
+        let link = LinkTiming {
+            keep_alive_ms: 10_000,
+            silent_ms: 15_000,
+            idle_ms: 30_000,
+        };
+        let new = CoordMsg::Policy(ReconnectPolicy {
+            link: Some(link).into(),
+            ..ReconnectPolicy::default()
+        });
+        let bytes = postcard::to_allocvec(&new).expect("encodes");
+        let OldCoordMsg::Policy(old) = postcard::from_bytes(&bytes).expect("an old agent reads it")
+        else {
+            panic!("not a policy");
+        };
+        assert_eq!(old.attempt_timeout_ms, 3_000);
+        let from_old = postcard::to_allocvec(&OldCoordMsg::Policy(old)).expect("encodes");
+        let CoordMsg::Policy(read) = postcard::from_bytes(&from_old).expect("a new agent reads it")
+        else {
+            panic!("not a policy");
+        };
+        assert_eq!(read.link, Trailing(None));
+        let CoordMsg::Policy(read) = postcard::from_bytes(&bytes).expect("decodes") else {
+            panic!("not a policy");
+        };
+        assert_eq!(read.link, Trailing(Some(link)));
+        assert_eq!(link.sanitized(), link, "a sane timing is kept as it is");
+    }
+
+    #[test]
+    fn a_hostile_link_timing_is_clamped_to_a_consistent_one() {
+        for (keep, silent, idle) in [
+            (0, 0, 0),
+            (u32::MAX, u32::MAX, u32::MAX),
+            (30_000, 1, 2),
+            (1_000, 60_000, 0),
+        ] {
+            let t = LinkTiming {
+                keep_alive_ms: keep,
+                silent_ms: silent,
+                idle_ms: idle,
+            }
+            .sanitized();
+            assert!((KEEP_ALIVE_MS_MIN..=KEEP_ALIVE_MS_MAX).contains(&t.keep_alive_ms));
+            assert!(t.silent_ms > t.keep_alive_ms, "{t:?}");
+            assert!(t.idle_ms > t.silent_ms && t.idle_ms <= IDLE_MS_MAX, "{t:?}");
+        }
     }
 
     #[test]

@@ -129,3 +129,21 @@ proptest! {
         let _ = dec.next_message::<CoordMsg>();
     }
 }
+
+#[test]
+fn an_idle_stream_does_not_keep_the_room_of_a_large_frame() {
+    let big = CoordMsg::Refused {
+        reason: "x".repeat(900 * 1024),
+    };
+    let small = CoordMsg::Refused { reason: "y".into() };
+    let mut dec = FrameDecoder::new();
+    dec.push(&encode(&big).expect("encodes"));
+    assert!(dec.held_bytes() >= 900 * 1024);
+    assert_eq!(dec.next_message::<CoordMsg>(), Ok(Some(big)));
+    assert!(dec.held_bytes() <= 16 * 1024, "held {}", dec.held_bytes());
+    // Small frames keep their room: no allocation per message.
+    dec.push(&encode(&small).expect("encodes"));
+    let held = dec.held_bytes();
+    assert_eq!(dec.next_message::<CoordMsg>(), Ok(Some(small.clone())));
+    assert_eq!(dec.held_bytes(), held);
+}

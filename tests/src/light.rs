@@ -276,7 +276,7 @@ fn client_configs(coord: &BenchCoordinator, n: usize) -> anyhow::Result<Vec<quin
         let mut cfg = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
         ));
-        cfg.transport_config(sundial_net::transport());
+        cfg.transport_config(sundial_net::agent_transport());
         per_identity.push(cfg);
     }
     anyhow::ensure!(!per_identity.is_empty(), "no identities");
@@ -516,7 +516,7 @@ pub async fn storm(
         let mut cfg = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
         ));
-        cfg.transport_config(sundial_net::transport());
+        cfg.transport_config(sundial_net::agent_transport());
         tasks.spawn(light_agent(
             i,
             endpoint.clone(),

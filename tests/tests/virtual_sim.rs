@@ -282,5 +282,11 @@ fn a_lease_window_planned_again_before_it_ended_is_caught() {
     let (seed, why) =
         caught.expect("a lease window reassigned before it ended goes unnoticed for 100 seeds");
     eprintln!("a lease reassigned early caught at seed {seed}: {why}");
-    assert!(why.contains("placed one: occurrence"), "seed {seed}: {why}");
+    // Caught as a second member firing the occurrence, or as the member
+    // the window was given to anew never hearing of it in time: both are
+    // a window changed after it began.
+    assert!(
+        why.contains("placed one: occurrence") || why.contains("whose lease held it"),
+        "seed {seed}: {why}"
+    );
 }

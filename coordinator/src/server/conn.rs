@@ -14,7 +14,7 @@ use sundial_protocol::wire::{
 use tokio::sync::{oneshot, Notify};
 
 use super::{Handle, Shared};
-use sundial_protocol::wire::AdminResponse;
+use sundial_protocol::wire::{AdminResponse, LinkTiming};
 
 /// Pushes of a follow waiting for its client; beyond, it reads too slowly
 /// and the follow ends.
@@ -22,23 +22,34 @@ const FOLLOW_BACKLOG_MAX: usize = 64;
 use crate::net::{self, FramedRecv, NetError};
 
 /// Serves one admitted connection until it ends, then tells the node.
-pub(super) async fn serve(shared: Arc<Shared>, id: ConnId, incoming: quinn::Incoming) {
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    id: ConnId,
+    incoming: quinn::Incoming,
+    config: Arc<quinn::ServerConfig>,
+    link: LinkTiming,
+) {
     let remote = incoming.remote_address();
     // How long the peer had been silent when the connection ended: the
     // idle timeout when it timed out (a killed agent, a cut link), so that
     // it is recorded last seen when it was last heard.
     let mut quiet_ms = 0;
-    match incoming.await {
-        Ok(conn) => {
-            let watch = conn.clone();
-            if let Err(e) = handshaken(&shared, id, conn).await {
-                tracing::debug!(%remote, error = %e, "connection ended");
+    match incoming.accept_with(config) {
+        Ok(connecting) => match connecting.await {
+            Ok(conn) => {
+                let watch = conn.clone();
+                if let Err(e) = handshaken(&shared, id, conn).await {
+                    tracing::debug!(%remote, error = %e, "connection ended");
+                }
+                if matches!(watch.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+                    // The node shortens it for an older agent, whose own
+                    // idle timeout (5 s) QUIC took instead.
+                    quiet_ms = i64::from(link.idle_ms);
+                }
             }
-            if matches!(watch.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
-                quiet_ms = i64::try_from(net::IDLE_TIMEOUT.as_millis()).unwrap_or(0);
-            }
-        }
-        Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
+            Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
+        },
+        Err(e) => tracing::debug!(%remote, error = %e, "accept failed"),
     }
     if let Ok(mut h) = shared.handles.lock() {
         h.remove(&id);

@@ -574,6 +574,11 @@ impl Shared {
 #[derive(Debug)]
 pub struct Server {
     endpoint: quinn::Endpoint,
+    /// The endpoint's configuration, and one per link timing connections
+    /// were accepted with (a handful: the timing moves in whole seconds
+    /// with the fleet's size).
+    config: quinn::ServerConfig,
+    configs: HashMap<sundial_protocol::wire::LinkTiming, Arc<quinn::ServerConfig>>,
     shared: Arc<Shared>,
     /// The store's cipher and its key file, reloaded after `rotate-key`.
     key: Option<(Arc<sundial_net::at_rest::StoreCipher>, PathBuf)>,
@@ -771,6 +776,20 @@ fn restrict_data_dir(dir: &Path) {
 }
 
 impl Server {
+    /// The configuration that accepts a connection with `link`'s
+    /// keep-alives and idle timeout.
+    fn config_for(&mut self, link: sundial_protocol::wire::LinkTiming) -> Arc<quinn::ServerConfig> {
+        let base = &self.config;
+        self.configs
+            .entry(link)
+            .or_insert_with(|| {
+                let mut c = base.clone();
+                c.transport_config(net::server_transport(link));
+                Arc::new(c)
+            })
+            .clone()
+    }
+
     /// Opens the data directory and binds the UDP socket.
     pub fn bind(dir: &Path, listen: SocketAddr) -> Result<Server, ServeError> {
         Server::bind_with(dir, listen, default_limits())
@@ -885,14 +904,18 @@ impl Server {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| ServeError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(net::server_transport());
+        config.transport_config(net::server_transport(sundial_core::coord::link_for_fleet(
+            0,
+        )));
         let endpoint =
-            quinn::Endpoint::server(config, listen).map_err(|source| ServeError::Bind {
+            quinn::Endpoint::server(config.clone(), listen).map_err(|source| ServeError::Bind {
                 addr: listen,
                 source,
             })?;
         Ok(Server {
             endpoint,
+            config,
+            configs: HashMap::new(),
             shared: Arc::new(Shared {
                 node,
                 store,
@@ -966,7 +989,7 @@ impl Server {
     /// Serves until `shutdown` resolves, or until the store fails to write
     /// (then the error says so and the process should exit non-zero).
     pub async fn run(
-        self,
+        mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), ServeError> {
         tokio::pin!(shutdown);
@@ -1005,9 +1028,14 @@ impl Server {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break false };
                     let ip = incoming.remote_address().ip();
-                    match self.shared.drive(|n, now| n.handle_incoming(now, ip)) {
-                        Ok(id) => {
-                            tokio::spawn(conn::serve(self.shared.clone(), id, incoming));
+                    let admitted = self.shared.drive(|n, now| {
+                        n.handle_incoming(now, ip).map(|id| (id, n.link_timing(id)))
+                    });
+                    match admitted {
+                        Ok((id, link)) => {
+                            let link = link.unwrap_or_else(|| sundial_core::coord::link_for_fleet(0));
+                            let config = self.config_for(link);
+                            tokio::spawn(conn::serve(self.shared.clone(), id, incoming, config, link));
                         }
                         Err(_) => incoming.refuse(),
                     }

@@ -40,7 +40,8 @@ use sundial_protocol::task::Target;
 use sundial_protocol::token::sha256;
 use sundial_protocol::wire::{
     busy_reason, close, AdminRequest, AdminResponse, AgentMsg, AgentReport, AuditEntry, CoordMsg,
-    EnrollRequest, EnrollResponse, ReconnectPolicy, HELLO_FRAME_BYTES_MAX,
+    EnrollRequest, EnrollResponse, LinkTiming, ReconnectPolicy, HELLO_FRAME_BYTES_MAX,
+    KEEP_ALIVE_MS_MAX, KEEP_ALIVE_MS_MIN,
 };
 use sundial_protocol::{AgentId, DurationMs, TaskId, Timestamp};
 
@@ -97,8 +98,37 @@ pub const ATTEMPT_TIMEOUT_MS: u32 = 3_000;
 pub const BACKOFF_FLOOR_MS: u32 = 250;
 /// The backoff cap agents are asked to use at least / at most, ms: between,
 /// the time the whole fleet needs to reconnect at the handshake budget.
-pub const BACKOFF_CAP_MIN_MS: u32 = 2_000;
+pub const BACKOFF_CAP_MIN_MS: u32 = 1_000;
 pub const BACKOFF_CAP_MAX_MS: u32 = 60_000;
+/// Keep-alives the coordinator sends per second across its fleet, at most
+/// (one way; each is answered by one acknowledgement): a fleet of up to
+/// this many agents is pinged every second, a larger one less often, up
+/// to [`KEEP_ALIVE_MS_MAX`] apart.
+pub const KEEP_ALIVES_PER_SEC: u64 = 1_000;
+/// How often the fleet's size is counted again for [`link_for_fleet`], ms.
+const FLEET_COUNT_EVERY_MS: u64 = 1_000;
+
+/// How a session is kept alive in a fleet of `fleet` agents: keep-alives
+/// [`KEEP_ALIVES_PER_SEC`] a second across the fleet (whole seconds, 1 to
+/// 30 s apart); silence after one and a half intervals (at least 2.5 s);
+/// the idle timeout after three (at least 5 s). A fleet of up to 1,000
+/// agents gets 1 s / 2.5 s / 5 s; 10,000 get 10 s / 15 s / 30 s; 30,000
+/// and more 30 s / 45 s / 90 s.
+pub fn link_for_fleet(fleet: u64) -> LinkTiming {
+    let secs = fleet.div_ceil(KEEP_ALIVES_PER_SEC).max(1);
+    let keep = secs
+        .saturating_mul(1_000)
+        .clamp(u64::from(KEEP_ALIVE_MS_MIN), u64::from(KEEP_ALIVE_MS_MAX));
+    let silent = keep + (keep / 2).max(1_500);
+    let idle = (3 * keep).max(5_000);
+    let as_u32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    LinkTiming {
+        keep_alive_ms: as_u32(keep),
+        silent_ms: as_u32(silent),
+        idle_ms: as_u32(idle),
+    }
+    .sanitized()
+}
 /// How often a coordinator whose store other coordinators share reads what
 /// they changed (tasks, certificates, run-nows), ms: a change made through
 /// one reaches the sessions another holds within about this.
@@ -656,6 +686,8 @@ struct Conn {
     armed: Option<u64>,
     closed: bool,
     kind: Kind,
+    /// Its keep-alives and idle timeout, chosen when it was admitted.
+    link: LinkTiming,
 }
 
 /// The coordinator node (see the module docs).
@@ -675,6 +707,9 @@ pub struct CoordNode {
     pending: HashMap<IpAddr, usize>,
     unauthenticated: usize,
     sessions_open: usize,
+    /// Agents enrolled (certificates of agents known), counted at most
+    /// every [`FLEET_COUNT_EVERY_MS`], and when (monotonic ms).
+    fleet_counted: Option<(u64, usize)>,
     budget: HandshakeBudget,
     revision: u64,
     timers: BTreeSet<(u64, ConnId)>,
@@ -732,6 +767,7 @@ impl CoordNode {
             pending: HashMap::new(),
             unauthenticated: 0,
             sessions_open: 0,
+            fleet_counted: None,
             revision: config.revision,
             feed: config.shared.map(|s| Feed {
                 holder: s.holder,
@@ -803,8 +839,18 @@ impl CoordNode {
     /// fleet needs to come back at the handshake budget sets the backoff
     /// cap and the spread of refused agents.
     pub fn reconnect_policy(&self) -> ReconnectPolicy {
+        self.reconnect_policy_with(None)
+    }
+
+    /// The reconnect policy, with the link timing of the session it is
+    /// sent in.
+    fn reconnect_policy_with(&self, link: Option<LinkTiming>) -> ReconnectPolicy {
         let budget = u64::from(self.limits.handshakes_per_sec.max(1));
-        let fleet = self.sessions_open as u64 + 1;
+        // The fleet as last counted: refused agents come back over the time
+        // all of it needs, not only those in session now (none, after a
+        // cut).
+        let counted = self.fleet_counted.map_or(0, |(_, n)| n);
+        let fleet = counted.max(self.sessions_open) as u64 + 1;
         let need_ms = (fleet * 1_000 / budget).min(u64::from(u32::MAX)) as u32;
         ReconnectPolicy {
             attempt_timeout_ms: ATTEMPT_TIMEOUT_MS,
@@ -812,6 +858,7 @@ impl CoordNode {
             backoff_cap_ms: need_ms.clamp(BACKOFF_CAP_MIN_MS, BACKOFF_CAP_MAX_MS),
             busy_spread_ms: need_ms.clamp(1_000, BACKOFF_CAP_MAX_MS),
             handshakes_per_sec: self.limits.handshakes_per_sec,
+            link: link.into(),
         }
     }
 
@@ -905,9 +952,11 @@ impl CoordNode {
         *self.pending.entry(ip).or_insert(0) += 1;
         self.next_conn += 1;
         let conn = self.next_conn;
+        let link = link_for_fleet(self.fleet_size(now) as u64);
         self.conns.insert(
             conn,
             Conn {
+                link,
                 ip,
                 pending: true,
                 unauthenticated: false,
@@ -918,6 +967,34 @@ impl CoordNode {
             },
         );
         Ok(conn)
+    }
+
+    /// The agents this coordinator serves: those enrolled, or those in
+    /// session if more (a store shared with other coordinators).
+    fn fleet_size(&mut self, now: Now) -> usize {
+        let fresh = self
+            .fleet_counted
+            .filter(|(at, _)| now.mono_ms < at + FLEET_COUNT_EVERY_MS);
+        let enrolled = match fresh {
+            Some((_, n)) => n,
+            None => {
+                let n = self
+                    .known
+                    .values()
+                    .filter(|r| matches!(r, CertRole::Agent(_)))
+                    .count();
+                self.fleet_counted = Some((now.mono_ms, n));
+                n
+            }
+        };
+        enrolled.max(self.sessions_open)
+    }
+
+    /// The keep-alive interval and idle timeout of an admitted connection:
+    /// its QUIC transport is set from them (`None`: not a connection of
+    /// this node).
+    pub fn link_timing(&self, conn: ConnId) -> Option<LinkTiming> {
+        self.conns.get(&conn).map(|c| c.link)
     }
 
     fn release_pending(&mut self, conn: ConnId) {
@@ -1058,6 +1135,19 @@ impl CoordNode {
     /// agent was last heard that long ago, which is when it is recorded
     /// last seen — not the moment its silence was noticed.
     pub fn handle_closed_quiet(&mut self, now: Now, conn: ConnId, quiet_ms: i64) {
+        // An agent older than 0.8 timed out after its own 5 s.
+        let older = match self.conns.get(&conn).map(|c| &c.kind) {
+            Some(Kind::Session { agent, .. }) => self
+                .seen
+                .get(agent)
+                .and_then(|s| s.version.as_deref())
+                .is_some_and(|v| !sundial_protocol::wire::agent_follows_link_timing(v)),
+            _ => false,
+        };
+        let quiet_ms = match older {
+            true => quiet_ms.min(i64::from(sundial_protocol::wire::IDLE_MS_BEFORE_0_8)),
+            false => quiet_ms,
+        };
         self.retire(now, conn, quiet_ms.max(0));
         self.release_pending(conn);
         self.signing.retain(|(c, _), _| *c != conn);
@@ -1662,7 +1752,8 @@ impl CoordNode {
             }
             None => hello.last_revision,
         };
-        let policy = hello.knows_policy.then(|| self.reconnect_policy());
+        let link = self.link_timing(conn);
+        let policy = hello.knows_policy.then(|| self.reconnect_policy_with(link));
         let report_every = hello
             .knows_reports
             .then(|| u32::try_from(self.limits.agent_report_every.0).unwrap_or(u32::MAX));

@@ -1221,3 +1221,36 @@ fn agents_from_0_3_are_asked_for_reports_which_give_the_fleet_figures_and_the_as
         "{out:?}"
     );
 }
+
+#[test]
+fn keep_alives_grow_with_the_fleet_and_the_session_is_told_its_own() {
+    let t = |fleet| {
+        let l = super::link_for_fleet(fleet);
+        (l.keep_alive_ms, l.silent_ms, l.idle_ms)
+    };
+    assert_eq!(t(0), (1_000, 2_500, 5_000));
+    assert_eq!(t(1_000), (1_000, 2_500, 5_000));
+    assert_eq!(t(1_001), (2_000, 3_500, 6_000));
+    assert_eq!(t(10_000), (10_000, 15_000, 30_000));
+    assert_eq!(t(100_000), (30_000, 45_000, 90_000));
+    assert_eq!(t(u64::MAX), (30_000, 45_000, 90_000));
+    for fleet in [0, 999, 1_500, 7_777, 29_999, 1 << 40] {
+        let l = super::link_for_fleet(fleet);
+        assert_eq!(l.sanitized(), l, "agents keep what the coordinator chose");
+    }
+
+    // A node of three agents: each connection is pinged every second, and
+    // the session's policy says so (an agent 0.2 and later is sent one).
+    let mut n = node();
+    let (conn, _) = live_session(&mut n, 1, &[], 0);
+    assert_eq!(n.link_timing(conn), Some(super::link_for_fleet(3)));
+    let policy = drain_transmit(&mut n, conn)
+        .into_iter()
+        .find_map(|m| match m {
+            Outgoing::Msg(CoordMsg::Policy(p)) => Some(p),
+            _ => None,
+        })
+        .expect("a policy is sent");
+    assert_eq!(policy.link.0, n.link_timing(conn));
+    assert_eq!(n.link_timing(conn + 1000), None);
+}

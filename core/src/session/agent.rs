@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use sundial_protocol::wire::{
-    AgentMsg, AgentReport, AssignmentChange, CoordMsg, ReconnectPolicy, REPORT_EVERY_MS_MAX,
-    REPORT_EVERY_MS_MIN, RESULT_BATCH_RUNS_MAX,
+    AgentMsg, AgentReport, AssignmentChange, CoordMsg, LinkTiming, ReconnectPolicy,
+    REPORT_EVERY_MS_MAX, REPORT_EVERY_MS_MIN, RESULT_BATCH_RUNS_MAX,
 };
 use sundial_protocol::{RunKey, RunRecord, TaskId, Timestamp};
 
@@ -37,8 +37,17 @@ pub const RECONNECT_DELAY_REFUSED_MS: u64 = 600_000;
 /// A session that lasted this long resets the backoff, in ms.
 pub const SESSION_STABLE_MS: u64 = 5_000;
 /// Nothing heard from the coordinator for this long: runs fired from now on
-/// are marked `offline`, before the idle timeout closes the connection, in ms.
+/// are marked `offline`, before the idle timeout closes the connection, in
+/// ms — unless the coordinator's [`LinkTiming`] says otherwise (a large
+/// fleet is pinged less often). Also: a message of the agent's own left
+/// unanswered this long (a run's record, a clock probe) marks it at once,
+/// whatever the keep-alive interval: while runs fire, a cut is seen in
+/// seconds.
 pub const LINK_SILENT_MAX_MS: u64 = 2_500;
+/// A coordinator that sends no keep-alives of its own (older than 0.8,
+/// which states no [`LinkTiming`]) is asked for the time this often, in
+/// ms, so that the link is kept alive from this side.
+pub const KEEP_ALIVE_FALLBACK_MS: u64 = 1_000;
 /// Result batches sent and not yet acknowledged.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
 /// Bytes of records in one batch (the frame limit is larger).
@@ -179,14 +188,33 @@ struct Up {
     drained: bool,
     next_poll_ms: u64,
     heard_ms: u64,
+    /// When the oldest message sent since the coordinator was last heard
+    /// went (monotonic ms).
+    unanswered_ms: Option<u64>,
     online: bool,
     next_probe_ms: u64,
+    /// This session's keep-alives and silence, as its coordinator stated
+    /// (`None`: it sends no keep-alives; the agent probes instead).
+    timing: Option<LinkTiming>,
     /// Reports the coordinator asked for in this session.
     report: Option<Reporting>,
     /// The module coming in, piece by piece, and the largest taken (set
     /// when the agent runs functions).
     module: Option<Box<sundial_protocol::wasm::Assembly>>,
     module_max: Option<u64>,
+}
+
+impl Up {
+    /// Silence longer than this marks the link cut, ms.
+    fn silent_after_ms(&self) -> u64 {
+        self.timing
+            .map_or(LINK_SILENT_MAX_MS, |t| u64::from(t.silent_ms))
+    }
+
+    /// A message went that the coordinator's stack will acknowledge.
+    fn sent(&mut self, now: Now) {
+        self.unanswered_ms.get_or_insert(now.mono_ms);
+    }
 }
 
 /// Reports asked for: the interval, when the next may go, the last sent.
@@ -205,7 +233,7 @@ enum Link {
         retry_ms: Option<u64>,
     },
     Connecting,
-    Up(Up),
+    Up(Box<Up>),
     /// Revoked: no more sessions.
     Ended,
 }
@@ -225,6 +253,8 @@ pub struct AgentSession {
     refusals: u32,
     coordinators: u32,
     rng: Rng,
+    /// Its place when refused for load (its agent number; `None`: random).
+    place: Option<u64>,
     last_sync_ms: Option<u64>,
     transmit: VecDeque<AgentMsg>,
     effects: VecDeque<AgentEffect>,
@@ -238,6 +268,24 @@ pub fn reconnect_delay_ms(failures: u32, random: u64, policy: &ReconnectPolicy) 
     let base = floor.saturating_mul(1u64 << failures.min(20));
     let ceiling = base.clamp(1, u64::from(policy.backoff_cap_ms).max(1));
     ceiling / 2 + random % (ceiling / 2 + 1)
+}
+
+/// How long an agent refused for load waits to come back at its place:
+/// the fleet's places are `1000 / rate` ms apart on a wall-clock cycle of
+/// `spread` ms (what the whole fleet needs at the handshake budget), so a
+/// refused fleet comes back at the budget's rate, each agent once, without
+/// luck. Agents' clocks agree to within the coordinator's clock samples;
+/// a clock far off only moves that agent's place.
+pub fn place_delay_ms(place: u64, rate_per_sec: u32, spread_ms: u64, wall: Timestamp) -> u64 {
+    let spread = spread_ms.max(1);
+    let offset = (u128::from(place) * 1_000 / u128::from(rate_per_sec.max(1))) % u128::from(spread);
+    let phase = u128::from(
+        wall.as_millis()
+            .rem_euclid(i64::try_from(spread).unwrap_or(i64::MAX))
+            .unsigned_abs(),
+    );
+    let delay = (offset + u128::from(spread) - phase) % u128::from(spread);
+    u64::try_from(delay).unwrap_or(spread)
 }
 
 /// The policy an agent follows before its coordinator stated one.
@@ -260,6 +308,7 @@ impl AgentSession {
             refusals: 0,
             coordinators: 1,
             rng: Rng::new(seed),
+            place: None,
             last_sync_ms: None,
             transmit: VecDeque::new(),
             effects: VecDeque::new(),
@@ -270,6 +319,12 @@ impl AgentSession {
     /// How many coordinators the agent dials in turn (at least one).
     pub fn set_coordinators(&mut self, n: usize) {
         self.coordinators = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+    }
+
+    /// Its place among the fleet when refused for load: its agent number
+    /// (see [`place_delay_ms`]).
+    pub fn set_place(&mut self, place: u64) {
+        self.place = Some(place);
     }
 
     /// The reconnect policy in force.
@@ -322,7 +377,10 @@ impl AgentSession {
             Link::Up(up) => {
                 let mut t = up.next_probe_ms;
                 if up.online {
-                    t = t.min(up.heard_ms + LINK_SILENT_MAX_MS + 1);
+                    t = t.min(up.heard_ms + up.silent_after_ms() + 1);
+                    if let Some(u) = up.unanswered_ms {
+                        t = t.min(u + LINK_SILENT_MAX_MS + 1);
+                    }
                 }
                 if up.drained && !up.reading {
                     t = t.min(up.next_poll_ms);
@@ -351,11 +409,19 @@ impl AgentSession {
             Link::Connecting | Link::Ended => {}
             Link::Up(up) => {
                 if now.mono_ms >= up.next_probe_ms {
-                    up.next_probe_ms = now.mono_ms + CLOCK_PROBE_INTERVAL_MS;
+                    let every = match up.timing {
+                        Some(_) => CLOCK_PROBE_INTERVAL_MS,
+                        None => KEEP_ALIVE_FALLBACK_MS,
+                    };
+                    up.next_probe_ms = now.mono_ms + every;
+                    up.sent(now);
                     self.transmit
                         .push_back(AgentMsg::ClockProbe { t1: now.wall });
                 }
-                if up.online && now.mono_ms > up.heard_ms + LINK_SILENT_MAX_MS {
+                let unanswered = up
+                    .unanswered_ms
+                    .is_some_and(|u| now.mono_ms > u + LINK_SILENT_MAX_MS);
+                if up.online && (now.mono_ms > up.heard_ms + up.silent_after_ms() || unanswered) {
                     up.online = false;
                     self.effects.push_back(AgentEffect::Online(false));
                     self.events.push_back(Event::LinkSilent {
@@ -417,7 +483,7 @@ impl AgentSession {
             seal_key: hello.seal_key.into(),
             functions: hello.functions.clone().into(),
         });
-        self.link = Link::Up(Up {
+        self.link = Link::Up(Box::new(Up {
             since_ms: now.mono_ms,
             in_flight: BTreeMap::new(),
             cursor: 0,
@@ -426,8 +492,10 @@ impl AgentSession {
             drained: false,
             next_poll_ms: now.mono_ms,
             heard_ms: now.mono_ms,
+            unanswered_ms: None,
             online: true,
             next_probe_ms: now.mono_ms,
+            timing: None,
             report: None,
             module: None,
             module_max: hello
@@ -435,7 +503,7 @@ impl AgentSession {
                 .as_ref()
                 .filter(|f| f.allowed)
                 .map(|f| f.module_max),
-        });
+        }));
         self.effects.push_back(AgentEffect::Online(true));
         self.events.push_back(Event::SessionUp {
             last_revision: hello.last_revision,
@@ -511,7 +579,19 @@ impl AgentSession {
                 retry_after_ms: None,
             } => {
                 let spread = u64::from(self.policy.busy_spread_ms).max(floor);
-                floor + self.rng.next_u64() % (spread - floor + 1)
+                match (self.place, self.policy.handshakes_per_sec) {
+                    (Some(place), rate) if rate > 0 => {
+                        // Its place is too near: the one a cycle on (never
+                        // a dialling loop, and never another agent's place).
+                        let d = place_delay_ms(place, rate, spread, now.wall);
+                        if d < floor {
+                            d + spread
+                        } else {
+                            d
+                        }
+                    }
+                    _ => floor + self.rng.next_u64() % (spread - floor + 1),
+                }
             }
             _ => reconnect_delay_ms(self.failures, self.rng.next_u64(), &self.policy),
         };
@@ -524,6 +604,7 @@ impl AgentSession {
     pub fn handle_heard(&mut self, now: Now) {
         if let Link::Up(up) = &mut self.link {
             up.heard_ms = now.mono_ms;
+            up.unanswered_ms = None;
             if !up.online {
                 up.online = true;
                 self.effects.push_back(AgentEffect::Online(true));
@@ -562,6 +643,7 @@ impl AgentSession {
             runs: keys.len(),
         });
         up.in_flight.insert(batch_id, keys);
+        up.sent(now);
         self.transmit.push_back(AgentMsg::Results {
             batch_id,
             runs: batch.into_iter().map(|(_, r)| r).collect(),
@@ -698,6 +780,12 @@ impl AgentSession {
             }
             CoordMsg::Policy(p) => {
                 self.policy = p.sanitized();
+                up.timing = self.policy.link.0;
+                if up.timing.is_some() {
+                    // The coordinator keeps the link alive: the probe the
+                    // session began with is the clock's, not a keep-alive.
+                    up.next_probe_ms = up.next_probe_ms.max(up.since_ms + CLOCK_PROBE_INTERVAL_MS);
+                }
                 self.events.push_back(Event::ReconnectPolicy(self.policy));
             }
             CoordMsg::ReportEvery { every_ms } => {
@@ -933,6 +1021,145 @@ mod tests {
         assert!(drain(&mut s).1.contains(&AgentEffect::Online(true)));
     }
 
+    /// A session up whose coordinator stated `timing` (or none).
+    fn up_with(timing: Option<LinkTiming>) -> AgentSession {
+        let mut s = AgentSession::new(3);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(0), hello());
+        s.handle_message(
+            at(0),
+            CoordMsg::Policy(ReconnectPolicy {
+                link: timing.into(),
+                ..ReconnectPolicy::default()
+            }),
+        );
+        s.handle_outbox(at(0), vec![]);
+        drain(&mut s);
+        s
+    }
+
+    /// Runs the session's timeouts up to `until`, hearing nothing.
+    fn quiet_until(s: &mut AgentSession, until: u64) -> (Vec<AgentMsg>, Vec<AgentEffect>) {
+        let (mut msgs, mut effects) = (Vec::new(), Vec::new());
+        while let Some(t) = s.poll_timeout().filter(|t| *t <= until) {
+            s.handle_timeout(at(t));
+            let (m, e) = drain(s);
+            msgs.extend(m);
+            effects.extend(e);
+        }
+        (msgs, effects)
+    }
+
+    #[test]
+    fn a_large_fleets_link_is_silent_only_after_its_own_interval_or_an_unanswered_message() {
+        let timing = LinkTiming {
+            keep_alive_ms: 10_000,
+            silent_ms: 15_000,
+            idle_ms: 30_000,
+        };
+        let mut s = up_with(Some(timing));
+        // Quiet between the coordinator's keep-alives is not silence.
+        let (msgs, effects) = quiet_until(&mut s, 14_000);
+        assert!(
+            !effects.contains(&AgentEffect::Online(false)),
+            "{effects:?}"
+        );
+        assert!(msgs.is_empty(), "the agent sends no keep-alives: {msgs:?}");
+        s.handle_heard(at(14_000));
+        let (_, effects) = quiet_until(&mut s, 14_000 + 15_001);
+        assert!(effects.contains(&AgentEffect::Online(false)));
+
+        // A record sent and not answered within 2.5 s: silent at once,
+        // however long the keep-alive interval.
+        let mut s = up_with(Some(timing));
+        s.handle_heard(at(1_000));
+        s.outbox_changed();
+        drain(&mut s);
+        s.handle_outbox(at(2_000), vec![(1, record(1))]);
+        drain(&mut s);
+        let (_, effects) = quiet_until(&mut s, 2_000 + LINK_SILENT_MAX_MS);
+        assert!(!effects.contains(&AgentEffect::Online(false)));
+        let (_, effects) = quiet_until(&mut s, 2_000 + LINK_SILENT_MAX_MS + 1);
+        assert!(effects.contains(&AgentEffect::Online(false)), "{effects:?}");
+
+        // Answered in time: not silent.
+        let mut s = up_with(Some(timing));
+        s.outbox_changed();
+        drain(&mut s);
+        s.handle_outbox(at(2_000), vec![(1, record(1))]);
+        s.handle_heard(at(2_040));
+        let (_, effects) = quiet_until(&mut s, 14_000);
+        assert!(
+            !effects.contains(&AgentEffect::Online(false)),
+            "{effects:?}"
+        );
+    }
+
+    #[test]
+    fn a_coordinator_without_keep_alives_is_probed_every_second() {
+        let mut s = up_with(None);
+        let (msgs, _) = quiet_until(&mut s, 2_000);
+        let probes = msgs
+            .iter()
+            .filter(|m| matches!(m, AgentMsg::ClockProbe { .. }))
+            .count();
+        assert_eq!(probes, 2, "{msgs:?}");
+        // With keep-alives from the coordinator, probes are the clock's own.
+        let mut s = up_with(Some(sundial_protocol::wire::LinkTiming {
+            keep_alive_ms: 1_000,
+            silent_ms: 2_500,
+            idle_ms: 5_000,
+        }));
+        s.handle_heard(at(1_500));
+        let (msgs, _) = quiet_until(&mut s, 2_000);
+        assert!(msgs.is_empty(), "{msgs:?}");
+    }
+
+    #[test]
+    fn a_fleet_refused_for_load_comes_back_at_the_budgets_rate_each_in_its_place() {
+        // 2,000 agents refused within the same second; budget 100/s: the
+        // fleet needs 20 s.
+        let rate = 100u32;
+        let policy = ReconnectPolicy {
+            handshakes_per_sec: rate,
+            busy_spread_ms: 20_000,
+            ..ReconnectPolicy::default()
+        };
+        let mut per_tenth = std::collections::BTreeMap::<u64, u32>::new();
+        let mut latest = 0;
+        for place in 1..=2_000u64 {
+            let mut s = AgentSession::new(place);
+            s.set_place(place);
+            s.handle_timeout(at(0));
+            s.handle_connected(at(0), hello());
+            s.handle_message(at(0), CoordMsg::Policy(policy));
+            s.handle_closed(at(0), Closed::Lost);
+            let refused_at = 1_000 + (place * 7_919) % 1_000;
+            s.handle_timeout(at(refused_at));
+            s.handle_connect_failed(
+                at(refused_at),
+                Closed::Busy {
+                    retry_after_ms: None,
+                },
+            );
+            let back = s.poll_timeout().expect("comes back");
+            // `at` reads the same on the wall clock.
+            *per_tenth.entry(back / 100).or_default() += 1;
+            latest = latest.max(back);
+        }
+        assert!(
+            per_tenth.values().all(|n| *n <= rate / 10 + 1),
+            "at most the budget in any tenth of a second: {per_tenth:?}"
+        );
+        // Within the spread, or a cycle on for those whose place came
+        // sooner than the backoff floor.
+        let floor = u64::from(policy.sanitized().backoff_floor_ms);
+        assert!(
+            latest <= 2_000 + 20_000 + floor,
+            "all back within the spread: {latest}"
+        );
+    }
+
     #[test]
     fn with_several_coordinators_the_long_wait_comes_only_once_each_may_have_refused() {
         // A coordinator that has not yet read a certificate enrolled
@@ -997,6 +1224,7 @@ mod tests {
             backoff_cap_ms: 4_000,
             busy_spread_ms: 20_000,
             handshakes_per_sec: 500,
+            link: None.into(),
         };
         s.handle_message(at(1), CoordMsg::Policy(policy));
         assert_eq!(s.policy(), policy);
@@ -1064,9 +1292,17 @@ mod tests {
                 backoff_cap_ms: u32::MAX,
                 busy_spread_ms: 0,
                 handshakes_per_sec: 0,
+                link: Some(LinkTiming {
+                    keep_alive_ms: 0,
+                    silent_ms: 0,
+                    idle_ms: u32::MAX,
+                })
+                .into(),
             }),
         );
         let p = s.policy();
+        let link = p.link.0.expect("kept");
+        assert!(link.keep_alive_ms >= 1_000 && link.idle_ms <= 120_000);
         assert!(p.attempt_timeout_ms >= 1_000 && p.backoff_floor_ms >= 100);
         assert!(p.backoff_cap_ms <= 600_000 && p.busy_spread_ms >= 1_000);
     }

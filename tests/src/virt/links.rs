@@ -49,7 +49,14 @@ impl World {
             None => conn.pumping[dir] = false,
         }
         match msg {
-            Msg::Up(m) => self.deliver_up(c, i, m),
+            Msg::Up(m) => {
+                // The coordinator's QUIC stack acknowledges what arrived:
+                // the agent hears it (at once, here) if the way back is open.
+                if !self.cut(i, DOWN) && self.agents[i].conn == Some(c) {
+                    self.node_call(i, |n, r| n.handle_heard(r));
+                }
+                self.deliver_up(c, i, m)
+            }
             Msg::Down(m) => {
                 if let CoordMsg::RunNow { task_id, at } = &m {
                     self.agents[i].run_now.insert((*task_id, *at));
@@ -93,8 +100,8 @@ impl World {
         let Some(conn) = self.conns.get(&c) else {
             return;
         };
-        let heard = conn.heard;
-        if conn.agent_open && now - heard[DOWN] > IDLE_MS {
+        let (heard, keep_ms, idle_ms) = (conn.heard, conn.keep_ms, conn.idle_ms);
+        if conn.agent_open && now - heard[DOWN] > idle_ms {
             if self.agents[i].conn == Some(c) {
                 self.agents[i].conn = None;
                 self.agents[i].dial += 1;
@@ -102,11 +109,11 @@ impl World {
             }
             self.close_agent_side(c, true);
         }
-        if self.conns.get(&c).is_some_and(|k| k.coord_open) && now - heard[UP] > IDLE_MS {
+        if self.conns.get(&c).is_some_and(|k| k.coord_open) && now - heard[UP] > idle_ms {
             self.close_coord_side(c, true, Closed::Lost);
         }
         if self.conns.contains_key(&c) {
-            self.at(now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
+            self.at(now + keep_ms, Ev::KeepAlive(c));
         }
     }
 }

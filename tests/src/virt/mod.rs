@@ -61,9 +61,8 @@ const Y2001: i64 = 978_307_200_000;
 /// One way delay on a link, ms.
 const DELAY_MIN_MS: i64 = 1;
 const DELAY_MAX_MS: i64 = 40;
-/// QUIC's keep-alive and idle timeout, as configured in `sundial-net`.
-const KEEP_ALIVE_MS: i64 = 1_000;
-const IDLE_MS: i64 = 5_000;
+// Keep-alives and the idle timeout are the coordinator's, per connection
+// (`link_for_fleet`), as in `sundial-net`.
 /// A dial to an unreachable coordinator gives up after this long.
 const CONNECT_TIMEOUT_MS: i64 = 10_000;
 /// A stalled direction is retried this often (retransmission).
@@ -180,6 +179,10 @@ struct Conn {
     agent_open: bool,
     coord_open: bool,
     heard: [i64; 2],
+    /// The coordinator's keep-alive interval and the idle timeout on this
+    /// connection, as it chose them when it accepted it.
+    keep_ms: i64,
+    idle_ms: i64,
     /// The coordinator it is with, that coordinator's incarnation, and the
     /// node's name for it.
     node_conn: Option<(usize, u64, ConnId)>,
@@ -517,6 +520,10 @@ impl World {
                         return;
                     }
                 };
+                let link = self
+                    .coord_do(k, |n, _| n.link_timing(nc))
+                    .flatten()
+                    .unwrap_or_else(|| sundial_core::coord::link_for_fleet(0));
                 let cert = sha256(&self.agents[i].cert);
                 let route = self.coord_do(k, |n, now| {
                     n.handle_handshaken(now, nc, Alpn::Session, Some(cert))
@@ -544,6 +551,8 @@ impl World {
                         agent_open: true,
                         coord_open: true,
                         heard: [self.now; 2],
+                        keep_ms: i64::from(link.keep_alive_ms),
+                        idle_ms: i64::from(link.idle_ms),
                         node_conn: Some((k, self.coords[k].inc, nc)),
                     },
                 );
@@ -551,7 +560,7 @@ impl World {
                     node.conns.insert(nc, c);
                 }
                 self.agents[i].conn = Some(c);
-                self.at(self.now + KEEP_ALIVE_MS, Ev::KeepAlive(c));
+                self.at(self.now + i64::from(link.keep_alive_ms), Ev::KeepAlive(c));
                 self.drain_coord(k);
                 self.node_call(i, |n, r| n.handle_connected(r));
             }
