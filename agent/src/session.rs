@@ -281,6 +281,10 @@ pub fn log_event(event: &Event) {
             silent_ms,
             "nothing heard from the coordinator; runs fired now are marked offline"
         ),
+        Event::LinkIdle { silent_ms } => tracing::warn!(
+            silent_ms,
+            "nothing heard from the coordinator for the session's idle timeout; dialling again"
+        ),
         Event::LinkHeard => tracing::info!("the coordinator is heard again"),
         Event::ReconnectPolicy(p) => tracing::debug!(
             attempt_timeout_ms = p.attempt_timeout_ms,

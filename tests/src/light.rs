@@ -174,6 +174,8 @@ pub async fn light_agent(
         wall: Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
     };
     let mut s = AgentSession::new(seed);
+    // Its place when refused for load, as a real agent's is its number.
+    s.set_place(i as u64 + 1);
     loop {
         let mut dial = None;
         while let Some(e) = s.poll_effect() {
@@ -250,6 +252,10 @@ pub async fn light_agent(
                         s.handle_heard(now());
                         s.handle_timeout(now());
                     }
+                }
+                if !s.is_up() {
+                    // The session ended itself (an idle link).
+                    return Ok(());
                 }
             }
         }

@@ -48,6 +48,8 @@ pub const LINK_SILENT_MAX_MS: u64 = 2_500;
 /// which states no [`LinkTiming`]) is asked for the time this often, in
 /// ms, so that the link is kept alive from this side.
 pub const KEEP_ALIVE_FALLBACK_MS: u64 = 1_000;
+/// The idle timeout of a coordinator older than 0.8, which states none, ms.
+pub const IDLE_FALLBACK_MS: u64 = 5_000;
 /// Result batches sent and not yet acknowledged.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
 /// Bytes of records in one batch (the frame limit is larger).
@@ -205,6 +207,17 @@ struct Up {
 }
 
 impl Up {
+    /// Silence longer than this ends the connection, ms: the session's
+    /// idle timeout, enforced here too. QUIC's own is at least three times
+    /// its retransmission timeout, which an agent that sends nothing while
+    /// idle never measures again after its handshake: one made in a storm
+    /// keeps a round trip of seconds, and would wait out a cut many times
+    /// longer than the coordinator asked before dialling again.
+    fn idle_after_ms(&self) -> u64 {
+        self.timing
+            .map_or(IDLE_FALLBACK_MS, |t| u64::from(t.idle_ms))
+    }
+
     /// Silence longer than this marks the link cut, ms.
     fn silent_after_ms(&self) -> u64 {
         self.timing
@@ -375,7 +388,7 @@ impl AgentSession {
             Link::Down { retry_ms } => Some(retry_ms.unwrap_or(0)),
             Link::Connecting | Link::Ended => None,
             Link::Up(up) => {
-                let mut t = up.next_probe_ms;
+                let mut t = up.next_probe_ms.min(up.heard_ms + up.idle_after_ms() + 1);
                 if up.online {
                     t = t.min(up.heard_ms + up.silent_after_ms() + 1);
                     if let Some(u) = up.unanswered_ms {
@@ -408,6 +421,15 @@ impl AgentSession {
             }
             Link::Connecting | Link::Ended => {}
             Link::Up(up) => {
+                if now.mono_ms > up.heard_ms + up.idle_after_ms() {
+                    let silent_ms = now.mono_ms - up.heard_ms;
+                    self.events.push_back(Event::LinkIdle { silent_ms });
+                    self.effects.push_back(AgentEffect::Disconnect);
+                    // Down here, whatever the driver does with the effect
+                    // (the node's own `handle_closed` then changes nothing).
+                    self.handle_closed(now, Closed::Lost);
+                    return;
+                }
                 if now.mono_ms >= up.next_probe_ms {
                     let every = match up.timing {
                         Some(_) => CLOCK_PROBE_INTERVAL_MS,
@@ -1093,6 +1115,28 @@ mod tests {
             !effects.contains(&AgentEffect::Online(false)),
             "{effects:?}"
         );
+    }
+
+    #[test]
+    fn silence_for_the_idle_timeout_ends_the_connection_whatever_quic_measured() {
+        for (timing, idle) in [
+            (
+                Some(LinkTiming {
+                    keep_alive_ms: 10_000,
+                    silent_ms: 15_000,
+                    idle_ms: 30_000,
+                }),
+                30_000,
+            ),
+            (None, IDLE_FALLBACK_MS),
+        ] {
+            let mut s = up_with(timing);
+            s.handle_heard(at(1_000));
+            let (_, effects) = quiet_until(&mut s, 1_000 + idle);
+            assert!(!effects.contains(&AgentEffect::Disconnect), "{effects:?}");
+            let (_, effects) = quiet_until(&mut s, 1_000 + idle + 1);
+            assert!(effects.contains(&AgentEffect::Disconnect), "{effects:?}");
+        }
     }
 
     #[test]

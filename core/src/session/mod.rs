@@ -102,6 +102,11 @@ pub enum Event {
     LinkSilent {
         silent_ms: u64,
     },
+    /// Nothing heard for the session's idle timeout: the agent ends the
+    /// connection and dials again.
+    LinkIdle {
+        silent_ms: u64,
+    },
     LinkHeard,
     HandshakeRefused {
         why: String,
