@@ -68,6 +68,9 @@ const LEFTOVER_KILL_WAIT_MS: u64 = 5_000;
 pub const STOP_GRACE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long to wait for killed actions to be reaped and recorded at stop.
 const STOP_KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a stopping agent waits for its last records to be
+/// acknowledged.
+const STOP_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the agent checks that its store file is still the one it opened.
 const STORE_CHECK_INTERVAL_MS: i64 = 5_000;
 
@@ -439,6 +442,18 @@ pub async fn run(
                 }
             }
         }
+    }
+    // The records of the runs that just ended reach the coordinator if it
+    // is there: a short, bounded wait for their acknowledgement (what is
+    // left goes at the next start).
+    let flush_by = tokio::time::Instant::now() + STOP_FLUSH_WAIT;
+    while d.conn.is_some() && d.node.store().outbox_len().unwrap_or(0) > 0 {
+        tokio::select! {
+            Some(ev) = events_rx.recv() => d.conn_event(ev)?,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            _ = tokio::time::sleep_until(flush_by) => break,
+        }
+        d.pump()?;
     }
     tracing::info!("agent stopped");
     if let Some(c) = d.conn.take() {

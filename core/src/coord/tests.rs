@@ -1229,10 +1229,12 @@ fn keep_alives_grow_with_the_fleet_and_the_session_is_told_its_own() {
         (l.keep_alive_ms, l.silent_ms, l.idle_ms)
     };
     assert_eq!(t(0), (1_000, 2_500, 5_000));
-    assert_eq!(t(1_000), (1_000, 2_500, 5_000));
-    assert_eq!(t(1_001), (2_000, 3_500, 6_000));
-    assert_eq!(t(10_000), (10_000, 15_000, 30_000));
-    assert_eq!(t(100_000), (30_000, 45_000, 90_000));
+    assert_eq!(t(5_000), (1_000, 2_500, 5_000));
+    assert_eq!(t(5_001), (2_000, 3_500, 6_000));
+    assert_eq!(t(10_000), (2_000, 3_500, 6_000));
+    assert_eq!(t(50_000), (10_000, 15_000, 30_000));
+    assert_eq!(t(100_000), (20_000, 30_000, 60_000));
+    assert_eq!(t(150_000), (30_000, 45_000, 90_000));
     assert_eq!(t(u64::MAX), (30_000, 45_000, 90_000));
     for fleet in [0, 999, 1_500, 7_777, 29_999, 1 << 40] {
         let l = super::link_for_fleet(fleet);
