@@ -113,7 +113,7 @@ pub fn agent_follows_link_timing(agent_version: &str) -> bool {
     version_at_least(agent_version, (0, 8))
 }
 
-/// The idle timeout of agents older than 0.8, ms.
+/// The idle timeout of peers older than 0.8 (agents and coordinators), ms.
 pub const IDLE_MS_BEFORE_0_8: u32 = 5_000;
 
 /// Whether an agent of this version sends [`AgentMsg::Report`] when asked

@@ -48,8 +48,9 @@ pub const LINK_SILENT_MAX_MS: u64 = 2_500;
 /// which states no [`LinkTiming`]) is asked for the time this often, in
 /// ms, so that the link is kept alive from this side.
 pub const KEEP_ALIVE_FALLBACK_MS: u64 = 1_000;
-/// The idle timeout of a coordinator older than 0.8, which states none, ms.
-pub const IDLE_FALLBACK_MS: u64 = 5_000;
+/// The idle timeout of a coordinator older than 0.8, which states none, ms
+/// (the same 5 s every peer before 0.8 used).
+pub const IDLE_FALLBACK_MS: u64 = sundial_protocol::wire::IDLE_MS_BEFORE_0_8 as u64;
 /// Result batches sent and not yet acknowledged.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
 /// Bytes of records in one batch (the frame limit is larger).
