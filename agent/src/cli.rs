@@ -420,6 +420,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 coordinators,
                 metrics: metrics.or(file.metrics),
                 store_key: store_key.or(file.store_key),
+                start_lead: runtime::StartLead::Ahead,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

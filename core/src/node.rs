@@ -17,6 +17,14 @@
 //! before it is spawned (at most once); its record enters the outbox in the
 //! same transaction that clears the mark; a record leaves the outbox only
 //! when the coordinator acknowledged it.
+//!
+//! Starts decided ahead ([`AgentNode::set_start_lead`]): the node may decide
+//! the next instant's batch up to the lead before it, committing its
+//! `started` marks then, and holds the batch's spawns (and every spawn or
+//! kill after them) until the instant, so the durable write is not between
+//! the instant and the start. A crash in between leaves marks for starts
+//! that never happened: they read as `interrupted` at the next start, as
+//! any mark does, so at most once holds.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -56,6 +64,8 @@ pub const WAKE_ROUNDS_MAX: usize = 16;
 /// hours off (an RTC keeping local time), and occurrences fired on it could
 /// not be taken back. Late by at most this, once per boot.
 pub const VOUCH_WAIT_MS: i64 = 10_000;
+/// The longest lead a node takes to decide starts ahead of their instant, ms.
+pub const START_LEAD_MAX_MS: i64 = 1_000;
 /// The detail of a run an operator asked for (`sundialctl task run-now`).
 pub const MANUAL_DETAIL: &str = "run now, as an operator asked";
 /// The detail of a run killed because the agent stopped.
@@ -345,8 +355,20 @@ pub struct AgentNode<S: NodeStore> {
     decided_until: Timestamp,
     /// The largest start lateness since the last report, ms.
     late_max_ms: Option<u64>,
+    /// How far ahead of an instant its starts may be decided, ms (0: when due).
+    start_lead_ms: i64,
+    /// A batch decided ahead: spawns and kills held until its instant.
+    held_starts: Option<HeldStarts>,
     effects: VecDeque<NodeEffect>,
     events: VecDeque<Event>,
+}
+
+/// Starts decided ahead of their instant, with every spawn or kill decided
+/// after them (in order), handed out at `at`.
+#[derive(Debug)]
+struct HeldStarts {
+    at: Timestamp,
+    effects: Vec<NodeEffect>,
 }
 
 /// The session's time: the boot clock, and the raw wall clock (clock
@@ -456,6 +478,8 @@ impl<S: NodeStore> AgentNode<S> {
             vouch_wait_until,
             decided_until: Timestamp::MIN,
             late_max_ms: None,
+            start_lead_ms: 0,
+            held_starts: None,
             effects: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -573,9 +597,19 @@ impl<S: NodeStore> AgentNode<S> {
         let sched = if self.stopping {
             WAKE_INTERVAL_MAX_MS
         } else {
-            due.millis_since(now).clamp(0, WAKE_INTERVAL_MAX_MS)
+            let until = due.millis_since(now);
+            // Starts decided ahead: woken the lead before them, though not
+            // before a batch already held is handed out.
+            let until = match &self.held_starts {
+                Some(h) => (until - self.start_lead_ms).max(h.at.millis_since(now)),
+                None => until - self.start_lead_ms,
+            };
+            until.clamp(0, WAKE_INTERVAL_MAX_MS)
         };
         let mut wake = r.boot_ms + sched;
+        if let Some(h) = &self.held_starts {
+            wake = wake.min(r.boot_ms + h.at.millis_since(now).max(0));
+        }
         if let Some(t) = self.vouch_wait_until {
             wake = wake.min(t);
         }
@@ -616,10 +650,81 @@ impl<S: NodeStore> AgentNode<S> {
                     }
                 }
             }
+            if self.held_starts.as_ref().is_some_and(|h| h.at <= now) {
+                self.release_starts();
+            }
+            if !self.stopping && self.vouch_wait_until.is_none() {
+                self.decide_ahead(now)?;
+            }
             self.persist_clock(false)?;
         }
         self.session.handle_timeout(now_of(r));
         self.pump(r)
+    }
+
+    /// Lets the node decide an instant's starts up to `ms` before it (0,
+    /// the default: when due). The shell hands a held batch out at its
+    /// instant with [`release_starts`](Self::release_starts) (or at the
+    /// first [`handle_wake`](Self::handle_wake) at or after it).
+    pub fn set_start_lead(&mut self, ms: i64) {
+        self.start_lead_ms = ms.clamp(0, START_LEAD_MAX_MS);
+    }
+
+    /// The instant a batch decided ahead waits for, if one does.
+    pub fn held_until(&self) -> Option<Timestamp> {
+        self.held_starts.as_ref().map(|h| h.at)
+    }
+
+    /// Hands the batch decided ahead out (its instant came): its spawns and
+    /// kills, in order, come out of [`poll_effect`](Self::poll_effect).
+    pub fn release_starts(&mut self) {
+        if let Some(h) = self.held_starts.take() {
+            self.effects.extend(h.effects);
+        }
+    }
+
+    /// Decides the next instant's starts if it is within the lead: their
+    /// marks are committed now, their spawns held until the instant.
+    fn decide_ahead(&mut self, now: Timestamp) -> StoreResult<()> {
+        if self.start_lead_ms == 0 || self.held_starts.is_some() {
+            return Ok(());
+        }
+        let Some(at) = self.sched.next_wake() else {
+            return Ok(());
+        };
+        if at <= now || at.millis_since(now) > self.start_lead_ms {
+            return Ok(());
+        }
+        self.refill(at)?;
+        if self.loaded.0 < at {
+            // More is due by then than the horizon holds: decide when due.
+            return Ok(());
+        }
+        self.held_starts = Some(HeldStarts {
+            at,
+            effects: Vec::new(),
+        });
+        let mut cmds = Vec::new();
+        self.sched.advance(at, &mut cmds);
+        self.decided_until = self.sched.now();
+        self.apply(at, cmds)?;
+        if self
+            .held_starts
+            .as_ref()
+            .is_some_and(|h| h.effects.is_empty())
+        {
+            self.held_starts = None;
+        }
+        Ok(())
+    }
+
+    /// A spawn or a kill: out now, or behind a batch held for its instant
+    /// (a kill must not overtake the spawn it ends).
+    fn act(&mut self, effect: NodeEffect) {
+        match &mut self.held_starts {
+            Some(h) => h.effects.push(effect),
+            None => self.effects.push_back(effect),
+        }
     }
 
     /// An action ended.
@@ -700,7 +805,7 @@ impl<S: NodeStore> AgentNode<S> {
         keys.sort_unstable();
         for key in keys {
             if self.killed_for_stop.insert(key) {
-                self.effects.push_back(NodeEffect::Kill { key });
+                self.act(NodeEffect::Kill { key });
             }
         }
     }
@@ -1116,12 +1221,12 @@ impl<S: NodeStore> AgentNode<S> {
                     self.late_max_ms = Some(self.late_max_ms.map_or(late, |m| m.max(late)));
                     self.events.push_back(Event::RunFired { key, offline });
                     if self.cfg.bugs.double_fire {
-                        self.effects.push_back(NodeEffect::Spawn {
+                        self.act(NodeEffect::Spawn {
                             key,
                             spec: spec.clone(),
                         });
                     }
-                    self.effects.push_back(NodeEffect::Spawn { key, spec });
+                    self.act(NodeEffect::Spawn { key, spec });
                 }
                 None => {
                     // Unknown action: recorded rejected at once.
@@ -1146,7 +1251,7 @@ impl<S: NodeStore> AgentNode<S> {
         }
         for key in kills {
             if self.running.contains_key(&key) {
-                self.effects.push_back(NodeEffect::Kill { key });
+                self.act(NodeEffect::Kill { key });
             }
         }
         if recorded {

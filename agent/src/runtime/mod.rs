@@ -30,7 +30,7 @@ use sundial_protocol::wire::{AgentMsg, CoordMsg};
 use sundial_protocol::{AgentId, RunKey, RunRecord, TaskId, TaskSpec, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::clock::{boot_ns, Anchor, BootTimer, ClockNote, SystemClock};
+use crate::clock::{boot_ns, Anchor, BootTimer, ClockNote, Reading, SystemClock};
 use crate::exec::{self, ExecPolicy, ExecResult};
 use crate::session::{self, SessionConfig, SessionError};
 use crate::store::{meta, AgentStore, StartedInfo, StepWrite, StoreError};
@@ -92,7 +92,29 @@ pub struct AgentConfig {
     /// The store key ring (`--store-key`); `None`: the systemd credential
     /// when given, else `store.key` in the data directory.
     pub store_key: Option<PathBuf>,
+    /// How starts are decided: ahead of their instant (the default), or
+    /// when due.
+    pub start_lead: StartLead,
 }
+
+/// When the agent decides an instant's starts and commits their `started`
+/// marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartLead {
+    /// Ahead of the instant by twice what the last such decision took, at
+    /// least [`START_LEAD_MIN_MS`] and at most [`START_LEAD_MAX_MS`]; the
+    /// spawns wait for the instant. A crash in between leaves marks that
+    /// read as `interrupted`.
+    #[default]
+    Ahead,
+    /// At the instant: every start waits for the commit of its batch's marks.
+    WhenDue,
+}
+
+/// The least lead the agent decides starts with, ms.
+pub const START_LEAD_MIN_MS: i64 = 20;
+/// The most: a store slower than this per batch starts late instead.
+pub const START_LEAD_MAX_MS: i64 = 500;
 
 impl AgentConfig {
     /// A configuration with the defaults for everything but the data directory.
@@ -105,6 +127,7 @@ impl AgentConfig {
             coordinators: Vec::new(),
             metrics: None,
             store_key: None,
+            start_lead: StartLead::Ahead,
         }
     }
 
@@ -368,6 +391,10 @@ pub async fn run(
         reported: None,
         metrics,
     };
+    let mut lead_ms = START_LEAD_MIN_MS;
+    if config.start_lead == StartLead::Ahead {
+        d.node.set_start_lead(lead_ms);
+    }
     let mut timer = BootTimer::new();
     tokio::pin!(shutdown);
     let mut store_checked_ms = boot_ns() / 1_000_000;
@@ -398,16 +425,47 @@ pub async fn run(
         }
         let r = reading();
         let wake_ms = d.node.next_wake(r);
-        let deadline = boot_ns() + (wake_ms - r.boot_ms).max(0) * 1_000_000;
+        let mut deadline = boot_ns() + (wake_ms - r.boot_ms).max(0) * 1_000_000;
+        let release = d.node.held_until().map(|at| (at, release_ns(&d.node, at)));
+        if let Some((_, ns)) = release {
+            deadline = deadline.min(ns);
+        }
         tokio::select! {
             _ = timer.sleep_until(deadline) => {
+                // A batch decided ahead goes out first, at its instant
+                // (never before trusted time reached it).
+                if let Some((at, ns)) = release {
+                    if boot_ns() >= ns && d.node.time_of(reading()) >= at {
+                        d.node.release_starts();
+                        d.pump()?;
+                    }
+                }
+                let held = d.node.held_until();
+                let t0 = boot_ns();
                 d.node.handle_wake(reading()).map_err(|f| d.fault(f))?;
+                if config.start_lead == StartLead::Ahead && held.is_none() && d.node.held_until().is_some() {
+                    // The lead follows what deciding a batch takes.
+                    let took_ms = (boot_ns() - t0) / 1_000_000;
+                    lead_ms = (2 * took_ms).clamp(START_LEAD_MIN_MS, START_LEAD_MAX_MS);
+                    d.node.set_start_lead(lead_ms);
+                }
             }
             Some((key, result)) = done_rx.recv() => d.finished(key, result)?,
             Some(ev) = events_rx.recv() => d.conn_event(ev)?,
             _ = heard.tick() => d.heard_poll()?,
             _ = &mut shutdown => break,
         }
+    }
+    // A batch decided ahead was started (its marks are committed): it goes
+    // out at its instant, at most the lead from now, and then stops as
+    // any running action does.
+    if let Some(at) = d.node.held_until() {
+        timer.sleep_until(release_ns(&d.node, at)).await;
+        while d.node.time_of(reading()) < at {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        d.node.release_starts();
+        d.pump()?;
     }
     // Stopping (SIGTERM): fire nothing new; give running actions the stop
     // grace to finish and record them as they end; then kill what is left
@@ -463,4 +521,25 @@ pub async fn run(
     // The lazy writes end before the store is let go.
     drop(d);
     Ok(())
+}
+
+/// The boot-clock instant (ns) at which trusted time reaches `at`: the wall
+/// clock read in ns beside the boot clock, shifted by how far trusted time
+/// is from the wall clock (ms).
+fn release_ns(node: &AgentNode<RedbNode>, at: Timestamp) -> i64 {
+    let wall_ns = match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    };
+    let boot = boot_ns();
+    let r = Reading {
+        wall_ms: wall_ns.div_euclid(1_000_000),
+        boot_ms: boot / 1_000_000,
+    };
+    let offset_ms = node.time_of(r).as_millis() - r.wall_ms;
+    let target_wall_ns = at
+        .as_millis()
+        .saturating_sub(offset_ms)
+        .saturating_mul(1_000_000);
+    boot.saturating_add(target_wall_ns.saturating_sub(wall_ns))
 }

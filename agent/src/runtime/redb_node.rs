@@ -313,35 +313,39 @@ mod tests {
     use sundial_protocol::task::{Action, ExecSpec, Target};
     use sundial_protocol::{AgentId, Schedule, TaskId, TaskSpec, Timestamp};
 
-    #[test]
-    fn a_stopped_or_revoked_node_does_not_wake_at_once_for_what_it_will_not_fire() {
-        let store = Arc::new(AgentStore::open_in_memory_volatile().expect("store"));
+    fn one_task(store: &AgentStore, id: u64, schedule: Schedule) {
         let at = Timestamp::from_millis_saturating(1_000_000);
         store
             .put_tasks(
                 &[TaskSpec {
-                    id: TaskId(1),
+                    id: TaskId(id),
                     name: None,
                     target: Target::Agent(AgentId(1)),
-                    schedule: Schedule::every(sundial_protocol::DurationMs(100), at)
-                        .expect("schedule"),
+                    schedule,
                     action: Action::Exec(ExecSpec {
                         program: "/bin/true".into(),
                         ..ExecSpec::default()
                     }),
                     policies: Default::default(),
-                    revision: 1,
+                    revision: id,
                     created_at: at,
                     placement: None,
                 }],
-                Some(1),
+                Some(id),
             )
             .expect("put");
-        let r = |ms: i64| Reading {
+    }
+
+    /// Wall clock 1,000,000 ms + `ms`, boot clock 5,000 ms + `ms`.
+    fn r(ms: i64) -> Reading {
+        Reading {
             wall_ms: 1_000_000 + ms,
             boot_ms: 5_000 + ms,
-        };
-        let cfg = NodeConfig {
+        }
+    }
+
+    fn config() -> NodeConfig {
+        NodeConfig {
             agent_id: AgentId(1),
             agent_version: "test".into(),
             allow_exec: vec![],
@@ -354,8 +358,139 @@ mod tests {
             coordinators: 1,
             seal_key: None,
             functions: Default::default(),
-        };
-        let mut node = AgentNode::start(RedbNode::plain(store, None), cfg, r(0)).expect("node");
+        }
+    }
+
+    fn spawns(node: &mut AgentNode<RedbNode>) -> Vec<RunKey> {
+        let mut out = Vec::new();
+        while let Some(e) = node.poll_effect() {
+            if let sundial_core::node::NodeEffect::Spawn { key, .. } = e {
+                out.push(key);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn starts_decided_ahead_are_committed_before_their_instant_and_handed_out_at_it() {
+        let store = Arc::new(AgentStore::open_in_memory_volatile().expect("store"));
+        let at = Timestamp::from_millis_saturating(1_000_500);
+        one_task(&store, 1, Schedule::at(at));
+        let mut node = AgentNode::start(RedbNode::plain(Arc::clone(&store), None), config(), r(0))
+            .expect("node");
+        node.set_start_lead(20);
+        // The first wake dials (the session is down); then only the task
+        // wakes the node: the lead before its instant.
+        node.handle_wake(r(0)).expect("wake");
+        assert!(spawns(&mut node).is_empty());
+        assert_eq!(node.held_until(), None);
+        // Driven as the shell does, from wake to wake: decided at 480 ms,
+        // the lead before the instant, and not before.
+        let mut t = 0;
+        while node.held_until().is_none() {
+            t = node.next_wake(r(t)) - r(0).boot_ms;
+            assert!(t <= 480, "not decided by the lead before its instant");
+            node.handle_wake(r(t)).expect("wake");
+            assert!(spawns(&mut node).is_empty());
+        }
+        assert_eq!(t, 480, "decided the lead before its instant");
+        assert_eq!(node.held_until(), Some(at));
+        assert!(
+            spawns(&mut node).is_empty(),
+            "nothing starts before its instant"
+        );
+        let marks = store.started().expect("started");
+        assert_eq!(marks.len(), 1, "the mark is committed ahead");
+        assert_eq!(marks[0].0.scheduled_at, at);
+        assert_eq!(marks[0].1.fired_at, at, "fired at its instant");
+        // Woken again before the instant (a message, a timer): still held,
+        // and the next wake is the instant itself, not sooner and again.
+        node.handle_wake(r(490)).expect("wake");
+        assert!(spawns(&mut node).is_empty());
+        assert_eq!(node.next_wake(r(490)), r(500).boot_ms);
+        node.handle_wake(r(499)).expect("wake");
+        assert!(spawns(&mut node).is_empty(), "1 ms early is early");
+        node.handle_wake(r(500)).expect("wake");
+        assert_eq!(node.held_until(), None);
+        let keys = spawns(&mut node);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].scheduled_at, at);
+    }
+
+    #[test]
+    fn a_crash_between_the_commit_ahead_and_the_instant_reads_interrupted_and_fires_nothing_twice()
+    {
+        let store = Arc::new(AgentStore::open_in_memory_volatile().expect("store"));
+        let at = Timestamp::from_millis_saturating(1_000_500);
+        one_task(&store, 1, Schedule::at(at));
+        let mut node = AgentNode::start(RedbNode::plain(Arc::clone(&store), None), config(), r(0))
+            .expect("node");
+        node.set_start_lead(20);
+        node.handle_wake(r(490)).expect("wake");
+        assert_eq!(node.held_until(), Some(at));
+        assert!(spawns(&mut node).is_empty());
+        // The agent dies here: the batch held in memory is gone.
+        drop(node);
+        let mut node =
+            AgentNode::start(RedbNode::plain(Arc::clone(&store), None), config(), r(700))
+                .expect("restart");
+        node.set_start_lead(20);
+        let records = store.outbox_batch(usize::MAX, usize::MAX).expect("outbox");
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].scheduled_at, at);
+        assert_eq!(records[0].outcome, sundial_protocol::Outcome::Interrupted);
+        assert!(store.started().expect("started").is_empty());
+        for ms in [700, 800, 2_000] {
+            node.handle_wake(r(ms)).expect("wake");
+            assert!(spawns(&mut node).is_empty(), "fired again at +{ms} ms");
+        }
+    }
+
+    #[test]
+    fn a_kill_decided_while_a_batch_is_held_does_not_overtake_its_spawn() {
+        let store = Arc::new(AgentStore::open_in_memory_volatile().expect("store"));
+        let at = Timestamp::from_millis_saturating(1_000_500);
+        one_task(&store, 1, Schedule::at(at));
+        let mut node = AgentNode::start(RedbNode::plain(Arc::clone(&store), None), config(), r(0))
+            .expect("node");
+        node.set_start_lead(20);
+        node.handle_wake(r(490)).expect("wake");
+        node.kill_all_for_stop();
+        let mut early = Vec::new();
+        while let Some(e) = node.poll_effect() {
+            early.push(e);
+        }
+        assert!(
+            !early.iter().any(|e| matches!(
+                e,
+                sundial_core::node::NodeEffect::Spawn { .. }
+                    | sundial_core::node::NodeEffect::Kill { .. }
+            )),
+            "{early:?}"
+        );
+        node.release_starts();
+        let mut order = Vec::new();
+        while let Some(e) = node.poll_effect() {
+            match e {
+                sundial_core::node::NodeEffect::Spawn { .. } => order.push("spawn"),
+                sundial_core::node::NodeEffect::Kill { .. } => order.push("kill"),
+                _ => {}
+            }
+        }
+        assert_eq!(order, ["spawn", "kill"]);
+    }
+
+    #[test]
+    fn a_stopped_or_revoked_node_does_not_wake_at_once_for_what_it_will_not_fire() {
+        let store = Arc::new(AgentStore::open_in_memory_volatile().expect("store"));
+        let at = Timestamp::from_millis_saturating(1_000_000);
+        one_task(
+            &store,
+            1,
+            Schedule::every(sundial_protocol::DurationMs(100), at).expect("schedule"),
+        );
+        let mut node =
+            AgentNode::start(RedbNode::plain(store, None), config(), r(0)).expect("node");
         node.begin_stop();
         // Every 100 ms is due, and a stopped node fires none of it: the
         // driver must not be told to wake at once, again and again.
