@@ -290,3 +290,30 @@ fn a_lease_window_planned_again_before_it_ended_is_caught() {
         "seed {seed}: {why}"
     );
 }
+
+#[test]
+fn a_fleet_reconnecting_at_once_keeps_the_budget_and_is_back_within_bounds() {
+    use sundial_tests::virt::storm::{storm, StormOptions};
+    let opts = StormOptions {
+        agents: 3_000,
+        cut_ms: 16_000,
+        cores: 2,
+        seed: 7,
+        deadline_ms: 600_000,
+    };
+    let r = storm(&opts).expect("storm");
+    assert_eq!(r.budget_per_sec, 500, "{r:?}");
+    assert!(r.first_up_ms.is_some(), "not every agent came up: {r:?}");
+    assert_eq!(r.synced_again, 3_000, "{r:?}");
+    // The budget (and its burst, a tenth) held in every second.
+    assert!(r.handshakes_max_per_sec <= 550, "{r:?}");
+    assert!(
+        r.handshakes_max_per_sec >= 400,
+        "the budget was not used: {r:?}"
+    );
+    assert!(r.refused > 0, "a storm this size is refused in part: {r:?}");
+    // 3,000 agents at 500 a second take 6 s; refused agents come back at
+    // their places, not by luck: within twice that and the silence.
+    let back = r.synced_again_ms.expect("synced again");
+    assert!(back <= 20_000, "{r:?}");
+}

@@ -45,6 +45,87 @@ enum Command {
     /// nothing lost, nothing fired twice or early or after its cancel, and
     /// convergence. The same seed gives a bit-identical run.
     Virtual(VirtualArgs),
+    /// A whole fleet reconnecting to one coordinator at once, in virtual
+    /// time: every agent comes up, the coordinator is killed, stays away
+    /// for the cut and comes back on the same store. Prints how long until
+    /// every agent is synced again and the most handshakes it admitted in a
+    /// second against its budget; fails if the budget was broken or some
+    /// agent never came back.
+    Storm(StormArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StormArgs {
+    /// Agents in the fleet.
+    #[arg(long, default_value_t = 100_000)]
+    agents: usize,
+    /// How long the coordinator stays away, e.g. 16s.
+    #[arg(long, value_parser = parse_duration, default_value = "16s")]
+    cut: DurationMs,
+    /// The coordinator's cores (its handshake budget is 250 a second each).
+    #[arg(long, default_value_t = 2)]
+    cores: usize,
+    /// Seed of the agents' jitter.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Give up after this much virtual time, e.g. 30m.
+    #[arg(long, value_parser = parse_duration, default_value = "30m")]
+    deadline: DurationMs,
+}
+
+fn run_storm(a: &StormArgs) -> ExitCode {
+    use sundial_tests::virt::storm;
+    let opts = storm::StormOptions {
+        agents: a.agents,
+        cut_ms: a.cut.0.min(i64::MAX as u64) as i64,
+        cores: a.cores,
+        seed: a.seed,
+        deadline_ms: a.deadline.0.min(i64::MAX as u64) as i64,
+    };
+    eprintln!(
+        "sundial-sim storm: {} agents, one coordinator of {} core(s), cut {} ms (virtual time)",
+        opts.agents, opts.cores, opts.cut_ms
+    );
+    let r = match storm::storm(&opts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sundial-sim storm: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let secs = |ms: Option<i64>| {
+        ms.map_or("never".to_string(), |ms| {
+            format!("{:.1} s", ms as f64 / 1_000.0)
+        })
+    };
+    println!(
+        "storm: {} agents; all synced {} after the start; the coordinator killed, back after {:.1} s: {} of {} synced again, all {} after its return; at most {} handshakes admitted in any second (budget {}/s, burst a tenth more); {} dials refused; {} events in {:.1} s wall",
+        r.agents,
+        secs(r.first_up_ms),
+        opts.cut_ms as f64 / 1_000.0,
+        r.synced_again,
+        r.agents,
+        secs(r.synced_again_ms),
+        r.handshakes_max_per_sec,
+        r.budget_per_sec,
+        r.refused,
+        r.events,
+        r.wall_ms as f64 / 1_000.0,
+    );
+    let budget_held = r.handshakes_max_per_sec as f64 <= f64::from(r.budget_per_sec) * 1.1;
+    if !budget_held {
+        println!(
+            "FAIL: the coordinator admitted more handshakes in a second than its budget and burst"
+        );
+    }
+    if r.synced_again_ms.is_none() {
+        println!("FAIL: not every agent was synced again by the deadline");
+    }
+    if budget_held && r.synced_again_ms.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,8 +264,10 @@ fn main() -> ExitCode {
         return code;
     }
     let cli = Cli::parse();
-    if let Some(Command::Virtual(a)) = &cli.command {
-        return run_virtual(a);
+    match &cli.command {
+        Some(Command::Virtual(a)) => return run_virtual(a),
+        Some(Command::Storm(a)) => return run_storm(a),
+        None => {}
     }
     let seed = cli.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()

@@ -154,6 +154,7 @@ mod agents;
 mod checks;
 mod coord;
 mod links;
+pub mod storm;
 
 use agent_store::{Parked, SimStore};
 use coord::{agent_ip, Coord, ADMIN_CERT};
