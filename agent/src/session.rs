@@ -81,7 +81,15 @@ impl SessionConfig {
             ca,
             cert,
             key,
-            next: AtomicUsize::new(0),
+            // Each agent starts at its own place in the list (its number),
+            // so that a fleet spreads over several coordinators.
+            next: AtomicUsize::new(
+                store
+                    .get_meta::<u64>(meta::AGENT_ID)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |id| id as usize),
+            ),
         }))
     }
 

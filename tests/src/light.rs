@@ -295,6 +295,8 @@ fn client_configs(coord: &BenchCoordinator, n: usize) -> anyhow::Result<Vec<quin
 struct Held {
     up: Vec<bool>,
     count: usize,
+    /// Sessions that ended (since counted from zero again).
+    closed: usize,
 }
 
 impl Held {
@@ -302,6 +304,7 @@ impl Held {
         Held {
             up: vec![false; n],
             count: 0,
+            closed: 0,
         }
     }
 
@@ -314,6 +317,7 @@ impl Held {
             LightEvent::Closed if self.up[i] => {
                 self.up[i] = false;
                 self.count -= 1;
+                self.closed += 1;
             }
             _ => {}
         }
@@ -331,6 +335,8 @@ pub struct IdleReport {
     pub rss_kib_per_agent: f64,
     /// The coordinator's CPU while the fleet idles, % of one core.
     pub idle_cpu_pct: f64,
+    /// Sessions that ended while the fleet idled (churn).
+    pub churned: usize,
 }
 
 /// The coordinator's CPU time (user + system), in clock ticks.
@@ -433,6 +439,7 @@ pub async fn idle(
         "  idle: {} of {n} in session; measuring the idle coordinator for 10 s",
         held.count
     );
+    held.closed = 0;
     let settle = tokio::time::sleep(Duration::from_secs(10));
     tokio::pin!(settle);
     loop {
@@ -460,6 +467,7 @@ pub async fn idle(
         connect,
         rss_kib_per_agent: rss / held.count.max(1) as f64,
         idle_cpu_pct,
+        churned: held.closed,
     })
 }
 

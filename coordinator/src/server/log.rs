@@ -22,6 +22,8 @@ pub(super) struct LogState {
     pending_capped: u64,
     shed_said: Option<Instant>,
     pending_said: Option<Instant>,
+    behind: u64,
+    behind_said: Option<Instant>,
     store_failed: u64,
     store_said: Option<Instant>,
     /// Failed runs per task: when last said, and how many since.
@@ -68,6 +70,17 @@ pub(super) fn event(shared: &Arc<Shared>, e: CoordEvent) {
                             over_address_share,
                             last_address = %ip,
                             "reconnect storm: refusing handshakes over the budget; agents come back spread out"
+                        );
+                    }
+                }
+                Refusal::Behind => {
+                    s.behind += 1;
+                    if due(&mut s.behind_said) {
+                        let refused = std::mem::take(&mut s.behind);
+                        tracing::warn!(
+                            refused,
+                            last_address = %ip,
+                            "behind: as many connections are still starting as went into session in the last second (a busy CPU); refusing more until they are served; agents come back spread out"
                         );
                     }
                 }

@@ -337,6 +337,7 @@ impl Metrics {
                 let reason = match why {
                     Refusal::PendingPerAddress => "pending_per_address",
                     Refusal::Budget(_) => "handshake_budget",
+                    Refusal::Behind => "behind",
                 };
                 self.refused.get_or_create(&ReasonLabel { reason }).inc();
             }

@@ -62,6 +62,12 @@ pub use jobs::{Assigned, FeedPage, RunFacts, RunsVerdict, StoreDone, StoreJob};
 /// A connection, as the node names it.
 pub type ConnId = u64;
 
+/// A coordinator is behind when this many connections admitted over
+/// [`BEHIND_MS`] ago are still starting (handshaking, or before their
+/// Hello is checked): it refuses new ones until they are served.
+pub const STARTING_MIN: usize = 64;
+/// See [`STARTING_MIN`], ms.
+pub const BEHIND_MS: u64 = 1_000;
 /// How long an enrollment or admin exchange may take, how long a new agent
 /// connection may take to say Hello, and how long an admin connection may
 /// sit idle, ms.
@@ -266,6 +272,11 @@ pub enum Refusal {
     PendingPerAddress,
     /// The handshake budget (or the address's share of it) is spent.
     Budget(Admit),
+    /// [`STARTING_MIN`] connections admitted over [`BEHIND_MS`] ago are
+    /// still starting (handshaking, or not yet past Hello): the coordinator
+    /// is behind (its CPU is busy), and one more would only wait, time out
+    /// at the agent and be dialed again.
+    Behind,
 }
 
 /// Why a connection was refused after its handshake.
@@ -683,6 +694,9 @@ struct Conn {
     ip: IpAddr,
     /// Counted against its address.
     pending: bool,
+    /// Admitted then (boot clock, ms), not yet in session: counted in
+    /// [`CoordNode::starting`].
+    starting: Option<u64>,
     /// Counted against the enrollment slots.
     unauthenticated: bool,
     deadline: Option<u64>,
@@ -715,6 +729,10 @@ pub struct CoordNode {
     /// every [`FLEET_COUNT_EVERY_MS`], and when (monotonic ms).
     fleet_counted: Option<(u64, usize)>,
     budget: HandshakeBudget,
+    /// Connections admitted and not yet in session (handshaking, or before
+    /// their Hello was checked), by when they were admitted
+    /// ([`Conn::starting`]).
+    starting: std::collections::BTreeSet<(u64, ConnId)>,
     revision: u64,
     timers: BTreeSet<(u64, ConnId)>,
     admin_running: usize,
@@ -755,6 +773,7 @@ impl CoordNode {
         let ca_sha256 = sha256(&config.ca_der);
         CoordNode {
             budget: HandshakeBudget::new(config.limits.handshakes_per_sec, now.mono_ms),
+            starting: std::collections::BTreeSet::new(),
             next_purge_ms: (config.limits.run_retention.is_some()
                 || config.limits.audit_retention.is_some())
             .then_some(now.mono_ms + PURGE_FIRST_MS),
@@ -945,6 +964,13 @@ impl CoordNode {
             });
             return Err(Refusal::PendingPerAddress);
         }
+        if self.behind(now) {
+            self.event(CoordEvent::Shed {
+                ip,
+                why: Refusal::Behind,
+            });
+            return Err(Refusal::Behind);
+        }
         let admit = self.budget.take(now.mono_ms, ip);
         if admit != Admit::Yes {
             self.event(CoordEvent::Shed {
@@ -956,6 +982,7 @@ impl CoordNode {
         *self.pending.entry(ip).or_insert(0) += 1;
         self.next_conn += 1;
         let conn = self.next_conn;
+        self.starting.insert((now.mono_ms, conn));
         let link = link_for_fleet(self.fleet_size(now) as u64);
         self.conns.insert(
             conn,
@@ -963,6 +990,7 @@ impl CoordNode {
                 link,
                 ip,
                 pending: true,
+                starting: Some(now.mono_ms),
                 unauthenticated: false,
                 deadline: None,
                 armed: None,
@@ -999,6 +1027,30 @@ impl CoordNode {
     /// this node).
     pub fn link_timing(&self, conn: ConnId) -> Option<LinkTiming> {
         self.conns.get(&conn).map(|c| c.link)
+    }
+
+    /// Behind: [`STARTING_MIN`] connections admitted over [`BEHIND_MS`]
+    /// ago are still starting. New ones are refused until they are served,
+    /// so that what is admitted is served in about a second however busy
+    /// the CPU is, instead of timing out at the agent and being dialed
+    /// again (a few slow peers alone do not stop admission).
+    fn behind(&self, now: Now) -> bool {
+        self.starting
+            .iter()
+            .take_while(|(t, _)| t.saturating_add(BEHIND_MS) <= now.mono_ms)
+            .take(STARTING_MIN)
+            .count()
+            >= STARTING_MIN
+    }
+
+    /// The connection is no longer starting.
+    fn end_starting(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(t) = c.starting.take() {
+            self.starting.remove(&(t, conn));
+        }
     }
 
     fn release_pending(&mut self, conn: ConnId) {
@@ -1121,6 +1173,10 @@ impl CoordNode {
             // address (many agents may share one behind a NAT).
             self.release_pending(conn);
         }
+        if !matches!(route, Route::Session(_)) {
+            // Enrollments and admins have bounds of their own.
+            self.end_starting(conn);
+        }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.kind = kind;
             c.deadline = Some(now.mono_ms + EXCHANGE_TIMEOUT_MS);
@@ -1154,6 +1210,7 @@ impl CoordNode {
         };
         self.retire(now, conn, quiet_ms.max(0));
         self.release_pending(conn);
+        self.end_starting(conn);
         self.signing.retain(|(c, _), _| *c != conn);
         self.followers.retain(|(c, _), _| *c != conn);
         let Some(c) = self.conns.remove(&conn) else {
@@ -1788,6 +1845,7 @@ impl CoordNode {
             sm.carry_allowance(left);
         }
         let later = self.joined.contains(&agent);
+        self.end_starting(conn);
         if let Some(c) = self.conns.get_mut(&conn) {
             if let Kind::Session { phase, .. } = &mut c.kind {
                 *phase = Phase::Live(Box::new(LiveSession {

@@ -137,6 +137,36 @@ fn drain_transmit(n: &mut CoordNode, conn: ConnId) -> Vec<Outgoing> {
 }
 
 #[test]
+fn a_coordinator_behind_on_its_handshakes_admits_no_more_until_they_are_served() {
+    let mut n = node_with(Limits {
+        handshakes_per_sec: 100_000,
+        ..Limits::for_cores(4)
+    });
+    let ip_of = |k: usize| IpAddr::V4(Ipv4Addr::new(10, 1, (k / 250) as u8, (k % 250) as u8));
+    let first = n.handle_incoming(at(0), ip_of(0)).expect("admitted");
+    for k in 1..STARTING_MIN {
+        n.handle_incoming(at(0), ip_of(k)).expect("admitted");
+    }
+    // Many starting, but not for long: not behind.
+    for k in 0..100 {
+        assert!(n.handle_incoming(at(999), ip_of(1_000 + k)).is_ok());
+    }
+    // STARTING_MIN of them admitted a second ago and still starting.
+    assert_eq!(
+        n.handle_incoming(at(1_000), ip_of(2_000)),
+        Err(Refusal::Behind)
+    );
+    // One of them served (in session, or gone): admitted again.
+    n.handle_closed(at(1_000), first);
+    assert!(n.handle_incoming(at(1_000), ip_of(2_001)).is_ok());
+    assert_eq!(
+        n.handle_incoming(at(1_999), ip_of(2_002)),
+        Err(Refusal::Behind),
+        "the ones admitted at 999 ms are now a second old too"
+    );
+}
+
+#[test]
 fn an_address_holds_at_most_its_pending_connections_until_they_are_known() {
     let mut n = node_with(Limits {
         pending_per_address_max: 2,
