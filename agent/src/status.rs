@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use serde::Serialize;
-use sundial_protocol::{TaskSpec, Timestamp};
+use sundial_protocol::{RunKey, TaskSpec, Timestamp};
 
 use crate::runtime::store_path;
 use crate::scheduler::first_occurrence;
-use crate::store::{meta, AgentStore, StoreError};
+use crate::store::{meta, AgentStore, StartedInfo, StoreError};
 
 /// Tries to open the store (100 ms apart) before reporting an error.
 const OPEN_ATTEMPTS_MAX: u32 = 30;
@@ -39,7 +39,12 @@ pub struct Status {
     pub last_sync: Option<String>,
     pub last_revision: u64,
     pub outbox_len: u64,
+    /// Runs started and not yet ended.
     pub runs_in_progress: usize,
+    /// Runs decided ahead for an instant still to come (their `started`
+    /// marks are stored; they start at that instant): see "Starts are
+    /// decided ahead" in the README.
+    pub runs_decided_ahead: usize,
     /// The tasks listed: all of them, or beyond [`STATUS_TASKS_MAX`] the
     /// next ones to fire.
     pub tasks: Vec<TaskStatus>,
@@ -55,6 +60,16 @@ pub struct Status {
     /// Whether this agent runs functions (as it last started), and the
     /// modules its store holds.
     pub functions: FunctionsStatus,
+}
+
+/// Runs marked started, split at the agent's `now`: those started (in
+/// progress) and those decided ahead for an instant still to come.
+fn split_started(marks: &[(RunKey, StartedInfo)], now_ms: i64) -> (usize, usize) {
+    let started = marks
+        .iter()
+        .filter(|(_, info)| info.fired_at.as_millis() <= now_ms)
+        .count();
+    (started, marks.len() - started)
 }
 
 /// `status`'s view of functions.
@@ -135,6 +150,13 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
             .map_err(|e| StatusError::Key(e.to_string()))?;
     }
     let agent_id = store.get_meta::<u64>(meta::AGENT_ID)?;
+    let clock_offset_ms: i64 = store.get_meta(meta::CLOCK_OFFSET_MS)?.unwrap_or(0);
+    // The agent's time: the wall clock corrected as the agent corrects it.
+    let now_ms = crate::clock::SystemClock
+        .read()
+        .wall_ms
+        .saturating_add(clock_offset_ms);
+    let (runs_in_progress, runs_decided_ahead) = split_started(&store.started()?, now_ms);
     let tasks_total = store.task_count()?;
     let listed: Vec<(TaskSpec, Option<Timestamp>)> = if tasks_total as usize <= STATUS_TASKS_MAX {
         let states = store.task_states()?;
@@ -177,14 +199,15 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
     Ok(Status {
         agent_id: agent_id.map(|a| sundial_protocol::AgentId(a).to_string()),
         enrolled: agent_id.is_some(),
-        clock_offset_ms: store.get_meta(meta::CLOCK_OFFSET_MS)?.unwrap_or(0),
+        clock_offset_ms,
         clock_held: store.get_meta(meta::CLOCK_HELD)?.unwrap_or(false),
         revoked: store.get_meta(meta::REVOKED)?.unwrap_or(false),
         last_known_good: ts_text(store.get_meta(meta::LAST_KNOWN_GOOD_MS)?),
         last_sync: ts_text(store.get_meta(meta::LAST_SYNC_MS)?),
         last_revision: store.get_meta(meta::LAST_REVISION)?.unwrap_or(0),
         outbox_len: store.outbox_len()?,
-        runs_in_progress: store.started()?.len(),
+        runs_in_progress,
+        runs_decided_ahead,
         tasks,
         tasks_total,
         store_needs_recovery: copy.is_some(),
@@ -278,7 +301,15 @@ pub fn render(s: &Status) -> String {
         "outbox:         {} run(s) waiting to sync",
         s.outbox_len
     );
-    let _ = writeln!(out, "in progress:    {} run(s)", s.runs_in_progress);
+    if s.runs_decided_ahead > 0 {
+        let _ = writeln!(
+            out,
+            "in progress:    {} run(s), {} more decided for their coming instant",
+            s.runs_in_progress, s.runs_decided_ahead
+        );
+    } else {
+        let _ = writeln!(out, "in progress:    {} run(s)", s.runs_in_progress);
+    }
     if s.tasks_total as usize > s.tasks.len() {
         let _ = writeln!(
             out,
@@ -390,5 +421,27 @@ mod tests {
         }
         let s = read(small.path()).expect("status");
         assert_eq!((s.tasks_total, s.tasks.len()), (3, 3));
+    }
+
+    #[test]
+    fn runs_decided_ahead_are_not_counted_as_in_progress_before_their_instant() {
+        let mark = |fired_ms: i64| {
+            (
+                RunKey {
+                    task_id: TaskId(1),
+                    scheduled_at: Timestamp::from_millis_saturating(fired_ms),
+                    attempt: 0,
+                },
+                StartedInfo {
+                    fired_at: Timestamp::from_millis_saturating(fired_ms),
+                    offline: false,
+                },
+            )
+        };
+        let marks = [mark(1_000), mark(1_010), mark(1_020)];
+        assert_eq!(split_started(&marks, 1_009), (1, 2));
+        assert_eq!(split_started(&marks, 1_010), (2, 1), "due is started");
+        assert_eq!(split_started(&marks, 5_000), (3, 0));
+        assert_eq!(split_started(&[], 5_000), (0, 0));
     }
 }
