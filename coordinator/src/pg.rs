@@ -54,6 +54,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../migrations/0002_session_holder.sql")),
     (3, include_str!("../migrations/0003_admins.sql")),
     (4, include_str!("../migrations/0004_modules.sql")),
+    (5, include_str!("../migrations/0005_task_created.sql")),
 ];
 
 /// The advisory lock key migrations and partition changes hold ("sundial").
@@ -343,11 +344,19 @@ fn task_of(row: &Row, cipher: Option<&StoreCipher>) -> R<StoredTask> {
     )?;
     let cancelled: bool = row.get("cancelled");
     let paused: bool = row.get("paused");
+    let created_ms: Option<i64> = row.get("created_ms");
     Ok(StoredTask {
+        created_at: created_ms.map_or(spec.created_at, Timestamp::from_millis_saturating),
         spec,
         cancelled,
         paused: paused && !cancelled,
     })
+}
+
+/// The `created_ms` column of a task: its creation, when a resume moved
+/// the spec's `created_at` away from it.
+fn created_ms(t: &StoredTask) -> Option<i64> {
+    (t.created_at != t.spec.created_at).then(|| t.created_at.as_millis())
 }
 
 fn token_of(row: &Row) -> R<JoinToken> {
@@ -891,14 +900,15 @@ impl PgStore {
             records::encode_task(&t.spec),
         )?;
         let (cancelled, paused) = (t.cancelled, t.paused);
+        let created_ms = created_ms(t);
         self.call("import a task", move |pool| {
             let (name, spec) = (name.clone(), spec.clone());
             async move {
                 let c = pool.get().await?;
                 c.execute(
-                    "INSERT INTO sundial_tasks (id, revision, name, cancelled, paused, spec)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&id, &revision, &name, &cancelled, &paused, &spec],
+                    "INSERT INTO sundial_tasks (id, revision, name, cancelled, paused, spec, created_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[&id, &revision, &name, &cancelled, &paused, &spec, &created_ms],
                 )
                 .await?;
                 Ok(())
@@ -993,7 +1003,7 @@ impl PgStore {
                 let revision = next_revision(&t).await?;
                 let row = t
                     .query_opt(
-                        "SELECT id, spec, cancelled, paused FROM sundial_tasks WHERE id = $1",
+                        "SELECT id, spec, cancelled, paused, created_ms FROM sundial_tasks WHERE id = $1",
                         &[&key],
                     )
                     .await?;
@@ -1005,10 +1015,12 @@ impl PgStore {
                 task.spec.revision = revision;
                 let spec = seal(cipher.as_deref(), "tasks", records::encode_task(&task.spec))?;
                 let rev = i64_of(revision, "revision")?;
+                let created = created_ms(&task);
                 t.execute(
-                    "UPDATE sundial_tasks SET revision = $2, name = $3, cancelled = $4, paused = $5, spec = $6
+                    "UPDATE sundial_tasks SET revision = $2, name = $3, cancelled = $4, paused = $5, spec = $6,
+                            created_ms = $7
                       WHERE id = $1",
-                    &[&key, &rev, &task.spec.name, &task.cancelled, &task.paused, &spec],
+                    &[&key, &rev, &task.spec.name, &task.cancelled, &task.paused, &spec, &created],
                 )
                 .await?;
                 audit_if(&t, audit.map(|a| a.for_task(id, revision)).as_ref()).await?;
@@ -1039,7 +1051,7 @@ async fn changes_page(
     let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = t
         .query(
-            "SELECT id, revision, spec, cancelled, paused FROM sundial_tasks
+            "SELECT id, revision, spec, cancelled, paused, created_ms FROM sundial_tasks
               WHERE revision > $1 ORDER BY revision LIMIT $2",
             &[&since_i, &(limit_i + 1)],
         )
@@ -1939,7 +1951,7 @@ impl CoordStore for PgStore {
                 };
                 let row = c
                     .query_opt(
-                        "SELECT id, spec, cancelled, paused FROM sundial_tasks WHERE id = $1",
+                        "SELECT id, spec, cancelled, paused, created_ms FROM sundial_tasks WHERE id = $1",
                         &[&key],
                     )
                     .await?;
@@ -1960,7 +1972,7 @@ impl CoordStore for PgStore {
                 let from = after.map_or(-1, |a| i64::try_from(a.0).unwrap_or(i64::MAX));
                 let rows = c
                     .query(
-                        "SELECT id, spec, cancelled, paused FROM sundial_tasks
+                        "SELECT id, spec, cancelled, paused, created_ms FROM sundial_tasks
                       WHERE id > $1 ORDER BY id LIMIT $2",
                         &[&from, &limit],
                     )

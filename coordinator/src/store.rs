@@ -49,6 +49,9 @@ const TASK_NAMES: TableDefinition<&str, u64> = TableDefinition::new("task_names"
 const LAST_RUNS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("last_runs");
 /// Paused tasks (their records are unchanged otherwise).
 const PAUSED: TableDefinition<u64, u8> = TableDefinition::new("paused_tasks");
+/// Task id → when it was created (ms), for the tasks a resume made count
+/// from a later instant (their record's `created_at`); new in 0.8.
+const CREATED: TableDefinition<u64, i64> = TableDefinition::new("task_created");
 /// Runs by time: (scheduled_at, task, agent, attempt). With the two below,
 /// `run list` reads one page of an index, never the whole table.
 const RUNS_BY_TIME: TableDefinition<(i64, u64, u64, u32), u8> =
@@ -219,6 +222,15 @@ impl TokenRecordV1 {
             None
         }
     }
+}
+
+/// When `spec`'s task was created: kept apart once a resume moved its
+/// `created_at` (see [`CREATED`]).
+fn created_of(created: &impl ReadableTable<u64, i64>, spec: &TaskSpec) -> Result<Timestamp> {
+    Ok(match created.get(spec.id.0).map_err(db_err("read task"))? {
+        Some(ms) => Timestamp::from_millis_saturating(ms.value()),
+        None => spec.created_at,
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -470,6 +482,7 @@ impl CoordinatorStore {
                 .map_err(db_err("create tables"))?;
             txn.open_table(LAST_RUNS).map_err(db_err("create tables"))?;
             txn.open_table(PAUSED).map_err(db_err("create tables"))?;
+            txn.open_table(CREATED).map_err(db_err("create tables"))?;
             txn.open_table(RUNS_BY_TIME)
                 .map_err(db_err("create tables"))?;
             txn.open_table(RUNS_BY_TASK)
@@ -1474,7 +1487,14 @@ impl CoordStore for CoordinatorStore {
                 p.insert(id.0, 1).map_err(db_err("pause task"))?;
             } else {
                 p.remove(id.0).map_err(db_err("pause task"))?;
-                // Occurrences while paused are not expected of anyone.
+                // Occurrences while paused are not expected of anyone: the
+                // task counts from now, and its creation is kept apart.
+                let mut created = txn.open_table(CREATED).map_err(db_err("pause task"))?;
+                if created.get(id.0).map_err(db_err("pause task"))?.is_none() {
+                    created
+                        .insert(id.0, rec.task.created_at_ms)
+                        .map_err(db_err("pause task"))?;
+                }
                 rec.task.created_at_ms = rec.task.created_at_ms.max(now.as_millis());
             }
             let revision = Self::next_task_revision(&txn, id, rec.task.revision, "pause task")?;
@@ -1499,10 +1519,14 @@ impl CoordStore for CoordinatorStore {
         let rec: CoordTaskV1 = self.task_rec(id.0, v.value())?;
         let paused = !rec.cancelled && p.get(id.0).map_err(db_err("read task"))?.is_some();
         let cancelled = rec.cancelled;
+        let spec = rec.into_spec(id.0)?;
+        let created = txn.open_table(CREATED).map_err(db_err("read task"))?;
+        let created_at = created_of(&created, &spec)?;
         Ok(Some(StoredTask {
-            spec: rec.into_spec(id.0)?,
+            spec,
             cancelled,
             paused,
+            created_at,
         }))
     }
 
@@ -1510,6 +1534,7 @@ impl CoordStore for CoordinatorStore {
         let txn = self.db.begin_read().map_err(db_err("read tasks"))?;
         let t = txn.open_table(TASKS).map_err(db_err("read tasks"))?;
         let p = txn.open_table(PAUSED).map_err(db_err("read tasks"))?;
+        let created = txn.open_table(CREATED).map_err(db_err("read tasks"))?;
         let limit = limit.clamp(1, PAGE_MAX);
         let from = after.map_or(0, |a| a.0.saturating_add(1));
         let mut out = Vec::new();
@@ -1519,10 +1544,13 @@ impl CoordStore for CoordinatorStore {
             let paused =
                 !rec.cancelled && p.get(k.value()).map_err(db_err("read tasks"))?.is_some();
             let cancelled = rec.cancelled;
+            let spec = rec.into_spec(k.value())?;
+            let created_at = created_of(&created, &spec)?;
             out.push(StoredTask {
-                spec: rec.into_spec(k.value())?,
+                spec,
                 cancelled,
                 paused,
+                created_at,
             });
             if out.len() >= limit {
                 break;

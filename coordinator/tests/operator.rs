@@ -147,6 +147,13 @@ fn a_paused_task_runs_nothing_and_records_nothing_until_resumed() {
         "/bin/true",
     ]);
     wait_for("runs", || coord.runs(&["--task", "tick"]).len() >= 3);
+    let created = coord.json(&["task", "get", "tick"])["created_at"].clone();
+    assert!(created.is_string(), "created_at: {created}");
+    assert_eq!(
+        coord.json(&["task", "get", "tick"])["counts_from"],
+        created,
+        "a task never resumed counts from its creation"
+    );
     coord.ctl_ok(&["task", "pause", "tick"]);
     let paused_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -174,6 +181,29 @@ fn a_paused_task_runs_nothing_and_records_nothing_until_resumed() {
         .filter(|r| sched_ms(r) > paused_at + 1_000 && sched_ms(r) < resumed - 1_000)
         .collect();
     assert!(gap.is_empty(), "runs recorded while paused: {gap:?}");
+    // The resume moved what the task counts from, not when it was created.
+    let after = coord.json(&["task", "get", "tick"]);
+    assert_eq!(after["created_at"], created, "resume moved created_at");
+    let counts_from = after["counts_from"].as_str().expect("counts_from");
+    let counts_from_ms = sundial_protocol::Timestamp::parse(counts_from)
+        .expect("RFC 3339")
+        .as_millis();
+    assert!(
+        counts_from_ms >= paused_at && counts_from_ms <= resumed + 1_000,
+        "counts from {counts_from}, resumed at {resumed} ms"
+    );
+    let listed = coord.json(&["task", "list"]);
+    let listed = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|t| t["name"] == "tick")
+        .expect("listed")
+        .clone();
+    assert_eq!(listed["created_at"], created);
+    assert!(coord
+        .ctl_ok(&["task", "get", "tick"])
+        .contains("Counts from:"));
     agent.stop();
 }
 

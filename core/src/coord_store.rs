@@ -297,6 +297,9 @@ pub struct StoredTask {
     pub spec: TaskSpec,
     pub cancelled: bool,
     pub paused: bool,
+    /// When the task was created. `spec.created_at` is when its
+    /// occurrences count from, which a resume moves; this never moves.
+    pub created_at: Timestamp,
 }
 
 impl StoredTask {
@@ -621,7 +624,8 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
     /// Cancels a task: a tombstone under the next revision.
     fn cancel_task(&self, id: TaskId, audit: Option<&AuditEntry>) -> StoreResult<u64>;
     /// Pauses or resumes a task under the next revision; a resumed task
-    /// counts from `now` (occurrences while paused are nobody's).
+    /// counts from `now` (occurrences while paused are nobody's): its
+    /// `spec.created_at` moves, its [`StoredTask::created_at`] does not.
     fn set_paused(
         &self,
         id: TaskId,

@@ -798,6 +798,9 @@ pub struct TaskInfo {
     pub last_runs: Vec<LastRun>,
     /// The agents it reaches now (filled by `task get`; empty in a list).
     pub reached: Vec<AgentId>,
+    /// When it was created (0.8). `spec.created_at` is when its occurrences
+    /// count from: the creation, or its latest resume.
+    pub created_at: Timestamp,
 }
 
 /// The latest run of a task on one agent.

@@ -475,6 +475,7 @@ fn task_info(
         spec,
         cancelled,
         paused,
+        created_at,
     } = task;
     let mut last_runs = store.last_runs(spec.id, PAGE_MAX)?;
     let reached: Vec<AgentId> = agents
@@ -511,6 +512,7 @@ fn task_info(
         next,
         last_runs,
         reached: if detailed { reached } else { Vec::new() },
+        created_at,
     })
 }
 
@@ -1439,6 +1441,7 @@ pub fn answer(
                 spec,
                 cancelled,
                 paused,
+                ..
             }) = store.task(id)?
             else {
                 return Err(StoreError::NotFound(format!("no task {id}")));

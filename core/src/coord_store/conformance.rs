@@ -379,6 +379,23 @@ pub fn pause_and_resume_take_revisions(s: &dyn CoordStore) {
         back.spec.created_at >= t(5_000),
         "a resumed task counts from its resume"
     );
+    assert_eq!(
+        back.created_at, a.created_at,
+        "its creation stays where it was"
+    );
+    // A second pause and resume moves the count again, never the creation;
+    // so do an update and a listing.
+    ok(s.set_paused(a.id, true, t(6_000), None), "pause again");
+    ok(s.set_paused(a.id, false, t(9_000), None), "resume again");
+    let again = ok(s.task(a.id), "task").expect("exists");
+    assert!(again.spec.created_at >= t(9_000));
+    assert_eq!(again.created_at, a.created_at);
+    let listed = ok(s.tasks(None, 100), "tasks");
+    let mine = listed.iter().find(|x| x.spec.id == a.id).expect("listed");
+    assert_eq!(mine.created_at, a.created_at);
+    let b = create(s, Some("b"), 1);
+    let fresh = ok(s.task(b.id), "task").expect("exists");
+    assert_eq!(fresh.created_at, fresh.spec.created_at, "never resumed");
     assert!(matches!(
         s.set_paused(TaskId(999), true, t(0), None),
         Err(StoreError::NotFound(_))

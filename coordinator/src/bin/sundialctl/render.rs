@@ -142,7 +142,8 @@ pub(crate) fn task_json(t: &TaskInfo) -> Value {
         })).collect::<Vec<_>>(),
         "cwd": cwd,
         "revision": t.spec.revision,
-        "created_at": t.spec.created_at.to_string(),
+        "created_at": t.created_at.to_string(),
+        "counts_from": t.spec.created_at.to_string(),
         "state": task_state(t),
         "cancelled": t.cancelled,
         "paused": t.paused,
@@ -441,7 +442,13 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
     field("Name", or_dash(t.spec.name.clone()));
     field("State", task_state(t).into());
     field("Revision", t.spec.revision.to_string());
-    field("Created", t.spec.created_at.to_string());
+    field("Created", t.created_at.to_string());
+    if t.spec.created_at != t.created_at {
+        field(
+            "Counts from",
+            format!("{} (resumed then)", t.spec.created_at),
+        );
+    }
     field(
         "Target",
         match &t.spec.target {
