@@ -35,10 +35,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use sundial_core::coord_store::{
     audit_matches, counts_from, live_admin, merge_labels, targets, AdminCert, Agent, AgentSeen,
-    AuditPage, CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page,
-    QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery, SessionMark, StoreError, StoreResult,
-    StoredRuns, StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX,
-    REVOKE_REVOKED, RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
+    ArrivalCursor, ArrivalQuery, ArrivedRuns, AuditPage, CertPage, CertRole, ChangePage,
+    CoordStore, Enrollment, JoinToken, Page, QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery,
+    SessionMark, StoreError, StoreResult, StoredRuns, StoredTask, TokenRefusal, ADMINS_MAX,
+    ARRIVAL_SCAN_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED, RUN_LIST_BYTES_MAX,
+    RUN_NOW_QUEUE_TTL_MS,
 };
 use sundial_net::at_rest::{self, StoreCipher};
 use sundial_protocol::records::{self, RunRecordV1};
@@ -55,6 +56,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../migrations/0003_admins.sql")),
     (4, include_str!("../migrations/0004_modules.sql")),
     (5, include_str!("../migrations/0005_task_created.sql")),
+    (6, include_str!("../migrations/0006_run_arrival.sql")),
 ];
 
 /// The advisory lock key migrations and partition changes hold ("sundial").
@@ -351,6 +353,17 @@ fn task_of(row: &Row, cipher: Option<&StoreCipher>) -> R<StoredTask> {
         cancelled,
         paused: paused && !cancelled,
     })
+}
+
+/// A run's key from four columns starting at `from` (task, agent,
+/// scheduled_at, attempt).
+fn key_at(r: &Row, from: usize) -> RunKeyOf {
+    (
+        u64_of(r.get(from)),
+        u64_of(r.get(from + 1)),
+        r.get(from + 2),
+        u32::try_from(r.get::<_, i32>(from + 3)).unwrap_or(0),
+    )
 }
 
 /// The `created_ms` column of a task: its creation, when a resume moved
@@ -2140,6 +2153,143 @@ impl CoordStore for PgStore {
         conflicts.append(&mut refused.conflicts);
         refused.conflicts = conflicts;
         Ok(refused)
+    }
+
+    fn runs_arrived(&self, q: &ArrivalQuery) -> StoreResult<ArrivedRuns> {
+        let q = *q;
+        let cipher = self.cipher.clone();
+        self.call("read runs", move |pool| {
+            let cipher = cipher.clone();
+            async move {
+                let c = pool.get().await?;
+                let limit = q.limit.clamp(1, RUN_LIST_MAX_ROWS);
+                let filtered = q.task.is_some() || q.agent.is_some();
+                let scan = if filtered { ARRIVAL_SCAN_MAX } else { limit + 1 };
+                let scan_i = i64::try_from(scan).unwrap_or(i64::MAX);
+                // Keys in arrival order, short of the oldest transaction
+                // still running (it may commit runs before them).
+                let rows = match q.after {
+                    Some(after) => {
+                        let seq = i64::try_from(after.seq).unwrap_or(i64::MAX);
+                        c.query(
+                            "SELECT arrival_xid::text, arrival_seq, task_id, agent_id, scheduled_at_ms, attempt
+                               FROM sundial_runs
+                              WHERE arrival_xid < pg_snapshot_xmin(pg_current_snapshot())
+                                AND (arrival_xid, arrival_seq) > ($1::text::xid8, $2)
+                              ORDER BY arrival_xid, arrival_seq LIMIT $3",
+                            &[&after.epoch.to_string(), &seq, &scan_i],
+                        )
+                        .await?
+                    }
+                    None => {
+                        c.query(
+                            "SELECT arrival_xid::text, arrival_seq, task_id, agent_id, scheduled_at_ms, attempt
+                               FROM sundial_runs
+                              WHERE arrival_xid < pg_snapshot_xmin(pg_current_snapshot())
+                              ORDER BY arrival_xid DESC, arrival_seq DESC LIMIT $1",
+                            &[&scan_i],
+                        )
+                        .await?
+                    }
+                };
+                let at = |r: &Row| ArrivalCursor {
+                    epoch: r.get::<_, String>(0).parse().unwrap_or(0),
+                    seq: u64_of(r.get(1)),
+                };
+                let key = |r: &Row| key_at(r, 2);
+                let wanted = |(task, agent, _, _): RunKeyOf| {
+                    q.task.is_none_or(|x| x.0 == task) && q.agent.is_none_or(|x| x.0 == agent)
+                };
+                let mut out = ArrivedRuns::default();
+                let mut page: Vec<(ArrivalCursor, RunKeyOf)> = Vec::new();
+                match q.after {
+                    Some(after) => {
+                        out.next = after;
+                        for (i, r) in rows.iter().enumerate() {
+                            if page.len() >= limit || i >= ARRIVAL_SCAN_MAX {
+                                out.more = true;
+                                break;
+                            }
+                            out.next = at(r);
+                            if wanted(key(r)) {
+                                page.push((at(r), key(r)));
+                            }
+                        }
+                        // A filtered scan that read all it may: more may follow.
+                        out.more |= rows.len() >= scan;
+                    }
+                    None => {
+                        out.next = rows.first().map_or(ArrivalCursor::START, at);
+                        for r in &rows {
+                            if page.len() >= limit {
+                                break;
+                            }
+                            if wanted(key(r)) {
+                                page.push((at(r), key(r)));
+                            }
+                        }
+                        page.reverse();
+                    }
+                }
+                if page.is_empty() {
+                    return Ok(out);
+                }
+                let (mut tasks, mut agents, mut scheds, mut attempts) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for (_, (t, a, s, n)) in &page {
+                    tasks.push(i64::try_from(*t).unwrap_or(i64::MAX));
+                    agents.push(i64::try_from(*a).unwrap_or(i64::MAX));
+                    scheds.push(*s);
+                    attempts.push(i32::try_from(*n).unwrap_or(i32::MAX));
+                }
+                let records = c
+                    .query(
+                        "SELECT task_id, agent_id, scheduled_at_ms, attempt, record FROM sundial_runs
+                          WHERE (task_id, agent_id, scheduled_at_ms, attempt) IN
+                                (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::int[]))",
+                        &[&tasks, &agents, &scheds, &attempts],
+                    )
+                    .await?;
+                let mut by_key: std::collections::HashMap<RunKeyOf, Vec<u8>> = records
+                    .iter()
+                    .map(|r| (key_at(r, 0), r.get::<_, Vec<u8>>(4)))
+                    .collect();
+                let mut bytes = 0usize;
+                for (i, (cur, k)) in page.iter().enumerate() {
+                    if bytes >= RUN_LIST_BYTES_MAX {
+                        if q.after.is_some() {
+                            out.more = true;
+                            out.next = page[i - 1].0;
+                        }
+                        break;
+                    }
+                    // Purged between the two reads: gone.
+                    let Some(record) = by_key.remove(k) else {
+                        continue;
+                    };
+                    bytes = bytes.saturating_add(record.len());
+                    out.first.get_or_insert(*cur);
+                    match at_rest::open_plain(cipher.as_deref(), "runs", &record)
+                        .map_err(|reason| records::RecordError {
+                            table: "runs",
+                            key: format!("{cur}"),
+                            reason,
+                        })
+                        .and_then(|plain| {
+                            records::decode::<RunRecordV1>("runs", format!("{cur}"), &plain)
+                        })
+                        .and_then(|rec| rec.into_run(0))
+                    {
+                        Ok(run) => out.runs.push(run),
+                        Err(e) => {
+                            out.unreadable += 1;
+                            tracing::warn!(error = %e, "skipped an unreadable run record");
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        })
     }
 
     fn runs(&self, q: &RunQuery) -> StoreResult<RunPage> {

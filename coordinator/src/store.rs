@@ -29,10 +29,11 @@ use sundial_protocol::{AgentId, Outcome, RunRecord, TaskId, TaskSpec, Timestamp}
 
 pub use sundial_core::coord_store::{
     audit_matches, counts_from, live_admin, merge_labels, targets, AdminCert, Agent, AgentSeen,
-    AuditPage, CertPage, CertRole, ChangePage, CoordStore, Enrollment, JoinToken, Page,
-    QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery, StoreError, StoreResult, StoredRuns,
-    StoredTask, TokenRefusal, ADMINS_MAX, PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED,
-    RUN_LIST_BYTES_MAX, RUN_NOW_QUEUE_TTL_MS,
+    ArrivalCursor, ArrivalQuery, ArrivedRuns, AuditPage, CertPage, CertRole, ChangePage,
+    CoordStore, Enrollment, JoinToken, Page, QueuedRunNow, RunCursor, RunKeyOf, RunPage, RunQuery,
+    StoreError, StoreResult, StoredRuns, StoredTask, TokenRefusal, ADMINS_MAX, ARRIVAL_SCAN_MAX,
+    PAGE_MAX, RENEW_REVOKED, RESTORE_GAP_MAX, REVOKE_REVOKED, RUN_LIST_BYTES_MAX,
+    RUN_NOW_QUEUE_TTL_MS,
 };
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -65,6 +66,16 @@ const RUNS_BY_AGENT: TableDefinition<(u64, i64, u64, u32), u8> =
 /// Set once the run indexes cover every stored run (stores written before
 /// the indexes existed are indexed when first opened).
 const RUNS_INDEXED: &str = "runs_indexed";
+/// Runs in the order they were stored (new in 0.8): seq → (task, agent,
+/// scheduled_at, attempt), and back, so a purge finds a run's entry.
+const ARRIVALS: TableDefinition<u64, (u64, u64, i64, u32)> = TableDefinition::new("run_arrivals");
+const ARRIVAL_OF: TableDefinition<(u64, u64, i64, u32), u64> =
+    TableDefinition::new("run_arrival_of");
+/// The next arrival sequence number (never reused, even after a purge).
+const ARRIVAL_NEXT: &str = "arrival_next";
+/// Set once every run stored before arrival order existed has an entry
+/// (in time order: when they arrived was not kept).
+const ARRIVALS_INDEXED: &str = "arrivals_indexed";
 /// Revoked agents an operator removed from the lists (their runs stay).
 const FORGOTTEN: TableDefinition<u64, u8> = TableDefinition::new("forgotten_agents");
 /// Certificates added and revoked, by sequence number: seq → fingerprint
@@ -483,6 +494,9 @@ impl CoordinatorStore {
             txn.open_table(LAST_RUNS).map_err(db_err("create tables"))?;
             txn.open_table(PAUSED).map_err(db_err("create tables"))?;
             txn.open_table(CREATED).map_err(db_err("create tables"))?;
+            txn.open_table(ARRIVALS).map_err(db_err("create tables"))?;
+            txn.open_table(ARRIVAL_OF)
+                .map_err(db_err("create tables"))?;
             txn.open_table(RUNS_BY_TIME)
                 .map_err(db_err("create tables"))?;
             txn.open_table(RUNS_BY_TASK)
@@ -497,6 +511,7 @@ impl CoordinatorStore {
         }
         txn.commit().map_err(db_err("create tables"))?;
         store.index_runs()?;
+        store.index_arrivals()?;
         store.name_admins()?;
         Ok(store)
     }
@@ -638,6 +653,67 @@ impl CoordinatorStore {
                 .map_err(db_err("index runs"))?;
         }
         txn.commit().map_err(db_err("commit run index"))
+    }
+
+    /// Gives every run stored before arrival order existed its entry, in
+    /// time order (their arrival was not kept), once.
+    fn index_arrivals(&self) -> Result<()> {
+        const CX: &str = "index runs by arrival";
+        let txn = self.db.begin_write().map_err(db_err(CX))?;
+        {
+            let mut meta = txn.open_table(META).map_err(db_err(CX))?;
+            if Self::meta_u64(&meta, ARRIVALS_INDEXED)? == 1 {
+                return Ok(());
+            }
+            let by_time = txn.open_table(RUNS_BY_TIME).map_err(db_err(CX))?;
+            let mut arrivals = txn.open_table(ARRIVALS).map_err(db_err(CX))?;
+            let mut arrival_of = txn.open_table(ARRIVAL_OF).map_err(db_err(CX))?;
+            let mut seq = Self::meta_u64(&meta, ARRIVAL_NEXT)?.max(1);
+            let first = seq;
+            for item in by_time.iter().map_err(db_err(CX))? {
+                let (k, _) = item.map_err(db_err(CX))?;
+                let (sched, task, agent, attempt) = k.value();
+                let key = (task, agent, sched, attempt);
+                if arrival_of.get(key).map_err(db_err(CX))?.is_some() {
+                    continue;
+                }
+                arrivals.insert(seq, key).map_err(db_err(CX))?;
+                arrival_of.insert(key, seq).map_err(db_err(CX))?;
+                seq += 1;
+            }
+            if seq > first {
+                tracing::info!(
+                    runs = seq - first,
+                    "indexed the stored runs in arrival order (as they stand in time)"
+                );
+            }
+            meta.insert(ARRIVAL_NEXT, records::encode(&seq).as_slice())
+                .map_err(db_err(CX))?;
+            meta.insert(ARRIVALS_INDEXED, records::encode(&1u64).as_slice())
+                .map_err(db_err(CX))?;
+        }
+        txn.commit().map_err(db_err(CX))
+    }
+
+    /// One stored run record, decoded; `Err` inside: stored but unreadable.
+    fn read_run(
+        &self,
+        t: &impl ReadableTable<(u64, u64, i64, u32), &'static [u8]>,
+        key: RunKeyOf,
+    ) -> Result<Option<(usize, std::result::Result<RunRecord, records::RecordError>)>> {
+        let Some(v) = t.get(key).map_err(db_err("read runs"))? else {
+            return Ok(None);
+        };
+        let decoded = self
+            .unseal("runs", v.value())
+            .map_err(|e| records::RecordError {
+                table: "runs",
+                key: format!("{key:?}"),
+                reason: e.to_string(),
+            })
+            .and_then(|plain| records::decode::<RunRecordV1>("runs", format!("{key:?}"), &plain))
+            .and_then(|rec| rec.into_run(0));
+        Ok(Some((v.value().len(), decoded)))
     }
 
     fn meta_u64(
@@ -1629,6 +1705,11 @@ impl CoordStore for CoordinatorStore {
             let mut by_agent = txn
                 .open_table(RUNS_BY_AGENT)
                 .map_err(db_err("store runs"))?;
+            let mut arrivals = txn.open_table(ARRIVALS).map_err(db_err("store runs"))?;
+            let mut arrival_of = txn.open_table(ARRIVAL_OF).map_err(db_err("store runs"))?;
+            let mut meta = txn.open_table(META).map_err(db_err("store runs"))?;
+            let first_seq = Self::meta_u64(&meta, ARRIVAL_NEXT)?.max(1);
+            let mut seq = first_seq;
             for r in runs {
                 let key = (
                     r.task_id.0,
@@ -1661,6 +1742,9 @@ impl CoordStore for CoordinatorStore {
                         by_agent
                             .insert((agent, sched, task, attempt), 1)
                             .map_err(db_err("store runs"))?;
+                        arrivals.insert(seq, key).map_err(db_err("store runs"))?;
+                        arrival_of.insert(key, seq).map_err(db_err("store runs"))?;
+                        seq += 1;
                         let newer = match last.get((key.0, key.1)).map_err(db_err("store runs"))? {
                             Some(v) => records::decode::<LastRunV1>("last_runs", key.0, v.value())
                                 .map(|l| (l.scheduled_at_ms, l.attempt) <= (key.2, key.3))
@@ -1680,6 +1764,10 @@ impl CoordStore for CoordinatorStore {
                         }
                     }
                 }
+            }
+            if seq != first_seq {
+                meta.insert(ARRIVAL_NEXT, records::encode(&seq).as_slice())
+                    .map_err(db_err("store runs"))?;
             }
         }
         txn.commit().map_err(db_err("commit runs"))?;
@@ -1847,6 +1935,87 @@ impl CoordStore for CoordinatorStore {
         })
     }
 
+    fn runs_arrived(&self, q: &ArrivalQuery) -> Result<ArrivedRuns> {
+        let txn = self.db.begin_read().map_err(db_err("read runs"))?;
+        let t = txn.open_table(RUNS).map_err(db_err("read runs"))?;
+        let arrivals = txn.open_table(ARRIVALS).map_err(db_err("read runs"))?;
+        let limit = q.limit.clamp(1, PAGE_MAX);
+        let at = |seq| ArrivalCursor { epoch: 0, seq };
+        let wanted = |(task, agent, _, _): RunKeyOf| {
+            q.task.is_none_or(|x| x.0 == task) && q.agent.is_none_or(|x| x.0 == agent)
+        };
+        let mut out = ArrivedRuns::default();
+        let mut bytes = 0usize;
+        // (seq, key) of the page, in the order scanned.
+        let mut page: Vec<(u64, RunKeyOf)> = Vec::new();
+        let mut scanned = 0usize;
+        match q.after {
+            Some(after) => {
+                // Embedded stores write one epoch (0): a cursor of another
+                // epoch is past all of it or before all of it.
+                let from = match after.epoch {
+                    0 => after.seq.saturating_add(1),
+                    _ => u64::MAX,
+                };
+                out.next = after;
+                for item in arrivals.range(from..).map_err(db_err("read runs"))? {
+                    let (k, v) = item.map_err(db_err("read runs"))?;
+                    if page.len() >= limit || scanned >= ARRIVAL_SCAN_MAX {
+                        out.more = true;
+                        break;
+                    }
+                    scanned += 1;
+                    out.next = at(k.value());
+                    if wanted(v.value()) {
+                        page.push((k.value(), v.value()));
+                    }
+                }
+            }
+            None => {
+                out.next = match arrivals.last().map_err(db_err("read runs"))? {
+                    Some((k, _)) => at(k.value()),
+                    None => ArrivalCursor::START,
+                };
+                for item in arrivals.iter().map_err(db_err("read runs"))?.rev() {
+                    let (k, v) = item.map_err(db_err("read runs"))?;
+                    if page.len() >= limit || scanned >= ARRIVAL_SCAN_MAX {
+                        break;
+                    }
+                    scanned += 1;
+                    if wanted(v.value()) {
+                        page.push((k.value(), v.value()));
+                    }
+                }
+                page.reverse();
+            }
+        }
+        for (i, &(seq, key)) in page.iter().enumerate() {
+            if bytes >= RUN_LIST_BYTES_MAX {
+                // The rest is the next page's: continue after the last read.
+                if q.after.is_some() {
+                    out.more = true;
+                    out.next = at(page[i - 1].0);
+                }
+                break;
+            }
+            let Some((size, decoded)) = self.read_run(&t, key)? else {
+                continue;
+            };
+            bytes = bytes.saturating_add(size);
+            if out.first.is_none() {
+                out.first = Some(at(seq));
+            }
+            match decoded {
+                Ok(r) => out.runs.push(r),
+                Err(e) => {
+                    out.unreadable += 1;
+                    tracing::warn!(error = %e, "skipped an unreadable run record");
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes runs scheduled before `before`, at most `max` in one
     /// transaction, oldest first by the time index; returns how many went
     /// (call again while it is `max`).
@@ -1859,6 +2028,8 @@ impl CoordStore for CoordinatorStore {
             let mut by_agent = txn
                 .open_table(RUNS_BY_AGENT)
                 .map_err(db_err("purge runs"))?;
+            let mut arrivals = txn.open_table(ARRIVALS).map_err(db_err("purge runs"))?;
+            let mut arrival_of = txn.open_table(ARRIVAL_OF).map_err(db_err("purge runs"))?;
             let mut doomed = Vec::new();
             for item in by_time
                 .range((i64::MIN, 0, 0, 0)..(before.as_millis(), 0, 0, 0))
@@ -1882,6 +2053,13 @@ impl CoordStore for CoordinatorStore {
                 by_agent
                     .remove((agent, sched, task, attempt))
                     .map_err(db_err("purge runs"))?;
+                let seq = arrival_of
+                    .remove((task, agent, sched, attempt))
+                    .map_err(db_err("purge runs"))?
+                    .map(|v| v.value());
+                if let Some(seq) = seq {
+                    arrivals.remove(seq).map_err(db_err("purge runs"))?;
+                }
             }
             doomed.len()
         };

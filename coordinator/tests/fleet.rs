@@ -338,3 +338,150 @@ fn acks_lost_after_commit_are_resent_without_duplicates() {
     // drained, and each occurrence is stored once.
     each_once_without_gaps(&times, 250);
 }
+
+/// One page of `run list --page -o json` after `cursor` (arrival order when
+/// it is an arrival cursor): the runs as (task, agent, scheduled_at), and
+/// the cursor to go on from.
+fn page_after(coord: &Coordinator, cursor: &str) -> (Vec<(String, String, String)>, String) {
+    let mut args = vec!["run", "list", "--page", "--limit", "50", "--after", cursor];
+    if cursor.starts_with("arrival.") {
+        args.push("--arrival");
+    }
+    let p = coord.json(&args);
+    let runs = p["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| {
+            (
+                r["task_id"].as_str().expect("task").to_owned(),
+                r["agent_id"].as_str().expect("agent").to_owned(),
+                r["scheduled_at"].as_str().expect("scheduled_at").to_owned(),
+            )
+        })
+        .collect();
+    let next = p["newer"].as_str().map_or(cursor.to_owned(), str::to_owned);
+    (runs, next)
+}
+
+/// Follows from `cursor` until a page comes back empty.
+fn follow(coord: &Coordinator, cursor: &mut String, seen: &mut Vec<(String, String, String)>) {
+    loop {
+        let (runs, next) = page_after(coord, cursor);
+        *cursor = next;
+        if runs.is_empty() {
+            return;
+        }
+        seen.extend(runs);
+    }
+}
+
+#[test]
+fn a_consumer_in_arrival_order_gets_an_offline_agents_backlog_once() {
+    // Agent `a` stays online; `b` is cut off and fires offline. A script
+    // that follows runs by scheduled time passes b's backlog while it is
+    // still on b; one that follows arrival order gets every run once.
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let relay = Relay::start(coord.addr);
+    join(
+        &coord.addr.to_string(),
+        &coord.token(&[]),
+        &root.path().join("a"),
+        "a",
+        &[],
+    )
+    .expect("a joins");
+    join(
+        &relay.addr.to_string(),
+        &coord.token(&[]),
+        &root.path().join("b"),
+        "b",
+        &[],
+    )
+    .expect("b joins");
+    let mut a = Agent::start(&root.path().join("a"));
+    let mut b = Agent::start(&root.path().join("b"));
+    wait_for("both agents in session", || {
+        coord
+            .json(&["agent", "list"])
+            .as_array()
+            .is_some_and(|l| l.len() == 2 && l.iter().all(|x| x["online"] == true))
+    });
+    // The arrival follower starts at the end of what is stored (nothing).
+    let start = coord.json(&["run", "list", "--arrival", "--page"]);
+    let mut arrival = start["newer"]
+        .as_str()
+        .expect("an arrival cursor")
+        .to_owned();
+    assert!(arrival.starts_with("arrival."), "{arrival}");
+    for agent in ["a", "b"] {
+        coord.ctl_ok(&[
+            "task",
+            "create",
+            "--agent",
+            agent,
+            "--every",
+            "400ms",
+            "--",
+            "/bin/true",
+        ]);
+    }
+    wait_for("runs of both", || coord.runs(&[]).len() >= 6);
+    // By time: from the first instant on (a cursor before every run).
+    let mut by_time = "0.0.0.0".to_owned();
+    let mut seen_arrival = Vec::new();
+    let mut seen_time = Vec::new();
+    follow(&coord, &mut arrival, &mut seen_arrival);
+    follow(&coord, &mut by_time, &mut seen_time);
+
+    relay.set(Link::DropBoth);
+    wait_for("b offline", || {
+        coord
+            .json(&["agent", "list"])
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x["name"] == "b" && x["online"] == false))
+    });
+    // Both followers keep reading while b buffers.
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(500));
+        follow(&coord, &mut arrival, &mut seen_arrival);
+        follow(&coord, &mut by_time, &mut seen_time);
+    }
+    assert!(b.status().outbox_len > 0, "b buffered nothing");
+    relay.set(Link::Pass);
+    wait_for("b's backlog to sync", || b.status().outbox_len == 0);
+    a.stop();
+    b.stop();
+    follow(&coord, &mut arrival, &mut seen_arrival);
+    follow(&coord, &mut by_time, &mut seen_time);
+
+    // Every run stored after the followers started, from the store itself.
+    let stored: HashSet<(String, String, String)> = coord
+        .runs(&[])
+        .iter()
+        .map(|r| {
+            (
+                r["task_id"].as_str().expect("task").to_owned(),
+                r["agent_id"].as_str().expect("agent").to_owned(),
+                r["scheduled_at"].as_str().expect("scheduled_at").to_owned(),
+            )
+        })
+        .collect();
+    let got: HashSet<_> = seen_arrival.iter().cloned().collect();
+    assert_eq!(got.len(), seen_arrival.len(), "a run was read twice");
+    assert_eq!(got, stored, "arrival order missed runs");
+    let by_time: HashSet<_> = seen_time.iter().cloned().collect();
+    eprintln!(
+        "stored {}; followed by scheduled time: {}; in arrival order: {}",
+        stored.len(),
+        by_time.len(),
+        got.len()
+    );
+    assert!(
+        by_time.len() < stored.len(),
+        "the time-order follower was expected to pass b's backlog: {} of {}",
+        by_time.len(),
+        stored.len()
+    );
+}

@@ -386,6 +386,79 @@ impl std::str::FromStr for RunCursor {
     }
 }
 
+/// A position in arrival order: runs in the order the store took them, so
+/// that a reader following it meets every run once, late ones (an offline
+/// agent's backlog) included. `epoch` orders first, then `seq`: on
+/// PostgreSQL the epoch is the storing transaction's id, and a reader is
+/// never shown a run past a transaction that may still commit; the embedded
+/// store has one writer and epoch 0. Written `arrival.EPOCH.SEQ`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ArrivalCursor {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// What an arrival cursor's text starts with.
+pub const ARRIVAL_PREFIX: &str = "arrival.";
+
+impl ArrivalCursor {
+    /// Before every run: `--after arrival.0.0` reads from the first.
+    pub const START: ArrivalCursor = ArrivalCursor { epoch: 0, seq: 0 };
+}
+
+impl fmt::Display for ArrivalCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{ARRIVAL_PREFIX}{}.{}", self.epoch, self.seq)
+    }
+}
+
+impl std::str::FromStr for ArrivalCursor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not an arrival cursor (arrival.EPOCH.SEQ, as printed after a page of `run list --arrival`)")
+        };
+        let rest = s.strip_prefix(ARRIVAL_PREFIX).ok_or_else(bad)?;
+        let (epoch, seq) = rest.split_once('.').ok_or_else(bad)?;
+        Ok(ArrivalCursor {
+            epoch: epoch.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// A `run list --arrival` query.
+#[derive(Debug, Clone, Copy)]
+pub struct ArrivalQuery {
+    pub task: Option<TaskId>,
+    pub agent: Option<AgentId>,
+    pub limit: usize,
+    /// The runs stored after this position, in arrival order; `None`: the
+    /// latest `limit` to arrive.
+    pub after: Option<ArrivalCursor>,
+}
+
+/// One answer of [`CoordStore::runs_arrived`].
+#[derive(Debug, Clone, Default)]
+pub struct ArrivedRuns {
+    /// In arrival order.
+    pub runs: Vec<RunRecord>,
+    /// The position of the page's first run.
+    pub first: Option<ArrivalCursor>,
+    /// Where the next page starts (`--after`): past everything this page
+    /// looked at, matching or not, so a filtered reader moves on.
+    pub next: ArrivalCursor,
+    /// More runs are stored past `next` (that this reader may see now).
+    pub more: bool,
+    /// Stored records that matched but could not be decoded.
+    pub unreadable: u64,
+}
+
+/// The most index entries one page in arrival order looks at: a filter
+/// that matches little ends the page there, with `more` and a cursor past
+/// them, rather than scanning the whole store.
+pub const ARRIVAL_SCAN_MAX: usize = 100_000;
+
 /// Which page of runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Page {
@@ -660,6 +733,10 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
     /// One page of runs, read from an index by time: O(page) whatever is
     /// stored, at most [`RUN_LIST_BYTES_MAX`] of records.
     fn runs(&self, q: &RunQuery) -> StoreResult<RunPage>;
+    /// One page of runs in the order they were stored (see
+    /// [`ArrivalCursor`]): O(page), at most [`RUN_LIST_BYTES_MAX`] of
+    /// records and [`ARRIVAL_SCAN_MAX`] entries looked at.
+    fn runs_arrived(&self, q: &ArrivalQuery) -> StoreResult<ArrivedRuns>;
     /// The latest run of `task` on each agent, at most `limit` agents.
     fn last_runs(&self, task: TaskId, limit: usize) -> StoreResult<Vec<LastRun>>;
     /// Deletes runs scheduled before `before`, at most `max`, oldest first;

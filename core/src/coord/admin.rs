@@ -17,8 +17,8 @@ use sundial_protocol::{AgentId, ScheduleKind, TaskId, TaskSpec, Timestamp};
 
 use super::{AdminId, Limits};
 use crate::coord_store::{
-    targets, AdminCert, Agent, CoordStore, JoinToken, Page, RunCursor, RunQuery, StoreError,
-    StoreResult, StoredTask, PAGE_MAX,
+    targets, AdminCert, Agent, ArrivalCursor, ArrivalQuery, CoordStore, JoinToken, Page, RunCursor,
+    RunQuery, StoreError, StoreResult, StoredTask, ARRIVAL_PREFIX, PAGE_MAX,
 };
 
 /// Most runs listed by one `run list`.
@@ -1218,6 +1218,55 @@ fn run_list(
         return Err(StoreError::Refused("--limit must be at least 1".into()));
     }
     let limit = limit.min(RUN_LIST_MAX) as usize;
+    // Arrival order: `--after arrival.E.S` pages forward from a place,
+    // `--before arrival` is the latest page (what `run list --arrival`
+    // sends without a cursor).
+    let arrival = |s: &Option<String>| {
+        s.as_deref()
+            .is_some_and(|s| s == "arrival" || s.starts_with(ARRIVAL_PREFIX))
+    };
+    if arrival(&after) || arrival(&before) {
+        if since.is_some() {
+            return Err(StoreError::Refused(
+                "--since does not go with arrival order (a cursor says where to start)".into(),
+            ));
+        }
+        let after = match (after, before.as_deref()) {
+            (Some(a), None) => Some(a.parse::<ArrivalCursor>().map_err(StoreError::Refused)?),
+            (None, Some("arrival")) => None,
+            (None, Some(_)) => {
+                return Err(StoreError::Refused(
+                    "arrival order pages forward only: use --after with an arrival cursor".into(),
+                ))
+            }
+            _ => {
+                return Err(StoreError::Refused(
+                    "--after and --before do not go together".into(),
+                ))
+            }
+        };
+        let page = store.runs_arrived(&ArrivalQuery {
+            task,
+            agent,
+            limit,
+            after,
+        })?;
+        let mut answers: Vec<AdminResponse> = chunk_by_size(page.runs, LIST_CHUNK_BYTES_MAX)
+            .into_iter()
+            .map(AdminResponse::Runs)
+            .collect();
+        answers.push(AdminResponse::RunsSummary {
+            matched: None,
+            unreadable: page.unreadable,
+            more: page.more,
+            first: page.first.map(|c| c.to_string()),
+            last: Some(page.next.to_string()),
+        });
+        return Ok(AdminAnswer {
+            answers,
+            follow: Vec::new(),
+        });
+    }
     let cursor = |s: Option<String>| {
         s.map(|s| s.parse::<RunCursor>().map_err(StoreError::Refused))
             .transpose()

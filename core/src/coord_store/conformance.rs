@@ -70,6 +70,10 @@ pub const ALL: &[(&str, Body)] = &[
         purge_deletes_the_oldest_in_batches,
     ),
     (
+        "arrival_order_meets_late_runs_once",
+        arrival_order_meets_late_runs_once,
+    ),
+    (
         "listings_are_paged_and_cover_everything_once",
         listings_are_paged_and_cover_everything_once,
     ),
@@ -690,6 +694,89 @@ pub fn run_pages_cover_every_run_once_in_order(s: &dyn CoordStore) {
     );
     assert_eq!(of_1.runs.len(), 10);
     assert!(of_1.runs.iter().all(|r| r.agent_id == AgentId(1)));
+}
+
+pub fn arrival_order_meets_late_runs_once(s: &dyn CoordStore) {
+    let a = create(s, None, 1);
+    let b = create(s, None, 2);
+    let query = |task, after, limit| ArrivalQuery {
+        task,
+        agent: None,
+        limit,
+        after,
+    };
+    // Nothing stored: an empty page that starts from the beginning.
+    let empty = ok(s.runs_arrived(&query(None, None, 10)), "empty");
+    assert!(empty.runs.is_empty() && !empty.more);
+    let start = empty.next;
+    // Agent 1 reports its runs as they happen; a follower reads along.
+    let online: Vec<RunRecord> = (10..20)
+        .map(|i| run(a.id.0, 1, i * 1_000, Outcome::Succeeded))
+        .collect();
+    ok(s.put_runs(&online), "online");
+    let mut seen: Vec<(u64, i64)> = Vec::new();
+    let mut cursor = start;
+    let mut follow = |cursor: &mut ArrivalCursor, seen: &mut Vec<(u64, i64)>| loop {
+        let p = ok(s.runs_arrived(&query(None, Some(*cursor), 4)), "follow");
+        assert!(p.runs.len() <= 4);
+        assert!(p.next >= *cursor, "the cursor never goes back");
+        seen.extend(
+            p.runs
+                .iter()
+                .map(|r| (r.task_id.0, r.scheduled_at.as_millis() - T0)),
+        );
+        *cursor = p.next;
+        if !p.more {
+            break;
+        }
+    };
+    follow(&mut cursor, &mut seen);
+    assert_eq!(seen.len(), 10);
+    // Agent 2 comes back with a backlog scheduled before all of them, and a
+    // resend of one run already stored: the follower gets the backlog, once.
+    let backlog: Vec<RunRecord> = (0..7)
+        .map(|i| run(b.id.0, 2, i * 1_000, Outcome::Failed))
+        .collect();
+    ok(s.put_runs(&backlog), "backlog");
+    ok(s.put_runs(&online[..3]), "resent");
+    follow(&mut cursor, &mut seen);
+    assert_eq!(seen.len(), 17, "{seen:?}");
+    assert_eq!(
+        &seen[10..],
+        (0..7).map(|i| (b.id.0, i * 1_000)).collect::<Vec<_>>(),
+        "the late runs in the order they arrived"
+    );
+    // Nothing new: an empty page, the cursor where it was.
+    let idle = ok(s.runs_arrived(&query(None, Some(cursor), 4)), "idle");
+    assert!(idle.runs.is_empty() && !idle.more);
+    assert_eq!(idle.next, cursor);
+    // The latest page: the newest arrivals, and the cursor at the end.
+    let latest = ok(s.runs_arrived(&query(None, None, 3)), "latest");
+    assert_eq!(
+        latest
+            .runs
+            .iter()
+            .map(|r| r.scheduled_at.as_millis() - T0)
+            .collect::<Vec<_>>(),
+        vec![4_000, 5_000, 6_000]
+    );
+    assert_eq!(latest.next, cursor);
+    // Of one task: only its runs, and a cursor past what was looked at.
+    let of_a = ok(s.runs_arrived(&query(Some(a.id), Some(start), 100)), "of a");
+    assert_eq!(of_a.runs.len(), 10);
+    assert!(of_a.runs.iter().all(|r| r.task_id == a.id));
+    assert_eq!(of_a.next, cursor);
+    // Purged runs leave the order; the rest stays where it was.
+    ok(s.purge_runs_before(t(5_000), 100), "purge");
+    let mut after_purge = Vec::new();
+    let mut c = start;
+    follow(&mut c, &mut after_purge);
+    assert_eq!(after_purge.len(), 12, "{after_purge:?}");
+    assert!(after_purge.iter().all(|&(_, at)| at >= 5_000));
+    // A cursor written and read back is the same place.
+    assert_eq!(cursor.to_string().parse::<ArrivalCursor>(), Ok(cursor));
+    assert!("arrival.x.1".parse::<ArrivalCursor>().is_err());
+    assert!("12.1.1.0".parse::<ArrivalCursor>().is_err());
 }
 
 pub fn purge_deletes_the_oldest_in_batches(s: &dyn CoordStore) {

@@ -457,6 +457,14 @@ pub(crate) enum RunCmd {
         /// (--before OLDER goes back, --after NEWER forward).
         #[arg(long, conflicts_with_all = ["follow", "outcome"])]
         page: bool,
+        /// In the order the coordinators stored the runs, not by scheduled
+        /// time: for scripts that consume runs, late ones included (an
+        /// offline agent's backlog arrives scheduled in the past). Without
+        /// --after, the latest runs to arrive; the cursor to continue from
+        /// is printed after every page (--page: "newer"); `--after
+        /// arrival.0.0` reads from the first run stored.
+        #[arg(long, conflicts_with_all = ["before", "since", "outcome", "follow"])]
+        arrival: bool,
         #[command(flatten)]
         out: OutputArg,
     },

@@ -673,6 +673,7 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
             follow,
             outcome,
             page,
+            arrival,
             out,
         }) => {
             let task = match task {
@@ -699,6 +700,9 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 return runs_with_outcomes(ctl, task, agent, since, limit, &outcomes, out.output)
                     .await;
             }
+            if arrival && after.as_deref().is_some_and(|a| !a.starts_with("arrival.")) {
+                bail!("--arrival pages with the cursors it prints (arrival.EPOCH.SEQ); `--after arrival.0.0` starts from the first run stored");
+            }
             let answer = ctl
                 .client
                 .run_list(&AdminRequest::RunList {
@@ -707,7 +711,11 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                     since,
                     limit,
                     after: after.clone(),
-                    before,
+                    // Arrival order without a cursor: the latest page.
+                    before: match (arrival, &after) {
+                        (true, None) => Some("arrival".into()),
+                        _ => before,
+                    },
                 })
                 .await
                 .map_err(anyhow::Error::msg)?;
@@ -737,7 +745,18 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                     answer.unreadable
                 );
             }
-            if answer.more && out.output != Output::Json {
+            if arrival && out.output != Output::Json {
+                // A consumer needs its place whether or not more is waiting.
+                let next = answer.last.as_deref().unwrap_or("arrival.0.0");
+                if answer.more {
+                    eprintln!(
+                        "showing {} runs; more: --arrival --after {next}",
+                        answer.runs.len()
+                    );
+                } else {
+                    eprintln!("next: --arrival --after {next}");
+                }
+            } else if answer.more && out.output != Output::Json {
                 let shown = answer.runs.len();
                 let of = answer
                     .matched
