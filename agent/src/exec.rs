@@ -32,65 +32,7 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Read chunk size.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
-/// The environment variables any task may set: plain data no program reads
-/// as code. Anything else needs the device owner's `--allow-env PATTERN`.
-/// (`SUNDIAL_*` are the agent's own, describing the run; set after the
-/// task's, they win.)
-pub const ENV_ALLOWED_DEFAULT: &[&str] = &["TZ", "LANG", "LANGUAGE", "LC_*", "TASK_*", "SUNDIAL_*"];
-
-/// Environment variables known to make the loader, the C library, a shell
-/// or an interpreter run code other than the allowed program (`LD_PRELOAD`,
-/// `BASH_ENV`, `PYTHONPATH`, ...), or find other programs (`PATH`): refused
-/// unless `--allow-env` names them, so that a broad pattern such as `*`
-/// does not let them through by accident. Globs, as for programs.
-pub const ENV_REFUSED: &[&str] = &[
-    "LD_*",
-    "GCONV_PATH",
-    "GETCONF_DIR",
-    "GLIBC_TUNABLES",
-    "HOSTALIASES",
-    "LOCALDOMAIN",
-    "LOCPATH",
-    "MALLOC_*",
-    "NIS_PATH",
-    "NLSPATH",
-    "RESOLV_HOST_CONF",
-    "RES_OPTIONS",
-    "PATH",
-    "IFS",
-    "BASH_ENV",
-    "ENV",
-    "SHELLOPTS",
-    "BASHOPTS",
-    "PS4",
-    "PYTHON*",
-    "PERL5*",
-    "PERLLIB",
-    "RUBYOPT",
-    "RUBYLIB",
-    "NODE_OPTIONS",
-    "NODE_PATH",
-    "JAVA_TOOL_OPTIONS",
-    "_JAVA_OPTIONS",
-    "JDK_JAVA_OPTIONS",
-    "LUA_INIT*",
-    "LUA_PATH*",
-    "LUA_CPATH*",
-    "OPENSSL_CONF",
-    "OPENSSL_ENGINES",
-    "OPENSSL_MODULES",
-    "GIT_*",
-    "SSH_ASKPASS",
-    "EDITOR",
-    "VISUAL",
-    "PAGER",
-    "PROMPT_COMMAND",
-    "ZDOTDIR",
-    "TCLLIBPATH",
-    "R_PROFILE*",
-    "GEM_*",
-    "CLASSPATH",
-];
+pub use sundial_protocol::policy::{ENV_ALLOWED_DEFAULT, ENV_REFUSED};
 
 /// Which programs may run, with what environment, and how much output to keep.
 #[derive(Debug, Clone)]
@@ -252,33 +194,7 @@ impl ExecPolicy {
     /// [`ENV_REFUSED`] only if a pattern names it exactly. (The agent's own
     /// `SUNDIAL_*` variables are set after the task's, so they win.)
     pub fn env_refusal(&self, name: &str) -> Option<String> {
-        let plain = !name.is_empty()
-            && !name.starts_with(|c: char| c.is_ascii_digit())
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !plain || name.starts_with("BASH_FUNC_") {
-            return Some(format!(
-                "environment variable `{name}` is never allowed: a name that is not a plain identifier (letters, digits, `_`) can define shell functions"
-            ));
-        }
-        if ENV_REFUSED.iter().any(|p| glob_match(p, name)) {
-            if self.allow_env.iter().any(|p| p == name) {
-                return None;
-            }
-            return Some(format!(
-                "environment variable `{name}` is not allowed: it can make the program load or run other code (start the agent with --allow-env {name} to allow it)"
-            ));
-        }
-        let allowed = ENV_ALLOWED_DEFAULT
-            .iter()
-            .copied()
-            .chain(self.allow_env.iter().map(String::as_str))
-            .any(|p| glob_match(p, name));
-        if allowed {
-            return None;
-        }
-        Some(format!(
-            "environment variable `{name}` is not allowed on this agent: tasks may set TZ, LANG, LANGUAGE, LC_*, TASK_* and what the device owner allows (start the agent with --allow-env '{name}' or a pattern)"
-        ))
+        sundial_protocol::policy::env_refusal(&self.allow_env, name)
     }
 
     /// Why `program` may not run, or `None` if it may.

@@ -91,6 +91,7 @@ fn raw_session(
                     allow_exec: vec![],
                     seal_key: Default::default(),
                     functions: Default::default(),
+                    allow_env: Default::default(),
                 },
             )
             .await?;
@@ -1019,6 +1020,7 @@ fn a_second_session_of_one_agent_replaces_the_first() {
                     allow_exec: vec![],
                     seal_key: Default::default(),
                     functions: Default::default(),
+                    allow_env: Default::default(),
                 },
             )
             .await

@@ -769,6 +769,47 @@ fn task_create_warns_of_a_program_the_agent_refuses_and_of_an_offline_target() {
         !err.contains("does not allow") && !err.contains("offline"),
         "{err}"
     );
+    // An environment variable the agent would refuse (by the patterns its
+    // Hello told: none here beyond the defaults), and one it allows.
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--agent",
+        "edge-1",
+        "--every",
+        "1h",
+        "--env",
+        "DB_URL=x",
+        "--env",
+        "TZ=UTC",
+        "--env",
+        "LD_PRELOAD=/x.so",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("edge-1 (a1) [DB_URL, LD_PRELOAD] does not allow the environment variables"),
+        "{err}"
+    );
+    let listed = coord.json(&["agent", "get", "edge-1"]);
+    assert_eq!(listed["allow_env"], serde_json::json!([]), "{listed}");
+    let (ok, _, err) = coord.ctl(&[
+        "task",
+        "create",
+        "--agent",
+        "edge-1",
+        "--every",
+        "1h",
+        "--env",
+        "TASK_MODE=fast",
+        "--env",
+        "LC_ALL=C",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("environment"), "{err}");
     // Offline: said so, and what happens to what is due meanwhile.
     online.stop();
     wait_for("edge-1 offline", || {

@@ -74,6 +74,7 @@ fn try_session(
                 allow_exec: vec![],
                 seal_key: Default::default(),
                 functions: Default::default(),
+                allow_env: Default::default(),
             },
         )
         .await?;
@@ -239,6 +240,7 @@ fn identity_comes_from_the_certificate_only() {
                 allow_exec: vec![],
                 seal_key: Default::default(),
                 functions: Default::default(),
+                allow_env: Default::default(),
             },
         )
         .await

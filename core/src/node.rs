@@ -289,6 +289,9 @@ pub struct NodeConfig {
     pub agent_version: String,
     /// The programs this agent allows, told in Hello (for operators).
     pub allow_exec: Vec<String>,
+    /// The environment variables it allows beyond the defaults
+    /// (`--allow-env`), told in Hello.
+    pub allow_env: Vec<String>,
     pub runs_concurrent_max: usize,
     /// The boot this node starts in (an anchor of another boot is ignored).
     pub boot_id: u64,
@@ -816,6 +819,7 @@ impl<S: NodeStore> AgentNode<S> {
             outbox_len: self.store.outbox_len()?,
             agent_version: self.cfg.agent_version.clone(),
             allow_exec: self.cfg.allow_exec.clone(),
+            allow_env: self.cfg.allow_env.clone(),
             seal_key: self.cfg.seal_key,
             functions: Some(sundial_protocol::wire::FunctionsHello {
                 modules: self

@@ -289,14 +289,26 @@ pub const ALLOW_EXEC_PATTERNS_MAX: usize = 64;
 pub const ALLOW_EXEC_PATTERN_BYTES_MAX: usize = 200;
 /// The longest agent version a Hello carries, bytes.
 pub const AGENT_VERSION_BYTES_MAX: usize = 64;
-/// The largest Hello an agent within the bounds above can send, encoded
-/// (postcard: a varint of at most 10 bytes per integer and length).
+/// The `--allow-exec` patterns a Hello tells (the agent enforces its whole
+/// list; a longer one is told in part), and the bytes of each told (a
+/// longer one is cut and ends in `…`).
+pub const HELLO_PATTERNS_MAX: usize = 32;
+pub const HELLO_PATTERN_BYTES_MAX: usize = 200;
+/// The same for `--allow-env` patterns.
+pub const HELLO_ENV_PATTERNS_MAX: usize = 32;
+pub const HELLO_ENV_PATTERN_BYTES_MAX: usize = 64;
+/// The largest Hello an agent can send, encoded (postcard: a varint of at
+/// most 10 bytes per integer and length).
 pub const HELLO_BYTES_MAX: usize = 1
     + 10
     + 10
     + (10 + AGENT_VERSION_BYTES_MAX)
     + 10
-    + ALLOW_EXEC_PATTERNS_MAX * (10 + ALLOW_EXEC_PATTERN_BYTES_MAX)
+    + HELLO_PATTERNS_MAX * (10 + HELLO_PATTERN_BYTES_MAX)
+    // the environment patterns: an option tag, a length, the patterns
+    + 1
+    + 10
+    + HELLO_ENV_PATTERNS_MAX * (10 + HELLO_ENV_PATTERN_BYTES_MAX)
     // seal key: an option tag and 32 bytes
     + 1
     + 32
@@ -354,6 +366,10 @@ pub enum AgentMsg {
         /// Whether it runs functions, its ceilings and the modules it holds
         /// (agents 0.7 and later).
         functions: Trailing<FunctionsHello>,
+        /// Its `--allow-env` patterns, at most [`HELLO_ENV_PATTERNS_MAX`]
+        /// of at most [`HELLO_ENV_PATTERN_BYTES_MAX`] bytes (agents 0.8 and
+        /// later), so `task create` can warn of a variable it would refuse.
+        allow_env: Trailing<Vec<String>>,
     },
     Results {
         batch_id: u64,
@@ -781,6 +797,8 @@ pub struct AgentInfo {
     pub reported_at: Option<Timestamp>,
     /// Whether it runs functions, as its last Hello said (0.7 and later).
     pub functions: Option<FunctionsHello>,
+    /// Its `--allow-env` patterns, as its last Hello said (0.8 and later).
+    pub allow_env: Option<Vec<String>>,
 }
 
 /// A task, its state, and what its runs say.
@@ -926,11 +944,15 @@ mod tests {
         assert_eq!(pattern.len(), ALLOW_EXEC_PATTERN_BYTES_MAX);
         let allow = vec![pattern.clone(); ALLOW_EXEC_PATTERNS_MAX];
         assert_eq!(allowlist_refusal(&allow), None);
+        // What a Hello tells of them: the first patterns, each at most so
+        // long; and as many environment patterns as it tells.
+        let told = "😀".repeat(HELLO_PATTERN_BYTES_MAX / 4);
+        let env = "E".repeat(HELLO_ENV_PATTERN_BYTES_MAX);
         let hello = AgentMsg::Hello {
             last_revision: u64::MAX,
             outbox_len: u64::MAX,
             agent_version: "9".repeat(AGENT_VERSION_BYTES_MAX),
-            allow_exec: allow.clone(),
+            allow_exec: vec![told; HELLO_PATTERNS_MAX],
             seal_key: Some(SealPublicKey([0xff; 32])).into(),
             functions: Some(FunctionsHello {
                 allowed: true,
@@ -940,8 +962,10 @@ mod tests {
                 modules: vec![crate::wasm::ModuleHash([0xff; 32]); HELLO_MODULES_MAX],
             })
             .into(),
+            allow_env: Some(vec![env; HELLO_ENV_PATTERNS_MAX]).into(),
         };
         let framed = crate::codec::encode(&hello).expect("encodes");
+        assert!(framed.len() <= HELLO_BYTES_MAX + 16, "{}", framed.len());
         assert!(framed.len() <= HELLO_FRAME_BYTES_MAX, "{}", framed.len());
         let mut more = allow.clone();
         more.push("/bin/true".into());

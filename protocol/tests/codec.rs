@@ -34,6 +34,7 @@ fn messages_round_trip_in_pieces() {
             allow_exec: vec![],
             seal_key: Default::default(),
             functions: Default::default(),
+            allow_env: Some(vec!["APP_*".into()]).into(),
         },
         AgentMsg::Results {
             batch_id: 9,

@@ -222,6 +222,7 @@ pub async fn light_agent(
                 outbox_len: 0,
                 agent_version: env!("CARGO_PKG_VERSION").into(),
                 allow_exec: vec![],
+                allow_env: vec![],
                 seal_key: None,
                 functions: None,
             },

@@ -196,6 +196,7 @@ impl Node {
                 allow_exec: Vec::new(),
                 seal_key: Default::default(),
                 functions: Default::default(),
+                allow_env: Default::default(),
             },
         );
         self.settle(at);

@@ -57,6 +57,7 @@ fn write_seed_corpus() {
         allow_exec: vec!["/bin/*".into()],
         seal_key: Default::default(),
         functions: Default::default(),
+        allow_env: Default::default(),
     };
     write("frames", "hello", &framed(0, encode(&hello).expect("enc")));
     let report = AgentMsg::Report(AgentReport {
@@ -226,6 +227,7 @@ fn write_seed_corpus() {
         allow_exec: vec![],
         seal_key: Some(pair.public()).into(),
         functions: Default::default(),
+        allow_env: Default::default(),
     };
     write(
         "frames",

@@ -336,6 +336,7 @@ pub async fn run(
         agent_id,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         allow_exec: exec_policy.allow.clone(),
+        allow_env: exec_policy.allow_env.clone(),
         runs_concurrent_max: config.runs_concurrent_max.max(1),
         boot_id: node_store.boot_hash,
         seed: session::jitter_seed(),

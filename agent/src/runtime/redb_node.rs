@@ -349,6 +349,7 @@ mod tests {
             agent_id: AgentId(1),
             agent_version: "test".into(),
             allow_exec: vec![],
+            allow_env: vec![],
             runs_concurrent_max: 4,
             boot_id: 1,
             seed: 1,

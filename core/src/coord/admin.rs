@@ -211,6 +211,8 @@ pub struct SeenView {
     pub last_contact: Option<Timestamp>,
     pub report: Option<(sundial_protocol::wire::AgentReport, Timestamp)>,
     pub functions: Option<sundial_protocol::wire::FunctionsHello>,
+    /// Its `--allow-env` patterns, if its Hello told them (0.8 and later).
+    pub allow_env: Option<Vec<String>>,
 }
 
 /// What an admin request is answered with, besides the store.
@@ -441,6 +443,7 @@ fn agent_info(r: Agent, seen: Option<&SeenView>, ctx: &AdminContext) -> AgentInf
         functions: seen.functions,
         reported_at: seen.report.as_ref().map(|(_, at)| *at),
         report: seen.report.map(|(r, _)| r),
+        allow_env: seen.allow_env,
     }
 }
 
@@ -985,6 +988,7 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
         text
     };
     let mut refusing = Vec::new();
+    let mut env_refused: Vec<String> = Vec::new();
     let mut offline = Vec::new();
     let mut old = Vec::new();
     let triggered = !draft.schedule.triggers().is_empty();
@@ -1033,6 +1037,26 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
         let told = seen.version.is_some()
             && seen.allow_exec.len() < 32
             && !seen.allow_exec.iter().any(|p| p.ends_with('…'));
+        // Environment variables: by the agent's own rule, on the patterns
+        // its Hello told in full (0.8 and later).
+        if let (Action::Exec(exec), Some(allow_env)) = (&draft.action, &seen.allow_env) {
+            let in_full = allow_env.len() < sundial_protocol::wire::HELLO_ENV_PATTERNS_MAX
+                && !allow_env.iter().any(|p| p.ends_with('…'));
+            if in_full {
+                let names = exec
+                    .env
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .chain(sealed_env.iter().map(|s| s.name.as_str()));
+                let mut refused: Vec<&str> = names
+                    .filter(|n| sundial_protocol::policy::env_refusal(allow_env, n).is_some())
+                    .collect();
+                refused.dedup();
+                if !refused.is_empty() {
+                    env_refused.push(format!("{} [{}]", name(a), refused.join(", ")));
+                }
+            }
+        }
         match &draft.action {
             Action::Exec(exec)
                 if told
@@ -1074,6 +1098,13 @@ fn reach_warnings(ctx: &AdminContext, draft: &TaskDraft, reached: &[Agent]) -> V
             listed(&refusing),
             if refusing.len() == 1 { "does" } else { "do" },
             exec.program
+        ));
+    }
+    if !env_refused.is_empty() {
+        out.push(format!(
+            "{} {} not allow the environment variables named (--allow-env on the device): every run there will be recorded rejected until the device owner allows them",
+            listed(&env_refused),
+            if env_refused.len() == 1 { "does" } else { "do" },
         ));
     }
     if !no_functions.is_empty() {

@@ -596,6 +596,7 @@ struct Feed {
 struct Seen {
     version: Option<String>,
     allow_exec: Vec<String>,
+    allow_env: Option<Vec<String>>,
     outbox_len: Option<u64>,
     last_contact: Option<Timestamp>,
     /// What its last session left of its upload limits.
@@ -1622,6 +1623,7 @@ impl CoordNode {
                     allow_exec,
                     seal_key,
                     functions,
+                    allow_env,
                 } = msg
                 else {
                     self.close(
@@ -1665,6 +1667,10 @@ impl CoordNode {
                 if let Some(s) = seen {
                     s.version = Some(agent_version);
                     s.allow_exec = allow_exec;
+                    s.allow_env = allow_env.0.map(|mut l| {
+                        l.truncate(sundial_protocol::wire::HELLO_ENV_PATTERNS_MAX);
+                        l
+                    });
                     s.functions = functions;
                     s.outbox_len = Some(outbox_len);
                     s.last_contact = Some(now.wall);
@@ -2431,6 +2437,7 @@ impl CoordNode {
             online: self.live.contains_key(&agent),
             version: s.version.clone(),
             allow_exec: s.allow_exec.clone(),
+            allow_env: s.allow_env.clone(),
             outbox_len: s.outbox_len,
             functions: s.functions.clone(),
             last_contact: s.last_contact,

@@ -100,6 +100,7 @@ fn hello(last_revision: u64) -> AgentMsg {
         allow_exec: Vec::new(),
         seal_key: Default::default(),
         functions: Default::default(),
+        allow_env: Default::default(),
     }
 }
 
@@ -1123,6 +1124,7 @@ fn live_session_of(n: &mut CoordNode, id: u64, version: &str, t: u64) -> ConnId 
             allow_exec: Vec::new(),
             seal_key: Default::default(),
             functions: Default::default(),
+            allow_env: Default::default(),
         },
     );
     n.handle_store_done(

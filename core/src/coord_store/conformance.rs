@@ -716,7 +716,7 @@ pub fn arrival_order_meets_late_runs_once(s: &dyn CoordStore) {
     ok(s.put_runs(&online), "online");
     let mut seen: Vec<(u64, i64)> = Vec::new();
     let mut cursor = start;
-    let mut follow = |cursor: &mut ArrivalCursor, seen: &mut Vec<(u64, i64)>| loop {
+    let follow = |cursor: &mut ArrivalCursor, seen: &mut Vec<(u64, i64)>| loop {
         let p = ok(s.runs_arrived(&query(None, Some(*cursor), 4)), "follow");
         assert!(p.runs.len() <= 4);
         assert!(p.next >= *cursor, "the cursor never goes back");

@@ -78,12 +78,10 @@ pub const CLOCK_FIRST_SAMPLE_RTT_MAX_MS: i64 = 10_000;
 /// zero without waiting for the report interval, in ms (after the store
 /// deleted what was acknowledged).
 pub const REPORT_AFTER_DRAIN_MS: u64 = 250;
-/// Patterns of the allowlist told in Hello, and characters of each (the
-/// Hello frame is small; the agent enforces its whole list).
-pub const HELLO_PATTERNS_MAX: usize = 32;
-/// Bytes of each pattern told (UTF-8: 200 ASCII characters, or 50 of four
-/// bytes); a longer one is cut at a character boundary and ends in `…`.
-pub const HELLO_PATTERN_BYTES_MAX: usize = 200;
+pub use sundial_protocol::wire::{
+    HELLO_ENV_PATTERNS_MAX, HELLO_ENV_PATTERN_BYTES_MAX, HELLO_PATTERNS_MAX,
+    HELLO_PATTERN_BYTES_MAX,
+};
 /// Bytes of the agent's version told.
 pub const HELLO_VERSION_BYTES_MAX: usize = 64;
 
@@ -94,6 +92,8 @@ const HELLO_ENCODED_MAX: usize = 1
     + (2 + HELLO_VERSION_BYTES_MAX)
     + 2
     + HELLO_PATTERNS_MAX * (2 + HELLO_PATTERN_BYTES_MAX)
+    + 3
+    + HELLO_ENV_PATTERNS_MAX * (2 + HELLO_ENV_PATTERN_BYTES_MAX)
     + 16;
 const _: () = assert!(
     HELLO_ENCODED_MAX <= sundial_protocol::wire::HELLO_FRAME_BYTES_MAX,
@@ -178,6 +178,8 @@ pub struct HelloInfo {
     pub seal_key: Option<sundial_protocol::seal::SealPublicKey>,
     /// Whether it runs functions, its ceilings, the modules it holds.
     pub functions: Option<sundial_protocol::wire::FunctionsHello>,
+    /// Its `--allow-env` patterns.
+    pub allow_env: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -505,6 +507,15 @@ impl AgentSession {
                 .collect(),
             seal_key: hello.seal_key.into(),
             functions: hello.functions.clone().into(),
+            allow_env: Some(
+                hello
+                    .allow_env
+                    .iter()
+                    .take(HELLO_ENV_PATTERNS_MAX)
+                    .map(|p| clip(p, HELLO_ENV_PATTERN_BYTES_MAX))
+                    .collect(),
+            )
+            .into(),
         });
         self.link = Link::Up(Box::new(Up {
             since_ms: now.mono_ms,
@@ -857,6 +868,7 @@ mod tests {
             allow_exec: vec!["x".repeat(1000); 100],
             seal_key: None,
             functions: None,
+            allow_env: vec!["E".repeat(1000); 100],
         }
     }
 
@@ -1360,6 +1372,7 @@ mod tests {
             drain(&mut s);
             let info = HelloInfo {
                 allow_exec: vec![ch.repeat(1_000); 100],
+                allow_env: vec![ch.repeat(1_000); 100],
                 seal_key: None,
                 agent_version: ch.repeat(1_000),
                 ..hello()

@@ -772,6 +772,7 @@ impl World {
             agent_id: self.agents[i].id,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             allow_exec: Vec::new(),
+            allow_env: Vec::new(),
             runs_concurrent_max: 64,
             boot_id: store.boot_hash(),
             seed: self.rng.next_u64(),

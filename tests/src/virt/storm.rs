@@ -402,6 +402,7 @@ impl Storm {
                         outbox_len: 0,
                         agent_version: env!("CARGO_PKG_VERSION").into(),
                         allow_exec: vec![],
+                        allow_env: vec![],
                         seal_key: None,
                         functions: None,
                     },

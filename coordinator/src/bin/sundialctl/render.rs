@@ -28,6 +28,7 @@ pub(crate) fn agent_json(a: &AgentInfo) -> Value {
         "rtt_ms": a.rtt_ms,
         "version": a.version,
         "allow_exec": a.allow_exec,
+        "allow_env": a.allow_env,
         "functions": a.functions.as_ref().map(|f| json!({
             "allowed": f.allowed,
             "fuel_max": f.fuel_max,
