@@ -874,3 +874,37 @@ fn retiring_an_agent_waits_for_its_outbox_then_revokes_it_and_it_fires_nothing_m
     let (ok, _, err) = coord.ctl(&["agent", "retire", "edge-1"]);
     assert!(!ok && err.contains("revoked already"), "{err}");
 }
+
+#[test]
+fn task_get_says_when_every_run_so_far_was_rejected() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(root.path());
+    let mut agent = coord.agent(&root.path().join("edge-1"), "edge-1");
+    wait_for("edge-1 online", || {
+        coord.json(&["agent", "list"])[0]["online"] == true
+    });
+    for (name, program) in [("refused", "/usr/bin/backup"), ("fine", "/bin/true")] {
+        coord.ctl_ok(&[
+            "task", "create", "--name", name, "--agent", "edge-1", "--every", "300ms", "--",
+            program,
+        ]);
+    }
+    wait_for("runs of both", || {
+        coord.runs(&["--task", "refused"]).len() >= 2 && coord.runs(&["--task", "fine"]).len() >= 2
+    });
+    let refused = coord.json(&["task", "get", "refused"]);
+    assert!(
+        refused["only_rejected"].as_u64().is_some_and(|n| n >= 2),
+        "{refused}"
+    );
+    let text = coord.ctl_ok(&["task", "get", "refused"]);
+    assert!(
+        text.contains("runs so far were rejected: the agents refuse it")
+            && text.contains("/usr/bin/backup"),
+        "{text}"
+    );
+    let fine = coord.json(&["task", "get", "fine"]);
+    assert!(fine["only_rejected"].is_null(), "{fine}");
+    assert!(!coord.ctl_ok(&["task", "get", "fine"]).contains("Warning"));
+    agent.stop();
+}

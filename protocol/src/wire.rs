@@ -819,7 +819,14 @@ pub struct TaskInfo {
     /// When it was created (0.8). `spec.created_at` is when its occurrences
     /// count from: the creation, or its latest resume.
     pub created_at: Timestamp,
+    /// `task get` (0.8): its latest runs, this many (all it has, up to
+    /// [`REJECTED_LOOKBACK`]), were every one rejected: the agents refuse it.
+    pub only_rejected: Option<u32>,
 }
+
+/// How many of a task's latest runs `task get` looks through to say that
+/// every run was rejected.
+pub const REJECTED_LOOKBACK: u32 = 1_000;
 
 /// The latest run of a task on one agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

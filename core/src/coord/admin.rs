@@ -13,7 +13,7 @@ use sundial_protocol::wire::{
     AuditEntry, Role, TaskDraft, TaskInfo, TaskPatch, TokenInfo, LIST_CHUNK_BYTES_MAX,
     TASK_SPEC_BYTES_MAX,
 };
-use sundial_protocol::{AgentId, ScheduleKind, TaskId, TaskSpec, Timestamp};
+use sundial_protocol::{AgentId, Outcome, ScheduleKind, TaskId, TaskSpec, Timestamp};
 
 use super::{AdminId, Limits};
 use crate::coord_store::{
@@ -502,6 +502,25 @@ fn task_info(
     } else {
         spec.schedule.next_after(now)
     };
+    // Every agent's latest run rejected: were they all, ever?
+    let only_rejected = if detailed
+        && !last_runs.is_empty()
+        && last_runs.iter().all(|l| l.outcome == Outcome::Rejected)
+    {
+        let lookback = sundial_protocol::wire::REJECTED_LOOKBACK;
+        let page = store.runs(&RunQuery {
+            task: Some(spec.id),
+            agent: None,
+            since: None,
+            limit: lookback as usize,
+            page: Page::Latest,
+            forward_from_since: false,
+        })?;
+        (!page.runs.is_empty() && page.runs.iter().all(|r| r.outcome == Outcome::Rejected))
+            .then(|| u32::try_from(page.runs.len()).unwrap_or(lookback))
+    } else {
+        None
+    };
     if !detailed {
         last_runs.sort_by_key(|l| (l.scheduled_at, l.attempt));
         let latest = last_runs.pop();
@@ -516,6 +535,7 @@ fn task_info(
         last_runs,
         reached: if detailed { reached } else { Vec::new() },
         created_at,
+        only_rejected,
     })
 }
 

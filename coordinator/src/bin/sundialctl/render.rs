@@ -144,6 +144,7 @@ pub(crate) fn task_json(t: &TaskInfo) -> Value {
         "cwd": cwd,
         "revision": t.spec.revision,
         "created_at": t.created_at.to_string(),
+        "only_rejected": t.only_rejected,
         "counts_from": t.spec.created_at.to_string(),
         "state": task_state(t),
         "cancelled": t.cancelled,
@@ -442,6 +443,25 @@ pub(crate) fn describe_task(t: &TaskInfo, names: &Names, downstream: &[TaskId]) 
     field("Task", t.spec.id.to_string());
     field("Name", or_dash(t.spec.name.clone()));
     field("State", task_state(t).into());
+    if let Some(n) = t.only_rejected {
+        let why = t
+            .last_runs
+            .iter()
+            .max_by_key(|l| (l.scheduled_at, l.attempt))
+            .and_then(|l| l.detail.clone())
+            .unwrap_or_default();
+        let runs = if n >= sundial_protocol::wire::REJECTED_LOOKBACK {
+            format!("its latest {n} runs were")
+        } else if n == 1 {
+            "its one run so far was".to_owned()
+        } else {
+            format!("all {n} of its runs so far were")
+        };
+        field(
+            "Warning",
+            format!("{runs} rejected: the agents refuse it ({why})"),
+        );
+    }
     field("Revision", t.spec.revision.to_string());
     field("Created", t.created_at.to_string());
     if t.spec.created_at != t.created_at {
