@@ -38,6 +38,194 @@ pub fn completions(shell: clap_complete::Shell, mut cmd: clap::Command, bin: &st
     out
 }
 
+/// Where a command line takes a task's or an agent's name: the
+/// subcommand path, and the option (`None`: a positional argument).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameSlot {
+    pub path: Vec<String>,
+    pub long: Option<String>,
+    /// `tasks` or `agents`: what the names subcommand is asked for.
+    pub kind: &'static str,
+}
+
+/// Every place in `cmd` whose value is named `TASK` or `AGENT`.
+pub fn name_slots(cmd: &clap::Command) -> Vec<NameSlot> {
+    fn walk(cmd: &clap::Command, path: &mut Vec<String>, out: &mut Vec<NameSlot>) {
+        for arg in cmd.get_arguments() {
+            let kind = match arg.get_value_names().and_then(|v| v.first()) {
+                Some(v) if v.as_str() == "TASK" => "tasks",
+                Some(v) if v.as_str() == "AGENT" => "agents",
+                _ => continue,
+            };
+            let long = arg.get_long().map(str::to_owned);
+            if long.is_none() && !arg.is_positional() {
+                continue;
+            }
+            out.push(NameSlot {
+                path: path.clone(),
+                long,
+                kind,
+            });
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() {
+                continue;
+            }
+            path.push(sub.get_name().to_owned());
+            walk(sub, path, out);
+            path.pop();
+        }
+    }
+    let mut out = Vec::new();
+    walk(cmd, &mut Vec::new(), &mut out);
+    out
+}
+
+/// Every option of `cmd` and its subcommands that takes a value, as typed
+/// (`--creds`, `-o`), sorted, once each.
+fn valued_options(cmd: &clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if arg.is_positional() || !arg.get_action().takes_values() {
+                continue;
+            }
+            if let Some(l) = arg.get_long() {
+                out.insert(format!("--{l}"));
+            }
+            if let Some(c) = arg.get_short() {
+                out.insert(format!("-{c}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(cmd, &mut out);
+    out.into_iter().collect()
+}
+
+/// Shell code, after [`completions`], that completes task and agent names
+/// by asking `bin names_sub tasks|agents` (which asks the coordinator),
+/// where the command line takes them; elsewhere the static completions
+/// answer. Bash, zsh and fish; other shells get nothing more.
+pub fn name_completions(
+    shell: clap_complete::Shell,
+    cmd: &clap::Command,
+    bin: &str,
+    names_sub: &str,
+) -> String {
+    use std::fmt::Write as _;
+    let slots = name_slots(cmd);
+    let func = format!("_{}_names", bin.replace('-', "_"));
+    let mut o = String::new();
+    match shell {
+        clap_complete::Shell::Bash | clap_complete::Shell::Zsh => {
+            // One case per slot on "PATH|PREV": an option's value when the
+            // word before is the option, a positional when it is no option.
+            // Options that take a value: the word after one is no subcommand.
+            let valued = valued_options(cmd).join("|");
+            let mut cases = String::new();
+            for s in &slots {
+                let path = s.path.join(" ");
+                let pattern = match &s.long {
+                    Some(l) => format!("\"{path}\"\\|--{l}|\"{path} \"*\\|--{l}"),
+                    None => format!("\"{path}\"\\|[!-]*|\"{path} \"*\\|[!-]*"),
+                };
+                let _ = writeln!(cases, "        {pattern}) kind={} ;;", s.kind);
+            }
+            let _ = write!(
+                o,
+                r#"
+# Task and agent names, from the coordinator of SUNDIAL_CREDS.
+{func}_kind() {{
+    # $1: the words before the cursor, the command first.
+    local path="" prev="" skip="" w
+    shift
+    for w in "$@"; do
+        if [ -n "$skip" ]; then
+            skip=""
+            prev="$w"
+            continue
+        fi
+        case "$w" in
+            {valued}) skip=1 ;;
+            -*) ;;
+            *) path="${{path:+$path }}$w" ;;
+        esac
+        prev="$w"
+    done
+    local kind=""
+    case "$path|$prev" in
+{cases}    esac
+    printf '%s' "$kind"
+}}
+"#
+            );
+            if shell == clap_complete::Shell::Bash {
+                let _ = write!(
+                    o,
+                    r#"{func}() {{
+    local kind cur="${{COMP_WORDS[COMP_CWORD]}}"
+    kind=$({func}_kind "${{COMP_WORDS[@]:0:COMP_CWORD}}")
+    if [ -n "$kind" ]; then
+        local IFS=$'\n'
+        COMPREPLY=( $(compgen -W "$({bin} {names_sub} "$kind" 2>/dev/null)" -- "$cur") )
+        return 0
+    fi
+    _{bin_us} "$@"
+}}
+complete -F {func} -o bashdefault -o default {bin}
+"#,
+                    bin_us = bin.replace('-', "__")
+                );
+            } else {
+                let _ = write!(
+                    o,
+                    r#"{func}() {{
+    local kind
+    kind=$({func}_kind "${{(@)words[1,CURRENT-1]}}")
+    if [[ -n "$kind" ]]; then
+        local -a names
+        names=("${{(@f)$({bin} {names_sub} "$kind" 2>/dev/null)}}")
+        compadd -a names
+        return
+    fi
+    _{bin_us} "$@"
+}}
+compdef {func} {bin}
+"#,
+                    bin_us = bin.replace('-', "_")
+                );
+            }
+        }
+        clap_complete::Shell::Fish => {
+            let _ = writeln!(
+                o,
+                "\n# Task and agent names, from the coordinator of SUNDIAL_CREDS."
+            );
+            for s in &slots {
+                let mut cond: Vec<String> = Vec::new();
+                cond.push(match s.path.first() {
+                    Some(first) => format!("__fish_seen_subcommand_from {first}"),
+                    None => "true".into(),
+                });
+                for p in s.path.iter().skip(1) {
+                    cond.push(format!("__fish_seen_subcommand_from {p}"));
+                }
+                let cond = cond.join("; and ");
+                let source = format!("({bin} {names_sub} {} 2>/dev/null)", s.kind);
+                let _ = match &s.long {
+                    Some(l) => writeln!(o, "complete -c {bin} -n '{cond}' -l {l} -x -a '{source}'"),
+                    None => writeln!(o, "complete -c {bin} -n '{cond}' -f -a '{source}'"),
+                };
+            }
+        }
+        _ => {}
+    }
+    o
+}
+
 /// The manual page of `cmd` (roff).
 pub fn manpage(cmd: clap::Command) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();

@@ -93,10 +93,18 @@ pub(crate) enum Cmd {
     /// The audit log: every change an admin made, and every refused request.
     #[command(subcommand)]
     Audit(AuditCmd),
-    /// Print a shell completion script: `sundialctl completions bash > /etc/bash_completion.d/sundialctl`.
+    /// Print a shell completion script: `sundialctl completions bash >
+    /// /etc/bash_completion.d/sundialctl` (bash, zsh and fish also complete
+    /// task and agent names, asking the coordinator of SUNDIAL_CREDS).
     Completions {
         #[arg(value_name = "SHELL")]
         shell: clap_complete::Shell,
+    },
+    /// Task or agent names, one per line, for shell completion.
+    #[command(name = "__names", hide = true)]
+    Names {
+        #[arg(value_enum)]
+        kind: NameKind,
     },
     /// Print the manual page (roff): `sundialctl manpage | man -l -`; with
     /// --dir, write a page for every subcommand too (sundialctl-*.1).
@@ -105,6 +113,15 @@ pub(crate) enum Cmd {
         #[arg(long, value_name = "DIR")]
         dir: Option<std::path::PathBuf>,
     },
+}
+
+/// What `__names` lists.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum NameKind {
+    /// Live tasks: by name, or id when unnamed.
+    Tasks,
+    /// Agents: by name, or id when unnamed.
+    Agents,
 }
 
 #[derive(Debug, Subcommand)]

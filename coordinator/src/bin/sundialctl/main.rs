@@ -282,6 +282,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Completions { shell } => {
             let out = sundial_net::shell::completions(*shell, Cli::command(), "sundialctl");
             out!("{}", String::from_utf8_lossy(&out));
+            out!(
+                "{}",
+                sundial_net::shell::name_completions(
+                    *shell,
+                    &Cli::command(),
+                    "sundialctl",
+                    "__names"
+                )
+            );
             return Ok(());
         }
         Cmd::Manpage { dir: None } => {
@@ -777,6 +786,26 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
             }
         }
         Cmd::Status { window, out } => status(ctl, window, out.output).await?,
+        Cmd::Names { kind } => {
+            let names: Vec<String> = match kind {
+                NameKind::Tasks => ctl
+                    .tasks()
+                    .await?
+                    .into_iter()
+                    .filter(|t| !t.cancelled)
+                    .map(|t| t.spec.name.unwrap_or_else(|| t.spec.id.to_string()))
+                    .collect(),
+                NameKind::Agents => ctl
+                    .agents()
+                    .await?
+                    .into_iter()
+                    .map(|a| a.name.unwrap_or_else(|| a.agent_id.to_string()))
+                    .collect(),
+            };
+            for n in names {
+                outln!("{n}");
+            }
+        }
         Cmd::Admin(AdminCmd::Create {
             name,
             role,
