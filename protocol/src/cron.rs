@@ -356,12 +356,38 @@ impl CronExpr {
         } else {
             trimmed
         };
-        let mut fields: Vec<String> = expanded.split_whitespace().map(str::to_owned).collect();
         let mut notes = Vec::new();
         let mut rewritten = false;
+        // AWS EventBridge writes `cron(…)` around its expressions.
+        let expanded = match expanded
+            .strip_prefix("cron(")
+            .and_then(|e| e.strip_suffix(')'))
+        {
+            Some(inner) => {
+                rewritten = true;
+                inner
+            }
+            None => expanded,
+        };
+        let mut fields: Vec<String> = expanded.split_whitespace().map(str::to_owned).collect();
         // Quartz: seconds first, an optional year last, `?` for "no value".
         let mut quartz = fields.iter().any(|f| f.contains('?'));
-        if fields.len() == 7 {
+        // AWS EventBridge: six fields, minutes first and a year last, `?`
+        // in day-of-month or day-of-week (the third or fifth field, where
+        // Quartz's six fields never have one).
+        if fields.len() == 6 && (fields[2] == "?" || fields[4] == "?") {
+            let year = fields.pop().unwrap_or_default();
+            if year != "*" {
+                return Err(dialect(format!(
+                    "a year field (`{year}`, AWS EventBridge's sixth) is not supported: use --start and --end for the years it should run in"
+                )));
+            }
+            rewritten = true;
+            notes.push(
+                "read as AWS EventBridge: minutes first, a year last (`*`, dropped); day-of-week numbers as Quartz's (1 = Sunday)"
+                    .into(),
+            );
+        } else if fields.len() == 7 {
             let year = fields.pop().unwrap_or_default();
             if year != "*" && year != "?" {
                 return Err(dialect(format!(
@@ -895,6 +921,44 @@ mod tests {
         assert_eq!(c.as_str(), "0 0 12 * * 1");
         // `?` in a field other than the days is refused.
         assert!(CronExpr::parse("? * * * *").is_err());
+    }
+
+    #[test]
+    fn aws_eventbridge_forms_read_as_its_documentation_says() {
+        // Examples of EventBridge's cron expressions (minutes first, a year
+        // last), from Sunday 2026-03-01.
+        let from = "2026-03-01T00:00:00Z";
+        assert_eq!(
+            next_n("0 10 * * ? *", "UTC", from, 2),
+            ["2026-03-01T10:00:00.000Z", "2026-03-02T10:00:00.000Z"]
+        );
+        assert_eq!(
+            next_n("cron(15 12 * * ? *)", "UTC", from, 1),
+            ["2026-03-01T12:15:00.000Z"]
+        );
+        assert_eq!(
+            next_n("0 18 ? * MON-FRI *", "UTC", from, 1),
+            ["2026-03-02T18:00:00.000Z"]
+        );
+        assert_eq!(
+            next_n("0 8 1 * ? *", "UTC", from, 2),
+            ["2026-03-01T08:00:00.000Z", "2026-04-01T08:00:00.000Z"]
+        );
+        assert_eq!(
+            next_n("0/15 * * * ? *", "UTC", from, 2),
+            ["2026-03-01T00:15:00.000Z", "2026-03-01T00:30:00.000Z"]
+        );
+        let fives = next_n("0/5 8-17 ? * MON-FRI *", "UTC", from, 121);
+        assert_eq!(fives[0], "2026-03-02T08:00:00.000Z");
+        assert_eq!(fives[119], "2026-03-02T17:55:00.000Z");
+        assert_eq!(fives[120], "2026-03-03T08:00:00.000Z");
+        // Day numbers as Quartz's: 1 is Sunday.
+        let (c, notes) = CronExpr::parse_noted("0 2 ? * 1 *").expect("valid");
+        assert_eq!(c.as_str(), "0 2 * * 0");
+        assert!(notes.iter().any(|n| n.contains("AWS")), "{notes:?}");
+        // A year is refused, saying what to use instead.
+        let err = CronExpr::parse("0 2 ? * SUN 2027").expect_err("a year");
+        assert!(err.to_string().contains("--start"), "{err}");
     }
 
     #[test]
