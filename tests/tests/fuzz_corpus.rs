@@ -33,6 +33,109 @@ fn every_kept_input_passes_its_target_again() {
     eprintln!("replayed {total} inputs through {} targets", TARGETS.len());
 }
 
+/// A brief blind fuzz in every test run (and so in CI): each target gets
+/// `SUNDIAL_FUZZ_RUNS` (default 20,000) mutations of its kept inputs — bits
+/// flipped, bytes set, inserted, removed or repeated, inputs spliced and
+/// cut — from a seed printed here (`SUNDIAL_FUZZ_SEED` replays one). Not
+/// coverage-guided as `cargo fuzz` is; it finds what a first mutation finds,
+/// in seconds. An input that panics is written to a file that is named.
+#[test]
+fn mutations_of_kept_inputs_pass_their_targets() {
+    let runs: usize = std::env::var("SUNDIAL_FUZZ_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let seed: u64 = std::env::var("SUNDIAL_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    eprintln!("mutating with SUNDIAL_FUZZ_SEED={seed}, {runs} runs per target");
+    let mut state = seed;
+    let mut next = move || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    for (name, target) in TARGETS {
+        let dir = corpus_dir(name);
+        let kept: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+            .expect("a corpus")
+            .map(|e| std::fs::read(e.expect("an entry").path()).expect("readable"))
+            .collect();
+        assert!(!kept.is_empty(), "{name}: an empty corpus");
+        for _ in 0..runs {
+            let mut data = kept[next() as usize % kept.len()].clone();
+            for _ in 0..1 + next() % 4 {
+                let len = data.len();
+                let at = |r: u64| if len == 0 { 0 } else { r as usize % len };
+                match next() % 7 {
+                    0 if len > 0 => {
+                        let i = at(next());
+                        data[i] ^= 1 << (next() % 8);
+                    }
+                    1 if len > 0 => {
+                        let i = at(next());
+                        data[i] = next() as u8;
+                    }
+                    2 => {
+                        let i = if len == 0 {
+                            0
+                        } else {
+                            next() as usize % (len + 1)
+                        };
+                        let n = 1 + next() as usize % 8;
+                        let bytes: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+                        data.splice(i..i, bytes);
+                    }
+                    3 if len > 0 => {
+                        let i = at(next());
+                        let n = (1 + next() as usize % 16).min(len - i);
+                        data.drain(i..i + n);
+                    }
+                    4 if len > 0 => {
+                        let i = at(next());
+                        let n = (1 + next() as usize % 32).min(len - i);
+                        let copy = data[i..i + n].to_vec();
+                        data.splice(i..i, copy);
+                    }
+                    5 => {
+                        let other = &kept[next() as usize % kept.len()];
+                        let cut = if other.is_empty() {
+                            0
+                        } else {
+                            next() as usize % other.len()
+                        };
+                        let keep = at(next());
+                        data.truncate(keep);
+                        data.extend_from_slice(&other[cut..]);
+                    }
+                    _ => {
+                        let keep = at(next());
+                        data.truncate(keep);
+                    }
+                }
+            }
+            let input = data.clone();
+            if std::panic::catch_unwind(move || target(&data)).is_err() {
+                let file = std::env::temp_dir().join(format!("sundial-fuzz-{name}-{seed}"));
+                let _ = std::fs::write(&file, &input);
+                panic!(
+                    "{name}: a mutated input panicked (seed {seed}); it is in {} (replay: cd fuzz && cargo +nightly fuzz run {name} {})",
+                    file.display(),
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
 /// Writes the seed inputs (run by hand: `cargo test -p sundial-tests --test
 /// fuzz_corpus -- --ignored`); the fuzzer grows the corpus from them.
 #[test]
