@@ -144,6 +144,21 @@ fn bash_completes_task_and_agent_names_from_the_coordinator() {
     // A cancelled task is not offered.
     coord.ctl_ok(&["task", "cancel", "report"]);
     assert_eq!(complete(&["sundialctl", "task", "resume", ""]), ["backup"]);
+    // A device owner's name is no code for the operator's shell: offered as
+    // the agent's id, and nothing it says runs.
+    common::join(
+        &coord.addr.to_string(),
+        &coord.token(&[]),
+        &root.path().join("odd"),
+        "x$(touch pwned)`touch pwned2`;y",
+        &[],
+    )
+    .expect("joins");
+    assert_eq!(
+        complete(&["sundialctl", "agent", "get", ""]),
+        ["a2", "edge-1"]
+    );
+    assert!(!root.path().join("pwned").exists() && !root.path().join("pwned2").exists());
     agent.stop();
     // Without a coordinator to ask: no names, and no error on the terminal.
     coord.stop();

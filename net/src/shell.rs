@@ -169,8 +169,13 @@ pub fn name_completions(
     local kind cur="${{COMP_WORDS[COMP_CWORD]}}"
     kind=$({func}_kind "${{COMP_WORDS[@]:0:COMP_CWORD}}")
     if [ -n "$kind" ]; then
-        local IFS=$'\n'
-        COMPREPLY=( $(compgen -W "$({bin} {names_sub} "$kind" 2>/dev/null)" -- "$cur") )
+        # Matched by prefix here, not by compgen -W, which would expand
+        # what the names say.
+        local name
+        COMPREPLY=()
+        while IFS= read -r name; do
+            [[ "$name" == "$cur"* ]] && COMPREPLY+=("$name")
+        done < <({bin} {names_sub} "$kind" 2>/dev/null)
         return 0
     fi
     _{bin_us} "$@"

@@ -273,6 +273,15 @@ impl Ctl {
     }
 }
 
+/// A word any shell takes as it is: letters, digits and `._-:@+=,/`, not
+/// starting with `-`.
+fn shell_word(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:@+=,/".contains(c))
+}
+
 fn unexpected(r: AdminResponse) -> anyhow::Error {
     anyhow::anyhow!("unexpected answer from the coordinator: {r:?}")
 }
@@ -787,19 +796,26 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
         }
         Cmd::Status { window, out } => status(ctl, window, out.output).await?,
         Cmd::Names { kind } => {
+            // A name goes into a shell's command line: one that is not a
+            // plain word (an agent's name is its device owner's choice) is
+            // offered as its id instead.
+            let word = |name: Option<String>, id: String| match name {
+                Some(n) if shell_word(&n) => n,
+                _ => id,
+            };
             let names: Vec<String> = match kind {
                 NameKind::Tasks => ctl
                     .tasks()
                     .await?
                     .into_iter()
                     .filter(|t| !t.cancelled)
-                    .map(|t| t.spec.name.unwrap_or_else(|| t.spec.id.to_string()))
+                    .map(|t| word(t.spec.name, t.spec.id.to_string()))
                     .collect(),
                 NameKind::Agents => ctl
                     .agents()
                     .await?
                     .into_iter()
-                    .map(|a| a.name.unwrap_or_else(|| a.agent_id.to_string()))
+                    .map(|a| word(a.name, a.agent_id.to_string()))
                     .collect(),
             };
             for n in names {
