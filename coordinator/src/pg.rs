@@ -355,6 +355,22 @@ fn task_of(row: &Row, cipher: Option<&StoreCipher>) -> R<StoredTask> {
     })
 }
 
+/// A stored run record, opened and decoded; `key` names it in an error.
+fn run_of(
+    cipher: Option<&StoreCipher>,
+    key: &str,
+    record: &[u8],
+) -> Result<RunRecord, records::RecordError> {
+    at_rest::open_plain(cipher, "runs", record)
+        .map_err(|reason| records::RecordError {
+            table: "runs",
+            key: key.to_owned(),
+            reason,
+        })
+        .and_then(|plain| records::decode::<RunRecordV1>("runs", key.to_owned(), &plain))
+        .and_then(|rec| rec.into_run(0))
+}
+
 /// A run's key from four columns starting at `from` (task, agent,
 /// scheduled_at, attempt).
 fn key_at(r: &Row, from: usize) -> RunKeyOf {
@@ -2269,17 +2285,7 @@ impl CoordStore for PgStore {
                     };
                     bytes = bytes.saturating_add(record.len());
                     out.first.get_or_insert(*cur);
-                    match at_rest::open_plain(cipher.as_deref(), "runs", &record)
-                        .map_err(|reason| records::RecordError {
-                            table: "runs",
-                            key: format!("{cur}"),
-                            reason,
-                        })
-                        .and_then(|plain| {
-                            records::decode::<RunRecordV1>("runs", format!("{cur}"), &plain)
-                        })
-                        .and_then(|rec| rec.into_run(0))
-                    {
+                    match run_of(cipher.as_deref(), &cur.to_string(), &record) {
                         Ok(run) => out.runs.push(run),
                         Err(e) => {
                             out.unreadable += 1;
@@ -2369,15 +2375,7 @@ impl CoordStore for PgStore {
                 let record: &[u8] = r.get(4);
                 bytes = bytes.saturating_add(record.len());
                 keys.push(cur);
-                match at_rest::open_plain(cipher.as_deref(), "runs", record)
-                    .map_err(|reason| records::RecordError {
-                        table: "runs",
-                        key: format!("{cur}"),
-                        reason,
-                    })
-                    .and_then(|plain| records::decode::<RunRecordV1>("runs", format!("{cur}"), &plain))
-                    .and_then(|rec| rec.into_run(0))
-                {
+                match run_of(cipher.as_deref(), &cur.to_string(), record) {
                     Ok(run) => runs.push(run),
                     Err(e) => {
                         unreadable += 1;

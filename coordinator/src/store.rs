@@ -1897,22 +1897,11 @@ impl CoordStore for CoordinatorStore {
             }
             read += 1;
             let key = (c.task, c.agent, c.scheduled_at_ms, c.attempt);
-            let Some(v) = t.get(key).map_err(db_err("read runs"))? else {
+            let Some((size, decoded)) = self.read_run(&t, key)? else {
                 continue;
             };
-            bytes = bytes.saturating_add(v.value().len());
-            match self
-                .unseal("runs", v.value())
-                .map_err(|e| records::RecordError {
-                    table: "runs",
-                    key: format!("{key:?}"),
-                    reason: e.to_string(),
-                })
-                .and_then(|plain| {
-                    records::decode::<RunRecordV1>("runs", format!("{key:?}"), &plain)
-                })
-                .and_then(|rec| rec.into_run(0))
-            {
+            bytes = bytes.saturating_add(size);
+            match decoded {
                 Ok(r) => runs.push(r),
                 Err(e) => {
                     unreadable += 1;

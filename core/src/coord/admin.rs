@@ -1302,21 +1302,16 @@ fn run_list(
             limit,
             after,
         })?;
-        let mut answers: Vec<AdminResponse> = chunk_by_size(page.runs, LIST_CHUNK_BYTES_MAX)
-            .into_iter()
-            .map(AdminResponse::Runs)
-            .collect();
-        answers.push(AdminResponse::RunsSummary {
-            matched: None,
-            unreadable: page.unreadable,
-            more: page.more,
-            first: page.first.map(|c| c.to_string()),
-            last: Some(page.next.to_string()),
-        });
-        return Ok(AdminAnswer {
-            answers,
-            follow: Vec::new(),
-        });
+        return Ok(runs_answer(
+            page.runs,
+            AdminResponse::RunsSummary {
+                matched: None,
+                unreadable: page.unreadable,
+                more: page.more,
+                first: page.first.map(|c| c.to_string()),
+                last: Some(page.next.to_string()),
+            },
+        ));
     }
     let cursor = |s: Option<String>| {
         s.map(|s| s.parse::<RunCursor>().map_err(StoreError::Refused))
@@ -1340,21 +1335,29 @@ fn run_list(
         page,
         forward_from_since: false,
     })?;
-    let mut answers: Vec<AdminResponse> = chunk_by_size(page.runs, LIST_CHUNK_BYTES_MAX)
+    Ok(runs_answer(
+        page.runs,
+        AdminResponse::RunsSummary {
+            matched: page.matched,
+            unreadable: page.unreadable,
+            more: page.more,
+            first: page.first.map(|c| c.to_string()),
+            last: page.last.map(|c| c.to_string()),
+        },
+    ))
+}
+
+/// A page of runs as `run list` answers it: chunks, then the summary.
+fn runs_answer(runs: Vec<sundial_protocol::RunRecord>, summary: AdminResponse) -> AdminAnswer {
+    let mut answers: Vec<AdminResponse> = chunk_by_size(runs, LIST_CHUNK_BYTES_MAX)
         .into_iter()
         .map(AdminResponse::Runs)
         .collect();
-    answers.push(AdminResponse::RunsSummary {
-        matched: page.matched,
-        unreadable: page.unreadable,
-        more: page.more,
-        first: page.first.map(|c| c.to_string()),
-        last: page.last.map(|c| c.to_string()),
-    });
-    Ok(AdminAnswer {
+    answers.push(summary);
+    AdminAnswer {
         answers,
         follow: Vec::new(),
-    })
+    }
 }
 
 /// Answers one admin request from the store.
