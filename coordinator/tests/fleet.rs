@@ -471,6 +471,63 @@ fn a_consumer_in_arrival_order_gets_an_offline_agents_backlog_once() {
     let got: HashSet<_> = seen_arrival.iter().cloned().collect();
     assert_eq!(got.len(), seen_arrival.len(), "a run was read twice");
     assert_eq!(got, stored, "arrival order missed runs");
+    // `--arrival --follow` from the first run: the same runs, once each.
+    let mut child = std::process::Command::new(common::CTL)
+        .args([
+            "run",
+            "list",
+            "--arrival",
+            "--follow",
+            "--after",
+            "arrival.0.0",
+            "--limit",
+            "7",
+            "-o",
+            "json",
+        ])
+        .env("SUNDIAL_CREDS", coord.creds())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("sundialctl runs");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut followed = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while followed.len() < stored.len() && std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            let r: serde_json::Value = serde_json::from_str(&line).expect("a JSON run per line");
+            followed.push((
+                r["task_id"].as_str().expect("task").to_owned(),
+                r["agent_id"].as_str().expect("agent").to_owned(),
+                r["scheduled_at"].as_str().expect("scheduled_at").to_owned(),
+            ));
+        }
+    }
+    // Nothing more comes: a poll or two later, still the same.
+    std::thread::sleep(Duration::from_millis(2_500));
+    while let Ok(line) = rx.try_recv() {
+        followed.push(("extra".into(), line, String::new()));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let followed_set: HashSet<_> = followed.iter().cloned().collect();
+    assert_eq!(followed_set.len(), followed.len(), "a run followed twice");
+    assert_eq!(
+        followed_set, stored,
+        "--arrival --follow missed or added runs"
+    );
     let by_time: HashSet<_> = seen_time.iter().cloned().collect();
     eprintln!(
         "stored {}; followed by scheduled time: {}; in arrival order: {}",

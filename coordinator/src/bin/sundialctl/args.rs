@@ -466,7 +466,9 @@ pub(crate) enum RunCmd {
         outcome: Option<Outcomes>,
         /// Then print runs as the coordinator stores them (pushed, not
         /// polled) until interrupted; with -o json, one object per line.
-        #[arg(short = 'f', long, conflicts_with_all = ["after", "before"])]
+        /// With --arrival: every run any coordinator stores, in arrival
+        /// order, polled each second (from --after CURSOR if given).
+        #[arg(short = 'f', long, conflicts_with = "before")]
         follow: bool,
         /// With -o json, one object with the page and its cursors instead
         /// of a bare array: {"runs": [...], "more": bool, "matched": N,
@@ -480,7 +482,7 @@ pub(crate) enum RunCmd {
         /// --after, the latest runs to arrive; the cursor to continue from
         /// is printed after every page (--page: "newer"); `--after
         /// arrival.0.0` reads from the first run stored.
-        #[arg(long, conflicts_with_all = ["before", "since", "outcome", "follow"])]
+        #[arg(long, conflicts_with_all = ["before", "since", "outcome"])]
         arrival: bool,
         #[command(flatten)]
         out: OutputArg,

@@ -702,6 +702,12 @@ async fn command(ctl: &Ctl, cmd: Cmd, creds_path: &std::path::Path) -> anyhow::R
                 Some(a) => Some(ctl.agent_id(&a).await?),
                 None => None,
             };
+            if follow && arrival {
+                return follow_arrivals(ctl, task, agent, limit, after, out.output).await;
+            }
+            if follow && after.is_some() {
+                bail!("--follow starts from the latest runs; to resume from a cursor, follow in arrival order: --arrival --follow --after CURSOR");
+            }
             if follow {
                 return follow_runs(
                     ctl,
@@ -1359,6 +1365,75 @@ async fn follow_runs(
             names = ctl.names(true).await;
         }
         print(&fresh, &names, false)?;
+    }
+}
+
+/// `run list --arrival --follow`: pages in arrival order, polled each
+/// second, from `after` or from the latest page. It reads the store, so it
+/// sees the runs every coordinator on it stores, each once.
+async fn follow_arrivals(
+    ctl: &Ctl,
+    task: Option<TaskId>,
+    agent: Option<AgentId>,
+    limit: u32,
+    after: Option<String>,
+    out: Output,
+) -> anyhow::Result<()> {
+    if let Some(a) = &after {
+        if !a.starts_with("arrival.") {
+            bail!("--arrival pages with the cursors it prints (arrival.EPOCH.SEQ)");
+        }
+    }
+    let mut cursor = after;
+    let mut names = ctl.names(true).await;
+    let mut header = true;
+    let mut told = false;
+    loop {
+        let answer = ctl
+            .client
+            .run_list(&AdminRequest::RunList {
+                task,
+                agent,
+                since: None,
+                limit,
+                before: cursor.is_none().then(|| "arrival".to_owned()),
+                after: cursor.clone(),
+            })
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if answer.runs.iter().any(|r| {
+            !names.tasks.contains_key(&r.task_id) || !names.agents.contains_key(&r.agent_id)
+        }) {
+            names = ctl.names(true).await;
+        }
+        if out == Output::Json {
+            for r in &answer.runs {
+                outln!("{}", run_json(r, &answer.runs, &names));
+            }
+        } else if !answer.runs.is_empty() {
+            let text = runs_text(&answer.runs, &names, out);
+            let body: String = if header {
+                text
+            } else {
+                text.lines().skip(1).map(|l| format!("{l}\n")).collect()
+            };
+            out!("{body}");
+            header = false;
+        }
+        if let Some(next) = answer.last {
+            if !answer.runs.is_empty() {
+                // Where a consumer that stops here resumes.
+                eprintln!("next: --arrival --follow --after {next}");
+            }
+            cursor = Some(next);
+        }
+        if !told {
+            eprintln!("following in arrival order, polled each second (Ctrl-C ends; resume with --after the last cursor)");
+            told = true;
+        }
+        if !answer.more {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
     }
 }
 
