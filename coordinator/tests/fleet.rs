@@ -339,6 +339,12 @@ fn acks_lost_after_commit_are_resent_without_duplicates() {
     each_once_without_gaps(&times, 250);
 }
 
+/// A run of `-o json` as (task, agent, scheduled_at).
+fn run_id(r: &serde_json::Value) -> (String, String, String) {
+    let field = |k: &str| r[k].as_str().expect(k).to_owned();
+    (field("task_id"), field("agent_id"), field("scheduled_at"))
+}
+
 /// One page of `run list --page -o json` after `cursor` (arrival order when
 /// it is an arrival cursor): the runs as (task, agent, scheduled_at), and
 /// the cursor to go on from.
@@ -352,13 +358,7 @@ fn page_after(coord: &Coordinator, cursor: &str) -> (Vec<(String, String, String
         .as_array()
         .expect("runs")
         .iter()
-        .map(|r| {
-            (
-                r["task_id"].as_str().expect("task").to_owned(),
-                r["agent_id"].as_str().expect("agent").to_owned(),
-                r["scheduled_at"].as_str().expect("scheduled_at").to_owned(),
-            )
-        })
+        .map(run_id)
         .collect();
     let next = p["newer"].as_str().map_or(cursor.to_owned(), str::to_owned);
     (runs, next)
@@ -457,17 +457,7 @@ fn a_consumer_in_arrival_order_gets_an_offline_agents_backlog_once() {
     follow(&coord, &mut by_time, &mut seen_time);
 
     // Every run stored after the followers started, from the store itself.
-    let stored: HashSet<(String, String, String)> = coord
-        .runs(&[])
-        .iter()
-        .map(|r| {
-            (
-                r["task_id"].as_str().expect("task").to_owned(),
-                r["agent_id"].as_str().expect("agent").to_owned(),
-                r["scheduled_at"].as_str().expect("scheduled_at").to_owned(),
-            )
-        })
-        .collect();
+    let stored: HashSet<(String, String, String)> = coord.runs(&[]).iter().map(run_id).collect();
     let got: HashSet<_> = seen_arrival.iter().cloned().collect();
     assert_eq!(got.len(), seen_arrival.len(), "a run was read twice");
     assert_eq!(got, stored, "arrival order missed runs");
@@ -508,11 +498,7 @@ fn a_consumer_in_arrival_order_gets_an_offline_agents_backlog_once() {
     while followed.len() < stored.len() && std::time::Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
             let r: serde_json::Value = serde_json::from_str(&line).expect("a JSON run per line");
-            followed.push((
-                r["task_id"].as_str().expect("task").to_owned(),
-                r["agent_id"].as_str().expect("agent").to_owned(),
-                r["scheduled_at"].as_str().expect("scheduled_at").to_owned(),
-            ));
+            followed.push(run_id(&r));
         }
     }
     // Nothing more comes: a poll or two later, still the same.
