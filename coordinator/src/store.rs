@@ -303,7 +303,22 @@ pub struct CoordinatorStore {
     /// Encrypts task definitions and run records at rest
     /// ([`crate::store_key`]); `None`: stored as given.
     cipher: Option<Arc<StoreCipher>>,
+    /// When a contact was last committed with a flush to disk, ms after
+    /// `opened` (see [`SEEN_DURABLE_EVERY_MS`]).
+    seen_flushed_ms: std::sync::atomic::AtomicU64,
+    opened: std::time::Instant,
 }
+
+/// Agent contacts are committed with a flush to disk at most this often,
+/// ms; the others ride on the next durable commit (any run batch, any
+/// change, the next contact flushed, the store's close). A contact is when
+/// an agent was last heard and its clock estimate: a crash of the
+/// coordinator can lose the last second of them, which every agent's next
+/// session writes again. Flushing each one made a session's start cost two
+/// fsyncs behind redb's one writer, so a fleet coming up was held to about
+/// 450 sessions a second by the disk, whatever the CPU; flushing one in 64
+/// still held the writer for the flush of all they had dirtied.
+const SEEN_DURABLE_EVERY_MS: u64 = 1_000;
 
 impl CoordinatorStore {
     /// `plain` as stored: encrypted when the store has a cipher.
@@ -475,7 +490,15 @@ impl CoordinatorStore {
                 check(value).map_err(StoreError::Refused)?
             }
         };
-        Ok((Self::init(CoordinatorStore { db, cipher: None })?, checked))
+        Ok((
+            Self::init(CoordinatorStore {
+                db,
+                cipher: None,
+                seen_flushed_ms: Default::default(),
+                opened: std::time::Instant::now(),
+            })?,
+            checked,
+        ))
     }
 
     /// Creates the tables a new store lacks and indexes old runs.
@@ -797,7 +820,12 @@ impl CoordinatorStore {
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(db_err("open"))?;
-        Self::init(CoordinatorStore { db, cipher: None })
+        Self::init(CoordinatorStore {
+            db,
+            cipher: None,
+            seen_flushed_ms: Default::default(),
+            opened: std::time::Instant::now(),
+        })
     }
 
     fn read_agent(forgotten: &impl ReadableTable<u64, u8>, id: u64, v: &[u8]) -> Result<Agent> {
@@ -1350,7 +1378,16 @@ impl CoordStore for CoordinatorStore {
     }
 
     fn agent_seen(&self, id: AgentId, seen: AgentSeen) -> Result<()> {
-        self.change_agent(id, "record an agent's contact", None, |r| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        let last = self.seen_flushed_ms.load(Relaxed);
+        // One caller in a second wins the flush; the rest do not wait for it.
+        let durable = now_ms >= last + SEEN_DURABLE_EVERY_MS
+            && self
+                .seen_flushed_ms
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_ok();
+        self.change_agent_with(id, "record an agent's contact", None, durable, |r| {
             r.last_seen_ms = Some(seen.at.as_millis());
             if let Some((offset, rtt)) = seen.clock {
                 r.clock_offset_ms = Some(offset);
@@ -2228,7 +2265,24 @@ impl CoordinatorStore {
         audit: Option<&AuditEntry>,
         f: impl FnOnce(&mut AgentRecordV1),
     ) -> Result<Agent> {
-        let txn = self.db.begin_write().map_err(db_err(context))?;
+        self.change_agent_with(id, context, audit, true, f)
+    }
+
+    /// [`Self::change_agent`], committed without a flush to disk unless
+    /// `durable` (it is then made durable by the next commit that is).
+    fn change_agent_with(
+        &self,
+        id: AgentId,
+        context: &'static str,
+        audit: Option<&AuditEntry>,
+        durable: bool,
+        f: impl FnOnce(&mut AgentRecordV1),
+    ) -> Result<Agent> {
+        let mut txn = self.db.begin_write().map_err(db_err(context))?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(db_err(context))?;
+        }
         let agent = {
             let mut t = txn.open_table(AGENTS).map_err(db_err(context))?;
             let rec: Option<AgentRecordV1> = t

@@ -1044,3 +1044,65 @@ fn a_second_session_of_one_agent_replaces_the_first() {
         assert!(second.close_reason().is_none(), "the second session is up");
     });
 }
+
+#[test]
+fn contacts_committed_without_a_flush_are_kept_across_a_clean_close() {
+    use sundial_coordinator::store::{AgentSeen, CoordinatorStore, Enrollment, JoinToken};
+    let root = tempfile::tempdir().expect("tempdir");
+    let path = root.path().join("coordinator.redb");
+    let secret = sundial_protocol::token::sha256(b"contacts");
+    let at = |ms: i64| Timestamp::from_millis_saturating(1_800_000_000_000 + ms);
+    let ids: Vec<AgentId> = {
+        let store = CoordinatorStore::open(&path).expect("opens");
+        store
+            .put_token(
+                &JoinToken {
+                    secret_sha256: secret,
+                    expires_at: Timestamp::MAX,
+                    uses_left: 3,
+                    labels: vec![],
+                },
+                None,
+            )
+            .expect("token");
+        let ids: Vec<AgentId> = (0..3u8)
+            .map(|k| {
+                let id = store.reserve_agent_id().expect("id");
+                store
+                    .enroll(&Enrollment {
+                        token_sha256: secret,
+                        agent: id,
+                        name: None,
+                        labels: vec![],
+                        cert_sha256: [k; 32],
+                        now: at(0),
+                    })
+                    .expect("enroll")
+                    .expect("accepted");
+                id
+            })
+            .collect();
+        // Many contacts in quick succession: at most one a second is
+        // flushed to disk as it is committed; every one is read back at once.
+        for round in 1..=200i64 {
+            for (k, id) in ids.iter().enumerate() {
+                let seen = AgentSeen {
+                    at: at(round * 10 + k as i64),
+                    clock: Some((round, k as i64)),
+                    session: None,
+                };
+                store.agent_seen(*id, seen).expect("seen");
+                let now = store.agent(*id).expect("read").expect("stored");
+                assert_eq!(now.last_seen, Some(at(round * 10 + k as i64)));
+            }
+        }
+        ids
+    };
+    // The store closed cleanly (dropped): the last contact of each is there.
+    let store = CoordinatorStore::open(&path).expect("reopens");
+    for (k, id) in ids.iter().enumerate() {
+        let a = store.agent(*id).expect("read").expect("stored");
+        assert_eq!(a.last_seen, Some(at(2_000 + k as i64)), "agent {id}");
+        assert_eq!((a.clock_offset_ms, a.rtt_ms), (Some(200), Some(k as i64)));
+    }
+}

@@ -32,6 +32,8 @@ pub struct BenchCoordinator {
     pub ca: CertificateDer<'static>,
     pub identities: Vec<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
     child: Option<Child>,
+    /// Run under another tool (`SUNDIAL_BENCH_COORD_WRAP`).
+    wrapped: bool,
 }
 
 impl BenchCoordinator {
@@ -92,12 +94,31 @@ impl BenchCoordinator {
             ca: pki.ca_der.clone(),
             identities,
             child: None,
+            wrapped: false,
         })
     }
 
     /// Starts (or restarts) the coordinator process on the same address and store.
     pub fn spawn(&mut self, exe: &Path, extra: &[&str]) -> anyhow::Result<()> {
-        let child = Command::new(exe)
+        // A command to run the coordinator under, to look into a run (e.g.
+        // SUNDIAL_BENCH_COORD_WRAP="valgrind --tool=dhat --dhat-out-file=FILE"
+        // for where its memory goes); such a coordinator is stopped with
+        // SIGTERM, so that the tool writes its report.
+        let wrap: Vec<String> = std::env::var("SUNDIAL_BENCH_COORD_WRAP")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        self.wrapped = !wrap.is_empty();
+        let mut cmd = match wrap.split_first() {
+            Some((tool, args)) => {
+                let mut c = Command::new(tool);
+                c.args(args).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = cmd
             .arg(crate::harness::SUB_COORDINATOR)
             .args(["serve", "--data-dir"])
             .arg(&self.dir)
@@ -133,6 +154,16 @@ impl BenchCoordinator {
     /// Kills the coordinator at once (SIGKILL), as a crash or a cut would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if self.wrapped {
+                // The tool writes its report when the coordinator exits.
+                let _ = Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+                let until = Instant::now() + Duration::from_secs(120);
+                while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
