@@ -397,7 +397,8 @@ pub async fn idle(
 ) -> anyhow::Result<IdleReport> {
     let mut coord = BenchCoordinator::setup(identities.min(n))?;
     let sessions_arg = (n + 1_000).to_string();
-    let budget_arg = crate::bench::handshakes_for_bench().to_string();
+    let budget = crate::bench::handshakes_for_bench();
+    let budget_arg = budget.to_string();
     coord.spawn(
         exe,
         &[
@@ -423,9 +424,10 @@ pub async fn idle(
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     // Devices come up over time, not all in one instant (that is the storm
-    // row): agents start at the pace the coordinator accepts them, so the
-    // clients, all on this machine, do not spend it on refused attempts.
-    let pace = Duration::from_secs_f64(1.0 / f64::from(crate::bench::handshakes_for_bench()) * 2.0);
+    // row): agents start at the coordinator's handshake budget, the rate
+    // it says it admits (a faster arrival is refused and comes back later,
+    // as the storm row shows).
+    let pace = Duration::from_secs_f64(1.0 / f64::from(budget));
     let mut next_start = Instant::now();
     let mut held = Held::new(n);
     for (i, cfg) in client_configs(&coord, n)?.into_iter().enumerate() {

@@ -1035,9 +1035,17 @@ impl CoordNode {
     /// so that what is admitted is served in about a second however busy
     /// the CPU is, instead of timing out at the agent and being dialed
     /// again (a few slow peers alone do not stop admission).
+    ///
+    /// Only connections admitted within an agent's attempt timeout count:
+    /// older ones wait for a Hello their agent gave up sending (it dialed
+    /// again, or went), and cost nothing until their deadline closes them.
+    /// Counting them held a coordinator behind for the whole deadline after
+    /// a burst, refusing every arrival while its CPU idled, and the
+    /// refused arrivals came back as a storm of their own.
     fn behind(&self, now: Now) -> bool {
+        let given_up = now.mono_ms.saturating_sub(u64::from(ATTEMPT_TIMEOUT_MS));
         self.starting
-            .iter()
+            .range((given_up, 0)..)
             .take_while(|(t, _)| t.saturating_add(BEHIND_MS) <= now.mono_ms)
             .take(STARTING_MIN)
             .count()

@@ -168,6 +168,38 @@ fn a_coordinator_behind_on_its_handshakes_admits_no_more_until_they_are_served()
 }
 
 #[test]
+fn connections_whose_agents_gave_up_do_not_hold_a_coordinator_behind() {
+    let mut n = node_with(Limits {
+        handshakes_per_sec: 100_000,
+        ..Limits::for_cores(4)
+    });
+    let ip_of = |k: usize| IpAddr::V4(Ipv4Addr::new(10, 2, (k / 250) as u8, (k % 250) as u8));
+    // A burst whose agents never say Hello (they gave up, or went).
+    for k in 0..STARTING_MIN * 2 {
+        n.handle_incoming(at(0), ip_of(k)).expect("admitted");
+    }
+    let attempt = u64::from(ATTEMPT_TIMEOUT_MS);
+    assert_eq!(
+        n.handle_incoming(at(attempt), ip_of(500)),
+        Err(Refusal::Behind),
+        "within an attempt's time they may still come"
+    );
+    // Past the agents' attempt timeout they dial again if they still want
+    // to: the coordinator admits again, well before their Hello deadline.
+    let later = n.handle_incoming(at(attempt + 1), ip_of(501));
+    assert!(later.is_ok(), "{later:?}");
+    // New ones that stall count again, as the first ones did.
+    for k in 0..STARTING_MIN {
+        n.handle_incoming(at(attempt + 2), ip_of(600 + k))
+            .expect("admitted");
+    }
+    assert_eq!(
+        n.handle_incoming(at(attempt + 2 + BEHIND_MS), ip_of(700)),
+        Err(Refusal::Behind)
+    );
+}
+
+#[test]
 fn an_address_holds_at_most_its_pending_connections_until_they_are_known() {
     let mut n = node_with(Limits {
         pending_per_address_max: 2,

@@ -30,6 +30,10 @@ pub const CLOCK_PROBE_RETRY_MS: u64 = 1_000;
 pub const RECONNECT_DELAY_MIN_MS: u64 = 250;
 /// The longest wait between reconnect attempts, in ms (as above).
 pub const RECONNECT_DELAY_MAX_MS: u64 = 30_000;
+/// Before any coordinator stated a policy, an agent refused for load
+/// again and again spreads its next dial over the default spread doubled
+/// at most this many times (10 s to 80 s).
+pub const BUSY_SPREAD_DOUBLINGS: u32 = 3;
 /// The wait between attempts while the coordinator refuses our certificate,
 /// in ms: retrying harder cannot help, and a fleet of revoked devices must
 /// not load the coordinator.
@@ -267,6 +271,8 @@ pub struct AgentSession {
     /// through another refuses it for up to its feed's interval, so the
     /// long wait comes only once each may have refused.
     refusals: u32,
+    /// Refusals for load in a row, since the last session or other failure.
+    busy_in_a_row: u32,
     coordinators: u32,
     rng: Rng,
     /// Its place when refused for load (its agent number; `None`: random).
@@ -322,6 +328,7 @@ impl AgentSession {
             failures: 0,
             refused: false,
             refusals: 0,
+            busy_in_a_row: 0,
             coordinators: 1,
             rng: Rng::new(seed),
             place: None,
@@ -495,6 +502,7 @@ impl AgentSession {
         }
         self.refused = false;
         self.refusals = 0;
+        self.busy_in_a_row = 0;
         self.transmit.push_back(AgentMsg::Hello {
             last_revision: hello.last_revision,
             outbox_len: hello.outbox_len,
@@ -595,6 +603,11 @@ impl AgentSession {
             self.refusals = self.refusals.saturating_add(1);
         }
         let floor = u64::from(self.policy.backoff_floor_ms);
+        let busy_before = self.busy_in_a_row;
+        self.busy_in_a_row = match closed {
+            Closed::Busy { .. } => busy_before.saturating_add(1),
+            _ => 0,
+        };
         let delay = match closed {
             // Every coordinator may have refused: wait long.
             _ if refused && self.refusals >= self.coordinators => RECONNECT_DELAY_REFUSED_MS,
@@ -623,6 +636,20 @@ impl AgentSession {
                         } else {
                             d
                         }
+                    }
+                    // No coordinator has stated a policy yet (a first
+                    // contact): the fleet's size is not known, so the
+                    // spread doubles with each refusal in a row, up to
+                    // eight times the default, and a fleet larger than
+                    // the default spread assumes comes in at the pace the
+                    // coordinator admits it instead of dialing it down.
+                    _ if self.policy.handshakes_per_sec == 0 => {
+                        let doublings = self
+                            .busy_in_a_row
+                            .saturating_sub(1)
+                            .min(BUSY_SPREAD_DOUBLINGS);
+                        let grown = spread << doublings;
+                        floor + self.rng.next_u64() % (grown - floor + 1)
                     }
                     _ => floor + self.rng.next_u64() % (spread - floor + 1),
                 }
@@ -1267,6 +1294,63 @@ mod tests {
         assert!(drain(&mut s).1.contains(&AgentEffect::Revoked));
         assert!(s.is_ended());
         assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn refused_for_load_before_any_policy_an_agent_waits_longer_each_time_in_a_row() {
+        // The first contact: no coordinator has said how large its fleet
+        // is. Each refusal in a row doubles the spread (10 s, 20 s, 40 s,
+        // then 80 s at most); a session or another failure starts over.
+        let mut firsts = Vec::new();
+        let mut fourths = Vec::new();
+        for seed in 0..100 {
+            let mut s = AgentSession::new(seed);
+            let mut t = 0;
+            for k in 0..6 {
+                s.handle_timeout(at(t));
+                assert!(matches!(
+                    drain(&mut s).1.as_slice(),
+                    [AgentEffect::Connect { .. }]
+                ));
+                s.handle_connect_failed(
+                    at(t),
+                    Closed::Busy {
+                        retry_after_ms: None,
+                    },
+                );
+                let wait = s.poll_timeout().expect("retry") - t;
+                let cap = 10_000u64 << k.min(BUSY_SPREAD_DOUBLINGS);
+                assert!(
+                    (RECONNECT_DELAY_MIN_MS..=cap).contains(&wait),
+                    "refusal {k}: {wait} ms"
+                );
+                match k {
+                    0 => firsts.push(wait),
+                    3 => fourths.push(wait),
+                    _ => {}
+                }
+                t += wait;
+            }
+            // Lost (not refused): the next refusal is a first one again.
+            s.handle_timeout(at(t));
+            drain(&mut s);
+            s.handle_connect_failed(at(t), Closed::Lost);
+            t = s.poll_timeout().expect("retry");
+            s.handle_timeout(at(t));
+            drain(&mut s);
+            s.handle_connect_failed(
+                at(t),
+                Closed::Busy {
+                    retry_after_ms: None,
+                },
+            );
+            assert!(s.poll_timeout().expect("retry") - t <= 10_000);
+        }
+        assert!(firsts.iter().all(|w| *w <= 10_000));
+        assert!(
+            fourths.iter().any(|w| *w > 40_000),
+            "the spread grew: {fourths:?}"
+        );
     }
 
     #[test]

@@ -39,12 +39,12 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
             continue;
         }
         let beside = if busy { ", one core busy beside" } else { "" };
+        // Arriving at the budget takes n / budget; half as long again for
+        // the refused to come back.
         let deadline = Duration::from_secs(if quick {
             60
-        } else if n >= 100_000 {
-            240
         } else {
-            120
+            (n as u64 / u64::from(handshakes_for_bench())) * 3 / 2 + 60
         });
         match crate::light::idle(
             exe,
@@ -193,8 +193,10 @@ pub(super) const IDLE_AGENTS_PER_SOCKET: usize = 10_000;
 /// The handshake budget the idle rows give the coordinator: this machine
 /// connects ~1,000 a second with both ends on it; the budget is not what
 /// those rows measure.
+/// The idle fleets' handshake budget: the coordinator's default on this
+/// machine (250 a second per core), at which the fleet also arrives.
 pub(crate) fn handshakes_for_bench() -> u32 {
-    2_000
+    sundial_coordinator::server::handshakes_per_sec_default()
 }
 
 pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
