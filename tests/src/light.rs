@@ -185,8 +185,9 @@ pub enum LightEvent {
     Synced(Instant),
     /// An attempt was refused for load (no TLS work done).
     Busy,
-    /// A session ended.
-    Closed,
+    /// A session ended, and why (its error, or the session machine's own
+    /// end of an idle link).
+    Closed(&'static str),
 }
 
 /// Runs one light agent until `stop`: the session machine decides when to
@@ -293,7 +294,8 @@ pub async fn light_agent(
         }
         .await;
         let kind = closed_kind(Some(&conn), &ended);
-        let _ = events.send((i, LightEvent::Closed));
+        let why = why_ended(&ended);
+        let _ = events.send((i, LightEvent::Closed(why)));
         s.handle_closed(now(), kind);
     }
 }
@@ -323,12 +325,48 @@ fn client_configs(coord: &BenchCoordinator, n: usize) -> anyhow::Result<Vec<quin
         .collect())
 }
 
+/// A client endpoint shared by thousands of light agents: its socket gets
+/// the coordinator's receive buffer, since it stands for thousands of
+/// devices' own sockets (a real agent has one connection on its socket).
+fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
+    let (socket, _) = sundial_net::udp_socket(
+        "127.0.0.1:0".parse()?,
+        sundial_net::SERVER_RECV_BUFFER_BYTES,
+    )?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
+/// Why a light agent's session ended, in a few words.
+fn why_ended(ended: &Result<(), SessionError>) -> &'static str {
+    let lost = |e: &quinn::ConnectionError| match e {
+        quinn::ConnectionError::TimedOut => "QUIC idle timeout",
+        quinn::ConnectionError::ApplicationClosed(_) => "closed by the coordinator",
+        quinn::ConnectionError::ConnectionClosed(_) => "closed by the coordinator's QUIC stack",
+        quinn::ConnectionError::Reset => "reset",
+        _ => "connection lost otherwise",
+    };
+    match ended {
+        Ok(()) => "the link went idle (the session's own timeout)",
+        Err(SessionError::Connection(e)) => lost(e),
+        Err(SessionError::Read(quinn::ReadError::ConnectionLost(e))) => lost(e),
+        Err(SessionError::Write(quinn::WriteError::ConnectionLost(e))) => lost(e),
+        Err(_) => "another error",
+    }
+}
+
 /// Which light agents are in session.
 struct Held {
     up: Vec<bool>,
     count: usize,
     /// Sessions that ended (since counted from zero again).
     closed: usize,
+    /// Why sessions ended, and how many (since the start).
+    why: std::collections::BTreeMap<&'static str, usize>,
 }
 
 impl Held {
@@ -337,6 +375,7 @@ impl Held {
             up: vec![false; n],
             count: 0,
             closed: 0,
+            why: Default::default(),
         }
     }
 
@@ -346,10 +385,11 @@ impl Held {
                 self.up[i] = true;
                 self.count += 1;
             }
-            LightEvent::Closed if self.up[i] => {
+            LightEvent::Closed(why) if self.up[i] => {
                 self.up[i] = false;
                 self.count -= 1;
                 self.closed += 1;
+                *self.why.entry(why).or_insert(0) += 1;
             }
             _ => {}
         }
@@ -418,7 +458,7 @@ pub async fn idle(
     let base_kib = crate::bench::rss_kib(pid);
     let sockets = n.div_ceil(per_socket.max(1)).max(1);
     let endpoints = (0..sockets)
-        .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse()?).map_err(anyhow::Error::from))
+        .map(|_| client_endpoint())
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let started = Instant::now();
@@ -440,7 +480,9 @@ pub async fn idle(
             tx.clone(),
         ));
         next_start += pace;
-        if i % 100 == 99 {
+        // In small groups, well under the budget's burst (a tenth of a
+        // second's worth), so that the pace is what arrives.
+        if i % 10 == 9 {
             tokio::time::sleep_until(next_start.into()).await;
             while let Ok((k, ev)) = rx.try_recv() {
                 held.note(k, ev);
@@ -459,9 +501,14 @@ pub async fn idle(
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
             eprintln!(
-                "  idle: {} of {n} agents in session after {:.0} s",
+                "  idle: {} of {n} agents in session after {:.0} s{}",
                 held.count,
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                if held.why.is_empty() {
+                    String::new()
+                } else {
+                    format!("; sessions ended: {:?}", held.why)
+                }
             );
         }
     }
@@ -545,7 +592,7 @@ pub async fn storm(
     ];
     coord.spawn(exe, &args)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let endpoint = client_endpoint()?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
