@@ -83,28 +83,6 @@ pub fn agent_transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// What a coordinator asks of the kernel for its UDP socket's receive
-/// buffer. The default (about 208 KiB on Linux: 170 full packets) overflows
-/// when a large fleet's keep-alive acknowledgements, handshakes and refused
-/// dials arrive at once, and every packet dropped there is one QUIC waits
-/// to resend (keep-alives lost in a row end a session at its idle timeout).
-/// The kernel grants at most `net.core.rmem_max`.
-pub const SERVER_RECV_BUFFER_BYTES: usize = 8 << 20;
-
-/// A UDP socket bound to `addr` whose receive buffer is asked to be
-/// `recv_bytes`; with the size the kernel granted (it may grant less, and
-/// reports twice what it keeps for its own bookkeeping).
-pub fn udp_socket(
-    addr: SocketAddr,
-    recv_bytes: usize,
-) -> std::io::Result<(std::net::UdpSocket, usize)> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    // Best effort: a smaller buffer still works, as it did before.
-    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, recv_bytes);
-    let granted = rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap_or(0);
-    Ok((socket, granted))
-}
-
 /// An idle timeout of `ms` (every u32 of milliseconds fits QUIC's range).
 fn idle(ms: u32) -> quinn::IdleTimeout {
     quinn::IdleTimeout::from(quinn::VarInt::from_u32(ms))

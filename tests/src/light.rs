@@ -325,20 +325,9 @@ fn client_configs(coord: &BenchCoordinator, n: usize) -> anyhow::Result<Vec<quin
         .collect())
 }
 
-/// A client endpoint shared by thousands of light agents: its socket gets
-/// the coordinator's receive buffer, since it stands for thousands of
-/// devices' own sockets (a real agent has one connection on its socket).
+/// A client endpoint shared by thousands of light agents.
 fn client_endpoint() -> anyhow::Result<quinn::Endpoint> {
-    let (socket, _) = sundial_net::udp_socket(
-        "127.0.0.1:0".parse()?,
-        sundial_net::SERVER_RECV_BUFFER_BYTES,
-    )?;
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?)
+    Ok(quinn::Endpoint::client("127.0.0.1:0".parse()?)?)
 }
 
 /// Why a light agent's session ended, in a few words.

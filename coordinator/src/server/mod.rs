@@ -907,26 +907,11 @@ impl Server {
         config.transport_config(net::server_transport(sundial_core::coord::link_for_fleet(
             0,
         )));
-        let bind = |source| ServeError::Bind {
-            addr: listen,
-            source,
-        };
-        let (socket, granted) =
-            sundial_net::udp_socket(listen, sundial_net::SERVER_RECV_BUFFER_BYTES).map_err(bind)?;
-        if granted < sundial_net::SERVER_RECV_BUFFER_BYTES {
-            tracing::info!(
-                granted,
-                asked = sundial_net::SERVER_RECV_BUFFER_BYTES,
-                "the UDP receive buffer is smaller than asked (net.core.rmem_max): a large fleet may lose packets at bursts"
-            );
-        }
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(config.clone()),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(bind)?;
+        let endpoint =
+            quinn::Endpoint::server(config.clone(), listen).map_err(|source| ServeError::Bind {
+                addr: listen,
+                source,
+            })?;
         Ok(Server {
             endpoint,
             config,
