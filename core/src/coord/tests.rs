@@ -137,13 +137,18 @@ fn drain_transmit(n: &mut CoordNode, conn: ConnId) -> Vec<Outgoing> {
     std::iter::from_fn(|| n.poll_transmit(at(0), conn)).collect()
 }
 
+/// The `k`-th of many addresses in 10.`net`.0.0/16.
+fn ip_in(net: u8, k: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, net, (k / 250) as u8, (k % 250) as u8))
+}
+
 #[test]
 fn a_coordinator_behind_on_its_handshakes_admits_no_more_until_they_are_served() {
     let mut n = node_with(Limits {
         handshakes_per_sec: 100_000,
         ..Limits::for_cores(4)
     });
-    let ip_of = |k: usize| IpAddr::V4(Ipv4Addr::new(10, 1, (k / 250) as u8, (k % 250) as u8));
+    let ip_of = |k| ip_in(1, k);
     let first = n.handle_incoming(at(0), ip_of(0)).expect("admitted");
     for k in 1..STARTING_MIN {
         n.handle_incoming(at(0), ip_of(k)).expect("admitted");
@@ -173,7 +178,7 @@ fn connections_whose_agents_gave_up_do_not_hold_a_coordinator_behind() {
         handshakes_per_sec: 100_000,
         ..Limits::for_cores(4)
     });
-    let ip_of = |k: usize| IpAddr::V4(Ipv4Addr::new(10, 2, (k / 250) as u8, (k % 250) as u8));
+    let ip_of = |k| ip_in(2, k);
     // A burst whose agents never say Hello (they gave up, or went).
     for k in 0..STARTING_MIN * 2 {
         n.handle_incoming(at(0), ip_of(k)).expect("admitted");
