@@ -119,8 +119,16 @@ pub enum StoreJob {
         runs: Vec<QueuedRunNow>,
         at: Timestamp,
     },
-    /// An audit entry that goes with no change (a refusal, a run-now).
+    /// An audit entry that goes with no change (a run-now).
     Audit { entry: AuditEntry },
+    /// A refused admin request's audit entry: the refusal is answered once
+    /// it is committed, so that the log holds it before the admin hears of
+    /// it, and one admin's requests are logged in the order they were made.
+    AuditRefused {
+        conn: ConnId,
+        req: u64,
+        entry: AuditEntry,
+    },
     /// An admin connected.
     AdminUsed {
         cert_sha256: [u8; 32],
@@ -266,6 +274,13 @@ pub enum StoreDone {
     Queued {
         result: StoreResult<()>,
     },
+    AuditRefused {
+        conn: ConnId,
+        req: u64,
+        /// The refusal, as the admin is told it.
+        why: String,
+        result: StoreResult<()>,
+    },
     Plan {
         result: StoreResult<Vec<placement::Planned>>,
     },
@@ -337,7 +352,7 @@ impl StoreJob {
             StoreJob::Purge { .. } => "purge",
             StoreJob::Feed { .. } => "feed",
             StoreJob::QueueRunNow { .. } => "queue_run_now",
-            StoreJob::Audit { .. } => "audit",
+            StoreJob::Audit { .. } | StoreJob::AuditRefused { .. } => "audit",
             StoreJob::AdminUsed { .. } => "admin_used",
             StoreJob::PurgeAudit { .. } => "purge_audit",
             StoreJob::Plan { .. } => "plan",
@@ -381,6 +396,12 @@ impl StoreJob {
                 audit: admin::is_change(&request).then(|| Box::new(ctx.audit)),
             },
             StoreJob::Audit { .. } => StoreDone::Queued { result: Err(error) },
+            StoreJob::AuditRefused { conn, req, entry } => StoreDone::AuditRefused {
+                conn,
+                req,
+                why: entry.refused.unwrap_or_default(),
+                result: Err(error),
+            },
             StoreJob::AdminUsed { .. } => StoreDone::Seen { result: Err(error) },
             StoreJob::PurgeAudit { before, max } => StoreDone::PurgeAudit {
                 before,
@@ -557,6 +578,12 @@ impl StoreJob {
             }
             StoreJob::Audit { entry } => StoreDone::Queued {
                 result: store.append_audit(&entry),
+            },
+            StoreJob::AuditRefused { conn, req, entry } => StoreDone::AuditRefused {
+                conn,
+                req,
+                result: store.append_audit(&entry),
+                why: entry.refused.unwrap_or_default(),
             },
             StoreJob::AdminUsed { cert_sha256, at } => StoreDone::Seen {
                 result: store.admin_used(cert_sha256, at),

@@ -2384,15 +2384,57 @@ impl CoordNode {
             by,
             why: why.clone(),
         });
-        self.audit_refused(audit, &why);
+        self.audit_refused(now, conn, req, audit, why);
+    }
+
+    /// Logs a refused request, then answers it with the refusal (see
+    /// [`StoreJob::AuditRefused`]); it takes an admin slot as requests do.
+    fn audit_refused(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        req: u64,
+        mut audit: AuditEntry,
+        why: String,
+    ) {
+        audit.refused = Some(why);
+        self.event(CoordEvent::Audited(audit.clone()));
+        self.admin_job(
+            now,
+            conn,
+            req,
+            StoreJob::AuditRefused {
+                conn,
+                req,
+                entry: audit,
+            },
+        );
+    }
+
+    /// A refused request's audit entry is committed (or could not be):
+    /// the refusal is answered.
+    fn audit_refused_done(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        req: u64,
+        why: String,
+        result: Result<(), StoreError>,
+    ) {
+        self.admin_slot_freed();
+        if let Err(e) = result {
+            self.store_failed(e);
+        }
         self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
     }
 
-    fn audit_refused(&mut self, mut audit: AuditEntry, why: &str) {
-        audit.refused = Some(why.to_string());
-        self.event(CoordEvent::Audited(audit.clone()));
-        self.effects
-            .push_back(Effect::Store(StoreJob::Audit { entry: audit }));
+    /// An admin job ended: the next waiting one takes its slot.
+    fn admin_slot_freed(&mut self) {
+        self.admin_running = self.admin_running.saturating_sub(1);
+        if let Some(next) = self.admin_waiting.pop_front() {
+            self.admin_running += 1;
+            self.effects.push_back(Effect::Store(next));
+        }
     }
 
     /// Runs an admin request's store job now, or queues it for a slot.
@@ -2477,11 +2519,7 @@ impl CoordNode {
         result: Result<AdminAnswer, StoreError>,
         audit: Option<Box<AuditEntry>>,
     ) {
-        self.admin_running = self.admin_running.saturating_sub(1);
-        if let Some(next) = self.admin_waiting.pop_front() {
-            self.admin_running += 1;
-            self.effects.push_back(Effect::Store(next));
-        }
+        self.admin_slot_freed();
         let who = match self.conns.get(&conn).map(|c| &c.kind) {
             Some(Kind::Admin { who, .. }) => Some(*who),
             _ => None,
@@ -2495,14 +2533,20 @@ impl CoordNode {
                     by,
                     why: why.clone(),
                 });
-                if !e.is_refusal() {
-                    self.store_failed(e);
-                } else if let Some(audit) = audit {
+                match audit {
                     // A change refused by the store's rules (no such task,
-                    // a conflict): nothing changed, the attempt is logged.
-                    self.audit_refused(*audit, &why);
+                    // a conflict): nothing changed, the attempt is logged
+                    // and then answered.
+                    Some(audit) if e.is_refusal() => {
+                        self.audit_refused(now, conn, req, *audit, why);
+                    }
+                    _ => {
+                        if !e.is_refusal() {
+                            self.store_failed(e);
+                        }
+                        self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
+                    }
                 }
-                self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
                 return;
             }
         };
@@ -2879,6 +2923,12 @@ impl CoordNode {
                     self.store_failed(e);
                 }
             }
+            StoreDone::AuditRefused {
+                conn,
+                req,
+                why,
+                result,
+            } => self.audit_refused_done(now, conn, req, why, result),
             StoreDone::Feed { result } => self.feed_done(now, result),
             StoreDone::Admin {
                 conn,

@@ -905,45 +905,102 @@ fn every_request_is_allowed_exactly_where_the_role_table_says() {
                         | Effect::AdminPush { .. }
                 )
             });
-            let refusal = fx.iter().find_map(|e| match e {
-                Effect::AdminReply { answers, .. } => match answers.as_slice() {
-                    [AdminResponse::Error(why)] => Some(why.clone()),
+            let replied = |fx: &[Effect]| {
+                fx.iter().find_map(|e| match e {
+                    Effect::AdminReply { answers, .. } => match answers.as_slice() {
+                        [AdminResponse::Error(why)] => Some(why.clone()),
+                        _ => None,
+                    },
                     _ => None,
-                },
+                })
+            };
+            // A refusal is logged first and answered once its entry is
+            // committed.
+            let audited = fx.iter().find_map(|e| match e {
+                Effect::Store(StoreJob::AuditRefused { entry, .. })
+                    if entry.admin == role.name() =>
+                {
+                    entry.refused.clone()
+                }
                 _ => None,
             });
-            let audited = fx.iter().any(|e| {
-                matches!(e, Effect::Store(StoreJob::Audit { entry })
-                    if entry.refused.is_some() && entry.admin == role.name())
-            });
             if allowed {
-                assert!(went_on && refusal.is_none(), "{what}: allowed, got {fx:?}");
+                assert!(
+                    went_on && replied(&fx).is_none() && audited.is_none(),
+                    "{what}: allowed, got {fx:?}"
+                );
             } else {
-                let why = refusal.unwrap_or_else(|| panic!("{what}: refused, got {fx:?}"));
                 assert!(!went_on, "{what}: refused but carried out");
+                assert!(
+                    replied(&fx).is_none(),
+                    "{what}: answered before the refusal was logged: {fx:?}"
+                );
+                let logged =
+                    audited.unwrap_or_else(|| panic!("{what}: the refusal is not logged: {fx:?}"));
+                n.handle_store_done(
+                    at(3),
+                    StoreDone::AuditRefused {
+                        conn,
+                        req: req_id as u64,
+                        why: logged.clone(),
+                        result: Ok(()),
+                    },
+                );
+                let why = replied(&effects(&mut n))
+                    .unwrap_or_else(|| panic!("{what}: refused, never answered"));
+                assert_eq!(why, logged, "{what}: the answer is the logged refusal");
                 assert!(
                     why.contains(&format!("needs the {} role", needs(&req))),
                     "{what}: the refusal names the role needed: {why}"
                 );
-                assert!(audited, "{what}: the refusal is in the audit log");
             }
             // The table in the code agrees with this one.
             assert_eq!(admin::required_role(&req), needs(&req), "{what}");
             checked += 1;
-            // Free the admin slot the job took.
-            n.handle_store_done(
-                at(3),
-                StoreDone::Admin {
-                    conn,
-                    req: req_id as u64,
-                    result: Ok(AdminAnswer::default()),
-                    audit: None,
-                },
-            );
+            if allowed {
+                // Free the admin slot the job took.
+                n.handle_store_done(
+                    at(3),
+                    StoreDone::Admin {
+                        conn,
+                        req: req_id as u64,
+                        result: Ok(AdminAnswer::default()),
+                        audit: None,
+                    },
+                );
+            }
             effects(&mut n);
         }
     }
     assert_eq!(checked, 3 * 26);
+}
+
+/// The node's effects, with the refusals among them logged (as the store
+/// would commit their audit entries) and what followed: their answers.
+fn answered(n: &mut CoordNode) -> Vec<Effect> {
+    let mut fx = effects(n);
+    let logged: Vec<(ConnId, u64, String)> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Store(StoreJob::AuditRefused { conn, req, entry }) => {
+                Some((*conn, *req, entry.refused.clone().unwrap_or_default()))
+            }
+            _ => None,
+        })
+        .collect();
+    for (conn, req, why) in logged {
+        n.handle_store_done(
+            at(2),
+            StoreDone::AuditRefused {
+                conn,
+                req,
+                why,
+                result: Ok(()),
+            },
+        );
+        fx.extend(effects(n));
+    }
+    fx
 }
 
 #[test]
@@ -959,13 +1016,13 @@ fn any_admin_may_renew_itself_and_only_itself() {
         csr_der: vec![1],
     };
     n.handle_admin(at(2), conn, 1, renew("viewer"), [0; ENTROPY_BYTES]);
-    let fx = effects(&mut n);
+    let fx = answered(&mut n);
     assert!(
         fx.iter().any(|e| matches!(e, Effect::Sign { signee: Signee::Admin { name, .. }, .. } if name == "viewer")),
         "{fx:?}"
     );
     n.handle_admin(at(2), conn, 2, renew("owner"), [0; ENTROPY_BYTES]);
-    let fx = effects(&mut n);
+    let fx = answered(&mut n);
     assert!(fx.iter().any(|e| matches!(e, Effect::AdminReply { answers, .. }
         if matches!(answers.as_slice(), [AdminResponse::Error(w)] if w.contains("needs the owner role")))));
     // A lifetime out of bounds is refused before anything is signed.
@@ -974,7 +1031,7 @@ fn any_admin_may_renew_itself_and_only_itself() {
         *ttl_ms = admin::ADMIN_TTL_MAX_MS + 1;
     }
     n.handle_admin(at(2), conn, 3, long, [0; ENTROPY_BYTES]);
-    let fx = effects(&mut n);
+    let fx = answered(&mut n);
     assert!(
         !fx.iter().any(|e| matches!(e, Effect::Sign { .. })),
         "{fx:?}"
