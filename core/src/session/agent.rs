@@ -61,8 +61,16 @@ pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
 pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// Runs in one batch.
 pub const BATCH_RUNS_MAX: usize = RESULT_BATCH_RUNS_MAX;
-/// How often the outbox is looked at even without a notification, in ms.
+/// How soon the outbox is looked at again, without a notification, after
+/// a read found it empty, in ms. Every new record notifies the session
+/// ([`AgentSession::outbox_changed`]); the poll only covers a record
+/// written without one, so each further empty read doubles the wait, up to
+/// [`OUTBOX_POLL_MAX_MS`]: an idle agent wakes for its outbox every half a
+/// minute, not twice a second (a device's battery, and 100,000 agents
+/// simulated on one machine).
 pub const OUTBOX_POLL_MS: u64 = 500;
+/// The longest wait between two looks at an outbox found empty, in ms.
+pub const OUTBOX_POLL_MAX_MS: u64 = 30_000;
 /// How often a live session records its time as the last sync, in ms (a
 /// durable write: kept rare so a large fleet does not drown in fsyncs).
 pub const LAST_SYNC_PERSIST_MS: u64 = 300_000;
@@ -196,6 +204,9 @@ struct Up {
     /// The last read found nothing new; wait for a notification or the poll.
     drained: bool,
     next_poll_ms: u64,
+    /// Reads in a row that found the outbox empty, since the last
+    /// notification or record.
+    empty_reads: u32,
     heard_ms: u64,
     /// When the oldest message sent since the coordinator was last heard
     /// went (monotonic ms).
@@ -533,6 +544,7 @@ impl AgentSession {
             reading: false,
             drained: false,
             next_poll_ms: now.mono_ms,
+            empty_reads: 0,
             heard_ms: now.mono_ms,
             unanswered_ms: None,
             online: true,
@@ -678,6 +690,7 @@ impl AgentSession {
     pub fn outbox_changed(&mut self) {
         if let Link::Up(up) = &mut self.link {
             up.drained = false;
+            up.empty_reads = 0;
         }
         self.fill_window();
     }
@@ -692,9 +705,12 @@ impl AgentSession {
         up.reading = false;
         let Some((last, _)) = batch.last() else {
             up.drained = true;
-            up.next_poll_ms = now.mono_ms + OUTBOX_POLL_MS;
+            let wait = (OUTBOX_POLL_MS << up.empty_reads.min(16)).min(OUTBOX_POLL_MAX_MS);
+            up.next_poll_ms = now.mono_ms + wait;
+            up.empty_reads = up.empty_reads.saturating_add(1);
             return;
         };
+        up.empty_reads = 0;
         up.cursor = up.cursor.max(*last);
         let batch_id = up.next_batch;
         up.next_batch += 1;
@@ -968,6 +984,64 @@ mod tests {
                 keys: vec![record(1).key()]
             }
         );
+    }
+
+    #[test]
+    fn an_idle_outbox_is_looked_at_less_often_and_a_notification_reads_it_at_once() {
+        let mut s = up_with(Some(LinkTiming {
+            keep_alive_ms: 30_000,
+            silent_ms: 45_000,
+            idle_ms: 90_000,
+        }));
+        // Each empty read waits twice as long for the next, up to the cap.
+        let mut reads = Vec::new();
+        let mut t = 0;
+        while t < 200_000 {
+            s.handle_heard(at(t));
+            let next = s.poll_timeout().expect("a timer while up");
+            s.handle_timeout(at(next));
+            let (_, effects) = drain(&mut s);
+            if effects
+                .iter()
+                .any(|e| matches!(e, AgentEffect::ReadOutbox { .. }))
+            {
+                reads.push(next);
+                s.handle_outbox(at(next), vec![]);
+            }
+            t = next;
+        }
+        let gaps: Vec<u64> = reads.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.len() >= 6, "{reads:?}");
+        assert_eq!(&gaps[..4], &[1_000, 2_000, 4_000, 8_000], "{reads:?}");
+        assert!(gaps.iter().all(|g| *g <= OUTBOX_POLL_MAX_MS), "{gaps:?}");
+        assert!(
+            gaps.ends_with(&[OUTBOX_POLL_MAX_MS, OUTBOX_POLL_MAX_MS]),
+            "{gaps:?}"
+        );
+        // A new record is read at once, and the polls start short again.
+        s.outbox_changed();
+        let (_, effects) = drain(&mut s);
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, AgentEffect::ReadOutbox { .. })),
+            "{effects:?}"
+        );
+        let notified = t;
+        s.handle_outbox(at(notified), vec![]);
+        let read_at = loop {
+            s.handle_heard(at(t));
+            t = s.poll_timeout().expect("a timer while up");
+            s.handle_timeout(at(t));
+            if drain(&mut s)
+                .1
+                .iter()
+                .any(|e| matches!(e, AgentEffect::ReadOutbox { .. }))
+            {
+                break t;
+            }
+        };
+        assert_eq!(read_at, notified + OUTBOX_POLL_MS);
     }
 
     #[test]
