@@ -488,6 +488,14 @@ impl Fleet {
     }
 
     /// Records waiting in every agent's outbox, and runs in progress.
+    /// Records waiting in agent `a`'s outbox (1 while its store cannot be
+    /// read yet: not drained).
+    pub fn outbox_of(&self, a: usize) -> u64 {
+        self.agents.get(a).map_or(0, |a| {
+            sundial_agent::status::read(&a.dir).map_or(1, |s| s.outbox_len)
+        })
+    }
+
     pub fn backlog(&self) -> (u64, usize) {
         let mut outbox = 0;
         let mut running = 0;

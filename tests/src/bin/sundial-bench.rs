@@ -24,6 +24,11 @@ struct Cli {
     out: Option<std::path::PathBuf>,
 }
 
+/// Said first by a build without optimizations (debug assertions on).
+const UNOPTIMIZED: &str =
+    "An unoptimized build (debug assertions on): a smoke run that every suite \
+     still runs; its numbers are not comparable with a release build's (BENCHMARKS.md).";
+
 const SUITES: [&str; 10] = [
     "wheel",
     "lateness",
@@ -80,6 +85,10 @@ fn main() -> ExitCode {
         "sundial-bench{} on {machine}",
         if cli.quick { " --quick" } else { "" }
     );
+    if cfg!(debug_assertions) {
+        // CI's smoke run uses the binary its tests built.
+        println!("{UNOPTIMIZED}");
+    }
     let started = std::time::Instant::now();
     let mut tables: Vec<Table> = Vec::new();
     for s in &suites {
@@ -108,8 +117,9 @@ fn main() -> ExitCode {
         .or_else(|| (!cli.quick).then(bench::report_path));
     if let Some(path) = out {
         let mut md = format!(
-            "# Sundial benchmarks\n\nMachine: {machine}.\n\nProduced by `cargo run --release -p sundial-tests --bin sundial-bench{}{}` \
+            "# Sundial benchmarks\n\n{}Machine: {machine}.\n\nProduced by `cargo run --release -p sundial-tests --bin sundial-bench{}{}` \
              in {took:.0} s. Medians with min–max over repeated runs; baselines measured in the same run.\n\n",
+            if cfg!(debug_assertions) { format!("{UNOPTIMIZED}\n\n") } else { String::new() },
             if cli.quick { " -- --quick" } else { "" },
             if cli.suites.is_empty() { String::new() } else { format!(" -- {}", cli.suites.join(" ")) },
         );
