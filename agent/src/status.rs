@@ -108,6 +108,21 @@ pub enum StatusError {
 
 /// Reads the status of the agent whose data lives in `data_dir`.
 pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
+    let (store, copy) = open(data_dir)?;
+    read_from(data_dir, store, copy)
+}
+
+/// Records waiting in the outbox of the agent whose data lives in
+/// `data_dir`: what [`read`] says as `outbox_len`, without reading the
+/// rest (nor the store key: the count needs no record opened).
+pub fn outbox_len(data_dir: &Path) -> Result<u64, StatusError> {
+    let (store, _copy) = open(data_dir)?;
+    Ok(store.outbox_len()?)
+}
+
+/// The agent's store opened for reading, beside a running agent (and the
+/// repaired copy it was opened from, if it needed a repair).
+fn open(data_dir: &Path) -> Result<(AgentStore, Option<tempfile::TempDir>), StatusError> {
     let path = store_path(data_dir);
     if !path.exists() {
         return Err(StatusError::NoData(
@@ -140,7 +155,14 @@ pub fn read(data_dir: &Path) -> Result<Status, StatusError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    let mut store = store;
+    Ok((store, copy))
+}
+
+fn read_from(
+    data_dir: &Path,
+    mut store: AgentStore,
+    copy: Option<tempfile::TempDir>,
+) -> Result<Status, StatusError> {
     let key_file = sundial_net::at_rest::key_path(data_dir, None);
     if let Some(cipher) =
         sundial_net::at_rest::StoreCipher::from_file(&key_file, false).map_err(StatusError::Key)?

@@ -292,6 +292,11 @@ fn a_refused_program_yields_a_rejected_run() {
     wait_for("a record", || {
         status_json(dir.path())["outbox_len"].as_u64() == Some(1)
     });
+    // The count alone, as the harness reads it beside a running agent.
+    assert_eq!(
+        sundial_agent::status::outbox_len(dir.path()).expect("outbox length"),
+        1
+    );
     stop(agent);
     let runs = outbox(dir.path());
     assert_eq!(runs[0].outcome, Outcome::Rejected);

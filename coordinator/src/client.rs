@@ -14,6 +14,28 @@ use crate::pki::AdminCreds;
 
 /// An unreachable coordinator is reported after this long, not a hang.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an admin keeps trying a coordinator that refuses connections
+/// for load, in all.
+pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(30);
+/// The first wait after such a refusal; each further one doubles, up to
+/// [`BUSY_RETRY_MAX`].
+const BUSY_RETRY_FIRST: Duration = Duration::from_millis(100);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The coordinator refused the connection for load: at its handshake
+/// budget or behind (CONNECTION_REFUSED, before any cryptography), or at
+/// its limit of sessions (closed with BUSY).
+fn refused_for_load(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            c.error_code == quinn::VarInt::from_u32(sundial_protocol::wire::close::BUSY)
+        }
+        _ => false,
+    }
+}
 /// The longest wait for one answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -71,17 +93,37 @@ impl AdminClient {
         let mut endpoint = quinn::Endpoint::client(net::client_bind_addr(addr))
             .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
         endpoint.set_default_client_config(config);
-        let connecting = endpoint
-            .connect(addr, &creds.server_name)
-            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(format!("cannot connect to the coordinator at {address}: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "no answer from the coordinator at {address} within {} s (is `sundial-coordinator serve` running there?)",
-                    CONNECT_TIMEOUT.as_secs()
-                ))
+        // A coordinator at its handshake budget (a fleet reconnecting at
+        // once) refuses new connections before any cryptography, admins'
+        // too: the operator is let in as the budget allows, not turned away.
+        let started = std::time::Instant::now();
+        let mut wait = BUSY_RETRY_FIRST;
+        let conn = loop {
+            let connecting = endpoint
+                .connect(addr, &creds.server_name)
+                .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+            match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) if refused_for_load(&e) && started.elapsed() + wait < BUSY_WAIT_MAX => {
+                    if wait == BUSY_RETRY_FIRST {
+                        tracing::info!(%address, "the coordinator is busy (refusing connections for load); trying again");
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(BUSY_RETRY_MAX);
+                }
+                Ok(Err(e)) if refused_for_load(&e) => {
+                    return Err(format!(
+                        "the coordinator at {address} is busy: it refused connections for load for {} s (a fleet reconnecting at once?); try again",
+                        started.elapsed().as_secs()
+                    ))
+                }
+                Ok(Err(e)) => return Err(format!("cannot connect to the coordinator at {address}: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "no answer from the coordinator at {address} within {} s (is `sundial-coordinator serve` running there?)",
+                        CONNECT_TIMEOUT.as_secs()
+                    ))
+                }
             }
         };
         Ok(AdminClient {

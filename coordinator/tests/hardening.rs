@@ -818,6 +818,26 @@ fn a_store_from_before_the_run_indexes_is_indexed_when_opened() {
 }
 
 #[test]
+fn an_admin_refused_for_load_is_let_in_as_the_budget_allows() {
+    // One handshake a second: each `sundialctl` after the first within a
+    // second is refused before any cryptography, as agents are in a storm.
+    let root = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start_with(root.path(), &["--handshakes-per-sec", "1"]);
+    let t = Instant::now();
+    for i in 0..3 {
+        let (ok, out, err) = coord.ctl(&["agent", "list"]);
+        assert!(ok, "request {i} turned away: {out}{err}");
+    }
+    // Three more connections at one a second could not all have been
+    // admitted at once: they were refused, waited and were let in.
+    assert!(
+        t.elapsed() >= Duration::from_millis(1_500),
+        "not refused at all ({:?}): the test proves nothing",
+        t.elapsed()
+    );
+}
+
+#[test]
 fn one_address_cannot_hold_many_unauthenticated_connections() {
     let root = tempfile::tempdir().expect("tempdir");
     let coord = Coordinator::start(root.path());

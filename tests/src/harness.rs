@@ -492,7 +492,7 @@ impl Fleet {
     /// read yet: not drained).
     pub fn outbox_of(&self, a: usize) -> u64 {
         self.agents.get(a).map_or(0, |a| {
-            sundial_agent::status::read(&a.dir).map_or(1, |s| s.outbox_len)
+            sundial_agent::status::outbox_len(&a.dir).unwrap_or(1)
         })
     }
 
@@ -532,7 +532,7 @@ impl Fleet {
             } else {
                 None
             };
-            let outbox = sundial_agent::status::read(&a.dir).map_or(0, |s| s.outbox_len);
+            let outbox = sundial_agent::status::outbox_len(&a.dir).unwrap_or(0);
             if state.is_some() || outbox > 0 {
                 parts.push(format!(
                     "{} {}{} buffered",

@@ -119,7 +119,7 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
                     verdict: met(m <= target && heal_n >= 1_000),
                 });
                 notes.push(format!("{heal_n} in-process agents{beside}, each behind its own relay and firing every 15 s, cut for 16 s \
-                    (longer than the idle timeout), then healed at once; the clock stops when every outbox is empty."));
+                    (longer than the idle timeout), then healed at once; the clock stops when every agent's outbox has been seen empty since the heal (the runs made while cut are stored)."));
             }
             Err(e) => notes.push(format!("heal{beside}: failed: {e:#}")),
         }
@@ -228,22 +228,31 @@ pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
         for a in &fleet.agents {
             a.relay.set(LinkConfig::pass());
         }
-        // Each look opens an agent's store: only the outboxes not yet seen
-        // empty are looked at again (1,000 stores opened ten times a second
-        // took the CPU the agents heal with), then all of them, at once, to
-        // confirm none has refilled; the clock stops at that confirmation.
+        // Synced: every agent's outbox seen empty once since the heal (the
+        // runs it made while cut are then stored by the coordinator). Not
+        // all empty at one instant: the fleet fires 67 runs a second, each
+        // in an outbox until its acknowledgement. Each look opens an
+        // agent's store, so only outboxes not yet seen empty are looked at
+        // again.
         let mut waiting: Vec<usize> = (0..n).collect();
+        let mut shown = Instant::now();
         loop {
             waiting.retain(|a| fleet.outbox_of(*a) > 0);
             if waiting.is_empty() {
-                waiting = (0..n).filter(|a| fleet.outbox_of(*a) > 0).collect();
-                if waiting.is_empty() {
-                    break;
-                }
+                break;
+            }
+            if shown.elapsed() >= Duration::from_secs(1) {
+                shown = Instant::now();
+                eprintln!(
+                    "  heal: {} of {n} agents not yet synced after {:.1} s",
+                    waiting.len(),
+                    t.elapsed().as_secs_f64()
+                );
             }
             anyhow::ensure!(
                 t.elapsed() < Duration::from_secs(120),
-                "heal did not finish"
+                "heal did not finish: {} agents not synced",
+                waiting.len()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
