@@ -56,6 +56,11 @@ pub struct AgentNode {
     pub store_key: Option<PathBuf>,
 }
 
+/// A program every fleet agent may run besides the probe: a start far
+/// cheaper than the probe's (this large binary), for rows that need runs,
+/// not their log.
+pub const LIGHT_ACTION: &str = "/bin/true";
+
 /// The fleet.
 #[derive(Debug)]
 pub struct Fleet {
@@ -233,7 +238,7 @@ impl Fleet {
                 token: token.clone(),
                 name: Some(name.clone()),
                 labels: vec![],
-                allow_exec: vec![exe.display().to_string()],
+                allow_exec: vec![exe.display().to_string(), LIGHT_ACTION.into()],
                 allow_env: vec![],
                 allow_wasm: true,
                 allow_wasm_dirs: vec![],
@@ -411,17 +416,49 @@ impl Fleet {
         if sleep_ms > 0 {
             args.push(sleep_ms.to_string());
         }
+        let action = Action::Exec(ExecSpec {
+            program: self.exe.display().to_string(),
+            args,
+            env: vec![],
+            cwd: None,
+            sealed_env: Vec::new(),
+        });
+        self.create_task(agent, name, schedule, action, policies)
+            .await
+    }
+
+    /// Creates a task running `program` (no arguments; the agents allow
+    /// [`LIGHT_ACTION`] besides the probe) on one agent: nothing is logged
+    /// of its runs but their records.
+    pub async fn add_exec_task(
+        &self,
+        agent: usize,
+        name: &str,
+        schedule: Schedule,
+        program: &str,
+    ) -> anyhow::Result<TaskId> {
+        let action = Action::Exec(ExecSpec {
+            program: program.into(),
+            ..ExecSpec::default()
+        });
+        self.create_task(agent, name, schedule, action, Default::default())
+            .await
+    }
+
+    async fn create_task(
+        &self,
+        agent: usize,
+        name: &str,
+        schedule: Schedule,
+        action: Action,
+        policies: sundial_protocol::policy::Policies,
+    ) -> anyhow::Result<TaskId> {
+        let node = &self.agents[agent];
         let draft = TaskDraft {
             name: Some(format!("{}-{name}", node.name)),
             target: Target::Agent(node.id),
             schedule,
-            action: Action::Exec(ExecSpec {
-                program: self.exe.display().to_string(),
-                args,
-                env: vec![],
-                cwd: None,
-                sealed_env: Vec::new(),
-            }),
+            action,
             policies,
             anchor_at_creation: false,
             placement: Default::default(),

@@ -1,6 +1,7 @@
 //! Fleets held by one coordinator: idle agents, heals after a cut, the reconnect storm.
 
 use super::*;
+use anyhow::Context as _;
 
 pub async fn fleet(quick: bool, exe: &Path) -> Table {
     let mut rows = Vec::new();
@@ -118,7 +119,7 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
                     },
                     verdict: met(m <= target && heal_n >= 1_000),
                 });
-                notes.push(format!("{heal_n} in-process agents{beside}, each behind its own relay and firing every 15 s, cut for 16 s \
+                notes.push(format!("{heal_n} in-process agents{beside}, each behind its own relay and firing `/bin/true` every 15 s, cut for 16 s \
                     (longer than the idle timeout), then healed at once; the clock stops when every agent's outbox has been seen empty since the heal (the runs made while cut are stored)."));
             }
             Err(e) => notes.push(format!("heal{beside}: failed: {e:#}")),
@@ -205,13 +206,15 @@ pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
     let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
     for a in 0..n {
         let anchor = now.saturating_add_ms(rng.below(15_000) as i64);
+        // `/bin/true`, not the probe (this 90 MB binary, started anew for
+        // each run): 67 starts a second of it took a core from the agents
+        // and the coordinator the row measures.
         fleet
-            .add_task(
+            .add_exec_task(
                 a,
                 "beat",
                 Schedule::every(DurationMs(15_000), anchor)?,
-                0,
-                Policies::default(),
+                crate::harness::LIGHT_ACTION,
             )
             .await?;
     }
@@ -260,6 +263,13 @@ pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
     }
     let mut fleet = fleet;
     fleet.stop().await;
+    // The coordinator's log, for reading a slow heal (as the idle rows'
+    // SUNDIAL_BENCH_COORD_LOG).
+    if let Some(to) = std::env::var_os("SUNDIAL_BENCH_COORD_LOG") {
+        std::fs::copy(fleet.coord_dir.join("coordinator.log"), &to).with_context(|| {
+            format!("copying the coordinator's log to {}", to.to_string_lossy())
+        })?;
+    }
     Ok(out)
 }
 
