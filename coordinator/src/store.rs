@@ -1377,16 +1377,40 @@ impl CoordStore for CoordinatorStore {
         Ok(out)
     }
 
+    fn agents_seen(&self, seen: &[(AgentId, AgentSeen)]) -> Result<()> {
+        const CONTEXT: &str = "record agents' contacts";
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().map_err(db_err(CONTEXT))?;
+        if !self.seen_durable_now() {
+            txn.set_durability(redb::Durability::None)
+                .map_err(db_err(CONTEXT))?;
+        }
+        {
+            let mut t = txn.open_table(AGENTS).map_err(db_err(CONTEXT))?;
+            for (id, s) in seen {
+                let rec: Option<AgentRecordV1> = t
+                    .get(id.0)
+                    .map_err(db_err(CONTEXT))?
+                    .map(|v| records::decode("agents", id.0, v.value()))
+                    .transpose()?;
+                // Forgotten since: nothing to record.
+                let Some(mut rec) = rec else { continue };
+                rec.last_seen_ms = Some(s.at.as_millis());
+                if let Some((offset, rtt)) = s.clock {
+                    rec.clock_offset_ms = Some(offset);
+                    rec.rtt_ms = Some(rtt);
+                }
+                t.insert(id.0, records::encode(&rec).as_slice())
+                    .map_err(db_err(CONTEXT))?;
+            }
+        }
+        txn.commit().map_err(db_err(CONTEXT))
+    }
+
     fn agent_seen(&self, id: AgentId, seen: AgentSeen) -> Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now_ms = self.opened.elapsed().as_millis() as u64;
-        let last = self.seen_flushed_ms.load(Relaxed);
-        // One caller in a second wins the flush; the rest do not wait for it.
-        let durable = now_ms >= last + SEEN_DURABLE_EVERY_MS
-            && self
-                .seen_flushed_ms
-                .compare_exchange(last, now_ms, Relaxed, Relaxed)
-                .is_ok();
+        let durable = self.seen_durable_now();
         self.change_agent_with(id, "record an agent's contact", None, durable, |r| {
             r.last_seen_ms = Some(seen.at.as_millis());
             if let Some((offset, rtt)) = seen.clock {
@@ -2270,6 +2294,19 @@ impl CoordinatorStore {
 
     /// [`Self::change_agent`], committed without a flush to disk unless
     /// `durable` (it is then made durable by the next commit that is).
+    /// Whether this contact's commit is the second's flushed one: one
+    /// caller in a second wins the flush; the rest do not wait for it.
+    fn seen_durable_now(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        let last = self.seen_flushed_ms.load(Relaxed);
+        now_ms >= last + SEEN_DURABLE_EVERY_MS
+            && self
+                .seen_flushed_ms
+                .compare_exchange(last, now_ms, Relaxed, Relaxed)
+                .is_ok()
+    }
+
     fn change_agent_with(
         &self,
         id: AgentId,

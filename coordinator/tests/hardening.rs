@@ -1125,4 +1125,28 @@ fn contacts_committed_without_a_flush_are_kept_across_a_clean_close() {
         assert_eq!(a.last_seen, Some(at(2_000 + k as i64)), "agent {id}");
         assert_eq!((a.clock_offset_ms, a.rtt_ms), (Some(200), Some(k as i64)));
     }
+    // Clock reports gathered over a second go in one commit; an agent no
+    // longer stored among them is skipped, the others recorded.
+    let batch: Vec<(AgentId, AgentSeen)> = ids
+        .iter()
+        .chain([&AgentId(9_999)])
+        .enumerate()
+        .map(|(k, id)| {
+            let seen = AgentSeen {
+                at: at(5_000 + k as i64),
+                clock: Some((-(k as i64), 7)),
+                session: None,
+            };
+            (*id, seen)
+        })
+        .collect();
+    store.agents_seen(&batch).expect("a batch of contacts");
+    drop(store);
+    let store = CoordinatorStore::open(&path).expect("reopens");
+    for (k, id) in ids.iter().enumerate() {
+        let a = store.agent(*id).expect("read").expect("stored");
+        assert_eq!(a.last_seen, Some(at(5_000 + k as i64)), "agent {id}");
+        assert_eq!((a.clock_offset_ms, a.rtt_ms), (Some(-(k as i64)), Some(7)));
+    }
+    assert!(store.agent(AgentId(9_999)).expect("read").is_none());
 }

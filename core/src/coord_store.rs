@@ -669,6 +669,18 @@ pub trait CoordStore: Send + Sync + fmt::Debug {
     fn agents(&self, after: Option<AgentId>, limit: usize) -> StoreResult<Vec<Agent>>;
     /// Records what a session saw; `NotFound` for an unknown agent.
     fn agent_seen(&self, id: AgentId, seen: AgentSeen) -> StoreResult<()>;
+    /// Records what sessions saw of many agents at once (their clock
+    /// reports, gathered for a second); agents no longer stored are
+    /// skipped. A store may do it in one transaction.
+    fn agents_seen(&self, seen: &[(AgentId, AgentSeen)]) -> StoreResult<()> {
+        for (id, s) in seen {
+            match self.agent_seen(*id, *s) {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
     /// Revokes an agent: its certificate is no longer known. Revoking a
     /// revoked agent is a no-op. Returns the agent as stored after.
     fn revoke_agent(&self, id: AgentId, audit: Option<&AuditEntry>) -> StoreResult<Agent>;

@@ -79,6 +79,8 @@ pub enum StoreJob {
     },
     /// What a session saw of its agent (last contact, clock estimate).
     Seen { agent: AgentId, seen: AgentSeen },
+    /// Agents' clock reports gathered over a second, in one job.
+    Clocks { seen: Vec<(AgentId, AgentSeen)> },
     Admin {
         conn: ConnId,
         req: u64,
@@ -240,6 +242,9 @@ pub enum StoreDone {
     Seen {
         result: StoreResult<()>,
     },
+    Clocks {
+        result: StoreResult<()>,
+    },
     Admin {
         conn: ConnId,
         req: u64,
@@ -346,6 +351,7 @@ impl StoreJob {
             StoreJob::Changes { .. } => "changes",
             StoreJob::Runs { .. } => "runs",
             StoreJob::Seen { .. } => "seen",
+            StoreJob::Clocks { .. } => "clocks",
             StoreJob::Admin { .. } => "admin",
             StoreJob::EnrollCheck { .. } => "enroll_check",
             StoreJob::Enroll { .. } => "enroll",
@@ -384,6 +390,7 @@ impl StoreJob {
                 cache,
             },
             StoreJob::Seen { .. } => StoreDone::Seen { result: Err(error) },
+            StoreJob::Clocks { .. } => StoreDone::Clocks { result: Err(error) },
             StoreJob::Admin {
                 conn,
                 req,
@@ -555,6 +562,9 @@ impl StoreJob {
                     cache,
                 }
             }
+            StoreJob::Clocks { seen } => StoreDone::Clocks {
+                result: store.agents_seen(&seen),
+            },
             StoreJob::Seen { agent, seen } => StoreDone::Seen {
                 result: match store.agent_seen(agent, seen) {
                     // Forgotten meanwhile: nothing to note.

@@ -1382,3 +1382,57 @@ fn keep_alives_grow_with_the_fleet_and_the_session_is_told_its_own() {
     assert_eq!(policy.link.0, n.link_timing(conn));
     assert_eq!(n.link_timing(conn + 1000), None);
 }
+
+#[test]
+fn clock_reports_are_stored_together_once_a_second_the_latest_of_each_agent() {
+    let mut n = node();
+    let a = live_session_of(&mut n, 1, env!("CARGO_PKG_VERSION"), 0);
+    let b = live_session_of(&mut n, 2, env!("CARGO_PKG_VERSION"), 0);
+    effects(&mut n);
+    let clocks = |fx: &[Effect]| -> Vec<Vec<(AgentId, AgentSeen)>> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Store(StoreJob::Clocks { seen }) => Some(seen.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let report = |offset_ms| AgentMsg::ClockReport {
+        offset_ms,
+        rtt_ms: 4,
+    };
+    n.handle_agent_msg(at(100), a, report(-7));
+    n.handle_agent_msg(at(200), b, report(3));
+    n.handle_agent_msg(at(300), a, report(-5));
+    let fx = effects(&mut n);
+    assert!(clocks(&fx).is_empty(), "none stored at once: {fx:?}");
+    assert!(
+        !fx.iter()
+            .any(|e| matches!(e, Effect::Store(StoreJob::Seen { .. }))),
+        "no store job per report: {fx:?}"
+    );
+    assert_eq!(
+        n.poll_timeout(),
+        Some(at(100 + CLOCKS_STORE_EVERY_MS).mono_ms)
+    );
+    n.handle_timeout(at(100 + CLOCKS_STORE_EVERY_MS));
+    let jobs = clocks(&effects(&mut n));
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let got: Vec<(u64, Option<(i64, i64)>)> =
+        jobs[0].iter().map(|(id, s)| (id.0, s.clock)).collect();
+    assert_eq!(got, vec![(1, Some((-5, 4))), (2, Some((3, 4)))]);
+    // While that job runs, new reports wait for it, then for their second.
+    n.handle_agent_msg(at(1_200), b, report(9));
+    n.handle_timeout(at(2_500));
+    assert!(clocks(&effects(&mut n)).is_empty());
+    n.handle_store_done(at(2_600), StoreDone::Clocks { result: Ok(()) });
+    assert_eq!(
+        n.poll_timeout(),
+        Some(at(2_600 + CLOCKS_STORE_EVERY_MS).mono_ms)
+    );
+    n.handle_timeout(at(2_600 + CLOCKS_STORE_EVERY_MS));
+    let jobs = clocks(&effects(&mut n));
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0][0].0, AgentId(2));
+    assert_eq!(jobs[0][0].1.clock, Some((9, 4)));
+}
