@@ -21,8 +21,26 @@ use sundial_protocol::{RunKey, RunRecord, TaskId, Timestamp};
 
 use super::{Event, Now, Rng};
 
-/// How often clock samples are exchanged, in ms.
+/// How often clock samples are exchanged, in ms, at least: in a fleet
+/// of up to 25,000 agents (keep-alives up to 5 s apart).
 pub const CLOCK_PROBE_INTERVAL_MS: u64 = 30_000;
+/// Clock samples are at most this far apart, in ms: a device clock that
+/// drifts 50 ppm (no NTP of its own) moves 6 ms between two.
+pub const CLOCK_PROBE_INTERVAL_MAX_MS: u64 = 120_000;
+/// Clock samples are this many keep-alive intervals apart, within the
+/// bounds above: a large fleet, whose coordinator keeps sessions alive
+/// less often, also samples clocks less often (a sample is three
+/// messages, more than a keep-alive; 100,000 agents sampling every 30 s
+/// were 3,300 samples a second).
+const CLOCK_PROBE_KEEP_ALIVES: u64 = 6;
+
+/// How often a session whose coordinator stated `timing` samples the
+/// clock, in ms.
+pub fn clock_probe_every_ms(timing: LinkTiming) -> u64 {
+    u64::from(timing.keep_alive_ms)
+        .saturating_mul(CLOCK_PROBE_KEEP_ALIVES)
+        .clamp(CLOCK_PROBE_INTERVAL_MS, CLOCK_PROBE_INTERVAL_MAX_MS)
+}
 /// After an unusable sample, the next probe goes this soon, in ms.
 pub const CLOCK_PROBE_RETRY_MS: u64 = 1_000;
 /// The first wait after a failed connection, in ms, until the coordinator
@@ -453,7 +471,7 @@ impl AgentSession {
                 }
                 if now.mono_ms >= up.next_probe_ms {
                     let every = match up.timing {
-                        Some(_) => CLOCK_PROBE_INTERVAL_MS,
+                        Some(t) => clock_probe_every_ms(t),
                         None => KEEP_ALIVE_FALLBACK_MS,
                     };
                     up.next_probe_ms = now.mono_ms + every;
@@ -1042,6 +1060,56 @@ mod tests {
             }
         };
         assert_eq!(read_at, notified + OUTBOX_POLL_MS);
+    }
+
+    #[test]
+    fn clock_samples_are_spaced_with_the_fleets_keep_alives_within_bounds() {
+        let probes_until = |timing: LinkTiming, until: u64| {
+            let mut s = up_with(Some(timing));
+            let mut sent = Vec::new();
+            let mut t = 0;
+            while let Some(next) = s.poll_timeout().filter(|n| *n <= until) {
+                t = next.max(t);
+                s.handle_timeout(at(t));
+                let (msgs, _) = drain(&mut s);
+                if msgs
+                    .iter()
+                    .any(|m| matches!(m, AgentMsg::ClockProbe { .. }))
+                {
+                    sent.push(t);
+                }
+                // Heard: the coordinator's keep-alives keep the link up.
+                s.handle_heard(at(t));
+                s.handle_outbox(at(t), vec![]);
+            }
+            sent.windows(2).map(|w| w[1] - w[0]).collect::<Vec<u64>>()
+        };
+        let small = LinkTiming {
+            keep_alive_ms: 1_000,
+            silent_ms: 2_500,
+            idle_ms: 5_000,
+        };
+        let gaps = probes_until(small, 200_000);
+        assert!(
+            !gaps.is_empty() && gaps.iter().all(|g| *g == CLOCK_PROBE_INTERVAL_MS),
+            "{gaps:?}"
+        );
+        let large = LinkTiming {
+            keep_alive_ms: 20_000,
+            silent_ms: 30_000,
+            idle_ms: 60_000,
+        };
+        let gaps = probes_until(large, 600_000);
+        assert!(
+            !gaps.is_empty() && gaps.iter().all(|g| *g == CLOCK_PROBE_INTERVAL_MAX_MS),
+            "{gaps:?}"
+        );
+        let middle = LinkTiming {
+            keep_alive_ms: 10_000,
+            silent_ms: 15_000,
+            idle_ms: 30_000,
+        };
+        assert_eq!(clock_probe_every_ms(middle), 60_000);
     }
 
     #[test]
