@@ -1084,32 +1084,19 @@ mod tests {
             }
             sent.windows(2).map(|w| w[1] - w[0]).collect::<Vec<u64>>()
         };
-        let small = LinkTiming {
-            keep_alive_ms: 1_000,
-            silent_ms: 2_500,
-            idle_ms: 5_000,
-        };
-        let gaps = probes_until(small, 200_000);
-        assert!(
-            !gaps.is_empty() && gaps.iter().all(|g| *g == CLOCK_PROBE_INTERVAL_MS),
-            "{gaps:?}"
-        );
-        let large = LinkTiming {
-            keep_alive_ms: 20_000,
-            silent_ms: 30_000,
-            idle_ms: 60_000,
-        };
-        let gaps = probes_until(large, 600_000);
-        assert!(
-            !gaps.is_empty() && gaps.iter().all(|g| *g == CLOCK_PROBE_INTERVAL_MAX_MS),
-            "{gaps:?}"
-        );
-        let middle = LinkTiming {
-            keep_alive_ms: 10_000,
-            silent_ms: 15_000,
-            idle_ms: 30_000,
-        };
-        assert_eq!(clock_probe_every_ms(middle), 60_000);
+        // The coordinator's timing for fleets of these sizes.
+        let fleet = crate::coord::link_for_fleet;
+        for (agents, every, until) in [
+            (3_000, CLOCK_PROBE_INTERVAL_MS, 200_000),
+            (50_000, 60_000, 400_000),
+            (100_000, CLOCK_PROBE_INTERVAL_MAX_MS, 600_000),
+        ] {
+            let gaps = probes_until(fleet(agents), until);
+            assert!(
+                gaps.len() >= 2 && gaps.iter().all(|g| *g == every),
+                "{agents} agents: {gaps:?}"
+            );
+        }
     }
 
     #[test]
