@@ -1012,19 +1012,16 @@ mod tests {
             idle_ms: 90_000,
         }));
         // Each empty read waits twice as long for the next, up to the cap.
+        let read = |e: &[AgentEffect]| {
+            e.iter()
+                .any(|e| matches!(e, AgentEffect::ReadOutbox { .. }))
+        };
         let mut reads = Vec::new();
         let mut t = 0;
         while t < 200_000 {
-            s.handle_heard(at(t));
-            let next = s.poll_timeout().expect("a timer while up");
-            s.handle_timeout(at(next));
-            let (_, effects) = drain(&mut s);
-            if effects
-                .iter()
-                .any(|e| matches!(e, AgentEffect::ReadOutbox { .. }))
-            {
+            let (next, _, effects) = heard_step(&mut s, t);
+            if read(&effects) {
                 reads.push(next);
-                s.handle_outbox(at(next), vec![]);
             }
             t = next;
         }
@@ -1048,14 +1045,9 @@ mod tests {
         let notified = t;
         s.handle_outbox(at(notified), vec![]);
         let read_at = loop {
-            s.handle_heard(at(t));
-            t = s.poll_timeout().expect("a timer while up");
-            s.handle_timeout(at(t));
-            if drain(&mut s)
-                .1
-                .iter()
-                .any(|e| matches!(e, AgentEffect::ReadOutbox { .. }))
-            {
+            let (next, _, effects) = heard_step(&mut s, t);
+            t = next;
+            if read(&effects) {
                 break t;
             }
         };
@@ -1068,19 +1060,18 @@ mod tests {
             let mut s = up_with(Some(timing));
             let mut sent = Vec::new();
             let mut t = 0;
-            while let Some(next) = s.poll_timeout().filter(|n| *n <= until) {
-                t = next.max(t);
-                s.handle_timeout(at(t));
-                let (msgs, _) = drain(&mut s);
+            loop {
+                let (next, msgs, _) = heard_step(&mut s, t);
+                if next > until {
+                    break;
+                }
                 if msgs
                     .iter()
                     .any(|m| matches!(m, AgentMsg::ClockProbe { .. }))
                 {
-                    sent.push(t);
+                    sent.push(next);
                 }
-                // Heard: the coordinator's keep-alives keep the link up.
-                s.handle_heard(at(t));
-                s.handle_outbox(at(t), vec![]);
+                t = next;
             }
             sent.windows(2).map(|w| w[1] - w[0]).collect::<Vec<u64>>()
         };
@@ -1239,6 +1230,23 @@ mod tests {
             effects.extend(e);
         }
         (msgs, effects)
+    }
+
+    /// Hears the coordinator at `t` (its keep-alives), then runs the
+    /// session's next timeout; returns when that was and what it sent and
+    /// asked for, an outbox read answered as empty.
+    fn heard_step(s: &mut AgentSession, t: u64) -> (u64, Vec<AgentMsg>, Vec<AgentEffect>) {
+        s.handle_heard(at(t));
+        let next = s.poll_timeout().expect("a timer while up").max(t);
+        s.handle_timeout(at(next));
+        let (msgs, effects) = drain(s);
+        if effects
+            .iter()
+            .any(|e| matches!(e, AgentEffect::ReadOutbox { .. }))
+        {
+            s.handle_outbox(at(next), vec![]);
+        }
+        (next, msgs, effects)
     }
 
     #[test]
