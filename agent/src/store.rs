@@ -586,16 +586,16 @@ impl AgentStore {
         let mut state = txn.open_table(STATE).map_err(db_err("write task state"))?;
         let mut due = txn.open_table(DUE).map_err(db_err("write task state"))?;
         for (id, next) in states {
-            let old = state.get(id.0).map_err(db_err("write task state"))?;
-            if let Some(ms) = stored_due_ms(*id, old)? {
-                due.remove((ms, id.0)).map_err(db_err("write task state"))?;
-            }
             let rec = StateRecordV1 {
                 next_due_ms: next.map(Timestamp::as_millis),
             };
-            state
+            // The state written and the one it replaces read in one descent.
+            let old = state
                 .insert(id.0, encode(&rec).as_slice())
                 .map_err(db_err("write task state"))?;
+            if let Some(ms) = stored_due_ms(*id, old)? {
+                due.remove((ms, id.0)).map_err(db_err("write task state"))?;
+            }
             if let Some(t) = next {
                 due.insert((t.as_millis(), id.0), ())
                     .map_err(db_err("write task state"))?;

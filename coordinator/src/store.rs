@@ -1771,6 +1771,10 @@ impl CoordStore for CoordinatorStore {
             let mut meta = txn.open_table(META).map_err(db_err("store runs"))?;
             let first_seq = Self::meta_u64(&meta, ARRIVAL_NEXT)?.max(1);
             let mut seq = first_seq;
+            // The newest fresh run of each (task, agent) in this batch: its
+            // last run is looked at and written once, not once per run.
+            let mut newest: std::collections::HashMap<(u64, u64), &RunRecord> =
+                std::collections::HashMap::new();
             for r in runs {
                 let key = (
                     r.task_id.0,
@@ -1780,19 +1784,26 @@ impl CoordStore for CoordinatorStore {
                 );
                 let plain = records::encode(&RunRecordV1::from_run(r));
                 let bytes = self.seal("runs", plain.clone())?;
+                // Written first and put back if it was there: a fresh run
+                // (nearly every one) costs one descent of the tree, not two.
                 let existing = t
-                    .get(key)
+                    .insert(key, bytes.as_slice())
                     .map_err(db_err("store runs"))?
                     .map(|v| v.value().to_vec());
                 match existing {
                     // The same record again (under another key, after a
                     // rotation, its bytes differ: compared in plain).
-                    Some(old) if old == bytes || self.unseal("runs", &old)?.as_ref() == plain => {}
-                    Some(_) => conflicts.push(key),
+                    Some(old) if old == bytes => {}
+                    Some(old) => {
+                        // The first record of a key stays.
+                        t.insert(key, old.as_slice())
+                            .map_err(db_err("store runs"))?;
+                        if self.unseal("runs", &old)?.as_ref() != plain {
+                            conflicts.push(key);
+                        }
+                    }
                     None => {
                         fresh.push(key);
-                        t.insert(key, bytes.as_slice())
-                            .map_err(db_err("store runs"))?;
                         let (task, agent, sched, attempt) = key;
                         by_time
                             .insert((sched, task, agent, attempt), 1)
@@ -1806,24 +1817,36 @@ impl CoordStore for CoordinatorStore {
                         arrivals.insert(seq, key).map_err(db_err("store runs"))?;
                         arrival_of.insert(key, seq).map_err(db_err("store runs"))?;
                         seq += 1;
-                        let newer = match last.get((key.0, key.1)).map_err(db_err("store runs"))? {
-                            Some(v) => records::decode::<LastRunV1>("last_runs", key.0, v.value())
-                                .map(|l| (l.scheduled_at_ms, l.attempt) <= (key.2, key.3))
-                                .unwrap_or(true),
-                            None => true,
-                        };
-                        if newer {
-                            let l = LastRunV1 {
-                                scheduled_at_ms: key.2,
-                                attempt: key.3,
-                                outcome: r.outcome.as_str().to_owned(),
-                                finished_at_ms: r.finished_at.map(Timestamp::as_millis),
-                                detail: r.why(),
-                            };
-                            last.insert((key.0, key.1), records::encode(&l).as_slice())
-                                .map_err(db_err("store runs"))?;
-                        }
+                        let at = (sched, attempt);
+                        newest
+                            .entry((task, agent))
+                            .and_modify(|n| {
+                                if (n.scheduled_at.as_millis(), n.attempt) <= at {
+                                    *n = r;
+                                }
+                            })
+                            .or_insert(r);
                     }
+                }
+            }
+            for ((task, agent), r) in newest {
+                let (sched, attempt) = (r.scheduled_at.as_millis(), r.attempt);
+                let newer = match last.get((task, agent)).map_err(db_err("store runs"))? {
+                    Some(v) => records::decode::<LastRunV1>("last_runs", task, v.value())
+                        .map(|l| (l.scheduled_at_ms, l.attempt) <= (sched, attempt))
+                        .unwrap_or(true),
+                    None => true,
+                };
+                if newer {
+                    let l = LastRunV1 {
+                        scheduled_at_ms: sched,
+                        attempt,
+                        outcome: r.outcome.as_str().to_owned(),
+                        finished_at_ms: r.finished_at.map(Timestamp::as_millis),
+                        detail: r.why(),
+                    };
+                    last.insert((task, agent), records::encode(&l).as_slice())
+                        .map_err(db_err("store runs"))?;
                 }
             }
             if seq != first_seq {

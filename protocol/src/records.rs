@@ -29,10 +29,19 @@ pub struct RecordError {
 pub const RECORD_V1: u8 = 1;
 
 pub fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
-    let mut out = vec![RECORD_V1];
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.push(RECORD_V1);
+    append(rec, out)
+}
+
+/// Room made up front for a record: most fit, so one allocation each.
+const ENCODE_CAPACITY: usize = 128;
+
+/// `out` with `rec` written after what it holds, in place (no second
+/// buffer to copy from).
+fn append<T: Serialize + ?Sized>(rec: &T, out: Vec<u8>) -> Vec<u8> {
     // Invariant: postcard serialization of plain structs into a Vec cannot fail.
-    out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
-    out
+    postcard::to_extend(rec, out).expect("postcard encodes plain records")
 }
 
 pub fn decode<T: DeserializeOwned>(
@@ -92,11 +101,9 @@ pub fn encode_with_sealed<T: Serialize>(rec: &T, sealed: &[SealedEnv]) -> Vec<u8
         return encode(rec);
     }
     let sealed = SealedEnvV1::from_env(sealed);
-    let mut out = vec![RECORD_V2];
-    // Invariant: postcard serialization of plain structs into a Vec cannot fail.
-    out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
-    out.extend(postcard::to_allocvec(&sealed).expect("postcard encodes plain records"));
-    out
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.push(RECORD_V2);
+    append(&sealed, append(rec, out))
 }
 
 /// A record written by [`encode`] or [`encode_with_sealed`], and its
@@ -220,15 +227,12 @@ pub fn encode_placed<T: Serialize>(
         return encode_with_sealed(rec, sealed);
     };
     let sealed = SealedEnvV1::from_env(sealed);
-    let mut out = vec![RECORD_V4];
-    // Invariant: postcard serialization of plain structs into a Vec cannot fail.
-    out.extend(postcard::to_allocvec(rec).expect("postcard encodes plain records"));
-    out.extend(postcard::to_allocvec(&sealed).expect("postcard encodes plain records"));
-    out.extend(
-        postcard::to_allocvec(&PlacementV1::from_placement(p))
-            .expect("postcard encodes plain records"),
-    );
-    out
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.push(RECORD_V4);
+    append(
+        &PlacementV1::from_placement(p),
+        append(&sealed, append(rec, out)),
+    )
 }
 
 /// A record written by [`encode_placed`] (or [`encode`], or
@@ -312,18 +316,12 @@ pub fn encode_parts<T: Serialize>(
     let Some(wasm) = wasm else {
         return encode_placed(rec, sealed, placement);
     };
-    let mut out = vec![RECORD_V5];
-    // Invariant: postcard serialization of plain structs into a Vec cannot fail.
-    let mut put = |bytes: Result<Vec<u8>, postcard::Error>| {
-        out.extend(bytes.expect("postcard encodes plain records"))
-    };
-    put(postcard::to_allocvec(rec));
-    put(postcard::to_allocvec(&SealedEnvV1::from_env(sealed)));
-    put(postcard::to_allocvec(
-        &placement.map(PlacementV1::from_placement),
-    ));
-    put(postcard::to_allocvec(wasm));
-    out
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.push(RECORD_V5);
+    let out = append(rec, out);
+    let out = append(&SealedEnvV1::from_env(sealed), out);
+    let out = append(&placement.map(PlacementV1::from_placement), out);
+    append(wasm, out)
 }
 
 /// What [`encode_with_action`] wrote: the record, its sealed variables,

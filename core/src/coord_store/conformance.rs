@@ -620,6 +620,22 @@ pub fn the_first_record_of_a_run_wins(s: &dyn CoordStore) {
         (AgentId(1), t(2_000), Outcome::Failed)
     );
     assert_eq!(last[1].outcome, Outcome::Skipped);
+    // In one batch the newest is the last run, in whatever order it came.
+    ok(
+        s.put_runs(&[
+            run(a.id.0, 1, 4_000, Outcome::Succeeded),
+            run(a.id.0, 1, 3_000, Outcome::Failed),
+        ]),
+        "put",
+    );
+    let last = ok(s.last_runs(a.id, 100), "last runs");
+    let one: Vec<_> = last.iter().filter(|l| l.agent_id == AgentId(1)).collect();
+    assert_eq!(
+        one.iter()
+            .map(|l| (l.scheduled_at, l.outcome))
+            .collect::<Vec<_>>(),
+        vec![(t(4_000), Outcome::Succeeded)]
+    );
     // In one batch: the refused and the fresh apart.
     let stored = ok(
         s.store_runs(&[other, run(a.id.0, 3, 1_000, Outcome::Failed)]),
