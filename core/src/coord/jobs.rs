@@ -41,6 +41,18 @@ pub type ChangesAnswer = (
     Vec<(sundial_protocol::wasm::ModuleHash, Vec<u8>)>,
 );
 
+/// A run-now waiting for its audit entry to be committed: what is then
+/// sent, and what the admin is then told.
+#[derive(Clone, Debug)]
+pub struct RunNowAudited {
+    pub entry: AuditEntry,
+    pub task: TaskId,
+    pub at: Timestamp,
+    pub agents: Vec<AgentId>,
+    /// The request's other answers, told with the run-now's.
+    pub answers: Vec<sundial_protocol::wire::AdminResponse>,
+}
+
 /// Store work for the shell to run (see the module docs).
 #[derive(Clone, Debug)]
 pub enum StoreJob {
@@ -121,8 +133,14 @@ pub enum StoreJob {
         runs: Vec<QueuedRunNow>,
         at: Timestamp,
     },
-    /// An audit entry that goes with no change (a run-now).
-    Audit { entry: AuditEntry },
+    /// A run-now's audit entry (it changes nothing stored): the run is
+    /// sent to its agents, and the admin answered, once the entry is
+    /// committed — no run-now takes effect unlogged.
+    AuditRunNow {
+        conn: ConnId,
+        req: u64,
+        run: RunNowAudited,
+    },
     /// A refused admin request's audit entry: the refusal is answered once
     /// it is committed, so that the log holds it before the admin hears of
     /// it, and one admin's requests are logged in the order they were made.
@@ -286,6 +304,12 @@ pub enum StoreDone {
         why: String,
         result: StoreResult<()>,
     },
+    AuditRunNow {
+        conn: ConnId,
+        req: u64,
+        run: RunNowAudited,
+        result: StoreResult<()>,
+    },
     Plan {
         result: StoreResult<Vec<placement::Planned>>,
     },
@@ -358,7 +382,7 @@ impl StoreJob {
             StoreJob::Purge { .. } => "purge",
             StoreJob::Feed { .. } => "feed",
             StoreJob::QueueRunNow { .. } => "queue_run_now",
-            StoreJob::Audit { .. } | StoreJob::AuditRefused { .. } => "audit",
+            StoreJob::AuditRunNow { .. } | StoreJob::AuditRefused { .. } => "audit",
             StoreJob::AdminUsed { .. } => "admin_used",
             StoreJob::PurgeAudit { .. } => "purge_audit",
             StoreJob::Plan { .. } => "plan",
@@ -402,7 +426,12 @@ impl StoreJob {
                 result: Err(error),
                 audit: admin::is_change(&request).then(|| Box::new(ctx.audit)),
             },
-            StoreJob::Audit { .. } => StoreDone::Queued { result: Err(error) },
+            StoreJob::AuditRunNow { conn, req, run } => StoreDone::AuditRunNow {
+                conn,
+                req,
+                run,
+                result: Err(error),
+            },
             StoreJob::AuditRefused { conn, req, entry } => StoreDone::AuditRefused {
                 conn,
                 req,
@@ -586,8 +615,11 @@ impl StoreJob {
                     audit,
                 }
             }
-            StoreJob::Audit { entry } => StoreDone::Queued {
-                result: store.append_audit(&entry),
+            StoreJob::AuditRunNow { conn, req, run } => StoreDone::AuditRunNow {
+                conn,
+                req,
+                result: store.append_audit(&run.entry),
+                run,
             },
             StoreJob::AuditRefused { conn, req, entry } => StoreDone::AuditRefused {
                 conn,

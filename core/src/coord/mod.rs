@@ -57,7 +57,7 @@ use crate::session::{Event, Now};
 pub use admin::{
     AdminAnswer, AdminChange, AdminContext, FollowUp, SeenView, Signed, ENTROPY_BYTES,
 };
-pub use jobs::{Assigned, FeedPage, RunFacts, RunsVerdict, StoreDone, StoreJob};
+pub use jobs::{Assigned, FeedPage, RunFacts, RunNowAudited, RunsVerdict, StoreDone, StoreJob};
 
 /// A connection, as the node names it.
 pub type ConnId = u64;
@@ -2585,6 +2585,7 @@ impl CoordNode {
             }
         };
         let mut answers = answer.answers;
+        let mut deferred = None;
         for f in answer.follow {
             match f {
                 FollowUp::Announce { target, revision } => self.announce(now, &target, revision),
@@ -2618,47 +2619,19 @@ impl CoordNode {
                         self.known.insert(fp, CertRole::Admin(cert));
                     }
                 }
-                FollowUp::RunNow { task, at, agents } => {
-                    if let Some(audit) = &audit {
-                        let entry = (**audit).clone();
-                        self.event(CoordEvent::Audited(entry.clone()));
-                        self.effects
-                            .push_back(Effect::Store(StoreJob::Audit { entry }));
-                    }
-                    let mut sent = Vec::new();
-                    let mut offline = Vec::new();
-                    for agent in agents {
-                        // One session is enough: the run is keyed, the agent
-                        // runs it once.
-                        if self.push(now, agent, CoordMsg::RunNow { task_id: task, at }) {
-                            sent.push(agent);
-                        } else {
-                            offline.push(agent);
-                        }
-                    }
-                    if self.feed.is_some() && !offline.is_empty() {
-                        // Another coordinator may hold their sessions.
-                        self.event(CoordEvent::RunNowQueued {
-                            agents: offline.len(),
-                        });
-                        self.effects.push_back(Effect::Store(StoreJob::QueueRunNow {
-                            runs: offline
-                                .iter()
-                                .map(|&agent| QueuedRunNow { agent, task, at })
-                                .collect(),
-                            at: now.wall,
-                        }));
-                    }
-                    self.event(CoordEvent::AdminChanged {
-                        by,
-                        change: AdminChange::RunNow {
+                FollowUp::RunNow { task, at, agents } => match &audit {
+                    // Sent once its entry is in the log.
+                    Some(entry) => {
+                        deferred = Some(RunNowAudited {
+                            entry: (**entry).clone(),
                             task,
-                            sent: sent.len(),
-                            offline: offline.len(),
-                        },
-                    });
-                    answers.push(AdminResponse::RunNowSent { at, sent, offline });
-                }
+                            at,
+                            agents,
+                            answers: Vec::new(),
+                        })
+                    }
+                    None => answers.push(self.run_now_send(now, by, task, at, agents)),
+                },
                 FollowUp::Changed(change) => {
                     if let AdminChange::AgentForgotten { agent } = &change {
                         self.seen.remove(agent);
@@ -2679,7 +2652,85 @@ impl CoordNode {
                 }
             }
         }
+        match deferred {
+            Some(mut run) => {
+                run.answers = answers;
+                self.event(CoordEvent::Audited(run.entry.clone()));
+                self.admin_job(now, conn, req, StoreJob::AuditRunNow { conn, req, run });
+            }
+            None => self.admin_answered(now, conn, req, answers),
+        }
+    }
+
+    /// A run-now's audit entry is committed (or could not be): the run is
+    /// sent and the admin answered, or told it was not started.
+    fn audit_run_now_done(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        req: u64,
+        run: RunNowAudited,
+        result: Result<(), StoreError>,
+    ) {
+        self.admin_slot_freed();
+        if let Err(e) = result {
+            let why = format!("the run was not started: its audit entry could not be written: {e}");
+            self.store_failed(e);
+            self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
+            return;
+        }
+        let by = match self.conns.get(&conn).map(|c| &c.kind) {
+            Some(Kind::Admin { who, .. }) => *who,
+            _ => AdminId(run.entry.cert_sha256),
+        };
+        let mut answers = run.answers;
+        answers.push(self.run_now_send(now, by, run.task, run.at, run.agents));
         self.admin_answered(now, conn, req, answers);
+    }
+
+    /// Sends a run-now to the agents in session here (and queues it for the
+    /// others when coordinators share the store); what the admin is told.
+    fn run_now_send(
+        &mut self,
+        now: Now,
+        by: AdminId,
+        task: TaskId,
+        at: Timestamp,
+        agents: Vec<AgentId>,
+    ) -> AdminResponse {
+        let mut sent = Vec::new();
+        let mut offline = Vec::new();
+        for agent in agents {
+            // One session is enough: the run is keyed, the agent
+            // runs it once.
+            if self.push(now, agent, CoordMsg::RunNow { task_id: task, at }) {
+                sent.push(agent);
+            } else {
+                offline.push(agent);
+            }
+        }
+        if self.feed.is_some() && !offline.is_empty() {
+            // Another coordinator may hold their sessions.
+            self.event(CoordEvent::RunNowQueued {
+                agents: offline.len(),
+            });
+            self.effects.push_back(Effect::Store(StoreJob::QueueRunNow {
+                runs: offline
+                    .iter()
+                    .map(|&agent| QueuedRunNow { agent, task, at })
+                    .collect(),
+                at: now.wall,
+            }));
+        }
+        self.event(CoordEvent::AdminChanged {
+            by,
+            change: AdminChange::RunNow {
+                task,
+                sent: sent.len(),
+                offline: offline.len(),
+            },
+        });
+        AdminResponse::RunNowSent { at, sent, offline }
     }
 
     /// Sends `msg` on `agent`'s live session; whether it had one.
@@ -2972,6 +3023,12 @@ impl CoordNode {
                 why,
                 result,
             } => self.audit_refused_done(now, conn, req, why, result),
+            StoreDone::AuditRunNow {
+                conn,
+                req,
+                run,
+                result,
+            } => self.audit_run_now_done(now, conn, req, run, result),
             StoreDone::Feed { result } => self.feed_done(now, result),
             StoreDone::Admin {
                 conn,

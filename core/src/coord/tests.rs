@@ -483,6 +483,131 @@ fn a_change_wakes_only_the_sessions_it_targets_and_run_now_reaches_only_live_one
 }
 
 #[test]
+fn a_run_now_is_sent_and_answered_only_once_its_audit_entry_is_committed() {
+    let mut n = node();
+    let (a, _) = live_session(&mut n, 1, &[], 0);
+    n.handle_store_done(
+        at(1),
+        StoreDone::Changes {
+            conn: a,
+            result: Ok((Vec::new(), 0, false, Vec::new())),
+        },
+    );
+    drain_transmit(&mut n, a);
+    effects(&mut n);
+    let admin = n.handle_incoming(at(2), ip(9)).expect("admin");
+    n.handle_handshaken(at(2), admin, Alpn::Admin, Some(fp(9)));
+    let entry = AuditEntry {
+        seq: 0,
+        at: at(2).wall,
+        admin: "ops".into(),
+        cert_sha256: fp(9),
+        from: None,
+        action: "task run-now".into(),
+        subject: Some("task 1".into()),
+        revision: None,
+        refused: None,
+    };
+    let run_now = |n: &mut CoordNode, req: u64| {
+        n.handle_admin(
+            at(2),
+            admin,
+            req,
+            AdminRequest::TaskRunNow(TaskId(1)),
+            [0; ENTROPY_BYTES],
+        );
+        effects(n);
+        n.handle_store_done(
+            at(3),
+            StoreDone::Admin {
+                conn: admin,
+                req,
+                audit: Some(Box::new(entry.clone())),
+                result: Ok(AdminAnswer {
+                    answers: Vec::new(),
+                    follow: vec![FollowUp::RunNow {
+                        task: TaskId(1),
+                        at: Timestamp::from_millis_saturating(3),
+                        agents: vec![AgentId(1)],
+                    }],
+                }),
+            },
+        );
+        effects(n)
+    };
+    let replies = |fx: &[Effect]| -> Vec<Vec<AdminResponse>> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::AdminReply { answers, .. } => Some(answers.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let sent = |n: &mut CoordNode| {
+        drain_transmit(n, a)
+            .iter()
+            .filter(|m| matches!(m, Outgoing::Msg(CoordMsg::RunNow { .. })))
+            .count()
+    };
+    // Logged first: neither sent nor answered before the entry is committed.
+    let fx = run_now(&mut n, 1);
+    let job = fx.iter().find_map(|e| match e {
+        Effect::Store(StoreJob::AuditRunNow { conn, req, run }) => Some((*conn, *req, run.clone())),
+        _ => None,
+    });
+    let (conn, req, run) = job.unwrap_or_else(|| panic!("no audit job: {fx:?}"));
+    assert_eq!((conn, req, &run.entry), (admin, 1, &entry));
+    assert!(replies(&fx).is_empty(), "answered before logged: {fx:?}");
+    assert_eq!(sent(&mut n), 0, "sent before logged");
+    n.handle_store_done(
+        at(4),
+        StoreDone::AuditRunNow {
+            conn,
+            req,
+            run,
+            result: Ok(()),
+        },
+    );
+    let fx = effects(&mut n);
+    assert_eq!(
+        replies(&fx),
+        vec![vec![AdminResponse::RunNowSent {
+            at: Timestamp::from_millis_saturating(3),
+            sent: vec![AgentId(1)],
+            offline: Vec::new(),
+        }]]
+    );
+    assert_eq!(sent(&mut n), 1);
+    // An entry that cannot be written: the run is not started, and the
+    // admin is told so.
+    let fx = run_now(&mut n, 2);
+    let Some(run) = fx.iter().find_map(|e| match e {
+        Effect::Store(StoreJob::AuditRunNow { run, .. }) => Some(run.clone()),
+        _ => None,
+    }) else {
+        panic!("no audit job: {fx:?}")
+    };
+    n.handle_store_done(
+        at(5),
+        StoreDone::AuditRunNow {
+            conn: admin,
+            req: 2,
+            run,
+            result: Err(StoreError::unavailable("append audit", "disk full")),
+        },
+    );
+    let fx = effects(&mut n);
+    match replies(&fx).as_slice() {
+        [r] => assert!(
+            matches!(r.as_slice(), [AdminResponse::Error(why)] if why.contains("not started")),
+            "{r:?}"
+        ),
+        other => panic!("one answer expected: {other:?}"),
+    }
+    assert_eq!(sent(&mut n), 0, "sent without its entry");
+}
+
+#[test]
 fn a_revocation_closes_the_live_session_and_forgets_the_certificate() {
     let mut n = node();
     let (a, _) = live_session(&mut n, 1, &[], 0);
