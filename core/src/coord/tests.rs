@@ -133,6 +133,22 @@ fn live_session(
     (conn, effects(n))
 }
 
+/// Agent `id` in session, its first load of changes answered (none), and
+/// what that sent and asked for taken.
+fn loaded_session(n: &mut CoordNode, id: u64) -> ConnId {
+    let (conn, _) = live_session(n, id, &[], 0);
+    n.handle_store_done(
+        at(1),
+        StoreDone::Changes {
+            conn,
+            result: Ok((Vec::new(), 0, false, Vec::new())),
+        },
+    );
+    drain_transmit(n, conn);
+    effects(n);
+    conn
+}
+
 fn drain_transmit(n: &mut CoordNode, conn: ConnId) -> Vec<Outgoing> {
     std::iter::from_fn(|| n.poll_transmit(at(0), conn)).collect()
 }
@@ -485,16 +501,7 @@ fn a_change_wakes_only_the_sessions_it_targets_and_run_now_reaches_only_live_one
 #[test]
 fn a_run_now_is_sent_and_answered_only_once_its_audit_entry_is_committed() {
     let mut n = node();
-    let (a, _) = live_session(&mut n, 1, &[], 0);
-    n.handle_store_done(
-        at(1),
-        StoreDone::Changes {
-            conn: a,
-            result: Ok((Vec::new(), 0, false, Vec::new())),
-        },
-    );
-    drain_transmit(&mut n, a);
-    effects(&mut n);
+    let a = loaded_session(&mut n, 1);
     let admin = n.handle_incoming(at(2), ip(9)).expect("admin");
     n.handle_handshaken(at(2), admin, Alpn::Admin, Some(fp(9)));
     let entry = AuditEntry {
@@ -648,16 +655,7 @@ fn a_revocation_closes_the_live_session_and_forgets_the_certificate() {
 #[test]
 fn results_are_acknowledged_only_after_the_store_says_stored() {
     let mut n = node();
-    let (a, _) = live_session(&mut n, 1, &[], 0);
-    n.handle_store_done(
-        at(1),
-        StoreDone::Changes {
-            conn: a,
-            result: Ok((Vec::new(), 0, false, Vec::new())),
-        },
-    );
-    drain_transmit(&mut n, a);
-    effects(&mut n);
+    let a = loaded_session(&mut n, 1);
     let runs = vec![record(1, 1, 1_000)];
     n.handle_agent_msg(
         at(2),
