@@ -2679,10 +2679,8 @@ impl CoordNode {
             self.admin_answered(now, conn, req, vec![AdminResponse::Error(why)]);
             return;
         }
-        let by = match self.conns.get(&conn).map(|c| &c.kind) {
-            Some(Kind::Admin { who, .. }) => *who,
-            _ => AdminId(run.entry.cert_sha256),
-        };
+        // The entry names the admin by its certificate, as `who` does.
+        let by = AdminId(run.entry.cert_sha256);
         let mut answers = run.answers;
         answers.push(self.run_now_send(now, by, run.task, run.at, run.agents));
         self.admin_answered(now, conn, req, answers);
