@@ -281,7 +281,10 @@ enum Link {
     Down {
         retry_ms: Option<u64>,
     },
-    Connecting,
+    /// An attempt started at `since_ms` (monotonic).
+    Connecting {
+        since_ms: u64,
+    },
     Up(Box<Up>),
     /// Revoked: no more sessions.
     Ended,
@@ -425,7 +428,7 @@ impl AgentSession {
     pub fn poll_timeout(&self) -> Option<u64> {
         match &self.link {
             Link::Down { retry_ms } => Some(retry_ms.unwrap_or(0)),
-            Link::Connecting | Link::Ended => None,
+            Link::Connecting { .. } | Link::Ended => None,
             Link::Up(up) => {
                 let mut t = up.next_probe_ms.min(up.heard_ms + up.idle_after_ms() + 1);
                 if up.online {
@@ -452,13 +455,15 @@ impl AgentSession {
         match &mut self.link {
             Link::Down { retry_ms } => {
                 if retry_ms.is_none_or(|r| now.mono_ms >= r) {
-                    self.link = Link::Connecting;
+                    self.link = Link::Connecting {
+                        since_ms: now.mono_ms,
+                    };
                     self.effects.push_back(AgentEffect::Connect {
                         timeout_ms: u64::from(self.policy.attempt_timeout_ms),
                     });
                 }
             }
-            Link::Connecting | Link::Ended => {}
+            Link::Connecting { .. } | Link::Ended => {}
             Link::Up(up) => {
                 if now.mono_ms > up.heard_ms + up.idle_after_ms() {
                     let silent_ms = now.mono_ms - up.heard_ms;
@@ -526,7 +531,7 @@ impl AgentSession {
 
     /// The connection is up: say Hello, start sending the outbox.
     pub fn handle_connected(&mut self, now: Now, hello: HelloInfo) {
-        if !matches!(self.link, Link::Connecting) {
+        if !matches!(self.link, Link::Connecting { .. }) {
             return;
         }
         self.refused = false;
@@ -589,7 +594,7 @@ impl AgentSession {
     }
 
     pub fn handle_connect_failed(&mut self, now: Now, closed: Closed) {
-        if matches!(self.link, Link::Connecting) {
+        if matches!(self.link, Link::Connecting { .. }) {
             self.schedule_retry(now, closed);
         }
     }
@@ -597,7 +602,7 @@ impl AgentSession {
     /// The connection ended (after `handle_connected`).
     pub fn handle_closed(&mut self, now: Now, closed: Closed) {
         let Link::Up(up) = &self.link else {
-            if matches!(self.link, Link::Connecting) {
+            if matches!(self.link, Link::Connecting { .. }) {
                 self.schedule_retry(now, closed);
             }
             return;
@@ -633,6 +638,20 @@ impl AgentSession {
             self.refusals = self.refusals.saturating_add(1);
         }
         let floor = u64::from(self.policy.backoff_floor_ms);
+        // A failed attempt's backoff counts from its start: an attempt that
+        // waited out its timeout (the coordinator unreachable) has already
+        // waited, so the next starts at once if its backoff is shorter than
+        // the timeout. A small fleet cut from its coordinator then sends a
+        // first packet at least every two seconds or so (QUIC resends the
+        // Initial about a second into an attempt) and is back within that
+        // of a heal, instead of up to the timeout plus a whole backoff
+        // later. Where the backoff is longer than the timeout (a large
+        // fleet), attempts start a backoff apart, as before: never more
+        // often than the policy asks.
+        let attempt_started = match self.link {
+            Link::Connecting { since_ms } => Some(since_ms),
+            _ => None,
+        };
         let busy_before = self.busy_in_a_row;
         self.busy_in_a_row = match closed {
             Closed::Busy { .. } => busy_before.saturating_add(1),
@@ -684,7 +703,11 @@ impl AgentSession {
                     _ => floor + self.rng.next_u64() % (spread - floor + 1),
                 }
             }
-            _ => reconnect_delay_ms(self.failures, self.rng.next_u64(), &self.policy),
+            _ => {
+                let delay = reconnect_delay_ms(self.failures, self.rng.next_u64(), &self.policy);
+                let spent = attempt_started.map_or(0, |since| now.mono_ms.saturating_sub(since));
+                delay.saturating_sub(spent)
+            }
         };
         self.link = Link::Down {
             retry_ms: Some(now.mono_ms + delay),
@@ -1488,6 +1511,74 @@ mod tests {
             fourths.iter().any(|w| *w > 40_000),
             "the spread grew: {fourths:?}"
         );
+    }
+
+    #[test]
+    fn a_failed_attempts_backoff_counts_from_its_start() {
+        // The policy of a small fleet: attempts of 3 s, backoff up to 2 s.
+        let policy = ReconnectPolicy {
+            attempt_timeout_ms: 3_000,
+            backoff_floor_ms: 250,
+            backoff_cap_ms: 2_000,
+            busy_spread_ms: 2_000,
+            handshakes_per_sec: 500,
+            link: None.into(),
+        };
+        let mut s = AgentSession::new(21);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(0), hello());
+        s.handle_message(at(1), CoordMsg::Policy(policy));
+        let mut t = 10;
+        s.handle_closed(at(t), Closed::Lost);
+        drain(&mut s);
+        // Cut: every attempt waits out its timeout. Each next attempt
+        // starts as that one gives up (its backoff, at most 2 s, already
+        // passed), so the coordinator hears an Initial at least every 3 s.
+        for k in 0..8 {
+            let start = s.poll_timeout().expect("retry");
+            assert!(start >= t, "attempt {k}: dials before it is due");
+            s.handle_timeout(at(start));
+            assert_eq!(
+                drain(&mut s).1,
+                vec![AgentEffect::Connect { timeout_ms: 3_000 }]
+            );
+            t = start + 3_000;
+            s.handle_connect_failed(at(t), Closed::Lost);
+            if k > 0 {
+                assert_eq!(s.poll_timeout(), Some(t), "attempt {k}: not at once");
+            }
+        }
+        // An attempt that fails at once still waits its whole backoff: no
+        // dialling loop.
+        let start = s.poll_timeout().expect("retry");
+        s.handle_timeout(at(start));
+        drain(&mut s);
+        s.handle_connect_failed(at(start + 5), Closed::Lost);
+        let wait = s.poll_timeout().expect("retry") - start;
+        assert!((1_000..=2_000).contains(&wait), "{wait}");
+        // A large fleet's backoff (up to 20 s) is longer than the attempt:
+        // attempts start a backoff apart, counted from their starts.
+        let mut s = AgentSession::new(22);
+        s.handle_timeout(at(0));
+        s.handle_connected(at(0), hello());
+        let policy = ReconnectPolicy {
+            backoff_cap_ms: 20_000,
+            ..policy
+        };
+        s.handle_message(at(1), CoordMsg::Policy(policy));
+        s.handle_closed(at(10), Closed::Lost);
+        drain(&mut s);
+        let mut starts = Vec::new();
+        for _ in 0..12 {
+            let start = s.poll_timeout().expect("retry");
+            s.handle_timeout(at(start));
+            drain(&mut s);
+            s.handle_connect_failed(at(start + 3_000), Closed::Lost);
+            starts.push(start);
+        }
+        let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g <= 20_000), "{gaps:?}");
+        assert!(gaps[6..].iter().all(|g| *g >= 10_000), "{gaps:?}");
     }
 
     #[test]
