@@ -168,7 +168,7 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
                 verdict: met(under),
             });
             notes.push(format!("{n} light agents (the core's session machine each — reconnect policy, backoff, Hello — \
-                over connections of one client socket, no store) synced in {first:.1} s; then the coordinator process was \
+                over connections of one client socket, no store), started at the budget's pace, synced in {first:.1} s; then the coordinator process was \
                 killed, stayed away 16 s, and came back on the same address and store with a handshake budget of {b}/s \
                 (the default: 250 per core; the burst is a tenth of it, so the most in a second may reach 1.1 × the budget). \
                 Synced = assignments received in a new session. Handshakes are counted by the agents as they complete.",
