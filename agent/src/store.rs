@@ -465,16 +465,7 @@ impl AgentStore {
     /// Opens an existing store read-only, beside a running agent (with the
     /// key ring beside it, if there is one, as [`AgentStore::open`]).
     pub fn open_read_only(path: &Path) -> Result<AgentStore> {
-        let db = Database::builder()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .open_read_only(path)
-            .map_err(db_err("open read-only"))?;
-        let mut store = AgentStore {
-            db: Handle::ReadOnly(db),
-            volatile: None,
-            path: Some(path.to_path_buf()),
-            cipher: None,
-        };
+        let mut store = AgentStore::open_read_only_sealed(path)?;
         // As `open`: the key ring beside it, if there is one.
         if let Some(key) = path.parent().map(|d| d.join(at_rest::KEY_FILE)) {
             if let Some(c) = StoreCipher::from_file(&key, false).map_err(StoreError::Key)? {
@@ -482,6 +473,22 @@ impl AgentStore {
             }
         }
         Ok(store)
+    }
+
+    /// Opens the store for reading without its key ring: what needs no
+    /// record opened (counting the outbox) reads neither the key file nor
+    /// the store's key checks. A sealed record read through it fails.
+    pub fn open_read_only_sealed(path: &Path) -> Result<AgentStore> {
+        let db = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(path)
+            .map_err(db_err("open read-only"))?;
+        Ok(AgentStore {
+            db: Handle::ReadOnly(db),
+            volatile: None,
+            path: Some(path.to_path_buf()),
+            cipher: None,
+        })
     }
 
     /// Opens a store on any redb backend (tests use one that crashes).
