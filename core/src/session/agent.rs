@@ -638,16 +638,16 @@ impl AgentSession {
             self.refusals = self.refusals.saturating_add(1);
         }
         let floor = u64::from(self.policy.backoff_floor_ms);
-        // A failed attempt's backoff counts from its start: an attempt that
-        // waited out its timeout (the coordinator unreachable) has already
-        // waited, so the next starts at once if its backoff is shorter than
-        // the timeout. A small fleet cut from its coordinator then sends a
-        // first packet at least every two seconds or so (QUIC resends the
-        // Initial about a second into an attempt) and is back within that
-        // of a heal, instead of up to the timeout plus a whole backoff
-        // later. Where the backoff is longer than the timeout (a large
-        // fleet), attempts start a backoff apart, as before: never more
-        // often than the policy asks.
+        // A failed attempt that lasted at least its backoff (it waited out
+        // its timeout: the coordinator unreachable) has already waited: the
+        // next starts at once. A small fleet cut from its coordinator (a
+        // backoff of at most 2 s against attempts of 3 s) then tries every
+        // 3 s, QUIC resending the first packet within each try, and is
+        // back within a second or so of a heal, instead of up to the
+        // timeout plus a whole backoff later. A backoff longer than the
+        // attempt (a large fleet) is waited in full after it, as before:
+        // the load a large fleet's attempts put on a coordinator coming
+        // back does not change.
         let attempt_started = match self.link {
             Link::Connecting { since_ms } => Some(since_ms),
             _ => None,
@@ -706,7 +706,11 @@ impl AgentSession {
             _ => {
                 let delay = reconnect_delay_ms(self.failures, self.rng.next_u64(), &self.policy);
                 let spent = attempt_started.map_or(0, |since| now.mono_ms.saturating_sub(since));
-                delay.saturating_sub(spent)
+                if spent >= delay {
+                    0
+                } else {
+                    delay
+                }
             }
         };
         self.link = Link::Down {
@@ -1514,7 +1518,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_attempts_backoff_counts_from_its_start() {
+    fn an_attempt_that_outlasted_its_backoff_is_followed_at_once() {
         // The policy of a small fleet: attempts of 3 s, backoff up to 2 s.
         let policy = ReconnectPolicy {
             attempt_timeout_ms: 3_000,
@@ -1556,8 +1560,8 @@ mod tests {
         s.handle_connect_failed(at(start + 5), Closed::Lost);
         let wait = s.poll_timeout().expect("retry") - start;
         assert!((1_000..=2_000).contains(&wait), "{wait}");
-        // A large fleet's backoff (up to 20 s) is longer than the attempt:
-        // attempts start a backoff apart, counted from their starts.
+        // A large fleet's backoff (10 to 20 s once grown) is longer than
+        // the attempt: it is waited in full after each attempt.
         let mut s = AgentSession::new(22);
         s.handle_timeout(at(0));
         s.handle_connected(at(0), hello());
@@ -1577,8 +1581,8 @@ mod tests {
             starts.push(start);
         }
         let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps.iter().all(|g| *g <= 20_000), "{gaps:?}");
-        assert!(gaps[6..].iter().all(|g| *g >= 10_000), "{gaps:?}");
+        assert!(gaps.iter().all(|g| *g <= 3_000 + 20_000), "{gaps:?}");
+        assert!(gaps[6..].iter().all(|g| *g >= 3_000 + 10_000), "{gaps:?}");
     }
 
     #[test]
