@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sundial_agent::clock::SystemClock;
 use sundial_agent::session::{closed_kind, FramedRecv, SessionError};
@@ -48,9 +49,20 @@ impl BenchCoordinator {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         sundial_coordinator::server::init(&dir, &addr.to_string(), "sundial-coordinator")?;
         let pki = sundial_coordinator::pki::Pki::load(&dir)?;
-        let store = sundial_coordinator::store::CoordinatorStore::open(
-            &dir.join(sundial_coordinator::server::STORE_FILE),
+        let shown = Instant::now();
+        let store_path = dir.join(sundial_coordinator::server::STORE_FILE);
+        // Enrollments are setup, not what a row measures: written without
+        // a flush per commit (two commits an agent took most of a 100,000
+        // fleet's minute of setup), then flushed once.
+        let mut store = sundial_coordinator::store::CoordinatorStore::open_with_backend(
+            UnflushedFile::open(&store_path)?,
         )?;
+        let key_file = dir.join(sundial_net::at_rest::KEY_FILE);
+        if let Some(c) = sundial_net::at_rest::StoreCipher::from_file(&key_file, false)
+            .map_err(anyhow::Error::msg)?
+        {
+            store.set_cipher(Arc::new(c));
+        }
         let secret = vec![7u8; 32];
         let hash = sundial_protocol::token::sha256(&secret);
         use sundial_coordinator::store::{CoordStore as _, Enrollment, JoinToken};
@@ -63,29 +75,72 @@ impl BenchCoordinator {
             },
             None,
         )?;
+        let ids = (0..n)
+            .map(|_| store.reserve_agent_id())
+            .collect::<Result<Vec<_>, _>>()?;
+        // Keys, requests and certificates on every core.
+        let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+        let chunk = n.div_ceil(threads).max(1);
+        let made: Vec<anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ids
+                .chunks(chunk)
+                .map(|part| {
+                    let pki = &pki;
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|&id| {
+                                let key = rcgen::KeyPair::generate()?;
+                                let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+                                    .serialize_request(&key)?;
+                                let cert = pki
+                                    .sign_agent_csr(csr.der(), id)
+                                    .map_err(anyhow::Error::msg)?;
+                                Ok((cert, key.serialize_der()))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("an identity maker panicked")))
+                })
+                .collect()
+        });
         let mut identities = Vec::with_capacity(n);
-        for _ in 0..n {
-            let key = rcgen::KeyPair::generate()?;
-            let csr =
-                rcgen::CertificateParams::new(Vec::<String>::new())?.serialize_request(&key)?;
-            let id = store.reserve_agent_id()?;
-            let cert = pki
-                .sign_agent_csr(csr.der(), id)
-                .map_err(anyhow::Error::msg)?;
-            store
-                .enroll(&Enrollment {
-                    token_sha256: hash,
-                    agent: id,
-                    name: None,
-                    labels: vec![],
-                    cert_sha256: sundial_protocol::token::sha256(&cert),
-                    now: Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
-                })?
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            identities.push((
-                CertificateDer::from(cert),
-                PrivateKeyDer::try_from(key.serialize_der()).map_err(anyhow::Error::msg)?,
-            ));
+        let mut ids = ids.into_iter();
+        for part in made {
+            for (cert, key) in part? {
+                let id = ids
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("more identities than ids"))?;
+                store
+                    .enroll(&Enrollment {
+                        token_sha256: hash,
+                        agent: id,
+                        name: None,
+                        labels: vec![],
+                        cert_sha256: sundial_protocol::token::sha256(&cert),
+                        now: Timestamp::from_millis_saturating(SystemClock.read().wall_ms),
+                    })?
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                identities.push((
+                    CertificateDer::from(cert),
+                    PrivateKeyDer::try_from(key).map_err(anyhow::Error::msg)?,
+                ));
+            }
+        }
+        drop(store);
+        std::fs::File::open(&store_path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("flushing {}", store_path.display()))?;
+        if n >= 10_000 {
+            eprintln!(
+                "  setup: {n} agents enrolled in {:.1} s",
+                shown.elapsed().as_secs_f64()
+            );
         }
         Ok(BenchCoordinator {
             _root: root,
@@ -356,6 +411,8 @@ struct Held {
     closed: usize,
     /// Why sessions ended, and how many (since the start).
     why: std::collections::BTreeMap<&'static str, usize>,
+    /// Dials refused for load (since the start).
+    refused: usize,
 }
 
 impl Held {
@@ -365,11 +422,13 @@ impl Held {
             count: 0,
             closed: 0,
             why: Default::default(),
+            refused: 0,
         }
     }
 
     fn note(&mut self, i: usize, ev: LightEvent) {
         match ev {
+            LightEvent::Busy => self.refused += 1,
             LightEvent::Synced(_) if !self.up[i] => {
                 self.up[i] = true;
                 self.count += 1;
@@ -398,6 +457,8 @@ pub struct IdleReport {
     pub idle_cpu_pct: f64,
     /// Sessions that ended while the fleet idled (churn).
     pub churned: usize,
+    /// Dials refused for load while the fleet came up.
+    pub refused: usize,
 }
 
 /// The coordinator's CPU time (user + system), in clock ticks.
@@ -538,6 +599,7 @@ pub async fn idle(
         rss_kib_per_agent: rss / held.count.max(1) as f64,
         idle_cpu_pct,
         churned: held.closed,
+        refused: held.refused,
     })
 }
 
@@ -686,4 +748,44 @@ pub async fn storm(
         refused,
         budget,
     })
+}
+
+/// The coordinator's store file, its flushes skipped: for enrolling a
+/// bench's fleet in bulk (the file is flushed once at the end).
+#[derive(Debug)]
+struct UnflushedFile(redb::backends::FileBackend);
+
+impl UnflushedFile {
+    fn open(path: &Path) -> anyhow::Result<UnflushedFile> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(UnflushedFile(
+            redb::backends::FileBackend::new(file)
+                .with_context(|| format!("locking {}", path.display()))?,
+        ))
+    }
+}
+
+impl redb::StorageBackend for UnflushedFile {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> Result<(), std::io::Error> {
+        self.0.close()
+    }
 }

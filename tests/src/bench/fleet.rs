@@ -80,9 +80,9 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
                     }),
                 });
                 notes.push(format!("{n} idle agents{beside}: light agents (see the storm row) over {} client sockets, {} enrolled \
-                    identities (one per agent); every one in session took {:.1} s at a handshake budget of {}/s; RSS (from /proc, less the \
+                    identities (one per agent); every one in session took {:.1} s at a handshake budget of {}/s ({} dials refused for load on the way); RSS (from /proc, less the \
                     coordinator's before any agent) and CPU (utime + stime over 10 s) of the coordinator process.",
-                    r.sockets, r.identities, r.connect.as_secs_f64(), handshakes_for_bench()));
+                    r.sockets, r.identities, r.connect.as_secs_f64(), handshakes_for_bench(), r.refused));
             }
             Err(e) => notes.push(format!("idle agents ({n}{beside}): failed: {e:#}")),
         }
