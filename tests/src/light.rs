@@ -24,6 +24,9 @@ use sundial_protocol::wire::{CoordMsg, ALPN};
 use sundial_protocol::Timestamp;
 use tokio::sync::mpsc;
 
+/// An agent's certificate and private key (DER), made for the bench.
+type MadeIdentity = (Vec<u8>, Vec<u8>);
+
 /// A coordinator process with `n` agents enrolled directly in its store.
 #[derive(Debug)]
 pub struct BenchCoordinator {
@@ -81,7 +84,7 @@ impl BenchCoordinator {
         // Keys, requests and certificates on every core.
         let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
         let chunk = n.div_ceil(threads).max(1);
-        let made: Vec<anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>>> = std::thread::scope(|scope| {
+        let made: Vec<anyhow::Result<Vec<MadeIdentity>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = ids
                 .chunks(chunk)
                 .map(|part| {

@@ -96,16 +96,20 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
     if contention {
         heal_runs.push(true);
     }
-    for busy in heal_runs {
-        let hog = if busy { Some(CpuHog::start()) } else { None };
-        if let Some(Err(e)) = &hog {
-            notes.push(format!("contention: no CPU hog: {e:#}"));
-            continue;
-        }
-        let beside = if busy { ", one core busy beside" } else { "" };
-        match heal(exe, heal_n).await {
-            Ok(v) if v.is_empty() => {}
-            Ok(v) => {
+    // Both heal rows on one fleet (its start and enrollment are not what
+    // they measure): the cuts alone first, then with the CPU hog.
+    match heal(exe, heal_n, &heal_runs).await {
+        Ok(done) => {
+            for (busy, got) in done {
+                let beside = if busy { ", one core busy beside" } else { "" };
+                let v = match got {
+                    Ok(v) if v.is_empty() => continue,
+                    Ok(v) => v,
+                    Err(e) => {
+                        notes.push(format!("heal{beside}: failed: {e:#}"));
+                        continue;
+                    }
+                };
                 let (m, _, _) = stats(&v);
                 let target = if busy { 10.0 } else { 5.0 };
                 rows.push(Row {
@@ -120,11 +124,11 @@ pub async fn fleet(quick: bool, exe: &Path) -> Table {
                     verdict: met(m <= target && heal_n >= 1_000),
                 });
                 notes.push(format!("{heal_n} in-process agents{beside}, each behind its own relay and firing `/bin/true` every 15 s, cut for 16 s \
-                    (longer than the idle timeout), then healed at once; the clock stops when every agent's outbox has been seen empty since the heal (the runs made while cut are stored)."));
+                    (longer than the idle timeout), then healed at once; the clock stops when every agent's outbox has been seen empty since the heal (the runs made while cut are stored).{}",
+                    if busy { " The same fleet as the row without the hog, after it." } else { "" }));
             }
-            Err(e) => notes.push(format!("heal{beside}: failed: {e:#}")),
         }
-        drop(hog);
+        Err(e) => notes.push(format!("heal: failed: {e:#}")),
     }
     let (storm_n, budget) = if quick {
         (300, 100)
@@ -200,7 +204,17 @@ pub(crate) fn handshakes_for_bench() -> u32 {
     sundial_coordinator::server::handshakes_per_sec_default()
 }
 
-pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
+/// Heals of a fleet of `n`, one set of cuts per entry of `phases` (`true`:
+/// with a CPU hog beside), on the same fleet: the seconds from each heal
+/// until every agent is synced, per phase.
+pub(super) async fn heal(
+    exe: &Path,
+    n: usize,
+    phases: &[bool],
+) -> anyhow::Result<Vec<(bool, anyhow::Result<Vec<f64>>)>> {
+    if phases.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut rng = Rng::new(42);
     let fleet = Fleet::start(exe, n, true, &mut rng).await?;
     let now = Timestamp::from_millis_saturating(SystemClock.read().wall_ms);
@@ -218,8 +232,43 @@ pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
             )
             .await?;
     }
+    let mut done = Vec::new();
+    for &busy in phases {
+        let hog = if busy {
+            match CpuHog::start() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    done.push((busy, Err(e.context("contention: no CPU hog"))));
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let got = heal_cuts(&fleet, n).await;
+        drop(hog);
+        let failed = got.is_err();
+        done.push((busy, got));
+        if failed {
+            break;
+        }
+    }
+    let mut fleet = fleet;
+    fleet.stop().await;
+    // The coordinator's log, for reading a slow heal (as the idle rows'
+    // SUNDIAL_BENCH_COORD_LOG).
+    if let Some(to) = std::env::var_os("SUNDIAL_BENCH_COORD_LOG") {
+        std::fs::copy(fleet.coord_dir.join("coordinator.log"), &to).with_context(|| {
+            format!("copying the coordinator's log to {}", to.to_string_lossy())
+        })?;
+    }
+    Ok(done)
+}
+
+/// Cuts every agent of `fleet` off for 16 s and heals it at once, twice
+/// (once in a smoke run's small fleet): the seconds until all are synced.
+async fn heal_cuts(fleet: &Fleet, n: usize) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::new();
-    // Two cuts (one in a smoke run's small fleet).
     let cuts = if n >= 1_000 { 2 } else { 1 };
     for _ in 0..cuts {
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -260,15 +309,6 @@ pub(super) async fn heal(exe: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         out.push(t.elapsed().as_secs_f64());
-    }
-    let mut fleet = fleet;
-    fleet.stop().await;
-    // The coordinator's log, for reading a slow heal (as the idle rows'
-    // SUNDIAL_BENCH_COORD_LOG).
-    if let Some(to) = std::env::var_os("SUNDIAL_BENCH_COORD_LOG") {
-        std::fs::copy(fleet.coord_dir.join("coordinator.log"), &to).with_context(|| {
-            format!("copying the coordinator's log to {}", to.to_string_lossy())
-        })?;
     }
     Ok(out)
 }
