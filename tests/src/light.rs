@@ -24,8 +24,8 @@ use sundial_protocol::wire::{CoordMsg, ALPN};
 use sundial_protocol::Timestamp;
 use tokio::sync::mpsc;
 
-/// An agent's certificate and private key (DER), made for the bench.
-type MadeIdentity = (Vec<u8>, Vec<u8>);
+/// An agent's id, certificate and private key (DER), made for the bench.
+type MadeIdentity = (sundial_protocol::AgentId, Vec<u8>, Vec<u8>);
 
 /// A coordinator process with `n` agents enrolled directly in its store.
 #[derive(Debug)]
@@ -52,7 +52,7 @@ impl BenchCoordinator {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         sundial_coordinator::server::init(&dir, &addr.to_string(), "sundial-coordinator")?;
         let pki = sundial_coordinator::pki::Pki::load(&dir)?;
-        let shown = Instant::now();
+        let started = Instant::now();
         let store_path = dir.join(sundial_coordinator::server::STORE_FILE);
         // Enrollments are setup, not what a row measures: written without
         // a flush per commit (two commits an agent took most of a 100,000
@@ -98,7 +98,7 @@ impl BenchCoordinator {
                                 let cert = pki
                                     .sign_agent_csr(csr.der(), id)
                                     .map_err(anyhow::Error::msg)?;
-                                Ok((cert, key.serialize_der()))
+                                Ok((id, cert, key.serialize_der()))
                             })
                             .collect()
                     })
@@ -113,12 +113,8 @@ impl BenchCoordinator {
                 .collect()
         });
         let mut identities = Vec::with_capacity(n);
-        let mut ids = ids.into_iter();
         for part in made {
-            for (cert, key) in part? {
-                let id = ids
-                    .next()
-                    .ok_or_else(|| anyhow::anyhow!("more identities than ids"))?;
+            for (id, cert, key) in part? {
                 store
                     .enroll(&Enrollment {
                         token_sha256: hash,
@@ -142,7 +138,7 @@ impl BenchCoordinator {
         if n >= 10_000 {
             eprintln!(
                 "  setup: {n} agents enrolled in {:.1} s",
-                shown.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64()
             );
         }
         Ok(BenchCoordinator {
